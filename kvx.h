@@ -1,0 +1,1978 @@
+/*
+    kvx.h -- move KV-cache blocks between LLM inference engines by one-sided reads.
+
+    kvx is a header-only C library for prefill -> decode disaggregation. The
+    decode side reads blocks of the prefill side's KV cache straight out of its
+    memory, named by block tables, with many reads in flight, and is told when
+    they are complete (by polling, by waiting, or on a CUDA stream).
+
+    DO THIS in exactly one .c or .cpp file of your program:
+
+        #define KVX_IMPLEMENTATION
+        #define KVX_UCX            // and/or KVX_OFI, KVX_CUDA
+        #include "kvx.h"
+
+    Every other file includes kvx.h plainly (the backend defines do not matter
+    there: the public API is the same for all backends).
+
+    BACKENDS (compile-time, any combination; the first enabled one is the
+    default, a context can pick another with kvx_ctx_desc.backend):
+
+        KVX_UCX    UCX ucp, one-sided ucp_get_nbx      link: pkg-config --libs ucx
+        KVX_OFI    libfabric FI_EP_RDM + fi_read         link: pkg-config --libs libfabric
+        KVX_CUDA   CUDA IPC reads and stream-ordered completion   link: -lcuda
+
+    Always link -lpthread.
+
+    OVERRIDES (define before including the implementation):
+
+        KVX_MALLOC(sz) / KVX_FREE(p)   allocator (default malloc/free)
+        KVX_ASSERT(c)                  internal invariants (default assert)
+        KVX_STATIC                     make every function static (a private copy)
+        KVX_API                        decoration of public functions
+
+    WHAT KVX DOES NOT DO
+
+        It does not ship metadata between engines: kvx_metadata() gives you a
+        byte blob, you carry it (ZMQ, HTTP, etcd, a file) and hand it to the
+        other side's kvx_peer_add(). It does not allocate your KV cache, choose
+        which blocks to send, or schedule requests.
+
+    STEP BY STEP
+
+        // prefill (owner of the blocks)
+        kvx_ctx *ctx;
+        kvx_ctx_create(&(kvx_ctx_desc){ .name = "prefill", .tp_rank = 0, .tp_size = 1,
+                                         .progress_thread = 1 }, &ctx);
+        kvx_cache *cache;
+        kvx_cache_register(ctx, &(kvx_cache_desc){ .layout = lay, .bases = ptrs }, &cache);
+        size_t len = 0;  kvx_metadata(ctx, NULL, &len);
+        void *md = malloc(len);  kvx_metadata(ctx, md, &len);   // ship md to decode
+
+        // decode (reader)
+        kvx_peer *peer;
+        kvx_peer_add(ctx, md, len, &peer);
+        printf("transport: %s\n", kvx_peer_transport(peer));    // e.g. ucx:tcp
+        kvx_queue *q;
+        kvx_queue_create(ctx, NULL, &q);
+        kvx_ticket t;
+        kvx_post(q, &(kvx_read){ .peer = peer, .cache = cache,
+                                 .local_blocks = dst_ids, .remote_blocks = src_ids,
+                                 .num_blocks = n, .notify = 1, .notify_id = req_id }, &t);
+        if (kvx_wait(q, t, 5000) != KVX_OK) fprintf(stderr, "%s\n", kvx_ctx_error(ctx));
+        // or: kvx_poll(q, comps, 16); or kvx_stream_wait(q, t, stream) with KVX_CUDA
+
+    PROGRESS
+
+        Where the transport has no hardware RMA (UCX over TCP or over shared
+        memory for ordinary memory, libfabric tcp;ofi_rxm and shm), reads are
+        served by the OWNER's progress: the prefill side must either run a
+        progress thread (.progress_thread = 1; it sleeps on the backend's event
+        fd, never spins) or call kvx_progress(ctx) from its loop. The reader
+        progresses inside kvx_test/kvx_wait/kvx_poll, or through its own
+        progress thread.
+
+    THREADS
+
+        - kvx_ctx_create/destroy, kvx_cache_register/deregister, kvx_peer_add/
+          remove, kvx_queue_create/destroy: any thread, but not concurrently
+          with calls that use the same object.
+        - kvx_post, kvx_test, kvx_wait, kvx_poll, kvx_stream_wait on one queue:
+          one thread at a time. Different queues may be driven by different
+          threads at once, and at the same time as the progress thread.
+        - kvx_progress, kvx_notifications, kvx_stats: any thread.
+        - kvx_ctx_error: the message of the last error of the context; read it
+          on the thread that saw the error, before making more calls.
+
+    Every wait has a deadline (kvx_ctx_desc.timeout_ms, 30 s by default): a
+    read that passes its deadline fails with KVX_ERR_TIMEOUT, and only after
+    the transport can no longer write into its blocks.
+*/
+#ifndef KVX_INCLUDED
+#define KVX_INCLUDED
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifndef KVX_API
+#  if defined(KVX_STATIC)
+#    if defined(__GNUC__)
+#      define KVX_API static __attribute__((unused))
+#    else
+#      define KVX_API static
+#    endif
+#  else
+#    define KVX_API extern
+#  endif
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVX_VERSION_MAJOR 0
+#define KVX_VERSION_MINOR 1
+#define KVX_METADATA_VERSION 1
+
+typedef enum kvx_status {
+    KVX_OK = 0,
+    KVX_PENDING = 1,            /* not finished yet, or no room: try again */
+    KVX_ERR_ARG = -1,           /* bad argument: NULL, out of range, malformed */
+    KVX_ERR_NOMEM = -2,
+    KVX_ERR_UNSUPPORTED = -3,   /* backend not compiled in, memory it cannot take */
+    KVX_ERR_MISMATCH = -4,      /* metadata or layouts that do not fit together */
+    KVX_ERR_BACKEND = -5,       /* the transport library failed; its text is in kvx_ctx_error */
+    KVX_ERR_PEER = -6,          /* the peer died or closed */
+    KVX_ERR_TIMEOUT = -7,       /* a deadline passed */
+    KVX_ERR_CORRUPT = -8,       /* metadata checksum or verified data wrong */
+    KVX_ERR_CANCELED = -9       /* the queue or peer was destroyed with the read in flight */
+} kvx_status;
+
+typedef enum kvx_backend {
+    KVX_BACKEND_DEFAULT = 0,    /* first compiled in: UCX, then OFI, then CUDA */
+    KVX_BACKEND_UCX = 1,
+    KVX_BACKEND_OFI = 2,
+    KVX_BACKEND_CUDA = 3
+} kvx_backend;
+
+typedef enum kvx_log_level {
+    KVX_LOG_DEFAULT = 0,        /* KVX_LOG from the environment, else errors only */
+    KVX_LOG_OFF = 1,
+    KVX_LOG_ERROR = 2,
+    KVX_LOG_WARN = 3,
+    KVX_LOG_INFO = 4,
+    KVX_LOG_DEBUG = 5
+} kvx_log_level;
+
+typedef enum kvx_order {
+    KVX_ORDER_HND = 0,          /* [head][token][dim]: a head's slice of a block is contiguous */
+    KVX_ORDER_NHD = 1           /* [token][head][dim] */
+} kvx_order;
+
+typedef enum kvx_mem {
+    KVX_MEM_HOST = 0,
+    KVX_MEM_CUDA = 1
+} kvx_mem;
+
+typedef struct kvx_ctx kvx_ctx;
+typedef struct kvx_cache kvx_cache;
+typedef struct kvx_peer kvx_peer;
+typedef struct kvx_queue kvx_queue;
+typedef uint64_t kvx_ticket;    /* 0 is never a valid ticket */
+
+typedef void (*kvx_log_fn)(kvx_log_level level, const char *msg, void *user);
+
+typedef struct kvx_ctx_desc {
+    const char *name;           /* engine name, e.g. "prefill"; default "kvx" */
+    int tp_rank;                /* tensor-parallel rank, in [0, tp_size) */
+    int tp_size;                /* 0: 1 */
+    kvx_backend backend;
+    uint32_t timeout_ms;        /* default deadline of a read; 0: 30000 */
+    int progress_thread;        /* 1: run a progress thread that sleeps on the event fd */
+    const char *host_id;        /* NULL: $KVX_HOST_ID, else hostname + boot id */
+    kvx_log_level log_level;
+    kvx_log_fn log_fn;          /* NULL: stderr */
+    void *log_user;
+    const char *provider;       /* KVX_OFI: libfabric provider; NULL: $FI_PROVIDER or the first that fits */
+} kvx_ctx_desc;
+
+typedef struct kvx_layout {
+    uint32_t num_layers;
+    uint32_t num_blocks;
+    uint32_t block_tokens;
+    uint32_t num_heads;         /* KV heads held by this rank */
+    uint32_t head_dim;
+    uint32_t elem_bytes;
+    kvx_order order;
+    uint32_t total_heads;       /* the model's KV heads; 0: num_heads * tp_size.
+                                   Fewer than tp_size: heads are replicated, num_heads = 1 */
+    uint32_t kv_planes;         /* 0: 2 (K and V); 1 for a single latent plane (MLA) */
+} kvx_layout;
+
+typedef struct kvx_cache_desc {
+    kvx_layout layout;
+    kvx_mem mem;
+    int device;                 /* KVX_MEM_CUDA: the CUDA device ordinal */
+    /* Either one base per layer and plane, bases[layer * kv_planes + plane] ... */
+    void *const *bases;
+    /* ... or one pool: plane (l, p) starts at pool + l*layer_stride + p*plane_stride. */
+    void *pool;
+    uint64_t layer_stride;
+    uint64_t plane_stride;
+    uint64_t block_stride;      /* bytes from block b to b+1; 0: the block's own size */
+} kvx_cache_desc;
+
+typedef struct kvx_queue_desc {
+    uint32_t depth;             /* reads in flight (posted, not yet reported); 0: 256 */
+    uint32_t max_ops;           /* transport operations outstanding; 0: 64 */
+    uint32_t max_runs;          /* merged runs of block ids held for posting; 0: 65536 */
+    void *cuda_stream;          /* KVX_CUDA: the stream CUDA reads are issued on */
+} kvx_queue_desc;
+
+typedef struct kvx_read {
+    kvx_peer *peer;
+    kvx_cache *cache;           /* local destination; NULL: the first registered */
+    uint32_t remote_cache;      /* index of the cache in the peer's metadata */
+    const uint32_t *local_blocks;
+    const uint32_t *remote_blocks;
+    uint32_t num_blocks;
+    uint32_t layer_begin;
+    uint32_t layer_count;       /* 0: all layers from layer_begin */
+    int notify;                 /* 1: deliver notify_id to the peer when complete */
+    uint64_t notify_id;
+    uint64_t user_tag;          /* returned in kvx_completion */
+    uint32_t timeout_ms;        /* 0: the context's */
+} kvx_read;
+
+typedef struct kvx_completion {
+    kvx_ticket ticket;
+    uint64_t user_tag;
+    kvx_status status;
+    uint64_t bytes;
+} kvx_completion;
+
+typedef struct kvx_notification {
+    uint64_t id;
+    kvx_status status;          /* KVX_OK: the read is done; KVX_ERR_TIMEOUT: expected, never came */
+    int peer_rank;              /* the reader's tp rank; -1 for expired */
+} kvx_notification;
+
+typedef struct kvx_stats {
+    const char *backend;        /* "ucx", "ofi", "cuda" */
+    uint64_t bytes_read;
+    uint64_t reads_posted;
+    uint64_t reads_completed;
+    uint64_t reads_failed;
+    uint64_t descs_posted;      /* merged descriptors (transport operations) issued */
+    uint64_t descs_completed;
+    uint64_t blocks_posted;     /* block-table entries, before merging, times layers and planes */
+    uint64_t notifications_sent;
+    uint64_t notifications_received;
+    uint64_t errors;
+} kvx_stats;
+
+KVX_API kvx_status  kvx_ctx_create(const kvx_ctx_desc *desc, kvx_ctx **out);
+KVX_API void        kvx_ctx_destroy(kvx_ctx *ctx);
+KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx);
+KVX_API const char *kvx_status_name(kvx_status s);
+
+KVX_API kvx_status  kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *desc, kvx_cache **out);
+KVX_API void        kvx_cache_deregister(kvx_cache *cache);
+
+/* buf NULL: *len gets the size. Else *len is buf's size on entry, the blob's on exit. */
+KVX_API kvx_status  kvx_metadata(kvx_ctx *ctx, void *buf, size_t *len);
+KVX_API kvx_status  kvx_peer_add(kvx_ctx *ctx, const void *md, size_t len, kvx_peer **out);
+KVX_API void        kvx_peer_remove(kvx_peer *peer);
+KVX_API const char *kvx_peer_transport(const kvx_peer *peer);
+KVX_API const char *kvx_peer_name(const kvx_peer *peer);
+KVX_API int         kvx_peer_rank(const kvx_peer *peer);
+/* The global heads a read of remote_cache from this peer into cache takes;
+   *count 0 means this peer is not the source of any head for us. */
+KVX_API kvx_status  kvx_peer_heads(const kvx_peer *peer, const kvx_cache *cache,
+                                   uint32_t remote_cache, uint32_t *first, uint32_t *count);
+
+KVX_API kvx_status  kvx_queue_create(kvx_ctx *ctx, const kvx_queue_desc *desc, kvx_queue **out);
+KVX_API void        kvx_queue_destroy(kvx_queue *q);
+KVX_API kvx_status  kvx_post(kvx_queue *q, const kvx_read *rd, kvx_ticket *out);
+KVX_API kvx_status  kvx_test(kvx_queue *q, kvx_ticket t);
+/* Waits up to timeout_ms; KVX_PENDING if the read is still within its own deadline. */
+KVX_API kvx_status  kvx_wait(kvx_queue *q, kvx_ticket t, uint32_t timeout_ms);
+KVX_API int         kvx_poll(kvx_queue *q, kvx_completion *out, int max);
+KVX_API kvx_status  kvx_stream_wait(kvx_queue *q, kvx_ticket t, void *cuda_stream);
+
+/* Owner side: declare that a notify id should arrive within timeout_ms; if it
+   does not, an expired notification is delivered instead (exactly one of the two). */
+KVX_API kvx_status  kvx_notify_expect(kvx_ctx *ctx, uint64_t id, uint32_t timeout_ms);
+KVX_API int         kvx_notifications(kvx_ctx *ctx, kvx_notification *out, int max);
+KVX_API int         kvx_progress(kvx_ctx *ctx);
+KVX_API void        kvx_stats_get(const kvx_ctx *ctx, kvx_stats *out);
+#define kvx_stats(ctx, out) kvx_stats_get((ctx), (out))
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVX_INCLUDED */
+
+/*=========================================================================*/
+/* IMPLEMENTATION                                                          */
+/*=========================================================================*/
+#if defined(KVX_IMPLEMENTATION) && !defined(KVX__IMPLEMENTED)
+#define KVX__IMPLEMENTED
+
+#if !defined(_GNU_SOURCE)
+#  error "kvx: define _GNU_SOURCE (or compile with -D_GNU_SOURCE) in the file that holds KVX_IMPLEMENTATION"
+#endif
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef KVX_MALLOC
+#  define KVX_MALLOC(sz) malloc(sz)
+#  define KVX_FREE(p) free(p)
+#endif
+#ifndef KVX_ASSERT
+#  include <assert.h>
+#  define KVX_ASSERT(c) assert(c)
+#endif
+
+#if defined(KVX_STATIC) && defined(__GNUC__)
+#  define KVX__PRIV static __attribute__((unused))
+#else
+#  define KVX__PRIV static
+#endif
+
+#define KVX__DEFAULT_TIMEOUT_MS 30000u
+#define KVX__MAX_CACHES 64u
+#define KVX__MAX_NAME 64u
+#define KVX__MAX_HOST 256u
+#define KVX__MAX_ADDR 65536u
+#define KVX__MAX_RKEY 4096u
+#define KVX__MAX_REGIONS 4096u
+#define KVX__MAX_LAYERS 65536u
+#define KVX__NOTIFY_RING 4096u
+#define KVX__EXPIRED_MEMORY 1024u
+
+/*--- internal types ------------------------------------------------------*/
+
+/* One registered (or, on a peer, remotely registered) memory range. */
+typedef struct kvx__region {
+    uint64_t addr, len;
+    uint8_t *rkey;              /* packed remote key, as the backend writes it */
+    uint32_t rkey_len;
+    void *be;                   /* backend handle: local memh, or unpacked remote key */
+} kvx__region;
+
+/* What both a local cache and a peer's cache are: layout, planes, regions. */
+typedef struct kvx__cache_info {
+    uint32_t id;
+    kvx_layout lay;             /* defaults filled in */
+    kvx_mem mem;
+    int device;
+    uint64_t block_bytes, block_stride;
+    uint32_t nplanes;
+    uint64_t *plane_base;       /* nplanes */
+    uint16_t *plane_region;     /* nplanes */
+    uint32_t nregions;
+    kvx__region *regions;
+} kvx__cache_info;
+
+struct kvx_cache {
+    kvx_ctx *ctx;
+    kvx__cache_info info;
+};
+
+/* A contiguous transfer: the unit a backend posts. */
+typedef struct kvx__op {
+    uint64_t laddr, raddr, len;
+    uint32_t lreg, rreg;        /* region indices, local cache and remote cache */
+} kvx__op;
+
+/* Per-block piece geometry of a read (head-range intersection). */
+typedef struct kvx__geom {
+    uint64_t loff, roff;        /* first piece's offset inside a block */
+    uint64_t piece;             /* bytes per piece */
+    uint64_t lpstride, rpstride;/* piece to piece inside a block (NHD: a token) */
+    uint32_t npieces;
+    int run_merge;              /* 1: a run of consecutive blocks is one contiguous piece */
+} kvx__geom;
+
+typedef struct kvx__run { uint32_t l, r, n; } kvx__run;
+
+typedef struct kvx__read kvx__read;
+
+struct kvx_peer {
+    kvx_ctx *ctx;
+    kvx_peer *next;
+    char name[KVX__MAX_NAME];
+    char host[KVX__MAX_HOST];
+    int rank, tp_size;
+    uint32_t pid;
+    uint64_t epoch;
+    uint8_t *addr;              /* backend address */
+    uint32_t addr_len;
+    uint32_t ncaches;
+    kvx__cache_info *caches;
+    char transport[96];
+    int connected;
+    int failed;                 /* the transport reported the peer dead */
+    uint32_t ops_out;           /* transport operations outstanding to this peer */
+    void *be;
+};
+
+struct kvx__read {
+    kvx_ticket ticket;
+    kvx_queue *q;
+    kvx_peer *peer;
+    const kvx__cache_info *lc, *rc;
+    kvx__geom g;
+    uint32_t layer_begin, layer_end;
+    uint32_t run0, nruns;       /* runs in the queue's ring */
+    /* cursor over (plane, run, block-in-run, piece) of ops not yet issued */
+    uint32_t c_plane, c_run, c_blk, c_piece;
+    uint64_t ops_total, ops_issued, ops_done;
+    uint32_t ops_out;
+    uint64_t bytes, bytes_done;
+    uint64_t deadline_ns, t_post_ns;
+    kvx_status status;          /* KVX_PENDING until final */
+    int issuing_done;           /* cursor exhausted (or stopped by failure) */
+    int done, consumed, in_use;
+    int notify;
+    int notify_inflight;
+    uint64_t notify_id, user_tag;
+    uint8_t notify_msg[16];
+    void *be;                   /* backend per-read scratch */
+};
+
+struct kvx_queue {
+    kvx_ctx *ctx;
+    kvx_queue *next;
+    uint32_t depth, max_ops, max_runs;
+    kvx__read *slots;
+    kvx_ticket next_ticket;
+    kvx_ticket run_tail;                /* oldest read still holding runs; reads not fully issued are >= it */
+    kvx__run *runs;
+    uint32_t run_head, run_used;        /* ring of merged runs, released in ticket order */
+    kvx_ticket *done_fifo;
+    uint32_t done_head, done_count;
+    uint32_t ops_out;
+    pthread_cond_t cond;
+    void *cuda_stream;
+    void *be;
+};
+
+typedef struct kvx__backend kvx__backend;
+typedef struct kvx__expect { uint64_t id, deadline_ns; } kvx__expect;
+
+struct kvx_ctx {
+    char name[KVX__MAX_NAME];
+    char host[KVX__MAX_HOST];
+    int rank, tp_size;
+    uint64_t epoch;
+    uint32_t timeout_ms;
+    kvx_log_level log_level;
+    kvx_log_fn log_fn;
+    void *log_user;
+    const kvx__backend *be_ops;
+    void *be;
+    pthread_mutex_t lock;
+    kvx_cache *caches[KVX__MAX_CACHES];
+    uint32_t ncaches;
+    kvx_peer *peers;
+    kvx_queue *queues;
+    char err[512];
+    kvx_stats st;
+    /* notifications received, waiting for kvx_notifications */
+    kvx_notification notes[KVX__NOTIFY_RING];
+    uint32_t note_head, note_count;
+    uint64_t notes_dropped;
+    /* expected notify ids */
+    kvx__expect *expect;
+    uint32_t nexpect, expect_cap;
+    uint64_t expired[KVX__EXPIRED_MEMORY];
+    uint32_t expired_head;
+    /* progress thread */
+    int pt_on, pt_stop;
+    pthread_t pt;
+    int wake_pipe[2];
+};
+
+/* The table each backend fills (kvx_ucx.h, kvx_ofi.h, kvx_cuda.h). The core
+   calls it with ctx->lock held, and the backend reports back through
+   kvx__op_done(), kvx__notify_arrived() and kvx__peer_failed(). */
+struct kvx__backend {
+    const char *name;
+    kvx_backend kind;
+    kvx_status (*open)(kvx_ctx *ctx, const kvx_ctx_desc *desc);
+    void (*close)(kvx_ctx *ctx);
+    kvx_status (*mem_register)(kvx_ctx *ctx, const kvx__cache_info *ci, kvx__region *r);
+    void (*mem_deregister)(kvx_ctx *ctx, kvx__region *r);
+    kvx_status (*address)(kvx_ctx *ctx, const uint8_t **addr, uint32_t *len);
+    /* Make the peer usable: endpoint, remote keys, p->transport. */
+    kvx_status (*connect)(kvx_ctx *ctx, kvx_peer *p);
+    /* Close by force: when it returns, no operation to p can write any more,
+       and every outstanding one has been reported to kvx__op_done. */
+    void (*disconnect)(kvx_ctx *ctx, kvx_peer *p);
+    /* KVX_OK: issued (completion comes through kvx__op_done); KVX_PENDING: no
+       room now, try after progress; an error: nothing was issued. */
+    kvx_status (*post)(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op);
+    /* Send rd->notify_msg to rd->peer; completion clears rd->notify_inflight
+       through kvx__notify_sent. */
+    kvx_status (*notify)(kvx_ctx *ctx, kvx__read *rd);
+    int (*progress)(kvx_ctx *ctx);
+    int (*event_fd)(kvx_ctx *ctx);
+    /* KVX_OK: nothing pending, safe to sleep on event_fd; KVX_PENDING: progress again. */
+    kvx_status (*arm)(kvx_ctx *ctx);
+    void (*signal)(kvx_ctx *ctx);
+};
+
+KVX__PRIV void kvx__op_done(kvx__read *rd, kvx_status st, const char *why);
+KVX__PRIV void kvx__notify_arrived(kvx_ctx *ctx, const uint8_t *msg, size_t len);
+KVX__PRIV void kvx__notify_sent(kvx__read *rd);
+KVX__PRIV void kvx__peer_failed(kvx_peer *p, const char *why);
+KVX__PRIV kvx_status kvx__fail(kvx_ctx *ctx, kvx_status st, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+KVX__PRIV void kvx__log(kvx_ctx *ctx, kvx_log_level lvl, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+/* One branch when the level is off: nothing is formatted. */
+#define KVX__LOG(ctx, lvl, ...) do { if ((int)(lvl) <= (int)(ctx)->log_level) kvx__log((ctx), (lvl), __VA_ARGS__); } while (0)
+
+/*--- small utilities -----------------------------------------------------*/
+
+KVX__PRIV uint64_t kvx__now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+KVX__PRIV void *kvx__calloc(size_t n, size_t sz) {
+    void *p;
+    if (sz && n > SIZE_MAX / sz) return NULL;
+    p = KVX_MALLOC(n * sz > 0 ? n * sz : 1);
+    if (p) memset(p, 0, n * sz);
+    return p;
+}
+
+KVX__PRIV void kvx__strlcpy(char *dst, const char *src, size_t cap) {
+    size_t n = src ? strlen(src) : 0;
+    if (n >= cap) n = cap - 1;
+    if (n) memcpy(dst, src, n);
+    dst[n] = 0;
+}
+
+/* CRC-32C (Castagnoli), bitwise: metadata blobs are small. */
+KVX__PRIV uint32_t kvx__crc32c(uint32_t crc, const uint8_t *p, size_t n) {
+    size_t i;
+    int k;
+    crc = ~crc;
+    for (i = 0; i < n; i++) {
+        crc ^= p[i];
+        for (k = 0; k < 8; k++) crc = (crc >> 1) ^ (0x82F63B78u & (0u - (crc & 1u)));
+    }
+    return ~crc;
+}
+
+KVX__PRIV void kvx__log(kvx_ctx *ctx, kvx_log_level lvl, const char *fmt, ...) {
+    static const char *names[] = {"", "", "error", "warn", "info", "debug"};
+    char msg[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (ctx->log_fn) ctx->log_fn(lvl, msg, ctx->log_user);
+    else fprintf(stderr, "kvx[%s/%d] %s: %s\n", ctx->name, ctx->rank, names[lvl], msg);
+}
+
+KVX__PRIV kvx_status kvx__fail(kvx_ctx *ctx, kvx_status st, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(ctx->err, sizeof ctx->err, fmt, ap);
+    va_end(ap);
+    ctx->st.errors++;
+    KVX__LOG(ctx, KVX_LOG_ERROR, "%s: %s", kvx_status_name(st), ctx->err);
+    return st;
+}
+
+KVX_API const char *kvx_status_name(kvx_status s) {
+    switch (s) {
+    case KVX_OK: return "KVX_OK";
+    case KVX_PENDING: return "KVX_PENDING";
+    case KVX_ERR_ARG: return "KVX_ERR_ARG";
+    case KVX_ERR_NOMEM: return "KVX_ERR_NOMEM";
+    case KVX_ERR_UNSUPPORTED: return "KVX_ERR_UNSUPPORTED";
+    case KVX_ERR_MISMATCH: return "KVX_ERR_MISMATCH";
+    case KVX_ERR_BACKEND: return "KVX_ERR_BACKEND";
+    case KVX_ERR_PEER: return "KVX_ERR_PEER";
+    case KVX_ERR_TIMEOUT: return "KVX_ERR_TIMEOUT";
+    case KVX_ERR_CORRUPT: return "KVX_ERR_CORRUPT";
+    case KVX_ERR_CANCELED: return "KVX_ERR_CANCELED";
+    }
+    return "KVX_ERR_UNKNOWN";
+}
+
+KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx) {
+    return ctx ? ctx->err : "kvx: no context";
+}
+
+/* Backends: each adds one kvx__backend. Adding one is one file and one line here. */
+#if defined(KVX_UCX)
+#  include "kvx_ucx.h"
+#endif
+#if defined(KVX_OFI)
+#  include "kvx_ofi.h"
+#endif
+#if defined(KVX_CUDA)
+#  include "kvx_cuda.h"
+#endif
+
+KVX__PRIV const kvx__backend *kvx__backends[] = {
+#if defined(KVX_UCX)
+    &kvx__ucx_backend,
+#endif
+#if defined(KVX_OFI)
+    &kvx__ofi_backend,
+#endif
+#if defined(KVX_CUDA)
+    &kvx__cuda_backend,
+#endif
+    NULL
+};
+
+/*--- layouts and tensor-parallel head ranges -----------------------------*/
+
+KVX__PRIV uint32_t kvx__planes(const kvx_layout *l) { return l->kv_planes ? l->kv_planes : 2u; }
+
+/* Fill defaults and check that the layout is usable at this tp rank/size. */
+KVX__PRIV kvx_status kvx__layout_check(kvx_ctx *ctx, kvx_layout *l, int tp_size, const char *who) {
+    uint64_t bb;
+    if (!l->num_layers || !l->num_blocks || !l->block_tokens || !l->num_heads || !l->head_dim || !l->elem_bytes)
+        return kvx__fail(ctx, KVX_ERR_ARG, "%s: layout needs num_layers, num_blocks, block_tokens, num_heads, head_dim and elem_bytes, all non-zero (got %u, %u, %u, %u, %u, %u)",
+                         who, l->num_layers, l->num_blocks, l->block_tokens, l->num_heads, l->head_dim, l->elem_bytes);
+    if (l->num_layers > KVX__MAX_LAYERS)
+        return kvx__fail(ctx, KVX_ERR_ARG, "%s: %u layers, at most %u", who, l->num_layers, KVX__MAX_LAYERS);
+    if (l->order != KVX_ORDER_HND && l->order != KVX_ORDER_NHD)
+        return kvx__fail(ctx, KVX_ERR_ARG, "%s: order %d is neither HND nor NHD", who, (int)l->order);
+    if (l->kv_planes > 2) return kvx__fail(ctx, KVX_ERR_ARG, "%s: kv_planes %u, must be 1 or 2", who, l->kv_planes);
+    l->kv_planes = kvx__planes(l);
+    if (!l->total_heads) l->total_heads = l->num_heads * (uint32_t)tp_size;
+    if (l->total_heads >= (uint32_t)tp_size) {
+        if (l->total_heads % (uint32_t)tp_size || l->num_heads != l->total_heads / (uint32_t)tp_size)
+            return kvx__fail(ctx, KVX_ERR_MISMATCH, "%s: %u KV heads do not divide over tp_size %d into %u heads per rank",
+                             who, l->total_heads, tp_size, l->num_heads);
+    } else if ((uint32_t)tp_size % l->total_heads || l->num_heads != 1) {
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "%s: %u KV heads replicated over tp_size %d need tp_size a multiple of the heads and num_heads 1 (got %u)",
+                         who, l->total_heads, tp_size, l->num_heads);
+    }
+    bb = (uint64_t)l->block_tokens * l->num_heads * l->head_dim * l->elem_bytes;
+    if (bb > (1ull << 40)) return kvx__fail(ctx, KVX_ERR_ARG, "%s: block of %llu bytes is too large", who, (unsigned long long)bb);
+    return KVX_OK;
+}
+
+/* First global head held by rank; heads are replicated when fewer than tp. */
+KVX__PRIV uint32_t kvx__head_first(const kvx_layout *l, int rank, int tp) {
+    if (l->total_heads >= (uint32_t)tp) return (uint32_t)rank * (l->total_heads / (uint32_t)tp);
+    return (uint32_t)rank / ((uint32_t)tp / l->total_heads);
+}
+
+/* Heads [*a, *b) that local rank lr (of ltp) takes from remote rank rr (of
+   rtp). Where the remote side replicates a head, exactly one of its holders is
+   the source for a given reader: holder (lr mod replicas), spreading readers. */
+KVX__PRIV void kvx__head_range(const kvx_layout *ll, int lr, int ltp, const kvx_layout *rl, int rr, int rtp,
+                               uint32_t *a, uint32_t *b) {
+    uint32_t l0 = kvx__head_first(ll, lr, ltp), l1 = l0 + ll->num_heads;
+    uint32_t r0 = kvx__head_first(rl, rr, rtp), r1 = r0 + rl->num_heads;
+    uint32_t lo = l0 > r0 ? l0 : r0, hi = l1 < r1 ? l1 : r1;
+    if (lo >= hi) { *a = *b = 0; return; }
+    if (rl->total_heads < (uint32_t)rtp) {
+        uint32_t reps = (uint32_t)rtp / rl->total_heads;
+        if ((uint32_t)rr != r0 * reps + (uint32_t)lr % reps) { *a = *b = 0; return; }
+    }
+    *a = lo; *b = hi;
+}
+
+/* Piece geometry of one block for heads [a, b): HND gives one contiguous
+   slice per block; NHD one slice per token, unless all heads are taken on both
+   sides, when the slices tile the block and collapse into one. */
+KVX__PRIV void kvx__geom_make(const kvx__cache_info *lc, uint32_t l0, const kvx__cache_info *rc, uint32_t r0,
+                              uint32_t a, uint32_t b, kvx__geom *g) {
+    const kvx_layout *ll = &lc->lay, *rl = &rc->lay;
+    uint64_t hb = (uint64_t)ll->head_dim * ll->elem_bytes;  /* one head, one token */
+    uint64_t T = ll->block_tokens;
+    memset(g, 0, sizeof *g);
+    if (ll->order == KVX_ORDER_HND) {
+        g->loff = (uint64_t)(a - l0) * T * hb;
+        g->roff = (uint64_t)(a - r0) * T * hb;
+        g->piece = (uint64_t)(b - a) * T * hb;
+        g->npieces = 1;
+    } else {
+        g->loff = (uint64_t)(a - l0) * hb;
+        g->roff = (uint64_t)(a - r0) * hb;
+        g->piece = (uint64_t)(b - a) * hb;
+        g->lpstride = (uint64_t)ll->num_heads * hb;
+        g->rpstride = (uint64_t)rl->num_heads * hb;
+        g->npieces = (uint32_t)T;
+        if (g->piece == g->lpstride && g->piece == g->rpstride) {
+            g->piece *= T;
+            g->npieces = 1;
+        }
+    }
+    g->run_merge = g->npieces == 1 && g->piece == lc->block_stride && g->piece == rc->block_stride;
+}
+
+/*--- metadata: little-endian, versioned, checksummed ---------------------*/
+
+#define KVX__MAGIC 0x3158564Bu /* "KVX1" */
+#define KVX__HDR_BYTES 16u
+
+typedef struct kvx__wbuf { uint8_t *p; size_t len, cap; } kvx__wbuf;
+typedef struct kvx__rbuf { const uint8_t *p; size_t off, len; int bad; } kvx__rbuf;
+
+KVX__PRIV void kvx__put(kvx__wbuf *w, const void *src, size_t n) {
+    if (w->p && w->len + n <= w->cap) memcpy(w->p + w->len, src, n);
+    w->len += n;
+}
+KVX__PRIV void kvx__put_u(kvx__wbuf *w, uint64_t v, int bytes) {
+    uint8_t b[8];
+    int i;
+    for (i = 0; i < bytes; i++) b[i] = (uint8_t)(v >> (8 * i));
+    kvx__put(w, b, (size_t)bytes);
+}
+KVX__PRIV void kvx__put_blob(kvx__wbuf *w, const void *src, uint32_t n) { kvx__put_u(w, n, 4); kvx__put(w, src, n); }
+KVX__PRIV void kvx__put_str(kvx__wbuf *w, const char *s) { kvx__put_blob(w, s, (uint32_t)strlen(s)); }
+
+KVX__PRIV uint64_t kvx__get_u(kvx__rbuf *r, int bytes) {
+    uint64_t v = 0;
+    int i;
+    if (r->bad || r->len - r->off < (size_t)bytes) { r->bad = 1; return 0; }
+    for (i = 0; i < bytes; i++) v |= (uint64_t)r->p[r->off + (size_t)i] << (8 * i);
+    r->off += (size_t)bytes;
+    return v;
+}
+/* A length-prefixed field, bounded by max; returns a pointer into the blob. */
+KVX__PRIV const uint8_t *kvx__get_blob(kvx__rbuf *r, uint32_t max, uint32_t *n) {
+    const uint8_t *p;
+    *n = (uint32_t)kvx__get_u(r, 4);
+    if (r->bad || *n > max || r->len - r->off < *n) { r->bad = 1; *n = 0; return NULL; }
+    p = r->p + r->off;
+    r->off += *n;
+    return p;
+}
+KVX__PRIV void kvx__get_str(kvx__rbuf *r, char *dst, uint32_t cap) {
+    uint32_t n;
+    const uint8_t *p = kvx__get_blob(r, cap - 1, &n);
+    if (p) memcpy(dst, p, n);
+    dst[n] = 0;
+}
+
+KVX__PRIV void kvx__put_cache(kvx__wbuf *w, const kvx__cache_info *c) {
+    const kvx_layout *l = &c->lay;
+    uint32_t i;
+    kvx__put_u(w, c->id, 4);
+    kvx__put_u(w, l->num_layers, 4); kvx__put_u(w, l->num_blocks, 4); kvx__put_u(w, l->block_tokens, 4);
+    kvx__put_u(w, l->num_heads, 4); kvx__put_u(w, l->head_dim, 4); kvx__put_u(w, l->elem_bytes, 4);
+    kvx__put_u(w, l->total_heads, 4);
+    kvx__put_u(w, (uint64_t)l->order, 1); kvx__put_u(w, l->kv_planes, 1);
+    kvx__put_u(w, (uint64_t)c->mem, 1); kvx__put_u(w, 0, 1);
+    kvx__put_u(w, (uint64_t)(uint32_t)c->device, 4);
+    kvx__put_u(w, c->block_stride, 8);
+    kvx__put_u(w, c->nregions, 4);
+    for (i = 0; i < c->nregions; i++) {
+        kvx__put_u(w, c->regions[i].addr, 8);
+        kvx__put_u(w, c->regions[i].len, 8);
+        kvx__put_blob(w, c->regions[i].rkey, c->regions[i].rkey_len);
+    }
+    for (i = 0; i < c->nplanes; i++) kvx__put_u(w, c->plane_base[i], 8);
+}
+
+KVX__PRIV void kvx__cache_info_free(kvx__cache_info *c) {
+    uint32_t i;
+    if (c->regions)
+        for (i = 0; i < c->nregions; i++) KVX_FREE(c->regions[i].rkey);
+    KVX_FREE(c->regions);
+    KVX_FREE(c->plane_base);
+    KVX_FREE(c->plane_region);
+    memset(c, 0, sizeof *c);
+}
+
+/* Each plane must lie inside one region; remember which. */
+KVX__PRIV kvx_status kvx__planes_locate(kvx_ctx *ctx, kvx__cache_info *c, const char *who) {
+    uint64_t span = (uint64_t)(c->lay.num_blocks - 1) * c->block_stride + c->block_bytes;
+    uint32_t p, i;
+    for (p = 0; p < c->nplanes; p++) {
+        uint64_t b = c->plane_base[p];
+        for (i = 0; i < c->nregions; i++)
+            if (b >= c->regions[i].addr && b - c->regions[i].addr <= c->regions[i].len &&
+                span <= c->regions[i].len - (b - c->regions[i].addr)) break;
+        if (i == c->nregions)
+            return kvx__fail(ctx, KVX_ERR_MISMATCH, "%s: plane %u (layer %u) at 0x%llx, %llu bytes, lies in no registered region",
+                             who, p, p / c->lay.kv_planes, (unsigned long long)b, (unsigned long long)span);
+        c->plane_region[p] = (uint16_t)i;
+    }
+    return KVX_OK;
+}
+
+KVX__PRIV kvx_status kvx__get_cache(kvx_ctx *ctx, kvx__rbuf *r, kvx__cache_info *c, int tp_size, const char *who) {
+    kvx_layout *l = &c->lay;
+    uint32_t i, n;
+    kvx_status st;
+    char what[160];
+    c->id = (uint32_t)kvx__get_u(r, 4);
+    l->num_layers = (uint32_t)kvx__get_u(r, 4); l->num_blocks = (uint32_t)kvx__get_u(r, 4);
+    l->block_tokens = (uint32_t)kvx__get_u(r, 4); l->num_heads = (uint32_t)kvx__get_u(r, 4);
+    l->head_dim = (uint32_t)kvx__get_u(r, 4); l->elem_bytes = (uint32_t)kvx__get_u(r, 4);
+    l->total_heads = (uint32_t)kvx__get_u(r, 4);
+    l->order = (kvx_order)kvx__get_u(r, 1); l->kv_planes = (uint32_t)kvx__get_u(r, 1);
+    c->mem = (kvx_mem)kvx__get_u(r, 1); (void)kvx__get_u(r, 1);
+    c->device = (int)(uint32_t)kvx__get_u(r, 4);
+    c->block_stride = kvx__get_u(r, 8);
+    c->nregions = (uint32_t)kvx__get_u(r, 4);
+    if (r->bad) return kvx__fail(ctx, KVX_ERR_ARG, "%s: truncated in cache header", who);
+    snprintf(what, sizeof what, "%s cache %u", who, c->id);
+    if (!l->total_heads || !l->kv_planes)
+        return kvx__fail(ctx, KVX_ERR_ARG, "%s: total_heads %u and kv_planes %u must be set", what, l->total_heads, l->kv_planes);
+    if ((st = kvx__layout_check(ctx, l, tp_size, what)) != KVX_OK) return st;
+    if (c->mem != KVX_MEM_HOST && c->mem != KVX_MEM_CUDA)
+        return kvx__fail(ctx, KVX_ERR_ARG, "%s: memory kind %d unknown", what, (int)c->mem);
+    c->block_bytes = (uint64_t)l->block_tokens * l->num_heads * l->head_dim * l->elem_bytes;
+    if (c->block_stride < c->block_bytes)
+        return kvx__fail(ctx, KVX_ERR_ARG, "%s: block_stride %llu is less than the block's %llu bytes", what,
+                         (unsigned long long)c->block_stride, (unsigned long long)c->block_bytes);
+    if (!c->nregions || c->nregions > KVX__MAX_REGIONS)
+        return kvx__fail(ctx, KVX_ERR_ARG, "%s: %u regions (1 to %u allowed)", what, c->nregions, KVX__MAX_REGIONS);
+    c->nplanes = l->num_layers * l->kv_planes;
+    /* Bound allocations by what the blob can hold before allocating. */
+    if ((uint64_t)c->nregions * 20 + (uint64_t)c->nplanes * 8 > r->len - r->off)
+        return kvx__fail(ctx, KVX_ERR_ARG, "%s: truncated: %u regions and %u planes do not fit in the remaining %zu bytes",
+                         what, c->nregions, c->nplanes, r->len - r->off);
+    c->regions = (kvx__region *)kvx__calloc(c->nregions, sizeof *c->regions);
+    c->plane_base = (uint64_t *)kvx__calloc(c->nplanes, sizeof *c->plane_base);
+    c->plane_region = (uint16_t *)kvx__calloc(c->nplanes, sizeof *c->plane_region);
+    if (!c->regions || !c->plane_base || !c->plane_region) return kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", what);
+    for (i = 0; i < c->nregions; i++) {
+        const uint8_t *k;
+        c->regions[i].addr = kvx__get_u(r, 8);
+        c->regions[i].len = kvx__get_u(r, 8);
+        k = kvx__get_blob(r, KVX__MAX_RKEY, &n);
+        if (r->bad) return kvx__fail(ctx, KVX_ERR_ARG, "%s: truncated or oversized remote key of region %u", what, i);
+        if (c->regions[i].addr + c->regions[i].len < c->regions[i].addr)
+            return kvx__fail(ctx, KVX_ERR_ARG, "%s: region %u wraps the address space", what, i);
+        c->regions[i].rkey = (uint8_t *)KVX_MALLOC(n ? n : 1);
+        if (!c->regions[i].rkey) return kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", what);
+        if (n) memcpy(c->regions[i].rkey, k, n);
+        c->regions[i].rkey_len = n;
+    }
+    for (i = 0; i < c->nplanes; i++) c->plane_base[i] = kvx__get_u(r, 8);
+    if (r->bad) return kvx__fail(ctx, KVX_ERR_ARG, "%s: truncated in plane table", what);
+    return kvx__planes_locate(ctx, c, what);
+}
+
+KVX__PRIV kvx_status kvx__md_write(kvx_ctx *ctx, kvx__wbuf *w) {
+    const uint8_t *addr = NULL;
+    uint32_t alen = 0, i, crc;
+    kvx_status st = ctx->be_ops->address(ctx, &addr, &alen);
+    if (st != KVX_OK) return st;
+    kvx__put_u(w, KVX__MAGIC, 4);
+    kvx__put_u(w, KVX_METADATA_VERSION, 2);
+    kvx__put_u(w, (uint64_t)ctx->be_ops->kind, 2);
+    kvx__put_u(w, 0, 4); /* total length, patched */
+    kvx__put_u(w, 0, 4); /* checksum, patched */
+    kvx__put_u(w, ctx->epoch, 8);
+    kvx__put_u(w, (uint64_t)(uint32_t)ctx->rank, 4);
+    kvx__put_u(w, (uint64_t)(uint32_t)ctx->tp_size, 4);
+    kvx__put_u(w, (uint64_t)(uint32_t)getpid(), 4);
+    kvx__put_str(w, ctx->name);
+    kvx__put_str(w, ctx->host);
+    kvx__put_blob(w, addr, alen);
+    kvx__put_u(w, ctx->ncaches, 4);
+    for (i = 0; i < ctx->ncaches; i++) kvx__put_cache(w, &ctx->caches[i]->info);
+    if (w->p && w->len <= w->cap) {
+        uint8_t *p = w->p;
+        for (i = 0; i < 4; i++) p[8 + i] = (uint8_t)(w->len >> (8 * i));
+        crc = kvx__crc32c(0, p, w->len);
+        for (i = 0; i < 4; i++) p[12 + i] = (uint8_t)(crc >> (8 * i));
+    }
+    return KVX_OK;
+}
+
+KVX_API kvx_status kvx_metadata(kvx_ctx *ctx, void *buf, size_t *len) {
+    kvx__wbuf w;
+    kvx_status st;
+    if (!ctx || !len) return KVX_ERR_ARG;
+    memset(&w, 0, sizeof w);
+    w.p = (uint8_t *)buf;
+    w.cap = buf ? *len : 0;
+    pthread_mutex_lock(&ctx->lock);
+    st = kvx__md_write(ctx, &w);
+    pthread_mutex_unlock(&ctx->lock);
+    if (st != KVX_OK) return st;
+    if (buf && w.len > *len) {
+        size_t need = w.len;
+        *len = need;
+        return kvx__fail(ctx, KVX_ERR_ARG, "metadata needs %zu bytes, buffer has %zu", need, w.cap);
+    }
+    *len = w.len;
+    return KVX_OK;
+}
+
+/* Parse and validate a blob into p (fields, caches). Nothing trusted. */
+KVX__PRIV kvx_status kvx__md_parse(kvx_ctx *ctx, const uint8_t *md, size_t len, kvx_peer *p) {
+    kvx__rbuf r;
+    uint32_t magic, ver, kind, total, crc, want, i, alen;
+    const uint8_t *addr;
+    uint8_t zero[4] = {0, 0, 0, 0};
+    kvx_status st;
+    memset(&r, 0, sizeof r);
+    r.p = md; r.len = len;
+    if (len < KVX__HDR_BYTES)
+        return kvx__fail(ctx, KVX_ERR_ARG, "metadata: truncated: %zu bytes, the header alone is %u", len, KVX__HDR_BYTES);
+    magic = (uint32_t)kvx__get_u(&r, 4);
+    ver = (uint32_t)kvx__get_u(&r, 2);
+    kind = (uint32_t)kvx__get_u(&r, 2);
+    total = (uint32_t)kvx__get_u(&r, 4);
+    crc = (uint32_t)kvx__get_u(&r, 4);
+    if (magic != KVX__MAGIC) return kvx__fail(ctx, KVX_ERR_ARG, "metadata: magic 0x%08x is not kvx's 0x%08x", magic, KVX__MAGIC);
+    if (ver != KVX_METADATA_VERSION)
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "metadata: version %u, this kvx reads version %u", ver, KVX_METADATA_VERSION);
+    if (total != len)
+        return kvx__fail(ctx, KVX_ERR_ARG, "metadata: %s: the blob says %u bytes, %zu were given",
+                         total > len ? "truncated" : "trailing bytes", total, len);
+    want = kvx__crc32c(0, md, 12);
+    want = kvx__crc32c(want, zero, 4);
+    want = kvx__crc32c(want, md + 16, len - 16);
+    if (want != crc)
+        return kvx__fail(ctx, KVX_ERR_CORRUPT, "metadata: checksum 0x%08x, computed 0x%08x: the blob was corrupted", crc, want);
+    if (kind != (uint32_t)ctx->be_ops->kind)
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "metadata: backend %u (%s), this context runs %u (%s)", kind,
+                         kind == KVX_BACKEND_UCX ? "ucx" : kind == KVX_BACKEND_OFI ? "ofi" : kind == KVX_BACKEND_CUDA ? "cuda" : "unknown",
+                         (unsigned)ctx->be_ops->kind, ctx->be_ops->name);
+    p->epoch = kvx__get_u(&r, 8);
+    p->rank = (int)(uint32_t)kvx__get_u(&r, 4);
+    p->tp_size = (int)(uint32_t)kvx__get_u(&r, 4);
+    p->pid = (uint32_t)kvx__get_u(&r, 4);
+    kvx__get_str(&r, p->name, sizeof p->name);
+    kvx__get_str(&r, p->host, sizeof p->host);
+    addr = kvx__get_blob(&r, KVX__MAX_ADDR, &alen);
+    p->ncaches = (uint32_t)kvx__get_u(&r, 4);
+    if (r.bad) return kvx__fail(ctx, KVX_ERR_ARG, "metadata: truncated or oversized field in the header");
+    if (p->tp_size < 1 || p->tp_size > 65536 || p->rank < 0 || p->rank >= p->tp_size)
+        return kvx__fail(ctx, KVX_ERR_ARG, "metadata from %s: rank %d outside [0, tp_size %d)", p->name, p->rank, p->tp_size);
+    if (p->ncaches > KVX__MAX_CACHES)
+        return kvx__fail(ctx, KVX_ERR_ARG, "metadata from %s/%d: %u caches, at most %u", p->name, p->rank, p->ncaches, KVX__MAX_CACHES);
+    p->addr = (uint8_t *)KVX_MALLOC(alen ? alen : 1);
+    p->caches = (kvx__cache_info *)kvx__calloc(p->ncaches ? p->ncaches : 1, sizeof *p->caches);
+    if (!p->addr || !p->caches) return kvx__fail(ctx, KVX_ERR_NOMEM, "metadata: out of memory");
+    if (alen) memcpy(p->addr, addr, alen);
+    p->addr_len = alen;
+    for (i = 0; i < p->ncaches; i++) {
+        char who[128];
+        snprintf(who, sizeof who, "metadata from %s/%d", p->name, p->rank);
+        if ((st = kvx__get_cache(ctx, &r, &p->caches[i], p->tp_size, who)) != KVX_OK) return st;
+    }
+    if (r.off != r.len) return kvx__fail(ctx, KVX_ERR_ARG, "metadata from %s/%d: %zu bytes left over", p->name, p->rank, r.len - r.off);
+    return KVX_OK;
+}
+
+/* Can a read of rc (theirs) into lc (ours) be done? Names field and both values. */
+KVX__PRIV kvx_status kvx__compat(kvx_ctx *ctx, const kvx__cache_info *lc, const kvx_peer *p, const kvx__cache_info *rc) {
+    const kvx_layout *a = &lc->lay, *b = &rc->lay;
+#define KVX__SAME(f) \
+    if (a->f != b->f) \
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "peer %s/%d cache %u: " #f " %u, ours (cache %u) %u", p->name, p->rank, rc->id, (unsigned)b->f, lc->id, (unsigned)a->f)
+    KVX__SAME(num_layers);
+    KVX__SAME(block_tokens);
+    KVX__SAME(head_dim);
+    KVX__SAME(elem_bytes);
+    KVX__SAME(total_heads);
+    KVX__SAME(kv_planes);
+#undef KVX__SAME
+    if (a->order != b->order)
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "peer %s/%d cache %u: order %s, ours (cache %u) %s", p->name, p->rank, rc->id,
+                         b->order == KVX_ORDER_HND ? "HND" : "NHD", lc->id, a->order == KVX_ORDER_HND ? "HND" : "NHD");
+    return KVX_OK;
+}
+
+/*--- context -------------------------------------------------------------*/
+
+/* kvx_ctx_create has no context to hold its error: kvx_ctx_error(NULL) reads this. */
+static char kvx__create_err[512];
+
+KVX__PRIV void kvx__host_identity(char *out, size_t cap, const char *given) {
+    char host[128] = "unknown", boot[64] = "noboot";
+    const char *env = getenv("KVX_HOST_ID");
+    FILE *f;
+    if (given && *given) { kvx__strlcpy(out, given, cap); return; }
+    if (env && *env) { kvx__strlcpy(out, env, cap); return; }
+    gethostname(host, sizeof host - 1);
+    host[sizeof host - 1] = 0;
+    if ((f = fopen("/proc/sys/kernel/random/boot_id", "r")) != NULL) {
+        if (fgets(boot, sizeof boot, f)) boot[strcspn(boot, "\r\n")] = 0;
+        fclose(f);
+    }
+    snprintf(out, cap, "%s/%s", host, boot);
+}
+
+KVX__PRIV kvx_log_level kvx__env_log_level(void) {
+    const char *e = getenv("KVX_LOG");
+    if (!e || !*e) return KVX_LOG_ERROR;
+    if (!strcmp(e, "off")) return KVX_LOG_OFF;
+    if (!strcmp(e, "error")) return KVX_LOG_ERROR;
+    if (!strcmp(e, "warn")) return KVX_LOG_WARN;
+    if (!strcmp(e, "info")) return KVX_LOG_INFO;
+    if (!strcmp(e, "debug")) return KVX_LOG_DEBUG;
+    return KVX_LOG_ERROR;
+}
+
+/* Epochs grow across restarts (wall clock) and within a process. */
+KVX__PRIV uint64_t kvx__new_epoch(void) {
+    static uint64_t last;
+    static pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+    struct timespec ts;
+    uint64_t e;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    e = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    pthread_mutex_lock(&m);
+    if (e <= last) e = last + 1;
+    last = e;
+    pthread_mutex_unlock(&m);
+    return e;
+}
+
+KVX__PRIV void *kvx__progress_main(void *arg);
+KVX__PRIV void kvx__queue_teardown(kvx_queue *q);
+KVX__PRIV void kvx__peer_free(kvx_peer *p);
+
+KVX_API kvx_status kvx_ctx_create(const kvx_ctx_desc *desc_in, kvx_ctx **out) {
+    kvx_ctx_desc desc;
+    kvx_ctx *ctx;
+    kvx_status st;
+    int i;
+    if (!out) { kvx__strlcpy(kvx__create_err, "kvx_ctx_create: out is NULL", sizeof kvx__create_err); return KVX_ERR_ARG; }
+    *out = NULL;
+    memset(&desc, 0, sizeof desc);
+    if (desc_in) desc = *desc_in;
+    ctx = (kvx_ctx *)kvx__calloc(1, sizeof *ctx);
+    if (!ctx) { kvx__strlcpy(kvx__create_err, "kvx_ctx_create: out of memory", sizeof kvx__create_err); return KVX_ERR_NOMEM; }
+    ctx->wake_pipe[0] = ctx->wake_pipe[1] = -1;
+    kvx__strlcpy(ctx->name, desc.name && *desc.name ? desc.name : "kvx", sizeof ctx->name);
+    ctx->rank = desc.tp_rank;
+    ctx->tp_size = desc.tp_size ? desc.tp_size : 1;
+    ctx->timeout_ms = desc.timeout_ms ? desc.timeout_ms : KVX__DEFAULT_TIMEOUT_MS;
+    ctx->log_level = desc.log_level != KVX_LOG_DEFAULT ? desc.log_level : kvx__env_log_level();
+    ctx->log_fn = desc.log_fn;
+    ctx->log_user = desc.log_user;
+    ctx->epoch = kvx__new_epoch();
+    kvx__host_identity(ctx->host, sizeof ctx->host, desc.host_id);
+    pthread_mutex_init(&ctx->lock, NULL);
+    st = KVX_OK;
+    if (ctx->tp_size < 1 || ctx->tp_size > 65536)
+        st = kvx__fail(ctx, KVX_ERR_ARG, "tp_size %d must be in [1, 65536]", ctx->tp_size);
+    else if (ctx->rank < 0 || ctx->rank >= ctx->tp_size)
+        st = kvx__fail(ctx, KVX_ERR_ARG, "tp_rank %d is outside [0, tp_size %d)", ctx->rank, ctx->tp_size);
+    if (st == KVX_OK) {
+        for (i = 0; kvx__backends[i]; i++)
+            if (desc.backend == KVX_BACKEND_DEFAULT || kvx__backends[i]->kind == desc.backend) break;
+        if (!kvx__backends[i])
+            st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "backend %d is not compiled in: define %s when compiling KVX_IMPLEMENTATION",
+                           (int)desc.backend, desc.backend == KVX_BACKEND_UCX ? "KVX_UCX" : desc.backend == KVX_BACKEND_OFI ? "KVX_OFI" :
+                           desc.backend == KVX_BACKEND_CUDA ? "KVX_CUDA" : "KVX_UCX, KVX_OFI or KVX_CUDA");
+        else ctx->be_ops = kvx__backends[i];
+    }
+    if (st == KVX_OK) {
+        ctx->st.backend = ctx->be_ops->name;
+        st = ctx->be_ops->open(ctx, &desc);
+        if (st != KVX_OK) ctx->be_ops = NULL;
+    }
+    if (st == KVX_OK && desc.progress_thread) {
+        if (pipe(ctx->wake_pipe) != 0) st = kvx__fail(ctx, KVX_ERR_BACKEND, "pipe: %s", strerror(errno));
+        else if (pthread_create(&ctx->pt, NULL, kvx__progress_main, ctx) != 0)
+            st = kvx__fail(ctx, KVX_ERR_BACKEND, "cannot start the progress thread");
+        else ctx->pt_on = 1;
+    }
+    if (st != KVX_OK) {
+        kvx__strlcpy(kvx__create_err, ctx->err, sizeof kvx__create_err);
+        kvx_ctx_destroy(ctx);
+        return st;
+    }
+    KVX__LOG(ctx, KVX_LOG_INFO, "context %s rank %d of %d on %s, backend %s, timeout %u ms%s", ctx->name, ctx->rank,
+             ctx->tp_size, ctx->host, ctx->be_ops->name, ctx->timeout_ms, ctx->pt_on ? ", progress thread" : "");
+    *out = ctx;
+    return KVX_OK;
+}
+
+KVX_API void kvx_ctx_destroy(kvx_ctx *ctx) {
+    if (!ctx) return;
+    if (ctx->pt_on) {
+        char c = 1;
+        pthread_mutex_lock(&ctx->lock);
+        ctx->pt_stop = 1;
+        pthread_mutex_unlock(&ctx->lock);
+        if (write(ctx->wake_pipe[1], &c, 1) < 0) { /* the thread also wakes by its poll timeout */ }
+        pthread_join(ctx->pt, NULL);
+        ctx->pt_on = 0;
+    }
+    while (ctx->queues) kvx_queue_destroy(ctx->queues);
+    while (ctx->peers) kvx_peer_remove(ctx->peers);
+    while (ctx->ncaches) kvx_cache_deregister(ctx->caches[ctx->ncaches - 1]);
+    if (ctx->be_ops) ctx->be_ops->close(ctx);
+    if (ctx->wake_pipe[0] >= 0) { close(ctx->wake_pipe[0]); close(ctx->wake_pipe[1]); }
+    pthread_mutex_destroy(&ctx->lock);
+    KVX_FREE(ctx->expect);
+    KVX_FREE(ctx);
+}
+
+/*--- caches --------------------------------------------------------------*/
+
+typedef struct kvx__span { uint64_t a, b; } kvx__span;
+
+KVX__PRIV int kvx__span_cmp(const void *x, const void *y) {
+    const kvx__span *p = (const kvx__span *)x, *q = (const kvx__span *)y;
+    return p->a < q->a ? -1 : p->a > q->a;
+}
+
+KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx_cache **out) {
+    kvx_cache *c;
+    kvx__cache_info *ci;
+    kvx__span *sp = NULL;
+    kvx_status st;
+    uint64_t span;
+    uint32_t p, n, i;
+    if (!ctx) return KVX_ERR_ARG;
+    if (!d || !out) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_register: desc and out must not be NULL");
+    *out = NULL;
+    c = (kvx_cache *)kvx__calloc(1, sizeof *c);
+    if (!c) return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: out of memory");
+    c->ctx = ctx;
+    ci = &c->info;
+    ci->lay = d->layout;
+    ci->mem = d->mem;
+    ci->device = d->device;
+    pthread_mutex_lock(&ctx->lock);
+    st = kvx__layout_check(ctx, &ci->lay, ctx->tp_size, "kvx_cache_register");
+    if (st != KVX_OK) goto fail;
+    if (ctx->ncaches >= KVX__MAX_CACHES) { st = kvx__fail(ctx, KVX_ERR_ARG, "at most %u caches per context", KVX__MAX_CACHES); goto fail; }
+    if (d->mem != KVX_MEM_HOST && d->mem != KVX_MEM_CUDA) { st = kvx__fail(ctx, KVX_ERR_ARG, "memory kind %d unknown", (int)d->mem); goto fail; }
+    if (!d->bases == !d->pool) { st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_register: give either bases (one per layer and plane) or pool, not %s", d->bases ? "both" : "neither"); goto fail; }
+    ci->block_bytes = (uint64_t)ci->lay.block_tokens * ci->lay.num_heads * ci->lay.head_dim * ci->lay.elem_bytes;
+    ci->block_stride = d->block_stride ? d->block_stride : ci->block_bytes;
+    if (ci->block_stride < ci->block_bytes) {
+        st = kvx__fail(ctx, KVX_ERR_ARG, "block_stride %llu is less than the block's %llu bytes",
+                       (unsigned long long)ci->block_stride, (unsigned long long)ci->block_bytes);
+        goto fail;
+    }
+    ci->id = ctx->ncaches;
+    ci->nplanes = ci->lay.num_layers * ci->lay.kv_planes;
+    ci->plane_base = (uint64_t *)kvx__calloc(ci->nplanes, sizeof *ci->plane_base);
+    ci->plane_region = (uint16_t *)kvx__calloc(ci->nplanes, sizeof *ci->plane_region);
+    sp = (kvx__span *)kvx__calloc(ci->nplanes, sizeof *sp);
+    if (!ci->plane_base || !ci->plane_region || !sp) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: out of memory"); goto fail; }
+    span = (uint64_t)(ci->lay.num_blocks - 1) * ci->block_stride + ci->block_bytes;
+    for (p = 0; p < ci->nplanes; p++) {
+        uint64_t b = d->bases ? (uint64_t)(uintptr_t)d->bases[p]
+                              : (uint64_t)(uintptr_t)d->pool + (p / ci->lay.kv_planes) * d->layer_stride + (p % ci->lay.kv_planes) * d->plane_stride;
+        if (!b) { st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_register: base of layer %u plane %u is NULL", p / ci->lay.kv_planes, p % ci->lay.kv_planes); goto fail; }
+        ci->plane_base[p] = b;
+        sp[p].a = b;
+        sp[p].b = b + span;
+    }
+    /* Few, large registrations: planes that touch or overlap share one. */
+    qsort(sp, ci->nplanes, sizeof *sp, kvx__span_cmp);
+    for (n = 0, p = 0; p < ci->nplanes; p++) {
+        if (n && sp[p].a <= sp[n - 1].b) { if (sp[p].b > sp[n - 1].b) sp[n - 1].b = sp[p].b; }
+        else sp[n++] = sp[p];
+    }
+    if (n > KVX__MAX_REGIONS) { st = kvx__fail(ctx, KVX_ERR_ARG, "cache spans %u separate ranges, at most %u", n, KVX__MAX_REGIONS); goto fail; }
+    ci->regions = (kvx__region *)kvx__calloc(n, sizeof *ci->regions);
+    if (!ci->regions) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: out of memory"); goto fail; }
+    for (i = 0; i < n; i++) {
+        ci->regions[i].addr = sp[i].a;
+        ci->regions[i].len = sp[i].b - sp[i].a;
+        st = ctx->be_ops->mem_register(ctx, ci, &ci->regions[i]);
+        if (st != KVX_OK) goto fail;
+        ci->nregions = i + 1;
+    }
+    if ((st = kvx__planes_locate(ctx, ci, "kvx_cache_register")) != KVX_OK) goto fail;
+    ctx->caches[ctx->ncaches++] = c;
+    KVX__LOG(ctx, KVX_LOG_INFO, "cache %u: %u layers x %u planes x %u blocks of %llu bytes, %u registration(s)", ci->id,
+             ci->lay.num_layers, ci->lay.kv_planes, ci->lay.num_blocks, (unsigned long long)ci->block_bytes, ci->nregions);
+    pthread_mutex_unlock(&ctx->lock);
+    KVX_FREE(sp);
+    *out = c;
+    return KVX_OK;
+fail:
+    for (i = 0; i < ci->nregions; i++) ctx->be_ops->mem_deregister(ctx, &ci->regions[i]);
+    pthread_mutex_unlock(&ctx->lock);
+    kvx__cache_info_free(ci);
+    KVX_FREE(sp);
+    KVX_FREE(c);
+    return st;
+}
+
+KVX_API void kvx_cache_deregister(kvx_cache *c) {
+    kvx_ctx *ctx;
+    uint32_t i, j;
+    if (!c) return;
+    ctx = c->ctx;
+    pthread_mutex_lock(&ctx->lock);
+    for (i = 0; i < c->info.nregions; i++) ctx->be_ops->mem_deregister(ctx, &c->info.regions[i]);
+    for (i = 0; i < ctx->ncaches; i++)
+        if (ctx->caches[i] == c) {
+            for (j = i + 1; j < ctx->ncaches; j++) ctx->caches[j - 1] = ctx->caches[j];
+            ctx->ncaches--;
+            break;
+        }
+    pthread_mutex_unlock(&ctx->lock);
+    kvx__cache_info_free(&c->info);
+    KVX_FREE(c);
+}
+
+/*--- peers ---------------------------------------------------------------*/
+
+KVX_API kvx_status kvx_peer_add(kvx_ctx *ctx, const void *md, size_t len, kvx_peer **out) {
+    kvx_peer *p, *q;
+    kvx_status st;
+    uint32_t i;
+    if (!ctx) return KVX_ERR_ARG;
+    if (!md || !out) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_peer_add: metadata and out must not be NULL");
+    *out = NULL;
+    p = (kvx_peer *)kvx__calloc(1, sizeof *p);
+    if (!p) return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_peer_add: out of memory");
+    p->ctx = ctx;
+    pthread_mutex_lock(&ctx->lock);
+    st = kvx__md_parse(ctx, (const uint8_t *)md, len, p);
+    if (st != KVX_OK) goto fail;
+    if (!strcmp(p->name, ctx->name) && p->rank == ctx->rank) {
+        st = p->epoch == ctx->epoch
+                 ? kvx__fail(ctx, KVX_ERR_ARG, "metadata is this context's own (%s/%d)", p->name, p->rank)
+                 : kvx__fail(ctx, KVX_ERR_MISMATCH, "another context (pid %u on %s) claims rank %d of %s, which this context holds",
+                             p->pid, p->host, p->rank, p->name);
+        goto fail;
+    }
+    for (q = ctx->peers; q; q = q->next) {
+        if (strcmp(q->name, p->name) || q->rank != p->rank) continue;
+        if (p->epoch < q->epoch) {
+            st = kvx__fail(ctx, KVX_ERR_MISMATCH, "metadata of %s/%d has epoch %llu, older than the %llu already added: a restarted peer's stale keys",
+                           p->name, p->rank, (unsigned long long)p->epoch, (unsigned long long)q->epoch);
+            goto fail;
+        }
+        if (p->epoch == q->epoch) {
+            st = kvx__fail(ctx, KVX_ERR_ARG, "peer %s/%d (epoch %llu) is already added", p->name, p->rank, (unsigned long long)p->epoch);
+            goto fail;
+        }
+        /* A newer epoch: the old process is gone; its reads end with KVX_ERR_PEER. */
+        if (!q->failed) kvx__peer_failed(q, "the peer restarted (newer metadata was added)");
+    }
+    for (i = 0; i < p->ncaches && i < ctx->ncaches; i++)
+        if ((st = kvx__compat(ctx, &ctx->caches[i]->info, p, &p->caches[i])) != KVX_OK) goto fail;
+    if ((st = ctx->be_ops->connect(ctx, p)) != KVX_OK) goto fail;
+    p->connected = 1;
+    p->next = ctx->peers;
+    ctx->peers = p;
+    KVX__LOG(ctx, KVX_LOG_INFO, "peer %s/%d of %d (pid %u, host %s): %s", p->name, p->rank, p->tp_size, p->pid, p->host, p->transport);
+    pthread_mutex_unlock(&ctx->lock);
+    *out = p;
+    return KVX_OK;
+fail:
+    pthread_mutex_unlock(&ctx->lock);
+    kvx__peer_free(p);
+    return st;
+}
+
+KVX__PRIV void kvx__peer_free(kvx_peer *p) {
+    uint32_t i;
+    for (i = 0; i < p->ncaches; i++) kvx__cache_info_free(&p->caches[i]);
+    KVX_FREE(p->caches);
+    KVX_FREE(p->addr);
+    KVX_FREE(p);
+}
+
+KVX__PRIV void kvx__read_finish(kvx__read *rd);
+
+/* Fail every read of peer p that is still live, after closing p by force. */
+KVX__PRIV void kvx__peer_close(kvx_peer *p, kvx_status why) {
+    kvx_ctx *ctx = p->ctx;
+    kvx_queue *q;
+    uint32_t i;
+    for (q = ctx->queues; q; q = q->next)
+        for (i = 0; i < q->depth; i++) {
+            kvx__read *rd = &q->slots[i];
+            if (!rd->in_use || rd->done || rd->peer != p) continue;
+            if (rd->status == KVX_PENDING) rd->status = why;
+            rd->issuing_done = 1;
+        }
+    if (p->connected) ctx->be_ops->disconnect(ctx, p);
+    p->connected = 0;
+    for (q = ctx->queues; q; q = q->next)
+        for (i = 0; i < q->depth; i++) {
+            kvx__read *rd = &q->slots[i];
+            if (rd->in_use && !rd->done && rd->peer == p) kvx__read_finish(rd);
+        }
+}
+
+KVX_API void kvx_peer_remove(kvx_peer *p) {
+    kvx_ctx *ctx;
+    kvx_peer **pp;
+    if (!p) return;
+    ctx = p->ctx;
+    pthread_mutex_lock(&ctx->lock);
+    kvx__peer_close(p, KVX_ERR_CANCELED);
+    for (pp = &ctx->peers; *pp; pp = &(*pp)->next)
+        if (*pp == p) { *pp = p->next; break; }
+    pthread_mutex_unlock(&ctx->lock);
+    kvx__peer_free(p);
+}
+
+KVX_API const char *kvx_peer_transport(const kvx_peer *p) { return p ? p->transport : "none"; }
+KVX_API const char *kvx_peer_name(const kvx_peer *p) { return p ? p->name : ""; }
+KVX_API int kvx_peer_rank(const kvx_peer *p) { return p ? p->rank : -1; }
+
+KVX_API kvx_status kvx_peer_heads(const kvx_peer *p, const kvx_cache *c, uint32_t remote_cache, uint32_t *first, uint32_t *count) {
+    uint32_t a, b;
+    if (!p || !c || !first || !count || remote_cache >= p->ncaches) return KVX_ERR_ARG;
+    kvx__head_range(&c->info.lay, c->ctx->rank, c->ctx->tp_size, &p->caches[remote_cache].lay, p->rank, p->tp_size, &a, &b);
+    *first = a;
+    *count = b - a;
+    return KVX_OK;
+}
+
+KVX__PRIV void kvx__peer_failed(kvx_peer *p, const char *why) {
+    if (p->failed) return;
+    p->failed = 1;
+    kvx__fail(p->ctx, KVX_ERR_PEER, "peer %s/%d (pid %u, %s): %s", p->name, p->rank, p->pid, p->transport, why);
+}
+
+/*--- queues and reads ----------------------------------------------------*/
+
+KVX_API kvx_status kvx_queue_create(kvx_ctx *ctx, const kvx_queue_desc *d, kvx_queue **out) {
+    kvx_queue *q;
+    kvx_queue_desc desc;
+    pthread_condattr_t ca;
+    if (!ctx) return KVX_ERR_ARG;
+    if (!out) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_queue_create: out is NULL");
+    *out = NULL;
+    memset(&desc, 0, sizeof desc);
+    if (d) desc = *d;
+    q = (kvx_queue *)kvx__calloc(1, sizeof *q);
+    if (!q) return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_queue_create: out of memory");
+    q->ctx = ctx;
+    q->depth = desc.depth ? desc.depth : 256;
+    q->max_ops = desc.max_ops ? desc.max_ops : 64;
+    q->max_runs = desc.max_runs ? desc.max_runs : 65536;
+    q->cuda_stream = desc.cuda_stream;
+    if (q->depth > (1u << 20) || q->max_runs > (1u << 26)) {
+        KVX_FREE(q);
+        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_queue_create: depth %u (max %u) or max_runs %u (max %u) too large",
+                         desc.depth, 1u << 20, desc.max_runs, 1u << 26);
+    }
+    q->slots = (kvx__read *)kvx__calloc(q->depth, sizeof *q->slots);
+    q->runs = (kvx__run *)kvx__calloc(q->max_runs, sizeof *q->runs);
+    q->done_fifo = (kvx_ticket *)kvx__calloc(q->depth, sizeof *q->done_fifo);
+    if (!q->slots || !q->runs || !q->done_fifo) {
+        KVX_FREE(q->slots); KVX_FREE(q->runs); KVX_FREE(q->done_fifo); KVX_FREE(q);
+        return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_queue_create: out of memory for %u reads and %u runs", desc.depth, desc.max_runs);
+    }
+    q->next_ticket = q->run_tail = 1;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&q->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_lock(&ctx->lock);
+    q->next = ctx->queues;
+    ctx->queues = q;
+    pthread_mutex_unlock(&ctx->lock);
+    *out = q;
+    return KVX_OK;
+}
+
+KVX__PRIV kvx__read *kvx__slot(kvx_queue *q, kvx_ticket t) { return &q->slots[t % q->depth]; }
+
+/* A slot is reusable once its read is final, reported, its notification sent
+   and its runs handed back to the ring. */
+KVX__PRIV void kvx__retire(kvx_queue *q, kvx__read *rd) {
+    if (rd->in_use && rd->done && rd->consumed && !rd->notify_inflight && rd->ticket < q->run_tail) rd->in_use = 0;
+}
+
+/* Runs are released in ticket order, as soon as a read has issued everything. */
+KVX__PRIV void kvx__runs_release(kvx_queue *q) {
+    while (q->run_tail < q->next_ticket) {
+        kvx__read *rd = kvx__slot(q, q->run_tail);
+        KVX_ASSERT(rd->ticket == q->run_tail);
+        if (!rd->issuing_done) break;
+        q->run_used -= rd->nruns;
+        rd->nruns = 0;
+        q->run_tail++;
+        kvx__retire(q, rd);
+    }
+}
+
+KVX__PRIV void kvx__done_push(kvx_queue *q, kvx_ticket t) {
+    uint32_t i, n = 0;
+    if (q->done_count == q->depth) {
+        /* Entries already reported by kvx_test/kvx_wait linger: drop them. */
+        for (i = 0; i < q->done_count; i++) {
+            kvx_ticket u = q->done_fifo[(q->done_head + i) % q->depth];
+            kvx__read *rd = kvx__slot(q, u);
+            if (rd->ticket == u && rd->in_use && !rd->consumed) q->done_fifo[(q->done_head + n++) % q->depth] = u;
+        }
+        q->done_count = n;
+    }
+    KVX_ASSERT(q->done_count < q->depth);
+    q->done_fifo[(q->done_head + q->done_count++) % q->depth] = t;
+}
+
+KVX__PRIV void kvx__read_finish(kvx__read *rd) {
+    kvx_queue *q = rd->q;
+    kvx_ctx *ctx = q->ctx;
+    if (rd->done || !rd->issuing_done || rd->ops_out) return;
+    if (rd->status == KVX_PENDING) rd->status = KVX_OK;
+    rd->done = 1;
+    if (rd->status == KVX_OK) {
+        KVX_ASSERT(rd->ops_done == rd->ops_total);
+        rd->bytes_done = rd->bytes;
+        ctx->st.bytes_read += rd->bytes;
+        ctx->st.reads_completed++;
+        if (rd->notify) {
+            int i;
+            for (i = 0; i < 8; i++) rd->notify_msg[i] = (uint8_t)(rd->notify_id >> (8 * i));
+            for (i = 0; i < 4; i++) rd->notify_msg[8 + i] = (uint8_t)((uint32_t)ctx->rank >> (8 * i));
+            for (i = 0; i < 4; i++) rd->notify_msg[12 + i] = (uint8_t)(KVX__MAGIC >> (8 * i));
+            rd->notify_inflight = 1;
+            if (ctx->be_ops->notify(ctx, rd) != KVX_OK) rd->notify_inflight = 0;
+            else ctx->st.notifications_sent++;
+        }
+    } else {
+        ctx->st.reads_failed++;
+    }
+    kvx__done_push(q, rd->ticket);
+    kvx__runs_release(q);
+    pthread_cond_broadcast(&q->cond);
+}
+
+KVX__PRIV void kvx__notify_sent(kvx__read *rd) {
+    rd->notify_inflight = 0;
+    kvx__retire(rd->q, rd);
+}
+
+KVX__PRIV void kvx__op_done(kvx__read *rd, kvx_status st, const char *why) {
+    kvx_queue *q = rd->q;
+    kvx_ctx *ctx = q->ctx;
+    KVX_ASSERT(rd->ops_out > 0);
+    rd->ops_out--;
+    q->ops_out--;
+    rd->peer->ops_out--;
+    if (st == KVX_OK) {
+        rd->ops_done++;
+        ctx->st.descs_completed++;
+    } else {
+        if (rd->status == KVX_PENDING) {
+            rd->status = st;
+            kvx__fail(ctx, st, "read %llu from %s/%d over %s failed after %llu of %llu descriptors: %s",
+                      (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, rd->peer->transport,
+                      (unsigned long long)rd->ops_done, (unsigned long long)rd->ops_total, why ? why : kvx_status_name(st));
+        }
+        rd->issuing_done = 1;
+    }
+    if (rd->issuing_done) kvx__read_finish(rd);
+}
+
+/* The op at the read's cursor; 0 when every op has been issued. */
+KVX__PRIV int kvx__cursor_op(const kvx__read *rd, const kvx__run *runs, uint32_t cap, kvx__op *op) {
+    const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
+    const kvx__run *run;
+    uint32_t p = rd->c_plane;
+    if (p >= rd->layer_end * lc->lay.kv_planes) return 0;
+    run = &runs[(rd->run0 + rd->c_run) % cap];
+    op->lreg = lc->plane_region[p];
+    op->rreg = rc->plane_region[p];
+    if (rd->g.run_merge) {
+        op->laddr = lc->plane_base[p] + (uint64_t)run->l * lc->block_stride + rd->g.loff;
+        op->raddr = rc->plane_base[p] + (uint64_t)run->r * rc->block_stride + rd->g.roff;
+        op->len = rd->g.piece * run->n;
+    } else {
+        op->laddr = lc->plane_base[p] + (uint64_t)(run->l + rd->c_blk) * lc->block_stride + rd->g.loff + rd->c_piece * rd->g.lpstride;
+        op->raddr = rc->plane_base[p] + (uint64_t)(run->r + rd->c_blk) * rc->block_stride + rd->g.roff + rd->c_piece * rd->g.rpstride;
+        op->len = rd->g.piece;
+    }
+    return 1;
+}
+
+KVX__PRIV void kvx__cursor_next(kvx__read *rd, const kvx__run *runs, uint32_t cap) {
+    if (!rd->g.run_merge) {
+        if (++rd->c_piece < rd->g.npieces) return;
+        rd->c_piece = 0;
+        if (++rd->c_blk < runs[(rd->run0 + rd->c_run) % cap].n) return;
+        rd->c_blk = 0;
+    }
+    if (++rd->c_run < rd->nruns) return;
+    rd->c_run = 0;
+    rd->c_plane++;
+}
+
+/* Issue ops of live reads, oldest first, while the queue has room. */
+KVX__PRIV void kvx__pump(kvx_queue *q) {
+    kvx_ctx *ctx = q->ctx;
+    kvx_ticket t;
+    kvx__op op;
+    for (t = q->run_tail; t < q->next_ticket && q->ops_out < q->max_ops; t++) {
+        kvx__read *rd = kvx__slot(q, t);
+        if (rd->issuing_done) continue;
+        if (rd->peer->failed) {
+            if (rd->status == KVX_PENDING) { rd->status = KVX_ERR_PEER; kvx__fail(ctx, KVX_ERR_PEER, "read %llu: peer %s/%d failed", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank); }
+            rd->issuing_done = 1;
+            kvx__read_finish(rd);
+            continue;
+        }
+        if (!rd->peer->connected) {
+            kvx_status st = ctx->be_ops->connect(ctx, rd->peer);
+            if (st != KVX_OK) {
+                rd->status = st;
+                rd->issuing_done = 1;
+                kvx__read_finish(rd);
+                continue;
+            }
+            rd->peer->connected = 1;
+        }
+        while (q->ops_out < q->max_ops) {
+            kvx_status st;
+            if (!kvx__cursor_op(rd, q->runs, q->max_runs, &op)) { rd->issuing_done = 1; break; }
+            rd->ops_out++; q->ops_out++; rd->peer->ops_out++;
+            st = ctx->be_ops->post(ctx, rd, &op);
+            if (st == KVX_PENDING) { rd->ops_out--; q->ops_out--; rd->peer->ops_out--; return; }
+            if (st != KVX_OK) {
+                rd->ops_out--; q->ops_out--; rd->peer->ops_out--;
+                if (rd->status == KVX_PENDING) rd->status = st;
+                rd->issuing_done = 1;
+                break;
+            }
+            rd->ops_issued++;
+            ctx->st.descs_posted++;
+            kvx__cursor_next(rd, q->runs, q->max_runs);
+        }
+        if (rd->issuing_done) {
+            kvx__runs_release(q);
+            kvx__read_finish(rd);
+        }
+    }
+}
+
+KVX__PRIV kvx_status kvx__post_check(kvx_queue *q, const kvx_read *r, kvx__read *rd, uint32_t *nruns_out) {
+    kvx_ctx *ctx = q->ctx;
+    const kvx__cache_info *lc, *rc;
+    kvx_cache *cache = r->cache;
+    kvx_peer *p;
+    uint32_t i, nruns, L, a, b, l0, r0;
+    kvx_status st;
+    for (p = ctx->peers; p && p != r->peer; p = p->next) {}
+    if (!r->peer || !p) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: peer is NULL or not a peer of this context");
+    if (!cache) {
+        if (!ctx->ncaches) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: no cache registered");
+        cache = ctx->caches[0];
+    }
+    for (i = 0; i < ctx->ncaches && ctx->caches[i] != cache; i++) {}
+    if (i == ctx->ncaches) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: cache is not registered with this context");
+    if (r->remote_cache >= p->ncaches)
+        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: remote_cache %u, peer %s/%d has %u", r->remote_cache, p->name, p->rank, p->ncaches);
+    if (p->failed) return kvx__fail(ctx, KVX_ERR_PEER, "kvx_post: peer %s/%d failed earlier; add its new metadata", p->name, p->rank);
+    lc = &cache->info;
+    rc = &p->caches[r->remote_cache];
+    if ((st = kvx__compat(ctx, lc, p, rc)) != KVX_OK) return st;
+    if (!r->num_blocks || !r->local_blocks || !r->remote_blocks)
+        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: %u blocks with local_blocks %p and remote_blocks %p", r->num_blocks,
+                         (const void *)r->local_blocks, (const void *)r->remote_blocks);
+    L = lc->lay.num_layers;
+    if (r->layer_begin >= L || r->layer_count > L - r->layer_begin)
+        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: layers [%u, %u+%u) outside the cache's %u", r->layer_begin, r->layer_begin, r->layer_count, L);
+    kvx__head_range(&lc->lay, ctx->rank, ctx->tp_size, &rc->lay, p->rank, p->tp_size, &a, &b);
+    if (a == b)
+        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: peer %s/%d (rank %d of %d) is not the source of any head of rank %d of %d",
+                         p->name, p->rank, p->rank, p->tp_size, ctx->rank, ctx->tp_size);
+    /* Every id checked against both layouts before anything is posted. */
+    for (nruns = 0, i = 0; i < r->num_blocks; i++) {
+        uint32_t l = r->local_blocks[i], rr = r->remote_blocks[i];
+        if (l >= lc->lay.num_blocks)
+            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: local block id %u at index %u is past the cache's %u blocks", l, i, lc->lay.num_blocks);
+        if (rr >= rc->lay.num_blocks)
+            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: remote block id %u at index %u is past peer %s/%d's %u blocks", rr, i, p->name, p->rank, rc->lay.num_blocks);
+        if (!i || l != r->local_blocks[i - 1] + 1 || rr != r->remote_blocks[i - 1] + 1) nruns++;
+    }
+    if (nruns > q->max_runs)
+        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: %u runs of block ids, the queue holds %u (kvx_queue_desc.max_runs)", nruns, q->max_runs);
+    l0 = kvx__head_first(&lc->lay, ctx->rank, ctx->tp_size);
+    r0 = kvx__head_first(&rc->lay, p->rank, p->tp_size);
+    memset(rd, 0, sizeof *rd);
+    rd->peer = p;
+    rd->lc = lc;
+    rd->rc = rc;
+    kvx__geom_make(lc, l0, rc, r0, a, b, &rd->g);
+    rd->layer_begin = r->layer_begin;
+    rd->layer_end = r->layer_begin + (r->layer_count ? r->layer_count : L - r->layer_begin);
+    *nruns_out = nruns;
+    return KVX_OK;
+}
+
+KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
+    kvx_ctx *ctx;
+    kvx__read tmp, *rd;
+    kvx_status st;
+    uint32_t nruns, i, k, planes;
+    uint64_t per_plane_ops;
+    if (!q) return KVX_ERR_ARG;
+    ctx = q->ctx;
+    if (!r || !out) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: read and out must not be NULL");
+    *out = 0;
+    pthread_mutex_lock(&ctx->lock);
+    if ((st = kvx__post_check(q, r, &tmp, &nruns)) != KVX_OK) goto out;
+    rd = kvx__slot(q, q->next_ticket);
+    if (rd->in_use) {
+        st = KVX_PENDING;
+        kvx__fail(ctx, KVX_PENDING, "kvx_post: queue full: %u reads not yet reported (kvx_poll, kvx_test or kvx_wait them)", q->depth);
+        goto out;
+    }
+    if (q->max_runs - q->run_used < nruns) {
+        st = KVX_PENDING;
+        kvx__fail(ctx, KVX_PENDING, "kvx_post: queue full: %u of %u run slots held by reads in flight", q->run_used, q->max_runs);
+        goto out;
+    }
+    *rd = tmp;
+    rd->q = q;
+    rd->ticket = q->next_ticket++;
+    rd->run0 = q->run_head;
+    rd->nruns = nruns;
+    for (k = 0, i = 0; i < r->num_blocks; i++) {
+        uint32_t l = r->local_blocks[i], rr = r->remote_blocks[i];
+        if (i && l == r->local_blocks[i - 1] + 1 && rr == r->remote_blocks[i - 1] + 1) {
+            q->runs[(rd->run0 + k - 1) % q->max_runs].n++;
+        } else {
+            kvx__run *run = &q->runs[(rd->run0 + k++) % q->max_runs];
+            run->l = l; run->r = rr; run->n = 1;
+        }
+    }
+    q->run_head = (q->run_head + nruns) % q->max_runs;
+    q->run_used += nruns;
+    planes = (rd->layer_end - rd->layer_begin) * rd->lc->lay.kv_planes;
+    per_plane_ops = rd->g.run_merge ? nruns : (uint64_t)r->num_blocks * rd->g.npieces;
+    rd->ops_total = per_plane_ops * planes;
+    rd->bytes = (uint64_t)r->num_blocks * rd->g.piece * (rd->g.run_merge ? 1 : rd->g.npieces) * planes;
+    rd->c_plane = rd->layer_begin * rd->lc->lay.kv_planes;
+    rd->t_post_ns = kvx__now_ns();
+    rd->deadline_ns = rd->t_post_ns + (uint64_t)(r->timeout_ms ? r->timeout_ms : ctx->timeout_ms) * 1000000ull;
+    rd->status = KVX_PENDING;
+    rd->notify = r->notify;
+    rd->notify_id = r->notify_id;
+    rd->user_tag = r->user_tag;
+    rd->in_use = 1;
+    ctx->st.reads_posted++;
+    ctx->st.blocks_posted += (uint64_t)r->num_blocks * planes;
+    *out = rd->ticket;
+    kvx__pump(q);
+    if (ctx->pt_on && ctx->be_ops->signal) ctx->be_ops->signal(ctx);
+out:
+    pthread_mutex_unlock(&ctx->lock);
+    return st;
+}
+
+/* A read past its deadline fails; first the peer is closed by force, so that
+   none of its bytes can land after the failure is reported. */
+KVX__PRIV void kvx__read_timeout(kvx__read *rd) {
+    kvx_ctx *ctx = rd->q->ctx;
+    kvx_peer *p = rd->peer;
+    if (rd->status == KVX_PENDING) {
+        rd->status = KVX_ERR_TIMEOUT;
+        kvx__fail(ctx, KVX_ERR_TIMEOUT, "read %llu from %s/%d over %s timed out after %llu ms: %llu of %llu descriptors done, %u outstanding",
+                  (unsigned long long)rd->ticket, p->name, p->rank, p->transport,
+                  (unsigned long long)((rd->deadline_ns - rd->t_post_ns) / 1000000ull),
+                  (unsigned long long)rd->ops_done, (unsigned long long)rd->ops_total, rd->ops_out);
+    }
+    rd->issuing_done = 1;
+    if (rd->ops_out) kvx__peer_close(p, KVX_ERR_TIMEOUT);
+    kvx__runs_release(rd->q);
+    kvx__read_finish(rd);
+}
+
+KVX__PRIV void kvx__notify_push(kvx_ctx *ctx, uint64_t id, kvx_status st, int rank) {
+    kvx_notification *n;
+    if (ctx->note_count == KVX__NOTIFY_RING) {
+        if (!ctx->notes_dropped++) KVX__LOG(ctx, KVX_LOG_ERROR, "notification ring full (%u): call kvx_notifications more often", KVX__NOTIFY_RING);
+        return;
+    }
+    n = &ctx->notes[(ctx->note_head + ctx->note_count++) % KVX__NOTIFY_RING];
+    n->id = id;
+    n->status = st;
+    n->peer_rank = rank;
+}
+
+KVX__PRIV void kvx__notify_arrived(kvx_ctx *ctx, const uint8_t *m, size_t len) {
+    uint64_t id = 0;
+    uint32_t rank = 0, magic = 0, i;
+    if (len != 16) { KVX__LOG(ctx, KVX_LOG_WARN, "notification of %zu bytes dropped", len); return; }
+    for (i = 0; i < 8; i++) id |= (uint64_t)m[i] << (8 * i);
+    for (i = 0; i < 4; i++) rank |= (uint32_t)m[8 + i] << (8 * i);
+    for (i = 0; i < 4; i++) magic |= (uint32_t)m[12 + i] << (8 * i);
+    if (magic != KVX__MAGIC) { KVX__LOG(ctx, KVX_LOG_WARN, "notification with a bad magic dropped"); return; }
+    ctx->st.notifications_received++;
+    for (i = 0; i < ctx->nexpect; i++)
+        if (ctx->expect[i].id == id) { ctx->expect[i] = ctx->expect[--ctx->nexpect]; break; }
+    if (i == ctx->nexpect) {
+        /* Not expected: unless it already expired, in which case it is late and
+           the owner has had its one notification. */
+        for (i = 0; i < KVX__EXPIRED_MEMORY; i++)
+            if (ctx->expired[i] == id + 1) { KVX__LOG(ctx, KVX_LOG_WARN, "notify id %llu arrived after it expired", (unsigned long long)id); return; }
+    }
+    kvx__notify_push(ctx, id, KVX_OK, (int)rank);
+}
+
+KVX_API kvx_status kvx_notify_expect(kvx_ctx *ctx, uint64_t id, uint32_t timeout_ms) {
+    if (!ctx) return KVX_ERR_ARG;
+    pthread_mutex_lock(&ctx->lock);
+    if (ctx->nexpect == ctx->expect_cap) {
+        uint32_t cap = ctx->expect_cap ? ctx->expect_cap * 2 : 64;
+        void *n = kvx__calloc(cap, sizeof *ctx->expect);
+        if (!n) { pthread_mutex_unlock(&ctx->lock); return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_notify_expect: out of memory"); }
+        if (ctx->nexpect) memcpy(n, ctx->expect, ctx->nexpect * sizeof *ctx->expect);
+        KVX_FREE(ctx->expect);
+        ctx->expect = (kvx__expect *)n;
+        ctx->expect_cap = cap;
+    }
+    ctx->expect[ctx->nexpect].id = id;
+    ctx->expect[ctx->nexpect].deadline_ns = kvx__now_ns() + (uint64_t)(timeout_ms ? timeout_ms : ctx->timeout_ms) * 1000000ull;
+    ctx->nexpect++;
+    pthread_mutex_unlock(&ctx->lock);
+    return KVX_OK;
+}
+
+/* One pass: transport progress, failed peers, deadlines, issuing, expiries.
+   Returns the earliest deadline still ahead (0: none). */
+KVX__PRIV uint64_t kvx__progress_locked(kvx_ctx *ctx, int *events) {
+    kvx_queue *q;
+    kvx_peer *p;
+    uint64_t now, next = 0;
+    uint32_t i;
+    int n = ctx->be_ops->progress(ctx);
+    if (events) *events = n;
+    for (p = ctx->peers; p; p = p->next)
+        if (p->failed && p->connected) kvx__peer_close(p, KVX_ERR_PEER);
+    now = kvx__now_ns();
+    for (q = ctx->queues; q; q = q->next) {
+        kvx_ticket t;
+        for (t = q->next_ticket > q->depth ? q->next_ticket - q->depth : 1; t < q->next_ticket; t++) {
+            kvx__read *rd = kvx__slot(q, t);
+            if (!rd->in_use || rd->done || rd->ticket != t) continue;
+            if (now >= rd->deadline_ns) kvx__read_timeout(rd);
+            else if (!next || rd->deadline_ns < next) next = rd->deadline_ns;
+        }
+        kvx__pump(q);
+    }
+    for (i = 0; i < ctx->nexpect;) {
+        if (now >= ctx->expect[i].deadline_ns) {
+            ctx->expired[ctx->expired_head++ % KVX__EXPIRED_MEMORY] = ctx->expect[i].id + 1;
+            kvx__notify_push(ctx, ctx->expect[i].id, KVX_ERR_TIMEOUT, -1);
+            ctx->expect[i] = ctx->expect[--ctx->nexpect];
+        } else {
+            if (!next || ctx->expect[i].deadline_ns < next) next = ctx->expect[i].deadline_ns;
+            i++;
+        }
+    }
+    return next;
+}
+
+KVX_API int kvx_progress(kvx_ctx *ctx) {
+    int n = 0;
+    if (!ctx) return 0;
+    pthread_mutex_lock(&ctx->lock);
+    kvx__progress_locked(ctx, &n);
+    pthread_mutex_unlock(&ctx->lock);
+    return n;
+}
+
+/* Sleep on the backend's event fd (and the wake pipe) until an event or
+   until_ns. Called and returns with ctx->lock held. */
+KVX__PRIV void kvx__sleep(kvx_ctx *ctx, uint64_t until_ns, int with_pipe) {
+    struct pollfd pf[2];
+    uint64_t now;
+    int ms, nf = 0, efd;
+    if (ctx->be_ops->arm(ctx) != KVX_OK) return;
+    now = kvx__now_ns();
+    ms = until_ns <= now ? 0 : (int)((until_ns - now + 999999) / 1000000);
+    if (ms > 1000) ms = 1000;
+    efd = ctx->be_ops->event_fd(ctx);
+    if (efd >= 0) { pf[nf].fd = efd; pf[nf].events = POLLIN; pf[nf].revents = 0; nf++; }
+    if (with_pipe) { pf[nf].fd = ctx->wake_pipe[0]; pf[nf].events = POLLIN; pf[nf].revents = 0; nf++; }
+    pthread_mutex_unlock(&ctx->lock);
+    poll(pf, (nfds_t)nf, ms);
+    if (with_pipe && (pf[nf - 1].revents & POLLIN)) {
+        char buf[64];
+        if (read(ctx->wake_pipe[0], buf, sizeof buf) < 0) { /* nothing to drain */ }
+    }
+    pthread_mutex_lock(&ctx->lock);
+}
+
+KVX__PRIV void *kvx__progress_main(void *arg) {
+    kvx_ctx *ctx = (kvx_ctx *)arg;
+    pthread_mutex_lock(&ctx->lock);
+    while (!ctx->pt_stop) {
+        int n;
+        uint64_t next = kvx__progress_locked(ctx, &n);
+        if (n) continue;
+        kvx__sleep(ctx, next ? next : kvx__now_ns() + 1000000000ull, 1);
+    }
+    pthread_mutex_unlock(&ctx->lock);
+    return NULL;
+}
+
+KVX__PRIV kvx_status kvx__ticket_check(kvx_queue *q, kvx_ticket t, kvx__read **out) {
+    kvx__read *rd;
+    if (!t || t >= q->next_ticket) return kvx__fail(q->ctx, KVX_ERR_ARG, "ticket %llu was never issued by this queue", (unsigned long long)t);
+    rd = kvx__slot(q, t);
+    if (rd->ticket != t || !rd->in_use)
+        return kvx__fail(q->ctx, KVX_ERR_ARG, "ticket %llu is no longer held: it was reported and its slot reused", (unsigned long long)t);
+    *out = rd;
+    return KVX_OK;
+}
+
+KVX__PRIV kvx_status kvx__consume(kvx_queue *q, kvx__read *rd) {
+    kvx_status st = rd->status;
+    rd->consumed = 1;
+    kvx__retire(q, rd);
+    return st;
+}
+
+KVX_API kvx_status kvx_test(kvx_queue *q, kvx_ticket t) {
+    kvx_ctx *ctx;
+    kvx__read *rd;
+    kvx_status st;
+    if (!q) return KVX_ERR_ARG;
+    ctx = q->ctx;
+    pthread_mutex_lock(&ctx->lock);
+    if (!ctx->pt_on) kvx__progress_locked(ctx, NULL);
+    if ((st = kvx__ticket_check(q, t, &rd)) == KVX_OK) st = rd->done ? kvx__consume(q, rd) : KVX_PENDING;
+    pthread_mutex_unlock(&ctx->lock);
+    return st;
+}
+
+KVX_API kvx_status kvx_wait(kvx_queue *q, kvx_ticket t, uint32_t timeout_ms) {
+    kvx_ctx *ctx;
+    kvx__read *rd;
+    kvx_status st;
+    uint64_t until;
+    if (!q) return KVX_ERR_ARG;
+    ctx = q->ctx;
+    until = kvx__now_ns() + (uint64_t)timeout_ms * 1000000ull;
+    pthread_mutex_lock(&ctx->lock);
+    for (;;) {
+        uint64_t next = 0, now;
+        if (!ctx->pt_on) next = kvx__progress_locked(ctx, NULL);
+        if ((st = kvx__ticket_check(q, t, &rd)) != KVX_OK) break;
+        if (rd->done) { st = kvx__consume(q, rd); break; }
+        now = kvx__now_ns();
+        if (now >= until) { st = KVX_PENDING; break; }
+        if (ctx->pt_on) {
+            struct timespec ts;
+            uint64_t wake = until < rd->deadline_ns ? until : rd->deadline_ns + 1000000ull;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            wake = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec + (wake > now ? wake - now : 0);
+            ts.tv_sec = (time_t)(wake / 1000000000ull);
+            ts.tv_nsec = (long)(wake % 1000000000ull);
+            pthread_cond_timedwait(&q->cond, &ctx->lock, &ts);
+        } else {
+            kvx__sleep(ctx, next && next < until ? next : until, 0);
+        }
+    }
+    pthread_mutex_unlock(&ctx->lock);
+    return st;
+}
+
+KVX_API int kvx_poll(kvx_queue *q, kvx_completion *out, int max) {
+    kvx_ctx *ctx;
+    int n = 0;
+    if (!q || !out || max <= 0) return 0;
+    ctx = q->ctx;
+    pthread_mutex_lock(&ctx->lock);
+    if (!ctx->pt_on) kvx__progress_locked(ctx, NULL);
+    while (n < max && q->done_count) {
+        kvx_ticket t = q->done_fifo[q->done_head];
+        kvx__read *rd = kvx__slot(q, t);
+        q->done_head = (q->done_head + 1) % q->depth;
+        q->done_count--;
+        if (rd->ticket != t || !rd->in_use || rd->consumed) continue;
+        out[n].ticket = t;
+        out[n].user_tag = rd->user_tag;
+        out[n].bytes = rd->bytes_done;
+        out[n].status = kvx__consume(q, rd);
+        n++;
+    }
+    pthread_mutex_unlock(&ctx->lock);
+    return n;
+}
+
+/* Tear down with reads in flight: stop issuing, let what is outstanding drain
+   until its deadline, then close by force; the reads end KVX_ERR_CANCELED. */
+KVX__PRIV void kvx__queue_teardown(kvx_queue *q) {
+    kvx_ctx *ctx = q->ctx;
+    uint32_t i;
+    for (i = 0; i < q->depth; i++) {
+        kvx__read *rd = &q->slots[i];
+        if (!rd->in_use || rd->done) continue;
+        if (rd->status == KVX_PENDING) rd->status = KVX_ERR_CANCELED;
+        rd->issuing_done = 1;
+        kvx__read_finish(rd);
+    }
+    while (q->ops_out) {
+        uint64_t now = kvx__now_ns(), until = 0;
+        for (i = 0; i < q->depth; i++) {
+            kvx__read *rd = &q->slots[i];
+            if (rd->in_use && !rd->done && rd->ops_out && (!until || rd->deadline_ns < until)) until = rd->deadline_ns;
+        }
+        if (!until || now >= until) {
+            for (i = 0; i < q->depth; i++) {
+                kvx__read *rd = &q->slots[i];
+                if (rd->in_use && !rd->done && rd->ops_out) kvx__peer_close(rd->peer, KVX_ERR_CANCELED);
+            }
+            break;
+        }
+        if (!ctx->be_ops->progress(ctx)) kvx__sleep(ctx, until, 0);
+    }
+    for (i = 0; i < q->depth; i++) {
+        kvx__read *rd = &q->slots[i];
+        if (rd->notify_inflight) rd->notify_inflight = 0; /* the backend drops its handle in disconnect/close */
+    }
+}
+
+KVX_API void kvx_queue_destroy(kvx_queue *q) {
+    kvx_ctx *ctx;
+    kvx_queue **pp;
+    if (!q) return;
+    ctx = q->ctx;
+    pthread_mutex_lock(&ctx->lock);
+    kvx__queue_teardown(q);
+    for (pp = &ctx->queues; *pp; pp = &(*pp)->next)
+        if (*pp == q) { *pp = q->next; break; }
+    pthread_mutex_unlock(&ctx->lock);
+    pthread_cond_destroy(&q->cond);
+    KVX_FREE(q->slots);
+    KVX_FREE(q->runs);
+    KVX_FREE(q->done_fifo);
+    KVX_FREE(q);
+}
+
+KVX_API int kvx_notifications(kvx_ctx *ctx, kvx_notification *out, int max) {
+    int n = 0;
+    if (!ctx || !out || max <= 0) return 0;
+    pthread_mutex_lock(&ctx->lock);
+    if (!ctx->pt_on) kvx__progress_locked(ctx, NULL);
+    while (n < max && ctx->note_count) {
+        out[n++] = ctx->notes[ctx->note_head];
+        ctx->note_head = (ctx->note_head + 1) % KVX__NOTIFY_RING;
+        ctx->note_count--;
+    }
+    pthread_mutex_unlock(&ctx->lock);
+    return n;
+}
+
+KVX_API void kvx_stats_get(const kvx_ctx *cctx, kvx_stats *out) {
+    kvx_ctx *ctx = (kvx_ctx *)cctx; /* the lock is not part of the value */
+    if (!ctx || !out) return;
+    pthread_mutex_lock(&ctx->lock);
+    *out = ctx->st;
+    pthread_mutex_unlock(&ctx->lock);
+}
+
+#if !defined(KVX_CUDA)
+KVX_API kvx_status kvx_stream_wait(kvx_queue *q, kvx_ticket t, void *stream) {
+    (void)t; (void)stream;
+    if (!q) return KVX_ERR_ARG;
+    return kvx__fail(q->ctx, KVX_ERR_UNSUPPORTED, "kvx_stream_wait needs KVX_CUDA defined where KVX_IMPLEMENTATION is");
+}
+#endif
+
+#endif /* KVX_IMPLEMENTATION */

@@ -1,0 +1,322 @@
+/*
+    kvx_ucx.h -- the UCX (ucp) backend of kvx. Included by kvx.h inside its
+    implementation when KVX_UCX is defined; do not include it yourself.
+
+    Link: pkg-config --libs ucx   (-lucp -luct -lucs)
+
+    Reads are ucp_get_nbx on an endpoint per peer, created with peer error
+    handling so a dead peer completes every outstanding read with an error.
+    Notifications are 16-byte active messages. The progress thread sleeps on
+    the worker's event fd (ucp_worker_get_efd + ucp_worker_arm).
+
+    Over TCP, and over shared memory for ordinary (not ucp-allocated) memory,
+    UCX has no one-sided get: the owner's worker serves it in software, so the
+    owner must progress. kvx_peer_transport() then says "(sw)".
+*/
+#ifndef KVX_UCX_INCLUDED
+#define KVX_UCX_INCLUDED
+
+#include <ucp/api/ucp.h>
+
+#define KVX__UCX_AM_NOTIFY 0x4b
+
+typedef struct kvx__ucx {
+    ucp_context_h context;
+    ucp_worker_h worker;
+    ucp_address_t *addr;
+    size_t addr_len;
+    int efd;
+    uint64_t mem_types;
+} kvx__ucx;
+
+KVX__PRIV kvx__ucx *kvx__ucx_of(kvx_ctx *ctx) { return (kvx__ucx *)ctx->be; }
+
+KVX__PRIV kvx_status kvx__ucx_fail(kvx_ctx *ctx, const char *what, ucs_status_t s) {
+    return kvx__fail(ctx, KVX_ERR_BACKEND, "ucx %s: %s: %s", ucp_get_version_string(), what, ucs_status_string(s));
+}
+
+KVX__PRIV ucs_status_t kvx__ucx_am_cb(void *arg, const void *header, size_t header_length, void *data, size_t length,
+                                      const ucp_am_recv_param_t *param) {
+    kvx_ctx *ctx = (kvx_ctx *)arg;
+    (void)header; (void)header_length;
+    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
+        KVX__LOG(ctx, KVX_LOG_WARN, "ucx: oversized notification dropped");
+        return UCS_OK;
+    }
+    kvx__notify_arrived(ctx, (const uint8_t *)data, length);
+    return UCS_OK;
+}
+
+KVX__PRIV void kvx__ucx_close(kvx_ctx *ctx) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    if (!u) return;
+    if (u->addr) ucp_worker_release_address(u->worker, u->addr);
+    if (u->worker) ucp_worker_destroy(u->worker);
+    if (u->context) ucp_cleanup(u->context);
+    KVX_FREE(u);
+    ctx->be = NULL;
+}
+
+KVX__PRIV kvx_status kvx__ucx_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
+    ucp_config_t *cfg;
+    ucp_params_t prm;
+    ucp_worker_params_t wp;
+    ucp_am_handler_param_t am;
+    ucp_context_attr_t attr;
+    ucs_status_t s;
+    kvx__ucx *u = (kvx__ucx *)kvx__calloc(1, sizeof *u);
+    (void)desc;
+    if (!u) return kvx__fail(ctx, KVX_ERR_NOMEM, "ucx: out of memory");
+    ctx->be = u;
+    u->efd = -1;
+    if ((s = ucp_config_read(NULL, NULL, &cfg)) != UCS_OK) { kvx__ucx_close(ctx); return kvx__ucx_fail(ctx, "ucp_config_read", s); }
+    memset(&prm, 0, sizeof prm);
+    prm.field_mask = UCP_PARAM_FIELD_FEATURES;
+    prm.features = UCP_FEATURE_RMA | UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
+    s = ucp_init(&prm, cfg, &u->context);
+    ucp_config_release(cfg);
+    if (s != UCS_OK) { kvx__ucx_close(ctx); return kvx__ucx_fail(ctx, "ucp_init", s); }
+    memset(&attr, 0, sizeof attr);
+    attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+    if (ucp_context_query(u->context, &attr) == UCS_OK) u->mem_types = attr.memory_types;
+    memset(&wp, 0, sizeof wp);
+    /* kvx serializes every worker call under the context lock. */
+    wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;
+    if ((s = ucp_worker_create(u->context, &wp, &u->worker)) != UCS_OK) { kvx__ucx_close(ctx); return kvx__ucx_fail(ctx, "ucp_worker_create", s); }
+    if ((s = ucp_worker_get_address(u->worker, &u->addr, &u->addr_len)) != UCS_OK) { kvx__ucx_close(ctx); return kvx__ucx_fail(ctx, "ucp_worker_get_address", s); }
+    if ((s = ucp_worker_get_efd(u->worker, &u->efd)) != UCS_OK) { kvx__ucx_close(ctx); return kvx__ucx_fail(ctx, "ucp_worker_get_efd", s); }
+    memset(&am, 0, sizeof am);
+    am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
+    am.id = KVX__UCX_AM_NOTIFY;
+    am.cb = kvx__ucx_am_cb;
+    am.arg = ctx;
+    if ((s = ucp_worker_set_am_recv_handler(u->worker, &am)) != UCS_OK) { kvx__ucx_close(ctx); return kvx__ucx_fail(ctx, "ucp_worker_set_am_recv_handler", s); }
+    KVX__LOG(ctx, KVX_LOG_INFO, "ucx %s, worker address %zu bytes", ucp_get_version_string(), u->addr_len);
+    return KVX_OK;
+}
+
+KVX__PRIV kvx_status kvx__ucx_mem_register(kvx_ctx *ctx, const kvx__cache_info *ci, kvx__region *r) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    ucp_mem_map_params_t mp;
+    ucp_mem_h memh;
+    void *buf;
+    size_t len;
+    ucs_status_t s;
+    if (ci->mem == KVX_MEM_CUDA && !(u->mem_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA)))
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "ucx %s was built without CUDA support (no cuda memory type in ucp_context_query): "
+                         "it cannot take GPU memory; install a CUDA-enabled UCX (ucx-cuda / UCX built --with-cuda) or use the CUDA backend",
+                         ucp_get_version_string());
+    memset(&mp, 0, sizeof mp);
+    mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+    mp.address = (void *)(uintptr_t)r->addr;
+    mp.length = (size_t)r->len;
+    if ((s = ucp_mem_map(u->context, &mp, &memh)) != UCS_OK) return kvx__ucx_fail(ctx, "ucp_mem_map", s);
+    if ((s = ucp_rkey_pack(u->context, memh, &buf, &len)) != UCS_OK) {
+        ucp_mem_unmap(u->context, memh);
+        return kvx__ucx_fail(ctx, "ucp_rkey_pack", s);
+    }
+    r->rkey = (uint8_t *)KVX_MALLOC(len ? len : 1);
+    if (!r->rkey) {
+        ucp_rkey_buffer_release(buf);
+        ucp_mem_unmap(u->context, memh);
+        return kvx__fail(ctx, KVX_ERR_NOMEM, "ucx: out of memory");
+    }
+    memcpy(r->rkey, buf, len);
+    r->rkey_len = (uint32_t)len;
+    ucp_rkey_buffer_release(buf);
+    r->be = memh;
+    return KVX_OK;
+}
+
+KVX__PRIV void kvx__ucx_mem_deregister(kvx_ctx *ctx, kvx__region *r) {
+    if (r->be) ucp_mem_unmap(kvx__ucx_of(ctx)->context, (ucp_mem_h)r->be);
+    r->be = NULL;
+}
+
+KVX__PRIV kvx_status kvx__ucx_address(kvx_ctx *ctx, const uint8_t **addr, uint32_t *len) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    *addr = (const uint8_t *)u->addr;
+    *len = (uint32_t)u->addr_len;
+    return KVX_OK;
+}
+
+KVX__PRIV void kvx__ucx_ep_err(void *arg, ucp_ep_h ep, ucs_status_t status) {
+    (void)ep;
+    kvx__peer_failed((kvx_peer *)arg, ucs_status_string(status));
+}
+
+/* Which transport carries the endpoint's RMA lanes, read from UCX itself:
+   ucp_ep_print_info lists each lane as "N:tl/dev ... rma_bw#k ...". A lane
+   list with no rma lane means gets are emulated over active messages. */
+KVX__PRIV void kvx__ucx_transport(kvx_peer *p, ucp_ep_h ep) {
+    char *text = NULL, *line, *save = NULL;
+    size_t tlen = 0;
+    char rma[48] = "", am[48] = "";
+    FILE *f = open_memstream(&text, &tlen);
+    if (!f) { kvx__strlcpy(p->transport, "ucx:unknown", sizeof p->transport); return; }
+    ucp_ep_print_info(ep, f);
+    fclose(f);
+    for (line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        char *lane = strstr(line, "lane["), *tl, *slash;
+        char name[48];
+        size_t n;
+        if (!lane || !(tl = strchr(lane, ':'))) continue;
+        tl++;
+        while (*tl == ' ') tl++;
+        while (*tl >= '0' && *tl <= '9') tl++;  /* resource index */
+        if (*tl != ':') continue;
+        tl++;
+        if (!(slash = strchr(tl, '/'))) continue;
+        n = (size_t)(slash - tl) < sizeof name - 1 ? (size_t)(slash - tl) : sizeof name - 1;
+        memcpy(name, tl, n);
+        name[n] = 0;
+        if (strstr(line, " rma") && !rma[0]) kvx__strlcpy(rma, name, sizeof rma);
+        if (strstr(line, " am") && !am[0]) kvx__strlcpy(am, name, sizeof am);
+    }
+    free(text);
+    if (rma[0] && strcmp(rma, "tcp"))
+        snprintf(p->transport, sizeof p->transport, "ucx:%s", rma);
+    else if (rma[0])  /* tcp's get is served by the owner's progress */
+        snprintf(p->transport, sizeof p->transport, "ucx:%s (sw)", rma);
+    else
+        snprintf(p->transport, sizeof p->transport, "ucx:%s (sw)", am[0] ? am : "unknown");
+}
+
+KVX__PRIV void kvx__ucx_rkeys_drop(kvx_peer *p) {
+    uint32_t c, i;
+    for (c = 0; c < p->ncaches; c++)
+        for (i = 0; i < p->caches[c].nregions; i++)
+            if (p->caches[c].regions[i].be) {
+                ucp_rkey_destroy((ucp_rkey_h)p->caches[c].regions[i].be);
+                p->caches[c].regions[i].be = NULL;
+            }
+}
+
+KVX__PRIV void kvx__ucx_disconnect(kvx_ctx *ctx, kvx_peer *p) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    ucp_request_param_t prm;
+    ucs_status_ptr_t req;
+    uint64_t until;
+    if (!p->be) return;
+    memset(&prm, 0, sizeof prm);
+    prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    req = ucp_ep_close_nbx((ucp_ep_h)p->be, &prm);
+    /* Forced close completes locally: every outstanding get is completed
+       (canceled) by UCX before the close request is. */
+    until = kvx__now_ns() + 10000000000ull;
+    if (UCS_PTR_IS_PTR(req)) {
+        while (ucp_request_check_status(req) == UCS_INPROGRESS && kvx__now_ns() < until) ucp_worker_progress(u->worker);
+        ucp_request_free(req);
+    }
+    while (p->ops_out && kvx__now_ns() < until) ucp_worker_progress(u->worker);
+    if (p->ops_out) KVX__LOG(ctx, KVX_LOG_ERROR, "ucx: %u operations to %s/%d still outstanding after a forced close", p->ops_out, p->name, p->rank);
+    p->be = NULL;
+    kvx__ucx_rkeys_drop(p);
+}
+
+KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    ucp_ep_params_t ep;
+    ucp_ep_h h;
+    ucs_status_t s;
+    uint32_t c, i;
+    memset(&ep, 0, sizeof ep);
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    ep.address = (const ucp_address_t *)p->addr;
+    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    ep.err_handler.cb = kvx__ucx_ep_err;
+    ep.err_handler.arg = p;
+    if ((s = ucp_ep_create(u->worker, &ep, &h)) != UCS_OK) {
+        char what[128];
+        snprintf(what, sizeof what, "ucp_ep_create to %s/%d", p->name, p->rank);
+        return kvx__ucx_fail(ctx, what, s);
+    }
+    p->be = h;
+    for (c = 0; c < p->ncaches; c++)
+        for (i = 0; i < p->caches[c].nregions; i++) {
+            ucp_rkey_h rk;
+            kvx__region *r = &p->caches[c].regions[i];
+            if ((s = ucp_ep_rkey_unpack(h, r->rkey, &rk)) != UCS_OK) {
+                char what[128];
+                snprintf(what, sizeof what, "ucp_ep_rkey_unpack of %s/%d cache %u region %u", p->name, p->rank, c, i);
+                kvx__ucx_disconnect(ctx, p);
+                return kvx__ucx_fail(ctx, what, s);
+            }
+            r->be = rk;
+        }
+    kvx__ucx_transport(p, h);
+    return KVX_OK;
+}
+
+KVX__PRIV void kvx__ucx_get_cb(void *req, ucs_status_t status, void *user) {
+    kvx__op_done((kvx__read *)user, status == UCS_OK ? KVX_OK : status == UCS_ERR_CANCELED ? KVX_ERR_CANCELED : KVX_ERR_PEER,
+                 ucs_status_string(status));
+    ucp_request_free(req);
+}
+
+KVX__PRIV kvx_status kvx__ucx_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op) {
+    ucp_request_param_t prm;
+    ucs_status_ptr_t sp;
+    prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMH;
+    prm.cb.send = kvx__ucx_get_cb;
+    prm.user_data = rd;
+    prm.memh = (ucp_mem_h)rd->lc->regions[op->lreg].be;
+    sp = ucp_get_nbx((ucp_ep_h)rd->peer->be, (void *)(uintptr_t)op->laddr, (size_t)op->len, op->raddr,
+                     (ucp_rkey_h)rd->rc->regions[op->rreg].be, &prm);
+    if (sp == NULL) {
+        kvx__op_done(rd, KVX_OK, NULL);
+        return KVX_OK;
+    }
+    if (UCS_PTR_IS_ERR(sp)) return kvx__ucx_fail(ctx, "ucp_get_nbx", UCS_PTR_STATUS(sp));
+    return KVX_OK;
+}
+
+KVX__PRIV void kvx__ucx_am_sent(void *req, ucs_status_t status, void *user) {
+    kvx__read *rd = (kvx__read *)user;
+    if (status != UCS_OK)
+        KVX__LOG(rd->q->ctx, KVX_LOG_WARN, "notification %llu to %s/%d not delivered: %s", (unsigned long long)rd->notify_id,
+                 rd->peer->name, rd->peer->rank, ucs_status_string(status));
+    kvx__notify_sent(rd);
+    ucp_request_free(req);
+}
+
+KVX__PRIV kvx_status kvx__ucx_notify(kvx_ctx *ctx, kvx__read *rd) {
+    ucp_request_param_t prm;
+    ucs_status_ptr_t sp;
+    if (!rd->peer->be) return kvx__fail(ctx, KVX_ERR_PEER, "notification %llu: peer %s/%d is disconnected", (unsigned long long)rd->notify_id, rd->peer->name, rd->peer->rank);
+    prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    prm.cb.send = kvx__ucx_am_sent;
+    prm.user_data = rd;
+    sp = ucp_am_send_nbx((ucp_ep_h)rd->peer->be, KVX__UCX_AM_NOTIFY, NULL, 0, rd->notify_msg, sizeof rd->notify_msg, &prm);
+    if (sp == NULL) { kvx__notify_sent(rd); return KVX_OK; }
+    if (UCS_PTR_IS_ERR(sp)) return kvx__ucx_fail(ctx, "ucp_am_send_nbx (notification)", UCS_PTR_STATUS(sp));
+    return KVX_OK;
+}
+
+KVX__PRIV int kvx__ucx_progress(kvx_ctx *ctx) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    int n = 0, k;
+    unsigned e;
+    for (k = 0; k < 1024 && (e = ucp_worker_progress(u->worker)) != 0; k++) n += (int)e;
+    return n;
+}
+
+KVX__PRIV int kvx__ucx_event_fd(kvx_ctx *ctx) { return kvx__ucx_of(ctx)->efd; }
+
+KVX__PRIV kvx_status kvx__ucx_arm(kvx_ctx *ctx) {
+    ucs_status_t s = ucp_worker_arm(kvx__ucx_of(ctx)->worker);
+    return s == UCS_OK ? KVX_OK : KVX_PENDING;
+}
+
+KVX__PRIV void kvx__ucx_signal(kvx_ctx *ctx) { ucp_worker_signal(kvx__ucx_of(ctx)->worker); }
+
+KVX__PRIV const kvx__backend kvx__ucx_backend = {
+    "ucx", KVX_BACKEND_UCX,
+    kvx__ucx_open, kvx__ucx_close, kvx__ucx_mem_register, kvx__ucx_mem_deregister, kvx__ucx_address,
+    kvx__ucx_connect, kvx__ucx_disconnect, kvx__ucx_post, kvx__ucx_notify,
+    kvx__ucx_progress, kvx__ucx_event_fd, kvx__ucx_arm, kvx__ucx_signal
+};
+
+#endif /* KVX_UCX_INCLUDED */
