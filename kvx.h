@@ -1605,7 +1605,7 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
     kvx_ctx *ctx;
     kvx__read tmp, *rd;
     kvx_status st;
-    uint32_t nruns, i, k, planes;
+    uint32_t nruns = 0, i, k, planes;
     uint64_t per_plane_ops;
     if (!q) return KVX_ERR_ARG;
     ctx = q->ctx;

@@ -216,19 +216,62 @@ KVX__PRIV void kvx__ucx_disconnect(kvx_ctx *ctx, kvx_peer *p) {
     kvx__ucx_rkeys_drop(p);
 }
 
-KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
-    kvx__ucx *u = kvx__ucx_of(ctx);
+KVX__PRIV ucs_status_t kvx__ucx_ep(kvx_ctx *ctx, kvx_peer *p, ucp_err_handling_mode_t mode, ucp_ep_h *h) {
     ucp_ep_params_t ep;
-    ucp_ep_h h;
-    ucs_status_t s;
-    uint32_t c, i;
     memset(&ep, 0, sizeof ep);
-    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
     ep.address = (const ucp_address_t *)p->addr;
-    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-    ep.err_handler.cb = kvx__ucx_ep_err;
-    ep.err_handler.arg = p;
-    if ((s = ucp_ep_create(u->worker, &ep, &h)) != UCS_OK) {
+    ep.err_mode = mode;
+    if (mode == UCP_ERR_HANDLING_MODE_PEER) {
+        ep.field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLER;
+        ep.err_handler.cb = kvx__ucx_ep_err;
+        ep.err_handler.arg = p;
+    }
+    return ucp_ep_create(kvx__ucx_of(ctx)->worker, &ep, h);
+}
+
+KVX__PRIV void kvx__ucx_ep_drop(kvx_ctx *ctx, ucp_ep_h h) {
+    ucp_request_param_t prm;
+    ucs_status_ptr_t req;
+    memset(&prm, 0, sizeof prm);
+    prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    req = ucp_ep_close_nbx(h, &prm);
+    if (UCS_PTR_IS_PTR(req)) {
+        while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(kvx__ucx_of(ctx)->worker);
+        ucp_request_free(req);
+    }
+}
+
+/* Endpoint choice. UCX 1.13's shared-memory transports (cma, posix, sysv)
+   cannot handle peer failure, so an endpoint asking for it never uses them
+   and a same-host peer would silently go over TCP, ten times slower. For a
+   peer on this host kvx therefore takes shared memory without peer failure
+   handling (a dead peer is then found by the read's deadline), and keeps
+   peer failure handling wherever the transport is a network one. */
+KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
+    ucp_ep_h h = NULL;
+    ucs_status_t s = UCS_ERR_UNREACHABLE;
+    uint32_t c, i;
+    int same_host = !strcmp(p->host, ctx->host);
+    p->be = NULL;
+    if (same_host) {
+        s = kvx__ucx_ep(ctx, p, UCP_ERR_HANDLING_MODE_NONE, &h);
+        if (s == UCS_OK) {
+            kvx__ucx_transport(p, h);
+            if (!strncmp(p->transport, "ucx:tcp", 7)) { kvx__ucx_ep_drop(ctx, h); h = NULL; s = UCS_ERR_UNREACHABLE; }
+            else KVX__LOG(ctx, KVX_LOG_INFO, "ucx: %s/%d is on this host: %s, without peer failure handling (deadlines find a dead peer)",
+                          p->name, p->rank, p->transport);
+        }
+    }
+    if (!h) {
+        s = kvx__ucx_ep(ctx, p, UCP_ERR_HANDLING_MODE_PEER, &h);
+        if (s == UCS_ERR_UNREACHABLE) {
+            s = kvx__ucx_ep(ctx, p, UCP_ERR_HANDLING_MODE_NONE, &h);
+            if (s == UCS_OK) KVX__LOG(ctx, KVX_LOG_WARN, "ucx: no transport to %s/%d handles peer failure; a dead peer is found by deadlines only", p->name, p->rank);
+        }
+    }
+    if (s != UCS_OK) {
         char what[128];
         snprintf(what, sizeof what, "ucp_ep_create to %s/%d", p->name, p->rank);
         return kvx__ucx_fail(ctx, what, s);
