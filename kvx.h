@@ -585,6 +585,9 @@ KVX__PRIV kvx_status kvx__fail(kvx_ctx *ctx, kvx_status st, const char *fmt, ...
     return st;
 }
 
+/* kvx_ctx_create has no context to hold its error: kvx_ctx_error(NULL) reads this. */
+static char kvx__create_err[512];
+
 KVX_API const char *kvx_status_name(kvx_status s) {
     switch (s) {
     case KVX_OK: return "KVX_OK";
@@ -603,7 +606,7 @@ KVX_API const char *kvx_status_name(kvx_status s) {
 }
 
 KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx) {
-    return ctx ? ctx->err : "kvx: no context";
+    return ctx ? ctx->err : kvx__create_err;
 }
 
 /* Backends: each adds one kvx__backend. Adding one is one file and one line here. */
@@ -985,8 +988,6 @@ KVX__PRIV kvx_status kvx__compat(kvx_ctx *ctx, const kvx__cache_info *lc, const 
 
 /*--- context -------------------------------------------------------------*/
 
-/* kvx_ctx_create has no context to hold its error: kvx_ctx_error(NULL) reads this. */
-static char kvx__create_err[512];
 
 KVX__PRIV void kvx__host_identity(char *out, size_t cap, const char *given) {
     char host[128] = "unknown", boot[64] = "noboot";
@@ -1271,19 +1272,23 @@ fail:
 
 KVX__PRIV void kvx__peer_free(kvx_peer *p) {
     uint32_t i;
-    for (i = 0; i < p->ncaches; i++) kvx__cache_info_free(&p->caches[i]);
+    if (p->caches)
+        for (i = 0; i < p->ncaches; i++) kvx__cache_info_free(&p->caches[i]);
     KVX_FREE(p->caches);
     KVX_FREE(p->addr);
     KVX_FREE(p);
 }
 
 KVX__PRIV void kvx__read_finish(kvx__read *rd);
+KVX__PRIV void kvx__runs_release(kvx_queue *q);
 
-/* Fail every read of peer p that is still live, after closing p by force. */
-KVX__PRIV void kvx__peer_close(kvx_peer *p, kvx_status why) {
+/* Fail every read of peer p that is still live, after closing p by force.
+   Returns how many reads the transport still holds (0 unless it broke its
+   promise to complete everything on a forced close). */
+KVX__PRIV uint32_t kvx__peer_close(kvx_peer *p, kvx_status why) {
     kvx_ctx *ctx = p->ctx;
     kvx_queue *q;
-    uint32_t i;
+    uint32_t i, stuck = 0;
     for (q = ctx->queues; q; q = q->next)
         for (i = 0; i < q->depth; i++) {
             kvx__read *rd = &q->slots[i];
@@ -1293,24 +1298,32 @@ KVX__PRIV void kvx__peer_close(kvx_peer *p, kvx_status why) {
         }
     if (p->connected) ctx->be_ops->disconnect(ctx, p);
     p->connected = 0;
-    for (q = ctx->queues; q; q = q->next)
+    for (q = ctx->queues; q; q = q->next) {
+        kvx__runs_release(q);
         for (i = 0; i < q->depth; i++) {
             kvx__read *rd = &q->slots[i];
-            if (rd->in_use && !rd->done && rd->peer == p) kvx__read_finish(rd);
+            if (!rd->in_use || rd->done || rd->peer != p) continue;
+            kvx__read_finish(rd);
+            if (!rd->done) stuck++;
         }
+    }
+    return stuck;
 }
 
 KVX_API void kvx_peer_remove(kvx_peer *p) {
     kvx_ctx *ctx;
     kvx_peer **pp;
+    uint32_t stuck;
     if (!p) return;
     ctx = p->ctx;
     pthread_mutex_lock(&ctx->lock);
-    kvx__peer_close(p, KVX_ERR_CANCELED);
+    stuck = kvx__peer_close(p, KVX_ERR_CANCELED);
     for (pp = &ctx->peers; *pp; pp = &(*pp)->next)
         if (*pp == p) { *pp = p->next; break; }
+    if (stuck) /* reads still point at it: keep the memory rather than free it under them */
+        kvx__fail(ctx, KVX_ERR_BACKEND, "peer %s/%d removed with %u reads the transport never completed; its memory is kept", p->name, p->rank, stuck);
     pthread_mutex_unlock(&ctx->lock);
-    kvx__peer_free(p);
+    if (!stuck) kvx__peer_free(p);
 }
 
 KVX_API const char *kvx_peer_transport(const kvx_peer *p) { return p ? p->transport : "none"; }

@@ -193,23 +193,15 @@ KVX__PRIV void kvx__ucx_rkeys_drop(kvx_peer *p) {
             }
 }
 
+KVX__PRIV void kvx__ucx_ep_close(kvx_ctx *ctx, ucp_ep_h h);
+
+/* A forced close completes every outstanding get (canceled) before the close
+   request itself completes; kvx checks that it did. */
 KVX__PRIV void kvx__ucx_disconnect(kvx_ctx *ctx, kvx_peer *p) {
     kvx__ucx *u = kvx__ucx_of(ctx);
-    ucp_request_param_t prm;
-    ucs_status_ptr_t req;
-    uint64_t until;
+    uint64_t until = kvx__now_ns() + 10000000000ull;
     if (!p->be) return;
-    memset(&prm, 0, sizeof prm);
-    prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
-    req = ucp_ep_close_nbx((ucp_ep_h)p->be, &prm);
-    /* Forced close completes locally: every outstanding get is completed
-       (canceled) by UCX before the close request is. */
-    until = kvx__now_ns() + 10000000000ull;
-    if (UCS_PTR_IS_PTR(req)) {
-        while (ucp_request_check_status(req) == UCS_INPROGRESS && kvx__now_ns() < until) ucp_worker_progress(u->worker);
-        ucp_request_free(req);
-    }
+    kvx__ucx_ep_close(ctx, (ucp_ep_h)p->be);
     while (p->ops_out && kvx__now_ns() < until) ucp_worker_progress(u->worker);
     if (p->ops_out) KVX__LOG(ctx, KVX_LOG_ERROR, "ucx: %u operations to %s/%d still outstanding after a forced close", p->ops_out, p->name, p->rank);
     p->be = NULL;
@@ -230,51 +222,85 @@ KVX__PRIV ucs_status_t kvx__ucx_ep(kvx_ctx *ctx, kvx_peer *p, ucp_err_handling_m
     return ucp_ep_create(kvx__ucx_of(ctx)->worker, &ep, h);
 }
 
-KVX__PRIV void kvx__ucx_ep_drop(kvx_ctx *ctx, ucp_ep_h h) {
+KVX__PRIV void kvx__ucx_ep_close(kvx_ctx *ctx, ucp_ep_h h) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
     ucp_request_param_t prm;
     ucs_status_ptr_t req;
+    uint64_t until = kvx__now_ns() + 10000000000ull;
     memset(&prm, 0, sizeof prm);
     prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
     prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
     req = ucp_ep_close_nbx(h, &prm);
     if (UCS_PTR_IS_PTR(req)) {
-        while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(kvx__ucx_of(ctx)->worker);
+        while (ucp_request_check_status(req) == UCS_INPROGRESS && kvx__now_ns() < until) ucp_worker_progress(u->worker);
         ucp_request_free(req);
     }
 }
 
-/* Endpoint choice. UCX 1.13's shared-memory transports (cma, posix, sysv)
-   cannot handle peer failure, so an endpoint asking for it never uses them
-   and a same-host peer would silently go over TCP, ten times slower. For a
-   peer on this host kvx therefore takes shared memory without peer failure
-   handling (a dead peer is then found by the read's deadline), and keeps
-   peer failure handling wherever the transport is a network one. */
+/* Flush a new endpoint so its wireup is over before any read is posted:
+   progress, sleeping on the event fd, until done or the context's timeout. */
+KVX__PRIV ucs_status_t kvx__ucx_wireup(kvx_ctx *ctx, ucp_ep_h h) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    ucp_request_param_t prm;
+    ucs_status_ptr_t req;
+    ucs_status_t s;
+    uint64_t until = kvx__now_ns() + (uint64_t)ctx->timeout_ms * 1000000ull;
+    memset(&prm, 0, sizeof prm);
+    req = ucp_ep_flush_nbx(h, &prm);
+    if (req == NULL) return UCS_OK;
+    if (UCS_PTR_IS_ERR(req)) return UCS_PTR_STATUS(req);
+    while ((s = ucp_request_check_status(req)) == UCS_INPROGRESS) {
+        uint64_t now = kvx__now_ns();
+        struct pollfd pf;
+        if (now >= until) { ucp_request_free(req); return UCS_ERR_TIMED_OUT; }
+        if (ucp_worker_progress(u->worker)) continue;
+        if (ucp_worker_arm(u->worker) != UCS_OK) continue;
+        pf.fd = u->efd; pf.events = POLLIN; pf.revents = 0;
+        poll(&pf, 1, (int)((until - now) / 1000000u > 100 ? 100 : (until - now) / 1000000u + 1));
+    }
+    ucp_request_free(req);
+    return s;
+}
+
+/* Endpoint choice. kvx asks for peer failure handling, so that a dead peer
+   completes every outstanding read with an error and a forced close cancels
+   what is in flight. UCX 1.13's shared-memory transports (cma, posix, sysv)
+   cannot handle peer failure, so UCX leaves them out and a peer on this host
+   is read over TCP: correct, and reported ("ucx:tcp (sw)" and a warning),
+   never silent. Only where UCX offers no transport with failure handling at
+   all (UCX_TLS=sm, say) does kvx go on without it, loudly: a peer that dies
+   or stops mid-read is then found by the deadline alone, and UCX cannot
+   cancel the reads it holds. */
 KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
     ucp_ep_h h = NULL;
-    ucs_status_t s = UCS_ERR_UNREACHABLE;
+    ucs_status_t s;
     uint32_t c, i;
-    int same_host = !strcmp(p->host, ctx->host);
+    int unsafe = 0;
     p->be = NULL;
-    if (same_host) {
+    s = kvx__ucx_ep(ctx, p, UCP_ERR_HANDLING_MODE_PEER, &h);
+    if (s == UCS_ERR_UNREACHABLE) {
         s = kvx__ucx_ep(ctx, p, UCP_ERR_HANDLING_MODE_NONE, &h);
-        if (s == UCS_OK) {
-            kvx__ucx_transport(p, h);
-            if (!strncmp(p->transport, "ucx:tcp", 7)) { kvx__ucx_ep_drop(ctx, h); h = NULL; s = UCS_ERR_UNREACHABLE; }
-            else KVX__LOG(ctx, KVX_LOG_INFO, "ucx: %s/%d is on this host: %s, without peer failure handling (deadlines find a dead peer)",
-                          p->name, p->rank, p->transport);
-        }
-    }
-    if (!h) {
-        s = kvx__ucx_ep(ctx, p, UCP_ERR_HANDLING_MODE_PEER, &h);
-        if (s == UCS_ERR_UNREACHABLE) {
-            s = kvx__ucx_ep(ctx, p, UCP_ERR_HANDLING_MODE_NONE, &h);
-            if (s == UCS_OK) KVX__LOG(ctx, KVX_LOG_WARN, "ucx: no transport to %s/%d handles peer failure; a dead peer is found by deadlines only", p->name, p->rank);
-        }
+        unsafe = s == UCS_OK;
     }
     if (s != UCS_OK) {
         char what[128];
         snprintf(what, sizeof what, "ucp_ep_create to %s/%d", p->name, p->rank);
         return kvx__ucx_fail(ctx, what, s);
+    }
+    if ((s = kvx__ucx_wireup(ctx, h)) != UCS_OK) {
+        /* UCX 1.13 can abort when an endpoint still in wireup is closed by
+           force, so a peer that never answered keeps its endpoint until the
+           context is destroyed. */
+        if (s == UCS_ERR_TIMED_OUT)
+            return kvx__fail(ctx, KVX_ERR_TIMEOUT, "ucx: %s/%d (pid %u on %s) did not answer the connection within %u ms",
+                             p->name, p->rank, p->pid, p->host, ctx->timeout_ms);
+        kvx__ucx_ep_close(ctx, h);
+        {
+            char what[400];
+            snprintf(what, sizeof what, "connecting to %s/%d (pid %u on %s)", p->name, p->rank, p->pid, p->host);
+            kvx__ucx_fail(ctx, what, s);
+            return KVX_ERR_PEER;
+        }
     }
     p->be = h;
     for (c = 0; c < p->ncaches; c++)
@@ -290,6 +316,15 @@ KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
             r->be = rk;
         }
     kvx__ucx_transport(p, h);
+    if (unsafe) {
+        kvx__strlcpy(p->transport + strlen(p->transport), " (no failure handling)", sizeof p->transport - strlen(p->transport));
+        KVX__LOG(ctx, KVX_LOG_WARN, "ucx: no transport to %s/%d that UCX allows handles peer failure (UCX_TLS?): %s; "
+                 "a peer that dies or stops mid-read is found by the deadline alone", p->name, p->rank, p->transport);
+    } else if (!strcmp(p->host, ctx->host) && !strncmp(p->transport, "ucx:tcp", 7)) {
+        KVX__LOG(ctx, KVX_LOG_WARN, "ucx %s: %s/%d is on this host but is read over TCP: UCX's shared-memory transports "
+                 "cannot handle peer failure, which kvx requires; use the CUDA backend for same-host GPU caches",
+                 ucp_get_version_string(), p->name, p->rank);
+    }
     return KVX_OK;
 }
 

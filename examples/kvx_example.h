@@ -34,23 +34,23 @@ typedef struct kvx_ex_mismatch {
     uint8_t expected, found;
 } kvx_ex_mismatch;
 
-static uint64_t kvx_ex_mix(uint64_t x) {
+static inline uint64_t kvx_ex_mix(uint64_t x) {
     x += 0x9E3779B97F4A7C15ull;
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
     x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
     return x ^ (x >> 31);
 }
 
-static uint64_t kvx_ex_word(uint64_t seed, uint32_t layer, uint32_t plane, uint32_t block, uint32_t head, uint32_t token) {
+static inline uint64_t kvx_ex_word(uint64_t seed, uint32_t layer, uint32_t plane, uint32_t block, uint32_t head, uint32_t token) {
     uint64_t h = kvx_ex_mix(seed ^ ((uint64_t)layer << 40) ^ ((uint64_t)plane << 38) ^ block);
     return kvx_ex_mix(h ^ ((uint64_t)head << 24) ^ token);
 }
 
-static uint8_t kvx_ex_byte(uint64_t w, uint64_t b) { return (uint8_t)((w >> ((b & 7) << 3)) + (b >> 3) * 131u); }
+static inline uint8_t kvx_ex_byte(uint64_t w, uint64_t b) { return (uint8_t)((w >> ((b & 7) << 3)) + (b >> 3) * 131u); }
 
 /* Allocate a cache of lay for rank of tp. Untouched pages cost nothing, so a
    1.5 GB cache whose few transferred blocks are filled stays cheap. */
-static int kvx_ex_cache_alloc(kvx_ex_cache *c, const kvx_layout *lay, int rank, int tp) {
+static inline int kvx_ex_cache_alloc(kvx_ex_cache *c, const kvx_layout *lay, int rank, int tp) {
     uint32_t p, np;
     memset(c, 0, sizeof *c);
     c->lay = *lay;
@@ -73,13 +73,13 @@ static int kvx_ex_cache_alloc(kvx_ex_cache *c, const kvx_layout *lay, int rank, 
     return 0;
 }
 
-static void kvx_ex_cache_free(kvx_ex_cache *c) {
+static inline void kvx_ex_cache_free(kvx_ex_cache *c) {
     if (c->mem) munmap(c->mem, c->mem_bytes);
     free(c->bases);
     memset(c, 0, sizeof *c);
 }
 
-static kvx_cache_desc kvx_ex_cache_desc(const kvx_ex_cache *c) {
+static inline kvx_cache_desc kvx_ex_cache_desc(const kvx_ex_cache *c) {
     kvx_cache_desc d;
     memset(&d, 0, sizeof d);
     d.layout = c->lay;
@@ -88,18 +88,18 @@ static kvx_cache_desc kvx_ex_cache_desc(const kvx_ex_cache *c) {
 }
 
 /* Byte offset inside a block of (local head index h, token t). */
-static uint64_t kvx_ex_offset(const kvx_ex_cache *c, uint32_t h, uint32_t t) {
+static inline uint64_t kvx_ex_offset(const kvx_ex_cache *c, uint32_t h, uint32_t t) {
     uint64_t hb = (uint64_t)c->lay.head_dim * c->lay.elem_bytes;
     return c->lay.order == KVX_ORDER_HND ? ((uint64_t)h * c->lay.block_tokens + t) * hb
                                          : ((uint64_t)t * c->lay.num_heads + h) * hb;
 }
 
-static uint8_t *kvx_ex_block(const kvx_ex_cache *c, uint32_t layer, uint32_t plane, uint32_t block) {
+static inline uint8_t *kvx_ex_block(const kvx_ex_cache *c, uint32_t layer, uint32_t plane, uint32_t block) {
     return (uint8_t *)c->bases[layer * c->lay.kv_planes + plane] + (uint64_t)block * c->block_stride;
 }
 
 /* Write the pattern into the given blocks (prefill side), all layers. */
-static void kvx_ex_fill(const kvx_ex_cache *c, uint64_t seed, const uint32_t *blocks, uint32_t n) {
+static inline void kvx_ex_fill(const kvx_ex_cache *c, uint64_t seed, const uint32_t *blocks, uint32_t n) {
     uint64_t hb = (uint64_t)c->lay.head_dim * c->lay.elem_bytes, b;
     uint32_t i, l, p, h, t;
     for (i = 0; i < n; i++)
@@ -117,7 +117,7 @@ static void kvx_ex_fill(const kvx_ex_cache *c, uint64_t seed, const uint32_t *bl
 
 /* Before a read: fill the destination heads [a, b) with the complement of
    what should arrive, so that a byte never written cannot pass. */
-static void kvx_ex_poison(const kvx_ex_cache *c, uint64_t seed, const uint32_t *local, const uint32_t *remote, uint32_t n,
+static inline void kvx_ex_poison(const kvx_ex_cache *c, uint64_t seed, const uint32_t *local, const uint32_t *remote, uint32_t n,
                           uint32_t layer_begin, uint32_t layer_end, uint32_t a, uint32_t bh) {
     uint64_t hb = (uint64_t)c->lay.head_dim * c->lay.elem_bytes, b;
     uint32_t i, l, p, g, t;
@@ -134,7 +134,7 @@ static void kvx_ex_poison(const kvx_ex_cache *c, uint64_t seed, const uint32_t *
 
 /* Check every byte of heads [a, b) of the read blocks; 0 if all match, else
    the number of wrong bytes and the first one in *mm. */
-static uint64_t kvx_ex_verify(const kvx_ex_cache *c, uint64_t seed, const uint32_t *local, const uint32_t *remote, uint32_t n,
+static inline uint64_t kvx_ex_verify(const kvx_ex_cache *c, uint64_t seed, const uint32_t *local, const uint32_t *remote, uint32_t n,
                               uint32_t layer_begin, uint32_t layer_end, uint32_t a, uint32_t bh, kvx_ex_mismatch *mm) {
     uint64_t hb = (uint64_t)c->lay.head_dim * c->lay.elem_bytes, b, bad = 0;
     uint32_t i, l, p, g, t;
@@ -158,7 +158,7 @@ static uint64_t kvx_ex_verify(const kvx_ex_cache *c, uint64_t seed, const uint32
 }
 
 /* n distinct block ids in [0, num_blocks): random (seeded) or consecutive from start. */
-static void kvx_ex_block_table(uint32_t *out, uint32_t n, uint32_t num_blocks, int random, uint64_t seed, uint32_t start) {
+static inline void kvx_ex_block_table(uint32_t *out, uint32_t n, uint32_t num_blocks, int random, uint64_t seed, uint32_t start) {
     uint32_t i;
     if (!random) {
         for (i = 0; i < n; i++) out[i] = (start + i) % num_blocks;

@@ -34,9 +34,9 @@
 
 static char kvx_rdv__err[256];
 
-static const char *kvx_rdv_error(void) { return kvx_rdv__err; }
+static inline const char *kvx_rdv_error(void) { return kvx_rdv__err; }
 
-static int kvx_rdv__fail(const char *fmt, ...) {
+static inline int kvx_rdv__fail(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(kvx_rdv__err, sizeof kvx_rdv__err, fmt, ap);
@@ -44,14 +44,14 @@ static int kvx_rdv__fail(const char *fmt, ...) {
     return -1;
 }
 
-static uint64_t kvx_rdv__ms(void) {
+static inline uint64_t kvx_rdv__ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
 /* "host:port" -> sockaddr; host may be empty or "*" for any. */
-static int kvx_rdv__addr(const char *hp, struct sockaddr_in *sa) {
+static inline int kvx_rdv__addr(const char *hp, struct sockaddr_in *sa) {
     char host[128];
     const char *colon = strrchr(hp, ':');
     size_t n;
@@ -80,7 +80,7 @@ static int kvx_rdv__addr(const char *hp, struct sockaddr_in *sa) {
 }
 
 /* Listen on "host:port" (port 0: any); *port_out gets the port bound. */
-static int kvx_rdv_listen(const char *hp, int *port_out) {
+static inline int kvx_rdv_listen(const char *hp, int *port_out) {
     struct sockaddr_in sa;
     socklen_t sl = sizeof sa;
     int fd, one = 1;
@@ -96,7 +96,7 @@ static int kvx_rdv_listen(const char *hp, int *port_out) {
     return fd;
 }
 
-static int kvx_rdv_accept(int lfd, int timeout_ms) {
+static inline int kvx_rdv_accept(int lfd, int timeout_ms) {
     struct pollfd pf;
     int fd, one = 1;
     pf.fd = lfd;
@@ -109,7 +109,7 @@ static int kvx_rdv_accept(int lfd, int timeout_ms) {
 }
 
 /* Connect, retrying while the other side is not up yet, until timeout_ms. */
-static int kvx_rdv_connect(const char *hp, int timeout_ms) {
+static inline int kvx_rdv_connect(const char *hp, int timeout_ms) {
     struct sockaddr_in sa;
     uint64_t until = kvx_rdv__ms() + (uint64_t)timeout_ms;
     int one = 1, e = 0;
@@ -128,7 +128,7 @@ static int kvx_rdv_connect(const char *hp, int timeout_ms) {
     return kvx_rdv__fail("cannot connect to %s within %d ms: %s", hp, timeout_ms, strerror(e));
 }
 
-static int kvx_rdv__io(int fd, void *buf, size_t len, int wr, uint64_t until) {
+static inline int kvx_rdv__io(int fd, void *buf, size_t len, int wr, uint64_t until) {
     uint8_t *p = (uint8_t *)buf;
     while (len) {
         struct pollfd pf;
@@ -151,10 +151,10 @@ static int kvx_rdv__io(int fd, void *buf, size_t len, int wr, uint64_t until) {
     return 0;
 }
 
-static void kvx_rdv__le32(uint8_t *b, uint32_t v) { b[0] = (uint8_t)v; b[1] = (uint8_t)(v >> 8); b[2] = (uint8_t)(v >> 16); b[3] = (uint8_t)(v >> 24); }
-static uint32_t kvx_rdv__rd32(const uint8_t *b) { return (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24; }
+static inline void kvx_rdv__le32(uint8_t *b, uint32_t v) { b[0] = (uint8_t)v; b[1] = (uint8_t)(v >> 8); b[2] = (uint8_t)(v >> 16); b[3] = (uint8_t)(v >> 24); }
+static inline uint32_t kvx_rdv__rd32(const uint8_t *b) { return (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24; }
 
-static int kvx_rdv_send(int fd, uint32_t type, const void *buf, uint32_t len, int timeout_ms) {
+static inline int kvx_rdv_send(int fd, uint32_t type, const void *buf, uint32_t len, int timeout_ms) {
     uint8_t h[12];
     uint64_t until = kvx_rdv__ms() + (uint64_t)timeout_ms;
     kvx_rdv__le32(h, KVX_RDV_MAGIC);
@@ -165,7 +165,7 @@ static int kvx_rdv_send(int fd, uint32_t type, const void *buf, uint32_t len, in
 }
 
 /* Receive one frame of the expected type; *buf is malloc'd (free it). */
-static int kvx_rdv_recv(int fd, uint32_t want_type, void **buf, uint32_t *len, int timeout_ms) {
+static inline int kvx_rdv_recv(int fd, uint32_t want_type, void **buf, uint32_t *len, int timeout_ms) {
     uint8_t h[12];
     uint32_t magic, type, n;
     uint64_t until = kvx_rdv__ms() + (uint64_t)timeout_ms;

@@ -1,0 +1,49 @@
+/*
+    kvx_test.h -- the few macros kvx's tests share. Each test binary prints
+    one line per case ("ok NAME" or "FAIL NAME: why") and a last line
+    "N passed, M failed"; tests/run.sh adds them up.
+*/
+#ifndef KVX_TEST_H
+#define KVX_TEST_H
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static int kvx_t_pass, kvx_t_fail, kvx_t_case_failed;
+static const char *kvx_t_case;
+
+/* KVX_TEST_ONLY=substring runs only the cases whose name contains it. */
+#define T_CASE(name) for (kvx_t_case = kvx_t_selected(name), kvx_t_case_failed = 0, fflush(stdout); kvx_t_case; kvx_t_end())
+
+static inline const char *kvx_t_selected(const char *name) {
+    const char *only = getenv("KVX_TEST_ONLY");
+    return !only || strstr(name, only) ? name : NULL;
+}
+
+static inline void kvx_t_end(void) {
+    if (!kvx_t_case_failed) { printf("ok %s\n", kvx_t_case); kvx_t_pass++; }
+    else kvx_t_fail++;
+    kvx_t_case = NULL;
+    fflush(stdout);
+}
+
+#define T_FAILF(...) do { if (!kvx_t_case_failed) { printf("FAIL %s: ", kvx_t_case); printf(__VA_ARGS__); printf(" (%s:%d)\n", __FILE__, __LINE__); } kvx_t_case_failed = 1; } while (0)
+#define T_CHECK(c) do { if (!(c)) T_FAILF("%s", #c); } while (0)
+#define T_EQ(a, b) do { long long _a = (long long)(a), _b = (long long)(b); if (_a != _b) T_FAILF("%s == %lld, expected %s == %lld", #a, _a, #b, _b); } while (0)
+#define T_ST(call, want) do { kvx_status _s = (call); if (_s != (want)) T_FAILF("%s returned %s, expected %s", #call, kvx_status_name(_s), kvx_status_name(want)); } while (0)
+#define T_HAS(str, sub) do { const char *_s = (str); if (!_s || !strstr(_s, (sub))) T_FAILF("message \"%s\" does not name \"%s\"", _s ? _s : "(null)", (sub)); } while (0)
+
+static inline int kvx_t_summary(void) {
+    printf("%d passed, %d failed\n", kvx_t_pass, kvx_t_fail);
+    return kvx_t_fail ? 1 : 0;
+}
+
+static inline double kvx_t_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+#endif
