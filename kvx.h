@@ -299,9 +299,9 @@ KVX_API void        kvx_stats_get(const kvx_ctx *ctx, kvx_stats *out);
 #if defined(KVX_IMPLEMENTATION) && !defined(KVX__IMPLEMENTED)
 #define KVX__IMPLEMENTED
 
-#if !defined(_GNU_SOURCE)
-#  error "kvx: define _GNU_SOURCE (or compile with -D_GNU_SOURCE) in the file that holds KVX_IMPLEMENTATION"
-#endif
+/* The implementation uses POSIX 2008 (open_memstream, pipe, clock_gettime):
+   under a strict -std=c99 define _GNU_SOURCE or _POSIX_C_SOURCE=200809L
+   before the first #include of that file (gnu99/C++ compilers need nothing). */
 
 #include <errno.h>
 #include <poll.h>

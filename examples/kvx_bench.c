@@ -19,7 +19,9 @@
     collects its ranks' metadata and hands it to the decode launcher over TCP;
     the decode launcher runs every iteration as a barrier across its ranks.
 */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #define KVX_IMPLEMENTATION
 #include "../kvx.h"
 #include "kvx_example.h"
@@ -321,6 +323,10 @@ static int decode_rank(const opts *o) {
         r.descs_before = s1.blocks_posted - s0.blocks_posted;
         r.descs_after = s1.descs_posted - s0.descs_posted;
         if (r.status != KVX_OK) kvx__strlcpy(r.error, kvx_ctx_error(ctx), sizeof r.error);
+        if (getenv("KVX_BENCH_FLIP_BYTE") && np && it == o->iters - 1) {
+            /* The self-check of the checker: a planted wrong byte must fail the run. */
+            kvx_ex_block(&mem, lay.num_layers - 1, 1, dst[o->blocks - 1])[kvx_ex_offset(&mem, pf[0] - mem.head_first, 0) + 3] ^= 0x40;
+        }
         for (k = 0; k < np; k++) {
             kvx_ex_mismatch mm;
             uint64_t bad = kvx_ex_verify(&mem, o->seed, dst, src, o->blocks, 0, lay.num_layers, pf[k], pf[k] + pc[k], &mm);

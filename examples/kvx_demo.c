@@ -9,7 +9,9 @@
     0) or TEST FAILED (exit 1). The TCP rendezvous on 127.0.0.1 carries the
     metadata blob: kvx itself does not choose a control plane.
 */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #define KVX_IMPLEMENTATION
 #include "../kvx.h"
 #include "kvx_example.h"

@@ -3,7 +3,9 @@
     within the deadline, never a hang, and no byte of a failed read lands after
     the failure was reported. Run over the transport UCX_TLS selects.
 */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #define KVX_IMPLEMENTATION
 #include "../kvx.h"
 #include "../examples/kvx_example.h"

@@ -3,7 +3,9 @@
     coalescing, metadata round trip and refusal, argument checks. Two
     contexts in one process read through the real backend.
 */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #define KVX_IMPLEMENTATION
 #include "../kvx.h"
 #include "../examples/kvx_example.h"

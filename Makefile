@@ -1,0 +1,78 @@
+# kvx: header-only; this Makefile builds the examples and tests, runs them,
+# and installs the headers with a pkg-config file.
+#
+#   make demo            a pack transfer on this host (installs libucx-dev if missing)
+#   make test            every test; ends with "N passed, M failed"
+#   make bench           kvx_bench sweeps beside ucx_perftest; table and plot in build/bench/
+#   make install PREFIX=/usr/local
+PREFIX ?= /usr/local
+CC ?= cc
+CXX ?= c++
+BUILD := build
+
+UCX_CFLAGS = $(shell pkg-config --cflags ucx 2>/dev/null)
+UCX_LIBS = $(shell pkg-config --libs ucx 2>/dev/null)
+BACKEND_DEFS = -DKVX_UCX
+BACKEND_CFLAGS = $(UCX_CFLAGS)
+BACKEND_LIBS = $(UCX_LIBS) -lpthread
+
+WARN = -Wall -Wextra -pedantic -Werror
+CFLAGS ?= -O2 -g
+KVX_CFLAGS = -std=c99 -D_GNU_SOURCE $(WARN) $(BACKEND_DEFS) $(BACKEND_CFLAGS)
+SAN = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+
+HEADERS = kvx.h kvx_ucx.h
+EX_HEADERS = examples/kvx_example.h examples/kvx_rdv.h
+PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
+TESTS = $(BUILD)/test_unit $(BUILD)/test_faults $(BUILD)/test_unit.asan $(BUILD)/test_faults.asan $(BUILD)/kvx_bench.asan
+
+.PHONY: all demo test bench install deps deps-test deps-bench clean compile-check
+
+all: deps $(PROGRAMS) $(TESTS)
+
+deps:
+	@scripts/deps.sh build
+deps-test:
+	@scripts/deps.sh test
+deps-bench:
+	@scripts/deps.sh bench
+
+$(BUILD):
+	mkdir -p $(BUILD)
+
+$(BUILD)/%: examples/%.c $(HEADERS) $(EX_HEADERS) | $(BUILD)
+	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
+
+$(BUILD)/kvx_bench.asan: examples/kvx_bench.c $(HEADERS) $(EX_HEADERS) | $(BUILD)
+	$(CC) $(SAN) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
+
+$(BUILD)/test_%: tests/test_%.c tests/kvx_test.h $(HEADERS) $(EX_HEADERS) | $(BUILD)
+	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
+
+$(BUILD)/test_%.asan: tests/test_%.c tests/kvx_test.h $(HEADERS) $(EX_HEADERS) | $(BUILD)
+	$(CC) $(SAN) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
+
+demo: deps $(BUILD)/kvx_demo
+	UCX_NET_DEVICES=$${UCX_NET_DEVICES:-lo} $(BUILD)/kvx_demo
+
+compile-check: deps
+	KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/compile.sh
+
+test: deps deps-test
+	@$(MAKE) --no-print-directory $(PROGRAMS) $(TESTS)
+	@KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/run.sh
+
+bench: deps deps-bench
+	@$(MAKE) --no-print-directory $(PROGRAMS) $(BUILD)/bench_post
+	@bash tests/bench.sh
+
+$(BUILD)/bench_post: tests/bench_post.c $(HEADERS) $(EX_HEADERS) | $(BUILD)
+	$(CC) -O2 -g $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
+
+install:
+	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
+	install -m 644 kvx.h kvx_ucx.h $(DESTDIR)$(PREFIX)/include/
+	sed -e 's|@PREFIX@|$(PREFIX)|' kvx.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/kvx.pc
+
+clean:
+	rm -rf $(BUILD)

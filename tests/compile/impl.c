@@ -1,0 +1,13 @@
+/* The one translation unit with the implementation (compiled as C99 and as C++). */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#define KVX_IMPLEMENTATION
+#include "../../kvx.h"
+#include "../../kvx.h" /* twice: harmless */
+
+#ifdef __cplusplus
+extern "C"
+#endif
+int kvx_compile_impl_linked(void);
+int kvx_compile_impl_linked(void) { return (int)KVX_OK; }

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Runs every test of `make test`: unit, fault and compile tests, then the
+# kvx_bench matrix (pack on this host, spread across two network namespaces),
+# every run byte-verified. Ends with one line "N passed, M failed".
+# KVX_TEST_FILTER=regex runs only the entries whose name matches.
+set -u
+cd "$(dirname "$0")/.."
+B=build
+logdir=$B/test-logs
+mkdir -p "$logdir"
+pass=0 fail=0 skip=0
+failed=()
+# Pack runs stay on loopback; the sanitizer runtime must not trip over UCX's
+# own memory hooks.
+export UCX_NET_DEVICES=${UCX_NET_DEVICES:-lo}
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+
+# entry NAME TIMEOUT_S COMMAND...: a test binary counts its own cases; any
+# other command counts as one case, passing on exit 0 (77: skipped).
+entry() {
+  local name=$1 limit=$2; shift 2
+  if [ -n "${KVX_TEST_FILTER:-}" ] && ! [[ "$name" =~ $KVX_TEST_FILTER ]]; then return; fi
+  local log="$logdir/$(echo "$name" | tr -c 'A-Za-z0-9_.-' '_').log" t0=$SECONDS rc
+  timeout -k 5 "$limit" "$@" >"$log" 2>&1; rc=$?
+  local dt=$((SECONDS - t0)) summary
+  summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -1)
+  if [ $rc -eq 77 ]; then
+    echo "skip $name: $(tail -1 "$log")"; skip=$((skip+1)); return
+  fi
+  if [ -n "$summary" ] && [[ "$1" != *kvx_bench* ]] && [[ "$1" != *two_hosts* ]]; then
+    local p f
+    p=$(echo "$summary" | awk '{print $1}'); f=$(echo "$summary" | awk '{print $3}')
+    pass=$((pass+p)); fail=$((fail+f))
+    if [ $rc -ne 0 ] || [ "$f" != 0 ]; then
+      [ "$f" = 0 ] && fail=$((fail+1))
+      failed+=("$name"); echo "FAIL $name (exit $rc, ${dt}s): $summary"; grep -E '^FAIL' "$log" | sed 's/^/    /'; tail -5 "$log" | sed 's/^/    | /'
+    else echo "ok   $name: $summary (${dt}s)"; fi
+    return
+  fi
+  if [ $rc -eq 0 ]; then
+    pass=$((pass+1)); echo "ok   $name (${dt}s)$(grep -E '^  total:' "$log" | sed 's/^  total:/:/' | head -1)"
+  else
+    fail=$((fail+1)); failed+=("$name")
+    echo "FAIL $name (exit $rc$([ $rc -eq 124 ] && echo ', timed out'), ${dt}s)"; tail -15 "$log" | sed 's/^/    | /'
+  fi
+}
+
+# expect_fail NAME TIMEOUT_S PATTERN COMMAND...: passes when the command exits
+# non-zero and prints PATTERN (tests that the checks can fail).
+expect_fail() {
+  local name=$1 limit=$2 pat=$3; shift 3
+  if [ -n "${KVX_TEST_FILTER:-}" ] && ! [[ "$name" =~ $KVX_TEST_FILTER ]]; then return; fi
+  local log="$logdir/$(echo "$name" | tr -c 'A-Za-z0-9_.-' '_').log" rc
+  timeout -k 5 "$limit" "$@" >"$log" 2>&1; rc=$?
+  if [ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -q -- "$pat" "$log"; then pass=$((pass+1)); echo "ok   $name: $(grep -m1 -- "$pat" "$log" | cut -c1-160)"
+  else fail=$((fail+1)); failed+=("$name"); echo "FAIL $name (exit $rc, wanted a failure naming '$pat')"; tail -8 "$log" | sed 's/^/    | /'; fi
+}
+
+bench=$B/kvx_bench
+small="--num-blocks 200 --blocks 24 --num-layers 3 --iters 3"
+
+echo "== unit, fault and compile tests"
+entry "unit (ucx default)" 120 $B/test_unit
+entry "unit (ucx tcp)" 120 env UCX_TLS=tcp $B/test_unit
+entry "unit (asan+ubsan)" 300 $B/test_unit.asan
+entry "faults (ucx default)" 180 $B/test_faults
+entry "faults (asan+ubsan)" 300 $B/test_faults.asan
+entry "compile matrix" 300 bash tests/compile.sh
+
+echo "== kvx_bench, pack (this host)"
+entry "pack 1->1 HND random" 120 $bench $small --random-blocks
+entry "pack 1->1 NHD consecutive" 120 $bench $small --layout NHD
+entry "pack 1->2 HND random" 120 $bench $small --random-blocks --prefill-tp 1 --decode-tp 2
+entry "pack 2->1 NHD random" 120 $bench $small --random-blocks --prefill-tp 2 --decode-tp 1 --layout NHD
+entry "pack 2->4 HND consecutive" 120 $bench $small --prefill-tp 2 --decode-tp 4
+entry "pack 4->2 NHD random" 120 $bench $small --random-blocks --prefill-tp 4 --decode-tp 2 --layout NHD
+entry "pack 4->8 HND random" 180 $bench $small --random-blocks --prefill-tp 4 --decode-tp 8
+entry "pack 8->4 NHD consecutive" 180 $bench $small --prefill-tp 8 --decode-tp 4 --layout NHD
+entry "pack 1 KV head replicated, 1->2" 120 $bench $small --random-blocks --heads 1 --prefill-tp 1 --decode-tp 2
+entry "pack 2 KV heads replicated, 2->4 NHD" 120 $bench $small --random-blocks --heads 2 --prefill-tp 2 --decode-tp 4 --layout NHD
+entry "pack 1 KV head on both sides, 4->2" 120 $bench $small --random-blocks --heads 1 --prefill-tp 4 --decode-tp 2
+entry "pack shared memory (UCX_TLS=sm) 1->1" 120 env UCX_TLS=sm $bench $small --random-blocks
+entry "pack shared memory (UCX_TLS=sm) 2->1 NHD" 120 env UCX_TLS=sm $bench $small --random-blocks --prefill-tp 2 --layout NHD
+entry "pack 3750 blocks x 50 layers x 128, 4 KiB blocks (1.5 GB caches)" 600 \
+  $bench --num-blocks 3750 --num-layers 50 --blocks 128 --block-tokens 16 --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 2
+entry "pack 1->2 under asan+ubsan" 300 env KVX_BENCH=1 $B/kvx_bench.asan $small --random-blocks --prefill-tp 1 --decode-tp 2
+expect_fail "a planted wrong byte fails the run" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $bench $small --random-blocks
+expect_fail "mismatched TP options are refused" 60 "do not divide" $bench --heads 6 --decode-tp 4
+
+echo "== kvx_bench, spread (two network namespaces, UCX over TCP on a veth)"
+entry "spread 1->1 HND random" 180 bash tests/two_hosts.sh $small --random-blocks
+entry "spread 2->4 NHD random" 180 bash tests/two_hosts.sh $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
+entry "spread 4->2 HND consecutive" 180 bash tests/two_hosts.sh $small --prefill-tp 4 --decode-tp 2
+entry "spread 1 KV head replicated, 1->2" 180 bash tests/two_hosts.sh $small --random-blocks --heads 1 --decode-tp 2
+
+echo
+[ ${#failed[@]} -gt 0 ] && echo "failed: ${failed[*]}"
+[ $skip -gt 0 ] && echo "($skip skipped)"
+echo "$pass passed, $fail failed"
+[ $fail -eq 0 ]
