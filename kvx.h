@@ -174,6 +174,8 @@ typedef struct kvx_ctx_desc {
     kvx_log_fn log_fn;          /* NULL: stderr */
     void *log_user;
     const char *provider;       /* KVX_OFI: libfabric provider; NULL: $FI_PROVIDER or the first that fits */
+    uint64_t ofi_extra_caps;    /* KVX_OFI: capabilities to require beyond kvx's own (tests use it) */
+    uint32_t cuda_max_blocks;   /* KVX_CUDA: cap on the copy kernel's thread blocks; 0: the default */
 } kvx_ctx_desc;
 
 typedef struct kvx_layout {
@@ -445,6 +447,7 @@ struct kvx_queue {
     pthread_cond_t cond;
     void *cuda_stream;
     void *be;
+    void *stream;               /* kvx_cuda.h: completion words of this queue */
 };
 
 typedef struct kvx__backend kvx__backend;
@@ -510,7 +513,18 @@ struct kvx__backend {
     /* KVX_OK: nothing pending, safe to sleep on event_fd; KVX_PENDING: progress again. */
     kvx_status (*arm)(kvx_ctx *ctx);
     void (*signal)(kvx_ctx *ctx);
+    /* Optional (NULL): called after kvx__pump issued ops of a queue, so a
+       backend that batches (the CUDA copy kernel) can launch the batch. */
+    void (*flush)(kvx_ctx *ctx, kvx_queue *q);
 };
+
+/* Stream-ordered completion (kvx_cuda.h) sits beside every backend: the core
+   tells it when a queue is made or destroyed and when a read becomes final. */
+#if defined(KVX_CUDA)
+KVX__PRIV kvx_status kvx__stream_queue_init(kvx_queue *q);
+KVX__PRIV void kvx__stream_queue_fini(kvx_queue *q);
+KVX__PRIV void kvx__stream_read_final(kvx__read *rd);
+#endif
 
 KVX__PRIV void kvx__op_done(kvx__read *rd, kvx_status st, const char *why);
 KVX__PRIV void kvx__notify_arrived(kvx_ctx *ctx, const uint8_t *msg, size_t len);
@@ -1376,6 +1390,15 @@ KVX_API kvx_status kvx_queue_create(kvx_ctx *ctx, const kvx_queue_desc *d, kvx_q
         return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_queue_create: out of memory for %u reads and %u runs", desc.depth, desc.max_runs);
     }
     q->next_ticket = q->run_tail = 1;
+#if defined(KVX_CUDA)
+    {
+        kvx_status st = kvx__stream_queue_init(q);
+        if (st != KVX_OK) {
+            KVX_FREE(q->slots); KVX_FREE(q->runs); KVX_FREE(q->done_fifo); KVX_FREE(q);
+            return st;
+        }
+    }
+#endif
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&q->cond, &ca);
@@ -1447,6 +1470,9 @@ KVX__PRIV void kvx__read_finish(kvx__read *rd) {
     } else {
         ctx->st.reads_failed++;
     }
+#if defined(KVX_CUDA)
+    kvx__stream_read_final(rd);
+#endif
     kvx__done_push(q, rd->ticket);
     kvx__runs_release(q);
     pthread_cond_broadcast(&q->cond);
@@ -1557,6 +1583,7 @@ KVX__PRIV void kvx__pump(kvx_queue *q) {
             kvx__read_finish(rd);
         }
     }
+    if (ctx->be_ops->flush) ctx->be_ops->flush(ctx, q);
 }
 
 KVX__PRIV kvx_status kvx__post_check(kvx_queue *q, const kvx_read *r, kvx__read *rd, uint32_t *nruns_out) {
@@ -1951,6 +1978,9 @@ KVX_API void kvx_queue_destroy(kvx_queue *q) {
     for (pp = &ctx->queues; *pp; pp = &(*pp)->next)
         if (*pp == q) { *pp = q->next; break; }
     pthread_mutex_unlock(&ctx->lock);
+#if defined(KVX_CUDA)
+    kvx__stream_queue_fini(q);
+#endif
     pthread_cond_destroy(&q->cond);
     KVX_FREE(q->slots);
     KVX_FREE(q->runs);

@@ -394,7 +394,7 @@ KVX__PRIV const kvx__backend kvx__ucx_backend = {
     "ucx", KVX_BACKEND_UCX,
     kvx__ucx_open, kvx__ucx_close, kvx__ucx_mem_register, kvx__ucx_mem_deregister, kvx__ucx_address,
     kvx__ucx_connect, kvx__ucx_disconnect, kvx__ucx_post, kvx__ucx_notify,
-    kvx__ucx_progress, kvx__ucx_event_fd, kvx__ucx_arm, kvx__ucx_signal
+    kvx__ucx_progress, kvx__ucx_event_fd, kvx__ucx_arm, kvx__ucx_signal, NULL
 };
 
 #endif /* KVX_UCX_INCLUDED */
