@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# make bench: kvx_bench over a sweep of block sizes (bytes per block, per
+# layer and K/V), in pack (this host) and spread (two network namespaces),
+# each beside a reference taken in the same run over the same transport:
+# ucx_perftest -t ucp_get with the same message size and as many reads
+# outstanding as kvx keeps (-O = kvx's max_ops). Random blocks, so every block
+# is its own descriptor and the message sizes match. Prints a table, writes
+# build/bench/results.tsv and plots build/bench/bench.png (gnuplot).
+#   KVX_BENCH_SIZES="4096 65536"  KVX_BENCH_MODES="pack"  to narrow it.
+set -u
+cd "$(dirname "$0")/.."
+B=build
+out=$B/bench
+mkdir -p "$out"
+sizes=${KVX_BENCH_SIZES:-4096 16384 65536 262144 1048576}
+modes=${KVX_BENCH_MODES:-pack spread}
+ops=${KVX_BENCH_OPS:-64}          # reads kvx keeps in flight (kvx_queue_desc.max_ops default)
+layers=4
+target=${KVX_BENCH_BYTES:-67108864}  # bytes per request
+tsv=$out/results.tsv
+echo -e "mode\tbackend\tblock_bytes\tkvx_gbps\tref_gbps\tratio\tref" > "$tsv"
+
+# GB/s (1e9 bytes/s) from ucx_perftest's "Final:" line (its MB are 2^20 bytes).
+perftest_gbps() { awk '/^Final:/ {printf "%.3f", $6 * 1048576 / 1e9}' "$1"; }
+json_gbps() { sed -n 's/.*"gbps":\([0-9.]*\),"latency.*/\1/p' "$1"; }
+
+ns_setup() {
+  tag=$$; A=kvxbA$tag; Bn=kvxbB$tag; VA=kba$tag; VB=kbb$tag; IPA=10.212.$((tag % 250)).1; IPB=10.212.$((tag % 250)).2
+  ip netns add $A && ip netns add $Bn && ip link add $VA type veth peer name $VB &&
+  ip link set $VA netns $A && ip link set $VB netns $Bn &&
+  ip -n $A addr add $IPA/24 dev $VA && ip -n $Bn addr add $IPB/24 dev $VB &&
+  ip -n $A link set $VA up && ip -n $Bn link set $VB up && ip -n $A link set lo up && ip -n $Bn link set lo up
+}
+ns_cleanup() { ip netns del ${A:-none} 2>/dev/null; ip netns del ${Bn:-none} 2>/dev/null; true; }
+trap ns_cleanup EXIT INT TERM
+
+row() {  # mode backend size kvx ref refname
+  local ratio
+  ratio=$(awk -v a="$4" -v b="$5" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+  printf "%-7s %-6s %9s %10s %10s %7s   %s\n" "$1" "$2" "$3" "$4" "$5" "$ratio" "$6"
+  echo -e "$1\t$2\t$3\t$4\t$5\t$ratio\t$6" >> "$tsv"
+}
+
+echo "kvx bench: random blocks, $layers layers x K/V, ~$((target >> 20)) MiB per request, $ops reads in flight"
+printf "%-7s %-6s %9s %10s %10s %7s   %s\n" mode backend block kvx_GB/s ref_GB/s ratio reference
+for mode in $modes; do
+  if [ "$mode" = spread ]; then
+    if [ "$(id -u)" != 0 ]; then echo "(spread skipped: needs root for network namespaces)"; continue; fi
+    ns_setup || { echo "(spread skipped: cannot make namespaces)"; ns_cleanup; continue; }
+  fi
+  for size in $sizes; do
+    tokens=$((size / 256))
+    blocks=$((target / (size * layers * 2))); [ $blocks -lt 8 ] && blocks=8
+    nb=$((blocks * 2))
+    args="--num-blocks $nb --blocks $blocks --num-layers $layers --block-tokens $tokens --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 5 --max-ops $ops"
+    port=$((13400 + RANDOM % 1000))
+    iters=$((blocks * layers * 2 * 5)); [ $iters -gt 200000 ] && iters=200000
+    if [ "$mode" = pack ]; then
+      UCX_TLS=tcp UCX_NET_DEVICES=lo timeout 300 $B/kvx_bench --strategy pack $args --json "$out/kvx_${mode}_$size.json" > "$out/kvx_${mode}_$size.log" 2>&1
+      (UCX_TLS=tcp UCX_NET_DEVICES=lo timeout 120 ucx_perftest -t ucp_get -s $size -O $ops -n $iters -p $port > "$out/perf_${mode}_$size.srv" 2>&1 &)
+      sleep 0.5
+      UCX_TLS=tcp UCX_NET_DEVICES=lo timeout 120 ucx_perftest 127.0.0.1 -t ucp_get -s $size -O $ops -n $iters -p $port > "$out/perf_${mode}_$size.log" 2>&1
+    else
+      ip netns exec $A env UCX_TLS=tcp UCX_NET_DEVICES=$VA KVX_HOST_ID=bench-a timeout 300 $B/kvx_bench --role prefill --listen $IPA:$port $args > "$out/kvx_${mode}_$size.srv" 2>&1 &
+      ip netns exec $Bn env UCX_TLS=tcp UCX_NET_DEVICES=$VB KVX_HOST_ID=bench-b timeout 300 $B/kvx_bench --role decode --connect $IPA:$port $args \
+        --json "$out/kvx_${mode}_$size.json" > "$out/kvx_${mode}_$size.log" 2>&1
+      wait
+      (ip netns exec $A env UCX_TLS=tcp UCX_NET_DEVICES=$VA timeout 120 ucx_perftest -t ucp_get -s $size -O $ops -n $iters -p $((port + 1)) > "$out/perf_${mode}_$size.srv" 2>&1 &)
+      sleep 0.5
+      ip netns exec $Bn env UCX_TLS=tcp UCX_NET_DEVICES=$VB timeout 120 ucx_perftest $IPA -t ucp_get -s $size -O $ops -n $iters -p $((port + 1)) \
+        > "$out/perf_${mode}_$size.log" 2>&1
+    fi
+    grep -q "TEST PASSED" "$out/kvx_${mode}_$size.log" || { echo "kvx_bench $mode $size did not pass:"; tail -5 "$out/kvx_${mode}_$size.log"; }
+    row "$mode" ucx "$size" "$(json_gbps "$out/kvx_${mode}_$size.json")" "$(perftest_gbps "$out/perf_${mode}_$size.log")" "ucx_perftest ucp_get -O $ops"
+  done
+  [ "$mode" = spread ] && ns_cleanup
+done
+
+if [ -x $B/bench_post ]; then
+  echo
+  UCX_NET_DEVICES=lo $B/bench_post | tee "$out/post_cost.txt"
+fi
+
+if command -v gnuplot >/dev/null; then
+  gnuplot <<EOF 2>/dev/null && echo "plot: $out/bench.png"
+set terminal pngcairo size 900,560 noenhanced
+set output "$out/bench.png"
+set title "kvx reads vs the transport's own reference (random blocks, $ops in flight)"
+set xlabel "block size (bytes per layer and K/V)"
+set ylabel "GB/s"
+set logscale x 2
+set xtics ("4K" 4096, "16K" 16384, "64K" 65536, "256K" 262144, "1M" 1048576)
+set yrange [0:*]
+set key bottom right
+set grid
+set datafile separator "\t"
+plot for [m in "pack spread"] "$tsv" using (strcol(1) eq m && strcol(2) eq "ucx" ? \$3 : 1/0):4 with linespoints lw 2 title "kvx ucx ".m, \
+     for [m in "pack spread"] "$tsv" using (strcol(1) eq m && strcol(2) eq "ucx" ? \$3 : 1/0):5 with linespoints dt 2 lw 2 title "ucx_perftest ".m
+EOF
+fi
+echo "table: $tsv"
