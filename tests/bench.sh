@@ -76,6 +76,18 @@ for mode in $modes; do
   [ "$mode" = spread ] && ns_cleanup
 done
 
+# The make-demo transfer (128 random 32 KiB blocks x 32 layers x K/V) beside
+# ucx_perftest at 32 KiB with the same reads outstanding.
+if [[ " $modes " == *" pack "* ]] && [ -x $B/kvx_demo ]; then
+  UCX_NET_DEVICES=lo $B/kvx_demo > "$out/demo.log" 2>&1
+  port=$((14500 + RANDOM % 1000))
+  (UCX_TLS=tcp UCX_NET_DEVICES=lo timeout 120 ucx_perftest -t ucp_get -s 32768 -O $ops -n 20000 -p $port > "$out/perf_demo.srv" 2>&1 &)
+  sleep 0.5
+  UCX_TLS=tcp UCX_NET_DEVICES=lo timeout 120 ucx_perftest 127.0.0.1 -t ucp_get -s 32768 -O $ops -n 20000 -p $port > "$out/perf_demo.log" 2>&1
+  grep -q "TEST PASSED" "$out/demo.log" || { echo "kvx_demo did not pass:"; tail -3 "$out/demo.log"; }
+  row demo ucx 32768 "$(sed -n 's/.*, \([0-9.]*\) GB\/s/\1/p' "$out/demo.log")" "$(perftest_gbps "$out/perf_demo.log")" "ucx_perftest ucp_get -O $ops (make demo's transfer)"
+fi
+
 if [ -x $B/bench_post ]; then
   echo
   UCX_NET_DEVICES=lo $B/bench_post | tee "$out/post_cost.txt"
