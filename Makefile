@@ -71,7 +71,7 @@ $(BUILD)/bench_post: tests/bench_post.c $(HEADERS) $(EX_HEADERS) | $(BUILD)
 
 install:
 	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
-	install -m 644 kvx.h kvx_ucx.h $(DESTDIR)$(PREFIX)/include/
+	install -m 644 $(wildcard kvx.h kvx_ucx.h kvx_ofi.h kvx_cuda.h) $(DESTDIR)$(PREFIX)/include/
 	sed -e 's|@PREFIX@|$(PREFIX)|' kvx.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/kvx.pc
 
 clean:

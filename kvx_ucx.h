@@ -146,9 +146,42 @@ KVX__PRIV void kvx__ucx_ep_err(void *arg, ucp_ep_h ep, ucs_status_t status) {
     kvx__peer_failed((kvx_peer *)arg, ucs_status_string(status));
 }
 
-/* Which transport carries the endpoint's RMA lanes, read from UCX itself:
-   ucp_ep_print_info lists each lane as "N:tl/dev ... rma_bw#k ...". A lane
-   list with no rma lane means gets are emulated over active messages. */
+/* Transports that move a get without the owner's CPU. */
+KVX__PRIV int kvx__ucx_one_sided(const char *tl) {
+    static const char *const hw[] = {"rc", "dc", "ud", "srd", "cma", "knem", "xpmem", "cuda_ipc", "gdr", "rocm"};
+    size_t i;
+    for (i = 0; i < sizeof hw / sizeof hw[0]; i++)
+        if (!strncmp(tl, hw[i], strlen(hw[i]))) return 1;
+    return 0;
+}
+
+#if defined(UCP_API_VERSION) && UCP_API_VERSION >= UCP_VERSION(1, 14)
+/* UCX 1.14 and later say which transports an endpoint uses: prefer a one-sided
+   one, else the first, and mark the software-served ones. */
+KVX__PRIV void kvx__ucx_transport(kvx_peer *p, ucp_ep_h ep) {
+    ucp_transport_entry_t tl[16];
+    ucp_ep_attr_t attr;
+    const char *pick = NULL;
+    unsigned i;
+    memset(&attr, 0, sizeof attr);
+    memset(tl, 0, sizeof tl);
+    attr.field_mask = UCP_EP_ATTR_FIELD_TRANSPORTS;
+    attr.transports.entries = tl;
+    attr.transports.num_entries = 16;
+    attr.transports.entry_size = sizeof tl[0];
+    if (ucp_ep_query(ep, &attr) != UCS_OK || !attr.transports.num_entries) {
+        kvx__strlcpy(p->transport, "ucx:unknown", sizeof p->transport);
+        return;
+    }
+    for (i = 0; i < attr.transports.num_entries && i < 16; i++)
+        if (tl[i].transport_name && kvx__ucx_one_sided(tl[i].transport_name)) { pick = tl[i].transport_name; break; }
+    if (pick) snprintf(p->transport, sizeof p->transport, "ucx:%s", pick);
+    else snprintf(p->transport, sizeof p->transport, "ucx:%s (sw)", tl[0].transport_name ? tl[0].transport_name : "unknown");
+}
+#else
+/* UCX 1.13 has no transport query: ucp_ep_print_info lists each lane as
+   "N:tl/dev ... rma_bw#k ...", read from an open_memstream. A lane list with
+   no rma lane means gets are emulated over active messages. */
 KVX__PRIV void kvx__ucx_transport(kvx_peer *p, ucp_ep_h ep) {
     char *text = NULL, *line, *save = NULL;
     size_t tlen = 0;
@@ -175,13 +208,14 @@ KVX__PRIV void kvx__ucx_transport(kvx_peer *p, ucp_ep_h ep) {
         if (strstr(line, " am") && !am[0]) kvx__strlcpy(am, name, sizeof am);
     }
     free(text);
-    if (rma[0] && strcmp(rma, "tcp"))
+    if (rma[0] && kvx__ucx_one_sided(rma))
         snprintf(p->transport, sizeof p->transport, "ucx:%s", rma);
-    else if (rma[0])  /* tcp's get is served by the owner's progress */
+    else if (rma[0])  /* e.g. tcp: its get is served by the owner's progress */
         snprintf(p->transport, sizeof p->transport, "ucx:%s (sw)", rma);
     else
         snprintf(p->transport, sizeof p->transport, "ucx:%s (sw)", am[0] ? am : "unknown");
 }
+#endif
 
 KVX__PRIV void kvx__ucx_rkeys_drop(kvx_peer *p) {
     uint32_t c, i;
