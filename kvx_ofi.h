@@ -1,0 +1,1234 @@
+/*
+    kvx_ofi.h -- the libfabric backend of kvx. Included by kvx.h inside its
+    implementation when KVX_OFI is defined; do not include it yourself.
+
+    Link: pkg-config --libs libfabric   (-lfabric). Headers and library 1.17
+    or newer are what it is tested with (fi_tostr_r, FI_HMEM, fi_mr_regattr
+    with an iface).
+
+    PROVIDER. kvx_ctx_desc.provider names it ("tcp", "shm", "efa", ...);
+    else libfabric's own $FI_PROVIDER filter applies and the first provider
+    fi_getinfo offers wins. kvx asks for FI_EP_RDM endpoints with FI_RMA,
+    FI_READ, FI_REMOTE_READ and FI_MSG/FI_SEND/FI_RECV (notifications are
+    16-byte messages), plus kvx_ctx_desc.ofi_extra_caps. A provider without
+    them is refused by kvx_ctx_create, never at the first read: the message
+    names the missing capability (or the mr_mode or mode bits kvx does not
+    handle). Both sides must run the same provider; kvx_peer_add says so when
+    they do not. kvx_peer_transport() reports "ofi:" and the provider opened:
+    "ofi:tcp;ofi_rxm (sw)", "ofi:shm", "ofi:efa".
+
+    ENDPOINTS. A context opens one endpoint that peers read from: its name
+    (fi_getname) is the address in the metadata, its registrations are the
+    remote keys, and it keeps receive buffers posted for notifications. For
+    its own reads it opens one endpoint per peer, with its own completion
+    queue and address vector: the unit that a timeout closes (see below).
+
+    MEMORY REGISTRATION. Every mr_mode bit a provider may ask for is handled:
+        FI_MR_LOCAL      the local region's fi_mr_desc goes with every fi_read
+                         (kvx passes it whenever it has one; providers that do
+                         not need it ignore it); notification buffers are
+                         registered too.
+        FI_MR_VIRT_ADDR  remote addresses are virtual addresses; without it
+                         they are offsets from the start of the registration.
+                         The owner packs which one into its remote key.
+        FI_MR_ALLOCATED  kvx registers memory the engine allocated: nothing to do.
+        FI_MR_PROV_KEY   keys come from fi_mr_key; otherwise kvx requests keys
+                         that are unique in its domain (pid and a counter).
+        FI_MR_ENDPOINT   registrations are bound to the serving endpoint and
+                         enabled; with FI_MR_LOCAL too, each peer endpoint gets
+                         its own local registrations of every region.
+        FI_MR_RAW        fi_mr_raw_attr packs the raw key; the reader maps it
+                         with fi_mr_map_raw and unmaps it on disconnect.
+        FI_MR_HMEM       host memory is registered as FI_HMEM_SYSTEM, GPU
+                         memory as FI_HMEM_CUDA, always with a descriptor.
+    A remote key is 20 bytes (version, flags, raw length, key, base) and the
+    raw key, if any. tcp;ofi_rxm asks for no bit, shm for FI_MR_VIRT_ADDR.
+
+    GPU MEMORY. A KVX_MEM_CUDA cache needs a provider that offers FI_HMEM and
+    a libfabric built with CUDA; the registration itself (FI_HMEM_CUDA) is the
+    trial, so a refusal comes from kvx_cache_register with KVX_ERR_UNSUPPORTED,
+    the libfabric version (fi_version) and the provider, never at transfer
+    time. kvx asks for FI_HMEM where offered, except on shm: libfabric's shm
+    turns its CMA path off on an FI_HMEM endpoint, which would send host reads
+    through bounce buffers (same-host GPU caches are the CUDA backend's job).
+    $KVX_OFI_HMEM=1 asks for it everywhere it is offered, =0 never.
+
+    EFA. What EFA demands is met: FI_EP_RDM, provider keys (FI_MR_PROV_KEY),
+    virtual addresses, local descriptors (FI_MR_LOCAL), FI_HMEM with CUDA
+    registrations for GPU memory, FI_CONTEXT2 (every operation carries its
+    own fi_context2). Large reads are split at ep_attr->max_msg_size.
+
+    PROGRESS. The progress entry drains every completion queue. Where the
+    provider's queues have a wait fd (FI_WAIT_FD: tcp;ofi_rxm), kvx sleeps on
+    an epoll set of them and arms with fi_trywait. libfabric's shm (1.17) has
+    no wait object at all: its queues refuse FI_WAIT_FD and a peer's request
+    signals nothing an fd can see, so kvx's event fd then includes a timerfd
+    that ticks every $KVX_OFI_TICK_US microseconds (1000 by default): a
+    sleeping progress thread wakes a thousand times a second for a few
+    microseconds each, and never spins. With tcp;ofi_rxm the owner's progress
+    serves every read ("(sw)"). shm does a read itself, with process_vm_readv
+    inside fi_read, when the registration uses virtual addresses, no RMA
+    ordering is asked for (kvx asks for none) and cross-memory attach works
+    between the two processes; kvx checks the last by reading one byte of the
+    peer's first region the same way, and says "(sw)" where it fails, since
+    shm then moves data through bounce buffers the owner fills.
+
+    READS. One fi_read per kvx op, split into several at max_msg_size; the
+    parts of an op report one completion. Each endpoint has a pool of op and
+    part contexts sized to its transmit queue (at most 1024), so kvx never
+    posts more than the provider can hold; -FI_EAGAIN (or an empty pool) is
+    KVX_PENDING to the core, which retries after progress. Nothing is
+    allocated or formatted on the success path.
+
+    FAILURE IS FINAL. libfabric cannot cancel one RMA read (fi_cancel is for
+    receives) and fi_av_remove leaves "operations in progress" undefined.
+    What it does define is fi_close of an endpoint: outstanding operations are
+    discarded. So disconnect closes the peer's own endpoint, queue and address
+    vector, then reports every op it held as canceled; the next read to that
+    peer opens a fresh endpoint. The other peers are untouched, and so is the
+    serving endpoint (its address and keys stay valid). Closing is final
+    because every provider kvx meets moves data into the reader only inside
+    the reader's own calls (tcp: our socket reads; shm: our process_vm_readv,
+    or bounce buffers we copy out of) or by hardware bound to the closed queue
+    pair (efa, verbs). A shm built to let the owner write into the reader
+    (process_vm_writev on the owner's side) is not one kvx can make final.
+    A peer that dies ends its reads with KVX_ERR_PEER where the provider
+    reports the broken connection (tcp), else with KVX_ERR_TIMEOUT.
+
+    LIMITS. One registration per region: a provider whose max MR size is
+    smaller than a region fails at kvx_cache_register. Notifications use
+    fi_send; a notification to a peer whose endpoint was closed is dropped
+    (the owner's kvx_notify_expect deadline reports it).
+*/
+#ifndef KVX_OFI_INCLUDED
+#define KVX_OFI_INCLUDED
+
+#include <rdma/fabric.h>
+#include <rdma/fi_cm.h>
+#include <rdma/fi_domain.h>
+#include <rdma/fi_endpoint.h>
+#include <rdma/fi_eq.h>
+#include <rdma/fi_errno.h>
+#include <rdma/fi_rma.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/timerfd.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#ifndef KVX_OFI_API_VERSION
+#  define KVX_OFI_API_VERSION FI_VERSION(FI_MAJOR_VERSION, FI_MINOR_VERSION)
+#endif
+
+#define KVX__OFI_CAPS (FI_MSG | FI_SEND | FI_RECV | FI_RMA | FI_READ | FI_REMOTE_READ)
+#define KVX__OFI_MR_MODES (FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY | FI_MR_ENDPOINT | FI_MR_RAW | FI_MR_HMEM)
+#define KVX__OFI_NRECV 64u          /* notification receives kept posted */
+#define KVX__OFI_RECV_BYTES 64u     /* more than 16, so a wrong-sized message is seen, not truncated */
+#define KVX__OFI_MAX_CTX 1024u      /* op/part contexts per peer endpoint, at most */
+#define KVX__OFI_ADDR_MAGIC 0x31464F4Bu /* "KOF1" */
+#define KVX__OFI_RKEY_HDR 20u
+#define KVX__OFI_RKEY_VIRT 1u
+#define KVX__OFI_RKEY_RAW 2u
+
+/* Tests only: mr_mode bits to behave as if the provider had asked for them
+   (the ones that are safe to add: FI_MR_LOCAL, FI_MR_PROV_KEY, FI_MR_RAW). */
+static uint64_t kvx__ofi_test_mr_mode;
+
+enum { KVX__OFI_K_PART = 1, KVX__OFI_K_SEND = 2, KVX__OFI_K_RECV = 3 };
+
+/* What a completion's op_context points at. The fi_context2 comes first: a
+   provider in FI_CONTEXT/FI_CONTEXT2 mode owns it while the operation is out. */
+typedef struct kvx__ofi_ctx {
+    struct fi_context2 fc;
+    uint32_t kind;
+} kvx__ofi_ctx;
+
+typedef struct kvx__ofi_op kvx__ofi_op;
+
+/* One fi_read: an op, or a piece of an op longer than max_msg_size. */
+typedef struct kvx__ofi_part {
+    kvx__ofi_ctx c;
+    kvx__ofi_op *op;
+    struct kvx__ofi_part *next;
+} kvx__ofi_part;
+
+/* One kvx op: reports exactly one kvx__op_done, whatever its parts do. */
+struct kvx__ofi_op {
+    kvx__read *rd;
+    uint64_t laddr, raddr, len, off, key;   /* raddr in the peer's addressing */
+    void *desc;
+    uint32_t parts_out;
+    int in_use, stop, queued;
+    kvx_status st;
+    kvx__ofi_op *next;          /* free list, or the backlog of ops with parts not yet issued */
+};
+
+typedef struct kvx__ofi_send {  /* a notification on its way (registered memory) */
+    kvx__ofi_ctx c;
+    uint8_t msg[16];
+    int busy;
+    kvx_queue *q;
+    kvx_ticket ticket;
+} kvx__ofi_send;
+
+typedef struct kvx__ofi_note { kvx_queue *q; kvx_ticket ticket; uint8_t msg[16]; } kvx__ofi_note;
+
+typedef struct kvx__ofi_recv {  /* a posted notification receive (registered memory) */
+    kvx__ofi_ctx c;
+    uint8_t buf[KVX__OFI_RECV_BYTES];
+    int posted;
+} kvx__ofi_recv;
+
+typedef struct kvx__ofi_lmr {   /* kvx__region.be of a local region */
+    struct fid_mr *mr;
+    void *desc;
+    uint32_t slot;
+    uint64_t addr, len;
+    int cuda, device;
+} kvx__ofi_lmr;
+
+typedef struct kvx__ofi_rkey {  /* kvx__region.be of a peer's region, while connected */
+    uint64_t key, adj;          /* remote address = virtual address - adj */
+    int mapped;                 /* FI_MR_RAW: fi_mr_map_raw'd */
+} kvx__ofi_rkey;
+
+/* Our endpoint to one peer: what a forced close takes down. */
+typedef struct kvx__ofi_pep {
+    kvx_peer *peer;
+    struct kvx__ofi_pep *next;
+    struct fid_ep *ep;
+    struct fid_cq *cq;
+    struct fid_av *av;
+    fi_addr_t dest;
+    int cq_fd;
+    uint32_t nctx, nsend;
+    kvx__ofi_op *ops, *op_free, *backlog, *backlog_tail;
+    kvx__ofi_part *parts, *part_free;
+    kvx__ofi_send *sends;
+    struct fid_mr *send_mr;
+    void *send_desc;
+    kvx__ofi_note *notes;       /* notifications waiting for a send slot */
+    uint32_t note_head, note_count, note_cap;
+    kvx__ofi_rkey *rkeys;
+    uint32_t nrkeys;
+    struct fid_mr **lmr;        /* FI_MR_ENDPOINT + FI_MR_LOCAL: our regions bound here, by slot */
+    void **ldesc;
+    uint32_t nl;
+    char err[400];
+} kvx__ofi_pep;
+
+typedef struct kvx__ofi {
+    struct fi_info *info;
+    struct fid_fabric *fabric;
+    struct fid_domain *domain;
+    struct fid_av *av;
+    struct fid_cq *cq;
+    struct fid_ep *ep;
+    int wait_fd;                /* 1: queues have FI_WAIT_FD; 0: the tick stands in */
+    int epfd, evfd, tfd, cq_fd;
+    uint64_t mr_mode, max_msg, key_mask, next_key;
+    size_t tx_size;
+    int hmem, sw, shm;
+    char prov[64];
+    uint8_t *addr;
+    uint32_t addr_len;
+    kvx__ofi_recv *recvs;
+    struct fid_mr *recv_mr;
+    void *recv_desc;
+    uint32_t recv_unposted;
+    kvx__ofi_pep *peps;
+    struct fid **wfids;         /* every completion queue, for fi_trywait */
+    uint32_t nwfids, wfcap;
+    kvx__ofi_lmr **slots;       /* local registrations by slot */
+    uint32_t nslots;
+} kvx__ofi;
+
+KVX__PRIV kvx__ofi *kvx__ofi_of(kvx_ctx *ctx) { return (kvx__ofi *)ctx->be; }
+
+KVX__PRIV kvx_status kvx__ofi_fail(kvx_ctx *ctx, kvx_status st, const char *what, int ret) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    uint32_t v = fi_version();
+    return kvx__fail(ctx, st, "libfabric %u.%u%s%s: %s: %s", FI_MAJOR(v), FI_MINOR(v), o && o->prov[0] ? " provider " : "",
+                     o ? o->prov : "", what, fi_strerror(ret < 0 ? -ret : ret));
+}
+
+KVX__PRIV void kvx__ofi_fid_close(struct fid *f) {
+    if (f) fi_close(f);
+}
+
+KVX__PRIV char *kvx__ofi_strdup(const char *s) {
+    /* fi_freeinfo frees hint strings with free(): allocate them with malloc */
+    size_t n = strlen(s) + 1;
+    char *d = (char *)malloc(n);
+    if (d) memcpy(d, s, n);
+    return d;
+}
+
+/* Provider status to kvx status: a broken connection means the peer is gone. */
+KVX__PRIV kvx_status kvx__ofi_status_of(int err) {
+    switch (err) {
+    case FI_ECANCELED: return KVX_ERR_CANCELED;
+    case FI_EACCES: case FI_EINVAL: case FI_EFAULT: case FI_ETRUNC: case FI_EMSGSIZE:
+    case FI_ENOKEY: case FI_EKEYREJECTED: case FI_EBADFLAGS: case FI_EOPNOTSUPP: case FI_ENOSYS:
+        return KVX_ERR_BACKEND;
+    default: return KVX_ERR_PEER;
+    }
+}
+
+/*--- registration ----------------------------------------------------------*/
+
+KVX__PRIV uint64_t kvx__ofi_new_key(kvx__ofi *o) {
+    uint64_t k = ((uint64_t)(uint32_t)getpid() << 24) | (++o->next_key & 0xffffffu);
+    return k & o->key_mask;
+}
+
+/* Register [addr, addr+len); FI_MR_ENDPOINT: bind to ep and enable. */
+KVX__PRIV int kvx__ofi_reg(kvx__ofi *o, uint64_t addr, uint64_t len, uint64_t access, struct fid_ep *ep,
+                           int cuda, int device, struct fid_mr **mr) {
+    struct fi_mr_attr a;
+    struct iovec iov;
+    int ret;
+    memset(&a, 0, sizeof a);
+    iov.iov_base = (void *)(uintptr_t)addr;
+    iov.iov_len = (size_t)len;
+    a.mr_iov = &iov;
+    a.iov_count = 1;
+    a.access = access;
+    a.requested_key = (o->mr_mode & FI_MR_PROV_KEY) ? 0 : kvx__ofi_new_key(o);
+    a.iface = cuda ? FI_HMEM_CUDA : FI_HMEM_SYSTEM;
+    if (cuda) a.device.cuda = device;
+    *mr = NULL;
+    if ((ret = fi_mr_regattr(o->domain, &a, 0, mr)) != 0) { *mr = NULL; return ret; }
+    if (o->mr_mode & FI_MR_ENDPOINT) {
+        if ((ret = fi_mr_bind(*mr, &ep->fid, 0)) != 0 || (ret = fi_mr_enable(*mr)) != 0) {
+            fi_close(&(*mr)->fid);
+            *mr = NULL;
+            return ret;
+        }
+    }
+    return 0;
+}
+
+/* FI_MR_ENDPOINT + FI_MR_LOCAL: a local descriptor is only good on the
+   endpoint its registration is bound to, so each peer endpoint has its own. */
+KVX__PRIV int kvx__ofi_per_ep_local(const kvx__ofi *o) {
+    return (o->mr_mode & FI_MR_ENDPOINT) && (o->mr_mode & (FI_MR_LOCAL | FI_MR_HMEM));
+}
+
+KVX__PRIV int kvx__ofi_pep_lmr(kvx__ofi *o, kvx__ofi_pep *pe, uint32_t slot) {
+    const kvx__ofi_lmr *lm = o->slots[slot];
+    int ret;
+    if (slot >= pe->nl) {
+        uint32_t cap = o->nslots > slot + 1 ? o->nslots : slot + 1, i;
+        struct fid_mr **m = (struct fid_mr **)kvx__calloc(cap, sizeof *m);
+        void **d = (void **)kvx__calloc(cap, sizeof *d);
+        if (!m || !d) { KVX_FREE(m); KVX_FREE(d); return -FI_ENOMEM; }
+        for (i = 0; i < pe->nl; i++) { m[i] = pe->lmr[i]; d[i] = pe->ldesc[i]; }
+        KVX_FREE(pe->lmr); KVX_FREE(pe->ldesc);
+        pe->lmr = m; pe->ldesc = d; pe->nl = cap;
+    }
+    if ((ret = kvx__ofi_reg(o, lm->addr, lm->len, FI_READ, pe->ep, lm->cuda, lm->device, &pe->lmr[slot])) != 0) return ret;
+    pe->ldesc[slot] = fi_mr_desc(pe->lmr[slot]);
+    return 0;
+}
+
+KVX__PRIV void kvx__ofi_pep_lmr_drop(kvx__ofi_pep *pe, uint32_t slot) {
+    if (slot < pe->nl && pe->lmr[slot]) { fi_close(&pe->lmr[slot]->fid); pe->lmr[slot] = NULL; pe->ldesc[slot] = NULL; }
+}
+
+KVX__PRIV kvx_status kvx__ofi_mem_register(kvx_ctx *ctx, const kvx__cache_info *ci, kvx__region *r) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    kvx__ofi_lmr *lm;
+    kvx__ofi_pep *pe;
+    uint64_t base = r->addr, key = 0;
+    uint8_t *raw = NULL;
+    size_t rawlen = 0;
+    uint32_t slot, i;
+    int ret, cuda = ci->mem == KVX_MEM_CUDA;
+    if (cuda && !o->hmem) {
+        uint32_t v = fi_version();
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric %u.%u provider %s: this endpoint has no FI_HMEM (%s), so it cannot read GPU memory: "
+                         "install a libfabric built with CUDA (configure --with-cuda, or the EFA installer's) and use a provider that offers FI_HMEM "
+                         "(efa, verbs;ofi_rxm), or use the CUDA backend (KVX_CUDA) for GPU caches on one host",
+                         FI_MAJOR(v), FI_MINOR(v), o->prov,
+                         o->shm ? "kvx does not ask shm for it, since it turns shm's CMA path off; KVX_OFI_HMEM=1 asks anyway" : "the provider does not offer it");
+    }
+    for (slot = 0; slot < o->nslots && o->slots[slot]; slot++) {}
+    if (slot == o->nslots) {
+        uint32_t cap = o->nslots ? o->nslots * 2 : 16;
+        kvx__ofi_lmr **s = (kvx__ofi_lmr **)kvx__calloc(cap, sizeof *s);
+        if (!s) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
+        for (i = 0; i < o->nslots; i++) s[i] = o->slots[i];
+        KVX_FREE(o->slots);
+        o->slots = s;
+        o->nslots = cap;
+    }
+    lm = (kvx__ofi_lmr *)kvx__calloc(1, sizeof *lm);
+    if (!lm) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
+    lm->slot = slot; lm->addr = r->addr; lm->len = r->len; lm->cuda = cuda; lm->device = ci->device;
+    ret = kvx__ofi_reg(o, r->addr, r->len, FI_READ | FI_REMOTE_READ, o->ep, cuda, ci->device, &lm->mr);
+    if (ret) {
+        KVX_FREE(lm);
+        if (cuda) {
+            uint32_t v = fi_version();
+            return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric %u.%u provider %s refused to register CUDA memory (device %d, FI_HMEM_CUDA): %s: "
+                             "install a libfabric built with CUDA support (configure --with-cuda, or the EFA installer's) or use the CUDA backend (KVX_CUDA)",
+                             FI_MAJOR(v), FI_MINOR(v), o->prov, ci->device, fi_strerror(-ret));
+        }
+        return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_mr_regattr of a cache region", ret);
+    }
+    lm->desc = fi_mr_desc(lm->mr);
+    if (o->mr_mode & FI_MR_RAW) {
+        ret = fi_mr_raw_attr(lm->mr, &base, NULL, &rawlen, 0);
+        if (ret != -FI_ETOOSMALL && ret != 0) goto raw_fail;
+        if (rawlen > KVX__MAX_RKEY - KVX__OFI_RKEY_HDR || !(raw = (uint8_t *)KVX_MALLOC(rawlen ? rawlen : 1))) { ret = -FI_ENOMEM; goto raw_fail; }
+        if ((ret = fi_mr_raw_attr(lm->mr, &base, raw, &rawlen, 0)) != 0) goto raw_fail;
+    } else {
+        key = fi_mr_key(lm->mr);
+        if (key == FI_KEY_NOTAVAIL) { ret = -FI_ENOKEY; goto raw_fail; }
+    }
+    r->rkey = (uint8_t *)KVX_MALLOC(KVX__OFI_RKEY_HDR + rawlen);
+    if (!r->rkey) { ret = -FI_ENOMEM; goto raw_fail; }
+    r->rkey[0] = 1;
+    r->rkey[1] = (uint8_t)(((o->mr_mode & FI_MR_VIRT_ADDR) ? KVX__OFI_RKEY_VIRT : 0) | ((o->mr_mode & FI_MR_RAW) ? KVX__OFI_RKEY_RAW : 0));
+    r->rkey[2] = (uint8_t)rawlen;
+    r->rkey[3] = (uint8_t)(rawlen >> 8);
+    for (i = 0; i < 8; i++) r->rkey[4 + i] = (uint8_t)(key >> (8 * i));
+    for (i = 0; i < 8; i++) r->rkey[12 + i] = (uint8_t)(base >> (8 * i));
+    if (rawlen) memcpy(r->rkey + KVX__OFI_RKEY_HDR, raw, rawlen);
+    r->rkey_len = (uint32_t)(KVX__OFI_RKEY_HDR + rawlen);
+    KVX_FREE(raw);
+    o->slots[slot] = lm;
+    r->be = lm;
+    if (kvx__ofi_per_ep_local(o))
+        for (pe = o->peps; pe; pe = pe->next)
+            if ((ret = kvx__ofi_pep_lmr(o, pe, slot)) != 0) {
+                kvx__ofi_pep *q;
+                for (q = o->peps; q != pe; q = q->next) kvx__ofi_pep_lmr_drop(q, slot);
+                o->slots[slot] = NULL;
+                r->be = NULL;
+                KVX_FREE(r->rkey);
+                r->rkey = NULL;
+                r->rkey_len = 0;
+                fi_close(&lm->mr->fid);
+                KVX_FREE(lm);
+                return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_mr_regattr of a cache region on a peer endpoint (FI_MR_ENDPOINT)", ret);
+            }
+    return KVX_OK;
+raw_fail:
+    KVX_FREE(raw);
+    fi_close(&lm->mr->fid);
+    KVX_FREE(lm);
+    return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "remote key of a cache region (fi_mr_key / fi_mr_raw_attr)", ret);
+}
+
+KVX__PRIV void kvx__ofi_mem_deregister(kvx_ctx *ctx, kvx__region *r) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    kvx__ofi_lmr *lm = (kvx__ofi_lmr *)r->be;
+    kvx__ofi_pep *pe;
+    if (!lm) return;
+    for (pe = o->peps; pe; pe = pe->next) kvx__ofi_pep_lmr_drop(pe, lm->slot);
+    o->slots[lm->slot] = NULL;
+    fi_close(&lm->mr->fid);
+    KVX_FREE(lm);
+    r->be = NULL;
+}
+
+/*--- endpoints ---------------------------------------------------------------*/
+
+/* fi_trywait needs every queue at once. */
+KVX__PRIV kvx_status kvx__ofi_wait_rebuild(kvx__ofi *o) {
+    kvx__ofi_pep *pe;
+    uint32_t n = 1;
+    for (pe = o->peps; pe; pe = pe->next) n++;
+    if (n > o->wfcap) {
+        struct fid **f = (struct fid **)kvx__calloc(n * 2, sizeof *f);
+        if (!f) return KVX_ERR_NOMEM;
+        KVX_FREE(o->wfids);
+        o->wfids = f;
+        o->wfcap = n * 2;
+    }
+    n = 0;
+    o->wfids[n++] = &o->cq->fid;
+    for (pe = o->peps; pe; pe = pe->next) o->wfids[n++] = &pe->cq->fid;
+    o->nwfids = n;
+    return KVX_OK;
+}
+
+/* An endpoint with its own queue and address vector, enabled. */
+KVX__PRIV int kvx__ofi_ep_open(kvx__ofi *o, size_t av_count, struct fid_ep **ep, struct fid_cq **cq, struct fid_av **av, int *fd) {
+    struct fi_cq_attr ca;
+    struct fi_av_attr aa;
+    int ret;
+    size_t sz = o->info->tx_attr->size + o->info->rx_attr->size;
+    *ep = NULL; *cq = NULL; *av = NULL; *fd = -1;
+    memset(&ca, 0, sizeof ca);
+    ca.format = FI_CQ_FORMAT_MSG;
+    ca.size = sz;   /* room for every operation either queue can hold */
+    ca.wait_obj = o->wait_fd ? FI_WAIT_FD : FI_WAIT_NONE;
+    if ((ret = fi_cq_open(o->domain, &ca, cq, NULL)) != 0) return ret;
+    if (o->wait_fd && (ret = fi_control(&(*cq)->fid, FI_GETWAIT, fd)) != 0) return ret;
+    memset(&aa, 0, sizeof aa);
+    aa.type = o->info->domain_attr->av_type;
+    aa.count = av_count;
+    if ((ret = fi_av_open(o->domain, &aa, av, NULL)) != 0) return ret;
+    if ((ret = fi_endpoint(o->domain, o->info, ep, NULL)) != 0) return ret;
+    if ((ret = fi_ep_bind(*ep, &(*av)->fid, 0)) != 0) return ret;
+    if ((ret = fi_ep_bind(*ep, &(*cq)->fid, FI_TRANSMIT | FI_RECV)) != 0) return ret;
+    return fi_enable(*ep);
+}
+
+KVX__PRIV void kvx__ofi_epoll(kvx__ofi *o, int fd, int add) {
+    struct epoll_event e;
+    if (fd < 0 || o->epfd < 0) return;
+    memset(&e, 0, sizeof e);
+    e.events = EPOLLIN;
+    e.data.fd = fd;
+    epoll_ctl(o->epfd, add ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, fd, &e);
+}
+
+/* The notification receives: posted once, reposted after each completion. */
+KVX__PRIV void kvx__ofi_repost(kvx__ofi *o) {
+    uint32_t i;
+    if (!o->recv_unposted) return;
+    for (i = 0; i < KVX__OFI_NRECV; i++) {
+        kvx__ofi_recv *rv = &o->recvs[i];
+        ssize_t ret;
+        if (rv->posted) continue;
+        ret = fi_recv(o->ep, rv->buf, sizeof rv->buf, o->recv_desc, FI_ADDR_UNSPEC, &rv->c);
+        if (ret) break;   /* -FI_EAGAIN: again at the next progress */
+        rv->posted = 1;
+        o->recv_unposted--;
+    }
+}
+
+KVX__PRIV void kvx__ofi_close(kvx_ctx *ctx);
+KVX__PRIV void kvx__ofi_pep_free(kvx_ctx *ctx, kvx__ofi_pep *pe, const char *why);
+
+/* Which required capabilities no provider (of the one named) has, in words. */
+KVX__PRIV kvx_status kvx__ofi_refuse(kvx_ctx *ctx, const struct fi_info *hints, uint64_t extra) {
+    static const uint64_t all_mr = FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY | FI_MR_MMU_NOTIFY |
+                                   FI_MR_RMA_EVENT | FI_MR_ENDPOINT | FI_MR_HMEM | FI_MR_RAW | FI_MR_COLLECTIVE;
+    struct fi_info *h = fi_dupinfo(hints), *fi = NULL;
+    uint64_t need = hints->caps, bit, missing = 0;
+    const char *pn = hints->fabric_attr && hints->fabric_attr->prov_name ? hints->fabric_attr->prov_name : NULL;
+    const char *env = getenv("FI_PROVIDER");
+    char who[160], a[400], b[400];
+    uint32_t v = fi_version();
+    kvx_status st = KVX_ERR_UNSUPPORTED;
+    if (!h) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
+    if (pn) snprintf(who, sizeof who, "provider %s%s%s%s", pn, env ? " (with FI_PROVIDER=" : "", env ? env : "", env ? ")" : "");
+    else snprintf(who, sizeof who, "no provider%s%s%s", env ? " (FI_PROVIDER=" : "", env ? env : "", env ? ")" : "");
+    h->caps = 0;
+    h->mode = ~0ull;
+    h->domain_attr->mr_mode = (int)all_mr;
+    h->domain_attr->threading = FI_THREAD_UNSPEC;
+    if (fi_getinfo(KVX_OFI_API_VERSION, NULL, NULL, 0, h, &fi) != 0 || !fi) {
+        st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric %u.%u: %s %s FI_EP_RDM endpoints here (fi_info -t FI_EP_RDM lists the providers that do)",
+                       FI_MAJOR(v), FI_MINOR(v), who, pn ? "offers no" : "offers");
+        goto out;
+    }
+    fi_freeinfo(fi);
+    fi = NULL;
+    for (bit = 1; bit; bit <<= 1) {
+        struct fi_info *one = NULL;
+        if (!(need & bit)) continue;
+        h->caps = bit;
+        if (fi_getinfo(KVX_OFI_API_VERSION, NULL, NULL, 0, h, &one) != 0 || !one) missing |= bit;
+        fi_freeinfo(one);
+    }
+    if (missing) {
+        fi_tostr_r(a, sizeof a, &missing, FI_TYPE_CAPS);
+        st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric %u.%u: %s %s %s with FI_EP_RDM endpoints, which %s",
+                       FI_MAJOR(v), FI_MINOR(v), who, pn ? "lacks" : "offers", a,
+                       (missing & extra) == missing ? "kvx_ctx_desc.ofi_extra_caps asks for"
+                                                    : "kvx needs (FI_RMA, FI_READ, FI_REMOTE_READ for reads; FI_MSG, FI_SEND, FI_RECV for notifications)");
+        goto out;
+    }
+    h->caps = need;
+    if (fi_getinfo(KVX_OFI_API_VERSION, NULL, NULL, 0, h, &fi) != 0 || !fi) {
+        fi_tostr_r(a, sizeof a, &need, FI_TYPE_CAPS);
+        st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric %u.%u: %s %s the capabilities %s together with FI_EP_RDM endpoints (each one alone, yes)",
+                       FI_MAJOR(v), FI_MINOR(v), who, pn ? "lacks" : "offers", a);
+        goto out;
+    }
+    {
+        uint64_t mr = (uint64_t)fi->domain_attr->mr_mode, mode = fi->mode;
+        fi_tostr_r(a, sizeof a, &mr, FI_TYPE_MR_MODE);
+        fi_tostr_r(b, sizeof b, &mode, FI_TYPE_MODE);
+        st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric %u.%u: provider %s has the capabilities but asks for mr_mode [%s] and mode [%s]; "
+                       "kvx handles mr_mode FI_MR_LOCAL, FI_MR_VIRT_ADDR, FI_MR_ALLOCATED, FI_MR_PROV_KEY, FI_MR_ENDPOINT, FI_MR_RAW, FI_MR_HMEM "
+                       "and mode FI_CONTEXT, FI_CONTEXT2", FI_MAJOR(v), FI_MINOR(v), fi->fabric_attr->prov_name, a, b);
+    }
+out:
+    fi_freeinfo(fi);
+    fi_freeinfo(h);
+    return st;
+}
+
+/* Ask for FI_HMEM where the provider offers it, except shm (see the top). */
+KVX__PRIV int kvx__ofi_want_hmem(const struct fi_info *fi) {
+    const char *e = getenv("KVX_OFI_HMEM");
+    if (e && *e) return strcmp(e, "0") != 0;
+    return strcmp(fi->fabric_attr->prov_name, "shm") != 0;
+}
+
+KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
+    kvx__ofi *o;
+    struct fi_info *hints, *fi = NULL;
+    const char *e;
+    size_t nlen = 0, plen;
+    uint32_t i, tick_us = 1000;
+    int ret;
+    kvx_status st;
+    uint8_t *name = NULL;
+    o = (kvx__ofi *)kvx__calloc(1, sizeof *o);
+    if (!o) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
+    ctx->be = o;
+    o->epfd = o->evfd = o->tfd = o->cq_fd = -1;
+    if (!(hints = fi_allocinfo())) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); }
+    hints->caps = KVX__OFI_CAPS | desc->ofi_extra_caps;
+    hints->mode = FI_CONTEXT | FI_CONTEXT2;
+    hints->ep_attr->type = FI_EP_RDM;
+    hints->domain_attr->mr_mode = (int)KVX__OFI_MR_MODES;
+    hints->domain_attr->threading = FI_THREAD_DOMAIN; /* kvx serializes every call under the context lock */
+    if (desc->provider && *desc->provider && !(hints->fabric_attr->prov_name = kvx__ofi_strdup(desc->provider))) {
+        fi_freeinfo(hints);
+        kvx__ofi_close(ctx);
+        return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
+    }
+    ret = fi_getinfo(KVX_OFI_API_VERSION, NULL, NULL, 0, hints, &fi);
+    if (ret || !fi) {
+        st = kvx__ofi_refuse(ctx, hints, desc->ofi_extra_caps);
+        fi_freeinfo(hints);
+        kvx__ofi_close(ctx);
+        return st;
+    }
+    if (!(hints->caps & FI_HMEM) && kvx__ofi_want_hmem(fi)) {
+        /* Same provider and domain, with FI_HMEM: taken where offered. */
+        struct fi_info *h2 = NULL;
+        hints->caps |= FI_HMEM;
+        free(hints->fabric_attr->prov_name);
+        hints->fabric_attr->prov_name = kvx__ofi_strdup(fi->fabric_attr->prov_name);
+        free(hints->domain_attr->name);
+        hints->domain_attr->name = kvx__ofi_strdup(fi->domain_attr->name);
+        if (hints->fabric_attr->prov_name && hints->domain_attr->name &&
+            fi_getinfo(KVX_OFI_API_VERSION, NULL, NULL, 0, hints, &h2) == 0 && h2) {
+            fi_freeinfo(fi);
+            fi = h2;
+        }
+    }
+    fi_freeinfo(hints);
+    o->info = fi_dupinfo(fi);   /* the first fits; keep it alone */
+    fi_freeinfo(fi);
+    if (!o->info) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); }
+    fi = o->info;
+    /* kvx needs no ordering, and shm does a read itself only when no RMA ordering is asked for. */
+    fi->tx_attr->msg_order &= FI_ORDER_SAS;
+    fi->rx_attr->msg_order &= FI_ORDER_SAS;
+    kvx__strlcpy(o->prov, fi->fabric_attr->prov_name, sizeof o->prov);
+    o->shm = !strcmp(o->prov, "shm");
+    o->hmem = (fi->caps & FI_HMEM) != 0;
+    o->mr_mode = (uint64_t)fi->domain_attr->mr_mode | (kvx__ofi_test_mr_mode & (FI_MR_LOCAL | FI_MR_PROV_KEY | FI_MR_RAW));
+    o->key_mask = fi->domain_attr->mr_key_size >= 8 || !fi->domain_attr->mr_key_size ? ~0ull : (1ull << (8 * fi->domain_attr->mr_key_size)) - 1;
+    o->max_msg = fi->ep_attr->max_msg_size ? (uint64_t)fi->ep_attr->max_msg_size : (1ull << 30);
+    o->tx_size = fi->tx_attr->size ? fi->tx_attr->size : 256;
+    if (fi->tx_attr->rma_iov_limit < 1) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric provider %s: rma_iov_limit 0: no RMA", o->prov); }
+    if ((ret = fi_fabric(fi->fabric_attr, &o->fabric, NULL)) != 0) { st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_fabric", ret); kvx__ofi_close(ctx); return st; }
+    if ((ret = fi_domain(o->fabric, fi, &o->domain, NULL)) != 0) { st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_domain", ret); kvx__ofi_close(ctx); return st; }
+    /* A queue with a wait fd if the provider has one; shm 1.17 has none. */
+    o->wait_fd = 1;
+    {
+        struct fi_cq_attr ca;
+        struct fid_cq *t = NULL;
+        memset(&ca, 0, sizeof ca);
+        ca.format = FI_CQ_FORMAT_MSG;
+        ca.wait_obj = FI_WAIT_FD;
+        if (fi_cq_open(o->domain, &ca, &t, NULL) != 0) o->wait_fd = 0;
+        else fi_close(&t->fid);
+    }
+    if ((ret = kvx__ofi_ep_open(o, 16, &o->ep, &o->cq, &o->av, &o->cq_fd)) != 0) {
+        st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "opening the serving endpoint (fi_cq_open, fi_av_open, fi_endpoint, fi_enable)", ret);
+        kvx__ofi_close(ctx);
+        return st;
+    }
+    ret = fi_getname(&o->ep->fid, NULL, &nlen);
+    if ((ret != -FI_ETOOSMALL && ret != 0) || !nlen || nlen > KVX__MAX_ADDR - 256 || !(name = (uint8_t *)KVX_MALLOC(nlen)) ||
+        (ret = fi_getname(&o->ep->fid, name, &nlen)) != 0) {
+        KVX_FREE(name);
+        st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_getname", ret ? ret : -FI_ENOMEM);
+        kvx__ofi_close(ctx);
+        return st;
+    }
+    /* Address: magic, version, provider name, endpoint name. */
+    plen = strlen(o->prov);
+    o->addr_len = (uint32_t)(4 + 1 + 1 + plen + 4 + nlen);
+    if (!(o->addr = (uint8_t *)KVX_MALLOC(o->addr_len))) { KVX_FREE(name); kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); }
+    for (i = 0; i < 4; i++) o->addr[i] = (uint8_t)(KVX__OFI_ADDR_MAGIC >> (8 * i));
+    o->addr[4] = 1;
+    o->addr[5] = (uint8_t)plen;
+    memcpy(o->addr + 6, o->prov, plen);
+    for (i = 0; i < 4; i++) o->addr[6 + plen + i] = (uint8_t)((uint32_t)nlen >> (8 * i));
+    memcpy(o->addr + 10 + plen, name, nlen);
+    KVX_FREE(name);
+    /* Notification receives, in registered memory for FI_MR_LOCAL. */
+    o->recvs = (kvx__ofi_recv *)kvx__calloc(KVX__OFI_NRECV, sizeof *o->recvs);
+    if (!o->recvs) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); }
+    if ((ret = kvx__ofi_reg(o, (uint64_t)(uintptr_t)o->recvs, KVX__OFI_NRECV * sizeof *o->recvs, FI_RECV, o->ep, 0, 0, &o->recv_mr)) != 0) {
+        st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_mr_regattr of the notification buffers", ret);
+        kvx__ofi_close(ctx);
+        return st;
+    }
+    o->recv_desc = fi_mr_desc(o->recv_mr);
+    for (i = 0; i < KVX__OFI_NRECV; i++) o->recvs[i].c.kind = KVX__OFI_K_RECV;
+    o->recv_unposted = KVX__OFI_NRECV;
+    kvx__ofi_repost(o);
+    /* The event fd: an epoll set of the queues' wait fds (or the tick) and kvx's own wakeup. */
+    if ((e = getenv("KVX_OFI_TICK_US")) != NULL && atoi(e) > 0) tick_us = (uint32_t)atoi(e);
+    o->epfd = epoll_create1(EPOLL_CLOEXEC);
+    o->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (!o->wait_fd) o->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (o->epfd < 0 || o->evfd < 0 || (!o->wait_fd && o->tfd < 0)) {
+        st = kvx__fail(ctx, KVX_ERR_BACKEND, "ofi: epoll_create1/eventfd/timerfd_create: %s", strerror(errno));
+        kvx__ofi_close(ctx);
+        return st;
+    }
+    kvx__ofi_epoll(o, o->evfd, 1);
+    if (o->wait_fd) kvx__ofi_epoll(o, o->cq_fd, 1);
+    else {
+        struct itimerspec its;
+        memset(&its, 0, sizeof its);
+        its.it_interval.tv_sec = (time_t)(tick_us / 1000000u);
+        its.it_interval.tv_nsec = (long)(tick_us % 1000000u) * 1000;
+        its.it_value = its.it_interval;
+        timerfd_settime(o->tfd, 0, &its, NULL);
+        kvx__ofi_epoll(o, o->tfd, 1);
+    }
+    if (kvx__ofi_wait_rebuild(o) != KVX_OK) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); }
+    /* Reads served by the owner's progress: sockets and datagrams moved by software. */
+    o->sw = fi->domain_attr->data_progress != FI_PROGRESS_AUTO &&
+            (!strncmp(o->prov, "tcp", 3) || !strncmp(o->prov, "sockets", 7) || !strncmp(o->prov, "udp", 3) ||
+             !strncmp(o->prov, "net", 3) || strstr(o->prov, "ofi_rxd") != NULL);
+    if (KVX_LOG_INFO <= (int)ctx->log_level) {
+        char mr[200];
+        uint64_t m = o->mr_mode;
+        uint32_t v = fi_version();
+        fi_tostr_r(mr, sizeof mr, &m, FI_TYPE_MR_MODE);
+        kvx__log(ctx, KVX_LOG_INFO, "libfabric %u.%u provider %s, fabric %s, domain %s, mr_mode [%s], max_msg_size %llu, tx queue %zu, %s%s",
+                 FI_MAJOR(v), FI_MINOR(v), o->prov, fi->fabric_attr->name, fi->domain_attr->name, mr, (unsigned long long)o->max_msg,
+                 o->tx_size, o->wait_fd ? "sleeps on FI_WAIT_FD" : "no wait object: progress ticks", o->hmem ? ", FI_HMEM" : "");
+    }
+    return KVX_OK;
+}
+
+KVX__PRIV void kvx__ofi_close(kvx_ctx *ctx) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    uint32_t i;
+    if (!o) return;
+    while (o->peps) kvx__ofi_pep_free(ctx, o->peps, "the context was destroyed");
+    /* The endpoint first: after it nothing is posted to the buffers below. */
+    if (o->ep) fi_close(&o->ep->fid);
+    if (o->recv_mr) fi_close(&o->recv_mr->fid);
+    for (i = 0; i < o->nslots; i++)
+        if (o->slots[i]) { fi_close(&o->slots[i]->mr->fid); KVX_FREE(o->slots[i]); }
+    if (o->cq) fi_close(&o->cq->fid);
+    if (o->av) fi_close(&o->av->fid);
+    if (o->domain) fi_close(&o->domain->fid);
+    if (o->fabric) fi_close(&o->fabric->fid);
+    if (o->info) fi_freeinfo(o->info);
+    if (o->epfd >= 0) close(o->epfd);
+    if (o->evfd >= 0) close(o->evfd);
+    if (o->tfd >= 0) close(o->tfd);
+    KVX_FREE(o->recvs);
+    KVX_FREE(o->addr);
+    KVX_FREE(o->wfids);
+    KVX_FREE(o->slots);
+    KVX_FREE(o);
+    ctx->be = NULL;
+}
+
+KVX__PRIV kvx_status kvx__ofi_address(kvx_ctx *ctx, const uint8_t **addr, uint32_t *len) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    *addr = o->addr;
+    *len = o->addr_len;
+    return KVX_OK;
+}
+
+/*--- peers -------------------------------------------------------------------*/
+
+/* Can this process read the peer's memory with process_vm_readv (what shm's
+   own check does)? Reads one byte of the peer's first host region. */
+KVX__PRIV int kvx__ofi_cma_ok(const kvx_peer *p) {
+#if defined(__linux__) && defined(_GNU_SOURCE)
+    uint32_t c;
+    uint8_t b;
+    struct iovec l, r;
+    for (c = 0; c < p->ncaches; c++) {
+        if (p->caches[c].mem != KVX_MEM_HOST || !p->caches[c].nregions) continue;
+        l.iov_base = &b;
+        l.iov_len = 1;
+        r.iov_base = (void *)(uintptr_t)p->caches[c].regions[0].addr;
+        r.iov_len = 1;
+        return process_vm_readv((pid_t)p->pid, &l, 1, &r, 1, 0) == 1;
+    }
+#else
+    (void)p;
+#endif
+    return 0;
+}
+
+/* Drop a notification that will not be sent: release its read's slot if
+   the read is still there (its queue may be gone). */
+KVX__PRIV void kvx__ofi_note_release(kvx_ctx *ctx, kvx_queue *q, kvx_ticket t) {
+    kvx_queue *x;
+    for (x = ctx->queues; x; x = x->next)
+        if (x == q) {
+            kvx__read *rd = &q->slots[t % q->depth];
+            if (rd->ticket == t && rd->in_use && rd->notify_inflight) kvx__notify_sent(rd);
+            return;
+        }
+}
+
+KVX__PRIV void kvx__ofi_pep_free(kvx_ctx *ctx, kvx__ofi_pep *pe, const char *why) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    kvx__ofi_pep **pp;
+    kvx_peer *p = pe->peer;
+    uint32_t i, c, k, dropped = 0;
+    for (pp = &o->peps; *pp; pp = &(*pp)->next)
+        if (*pp == pe) { *pp = pe->next; break; }
+    kvx__ofi_wait_rebuild(o);
+    kvx__ofi_epoll(o, pe->cq_fd, 0);
+    /* Close the endpoint first: libfabric discards what it held, and from
+       here on nothing of this peer can land in our memory. */
+    kvx__ofi_fid_close(pe->ep ? &pe->ep->fid : NULL);
+    kvx__ofi_fid_close(pe->cq ? &pe->cq->fid : NULL);
+    kvx__ofi_fid_close(pe->av ? &pe->av->fid : NULL);
+    for (i = 0; i < pe->nctx; i++)
+        if (pe->ops && pe->ops[i].in_use) {
+            pe->ops[i].in_use = 0;
+            kvx__op_done(pe->ops[i].rd, KVX_ERR_CANCELED, why);
+        }
+    for (i = 0; pe->sends && i < pe->nsend; i++)
+        if (pe->sends[i].busy) { pe->sends[i].busy = 0; dropped++; kvx__ofi_note_release(ctx, pe->sends[i].q, pe->sends[i].ticket); }
+    for (i = 0; pe->notes && i < pe->note_count; i++) {
+        kvx__ofi_note *n = &pe->notes[(pe->note_head + i) % pe->note_cap];
+        dropped++;
+        kvx__ofi_note_release(ctx, n->q, n->ticket);
+    }
+    if (dropped) KVX__LOG(ctx, KVX_LOG_WARN, "ofi: %u notifications to %s/%d dropped: %s", dropped, p->name, p->rank, why);
+    for (k = 0, c = 0; c < p->ncaches; c++)
+        for (i = 0; i < p->caches[c].nregions; i++, k++) {
+            if (k < pe->nrkeys && pe->rkeys[k].mapped) fi_mr_unmap_key(o->domain, pe->rkeys[k].key);
+            p->caches[c].regions[i].be = NULL;
+        }
+    for (i = 0; i < pe->nl; i++) kvx__ofi_pep_lmr_drop(pe, i);
+    kvx__ofi_fid_close(pe->send_mr ? &pe->send_mr->fid : NULL);
+    KVX_FREE(pe->ops); KVX_FREE(pe->parts); KVX_FREE(pe->sends); KVX_FREE(pe->notes);
+    KVX_FREE(pe->rkeys); KVX_FREE(pe->lmr); KVX_FREE(pe->ldesc);
+    if (p->be == pe) p->be = NULL;
+    KVX_FREE(pe);
+}
+
+/* Close by force: the peer's endpoint goes, so nothing it held can land. */
+KVX__PRIV void kvx__ofi_disconnect(kvx_ctx *ctx, kvx_peer *p) {
+    if (!p->be) return;
+    kvx__ofi_pep_free(ctx, (kvx__ofi_pep *)p->be, "the endpoint to the peer was closed by force (a timeout, a failure or a removal)");
+}
+
+KVX__PRIV uint64_t kvx__ofi_rd64(const uint8_t *p) {
+    uint64_t v = 0;
+    int i;
+    for (i = 0; i < 8; i++) v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
+KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    kvx__ofi_pep *pe;
+    const uint8_t *a = p->addr, *name;
+    uint32_t plen, nlen, i, c, k, magic = 0;
+    char pprov[256];
+    int ret, sw;
+    kvx_status st;
+    p->be = NULL;
+    /* The address comes from the network: check every length. */
+    if (p->addr_len >= 6) for (i = 0; i < 4; i++) magic |= (uint32_t)a[i] << (8 * i);
+    if (p->addr_len < 10 || magic != KVX__OFI_ADDR_MAGIC || a[4] != 1 || (plen = a[5]) + 10u > p->addr_len)
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "ofi: the address of %s/%d is not a kvx libfabric address (%u bytes)", p->name, p->rank, p->addr_len);
+    memcpy(pprov, a + 6, plen);
+    pprov[plen] = 0;
+    nlen = (uint32_t)a[6 + plen] | (uint32_t)a[7 + plen] << 8 | (uint32_t)a[8 + plen] << 16 | (uint32_t)a[9 + plen] << 24;
+    name = a + 10 + plen;
+    if (nlen != p->addr_len - 10 - plen || !nlen)
+        return kvx__fail(ctx, KVX_ERR_ARG, "ofi: the address of %s/%d is malformed (endpoint name of %u bytes in %u)", p->name, p->rank, nlen, p->addr_len);
+    if (strcmp(pprov, o->prov))
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "ofi: %s/%d runs libfabric provider %s, this context %s: give both sides the same provider "
+                         "(kvx_ctx_desc.provider or FI_PROVIDER)", p->name, p->rank, pprov, o->prov);
+    pe = (kvx__ofi_pep *)kvx__calloc(1, sizeof *pe);
+    if (!pe) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
+    pe->peer = p;
+    pe->cq_fd = -1;
+    /* Contexts sized to the transmit queue; a few of it kept for notifications. */
+    pe->nsend = o->tx_size >= 64 ? 16 : (uint32_t)(o->tx_size / 4 ? o->tx_size / 4 : 1);
+    pe->nctx = (uint32_t)(o->tx_size > KVX__OFI_MAX_CTX ? KVX__OFI_MAX_CTX : o->tx_size);
+    pe->nctx = pe->nctx > pe->nsend ? pe->nctx - pe->nsend : 1;
+    for (pe->nrkeys = 0, c = 0; c < p->ncaches; c++) pe->nrkeys += p->caches[c].nregions;
+    pe->ops = (kvx__ofi_op *)kvx__calloc(pe->nctx, sizeof *pe->ops);
+    pe->parts = (kvx__ofi_part *)kvx__calloc(pe->nctx, sizeof *pe->parts);
+    pe->sends = (kvx__ofi_send *)kvx__calloc(pe->nsend, sizeof *pe->sends);
+    pe->rkeys = (kvx__ofi_rkey *)kvx__calloc(pe->nrkeys ? pe->nrkeys : 1, sizeof *pe->rkeys);
+    pe->note_cap = 64;
+    pe->notes = (kvx__ofi_note *)kvx__calloc(pe->note_cap, sizeof *pe->notes);
+    if (!pe->ops || !pe->parts || !pe->sends || !pe->rkeys || !pe->notes) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); goto fail; }
+    for (i = 0; i < pe->nctx; i++) {
+        pe->ops[i].next = i + 1 < pe->nctx ? &pe->ops[i + 1] : NULL;
+        pe->parts[i].c.kind = KVX__OFI_K_PART;
+        pe->parts[i].next = i + 1 < pe->nctx ? &pe->parts[i + 1] : NULL;
+    }
+    pe->op_free = pe->ops;
+    pe->part_free = pe->parts;
+    for (i = 0; i < pe->nsend; i++) pe->sends[i].c.kind = KVX__OFI_K_SEND;
+    /* Insert into the list now, so a failure below is undone by kvx__ofi_pep_free. */
+    pe->next = o->peps;
+    o->peps = pe;
+    p->be = pe;
+    if ((ret = kvx__ofi_ep_open(o, 1, &pe->ep, &pe->cq, &pe->av, &pe->cq_fd)) != 0) {
+        st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "opening an endpoint to a peer (fi_cq_open, fi_av_open, fi_endpoint, fi_enable)", ret);
+        goto fail;
+    }
+    kvx__ofi_epoll(o, pe->cq_fd, 1);
+    if (kvx__ofi_wait_rebuild(o) != KVX_OK) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); goto fail; }
+    if ((ret = fi_av_insert(pe->av, name, 1, &pe->dest, 0, NULL)) != 1) {
+        char what[400];
+        snprintf(what, sizeof what, "fi_av_insert of %s/%d (pid %u on %s)", p->name, p->rank, p->pid, p->host);
+        st = kvx__ofi_fail(ctx, KVX_ERR_PEER, what, ret < 0 ? ret : -FI_EINVAL);
+        goto fail;
+    }
+    if ((ret = kvx__ofi_reg(o, (uint64_t)(uintptr_t)pe->sends, pe->nsend * sizeof *pe->sends, FI_SEND, pe->ep, 0, 0, &pe->send_mr)) != 0) {
+        st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_mr_regattr of the notification send buffers", ret);
+        goto fail;
+    }
+    pe->send_desc = fi_mr_desc(pe->send_mr);
+    for (k = 0, c = 0; c < p->ncaches; c++)
+        for (i = 0; i < p->caches[c].nregions; i++, k++) {
+            kvx__region *r = &p->caches[c].regions[i];
+            kvx__ofi_rkey *rk = &pe->rkeys[k];
+            uint32_t rawlen;
+            if (r->rkey_len < KVX__OFI_RKEY_HDR || r->rkey[0] != 1 ||
+                (rawlen = (uint32_t)r->rkey[2] | (uint32_t)r->rkey[3] << 8) != r->rkey_len - KVX__OFI_RKEY_HDR) {
+                st = kvx__fail(ctx, KVX_ERR_ARG, "ofi: remote key of %s/%d cache %u region %u is malformed (%u bytes)", p->name, p->rank, c, i, r->rkey_len);
+                goto fail;
+            }
+            rk->adj = (r->rkey[1] & KVX__OFI_RKEY_VIRT) ? 0 : r->addr;
+            if (r->rkey[1] & KVX__OFI_RKEY_RAW) {
+                if ((ret = fi_mr_map_raw(o->domain, kvx__ofi_rd64(r->rkey + 12), r->rkey + KVX__OFI_RKEY_HDR, rawlen, &rk->key, 0)) != 0) {
+                    char what[160];
+                    snprintf(what, sizeof what, "fi_mr_map_raw of %s/%d cache %u region %u", p->name, p->rank, c, i);
+                    st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, what, ret);
+                    goto fail;
+                }
+                rk->mapped = 1;
+            } else {
+                rk->key = kvx__ofi_rd64(r->rkey + 4);
+            }
+            r->be = rk;
+        }
+    if (kvx__ofi_per_ep_local(o))
+        for (i = 0; i < o->nslots; i++)
+            if (o->slots[i] && (ret = kvx__ofi_pep_lmr(o, pe, i)) != 0) {
+                st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_mr_regattr of a cache region on a peer endpoint (FI_MR_ENDPOINT)", ret);
+                goto fail;
+            }
+    sw = o->sw;
+    if (o->shm) sw = !((o->mr_mode & FI_MR_VIRT_ADDR) && !o->hmem && kvx__ofi_cma_ok(p));
+    snprintf(p->transport, sizeof p->transport, "ofi:%s%s", o->prov, sw ? " (sw)" : "");
+    return KVX_OK;
+fail:
+    kvx__ofi_pep_free(ctx, pe, "the connection failed");
+    return st;
+}
+
+/*--- reads -------------------------------------------------------------------*/
+
+/* Issue the parts of x not yet out, as many as the pool and the provider
+   take. 0, or what stopped it (-FI_EAGAIN: again after progress). */
+KVX__PRIV int kvx__ofi_issue(const kvx__ofi *o, kvx__ofi_pep *pe, kvx__ofi_op *x) {
+    while (!x->stop && x->off < x->len) {
+        kvx__ofi_part *pt = pe->part_free;
+        uint64_t n = x->len - x->off;
+        ssize_t ret;
+        if (!pt) return -FI_EAGAIN;
+        if (n > o->max_msg) n = o->max_msg;
+        pt->op = x;
+        ret = fi_read(pe->ep, (void *)(uintptr_t)(x->laddr + x->off), (size_t)n, x->desc, pe->dest, x->raddr + x->off, x->key, &pt->c);
+        if (ret) return (int)ret;
+        pe->part_free = pt->next;
+        x->off += n;
+        x->parts_out++;
+    }
+    return 0;
+}
+
+KVX__PRIV void kvx__ofi_backlog_unlink(kvx__ofi_pep *pe, kvx__ofi_op *x) {
+    kvx__ofi_op **pp, *prev = NULL;
+    for (pp = &pe->backlog; *pp; prev = *pp, pp = &(*pp)->next)
+        if (*pp == x) {
+            *pp = x->next;
+            if (pe->backlog_tail == x) pe->backlog_tail = prev;
+            break;
+        }
+    x->queued = 0;
+}
+
+/* Every part is back (or stopped): the op's one completion. */
+KVX__PRIV void kvx__ofi_op_finish(kvx__ofi_pep *pe, kvx__ofi_op *x) {
+    kvx__read *rd = x->rd;
+    kvx_status st = x->st;
+    if (x->queued) kvx__ofi_backlog_unlink(pe, x);
+    x->in_use = 0;
+    x->next = pe->op_free;
+    pe->op_free = x;
+    kvx__op_done(rd, st, st == KVX_OK ? NULL : pe->err);
+}
+
+KVX__PRIV kvx_status kvx__ofi_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    kvx__ofi_pep *pe = (kvx__ofi_pep *)rd->peer->be;
+    const kvx__ofi_lmr *lm = (const kvx__ofi_lmr *)rd->lc->regions[op->lreg].be;
+    const kvx__ofi_rkey *rk = (const kvx__ofi_rkey *)rd->rc->regions[op->rreg].be;
+    kvx__ofi_op *x;
+    int ret;
+    if (!pe || !rk) return kvx__fail(ctx, KVX_ERR_PEER, "ofi: read %llu: %s/%d is not connected", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank);
+    if (!(x = pe->op_free) || pe->backlog) return KVX_PENDING;  /* no context, or older parts wait first */
+    x->rd = rd;
+    x->laddr = op->laddr;
+    x->raddr = op->raddr - rk->adj;
+    x->len = op->len;
+    x->off = 0;
+    x->key = rk->key;
+    x->desc = pe->ldesc && lm->slot < pe->nl && pe->ldesc[lm->slot] ? pe->ldesc[lm->slot] : lm->desc;
+    x->parts_out = 0;
+    x->stop = 0;
+    x->queued = 0;
+    x->st = KVX_OK;
+    ret = kvx__ofi_issue(o, pe, x);
+    if (!x->parts_out) {
+        if (ret == -FI_EAGAIN) return KVX_PENDING;
+        return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_read", ret);
+    }
+    pe->op_free = x->next;
+    x->in_use = 1;
+    x->next = NULL;
+    if (ret && ret != -FI_EAGAIN) {
+        /* Some parts are out: the op fails when they are back. */
+        x->st = KVX_ERR_BACKEND;
+        x->stop = 1;
+        snprintf(pe->err, sizeof pe->err, "fi_read: %s", fi_strerror(-ret));
+    } else if (x->off < x->len) {
+        x->queued = 1;
+        if (pe->backlog_tail) pe->backlog_tail->next = x;
+        else pe->backlog = x;
+        pe->backlog_tail = x;
+    }
+    return KVX_OK;
+}
+
+/* Parts of split ops that did not fit earlier, oldest first. */
+KVX__PRIV int kvx__ofi_backlog_run(kvx__ofi_pep *pe, const kvx__ofi *o) {
+    int n = 0;
+    while (pe->backlog) {
+        kvx__ofi_op *x = pe->backlog;
+        if (!x->stop) {
+            uint32_t before = x->parts_out;
+            int ret = kvx__ofi_issue(o, pe, x);
+            n += (int)(x->parts_out - before);
+            if (ret == -FI_EAGAIN) break;
+            if (ret) {
+                x->st = KVX_ERR_BACKEND;
+                x->stop = 1;
+                snprintf(pe->err, sizeof pe->err, "fi_read: %s", fi_strerror(-ret));
+            }
+        }
+        kvx__ofi_backlog_unlink(pe, x);
+        if (x->stop && !x->parts_out) kvx__ofi_op_finish(pe, x);
+    }
+    return n;
+}
+
+KVX__PRIV void kvx__ofi_part_done(kvx__ofi_pep *pe, kvx__ofi_part *pt, kvx_status st) {
+    kvx__ofi_op *x = pt->op;
+    pt->next = pe->part_free;
+    pe->part_free = pt;
+    x->parts_out--;
+    if (st != KVX_OK && x->st == KVX_OK) { x->st = st; x->stop = 1; }
+    if (x->parts_out || (x->off < x->len && !x->stop)) return;
+    kvx__ofi_op_finish(pe, x);
+}
+
+/*--- notifications -----------------------------------------------------------*/
+
+/* 0: sent or dropped for good; -FI_EAGAIN: no room now. */
+KVX__PRIV int kvx__ofi_send_note(kvx_ctx *ctx, kvx__ofi_pep *pe, kvx_queue *q, kvx_ticket t, const uint8_t *msg) {
+    kvx__ofi_send *s = NULL;
+    ssize_t ret;
+    uint32_t i;
+    for (i = 0; i < pe->nsend; i++)
+        if (!pe->sends[i].busy) { s = &pe->sends[i]; break; }
+    if (!s) return -FI_EAGAIN;
+    memcpy(s->msg, msg, sizeof s->msg);
+    ret = fi_send(pe->ep, s->msg, sizeof s->msg, pe->send_desc, pe->dest, &s->c);
+    if (ret == -FI_EAGAIN) return -FI_EAGAIN;
+    if (ret) {
+        KVX__LOG(ctx, KVX_LOG_WARN, "ofi: notification to %s/%d not sent: fi_send: %s", pe->peer->name, pe->peer->rank, fi_strerror((int)-ret));
+        kvx__ofi_note_release(ctx, q, t);
+        return 0;
+    }
+    s->busy = 1;
+    s->q = q;
+    s->ticket = t;
+    return 0;
+}
+
+KVX__PRIV kvx_status kvx__ofi_notify(kvx_ctx *ctx, kvx__read *rd) {
+    kvx__ofi_pep *pe = (kvx__ofi_pep *)rd->peer->be;
+    kvx__ofi_note *n;
+    if (!pe) return kvx__fail(ctx, KVX_ERR_PEER, "notification %llu: peer %s/%d is disconnected", (unsigned long long)rd->notify_id, rd->peer->name, rd->peer->rank);
+    if (!pe->note_count && kvx__ofi_send_note(ctx, pe, rd->q, rd->ticket, rd->notify_msg) == 0) return KVX_OK;
+    /* No room now: queued with its own copy of the message, sent from progress. */
+    if (pe->note_count == pe->note_cap) {
+        uint32_t cap = pe->note_cap * 2, i;
+        kvx__ofi_note *m = (kvx__ofi_note *)kvx__calloc(cap, sizeof *m);
+        if (!m) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory for a notification");
+        for (i = 0; i < pe->note_count; i++) m[i] = pe->notes[(pe->note_head + i) % pe->note_cap];
+        KVX_FREE(pe->notes);
+        pe->notes = m;
+        pe->note_cap = cap;
+        pe->note_head = 0;
+    }
+    n = &pe->notes[(pe->note_head + pe->note_count++) % pe->note_cap];
+    n->q = rd->q;
+    n->ticket = rd->ticket;
+    memcpy(n->msg, rd->notify_msg, sizeof n->msg);
+    return KVX_OK;
+}
+
+KVX__PRIV int kvx__ofi_notes_run(kvx_ctx *ctx, kvx__ofi_pep *pe) {
+    int n = 0;
+    while (pe->note_count) {
+        kvx__ofi_note *m = &pe->notes[pe->note_head];
+        if (kvx__ofi_send_note(ctx, pe, m->q, m->ticket, m->msg) != 0) break;
+        pe->note_head = (pe->note_head + 1) % pe->note_cap;
+        pe->note_count--;
+        n++;
+    }
+    return n;
+}
+
+/*--- progress ----------------------------------------------------------------*/
+
+KVX__PRIV void kvx__ofi_complete(kvx_ctx *ctx, kvx__ofi_pep *pe, kvx__ofi_ctx *c, kvx_status st, size_t len) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    if (!c) return;
+    switch (c->kind) {
+    case KVX__OFI_K_PART:
+        if (pe) kvx__ofi_part_done(pe, (kvx__ofi_part *)c, st);
+        break;
+    case KVX__OFI_K_SEND: {
+        kvx__ofi_send *s = (kvx__ofi_send *)c;
+        if (!pe || !s->busy) break;
+        s->busy = 0;
+        if (st != KVX_OK)
+            KVX__LOG(ctx, KVX_LOG_WARN, "ofi: notification to %s/%d not delivered: %s", pe->peer->name, pe->peer->rank, pe->err);
+        kvx__ofi_note_release(ctx, s->q, s->ticket);
+        break;
+    }
+    case KVX__OFI_K_RECV: {
+        kvx__ofi_recv *rv = (kvx__ofi_recv *)c;
+        if (st == KVX_OK) kvx__notify_arrived(ctx, rv->buf, len);
+        rv->posted = 0;
+        o->recv_unposted++;
+        break;
+    }
+    default:
+        break;
+    }
+}
+
+KVX__PRIV void kvx__ofi_cq_error(kvx_ctx *ctx, struct fid_cq *cq, kvx__ofi_pep *pe) {
+    struct fi_cq_err_entry e;
+    char prov[256];
+    kvx_status st;
+    memset(&e, 0, sizeof e);
+    if (fi_cq_readerr(cq, &e, 0) < 1) return;
+    prov[0] = 0;
+    fi_cq_strerror(cq, e.prov_errno, e.err_data, prov, sizeof prov);
+    st = kvx__ofi_status_of(e.err);
+    if (pe) {
+        snprintf(pe->err, sizeof pe->err, "libfabric %s: %s (%s)", kvx__ofi_of(ctx)->prov, fi_strerror(e.err), prov);
+        if (st == KVX_ERR_PEER) kvx__peer_failed(pe->peer, pe->err);
+    } else if (e.err != FI_ECANCELED) {
+        KVX__LOG(ctx, KVX_LOG_WARN, "ofi: receive failed: %s (%s)", fi_strerror(e.err), prov);
+    }
+    if (!e.op_context) {
+        KVX__LOG(ctx, KVX_LOG_WARN, "ofi: an error completion without a context: %s (%s)", fi_strerror(e.err), prov);
+        return;
+    }
+    kvx__ofi_complete(ctx, pe, (kvx__ofi_ctx *)e.op_context, st == KVX_OK ? KVX_ERR_BACKEND : st, 0);
+}
+
+/* Bounded: a busy queue cannot keep progress from returning. */
+KVX__PRIV int kvx__ofi_drain(kvx_ctx *ctx, struct fid_cq *cq, kvx__ofi_pep *pe) {
+    struct fi_cq_msg_entry ev[32];
+    int n = 0, round;
+    for (round = 0; round < 64; round++) {
+        ssize_t k = fi_cq_read(cq, ev, 32), i;
+        if (k == -FI_EAVAIL) { kvx__ofi_cq_error(ctx, cq, pe); n++; continue; }
+        if (k <= 0) {
+            if (k != -FI_EAGAIN && k != 0) KVX__LOG(ctx, KVX_LOG_WARN, "ofi: fi_cq_read: %s", fi_strerror((int)-k));
+            break;
+        }
+        for (i = 0; i < k; i++) kvx__ofi_complete(ctx, pe, (kvx__ofi_ctx *)ev[i].op_context, KVX_OK, ev[i].len);
+        n += (int)k;
+        if (k < 32) break;
+    }
+    return n;
+}
+
+KVX__PRIV int kvx__ofi_progress(kvx_ctx *ctx) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    kvx__ofi_pep *pe;
+    int n = kvx__ofi_drain(ctx, o->cq, NULL);
+    kvx__ofi_repost(o);
+    for (pe = o->peps; pe; pe = pe->next) {
+        n += kvx__ofi_drain(ctx, pe->cq, pe);
+        n += kvx__ofi_backlog_run(pe, o);
+        n += kvx__ofi_notes_run(ctx, pe);
+    }
+    return n;
+}
+
+KVX__PRIV int kvx__ofi_event_fd(kvx_ctx *ctx) { return kvx__ofi_of(ctx)->epfd; }
+
+KVX__PRIV kvx_status kvx__ofi_arm(kvx_ctx *ctx) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    uint64_t v;
+    /* Level-triggered fds: drain what woke us, or poll would not sleep. */
+    if (read(o->evfd, &v, sizeof v) < 0) { /* nothing signaled */ }
+    if (o->tfd >= 0 && read(o->tfd, &v, sizeof v) < 0) { /* no tick yet */ }
+    if (!o->wait_fd) return KVX_OK;
+    return fi_trywait(o->fabric, o->wfids, (int)o->nwfids) == FI_SUCCESS ? KVX_OK : KVX_PENDING;
+}
+
+KVX__PRIV void kvx__ofi_signal(kvx_ctx *ctx) {
+    uint64_t one = 1;
+    if (write(kvx__ofi_of(ctx)->evfd, &one, sizeof one) < 0) { /* already signaled */ }
+}
+
+KVX__PRIV const kvx__backend kvx__ofi_backend = {
+    "ofi", KVX_BACKEND_OFI,
+    kvx__ofi_open, kvx__ofi_close, kvx__ofi_mem_register, kvx__ofi_mem_deregister, kvx__ofi_address,
+    kvx__ofi_connect, kvx__ofi_disconnect, kvx__ofi_post, kvx__ofi_notify,
+    kvx__ofi_progress, kvx__ofi_event_fd, kvx__ofi_arm, kvx__ofi_signal, NULL
+};
+
+#endif /* KVX_OFI_INCLUDED */
