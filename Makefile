@@ -24,9 +24,11 @@ SAN = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-
 HEADERS = kvx.h kvx_ucx.h
 EX_HEADERS = examples/kvx_example.h examples/kvx_rdv.h
 PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
-TESTS = $(BUILD)/test_unit $(BUILD)/test_faults $(BUILD)/test_unit.asan $(BUILD)/test_faults.asan $(BUILD)/kvx_bench.asan
+TESTS = $(BUILD)/test_unit $(BUILD)/test_faults $(BUILD)/test_robust $(BUILD)/test_unit.asan $(BUILD)/test_faults.asan \
+        $(BUILD)/test_robust.asan $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds
+FUZZ_CC ?= clang
 
-.PHONY: all demo test bench install deps deps-test deps-bench clean compile-check
+.PHONY: all demo test bench fuzz soak install deps deps-test deps-bench clean compile-check
 
 all: deps $(PROGRAMS) $(TESTS)
 
@@ -51,6 +53,17 @@ $(BUILD)/test_%: tests/test_%.c tests/kvx_test.h $(HEADERS) $(EX_HEADERS) | $(BU
 
 $(BUILD)/test_%.asan: tests/test_%.c tests/kvx_test.h $(HEADERS) $(EX_HEADERS) | $(BUILD)
 	$(CC) $(SAN) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
+
+# libFuzzer on the metadata parser (clang, with clang's sanitizer runtime).
+$(BUILD)/fuzz_metadata: tests/fuzz/fuzz_metadata.c $(HEADERS) | $(BUILD)
+	$(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
+
+$(BUILD)/make_seeds: tests/fuzz/make_seeds.c $(HEADERS) | $(BUILD)
+	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
+
+fuzz: deps deps-test $(BUILD)/fuzz_metadata $(BUILD)/make_seeds
+	mkdir -p $(BUILD)/fuzz-corpus && $(BUILD)/make_seeds $(BUILD)/fuzz-corpus
+	UCX_NET_DEVICES=lo $(BUILD)/fuzz_metadata -max_total_time=$${FUZZ_SECONDS:-600} -print_final_stats=1 $(BUILD)/fuzz-corpus
 
 demo: deps $(BUILD)/kvx_demo
 	UCX_NET_DEVICES=$${UCX_NET_DEVICES:-lo} $(BUILD)/kvx_demo

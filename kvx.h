@@ -340,6 +340,7 @@ KVX_API void        kvx_stats_get(const kvx_ctx *ctx, kvx_stats *out);
 #define KVX__MAX_LAYERS 65536u
 #define KVX__NOTIFY_RING 4096u
 #define KVX__EXPIRED_MEMORY 1024u
+#define KVX__CANCEL_GRACE_MS 1000u
 
 /*--- internal types ------------------------------------------------------*/
 
@@ -368,6 +369,7 @@ typedef struct kvx__cache_info {
 struct kvx_cache {
     kvx_ctx *ctx;
     kvx__cache_info info;
+    uint64_t *seen;             /* one bit per block: duplicate ids in a read (used under ctx->lock) */
 };
 
 /* A contiguous transfer: the unit a backend posts. */
@@ -1167,11 +1169,12 @@ KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx
         goto fail;
     }
     ci->id = ctx->ncaches;
+    c->seen = (uint64_t *)kvx__calloc((ci->lay.num_blocks + 63u) / 64u, sizeof *c->seen);
     ci->nplanes = ci->lay.num_layers * ci->lay.kv_planes;
     ci->plane_base = (uint64_t *)kvx__calloc(ci->nplanes, sizeof *ci->plane_base);
     ci->plane_region = (uint16_t *)kvx__calloc(ci->nplanes, sizeof *ci->plane_region);
     sp = (kvx__span *)kvx__calloc(ci->nplanes, sizeof *sp);
-    if (!ci->plane_base || !ci->plane_region || !sp) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: out of memory"); goto fail; }
+    if (!ci->plane_base || !ci->plane_region || !sp || !c->seen) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: out of memory"); goto fail; }
     span = (uint64_t)(ci->lay.num_blocks - 1) * ci->block_stride + ci->block_bytes;
     for (p = 0; p < ci->nplanes; p++) {
         uint64_t b = d->bases ? (uint64_t)(uintptr_t)d->bases[p]
@@ -1210,6 +1213,7 @@ fail:
     pthread_mutex_unlock(&ctx->lock);
     kvx__cache_info_free(ci);
     KVX_FREE(sp);
+    KVX_FREE(c->seen);
     KVX_FREE(c);
     return st;
 }
@@ -1229,6 +1233,7 @@ KVX_API void kvx_cache_deregister(kvx_cache *c) {
         }
     pthread_mutex_unlock(&ctx->lock);
     kvx__cache_info_free(&c->info);
+    KVX_FREE(c->seen);
     KVX_FREE(c);
 }
 
@@ -1626,6 +1631,19 @@ KVX__PRIV kvx_status kvx__post_check(kvx_queue *q, const kvx_read *r, kvx__read 
             return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: remote block id %u at index %u is past peer %s/%d's %u blocks", rr, i, p->name, p->rank, rc->lay.num_blocks);
         if (!i || l != r->local_blocks[i - 1] + 1 || rr != r->remote_blocks[i - 1] + 1) nruns++;
     }
+    /* Two reads into one local block in the same request would race: refuse.
+       A bit per block, set and then cleared, under the context lock. */
+    for (i = 0; i < r->num_blocks; i++) {
+        uint32_t l = r->local_blocks[i];
+        uint64_t bit = 1ull << (l & 63u);
+        if (cache->seen[l >> 6] & bit) {
+            uint32_t j;
+            for (j = 0; j < i; j++) cache->seen[r->local_blocks[j] >> 6] &= ~(1ull << (r->local_blocks[j] & 63u));
+            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: local block id %u appears twice (again at index %u)", l, i);
+        }
+        cache->seen[l >> 6] |= bit;
+    }
+    for (i = 0; i < r->num_blocks; i++) cache->seen[r->local_blocks[i] >> 6] &= ~(1ull << (r->local_blocks[i] & 63u));
     if (nruns > q->max_runs)
         return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: %u runs of block ids, the queue holds %u (kvx_queue_desc.max_runs)", nruns, q->max_runs);
     l0 = kvx__head_first(&lc->lay, ctx->rank, ctx->tp_size);
@@ -1935,10 +1953,14 @@ KVX_API int kvx_poll(kvx_queue *q, kvx_completion *out, int max) {
     return n;
 }
 
-/* Tear down with reads in flight: stop issuing, let what is outstanding drain
-   until its deadline, then close by force; the reads end KVX_ERR_CANCELED. */
+/* Tear down with reads in flight: stop issuing, give what is outstanding a
+   short grace (operations in flight usually finish in microseconds), then
+   close the peers that still hold some by force, so that nothing lands after
+   kvx_queue_destroy returns. Other queues' reads to those peers fail too
+   (KVX_ERR_CANCELED): the transport cannot cancel one read. */
 KVX__PRIV void kvx__queue_teardown(kvx_queue *q) {
     kvx_ctx *ctx = q->ctx;
+    uint64_t grace;
     uint32_t i;
     for (i = 0; i < q->depth; i++) {
         kvx__read *rd = &q->slots[i];
@@ -1947,12 +1969,14 @@ KVX__PRIV void kvx__queue_teardown(kvx_queue *q) {
         rd->issuing_done = 1;
         kvx__read_finish(rd);
     }
+    grace = kvx__now_ns() + KVX__CANCEL_GRACE_MS * 1000000ull;
     while (q->ops_out) {
         uint64_t now = kvx__now_ns(), until = 0;
         for (i = 0; i < q->depth; i++) {
             kvx__read *rd = &q->slots[i];
             if (rd->in_use && !rd->done && rd->ops_out && (!until || rd->deadline_ns < until)) until = rd->deadline_ns;
         }
+        if (until > grace) until = grace;
         if (!until || now >= until) {
             for (i = 0; i < q->depth; i++) {
                 kvx__read *rd = &q->slots[i];

@@ -70,6 +70,8 @@ KVX__PRIV kvx_status kvx__ucx_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     ctx->be = u;
     u->efd = -1;
     if ((s = ucp_config_read(NULL, NULL, &cfg)) != UCS_OK) { kvx__ucx_close(ctx); return kvx__ucx_fail(ctx, "ucp_config_read", s); }
+    /* Not UCX_PROTO_ENABLE=y on 1.13: its newer protocols cannot abort a
+       software get (an assertion in ucp_ep_reqs_purge) when a peer fails. */
     memset(&prm, 0, sizeof prm);
     prm.field_mask = UCP_PARAM_FIELD_FEATURES;
     prm.features = UCP_FEATURE_RMA | UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
@@ -296,6 +298,40 @@ KVX__PRIV ucs_status_t kvx__ucx_wireup(kvx_ctx *ctx, ucp_ep_h h) {
     return s;
 }
 
+/* Wait for a request, progressing and sleeping on the event fd, until done
+   or the context's timeout. */
+KVX__PRIV ucs_status_t kvx__ucx_wait_req(kvx_ctx *ctx, ucs_status_ptr_t req) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    ucs_status_t s;
+    uint64_t until = kvx__now_ns() + (uint64_t)ctx->timeout_ms * 1000000ull;
+    if (req == NULL) return UCS_OK;
+    if (UCS_PTR_IS_ERR(req)) return UCS_PTR_STATUS(req);
+    while ((s = ucp_request_check_status(req)) == UCS_INPROGRESS) {
+        uint64_t now = kvx__now_ns();
+        struct pollfd pf;
+        if (now >= until) { ucp_request_free(req); return UCS_ERR_TIMED_OUT; }
+        if (ucp_worker_progress(u->worker)) continue;
+        if (ucp_worker_arm(u->worker) != UCS_OK) continue;
+        pf.fd = u->efd; pf.events = POLLIN; pf.revents = 0;
+        poll(&pf, 1, (int)((until - now) / 1000000u > 100 ? 100 : (until - now) / 1000000u + 1));
+    }
+    ucp_request_free(req);
+    return s;
+}
+
+/* One small read from the peer before kvx_peer_add returns. UCX 1.13 over
+   TCP aborts in the owner when a reader dies while the owner's side of the
+   connection is still in wireup; a first get served by the owner completes
+   that wireup in both directions while both sides are known to be alive. */
+KVX__PRIV ucs_status_t kvx__ucx_probe(kvx_ctx *ctx, kvx_peer *p) {
+    ucp_request_param_t prm;
+    uint8_t buf[8];
+    if (!p->ncaches || !p->caches[0].nregions) return UCS_OK;
+    memset(&prm, 0, sizeof prm);
+    return kvx__ucx_wait_req(ctx, ucp_get_nbx((ucp_ep_h)p->be, buf, 1, p->caches[0].regions[0].addr,
+                                              (ucp_rkey_h)p->caches[0].regions[0].be, &prm));
+}
+
 /* Endpoint choice. kvx asks for peer failure handling, so that a dead peer
    completes every outstanding read with an error and a forced close cancels
    what is in flight. UCX 1.13's shared-memory transports (cma, posix, sysv)
@@ -349,6 +385,18 @@ KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
             }
             r->be = rk;
         }
+    if ((s = kvx__ucx_probe(ctx, p)) != UCS_OK) {
+        kvx__ucx_disconnect(ctx, p);
+        if (s == UCS_ERR_TIMED_OUT)
+            return kvx__fail(ctx, KVX_ERR_TIMEOUT, "ucx: %s/%d (pid %u on %s) did not serve a first read within %u ms",
+                             p->name, p->rank, p->pid, p->host, ctx->timeout_ms);
+        {
+            char what[400];
+            snprintf(what, sizeof what, "first read from %s/%d (pid %u on %s)", p->name, p->rank, p->pid, p->host);
+            kvx__ucx_fail(ctx, what, s);
+            return KVX_ERR_PEER;
+        }
+    }
     kvx__ucx_transport(p, h);
     if (unsafe) {
         kvx__strlcpy(p->transport + strlen(p->transport), " (no failure handling)", sizeof p->transport - strlen(p->transport));

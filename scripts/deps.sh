@@ -2,7 +2,7 @@
 # Installs what kvx's build, tests and benchmarks need, from Debian's packages,
 # when it is missing. As root it runs apt-get; otherwise it says what to run.
 #   scripts/deps.sh build   compiler, pkg-config, UCX headers
-#   scripts/deps.sh test    + iproute2 (two-host tests), clang's sanitizer runtime
+#   scripts/deps.sh test    + iproute2 (two-host tests), clang and its fuzzer/sanitizer runtime
 #   scripts/deps.sh bench   + ucx_perftest, gnuplot
 set -u
 what=${1:-build}
@@ -18,6 +18,8 @@ have_pkg libucx-dev || need+=(libucx-dev)
 if [ "$what" = test ] || [ "$what" = bench ]; then
   have_cmd ip || need+=(iproute2)
   have_cmd timeout || need+=(coreutils)
+  have_cmd clang || need+=(clang)
+  have_pkg libclang-rt-14-dev || have_pkg libclang-rt-dev || need+=(libclang-rt-14-dev)
 fi
 if [ "$what" = bench ]; then
   have_cmd ucx_perftest || need+=(ucx-utils)

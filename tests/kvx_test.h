@@ -11,11 +11,13 @@
 #include <string.h>
 #include <time.h>
 
-static int kvx_t_pass, kvx_t_fail, kvx_t_case_failed;
+static int kvx_t_pass, kvx_t_fail, kvx_t_skip, kvx_t_case_failed, kvx_t_case_skipped;
 static const char *kvx_t_case;
 
 /* KVX_TEST_ONLY=substring runs only the cases whose name contains it. */
-#define T_CASE(name) for (kvx_t_case = kvx_t_selected(name), kvx_t_case_failed = 0, fflush(stdout); kvx_t_case; kvx_t_end())
+#define T_CASE(name) for (kvx_t_case = kvx_t_selected(name), kvx_t_case_failed = kvx_t_case_skipped = 0, fflush(stdout); kvx_t_case; kvx_t_end())
+/* Leave the case as skipped, saying why (counted apart, never as passed). */
+#define T_SKIP(...) do { printf("skip %s: ", kvx_t_case); printf(__VA_ARGS__); printf("\n"); kvx_t_case_skipped = 1; } while (0)
 
 static inline const char *kvx_t_selected(const char *name) {
     const char *only = getenv("KVX_TEST_ONLY");
@@ -23,7 +25,8 @@ static inline const char *kvx_t_selected(const char *name) {
 }
 
 static inline void kvx_t_end(void) {
-    if (!kvx_t_case_failed) { printf("ok %s\n", kvx_t_case); kvx_t_pass++; }
+    if (kvx_t_case_skipped && !kvx_t_case_failed) kvx_t_skip++;
+    else if (!kvx_t_case_failed) { printf("ok %s\n", kvx_t_case); kvx_t_pass++; }
     else kvx_t_fail++;
     kvx_t_case = NULL;
     fflush(stdout);
@@ -36,7 +39,8 @@ static inline void kvx_t_end(void) {
 #define T_HAS(str, sub) do { const char *_s = (str); if (!_s || !strstr(_s, (sub))) T_FAILF("message \"%s\" does not name \"%s\"", _s ? _s : "(null)", (sub)); } while (0)
 
 static inline int kvx_t_summary(void) {
-    printf("%d passed, %d failed\n", kvx_t_pass, kvx_t_fail);
+    if (kvx_t_skip) printf("%d passed, %d failed, %d skipped\n", kvx_t_pass, kvx_t_fail, kvx_t_skip);
+    else printf("%d passed, %d failed\n", kvx_t_pass, kvx_t_fail);
     return kvx_t_fail ? 1 : 0;
 }
 

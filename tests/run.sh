@@ -32,6 +32,8 @@ entry() {
     local p f
     p=$(echo "$summary" | awk '{print $1}'); f=$(echo "$summary" | awk '{print $3}')
     pass=$((pass+p)); fail=$((fail+f))
+    local k; k=$(echo "$summary" | sed -n 's/.*, \([0-9]*\) skipped.*/\1/p'); skip=$((skip+${k:-0}))
+    grep -E '^skip ' "$log" | sed 's/^/    /' 
     if [ $rc -ne 0 ] || [ "$f" != 0 ]; then
       [ "$f" = 0 ] && fail=$((fail+1))
       failed+=("$name"); echo "FAIL $name (exit $rc, ${dt}s): $summary"; grep -E '^FAIL' "$log" | sed 's/^/    /'; tail -5 "$log" | sed 's/^/    | /'
@@ -66,7 +68,13 @@ entry "unit (ucx tcp)" 120 env UCX_TLS=tcp $B/test_unit
 entry "unit (asan+ubsan)" 300 $B/test_unit.asan
 entry "faults (ucx default)" 180 $B/test_faults
 entry "faults (asan+ubsan)" 300 $B/test_faults.asan
+entry "robustness (ucx tcp)" 180 env UCX_TLS=tcp $B/test_robust
+entry "robustness (asan+ubsan)" 300 env UCX_TLS=tcp $B/test_robust.asan
 entry "compile matrix" 300 bash tests/compile.sh
+if [ -x $B/fuzz_metadata ]; then
+  rm -rf $B/fuzz-corpus && mkdir -p $B/fuzz-corpus && $B/make_seeds $B/fuzz-corpus >/dev/null
+  entry "metadata fuzzer, 30 s (libFuzzer, asan+ubsan)" 120 $B/fuzz_metadata -max_total_time=30 -print_final_stats=1 $B/fuzz-corpus
+fi
 
 echo "== kvx_bench, pack (this host)"
 entry "pack 1->1 HND random" 120 $bench $small --random-blocks
