@@ -25,7 +25,7 @@ HEADERS = kvx.h kvx_ucx.h
 EX_HEADERS = examples/kvx_example.h examples/kvx_rdv.h
 PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
 TESTS = $(BUILD)/test_unit $(BUILD)/test_faults $(BUILD)/test_robust $(BUILD)/test_unit.asan $(BUILD)/test_faults.asan \
-        $(BUILD)/test_robust.asan $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds
+        $(BUILD)/test_robust.asan $(BUILD)/test_stress $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds
 FUZZ_CC ?= clang
 
 .PHONY: all demo test bench fuzz soak install deps deps-test deps-bench clean compile-check
@@ -64,6 +64,10 @@ $(BUILD)/make_seeds: tests/fuzz/make_seeds.c $(HEADERS) | $(BUILD)
 fuzz: deps deps-test $(BUILD)/fuzz_metadata $(BUILD)/make_seeds
 	mkdir -p $(BUILD)/fuzz-corpus && $(BUILD)/make_seeds $(BUILD)/fuzz-corpus
 	UCX_NET_DEVICES=lo $(BUILD)/fuzz_metadata -max_total_time=$${FUZZ_SECONDS:-600} -print_final_stats=1 $(BUILD)/fuzz-corpus
+
+# The stress test for minutes (not part of make test).
+soak: deps $(BUILD)/test_stress
+	UCX_TLS=$${UCX_TLS:-tcp} UCX_NET_DEVICES=$${UCX_NET_DEVICES:-lo} KVX_SOAK_SECONDS=$${SOAK_SECONDS:-180} $(BUILD)/test_stress
 
 demo: deps $(BUILD)/kvx_demo
 	UCX_NET_DEVICES=$${UCX_NET_DEVICES:-lo} $(BUILD)/kvx_demo

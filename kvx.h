@@ -281,6 +281,10 @@ KVX_API kvx_status  kvx_test(kvx_queue *q, kvx_ticket t);
 KVX_API kvx_status  kvx_wait(kvx_queue *q, kvx_ticket t, uint32_t timeout_ms);
 KVX_API int         kvx_poll(kvx_queue *q, kvx_completion *out, int max);
 KVX_API kvx_status  kvx_stream_wait(kvx_queue *q, kvx_ticket t, void *cuda_stream);
+/* KVX_CUDA: the address (for kernels and the host) of the completion word of
+   t's slot, (ticket << 2) | state with state 0 pending, 1 done, 2 failed;
+   NULL without KVX_CUDA or before the queue has words. See kvx_cuda.h. */
+KVX_API const volatile uint64_t *kvx_stream_status_ptr(kvx_queue *q, kvx_ticket t);
 
 /* Owner side: declare that a notify id should arrive within timeout_ms; if it
    does not, an expired notification is delivered instead (exactly one of the two). */
@@ -526,6 +530,7 @@ struct kvx__backend {
 KVX__PRIV kvx_status kvx__stream_queue_init(kvx_queue *q);
 KVX__PRIV void kvx__stream_queue_fini(kvx_queue *q);
 KVX__PRIV void kvx__stream_read_final(kvx__read *rd);
+KVX__PRIV void kvx__stream_read_post(kvx__read *rd);
 #endif
 
 KVX__PRIV void kvx__op_done(kvx__read *rd, kvx_status st, const char *why);
@@ -596,6 +601,7 @@ KVX__PRIV kvx_status kvx__fail(kvx_ctx *ctx, kvx_status st, const char *fmt, ...
     va_start(ap, fmt);
     vsnprintf(ctx->err, sizeof ctx->err, fmt, ap);
     va_end(ap);
+    if (st == KVX_PENDING) return st;  /* backpressure, not an error */
     ctx->st.errors++;
     KVX__LOG(ctx, KVX_LOG_ERROR, "%s: %s", kvx_status_name(st), ctx->err);
     return st;
@@ -1713,6 +1719,9 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
     ctx->st.reads_posted++;
     ctx->st.blocks_posted += (uint64_t)r->num_blocks * planes;
     *out = rd->ticket;
+#if defined(KVX_CUDA)
+    kvx__stream_read_post(rd);  /* re-arm the slot's completion word before anything can complete */
+#endif
     kvx__pump(q);
     if (ctx->pt_on && ctx->be_ops->signal) ctx->be_ops->signal(ctx);
 out:
@@ -2039,6 +2048,11 @@ KVX_API kvx_status kvx_stream_wait(kvx_queue *q, kvx_ticket t, void *stream) {
     (void)t; (void)stream;
     if (!q) return KVX_ERR_ARG;
     return kvx__fail(q->ctx, KVX_ERR_UNSUPPORTED, "kvx_stream_wait needs KVX_CUDA defined where KVX_IMPLEMENTATION is");
+}
+KVX_API const volatile uint64_t *kvx_stream_status_ptr(kvx_queue *q, kvx_ticket t) {
+    (void)t;
+    if (q) kvx__fail(q->ctx, KVX_ERR_UNSUPPORTED, "kvx_stream_status_ptr needs KVX_CUDA defined where KVX_IMPLEMENTATION is");
+    return NULL;
 }
 #endif
 

@@ -26,6 +26,9 @@
 #include "../kvx.h"
 #include "kvx_example.h"
 #include "kvx_rdv.h"
+#if defined(KVX_CUDA)
+#include "kvx_example_cuda.h"
+#endif
 
 #include <signal.h>
 #include <sys/socket.h>
@@ -202,11 +205,80 @@ static kvx_ctx *make_ctx(const opts *o, const char *name, int rank, int tp, int 
     return ctx;
 }
 
+/*--- a rank's cache ---------------------------------------------------------*/
+
+/* Host memory; with --backends CUDA, GPU memory (device from
+   $KVX_BENCH_PREFILL_GPU / $KVX_BENCH_DECODE_GPU, default 0; allocation from
+   $KVX_BENCH_CUDA_MEM = malloc, vmm or pool) whose host staging copy is what
+   fill, poison and verify see, pushed and pulled whole around the reads. */
+typedef struct rank_mem {
+    kvx_ex_cache *c;
+    kvx_ex_cache host;
+#if defined(KVX_CUDA)
+    kvx_ex_gpu gpu;
+#endif
+    int gpu_on;
+} rank_mem;
+
+static int mem_alloc(rank_mem *m, const opts *o, const kvx_layout *lay, int tp, const char *role) {
+    memset(m, 0, sizeof *m);
+    m->c = &m->host;
+    if (backend_of(o->backend) != KVX_BACKEND_CUDA) {
+        if (!kvx_ex_cache_alloc(&m->host, lay, o->rank, tp)) return 0;
+        fprintf(stderr, "kvx_bench: %s %d: cannot allocate %zu bytes\n", role, o->rank, m->host.mem_bytes);
+        return -1;
+    }
+#if defined(KVX_CUDA)
+    {
+        const char *dev = getenv(!strcmp(role, "prefill") ? "KVX_BENCH_PREFILL_GPU" : "KVX_BENCH_DECODE_GPU");
+        int kind = kvx_ex_gpu_kind_parse(getenv("KVX_BENCH_CUDA_MEM")), d = dev ? atoi(dev) : 0;
+        if (kind < 0) { fprintf(stderr, "kvx_bench: KVX_BENCH_CUDA_MEM is malloc, vmm or pool\n"); return -1; }
+        if (kvx_ex_gpu_init(d, NULL) || kvx_ex_gpu_alloc(&m->gpu, lay, o->rank, tp, d, (kvx_ex_gpu_kind)kind)) {
+            fprintf(stderr, "kvx_bench: %s %d: GPU cache on device %d: %s\n", role, o->rank, d, kvx_ex_gpu_err);
+            return -1;
+        }
+        m->c = &m->gpu.host;
+        m->gpu_on = 1;
+        return 0;
+    }
+#else
+    (void)lay; (void)tp;
+    fprintf(stderr, "kvx_bench: %s %d: --backends CUDA needs a kvx_bench built with KVX_CUDA\n", role, o->rank);
+    return -1;
+#endif
+}
+
+static kvx_cache_desc mem_desc(const rank_mem *m) {
+#if defined(KVX_CUDA)
+    if (m->gpu_on) return kvx_ex_gpu_desc(&m->gpu);
+#endif
+    return kvx_ex_cache_desc(&m->host);
+}
+
+/* to_gpu 1: staging -> GPU; 0: GPU -> staging. Host caches: nothing to do. */
+static int mem_sync(rank_mem *m, int to_gpu) {
+#if defined(KVX_CUDA)
+    if (m->gpu_on && (to_gpu ? kvx_ex_gpu_push(&m->gpu) : kvx_ex_gpu_pull(&m->gpu))) {
+        fprintf(stderr, "kvx_bench: rank cache copy: %s\n", kvx_ex_gpu_err);
+        return -1;
+    }
+#endif
+    (void)m; (void)to_gpu;
+    return 0;
+}
+
+static void mem_free(rank_mem *m) {
+#if defined(KVX_CUDA)
+    if (m->gpu_on) { kvx_ex_gpu_free(&m->gpu); return; }
+#endif
+    kvx_ex_cache_free(&m->host);
+}
+
 /*--- prefill rank ---------------------------------------------------------*/
 
 static int prefill_rank(const opts *o) {
     kvx_layout lay = layout_of(o, o->prefill_tp);
-    kvx_ex_cache mem;
+    rank_mem mem;
     kvx_cache_desc cd;
     kvx_cache *cache;
     kvx_ctx *ctx;
@@ -214,15 +286,16 @@ static int prefill_rank(const opts *o) {
     uint32_t it, *src, *dst, len32;
     size_t len = 0;
     void *md, *buf;
+    if (mem_alloc(&mem, o, &lay, o->prefill_tp, "prefill")) return 2;
     if (!(ctx = make_ctx(o, "prefill", o->rank, o->prefill_tp, 1))) return 2;
-    if (kvx_ex_cache_alloc(&mem, &lay, o->rank, o->prefill_tp)) { fprintf(stderr, "kvx_bench: prefill %d: cannot allocate %zu bytes\n", o->rank, mem.mem_bytes); return 2; }
     src = (uint32_t *)malloc(o->blocks * sizeof *src);
     dst = (uint32_t *)malloc(o->blocks * sizeof *dst);
     for (it = 0; it < o->iters; it++) {  /* fill only the blocks that will be read */
         tables(o, it, src, dst);
-        kvx_ex_fill(&mem, o->seed, src, o->blocks);
+        kvx_ex_fill(mem.c, o->seed, src, o->blocks);
     }
-    cd = kvx_ex_cache_desc(&mem);
+    if (mem_sync(&mem, 1)) return 2;
+    cd = mem_desc(&mem);
     if ((st = kvx_cache_register(ctx, &cd, &cache)) != KVX_OK) {
         fprintf(stderr, "kvx_bench: prefill %d: %s: %s\n", o->rank, kvx_status_name(st), kvx_ctx_error(ctx));
         return 2;
@@ -234,7 +307,7 @@ static int prefill_rank(const opts *o) {
     /* Serve reads from the progress thread until told to exit (or the launcher goes away). */
     if (!kvx_rdv_recv(o->ctl_fd, F_EXIT, &buf, &len32, 24 * 3600 * 1000)) free(buf);
     kvx_ctx_destroy(ctx);
-    kvx_ex_cache_free(&mem);
+    mem_free(&mem);
     free(md); free(src); free(dst);
     return 0;
 }
@@ -243,7 +316,7 @@ static int prefill_rank(const opts *o) {
 
 static int decode_rank(const opts *o) {
     kvx_layout lay = layout_of(o, o->decode_tp);
-    kvx_ex_cache mem;
+    rank_mem mem;
     kvx_cache_desc cd;
     kvx_cache *cache;
     kvx_queue *q;
@@ -257,9 +330,9 @@ static int decode_rank(const opts *o) {
     uint32_t it, *src, *dst, len, off, n;
     uint8_t *all;
     void *go;
+    if (mem_alloc(&mem, o, &lay, o->decode_tp, "decode")) return 2;
     if (!(ctx = make_ctx(o, "decode", o->rank, o->decode_tp, 0))) return 2;
-    if (kvx_ex_cache_alloc(&mem, &lay, o->rank, o->decode_tp)) { fprintf(stderr, "kvx_bench: decode %d: cannot allocate %zu bytes\n", o->rank, mem.mem_bytes); return 2; }
-    cd = kvx_ex_cache_desc(&mem);
+    cd = mem_desc(&mem);
     if ((st = kvx_cache_register(ctx, &cd, &cache)) != KVX_OK) { fprintf(stderr, "kvx_bench: decode %d: %s\n", o->rank, kvx_ctx_error(ctx)); return 2; }
     memset(&qd, 0, sizeof qd);
     qd.max_ops = o->max_ops;
@@ -298,7 +371,8 @@ static int decode_rank(const opts *o) {
         memset(&r, 0, sizeof r);
         r.mm_src_rank = -1;
         tables(o, it, src, dst);
-        for (k = 0; k < np; k++) kvx_ex_poison(&mem, o->seed, dst, src, o->blocks, 0, lay.num_layers, pf[k], pf[k] + pc[k]);
+        for (k = 0; k < np; k++) kvx_ex_poison(mem.c, o->seed, dst, src, o->blocks, 0, lay.num_layers, pf[k], pf[k] + pc[k]);
+        if (mem_sync(&mem, 1)) return 2;
         if (kvx_rdv_recv(o->ctl_fd, F_GO, &go, &len, RDV_TIMEOUT_MS)) return 2;   /* barrier */
         free(go);
         kvx_stats(ctx, &s0);
@@ -323,13 +397,14 @@ static int decode_rank(const opts *o) {
         r.descs_before = s1.blocks_posted - s0.blocks_posted;
         r.descs_after = s1.descs_posted - s0.descs_posted;
         if (r.status != KVX_OK) kvx__strlcpy(r.error, kvx_ctx_error(ctx), sizeof r.error);
+        if (mem_sync(&mem, 0)) return 2;
         if (getenv("KVX_BENCH_FLIP_BYTE") && np && it == o->iters - 1) {
             /* The self-check of the checker: a planted wrong byte must fail the run. */
-            kvx_ex_block(&mem, lay.num_layers - 1, 1, dst[o->blocks - 1])[kvx_ex_offset(&mem, pf[0] - mem.head_first, 0) + 3] ^= 0x40;
+            kvx_ex_block(mem.c, lay.num_layers - 1, 1, dst[o->blocks - 1])[kvx_ex_offset(mem.c, pf[0] - mem.c->head_first, 0) + 3] ^= 0x40;
         }
         for (k = 0; k < np; k++) {
             kvx_ex_mismatch mm;
-            uint64_t bad = kvx_ex_verify(&mem, o->seed, dst, src, o->blocks, 0, lay.num_layers, pf[k], pf[k] + pc[k], &mm);
+            uint64_t bad = kvx_ex_verify(mem.c, o->seed, dst, src, o->blocks, 0, lay.num_layers, pf[k], pf[k] + pc[k], &mm);
             if (bad && !r.bad_bytes) { r.mm = mm; r.mm_src_rank = hello.peer_rank[k]; }
             r.bad_bytes += bad;
         }
@@ -337,7 +412,7 @@ static int decode_rank(const opts *o) {
     }
     kvx_queue_destroy(q);
     kvx_ctx_destroy(ctx);
-    kvx_ex_cache_free(&mem);
+    mem_free(&mem);
     free(src); free(dst);
     return 0;
 }
@@ -369,7 +444,9 @@ static int spawn_rank(int argc, char **argv, const char *role, int rank, rankpro
         av[n++] = (char *)"--rank"; av[n++] = rs;
         av[n++] = (char *)"--ctl-fd"; av[n++] = fs;
         av[n] = NULL;
-        execv("/proc/self/exe", av);
+        /* argv[0] rather than /proc/self/exe, so that tools wrapping the
+           bench (valgrind --trace-children) wrap its ranks too */
+        execv(strchr(argv[0], '/') ? argv[0] : "/proc/self/exe", av);
         _exit(127);
     }
     close(sv[1]);

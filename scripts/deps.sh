@@ -19,6 +19,7 @@ if [ "$what" = test ] || [ "$what" = bench ]; then
   have_cmd ip || need+=(iproute2)
   have_cmd timeout || need+=(coreutils)
   have_cmd clang || need+=(clang)
+  have_cmd valgrind || need+=(valgrind)
   have_pkg libclang-rt-14-dev || have_pkg libclang-rt-dev || need+=(libclang-rt-14-dev)
 fi
 if [ "$what" = bench ]; then

@@ -70,6 +70,10 @@ entry "faults (ucx default)" 180 $B/test_faults
 entry "faults (asan+ubsan)" 300 $B/test_faults.asan
 entry "robustness (ucx tcp)" 180 env UCX_TLS=tcp $B/test_robust
 entry "robustness (asan+ubsan)" 300 env UCX_TLS=tcp $B/test_robust.asan
+entry "stress: 8 peers, 4 queues, 20000 reads (ucx tcp)" 300 env UCX_TLS=tcp $B/test_stress
+entry "valgrind: unit (ucx tcp)" 300 env UCX_TLS=tcp valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $B/test_unit
+entry "valgrind: kvx_bench pack 1->1, every process (ucx tcp)" 300 env UCX_TLS=tcp valgrind -q --trace-children=yes --error-exitcode=99 \
+  --leak-check=full --errors-for-leak-kinds=definite $B/kvx_bench --num-blocks 64 --blocks 16 --random-blocks --iters 2
 entry "compile matrix" 300 bash tests/compile.sh
 if [ -x $B/fuzz_metadata ]; then
   rm -rf $B/fuzz-corpus && mkdir -p $B/fuzz-corpus && $B/make_seeds $B/fuzz-corpus >/dev/null
