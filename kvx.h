@@ -2037,7 +2037,8 @@ KVX_API int kvx_notifications(kvx_ctx *ctx, kvx_notification *out, int max) {
 
 KVX_API void kvx_stats_get(const kvx_ctx *cctx, kvx_stats *out) {
     kvx_ctx *ctx = (kvx_ctx *)cctx; /* the lock is not part of the value */
-    if (!ctx || !out) return;
+    if (!out) return;
+    if (!ctx) { memset(out, 0, sizeof *out); return; }
     pthread_mutex_lock(&ctx->lock);
     *out = ctx->st;
     pthread_mutex_unlock(&ctx->lock);

@@ -18,6 +18,7 @@
 #include "../examples/kvx_rdv.h"
 #include "kvx_test.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
 
@@ -56,9 +57,18 @@ static void *md_of(kvx_ctx *c, size_t *len) {
 }
 
 static int write_all(int fd, const void *p, size_t n) { return write(fd, p, n) == (ssize_t)n ? 0 : -1; }
+/* Bounded: a child that never writes fails the case, it does not hang it. */
 static int read_all(int fd, void *p, size_t n) {
     uint8_t *b = (uint8_t *)p;
-    while (n) { ssize_t k = read(fd, b, n); if (k <= 0) return -1; b += k; n -= (size_t)k; }
+    while (n) {
+        struct pollfd pf;
+        ssize_t k;
+        pf.fd = fd; pf.events = POLLIN; pf.revents = 0;
+        if (poll(&pf, 1, 30000) <= 0) return -1;
+        if ((k = read(fd, b, n)) <= 0) return -1;
+        b += k;
+        n -= (size_t)k;
+    }
     return 0;
 }
 
@@ -141,11 +151,14 @@ typedef struct child { pid_t pid; int wr, rd; } child;
 static child spawn(const char *role, int a, int b, uint64_t c) {
     int in[2], out[2];
     child ch;
-    if (pipe(in) || pipe(out)) exit(3);
+    /* close-on-exec, so no other child keeps these pipes open */
+    if (pipe2(in, O_CLOEXEC) || pipe2(out, O_CLOEXEC)) exit(3);
     ch.pid = fork();
     if (ch.pid == 0) {
         char sa[24], sb[24], sc[24], f1[16], f2[16];
         close(in[1]); close(out[0]);
+        fcntl(in[0], F_SETFD, 0);
+        fcntl(out[1], F_SETFD, 0);
         snprintf(sa, sizeof sa, "%d", a); snprintf(sb, sizeof sb, "%d", b);
         snprintf(sc, sizeof sc, "%llu", (unsigned long long)c);
         snprintf(f1, sizeof f1, "%d", in[0]); snprintf(f2, sizeof f2, "%d", out[1]);
@@ -494,6 +507,7 @@ int main(int argc, char **argv) {
         kvx_read r;
         kvx_ticket t = 5;
         kvx_stats s0, s1;
+        memset(&s0, 0, sizeof s0); memset(&s1, 0, sizeof s1);
         uint32_t dup[3] = {4, 9, 4}, big = 0xFFFFFFFFu, *many;
         T_ST(kvx_peer_add(D, md, l, &a), KVX_OK);
         T_ST(kvx_queue_create(D, NULL, &q), KVX_OK);
