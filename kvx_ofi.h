@@ -264,10 +264,12 @@ KVX__PRIV char *kvx__ofi_strdup(const char *s) {
     return d;
 }
 
-/* Provider status to kvx status: a broken connection means the peer is gone. */
+/* Provider status to kvx status: a broken connection means the peer is gone.
+   kvx never cancels an operation on a live endpoint (a forced close reports
+   its ops itself), so FI_ECANCELED is the provider tearing the connection
+   down: how rxm over tcp reports a peer that died. */
 KVX__PRIV kvx_status kvx__ofi_status_of(int err) {
     switch (err) {
-    case FI_ECANCELED: return KVX_ERR_CANCELED;
     case FI_EACCES: case FI_EINVAL: case FI_EFAULT: case FI_ETRUNC: case FI_EMSGSIZE:
     case FI_ENOKEY: case FI_EKEYREJECTED: case FI_EBADFLAGS: case FI_EOPNOTSUPP: case FI_ENOSYS:
         return KVX_ERR_BACKEND;
@@ -809,7 +811,12 @@ KVX__PRIV void kvx__ofi_pep_free(kvx_ctx *ctx, kvx__ofi_pep *pe, const char *why
             kvx__op_done(pe->ops[i].rd, KVX_ERR_CANCELED, why);
         }
     for (i = 0; pe->sends && i < pe->nsend; i++)
-        if (pe->sends[i].busy) { pe->sends[i].busy = 0; dropped++; kvx__ofi_note_release(ctx, pe->sends[i].q, pe->sends[i].ticket); }
+        if (pe->sends[i].busy) {
+            pe->sends[i].busy = 0;
+            if (!pe->sends[i].q) continue;  /* the wireup message */
+            dropped++;
+            kvx__ofi_note_release(ctx, pe->sends[i].q, pe->sends[i].ticket);
+        }
     for (i = 0; pe->notes && i < pe->note_count; i++) {
         kvx__ofi_note *n = &pe->notes[(pe->note_head + i) % pe->note_cap];
         dropped++;
@@ -842,9 +849,54 @@ KVX__PRIV uint64_t kvx__ofi_rd64(const uint8_t *p) {
     return v;
 }
 
+KVX__PRIV int kvx__ofi_drain(kvx_ctx *ctx, struct fid_cq *cq, kvx__ofi_pep *pe);
+
+/* Wireup: a zero-byte message to the peer's serving endpoint, waited for
+   (sleeping on the queue's fd, or 1 ms naps without one) until the
+   context's timeout. A peer that is not there is then found by
+   kvx_peer_add, and the reads that follow find the connection made. */
+KVX__PRIV kvx_status kvx__ofi_wireup(kvx_ctx *ctx, kvx__ofi_pep *pe) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    kvx__ofi_send *s = &pe->sends[0];
+    kvx_peer *p = pe->peer;
+    uint64_t until = kvx__now_ns() + (uint64_t)ctx->timeout_ms * 1000000ull;
+    ssize_t ret = -FI_EAGAIN;
+    int sent = 0;
+    s->q = NULL;
+    s->ticket = 0;
+    for (;;) {
+        uint64_t now;
+        if (!sent) {
+            ret = fi_send(pe->ep, s->msg, 0, pe->send_desc, pe->dest, &s->c);
+            if (ret == 0) { sent = 1; s->busy = 1; }
+            else if (ret != -FI_EAGAIN) break;
+        }
+        if (kvx__ofi_drain(ctx, pe->cq, pe)) continue;
+        if (sent && !s->busy) break;
+        if (p->failed) break;
+        if ((now = kvx__now_ns()) >= until) break;
+        if (o->wait_fd) {
+            struct fid *f = &pe->cq->fid;
+            struct pollfd pf;
+            pf.fd = pe->cq_fd; pf.events = POLLIN; pf.revents = 0;
+            if (fi_trywait(o->fabric, &f, 1) == FI_SUCCESS) poll(&pf, 1, (until - now) / 1000000u > 100 ? 100 : (int)((until - now) / 1000000u) + 1);
+        } else {
+            poll(NULL, 0, 1);
+        }
+    }
+    if (sent && !s->busy && !p->failed) return KVX_OK;
+    if (p->failed || (ret && ret != -FI_EAGAIN)) {
+        return kvx__fail(ctx, KVX_ERR_PEER, "ofi: connecting to %s/%d (pid %u on %s): %s", p->name, p->rank, p->pid, p->host,
+                         pe->err[0] ? pe->err : fi_strerror((int)-ret));
+    }
+    return kvx__fail(ctx, KVX_ERR_TIMEOUT, "ofi: %s/%d (pid %u on %s) did not answer the connection within %u ms over %s",
+                     p->name, p->rank, p->pid, p->host, ctx->timeout_ms, o->prov);
+}
+
 KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
     kvx__ofi *o = kvx__ofi_of(ctx);
     kvx__ofi_pep *pe;
+    kvx_peer *q;
     const uint8_t *a = p->addr, *name;
     uint32_t plen, nlen, i, c, k, magic = 0;
     char pprov[256];
@@ -939,8 +991,18 @@ KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
                 st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_mr_regattr of a cache region on a peer endpoint (FI_MR_ENDPOINT)", ret);
                 goto fail;
             }
+    /* Wireup when the peer is added; a reconnect (the core calls connect
+       again after a forced close) does not wait here, under the context
+       lock: its reads make the connection and their deadlines bound it. */
+    for (q = ctx->peers; q && q != p; q = q->next) {}
+    if (!q && (st = kvx__ofi_wireup(ctx, pe)) != KVX_OK) goto fail;
     sw = o->sw;
-    if (o->shm) sw = !((o->mr_mode & FI_MR_VIRT_ADDR) && !o->hmem && kvx__ofi_cma_ok(p));
+    if (o->shm) {
+        const char *nocma = getenv("FI_SHM_DISABLE_CMA");
+        int cma = !nocma || !*nocma || !strchr("1tTyY", nocma[0]) || !strcmp(nocma, "0");
+        if (nocma && (!strcmp(nocma, "on") || !strcmp(nocma, "ON"))) cma = 0;
+        sw = !(cma && (o->mr_mode & FI_MR_VIRT_ADDR) && !o->hmem && kvx__ofi_cma_ok(p));
+    }
     snprintf(p->transport, sizeof p->transport, "ofi:%s%s", o->prov, sw ? " (sw)" : "");
     return KVX_OK;
 fail:
@@ -1144,7 +1206,7 @@ KVX__PRIV void kvx__ofi_complete(kvx_ctx *ctx, kvx__ofi_pep *pe, kvx__ofi_ctx *c
     }
     case KVX__OFI_K_RECV: {
         kvx__ofi_recv *rv = (kvx__ofi_recv *)c;
-        if (st == KVX_OK) kvx__notify_arrived(ctx, rv->buf, len);
+        if (st == KVX_OK && len) kvx__notify_arrived(ctx, rv->buf, len);  /* 0 bytes: a peer's wireup */
         rv->posted = 0;
         o->recv_unposted++;
         break;
