@@ -1,0 +1,2181 @@
+/*
+    kvx_cuda.h -- the CUDA part of kvx: GPU caches, the CUDA IPC backend and
+    stream-ordered completion for every backend. Included by kvx.h inside its
+    implementation when KVX_CUDA is defined; do not include it yourself.
+
+    Link: -lcuda (the driver API only: no CUDA runtime, no nvcc). Build
+    against /usr/local/cuda/include; where no GPU driver is installed, link
+    against /usr/local/cuda/lib64/stubs (the program then starts, and every
+    CUDA call fails cleanly).
+
+    GPU CACHES (kvx_cache_desc.mem = KVX_MEM_CUDA, .device = the ordinal)
+
+        Accepted, found per pointer (cuMemGetAddressRange, cuPointerGetAttributes):
+        - cuMemAlloc / cudaMalloc memory: a legacy IPC handle per allocation.
+        - VMM memory (cuMemCreate + cuMemMap) created with
+          requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR. One
+          registered range may span several physical allocations; each is
+          exported on its own and a reader maps them back to back.
+        - stream-ordered pool memory (cuMemAllocFromPoolAsync,
+          cudaMallocFromPoolAsync) from a pool created with
+          handleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR: the pool is
+          exported as a file descriptor, each allocation with
+          cuMemPoolExportPointer.
+        Refused at kvx_cache_register, with a message that says how to
+        allocate instead: managed memory, VMM memory without an exportable
+        handle type, pool memory whose pool has none (the default pool of
+        cudaMallocAsync), memory on another device than .device. The CUDA
+        backend reads GPU memory into GPU memory only: host caches belong to
+        UCX or libfabric, which in turn refuse GPU memory unless the library
+        is CUDA-aware.
+
+    THE CUDA BACKEND (kvx_ctx_desc.backend = KVX_BACKEND_CUDA)
+
+        Reads between processes of one host over CUDA IPC; kvx_peer_add
+        refuses a peer whose host (kvx_ctx_desc.host_id) differs, naming both.
+        A context drives one GPU: the device of its caches (or of the current
+        context when none is registered yet), in the device's primary context
+        (the CUDA runtime's own). A peer on another GPU needs peer access
+        (cuDeviceCanAccessPeer). kvx_peer_transport() says "cuda:ipc" and the
+        link: "same-gpu", "nvlink" or "pcie" (native peer atomics are taken as
+        the sign of NVLink), with both GPU ordinals.
+
+        Legacy IPC handles travel in the metadata. VMM and pool handles are
+        file descriptors: the reader asks the owner for them over a unix
+        socket (SCM_RIGHTS), in a directory only this user can enter
+        ($KVX_CUDA_SOCKET_DIR, default /tmp/kvx-cuda-UID; the peer's uid is
+        checked too). The owner answers from its progress (progress thread or
+        kvx_progress), as it does for notifications. Each peer allocation is
+        opened once, when the peer is added, and stays mapped until the peer
+        is removed. The same socket tells a reader that its owner died.
+
+    THE COPY KERNEL
+
+        One copy per block cannot move KV blocks fast (a copy call per 4 KiB
+        block runs near 1 GB/s). kvx ships its own gather kernel as PTX text
+        (below, generated from scripts/kvx_cuda_copy.cu): ISA .version 7.8,
+        .target sm_80, so drivers from CUDA 11.8 on compile it for Ampere,
+        Hopper and newer (tests/ptx_check.sh checks it with ptxas). It is
+        loaded with cuModuleLoadData when the first queue of a device is made.
+
+        A read is taken whole when it is posted: its merged block table is
+        expanded into (local, remote) block id pairs in a pinned staging ring,
+        with the piece geometry of the head ranges; the kernel walks that
+        table itself. kvx__pump's flush launches one kernel for all reads
+        staged since the last launch: the table and the read headers go to the
+        GPU by one asynchronous copy on the queue's stream (small batches are
+        read straight from pinned memory), then the kernel, then a write of
+        each read's completion word. Nothing waits on the host. A task is at
+        most 16 KiB of one block, one warp each, 16-byte accesses (bytes where
+        a layout is not 16-byte aligned).
+
+        Thread blocks: 256 threads; at most kvx_ctx_desc.cuda_max_blocks of
+        them (default: two per multiprocessor, the fewest that reached full
+        copy speed on an H200, see tests/bench_gpu.c), so a copy leaves room
+        for the compute kernels beside it.
+
+        Reads run on kvx_queue_desc.cuda_stream (a stream of the primary
+        context of the context's device; CU_STREAM_LEGACY for the legacy
+        default stream) or, when it is NULL, on a stream kvx makes. A queue
+        whose stream is being captured refuses posts: a read is not a graph
+        node (kvx_stream_wait is). The host learns of completions from events;
+        before the progress thread (or kvx_wait) sleeps, a host function on a
+        side stream is armed to wake it through an eventfd, so nobody spins.
+        A read whose kernel was launched cannot be recalled: failing it (peer
+        removed, deadline) first waits for that kernel, polling its event with
+        sleeps up to 10 s, since CUDA has no timed wait on an event.
+
+    STREAM-ORDERED COMPLETION (every backend)
+
+        kvx_stream_wait(q, ticket, stream) makes later work on stream wait
+        for the read without blocking the host: cuStreamWaitValue64 on the
+        completion word of the ticket's slot (ticket % queue depth), in pinned
+        host memory mapped for the GPU. The word holds (ticket << 2) | state,
+        state 0 pending, 1 done, 2 failed; the wait passes on 1 or 2, so a read
+        that fails releases the stream. kvx_stream_status_ptr(q, ticket) gives
+        the word's address for kernels: after the wait they check
+        (word & 3) == 1 (and, where they know it, word >> 2 == ticket).
+
+        Who writes the word: CUDA reads write it from their own stream right
+        after the copy kernel (complete in stream order by construction).
+        UCX and libfabric reads complete on the host (progress thread or
+        kvx_progress/kvx_test/kvx_wait), which writes it; reads into GPU
+        memory first make the network's writes visible:
+        CU_STREAM_WAIT_VALUE_FLUSH on the wait where the device reports
+        CAN_FLUSH_REMOTE_WRITES (0 on H100 and H200), else
+        cuFlushGPUDirectRDMAWrites before the word is written (logged once).
+        Stream waits need 64-bit stream memory operations
+        (CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS, on by default
+        since CUDA 11.7; NOR waits are not used); without them kvx_stream_wait
+        fails with KVX_ERR_UNSUPPORTED. Every CUDA return code is checked: a
+        wait that fails inside stream capture would otherwise silently be left
+        out of the graph.
+
+        CUDA graphs: kvx_stream_wait works on a stream under capture. The
+        node waits on the SLOT's word, and every kvx_post re-arms its slot's
+        word to pending with the new ticket. So a graph captured with ticket
+        t waits, at each replay, for whichever read holds slot t % depth when
+        the replay runs: post the read a replay needs before launching it, and
+        post into the same slot (a queue of depth 1, or one graph per slot, or
+        exactly depth posts per step). A wait still queued on the GPU when its
+        slot is re-armed waits for the newer read.
+
+        The words exist once a queue has a stream: made with
+        kvx_queue_desc.cuda_stream set (or on the CUDA backend), else at the
+        first kvx_stream_wait outside capture (a capture cannot allocate).
+
+    DEADLOCK NOTE: stream memory waits are invisible to CUDA's scheduler. A
+    wait queued before the work that releases it can hold that work back when
+    both share a hardware queue. kvx launches a CUDA read at kvx_post (unless
+    the queue's staging is full), before any wait on it is queued; host-side
+    completions (UCX, libfabric) never depend on the GPU.
+*/
+#ifndef KVX_CUDA_INCLUDED
+#define KVX_CUDA_INCLUDED
+
+/* cuda.h has unnamed unions, which strict C99 pedantry flags. */
+#if defined(__GNUC__)
+#  pragma GCC diagnostic push
+#  pragma GCC diagnostic ignored "-Wpedantic"
+#endif
+#include <cuda.h>
+#if defined(__GNUC__)
+#  pragma GCC diagnostic pop
+#endif
+#include <fcntl.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#define KVX__CUDA_THREADS 256u          /* threads per block of the copy kernel: 8 warps */
+#define KVX__CUDA_CHUNK (16u << 10)      /* bytes one warp copies per task, at most */
+#define KVX__CUDA_DEFAULT_BLOCKS_PER_SM 2u  /* cuda_max_blocks 0: this many per multiprocessor */
+#define KVX__CUDA_RING (8u << 20)        /* staging bytes per queue (block id pairs) */
+#define KVX__CUDA_BATCHES 32u            /* launches in flight per queue */
+#define KVX__CUDA_BATCH_READS 256u       /* reads per launch */
+#define KVX__CUDA_SMALL 4096u            /* batches this small are read from pinned memory */
+#define KVX__CUDA_MAX_DEVS 64
+#define KVX__CUDA_RKEY_MAGIC 0x52435658u /* "XVCR" */
+#define KVX__CUDA_ADDR_MAGIC 0x41435658u /* "XVCA" */
+#define KVX__CUDA_MSG_MAGIC 0x4d435658u  /* "XVCM" */
+
+enum { KVX__CUDA_LEGACY = 1, KVX__CUDA_VMM = 2, KVX__CUDA_POOL = 3 };
+enum { KVX__CUDA_MSG_EXPORT = 1, KVX__CUDA_MSG_REPLY = 2, KVX__CUDA_MSG_NOTIFY = 3 };
+enum { KVX__CUDA_FD_LISTEN = 1, KVX__CUDA_FD_WAKE = 2, KVX__CUDA_FD_OWNER = 3, KVX__CUDA_FD_PEER = 4 };
+
+/* What one launch knows of one read: the layout of kvx_rd in
+   scripts/kvx_cuda_copy.cu, 128 bytes. */
+typedef struct kvx__cuda_rd {
+    uint64_t lplanes, rplanes, pairs;
+    uint64_t lbstride, rbstride, loff, roff, piece, lpstride, rpstride, cbytes, pad;
+    uint32_t plane0, nblocks, cpb, npieces;
+    uint32_t ppc, task0, ntasks, pad2;
+} kvx__cuda_rd;
+
+/*--- process-wide device table ---------------------------------------------*/
+
+typedef struct kvx__cuda_dev {
+    int attrs;                  /* attributes below were read */
+    CUdevice dev;
+    CUcontext pctx;             /* primary context, retained while refs > 0 */
+    int refs;
+    int sms, mem64, can_flush, flush_opts, rdma_order;
+    CUuuid uuid;
+    CUmodule mod;               /* the copy kernel, in pctx */
+    CUfunction fn;
+    int flush_logged;
+} kvx__cuda_dev;
+
+static kvx__cuda_dev kvx__cuda_devs[KVX__CUDA_MAX_DEVS];
+static pthread_mutex_t kvx__cuda_mu = PTHREAD_MUTEX_INITIALIZER;
+static int kvx__cuda_inited;
+static CUresult kvx__cuda_init_rc;
+static uint64_t kvx__cuda_token;    /* tells a peer in this very process */
+
+KVX__PRIV kvx_status kvx__cuda_err(kvx_ctx *ctx, CUresult rc, const char *what) {
+    const char *name = NULL, *text = NULL;
+    cuGetErrorName(rc, &name);
+    cuGetErrorString(rc, &text);
+    return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: %s: %s (%d): %s", what, name ? name : "CUDA_ERROR", (int)rc, text ? text : "");
+}
+
+KVX__PRIV kvx_status kvx__cuda_init(kvx_ctx *ctx) {
+    pthread_mutex_lock(&kvx__cuda_mu);
+    if (!kvx__cuda_inited) {
+        kvx__cuda_init_rc = cuInit(0);
+        kvx__cuda_token = kvx__now_ns() ^ ((uint64_t)getpid() << 40) ^ (uint64_t)time(NULL) * 0x9E3779B97F4A7C15ull;
+        kvx__cuda_inited = 1;
+    }
+    pthread_mutex_unlock(&kvx__cuda_mu);
+    if (kvx__cuda_init_rc != CUDA_SUCCESS)
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: cuInit failed (%d): no usable GPU driver here (stub libcuda, no device, or CUDA_VISIBLE_DEVICES empty)",
+                         (int)kvx__cuda_init_rc);
+    return KVX_OK;
+}
+
+/* PTX of the copy kernel (scripts/kvx_cuda_copy.cu), one string per line:
+   C99 guarantees string literals of 4095 characters only. */
+static const char *const kvx__cuda_ptx[] = {
+/* PTX kvx_copy BEGIN */
+    ".version 7.8\n",
+    ".target sm_80\n",
+    ".address_size 64\n",
+    ".func _Z5copy1PcPKcyjyyj(\n",
+    " .param .b64 _Z5copy1PcPKcyjyyj_param_0,\n",
+    " .param .b64 _Z5copy1PcPKcyjyyj_param_1,\n",
+    " .param .b64 _Z5copy1PcPKcyjyyj_param_2,\n",
+    " .param .b32 _Z5copy1PcPKcyjyyj_param_3,\n",
+    " .param .b64 _Z5copy1PcPKcyjyyj_param_4,\n",
+    " .param .b64 _Z5copy1PcPKcyjyyj_param_5,\n",
+    " .param .b32 _Z5copy1PcPKcyjyyj_param_6\n",
+    ")\n",
+    "{\n",
+    " .reg .pred  %p<4>;\n",
+    " .reg .b16  %rs<2>;\n",
+    " .reg .b32  %r<4>;\n",
+    " .reg .b64  %rd<26>;\n",
+    " ld.param.u64  %rd8, [_Z5copy1PcPKcyjyyj_param_0];\n",
+    " ld.param.u64  %rd9, [_Z5copy1PcPKcyjyyj_param_1];\n",
+    " ld.param.u64  %rd10, [_Z5copy1PcPKcyjyyj_param_2];\n",
+    " ld.param.u32  %rd13, [_Z5copy1PcPKcyjyyj_param_3];\n",
+    " ld.param.u64  %rd11, [_Z5copy1PcPKcyjyyj_param_4];\n",
+    " ld.param.u64  %rd12, [_Z5copy1PcPKcyjyyj_param_5];\n",
+    " ld.param.u32  %rd24, [_Z5copy1PcPKcyjyyj_param_6];\n",
+    " mul.lo.s64  %rd1, %rd13, %rd10;\n",
+    " setp.le.u64  %p1, %rd1, %rd24;\n",
+    " @%p1 bra  $L__BB0_5;\n",
+    "$L__BB0_1:\n",
+    " or.b64   %rd14, %rd24, %rd10;\n",
+    " and.b64   %rd15, %rd14, -4294967296;\n",
+    " setp.eq.s64  %p2, %rd15, 0;\n",
+    " @%p2 bra  $L__BB0_3;\n",
+    " div.u64  %rd25, %rd24, %rd10;\n",
+    " bra.uni  $L__BB0_4;\n",
+    "$L__BB0_3:\n",
+    " cvt.u32.u64  %r1, %rd10;\n",
+    " cvt.u32.u64  %r2, %rd24;\n",
+    " div.u32  %r3, %r2, %r1;\n",
+    " cvt.u64.u32  %rd25, %r3;\n",
+    "$L__BB0_4:\n",
+    " mul.lo.s64  %rd16, %rd25, %rd10;\n",
+    " sub.s64  %rd17, %rd24, %rd16;\n",
+    " mul.lo.s64  %rd18, %rd25, %rd12;\n",
+    " add.s64  %rd19, %rd17, %rd18;\n",
+    " add.s64  %rd20, %rd9, %rd19;\n",
+    " ld.u8  %rs1, [%rd20];\n",
+    " mul.lo.s64  %rd21, %rd25, %rd11;\n",
+    " add.s64  %rd22, %rd17, %rd21;\n",
+    " add.s64  %rd23, %rd8, %rd22;\n",
+    " st.u8  [%rd23], %rs1;\n",
+    " add.s64  %rd24, %rd24, 32;\n",
+    " setp.lt.u64  %p3, %rd24, %rd1;\n",
+    " @%p3 bra  $L__BB0_1;\n",
+    "$L__BB0_5:\n",
+    " ret;\n",
+    "}\n",
+    ".visible .entry kvx_copy(\n",
+    " .param .u64 kvx_copy_param_0,\n",
+    " .param .u32 kvx_copy_param_1,\n",
+    " .param .u32 kvx_copy_param_2\n",
+    ")\n",
+    ".maxntid 256, 1, 1\n",
+    "{\n",
+    " .reg .pred  %p<23>;\n",
+    " .reg .b32  %r<235>;\n",
+    " .reg .b64  %rd<225>;\n",
+    " ld.param.u64  %rd67, [kvx_copy_param_0];\n",
+    " ld.param.u32  %r57, [kvx_copy_param_2];\n",
+    " mov.u32  %r58, %tid.x;\n",
+    " mov.u32  %r59, %ntid.x;\n",
+    " mov.u32  %r60, %ctaid.x;\n",
+    " mad.lo.s32  %r61, %r60, %r59, %r58;\n",
+    " shr.u32  %r206, %r61, 5;\n",
+    " setp.ge.u32  %p1, %r206, %r57;\n",
+    " @%p1 bra  $L__BB1_22;\n",
+    " mov.u64  %rd188, 0;\n",
+    " mov.u32  %r207, 0;\n",
+    " mov.u32  %r211, 1;\n",
+    " mov.u32  %r208, -1;\n",
+    " mov.u32  %r227, %r208;\n",
+    " mov.u64  %rd189, %rd188;\n",
+    " mov.u64  %rd190, %rd188;\n",
+    " mov.u64  %rd191, %rd188;\n",
+    " mov.u64  %rd192, %rd188;\n",
+    " mov.u64  %rd193, %rd188;\n",
+    " mov.u64  %rd194, %rd188;\n",
+    " mov.u64  %rd195, %rd188;\n",
+    " mov.u64  %rd196, %rd188;\n",
+    " mov.u64  %rd197, %rd188;\n",
+    " mov.u64  %rd198, %rd188;\n",
+    " mov.u32  %r210, %r207;\n",
+    " mov.u32  %r212, %r211;\n",
+    " mov.u32  %r213, %r211;\n",
+    " mov.u32  %r214, %r211;\n",
+    " mov.u32  %r215, %r207;\n",
+    " mov.u64  %rd199, %rd188;\n",
+    " mov.u64  %rd200, %rd188;\n",
+    "$L__BB1_2:\n",
+    " mov.u32  %r216, %r207;\n",
+    "$L__BB1_3:\n",
+    " mov.u32  %r207, %r216;\n",
+    " ld.param.u32  %r205, [kvx_copy_param_1];\n",
+    " add.s32  %r216, %r207, 1;\n",
+    " setp.ge.u32  %p2, %r216, %r205;\n",
+    " @%p2 bra  $L__BB1_5;\n",
+    " cvta.to.global.u64  %rd81, %rd67;\n",
+    " mul.wide.u32  %rd82, %r216, 128;\n",
+    " add.s64  %rd83, %rd81, %rd82;\n",
+    " ld.global.nc.u32  %r72, [%rd83+116];\n",
+    " setp.ge.u32  %p3, %r206, %r72;\n",
+    " @%p3 bra  $L__BB1_3;\n",
+    "$L__BB1_5:\n",
+    " setp.eq.s32  %p4, %r207, %r208;\n",
+    " @%p4 bra  $L__BB1_7;\n",
+    " cvta.to.global.u64  %rd84, %rd67;\n",
+    " mul.wide.u32  %rd85, %r207, 128;\n",
+    " add.s64  %rd86, %rd84, %rd85;\n",
+    " ld.global.nc.u64  %rd188, [%rd86];\n",
+    " ld.global.nc.u64  %rd189, [%rd86+8];\n",
+    " ld.global.nc.u64  %rd190, [%rd86+16];\n",
+    " ld.global.nc.u64  %rd191, [%rd86+24];\n",
+    " ld.global.nc.u64  %rd192, [%rd86+32];\n",
+    " ld.global.nc.u64  %rd193, [%rd86+40];\n",
+    " ld.global.nc.u64  %rd194, [%rd86+48];\n",
+    " ld.global.nc.u64  %rd195, [%rd86+56];\n",
+    " ld.global.nc.u64  %rd196, [%rd86+64];\n",
+    " ld.global.nc.u64  %rd197, [%rd86+72];\n",
+    " ld.global.nc.u64  %rd198, [%rd86+80];\n",
+    " ld.global.nc.v2.u32  {%r210, %r211}, [%rd86+96];\n",
+    " ld.global.nc.v2.u32  {%r212, %r213}, [%rd86+104];\n",
+    " ld.global.nc.v2.u32  {%r214, %r215}, [%rd86+112];\n",
+    " mov.u32  %r227, -1;\n",
+    " mov.u32  %r208, %r207;\n",
+    "$L__BB1_7:\n",
+    " sub.s32  %r225, %r206, %r215;\n",
+    " setp.lt.u32  %p5, %r212, 2;\n",
+    " mov.u32  %r226, 0;\n",
+    " @%p5 bra  $L__BB1_9;\n",
+    " div.u32  %r30, %r225, %r212;\n",
+    " mul.lo.s32  %r81, %r30, %r212;\n",
+    " sub.s32  %r226, %r225, %r81;\n",
+    " mov.u32  %r225, %r30;\n",
+    "$L__BB1_9:\n",
+    " div.u32  %r82, %r225, %r211;\n",
+    " add.s32  %r33, %r82, %r210;\n",
+    " setp.eq.s32  %p6, %r33, %r227;\n",
+    " @%p6 bra  $L__BB1_11;\n",
+    " mul.wide.u32  %rd87, %r33, 8;\n",
+    " add.s64  %rd88, %rd188, %rd87;\n",
+    " ld.u64  %rd199, [%rd88];\n",
+    " add.s64  %rd89, %rd189, %rd87;\n",
+    " ld.u64  %rd200, [%rd89];\n",
+    " mov.u32  %r227, %r33;\n",
+    "$L__BB1_11:\n",
+    " rem.u32  %r83, %r225, %r211;\n",
+    " mul.wide.u32  %rd90, %r83, 8;\n",
+    " add.s64  %rd91, %rd190, %rd90;\n",
+    " ld.v2.u32  {%r84, %r85}, [%rd91];\n",
+    " setp.eq.s32  %p7, %r213, 1;\n",
+    " @%p7 bra  $L__BB1_13;\n",
+    " bra.uni  $L__BB1_12;\n",
+    "$L__BB1_13:\n",
+    " cvt.u64.u32  %rd95, %r226;\n",
+    " mul.lo.s64  %rd214, %rd198, %rd95;\n",
+    " sub.s64  %rd96, %rd195, %rd214;\n",
+    " min.u64  %rd216, %rd96, %rd198;\n",
+    " mov.u32  %r228, 1;\n",
+    " mov.u64  %rd217, 0;\n",
+    " mov.u64  %rd215, %rd214;\n",
+    " mov.u64  %rd218, %rd217;\n",
+    " bra.uni  $L__BB1_14;\n",
+    "$L__BB1_12:\n",
+    " mul.lo.s32  %r86, %r226, %r214;\n",
+    " sub.s32  %r87, %r213, %r86;\n",
+    " min.u32  %r228, %r87, %r214;\n",
+    " cvt.u64.u32  %rd92, %r86;\n",
+    " mul.lo.s64  %rd214, %rd196, %rd92;\n",
+    " mul.lo.s64  %rd215, %rd197, %rd92;\n",
+    " mov.u64  %rd216, %rd195;\n",
+    " mov.u64  %rd217, %rd196;\n",
+    " mov.u64  %rd218, %rd197;\n",
+    "$L__BB1_14:\n",
+    " add.s64  %rd97, %rd200, %rd194;\n",
+    " cvt.u64.u32  %rd98, %r85;\n",
+    " mul.lo.s64  %rd99, %rd192, %rd98;\n",
+    " add.s64  %rd100, %rd97, %rd99;\n",
+    " add.s64  %rd49, %rd100, %rd215;\n",
+    " add.s64  %rd101, %rd199, %rd193;\n",
+    " cvt.u64.u32  %rd102, %r84;\n",
+    " mul.lo.s64  %rd103, %rd191, %rd102;\n",
+    " add.s64  %rd104, %rd101, %rd103;\n",
+    " add.s64  %rd50, %rd104, %rd214;\n",
+    " or.b64   %rd105, %rd49, %rd50;\n",
+    " or.b64   %rd106, %rd105, %rd216;\n",
+    " or.b64   %rd107, %rd106, %rd217;\n",
+    " or.b64   %rd108, %rd107, %rd218;\n",
+    " and.b64   %rd109, %rd108, 15;\n",
+    " setp.eq.s64  %p8, %rd109, 0;\n",
+    " @%p8 bra  $L__BB1_16;\n",
+    " and.b32   %r90, %r58, 31;\n",
+    " { // callseq 0, 0\n",
+    " .reg .b32 temp_param_reg;\n",
+    " .param .b64 param0;\n",
+    " st.param.b64  [param0+0], %rd50;\n",
+    " .param .b64 param1;\n",
+    " st.param.b64  [param1+0], %rd49;\n",
+    " .param .b64 param2;\n",
+    " st.param.b64  [param2+0], %rd216;\n",
+    " .param .b32 param3;\n",
+    " st.param.b32  [param3+0], %r228;\n",
+    " .param .b64 param4;\n",
+    " st.param.b64  [param4+0], %rd217;\n",
+    " .param .b64 param5;\n",
+    " st.param.b64  [param5+0], %rd218;\n",
+    " .param .b32 param6;\n",
+    " st.param.b32  [param6+0], %r90;\n",
+    " call.uni \n",
+    " _Z5copy1PcPKcyjyyj, \n",
+    " (\n",
+    " param0, \n",
+    " param1, \n",
+    " param2, \n",
+    " param3, \n",
+    " param4, \n",
+    " param5, \n",
+    " param6\n",
+    " );\n",
+    " } // callseq 0\n",
+    " bra.uni  $L__BB1_21;\n",
+    "$L__BB1_16:\n",
+    " shr.u64  %rd110, %rd216, 4;\n",
+    " cvt.u32.u64  %r39, %rd110;\n",
+    " mul.lo.s32  %r40, %r228, %r39;\n",
+    " mov.u32  %r91, 32;\n",
+    " div.u32  %r92, %r91, %r39;\n",
+    " mul.lo.s32  %r93, %r92, %r39;\n",
+    " sub.s32  %r41, %r91, %r93;\n",
+    " and.b32   %r233, %r58, 31;\n",
+    " div.u32  %r95, %r233, %r39;\n",
+    " mul.lo.s32  %r96, %r95, %r39;\n",
+    " sub.s32  %r231, %r233, %r96;\n",
+    " cvt.u64.u32  %rd111, %r95;\n",
+    " mul.lo.s64  %rd112, %rd218, %rd111;\n",
+    " shl.b32  %r97, %r231, 4;\n",
+    " cvt.u64.u32  %rd113, %r97;\n",
+    " add.s64  %rd221, %rd112, %rd113;\n",
+    " mul.lo.s64  %rd114, %rd217, %rd111;\n",
+    " add.s64  %rd222, %rd114, %rd113;\n",
+    " cvt.u64.u32  %rd115, %r92;\n",
+    " mul.lo.s64  %rd116, %rd218, %rd115;\n",
+    " shl.b32  %r98, %r41, 4;\n",
+    " cvt.u64.u32  %rd117, %r98;\n",
+    " add.s64  %rd53, %rd116, %rd117;\n",
+    " mul.lo.s64  %rd118, %rd217, %rd115;\n",
+    " add.s64  %rd54, %rd118, %rd117;\n",
+    " and.b64   %rd119, %rd216, 68719476720;\n",
+    " sub.s64  %rd55, %rd218, %rd119;\n",
+    " sub.s64  %rd56, %rd217, %rd119;\n",
+    " or.b32   %r99, %r233, 224;\n",
+    " setp.ge.u32  %p9, %r99, %r40;\n",
+    " @%p9 bra  $L__BB1_19;\n",
+    " and.b32   %r229, %r58, 31;\n",
+    "$L__BB1_18:\n",
+    " add.s32  %r165, %r231, %r41;\n",
+    " setp.ge.u32  %p10, %r165, %r39;\n",
+    " selp.b32  %r166, %r39, 0, %p10;\n",
+    " sub.s32  %r167, %r165, %r166;\n",
+    " selp.b64  %rd136, %rd55, 0, %p10;\n",
+    " add.s64  %rd137, %rd221, %rd53;\n",
+    " add.s64  %rd138, %rd137, %rd136;\n",
+    " selp.b64  %rd139, %rd56, 0, %p10;\n",
+    " add.s64  %rd140, %rd222, %rd54;\n",
+    " add.s64  %rd141, %rd140, %rd139;\n",
+    " add.s32  %r168, %r167, %r41;\n",
+    " add.s64  %rd142, %rd138, %rd53;\n",
+    " add.s64  %rd143, %rd141, %rd54;\n",
+    " setp.ge.u32  %p11, %r168, %r39;\n",
+    " selp.b32  %r169, %r39, 0, %p11;\n",
+    " sub.s32  %r170, %r168, %r169;\n",
+    " selp.b64  %rd144, %rd55, 0, %p11;\n",
+    " add.s64  %rd145, %rd142, %rd144;\n",
+    " selp.b64  %rd146, %rd56, 0, %p11;\n",
+    " add.s64  %rd147, %rd143, %rd146;\n",
+    " add.s32  %r171, %r170, %r41;\n",
+    " add.s64  %rd148, %rd145, %rd53;\n",
+    " add.s64  %rd149, %rd147, %rd54;\n",
+    " setp.ge.u32  %p12, %r171, %r39;\n",
+    " selp.b32  %r172, %r39, 0, %p12;\n",
+    " sub.s32  %r173, %r171, %r172;\n",
+    " selp.b64  %rd150, %rd55, 0, %p12;\n",
+    " add.s64  %rd151, %rd148, %rd150;\n",
+    " selp.b64  %rd152, %rd56, 0, %p12;\n",
+    " add.s64  %rd153, %rd149, %rd152;\n",
+    " add.s32  %r174, %r173, %r41;\n",
+    " add.s64  %rd154, %rd151, %rd53;\n",
+    " add.s64  %rd155, %rd153, %rd54;\n",
+    " setp.ge.u32  %p13, %r174, %r39;\n",
+    " selp.b32  %r175, %r39, 0, %p13;\n",
+    " sub.s32  %r176, %r174, %r175;\n",
+    " selp.b64  %rd156, %rd55, 0, %p13;\n",
+    " add.s64  %rd157, %rd154, %rd156;\n",
+    " selp.b64  %rd158, %rd56, 0, %p13;\n",
+    " add.s64  %rd159, %rd155, %rd158;\n",
+    " add.s32  %r177, %r176, %r41;\n",
+    " add.s64  %rd160, %rd157, %rd53;\n",
+    " add.s64  %rd161, %rd159, %rd54;\n",
+    " setp.ge.u32  %p14, %r177, %r39;\n",
+    " selp.b32  %r178, %r39, 0, %p14;\n",
+    " sub.s32  %r179, %r177, %r178;\n",
+    " selp.b64  %rd162, %rd55, 0, %p14;\n",
+    " add.s64  %rd163, %rd160, %rd162;\n",
+    " selp.b64  %rd164, %rd56, 0, %p14;\n",
+    " add.s64  %rd165, %rd161, %rd164;\n",
+    " add.s32  %r180, %r179, %r41;\n",
+    " add.s64  %rd166, %rd163, %rd53;\n",
+    " add.s64  %rd167, %rd165, %rd54;\n",
+    " setp.ge.u32  %p15, %r180, %r39;\n",
+    " selp.b32  %r181, %r39, 0, %p15;\n",
+    " sub.s32  %r182, %r180, %r181;\n",
+    " selp.b64  %rd168, %rd55, 0, %p15;\n",
+    " add.s64  %rd169, %rd166, %rd168;\n",
+    " selp.b64  %rd170, %rd56, 0, %p15;\n",
+    " add.s64  %rd171, %rd167, %rd170;\n",
+    " add.s32  %r183, %r182, %r41;\n",
+    " add.s64  %rd172, %rd169, %rd53;\n",
+    " add.s64  %rd173, %rd171, %rd54;\n",
+    " setp.ge.u32  %p16, %r183, %r39;\n",
+    " selp.b32  %r184, %r39, 0, %p16;\n",
+    " sub.s32  %r185, %r183, %r184;\n",
+    " selp.b64  %rd174, %rd55, 0, %p16;\n",
+    " add.s64  %rd175, %rd172, %rd174;\n",
+    " selp.b64  %rd176, %rd56, 0, %p16;\n",
+    " add.s64  %rd177, %rd173, %rd176;\n",
+    " add.s32  %r186, %r185, %r41;\n",
+    " add.s64  %rd178, %rd175, %rd53;\n",
+    " add.s64  %rd179, %rd177, %rd54;\n",
+    " setp.ge.u32  %p17, %r186, %r39;\n",
+    " selp.b32  %r187, %r39, 0, %p17;\n",
+    " selp.b64  %rd180, %rd55, 0, %p17;\n",
+    " selp.b64  %rd181, %rd56, 0, %p17;\n",
+    " add.s64  %rd120, %rd49, %rd221;\n",
+    " ld.global.cs.v4.u32 {%r101,%r102,%r103,%r104}, [%rd120];\n",
+    " add.s64  %rd121, %rd49, %rd138;\n",
+    " ld.global.cs.v4.u32 {%r105,%r106,%r107,%r108}, [%rd121];\n",
+    " add.s64  %rd122, %rd49, %rd145;\n",
+    " ld.global.cs.v4.u32 {%r109,%r110,%r111,%r112}, [%rd122];\n",
+    " add.s64  %rd123, %rd49, %rd151;\n",
+    " ld.global.cs.v4.u32 {%r113,%r114,%r115,%r116}, [%rd123];\n",
+    " add.s64  %rd124, %rd49, %rd157;\n",
+    " ld.global.cs.v4.u32 {%r117,%r118,%r119,%r120}, [%rd124];\n",
+    " add.s64  %rd125, %rd49, %rd163;\n",
+    " ld.global.cs.v4.u32 {%r121,%r122,%r123,%r124}, [%rd125];\n",
+    " add.s64  %rd126, %rd49, %rd169;\n",
+    " ld.global.cs.v4.u32 {%r125,%r126,%r127,%r128}, [%rd126];\n",
+    " add.s64  %rd127, %rd49, %rd175;\n",
+    " ld.global.cs.v4.u32 {%r129,%r130,%r131,%r132}, [%rd127];\n",
+    " add.s64  %rd128, %rd50, %rd222;\n",
+    " st.global.cs.v4.u32 [%rd128], {%r101,%r102,%r103,%r104};\n",
+    " add.s64  %rd129, %rd50, %rd141;\n",
+    " st.global.cs.v4.u32 [%rd129], {%r105,%r106,%r107,%r108};\n",
+    " add.s64  %rd130, %rd50, %rd147;\n",
+    " st.global.cs.v4.u32 [%rd130], {%r109,%r110,%r111,%r112};\n",
+    " add.s64  %rd131, %rd50, %rd153;\n",
+    " st.global.cs.v4.u32 [%rd131], {%r113,%r114,%r115,%r116};\n",
+    " add.s64  %rd132, %rd50, %rd159;\n",
+    " st.global.cs.v4.u32 [%rd132], {%r117,%r118,%r119,%r120};\n",
+    " add.s64  %rd133, %rd50, %rd165;\n",
+    " st.global.cs.v4.u32 [%rd133], {%r121,%r122,%r123,%r124};\n",
+    " add.s64  %rd134, %rd50, %rd171;\n",
+    " st.global.cs.v4.u32 [%rd134], {%r125,%r126,%r127,%r128};\n",
+    " add.s64  %rd135, %rd50, %rd177;\n",
+    " st.global.cs.v4.u32 [%rd135], {%r129,%r130,%r131,%r132};\n",
+    " sub.s32  %r231, %r186, %r187;\n",
+    " add.s64  %rd221, %rd178, %rd180;\n",
+    " add.s64  %rd222, %rd179, %rd181;\n",
+    " add.s32  %r233, %r229, 256;\n",
+    " add.s32  %r188, %r229, 480;\n",
+    " setp.lt.u32  %p18, %r188, %r40;\n",
+    " mov.u32  %r229, %r233;\n",
+    " @%p18 bra  $L__BB1_18;\n",
+    "$L__BB1_19:\n",
+    " setp.ge.u32  %p19, %r233, %r40;\n",
+    " @%p19 bra  $L__BB1_21;\n",
+    "$L__BB1_20:\n",
+    " add.s64  %rd183, %rd50, %rd222;\n",
+    " add.s64  %rd182, %rd49, %rd221;\n",
+    " ld.global.cs.v4.u32 {%r189,%r190,%r191,%r192}, [%rd182];\n",
+    " st.global.cs.v4.u32 [%rd183], {%r189,%r190,%r191,%r192};\n",
+    " add.s32  %r197, %r231, %r41;\n",
+    " setp.ge.u32  %p20, %r197, %r39;\n",
+    " selp.b32  %r198, %r39, 0, %p20;\n",
+    " sub.s32  %r231, %r197, %r198;\n",
+    " selp.b64  %rd184, %rd55, 0, %p20;\n",
+    " add.s64  %rd185, %rd221, %rd53;\n",
+    " add.s64  %rd221, %rd185, %rd184;\n",
+    " selp.b64  %rd186, %rd56, 0, %p20;\n",
+    " add.s64  %rd187, %rd222, %rd54;\n",
+    " add.s64  %rd222, %rd187, %rd186;\n",
+    " add.s32  %r233, %r233, 32;\n",
+    " setp.lt.u32  %p21, %r233, %r40;\n",
+    " @%p21 bra  $L__BB1_20;\n",
+    "$L__BB1_21:\n",
+    " ld.param.u32  %r204, [kvx_copy_param_2];\n",
+    " mov.u32  %r203, %ntid.x;\n",
+    " mov.u32  %r199, %nctaid.x;\n",
+    " mul.lo.s32  %r201, %r199, %r203;\n",
+    " shr.u32  %r202, %r201, 5;\n",
+    " add.s32  %r206, %r206, %r202;\n",
+    " setp.lt.u32  %p22, %r206, %r204;\n",
+    " @%p22 bra  $L__BB1_2;\n",
+    "$L__BB1_22:\n",
+    " ret;\n",
+    "}\n",
+/* PTX kvx_copy END */
+    NULL
+};
+
+KVX__PRIV CUresult kvx__cuda_module(kvx__cuda_dev *d) {
+    size_t n = 1, i;
+    char *text, *p;
+    CUresult rc;
+    if (d->fn) return CUDA_SUCCESS;
+    for (i = 0; kvx__cuda_ptx[i]; i++) n += strlen(kvx__cuda_ptx[i]);
+    if (!(text = (char *)KVX_MALLOC(n))) return CUDA_ERROR_OUT_OF_MEMORY;
+    for (p = text, i = 0; kvx__cuda_ptx[i]; i++) { size_t l = strlen(kvx__cuda_ptx[i]); memcpy(p, kvx__cuda_ptx[i], l); p += l; }
+    *p = 0;
+    rc = cuModuleLoadData(&d->mod, text);
+    KVX_FREE(text);
+    if (rc == CUDA_SUCCESS && (rc = cuModuleGetFunction(&d->fn, d->mod, "kvx_copy")) != CUDA_SUCCESS) {
+        cuModuleUnload(d->mod);
+        d->mod = NULL;
+    }
+    return rc;
+}
+
+/* Device ord's attributes (no context needed); NULL if it does not exist. */
+KVX__PRIV kvx__cuda_dev *kvx__cuda_attrs(kvx_ctx *ctx, int ord) {
+    kvx__cuda_dev *d;
+    CUresult rc = CUDA_SUCCESS;
+    int n = 0;
+    if (kvx__cuda_init(ctx) != KVX_OK) return NULL;
+    if (cuDeviceGetCount(&n) != CUDA_SUCCESS || ord < 0 || ord >= n || ord >= KVX__CUDA_MAX_DEVS) {
+        kvx__fail(ctx, KVX_ERR_ARG, "cuda: device %d does not exist here (%d visible)", ord, n);
+        return NULL;
+    }
+    pthread_mutex_lock(&kvx__cuda_mu);
+    d = &kvx__cuda_devs[ord];
+    if (!d->attrs && (rc = cuDeviceGet(&d->dev, ord)) == CUDA_SUCCESS && (rc = cuDeviceGetUuid(&d->uuid, d->dev)) == CUDA_SUCCESS) {
+        int v = 0;
+        if (cuDeviceGetAttribute(&d->sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, d->dev) != CUDA_SUCCESS || d->sms < 1) d->sms = 1;
+        d->mem64 = cuDeviceGetAttribute(&v, CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS, d->dev) == CUDA_SUCCESS && v;
+        v = 0;
+        d->can_flush = cuDeviceGetAttribute(&v, CU_DEVICE_ATTRIBUTE_CAN_FLUSH_REMOTE_WRITES, d->dev) == CUDA_SUCCESS && v;
+        if (cuDeviceGetAttribute(&d->flush_opts, CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS, d->dev) != CUDA_SUCCESS) d->flush_opts = 0;
+        if (cuDeviceGetAttribute(&d->rdma_order, CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WRITES_ORDERING, d->dev) != CUDA_SUCCESS) d->rdma_order = 0;
+        d->attrs = 1;
+    }
+    pthread_mutex_unlock(&kvx__cuda_mu);
+    if (rc != CUDA_SUCCESS) { kvx__cuda_err(ctx, rc, "cuDeviceGet/cuDeviceGetUuid"); return NULL; }
+    return d;
+}
+
+/* Retain device ord's primary context; with_module loads the copy kernel
+   too. Paired with kvx__cuda_dev_put. */
+KVX__PRIV kvx_status kvx__cuda_dev_get(kvx_ctx *ctx, int ord, int with_module, kvx__cuda_dev **out) {
+    kvx__cuda_dev *d = kvx__cuda_attrs(ctx, ord);
+    CUresult rc = CUDA_SUCCESS;
+    const char *what = "";
+    if (!d) return KVX_ERR_ARG;
+    pthread_mutex_lock(&kvx__cuda_mu);
+    if (!d->refs && (rc = cuDevicePrimaryCtxRetain(&d->pctx, d->dev)) != CUDA_SUCCESS) { what = "cuDevicePrimaryCtxRetain"; goto out; }
+    d->refs++;
+    if (with_module && !d->fn) {
+        CUcontext prev;
+        if ((rc = cuCtxPushCurrent(d->pctx)) == CUDA_SUCCESS) {
+            rc = kvx__cuda_module(d);
+            cuCtxPopCurrent(&prev);
+        }
+        if (rc != CUDA_SUCCESS) {
+            what = "cuModuleLoadData (the copy kernel's PTX)";
+            if (!--d->refs) { cuDevicePrimaryCtxRelease(d->dev); d->pctx = NULL; }
+        }
+    }
+out:
+    pthread_mutex_unlock(&kvx__cuda_mu);
+    if (rc != CUDA_SUCCESS) {
+        char w[96];
+        snprintf(w, sizeof w, "%s on device %d", what, ord);
+        return kvx__cuda_err(ctx, rc, w);
+    }
+    *out = d;
+    return KVX_OK;
+}
+
+KVX__PRIV void kvx__cuda_dev_put(kvx__cuda_dev *d) {
+    if (!d) return;
+    pthread_mutex_lock(&kvx__cuda_mu);
+    if (d->refs > 0 && --d->refs == 0) {
+        if (d->mod) {
+            CUcontext prev;
+            if (cuCtxPushCurrent(d->pctx) == CUDA_SUCCESS) { cuModuleUnload(d->mod); cuCtxPopCurrent(&prev); }
+            d->mod = NULL;
+            d->fn = NULL;
+        }
+        cuDevicePrimaryCtxRelease(d->dev);
+        d->pctx = NULL;
+    }
+    pthread_mutex_unlock(&kvx__cuda_mu);
+}
+
+/* The device ordinal a context (or stream) runs on. */
+KVX__PRIV CUresult kvx__cuda_ctx_ordinal(CUcontext c, int *ord) {
+    CUcontext prev;
+    CUdevice dev;
+    CUresult rc = cuCtxPushCurrent(c);
+    if (rc != CUDA_SUCCESS) return rc;
+    rc = cuCtxGetDevice(&dev);
+    cuCtxPopCurrent(&prev);
+    if (rc == CUDA_SUCCESS) *ord = (int)dev;  /* a CUdevice is its ordinal */
+    return rc;
+}
+
+KVX__PRIV int kvx__cuda_ordinal_of_uuid(const uint8_t *uuid) {
+    int n = 0, i;
+    if (cuDeviceGetCount(&n) != CUDA_SUCCESS) return -1;
+    for (i = 0; i < n; i++) {
+        CUdevice dev;
+        CUuuid u;
+        if (cuDeviceGet(&dev, i) == CUDA_SUCCESS && cuDeviceGetUuid(&u, dev) == CUDA_SUCCESS && !memcmp(u.bytes, uuid, 16)) return i;
+    }
+    return -1;
+}
+
+/*--- backend state ---------------------------------------------------------*/
+
+typedef struct kvx__cuda_fd {
+    int fd, kind;
+    kvx_peer *peer;             /* KVX__CUDA_FD_PEER */
+} kvx__cuda_fd;
+
+typedef struct kvx__cuda {
+    int ord;                    /* device of this context; -1 until known */
+    kvx__cuda_dev *d;
+    uint32_t max_blocks;        /* kvx_ctx_desc.cuda_max_blocks */
+    int lfd, epfd, efd;         /* listening socket, epoll set, eventfd woken by host functions */
+    kvx__cuda_fd ltag, etag;
+    kvx__cuda_fd **owners;      /* accepted connections of readers */
+    uint32_t nowners, owners_cap;
+    char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    uint8_t addr[8 + 8 + 4 + 4 + sizeof(((struct sockaddr_un *)0)->sun_path)];
+    uint32_t addr_len;
+} kvx__cuda;
+
+/* One exported allocation of a local region. */
+typedef struct kvx__cuda_alloc {
+    int kind;
+    uint64_t base, size;
+    CUmemGenericAllocationHandle h;     /* VMM: retained */
+    CUmemoryPool pool;                  /* pool */
+} kvx__cuda_alloc;
+
+typedef struct kvx__cuda_region {
+    int ord;
+    CUdeviceptr planes;         /* region 0: the cache's plane bases, on the device */
+    uint32_t n;
+    kvx__cuda_alloc a[1];       /* n of them */
+} kvx__cuda_region;
+
+/* One peer allocation mapped here. */
+typedef struct kvx__cuda_imp {
+    int kind;
+    uint64_t rbase, size, gend; /* owner's addresses; gend: end of the back-to-back mapping it is part of */
+    CUdeviceptr lbase;          /* where rbase is mapped here */
+    CUdeviceptr va;             /* VMM: the reservation this group owns (its first member) */
+    size_t va_size;
+    uint64_t pool_id;
+} kvx__cuda_imp;
+
+typedef struct kvx__cuda_peer {
+    kvx__cuda_fd conn;          /* to the owner: exports, notifications, its death */
+    int same_process, pord;
+    kvx__cuda_imp *imp;
+    uint32_t nimp, imp_cap;
+    struct { uint64_t id; CUmemoryPool pool; } pools[16];
+    uint32_t npools;
+    CUdeviceptr *planes;        /* per peer cache: plane bases as mapped here (0: not a GPU cache) */
+} kvx__cuda_peer;
+
+typedef struct kvx__cuda_batch {
+    CUevent ev;
+    uint32_t start, end;        /* staging ring bytes */
+    uint32_t nreads, ntasks;
+    int woken;                  /* a wake-up host function waits on ev */
+    kvx__read *reads[KVX__CUDA_BATCH_READS];
+} kvx__cuda_batch;
+
+typedef struct kvx__cuda_q {
+    kvx__cuda_dev *d;
+    CUstream s, side;           /* reads; host functions that wake the progress side */
+    int own_stream;
+    uint8_t *ring;              /* pinned, mapped */
+    CUdeviceptr ring_map, ring_dev;
+    uint32_t head;              /* next free byte of the ring */
+    kvx__cuda_rd *hdr;          /* [KVX__CUDA_BATCHES][KVX__CUDA_BATCH_READS], pinned */
+    CUdeviceptr hdr_map, hdr_dev;
+    kvx__cuda_batch b[KVX__CUDA_BATCHES];
+    uint32_t first, inflight;   /* oldest launched batch, launched count; the open one follows them */
+    uint32_t grid_max;
+    int capture_checked;
+} kvx__cuda_q;
+
+/* Stream-ordered completion state of any queue (q->stream). */
+typedef struct kvx__stream_q {
+    kvx__cuda_dev *d;           /* the device whose primary context allocated the words */
+    uint64_t *words;            /* depth words, pinned, mapped for every device */
+    CUdeviceptr dwords;
+} kvx__stream_q;
+
+KVX__PRIV kvx__cuda *kvx__cuda_of(kvx_ctx *ctx) { return (kvx__cuda *)ctx->be; }
+
+/*--- context ---------------------------------------------------------------*/
+
+KVX__PRIV void kvx__cuda_close(kvx_ctx *ctx) {
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    uint32_t i;
+    if (!c) return;
+    for (i = 0; i < c->nowners; i++) { close(c->owners[i]->fd); KVX_FREE(c->owners[i]); }
+    KVX_FREE(c->owners);
+    if (c->lfd >= 0) { close(c->lfd); unlink(c->path); }
+    if (c->efd >= 0) close(c->efd);
+    if (c->epfd >= 0) close(c->epfd);
+    kvx__cuda_dev_put(c->d);
+    KVX_FREE(c);
+    ctx->be = NULL;
+}
+
+KVX__PRIV int kvx__cuda_watch(kvx__cuda *c, kvx__cuda_fd *f) {
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN;
+    ev.data.ptr = f;
+    return epoll_ctl(c->epfd, EPOLL_CTL_ADD, f->fd, &ev);
+}
+
+KVX__PRIV kvx_status kvx__cuda_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
+    kvx__cuda *c = (kvx__cuda *)kvx__calloc(1, sizeof *c);
+    struct sockaddr_un sa;
+    const char *dir = getenv("KVX_CUDA_SOCKET_DIR");
+    char dbuf[64];
+    struct stat stt;
+    uint64_t v;
+    uint32_t plen, i;
+    kvx_status st;
+    CUcontext cur = NULL;
+    if (!c) return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory");
+    ctx->be = c;
+    c->ord = -1;
+    c->lfd = c->epfd = c->efd = -1;
+    c->max_blocks = desc->cuda_max_blocks;
+    if ((st = kvx__cuda_init(ctx)) != KVX_OK) { kvx__cuda_close(ctx); return st; }
+    /* The device: the current context's, if any; else the first cache's. */
+    if (cuCtxGetCurrent(&cur) == CUDA_SUCCESS && cur) {
+        int ord;
+        if (kvx__cuda_ctx_ordinal(cur, &ord) == CUDA_SUCCESS) c->ord = ord;
+    }
+    if (c->ord >= 0 && (st = kvx__cuda_dev_get(ctx, c->ord, 0, &c->d)) != KVX_OK) { kvx__cuda_close(ctx); return st; }
+    /* A private directory: only this user reaches the sockets that hand out
+       this process's GPU memory. */
+    if (!dir || !*dir) { snprintf(dbuf, sizeof dbuf, "/tmp/kvx-cuda-%u", (unsigned)getuid()); dir = dbuf; }
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST) { kvx__cuda_close(ctx); return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: mkdir %s: %s", dir, strerror(errno)); }
+    if (stat(dir, &stt) != 0 || stt.st_uid != getuid() || (stt.st_mode & 077)) {
+        kvx__cuda_close(ctx);
+        return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: %s must be a directory of this user with mode 0700 (set KVX_CUDA_SOCKET_DIR)", dir);
+    }
+    if ((size_t)snprintf(c->path, sizeof c->path, "%s/%u-%llx.sock", dir, (unsigned)getpid(), (unsigned long long)ctx->epoch) >= sizeof c->path) {
+        kvx__cuda_close(ctx);
+        return kvx__fail(ctx, KVX_ERR_ARG, "cuda: socket directory %s is too long", dir);
+    }
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    memcpy(sa.sun_path, c->path, strlen(c->path));
+    unlink(c->path);
+    if ((c->lfd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)) < 0 ||
+        bind(c->lfd, (struct sockaddr *)&sa, sizeof sa) != 0 || listen(c->lfd, 128) != 0) {
+        int e = errno;
+        kvx__cuda_close(ctx);
+        return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: unix socket %s: %s", c->path, strerror(e));
+    }
+    if ((c->epfd = epoll_create1(EPOLL_CLOEXEC)) < 0 || (c->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0) {
+        int e = errno;
+        kvx__cuda_close(ctx);
+        return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: epoll/eventfd: %s", strerror(e));
+    }
+    c->ltag.fd = c->lfd; c->ltag.kind = KVX__CUDA_FD_LISTEN;
+    c->etag.fd = c->efd; c->etag.kind = KVX__CUDA_FD_WAKE;
+    if (kvx__cuda_watch(c, &c->ltag) || kvx__cuda_watch(c, &c->etag)) {
+        int e = errno;
+        kvx__cuda_close(ctx);
+        return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: epoll_ctl: %s", strerror(e));
+    }
+    /* address: magic, version, process token, pid, path */
+    plen = (uint32_t)strlen(c->path);
+    v = KVX__CUDA_ADDR_MAGIC | (1ull << 32);
+    for (i = 0; i < 8; i++) c->addr[i] = (uint8_t)(v >> (8 * i));
+    for (i = 0; i < 8; i++) c->addr[8 + i] = (uint8_t)(kvx__cuda_token >> (8 * i));
+    for (i = 0; i < 4; i++) c->addr[16 + i] = (uint8_t)((uint32_t)getpid() >> (8 * i));
+    for (i = 0; i < 4; i++) c->addr[20 + i] = (uint8_t)(plen >> (8 * i));
+    memcpy(c->addr + 24, c->path, plen);
+    c->addr_len = 24 + plen;
+    KVX__LOG(ctx, KVX_LOG_INFO, "cuda: socket %s, device %d", c->path, c->ord);
+    return KVX_OK;
+}
+
+/* A context works on one GPU: the first one named decides. */
+KVX__PRIV kvx_status kvx__cuda_bind(kvx_ctx *ctx, int ord, const char *who) {
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    if (c->ord >= 0 && c->d) {
+        if (ord >= 0 && ord != c->ord)
+            return kvx__fail(ctx, KVX_ERR_ARG, "%s: device %d, but this context works on device %d: a kvx context drives one GPU", who, ord, c->ord);
+        return KVX_OK;
+    }
+    if (ord < 0) ord = 0;
+    c->ord = ord;
+    return kvx__cuda_dev_get(ctx, ord, 0, &c->d);
+}
+
+KVX__PRIV kvx_status kvx__cuda_address(kvx_ctx *ctx, const uint8_t **addr, uint32_t *len) {
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    *addr = c->addr;
+    *len = c->addr_len;
+    return KVX_OK;
+}
+
+/*--- registration: find and export each allocation --------------------------*/
+
+KVX__PRIV void kvx__cuda_put64(uint8_t *p, uint64_t v) { int i; for (i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+KVX__PRIV uint64_t kvx__cuda_get64(const uint8_t *p) { uint64_t v = 0; int i; for (i = 0; i < 8; i++) v |= (uint64_t)p[i] << (8 * i); return v; }
+
+#define KVX__CUDA_RKEY_HDR 32u
+#define KVX__CUDA_ENTRY 17u         /* kind, base, size */
+#define KVX__CUDA_PAYLOAD 72u       /* legacy: IPC handle (64); pool: pool id (8) + export data (64) */
+
+KVX__PRIV void kvx__cuda_mem_deregister(kvx_ctx *ctx, kvx__region *r) {
+    kvx__cuda_region *g = (kvx__cuda_region *)r->be;
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    uint32_t i;
+    CUcontext prev;
+    if (!g) return;
+    if (c->d && cuCtxPushCurrent(c->d->pctx) == CUDA_SUCCESS) {
+        for (i = 0; i < g->n; i++)
+            if (g->a[i].kind == KVX__CUDA_VMM && g->a[i].h) cuMemRelease(g->a[i].h);
+        if (g->planes) cuMemFree(g->planes);
+        cuCtxPopCurrent(&prev);
+    }
+    KVX_FREE(g);
+    r->be = NULL;
+}
+
+/* Classify the allocation at ptr and fill a; refusals say how to allocate. */
+KVX__PRIV kvx_status kvx__cuda_classify(kvx_ctx *ctx, int device, uint64_t ptr, uint64_t end, kvx__cuda_alloc *a) {
+    CUpointer_attribute at[5] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, CU_POINTER_ATTRIBUTE_IS_MANAGED,
+                                 CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE, CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE};
+    unsigned int mtype = 0, managed = 0, legacy = 0;
+    int ord = -1;
+    CUmemoryPool pool = NULL;
+    void *data[5];
+    CUdeviceptr base = 0;
+    size_t size = 0;
+    CUresult rc;
+    data[0] = &mtype; data[1] = &ord; data[2] = &managed; data[3] = &pool; data[4] = &legacy;
+    memset(a, 0, sizeof *a);
+    if ((rc = cuPointerGetAttributes(5, at, data, (CUdeviceptr)ptr)) != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuPointerGetAttributes");
+    if (mtype != CU_MEMORYTYPE_DEVICE || managed)
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: 0x%llx is %s, not device memory: GPU caches are cuMemAlloc/cudaMalloc, "
+                         "VMM (cuMemCreate with a POSIX file descriptor handle type) or pool memory (a pool with POSIX file descriptor handles)",
+                         (unsigned long long)ptr, managed ? "managed memory" : mtype == CU_MEMORYTYPE_HOST ? "host memory" : "unknown to CUDA");
+    if (ord != device)
+        return kvx__fail(ctx, KVX_ERR_ARG, "cuda: 0x%llx lies on device %d, the cache says device %d", (unsigned long long)ptr, ord, device);
+    if ((rc = cuMemGetAddressRange(&base, &size, (CUdeviceptr)ptr)) != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuMemGetAddressRange");
+    a->base = base;
+    a->size = size;
+    if (pool) {
+        int fd = -1;
+        CUmemPoolPtrExportData pd;
+        a->kind = KVX__CUDA_POOL;
+        a->pool = pool;
+        if ((rc = cuMemPoolExportToShareableHandle(&fd, pool, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0)) != CUDA_SUCCESS)
+            return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: 0x%llx comes from a memory pool that cannot be exported (%d): create the pool with "
+                             "cuMemPoolCreate/cudaMemPoolCreate and handleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR and allocate with "
+                             "cuMemAllocFromPoolAsync/cudaMallocFromPoolAsync (the default pool of cudaMallocAsync has no handle type), or use cudaMalloc",
+                             (unsigned long long)ptr, (int)rc);
+        close(fd);
+        /* The export names an allocation by its start: the range's own start
+           where it is one (the reported range may be the pool's segment),
+           else the reported base. */
+        if (cuMemPoolExportPointer(&pd, (CUdeviceptr)ptr) == CUDA_SUCCESS) {
+            a->base = ptr;
+            a->size = base + size > ptr && base + size - ptr < end - ptr ? base + size - ptr : end - ptr;
+        } else if ((rc = cuMemPoolExportPointer(&pd, base)) != CUDA_SUCCESS) {
+            return kvx__cuda_err(ctx, rc, "cuMemPoolExportPointer");
+        }
+        return KVX_OK;
+    }
+    if (legacy) { a->kind = KVX__CUDA_LEGACY; return KVX_OK; }
+    {
+        CUmemGenericAllocationHandle h;
+        CUmemAllocationProp prop;
+        if ((rc = cuMemRetainAllocationHandle(&h, (void *)(uintptr_t)base)) != CUDA_SUCCESS)
+            return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: 0x%llx is device memory of an unknown kind (neither cuMemAlloc, VMM nor pool: %d)",
+                             (unsigned long long)ptr, (int)rc);
+        memset(&prop, 0, sizeof prop);
+        rc = cuMemGetAllocationPropertiesFromHandle(&prop, h);
+        if (rc != CUDA_SUCCESS || !(prop.requestedHandleTypes & CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)) {
+            cuMemRelease(h);
+            if (rc != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuMemGetAllocationPropertiesFromHandle");
+            return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: 0x%llx is VMM memory (cuMemCreate) without an exportable handle type: create it with "
+                             "CUmemAllocationProp.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR (PyTorch's expandable segments: "
+                             "use cudaMalloc or an exportable allocator for the KV cache), or use cudaMalloc", (unsigned long long)ptr);
+        }
+        a->kind = KVX__CUDA_VMM;
+        a->h = h;
+    }
+    return KVX_OK;
+}
+
+KVX__PRIV kvx_status kvx__cuda_mem_register(kvx_ctx *ctx, const kvx__cache_info *ci, kvx__region *r) {
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    kvx__cuda_region *g = NULL;
+    kvx__cuda_alloc a;
+    uint64_t cur, end = r->addr + r->len;
+    uint32_t n = 0, cap = 8, i, klen;
+    kvx_status st;
+    CUcontext prev;
+    CUresult rc;
+    uint8_t *k;
+    if (ci->mem != KVX_MEM_CUDA)
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: the CUDA backend moves GPU memory (kvx_cache_desc.mem = KVX_MEM_CUDA); "
+                         "register host caches with the UCX or libfabric backend");
+    if ((st = kvx__cuda_bind(ctx, ci->device, "kvx_cache_register")) != KVX_OK) return st;
+    if ((rc = cuCtxPushCurrent(c->d->pctx)) != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuCtxPushCurrent");
+    g = (kvx__cuda_region *)kvx__calloc(1, sizeof *g + cap * sizeof g->a[0]);
+    if (!g) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory"); goto fail; }
+    g->ord = ci->device;
+    for (cur = r->addr; cur < end; cur = a.base + a.size) {
+        if ((st = kvx__cuda_classify(ctx, ci->device, cur, end, &a)) != KVX_OK) goto fail;
+        if (a.base + a.size <= cur) { st = kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: no allocation reported at 0x%llx", (unsigned long long)cur); goto fail; }
+        if (n == cap) {
+            kvx__cuda_region *ng = (kvx__cuda_region *)kvx__calloc(1, sizeof *g + 2 * cap * sizeof g->a[0]);
+            if (!ng) { if (a.h) cuMemRelease(a.h); st = kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory"); goto fail; }
+            memcpy(ng, g, sizeof *g + cap * sizeof g->a[0]);
+            KVX_FREE(g);
+            g = ng;
+            cap *= 2;
+        }
+        g->a[n++] = a;
+        g->n = n;
+    }
+    /* rkey: magic, version, count, device uuid, ordinal; then per allocation
+       kind, base, size and what a reader needs to open it. */
+    for (klen = KVX__CUDA_RKEY_HDR, i = 0; i < n; i++) klen += KVX__CUDA_ENTRY + (g->a[i].kind == KVX__CUDA_VMM ? 0 : KVX__CUDA_PAYLOAD);
+    if (klen > KVX__MAX_RKEY) {
+        st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: the range 0x%llx+%llu spans %u allocations, more than one registration carries (%u bytes of %u): "
+                       "allocate the KV cache in fewer, larger allocations", (unsigned long long)r->addr, (unsigned long long)r->len, n, klen, KVX__MAX_RKEY);
+        goto fail;
+    }
+    if (!(k = (uint8_t *)KVX_MALLOC(klen))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory"); goto fail; }
+    memset(k, 0, klen);
+    kvx__cuda_put64(k, KVX__CUDA_RKEY_MAGIC | (1ull << 32) | ((uint64_t)n << 48));
+    memcpy(k + 8, c->d->uuid.bytes, 16);
+    kvx__cuda_put64(k + 24, (uint64_t)(uint32_t)ci->device);
+    for (klen = KVX__CUDA_RKEY_HDR, i = 0; i < n; i++) {
+        kvx__cuda_alloc *e = &g->a[i];
+        k[klen] = (uint8_t)e->kind;
+        kvx__cuda_put64(k + klen + 1, e->base);
+        kvx__cuda_put64(k + klen + 9, e->size);
+        klen += KVX__CUDA_ENTRY;
+        if (e->kind == KVX__CUDA_LEGACY) {
+            CUipcMemHandle ih;
+            if ((rc = cuIpcGetMemHandle(&ih, (CUdeviceptr)e->base)) != CUDA_SUCCESS) { KVX_FREE(k); st = kvx__cuda_err(ctx, rc, "cuIpcGetMemHandle"); goto fail; }
+            memcpy(k + klen, ih.reserved, 64);
+            klen += KVX__CUDA_PAYLOAD;
+        } else if (e->kind == KVX__CUDA_POOL) {
+            CUmemPoolPtrExportData pd;
+            if ((rc = cuMemPoolExportPointer(&pd, (CUdeviceptr)e->base)) != CUDA_SUCCESS) { KVX_FREE(k); st = kvx__cuda_err(ctx, rc, "cuMemPoolExportPointer"); goto fail; }
+            kvx__cuda_put64(k + klen, (uint64_t)(uintptr_t)e->pool);
+            memcpy(k + klen + 8, pd.reserved, 64);
+            klen += KVX__CUDA_PAYLOAD;
+        }
+    }
+    /* The kernel reads the cache's plane bases from the device: upload them once. */
+    if (r == &ci->regions[0]) {
+        size_t bytes = (size_t)ci->nplanes * 8u;
+        if ((rc = cuMemAlloc(&g->planes, bytes)) != CUDA_SUCCESS || (rc = cuMemcpyHtoD(g->planes, ci->plane_base, bytes)) != CUDA_SUCCESS) {
+            KVX_FREE(k);
+            st = kvx__cuda_err(ctx, rc, "uploading the plane table");
+            goto fail;
+        }
+    }
+    cuCtxPopCurrent(&prev);
+    r->rkey = k;
+    r->rkey_len = klen;
+    r->be = g;
+    KVX__LOG(ctx, KVX_LOG_DEBUG, "cuda: region 0x%llx+%llu: %u allocation(s), first %s", (unsigned long long)r->addr, (unsigned long long)r->len, n,
+             g->a[0].kind == KVX__CUDA_LEGACY ? "cuMemAlloc" : g->a[0].kind == KVX__CUDA_VMM ? "VMM" : "pool");
+    return KVX_OK;
+fail:
+    cuCtxPopCurrent(&prev);
+    if (g) { r->be = g; kvx__cuda_mem_deregister(ctx, r); }
+    return st;
+}
+
+/*--- the owner's socket: exports and notifications --------------------------*/
+
+typedef struct kvx__cuda_msg {
+    uint32_t magic, type, cache, region, alloc;
+    int32_t status;
+    uint8_t notify[16];
+} kvx__cuda_msg;
+
+KVX__PRIV int kvx__cuda_send(int fd, const kvx__cuda_msg *m, int pass_fd) {
+    struct msghdr mh;
+    struct iovec iov;
+    union { struct cmsghdr h; char b[CMSG_SPACE(sizeof(int))]; } cb;
+    memset(&mh, 0, sizeof mh);
+    iov.iov_base = (void *)m;
+    iov.iov_len = sizeof *m;
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    if (pass_fd >= 0) {
+        struct cmsghdr *h;
+        memset(&cb, 0, sizeof cb);
+        mh.msg_control = cb.b;
+        mh.msg_controllen = sizeof cb.b;
+        h = CMSG_FIRSTHDR(&mh);
+        h->cmsg_level = SOL_SOCKET;
+        h->cmsg_type = SCM_RIGHTS;
+        h->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(h), &pass_fd, sizeof(int));
+    }
+    return sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT) == (ssize_t)sizeof *m ? 0 : -1;
+}
+
+/* 1: a message (and *got_fd, -1 if none); 0: nothing now; -1: closed or broken. */
+KVX__PRIV int kvx__cuda_recv(int fd, kvx__cuda_msg *m, int *got_fd) {
+    struct msghdr mh;
+    struct iovec iov;
+    union { struct cmsghdr h; char b[CMSG_SPACE(sizeof(int))]; } cb;
+    struct cmsghdr *h;
+    ssize_t n;
+    *got_fd = -1;
+    memset(&mh, 0, sizeof mh);
+    iov.iov_base = m;
+    iov.iov_len = sizeof *m;
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = cb.b;
+    mh.msg_controllen = sizeof cb.b;
+    n = recvmsg(fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : -1;
+    for (h = CMSG_FIRSTHDR(&mh); h; h = CMSG_NXTHDR(&mh, h))
+        if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS && h->cmsg_len >= CMSG_LEN(sizeof(int))) memcpy(got_fd, CMSG_DATA(h), sizeof(int));
+    if (n == 0) return -1;
+    if (n != (ssize_t)sizeof *m || m->magic != KVX__CUDA_MSG_MAGIC) {
+        if (*got_fd >= 0) { close(*got_fd); *got_fd = -1; }
+        m->type = 0;  /* ignored */
+    }
+    return 1;
+}
+
+/* A reader asks for the file descriptor of one of our VMM allocations or pools. */
+KVX__PRIV void kvx__cuda_serve(kvx_ctx *ctx, int fd, const kvx__cuda_msg *m) {
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    kvx__cuda_msg rep;
+    kvx__cuda_alloc *a = NULL;
+    int out = -1;
+    uint32_t i;
+    memset(&rep, 0, sizeof rep);
+    rep.magic = KVX__CUDA_MSG_MAGIC;
+    rep.type = KVX__CUDA_MSG_REPLY;
+    rep.status = -1;
+    for (i = 0; i < ctx->ncaches; i++) {
+        kvx__cache_info *ci = &ctx->caches[i]->info;
+        kvx__cuda_region *g;
+        if (ci->id != m->cache || m->region >= ci->nregions) continue;
+        g = (kvx__cuda_region *)ci->regions[m->region].be;
+        if (g && m->alloc < g->n) a = &g->a[m->alloc];
+    }
+    if (a && c->d) {
+        CUcontext prev;
+        CUresult rc = cuCtxPushCurrent(c->d->pctx);
+        if (rc == CUDA_SUCCESS) {
+            if (a->kind == KVX__CUDA_VMM) rc = cuMemExportToShareableHandle(&out, a->h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
+            else if (a->kind == KVX__CUDA_POOL) rc = cuMemPoolExportToShareableHandle(&out, a->pool, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
+            else rc = CUDA_ERROR_INVALID_VALUE;
+            cuCtxPopCurrent(&prev);
+        }
+        rep.status = rc == CUDA_SUCCESS ? 0 : (int32_t)rc;
+        if (rc != CUDA_SUCCESS) out = -1;
+    }
+    if (kvx__cuda_send(fd, &rep, out) != 0) KVX__LOG(ctx, KVX_LOG_WARN, "cuda: cannot answer an export request: %s", strerror(errno));
+    if (out >= 0) close(out);
+}
+
+KVX__PRIV void kvx__cuda_owner_drop(kvx_ctx *ctx, kvx__cuda_fd *f) {
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    uint32_t i;
+    epoll_ctl(c->epfd, EPOLL_CTL_DEL, f->fd, NULL);
+    close(f->fd);
+    for (i = 0; i < c->nowners; i++)
+        if (c->owners[i] == f) { c->owners[i] = c->owners[--c->nowners]; break; }
+    KVX_FREE(f);
+}
+
+KVX__PRIV void kvx__cuda_accept(kvx_ctx *ctx) {
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    int fd;
+    while ((fd = accept4(c->lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) >= 0) {
+        struct ucred cr;
+        socklen_t cl = sizeof cr;
+        kvx__cuda_fd *f;
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &cl) != 0 || cr.uid != getuid()) {
+            KVX__LOG(ctx, KVX_LOG_WARN, "cuda: refused a connection from uid %d", (int)cr.uid);
+            close(fd);
+            continue;
+        }
+        if (c->nowners == c->owners_cap) {
+            uint32_t cap = c->owners_cap ? 2 * c->owners_cap : 16;
+            kvx__cuda_fd **n = (kvx__cuda_fd **)kvx__calloc(cap, sizeof *n);
+            if (!n) { close(fd); continue; }
+            if (c->nowners) memcpy(n, c->owners, c->nowners * sizeof *n);
+            KVX_FREE(c->owners);
+            c->owners = n;
+            c->owners_cap = cap;
+        }
+        if (!(f = (kvx__cuda_fd *)kvx__calloc(1, sizeof *f))) { close(fd); continue; }
+        f->fd = fd;
+        f->kind = KVX__CUDA_FD_OWNER;
+        if (kvx__cuda_watch(c, f)) { close(fd); KVX_FREE(f); continue; }
+        c->owners[c->nowners++] = f;
+    }
+}
+
+/*--- peers: map the owner's allocations ----------------------------------*/
+
+KVX__PRIV void kvx__cuda_peer_unmap(kvx_ctx *ctx, kvx_peer *p) {
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    kvx__cuda_peer *cp = (kvx__cuda_peer *)p->be;
+    uint32_t i;
+    CUcontext prev;
+    if (!cp) return;
+    if (c->d && cuCtxPushCurrent(c->d->pctx) == CUDA_SUCCESS) {
+        if (cp->planes)
+            for (i = 0; i < p->ncaches; i++) if (cp->planes[i]) cuMemFree(cp->planes[i]);
+        for (i = 0; i < cp->nimp; i++) {
+            kvx__cuda_imp *m = &cp->imp[i];
+            if (cp->same_process) continue;
+            if (m->kind == KVX__CUDA_LEGACY) cuIpcCloseMemHandle(m->lbase);
+            else if (m->kind == KVX__CUDA_POOL) cuMemFree(m->lbase);
+            else if (m->kind == KVX__CUDA_VMM) cuMemUnmap(m->lbase, m->size);
+        }
+        for (i = 0; i < cp->nimp; i++)
+            if (cp->imp[i].va) cuMemAddressFree(cp->imp[i].va, cp->imp[i].va_size);
+        for (i = 0; i < cp->npools; i++) cuMemPoolDestroy(cp->pools[i].pool);
+        cuCtxPopCurrent(&prev);
+    }
+    if (cp->conn.fd >= 0) {
+        epoll_ctl(c->epfd, EPOLL_CTL_DEL, cp->conn.fd, NULL);
+        close(cp->conn.fd);
+    }
+    KVX_FREE(cp->planes);
+    KVX_FREE(cp->imp);
+    KVX_FREE(cp);
+    p->be = NULL;
+}
+
+/* Ask the owner for the descriptor of (cache, region, alloc); waits for the
+   answer up to the context's timeout (the owner answers from its progress). */
+KVX__PRIV kvx_status kvx__cuda_fetch_fd(kvx_ctx *ctx, kvx_peer *p, uint32_t cache, uint32_t region, uint32_t alloc, int *out) {
+    kvx__cuda_peer *cp = (kvx__cuda_peer *)p->be;
+    kvx__cuda_msg m;
+    uint64_t until = kvx__now_ns() + (uint64_t)ctx->timeout_ms * 1000000ull;
+    int fd = -1, r;
+    memset(&m, 0, sizeof m);
+    m.magic = KVX__CUDA_MSG_MAGIC;
+    m.type = KVX__CUDA_MSG_EXPORT;
+    m.cache = cache; m.region = region; m.alloc = alloc;
+    if (kvx__cuda_send(cp->conn.fd, &m, -1) != 0)
+        return kvx__fail(ctx, KVX_ERR_PEER, "cuda: asking %s/%d for an allocation handle: %s", p->name, p->rank, strerror(errno));
+    for (;;) {
+        struct pollfd pf;
+        uint64_t now = kvx__now_ns();
+        r = kvx__cuda_recv(cp->conn.fd, &m, &fd);
+        if (r < 0) return kvx__fail(ctx, KVX_ERR_PEER, "cuda: %s/%d closed the connection while exporting an allocation", p->name, p->rank);
+        if (r > 0 && m.type == KVX__CUDA_MSG_REPLY) break;
+        if (r > 0) { if (fd >= 0) close(fd); continue; }
+        if (now >= until)
+            return kvx__fail(ctx, KVX_ERR_TIMEOUT, "cuda: %s/%d (pid %u) did not export its allocation within %u ms: does it progress "
+                             "(progress thread or kvx_progress)?", p->name, p->rank, p->pid, ctx->timeout_ms);
+        pf.fd = cp->conn.fd; pf.events = POLLIN; pf.revents = 0;
+        poll(&pf, 1, (int)((until - now) / 1000000u) + 1);
+    }
+    if (m.status != 0 || fd < 0) {
+        if (fd >= 0) close(fd);
+        return kvx__fail(ctx, KVX_ERR_PEER, "cuda: %s/%d could not export cache %u region %u allocation %u (CUDA error %d)", p->name, p->rank,
+                         cache, region, alloc, (int)m.status);
+    }
+    *out = fd;
+    return KVX_OK;
+}
+
+KVX__PRIV kvx__cuda_imp *kvx__cuda_imp_find(kvx__cuda_peer *cp, uint64_t raddr) {
+    uint32_t i;
+    for (i = 0; i < cp->nimp; i++)
+        if (raddr >= cp->imp[i].rbase && raddr - cp->imp[i].rbase < cp->imp[i].size) return &cp->imp[i];
+    return NULL;
+}
+
+/* Open every allocation of one region of peer cache ci (index cix). */
+KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t cix, uint32_t rix) {
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    kvx__cuda_peer *cp = (kvx__cuda_peer *)p->be;
+    kvx__region *r = &p->caches[cix].regions[rix];
+    const uint8_t *k = r->rkey;
+    uint32_t n, i, off, ver;
+    uint64_t h;
+    int pord;
+    CUresult rc;
+    kvx_status st;
+    char what[160];
+    snprintf(what, sizeof what, "peer %s/%d cache %u region %u", p->name, p->rank, p->caches[cix].id, rix);
+    if (r->rkey_len < KVX__CUDA_RKEY_HDR) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: remote key of %u bytes is truncated", what, r->rkey_len);
+    h = kvx__cuda_get64(k);
+    ver = (uint32_t)(h >> 32) & 0xffffu;
+    n = (uint32_t)(h >> 48);
+    if ((uint32_t)h != KVX__CUDA_RKEY_MAGIC || ver != 1)
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "cuda: %s: not a CUDA remote key (version %u): was the peer registered by the CUDA backend?", what, ver);
+    pord = kvx__cuda_ordinal_of_uuid(k + 8);
+    if (pord < 0)
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: %s: its GPU (device %d there) is not visible in this process (CUDA_VISIBLE_DEVICES?)",
+                         what, (int)kvx__cuda_get64(k + 24));
+    if (cp->pord < 0) cp->pord = pord;
+    else if (cp->pord != pord) return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: %s: caches on two GPUs (%d and %d) in one peer", what, cp->pord, pord);
+    if (pord != c->ord) {
+        int can = 0;
+        if (cuDeviceCanAccessPeer(&can, c->d->dev, (CUdevice)pord) != CUDA_SUCCESS || !can)
+            return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: %s lives on GPU %d, which GPU %d cannot access (no peer access between them)", what, pord, c->ord);
+        if (cp->same_process) {  /* its addresses are used as they are: enable peer access for them */
+            CUcontext pc;
+            if ((rc = cuDevicePrimaryCtxRetain(&pc, (CUdevice)pord)) == CUDA_SUCCESS) {
+                rc = cuCtxEnablePeerAccess(pc, 0);
+                cuDevicePrimaryCtxRelease((CUdevice)pord);
+            }
+            if (rc != CUDA_SUCCESS && rc != CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED) return kvx__cuda_err(ctx, rc, "cuCtxEnablePeerAccess");
+        }
+    }
+    for (off = KVX__CUDA_RKEY_HDR, i = 0; i < n; i++) {
+        kvx__cuda_imp m;
+        const uint8_t *e = k + off;
+        if (off + KVX__CUDA_ENTRY > r->rkey_len) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: remote key truncated at allocation %u", what, i);
+        memset(&m, 0, sizeof m);
+        m.kind = e[0];
+        m.rbase = kvx__cuda_get64(e + 1);
+        m.size = kvx__cuda_get64(e + 9);
+        m.gend = m.rbase + m.size;
+        off += KVX__CUDA_ENTRY;
+        if (m.kind != KVX__CUDA_VMM) {
+            if (m.kind != KVX__CUDA_LEGACY && m.kind != KVX__CUDA_POOL) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: allocation %u of unknown kind %d", what, i, m.kind);
+            if (off + KVX__CUDA_PAYLOAD > r->rkey_len) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: remote key truncated at allocation %u", what, i);
+            off += KVX__CUDA_PAYLOAD;
+        }
+        if (!m.size || m.rbase + m.size < m.rbase) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: allocation %u is empty or wraps", what, i);
+        if (kvx__cuda_imp_find(cp, m.rbase)) continue;  /* opened once per peer allocation */
+        if (cp->same_process) {
+            m.lbase = (CUdeviceptr)m.rbase;  /* the owner's own addresses */
+        } else if (m.kind == KVX__CUDA_LEGACY) {
+            CUipcMemHandle ih;
+            memcpy(ih.reserved, e + KVX__CUDA_ENTRY, 64);
+            if ((rc = cuIpcOpenMemHandle(&m.lbase, ih, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)) != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuIpcOpenMemHandle");
+        } else if (m.kind == KVX__CUDA_POOL) {
+            uint64_t pid = kvx__cuda_get64(e + KVX__CUDA_ENTRY);
+            CUmemPoolPtrExportData pd;
+            CUmemoryPool pool = NULL;
+            uint32_t j;
+            for (j = 0; j < cp->npools; j++) if (cp->pools[j].id == pid) pool = cp->pools[j].pool;
+            if (!pool) {
+                int fd = -1;
+                if (cp->npools == sizeof cp->pools / sizeof cp->pools[0]) return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: %s: more than 16 pools", what);
+                if ((st = kvx__cuda_fetch_fd(ctx, p, p->caches[cix].id, rix, i, &fd)) != KVX_OK) return st;
+                rc = cuMemPoolImportFromShareableHandle(&pool, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
+                close(fd);
+                if (rc != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuMemPoolImportFromShareableHandle");
+                if (pord != c->ord) {
+                    CUmemAccessDesc ad;
+                    memset(&ad, 0, sizeof ad);
+                    ad.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+                    ad.location.id = c->ord;
+                    ad.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+                    if ((rc = cuMemPoolSetAccess(pool, &ad, 1)) != CUDA_SUCCESS) { cuMemPoolDestroy(pool); return kvx__cuda_err(ctx, rc, "cuMemPoolSetAccess"); }
+                }
+                cp->pools[cp->npools].id = pid;
+                cp->pools[cp->npools++].pool = pool;
+            }
+            memcpy(pd.reserved, e + KVX__CUDA_ENTRY + 8, 64);
+            if ((rc = cuMemPoolImportPointer(&m.lbase, pool, &pd)) != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuMemPoolImportPointer");
+            m.pool_id = pid;
+        } else {
+            /* VMM: physical allocations that sit back to back in the owner
+               are mapped back to back here, in one reservation per run. */
+            CUmemGenericAllocationHandle hh;
+            CUmemAccessDesc ad;
+            kvx__cuda_imp *prev = cp->nimp ? &cp->imp[cp->nimp - 1] : NULL;
+            int fd = -1;
+            if ((st = kvx__cuda_fetch_fd(ctx, p, p->caches[cix].id, rix, i, &fd)) != KVX_OK) return st;
+            rc = cuMemImportFromShareableHandle(&hh, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+            close(fd);
+            if (rc != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuMemImportFromShareableHandle");
+            if (prev && prev->kind == KVX__CUDA_VMM && prev->rbase + prev->size == m.rbase && prev->gend >= m.rbase + m.size) {
+                m.lbase = prev->lbase + prev->size;  /* the next member of prev's run */
+                m.gend = prev->gend;
+            } else {
+                /* A new run: the back-to-back VMM allocations the key lists from here. */
+                uint64_t span = m.size;
+                uint32_t j, o2 = off;
+                for (j = i + 1; j < n && o2 + KVX__CUDA_ENTRY <= r->rkey_len; j++) {
+                    const uint8_t *e2 = k + o2;
+                    if (e2[0] != KVX__CUDA_VMM || kvx__cuda_get64(e2 + 1) != m.rbase + span) break;
+                    span += kvx__cuda_get64(e2 + 9);
+                    o2 += KVX__CUDA_ENTRY;
+                }
+                if ((rc = cuMemAddressReserve(&m.va, (size_t)span, 0, 0, 0)) != CUDA_SUCCESS) { cuMemRelease(hh); return kvx__cuda_err(ctx, rc, "cuMemAddressReserve"); }
+                m.va_size = (size_t)span;
+                m.lbase = m.va;
+                m.gend = m.rbase + span;
+            }
+            rc = cuMemMap(m.lbase, (size_t)m.size, 0, hh, 0);
+            cuMemRelease(hh);  /* the mapping holds it */
+            if (rc != CUDA_SUCCESS) {
+                if (m.va) cuMemAddressFree(m.va, m.va_size);
+                return kvx__cuda_err(ctx, rc, "cuMemMap");
+            }
+            memset(&ad, 0, sizeof ad);
+            ad.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+            ad.location.id = c->ord;
+            ad.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+            if ((rc = cuMemSetAccess(m.lbase, (size_t)m.size, &ad, 1)) != CUDA_SUCCESS) {
+                cuMemUnmap(m.lbase, (size_t)m.size);
+                if (m.va) cuMemAddressFree(m.va, m.va_size);
+                return kvx__cuda_err(ctx, rc, "cuMemSetAccess");
+            }
+        }
+        if (cp->nimp == cp->imp_cap) {
+            uint32_t cap = cp->imp_cap ? 2 * cp->imp_cap : 8;
+            kvx__cuda_imp *ni = (kvx__cuda_imp *)kvx__calloc(cap, sizeof *ni);
+            if (!ni) return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory");
+            if (cp->nimp) memcpy(ni, cp->imp, cp->nimp * sizeof *ni);
+            KVX_FREE(cp->imp);
+            cp->imp = ni;
+            cp->imp_cap = cap;
+        }
+        cp->imp[cp->nimp++] = m;
+    }
+    if (cp->same_process)  /* one address space: allocations back to back are one range */
+        for (i = cp->nimp; i-- > 1;)
+            if (cp->imp[i - 1].rbase + cp->imp[i - 1].size == cp->imp[i].rbase && cp->imp[i].gend > cp->imp[i - 1].gend) cp->imp[i - 1].gend = cp->imp[i].gend;
+    return KVX_OK;
+}
+
+KVX__PRIV void kvx__cuda_complete(kvx_ctx *ctx, int wait);
+
+KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q);
+
+KVX__PRIV void kvx__cuda_disconnect(kvx_ctx *ctx, kvx_peer *p) {
+    kvx_queue *q;
+    /* Launched kernels cannot be recalled: let them finish first, and the
+       reads still staged too, before the peer's memory is unmapped. */
+    kvx__cuda_complete(ctx, 1);
+    for (q = ctx->queues; q; q = q->next) kvx__cuda_launch(ctx, q);
+    kvx__cuda_complete(ctx, 1);
+    kvx__cuda_peer_unmap(ctx, p);
+}
+
+KVX__PRIV kvx_status kvx__cuda_connect(kvx_ctx *ctx, kvx_peer *p) {
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    kvx__cuda_peer *cp;
+    struct sockaddr_un sa;
+    uint64_t h, token;
+    uint32_t plen, i, j;
+    kvx_status st = KVX_OK;
+    CUcontext prev;
+    CUresult rc;
+    if (strcmp(p->host, ctx->host))
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: peer %s/%d is on host \"%s\", this context on \"%s\": the CUDA backend reads over CUDA IPC "
+                         "within one host; use the UCX or libfabric backend (CUDA-aware) across hosts", p->name, p->rank, p->host, ctx->host);
+    if (p->addr_len < 24) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: peer %s/%d: address of %u bytes is truncated", p->name, p->rank, p->addr_len);
+    h = kvx__cuda_get64(p->addr);
+    token = kvx__cuda_get64(p->addr + 8);
+    plen = (uint32_t)(p->addr[20] | p->addr[21] << 8 | p->addr[22] << 16 | (uint32_t)p->addr[23] << 24);
+    if ((uint32_t)h != KVX__CUDA_ADDR_MAGIC || (h >> 32) != 1 || plen != p->addr_len - 24 || plen >= sizeof sa.sun_path)
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "cuda: peer %s/%d: not a CUDA backend address", p->name, p->rank);
+    if ((st = kvx__cuda_bind(ctx, -1, "kvx_peer_add")) != KVX_OK) return st;
+    if (!(cp = (kvx__cuda_peer *)kvx__calloc(1, sizeof *cp)) || !(cp->planes = (CUdeviceptr *)kvx__calloc(p->ncaches ? p->ncaches : 1, sizeof *cp->planes))) {
+        KVX_FREE(cp);
+        return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory");
+    }
+    p->be = cp;
+    cp->pord = -1;
+    cp->conn.kind = KVX__CUDA_FD_PEER;
+    cp->conn.peer = p;
+    cp->same_process = token == kvx__cuda_token;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    memcpy(sa.sun_path, p->addr + 24, plen);
+    if ((cp->conn.fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0)) < 0 || connect(cp->conn.fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        int e = errno;
+        kvx__cuda_peer_unmap(ctx, p);
+        return kvx__fail(ctx, KVX_ERR_PEER, "cuda: connecting to %s/%d (pid %u) at %s: %s", p->name, p->rank, p->pid, sa.sun_path, strerror(e));
+    }
+    fcntl(cp->conn.fd, F_SETFL, fcntl(cp->conn.fd, F_GETFL) | O_NONBLOCK);
+    if ((rc = cuCtxPushCurrent(c->d->pctx)) != CUDA_SUCCESS) { kvx__cuda_peer_unmap(ctx, p); return kvx__cuda_err(ctx, rc, "cuCtxPushCurrent"); }
+    for (i = 0; i < p->ncaches && st == KVX_OK; i++) {
+        kvx__cache_info *ci = &p->caches[i];
+        uint64_t *tab, span = (uint64_t)(ci->lay.num_blocks - 1) * ci->block_stride + ci->block_bytes;
+        if (ci->mem != KVX_MEM_CUDA) continue;  /* a post from it is refused */
+        for (j = 0; j < ci->nregions && st == KVX_OK; j++) st = kvx__cuda_import_region(ctx, p, i, j);
+        if (st != KVX_OK) break;
+        /* The plane bases as mapped here; each plane must be one contiguous mapping. */
+        if (!(tab = (uint64_t *)kvx__calloc(ci->nplanes, sizeof *tab))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory"); break; }
+        for (j = 0; j < ci->nplanes; j++) {
+            kvx__cuda_imp *m = kvx__cuda_imp_find(cp, ci->plane_base[j]);
+            if (!m || ci->plane_base[j] + span > m->gend) {
+                st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: peer %s/%d cache %u plane %u (0x%llx, %llu bytes) is not one contiguous allocation",
+                               p->name, p->rank, ci->id, j, (unsigned long long)ci->plane_base[j], (unsigned long long)span);
+                break;
+            }
+            tab[j] = m->lbase + (ci->plane_base[j] - m->rbase);
+        }
+        if (st == KVX_OK && ((rc = cuMemAlloc(&cp->planes[i], (size_t)ci->nplanes * 8u)) != CUDA_SUCCESS ||
+                             (rc = cuMemcpyHtoD(cp->planes[i], tab, (size_t)ci->nplanes * 8u)) != CUDA_SUCCESS))
+            st = kvx__cuda_err(ctx, rc, "uploading a peer's plane table");
+        KVX_FREE(tab);
+    }
+    cuCtxPopCurrent(&prev);
+    if (st == KVX_OK && kvx__cuda_watch(c, &cp->conn) != 0) st = kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: epoll_ctl: %s", strerror(errno));
+    if (st != KVX_OK) {
+        kvx__cuda_peer_unmap(ctx, p);
+        return st;
+    }
+    if (cp->pord < 0 || cp->pord == c->ord) {
+        snprintf(p->transport, sizeof p->transport, "cuda:ipc same-gpu (GPU %d%s)", c->ord, cp->same_process ? ", same process" : "");
+    } else {
+        int atom = 0;
+        cuDeviceGetP2PAttribute(&atom, CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED, c->d->dev, (CUdevice)cp->pord);
+        snprintf(p->transport, sizeof p->transport, "cuda:ipc %s (GPU %d -> %d)", atom ? "nvlink" : "pcie", cp->pord, c->ord);
+    }
+    return KVX_OK;
+}
+
+/*--- queues and the copy kernel -------------------------------------------*/
+
+KVX__PRIV kvx__cuda_q *kvx__cuda_q_of(kvx_queue *q) { return (kvx__cuda_q *)q->be; }
+KVX__PRIV kvx__stream_q *kvx__stream_of(kvx_queue *q) { return (kvx__stream_q *)q->stream; }
+
+KVX__PRIV void kvx__cuda_wake(void *arg) {
+    uint64_t one = 1;
+    if (write(*(int *)arg, &one, sizeof one) < 0) { /* the eventfd is full: already awake */ }
+}
+
+/* Completions of one queue's launched batches, oldest first; wait: until all
+   are done (bounded, for a forced close). Returns the number completed. */
+KVX__PRIV int kvx__cuda_q_complete(kvx_ctx *ctx, kvx_queue *q, int wait) {
+    kvx__cuda_q *cq = kvx__cuda_q_of(q);
+    uint64_t until = kvx__now_ns() + 10000000000ull, nap = 20000;
+    int n = 0;
+    CUcontext prev;
+    if (!cq || !cq->inflight) return 0;
+    if (cuCtxPushCurrent(cq->d->pctx) != CUDA_SUCCESS) return 0;
+    while (cq->inflight) {
+        kvx__cuda_batch *b = &cq->b[cq->first];
+        CUresult rc = cuEventQuery(b->ev);
+        uint32_t i;
+        if (rc == CUDA_ERROR_NOT_READY) {
+            struct timespec ts;
+            if (!wait || kvx__now_ns() >= until) {
+                if (wait) KVX__LOG(ctx, KVX_LOG_ERROR, "cuda: a copy kernel still runs after 10 s of a forced close; its reads stay outstanding");
+                break;
+            }
+            /* No timed wait on an event exists: sleep in growing steps. */
+            ts.tv_sec = 0;
+            ts.tv_nsec = (long)nap;
+            nanosleep(&ts, NULL);
+            if (nap < 1000000) nap *= 2;
+            continue;
+        }
+        for (i = 0; i < b->nreads; i++) {
+            kvx__read *rd = b->reads[i];
+            if (rc == CUDA_SUCCESS) {
+                rd->ops_done = rd->ops_total - 1;  /* the read went as one launch */
+                ctx->st.descs_completed += rd->ops_total - 1;
+                kvx__op_done(rd, KVX_OK, NULL);
+            } else {
+                const char *name = NULL;
+                cuGetErrorName(rc, &name);
+                kvx__op_done(rd, KVX_ERR_BACKEND, name ? name : "the copy kernel failed");
+            }
+        }
+        b->nreads = 0;
+        b->ntasks = 0;
+        b->woken = 0;
+        cq->first = (cq->first + 1) % KVX__CUDA_BATCHES;
+        cq->inflight--;
+        n++;
+    }
+    cuCtxPopCurrent(&prev);
+    return n;
+}
+
+KVX__PRIV void kvx__cuda_complete(kvx_ctx *ctx, int wait) {
+    kvx_queue *q;
+    for (q = ctx->queues; q; q = q->next) kvx__cuda_q_complete(ctx, q, wait);
+}
+
+KVX__PRIV kvx__cuda_batch *kvx__cuda_open_batch(kvx__cuda_q *cq) { return &cq->b[(cq->first + cq->inflight) % KVX__CUDA_BATCHES]; }
+
+/* Launch the open batch: table and headers to the GPU (or read in place when
+   small), the kernel, each read's completion word, the event. */
+KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
+    kvx__cuda_q *cq = kvx__cuda_q_of(q);
+    kvx__stream_q *sq = kvx__stream_of(q);
+    uint32_t slot, i, grid, bytes;
+    kvx__cuda_batch *b;
+    kvx__cuda_rd *hdr;
+    size_t hoff, hbytes;
+    CUdeviceptr pairs, hptr;
+    CUcontext prev;
+    CUresult rc;
+    const char *what = "";
+    void *args[3];
+    uint32_t nreads, ntasks;
+    if (!cq) return KVX_OK;
+    slot = (cq->first + cq->inflight) % KVX__CUDA_BATCHES;
+    b = &cq->b[slot];
+    hdr = cq->hdr + (size_t)slot * KVX__CUDA_BATCH_READS;
+    hoff = (size_t)slot * KVX__CUDA_BATCH_READS * sizeof *hdr;
+    hbytes = b->nreads * sizeof *hdr;
+    if (!b->nreads) return KVX_OK;
+    if (cq->inflight >= KVX__CUDA_BATCHES - 1) return KVX_PENDING;  /* the open batch needs a slot of its own */
+    bytes = b->end - b->start;
+    if ((rc = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuCtxPushCurrent");
+    if (bytes + hbytes <= KVX__CUDA_SMALL) {
+        pairs = cq->ring_map + b->start;  /* one round trip over the bus beats a copy */
+        hptr = cq->hdr_map + hoff;
+    } else {
+        pairs = cq->ring_dev + b->start;
+        hptr = cq->hdr_dev + hoff;
+    }
+    for (i = 0; i < b->nreads; i++) hdr[i].pairs += pairs;  /* held offsets into the ring */
+    if (bytes + hbytes > KVX__CUDA_SMALL) {
+        if ((rc = cuMemcpyHtoDAsync(pairs, cq->ring + b->start, bytes, cq->s)) != CUDA_SUCCESS) { what = "cuMemcpyHtoDAsync (block table)"; goto fail; }
+        if ((rc = cuMemcpyHtoDAsync(hptr, hdr, hbytes, cq->s)) != CUDA_SUCCESS) { what = "cuMemcpyHtoDAsync (read headers)"; goto fail; }
+    }
+    nreads = b->nreads;
+    ntasks = b->ntasks;
+    args[0] = &hptr; args[1] = &nreads; args[2] = &ntasks;
+    grid = (ntasks + KVX__CUDA_THREADS / 32u - 1) / (KVX__CUDA_THREADS / 32u);
+    if (grid > cq->grid_max) grid = cq->grid_max;
+    if (!grid) grid = 1;
+    if ((rc = cuLaunchKernel(cq->d->fn, grid, 1, 1, KVX__CUDA_THREADS, 1, 1, 0, cq->s, args, NULL)) != CUDA_SUCCESS) { what = "cuLaunchKernel (copy kernel)"; goto fail; }
+    if (sq && sq->words) {
+        /* The reads are complete, in stream order, once the kernel is. */
+        CUstreamBatchMemOpParams ops[64];
+        uint32_t k = 0;
+        for (i = 0; i < b->nreads; i++) {
+            kvx__read *rd = b->reads[i];
+            memset(&ops[k], 0, sizeof ops[k]);
+            ops[k].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_64;
+            ops[k].writeValue.address = sq->dwords + (rd->ticket % q->depth) * 8u;
+            ops[k].writeValue.value64 = (rd->ticket << 2) | 1u;
+            if (++k == 64 || i + 1 == b->nreads) {
+                if ((rc = cuStreamBatchMemOp(cq->s, k, ops, 0)) != CUDA_SUCCESS) { what = "cuStreamBatchMemOp (completion words)"; goto fail; }
+                k = 0;
+            }
+        }
+    }
+    if ((rc = cuEventRecord(b->ev, cq->s)) != CUDA_SUCCESS) { what = "cuEventRecord"; goto fail; }
+    cuCtxPopCurrent(&prev);
+    cq->inflight++;
+    {
+        kvx__cuda_batch *nb = kvx__cuda_open_batch(cq);
+        nb->start = nb->end = cq->head;
+        nb->nreads = nb->ntasks = 0;
+    }
+    cq->capture_checked = 0;
+    return KVX_OK;
+fail:
+    cuCtxPopCurrent(&prev);
+    /* What was enqueued before the failure may still run: wait for it (bounded) before the reads fail. */
+    if (cuCtxPushCurrent(cq->d->pctx) == CUDA_SUCCESS) {
+        uint64_t until = kvx__now_ns() + 10000000000ull;
+        while (cuStreamQuery(cq->s) == CUDA_ERROR_NOT_READY && kvx__now_ns() < until) {
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+        }
+        cuCtxPopCurrent(&prev);
+    }
+    {
+        kvx_status st = kvx__cuda_err(ctx, rc, what);
+        for (i = 0; i < b->nreads; i++) kvx__op_done(b->reads[i], st, ctx->err);
+    }
+    b->nreads = b->ntasks = 0;
+    cq->head = b->start;
+    b->end = b->start;
+    return KVX_ERR_BACKEND;
+}
+
+KVX__PRIV void kvx__cuda_flush(kvx_ctx *ctx, kvx_queue *q) {
+    kvx__cuda_q *cq = kvx__cuda_q_of(q);
+    if (cq && kvx__cuda_open_batch(cq)->nreads) kvx__cuda_launch(ctx, q);
+}
+
+/* Room for bytes of the open batch, contiguous with what it already holds.
+   The ring is a FIFO: launched batches from the oldest one's start to head,
+   wrapping at the end; 0 if there is no room now. */
+KVX__PRIV int kvx__cuda_ring_take(kvx__cuda_q *cq, uint32_t bytes, uint32_t *off) {
+    kvx__cuda_batch *ob = kvx__cuda_open_batch(cq);
+    uint32_t tail;
+    if (!cq->inflight && !ob->nreads) cq->head = 0;  /* empty: start over */
+    if (!ob->nreads) ob->start = cq->head;
+    tail = cq->inflight ? cq->b[cq->first].start : ob->start;
+    if (cq->head >= tail) {
+        if (cq->head + bytes <= KVX__CUDA_RING) *off = cq->head;
+        else if (!ob->nreads && bytes < tail) *off = ob->start = 0;  /* wrap */
+        else return 0;
+    } else if (cq->head + bytes < tail) {
+        *off = cq->head;
+    } else {
+        return 0;
+    }
+    cq->head = *off + bytes;
+    ob->end = cq->head;
+    return 1;
+}
+
+/* The whole read at once: post is called with its first op, stages its
+   merged block table and moves the read's cursor past its end, so kvx__pump
+   counts the read as issued by this one call. */
+KVX__PRIV kvx_status kvx__cuda_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op) {
+    kvx_queue *q = rd->q;
+    kvx__cuda_q *cq = kvx__cuda_q_of(q);
+    kvx__cuda_peer *cp = (kvx__cuda_peer *)rd->peer->be;
+    const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
+    kvx__cuda_region *lg = (kvx__cuda_region *)lc->regions[0].be;
+    kvx__cuda_batch *b;
+    kvx__cuda_rd *h;
+    uint32_t nblocks = 0, i, j, off, bytes, nplanes, *pairs;
+    uint64_t tasks;
+    CUdeviceptr rplanes;
+    (void)op;
+    if (!cq || rd->ops_issued) return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: internal: a read reached the CUDA backend in parts");
+    if (lc->mem != KVX_MEM_CUDA || rc->mem != KVX_MEM_CUDA || !lg || !cp)
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: read %llu: the CUDA backend reads GPU caches into GPU caches (peer cache %u is %s memory)",
+                         (unsigned long long)rd->ticket, rc->id, rc->mem == KVX_MEM_CUDA ? "GPU" : "host");
+    rplanes = cp->planes[rc - rd->peer->caches];
+    if (!rplanes) return kvx__fail(ctx, KVX_ERR_PEER, "cuda: read %llu: peer %s/%d cache %u is not mapped", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, rc->id);
+    b = kvx__cuda_open_batch(cq);
+    if (!b->nreads && !cq->capture_checked) {
+        /* A launch on a capturing stream would become a graph node, not a copy. */
+        CUstreamCaptureStatus cs = CU_STREAM_CAPTURE_STATUS_NONE;
+        CUresult r = cuStreamIsCapturing(cq->s, &cs);
+        if (r != CUDA_SUCCESS) return kvx__cuda_err(ctx, r, "cuStreamIsCapturing (the queue's stream)");
+        if (cs != CU_STREAM_CAPTURE_STATUS_NONE)
+            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: the queue's stream is being captured into a graph: post reads outside capture "
+                             "and capture kvx_stream_wait instead");
+        cq->capture_checked = 1;
+    }
+    for (i = 0; i < rd->nruns; i++) nblocks += q->runs[(rd->run0 + i) % q->max_runs].n;
+    nplanes = (rd->layer_end - rd->layer_begin) * lc->lay.kv_planes;
+    bytes = (nblocks * 8u + 15u) & ~15u;
+    if ((uint64_t)nblocks * 8u + 16u > KVX__CUDA_RING / 2)
+        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: %u blocks in one read; the CUDA backend takes at most %u: split the read", nblocks, KVX__CUDA_RING / 16u);
+    if (b->nreads == KVX__CUDA_BATCH_READS) {
+        if (kvx__cuda_launch(ctx, q) == KVX_PENDING) return KVX_PENDING;  /* launches free up as batches complete */
+        b = kvx__cuda_open_batch(cq);
+    }
+    if (!kvx__cuda_ring_take(cq, bytes, &off)) {
+        if (b->nreads) {
+            if (kvx__cuda_launch(ctx, q) == KVX_PENDING) return KVX_PENDING;
+            b = kvx__cuda_open_batch(cq);
+        }
+        if (!kvx__cuda_ring_take(cq, bytes, &off)) return KVX_PENDING;
+    }
+    pairs = (uint32_t *)(cq->ring + off);
+    for (i = 0; i < rd->nruns; i++) {
+        const kvx__run *run = &q->runs[(rd->run0 + i) % q->max_runs];
+        for (j = 0; j < run->n; j++) { *pairs++ = run->l + j; *pairs++ = run->r + j; }
+    }
+    h = cq->hdr + (size_t)((b - cq->b)) * KVX__CUDA_BATCH_READS + b->nreads;
+    h->lplanes = lg->planes;
+    h->rplanes = rplanes;
+    h->pairs = off - b->start;  /* made absolute at launch */
+    h->lbstride = lc->block_stride;
+    h->rbstride = rc->block_stride;
+    h->loff = rd->g.loff;
+    h->roff = rd->g.roff;
+    h->piece = rd->g.piece;
+    h->lpstride = rd->g.lpstride;
+    h->rpstride = rd->g.rpstride;
+    h->plane0 = rd->layer_begin * lc->lay.kv_planes;
+    h->nblocks = nblocks;
+    h->npieces = rd->g.npieces;
+    if (rd->g.npieces == 1) {
+        uint64_t nc = (rd->g.piece + KVX__CUDA_CHUNK - 1) / KVX__CUDA_CHUNK;
+        h->cbytes = ((rd->g.piece + nc - 1) / nc + 15u) & ~(uint64_t)15u;
+        h->cpb = (uint32_t)((rd->g.piece + h->cbytes - 1) / h->cbytes);  /* so that no chunk starts past the piece */
+        h->ppc = 1;
+    } else {
+        h->ppc = rd->g.piece >= KVX__CUDA_CHUNK ? 1u : (uint32_t)(KVX__CUDA_CHUNK / rd->g.piece);
+        h->cpb = (rd->g.npieces + h->ppc - 1) / h->ppc;
+        h->cbytes = 0;
+    }
+    tasks = (uint64_t)nplanes * nblocks * h->cpb;
+    if (tasks + b->ntasks >= (1ull << 31)) {
+        cq->head = off;
+        b->end = off;
+        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: read %llu is too large for one launch (%llu tasks): split it", (unsigned long long)rd->ticket, (unsigned long long)tasks);
+    }
+    h->task0 = b->ntasks;
+    h->ntasks = (uint32_t)tasks;
+    b->ntasks += (uint32_t)tasks;
+    b->reads[b->nreads++] = rd;
+    /* Taken whole: the cursor goes past the end and the read counts one op. */
+    rd->c_plane = rd->layer_end * lc->lay.kv_planes;
+    ctx->st.descs_posted += rd->ops_total - 1;
+    return KVX_OK;
+}
+
+/*--- progress, sleeping, notifications -------------------------------------*/
+
+KVX__PRIV int kvx__cuda_progress(kvx_ctx *ctx) {
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    struct epoll_event ev[16];
+    int n = 0, k, i;
+    k = epoll_wait(c->epfd, ev, 16, 0);
+    for (i = 0; i < k; i++) {
+        kvx__cuda_fd *f = (kvx__cuda_fd *)ev[i].data.ptr;
+        kvx__cuda_msg m;
+        int fd, r;
+        if (f->kind == KVX__CUDA_FD_LISTEN) {
+            kvx__cuda_accept(ctx);
+            n++;
+        } else if (f->kind == KVX__CUDA_FD_WAKE) {
+            uint64_t v;
+            if (read(c->efd, &v, sizeof v) < 0) { /* drained already */ }
+        } else if (f->kind == KVX__CUDA_FD_OWNER) {
+            /* A reader of ours: export requests and notifications. */
+            while ((r = kvx__cuda_recv(f->fd, &m, &fd)) > 0) {
+                if (fd >= 0) close(fd);
+                if (m.type == KVX__CUDA_MSG_NOTIFY) kvx__notify_arrived(ctx, m.notify, sizeof m.notify);
+                else if (m.type == KVX__CUDA_MSG_EXPORT) kvx__cuda_serve(ctx, f->fd, &m);
+                n++;
+            }
+            if (r < 0 || (ev[i].events & (EPOLLHUP | EPOLLERR))) kvx__cuda_owner_drop(ctx, f);
+        } else if (f->kind == KVX__CUDA_FD_PEER) {
+            /* The owner of a peer's memory never writes first: EOF means it is gone. */
+            while ((r = kvx__cuda_recv(f->fd, &m, &fd)) > 0)
+                if (fd >= 0) close(fd);
+            if (r < 0 || (ev[i].events & (EPOLLHUP | EPOLLERR))) kvx__peer_failed(f->peer, "its process closed the CUDA backend's socket (exited?)");
+        }
+    }
+    {
+        kvx_queue *q;
+        for (q = ctx->queues; q; q = q->next) n += kvx__cuda_q_complete(ctx, q, 0);
+    }
+    return n;
+}
+
+KVX__PRIV int kvx__cuda_event_fd(kvx_ctx *ctx) { return kvx__cuda_of(ctx)->epfd; }
+
+/* Before the caller sleeps on the epoll set: make the oldest launch of each
+   queue write the eventfd when it completes (a host function on a side
+   stream, so the queue's own stream never waits for the host). */
+KVX__PRIV kvx_status kvx__cuda_arm(kvx_ctx *ctx) {
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    kvx_queue *q;
+    kvx_status st = KVX_OK;
+    for (q = ctx->queues; q && st == KVX_OK; q = q->next) {
+        kvx__cuda_q *cq = kvx__cuda_q_of(q);
+        kvx__cuda_batch *b;
+        CUcontext prev;
+        CUresult rc;
+        if (!cq || !cq->inflight) continue;
+        b = &cq->b[cq->first];
+        if (b->woken) continue;
+        if (cuCtxPushCurrent(cq->d->pctx) != CUDA_SUCCESS) continue;
+        rc = cuEventQuery(b->ev);
+        if (rc != CUDA_ERROR_NOT_READY) st = KVX_PENDING;  /* done (or failed) already: progress now */
+        else if ((rc = cuStreamWaitEvent(cq->side, b->ev, 0)) != CUDA_SUCCESS || (rc = cuLaunchHostFunc(cq->side, kvx__cuda_wake, &c->efd)) != CUDA_SUCCESS)
+            KVX__LOG(ctx, KVX_LOG_ERROR, "cuda: cannot arm a completion wake-up (%d): completions are seen at the next deadline check", (int)rc);
+        else b->woken = 1;
+        cuCtxPopCurrent(&prev);
+    }
+    return st;
+}
+
+KVX__PRIV void kvx__cuda_signal(kvx_ctx *ctx) {
+    uint64_t one = 1;
+    if (write(kvx__cuda_of(ctx)->efd, &one, sizeof one) < 0) { /* already signaled */ }
+}
+
+KVX__PRIV kvx_status kvx__cuda_notify(kvx_ctx *ctx, kvx__read *rd) {
+    kvx__cuda_peer *cp = (kvx__cuda_peer *)rd->peer->be;
+    kvx__cuda_msg m;
+    if (!cp) return kvx__fail(ctx, KVX_ERR_PEER, "notification %llu: peer %s/%d is disconnected", (unsigned long long)rd->notify_id, rd->peer->name, rd->peer->rank);
+    memset(&m, 0, sizeof m);
+    m.magic = KVX__CUDA_MSG_MAGIC;
+    m.type = KVX__CUDA_MSG_NOTIFY;
+    memcpy(m.notify, rd->notify_msg, sizeof m.notify);
+    if (kvx__cuda_send(cp->conn.fd, &m, -1) != 0)
+        return kvx__fail(ctx, KVX_ERR_PEER, "notification %llu to %s/%d: %s", (unsigned long long)rd->notify_id, rd->peer->name, rd->peer->rank, strerror(errno));
+    kvx__notify_sent(rd);
+    return KVX_OK;
+}
+
+KVX__PRIV const kvx__backend kvx__cuda_backend = {
+    "cuda", KVX_BACKEND_CUDA,
+    kvx__cuda_open, kvx__cuda_close, kvx__cuda_mem_register, kvx__cuda_mem_deregister, kvx__cuda_address,
+    kvx__cuda_connect, kvx__cuda_disconnect, kvx__cuda_post, kvx__cuda_notify,
+    kvx__cuda_progress, kvx__cuda_event_fd, kvx__cuda_arm, kvx__cuda_signal, kvx__cuda_flush
+};
+
+/*--- queues: the backend's part ---------------------------------------------*/
+
+KVX__PRIV void kvx__cuda_q_fini(kvx_queue *q) {
+    kvx__cuda_q *cq = kvx__cuda_q_of(q);
+    CUcontext prev;
+    uint32_t i;
+    if (!cq) return;
+    if (cq->d && cuCtxPushCurrent(cq->d->pctx) == CUDA_SUCCESS) {
+        if (cq->side) { cuStreamSynchronize(cq->side); cuStreamDestroy(cq->side); }  /* no wake-up may outlive the queue */
+        if (cq->s && cq->own_stream) cuStreamDestroy(cq->s);
+        for (i = 0; i < KVX__CUDA_BATCHES; i++) if (cq->b[i].ev) cuEventDestroy(cq->b[i].ev);
+        if (cq->ring) cuMemFreeHost(cq->ring);
+        if (cq->hdr) cuMemFreeHost(cq->hdr);
+        if (cq->ring_dev) cuMemFree(cq->ring_dev);
+        if (cq->hdr_dev) cuMemFree(cq->hdr_dev);
+        cuCtxPopCurrent(&prev);
+    }
+    kvx__cuda_dev_put(cq->d);
+    KVX_FREE(cq);
+    q->be = NULL;
+}
+
+KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
+    kvx_ctx *ctx = q->ctx;
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    kvx__cuda_q *cq = (kvx__cuda_q *)kvx__calloc(1, sizeof *cq);
+    size_t hbytes = (size_t)KVX__CUDA_BATCHES * KVX__CUDA_BATCH_READS * sizeof(kvx__cuda_rd);
+    CUcontext prev, sctx = NULL;
+    CUresult rc;
+    const char *what = "";
+    kvx_status st;
+    uint32_t i;
+    if (!cq) return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory");
+    q->be = cq;
+    if ((st = kvx__cuda_dev_get(ctx, c->ord, 1, &cq->d)) != KVX_OK) { KVX_FREE(cq); q->be = NULL; return st; }
+    if ((rc = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) { kvx__cuda_q_fini(q); return kvx__cuda_err(ctx, rc, "cuCtxPushCurrent"); }
+    if (q->cuda_stream) {
+        cq->s = (CUstream)q->cuda_stream;
+        if ((rc = cuStreamGetCtx(cq->s, &sctx)) != CUDA_SUCCESS) what = "cuStreamGetCtx (kvx_queue_desc.cuda_stream)";
+        else if (sctx != cq->d->pctx) {
+            cuCtxPopCurrent(&prev);
+            kvx__cuda_q_fini(q);
+            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_queue_create: cuda_stream belongs to another context than the primary context of device %d, "
+                             "where this context's copies run", c->ord);
+        }
+    } else if ((rc = cuStreamCreate(&cq->s, CU_STREAM_NON_BLOCKING)) != CUDA_SUCCESS) what = "cuStreamCreate";
+    else cq->own_stream = 1;
+    if (rc == CUDA_SUCCESS && (rc = cuStreamCreate(&cq->side, CU_STREAM_NON_BLOCKING)) != CUDA_SUCCESS) what = "cuStreamCreate";
+    if (rc == CUDA_SUCCESS && (rc = cuMemHostAlloc((void **)&cq->ring, KVX__CUDA_RING, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP)) != CUDA_SUCCESS) what = "cuMemHostAlloc (staging ring)";
+    if (rc == CUDA_SUCCESS && (rc = cuMemHostGetDevicePointer(&cq->ring_map, cq->ring, 0)) != CUDA_SUCCESS) what = "cuMemHostGetDevicePointer";
+    if (rc == CUDA_SUCCESS && (rc = cuMemHostAlloc((void **)&cq->hdr, hbytes, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP)) != CUDA_SUCCESS) what = "cuMemHostAlloc (read headers)";
+    if (rc == CUDA_SUCCESS && (rc = cuMemHostGetDevicePointer(&cq->hdr_map, cq->hdr, 0)) != CUDA_SUCCESS) what = "cuMemHostGetDevicePointer";
+    if (rc == CUDA_SUCCESS && (rc = cuMemAlloc(&cq->ring_dev, KVX__CUDA_RING)) != CUDA_SUCCESS) what = "cuMemAlloc (staging ring)";
+    if (rc == CUDA_SUCCESS && (rc = cuMemAlloc(&cq->hdr_dev, hbytes)) != CUDA_SUCCESS) what = "cuMemAlloc (read headers)";
+    for (i = 0; rc == CUDA_SUCCESS && i < KVX__CUDA_BATCHES; i++)
+        if ((rc = cuEventCreate(&cq->b[i].ev, CU_EVENT_DISABLE_TIMING)) != CUDA_SUCCESS) what = "cuEventCreate";
+    cuCtxPopCurrent(&prev);
+    if (rc != CUDA_SUCCESS) { kvx__cuda_q_fini(q); return kvx__cuda_err(ctx, rc, what); }
+    cq->grid_max = c->max_blocks ? c->max_blocks : KVX__CUDA_DEFAULT_BLOCKS_PER_SM * (uint32_t)cq->d->sms;
+    return KVX_OK;
+}
+
+/*--- stream-ordered completion (every backend) -------------------------------*/
+
+KVX__PRIV kvx_status kvx__stream_alloc(kvx_queue *q, int ord) {
+    kvx_ctx *ctx = q->ctx;
+    kvx__stream_q *sq = kvx__stream_of(q);
+    CUcontext prev;
+    CUresult rc;
+    uint32_t i;
+    kvx_status st;
+    if (!sq) {
+        if (!(sq = (kvx__stream_q *)kvx__calloc(1, sizeof *sq))) return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory");
+        q->stream = sq;
+    }
+    if (sq->words) return KVX_OK;
+    if ((st = kvx__cuda_dev_get(ctx, ord, 0, &sq->d)) != KVX_OK) return st;
+    if ((rc = cuCtxPushCurrent(sq->d->pctx)) != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuCtxPushCurrent");
+    rc = cuMemHostAlloc((void **)&sq->words, (size_t)q->depth * 8u, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP);
+    if (rc == CUDA_SUCCESS && (rc = cuMemHostGetDevicePointer(&sq->dwords, sq->words, 0)) != CUDA_SUCCESS) { cuMemFreeHost(sq->words); sq->words = NULL; }
+    cuCtxPopCurrent(&prev);
+    if (rc != CUDA_SUCCESS) { kvx__cuda_dev_put(sq->d); sq->d = NULL; return kvx__cuda_err(ctx, rc, "cuMemHostAlloc (completion words)"); }
+    /* Words of reads made before now tell their state as it is. */
+    for (i = 0; i < q->depth; i++) {
+        const kvx__read *rd = &q->slots[i];
+        sq->words[i] = rd->ticket ? (rd->ticket << 2) | (rd->done ? (rd->status == KVX_OK ? 1u : 2u) : 0u) : 0;
+    }
+    return KVX_OK;
+}
+
+/* The device a stream runs on. */
+KVX__PRIV kvx_status kvx__stream_ordinal(kvx_ctx *ctx, void *stream, int *ord) {
+    CUcontext sc = NULL;
+    CUresult rc = cuStreamGetCtx((CUstream)stream, &sc);
+    if (rc == CUDA_SUCCESS) rc = kvx__cuda_ctx_ordinal(sc, ord);
+    return rc == CUDA_SUCCESS ? KVX_OK : kvx__cuda_err(ctx, rc, "the stream's context (cuStreamGetCtx)");
+}
+
+KVX__PRIV kvx_status kvx__stream_queue_init(kvx_queue *q) {
+    kvx_ctx *ctx = q->ctx;
+    int cuda = ctx->be_ops->kind == KVX_BACKEND_CUDA, ord = -1;
+    kvx_status st = KVX_OK;
+    if (!q->cuda_stream && !cuda) return KVX_OK;  /* words come with the first kvx_stream_wait */
+    pthread_mutex_lock(&ctx->lock);
+    if ((st = kvx__cuda_init(ctx)) == KVX_OK && q->cuda_stream) st = kvx__stream_ordinal(ctx, q->cuda_stream, &ord);
+    if (st == KVX_OK && cuda) {
+        if ((st = kvx__cuda_bind(ctx, ord, "kvx_queue_create (cuda_stream)")) == KVX_OK) ord = kvx__cuda_of(ctx)->ord;
+    }
+    if (st == KVX_OK) st = kvx__stream_alloc(q, ord);
+    if (st == KVX_OK && cuda) st = kvx__cuda_q_init(q);
+    pthread_mutex_unlock(&ctx->lock);
+    if (st != KVX_OK) kvx__stream_queue_fini(q);
+    return st;
+}
+
+KVX__PRIV void kvx__stream_queue_fini(kvx_queue *q) {
+    kvx__stream_q *sq = kvx__stream_of(q);
+    kvx__cuda_q_fini(q);
+    if (!sq) return;
+    if (sq->words) {
+        CUcontext prev;
+        if (cuCtxPushCurrent(sq->d->pctx) == CUDA_SUCCESS) { cuMemFreeHost(sq->words); cuCtxPopCurrent(&prev); }
+    }
+    kvx__cuda_dev_put(sq->d);
+    KVX_FREE(sq);
+    q->stream = NULL;
+}
+
+KVX__PRIV void kvx__stream_read_post(kvx__read *rd) {
+    kvx__stream_q *sq = kvx__stream_of(rd->q);
+    if (sq && sq->words) __atomic_store_n(&sq->words[rd->ticket % rd->q->depth], rd->ticket << 2, __ATOMIC_SEQ_CST);  /* re-armed: pending */
+}
+
+/* Network writes into GPU memory become visible to the GPU before the word
+   says done: by the wait's flush flag where the device can, else here. */
+KVX__PRIV void kvx__stream_rdma_flush(kvx_ctx *ctx, int ord) {
+    kvx__cuda_dev *d;
+    CUcontext prev;
+    CUresult rc = CUDA_SUCCESS;
+    if (kvx__cuda_dev_get(ctx, ord, 0, &d) != KVX_OK) return;
+    if (!d->can_flush && (d->flush_opts & CU_FLUSH_GPU_DIRECT_RDMA_WRITES_OPTION_HOST) && cuCtxPushCurrent(d->pctx) == CUDA_SUCCESS) {
+        rc = cuFlushGPUDirectRDMAWrites(CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TARGET_CURRENT_CTX, CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TO_OWNER);
+        cuCtxPopCurrent(&prev);
+    }
+    if (!d->flush_logged || rc != CUDA_SUCCESS) {
+        d->flush_logged = 1;
+        KVX__LOG(ctx, rc != CUDA_SUCCESS ? KVX_LOG_ERROR : KVX_LOG_INFO, "cuda: device %d: network writes into GPU memory are made visible %s%s", ord,
+                 d->can_flush ? "by CU_STREAM_WAIT_VALUE_FLUSH on each stream wait (CAN_FLUSH_REMOTE_WRITES is 1)"
+                 : (d->flush_opts & CU_FLUSH_GPU_DIRECT_RDMA_WRITES_OPTION_HOST) ? "by cuFlushGPUDirectRDMAWrites before the completion word is written"
+                 : "by the device's own ordering (no flush is offered)", rc != CUDA_SUCCESS ? ", but cuFlushGPUDirectRDMAWrites failed" : "");
+    }
+    kvx__cuda_dev_put(d);
+}
+
+KVX__PRIV void kvx__stream_read_final(kvx__read *rd) {
+    kvx_queue *q = rd->q;
+    kvx__stream_q *sq = kvx__stream_of(q);
+    if (!sq || !sq->words) return;
+    if (rd->status == KVX_OK && q->ctx->be_ops->kind != KVX_BACKEND_CUDA && rd->lc->mem == KVX_MEM_CUDA) kvx__stream_rdma_flush(q->ctx, rd->lc->device);
+    __atomic_store_n(&sq->words[rd->ticket % q->depth], (rd->ticket << 2) | (rd->status == KVX_OK ? 1u : 2u), __ATOMIC_SEQ_CST);
+}
+
+KVX_API kvx_status kvx_stream_wait(kvx_queue *q, kvx_ticket t, void *stream) {
+    kvx_ctx *ctx;
+    kvx__stream_q *sq;
+    kvx__read *rd;
+    kvx__cuda_dev *d;
+    CUstreamCaptureStatus cs = CU_STREAM_CAPTURE_STATUS_NONE;
+    unsigned int flags = CU_STREAM_WAIT_VALUE_AND;
+    kvx_status st;
+    CUresult rc;
+    int ord = -1;
+    uint32_t i;
+    if (!q) return KVX_ERR_ARG;
+    ctx = q->ctx;
+    pthread_mutex_lock(&ctx->lock);
+    if (!t || t >= q->next_ticket) { st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_stream_wait: ticket %llu was never issued by this queue", (unsigned long long)t); goto out; }
+    if ((st = kvx__cuda_init(ctx)) != KVX_OK) goto out;
+    if ((rc = cuStreamIsCapturing((CUstream)stream, &cs)) != CUDA_SUCCESS) { st = kvx__cuda_err(ctx, rc, "kvx_stream_wait: cuStreamIsCapturing"); goto out; }
+    rd = &q->slots[t % q->depth];
+    if (cs == CU_STREAM_CAPTURE_STATUS_NONE && rd->ticket != t) {
+        st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_stream_wait: ticket %llu is no longer held: its slot (ticket %% depth %u) holds ticket %llu",
+                       (unsigned long long)t, q->depth, (unsigned long long)rd->ticket);
+        goto out;
+    }
+    if ((st = kvx__stream_ordinal(ctx, stream, &ord)) != KVX_OK) goto out;
+    sq = kvx__stream_of(q);
+    if (!sq || !sq->words) {
+        if (cs != CU_STREAM_CAPTURE_STATUS_NONE) {
+            st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_stream_wait: the queue has no completion words yet and a capture cannot allocate them: "
+                           "create it with kvx_queue_desc.cuda_stream, or call kvx_stream_wait once before capturing");
+            goto out;
+        }
+        if ((st = kvx__stream_alloc(q, ord)) != KVX_OK) goto out;
+        sq = kvx__stream_of(q);
+    }
+    if (!(d = kvx__cuda_attrs(ctx, ord))) { st = KVX_ERR_BACKEND; goto out; }
+    if (!d->mem64) {
+        st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "kvx_stream_wait: device %d cannot run 64-bit stream memory operations "
+                       "(CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS is 0): update the driver (CUDA 11.7 or newer)", ord);
+        goto out;
+    }
+    if (ctx->be_ops->kind != KVX_BACKEND_CUDA && d->can_flush)
+        for (i = 0; i < ctx->ncaches; i++)
+            if (ctx->caches[i]->info.mem == KVX_MEM_CUDA) flags |= CU_STREAM_WAIT_VALUE_FLUSH;
+    rc = cuStreamWaitValue64((CUstream)stream, sq->dwords + (t % q->depth) * 8u, 3u, flags);
+    if (rc != CUDA_SUCCESS) {
+        char what[160];
+        snprintf(what, sizeof what, "kvx_stream_wait: cuStreamWaitValue64 for ticket %llu%s", (unsigned long long)t,
+                 cs != CU_STREAM_CAPTURE_STATUS_NONE ? " (under capture: the graph would lack this wait)" : "");
+        st = kvx__cuda_err(ctx, rc, what);
+    }
+out:
+    pthread_mutex_unlock(&ctx->lock);
+    return st;
+}
+
+KVX_API const volatile uint64_t *kvx_stream_status_ptr(kvx_queue *q, kvx_ticket t) {
+    kvx__stream_q *sq;
+    const volatile uint64_t *p = NULL;
+    if (!q) return NULL;
+    pthread_mutex_lock(&q->ctx->lock);
+    sq = kvx__stream_of(q);
+    if (!t || t >= q->next_ticket) kvx__fail(q->ctx, KVX_ERR_ARG, "kvx_stream_status_ptr: ticket %llu was never issued by this queue", (unsigned long long)t);
+    else if (!sq || !sq->words) kvx__fail(q->ctx, KVX_ERR_ARG, "kvx_stream_status_ptr: the queue has no completion words (no cuda_stream, no kvx_stream_wait yet)");
+    else p = (const volatile uint64_t *)(uintptr_t)(sq->dwords + (t % q->depth) * 8u);
+    pthread_mutex_unlock(&q->ctx->lock);
+    return p;
+}
+
+#endif /* KVX_CUDA_INCLUDED */

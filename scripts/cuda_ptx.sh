@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Regenerates the PTX text that kvx embeds, from its CUDA C source:
+#   scripts/kvx_cuda_copy.cu  ->  kvx_cuda.h           (block "PTX kvx_copy")
+#   tests/kvx_cuda_test.cu    ->  tests/kvx_cuda_test.h (block "PTX kvx_test")
+# nvcc emits the ISA version of its own release (9.0 for CUDA 13); the text is
+# lowered to .version 7.8 (.target sm_80), which drivers from CUDA 11.8 on
+# compile for Ampere, Hopper and newer. tests/ptx_check.sh checks the result.
+# Needs nvcc (NVCC=...); kvx's users never run this.
+set -eu
+cd "$(dirname "$0")/.."
+NVCC=${NVCC:-/usr/local/cuda/bin/nvcc}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+gen() {  # source, header, block name
+  local src=$1 hdr=$2 name=$3
+  "$NVCC" -arch=compute_80 -ptx "$src" -o "$tmp/out.ptx"
+  # Lower the ISA version; drop nvcc's comments, its "used_bytes_mask" load
+  # hints (ISA 8.3) and blank lines; quote each line as a C string.
+  sed -e 's/^\.version [0-9.]*/.version 7.8/' -e '/^[[:space:]]*\/\//d' -e '/\.pragma "used_bytes_mask/d' -e '/^[[:space:]]*$/d' \
+      -e 's/\t/ /g' -e 's/"/\\"/g' -e 's/^/    "/' -e 's/$/\\n",/' "$tmp/out.ptx" > "$tmp/lines"
+  awk -v name="$name" -v lines="$tmp/lines" '
+    $0 ~ "/\\* PTX " name " BEGIN" { print; while ((getline l < lines) > 0) print l; skip = 1; next }
+    $0 ~ "/\\* PTX " name " END" { skip = 0 }
+    !skip { print }' "$hdr" > "$tmp/hdr"
+  cp "$tmp/hdr" "$hdr"
+  echo "$hdr: $(wc -l < "$tmp/lines") lines of PTX ($name)"
+}
+gen scripts/kvx_cuda_copy.cu kvx_cuda.h kvx_copy
+gen tests/kvx_cuda_test.cu tests/kvx_cuda_test.h kvx_test

@@ -1,0 +1,123 @@
+/*
+    kvx_cuda_copy.cu -- the source of the copy kernel that kvx_cuda.h embeds
+    as PTX. kvx does not need nvcc: scripts/cuda_ptx.sh turns this file into
+    the PTX text between the "PTX kvx_copy" markers of kvx_cuda.h (ISA
+    .version lowered to 7.8, .target sm_80), and tests/ptx_check.sh checks that
+    text with ptxas. Edit here, then run scripts/cuda_ptx.sh.
+
+    One launch copies the reads of a batch. Each read is a kvx__cuda_rd (the
+    same layout as in kvx_cuda.h): its merged block table expanded to
+    (local, remote) block id pairs, the plane bases of both caches (the
+    remote ones as mapped in this process), and the piece geometry of the
+    head-range intersection. A task is (plane, block, chunk): at most 16 KiB
+    of one block, one warp per task, tasks numbered across the batch.
+*/
+typedef unsigned long long u64;
+typedef unsigned int u32;
+
+struct kvx_rd {
+    u64 lplanes, rplanes;       /* u64[] plane bases: local, remote (mapped here) */
+    u64 pairs;                  /* u32[nblocks][2]: local id, remote id */
+    u64 lbstride, rbstride;     /* block to block */
+    u64 loff, roff;             /* first piece inside a block */
+    u64 piece;                  /* bytes per piece */
+    u64 lpstride, rpstride;     /* piece to piece (NHD: token to token) */
+    u64 cbytes;                 /* one piece per block: bytes per chunk */
+    u64 pad;
+    u32 plane0, nblocks, cpb, npieces;
+    u32 ppc, task0, ntasks, pad2;
+};
+
+/* 16-byte path: count pieces of vpp vectors, strides ds/ss bytes. Lane l
+   takes vectors l, l+32, ...; (p, o) walks pieces without a division per
+   vector. Eight loads are in flight before the first store. */
+__device__ __forceinline__ void copy16(char *dst, const char *src, u32 vpp, u32 count, u64 ds, u64 ss, u32 lane) {
+    u32 total = vpp * count;
+    u32 dp = 32u / vpp, dov = 32u % vpp;
+    u32 p = lane / vpp, o = lane % vpp;
+    u64 so = (u64)p * ss + (u64)o * 16u, dof = (u64)p * ds + (u64)o * 16u;
+    u64 sstep = (u64)dp * ss + (u64)dov * 16u, dstep = (u64)dp * ds + (u64)dov * 16u;
+    u64 swrap = ss - (u64)vpp * 16u, dwrap = ds - (u64)vpp * 16u;
+    u32 v = lane;
+#define KVX_ADV() do { o += dov; so += sstep; dof += dstep; if (o >= vpp) { o -= vpp; so += swrap; dof += dwrap; } } while (0)
+    while (v + 7u * 32u < total) {
+        u64 sa[8], da[8];
+        uint4 x[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) { sa[k] = so; da[k] = dof; KVX_ADV(); }
+#pragma unroll
+        for (int k = 0; k < 8; k++) x[k] = __ldcs((const uint4 *)(src + sa[k]));
+#pragma unroll
+        for (int k = 0; k < 8; k++) __stcs((uint4 *)(dst + da[k]), x[k]);
+        v += 8u * 32u;
+    }
+    while (v < total) {
+        __stcs((uint4 *)(dst + dof), __ldcs((const uint4 *)(src + so)));
+        KVX_ADV();
+        v += 32u;
+    }
+#undef KVX_ADV
+}
+
+/* Any alignment: bytes, one division per byte. Only for layouts whose
+   head slices are not 16-byte multiples. */
+__device__ __noinline__ void copy1(char *dst, const char *src, u64 len, u32 count, u64 ds, u64 ss, u32 lane) {
+    u64 total = len * count, v;
+    for (v = lane; v < total; v += 32u) {
+        u64 p = v / len, o = v - p * len;
+        dst[p * ds + o] = src[p * ss + o];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) kvx_copy(const kvx_rd *__restrict__ rds, u32 nreads, u32 ntasks) {
+    const u32 lane = threadIdx.x & 31u;
+    const u32 nw = (gridDim.x * blockDim.x) >> 5;
+    u32 g = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    u32 r = 0, cur = 0xffffffffu, cur_plane = 0xffffffffu;
+    /* The read's fields stay in registers while a warp's tasks are in it, and
+       the plane bases while they are in one plane: a task then waits for one
+       load (its block id pair) before its data loads. */
+    u64 lplanes = 0, rplanes = 0, pairs = 0, lbstride = 0, rbstride = 0, loff = 0, roff = 0, piece = 0, lps = 0, rps = 0, cbytes = 0;
+    u32 plane0 = 0, nblocks = 1, cpb = 1, npieces = 1, ppc = 1, task0 = 0;
+    u64 lpb = 0, rpb = 0;
+    for (; g < ntasks; g += nw) {
+        while (r + 1 < nreads && g >= rds[r + 1].task0) r++;
+        if (r != cur) {
+            const kvx_rd *d = &rds[r];
+            lplanes = d->lplanes; rplanes = d->rplanes; pairs = d->pairs;
+            lbstride = d->lbstride; rbstride = d->rbstride; loff = d->loff; roff = d->roff;
+            piece = d->piece; lps = d->lpstride; rps = d->rpstride; cbytes = d->cbytes;
+            plane0 = d->plane0; nblocks = d->nblocks; cpb = d->cpb; npieces = d->npieces; ppc = d->ppc; task0 = d->task0;
+            cur = r;
+            cur_plane = 0xffffffffu;
+        }
+        u32 t = g - task0, c = 0, b, plane;
+        if (cpb > 1) { c = t % cpb; t /= cpb; }
+        b = t % nblocks;
+        plane = plane0 + t / nblocks;
+        if (plane != cur_plane) {
+            lpb = ((const u64 *)lplanes)[plane];
+            rpb = ((const u64 *)rplanes)[plane];
+            cur_plane = plane;
+        }
+        const uint2 pr = ((const uint2 *)pairs)[b];
+        u64 lb = lpb + (u64)pr.x * lbstride + loff;
+        u64 rb = rpb + (u64)pr.y * rbstride + roff;
+        u64 len, ds = lps, ss = rps;
+        u32 count;
+        if (npieces == 1) {
+            u64 off = (u64)c * cbytes;
+            len = piece - off < cbytes ? piece - off : cbytes;
+            lb += off; rb += off; count = 1; ds = ss = 0;
+        } else {
+            u32 p0 = c * ppc;
+            count = npieces - p0 < ppc ? npieces - p0 : ppc;
+            len = piece;
+            lb += (u64)p0 * ds; rb += (u64)p0 * ss;
+        }
+        if (((lb | rb | len | ds | ss) & 15u) == 0)
+            copy16((char *)lb, (const char *)rb, (u32)(len >> 4), count, ds, ss, lane);
+        else
+            copy1((char *)lb, (const char *)rb, len, count, ds, ss, lane);
+    }
+}

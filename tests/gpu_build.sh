@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds the GPU test and benchmark programs into build/gpu (make gpu-build):
+# kvx_bench, test_cuda and bench_gpu with KVX_UCX and KVX_CUDA, against
+# CUDA's headers and libcuda (the driver's, or the stub where there is none).
+# Build here, run there: the GPU machine needs libcuda.so.1 and UCX's runtime
+# libraries only.
+set -eu
+cd "$(dirname "$0")/.."
+CUDA=${CUDA_HOME:-/usr/local/cuda}
+out=build/gpu
+mkdir -p "$out"
+CC=${CC:-cc}
+W="-Wall -Wextra -pedantic -Werror"
+flags="-std=c99 -D_GNU_SOURCE -O2 -g $W -DKVX_UCX -DKVX_CUDA -isystem $CUDA/include $(pkg-config --cflags ucx)"
+libs="-L$CUDA/lib64/stubs -L$CUDA/lib64 -lcuda $(pkg-config --libs ucx) -lpthread"
+for p in examples/kvx_bench.c tests/test_cuda.c tests/bench_gpu.c; do
+  n=$(basename "$p" .c)
+  $CC $flags "$p" -o "$out/$n" $libs
+  echo "built $out/$n"
+done
