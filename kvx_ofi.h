@@ -131,7 +131,7 @@
 #define KVX__OFI_RKEY_RAW 2u
 
 /* Tests only: mr_mode bits to behave as if the provider had asked for them
-   (the ones that are safe to add: FI_MR_LOCAL, FI_MR_PROV_KEY, FI_MR_RAW). */
+   (the ones that are safe to add: FI_MR_LOCAL, FI_MR_RAW). */
 static uint64_t kvx__ofi_test_mr_mode;
 
 enum { KVX__OFI_K_PART = 1, KVX__OFI_K_SEND = 2, KVX__OFI_K_RECV = 3 };
@@ -631,7 +631,7 @@ KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     kvx__strlcpy(o->prov, fi->fabric_attr->prov_name, sizeof o->prov);
     o->shm = !strcmp(o->prov, "shm");
     o->hmem = (fi->caps & FI_HMEM) != 0;
-    o->mr_mode = (uint64_t)fi->domain_attr->mr_mode | (kvx__ofi_test_mr_mode & (FI_MR_LOCAL | FI_MR_PROV_KEY | FI_MR_RAW));
+    o->mr_mode = (uint64_t)fi->domain_attr->mr_mode | (kvx__ofi_test_mr_mode & (FI_MR_LOCAL | FI_MR_RAW));
     o->key_mask = fi->domain_attr->mr_key_size >= 8 || !fi->domain_attr->mr_key_size ? ~0ull : (1ull << (8 * fi->domain_attr->mr_key_size)) - 1;
     o->max_msg = fi->ep_attr->max_msg_size ? (uint64_t)fi->ep_attr->max_msg_size : (1ull << 30);
     o->tx_size = fi->tx_attr->size ? fi->tx_attr->size : 256;
@@ -1277,7 +1277,9 @@ KVX__PRIV kvx_status kvx__ofi_arm(kvx_ctx *ctx) {
     /* Level-triggered fds: drain what woke us, or poll would not sleep. */
     if (read(o->evfd, &v, sizeof v) < 0) { /* nothing signaled */ }
     if (o->tfd >= 0 && read(o->tfd, &v, sizeof v) < 0) { /* no tick yet */ }
-    if (!o->wait_fd) return KVX_OK;
+    /* No wait object: look at the queues once more, since what was posted
+       after the last pass may have completed inside fi_read (shm). */
+    if (!o->wait_fd) return kvx__ofi_progress(ctx) > 0 ? KVX_PENDING : KVX_OK;
     return fi_trywait(o->fabric, o->wfids, (int)o->nwfids) == FI_SUCCESS ? KVX_OK : KVX_PENDING;
 }
 
