@@ -25,7 +25,7 @@ HEADERS = kvx.h kvx_ucx.h
 EX_HEADERS = examples/kvx_example.h examples/kvx_rdv.h
 PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
 TESTS = $(BUILD)/test_unit $(BUILD)/test_faults $(BUILD)/test_robust $(BUILD)/test_unit.asan $(BUILD)/test_faults.asan \
-        $(BUILD)/test_robust.asan $(BUILD)/test_stress $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds
+        $(BUILD)/test_robust.asan $(BUILD)/test_verify $(BUILD)/test_verify.asan $(BUILD)/test_stress $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds
 FUZZ_CC ?= clang
 
 .PHONY: all demo test bench fuzz soak install deps deps-test deps-bench clean compile-check

@@ -202,6 +202,8 @@ typedef struct kvx_cache_desc {
     uint64_t layer_stride;
     uint64_t plane_stride;
     uint64_t block_stride;      /* bytes from block b to b+1; 0: the block's own size */
+    int checksums;              /* 1: keep a checksum per block, layer, K/V and head (kvx_cache_seal),
+                                   published to peers; needed on both sides of a verified read */
 } kvx_cache_desc;
 
 typedef struct kvx_queue_desc {
@@ -224,6 +226,8 @@ typedef struct kvx_read {
     uint64_t notify_id;
     uint64_t user_tag;          /* returned in kvx_completion */
     uint32_t timeout_ms;        /* 0: the context's */
+    uint32_t verify;            /* 0: off; N: after the read, check one block in N (1: all) against
+                                   the producer's sealed checksums; a mismatch is KVX_ERR_CORRUPT */
 } kvx_read;
 
 typedef struct kvx_completion {
@@ -260,6 +264,9 @@ KVX_API const char *kvx_status_name(kvx_status s);
 
 KVX_API kvx_status  kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *desc, kvx_cache **out);
 KVX_API void        kvx_cache_deregister(kvx_cache *cache);
+/* Producer side, for verified reads: record the checksums of these blocks
+   (every layer, K/V and head) once they hold what readers will read. */
+KVX_API kvx_status  kvx_cache_seal(kvx_cache *cache, const uint32_t *blocks, uint32_t n);
 
 /* buf NULL: *len gets the size. Else *len is buf's size on entry, the blob's on exit. */
 KVX_API kvx_status  kvx_metadata(kvx_ctx *ctx, void *buf, size_t *len);
@@ -345,6 +352,7 @@ KVX_API void        kvx_stats_get(const kvx_ctx *ctx, kvx_stats *out);
 #define KVX__NOTIFY_RING 4096u
 #define KVX__EXPIRED_MEMORY 1024u
 #define KVX__CANCEL_GRACE_MS 1000u
+#define KVX__NO_CSUM 0xFFFFFFFFu
 
 /*--- internal types ------------------------------------------------------*/
 
@@ -368,6 +376,8 @@ typedef struct kvx__cache_info {
     uint16_t *plane_region;     /* nplanes */
     uint32_t nregions;
     kvx__region *regions;
+    uint32_t csum_region;       /* the checksum table's region (the last), or KVX__NO_CSUM */
+    uint32_t *csum;             /* local caches: the table, [layer][plane][block][head] */
 } kvx__cache_info;
 
 struct kvx_cache {
@@ -424,6 +434,9 @@ struct kvx__read {
     uint32_t run0, nruns;       /* runs in the queue's ring */
     /* cursor over (plane, run, block-in-run, piece) of ops not yet issued */
     uint32_t c_plane, c_run, c_blk, c_piece;
+    /* verified reads: heads taken, and a second cursor over sampled blocks */
+    uint32_t verify, h_a, h_b, h_l0, h_r0;
+    uint32_t v_plane, v_run, v_blk, v_idx;
     uint64_t ops_total, ops_issued, ops_done;
     uint32_t ops_out;
     uint64_t bytes, bytes_done;
@@ -789,7 +802,7 @@ KVX__PRIV void kvx__put_cache(kvx__wbuf *w, const kvx__cache_info *c) {
     kvx__put_u(w, l->num_heads, 4); kvx__put_u(w, l->head_dim, 4); kvx__put_u(w, l->elem_bytes, 4);
     kvx__put_u(w, l->total_heads, 4);
     kvx__put_u(w, (uint64_t)l->order, 1); kvx__put_u(w, l->kv_planes, 1);
-    kvx__put_u(w, (uint64_t)c->mem, 1); kvx__put_u(w, 0, 1);
+    kvx__put_u(w, (uint64_t)c->mem, 1); kvx__put_u(w, c->csum_region != KVX__NO_CSUM, 1);
     kvx__put_u(w, (uint64_t)(uint32_t)c->device, 4);
     kvx__put_u(w, c->block_stride, 8);
     kvx__put_u(w, c->nregions, 4);
@@ -808,6 +821,7 @@ KVX__PRIV void kvx__cache_info_free(kvx__cache_info *c) {
     KVX_FREE(c->regions);
     KVX_FREE(c->plane_base);
     KVX_FREE(c->plane_region);
+    KVX_FREE(c->csum);
     memset(c, 0, sizeof *c);
 }
 
@@ -839,7 +853,8 @@ KVX__PRIV kvx_status kvx__get_cache(kvx_ctx *ctx, kvx__rbuf *r, kvx__cache_info 
     l->head_dim = (uint32_t)kvx__get_u(r, 4); l->elem_bytes = (uint32_t)kvx__get_u(r, 4);
     l->total_heads = (uint32_t)kvx__get_u(r, 4);
     l->order = (kvx_order)kvx__get_u(r, 1); l->kv_planes = (uint32_t)kvx__get_u(r, 1);
-    c->mem = (kvx_mem)kvx__get_u(r, 1); (void)kvx__get_u(r, 1);
+    c->mem = (kvx_mem)kvx__get_u(r, 1);
+    c->csum_region = kvx__get_u(r, 1) ? 0 : KVX__NO_CSUM;  /* the last region, once the count is known */
     c->device = (int)(uint32_t)kvx__get_u(r, 4);
     c->block_stride = kvx__get_u(r, 8);
     c->nregions = (uint32_t)kvx__get_u(r, 4);
@@ -880,6 +895,13 @@ KVX__PRIV kvx_status kvx__get_cache(kvx_ctx *ctx, kvx__rbuf *r, kvx__cache_info 
     }
     for (i = 0; i < c->nplanes; i++) c->plane_base[i] = kvx__get_u(r, 8);
     if (r->bad) return kvx__fail(ctx, KVX_ERR_ARG, "%s: truncated in plane table", what);
+    if (c->csum_region != KVX__NO_CSUM) {
+        uint64_t need = (uint64_t)c->nplanes * l->num_blocks * l->num_heads * 4u;
+        c->csum_region = c->nregions - 1;
+        if (c->nregions < 2 || c->regions[c->csum_region].len < need)
+            return kvx__fail(ctx, KVX_ERR_ARG, "%s: checksum table of %llu bytes where %llu are needed", what,
+                             (unsigned long long)(c->nregions < 2 ? 0 : c->regions[c->csum_region].len), (unsigned long long)need);
+    }
     return kvx__planes_locate(ctx, c, what);
 }
 
@@ -1197,7 +1219,8 @@ KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx
         else sp[n++] = sp[p];
     }
     if (n > KVX__MAX_REGIONS) { st = kvx__fail(ctx, KVX_ERR_ARG, "cache spans %u separate ranges, at most %u", n, KVX__MAX_REGIONS); goto fail; }
-    ci->regions = (kvx__region *)kvx__calloc(n, sizeof *ci->regions);
+    ci->csum_region = KVX__NO_CSUM;
+    ci->regions = (kvx__region *)kvx__calloc(n + (d->checksums ? 1u : 0u), sizeof *ci->regions);
     if (!ci->regions) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: out of memory"); goto fail; }
     for (i = 0; i < n; i++) {
         ci->regions[i].addr = sp[i].a;
@@ -1205,6 +1228,21 @@ KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx
         st = ctx->be_ops->mem_register(ctx, ci, &ci->regions[i]);
         if (st != KVX_OK) goto fail;
         ci->nregions = i + 1;
+    }
+    if (d->checksums) {
+        /* The checksum table is host memory even for a GPU cache: the CPU
+           seals and checks it. Registered like the cache, so a reader can
+           read it, and published as the cache's last region. */
+        uint64_t tb = (uint64_t)ci->nplanes * ci->lay.num_blocks * ci->lay.num_heads * 4u;
+        kvx__cache_info host = *ci;
+        host.mem = KVX_MEM_HOST;
+        if (d->mem != KVX_MEM_HOST) { st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "kvx_cache_register: checksums are kept for host caches only"); goto fail; }
+        if (!(ci->csum = (uint32_t *)kvx__calloc((size_t)(tb / 4u), 4u))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: no memory for a %llu-byte checksum table", (unsigned long long)tb); goto fail; }
+        ci->regions[n].addr = (uint64_t)(uintptr_t)ci->csum;
+        ci->regions[n].len = tb;
+        if ((st = ctx->be_ops->mem_register(ctx, &host, &ci->regions[n])) != KVX_OK) goto fail;
+        ci->nregions = n + 1;
+        ci->csum_region = n;
     }
     if ((st = kvx__planes_locate(ctx, ci, "kvx_cache_register")) != KVX_OK) goto fail;
     ctx->caches[ctx->ncaches++] = c;
@@ -1306,6 +1344,7 @@ KVX__PRIV void kvx__peer_free(kvx_peer *p) {
 
 KVX__PRIV void kvx__read_finish(kvx__read *rd);
 KVX__PRIV void kvx__runs_release(kvx_queue *q);
+KVX__PRIV kvx_status kvx__verify(kvx__read *rd);
 
 /* Fail every read of peer p that is still live, after closing p by force.
    Returns how many reads the transport still holds (0 unless it broke its
@@ -1435,7 +1474,7 @@ KVX__PRIV void kvx__runs_release(kvx_queue *q) {
     while (q->run_tail < q->next_ticket) {
         kvx__read *rd = kvx__slot(q, q->run_tail);
         KVX_ASSERT(rd->ticket == q->run_tail);
-        if (!rd->issuing_done) break;
+        if (!rd->issuing_done || (rd->verify && !rd->done)) break;  /* verification walks the runs */
         q->run_used -= rd->nruns;
         rd->nruns = 0;
         q->run_tail++;
@@ -1462,7 +1501,7 @@ KVX__PRIV void kvx__read_finish(kvx__read *rd) {
     kvx_queue *q = rd->q;
     kvx_ctx *ctx = q->ctx;
     if (rd->done || !rd->issuing_done || rd->ops_out) return;
-    if (rd->status == KVX_PENDING) rd->status = KVX_OK;
+    if (rd->status == KVX_PENDING) rd->status = rd->verify ? kvx__verify(rd) : KVX_OK;
     rd->done = 1;
     if (rd->status == KVX_OK) {
         KVX_ASSERT(rd->ops_done == rd->ops_total);
@@ -1516,12 +1555,48 @@ KVX__PRIV void kvx__op_done(kvx__read *rd, kvx_status st, const char *why) {
     if (rd->issuing_done) kvx__read_finish(rd);
 }
 
+/* Verified reads run a second cursor, over the sampled blocks, that reads
+   the producer's checksums of the heads taken into our own table. */
+KVX__PRIV int kvx__sampled(const kvx__read *rd) { return (rd->v_idx + rd->ticket) % rd->verify == 0; }
+
+KVX__PRIV void kvx__vcursor_next(kvx__read *rd, const kvx__run *runs, uint32_t cap) {
+    rd->v_idx++;
+    if (++rd->v_blk < runs[(rd->run0 + rd->v_run) % cap].n) return;
+    rd->v_blk = 0;
+    if (++rd->v_run < rd->nruns) return;
+    rd->v_run = 0;
+    rd->v_idx = 0;
+    rd->v_plane++;
+}
+
+/* Index of (plane, block, head) in a checksum table. */
+KVX__PRIV uint64_t kvx__csum_index(const kvx__cache_info *c, uint32_t plane, uint32_t block, uint32_t head) {
+    return ((uint64_t)plane * c->lay.num_blocks + block) * c->lay.num_heads + head;
+}
+
+KVX__PRIV int kvx__vcursor_op(kvx__read *rd, const kvx__run *runs, uint32_t cap, kvx__op *op) {
+    const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
+    const kvx__run *run;
+    for (;;) {
+        if (rd->v_plane >= rd->layer_end * lc->lay.kv_planes) return 0;
+        if (kvx__sampled(rd)) break;
+        kvx__vcursor_next(rd, runs, cap);
+    }
+    run = &runs[(rd->run0 + rd->v_run) % cap];
+    op->lreg = lc->csum_region;
+    op->rreg = rc->csum_region;
+    op->laddr = lc->regions[lc->csum_region].addr + 4u * kvx__csum_index(lc, rd->v_plane, run->l + rd->v_blk, rd->h_a - rd->h_l0);
+    op->raddr = rc->regions[rc->csum_region].addr + 4u * kvx__csum_index(rc, rd->v_plane, run->r + rd->v_blk, rd->h_a - rd->h_r0);
+    op->len = 4u * (uint64_t)(rd->h_b - rd->h_a);
+    return 1;
+}
+
 /* The op at the read's cursor; 0 when every op has been issued. */
-KVX__PRIV int kvx__cursor_op(const kvx__read *rd, const kvx__run *runs, uint32_t cap, kvx__op *op) {
+KVX__PRIV int kvx__cursor_op(kvx__read *rd, const kvx__run *runs, uint32_t cap, kvx__op *op) {
     const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
     const kvx__run *run;
     uint32_t p = rd->c_plane;
-    if (p >= rd->layer_end * lc->lay.kv_planes) return 0;
+    if (p >= rd->layer_end * lc->lay.kv_planes) return rd->verify ? kvx__vcursor_op(rd, runs, cap, op) : 0;
     run = &runs[(rd->run0 + rd->c_run) % cap];
     op->lreg = lc->plane_region[p];
     op->rreg = rc->plane_region[p];
@@ -1538,6 +1613,7 @@ KVX__PRIV int kvx__cursor_op(const kvx__read *rd, const kvx__run *runs, uint32_t
 }
 
 KVX__PRIV void kvx__cursor_next(kvx__read *rd, const kvx__run *runs, uint32_t cap) {
+    if (rd->c_plane >= rd->layer_end * rd->lc->lay.kv_planes) { kvx__vcursor_next(rd, runs, cap); return; }
     if (!rd->g.run_merge) {
         if (++rd->c_piece < rd->g.npieces) return;
         rd->c_piece = 0;
@@ -1547,6 +1623,81 @@ KVX__PRIV void kvx__cursor_next(kvx__read *rd, const kvx__run *runs, uint32_t ca
     if (++rd->c_run < rd->nruns) return;
     rd->c_run = 0;
     rd->c_plane++;
+}
+
+/* A checksum of one head of one block: its slices in token order (one slice
+   in HND, one per token in NHD), 8 bytes at a time, never 0 (0 = unsealed). */
+KVX__PRIV uint32_t kvx__head_sum(const kvx__cache_info *c, const uint8_t *block, uint32_t head) {
+    const kvx_layout *l = &c->lay;
+    uint64_t hb = (uint64_t)l->head_dim * l->elem_bytes, h = 0x243F6A8885A308D3ull, i;
+    uint32_t t, nt = l->order == KVX_ORDER_HND ? 1u : l->block_tokens;
+    uint64_t len = l->order == KVX_ORDER_HND ? hb * l->block_tokens : hb;
+    for (t = 0; t < nt; t++) {
+        const uint8_t *p = block + (l->order == KVX_ORDER_HND ? (uint64_t)head * len : ((uint64_t)t * l->num_heads + head) * hb);
+        for (i = 0; i + 8 <= len; i += 8) {
+            uint64_t w;
+            memcpy(&w, p + i, 8);
+            h = (h ^ w) * 0x9E3779B97F4A7C15ull;
+            h ^= h >> 29;
+        }
+        for (; i < len; i++) h = (h ^ p[i]) * 0x100000001B3ull;
+    }
+    h ^= h >> 32;
+    return (uint32_t)h | 1u;
+}
+
+KVX_API kvx_status kvx_cache_seal(kvx_cache *cache, const uint32_t *blocks, uint32_t n) {
+    kvx_ctx *ctx;
+    kvx__cache_info *ci;
+    uint32_t i, p, h;
+    if (!cache) return KVX_ERR_ARG;
+    ctx = cache->ctx;
+    ci = &cache->info;
+    if (!ci->csum) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_seal: cache %u was registered without checksums", ci->id);
+    if (n && !blocks) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_seal: %u blocks and a NULL table", n);
+    for (i = 0; i < n; i++)
+        if (blocks[i] >= ci->lay.num_blocks)
+            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_seal: block id %u at index %u is past the cache's %u blocks", blocks[i], i, ci->lay.num_blocks);
+    for (p = 0; p < ci->nplanes; p++)
+        for (i = 0; i < n; i++) {
+            const uint8_t *b = (const uint8_t *)(uintptr_t)(ci->plane_base[p] + (uint64_t)blocks[i] * ci->block_stride);
+            for (h = 0; h < ci->lay.num_heads; h++) ci->csum[kvx__csum_index(ci, p, blocks[i], h)] = kvx__head_sum(ci, b, h);
+        }
+    return KVX_OK;
+}
+
+/* After a verified read: the producer's checksums now sit in our table at the
+   sampled blocks; compare them with what landed. */
+KVX__PRIV kvx_status kvx__verify(kvx__read *rd) {
+    const kvx__cache_info *lc = rd->lc;
+    kvx_queue *q = rd->q;
+    kvx_ctx *ctx = q->ctx;
+    uint32_t p, r, b, idx, h;
+#if defined(KVX_TEST_HOOK_BEFORE_VERIFY)
+    KVX_TEST_HOOK_BEFORE_VERIFY(rd);
+#endif
+    for (p = rd->layer_begin * lc->lay.kv_planes; p < rd->layer_end * lc->lay.kv_planes; p++)
+        for (idx = 0, r = 0; r < rd->nruns; r++) {
+            const kvx__run *run = &q->runs[(rd->run0 + r) % q->max_runs];
+            for (b = 0; b < run->n; b++, idx++) {
+                const uint8_t *blk;
+                if ((idx + rd->ticket) % rd->verify) continue;
+                blk = (const uint8_t *)(uintptr_t)(lc->plane_base[p] + (uint64_t)(run->l + b) * lc->block_stride);
+                for (h = rd->h_a; h < rd->h_b; h++) {
+                    uint32_t want = lc->csum[kvx__csum_index(lc, p, run->l + b, h - rd->h_l0)];
+                    uint32_t got = kvx__head_sum(lc, blk, h - rd->h_l0);
+                    if (!want)
+                        return kvx__fail(ctx, KVX_ERR_ARG, "read %llu from %s/%d: block %u (layer %u, %s) was never sealed by the producer (kvx_cache_seal)",
+                                         (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, run->r + b,
+                                         p / lc->lay.kv_planes, p % lc->lay.kv_planes ? "V" : "K");
+                    if (want != got)
+                        return kvx__fail(ctx, KVX_ERR_CORRUPT, "read %llu from %s/%d over %s: layer %u %s block %u (local %u) head %u: checksum 0x%08x, the producer sealed 0x%08x",
+                                         (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, rd->peer->transport,
+                                         p / lc->lay.kv_planes, p % lc->lay.kv_planes ? "V" : "K", run->r + b, run->l + b, h, got, want);
+                }
+            }
+        }
+    return KVX_OK;
 }
 
 /* Issue ops of live reads, oldest first, while the queue has room. */
@@ -1654,10 +1805,17 @@ KVX__PRIV kvx_status kvx__post_check(kvx_queue *q, const kvx_read *r, kvx__read 
         return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: %u runs of block ids, the queue holds %u (kvx_queue_desc.max_runs)", nruns, q->max_runs);
     l0 = kvx__head_first(&lc->lay, ctx->rank, ctx->tp_size);
     r0 = kvx__head_first(&rc->lay, p->rank, p->tp_size);
+    if (r->verify) {
+        if (!lc->csum || rc->csum_region == KVX__NO_CSUM)
+            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: a verified read needs checksums on both caches (kvx_cache_desc.checksums): ours %s, peer %s/%d's %s",
+                             lc->csum ? "on" : "off", p->name, p->rank, rc->csum_region == KVX__NO_CSUM ? "off" : "on");
+    }
     memset(rd, 0, sizeof *rd);
     rd->peer = p;
     rd->lc = lc;
     rd->rc = rc;
+    rd->verify = r->verify;
+    rd->h_a = a; rd->h_b = b; rd->h_l0 = l0; rd->h_r0 = r0;
     kvx__geom_make(lc, l0, rc, r0, a, b, &rd->g);
     rd->layer_begin = r->layer_begin;
     rd->layer_end = r->layer_begin + (r->layer_count ? r->layer_count : L - r->layer_begin);
@@ -1707,6 +1865,11 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
     planes = (rd->layer_end - rd->layer_begin) * rd->lc->lay.kv_planes;
     per_plane_ops = rd->g.run_merge ? nruns : (uint64_t)r->num_blocks * rd->g.npieces;
     rd->ops_total = per_plane_ops * planes;
+    if (rd->verify) {  /* one small read of checksums per sampled block and plane */
+        uint32_t first = (uint32_t)((rd->verify - rd->ticket % rd->verify) % rd->verify);
+        rd->ops_total += (first < r->num_blocks ? (uint64_t)(r->num_blocks - 1 - first) / rd->verify + 1 : 0) * planes;
+        rd->v_plane = rd->layer_begin * rd->lc->lay.kv_planes;
+    }
     rd->bytes = (uint64_t)r->num_blocks * rd->g.piece * (rd->g.run_merge ? 1 : rd->g.npieces) * planes;
     rd->c_plane = rd->layer_begin * rd->lc->lay.kv_planes;
     rd->t_post_ns = kvx__now_ns();

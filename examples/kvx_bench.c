@@ -47,6 +47,7 @@ typedef struct opts {
     int random_blocks, prefill_tp, decode_tp, verbose, nhd;
     uint64_t seed;
     uint32_t max_ops;
+    uint32_t verify;              /* --verify N: kvx checks one block in N against sealed checksums */
     /* internal: a rank process */
     int rank, ctl_fd;
 } opts;
@@ -75,7 +76,7 @@ static void usage(void) {
             "                 [--role prefill --listen ADDR:PORT | --role decode --connect ADDR:PORT]\n"
             "                 [--blocks N] [--num-blocks N] [--num-layers N] [--block-tokens N] [--heads N]\n"
             "                 [--head-dim N] [--dtype-bytes N] [--random-blocks] [--seed N] [--iters N]\n"
-            "                 [--prefill-tp N] [--decode-tp N] [--layout HND|NHD] [--max-ops N] [--verbose] [--json FILE]\n"
+            "                 [--prefill-tp N] [--decode-tp N] [--layout HND|NHD] [--max-ops N] [--verify N] [--verbose] [--json FILE]\n"
             "  --heads is the model's KV heads; each rank holds heads/tp of them (1, replicated, when fewer).\n");
 }
 
@@ -119,6 +120,7 @@ static int parse(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--dtype-bytes")) { if (parse_u32(v, &o->dtype_bytes, a)) return -1; }
         else if (!strcmp(a, "--iters")) { if (parse_u32(v, &o->iters, a)) return -1; }
         else if (!strcmp(a, "--max-ops")) { if (parse_u32(v, &o->max_ops, a)) return -1; }
+        else if (!strcmp(a, "--verify")) { if (parse_u32(v, &o->verify, a)) return -1; }
         else if (!strcmp(a, "--seed")) { if (parse_u32(v, &x, a)) return -1; o->seed = x; }
         else if (!strcmp(a, "--prefill-tp")) { if (parse_u32(v, &x, a)) return -1; o->prefill_tp = (int)x; }
         else if (!strcmp(a, "--decode-tp")) { if (parse_u32(v, &x, a)) return -1; o->decode_tp = (int)x; }
@@ -296,9 +298,14 @@ static int prefill_rank(const opts *o) {
     }
     if (mem_sync(&mem, 1)) return 2;
     cd = mem_desc(&mem);
+    cd.checksums = o->verify != 0;
     if ((st = kvx_cache_register(ctx, &cd, &cache)) != KVX_OK) {
         fprintf(stderr, "kvx_bench: prefill %d: %s: %s\n", o->rank, kvx_status_name(st), kvx_ctx_error(ctx));
         return 2;
+    }
+    for (it = 0; o->verify && it < o->iters; it++) {  /* the producer seals what it wrote */
+        tables(o, it, src, dst);
+        kvx_cache_seal(cache, src, o->blocks);
     }
     kvx_metadata(ctx, NULL, &len);
     md = malloc(len);
@@ -333,6 +340,7 @@ static int decode_rank(const opts *o) {
     if (mem_alloc(&mem, o, &lay, o->decode_tp, "decode")) return 2;
     if (!(ctx = make_ctx(o, "decode", o->rank, o->decode_tp, 0))) return 2;
     cd = mem_desc(&mem);
+    cd.checksums = o->verify != 0;
     if ((st = kvx_cache_register(ctx, &cd, &cache)) != KVX_OK) { fprintf(stderr, "kvx_bench: decode %d: %s\n", o->rank, kvx_ctx_error(ctx)); return 2; }
     memset(&qd, 0, sizeof qd);
     qd.max_ops = o->max_ops;
@@ -387,6 +395,7 @@ static int decode_rank(const opts *o) {
             rd.remote_blocks = src;
             rd.num_blocks = o->blocks;
             rd.user_tag = it;
+            rd.verify = o->verify;
             if ((st = kvx_post(q, &rd, &t[k])) != KVX_OK) { r.status = st; t[k] = 0; }
         }
         for (k = 0; k < np; k++)

@@ -88,6 +88,20 @@ if [[ " $modes " == *" pack "* ]] && [ -x $B/kvx_demo ]; then
   row demo ucx 32768 "$(sed -n 's/.*, \([0-9.]*\) GB\/s/\1/p' "$out/demo.log")" "$(perftest_gbps "$out/perf_demo.log")" "ucx_perftest ucp_get -O $ops (make demo's transfer)"
 fi
 
+# What verify mode costs: the same 64 KiB transfer unverified, checking one
+# block in 64, and checking every block (pack, same run).
+if [[ " $modes " == *" pack "* ]]; then
+  vargs="--num-blocks 1024 --blocks 128 --num-layers 8 --block-tokens 256 --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 5"
+  for v in 0 64 1; do
+    UCX_TLS=tcp UCX_NET_DEVICES=lo timeout 300 $B/kvx_bench --strategy pack $vargs --verify $v --json "$out/verify_$v.json" > "$out/verify_$v.log" 2>&1
+    grep -q "TEST PASSED" "$out/verify_$v.log" || { echo "kvx_bench --verify $v did not pass:"; tail -3 "$out/verify_$v.log"; }
+  done
+  base=$(json_gbps "$out/verify_0.json")
+  for v in 64 1; do
+    row "verify" ucx 65536 "$(json_gbps "$out/verify_$v.json")" "$base" "kvx unverified, same run (--verify $v: $([ $v = 1 ] && echo 'every block' || echo "1 block in $v"))"
+  done
+fi
+
 if [ -x $B/bench_post ]; then
   echo
   UCX_NET_DEVICES=lo $B/bench_post | tee "$out/post_cost.txt"

@@ -70,6 +70,8 @@ entry "faults (ucx default)" 180 $B/test_faults
 entry "faults (asan+ubsan)" 300 $B/test_faults.asan
 entry "robustness (ucx tcp)" 180 env UCX_TLS=tcp $B/test_robust
 entry "robustness (asan+ubsan)" 300 env UCX_TLS=tcp $B/test_robust.asan
+entry "verify mode (ucx default)" 120 $B/test_verify
+entry "verify mode (asan+ubsan)" 300 $B/test_verify.asan
 entry "stress: 8 peers, 4 queues, 20000 reads (ucx tcp)" 300 env UCX_TLS=tcp $B/test_stress
 entry "valgrind: unit (ucx tcp)" 300 env UCX_TLS=tcp valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $B/test_unit
 entry "valgrind: kvx_bench pack 1->1, every process (ucx tcp)" 300 env UCX_TLS=tcp valgrind -q --trace-children=yes --error-exitcode=99 \
@@ -96,6 +98,7 @@ entry "pack shared memory (UCX_TLS=sm) 1->1" 120 env UCX_TLS=sm $bench $small --
 entry "pack shared memory (UCX_TLS=sm) 2->1 NHD" 120 env UCX_TLS=sm $bench $small --random-blocks --prefill-tp 2 --layout NHD
 entry "pack 3750 blocks x 50 layers x 128, 4 KiB blocks (1.5 GB caches)" 600 \
   $bench --num-blocks 3750 --num-layers 50 --blocks 128 --block-tokens 16 --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 2
+entry "pack 2->4 NHD random, kvx verifies every block" 120 $bench $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1
 entry "pack 1->2 under asan+ubsan" 300 env KVX_BENCH=1 $B/kvx_bench.asan $small --random-blocks --prefill-tp 1 --decode-tp 2
 expect_fail "a planted wrong byte fails the run" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $bench $small --random-blocks
 expect_fail "mismatched TP options are refused" 60 "do not divide" $bench --heads 6 --decode-tp 4
