@@ -7,6 +7,11 @@
 
         fi_read_ref [--provider P] [--size BYTES] [--outstanding N]
                     [--total BYTES] [--region BYTES] [--owner-busy] [--json FILE]
+                    [--listen ADDR:PORT | --connect ADDR:PORT]
+
+    Without --listen/--connect both processes run here (fork). On two hosts:
+    the owner with --listen, the reader with --connect (a TCP socket carries
+    the owner's endpoint name and key; the reader closing it ends the owner).
 
     The owner (a forked child) registers a region with a pattern and serves
     reads; like a kvx owner's progress thread it sleeps on its completion
@@ -29,6 +34,7 @@
 #include <rdma/fi_errno.h>
 #include <rdma/fi_rma.h>
 #include <errno.h>
+#include <netdb.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdint.h>
@@ -52,7 +58,7 @@ typedef struct res {
 } res;
 
 typedef struct opts {
-    const char *provider, *json;
+    const char *provider, *json, *listen, *connect;
     size_t size, region;
     unsigned outstanding;
     unsigned long long total;
@@ -290,6 +296,36 @@ static int num(const char *v, unsigned long long *out) {
     return 0;
 }
 
+/* ADDR:PORT to a socket: listening (and accepting one) or connected. */
+static int tcp_socket(const char *hp, int listening) {
+    char host[256], *colon;
+    struct addrinfo hints, *ai = NULL;
+    int fd = -1, one = 1, tries;
+    snprintf(host, sizeof host, "%s", hp);
+    if (!(colon = strrchr(host, ':'))) { fprintf(stderr, "fi_read_ref: %s is not ADDR:PORT\n", hp); return -1; }
+    *colon = 0;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = listening ? AI_PASSIVE : 0;
+    if (getaddrinfo(host, colon + 1, &hints, &ai) || !ai) { fprintf(stderr, "fi_read_ref: cannot resolve %s\n", hp); return -1; }
+    if (listening) {
+        int lfd = socket(ai->ai_family, ai->ai_socktype, 0);
+        setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (lfd < 0 || bind(lfd, ai->ai_addr, ai->ai_addrlen) || listen(lfd, 1)) { perror("fi_read_ref: listen"); freeaddrinfo(ai); return -1; }
+        fd = accept(lfd, NULL, NULL);
+        close(lfd);
+    } else {
+        for (tries = 0; tries < 100 && fd < 0; tries++) {   /* the owner may start a little later: 10 s */
+            fd = socket(ai->ai_family, ai->ai_socktype, 0);
+            if (fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen)) { close(fd); fd = -1; usleep(100000); }
+        }
+        if (fd < 0) perror("fi_read_ref: connect");
+    }
+    freeaddrinfo(ai);
+    return fd;
+}
+
 int main(int argc, char **argv) {
     opts o;
     int i, sv[2], rc, st;
@@ -304,6 +340,8 @@ int main(int argc, char **argv) {
         unsigned long long x = 0;
         if (!strcmp(a, "--owner-busy")) { o.owner_busy = 1; continue; }
         if (!strcmp(a, "--provider") && v) o.provider = v;
+        else if (!strcmp(a, "--listen") && v) o.listen = v;
+        else if (!strcmp(a, "--connect") && v) o.connect = v;
         else if (!strcmp(a, "--json") && v) o.json = v;
         else if (!strcmp(a, "--size") && !num(v, &x)) o.size = (size_t)x;
         else if (!strcmp(a, "--outstanding") && !num(v, &x) && x <= 65536) o.outstanding = (unsigned)x;
@@ -311,6 +349,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--region") && !num(v, &x)) o.region = (size_t)x;
         else {
             fprintf(stderr, "usage: fi_read_ref [--provider P] [--size BYTES] [--outstanding N] [--total BYTES] [--region BYTES] [--owner-busy] [--json FILE]\n"
+                            "                   [--listen ADDR:PORT | --connect ADDR:PORT]\n"
                             "  sizes take k, m, g; defaults: 64k reads, 64 outstanding, 1g in all over a 64m region\n");
             return 2;
         }
@@ -318,6 +357,13 @@ int main(int argc, char **argv) {
     }
     if (o.region < o.size) o.region = o.size;
     signal(SIGPIPE, SIG_IGN);
+    if (o.listen || o.connect) {   /* one role here, the other on another host */
+        int fd = tcp_socket(o.listen ? o.listen : o.connect, o.listen != NULL);
+        if (fd < 0) return 2;
+        rc = o.listen ? owner(&o, fd) : reader(&o, fd);
+        close(fd);
+        return rc;
+    }
     if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv)) { perror("socketpair"); return 2; }
     fflush(stdout);
     if ((pid = fork()) == 0) {
