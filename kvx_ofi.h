@@ -2,41 +2,46 @@
     kvx_ofi.h -- the libfabric backend of kvx. Included by kvx.h inside its
     implementation when KVX_OFI is defined; do not include it yourself.
 
-    Link: pkg-config --libs libfabric   (-lfabric). Headers and library 1.17
-    or newer are what it is tested with (fi_tostr_r, FI_HMEM, fi_mr_regattr
-    with an iface).
+    Link: pkg-config --libs libfabric   (-lfabric). Built and tested with
+    libfabric 1.17 (it uses fi_tostr_r, FI_HMEM and fi_mr_regattr's iface).
 
     PROVIDER. kvx_ctx_desc.provider names it ("tcp", "shm", "efa", ...);
-    else libfabric's own $FI_PROVIDER filter applies and the first provider
-    fi_getinfo offers wins. kvx asks for FI_EP_RDM endpoints with FI_RMA,
-    FI_READ, FI_REMOTE_READ and FI_MSG/FI_SEND/FI_RECV (notifications are
-    16-byte messages), plus kvx_ctx_desc.ofi_extra_caps. A provider without
-    them is refused by kvx_ctx_create, never at the first read: the message
-    names the missing capability (or the mr_mode or mode bits kvx does not
-    handle). Both sides must run the same provider; kvx_peer_add says so when
-    they do not. kvx_peer_transport() reports "ofi:" and the provider opened:
-    "ofi:tcp;ofi_rxm (sw)", "ofi:shm", "ofi:efa".
+    libfabric's own $FI_PROVIDER filter applies as always; otherwise the
+    first provider fi_getinfo offers wins. kvx asks for FI_EP_RDM with FI_RMA,
+    FI_READ and FI_REMOTE_READ, and FI_MSG, FI_SEND, FI_RECV for
+    notifications (16-byte messages: no remote CQ data is needed), plus
+    kvx_ctx_desc.ofi_extra_caps. A provider without them is refused by
+    kvx_ctx_create, never at the first read, and the message names the
+    missing capability ("provider tcp lacks FI_MULTICAST ..."), or the
+    mr_mode or mode bits kvx does not handle. Both sides must run the same
+    provider: kvx_peer_add refuses a peer on another (KVX_ERR_MISMATCH).
+    kvx_peer_transport() says "ofi:" and the provider opened, and "(sw)"
+    where the owner's progress moves the data: "ofi:tcp;ofi_rxm (sw)",
+    "ofi:shm", "ofi:efa".
 
     ENDPOINTS. A context opens one endpoint that peers read from: its name
-    (fi_getname) is the address in the metadata, its registrations are the
-    remote keys, and it keeps receive buffers posted for notifications. For
-    its own reads it opens one endpoint per peer, with its own completion
-    queue and address vector: the unit that a timeout closes (see below).
+    (fi_getname, with the provider's name) is the address in the metadata,
+    its registrations are the remote keys, and it keeps receive buffers
+    posted for notifications. For its own reads it opens one endpoint per
+    peer, with its own completion queue and address vector: the unit that a
+    timeout closes (below). kvx_peer_add sends the peer a zero-byte message
+    and waits for it (at most the context's timeout), so a peer that is not
+    there is found there, and the first read finds the connection made.
 
     MEMORY REGISTRATION. Every mr_mode bit a provider may ask for is handled:
         FI_MR_LOCAL      the local region's fi_mr_desc goes with every fi_read
-                         (kvx passes it whenever it has one; providers that do
-                         not need it ignore it); notification buffers are
-                         registered too.
-        FI_MR_VIRT_ADDR  remote addresses are virtual addresses; without it
-                         they are offsets from the start of the registration.
-                         The owner packs which one into its remote key.
+                         (kvx passes it whether asked or not; providers that
+                         do not need it ignore it), and notification buffers
+                         are registered.
+        FI_MR_VIRT_ADDR  remote addresses are virtual; without it they are
+                         offsets from the start of the registration. The
+                         owner packs which one into its remote key.
         FI_MR_ALLOCATED  kvx registers memory the engine allocated: nothing to do.
         FI_MR_PROV_KEY   keys come from fi_mr_key; otherwise kvx requests keys
-                         that are unique in its domain (pid and a counter).
+                         unique in its domain (pid and a counter).
         FI_MR_ENDPOINT   registrations are bound to the serving endpoint and
-                         enabled; with FI_MR_LOCAL too, each peer endpoint gets
-                         its own local registrations of every region.
+                         enabled; with FI_MR_LOCAL (or FI_MR_HMEM) too, every
+                         peer endpoint gets its own local registrations.
         FI_MR_RAW        fi_mr_raw_attr packs the raw key; the reader maps it
                          with fi_mr_map_raw and unmaps it on disconnect.
         FI_MR_HMEM       host memory is registered as FI_HMEM_SYSTEM, GPU
@@ -45,60 +50,71 @@
     raw key, if any. tcp;ofi_rxm asks for no bit, shm for FI_MR_VIRT_ADDR.
 
     GPU MEMORY. A KVX_MEM_CUDA cache needs a provider that offers FI_HMEM and
-    a libfabric built with CUDA; the registration itself (FI_HMEM_CUDA) is the
-    trial, so a refusal comes from kvx_cache_register with KVX_ERR_UNSUPPORTED,
-    the libfabric version (fi_version) and the provider, never at transfer
-    time. kvx asks for FI_HMEM where offered, except on shm: libfabric's shm
-    turns its CMA path off on an FI_HMEM endpoint, which would send host reads
-    through bounce buffers (same-host GPU caches are the CUDA backend's job).
-    $KVX_OFI_HMEM=1 asks for it everywhere it is offered, =0 never.
+    a libfabric built with CUDA. The registration itself (FI_HMEM_CUDA) is the
+    trial, so a refusal comes from kvx_cache_register, KVX_ERR_UNSUPPORTED,
+    naming fi_version() and the provider, never at transfer time. kvx asks
+    for FI_HMEM wherever it is offered except on shm, whose FI_HMEM endpoint
+    turns its CMA path off and sends host reads through bounce buffers (GPU
+    caches on one host are the CUDA backend's). $KVX_OFI_HMEM=1 asks for it
+    everywhere it is offered, =0 nowhere.
 
-    EFA. What EFA demands is met: FI_EP_RDM, provider keys (FI_MR_PROV_KEY),
-    virtual addresses, local descriptors (FI_MR_LOCAL), FI_HMEM with CUDA
-    registrations for GPU memory, FI_CONTEXT2 (every operation carries its
-    own fi_context2). Large reads are split at ep_attr->max_msg_size.
+    EFA. What EFA asks for is met: FI_EP_RDM, provider keys, virtual
+    addresses, local descriptors, FI_HMEM with FI_HMEM_CUDA registrations
+    for GPU memory, FI_CONTEXT2 (each operation has its own fi_context2).
+    Reads longer than ep_attr->max_msg_size are split.
 
     PROGRESS. The progress entry drains every completion queue. Where the
-    provider's queues have a wait fd (FI_WAIT_FD: tcp;ofi_rxm), kvx sleeps on
-    an epoll set of them and arms with fi_trywait. libfabric's shm (1.17) has
-    no wait object at all: its queues refuse FI_WAIT_FD and a peer's request
-    signals nothing an fd can see, so kvx's event fd then includes a timerfd
-    that ticks every $KVX_OFI_TICK_US microseconds (1000 by default): a
-    sleeping progress thread wakes a thousand times a second for a few
-    microseconds each, and never spins. With tcp;ofi_rxm the owner's progress
-    serves every read ("(sw)"). shm does a read itself, with process_vm_readv
-    inside fi_read, when the registration uses virtual addresses, no RMA
-    ordering is asked for (kvx asks for none) and cross-memory attach works
-    between the two processes; kvx checks the last by reading one byte of the
-    peer's first region the same way, and says "(sw)" where it fails, since
-    shm then moves data through bounce buffers the owner fills.
+    queues have a wait fd (FI_WAIT_FD: tcp;ofi_rxm), kvx's event fd is an
+    epoll set of them and arm is fi_trywait. libfabric 1.17's shm has no wait
+    object: its queues refuse FI_WAIT_FD and a peer's request signals nothing
+    an fd can see. There the event fd includes a timerfd that ticks every
+    $KVX_OFI_TICK_US microseconds (1000 by default): a sleeping progress
+    thread wakes a thousand times a second, about 3% of a core here, and
+    never spins. With tcp;ofi_rxm the owner's progress serves every read.
+    shm does a read itself, with process_vm_readv inside fi_read, when the
+    registration uses virtual addresses, no RMA ordering is asked for (kvx
+    asks for none), CMA is not turned off (FI_SHM_DISABLE_CMA, FI_HMEM) and
+    the kernel lets this process read the peer's memory, which kvx checks by
+    reading one byte of the peer's first region the same way; where any of it
+    fails it says "(sw)": shm then moves data through bounce buffers the
+    owner fills. The owner still has to progress to hand back shm's command
+    slots (1024 reads) and to receive notifications.
 
-    READS. One fi_read per kvx op, split into several at max_msg_size; the
-    parts of an op report one completion. Each endpoint has a pool of op and
-    part contexts sized to its transmit queue (at most 1024), so kvx never
-    posts more than the provider can hold; -FI_EAGAIN (or an empty pool) is
-    KVX_PENDING to the core, which retries after progress. Nothing is
-    allocated or formatted on the success path.
+    READS. One fi_read per kvx op, split into several at max_msg_size, the
+    parts of an op reporting one completion. Each peer endpoint has a pool of
+    op and part contexts sized to its transmit queue (at most 1024, less 16
+    kept for notifications), so kvx never posts more than the provider holds;
+    -FI_EAGAIN, or an empty pool, is KVX_PENDING to the core, which retries
+    after progress. Nothing is allocated or formatted on the success path.
 
-    FAILURE IS FINAL. libfabric cannot cancel one RMA read (fi_cancel is for
-    receives) and fi_av_remove leaves "operations in progress" undefined.
-    What it does define is fi_close of an endpoint: outstanding operations are
-    discarded. So disconnect closes the peer's own endpoint, queue and address
-    vector, then reports every op it held as canceled; the next read to that
-    peer opens a fresh endpoint. The other peers are untouched, and so is the
-    serving endpoint (its address and keys stay valid). Closing is final
-    because every provider kvx meets moves data into the reader only inside
-    the reader's own calls (tcp: our socket reads; shm: our process_vm_readv,
-    or bounce buffers we copy out of) or by hardware bound to the closed queue
-    pair (efa, verbs). A shm built to let the owner write into the reader
-    (process_vm_writev on the owner's side) is not one kvx can make final.
-    A peer that dies ends its reads with KVX_ERR_PEER where the provider
-    reports the broken connection (tcp), else with KVX_ERR_TIMEOUT.
+    FAILURE IS FINAL. libfabric cannot cancel one RMA read: fi_cancel is
+    implemented for receives only (rxm, shm), and fi_av_remove leaves
+    "operations in progress" undefined. What fi_close of an endpoint is
+    specified to do is discard what it holds. So disconnect closes the
+    peer's own endpoint, queue and address vector and then reports every op
+    it held as canceled; the next read to that peer opens a fresh endpoint
+    (without the wireup wait, which would hold the context lock). Other peers
+    and the serving endpoint (its address and keys) are untouched. This is
+    final because the providers move data into the reader only inside the
+    reader's own calls (tcp: its socket reads; shm: its process_vm_readv, or
+    its copies out of bounce buffers) or by hardware bound to the closed
+    queue pair (efa, verbs). A shm that let the owner write into the reader
+    (process_vm_writev on the owner's side) could not be made final by kvx;
+    libfabric 1.17 does not do that for the reads kvx posts.
+    A dead peer ends reads with KVX_ERR_PEER where the provider says so (rxm
+    over tcp completes them with FI_ECANCELED, which kvx, never canceling on
+    a live endpoint, takes as the connection gone; shm with FI_EIO), else
+    with KVX_ERR_TIMEOUT.
 
-    LIMITS. One registration per region: a provider whose max MR size is
-    smaller than a region fails at kvx_cache_register. Notifications use
-    fi_send; a notification to a peer whose endpoint was closed is dropped
-    (the owner's kvx_notify_expect deadline reports it).
+    LIMITS. shm serializes on a spinlock inside the owner's shared region: an
+    owner stopped (SIGSTOP, a debugger) or killed while its progress holds it
+    (a window of microseconds per pass) stalls the reader inside fi_read,
+    where no kvx deadline reaches: until it resumes, or for good if it died.
+    Use tcp where a dying owner must never stall a reader. One registration
+    per region: a provider whose largest registration is smaller than a
+    region fails at kvx_cache_register. A notification to a peer whose
+    endpoint was closed is dropped; the owner's kvx_notify_expect deadline
+    reports it.
 */
 #ifndef KVX_OFI_INCLUDED
 #define KVX_OFI_INCLUDED
