@@ -273,31 +273,6 @@ KVX__PRIV void kvx__ucx_ep_close(kvx_ctx *ctx, ucp_ep_h h) {
     }
 }
 
-/* Flush a new endpoint so its wireup is over before any read is posted:
-   progress, sleeping on the event fd, until done or the context's timeout. */
-KVX__PRIV ucs_status_t kvx__ucx_wireup(kvx_ctx *ctx, ucp_ep_h h) {
-    kvx__ucx *u = kvx__ucx_of(ctx);
-    ucp_request_param_t prm;
-    ucs_status_ptr_t req;
-    ucs_status_t s;
-    uint64_t until = kvx__now_ns() + (uint64_t)ctx->timeout_ms * 1000000ull;
-    memset(&prm, 0, sizeof prm);
-    req = ucp_ep_flush_nbx(h, &prm);
-    if (req == NULL) return UCS_OK;
-    if (UCS_PTR_IS_ERR(req)) return UCS_PTR_STATUS(req);
-    while ((s = ucp_request_check_status(req)) == UCS_INPROGRESS) {
-        uint64_t now = kvx__now_ns();
-        struct pollfd pf;
-        if (now >= until) { ucp_request_free(req); return UCS_ERR_TIMED_OUT; }
-        if (ucp_worker_progress(u->worker)) continue;
-        if (ucp_worker_arm(u->worker) != UCS_OK) continue;
-        pf.fd = u->efd; pf.events = POLLIN; pf.revents = 0;
-        poll(&pf, 1, (int)((until - now) / 1000000u > 100 ? 100 : (until - now) / 1000000u + 1));
-    }
-    ucp_request_free(req);
-    return s;
-}
-
 /* Wait for a request, progressing and sleeping on the event fd, until done
    or the context's timeout. */
 KVX__PRIV ucs_status_t kvx__ucx_wait_req(kvx_ctx *ctx, ucs_status_ptr_t req) {
@@ -317,6 +292,13 @@ KVX__PRIV ucs_status_t kvx__ucx_wait_req(kvx_ctx *ctx, ucs_status_ptr_t req) {
     }
     ucp_request_free(req);
     return s;
+}
+
+/* Flush a new endpoint so its wireup is over before any read is posted. */
+KVX__PRIV ucs_status_t kvx__ucx_wireup(kvx_ctx *ctx, ucp_ep_h h) {
+    ucp_request_param_t prm;
+    memset(&prm, 0, sizeof prm);
+    return kvx__ucx_wait_req(ctx, ucp_ep_flush_nbx(h, &prm));
 }
 
 /* One small read from the peer before kvx_peer_add returns. UCX 1.13 over
