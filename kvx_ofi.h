@@ -454,17 +454,21 @@ KVX__PRIV void kvx__ofi_mem_deregister(kvx_ctx *ctx, kvx__region *r) {
 
 /*--- endpoints ---------------------------------------------------------------*/
 
-/* fi_trywait needs every queue at once. */
+/* fi_trywait needs every queue at once. Sized to fit, so that memory goes
+   back to where it was when peers go (a smaller array is only kept when
+   there is no memory for a new one). */
 KVX__PRIV kvx_status kvx__ofi_wait_rebuild(kvx__ofi *o) {
     kvx__ofi_pep *pe;
     uint32_t n = 1;
     for (pe = o->peps; pe; pe = pe->next) n++;
-    if (n > o->wfcap) {
-        struct fid **f = (struct fid **)kvx__calloc(n * 2, sizeof *f);
-        if (!f) return KVX_ERR_NOMEM;
-        KVX_FREE(o->wfids);
-        o->wfids = f;
-        o->wfcap = n * 2;
+    if (n != o->wfcap) {
+        struct fid **f = (struct fid **)kvx__calloc(n, sizeof *f);
+        if (!f && n > o->wfcap) return KVX_ERR_NOMEM;
+        if (f) {
+            KVX_FREE(o->wfids);
+            o->wfids = f;
+            o->wfcap = n;
+        }
     }
     n = 0;
     o->wfids[n++] = &o->cq->fid;
