@@ -16,7 +16,7 @@ typedef unsigned long long u64;
 typedef unsigned int u32;
 
 struct kvx_rd {
-    u64 lplanes, rplanes;       /* u64[] plane bases: local, remote (mapped here) */
+    u64 lplanes, rplanes;       /* u64[] plane bases of the read's planes: local, remote (mapped here) */
     u64 pairs;                  /* u32[nblocks][2]: local id, remote id */
     u64 lbstride, rbstride;     /* block to block */
     u64 loff, roff;             /* first piece inside a block */
@@ -24,14 +24,39 @@ struct kvx_rd {
     u64 lpstride, rpstride;     /* piece to piece (NHD: token to token) */
     u64 cbytes;                 /* one piece per block: bytes per chunk */
     u64 pad;
-    u32 plane0, nblocks, cpb, npieces;
+    u32 plane0, nblocks, cpb, npieces;     /* plane0: unused (the tables start at the read's first plane) */
     u32 ppc, task0, ntasks, pad2;
 };
 
-/* 16-byte path: count pieces of vpp vectors, strides ds/ss bytes. Lane l
-   takes vectors l, l+32, ...; (p, o) walks pieces without a division per
-   vector. Eight loads are in flight before the first store. */
-__device__ __forceinline__ void copy16(char *dst, const char *src, u32 vpp, u32 count, u64 ds, u64 ss, u32 lane) {
+/* Loads and stores of 16 bytes, with the cache hints of variant H:
+   0 evict-first (.cs) both ways, 1 read-only path in, write-back out,
+   2 L2 only (.cg) both ways. */
+template <int H> __device__ __forceinline__ uint4 ld16(const char *p) {
+    return H == 0 ? __ldcs((const uint4 *)p) : H == 1 ? __ldg((const uint4 *)p) : __ldcg((const uint4 *)p);
+}
+template <int H> __device__ __forceinline__ void st16(char *p, uint4 v) {
+    if (H == 0) __stcs((uint4 *)p, v); else if (H == 1) __stwb((uint4 *)p, v); else __stcg((uint4 *)p, v);
+}
+
+/* 16-byte path. One contiguous piece (count 1): lane l takes vectors
+   l, l+32, ... with D loads in flight before the first store. Pieces with
+   strides (NHD): (p, o) walks the pieces without a division per vector, the
+   stores replaying the loads' walk. */
+template <int H, int D> __device__ __forceinline__ void copy16(char *dst, const char *src, u32 vpp, u32 count, u64 ds, u64 ss, u32 lane) {
+    if (count == 1) {
+        u32 v = lane;
+        for (; v + (D - 1) * 32u < vpp; v += D * 32u) {
+            uint4 x[D];
+            const char *s = src + (u64)v * 16u;
+            char *t = dst + (u64)v * 16u;
+#pragma unroll
+            for (int k = 0; k < D; k++) x[k] = ld16<H>(s + k * 512);
+#pragma unroll
+            for (int k = 0; k < D; k++) st16<H>(t + k * 512, x[k]);
+        }
+        for (; v < vpp; v += 32u) st16<H>(dst + (u64)v * 16u, ld16<H>(src + (u64)v * 16u));
+        return;
+    }
     u32 total = vpp * count;
     u32 dp = 32u / vpp, dov = 32u % vpp;
     u32 p = lane / vpp, o = lane % vpp;
@@ -39,21 +64,20 @@ __device__ __forceinline__ void copy16(char *dst, const char *src, u32 vpp, u32 
     u64 sstep = (u64)dp * ss + (u64)dov * 16u, dstep = (u64)dp * ds + (u64)dov * 16u;
     u64 swrap = ss - (u64)vpp * 16u, dwrap = ds - (u64)vpp * 16u;
     u32 v = lane;
-#define KVX_ADV() do { o += dov; so += sstep; dof += dstep; if (o >= vpp) { o -= vpp; so += swrap; dof += dwrap; } } while (0)
+#define KVX_ADV(o_, so_, do_) do { o_ += dov; so_ += sstep; do_ += dstep; if (o_ >= vpp) { o_ -= vpp; so_ += swrap; do_ += dwrap; } } while (0)
     while (v + 7u * 32u < total) {
-        u64 sa[8], da[8];
         uint4 x[8];
+        u32 o2 = o;
+        u64 so2 = so, do2 = dof;
 #pragma unroll
-        for (int k = 0; k < 8; k++) { sa[k] = so; da[k] = dof; KVX_ADV(); }
+        for (int k = 0; k < 8; k++) { x[k] = ld16<H>(src + so); KVX_ADV(o, so, dof); }
 #pragma unroll
-        for (int k = 0; k < 8; k++) x[k] = __ldcs((const uint4 *)(src + sa[k]));
-#pragma unroll
-        for (int k = 0; k < 8; k++) __stcs((uint4 *)(dst + da[k]), x[k]);
+        for (int k = 0; k < 8; k++) { st16<H>(dst + do2, x[k]); KVX_ADV(o2, so2, do2); }
         v += 8u * 32u;
     }
     while (v < total) {
-        __stcs((uint4 *)(dst + dof), __ldcs((const uint4 *)(src + so)));
-        KVX_ADV();
+        st16<H>(dst + dof, ld16<H>(src + so));
+        KVX_ADV(o, so, dof);
         v += 32u;
     }
 #undef KVX_ADV
@@ -69,7 +93,9 @@ __device__ __noinline__ void copy1(char *dst, const char *src, u64 len, u32 coun
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) kvx_copy(const kvx_rd *__restrict__ rds, u32 nreads, u32 ntasks) {
+/* The plane tables of a read travel with it: lplanes/rplanes point into the
+   batch's staging copy, like pairs. */
+template <int H, int D> __device__ __forceinline__ void body(const kvx_rd *__restrict__ rds, u32 nreads, u32 ntasks) {
     const u32 lane = threadIdx.x & 31u;
     const u32 nw = (gridDim.x * blockDim.x) >> 5;
     u32 g = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -94,7 +120,7 @@ extern "C" __global__ void __launch_bounds__(256) kvx_copy(const kvx_rd *__restr
         u32 t = g - task0, c = 0, b, plane;
         if (cpb > 1) { c = t % cpb; t /= cpb; }
         b = t % nblocks;
-        plane = plane0 + t / nblocks;
+        plane = t / nblocks;
         if (plane != cur_plane) {
             lpb = ((const u64 *)lplanes)[plane];
             rpb = ((const u64 *)rplanes)[plane];
@@ -116,8 +142,18 @@ extern "C" __global__ void __launch_bounds__(256) kvx_copy(const kvx_rd *__restr
             lb += (u64)p0 * ds; rb += (u64)p0 * ss;
         }
         if (((lb | rb | len | ds | ss) & 15u) == 0)
-            copy16((char *)lb, (const char *)rb, (u32)(len >> 4), count, ds, ss, lane);
+            copy16<H, D>((char *)lb, (const char *)rb, (u32)(len >> 4), count, ds, ss, lane);
         else
             copy1((char *)lb, (const char *)rb, len, count, ds, ss, lane);
+        (void)plane0;
     }
 }
+
+/* kvx_copy is what kvx launches; the others are variants the benchmark
+   compares (KVX_CUDA_COPY_KERNEL names one). */
+extern "C" __global__ void __launch_bounds__(256) kvx_copy(const kvx_rd *__restrict__ rds, u32 nreads, u32 ntasks) { body<1, 8>(rds, nreads, ntasks); }
+extern "C" __global__ void __launch_bounds__(256) kvx_copy_cs8(const kvx_rd *__restrict__ rds, u32 nreads, u32 ntasks) { body<0, 8>(rds, nreads, ntasks); }
+extern "C" __global__ void __launch_bounds__(256) kvx_copy_cg8(const kvx_rd *__restrict__ rds, u32 nreads, u32 ntasks) { body<2, 8>(rds, nreads, ntasks); }
+extern "C" __global__ void __launch_bounds__(256) kvx_copy_nc16(const kvx_rd *__restrict__ rds, u32 nreads, u32 ntasks) { body<1, 16>(rds, nreads, ntasks); }
+extern "C" __global__ void __launch_bounds__(256) kvx_copy_nc4(const kvx_rd *__restrict__ rds, u32 nreads, u32 ntasks) { body<1, 4>(rds, nreads, ntasks); }
+extern "C" __global__ void __launch_bounds__(256, 4) kvx_copy_nc8o4(const kvx_rd *__restrict__ rds, u32 nreads, u32 ntasks) { body<1, 8>(rds, nreads, ntasks); }

@@ -314,7 +314,13 @@ static inline int kvx_tc_stop(kvx_tc_owner *o) {
     if (!kvx_rdv_send(o->fd, KVX_TC_CMD, "Q", 1, 5000) && !kvx_rdv_recv(o->fd, KVX_TC_NOTES, &b, &n, 30000) && n == 4) memcpy(&notes, b, 4);
     free(b);
     close(o->fd);
-    if (waitpid(o->pid, &st, 0) != o->pid || !WIFEXITED(st) || WEXITSTATUS(st)) notes = -1;
+    {   /* bounded: an owner that does not exit within 30 s is killed */
+        double t0 = kvx_tc_now();
+        pid_t w;
+        while ((w = waitpid(o->pid, &st, WNOHANG)) == 0 && kvx_tc_now() - t0 < 30.0) usleep(2000);
+        if (w == 0) { kill(o->pid, SIGKILL); waitpid(o->pid, &st, 0); notes = -1; }
+        else if (w != o->pid || !WIFEXITED(st) || WEXITSTATUS(st)) notes = -1;
+    }
     o->pid = -1;
     return notes;
 }
