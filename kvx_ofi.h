@@ -242,6 +242,8 @@ typedef struct kvx__ofi {
     struct fid_ep *ep;
     int wait_fd;                /* 1: queues have FI_WAIT_FD; 0: the tick stands in */
     int epfd, evfd, tfd, cq_fd;
+    int ticking, blocked;       /* the tick is armed; a post met -FI_EAGAIN since the last progress */
+    uint64_t tick_ns;
     uint64_t mr_mode, max_msg, key_mask, next_key;
     size_t tx_size;
     int hmem, sw, shm;
@@ -509,6 +511,22 @@ KVX__PRIV void kvx__ofi_epoll(kvx__ofi *o, int fd, int add) {
     epoll_ctl(o->epfd, add ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, fd, &e);
 }
 
+/* The tick: always on without a wait object; with one, only while a post is
+   blocked on -FI_EAGAIN, since what unblocks it (rxm finishing a connection)
+   does not always signal the queue's fd. */
+KVX__PRIV void kvx__ofi_tick(kvx__ofi *o, int on) {
+    struct itimerspec its;
+    if (on == o->ticking) return;
+    memset(&its, 0, sizeof its);
+    if (on) {
+        its.it_interval.tv_sec = (time_t)(o->tick_ns / 1000000000u);
+        its.it_interval.tv_nsec = (long)(o->tick_ns % 1000000000u);
+        its.it_value = its.it_interval;
+    }
+    timerfd_settime(o->tfd, 0, &its, NULL);
+    o->ticking = on;
+}
+
 /* The notification receives: posted once, reposted after each completion. */
 KVX__PRIV void kvx__ofi_repost(kvx__ofi *o) {
     uint32_t i;
@@ -709,23 +727,17 @@ KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     if ((e = getenv("KVX_OFI_TICK_US")) != NULL && atoi(e) > 0) tick_us = (uint32_t)atoi(e);
     o->epfd = epoll_create1(EPOLL_CLOEXEC);
     o->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (!o->wait_fd) o->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-    if (o->epfd < 0 || o->evfd < 0 || (!o->wait_fd && o->tfd < 0)) {
+    o->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (o->epfd < 0 || o->evfd < 0 || o->tfd < 0) {
         st = kvx__fail(ctx, KVX_ERR_BACKEND, "ofi: epoll_create1/eventfd/timerfd_create: %s", strerror(errno));
         kvx__ofi_close(ctx);
         return st;
     }
+    o->tick_ns = (uint64_t)tick_us * 1000u;
     kvx__ofi_epoll(o, o->evfd, 1);
+    kvx__ofi_epoll(o, o->tfd, 1);
     if (o->wait_fd) kvx__ofi_epoll(o, o->cq_fd, 1);
-    else {
-        struct itimerspec its;
-        memset(&its, 0, sizeof its);
-        its.it_interval.tv_sec = (time_t)(tick_us / 1000000u);
-        its.it_interval.tv_nsec = (long)(tick_us % 1000000u) * 1000;
-        its.it_value = its.it_interval;
-        timerfd_settime(o->tfd, 0, &its, NULL);
-        kvx__ofi_epoll(o, o->tfd, 1);
-    }
+    else kvx__ofi_tick(o, 1);
     if (kvx__ofi_wait_rebuild(o) != KVX_OK) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); }
     /* Reads served by the owner's progress: sockets and datagrams moved by software. */
     o->sw = fi->domain_attr->data_progress != FI_PROGRESS_AUTO &&
@@ -899,7 +911,9 @@ KVX__PRIV kvx_status kvx__ofi_wireup(kvx_ctx *ctx, kvx__ofi_pep *pe) {
             struct fid *f = &pe->cq->fid;
             struct pollfd pf;
             pf.fd = pe->cq_fd; pf.events = POLLIN; pf.revents = 0;
-            if (fi_trywait(o->fabric, &f, 1) == FI_SUCCESS) poll(&pf, 1, (until - now) / 1000000u > 100 ? 100 : (int)((until - now) / 1000000u) + 1);
+            /* not sent yet: rxm finishing the connection signals no fd, so 1 ms */
+            int ms = !sent ? 1 : (until - now) / 1000000u > 100 ? 100 : (int)((until - now) / 1000000u) + 1;
+            if (fi_trywait(o->fabric, &f, 1) == FI_SUCCESS) poll(&pf, 1, ms);
         } else {
             poll(NULL, 0, 1);
         }
@@ -1081,7 +1095,8 @@ KVX__PRIV kvx_status kvx__ofi_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *o
     kvx__ofi_op *x;
     int ret;
     if (!pe || !rk) return kvx__fail(ctx, KVX_ERR_PEER, "ofi: read %llu: %s/%d is not connected", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank);
-    if (!(x = pe->op_free) || pe->backlog) return KVX_PENDING;  /* no context, or older parts wait first */
+    /* No context (completions will free one), or older parts wait first. */
+    if (!(x = pe->op_free) || pe->backlog) return KVX_PENDING;
     x->rd = rd;
     x->laddr = op->laddr;
     x->raddr = op->raddr - rk->adj;
@@ -1094,6 +1109,7 @@ KVX__PRIV kvx_status kvx__ofi_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *o
     x->queued = 0;
     x->st = KVX_OK;
     ret = kvx__ofi_issue(o, pe, x);
+    if (ret == -FI_EAGAIN) o->blocked = 1;
     if (!x->parts_out) {
         if (ret == -FI_EAGAIN) return KVX_PENDING;
         return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_read", ret);
@@ -1116,7 +1132,7 @@ KVX__PRIV kvx_status kvx__ofi_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *o
 }
 
 /* Parts of split ops that did not fit earlier, oldest first. */
-KVX__PRIV int kvx__ofi_backlog_run(kvx__ofi_pep *pe, const kvx__ofi *o) {
+KVX__PRIV int kvx__ofi_backlog_run(kvx__ofi_pep *pe, kvx__ofi *o) {
     int n = 0;
     while (pe->backlog) {
         kvx__ofi_op *x = pe->backlog;
@@ -1124,7 +1140,7 @@ KVX__PRIV int kvx__ofi_backlog_run(kvx__ofi_pep *pe, const kvx__ofi *o) {
             uint32_t before = x->parts_out;
             int ret = kvx__ofi_issue(o, pe, x);
             n += (int)(x->parts_out - before);
-            if (ret == -FI_EAGAIN) break;
+            if (ret == -FI_EAGAIN) { o->blocked = 1; break; }
             if (ret) {
                 x->st = KVX_ERR_BACKEND;
                 x->stop = 1;
@@ -1159,7 +1175,7 @@ KVX__PRIV int kvx__ofi_send_note(kvx_ctx *ctx, kvx__ofi_pep *pe, kvx_queue *q, k
     if (!s) return -FI_EAGAIN;
     memcpy(s->msg, msg, sizeof s->msg);
     ret = fi_send(pe->ep, s->msg, sizeof s->msg, pe->send_desc, pe->dest, &s->c);
-    if (ret == -FI_EAGAIN) return -FI_EAGAIN;
+    if (ret == -FI_EAGAIN) { kvx__ofi_of(ctx)->blocked = 1; return -FI_EAGAIN; }
     if (ret) {
         KVX__LOG(ctx, KVX_LOG_WARN, "ofi: notification to %s/%d not sent: fi_send: %s", pe->peer->name, pe->peer->rank, fi_strerror((int)-ret));
         kvx__ofi_note_release(ctx, q, t);
@@ -1279,7 +1295,9 @@ KVX__PRIV int kvx__ofi_drain(kvx_ctx *ctx, struct fid_cq *cq, kvx__ofi_pep *pe) 
 KVX__PRIV int kvx__ofi_progress(kvx_ctx *ctx) {
     kvx__ofi *o = kvx__ofi_of(ctx);
     kvx__ofi_pep *pe;
-    int n = kvx__ofi_drain(ctx, o->cq, NULL);
+    int n;
+    o->blocked = 0;   /* set again by whatever still meets -FI_EAGAIN */
+    n = kvx__ofi_drain(ctx, o->cq, NULL);
     kvx__ofi_repost(o);
     for (pe = o->peps; pe; pe = pe->next) {
         n += kvx__ofi_drain(ctx, pe->cq, pe);
@@ -1296,10 +1314,11 @@ KVX__PRIV kvx_status kvx__ofi_arm(kvx_ctx *ctx) {
     uint64_t v;
     /* Level-triggered fds: drain what woke us, or poll would not sleep. */
     if (read(o->evfd, &v, sizeof v) < 0) { /* nothing signaled */ }
-    if (o->tfd >= 0 && read(o->tfd, &v, sizeof v) < 0) { /* no tick yet */ }
+    if (read(o->tfd, &v, sizeof v) < 0) { /* no tick yet */ }
     /* No wait object: look at the queues once more, since what was posted
        after the last pass may have completed inside fi_read (shm). */
     if (!o->wait_fd) return kvx__ofi_progress(ctx) > 0 ? KVX_PENDING : KVX_OK;
+    kvx__ofi_tick(o, o->blocked);
     return fi_trywait(o->fabric, o->wfids, (int)o->nwfids) == FI_SUCCESS ? KVX_OK : KVX_PENDING;
 }
 

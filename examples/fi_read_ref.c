@@ -6,8 +6,8 @@
     so the difference to kvx_bench at the same size and depth is kvx's cost.
 
         fi_read_ref [--provider P] [--size BYTES] [--outstanding N]
-                    [--total BYTES] [--region BYTES] [--owner-busy] [--json FILE]
-                    [--listen ADDR:PORT | --connect ADDR:PORT]
+                    [--total BYTES] [--region BYTES] [--owner-busy] [--reader-spin]
+                    [--json FILE] [--listen ADDR:PORT | --connect ADDR:PORT]
 
     Without --listen/--connect both processes run here (fork). On two hosts:
     the owner with --listen, the reader with --connect (a TCP socket carries
@@ -16,9 +16,11 @@
     The owner (a forked child) registers a region with a pattern and serves
     reads; like a kvx owner's progress thread it sleeps on its completion
     queue's wait fd, or, where the provider has none (shm), progresses every
-    millisecond; --owner-busy makes it spin instead (the ceiling). The reader
-    keeps --outstanding reads of --size bytes in flight over the region,
-    spinning on fi_cq_read, then checks every byte of its copy.
+    millisecond; --owner-busy makes it spin instead. The reader keeps
+    --outstanding reads of --size bytes in flight over the region and, like
+    kvx's reader, sleeps on the wait fd (or a millisecond) when nothing
+    completed; --reader-spin makes it spin on fi_cq_read instead. Then it
+    checks every byte of its copy.
 
     Build: cc -O2 -std=c99 -D_GNU_SOURCE examples/fi_read_ref.c -o build/fi_read_ref $(pkg-config --libs libfabric)
     Exit status 0 with "TEST PASSED", 1 with a wrong byte or a failed read, 2 for setup.
@@ -62,7 +64,7 @@ typedef struct opts {
     size_t size, region;
     unsigned outstanding;
     unsigned long long total;
-    int owner_busy;
+    int owner_busy, reader_spin;
 } opts;
 
 /* What the owner tells the reader. */
@@ -228,10 +230,20 @@ static int reader(const opts *o, int sock) {
     for (nfree = 0; nfree < o->outstanding; nfree++) freek[nfree] = o->outstanding - 1 - nfree;
     want = o->total / o->size;
     if (want < nslots) want = nslots;   /* every byte of the region read at least once */
+    {   /* one read first, untimed: it makes the connection (rxm connects on first use) */
+        struct fi_cq_entry ev;
+        double until = now_s() + 30;
+        ssize_t n = -FI_EAGAIN;
+        while ((ret = (int)fi_read(r.ep, buf, o->size, desc, peer, h.addr, h.key, &ctxs[0])) == -FI_EAGAIN && now_s() < until) fi_cq_read(r.cq, &ev, 1);
+        if (ret) return die("reader", "the first fi_read", ret);
+        while (now_s() < until && (n = fi_cq_read(r.cq, &ev, 1)) == -FI_EAGAIN) {}
+        if (n != 1) return die("reader", "the first read's completion", n < 0 ? (int)n : -FI_EIO);
+    }
     t0 = now_s();
     while (done < want && !failed) {
         struct fi_cq_entry ev[64];
         ssize_t n;
+        unsigned long long before = posted;
         while (nfree && posted < want) {
             size_t off = (next % nslots) * o->size;
             unsigned k = freek[nfree - 1];
@@ -254,14 +266,27 @@ static int reader(const opts *o, int sock) {
             freek[nfree++] = (unsigned)((struct fi_context2 *)ev[i].op_context - ctxs);
             done++;
         }
+        if (n == -FI_EAGAIN && posted == before && !o->reader_spin) {
+            /* nothing moved: sleep as kvx's reader does (a millisecond where a
+               read was refused, since what frees it may signal no fd) */
+            if (r.cq_fd >= 0 && !(ret == -FI_EAGAIN && nfree)) {
+                struct fid *f = &r.cq->fid;
+                struct pollfd pf;
+                pf.fd = r.cq_fd; pf.events = POLLIN; pf.revents = 0;
+                if (fi_trywait(r.fabric, &f, 1) == FI_SUCCESS) poll(&pf, 1, 1000);
+            } else {
+                poll(NULL, 0, 1);
+            }
+        }
     }
     t1 = now_s();
     for (i = 0; i < nslots * o->size; i++)
         if (buf[i] != pattern(i)) { if (!bad) fprintf(stderr, "fi_read_ref: byte %zu is 0x%02x, expected 0x%02x\n", i, buf[i], pattern(i)); bad++; }
     {
         double s = t1 - t0, gbps = s > 0 ? (double)done * (double)o->size / s / 1e9 : 0;
-        printf("fi_read_ref: provider %s, %zu-byte reads, %u outstanding, owner %s\n", prov, o->size, o->outstanding,
-               o->owner_busy ? "spins" : r.cq_fd >= 0 ? "sleeps on its wait fd" : "progresses every millisecond (no wait object)");
+        printf("fi_read_ref: provider %s, %zu-byte reads, %u outstanding, owner %s, reader %s\n", prov, o->size, o->outstanding,
+               o->owner_busy ? "spins" : r.cq_fd >= 0 ? "sleeps on its wait fd" : "progresses every millisecond (no wait object)",
+               o->reader_spin ? "spins" : "sleeps when nothing moves");
         printf("  total: %llu bytes, %llu reads, %.3f s, %.3f GB/s\n", done * (unsigned long long)o->size, done, s, gbps);
         if (o->json) {
             FILE *js = fopen(o->json, "w");
@@ -339,6 +364,7 @@ int main(int argc, char **argv) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         unsigned long long x = 0;
         if (!strcmp(a, "--owner-busy")) { o.owner_busy = 1; continue; }
+        if (!strcmp(a, "--reader-spin")) { o.reader_spin = 1; continue; }
         if (!strcmp(a, "--provider") && v) o.provider = v;
         else if (!strcmp(a, "--listen") && v) o.listen = v;
         else if (!strcmp(a, "--connect") && v) o.connect = v;
@@ -348,7 +374,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--total") && !num(v, &x)) o.total = x;
         else if (!strcmp(a, "--region") && !num(v, &x)) o.region = (size_t)x;
         else {
-            fprintf(stderr, "usage: fi_read_ref [--provider P] [--size BYTES] [--outstanding N] [--total BYTES] [--region BYTES] [--owner-busy] [--json FILE]\n"
+            fprintf(stderr, "usage: fi_read_ref [--provider P] [--size BYTES] [--outstanding N] [--total BYTES] [--region BYTES] [--owner-busy] [--reader-spin] [--json FILE]\n"
                             "                   [--listen ADDR:PORT | --connect ADDR:PORT]\n"
                             "  sizes take k, m, g; defaults: 64k reads, 64 outstanding, 1g in all over a 64m region\n");
             return 2;
