@@ -11,8 +11,7 @@
     2. Latency: kvx_post to the waiting stream resuming (a stream write after
        kvx_stream_wait, seen by the host), one block of every layer, for the
        CUDA backend and for a UCX read of host memory.
-    3. The copy kernel's variants (KVX_CUDA_COPY_KERNEL) against the
-       thread-block cap (kvx_ctx_desc.cuda_max_blocks).
+    3. The thread-block cap (kvx_ctx_desc.cuda_max_blocks) against copy speed.
     4. How much a stream of arithmetic kernels that fill the GPU slows down
        while copies run beside it, per cap, and what the copies get.
 
@@ -113,14 +112,14 @@ static void wait_ok(side *d, kvx_ticket t) {
 }
 
 /* nreads reads of n random blocks in flight at once, timed on the host. */
-static double kvx_rate(side *d, uint32_t n, uint32_t nb, int nreads, uint64_t bytes_per_read) {
+static double kvx_rate(side *d, uint32_t n, uint32_t nb, int nreads, uint64_t bytes_per_read, int random) {
     uint32_t *src = (uint32_t *)malloc(4 * (size_t)n * nreads), *dst = (uint32_t *)malloc(4 * (size_t)n * nreads);
     kvx_ticket t[16];
     double t0, best = 0;
     int i, rep;
     for (i = 0; i < nreads; i++) {
-        kvx_ex_block_table(src + (size_t)i * n, n, nb, 1, 1000u + (uint64_t)i, 0);
-        kvx_ex_block_table(dst + (size_t)i * n, n, nb, 1, 2000u + (uint64_t)i, 0);
+        kvx_ex_block_table(src + (size_t)i * n, n, nb, random, 1000u + (uint64_t)i, (uint32_t)i * 977u);
+        kvx_ex_block_table(dst + (size_t)i * n, n, nb, random, 2000u + (uint64_t)i, (uint32_t)i * 977u + 331u);
     }
     for (i = 0; i < 2; i++) wait_ok(d, post(d, dst, src, n));  /* warm-up: module, first launches */
     for (rep = 0; rep < 3; rep++) {
@@ -309,8 +308,9 @@ int main(int argc, char **argv) {
     fflush(stdout);
 
     /* 1. throughput */
-    printf("\n| block | layout | kvx GB/s | one %s copy GB/s | kvx / copy | cuMemcpyAsync per block GB/s | transport |\n", two ? "cuMemcpyPeerAsync" : "D2D");
-    printf("|---|---|---|---|---|---|---|\n");
+    printf("\n| block | layout | kvx GB/s | one %s copy GB/s | kvx / copy | cuMemcpyAsync per block GB/s | kvx GB/s, consecutive blocks | transport |\n",
+           two ? "cuMemcpyPeerAsync" : "D2D");
+    printf("|---|---|---|---|---|---|---|---|\n");
     for (i = 0; i < 8; i++) {
         uint32_t k = kib[i % 4], heads = k / 4u, nb;
         kvx_order order = i < 4 ? KVX_ORDER_HND : KVX_ORDER_NHD;
@@ -322,7 +322,7 @@ int main(int argc, char **argv) {
         side d;
         void *md;
         uint32_t len, a, b;
-        double kv, ref, pb;
+        double kv, ref, pb, kc;
         if (dtp == 2) heads *= 2;  /* the reader's block stays k KiB */
         nb = (uint32_t)((2ull << 30) / (2ull * LAYERS * block));
         n = (uint32_t)(per_read / (2ull * LAYERS * block));
@@ -332,13 +332,14 @@ int main(int argc, char **argv) {
         o = spawn_owner(KVX_BACKEND_CUDA, 1, &ol, 1, 0, &md, &len);
         side_open(&d, KVX_BACKEND_CUDA, &dl, 0, dtp, 0, NULL, md, len);
         free(md);
-        kv = kvx_rate(&d, n, nb, 4, per_read);
+        kv = kvx_rate(&d, n, nb, 4, per_read, 1);
+        kc = kvx_rate(&d, n, nb, 4, per_read, 0);  /* the same read with consecutive ids: where random placement costs */
         ref = big_copy_rate(per_read, two);
         pb = per_block_rate(block, nb);
         kvx_peer_heads(d.peer, d.cache, 0, &a, &b);
         if (verify(&d, a, a + b)) bad = 1;
-        printf("| %u KiB | %s%s | %.0f | %.0f | %.1f%% | %.1f | %s |\n", k, order == KVX_ORDER_HND ? "HND" : "NHD", dtp == 2 ? " (TP 1->2, 256 B..16 KiB pieces)" : "",
-               kv, ref, 100.0 * kv / ref, pb, kvx_peer_transport(d.peer));
+        printf("| %u KiB | %s%s | %.0f | %.0f | %.1f%% | %.1f | %.0f (%.1f%%) | %s |\n", k, order == KVX_ORDER_HND ? "HND" : "NHD",
+               dtp == 2 ? " (TP 1->2, 256 B..16 KiB pieces)" : "", kv, ref, 100.0 * kv / ref, pb, kc, 100.0 * kc / ref, kvx_peer_transport(d.peer));
         fflush(stdout);
         side_close(&d);
         kvx_tc_stop(&o);
@@ -375,33 +376,28 @@ int main(int argc, char **argv) {
         cuStreamDestroy(s1);
     }
 
-    /* 3. the copy kernel and its thread-block cap */
+    /* 3. the thread-block cap: copy speed alone */
     {
-        static const char *const variants[] = {"kvx_copy", "kvx_copy_cs8", "kvx_copy_cg8", "kvx_copy_nc16", "kvx_copy_nc4", "kvx_copy_nc8o4"};
-        uint32_t caps[4], nv = two || quick ? 1u : 6u, v, c, z;
-        caps[0] = (uint32_t)sms; caps[1] = 2u * (uint32_t)sms; caps[2] = 3u * (uint32_t)sms; caps[3] = 4u * (uint32_t)sms;
-        printf("\ncopy kernel variants (KVX_CUDA_COPY_KERNEL) x thread-block cap (256 threads each), kvx GB/s, HND, 1 GiB reads, 4 in flight:\n");
-        printf("| block | kernel | cap %u | cap %u | cap %u | cap %u |\n|---|---|---|---|---|---|\n", caps[0], caps[1], caps[2], caps[3]);
-        for (z = 0; z < 2; z++) {
+        uint32_t caps[4], c, z;
+        caps[0] = (uint32_t)sms / 2; caps[1] = (uint32_t)sms; caps[2] = 0; caps[3] = 3u * (uint32_t)sms;
+        printf("\nthread-block cap (kvx_ctx_desc.cuda_max_blocks, 256 threads each; at most 3 fit an SM), kvx GB/s, HND random, 1 GiB reads, 4 in flight:\n");
+        printf("| block | cap %u | cap %u | default (%u) | cap %u |\n|---|---|---|---|---|\n", caps[0], caps[1], 2u * (uint32_t)sms, caps[3]);
+        for (z = 0; z < 2 && !quick; z++) {
             uint32_t k = z ? 256u : 4u, nb = (uint32_t)((2ull << 30) / (2ull * LAYERS * ((uint64_t)k << 10))), n = nb / 2;
             kvx_layout l = layout(k / 4u, 1, nb, KVX_ORDER_HND);
             kvx_tc_owner o;
             void *md;
             uint32_t len;
             o = spawn_owner(KVX_BACKEND_CUDA, 1, &l, 1, 0, &md, &len);
-            for (v = 0; v < nv; v++) {
-                printf("| %u KiB | %s |", k, variants[v]);
-                setenv("KVX_CUDA_COPY_KERNEL", variants[v], 1);
-                for (c = 0; c < 4; c++) {
-                    side d;
-                    side_open(&d, KVX_BACKEND_CUDA, &l, 0, 1, caps[c], NULL, md, len);
-                    printf(" %.0f |", kvx_rate(&d, n, nb, 4, 1ull << 30));
-                    fflush(stdout);
-                    side_close(&d);
-                }
-                printf("\n");
+            printf("| %u KiB |", k);
+            for (c = 0; c < 4; c++) {
+                side d;
+                side_open(&d, KVX_BACKEND_CUDA, &l, 0, 1, caps[c], NULL, md, len);
+                printf(" %.0f |", kvx_rate(&d, n, nb, 4, 1ull << 30, 1));
+                fflush(stdout);
+                side_close(&d);
             }
-            unsetenv("KVX_CUDA_COPY_KERNEL");
+            printf("\n");
             free(md);
             kvx_tc_stop(&o);
         }
@@ -421,7 +417,7 @@ int main(int argc, char **argv) {
         void *md;
         uint32_t len;
         double alone = 0;
-        caps[ncap++] = (uint32_t)sms / 4; caps[ncap++] = (uint32_t)sms / 2; caps[ncap++] = (uint32_t)sms; caps[ncap++] = 0; caps[ncap++] = 4u * (uint32_t)sms;
+        caps[ncap++] = (uint32_t)sms / 4; caps[ncap++] = (uint32_t)sms / 2; caps[ncap++] = (uint32_t)sms; caps[ncap++] = 0; caps[ncap++] = 3u * (uint32_t)sms;
         cuCtxSetCurrent(ctx_dec);
         cuStreamCreate(&sc, CU_STREAM_NON_BLOCKING);
         cuEventCreate(&e0, 0);
