@@ -78,14 +78,19 @@
         Thread blocks: 256 threads (80 registers: at most 3 per SM); at most
         kvx_ctx_desc.cuda_max_blocks of them, default two per multiprocessor:
         on an H200 that copied as fast as any cap (1 or 3 per SM were no
-        faster) and slowed a stream of compute kernels beside it by about 3%
-        (a cap beyond what fits an SM only adds a second wave).
+        faster; half an SM per block lost a quarter) and slowed a stream of
+        compute kernels beside it by about 3% on one GPU (15% while reading
+        from another GPU over NVLink, where copy blocks stay resident longer;
+        one per SM gave 4% there at the same speed). A cap beyond what fits
+        the SMs only adds a second wave.
 
-        Speed (H200, tests/bench_gpu.c, random blocks between two processes):
-        about 80-85% of one large device-to-device copy on one GPU (HND), a
-        little less for NHD pieces of 256 bytes; 92% of cuMemcpyPeerAsync
-        from another GPU over NVLink; a one-block read of every layer resumes
-        a waiting stream about 21 us after kvx_post.
+        Speed (H200, tests/bench_gpu.c, random blocks of 4-256 KiB between two
+        processes, 32 layers): 78-84% of one large device-to-device copy on
+        one GPU for HND, 68-81% for NHD pieces (256 B to 16 KiB); consecutive
+        block ids are no faster, so the gap is the kernel's, not the random
+        placement's. From another GPU over NVLink: 91-92% of cuMemcpyPeerAsync.
+        A one-block read of every layer resumes a waiting stream 22 us (p50)
+        after kvx_post; a cuMemcpyAsync per block moves 1-75 GB/s.
 
         Reads run on kvx_queue_desc.cuda_stream (a stream of the primary
         context of the context's device; CU_STREAM_LEGACY for the legacy
