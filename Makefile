@@ -21,14 +21,14 @@ CFLAGS ?= -O2 -g
 KVX_CFLAGS = -std=c99 -D_GNU_SOURCE $(WARN) $(BACKEND_DEFS) $(BACKEND_CFLAGS)
 SAN = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
-HEADERS = kvx.h kvx_ucx.h
+HEADERS = kvx.h kvx_ucx.h $(wildcard kvx_ofi.h kvx_cuda.h)
 EX_HEADERS = examples/kvx_example.h examples/kvx_rdv.h
 PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
 TESTS = $(BUILD)/test_unit $(BUILD)/test_faults $(BUILD)/test_robust $(BUILD)/test_unit.asan $(BUILD)/test_faults.asan \
         $(BUILD)/test_robust.asan $(BUILD)/test_verify $(BUILD)/test_verify.asan $(BUILD)/test_stress $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds
 FUZZ_CC ?= clang
 
-.PHONY: all demo test bench fuzz soak install deps deps-test deps-bench clean compile-check
+.PHONY: all demo test bench fuzz soak install deps deps-test deps-bench clean compile-check gpu-build test-gpu bench-gpu ptx-check
 
 all: deps $(PROGRAMS) $(TESTS)
 
@@ -85,6 +85,19 @@ bench: deps deps-bench
 
 $(BUILD)/bench_post: tests/bench_post.c $(HEADERS) $(EX_HEADERS) | $(BUILD)
 	$(CC) -O2 -g $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
+
+# GPU: build where UCX's and CUDA's headers are (here), carry build/gpu to the
+# GPU machine, run there. CI (no GPU) compiles the CUDA paths and checks the
+# embedded PTX with ptxas inside make test.
+CUDA_HOME ?= /usr/local/cuda
+gpu-build: deps
+	bash tests/gpu_build.sh
+test-gpu:
+	bash tests/gpu_test.sh
+bench-gpu:
+	bash tests/gpu_bench.sh
+ptx-check:
+	bash tests/ptx_check.sh
 
 install:
 	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
