@@ -150,6 +150,11 @@
    (the ones that are safe to add: FI_MR_LOCAL, FI_MR_RAW). */
 static uint64_t kvx__ofi_test_mr_mode;
 
+/* Contexts destroyed while they held parked endpoints: their domain stays
+   open for the life of the process, reachable from here. */
+static struct kvx__ofi *kvx__ofi_dead;
+static pthread_mutex_t kvx__ofi_dead_lock = PTHREAD_MUTEX_INITIALIZER;
+
 enum { KVX__OFI_K_PART = 1, KVX__OFI_K_SEND = 2, KVX__OFI_K_RECV = 3 };
 
 /* What a completion's op_context points at. The fi_context2 comes first: a
@@ -230,6 +235,7 @@ typedef struct kvx__ofi_pep {
     struct fid_mr **lmr;        /* FI_MR_ENDPOINT + FI_MR_LOCAL: our regions bound here, by slot */
     void **ldesc;
     uint32_t nl;
+    int parked;                 /* left open, never progressed again (see kvx__ofi_pep_free) */
     char err[400];
 } kvx__ofi_pep;
 
@@ -255,6 +261,9 @@ typedef struct kvx__ofi {
     void *recv_desc;
     uint32_t recv_unposted;
     kvx__ofi_pep *peps;
+    kvx__ofi_pep *parked;       /* endpoints given up on but not closed */
+    int park;                   /* libfabric < 1.18 with tcp: park rather than close */
+    struct kvx__ofi *next_dead; /* the process-wide list of contexts that keep parked endpoints */
     struct fid **wfids;         /* every completion queue, for fi_trywait */
     uint32_t nwfids, wfcap;
     kvx__ofi_lmr **slots;       /* local registrations by slot */
@@ -668,6 +677,7 @@ KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     fi->rx_attr->msg_order &= FI_ORDER_SAS;
     kvx__strlcpy(o->prov, fi->fabric_attr->prov_name, sizeof o->prov);
     o->shm = !strcmp(o->prov, "shm");
+    o->park = fi_version() < FI_VERSION(1, 18) && (!strncmp(o->prov, "tcp", 3) || !strncmp(o->prov, "net", 3));
     o->hmem = (fi->caps & FI_HMEM) != 0;
     o->mr_mode = (uint64_t)fi->domain_attr->mr_mode | (kvx__ofi_test_mr_mode & (FI_MR_LOCAL | FI_MR_RAW));
     o->key_mask = fi->domain_attr->mr_key_size >= 8 || !fi->domain_attr->mr_key_size ? ~0ull : (1ull << (8 * fi->domain_attr->mr_key_size)) - 1;
@@ -767,9 +777,6 @@ KVX__PRIV void kvx__ofi_close(kvx_ctx *ctx) {
         if (o->slots[i]) { fi_close(&o->slots[i]->mr->fid); KVX_FREE(o->slots[i]); }
     if (o->cq) fi_close(&o->cq->fid);
     if (o->av) fi_close(&o->av->fid);
-    if (o->domain) fi_close(&o->domain->fid);
-    if (o->fabric) fi_close(&o->fabric->fid);
-    if (o->info) fi_freeinfo(o->info);
     if (o->epfd >= 0) close(o->epfd);
     if (o->evfd >= 0) close(o->evfd);
     if (o->tfd >= 0) close(o->tfd);
@@ -777,8 +784,19 @@ KVX__PRIV void kvx__ofi_close(kvx_ctx *ctx) {
     KVX_FREE(o->addr);
     KVX_FREE(o->wfids);
     KVX_FREE(o->slots);
-    KVX_FREE(o);
     ctx->be = NULL;
+    if (o->parked) {
+        /* Parked endpoints keep the domain open: it and they stay, unused. */
+        pthread_mutex_lock(&kvx__ofi_dead_lock);
+        o->next_dead = kvx__ofi_dead;
+        kvx__ofi_dead = o;
+        pthread_mutex_unlock(&kvx__ofi_dead_lock);
+        return;
+    }
+    if (o->domain) fi_close(&o->domain->fid);
+    if (o->fabric) fi_close(&o->fabric->fid);
+    if (o->info) fi_freeinfo(o->info);
+    KVX_FREE(o);
 }
 
 KVX__PRIV kvx_status kvx__ofi_address(kvx_ctx *ctx, const uint8_t **addr, uint32_t *len) {
@@ -832,11 +850,26 @@ KVX__PRIV void kvx__ofi_pep_free(kvx_ctx *ctx, kvx__ofi_pep *pe, const char *why
         if (*pp == pe) { *pp = pe->next; break; }
     kvx__ofi_wait_rebuild(o);
     kvx__ofi_epoll(o, pe->cq_fd, 0);
-    /* Close the endpoint first: libfabric discards what it held, and from
-       here on nothing of this peer can land in our memory. */
-    kvx__ofi_fid_close(pe->ep ? &pe->ep->fid : NULL);
-    kvx__ofi_fid_close(pe->cq ? &pe->cq->fid : NULL);
-    kvx__ofi_fid_close(pe->av ? &pe->av->fid : NULL);
+    /* libfabric before 1.18: its tcp provider frees a partly received read
+       response twice when the endpoint closes (fixed upstream in 1.18, "prov/
+       tcp: Suspicion of bug where RX entry is freed twice"), and may already
+       have done so when the peer's connection broke. So there an endpoint
+       with reads out, or to a failed peer, is parked instead: never
+       progressed again it moves no data (tcp and rxm move data only inside
+       our own calls: no thread of theirs runs with manual progress), and it
+       stays open, unused, for the life of the process. */
+    for (i = 0; o->park && pe->ep && !pe->parked && i < pe->nctx; i++)
+        if ((pe->ops && pe->ops[i].in_use) || p->failed) pe->parked = 1;
+    if (pe->parked) {
+        KVX__LOG(ctx, KVX_LOG_WARN, "ofi: the endpoint to %s/%d is parked, not closed: libfabric %u.%u's tcp cannot close one "
+                 "with a read partly received (fixed in 1.18)", p->name, p->rank, FI_MAJOR(fi_version()), FI_MINOR(fi_version()));
+    } else {
+        /* Close the endpoint first: libfabric discards what it held, and
+           from here on nothing of this peer can land in our memory. */
+        kvx__ofi_fid_close(pe->ep ? &pe->ep->fid : NULL);
+        kvx__ofi_fid_close(pe->cq ? &pe->cq->fid : NULL);
+        kvx__ofi_fid_close(pe->av ? &pe->av->fid : NULL);
+    }
     for (i = 0; i < pe->nctx; i++)
         if (pe->ops && pe->ops[i].in_use) {
             pe->ops[i].in_use = 0;
@@ -857,14 +890,21 @@ KVX__PRIV void kvx__ofi_pep_free(kvx_ctx *ctx, kvx__ofi_pep *pe, const char *why
     if (dropped) KVX__LOG(ctx, KVX_LOG_WARN, "ofi: %u notifications to %s/%d dropped: %s", dropped, p->name, p->rank, why);
     for (k = 0, c = 0; c < p->ncaches; c++)
         for (i = 0; i < p->caches[c].nregions; i++, k++) {
-            if (k < pe->nrkeys && pe->rkeys[k].mapped) fi_mr_unmap_key(o->domain, pe->rkeys[k].key);
+            if (k < pe->nrkeys && pe->rkeys[k].mapped && !pe->parked) fi_mr_unmap_key(o->domain, pe->rkeys[k].key);
             p->caches[c].regions[i].be = NULL;
         }
+    if (p->be == pe) p->be = NULL;
+    pe->peer = NULL;
+    if (pe->parked) {
+        /* The provider still holds our contexts and registrations: keep them. */
+        pe->next = o->parked;
+        o->parked = pe;
+        return;
+    }
     for (i = 0; i < pe->nl; i++) kvx__ofi_pep_lmr_drop(pe, i);
     kvx__ofi_fid_close(pe->send_mr ? &pe->send_mr->fid : NULL);
     KVX_FREE(pe->ops); KVX_FREE(pe->parts); KVX_FREE(pe->sends); KVX_FREE(pe->notes);
     KVX_FREE(pe->rkeys); KVX_FREE(pe->lmr); KVX_FREE(pe->ldesc);
-    if (p->be == pe) p->be = NULL;
     KVX_FREE(pe);
 }
 
@@ -1047,13 +1087,14 @@ fail:
 /*--- reads -------------------------------------------------------------------*/
 
 /* Issue the parts of x not yet out, as many as the pool and the provider
-   take. 0, or what stopped it (-FI_EAGAIN: again after progress). */
+   take. 0: all out; 1: no part context free (completions will free one);
+   -FI_EAGAIN: the provider has no room now; another error: it failed. */
 KVX__PRIV int kvx__ofi_issue(const kvx__ofi *o, kvx__ofi_pep *pe, kvx__ofi_op *x) {
     while (!x->stop && x->off < x->len) {
         kvx__ofi_part *pt = pe->part_free;
         uint64_t n = x->len - x->off;
         ssize_t ret;
-        if (!pt) return -FI_EAGAIN;
+        if (!pt) return 1;
         if (n > o->max_msg) n = o->max_msg;
         pt->op = x;
         ret = fi_read(pe->ep, (void *)(uintptr_t)(x->laddr + x->off), (size_t)n, x->desc, pe->dest, x->raddr + x->off, x->key, &pt->c);
@@ -1111,13 +1152,13 @@ KVX__PRIV kvx_status kvx__ofi_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *o
     ret = kvx__ofi_issue(o, pe, x);
     if (ret == -FI_EAGAIN) o->blocked = 1;
     if (!x->parts_out) {
-        if (ret == -FI_EAGAIN) return KVX_PENDING;
+        if (ret == -FI_EAGAIN || ret == 1) return KVX_PENDING;
         return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_read", ret);
     }
     pe->op_free = x->next;
     x->in_use = 1;
     x->next = NULL;
-    if (ret && ret != -FI_EAGAIN) {
+    if (ret < 0 && ret != -FI_EAGAIN) {
         /* Some parts are out: the op fails when they are back. */
         x->st = KVX_ERR_BACKEND;
         x->stop = 1;
@@ -1141,6 +1182,7 @@ KVX__PRIV int kvx__ofi_backlog_run(kvx__ofi_pep *pe, kvx__ofi *o) {
             int ret = kvx__ofi_issue(o, pe, x);
             n += (int)(x->parts_out - before);
             if (ret == -FI_EAGAIN) { o->blocked = 1; break; }
+            if (ret == 1) break;
             if (ret) {
                 x->st = KVX_ERR_BACKEND;
                 x->stop = 1;
