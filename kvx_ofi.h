@@ -101,10 +101,28 @@
     queue pair (efa, verbs). A shm that let the owner write into the reader
     (process_vm_writev on the owner's side) could not be made final by kvx;
     libfabric 1.17 does not do that for the reads kvx posts.
+    libfabric before 1.18 frees a partly received read response twice when a
+    tcp endpoint closes (fixed upstream in 1.18), and may already have when
+    the peer's connection broke. There kvx parks such an endpoint (reads out,
+    or the peer failed) instead of closing it: reported as canceled all the
+    same, never progressed again, it moves no data, since tcp and rxm move
+    data only inside the owner's calls (no thread of theirs runs with manual
+    progress); it, and its domain, stay open and unused for the life of the
+    process: the memory of one endpoint (below) for each such forced close.
+    Completions are counted once per operation, since that tcp can also
+    report one read twice when a broken connection flushes it.
     A dead peer ends reads with KVX_ERR_PEER where the provider says so (rxm
     over tcp completes them with FI_ECANCELED, which kvx, never canceling on
     a live endpoint, takes as the connection gone; shm with FI_EIO), else
     with KVX_ERR_TIMEOUT.
+
+    MEMORY. An endpoint costs what the provider allocates for it, once for
+    the context and once per peer. rxm (1.17) fills two pools of 1024
+    buffers of FI_OFI_RXM_BUFFER_SIZE bytes (16 KiB) for each: about 70 MiB
+    a context and 85 MiB a peer over tcp here. kvx's own messages are 16
+    bytes and reads do not use these buffers, so FI_OFI_RXM_BUFFER_SIZE=256
+    brings it to about 6 MiB, where nothing else in the process relies on
+    rxm's eager size. shm: about 5.5 MiB an endpoint.
 
     LIMITS. shm serializes on a spinlock inside the owner's shared region: an
     owner stopped (SIGSTOP, a debugger) or killed while its progress holds it
@@ -171,6 +189,7 @@ typedef struct kvx__ofi_part {
     kvx__ofi_ctx c;
     kvx__ofi_op *op;
     struct kvx__ofi_part *next;
+    int out;                    /* posted, completion not seen: a second one is ignored */
 } kvx__ofi_part;
 
 /* One kvx op: reports exactly one kvx__op_done, whatever its parts do. */
@@ -1099,6 +1118,7 @@ KVX__PRIV int kvx__ofi_issue(const kvx__ofi *o, kvx__ofi_pep *pe, kvx__ofi_op *x
         pt->op = x;
         ret = fi_read(pe->ep, (void *)(uintptr_t)(x->laddr + x->off), (size_t)n, x->desc, pe->dest, x->raddr + x->off, x->key, &pt->c);
         if (ret) return (int)ret;
+        pt->out = 1;
         pe->part_free = pt->next;
         x->off += n;
         x->parts_out++;
@@ -1271,7 +1291,12 @@ KVX__PRIV void kvx__ofi_complete(kvx_ctx *ctx, kvx__ofi_pep *pe, kvx__ofi_ctx *c
     if (!c) return;
     switch (c->kind) {
     case KVX__OFI_K_PART:
-        if (pe) kvx__ofi_part_done(pe, (kvx__ofi_part *)c, st);
+        /* libfabric 1.17's tcp can complete one read twice when a broken
+           connection flushes it (see kvx__ofi_pep_free): count it once. */
+        if (pe && ((kvx__ofi_part *)c)->out) {
+            ((kvx__ofi_part *)c)->out = 0;
+            kvx__ofi_part_done(pe, (kvx__ofi_part *)c, st);
+        }
         break;
     case KVX__OFI_K_SEND: {
         kvx__ofi_send *s = (kvx__ofi_send *)c;
@@ -1284,6 +1309,7 @@ KVX__PRIV void kvx__ofi_complete(kvx_ctx *ctx, kvx__ofi_pep *pe, kvx__ofi_ctx *c
     }
     case KVX__OFI_K_RECV: {
         kvx__ofi_recv *rv = (kvx__ofi_recv *)c;
+        if (!rv->posted) break;
         if (st == KVX_OK && len) kvx__notify_arrived(ctx, rv->buf, len);  /* 0 bytes: a peer's wireup */
         rv->posted = 0;
         o->recv_unposted++;
