@@ -70,7 +70,9 @@
     an fd can see. There the event fd includes a timerfd that ticks every
     $KVX_OFI_TICK_US microseconds (1000 by default): a sleeping progress
     thread wakes a thousand times a second, about 3% of a core here, and
-    never spins. With tcp;ofi_rxm the owner's progress serves every read.
+    never spins. With a wait fd the tick runs only while a post is refused
+    with -FI_EAGAIN, since what frees it (rxm finishing a connection)
+    signals no fd. With tcp;ofi_rxm the owner's progress serves every read.
     shm does a read itself, with process_vm_readv inside fi_read, when the
     registration uses virtual addresses, no RMA ordering is asked for (kvx
     asks for none), CMA is not turned off (FI_SHM_DISABLE_CMA, FI_HMEM) and
@@ -106,8 +108,8 @@
     the peer's connection broke. There kvx parks such an endpoint (reads out,
     or the peer failed) instead of closing it: reported as canceled all the
     same, never progressed again, it moves no data, since tcp and rxm move
-    data only inside the owner's calls (no thread of theirs runs with manual
-    progress); it, and its domain, stay open and unused for the life of the
+    data only inside this context's own calls (no thread of theirs runs with
+    manual progress); it, and its domain, stay open and unused for the life of the
     process: the memory of one endpoint (below) for each such forced close.
     Completions are counted once per operation, since that tcp can also
     report one read twice when a broken connection flushes it.
