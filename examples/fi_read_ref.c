@@ -240,6 +240,8 @@ static int reader(const opts *o, int sock) {
         if (n != 1) return die("reader", "the first read's completion", n < 0 ? (int)n : -FI_EIO);
     }
     t0 = now_s();
+    {
+    double last = t0;   /* a read that never completes fails the run after 30 s */
     while (done < want && !failed) {
         struct fi_cq_entry ev[64];
         ssize_t n;
@@ -266,6 +268,11 @@ static int reader(const opts *o, int sock) {
             freek[nfree++] = (unsigned)((struct fi_context2 *)ev[i].op_context - ctxs);
             done++;
         }
+        if (n > 0) last = now_s();
+        else if (now_s() - last > 30) {
+            fprintf(stderr, "fi_read_ref reader: no read completed for 30 s (%llu of %llu done)\n", done, want);
+            failed = 1;
+        }
         if (n == -FI_EAGAIN && posted == before && !o->reader_spin) {
             /* nothing moved: sleep as kvx's reader does (a millisecond where a
                read was refused, since what frees it may signal no fd) */
@@ -278,6 +285,7 @@ static int reader(const opts *o, int sock) {
                 poll(NULL, 0, 1);
             }
         }
+    }
     }
     t1 = now_s();
     for (i = 0; i < nslots * o->size; i++)
