@@ -82,8 +82,9 @@
     owner fills. The owner still has to progress to hand back shm's command
     slots (1024 reads) and to receive notifications.
 
-    READS. One fi_read per kvx op, split into several at max_msg_size, the
-    parts of an op reporting one completion. Each peer endpoint has a pool of
+    READS. One fi_read per kvx op, split into several at max_msg_size (or
+    at $KVX_OFI_MAX_MSG bytes, a knob for tests), the parts of an op
+    reporting one completion. Each peer endpoint has a pool of
     op and part contexts sized to its transmit queue (at most 1024, less 16
     kept for notifications), so kvx never posts more than the provider holds;
     -FI_EAGAIN, or an empty pool, is KVX_PENDING to the core, which retries
@@ -703,6 +704,9 @@ KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     o->mr_mode = (uint64_t)fi->domain_attr->mr_mode | (kvx__ofi_test_mr_mode & (FI_MR_LOCAL | FI_MR_RAW));
     o->key_mask = fi->domain_attr->mr_key_size >= 8 || !fi->domain_attr->mr_key_size ? ~0ull : (1ull << (8 * fi->domain_attr->mr_key_size)) - 1;
     o->max_msg = fi->ep_attr->max_msg_size ? (uint64_t)fi->ep_attr->max_msg_size : (1ull << 30);
+    /* $KVX_OFI_MAX_MSG (bytes) splits reads smaller than the provider asks: for tests */
+    if ((e = getenv("KVX_OFI_MAX_MSG")) != NULL && strtoull(e, NULL, 10) > 0 && strtoull(e, NULL, 10) < o->max_msg)
+        o->max_msg = strtoull(e, NULL, 10);
     o->tx_size = fi->tx_attr->size ? fi->tx_attr->size : 256;
     if (fi->tx_attr->rma_iov_limit < 1) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric provider %s: rma_iov_limit 0: no RMA", o->prov); }
     if ((ret = fi_fabric(fi->fabric_attr, &o->fabric, NULL)) != 0) { st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_fabric", ret); kvx__ofi_close(ctx); return st; }
