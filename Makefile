@@ -12,9 +12,15 @@ BUILD := build
 
 UCX_CFLAGS = $(shell pkg-config --cflags ucx 2>/dev/null)
 UCX_LIBS = $(shell pkg-config --libs ucx 2>/dev/null)
-BACKEND_DEFS = -DKVX_UCX
-BACKEND_CFLAGS = $(UCX_CFLAGS)
-BACKEND_LIBS = $(UCX_LIBS) -lpthread
+OFI_CFLAGS = $(shell pkg-config --cflags libfabric 2>/dev/null)
+OFI_LIBS = $(shell pkg-config --libs libfabric 2>/dev/null)
+# The examples and the main tests carry both network backends (UCX is the
+# default); build/ofi/ holds the tests built with libfabric alone, so that it
+# is their default backend.
+BACKEND_DEFS = -DKVX_UCX -DKVX_OFI
+BACKEND_CFLAGS = $(UCX_CFLAGS) $(OFI_CFLAGS)
+BACKEND_LIBS = $(UCX_LIBS) $(OFI_LIBS) -lpthread
+OFI_ONLY = -std=c99 -D_GNU_SOURCE $(WARN) -DKVX_OFI $(OFI_CFLAGS)
 
 WARN = -Wall -Wextra -pedantic -Werror
 CFLAGS ?= -O2 -g
@@ -25,7 +31,10 @@ HEADERS = kvx.h kvx_ucx.h $(wildcard kvx_ofi.h kvx_cuda.h)
 EX_HEADERS = examples/kvx_example.h examples/kvx_rdv.h
 PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
 TESTS = $(BUILD)/test_unit $(BUILD)/test_faults $(BUILD)/test_robust $(BUILD)/test_unit.asan $(BUILD)/test_faults.asan \
-        $(BUILD)/test_robust.asan $(BUILD)/test_verify $(BUILD)/test_verify.asan $(BUILD)/test_stress $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds
+        $(BUILD)/test_robust.asan $(BUILD)/test_verify $(BUILD)/test_verify.asan $(BUILD)/test_stress $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds \
+        $(OFI_TESTS) $(BUILD)/fi_read_ref
+OFI_TESTS = $(BUILD)/ofi/test_unit $(BUILD)/ofi/test_faults $(BUILD)/ofi/test_ofi $(BUILD)/ofi/test_verify $(BUILD)/ofi/test_stress \
+            $(BUILD)/ofi/test_unit.asan $(BUILD)/ofi/test_faults.asan $(BUILD)/ofi/test_ofi.asan
 FUZZ_CC ?= clang
 
 .PHONY: all demo test bench fuzz soak install deps deps-test deps-bench clean compile-check gpu-build test-gpu bench-gpu ptx-check
@@ -50,6 +59,17 @@ $(BUILD)/kvx_bench.asan: examples/kvx_bench.c $(HEADERS) $(EX_HEADERS) | $(BUILD
 
 $(BUILD)/test_%: tests/test_%.c tests/kvx_test.h $(HEADERS) $(EX_HEADERS) | $(BUILD)
 	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
+
+$(BUILD)/ofi/test_%: tests/test_%.c tests/kvx_test.h $(HEADERS) $(EX_HEADERS) | $(BUILD)
+	@mkdir -p $(BUILD)/ofi
+	$(CC) $(CFLAGS) $(OFI_ONLY) $< -o $@ $(OFI_LIBS) -lpthread
+
+$(BUILD)/ofi/test_%.asan: tests/test_%.c tests/kvx_test.h $(HEADERS) $(EX_HEADERS) | $(BUILD)
+	@mkdir -p $(BUILD)/ofi
+	$(CC) $(SAN) $(OFI_ONLY) $< -o $@ $(OFI_LIBS) -lpthread
+
+$(BUILD)/fi_read_ref: examples/fi_read_ref.c | $(BUILD)
+	$(CC) -O2 -g -std=c99 -D_GNU_SOURCE $(WARN) $(OFI_CFLAGS) $< -o $@ $(OFI_LIBS)
 
 $(BUILD)/test_%.asan: tests/test_%.c tests/kvx_test.h $(HEADERS) $(EX_HEADERS) | $(BUILD)
 	$(CC) $(SAN) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
@@ -80,7 +100,7 @@ test: deps deps-test
 	@KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/run.sh
 
 bench: deps deps-bench
-	@$(MAKE) --no-print-directory $(PROGRAMS) $(BUILD)/bench_post
+	@$(MAKE) --no-print-directory $(PROGRAMS) $(BUILD)/bench_post $(BUILD)/fi_read_ref
 	@bash tests/bench.sh
 
 $(BUILD)/bench_post: tests/bench_post.c $(HEADERS) $(EX_HEADERS) | $(BUILD)

@@ -2158,9 +2158,22 @@ KVX__PRIV void kvx__queue_teardown(kvx_queue *q) {
         }
         if (!ctx->be_ops->progress(ctx)) kvx__sleep(ctx, until, 0);
     }
-    for (i = 0; i < q->depth; i++) {
-        kvx__read *rd = &q->slots[i];
-        if (rd->notify_inflight) rd->notify_inflight = 0; /* the backend drops its handle in disconnect/close */
+    /* Notifications still being sent point at their slots: let them finish
+       within the grace, then close their peers by force, which completes
+       them, before the slots are freed. */
+    for (;;) {
+        int inflight = 0;
+        for (i = 0; i < q->depth; i++) inflight |= q->slots[i].notify_inflight;
+        if (!inflight) break;
+        if (kvx__now_ns() >= grace) {
+            for (i = 0; i < q->depth; i++)
+                if (q->slots[i].notify_inflight) {
+                    kvx__peer_close(q->slots[i].peer, KVX_ERR_CANCELED);
+                    q->slots[i].notify_inflight = 0;
+                }
+            break;
+        }
+        if (!ctx->be_ops->progress(ctx)) kvx__sleep(ctx, grace, 0);
     }
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what kvx's build, tests and benchmarks need, from Debian's packages,
 # when it is missing. As root it runs apt-get; otherwise it says what to run.
-#   scripts/deps.sh build   compiler, pkg-config, UCX headers
+#   scripts/deps.sh build   compiler, pkg-config, UCX and libfabric headers
 #   scripts/deps.sh test    + iproute2 (two-host tests), clang and its fuzzer/sanitizer runtime
 #   scripts/deps.sh bench   + ucx_perftest, gnuplot
 set -u
@@ -15,6 +15,7 @@ have_cmd c++ || need+=(g++)
 have_cmd make || need+=(make)
 have_cmd pkg-config || need+=(pkg-config)
 have_pkg libucx-dev || need+=(libucx-dev)
+have_pkg libfabric-dev || need+=(libfabric-dev)
 if [ "$what" = test ] || [ "$what" = bench ]; then
   have_cmd ip || need+=(iproute2)
   have_cmd timeout || need+=(coreutils)

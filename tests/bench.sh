@@ -2,8 +2,9 @@
 # make bench: kvx_bench over a sweep of block sizes (bytes per block, per
 # layer and K/V), in pack (this host) and spread (two network namespaces),
 # each beside a reference taken in the same run over the same transport:
-# ucx_perftest -t ucp_get with the same message size and as many reads
-# outstanding as kvx keeps (-O = kvx's max_ops). Random blocks, so every block
+# ucx_perftest -t ucp_get for UCX, a raw fi_read loop (fi_read_ref) for
+# libfabric over tcp;ofi_rxm and shm, with the same message size and as many
+# reads outstanding as kvx keeps (-O = kvx's max_ops). Random blocks, so every block
 # is its own descriptor and the message sizes match. Prints a table, writes
 # build/bench/results.tsv and plots build/bench/bench.png (gnuplot).
 #   KVX_BENCH_SIZES="4096 65536"  KVX_BENCH_MODES="pack"  to narrow it.
@@ -23,6 +24,7 @@ echo -e "mode\tbackend\tblock_bytes\tkvx_gbps\tref_gbps\tratio\tref" > "$tsv"
 # GB/s (1e9 bytes/s) from ucx_perftest's "Final:" line (its MB are 2^20 bytes).
 perftest_gbps() { awk '/^Final:/ {printf "%.3f", $6 * 1048576 / 1e9}' "$1"; }
 json_gbps() { sed -n 's/.*"gbps":\([0-9.]*\),"latency.*/\1/p' "$1"; }
+ref_gbps() { sed -n 's/.*"gbps":\([0-9.]*\),"wrong.*/\1/p' "$1"; }
 
 ns_setup() {
   tag=$$; A=kvxbA$tag; Bn=kvxbB$tag; VA=kba$tag; VB=kbb$tag; IPA=10.212.$((tag % 250)).1; IPB=10.212.$((tag % 250)).2
@@ -72,6 +74,28 @@ for mode in $modes; do
     fi
     grep -q "TEST PASSED" "$out/kvx_${mode}_$size.log" || { echo "kvx_bench $mode $size did not pass:"; tail -5 "$out/kvx_${mode}_$size.log"; }
     row "$mode" ucx "$size" "$(json_gbps "$out/kvx_${mode}_$size.json")" "$(perftest_gbps "$out/perf_${mode}_$size.log")" "ucx_perftest ucp_get -O $ops"
+    # libfabric, beside a raw fi_read loop with the same size and reads outstanding
+    total=$((blocks * layers * 2 * size * 5))
+    if [ "$mode" = pack ]; then
+      for p in tcp shm; do
+        FI_PROVIDER=$p FI_TCP_IFACE=lo timeout 300 $B/kvx_bench --strategy pack --backends LIBFABRIC $args --json "$out/ofi_${p}_$size.json" > "$out/ofi_${p}_$size.log" 2>&1
+        FI_TCP_IFACE=lo timeout 120 $B/fi_read_ref --provider $p --size $size --outstanding $ops --total $total --json "$out/ref_${p}_$size.json" > "$out/ref_${p}_$size.log" 2>&1
+        grep -q "TEST PASSED" "$out/ofi_${p}_$size.log" || { echo "kvx_bench LIBFABRIC $p $size did not pass:"; tail -3 "$out/ofi_${p}_$size.log"; }
+        row "$mode" "ofi-$p" "$size" "$(json_gbps "$out/ofi_${p}_$size.json")" "$(ref_gbps "$out/ref_${p}_$size.json")" "fi_read_ref $p -O $ops"
+      done
+    else
+      ip netns exec $A env FI_PROVIDER=tcp FI_TCP_IFACE=$VA KVX_HOST_ID=bench-a timeout 300 $B/kvx_bench --role prefill --listen $IPA:$((port + 2)) --backends LIBFABRIC $args > "$out/ofi_spread_$size.srv" 2>&1 &
+      ip netns exec $Bn env FI_PROVIDER=tcp FI_TCP_IFACE=$VB KVX_HOST_ID=bench-b timeout 300 $B/kvx_bench --role decode --connect $IPA:$((port + 2)) --backends LIBFABRIC $args \
+        --json "$out/ofi_spread_$size.json" > "$out/ofi_spread_$size.log" 2>&1
+      wait
+      ip netns exec $A env FI_TCP_IFACE=$VA timeout 120 $B/fi_read_ref --provider tcp --size $size --outstanding $ops --total $total --listen $IPA:$((port + 3)) > "$out/ref_spread_$size.srv" 2>&1 &
+      sleep 0.5
+      ip netns exec $Bn env FI_TCP_IFACE=$VB timeout 120 $B/fi_read_ref --provider tcp --size $size --outstanding $ops --total $total --connect $IPA:$((port + 3)) \
+        --json "$out/ref_spread_$size.json" > "$out/ref_spread_$size.log" 2>&1
+      wait
+      grep -q "TEST PASSED" "$out/ofi_spread_$size.log" || { echo "kvx_bench LIBFABRIC spread $size did not pass:"; tail -3 "$out/ofi_spread_$size.log"; }
+      row "$mode" "ofi-tcp" "$size" "$(json_gbps "$out/ofi_spread_$size.json")" "$(ref_gbps "$out/ref_spread_$size.json")" "fi_read_ref tcp -O $ops"
+    fi
   done
   [ "$mode" = spread ] && ns_cleanup
 done
@@ -121,7 +145,9 @@ set key bottom right
 set grid
 set datafile separator "\t"
 plot for [m in "pack spread"] "$tsv" using (strcol(1) eq m && strcol(2) eq "ucx" ? \$3 : 1/0):4 with linespoints lw 2 title "kvx ucx ".m, \
-     for [m in "pack spread"] "$tsv" using (strcol(1) eq m && strcol(2) eq "ucx" ? \$3 : 1/0):5 with linespoints dt 2 lw 2 title "ucx_perftest ".m
+     for [m in "pack spread"] "$tsv" using (strcol(1) eq m && strcol(2) eq "ucx" ? \$3 : 1/0):5 with linespoints dt 2 lw 2 title "ucx_perftest ".m, \
+     for [b in "ofi-tcp ofi-shm"] "$tsv" using (strcol(1) eq "pack" && strcol(2) eq b ? \$3 : 1/0):4 with linespoints lw 2 title "kvx ".b." pack", \
+     for [b in "ofi-tcp ofi-shm"] "$tsv" using (strcol(1) eq "pack" && strcol(2) eq b ? \$3 : 1/0):5 with linespoints dt 2 lw 2 title "fi_read ".b." pack"
 EOF
 fi
 echo "table: $tsv"

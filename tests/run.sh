@@ -84,6 +84,37 @@ if [ -x $B/fuzz_metadata ]; then
   entry "metadata fuzzer, 30 s (libFuzzer, asan+ubsan)" 120 $B/fuzz_metadata -max_total_time=30 -print_final_stats=1 $B/fuzz-corpus
 fi
 
+ofi=$B/ofi
+echo "== libfabric: tcp;ofi_rxm on loopback, shm (tests built with libfabric alone)"
+T="env FI_PROVIDER=tcp FI_TCP_IFACE=lo" S="env FI_PROVIDER=shm"
+entry "unit (ofi tcp)" 120 $T $ofi/test_unit
+entry "unit (ofi shm)" 120 $S $ofi/test_unit
+entry "unit (ofi tcp, asan+ubsan)" 300 $T $ofi/test_unit.asan
+entry "unit (ofi shm, asan+ubsan)" 300 $S $ofi/test_unit.asan
+entry "faults (ofi tcp)" 180 $T $ofi/test_faults
+entry "faults (ofi shm)" 180 $S $ofi/test_faults
+entry "faults (ofi tcp, asan+ubsan)" 300 $T $ofi/test_faults.asan
+entry "ofi only (tcp)" 120 $T $ofi/test_ofi
+entry "ofi only (shm)" 120 $S $ofi/test_ofi
+entry "ofi only (tcp, asan+ubsan)" 300 $T $ofi/test_ofi.asan
+entry "ofi only (shm, asan+ubsan)" 300 $S $ofi/test_ofi.asan
+entry "verify mode (ofi tcp)" 120 $T $ofi/test_verify
+entry "stress: 8 peers, 4 queues, 20000 reads (ofi tcp)" 300 $T $ofi/test_stress
+entry "valgrind: unit (ofi tcp)" 300 $T valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $ofi/test_unit
+entry "compile matrix (ofi alone)" 300 env KVX_BACKEND_DEFS="-DKVX_OFI" KVX_BACKEND_LIBS="$(pkg-config --libs libfabric) -lpthread" bash tests/compile.sh
+for p in tcp shm; do for tp in "1 2" "2 1" "4 2"; do for lay in HND NHD; do
+  pt=${tp% *} dt=${tp#* }
+  entry "pack ofi $p $pt->$dt $lay random" 120 env FI_PROVIDER=$p FI_TCP_IFACE=lo $bench --backends LIBFABRIC $small --random-blocks --prefill-tp $pt --decode-tp $dt --layout $lay
+done; done; done
+entry "pack ofi tcp 1 KV head replicated, 1->2" 120 $T $bench --backends LIBFABRIC $small --random-blocks --heads 1 --prefill-tp 1 --decode-tp 2
+entry "pack ofi tcp 2->1 HND, reads split at 1000 bytes" 120 env KVX_OFI_MAX_MSG=1000 FI_PROVIDER=tcp FI_TCP_IFACE=lo $bench --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 1 --block-tokens 4
+entry "pack ofi shm 2->4 NHD, kvx verifies every block" 120 $S $bench --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1
+entry "fi_read_ref tcp 64 KiB x 64" 120 env FI_TCP_IFACE=lo $B/fi_read_ref --provider tcp --size 64k --outstanding 64 --total 256m
+entry "fi_read_ref shm 64 KiB x 64" 120 $B/fi_read_ref --provider shm --size 64k --outstanding 64 --total 256m
+entry "spread ofi tcp 1->1 HND random" 180 env FI_PROVIDER=tcp bash tests/two_hosts.sh --backends LIBFABRIC $small --random-blocks
+entry "spread ofi tcp 2->4 NHD random" 180 env FI_PROVIDER=tcp bash tests/two_hosts.sh --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
+entry "spread ofi tcp 4->2 HND consecutive" 180 env FI_PROVIDER=tcp bash tests/two_hosts.sh --backends LIBFABRIC $small --prefill-tp 4 --decode-tp 2
+
 echo "== kvx_bench, pack (this host)"
 entry "pack 1->1 HND random" 120 $bench $small --random-blocks
 entry "pack 1->1 NHD consecutive" 120 $bench $small --layout NHD

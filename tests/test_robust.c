@@ -457,7 +457,9 @@ int main(int argc, char **argv) {
         T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
         md = md_of(P, &len);
         n32 = (uint32_t)len;
+#if defined(KVX_UCX)
         ucp_get_version(&maj, &min, &rel);
+#endif
         /* Which transport will the reader use? Ask one the same way. */
         {
             kvx_ctx *probe = mk("probe", 0, 1, 0);
