@@ -131,23 +131,5 @@ if [ -x $B/bench_post ]; then
   UCX_NET_DEVICES=lo $B/bench_post | tee "$out/post_cost.txt"
 fi
 
-if command -v gnuplot >/dev/null; then
-  gnuplot <<EOF 2>/dev/null && echo "plot: $out/bench.png"
-set terminal pngcairo size 900,560 noenhanced
-set output "$out/bench.png"
-set title "kvx reads vs the transport's own reference (random blocks, $ops in flight)"
-set xlabel "block size (bytes per layer and K/V)"
-set ylabel "GB/s"
-set logscale x 2
-set xtics ("4K" 4096, "16K" 16384, "64K" 65536, "256K" 262144, "1M" 1048576)
-set yrange [0:*]
-set key bottom right
-set grid
-set datafile separator "\t"
-plot for [m in "pack spread"] "$tsv" using (strcol(1) eq m && strcol(2) eq "ucx" ? \$3 : 1/0):4 with linespoints lw 2 title "kvx ucx ".m, \
-     for [m in "pack spread"] "$tsv" using (strcol(1) eq m && strcol(2) eq "ucx" ? \$3 : 1/0):5 with linespoints dt 2 lw 2 title "ucx_perftest ".m, \
-     for [b in "ofi-tcp ofi-shm"] "$tsv" using (strcol(1) eq "pack" && strcol(2) eq b ? \$3 : 1/0):4 with linespoints lw 2 title "kvx ".b." pack", \
-     for [b in "ofi-tcp ofi-shm"] "$tsv" using (strcol(1) eq "pack" && strcol(2) eq b ? \$3 : 1/0):5 with linespoints dt 2 lw 2 title "fi_read ".b." pack"
-EOF
-fi
+bash tests/bench_plot.sh "$tsv" "$out/bench.png" "$ops"
 echo "table: $tsv"
