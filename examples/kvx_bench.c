@@ -232,8 +232,16 @@ static int mem_alloc(rank_mem *m, const opts *o, const kvx_layout *lay, int tp, 
     }
 #if defined(KVX_CUDA)
     {
+        /* "2" puts every rank of the role on GPU 2; "0,1,2,3" gives rank r the r-th (mod count). */
         const char *dev = getenv(!strcmp(role, "prefill") ? "KVX_BENCH_PREFILL_GPU" : "KVX_BENCH_DECODE_GPU");
-        int kind = kvx_ex_gpu_kind_parse(getenv("KVX_BENCH_CUDA_MEM")), d = dev ? atoi(dev) : 0;
+        int kind = kvx_ex_gpu_kind_parse(getenv("KVX_BENCH_CUDA_MEM")), d = 0;
+        if (dev && *dev) {
+            int n = 1, k;
+            const char *p;
+            for (p = dev; *p; p++) n += *p == ',';
+            for (p = dev, k = o->rank % n; k > 0; k--) p = strchr(p, ',') + 1;
+            d = atoi(p);
+        }
         if (kind < 0) { fprintf(stderr, "kvx_bench: KVX_BENCH_CUDA_MEM is malloc, vmm or pool\n"); return -1; }
         if (kvx_ex_gpu_init(d, NULL) || kvx_ex_gpu_alloc(&m->gpu, lay, o->rank, tp, d, (kvx_ex_gpu_kind)kind)) {
             fprintf(stderr, "kvx_bench: %s %d: GPU cache on device %d: %s\n", role, o->rank, d, kvx_ex_gpu_err);
