@@ -50,4 +50,28 @@ static inline double kvx_t_now(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+
+#if defined(KVX_INCLUDED)
+/* A context for a test: rank of tp, optional progress thread, quiet; a
+   context that cannot be made ends the test binary. */
+static inline kvx_ctx *kvx_t_ctx(const char *name, int rank, int tp, int thread) {
+    kvx_ctx_desc d;
+    kvx_ctx *c = NULL;
+    memset(&d, 0, sizeof d);
+    d.name = name; d.tp_rank = rank; d.tp_size = tp; d.progress_thread = thread; d.log_level = KVX_LOG_OFF;
+    if (kvx_ctx_create(&d, &c) != KVX_OK) { printf("cannot create context: %s\n", kvx_ctx_error(NULL)); exit(3); }
+    return c;
+}
+
+/* The context's metadata blob, malloc'd (free it). */
+static inline void *kvx_t_metadata(kvx_ctx *c, size_t *len) {
+    void *md;
+    *len = 0;
+    kvx_metadata(c, NULL, len);
+    md = malloc(*len);
+    kvx_metadata(c, md, len);
+    return md;
+}
+#endif
+
 #endif

@@ -38,24 +38,6 @@ static kvx_layout lay_for(int tp) {
     return l;
 }
 
-static kvx_ctx *mk(const char *name, int rank, int tp, int thread) {
-    kvx_ctx_desc d;
-    kvx_ctx *c = NULL;
-    memset(&d, 0, sizeof d);
-    d.name = name; d.tp_rank = rank; d.tp_size = tp; d.progress_thread = thread; d.log_level = KVX_LOG_OFF;
-    if (kvx_ctx_create(&d, &c) != KVX_OK) { printf("context: %s\n", kvx_ctx_error(NULL)); exit(3); }
-    return c;
-}
-
-static void *md_of(kvx_ctx *c, size_t *len) {
-    void *md;
-    *len = 0;
-    kvx_metadata(c, NULL, len);
-    md = malloc(*len);
-    kvx_metadata(c, md, len);
-    return md;
-}
-
 static int write_all(int fd, const void *p, size_t n) { return write(fd, p, n) == (ssize_t)n ? 0 : -1; }
 /* Bounded: a child that never writes fails the case, it does not hang it. */
 static int read_all(int fd, void *p, size_t n) {
@@ -80,7 +62,7 @@ static int role_prefill(int rank, int tp, uint64_t seed, int md_fd, int ctl_fd) 
     kvx_ex_cache m;
     kvx_cache_desc cd;
     kvx_cache *c;
-    kvx_ctx *ctx = mk("prefill", rank, tp, 1);
+    kvx_ctx *ctx = kvx_t_ctx("prefill", rank, tp, 1);
     uint32_t i, ids[NB], n;
     size_t len;
     void *md;
@@ -90,7 +72,7 @@ static int role_prefill(int rank, int tp, uint64_t seed, int md_fd, int ctl_fd) 
     kvx_ex_fill(&m, seed, ids, NB);
     cd = kvx_ex_cache_desc(&m);
     if (kvx_cache_register(ctx, &cd, &c)) return 4;
-    md = md_of(ctx, &len);
+    md = kvx_t_metadata(ctx, &len);
     n = (uint32_t)len;
     if (write_all(md_fd, &n, 4) || write_all(md_fd, md, len)) return 5;
     while (read(ctl_fd, &b, 1) > 0) {}
@@ -111,7 +93,7 @@ static int role_decode(int mode, int count, int delay_ms, int md_fd, int rep_fd)
     kvx_cache *c;
     kvx_queue *q;
     kvx_peer *p;
-    kvx_ctx *ctx = mk("decode", 0, 1, 0);
+    kvx_ctx *ctx = kvx_t_ctx("decode", 0, 1, 0);
     uint32_t ids[NB], n, i;
     kvx_ticket t[64];
     void *md;
@@ -227,7 +209,7 @@ int main(int argc, char **argv) {
         return role_decode(atoi(argv[2]), atoi(argv[3]), (int)atoll(argv[4]), atoi(argv[5]), atoi(argv[6]));
     signal(SIGPIPE, SIG_IGN);
     for (i = 0; i < NB; i++) ids[i] = i;
-    D = mk("decode", 0, 1, 0);
+    D = kvx_t_ctx("decode", 0, 1, 0);
     if (kvx_ex_cache_alloc(&m, &lay1, 0, 1)) return 1;
     cd = kvx_ex_cache_desc(&m);
     if (kvx_cache_register(D, &cd, &dc)) return 1;
@@ -375,7 +357,7 @@ int main(int argc, char **argv) {
 
     /* The owner's side: this process owns the blocks, readers are children. */
     T_CASE("stranded blocks: reader killed, read refused, read late: exactly one notification each") {
-        kvx_ctx *P = mk("prefill", 0, 1, 1);
+        kvx_ctx *P = kvx_t_ctx("prefill", 0, 1, 1);
         kvx_ex_cache pm;
         kvx_cache *pc;
         void *md;
@@ -389,7 +371,7 @@ int main(int argc, char **argv) {
         kvx_ex_fill(&pm, 61, ids, NB);
         cd = kvx_ex_cache_desc(&pm);
         T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
-        md = md_of(P, &len);
+        md = kvx_t_metadata(P, &len);
         n32 = (uint32_t)len;
         memset(seen, 0, sizeof seen);
         /* 1. a reader that connects, is killed before it reads ids 1..4 */
@@ -439,7 +421,7 @@ int main(int argc, char **argv) {
     }
 
     T_CASE("decode killed mid-read: the owner survives, no notification for the unfinished reads") {
-        kvx_ctx *P = mk("prefill", 0, 1, 1);
+        kvx_ctx *P = kvx_t_ctx("prefill", 0, 1, 1);
         kvx_ex_cache pm;
         kvx_cache *pc;
         void *md;
@@ -455,14 +437,14 @@ int main(int argc, char **argv) {
         kvx_ex_fill(&pm, 62, ids, NB);
         cd = kvx_ex_cache_desc(&pm);
         T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
-        md = md_of(P, &len);
+        md = kvx_t_metadata(P, &len);
         n32 = (uint32_t)len;
 #if defined(KVX_UCX)
         ucp_get_version(&maj, &min, &rel);
 #endif
         /* Which transport will the reader use? Ask one the same way. */
         {
-            kvx_ctx *probe = mk("probe", 0, 1, 0);
+            kvx_ctx *probe = kvx_t_ctx("probe", 0, 1, 0);
             kvx_ex_cache bm2;
             kvx_cache *bc2;
             kvx_cache_desc cd2;

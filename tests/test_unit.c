@@ -24,28 +24,6 @@ static kvx_layout lay_of(uint32_t layers, uint32_t blocks, uint32_t heads, kvx_o
     return l;
 }
 
-static kvx_ctx *mk_ctx(const char *name, int rank, int tp, int thread) {
-    kvx_ctx_desc d;
-    kvx_ctx *c = NULL;
-    memset(&d, 0, sizeof d);
-    d.name = name;
-    d.tp_rank = rank;
-    d.tp_size = tp;
-    d.progress_thread = thread;
-    d.log_level = KVX_LOG_OFF;
-    if (kvx_ctx_create(&d, &c) != KVX_OK) { printf("cannot create context: %s\n", kvx_ctx_error(NULL)); exit(1); }
-    return c;
-}
-
-static void *md_of(kvx_ctx *c, size_t *len) {
-    void *md;
-    *len = 0;
-    kvx_metadata(c, NULL, len);
-    md = malloc(*len);
-    kvx_metadata(c, md, len);
-    return md;
-}
-
 /* Heads each decode rank takes from each prefill rank: every one of its heads
    exactly once, from a prefill rank that holds it. */
 static int cover_ok(uint32_t total, int ptp, int dtp) {
@@ -115,7 +93,7 @@ int main(void) {
     uint32_t all[64], i;
 
     T_CASE("layout defaults and checks") {
-        kvx_ctx *c = mk_ctx("x", 0, 4, 0);
+        kvx_ctx *c = kvx_t_ctx("x", 0, 4, 0);
         kvx_layout l = lay_of(2, 8, 2, KVX_ORDER_HND);
         T_ST(kvx__layout_check(c, &l, 4, "t"), KVX_OK);
         T_EQ(l.kv_planes, 2);
@@ -204,7 +182,7 @@ int main(void) {
     }
 
     T_CASE("metadata size does not grow with blocks") {
-        kvx_ctx *c1 = mk_ctx("m1", 0, 1, 0), *c2 = mk_ctx("m2", 0, 1, 0);
+        kvx_ctx *c1 = kvx_t_ctx("m1", 0, 1, 0), *c2 = kvx_t_ctx("m2", 0, 1, 0);
         kvx_ex_cache m1, m2;
         kvx_layout l1 = lay_of(4, 100, 2, KVX_ORDER_HND), l2 = lay_of(4, 100000, 2, KVX_ORDER_HND);
         kvx_cache *x1, *x2;
@@ -222,8 +200,8 @@ int main(void) {
     }
 
     /* A prefill context A (with a progress thread) and a decode context B. */
-    A = mk_ctx("prefill", 0, 1, 1);
-    B = mk_ctx("decode", 0, 1, 0);
+    A = kvx_t_ctx("prefill", 0, 1, 1);
+    B = kvx_t_ctx("decode", 0, 1, 0);
     if (kvx_ex_cache_alloc(&am, &L, 0, 1) || kvx_ex_cache_alloc(&bm, &L, 0, 1)) return 1;
     for (i = 0; i < 64; i++) all[i] = i;
     kvx_ex_fill(&am, 7, all, 64);
@@ -231,7 +209,7 @@ int main(void) {
     if (kvx_cache_register(A, &cd, &ac) != KVX_OK) return 1;
     cd = kvx_ex_cache_desc(&bm);
     if (kvx_cache_register(B, &cd, &bc) != KVX_OK) return 1;
-    md = md_of(A, &len);
+    md = kvx_t_metadata(A, &len);
     if (kvx_queue_create(B, NULL, &q) != KVX_OK) return 1;
 
     T_CASE("metadata refused: truncated, corrupted, version, backend, magic") {
@@ -273,7 +251,7 @@ int main(void) {
         static const char *fields[] = {"num_layers", "head_dim", "block_tokens", "elem_bytes"};
         int f;
         for (f = 0; f < 4; f++) {
-            kvx_ctx *C = mk_ctx("other", 0, 1, 0);
+            kvx_ctx *C = kvx_t_ctx("other", 0, 1, 0);
             kvx_layout l = L;
             kvx_ex_cache cm;
             kvx_cache *cc;
@@ -288,7 +266,7 @@ int main(void) {
             kvx_ex_cache_alloc(&cm, &l, 0, 1);
             cd = kvx_ex_cache_desc(&cm);
             T_ST(kvx_cache_register(C, &cd, &cc), KVX_OK);
-            m = md_of(C, &n);
+            m = kvx_t_metadata(C, &n);
             T_ST(kvx_peer_add(B, m, n, &p), KVX_ERR_MISMATCH);
             snprintf(want, sizeof want, "%s %u, ours (cache 0) %u", fields[f],
                      f == 0 ? 5u : f == 1 ? 32u : f == 2 ? 8u : 4u,
@@ -320,14 +298,14 @@ int main(void) {
 
     T_CASE("own metadata and a second context claiming our rank are refused") {
         size_t n;
-        void *m = md_of(B, &n);
-        kvx_ctx *B2 = mk_ctx("decode", 0, 1, 0);
+        void *m = kvx_t_metadata(B, &n);
+        kvx_ctx *B2 = kvx_t_ctx("decode", 0, 1, 0);
         void *m2;
         size_t n2;
         kvx_peer *p = NULL;
         T_ST(kvx_peer_add(B, m, n, &p), KVX_ERR_ARG);
         T_HAS(kvx_ctx_error(B), "this context's own");
-        m2 = md_of(B2, &n2);
+        m2 = kvx_t_metadata(B2, &n2);
         T_ST(kvx_peer_add(B, m2, n2, &p), KVX_ERR_MISMATCH);
         T_HAS(kvx_ctx_error(B), "claims rank 0 of decode");
         free(m); free(m2);

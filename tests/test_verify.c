@@ -18,15 +18,6 @@ static volatile uint64_t plant_addr;
 #include "../examples/kvx_example.h"
 #include "kvx_test.h"
 
-static kvx_ctx *mk(const char *name, int thread) {
-    kvx_ctx_desc d;
-    kvx_ctx *c = NULL;
-    memset(&d, 0, sizeof d);
-    d.name = name; d.progress_thread = thread; d.log_level = KVX_LOG_OFF;
-    if (kvx_ctx_create(&d, &c) != KVX_OK) { printf("%s\n", kvx_ctx_error(NULL)); exit(1); }
-    return c;
-}
-
 static kvx_status verified_read(kvx_queue *q, kvx_peer *p, kvx_cache *c, const uint32_t *dst, const uint32_t *src, uint32_t n, uint32_t verify) {
     kvx_read rd;
     kvx_ticket t;
@@ -41,7 +32,7 @@ int main(void) {
     kvx_layout lay;
     kvx_ex_cache am, bm, cm;
     kvx_cache_desc cd;
-    kvx_ctx *A = mk("prefill", 1), *B = mk("decode", 0);
+    kvx_ctx *A = kvx_t_ctx("prefill", 0, 1, 1), *B = kvx_t_ctx("decode", 0, 1, 0);
     kvx_cache *ac, *bc, *plain;
     kvx_peer *peer;
     kvx_queue *q;
@@ -67,7 +58,7 @@ int main(void) {
             cd = kvx_ex_cache_desc(&bm); cd.checksums = 1;
             T_ST(kvx_cache_register(B, &cd, &bc), KVX_OK);
             T_ST(kvx_cache_seal(ac, src, 32), KVX_OK);          /* the first 32 only, for now */
-            len = 0; kvx_metadata(A, NULL, &len); md = malloc(len); kvx_metadata(A, md, &len);
+            md = kvx_t_metadata(A, &len);
             T_ST(kvx_peer_add(B, md, len, &peer), KVX_OK);
             free(md);
             T_ST(kvx_queue_create(B, NULL, &q), KVX_OK);
