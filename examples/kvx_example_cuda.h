@@ -181,7 +181,14 @@ static inline kvx_cache_desc kvx_ex_gpu_desc(const kvx_ex_gpu *g) {
 }
 
 /* Staging -> GPU and back, the whole cache. */
-static inline int kvx_ex_gpu_push(kvx_ex_gpu *g) { return kvx_ex_cu(cuMemcpyHtoD(g->mem, g->host.mem, g->bytes), "cuMemcpyHtoD"); }
+/* cuMemcpyHtoD from pageable memory returns once the bytes are staged, not
+   when they have landed (CUDA's "API synchronization behavior"), and kvx's
+   copies run on non-blocking streams that do not wait for it: without the
+   synchronize, the tail of the push can land after a read of the same
+   blocks. */
+static inline int kvx_ex_gpu_push(kvx_ex_gpu *g) {
+    return kvx_ex_cu(cuMemcpyHtoD(g->mem, g->host.mem, g->bytes), "cuMemcpyHtoD") || kvx_ex_cu(cuCtxSynchronize(), "cuCtxSynchronize");
+}
 static inline int kvx_ex_gpu_pull(kvx_ex_gpu *g) { return kvx_ex_cu(cuMemcpyDtoH(g->host.mem, g->mem, g->bytes), "cuMemcpyDtoH"); }
 
 #endif

@@ -381,7 +381,8 @@ static int sw_prepare(sw *w, const uint32_t *dst, const uint32_t *src, uint32_t 
     kvx_ex_poison(&w->d.g.host, SEED, dst, src, n, 0, LAYERS, 0, HEADS);
     if (kvx_ex_gpu_push(&w->d.g)) return -1;
     kvx_tc_expect(&w->d.g.host, SEED, dst, src, n, 0, LAYERS, 0, HEADS);
-    return kvx_ex_cu(cuMemcpyHtoD(e, w->d.g.host.mem, w->d.g.bytes), "upload the expected image");
+    /* Pageable uploads return before they land: synchronize (kvx_ex_gpu_push). */
+    return kvx_ex_cu(cuMemcpyHtoD(e, w->d.g.host.mem, w->d.g.bytes), "upload the expected image") || kvx_ex_cu(cuCtxSynchronize(), "cuCtxSynchronize");
 }
 
 static int out_read(CUdeviceptr out, uint64_t v[2]) { return kvx_ex_cu(cuMemcpyDtoH(v, out, 16), "cuMemcpyDtoH"); }
@@ -579,7 +580,7 @@ static void case_ucx_stream(int fail) {
     kvx_ex_block_table(src, 24, NB, 1, 51, 0);
     kvx_ex_block_table(dst, 24, NB, 1, 52, 0);
     kvx_tc_expect(&h, SEED, dst, src, 24, 0, LAYERS, 0, HEADS);
-    if (kvx_ex_cu(cuMemcpyHtoD(e, h.mem, h.mem_bytes), "upload")) { T_FAILF("%s", kvx_ex_gpu_err); goto out; }
+    if (kvx_ex_cu(cuMemcpyHtoD(e, h.mem, h.mem_bytes), "upload") || kvx_ex_cu(cuCtxSynchronize(), "cuCtxSynchronize")) { T_FAILF("%s", kvx_ex_gpu_err); goto out; }
     kvx_ex_poison(&h, SEED, dst, src, 24, 0, LAYERS, 0, HEADS);
     cuMemsetD8(out, 0, 16);
     r = read_of(p, cache, dst, src, 24);
