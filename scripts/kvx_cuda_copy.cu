@@ -28,27 +28,31 @@ struct kvx_rd {
     u32 ppc, task0, ntasks, pad2;
 };
 
-/* Loads through the read-only path, plain write-back stores: on an H200
-   these matched or beat evict-first (.cs) and L2-only (.cg) hints, and 4 or
-   16 loads in flight per lane instead of 8 (tests/bench_gpu.c). */
-__device__ __forceinline__ uint4 ld16(const char *p) { return __ldg((const uint4 *)p); }
+/* Plain loads, not __ldg: ptxas may sink a non-coherent load (ld.global.nc)
+   down to its store, which left the strided (NHD) path with about one load in
+   flight per lane, 83% of a device-to-device copy on an H200 at two blocks
+   per SM; plain loads with 4 in flight per lane give 92-93% on every path at
+   80 registers (8 in flight took 108 registers for the same speed). Plain
+   write-back stores; evict-first (.cs), L2-only (.cg) and L2::256B prefetch
+   hints were no faster. */
+__device__ __forceinline__ uint4 ld16(const char *p) { return *(const uint4 *)p; }
 __device__ __forceinline__ void st16(char *p, uint4 v) { __stwb((uint4 *)p, v); }
 
 /* 16-byte path. One contiguous piece (count 1): lane l takes vectors
-   l, l+32, ... with 8 loads in flight before the first store. Pieces with
+   l, l+32, ... with 4 loads in flight before the first store. Pieces with
    strides (NHD): (p, o) walks the pieces without a division per vector, the
    stores replaying the loads' walk. */
 __device__ __forceinline__ void copy16(char *dst, const char *src, u32 vpp, u32 count, u64 ds, u64 ss, u32 lane) {
     if (count == 1) {
         u32 v = lane;
-        for (; v + 7u * 32u < vpp; v += 8u * 32u) {
-            uint4 x[8];
+        for (; v + 3u * 32u < vpp; v += 4u * 32u) {
+            uint4 x[4];
             const char *s = src + (u64)v * 16u;
             char *t = dst + (u64)v * 16u;
 #pragma unroll
-            for (int k = 0; k < 8; k++) x[k] = ld16(s + k * 512);
+            for (int k = 0; k < 4; k++) x[k] = ld16(s + k * 512);
 #pragma unroll
-            for (int k = 0; k < 8; k++) st16(t + k * 512, x[k]);
+            for (int k = 0; k < 4; k++) st16(t + k * 512, x[k]);
         }
         for (; v < vpp; v += 32u) st16(dst + (u64)v * 16u, ld16(src + (u64)v * 16u));
         return;
@@ -61,15 +65,15 @@ __device__ __forceinline__ void copy16(char *dst, const char *src, u32 vpp, u32 
     u64 swrap = ss - (u64)vpp * 16u, dwrap = ds - (u64)vpp * 16u;
     u32 v = lane;
 #define KVX_ADV(o_, so_, do_) do { o_ += dov; so_ += sstep; do_ += dstep; if (o_ >= vpp) { o_ -= vpp; so_ += swrap; do_ += dwrap; } } while (0)
-    while (v + 7u * 32u < total) {
-        uint4 x[8];
+    while (v + 3u * 32u < total) {
+        uint4 x[4];
         u32 o2 = o;
         u64 so2 = so, do2 = dof;
 #pragma unroll
-        for (int k = 0; k < 8; k++) { x[k] = ld16(src + so); KVX_ADV(o, so, dof); }
+        for (int k = 0; k < 4; k++) { x[k] = ld16(src + so); KVX_ADV(o, so, dof); }
 #pragma unroll
-        for (int k = 0; k < 8; k++) { st16(dst + do2, x[k]); KVX_ADV(o2, so2, do2); }
-        v += 8u * 32u;
+        for (int k = 0; k < 4; k++) { st16(dst + do2, x[k]); KVX_ADV(o2, so2, do2); }
+        v += 4u * 32u;
     }
     while (v < total) {
         st16(dst + dof, ld16(src + so));
@@ -145,5 +149,6 @@ __device__ __forceinline__ void body(const kvx_rd *__restrict__ rds, u32 nreads,
 }
 
 /* 256 threads a block; 80 registers on sm_90, so up to 3 blocks share an SM
-   (the default cap takes 2 per SM, leaving room for compute kernels). */
+   (the default cap takes 2 per SM, leaving room for compute kernels; kvx
+   clamps a larger cap to what stays resident). */
 extern "C" __global__ void __launch_bounds__(256) kvx_copy(const kvx_rd *__restrict__ rds, u32 nreads, u32 ntasks) { body(rds, nreads, ntasks); }
