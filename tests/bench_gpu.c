@@ -397,7 +397,7 @@ int main(int argc, char **argv) {
         uint32_t caps[4], c, z;
         caps[0] = (uint32_t)sms / 4; caps[1] = (uint32_t)sms / 2; caps[2] = (uint32_t)sms; caps[3] = 0;
         printf("\nthread-block cap (kvx_ctx_desc.cuda_max_blocks, 256 threads each; at most 2 fit an SM), kvx GB/s, HND random, 1 GiB reads, 4 in flight:\n");
-        printf("| block | cap %u | cap %u | cap %u | default (%u) |\n|---|---|---|---|---|\n", caps[0], caps[1], caps[2], 2u * (uint32_t)sms);
+        printf("| block | cap %u | cap %u | cap %u | default (%u) |\n|---|---|---|---|---|\n", caps[0], caps[1], caps[2], (two ? 1u : 2u) * (uint32_t)sms);
         for (z = 0; z < 2 && !quick; z++) {
             uint32_t k = z ? 256u : 4u, nb = (uint32_t)((2ull << 30) / (2ull * LAYERS * ((uint64_t)k << 10))), n = nb / 2;
             kvx_layout l = layout(k / 4u, 1, nb, KVX_ORDER_HND);
@@ -481,7 +481,7 @@ int main(int argc, char **argv) {
             wait_ok(&d, t[k2 & 1]);
             wait_ok(&d, t[(k2 + 1) & 1]);
             ms = ev_ms(e0, e1);
-            if (caps[c]) printf("| %u |", caps[c]); else printf("| default (%d) |", 2 * sms);
+            if (caps[c]) printf("| %u |", caps[c]); else printf("| default (%d) |", (two ? 1 : 2) * sms);
             printf(" %.1f | %+.1f%% | %.0f |\n", ms, 100.0 * (ms / alone - 1.0), during);
             fflush(stdout);
             free(src); free(dst);
