@@ -68,29 +68,32 @@
         by the plane bases of the read's layers on both sides; the kernel
         walks that table itself. kvx__pump's flush launches one kernel for
         all reads staged since the last launch: table and read headers go to
-        the GPU by one asynchronous copy on the queue's stream (small batches
-        are read straight from pinned memory), then the kernel, then a write
-        of each read's completion word. Nothing waits on the host, and no
+        the GPU, then the kernel, then a write of each read's completion word. Nothing waits on the host, and no
         device memory is allocated on any read's path. A task is at most
-        16 KiB of one block, one warp each, 16-byte accesses with 8 loads in
-        flight per lane (bytes where a layout is not 16-byte aligned).
+        16 KiB of one block, one warp each, 16-byte accesses with 4 loads in
+        flight per lane (bytes where a layout is not 16-byte aligned). A
+        batch of few tasks reads its table in place from pinned memory; larger
+        ones copy it on a second stream, so the copy overlaps the kernel of
+        the batch before.
 
         Thread blocks: 256 threads (80 registers: at most 3 per SM); at most
-        kvx_ctx_desc.cuda_max_blocks of them, default two per multiprocessor:
-        on an H200 that copied as fast as any cap (1 or 3 per SM were no
-        faster; half an SM per block lost a quarter) and slowed a stream of
-        compute kernels beside it by about 3% on one GPU (15% while reading
-        from another GPU over NVLink, where copy blocks stay resident longer;
-        one per SM gave 4% there at the same speed). A cap beyond what fits
-        the SMs only adds a second wave.
+        kvx_ctx_desc.cuda_max_blocks of them (clamped to what stays resident),
+        default two per multiprocessor, and one per multiprocessor for a batch
+        read wholly from other GPUs. On H200s (tests/bench_gpu.c) two per SM
+        copied as fast as any cap on one GPU and slowed a stream of compute
+        kernels beside it by 3% (one per SM: 2%, 10-15% slower copies); over
+        NVLink one per SM is as fast as two and costs compute 2.6% instead of
+        12%.
 
-        Speed (H200, tests/bench_gpu.c, random blocks of 4-256 KiB between two
-        processes, 32 layers): 78-84% of one large device-to-device copy on
-        one GPU for HND, 68-81% for NHD pieces (256 B to 16 KiB); consecutive
-        block ids are no faster, so the gap is the kernel's, not the random
-        placement's. From another GPU over NVLink: 91-92% of cuMemcpyPeerAsync.
-        A one-block read of every layer resumes a waiting stream 22 us (p50)
-        after kvx_post; a cuMemcpyAsync per block moves 1-75 GB/s.
+        Speed (two H200s, tests/bench_gpu.c, random blocks of 4-256 KiB
+        between two processes, 32 layers, 16 reads of 1 GiB with 4 in
+        flight): 89.9-91.2% of one large device-to-device copy on one GPU, HND
+        and NHD pieces (256 B to 16 KiB), 91.5-92.1% with consecutive block
+        ids; the kernel alone, timed on the GPU, reaches 92-94%. From another
+        GPU over NVLink: 93.2-93.7% of cuMemcpyPeerAsync.
+        A one-block read of every layer resumes a waiting stream 25 us (p50)
+        after kvx_post (30 us from another GPU); a cuMemcpyAsync per block
+        moves 1-72 GB/s.
 
         Reads run on kvx_queue_desc.cuda_stream (a stream of the primary
         context of the context's device; CU_STREAM_LEGACY for the legacy
@@ -103,7 +106,7 @@
         side stream, cuLaunchHostFunc, was measured to fire only once the
         queue's stream had drained: with four 1 GiB reads queued the first
         completion reached the host after all four, and the GPU idled until
-        the next post, a quarter of the speed on one GPU.)
+        the next post: 10-15% of the speed on one GPU.)
         A read whose kernel was launched cannot be recalled: failing it (peer
         removed, deadline) first waits for that kernel, polling its event with
         sleeps up to 10 s, since CUDA has no timed wait on an event.
