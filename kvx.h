@@ -422,6 +422,7 @@ struct kvx_peer {
     int failed;                 /* the transport reported the peer dead */
     uint32_t ops_out;           /* transport operations outstanding to this peer */
     void *be;
+    uint32_t be_flags;          /* the backend's own, per peer */
 };
 
 struct kvx__read {

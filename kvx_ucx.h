@@ -19,6 +19,34 @@
 #include <ucp/api/ucp.h>
 
 #define KVX__UCX_AM_NOTIFY 0x4b
+#define KVX__UCX_AM_GET 0x4c            /* kvx's own get: the request */
+#define KVX__UCX_AM_GET_REPLY 0x4d      /* ... and the reply with the bytes */
+#define KVX__UCX_GET_PART (1u << 20)    /* bytes one request asks for: the owner sends each eagerly */
+#define KVX__UCX_PEER_AM_GET 1u         /* kvx_peer.be_flags: reads go by kvx's get */
+
+/* One outstanding get of kvx's own (a read op, or the connect probe). Its id
+   is (gen << 32) | index, so a reply or a send completion that comes after
+   the op ended (failed, canceled, timed out) finds another gen and is
+   dropped: no byte lands after kvx reported the op. */
+typedef struct kvx__ucx_get {
+    kvx__read *rd;              /* NULL: the connect probe */
+    kvx_peer *peer;
+    uint64_t laddr, len;
+    uint32_t gen, parts;        /* parts: replies still to come */
+    int live;
+    ucs_status_t *probe;        /* the probe's result */
+} kvx__ucx_get;
+
+/* The messages: a request asks for len bytes at raddr (part off of the op);
+   the reply carries them, or status != 0 when the owner refused. */
+typedef struct kvx__ucx_get_req { uint64_t id, raddr, len, off; } kvx__ucx_get_req;
+typedef struct kvx__ucx_get_rep { uint64_t id, off, len; uint32_t status, pad; } kvx__ucx_get_rep;
+
+/* A header must stay valid until its send completes: each send has one. */
+typedef struct kvx__ucx_msg {
+    kvx_ctx *ctx;
+    union { kvx__ucx_get_req req; kvx__ucx_get_rep rep; } h;
+} kvx__ucx_msg;
 
 typedef struct kvx__ucx {
     ucp_context_h context;
@@ -27,6 +55,9 @@ typedef struct kvx__ucx {
     size_t addr_len;
     int efd;
     uint64_t mem_types;
+    kvx__ucx_get *gets;         /* kvx's own gets, by index */
+    uint32_t *free_gets, nfree, ngets;
+    uint32_t gen;               /* the last get's generation, context-wide: ids never repeat */
 } kvx__ucx;
 
 KVX__PRIV kvx__ucx *kvx__ucx_of(kvx_ctx *ctx) { return (kvx__ucx *)ctx->be; }
@@ -47,12 +78,213 @@ KVX__PRIV ucs_status_t kvx__ucx_am_cb(void *arg, const void *header, size_t head
     return UCS_OK;
 }
 
+/*--- kvx's own get, over active messages ----------------------------------
+   Where UCX has no one-sided get (TCP, or shared memory for memory it did not
+   allocate), ucp_get_nbx is served in software by the owner's worker, and
+   UCX 1.13 aborts the owner (ucs_fatal in ucp_get_req_handler) when the
+   reader dies while replies are going out. kvx's own get puts the owner's
+   side in kvx's hands: a request names a range of the owner's registered
+   memory, the owner checks it and sends the bytes back eagerly, and a reply
+   that cannot go (the reader died) is just released. */
+
+KVX__PRIV kvx__ucx_get *kvx__ucx_get_find(kvx__ucx *u, uint64_t id) {
+    uint32_t i = (uint32_t)id;
+    if (i >= u->ngets || !u->gets[i].live || u->gets[i].gen != (uint32_t)(id >> 32)) return NULL;
+    return &u->gets[i];
+}
+
+KVX__PRIV uint64_t kvx__ucx_get_new(kvx_ctx *ctx) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    kvx__ucx_get *g;
+    uint32_t i;
+    if (!u->nfree) {
+        uint32_t n = u->ngets ? 2 * u->ngets : 256, k;
+        /* KVX_MALLOC has no realloc: grow by copying */
+        kvx__ucx_get *ng = (kvx__ucx_get *)kvx__calloc(n, sizeof *ng);
+        uint32_t *nf = (uint32_t *)kvx__calloc(n, sizeof *nf);
+        if (!ng || !nf) { KVX_FREE(ng); KVX_FREE(nf); return 0; }
+        if (u->ngets) memcpy(ng, u->gets, (size_t)u->ngets * sizeof *ng);
+        KVX_FREE(u->gets);
+        KVX_FREE(u->free_gets);
+        u->gets = ng;
+        u->free_gets = nf;
+        for (k = n; k > u->ngets; k--) u->free_gets[u->nfree++] = k - 1;
+        u->ngets = n;
+    }
+    i = u->free_gets[--u->nfree];
+    g = &u->gets[i];
+    g->live = 1;
+    if (!++u->gen) u->gen = 1;  /* id 0 means none */
+    g->gen = u->gen;
+    return ((uint64_t)g->gen << 32) | i;
+}
+
+/* End a get once: the op completes (or the probe learns), the id dies. */
+KVX__PRIV void kvx__ucx_get_end(kvx_ctx *ctx, kvx__ucx_get *g, kvx_status st, ucs_status_t us, const char *why) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    kvx__read *rd = g->rd;
+    ucs_status_t *probe = g->probe;
+    g->live = 0;
+    g->rd = NULL;
+    g->probe = NULL;
+    u->free_gets[u->nfree++] = (uint32_t)(g - u->gets);
+    if (u->nfree == u->ngets) {  /* idle: give the table back (generations go on) */
+        KVX_FREE(u->gets);
+        KVX_FREE(u->free_gets);
+        u->gets = NULL;
+        u->free_gets = NULL;
+        u->nfree = u->ngets = 0;
+    }
+    if (rd) kvx__op_done(rd, st, why);
+    if (probe) *probe = us;
+}
+
+KVX__PRIV void kvx__ucx_msg_sent(void *req, ucs_status_t status, void *user) {
+    kvx__ucx_msg *m = (kvx__ucx_msg *)user;
+    kvx_ctx *ctx = m->ctx;
+    if (status != UCS_OK && m->h.req.id) {  /* a request that never left */
+        kvx__ucx_get *g = kvx__ucx_get_find(kvx__ucx_of(ctx), m->h.req.id);
+        if (g) kvx__ucx_get_end(ctx, g, status == UCS_ERR_CANCELED ? KVX_ERR_CANCELED : KVX_ERR_PEER, status, ucs_status_string(status));
+    }
+    KVX_FREE(m);
+    ucp_request_free(req);
+}
+
+KVX__PRIV void kvx__ucx_reply_sent(void *req, ucs_status_t status, void *user) {
+    (void)status;  /* a reader that died: nothing to do but let go */
+    KVX_FREE(user);
+    ucp_request_free(req);
+}
+
+/* Ask for one op's bytes, in parts of at most KVX__UCX_GET_PART. */
+KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p, uint64_t laddr, uint64_t raddr, uint64_t len, ucs_status_t *probe) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    uint64_t id = kvx__ucx_get_new(ctx), off;
+    kvx__ucx_get *g;
+    if (!id) return kvx__fail(ctx, KVX_ERR_NOMEM, "ucx: out of memory for a get");
+    g = &u->gets[(uint32_t)id];
+    g->rd = rd; g->peer = p; g->laddr = laddr; g->len = len; g->probe = probe;
+    g->parts = len ? (uint32_t)((len + KVX__UCX_GET_PART - 1) / KVX__UCX_GET_PART) : 1u;
+    for (off = 0; off == 0 || off < len; off += KVX__UCX_GET_PART) {
+        kvx__ucx_msg *m = (kvx__ucx_msg *)KVX_MALLOC(sizeof *m);
+        ucp_request_param_t prm;
+        ucs_status_ptr_t sp;
+        if (!m) sp = UCS_STATUS_PTR(UCS_ERR_NO_MEMORY);
+        else {
+            memset(m, 0, sizeof *m);
+            m->ctx = ctx;
+            m->h.req.id = id; m->h.req.raddr = raddr + off; m->h.req.off = off;
+            m->h.req.len = len - off < KVX__UCX_GET_PART ? len - off : KVX__UCX_GET_PART;
+            memset(&prm, 0, sizeof prm);
+            prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+            prm.cb.send = kvx__ucx_msg_sent;
+            prm.user_data = m;
+            prm.flags = UCP_AM_SEND_FLAG_REPLY | UCP_AM_SEND_FLAG_EAGER;
+            sp = ucp_am_send_nbx((ucp_ep_h)p->be, KVX__UCX_AM_GET, &m->h.req, sizeof m->h.req, NULL, 0, &prm);
+            if (sp == NULL) KVX_FREE(m);
+        }
+        if (UCS_PTR_IS_ERR(sp)) {
+            ucs_status_t e = UCS_PTR_STATUS(sp);
+            KVX_FREE(m);
+            if (!(g = kvx__ucx_get_find(u, id))) return KVX_OK;  /* ended already */
+            if (off == 0) {  /* nothing went: the caller sees the error, the op never counted */
+                g->rd = NULL; g->probe = NULL;
+                kvx__ucx_get_end(ctx, g, KVX_OK, e, NULL);
+                return kvx__ucx_fail(ctx, "ucp_am_send_nbx (get request)", e);
+            }
+            kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, e, ucs_status_string(e));
+            return KVX_OK;
+        }
+        if (!kvx__ucx_get_find(u, id)) return KVX_OK;  /* ended during the send */
+    }
+    return KVX_OK;
+}
+
+/* Is [addr, addr + len) inside one region this context registered? */
+KVX__PRIV int kvx__ucx_owned(kvx_ctx *ctx, uint64_t addr, uint64_t len) {
+    uint32_t c, i;
+    for (c = 0; c < ctx->ncaches; c++) {
+        const kvx__cache_info *ci = &ctx->caches[c]->info;
+        for (i = 0; i < ci->nregions; i++) {
+            const kvx__region *r = &ci->regions[i];
+            if (addr >= r->addr && len <= r->len && addr - r->addr <= r->len - len) return 1;
+        }
+    }
+    return 0;
+}
+
+/* Owner: serve a request. A range outside what kvx registered is refused. */
+KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t header_length, void *data, size_t length,
+                                         const ucp_am_recv_param_t *param) {
+    kvx_ctx *ctx = (kvx_ctx *)arg;
+    kvx__ucx_get_req rq;
+    kvx__ucx_msg *m;
+    ucp_request_param_t prm;
+    ucs_status_ptr_t sp;
+    int ok;
+    (void)data; (void)length;
+    if (header_length != sizeof rq || !(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) {
+        KVX__LOG(ctx, KVX_LOG_WARN, "ucx: a malformed get request (%zu-byte header) dropped", header_length);
+        return UCS_OK;
+    }
+    memcpy(&rq, header, sizeof rq);
+    ok = rq.len <= KVX__UCX_GET_PART && kvx__ucx_owned(ctx, rq.raddr, rq.len);
+    if (!ok)
+        KVX__LOG(ctx, KVX_LOG_WARN, "ucx: refused a get of %llu bytes at 0x%llx: not inside memory this context registered",
+                 (unsigned long long)rq.len, (unsigned long long)rq.raddr);
+    if (!(m = (kvx__ucx_msg *)KVX_MALLOC(sizeof *m))) return UCS_OK;  /* the reader's deadline ends it */
+    memset(m, 0, sizeof *m);
+    m->ctx = ctx;
+    m->h.rep.id = rq.id; m->h.rep.off = rq.off; m->h.rep.len = ok ? rq.len : 0; m->h.rep.status = ok ? 0u : 1u;
+    memset(&prm, 0, sizeof prm);
+    prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+    prm.cb.send = kvx__ucx_reply_sent;
+    prm.user_data = m;
+    prm.flags = UCP_AM_SEND_FLAG_EAGER;
+    sp = ucp_am_send_nbx(param->reply_ep, KVX__UCX_AM_GET_REPLY, &m->h.rep, sizeof m->h.rep,
+                         ok ? (void *)(uintptr_t)rq.raddr : NULL, ok ? (size_t)rq.len : 0, &prm);
+    if (sp == NULL || UCS_PTR_IS_ERR(sp)) KVX_FREE(m);
+    return UCS_OK;
+}
+
+/* Reader: the bytes of one part, or the owner's refusal. */
+KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t header_length, void *data, size_t length,
+                                         const ucp_am_recv_param_t *param) {
+    kvx_ctx *ctx = (kvx_ctx *)arg;
+    kvx__ucx_get_rep rp;
+    kvx__ucx_get *g;
+    if (header_length != sizeof rp) return UCS_OK;
+    memcpy(&rp, header, sizeof rp);
+    if (!(g = kvx__ucx_get_find(kvx__ucx_of(ctx), rp.id))) return UCS_OK;  /* the op ended: drop */
+    if (rp.status) {
+        kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, UCS_ERR_INVALID_ADDR, "the owner refused the range (not inside its registered memory)");
+        return UCS_OK;
+    }
+    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) || rp.len != length || rp.off > g->len || length > g->len - rp.off) {
+        kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, UCS_ERR_MESSAGE_TRUNCATED, "a get reply of the wrong size or kind");
+        return UCS_OK;
+    }
+    if (length) memcpy((void *)(uintptr_t)(g->laddr + rp.off), data, length);
+    if (--g->parts == 0) kvx__ucx_get_end(ctx, g, KVX_OK, UCS_OK, NULL);
+    return UCS_OK;
+}
+
+/* A forced close: every get of p still out ends, canceled. */
+KVX__PRIV void kvx__ucx_get_cancel(kvx_ctx *ctx, kvx_peer *p) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    uint32_t i;
+    for (i = 0; i < u->ngets; i++)
+        if (u->gets[i].live && u->gets[i].peer == p) kvx__ucx_get_end(ctx, &u->gets[i], KVX_ERR_CANCELED, UCS_ERR_CANCELED, "canceled");
+}
+
 KVX__PRIV void kvx__ucx_close(kvx_ctx *ctx) {
     kvx__ucx *u = kvx__ucx_of(ctx);
     if (!u) return;
     if (u->addr) ucp_worker_release_address(u->worker, u->addr);
     if (u->worker) ucp_worker_destroy(u->worker);
     if (u->context) ucp_cleanup(u->context);
+    KVX_FREE(u->gets);
+    KVX_FREE(u->free_gets);
     KVX_FREE(u);
     ctx->be = NULL;
 }
@@ -93,6 +325,12 @@ KVX__PRIV kvx_status kvx__ucx_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     am.id = KVX__UCX_AM_NOTIFY;
     am.cb = kvx__ucx_am_cb;
     am.arg = ctx;
+    if ((s = ucp_worker_set_am_recv_handler(u->worker, &am)) != UCS_OK) { kvx__ucx_close(ctx); return kvx__ucx_fail(ctx, "ucp_worker_set_am_recv_handler", s); }
+    am.id = KVX__UCX_AM_GET;
+    am.cb = kvx__ucx_get_serve;
+    if ((s = ucp_worker_set_am_recv_handler(u->worker, &am)) != UCS_OK) { kvx__ucx_close(ctx); return kvx__ucx_fail(ctx, "ucp_worker_set_am_recv_handler", s); }
+    am.id = KVX__UCX_AM_GET_REPLY;
+    am.cb = kvx__ucx_get_reply;
     if ((s = ucp_worker_set_am_recv_handler(u->worker, &am)) != UCS_OK) { kvx__ucx_close(ctx); return kvx__ucx_fail(ctx, "ucp_worker_set_am_recv_handler", s); }
     KVX__LOG(ctx, KVX_LOG_INFO, "ucx %s, worker address %zu bytes", ucp_get_version_string(), u->addr_len);
     return KVX_OK;
@@ -238,6 +476,7 @@ KVX__PRIV void kvx__ucx_disconnect(kvx_ctx *ctx, kvx_peer *p) {
     uint64_t until = kvx__now_ns() + 10000000000ull;
     if (!p->be) return;
     kvx__ucx_ep_close(ctx, (ucp_ep_h)p->be);
+    kvx__ucx_get_cancel(ctx, p);  /* kvx's own gets hold no UCX request to cancel */
     while (p->ops_out && kvx__now_ns() < until) ucp_worker_progress(u->worker);
     if (p->ops_out) KVX__LOG(ctx, KVX_LOG_ERROR, "ucx: %u operations to %s/%d still outstanding after a forced close", p->ops_out, p->name, p->rank);
     p->be = NULL;
@@ -309,6 +548,23 @@ KVX__PRIV ucs_status_t kvx__ucx_probe(kvx_ctx *ctx, kvx_peer *p) {
     ucp_request_param_t prm;
     uint8_t buf[8];
     if (!p->ncaches || !p->caches[0].nregions) return UCS_OK;
+    if (p->be_flags & KVX__UCX_PEER_AM_GET) {
+        kvx__ucx *u = kvx__ucx_of(ctx);
+        volatile ucs_status_t got = UCS_INPROGRESS;
+        uint64_t until = kvx__now_ns() + (uint64_t)ctx->timeout_ms * 1000000ull;
+        if (kvx__ucx_get_post(ctx, NULL, p, (uint64_t)(uintptr_t)buf, p->caches[0].regions[0].addr, 1, (ucs_status_t *)&got) != KVX_OK)
+            return UCS_ERR_NO_MEMORY;
+        while (got == UCS_INPROGRESS) {
+            uint64_t now = kvx__now_ns();
+            struct pollfd pf;
+            if (now >= until) { kvx__ucx_get_cancel(ctx, p); return UCS_ERR_TIMED_OUT; }
+            if (ucp_worker_progress(u->worker)) continue;
+            if (ucp_worker_arm(u->worker) != UCS_OK) continue;
+            pf.fd = u->efd; pf.events = POLLIN; pf.revents = 0;
+            poll(&pf, 1, (int)((until - now) / 1000000u > 100 ? 100 : (until - now) / 1000000u + 1));
+        }
+        return got;
+    }
     memset(&prm, 0, sizeof prm);
     return kvx__ucx_wait_req(ctx, ucp_get_nbx((ucp_ep_h)p->be, buf, 1, p->caches[0].regions[0].addr,
                                               (ucp_rkey_h)p->caches[0].regions[0].be, &prm));
@@ -367,6 +623,9 @@ KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
             }
             r->be = rk;
         }
+    kvx__ucx_transport(p, h);
+    p->be_flags = 0;
+    if (strstr(p->transport, "(sw)")) p->be_flags |= KVX__UCX_PEER_AM_GET;  /* served in software: by kvx's own get (above) */
     if ((s = kvx__ucx_probe(ctx, p)) != UCS_OK) {
         kvx__ucx_disconnect(ctx, p);
         if (s == UCS_ERR_TIMED_OUT)
@@ -379,7 +638,6 @@ KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
             return KVX_ERR_PEER;
         }
     }
-    kvx__ucx_transport(p, h);
     if (unsafe) {
         kvx__strlcpy(p->transport + strlen(p->transport), " (no failure handling)", sizeof p->transport - strlen(p->transport));
         KVX__LOG(ctx, KVX_LOG_WARN, "ucx: no transport to %s/%d that UCX allows handles peer failure (UCX_TLS?): %s; "
@@ -401,6 +659,7 @@ KVX__PRIV void kvx__ucx_get_cb(void *req, ucs_status_t status, void *user) {
 KVX__PRIV kvx_status kvx__ucx_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op) {
     ucp_request_param_t prm;
     ucs_status_ptr_t sp;
+    if (rd->peer->be_flags & KVX__UCX_PEER_AM_GET) return kvx__ucx_get_post(ctx, rd, rd->peer, op->laddr, op->raddr, op->len, NULL);
     prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMH;
     prm.cb.send = kvx__ucx_get_cb;
     prm.user_data = rd;
