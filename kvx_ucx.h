@@ -10,8 +10,10 @@
     the worker's event fd (ucp_worker_get_efd + ucp_worker_arm).
 
     Over TCP, and over shared memory for ordinary (not ucp-allocated) memory,
-    UCX has no one-sided get: the owner's worker serves it in software, so the
-    owner must progress. kvx_peer_transport() then says "(sw)".
+    UCX has no one-sided get: the owner serves reads in software, so the owner
+    must progress, and kvx_peer_transport() says "(sw)". Such peers are read
+    by kvx's own get over active messages (see below), not ucp_get_nbx, whose
+    software path aborts the owner on UCX 1.13 when a reader dies mid-read.
 */
 #ifndef KVX_UCX_INCLUDED
 #define KVX_UCX_INCLUDED
