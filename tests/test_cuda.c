@@ -232,8 +232,51 @@ static void case_ucx_gpu(void) {
 
 /*--- reads ----------------------------------------------------------------*/
 
+static int out_read(CUdeviceptr out, uint64_t v[2]);
+
+/* One read from every peer, then on stream s2 a kvx_stream_wait for each and
+   a kernel that compares the whole cache with the image it must hold: a
+   missing or early wait shows as wrong words. Returns 0 when all matched. */
+static int stream_check(dec *d, const kvx_tc_kernels *kd, kvx_peer **peers, int np, const uint32_t *dst, const uint32_t *src, uint32_t n, CUstream s2) {
+    uint32_t pf[8], pc[8];
+    kvx_ticket t[8];
+    CUdeviceptr e = 0, out = 0;
+    uint64_t v[2] = {0, 0};
+    const volatile uint64_t *word;
+    int k, rc = -1;
+    for (k = 0; k < np; k++) {
+        kvx_peer_heads(peers[k], d->cache, 0, &pf[k], &pc[k]);
+        kvx_ex_poison(&d->g.host, SEED, dst, src, n, 0, LAYERS, pf[k], pf[k] + pc[k]);
+    }
+    if (kvx_ex_gpu_push(&d->g)) { T_FAILF("push: %s", kvx_ex_gpu_err); return -1; }
+    for (k = 0; k < np; k++) kvx_tc_expect(&d->g.host, SEED, dst, src, n, 0, LAYERS, pf[k], pf[k] + pc[k]);
+    if (kvx_ex_cu(cuMemAlloc(&e, d->g.bytes), "cuMemAlloc") || kvx_ex_cu(cuMemAlloc(&out, 16), "cuMemAlloc") ||
+        kvx_ex_cu(cuMemcpyHtoD(e, d->g.host.mem, d->g.bytes), "upload the expected image") || kvx_ex_cu(cuMemsetD8(out, 0, 16), "cuMemsetD8") ||
+        kvx_ex_cu(cuCtxSynchronize(), "cuCtxSynchronize")) { T_FAILF("%s", kvx_ex_gpu_err); goto out; }
+    for (k = 0; k < np; k++) {
+        kvx_read r = read_of(peers[k], d->cache, dst, src, n);
+        if (kvx_post(d->q, &r, &t[k]) != KVX_OK) { T_FAILF("kvx_post: %s", kvx_ctx_error(d->ctx)); goto out; }
+    }
+    for (k = 0; k < np; k++)
+        if (kvx_stream_wait(d->q, t[k], s2) != KVX_OK) { T_FAILF("kvx_stream_wait: %s", kvx_ctx_error(d->ctx)); goto out; }
+    if (!(word = kvx_stream_status_ptr(d->q, t[np - 1]))) { T_FAILF("kvx_stream_status_ptr: %s", kvx_ctx_error(d->ctx)); goto out; }
+    if (kvx_tc_check(kd, s2, d->g.mem, e, d->g.bytes / 4, (CUdeviceptr)(uintptr_t)word, out) || kvx_tc_sync(s2, 10000) || out_read(out, v)) {
+        T_FAILF("checking kernel: %s", kvx_ex_gpu_err);
+        goto out;
+    }
+    T_EQ(v[0], 0);                          /* every word as expected once the waits let it run */
+    T_EQ(v[1], (t[np - 1] << 2) | 1u);      /* ... and it saw the last read done */
+    for (k = 0; k < np; k++) T_ST(kvx_wait(d->q, t[k], 10000), KVX_OK);
+    rc = v[0] == 0 ? 0 : -1;
+out:
+    if (e) cuMemFree(e);
+    if (out) cuMemFree(out);
+    return rc;
+}
+
 /* ptp owner processes (kind, on dev_owner) -> decode rank drank of dtp on
-   dev_dec; random or consecutive blocks. */
+   dev_dec; random or consecutive blocks. Across GPUs, a third read is
+   checked by a kernel behind kvx_stream_wait. */
 static void case_reads(int kind, int dkind, kvx_order order, int ptp, int dtp, int drank, int random, int dev_owner, int dev_dec, const char *want) {
     kvx_tc_owner own[4];
     kvx_peer *peers[4], *src_peers[4];
@@ -242,8 +285,20 @@ static void case_reads(int kind, int dkind, kvx_order order, int ptp, int dtp, i
     kvx_queue_desc qd;
     uint32_t src[24], dst[24], i, first, count;
     int k, np = 0, nsrc = 0, notes;
+    CUstream s1 = NULL, s2 = NULL;
+    static kvx_tc_kernels kdec;  /* the test kernels, loaded in the decode GPU's context */
+    static int kdec_dev = -1;
     memset(&qd, 0, sizeof qd);
     for (k = 0; k < ptp; k++) own[k].pid = -1;
+    if (dev_owner != dev_dec) {
+        if (kvx_ex_gpu_init(dev_dec, NULL) || kvx_ex_cu(cuStreamCreate(&s1, CU_STREAM_NON_BLOCKING), "stream") ||
+            kvx_ex_cu(cuStreamCreate(&s2, CU_STREAM_NON_BLOCKING), "stream")) { T_FAILF("%s", kvx_ex_gpu_err); return; }
+        if (kdec_dev != dev_dec) {
+            if (kvx_tc_load(&kdec)) { T_FAILF("test kernels on GPU %d: %s", dev_dec, kvx_ex_gpu_err); return; }
+            kdec_dev = dev_dec;
+        }
+        qd.cuda_stream = s1;
+    }
     for (k = 0; k < ptp; k++) {
         kvx_tc_owner_args a = owner_args(KVX_BACKEND_CUDA, 1, dev_owner, kind, k, ptp, order);
         void *md;
@@ -264,6 +319,11 @@ static void case_reads(int kind, int dkind, kvx_order order, int ptp, int dtp, i
     if (read_verify(&d, src_peers, nsrc, dst, src, 24, 1) != 0) goto out;
     for (i = 0; i < 24; i++) src[i] = (src[i] + 7) % NB;  /* a second read into the same blocks */
     if (read_verify(&d, src_peers, nsrc, dst, src, 24, 1) != 0) goto out;
+    if (s2) {
+        for (i = 0; i < 24; i++) src[i] = (src[i] + 5) % NB;
+        if (stream_check(&d, &kdec, src_peers, nsrc, dst, src, 24, s2) != 0) goto out;
+        printf("    checked on the GPU behind kvx_stream_wait\n");
+    }
     printf("    %s -> %s, TP %d -> %d (rank %d, %d source(s)), %s %s: %s\n", kvx_ex_gpu_kind_name((kvx_ex_gpu_kind)kind), kvx_ex_gpu_kind_name((kvx_ex_gpu_kind)dkind),
            ptp, dtp, drank, nsrc, order == KVX_ORDER_HND ? "HND" : "NHD", random ? "random" : "consecutive", kvx_peer_transport(peers[0]));
 out:
@@ -273,6 +333,8 @@ out:
         notes = kvx_tc_stop(&own[k]);
         if (!kvx_t_case_failed && notes != (used[k] ? 2 : 0)) T_FAILF("owner %d received %d notifications, expected %d", k, notes, used[k] ? 2 : 0);
     }
+    if (s1) { kvx_tc_sync(s1, 5000); cuStreamDestroy(s1); }
+    if (s2) { kvx_tc_sync(s2, 5000); cuStreamDestroy(s2); }
 }
 
 static void case_same_process(void) {
@@ -687,12 +749,14 @@ int main(int argc, char **argv) {
     T_CASE("failure: a stalled UCX read releases its waiting stream at its deadline") case_ucx_stream(1);
 #endif
     alarm(120);
-    T_CASE("two GPUs: cuMemAlloc, VMM and pool on GPU 0 -> GPU 1") {
+    T_CASE("two GPUs: cuMemAlloc, VMM and pool on GPU 0 -> GPU 1, TP 1->2 and 2->1, checked behind kvx_stream_wait") {
         if (ndev < 2) T_SKIP("one GPU visible");
         else {
             case_reads(KVX_EX_CUMEMALLOC, KVX_EX_CUMEMALLOC, KVX_ORDER_HND, 1, 1, 0, 1, 0, 1, "GPU 0 -> 1");
             case_reads(KVX_EX_VMM, KVX_EX_CUMEMALLOC, KVX_ORDER_NHD, 1, 2, 0, 1, 0, 1, "GPU 0 -> 1");
+            case_reads(KVX_EX_CUMEMALLOC, KVX_EX_VMM, KVX_ORDER_HND, 1, 2, 1, 1, 0, 1, "GPU 0 -> 1");
             case_reads(KVX_EX_POOL, KVX_EX_VMM, KVX_ORDER_HND, 2, 1, 0, 0, 0, 1, "GPU 0 -> 1");
+            case_reads(KVX_EX_CUMEMALLOC, KVX_EX_CUMEMALLOC, KVX_ORDER_NHD, 2, 1, 0, 1, 0, 1, "GPU 0 -> 1");
         }
     }
     alarm(0);
