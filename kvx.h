@@ -203,7 +203,8 @@ typedef struct kvx_cache_desc {
     uint64_t plane_stride;
     uint64_t block_stride;      /* bytes from block b to b+1; 0: the block's own size */
     int checksums;              /* 1: keep a checksum per block, layer, K/V and head (kvx_cache_seal),
-                                   published to peers; needed on both sides of a verified read */
+                                   published to peers; needed on both sides of a verified read.
+                                   GPU caches: the CUDA backend only; the table lives on the GPU */
 } kvx_cache_desc;
 
 typedef struct kvx_queue_desc {
@@ -265,7 +266,9 @@ KVX_API const char *kvx_status_name(kvx_status s);
 KVX_API kvx_status  kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *desc, kvx_cache **out);
 KVX_API void        kvx_cache_deregister(kvx_cache *cache);
 /* Producer side, for verified reads: record the checksums of these blocks
-   (every layer, K/V and head) once they hold what readers will read. */
+   (every layer, K/V and head) once they hold what readers will read. A GPU
+   cache is summed by a kernel on a stream of kvx's own: synchronize the
+   streams that wrote the blocks first. */
 KVX_API kvx_status  kvx_cache_seal(kvx_cache *cache, const uint32_t *blocks, uint32_t n);
 
 /* buf NULL: *len gets the size. Else *len is buf's size on entry, the blob's on exit. */
@@ -377,7 +380,8 @@ typedef struct kvx__cache_info {
     uint32_t nregions;
     kvx__region *regions;
     uint32_t csum_region;       /* the checksum table's region (the last), or KVX__NO_CSUM */
-    uint32_t *csum;             /* local caches: the table, [layer][plane][block][head] */
+    uint32_t *csum;             /* local host caches: the table, [layer][plane][block][head] */
+    uint64_t csum_dev;          /* local GPU caches: the same table in device memory (kvx_cuda.h) */
 } kvx__cache_info;
 
 struct kvx_cache {
@@ -545,6 +549,16 @@ KVX__PRIV kvx_status kvx__stream_queue_init(kvx_queue *q);
 KVX__PRIV void kvx__stream_queue_fini(kvx_queue *q);
 KVX__PRIV void kvx__stream_read_final(kvx__read *rd);
 KVX__PRIV void kvx__stream_read_post(kvx__read *rd);
+/* Verify mode for GPU caches: the checksum table in device memory, sealed
+   and checked by kernels. */
+KVX__PRIV kvx_status kvx__cuda_csum_alloc(kvx_ctx *ctx, kvx__cache_info *ci, uint64_t bytes);
+KVX__PRIV void kvx__cuda_csum_free(kvx__cache_info *ci);
+KVX__PRIV kvx_status kvx__cuda_seal(kvx_ctx *ctx, const kvx__cache_info *ci, const uint32_t *blocks, uint32_t n);
+KVX__PRIV kvx_status kvx__cuda_verify(kvx__read *rd);
+KVX__PRIV uint32_t kvx__head_sum(const kvx__cache_info *c, const uint8_t *block, uint32_t head);
+KVX__PRIV uint64_t kvx__csum_index(const kvx__cache_info *c, uint32_t plane, uint32_t block, uint32_t head);
+KVX__PRIV kvx_status kvx__verify_unsealed(const kvx__read *rd, uint32_t plane, uint32_t rblock);
+KVX__PRIV kvx_status kvx__verify_mismatch(const kvx__read *rd, uint32_t plane, uint32_t rblock, uint32_t lblock, uint32_t head, uint32_t got, uint32_t want);
 #endif
 
 KVX__PRIV void kvx__op_done(kvx__read *rd, kvx_status st, const char *why);
@@ -823,6 +837,9 @@ KVX__PRIV void kvx__cache_info_free(kvx__cache_info *c) {
     KVX_FREE(c->plane_base);
     KVX_FREE(c->plane_region);
     KVX_FREE(c->csum);
+#if defined(KVX_CUDA)
+    if (c->csum_dev) kvx__cuda_csum_free(c);
+#endif
     memset(c, 0, sizeof *c);
 }
 
@@ -1231,16 +1248,33 @@ KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx
         ci->nregions = i + 1;
     }
     if (d->checksums) {
-        /* The checksum table is host memory even for a GPU cache: the CPU
-           seals and checks it. Registered like the cache, so a reader can
-           read it, and published as the cache's last region. */
+        /* The checksum table: host memory for a host cache (the CPU seals and
+           checks it), device memory for a GPU cache (kernels do; CUDA
+           backend only). Registered like the cache, so a reader can read it,
+           and published as the cache's last region. */
         uint64_t tb = (uint64_t)ci->nplanes * ci->lay.num_blocks * ci->lay.num_heads * 4u;
         kvx__cache_info host = *ci;
         host.mem = KVX_MEM_HOST;
-        if (d->mem != KVX_MEM_HOST) { st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "kvx_cache_register: checksums are kept for host caches only"); goto fail; }
-        if (!(ci->csum = (uint32_t *)kvx__calloc((size_t)(tb / 4u), 4u))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: no memory for a %llu-byte checksum table", (unsigned long long)tb); goto fail; }
-        ci->regions[n].addr = (uint64_t)(uintptr_t)ci->csum;
-        ci->regions[n].len = tb;
+        if (d->mem != KVX_MEM_HOST) {
+#if defined(KVX_CUDA)
+            if (ctx->be_ops->kind != KVX_BACKEND_CUDA) {
+                st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "kvx_cache_register: checksums of a GPU cache are kept and checked on the GPU by the CUDA backend; "
+                               "this context uses %s (use KVX_BACKEND_CUDA, or turn checksums off)", ctx->be_ops->name);
+                goto fail;
+            }
+            if ((st = kvx__cuda_csum_alloc(ctx, ci, tb)) != KVX_OK) goto fail;
+            ci->regions[n].addr = ci->csum_dev;
+            ci->regions[n].len = tb;
+            host.mem = ci->mem;
+#else
+            st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "kvx_cache_register: checksums of a GPU cache need kvx_cuda.h (KVX_CUDA)");
+            goto fail;
+#endif
+        } else {
+            if (!(ci->csum = (uint32_t *)kvx__calloc((size_t)(tb / 4u), 4u))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: no memory for a %llu-byte checksum table", (unsigned long long)tb); goto fail; }
+            ci->regions[n].addr = (uint64_t)(uintptr_t)ci->csum;
+            ci->regions[n].len = tb;
+        }
         if ((st = ctx->be_ops->mem_register(ctx, &host, &ci->regions[n])) != KVX_OK) goto fail;
         ci->nregions = n + 1;
         ci->csum_region = n;
@@ -1654,11 +1688,14 @@ KVX_API kvx_status kvx_cache_seal(kvx_cache *cache, const uint32_t *blocks, uint
     if (!cache) return KVX_ERR_ARG;
     ctx = cache->ctx;
     ci = &cache->info;
-    if (!ci->csum) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_seal: cache %u was registered without checksums", ci->id);
+    if (!ci->csum && !ci->csum_dev) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_seal: cache %u was registered without checksums", ci->id);
     if (n && !blocks) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_seal: %u blocks and a NULL table", n);
     for (i = 0; i < n; i++)
         if (blocks[i] >= ci->lay.num_blocks)
             return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_seal: block id %u at index %u is past the cache's %u blocks", blocks[i], i, ci->lay.num_blocks);
+#if defined(KVX_CUDA)
+    if (ci->csum_dev) return n ? kvx__cuda_seal(ctx, ci, blocks, n) : KVX_OK;
+#endif
     for (p = 0; p < ci->nplanes; p++)
         for (i = 0; i < n; i++) {
             const uint8_t *b = (const uint8_t *)(uintptr_t)(ci->plane_base[p] + (uint64_t)blocks[i] * ci->block_stride);
@@ -1667,15 +1704,32 @@ KVX_API kvx_status kvx_cache_seal(kvx_cache *cache, const uint32_t *blocks, uint
     return KVX_OK;
 }
 
+/* What a failed check says, for host and GPU caches alike. */
+KVX__PRIV kvx_status kvx__verify_unsealed(const kvx__read *rd, uint32_t plane, uint32_t rblock) {
+    const kvx__cache_info *lc = rd->lc;
+    return kvx__fail(rd->q->ctx, KVX_ERR_ARG, "read %llu from %s/%d: block %u (layer %u, %s) was never sealed by the producer (kvx_cache_seal)",
+                     (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, rblock,
+                     plane / lc->lay.kv_planes, plane % lc->lay.kv_planes ? "V" : "K");
+}
+
+KVX__PRIV kvx_status kvx__verify_mismatch(const kvx__read *rd, uint32_t plane, uint32_t rblock, uint32_t lblock, uint32_t head, uint32_t got, uint32_t want) {
+    const kvx__cache_info *lc = rd->lc;
+    return kvx__fail(rd->q->ctx, KVX_ERR_CORRUPT, "read %llu from %s/%d over %s: layer %u %s block %u (local %u) head %u: checksum 0x%08x, the producer sealed 0x%08x",
+                     (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, rd->peer->transport,
+                     plane / lc->lay.kv_planes, plane % lc->lay.kv_planes ? "V" : "K", rblock, lblock, head, got, want);
+}
+
 /* After a verified read: the producer's checksums now sit in our table at the
    sampled blocks; compare them with what landed. */
 KVX__PRIV kvx_status kvx__verify(kvx__read *rd) {
     const kvx__cache_info *lc = rd->lc;
     kvx_queue *q = rd->q;
-    kvx_ctx *ctx = q->ctx;
     uint32_t p, r, b, idx, h;
 #if defined(KVX_TEST_HOOK_BEFORE_VERIFY)
     KVX_TEST_HOOK_BEFORE_VERIFY(rd);
+#endif
+#if defined(KVX_CUDA)
+    if (lc->mem == KVX_MEM_CUDA) return kvx__cuda_verify(rd);
 #endif
     for (p = rd->layer_begin * lc->lay.kv_planes; p < rd->layer_end * lc->lay.kv_planes; p++)
         for (idx = 0, r = 0; r < rd->nruns; r++) {
@@ -1687,14 +1741,8 @@ KVX__PRIV kvx_status kvx__verify(kvx__read *rd) {
                 for (h = rd->h_a; h < rd->h_b; h++) {
                     uint32_t want = lc->csum[kvx__csum_index(lc, p, run->l + b, h - rd->h_l0)];
                     uint32_t got = kvx__head_sum(lc, blk, h - rd->h_l0);
-                    if (!want)
-                        return kvx__fail(ctx, KVX_ERR_ARG, "read %llu from %s/%d: block %u (layer %u, %s) was never sealed by the producer (kvx_cache_seal)",
-                                         (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, run->r + b,
-                                         p / lc->lay.kv_planes, p % lc->lay.kv_planes ? "V" : "K");
-                    if (want != got)
-                        return kvx__fail(ctx, KVX_ERR_CORRUPT, "read %llu from %s/%d over %s: layer %u %s block %u (local %u) head %u: checksum 0x%08x, the producer sealed 0x%08x",
-                                         (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, rd->peer->transport,
-                                         p / lc->lay.kv_planes, p % lc->lay.kv_planes ? "V" : "K", run->r + b, run->l + b, h, got, want);
+                    if (!want) return kvx__verify_unsealed(rd, p, run->r + b);
+                    if (want != got) return kvx__verify_mismatch(rd, p, run->r + b, run->l + b, h, got, want);
                 }
             }
         }
@@ -1807,9 +1855,9 @@ KVX__PRIV kvx_status kvx__post_check(kvx_queue *q, const kvx_read *r, kvx__read 
     l0 = kvx__head_first(&lc->lay, ctx->rank, ctx->tp_size);
     r0 = kvx__head_first(&rc->lay, p->rank, p->tp_size);
     if (r->verify) {
-        if (!lc->csum || rc->csum_region == KVX__NO_CSUM)
+        if ((!lc->csum && !lc->csum_dev) || rc->csum_region == KVX__NO_CSUM)
             return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: a verified read needs checksums on both caches (kvx_cache_desc.checksums): ours %s, peer %s/%d's %s",
-                             lc->csum ? "on" : "off", p->name, p->rank, rc->csum_region == KVX__NO_CSUM ? "off" : "on");
+                             lc->csum || lc->csum_dev ? "on" : "off", p->name, p->rank, rc->csum_region == KVX__NO_CSUM ? "off" : "on");
     }
     memset(rd, 0, sizeof *rd);
     rd->peer = p;

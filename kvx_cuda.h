@@ -212,6 +212,7 @@ typedef struct kvx__cuda_dev {
     CUuuid uuid;
     CUmodule mod;               /* the copy kernel, in pctx */
     CUfunction fn;
+    CUfunction fn_seal, fn_check;   /* verify mode's checksum kernels */
     int flush_logged;
 } kvx__cuda_dev;
 
@@ -649,6 +650,819 @@ static const char *const kvx__cuda_ptx[] = {
     "$L__BB1_28:\n",
     " ret;\n",
     "}\n",
+    ".visible .entry kvx_csum_seal(\n",
+    " .param .u64 kvx_csum_seal_param_0,\n",
+    " .param .u64 kvx_csum_seal_param_1,\n",
+    " .param .u32 kvx_csum_seal_param_2,\n",
+    " .param .u32 kvx_csum_seal_param_3,\n",
+    " .param .u64 kvx_csum_seal_param_4,\n",
+    " .param .u32 kvx_csum_seal_param_5,\n",
+    " .param .align 8 .b8 kvx_csum_seal_param_6[24],\n",
+    " .param .u64 kvx_csum_seal_param_7\n",
+    ")\n",
+    "{\n",
+    " .reg .pred  %p<42>;\n",
+    " .reg .b32  %r<50>;\n",
+    " .reg .b64  %rd<346>;\n",
+    " ld.param.u64  %rd118, [kvx_csum_seal_param_0];\n",
+    " ld.param.u64  %rd119, [kvx_csum_seal_param_1];\n",
+    " ld.param.u32  %r16, [kvx_csum_seal_param_2];\n",
+    " ld.param.u32  %r17, [kvx_csum_seal_param_3];\n",
+    " ld.param.u32  %r11, [kvx_csum_seal_param_5];\n",
+    " ld.param.v2.u32  {%r18, %r19}, [kvx_csum_seal_param_6+8];\n",
+    " ld.param.v2.u32  {%r20, %r21}, [kvx_csum_seal_param_6+16];\n",
+    " ld.param.u64  %rd122, [kvx_csum_seal_param_7];\n",
+    " ld.param.u64  %rd121, [kvx_csum_seal_param_6];\n",
+    " cvt.u64.u32  %rd1, %r16;\n",
+    " mul.wide.u32  %rd123, %r17, %r16;\n",
+    " cvt.u64.u32  %rd2, %r19;\n",
+    " mul.lo.s64  %rd3, %rd123, %rd2;\n",
+    " mov.u32  %r22, %ctaid.x;\n",
+    " mov.u32  %r23, %ntid.x;\n",
+    " cvt.u64.u32  %rd4, %r23;\n",
+    " mul.wide.u32  %rd124, %r22, %r23;\n",
+    " mov.u32  %r24, %tid.x;\n",
+    " cvt.u64.u32  %rd125, %r24;\n",
+    " add.s64  %rd301, %rd124, %rd125;\n",
+    " setp.ge.u64  %p1, %rd301, %rd3;\n",
+    " @%p1 bra  $L__BB2_61;\n",
+    " setp.eq.s32  %p2, %r18, 0;\n",
+    " selp.b32  %r2, %r20, 1, %p2;\n",
+    " selp.b32  %r25, 1, %r20, %p2;\n",
+    " cvt.u64.u32  %rd126, %r25;\n",
+    " mul.lo.s64  %rd7, %rd121, %rd126;\n",
+    " cvt.u64.u32  %rd8, %r11;\n",
+    " mov.u32  %r26, %nctaid.x;\n",
+    " cvt.u64.u32  %rd127, %r26;\n",
+    " mul.lo.s64  %rd9, %rd127, %rd4;\n",
+    " add.s64  %rd10, %rd7, -1;\n",
+    " and.b64   %rd11, %rd7, 3;\n",
+    " sub.s64  %rd12, %rd7, %rd11;\n",
+    " cvta.to.global.u64  %rd13, %rd118;\n",
+    " cvta.to.global.u64  %rd14, %rd119;\n",
+    " cvta.to.global.u64  %rd15, %rd122;\n",
+    "$L__BB2_2:\n",
+    " and.b64   %rd128, %rd301, -4294967296;\n",
+    " setp.eq.s64  %p3, %rd128, 0;\n",
+    " @%p3 bra  $L__BB2_4;\n",
+    " div.u64  %rd302, %rd301, %rd2;\n",
+    " mul.lo.s64  %rd129, %rd302, %rd2;\n",
+    " sub.s64  %rd303, %rd301, %rd129;\n",
+    " bra.uni  $L__BB2_5;\n",
+    "$L__BB2_4:\n",
+    " cvt.u32.u64  %r27, %rd2;\n",
+    " cvt.u32.u64  %r28, %rd301;\n",
+    " div.u32  %r29, %r28, %r27;\n",
+    " mul.lo.s32  %r30, %r29, %r27;\n",
+    " sub.s32  %r31, %r28, %r30;\n",
+    " cvt.u64.u32  %rd302, %r29;\n",
+    " cvt.u64.u32  %rd303, %r31;\n",
+    "$L__BB2_5:\n",
+    " and.b64   %rd130, %rd302, -4294967296;\n",
+    " setp.eq.s64  %p4, %rd130, 0;\n",
+    " @%p4 bra  $L__BB2_7;\n",
+    " div.u64  %rd304, %rd302, %rd1;\n",
+    " mul.lo.s64  %rd131, %rd304, %rd1;\n",
+    " sub.s64  %rd305, %rd302, %rd131;\n",
+    " bra.uni  $L__BB2_8;\n",
+    "$L__BB2_7:\n",
+    " cvt.u32.u64  %r32, %rd1;\n",
+    " cvt.u32.u64  %r33, %rd302;\n",
+    " div.u32  %r34, %r33, %r32;\n",
+    " mul.lo.s32  %r35, %r34, %r32;\n",
+    " sub.s32  %r36, %r33, %r35;\n",
+    " cvt.u64.u32  %rd304, %r34;\n",
+    " cvt.u64.u32  %rd305, %r36;\n",
+    "$L__BB2_8:\n",
+    " ld.param.u64  %rd300, [kvx_csum_seal_param_4];\n",
+    " and.b64   %rd29, %rd304, 4294967295;\n",
+    " shl.b64  %rd133, %rd304, 3;\n",
+    " and.b64   %rd134, %rd133, 34359738360;\n",
+    " add.s64  %rd135, %rd13, %rd134;\n",
+    " shl.b64  %rd136, %rd305, 2;\n",
+    " add.s64  %rd137, %rd14, %rd136;\n",
+    " ld.global.nc.u32  %r37, [%rd137];\n",
+    " cvt.u64.u32  %rd30, %r37;\n",
+    " mul.lo.s64  %rd138, %rd30, %rd300;\n",
+    " ld.global.nc.u64  %rd139, [%rd135];\n",
+    " add.s64  %rd31, %rd138, %rd139;\n",
+    " setp.eq.s32  %p5, %r2, 0;\n",
+    " mov.u64  %rd336, 2611923443488327891;\n",
+    " @%p5 bra  $L__BB2_60;\n",
+    " setp.lt.u64  %p6, %rd7, 8;\n",
+    " mul.lo.s64  %rd32, %rd303, %rd7;\n",
+    " mov.u64  %rd336, 2611923443488327891;\n",
+    " @%p6 bra  $L__BB2_39;\n",
+    " bra.uni  $L__BB2_10;\n",
+    "$L__BB2_39:\n",
+    " @%p2 bra  $L__BB2_50;\n",
+    " mov.u32  %r48, 0;\n",
+    "$L__BB2_41:\n",
+    " setp.eq.s64  %p27, %rd7, 0;\n",
+    " @%p27 bra  $L__BB2_49;\n",
+    " setp.lt.u64  %p28, %rd10, 3;\n",
+    " mov.u64  %rd334, 0;\n",
+    " @%p28 bra  $L__BB2_45;\n",
+    " mov.u64  %rd334, 0;\n",
+    " mov.u64  %rd332, %rd12;\n",
+    "$L__BB2_44:\n",
+    " add.s64  %rd246, %rd334, %rd32;\n",
+    " add.s64  %rd247, %rd31, %rd246;\n",
+    " ld.u8  %rd248, [%rd247];\n",
+    " xor.b64   %rd249, %rd336, %rd248;\n",
+    " mul.lo.s64  %rd250, %rd249, 1099511628211;\n",
+    " ld.u8  %rd251, [%rd247+1];\n",
+    " xor.b64   %rd252, %rd250, %rd251;\n",
+    " mul.lo.s64  %rd253, %rd252, 1099511628211;\n",
+    " ld.u8  %rd254, [%rd247+2];\n",
+    " xor.b64   %rd255, %rd253, %rd254;\n",
+    " mul.lo.s64  %rd256, %rd255, 1099511628211;\n",
+    " ld.u8  %rd257, [%rd247+3];\n",
+    " xor.b64   %rd258, %rd256, %rd257;\n",
+    " mul.lo.s64  %rd336, %rd258, 1099511628211;\n",
+    " add.s64  %rd334, %rd334, 4;\n",
+    " add.s64  %rd332, %rd332, -4;\n",
+    " setp.ne.s64  %p29, %rd332, 0;\n",
+    " @%p29 bra  $L__BB2_44;\n",
+    "$L__BB2_45:\n",
+    " setp.eq.s64  %p30, %rd11, 0;\n",
+    " @%p30 bra  $L__BB2_49;\n",
+    " add.s64  %rd259, %rd334, %rd32;\n",
+    " add.s64  %rd95, %rd31, %rd259;\n",
+    " ld.u8  %rd260, [%rd95];\n",
+    " xor.b64   %rd261, %rd336, %rd260;\n",
+    " mul.lo.s64  %rd336, %rd261, 1099511628211;\n",
+    " setp.eq.s64  %p31, %rd11, 1;\n",
+    " @%p31 bra  $L__BB2_49;\n",
+    " setp.eq.s64  %p32, %rd11, 2;\n",
+    " ld.u8  %rd262, [%rd95+1];\n",
+    " xor.b64   %rd263, %rd336, %rd262;\n",
+    " mul.lo.s64  %rd336, %rd263, 1099511628211;\n",
+    " @%p32 bra  $L__BB2_49;\n",
+    " ld.u8  %rd264, [%rd95+2];\n",
+    " xor.b64   %rd265, %rd336, %rd264;\n",
+    " mul.lo.s64  %rd336, %rd265, 1099511628211;\n",
+    "$L__BB2_49:\n",
+    " add.s32  %r48, %r48, 1;\n",
+    " setp.lt.u32  %p33, %r48, %r2;\n",
+    " @%p33 bra  $L__BB2_41;\n",
+    " bra.uni  $L__BB2_60;\n",
+    "$L__BB2_10:\n",
+    " @%p2 bra  $L__BB2_25;\n",
+    " mov.u32  %r46, 0;\n",
+    "$L__BB2_12:\n",
+    " mov.u64  %rd309, 8;\n",
+    " mov.u64  %rd308, 0;\n",
+    " mov.u64  %rd307, %rd10;\n",
+    "$L__BB2_13:\n",
+    " mov.u64  %rd36, %rd309;\n",
+    " add.s64  %rd143, %rd308, %rd32;\n",
+    " add.s64  %rd38, %rd31, %rd143;\n",
+    " and.b64   %rd144, %rd38, 7;\n",
+    " setp.eq.s64  %p8, %rd144, 0;\n",
+    " @%p8 bra  $L__BB2_15;\n",
+    " ld.u8  %rd145, [%rd38+7];\n",
+    " ld.u8  %rd146, [%rd38+6];\n",
+    " bfi.b64  %rd147, %rd145, %rd146, 8, 8;\n",
+    " ld.u8  %rd148, [%rd38+5];\n",
+    " bfi.b64  %rd149, %rd147, %rd148, 8, 56;\n",
+    " ld.u8  %rd150, [%rd38+4];\n",
+    " bfi.b64  %rd151, %rd149, %rd150, 8, 56;\n",
+    " ld.u8  %rd152, [%rd38+3];\n",
+    " bfi.b64  %rd153, %rd151, %rd152, 8, 56;\n",
+    " ld.u8  %rd154, [%rd38+2];\n",
+    " bfi.b64  %rd155, %rd153, %rd154, 8, 56;\n",
+    " ld.u8  %rd156, [%rd38+1];\n",
+    " bfi.b64  %rd157, %rd155, %rd156, 8, 56;\n",
+    " ld.u8  %rd158, [%rd38];\n",
+    " bfi.b64  %rd311, %rd157, %rd158, 8, 56;\n",
+    " bra.uni  $L__BB2_16;\n",
+    "$L__BB2_15:\n",
+    " ld.u64  %rd311, [%rd38];\n",
+    "$L__BB2_16:\n",
+    " xor.b64   %rd159, %rd311, %rd336;\n",
+    " mul.lo.s64  %rd160, %rd159, -7046029254386353131;\n",
+    " shr.u64  %rd161, %rd160, 29;\n",
+    " xor.b64   %rd336, %rd161, %rd160;\n",
+    " add.s64  %rd309, %rd36, 8;\n",
+    " add.s64  %rd307, %rd307, -8;\n",
+    " add.s64  %rd45, %rd308, 8;\n",
+    " add.s64  %rd162, %rd308, 16;\n",
+    " setp.le.u64  %p9, %rd162, %rd7;\n",
+    " mov.u64  %rd308, %rd45;\n",
+    " @%p9 bra  $L__BB2_13;\n",
+    " setp.le.u64  %p10, %rd7, %rd45;\n",
+    " @%p10 bra  $L__BB2_24;\n",
+    " setp.eq.s64  %p11, %rd11, 0;\n",
+    " mov.u64  %rd312, %rd45;\n",
+    " @%p11 bra  $L__BB2_22;\n",
+    " add.s64  %rd164, %rd36, %rd32;\n",
+    " add.s64  %rd165, %rd31, %rd164;\n",
+    " ld.u8  %rd166, [%rd165];\n",
+    " xor.b64   %rd167, %rd336, %rd166;\n",
+    " mul.lo.s64  %rd336, %rd167, 1099511628211;\n",
+    " add.s64  %rd312, %rd36, 1;\n",
+    " setp.eq.s64  %p12, %rd11, 1;\n",
+    " @%p12 bra  $L__BB2_22;\n",
+    " add.s64  %rd168, %rd312, %rd32;\n",
+    " add.s64  %rd169, %rd31, %rd168;\n",
+    " ld.u8  %rd170, [%rd169];\n",
+    " xor.b64   %rd171, %rd336, %rd170;\n",
+    " mul.lo.s64  %rd336, %rd171, 1099511628211;\n",
+    " add.s64  %rd312, %rd36, 2;\n",
+    " setp.eq.s64  %p13, %rd11, 2;\n",
+    " @%p13 bra  $L__BB2_22;\n",
+    " add.s64  %rd172, %rd312, %rd32;\n",
+    " add.s64  %rd173, %rd31, %rd172;\n",
+    " ld.u8  %rd174, [%rd173];\n",
+    " xor.b64   %rd175, %rd336, %rd174;\n",
+    " mul.lo.s64  %rd336, %rd175, 1099511628211;\n",
+    " add.s64  %rd312, %rd45, 3;\n",
+    "$L__BB2_22:\n",
+    " setp.lt.u64  %p14, %rd307, 3;\n",
+    " @%p14 bra  $L__BB2_24;\n",
+    "$L__BB2_23:\n",
+    " add.s64  %rd176, %rd312, %rd32;\n",
+    " add.s64  %rd177, %rd31, %rd176;\n",
+    " ld.u8  %rd178, [%rd177];\n",
+    " xor.b64   %rd179, %rd336, %rd178;\n",
+    " mul.lo.s64  %rd180, %rd179, 1099511628211;\n",
+    " ld.u8  %rd181, [%rd177+1];\n",
+    " xor.b64   %rd182, %rd180, %rd181;\n",
+    " mul.lo.s64  %rd183, %rd182, 1099511628211;\n",
+    " ld.u8  %rd184, [%rd177+2];\n",
+    " xor.b64   %rd185, %rd183, %rd184;\n",
+    " mul.lo.s64  %rd186, %rd185, 1099511628211;\n",
+    " ld.u8  %rd187, [%rd177+3];\n",
+    " xor.b64   %rd188, %rd186, %rd187;\n",
+    " mul.lo.s64  %rd336, %rd188, 1099511628211;\n",
+    " add.s64  %rd312, %rd312, 4;\n",
+    " setp.lt.u64  %p15, %rd312, %rd7;\n",
+    " @%p15 bra  $L__BB2_23;\n",
+    "$L__BB2_24:\n",
+    " add.s32  %r46, %r46, 1;\n",
+    " setp.lt.u32  %p16, %r46, %r2;\n",
+    " @%p16 bra  $L__BB2_12;\n",
+    " bra.uni  $L__BB2_60;\n",
+    "$L__BB2_50:\n",
+    " mov.u32  %r49, 0;\n",
+    "$L__BB2_51:\n",
+    " cvt.u64.u32  %rd267, %r49;\n",
+    " mul.lo.s64  %rd268, %rd267, %rd2;\n",
+    " add.s64  %rd269, %rd268, %rd303;\n",
+    " mul.lo.s64  %rd101, %rd269, %rd121;\n",
+    " setp.eq.s64  %p34, %rd7, 0;\n",
+    " @%p34 bra  $L__BB2_59;\n",
+    " setp.lt.u64  %p35, %rd10, 3;\n",
+    " mov.u64  %rd342, 0;\n",
+    " @%p35 bra  $L__BB2_55;\n",
+    " mov.u64  %rd342, 0;\n",
+    " mov.u64  %rd340, %rd12;\n",
+    "$L__BB2_54:\n",
+    " add.s64  %rd273, %rd342, %rd101;\n",
+    " add.s64  %rd274, %rd31, %rd273;\n",
+    " ld.u8  %rd275, [%rd274];\n",
+    " xor.b64   %rd276, %rd336, %rd275;\n",
+    " mul.lo.s64  %rd277, %rd276, 1099511628211;\n",
+    " ld.u8  %rd278, [%rd274+1];\n",
+    " xor.b64   %rd279, %rd277, %rd278;\n",
+    " mul.lo.s64  %rd280, %rd279, 1099511628211;\n",
+    " ld.u8  %rd281, [%rd274+2];\n",
+    " xor.b64   %rd282, %rd280, %rd281;\n",
+    " mul.lo.s64  %rd283, %rd282, 1099511628211;\n",
+    " ld.u8  %rd284, [%rd274+3];\n",
+    " xor.b64   %rd285, %rd283, %rd284;\n",
+    " mul.lo.s64  %rd336, %rd285, 1099511628211;\n",
+    " add.s64  %rd342, %rd342, 4;\n",
+    " add.s64  %rd340, %rd340, -4;\n",
+    " setp.ne.s64  %p36, %rd340, 0;\n",
+    " @%p36 bra  $L__BB2_54;\n",
+    "$L__BB2_55:\n",
+    " setp.eq.s64  %p37, %rd11, 0;\n",
+    " @%p37 bra  $L__BB2_59;\n",
+    " add.s64  %rd286, %rd342, %rd101;\n",
+    " add.s64  %rd111, %rd31, %rd286;\n",
+    " ld.u8  %rd287, [%rd111];\n",
+    " xor.b64   %rd288, %rd336, %rd287;\n",
+    " mul.lo.s64  %rd336, %rd288, 1099511628211;\n",
+    " setp.eq.s64  %p38, %rd11, 1;\n",
+    " @%p38 bra  $L__BB2_59;\n",
+    " setp.eq.s64  %p39, %rd11, 2;\n",
+    " ld.u8  %rd289, [%rd111+1];\n",
+    " xor.b64   %rd290, %rd336, %rd289;\n",
+    " mul.lo.s64  %rd336, %rd290, 1099511628211;\n",
+    " @%p39 bra  $L__BB2_59;\n",
+    " ld.u8  %rd291, [%rd111+2];\n",
+    " xor.b64   %rd292, %rd336, %rd291;\n",
+    " mul.lo.s64  %rd336, %rd292, 1099511628211;\n",
+    "$L__BB2_59:\n",
+    " add.s32  %r49, %r49, 1;\n",
+    " setp.lt.u32  %p40, %r49, %r2;\n",
+    " @%p40 bra  $L__BB2_51;\n",
+    " bra.uni  $L__BB2_60;\n",
+    "$L__BB2_25:\n",
+    " mov.u32  %r47, 0;\n",
+    "$L__BB2_26:\n",
+    " cvt.u64.u32  %rd192, %r47;\n",
+    " mul.lo.s64  %rd193, %rd192, %rd2;\n",
+    " add.s64  %rd194, %rd193, %rd303;\n",
+    " mul.lo.s64  %rd61, %rd194, %rd121;\n",
+    " mov.u64  %rd320, 0;\n",
+    " mov.u64  %rd319, 8;\n",
+    "$L__BB2_27:\n",
+    " mov.u64  %rd62, %rd319;\n",
+    " add.s64  %rd195, %rd320, %rd61;\n",
+    " add.s64  %rd65, %rd31, %rd195;\n",
+    " and.b64   %rd196, %rd65, 7;\n",
+    " setp.eq.s64  %p17, %rd196, 0;\n",
+    " @%p17 bra  $L__BB2_29;\n",
+    " ld.u8  %rd197, [%rd65+7];\n",
+    " ld.u8  %rd198, [%rd65+6];\n",
+    " bfi.b64  %rd199, %rd197, %rd198, 8, 8;\n",
+    " ld.u8  %rd200, [%rd65+5];\n",
+    " bfi.b64  %rd201, %rd199, %rd200, 8, 56;\n",
+    " ld.u8  %rd202, [%rd65+4];\n",
+    " bfi.b64  %rd203, %rd201, %rd202, 8, 56;\n",
+    " ld.u8  %rd204, [%rd65+3];\n",
+    " bfi.b64  %rd205, %rd203, %rd204, 8, 56;\n",
+    " ld.u8  %rd206, [%rd65+2];\n",
+    " bfi.b64  %rd207, %rd205, %rd206, 8, 56;\n",
+    " ld.u8  %rd208, [%rd65+1];\n",
+    " bfi.b64  %rd209, %rd207, %rd208, 8, 56;\n",
+    " ld.u8  %rd210, [%rd65];\n",
+    " bfi.b64  %rd322, %rd209, %rd210, 8, 56;\n",
+    " bra.uni  $L__BB2_30;\n",
+    "$L__BB2_29:\n",
+    " ld.u64  %rd322, [%rd65];\n",
+    "$L__BB2_30:\n",
+    " xor.b64   %rd211, %rd322, %rd336;\n",
+    " mul.lo.s64  %rd212, %rd211, -7046029254386353131;\n",
+    " shr.u64  %rd213, %rd212, 29;\n",
+    " xor.b64   %rd336, %rd213, %rd212;\n",
+    " add.s64  %rd319, %rd62, 8;\n",
+    " setp.le.u64  %p18, %rd319, %rd7;\n",
+    " mov.u64  %rd320, %rd62;\n",
+    " @%p18 bra  $L__BB2_27;\n",
+    " setp.le.u64  %p19, %rd7, %rd62;\n",
+    " @%p19 bra  $L__BB2_38;\n",
+    " setp.eq.s64  %p20, %rd11, 0;\n",
+    " mov.u64  %rd323, %rd62;\n",
+    " @%p20 bra  $L__BB2_36;\n",
+    " add.s64  %rd215, %rd62, %rd61;\n",
+    " add.s64  %rd216, %rd31, %rd215;\n",
+    " ld.u8  %rd217, [%rd216];\n",
+    " xor.b64   %rd218, %rd336, %rd217;\n",
+    " mul.lo.s64  %rd336, %rd218, 1099511628211;\n",
+    " add.s64  %rd323, %rd62, 1;\n",
+    " setp.eq.s64  %p21, %rd11, 1;\n",
+    " @%p21 bra  $L__BB2_36;\n",
+    " add.s64  %rd219, %rd323, %rd61;\n",
+    " add.s64  %rd220, %rd31, %rd219;\n",
+    " ld.u8  %rd221, [%rd220];\n",
+    " xor.b64   %rd222, %rd336, %rd221;\n",
+    " mul.lo.s64  %rd336, %rd222, 1099511628211;\n",
+    " add.s64  %rd323, %rd62, 2;\n",
+    " setp.eq.s64  %p22, %rd11, 2;\n",
+    " @%p22 bra  $L__BB2_36;\n",
+    " add.s64  %rd223, %rd323, %rd61;\n",
+    " add.s64  %rd224, %rd31, %rd223;\n",
+    " ld.u8  %rd225, [%rd224];\n",
+    " xor.b64   %rd226, %rd336, %rd225;\n",
+    " mul.lo.s64  %rd336, %rd226, 1099511628211;\n",
+    " add.s64  %rd323, %rd62, 3;\n",
+    "$L__BB2_36:\n",
+    " not.b64  %rd227, %rd62;\n",
+    " add.s64  %rd228, %rd7, %rd227;\n",
+    " setp.lt.u64  %p23, %rd228, 3;\n",
+    " @%p23 bra  $L__BB2_38;\n",
+    "$L__BB2_37:\n",
+    " add.s64  %rd229, %rd323, %rd61;\n",
+    " add.s64  %rd230, %rd31, %rd229;\n",
+    " ld.u8  %rd231, [%rd230];\n",
+    " xor.b64   %rd232, %rd336, %rd231;\n",
+    " mul.lo.s64  %rd233, %rd232, 1099511628211;\n",
+    " ld.u8  %rd234, [%rd230+1];\n",
+    " xor.b64   %rd235, %rd233, %rd234;\n",
+    " mul.lo.s64  %rd236, %rd235, 1099511628211;\n",
+    " ld.u8  %rd237, [%rd230+2];\n",
+    " xor.b64   %rd238, %rd236, %rd237;\n",
+    " mul.lo.s64  %rd239, %rd238, 1099511628211;\n",
+    " ld.u8  %rd240, [%rd230+3];\n",
+    " xor.b64   %rd241, %rd239, %rd240;\n",
+    " mul.lo.s64  %rd336, %rd241, 1099511628211;\n",
+    " add.s64  %rd323, %rd323, 4;\n",
+    " setp.lt.u64  %p24, %rd323, %rd7;\n",
+    " @%p24 bra  $L__BB2_37;\n",
+    "$L__BB2_38:\n",
+    " add.s32  %r47, %r47, 1;\n",
+    " setp.lt.u32  %p25, %r47, %r2;\n",
+    " @%p25 bra  $L__BB2_26;\n",
+    "$L__BB2_60:\n",
+    " shr.u64  %rd293, %rd336, 32;\n",
+    " cvt.u32.u64  %r42, %rd336;\n",
+    " cvt.u32.u64  %r43, %rd293;\n",
+    " xor.b32   %r44, %r43, %r42;\n",
+    " or.b32   %r45, %r44, 1;\n",
+    " mul.lo.s64  %rd294, %rd29, %rd8;\n",
+    " add.s64  %rd295, %rd294, %rd30;\n",
+    " mul.lo.s64  %rd296, %rd295, %rd2;\n",
+    " add.s64  %rd297, %rd296, %rd303;\n",
+    " shl.b64  %rd298, %rd297, 2;\n",
+    " add.s64  %rd299, %rd15, %rd298;\n",
+    " st.global.u32  [%rd299], %r45;\n",
+    " add.s64  %rd301, %rd301, %rd9;\n",
+    " setp.lt.u64  %p41, %rd301, %rd3;\n",
+    " @%p41 bra  $L__BB2_2;\n",
+    "$L__BB2_61:\n",
+    " ret;\n",
+    "}\n",
+    ".visible .entry kvx_csum_check(\n",
+    " .param .u64 kvx_csum_check_param_0,\n",
+    " .param .u32 kvx_csum_check_param_1,\n",
+    " .param .u64 kvx_csum_check_param_2,\n",
+    " .param .u64 kvx_csum_check_param_3,\n",
+    " .param .align 8 .b8 kvx_csum_check_param_4[24],\n",
+    " .param .u32 kvx_csum_check_param_5,\n",
+    " .param .u32 kvx_csum_check_param_6,\n",
+    " .param .u32 kvx_csum_check_param_7,\n",
+    " .param .u32 kvx_csum_check_param_8,\n",
+    " .param .u64 kvx_csum_check_param_9,\n",
+    " .param .u32 kvx_csum_check_param_10,\n",
+    " .param .u32 kvx_csum_check_param_11,\n",
+    " .param .u64 kvx_csum_check_param_12\n",
+    ")\n",
+    "{\n",
+    " .reg .pred  %p<36>;\n",
+    " .reg .b32  %r<65>;\n",
+    " .reg .b64  %rd<296>;\n",
+    " ld.param.u64  %rd100, [kvx_csum_check_param_0];\n",
+    " ld.param.u32  %r24, [kvx_csum_check_param_1];\n",
+    " ld.param.u64  %rd101, [kvx_csum_check_param_2];\n",
+    " ld.param.v2.u32  {%r25, %r26}, [kvx_csum_check_param_4+8];\n",
+    " ld.param.v2.u32  {%r27, %r28}, [kvx_csum_check_param_4+16];\n",
+    " ld.param.u32  %r19, [kvx_csum_check_param_5];\n",
+    " ld.param.u32  %r29, [kvx_csum_check_param_6];\n",
+    " ld.param.u64  %rd104, [kvx_csum_check_param_9];\n",
+    " ld.param.u32  %r22, [kvx_csum_check_param_10];\n",
+    " ld.param.u32  %r23, [kvx_csum_check_param_11];\n",
+    " ld.param.u64  %rd105, [kvx_csum_check_param_12];\n",
+    " ld.param.u64  %rd103, [kvx_csum_check_param_4];\n",
+    " cvta.to.global.u64  %rd1, %rd105;\n",
+    " sub.s32  %r30, %r29, %r19;\n",
+    " cvt.u64.u32  %rd2, %r30;\n",
+    " mul.wide.u32  %rd3, %r30, %r24;\n",
+    " mov.u32  %r31, %ctaid.x;\n",
+    " mov.u32  %r32, %ntid.x;\n",
+    " cvt.u64.u32  %rd4, %r32;\n",
+    " mul.wide.u32  %rd106, %r31, %r32;\n",
+    " mov.u32  %r33, %tid.x;\n",
+    " cvt.u64.u32  %rd107, %r33;\n",
+    " add.s64  %rd259, %rd106, %rd107;\n",
+    " setp.ge.u64  %p1, %rd259, %rd3;\n",
+    " @%p1 bra  $L__BB3_52;\n",
+    " cvt.u64.u32  %rd7, %r22;\n",
+    " cvt.u64.u32  %rd8, %r23;\n",
+    " mov.u32  %r34, %nctaid.x;\n",
+    " cvt.u64.u32  %rd108, %r34;\n",
+    " mul.lo.s64  %rd9, %rd108, %rd4;\n",
+    " setp.eq.s32  %p2, %r25, 0;\n",
+    " selp.b32  %r2, %r27, 1, %p2;\n",
+    " selp.b32  %r35, 1, %r27, %p2;\n",
+    " cvt.u64.u32  %rd109, %r35;\n",
+    " mul.lo.s64  %rd10, %rd103, %rd109;\n",
+    " cvt.u64.u32  %rd11, %r26;\n",
+    " add.s64  %rd12, %rd10, -1;\n",
+    " and.b64   %rd13, %rd10, 3;\n",
+    " cvta.to.global.u64  %rd15, %rd100;\n",
+    " cvta.to.global.u64  %rd16, %rd104;\n",
+    " cvta.to.global.u64  %rd17, %rd101;\n",
+    "$L__BB3_2:\n",
+    " and.b64   %rd110, %rd259, -4294967296;\n",
+    " setp.eq.s64  %p3, %rd110, 0;\n",
+    " @%p3 bra  $L__BB3_4;\n",
+    " div.u64  %rd260, %rd259, %rd2;\n",
+    " mul.lo.s64  %rd111, %rd260, %rd2;\n",
+    " sub.s64  %rd261, %rd259, %rd111;\n",
+    " bra.uni  $L__BB3_5;\n",
+    "$L__BB3_4:\n",
+    " cvt.u32.u64  %r36, %rd2;\n",
+    " cvt.u32.u64  %r37, %rd259;\n",
+    " div.u32  %r38, %r37, %r36;\n",
+    " mul.lo.s32  %r39, %r38, %r36;\n",
+    " sub.s32  %r40, %r37, %r39;\n",
+    " cvt.u64.u32  %rd260, %r38;\n",
+    " cvt.u64.u32  %rd261, %r40;\n",
+    "$L__BB3_5:\n",
+    " ld.param.u32  %r60, [kvx_csum_check_param_8];\n",
+    " ld.param.u32  %r59, [kvx_csum_check_param_5];\n",
+    " shl.b64  %rd112, %rd260, 4;\n",
+    " add.s64  %rd113, %rd15, %rd112;\n",
+    " ld.global.nc.v4.u32  {%r41, %r42, %r43, %r44}, [%rd113];\n",
+    " cvt.u32.u64  %r45, %rd261;\n",
+    " add.s32  %r7, %r45, %r59;\n",
+    " cvt.u64.u32  %rd25, %r41;\n",
+    " mul.lo.s64  %rd114, %rd25, %rd7;\n",
+    " cvt.u64.u32  %rd115, %r43;\n",
+    " add.s64  %rd116, %rd114, %rd115;\n",
+    " mul.lo.s64  %rd117, %rd116, %rd8;\n",
+    " sub.s32  %r46, %r7, %r60;\n",
+    " cvt.u64.u32  %rd118, %r46;\n",
+    " add.s64  %rd119, %rd117, %rd118;\n",
+    " shl.b64  %rd120, %rd119, 2;\n",
+    " add.s64  %rd121, %rd16, %rd120;\n",
+    " ld.global.nc.u32  %r8, [%rd121];\n",
+    " setp.eq.s32  %p4, %r8, 0;\n",
+    " @%p4 bra  $L__BB3_50;\n",
+    " ld.param.u64  %rd257, [kvx_csum_check_param_3];\n",
+    " setp.eq.s32  %p5, %r2, 0;\n",
+    " cvt.u64.u32  %rd123, %r42;\n",
+    " mul.lo.s64  %rd124, %rd123, %rd257;\n",
+    " shl.b64  %rd125, %rd25, 3;\n",
+    " add.s64  %rd126, %rd17, %rd125;\n",
+    " ld.global.nc.u64  %rd127, [%rd126];\n",
+    " add.s64  %rd26, %rd127, %rd124;\n",
+    " mov.u64  %rd281, 2611923443488327891;\n",
+    " @%p5 bra  $L__BB3_48;\n",
+    " ld.param.u32  %r61, [kvx_csum_check_param_7];\n",
+    " sub.s32  %r47, %r7, %r61;\n",
+    " cvt.u64.u32  %rd27, %r47;\n",
+    " mul.lo.s64  %rd28, %rd10, %rd27;\n",
+    " mov.u64  %rd281, 2611923443488327891;\n",
+    " @%p2 bra  $L__BB3_33;\n",
+    " setp.lt.u64  %p7, %rd10, 8;\n",
+    " @%p7 bra  $L__BB3_23;\n",
+    " bra.uni  $L__BB3_9;\n",
+    "$L__BB3_23:\n",
+    " mov.u32  %r63, 0;\n",
+    "$L__BB3_24:\n",
+    " setp.eq.s64  %p17, %rd10, 0;\n",
+    " @%p17 bra  $L__BB3_32;\n",
+    " setp.lt.u64  %p18, %rd12, 3;\n",
+    " mov.u64  %rd279, 0;\n",
+    " @%p18 bra  $L__BB3_28;\n",
+    " sub.s64  %rd277, %rd10, %rd13;\n",
+    " mov.u64  %rd279, 0;\n",
+    "$L__BB3_27:\n",
+    " add.s64  %rd181, %rd279, %rd28;\n",
+    " add.s64  %rd182, %rd26, %rd181;\n",
+    " ld.u8  %rd183, [%rd182];\n",
+    " xor.b64   %rd184, %rd281, %rd183;\n",
+    " mul.lo.s64  %rd185, %rd184, 1099511628211;\n",
+    " ld.u8  %rd186, [%rd182+1];\n",
+    " xor.b64   %rd187, %rd185, %rd186;\n",
+    " mul.lo.s64  %rd188, %rd187, 1099511628211;\n",
+    " ld.u8  %rd189, [%rd182+2];\n",
+    " xor.b64   %rd190, %rd188, %rd189;\n",
+    " mul.lo.s64  %rd191, %rd190, 1099511628211;\n",
+    " ld.u8  %rd192, [%rd182+3];\n",
+    " xor.b64   %rd193, %rd191, %rd192;\n",
+    " mul.lo.s64  %rd281, %rd193, 1099511628211;\n",
+    " add.s64  %rd279, %rd279, 4;\n",
+    " add.s64  %rd277, %rd277, -4;\n",
+    " setp.ne.s64  %p19, %rd277, 0;\n",
+    " @%p19 bra  $L__BB3_27;\n",
+    "$L__BB3_28:\n",
+    " setp.eq.s64  %p20, %rd13, 0;\n",
+    " @%p20 bra  $L__BB3_32;\n",
+    " add.s64  %rd194, %rd279, %rd28;\n",
+    " add.s64  %rd66, %rd26, %rd194;\n",
+    " ld.u8  %rd195, [%rd66];\n",
+    " xor.b64   %rd196, %rd281, %rd195;\n",
+    " mul.lo.s64  %rd281, %rd196, 1099511628211;\n",
+    " setp.eq.s64  %p21, %rd13, 1;\n",
+    " @%p21 bra  $L__BB3_32;\n",
+    " setp.eq.s64  %p22, %rd13, 2;\n",
+    " ld.u8  %rd197, [%rd66+1];\n",
+    " xor.b64   %rd198, %rd281, %rd197;\n",
+    " mul.lo.s64  %rd281, %rd198, 1099511628211;\n",
+    " @%p22 bra  $L__BB3_32;\n",
+    " ld.u8  %rd199, [%rd66+2];\n",
+    " xor.b64   %rd200, %rd281, %rd199;\n",
+    " mul.lo.s64  %rd281, %rd200, 1099511628211;\n",
+    "$L__BB3_32:\n",
+    " add.s32  %r63, %r63, 1;\n",
+    " setp.lt.u32  %p23, %r63, %r2;\n",
+    " @%p23 bra  $L__BB3_24;\n",
+    " bra.uni  $L__BB3_48;\n",
+    "$L__BB3_50:\n",
+    " cvt.u32.u64  %r57, %rd259;\n",
+    " add.s64  %rd256, %rd1, 4;\n",
+    " atom.global.min.u32  %r58, [%rd256], %r57;\n",
+    " bra.uni  $L__BB3_51;\n",
+    "$L__BB3_33:\n",
+    " mov.u32  %r64, 0;\n",
+    "$L__BB3_34:\n",
+    " cvt.u64.u32  %rd203, %r64;\n",
+    " mul.lo.s64  %rd204, %rd203, %rd11;\n",
+    " add.s64  %rd205, %rd204, %rd27;\n",
+    " mul.lo.s64  %rd72, %rd205, %rd103;\n",
+    " setp.lt.u64  %p24, %rd10, 8;\n",
+    " mov.u64  %rd288, 0;\n",
+    " @%p24 bra  $L__BB3_40;\n",
+    " mov.u64  %rd284, 0;\n",
+    " mov.u64  %rd283, 8;\n",
+    "$L__BB3_36:\n",
+    " mov.u64  %rd288, %rd283;\n",
+    " add.s64  %rd208, %rd284, %rd72;\n",
+    " add.s64  %rd76, %rd26, %rd208;\n",
+    " and.b64   %rd209, %rd76, 7;\n",
+    " setp.eq.s64  %p25, %rd209, 0;\n",
+    " @%p25 bra  $L__BB3_38;\n",
+    " ld.u8  %rd210, [%rd76+7];\n",
+    " ld.u8  %rd211, [%rd76+6];\n",
+    " bfi.b64  %rd212, %rd210, %rd211, 8, 8;\n",
+    " ld.u8  %rd213, [%rd76+5];\n",
+    " bfi.b64  %rd214, %rd212, %rd213, 8, 56;\n",
+    " ld.u8  %rd215, [%rd76+4];\n",
+    " bfi.b64  %rd216, %rd214, %rd215, 8, 56;\n",
+    " ld.u8  %rd217, [%rd76+3];\n",
+    " bfi.b64  %rd218, %rd216, %rd217, 8, 56;\n",
+    " ld.u8  %rd219, [%rd76+2];\n",
+    " bfi.b64  %rd220, %rd218, %rd219, 8, 56;\n",
+    " ld.u8  %rd221, [%rd76+1];\n",
+    " bfi.b64  %rd222, %rd220, %rd221, 8, 56;\n",
+    " ld.u8  %rd223, [%rd76];\n",
+    " bfi.b64  %rd286, %rd222, %rd223, 8, 56;\n",
+    " bra.uni  $L__BB3_39;\n",
+    "$L__BB3_38:\n",
+    " ld.u64  %rd286, [%rd76];\n",
+    "$L__BB3_39:\n",
+    " xor.b64   %rd224, %rd286, %rd281;\n",
+    " mul.lo.s64  %rd225, %rd224, -7046029254386353131;\n",
+    " shr.u64  %rd226, %rd225, 29;\n",
+    " xor.b64   %rd281, %rd226, %rd225;\n",
+    " add.s64  %rd283, %rd288, 8;\n",
+    " setp.le.u64  %p26, %rd283, %rd10;\n",
+    " mov.u64  %rd284, %rd288;\n",
+    " @%p26 bra  $L__BB3_36;\n",
+    "$L__BB3_40:\n",
+    " setp.le.u64  %p27, %rd10, %rd288;\n",
+    " @%p27 bra  $L__BB3_47;\n",
+    " setp.eq.s64  %p28, %rd13, 0;\n",
+    " mov.u64  %rd289, %rd288;\n",
+    " @%p28 bra  $L__BB3_45;\n",
+    " add.s64  %rd228, %rd288, %rd72;\n",
+    " add.s64  %rd229, %rd26, %rd228;\n",
+    " ld.u8  %rd230, [%rd229];\n",
+    " xor.b64   %rd231, %rd281, %rd230;\n",
+    " mul.lo.s64  %rd281, %rd231, 1099511628211;\n",
+    " add.s64  %rd289, %rd288, 1;\n",
+    " setp.eq.s64  %p29, %rd13, 1;\n",
+    " @%p29 bra  $L__BB3_45;\n",
+    " add.s64  %rd232, %rd289, %rd72;\n",
+    " add.s64  %rd233, %rd26, %rd232;\n",
+    " ld.u8  %rd234, [%rd233];\n",
+    " xor.b64   %rd235, %rd281, %rd234;\n",
+    " mul.lo.s64  %rd281, %rd235, 1099511628211;\n",
+    " add.s64  %rd289, %rd288, 2;\n",
+    " setp.eq.s64  %p30, %rd13, 2;\n",
+    " @%p30 bra  $L__BB3_45;\n",
+    " add.s64  %rd236, %rd289, %rd72;\n",
+    " add.s64  %rd237, %rd26, %rd236;\n",
+    " ld.u8  %rd238, [%rd237];\n",
+    " xor.b64   %rd239, %rd281, %rd238;\n",
+    " mul.lo.s64  %rd281, %rd239, 1099511628211;\n",
+    " add.s64  %rd289, %rd288, 3;\n",
+    "$L__BB3_45:\n",
+    " not.b64  %rd240, %rd288;\n",
+    " add.s64  %rd241, %rd10, %rd240;\n",
+    " setp.lt.u64  %p31, %rd241, 3;\n",
+    " @%p31 bra  $L__BB3_47;\n",
+    "$L__BB3_46:\n",
+    " add.s64  %rd242, %rd289, %rd72;\n",
+    " add.s64  %rd243, %rd26, %rd242;\n",
+    " ld.u8  %rd244, [%rd243];\n",
+    " xor.b64   %rd245, %rd281, %rd244;\n",
+    " mul.lo.s64  %rd246, %rd245, 1099511628211;\n",
+    " ld.u8  %rd247, [%rd243+1];\n",
+    " xor.b64   %rd248, %rd246, %rd247;\n",
+    " mul.lo.s64  %rd249, %rd248, 1099511628211;\n",
+    " ld.u8  %rd250, [%rd243+2];\n",
+    " xor.b64   %rd251, %rd249, %rd250;\n",
+    " mul.lo.s64  %rd252, %rd251, 1099511628211;\n",
+    " ld.u8  %rd253, [%rd243+3];\n",
+    " xor.b64   %rd254, %rd252, %rd253;\n",
+    " mul.lo.s64  %rd281, %rd254, 1099511628211;\n",
+    " add.s64  %rd289, %rd289, 4;\n",
+    " setp.lt.u64  %p32, %rd289, %rd10;\n",
+    " @%p32 bra  $L__BB3_46;\n",
+    "$L__BB3_47:\n",
+    " add.s32  %r64, %r64, 1;\n",
+    " setp.lt.u32  %p33, %r64, %r2;\n",
+    " @%p33 bra  $L__BB3_34;\n",
+    " bra.uni  $L__BB3_48;\n",
+    "$L__BB3_9:\n",
+    " mov.u32  %r62, 0;\n",
+    "$L__BB3_10:\n",
+    " mov.u64  %rd265, 8;\n",
+    " mov.u64  %rd264, 0;\n",
+    " mov.u64  %rd263, %rd12;\n",
+    "$L__BB3_11:\n",
+    " mov.u64  %rd32, %rd265;\n",
+    " add.s64  %rd131, %rd264, %rd28;\n",
+    " add.s64  %rd34, %rd26, %rd131;\n",
+    " and.b64   %rd132, %rd34, 7;\n",
+    " setp.eq.s64  %p8, %rd132, 0;\n",
+    " @%p8 bra  $L__BB3_13;\n",
+    " ld.u8  %rd133, [%rd34+7];\n",
+    " ld.u8  %rd134, [%rd34+6];\n",
+    " bfi.b64  %rd135, %rd133, %rd134, 8, 8;\n",
+    " ld.u8  %rd136, [%rd34+5];\n",
+    " bfi.b64  %rd137, %rd135, %rd136, 8, 56;\n",
+    " ld.u8  %rd138, [%rd34+4];\n",
+    " bfi.b64  %rd139, %rd137, %rd138, 8, 56;\n",
+    " ld.u8  %rd140, [%rd34+3];\n",
+    " bfi.b64  %rd141, %rd139, %rd140, 8, 56;\n",
+    " ld.u8  %rd142, [%rd34+2];\n",
+    " bfi.b64  %rd143, %rd141, %rd142, 8, 56;\n",
+    " ld.u8  %rd144, [%rd34+1];\n",
+    " bfi.b64  %rd145, %rd143, %rd144, 8, 56;\n",
+    " ld.u8  %rd146, [%rd34];\n",
+    " bfi.b64  %rd267, %rd145, %rd146, 8, 56;\n",
+    " bra.uni  $L__BB3_14;\n",
+    "$L__BB3_13:\n",
+    " ld.u64  %rd267, [%rd34];\n",
+    "$L__BB3_14:\n",
+    " xor.b64   %rd147, %rd267, %rd281;\n",
+    " mul.lo.s64  %rd148, %rd147, -7046029254386353131;\n",
+    " shr.u64  %rd149, %rd148, 29;\n",
+    " xor.b64   %rd281, %rd149, %rd148;\n",
+    " add.s64  %rd265, %rd32, 8;\n",
+    " add.s64  %rd263, %rd263, -8;\n",
+    " add.s64  %rd41, %rd264, 8;\n",
+    " add.s64  %rd150, %rd264, 16;\n",
+    " setp.le.u64  %p9, %rd150, %rd10;\n",
+    " mov.u64  %rd264, %rd41;\n",
+    " @%p9 bra  $L__BB3_11;\n",
+    " setp.le.u64  %p10, %rd10, %rd41;\n",
+    " @%p10 bra  $L__BB3_22;\n",
+    " setp.eq.s64  %p11, %rd13, 0;\n",
+    " mov.u64  %rd268, %rd41;\n",
+    " @%p11 bra  $L__BB3_20;\n",
+    " add.s64  %rd152, %rd32, %rd28;\n",
+    " add.s64  %rd153, %rd26, %rd152;\n",
+    " ld.u8  %rd154, [%rd153];\n",
+    " xor.b64   %rd155, %rd281, %rd154;\n",
+    " mul.lo.s64  %rd281, %rd155, 1099511628211;\n",
+    " add.s64  %rd268, %rd32, 1;\n",
+    " setp.eq.s64  %p12, %rd13, 1;\n",
+    " @%p12 bra  $L__BB3_20;\n",
+    " add.s64  %rd156, %rd268, %rd28;\n",
+    " add.s64  %rd157, %rd26, %rd156;\n",
+    " ld.u8  %rd158, [%rd157];\n",
+    " xor.b64   %rd159, %rd281, %rd158;\n",
+    " mul.lo.s64  %rd281, %rd159, 1099511628211;\n",
+    " add.s64  %rd268, %rd32, 2;\n",
+    " setp.eq.s64  %p13, %rd13, 2;\n",
+    " @%p13 bra  $L__BB3_20;\n",
+    " add.s64  %rd160, %rd268, %rd28;\n",
+    " add.s64  %rd161, %rd26, %rd160;\n",
+    " ld.u8  %rd162, [%rd161];\n",
+    " xor.b64   %rd163, %rd281, %rd162;\n",
+    " mul.lo.s64  %rd281, %rd163, 1099511628211;\n",
+    " add.s64  %rd268, %rd41, 3;\n",
+    "$L__BB3_20:\n",
+    " setp.lt.u64  %p14, %rd263, 3;\n",
+    " @%p14 bra  $L__BB3_22;\n",
+    "$L__BB3_21:\n",
+    " add.s64  %rd164, %rd268, %rd28;\n",
+    " add.s64  %rd165, %rd26, %rd164;\n",
+    " ld.u8  %rd166, [%rd165];\n",
+    " xor.b64   %rd167, %rd281, %rd166;\n",
+    " mul.lo.s64  %rd168, %rd167, 1099511628211;\n",
+    " ld.u8  %rd169, [%rd165+1];\n",
+    " xor.b64   %rd170, %rd168, %rd169;\n",
+    " mul.lo.s64  %rd171, %rd170, 1099511628211;\n",
+    " ld.u8  %rd172, [%rd165+2];\n",
+    " xor.b64   %rd173, %rd171, %rd172;\n",
+    " mul.lo.s64  %rd174, %rd173, 1099511628211;\n",
+    " ld.u8  %rd175, [%rd165+3];\n",
+    " xor.b64   %rd176, %rd174, %rd175;\n",
+    " mul.lo.s64  %rd281, %rd176, 1099511628211;\n",
+    " add.s64  %rd268, %rd268, 4;\n",
+    " setp.lt.u64  %p15, %rd268, %rd10;\n",
+    " @%p15 bra  $L__BB3_21;\n",
+    "$L__BB3_22:\n",
+    " add.s32  %r62, %r62, 1;\n",
+    " setp.lt.u32  %p16, %r62, %r2;\n",
+    " @%p16 bra  $L__BB3_10;\n",
+    "$L__BB3_48:\n",
+    " shr.u64  %rd255, %rd281, 32;\n",
+    " cvt.u32.u64  %r51, %rd281;\n",
+    " cvt.u32.u64  %r52, %rd255;\n",
+    " xor.b32   %r53, %r52, %r51;\n",
+    " or.b32   %r54, %r53, 1;\n",
+    " setp.eq.s32  %p34, %r54, %r8;\n",
+    " @%p34 bra  $L__BB3_51;\n",
+    " cvt.u32.u64  %r55, %rd259;\n",
+    " atom.global.min.u32  %r56, [%rd1], %r55;\n",
+    "$L__BB3_51:\n",
+    " add.s64  %rd259, %rd259, %rd9;\n",
+    " setp.lt.u64  %p35, %rd259, %rd3;\n",
+    " @%p35 bra  $L__BB3_2;\n",
+    "$L__BB3_52:\n",
+    " ret;\n",
+    "}\n",
 /* PTX kvx_copy END */
     NULL
 };
@@ -664,7 +1478,10 @@ KVX__PRIV CUresult kvx__cuda_module(kvx__cuda_dev *d) {
     *p = 0;
     rc = cuModuleLoadData(&d->mod, text);
     KVX_FREE(text);
-    if (rc == CUDA_SUCCESS && (rc = cuModuleGetFunction(&d->fn, d->mod, "kvx_copy")) != CUDA_SUCCESS) {
+    if (rc == CUDA_SUCCESS && ((rc = cuModuleGetFunction(&d->fn, d->mod, "kvx_copy")) != CUDA_SUCCESS ||
+                               (rc = cuModuleGetFunction(&d->fn_seal, d->mod, "kvx_csum_seal")) != CUDA_SUCCESS ||
+                               (rc = cuModuleGetFunction(&d->fn_check, d->mod, "kvx_csum_check")) != CUDA_SUCCESS)) {
+        d->fn = NULL;
         cuModuleUnload(d->mod);
         d->mod = NULL;
     }
@@ -1794,11 +2611,14 @@ KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
         uint32_t k = 0;
         for (i = 0; i < b->nreads; i++) {
             kvx__read *rd = b->reads[i];
-            memset(&ops[k], 0, sizeof ops[k]);
-            ops[k].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_64;
-            ops[k].writeValue.address = sq->dwords + (rd->ticket % q->depth) * 8u;
-            ops[k].writeValue.value64 = (rd->ticket << 2) | 1u;
-            if (++k == 64 || i + 1 == b->nreads) {
+            if (!rd->verify) {  /* a verified read's word is written once the check is done (kvx__stream_read_final) */
+                memset(&ops[k], 0, sizeof ops[k]);
+                ops[k].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_64;
+                ops[k].writeValue.address = sq->dwords + (rd->ticket % q->depth) * 8u;
+                ops[k].writeValue.value64 = (rd->ticket << 2) | 1u;
+                k++;
+            }
+            if (k && (k == 64 || i + 1 == b->nreads)) {
                 if ((rc = cuStreamBatchMemOp(cq->s, k, ops, 0)) != CUDA_SUCCESS) { what = "cuStreamBatchMemOp (completion words)"; goto fail; }
                 k = 0;
             }
@@ -1960,8 +2780,11 @@ KVX__PRIV kvx_status kvx__cuda_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *
     h->ntasks = (uint32_t)tasks;
     b->ntasks += (uint32_t)tasks;
     b->reads[b->nreads++] = rd;
-    /* Taken whole: the cursor goes past the end and the read counts one op. */
+    /* Taken whole: the cursor goes past the end and the read counts one op.
+       A verified read's checksums are not copied: the check reads the
+       producer's table where it is mapped (kvx__cuda_verify). */
     rd->c_plane = rd->layer_end * lc->lay.kv_planes;
+    rd->v_plane = rd->layer_end * lc->lay.kv_planes;
     ctx->st.descs_posted += rd->ops_total - 1;
     return KVX_OK;
 }
@@ -2144,6 +2967,198 @@ KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
         cq->grid_max = (uint32_t)fit * (uint32_t)cq->d->sms;
     }
     return KVX_OK;
+}
+
+/*--- verify mode: checksums of GPU caches -----------------------------------
+   The table of a GPU cache lives on its device and is exported with the
+   cache, so a CUDA-backend reader checks against the producer's table where
+   it is mapped, with no copy. Sealing and checking are kernels (kvx_csum_*
+   in scripts/kvx_cuda_copy.cu) computing kvx__head_sum bit for bit; both
+   synchronize, on a stream of their own: verify is a debugging mode. */
+
+/* The layout block the checksum kernels take (struct kvx_sum_lay). */
+typedef struct kvx__cuda_sum_lay { uint64_t hb; uint32_t hnd, num_heads, block_tokens, pad; } kvx__cuda_sum_lay;
+
+KVX__PRIV kvx__cuda_sum_lay kvx__cuda_sum_lay_of(const kvx__cache_info *ci) {
+    kvx__cuda_sum_lay l;
+    memset(&l, 0, sizeof l);
+    l.hb = (uint64_t)ci->lay.head_dim * ci->lay.elem_bytes;
+    l.hnd = ci->lay.order == KVX_ORDER_HND;
+    l.num_heads = ci->lay.num_heads;
+    l.block_tokens = ci->lay.block_tokens;
+    return l;
+}
+
+KVX__PRIV kvx_status kvx__cuda_csum_alloc(kvx_ctx *ctx, kvx__cache_info *ci, uint64_t bytes) {
+    kvx__cuda_dev *d;
+    CUdeviceptr p = 0;
+    CUcontext prev;
+    CUresult rc;
+    kvx_status st;
+    if ((st = kvx__cuda_init(ctx)) != KVX_OK || (st = kvx__cuda_dev_get(ctx, ci->device, 0, &d)) != KVX_OK) return st;
+    if ((rc = cuCtxPushCurrent(d->pctx)) != CUDA_SUCCESS) { kvx__cuda_dev_put(d); return kvx__cuda_err(ctx, rc, "cuCtxPushCurrent"); }
+    if ((rc = cuMemAlloc(&p, (size_t)bytes)) == CUDA_SUCCESS && (rc = cuMemsetD8(p, 0, (size_t)bytes)) == CUDA_SUCCESS) rc = cuCtxSynchronize();
+    if (rc != CUDA_SUCCESS && p) cuMemFree(p);
+    cuCtxPopCurrent(&prev);
+    if (rc != CUDA_SUCCESS) { kvx__cuda_dev_put(d); return kvx__cuda_err(ctx, rc, "cuMemAlloc (checksum table)"); }
+    ci->csum_dev = (uint64_t)p;  /* holds the device's reference until kvx__cuda_csum_free */
+    return KVX_OK;
+}
+
+KVX__PRIV void kvx__cuda_csum_free(kvx__cache_info *ci) {
+    kvx__cuda_dev *d = &kvx__cuda_devs[ci->device];
+    CUcontext prev;
+    if (cuCtxPushCurrent(d->pctx) == CUDA_SUCCESS) {
+        cuMemFree((CUdeviceptr)ci->csum_dev);
+        cuCtxPopCurrent(&prev);
+    }
+    ci->csum_dev = 0;
+    kvx__cuda_dev_put(d);
+}
+
+/* Run one checksum kernel: bytes of host data go to a scratch buffer first;
+   *p0 and *p1 (kernel arguments) become its addresses at off0 and off1, *pres
+   the address of res_bytes of results after the data (set to 0xff), copied
+   back into res once the kernel is done. */
+KVX__PRIV kvx_status kvx__cuda_sum_run(kvx_ctx *ctx, int ord, int seal, const void *data, size_t bytes, CUdeviceptr *p0, size_t off0, CUdeviceptr *p1,
+                                       size_t off1, CUdeviceptr *pres, void *res, size_t res_bytes, void **args, uint64_t total) {
+    kvx__cuda_dev *d;
+    CUcontext prev;
+    CUstream s = NULL;
+    CUdeviceptr buf = 0;
+    CUresult rc;
+    kvx_status st;
+    uint64_t grid = (total + 255u) / 256u;
+    const char *what;
+    if ((st = kvx__cuda_dev_get(ctx, ord, 1, &d)) != KVX_OK) return st;
+    if (grid > 8u * (uint64_t)d->sms) grid = 8u * (uint64_t)d->sms;
+    if (!grid) grid = 1;
+    if ((rc = cuCtxPushCurrent(d->pctx)) != CUDA_SUCCESS) { kvx__cuda_dev_put(d); return kvx__cuda_err(ctx, rc, "cuCtxPushCurrent"); }
+    /* Everything on a non-blocking stream of its own, the scratch from the
+       stream-ordered allocator: cuMemFree and copies on the legacy stream
+       wait for other work on the device, and a stream waiting on this very
+       read (kvx_stream_wait) is released only after the check. */
+    what = "cuStreamCreate";
+    if ((rc = cuStreamCreate(&s, CU_STREAM_NON_BLOCKING)) == CUDA_SUCCESS) {
+        what = "cuMemAllocAsync (checksum kernel data)";
+        if ((rc = cuMemAllocAsync(&buf, bytes + res_bytes, s)) == CUDA_SUCCESS) {
+            *p0 = buf + off0;
+            *p1 = buf + off1;
+            if (pres) *pres = buf + bytes;
+            what = "cuMemcpyHtoDAsync (checksum kernel data)";
+            if ((rc = cuMemcpyHtoDAsync(buf, data, bytes, s)) == CUDA_SUCCESS && (!res_bytes || (rc = cuMemsetD8Async(buf + bytes, 0xff, res_bytes, s)) == CUDA_SUCCESS)) {
+                what = seal ? "cuLaunchKernel (checksum seal)" : "cuLaunchKernel (checksum check)";
+                if ((rc = cuLaunchKernel(seal ? d->fn_seal : d->fn_check, (unsigned)grid, 1, 1, 256, 1, 1, 0, s, args, NULL)) == CUDA_SUCCESS) {
+                    what = "cuMemcpyDtoHAsync (check result)";
+                    if (!res_bytes || (rc = cuMemcpyDtoHAsync(res, buf + bytes, res_bytes, s)) == CUDA_SUCCESS) what = "";
+                }
+            }
+            cuMemFreeAsync(buf, s);
+            if (rc == CUDA_SUCCESS && (rc = cuStreamSynchronize(s)) != CUDA_SUCCESS) what = "cuStreamSynchronize (checksum kernel)";
+        }
+        cuStreamDestroy(s);
+    }
+    cuCtxPopCurrent(&prev);
+    kvx__cuda_dev_put(d);
+    return rc == CUDA_SUCCESS ? KVX_OK : kvx__cuda_err(ctx, rc, what);
+}
+
+KVX__PRIV kvx_status kvx__cuda_seal(kvx_ctx *ctx, const kvx__cache_info *ci, const uint32_t *blocks, uint32_t n) {
+    /* data: the plane bases, then the ids */
+    size_t pb = (size_t)ci->nplanes * 8u, bytes = pb + (size_t)n * 4u;
+    uint8_t *data = (uint8_t *)KVX_MALLOC(bytes);
+    CUdeviceptr planes = 0, ids = 0;
+    uint32_t nplanes = ci->nplanes, nb = ci->lay.num_blocks;
+    uint64_t bstride = ci->block_stride, table = ci->csum_dev;
+    kvx__cuda_sum_lay l = kvx__cuda_sum_lay_of(ci);
+    void *args[8];
+    kvx_status st;
+    args[0] = &planes; args[1] = &ids; args[2] = &n; args[3] = &nplanes; args[4] = &bstride; args[5] = &nb; args[6] = &l; args[7] = &table;
+    if (!data) return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_seal: out of memory");
+    memcpy(data, ci->plane_base, pb);
+    memcpy(data + pb, blocks, (size_t)n * 4u);
+    st = kvx__cuda_sum_run(ctx, ci->device, 1, data, bytes, &planes, 0, &ids, pb, NULL, NULL, 0, args, (uint64_t)nplanes * n * ci->lay.num_heads);
+    KVX_FREE(data);
+    return st;
+}
+
+/* A verified read of a GPU cache, after its copy: sampled heads checked on
+   the GPU against the producer's table as mapped here; a mismatch is
+   recomputed on the host to name what was found. */
+KVX__PRIV kvx_status kvx__cuda_verify(kvx__read *rd) {
+    kvx_queue *q = rd->q;
+    kvx_ctx *ctx = q->ctx;
+    const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
+    kvx__cuda_peer *cp = (kvx__cuda_peer *)rd->peer->be;
+    kvx__cuda_imp *m;
+    kvx__cuda_sum_lay l = kvx__cuda_sum_lay_of(lc);
+    uint64_t raddr, nitems = 0, lbstride = lc->block_stride;
+    uint32_t p, r, b, idx, res[2] = {0, 0}, *items, nh = rd->h_b - rd->h_a, ni, h_a = rd->h_a, h_b = rd->h_b, h_l0 = rd->h_l0, h_r0 = rd->h_r0;
+    uint32_t rnb = rc->lay.num_blocks, rnh = rc->lay.num_heads;
+    size_t pb = ((size_t)lc->nplanes * 8u + 15u) & ~(size_t)15u, bytes;
+    uint8_t *data;
+    CUdeviceptr lplanes = 0, pitems = 0, pres = 0, rtable;
+    void *args[13];
+    kvx_status st;
+    if (rc->mem != KVX_MEM_CUDA || !cp || rc->csum_region == KVX__NO_CSUM)
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "read %llu: a GPU cache is verified against the producer's checksum table on its GPU; peer %s/%d's cache %u has none",
+                         (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, rc->id);
+    raddr = rc->regions[rc->csum_region].addr;
+    if (!(m = kvx__cuda_imp_find(cp, raddr)))
+        return kvx__fail(ctx, KVX_ERR_PEER, "read %llu: peer %s/%d's checksum table is not mapped here", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank);
+    rtable = m->lbase + (raddr - m->rbase);
+    for (p = rd->layer_begin * lc->lay.kv_planes; p < rd->layer_end * lc->lay.kv_planes; p++)
+        for (idx = 0, r = 0; r < rd->nruns; r++)
+            for (b = 0; b < q->runs[(rd->run0 + r) % q->max_runs].n; b++, idx++)
+                if ((idx + rd->ticket) % rd->verify == 0) nitems++;
+    if (!nitems || !nh) return KVX_OK;
+    if (nitems * nh >= 0xffffffffull)
+        return kvx__fail(ctx, KVX_ERR_ARG, "read %llu: %llu heads to check in one read is more than the check handles: verify a sample (kvx_read.verify > 1) or split the read",
+                         (unsigned long long)rd->ticket, (unsigned long long)(nitems * nh));
+    bytes = pb + (size_t)nitems * 16u;
+    if (!(data = (uint8_t *)kvx__calloc(1, bytes))) return kvx__fail(ctx, KVX_ERR_NOMEM, "verify: out of memory");
+    memcpy(data, lc->plane_base, (size_t)lc->nplanes * 8u);
+    items = (uint32_t *)(data + pb);
+    for (ni = 0, p = rd->layer_begin * lc->lay.kv_planes; p < rd->layer_end * lc->lay.kv_planes; p++)
+        for (idx = 0, r = 0; r < rd->nruns; r++) {
+            const kvx__run *run = &q->runs[(rd->run0 + r) % q->max_runs];
+            for (b = 0; b < run->n; b++, idx++)
+                if ((idx + rd->ticket) % rd->verify == 0) {
+                    items[4 * ni] = p; items[4 * ni + 1] = run->l + b; items[4 * ni + 2] = run->r + b;
+                    ni++;
+                }
+        }
+    args[0] = &pitems; args[1] = &ni; args[2] = &lplanes; args[3] = &lbstride; args[4] = &l; args[5] = &h_a; args[6] = &h_b;
+    args[7] = &h_l0; args[8] = &h_r0; args[9] = &rtable; args[10] = &rnb; args[11] = &rnh; args[12] = &pres;
+    st = kvx__cuda_sum_run(ctx, lc->device, 0, data, bytes, &lplanes, 0, &pitems, pb, &pres, res, sizeof res, args, (uint64_t)ni * nh);
+    if (st == KVX_OK && res[1] != 0xffffffffu) {
+        const uint32_t *it = items + 4u * (res[1] / nh);
+        st = kvx__verify_unsealed(rd, it[0], it[2]);
+    } else if (st == KVX_OK && res[0] != 0xffffffffu) {
+        const uint32_t *it = items + 4u * (res[0] / nh);
+        uint32_t h = h_a + res[0] % nh, want = 0, got = 0;
+        uint8_t *blk = (uint8_t *)KVX_MALLOC((size_t)lc->block_bytes);
+        kvx__cuda_dev *d;
+        CUcontext prev;
+        CUstream s;
+        if (blk && kvx__cuda_dev_get(ctx, lc->device, 0, &d) == KVX_OK) {
+            if (cuCtxPushCurrent(d->pctx) == CUDA_SUCCESS) {
+                if (cuStreamCreate(&s, CU_STREAM_NON_BLOCKING) == CUDA_SUCCESS) {  /* not the legacy stream: see kvx__cuda_sum_run */
+                    if (cuMemcpyDtoHAsync(blk, (CUdeviceptr)(lc->plane_base[it[0]] + (uint64_t)it[1] * lc->block_stride), (size_t)lc->block_bytes, s) == CUDA_SUCCESS &&
+                        cuMemcpyDtoHAsync(&want, rtable + 4u * kvx__csum_index(rc, it[0], it[2], h - h_r0), 4, s) == CUDA_SUCCESS &&
+                        cuStreamSynchronize(s) == CUDA_SUCCESS)
+                        got = kvx__head_sum(lc, blk, h - h_l0);
+                    cuStreamDestroy(s);
+                }
+                cuCtxPopCurrent(&prev);
+            }
+            kvx__cuda_dev_put(d);
+        }
+        KVX_FREE(blk);
+        st = kvx__verify_mismatch(rd, it[0], it[2], it[1], h, got, want);
+    }
+    KVX_FREE(data);
+    return st;
 }
 
 /*--- stream-ordered completion (every backend) -------------------------------*/

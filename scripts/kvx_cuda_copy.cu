@@ -152,3 +152,69 @@ __device__ __forceinline__ void body(const kvx_rd *__restrict__ rds, u32 nreads,
    (the default cap takes 2 per SM, leaving room for compute kernels; kvx
    clamps a larger cap to what stays resident). */
 extern "C" __global__ void __launch_bounds__(256) kvx_copy(const kvx_rd *__restrict__ rds, u32 nreads, u32 ntasks) { body(rds, nreads, ntasks); }
+
+/*--- verify mode: per-head checksums on the GPU ----------------------------*/
+
+/* kvx__head_sum of kvx.h, bit for bit: a head's slices in token order (one
+   slice in HND, one per token in NHD), 8 little-endian bytes at a time. One
+   thread per head: these run on samples, next to reads, not instead. */
+struct kvx_sum_lay {
+    u64 hb;                     /* bytes of one head of one token */
+    u32 hnd, num_heads, block_tokens, pad;
+};
+
+__device__ u32 head_sum(const unsigned char *block, u32 head, const kvx_sum_lay &l) {
+    u64 h = 0x243F6A8885A308D3ull, i;
+    u32 t, nt = l.hnd ? 1u : l.block_tokens;
+    u64 len = l.hnd ? l.hb * l.block_tokens : l.hb;
+    for (t = 0; t < nt; t++) {
+        const unsigned char *p = block + (l.hnd ? (u64)head * len : ((u64)t * l.num_heads + head) * l.hb);
+        for (i = 0; i + 8 <= len; i += 8) {
+            u64 w;
+            if ((((u64)(p + i)) & 7u) == 0) w = *(const u64 *)(p + i);
+            else {
+                int k;
+                w = 0;
+                for (k = 7; k >= 0; k--) w = (w << 8) | p[i + k];
+            }
+            h = (h ^ w) * 0x9E3779B97F4A7C15ull;
+            h ^= h >> 29;
+        }
+        for (; i < len; i++) h = (h ^ p[i]) * 0x100000001B3ull;
+    }
+    h ^= h >> 32;
+    return (u32)h | 1u;
+}
+
+/* Seal: table[(plane * num_blocks + id) * num_heads + head] for every plane,
+   listed block and head. */
+extern "C" __global__ void kvx_csum_seal(const u64 *__restrict__ planes, const u32 *__restrict__ ids, u32 n, u32 nplanes, u64 bstride,
+                                         u32 num_blocks, kvx_sum_lay l, u32 *__restrict__ table) {
+    u64 total = (u64)nplanes * n * l.num_heads, i;
+    for (i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        u32 head = (u32)(i % l.num_heads);
+        u64 r = i / l.num_heads;
+        u32 b = (u32)(r % n), p = (u32)(r / n);
+        table[((u64)p * num_blocks + ids[b]) * l.num_heads + head] =
+            head_sum((const unsigned char *)(planes[p] + (u64)ids[b] * bstride), head, l);
+    }
+}
+
+/* Check: items are (plane, local block, remote block) of sampled blocks;
+   every head in [h_a, h_b) of each is summed where it landed and compared
+   with the producer's table as mapped here. res[0]: the first mismatch,
+   res[1]: the first head never sealed (0 in the table), as item * heads +
+   head - h_a; 0xffffffff: none. */
+extern "C" __global__ void kvx_csum_check(const uint4 *__restrict__ items, u32 nitems, const u64 *__restrict__ lplanes, u64 lbstride,
+                                          kvx_sum_lay l, u32 h_a, u32 h_b, u32 h_l0, u32 h_r0,
+                                          const u32 *__restrict__ rtable, u32 r_num_blocks, u32 r_num_heads, u32 *res) {
+    u32 nh = h_b - h_a;
+    u64 total = (u64)nitems * nh, i;
+    for (i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        uint4 it = items[i / nh];
+        u32 h = h_a + (u32)(i % nh);
+        u32 want = rtable[((u64)it.x * r_num_blocks + it.z) * r_num_heads + (h - h_r0)];
+        if (!want) { atomicMin(&res[1], (u32)i); continue; }
+        if (head_sum((const unsigned char *)(lplanes[it.x] + (u64)it.y * lbstride), h - h_l0, l) != want) atomicMin(&res[0], (u32)i);
+    }
+}

@@ -14,6 +14,20 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
+/* Plants corruption on the GPU between a verified read and its check. */
+static volatile int plant_armed;
+static unsigned long long plant_addr;
+#define KVX_TEST_HOOK_BEFORE_VERIFY(rd) \
+    do { \
+        if (plant_armed) { \
+            unsigned char v_ = 0; \
+            cuMemcpyDtoH(&v_, (CUdeviceptr)plant_addr, 1); \
+            v_ ^= 0x20; \
+            cuMemcpyHtoD((CUdeviceptr)plant_addr, &v_, 1); \
+            plant_armed = 0; \
+        } \
+        (void)(rd); \
+    } while (0)
 #define KVX_IMPLEMENTATION
 #include "../kvx.h"
 #include "kvx_test.h"
@@ -26,6 +40,7 @@
 
 static kvx_tc_kernels K;
 static int ndev;
+static int dec_checksums;  /* dec_open registers its cache with checksums */
 
 static kvx_layout lay_of(int tp, kvx_order order) {
     kvx_layout l;
@@ -77,6 +92,7 @@ static int dec_open(dec *d, int device, int rank, int tp, kvx_order order, int k
     if (kvx_ex_gpu_init(device, NULL) || kvx_ex_gpu_alloc(&d->g, &l, rank, tp, device, (kvx_ex_gpu_kind)kind)) { T_FAILF("decode cache: %s", kvx_ex_gpu_err); return -1; }
     if (kvx_ctx_create(&cd, &d->ctx) != KVX_OK) { T_FAILF("kvx_ctx_create: %s", kvx_ctx_error(NULL)); dec_close(d); return -1; }
     c = kvx_ex_gpu_desc(&d->g);
+    c.checksums = dec_checksums;
     if (kvx_cache_register(d->ctx, &c, &d->cache) != KVX_OK) { T_FAILF("register: %s", kvx_ctx_error(d->ctx)); dec_close(d); return -1; }
     if (kvx_queue_create(d->ctx, qd, &d->q) != KVX_OK) { T_FAILF("queue: %s", kvx_ctx_error(d->ctx)); dec_close(d); return -1; }
     return 0;
@@ -451,6 +467,93 @@ static int out_read(CUdeviceptr out, uint64_t v[2]) { return kvx_ex_cu(cuMemcpyD
 
 static void gate_open(sw *w, uint32_t v) { __sync_synchronize(); *(volatile uint32_t *)w->gate = v; __sync_synchronize(); }
 
+/* Verify mode on GPU caches: the owner seals blocks [0, 32) on its GPU. */
+static kvx_status verified(dec *d, kvx_peer *p, const uint32_t *dst, const uint32_t *src, uint32_t n, uint32_t verify, kvx_ticket *tk) {
+    kvx_read r = read_of(p, d->cache, dst, src, n);
+    kvx_ticket t;
+    r.verify = verify;
+    if (kvx_post(d->q, &r, &t) != KVX_OK) return KVX_ERR_ARG;
+    if (tk) *tk = t;
+    return kvx_wait(d->q, t, 30000);
+}
+
+static void case_verify(void) {
+    kvx_tc_owner_args a = owner_args(KVX_BACKEND_CUDA, 1, 0, KVX_EX_CUMEMALLOC, 0, 1, KVX_ORDER_NHD);
+    kvx_tc_owner own;
+    kvx_queue_desc qd;
+    kvx_peer *p = NULL;
+    dec d;
+    void *md = NULL;
+    uint32_t len, src[16], dst[16], bad_src[2] = {3, 40}, bad_dst[2] = {50, 51};
+    CUstream s1 = NULL, s2 = NULL;
+    CUdeviceptr out = 0, e = 0;
+    kvx_ticket t;
+    uint64_t v[2] = {0, 0};
+    char want[96];
+    memset(&d, 0, sizeof d);
+    a.checksums = 1;
+    a.fill_blocks = 32;
+    own = kvx_tc_spawn(&a, &md, &len);
+    if (own.pid < 0) { T_FAILF("owner did not start (checksums)"); return; }
+    if (kvx_ex_gpu_init(0, NULL) || kvx_ex_cu(cuStreamCreate(&s1, CU_STREAM_NON_BLOCKING), "stream") ||
+        kvx_ex_cu(cuStreamCreate(&s2, CU_STREAM_NON_BLOCKING), "stream") || kvx_ex_cu(cuMemAlloc(&out, 16), "cuMemAlloc")) { T_FAILF("%s", kvx_ex_gpu_err); goto out; }
+    memset(&qd, 0, sizeof qd);
+    qd.cuda_stream = s1;
+    dec_checksums = 1;
+    if (dec_open(&d, 0, 1, 2, KVX_ORDER_NHD, KVX_EX_CUMEMALLOC, &qd)) { dec_checksums = 0; goto out; }  /* TP 1->2: half the heads */
+    dec_checksums = 0;
+    if (!(p = add_peer(d.ctx, md, len))) goto out;
+    if (kvx_ex_cu(cuMemAlloc(&e, d.g.bytes), "cuMemAlloc")) { T_FAILF("%s", kvx_ex_gpu_err); goto out; }
+    kvx_ex_block_table(src, 16, 32, 1, 61, 0);
+    kvx_ex_block_table(dst, 16, NB, 1, 62, 0);
+    /* 1. clean reads pass, every head checked, and a sample; the bytes are right too */
+    T_ST(verified(&d, p, dst, src, 16, 1, NULL), KVX_OK);
+    T_ST(verified(&d, p, dst, src, 16, 64, NULL), KVX_OK);
+    if (kvx_ex_gpu_pull(&d.g)) { T_FAILF("pull: %s", kvx_ex_gpu_err); goto out; }
+    {
+        uint32_t pf, pc;
+        kvx_peer_heads(p, d.cache, 0, &pf, &pc);
+        T_EQ(kvx_ex_verify(&d.g.host, SEED, dst, src, 16, 0, LAYERS, pf, pf + pc, NULL), 0);
+    }
+    /* 2. a byte flipped on the GPU between the copy and the check */
+    plant_addr = (unsigned long long)(d.g.mem + (CUdeviceptr)(kvx_ex_block(&d.g.host, 1, 1, dst[5]) - d.g.host.mem) + 7u);
+    plant_armed = 1;
+    T_ST(verified(&d, p, dst, src, 16, 1, NULL), KVX_ERR_CORRUPT);
+    snprintf(want, sizeof want, "layer 1 V block %u (local %u)", src[5], dst[5]);
+    T_HAS(kvx_ctx_error(d.ctx), want);
+    printf("    planted: %.220s\n", kvx_ctx_error(d.ctx));
+    /* 3. a block the producer never sealed */
+    T_ST(verified(&d, p, bad_dst, bad_src, 2, 1, NULL), KVX_ERR_ARG);
+    T_HAS(kvx_ctx_error(d.ctx), "never sealed");
+    snprintf(want, sizeof want, "block 40 (layer 0, K)");
+    T_HAS(kvx_ctx_error(d.ctx), want);
+    /* 4. a stream waiting on a corrupted read stays held until the check, then
+       is released with the failure visible on the device */
+    plant_addr = (unsigned long long)(d.g.mem + (CUdeviceptr)(kvx_ex_block(&d.g.host, 0, 0, dst[2]) - d.g.host.mem));
+    plant_armed = 1;
+    {
+        kvx_read r = read_of(p, d.cache, dst, src, 16);
+        r.verify = 1;
+        if (kvx_post(d.q, &r, &t) != KVX_OK) { T_FAILF("post: %s", kvx_ctx_error(d.ctx)); goto out; }
+    }
+    T_ST(kvx_stream_wait(d.q, t, s2), KVX_OK);
+    kvx_tc_check(&K, s2, d.g.mem, e, 1, (CUdeviceptr)(uintptr_t)kvx_stream_status_ptr(d.q, t), out);
+    usleep(300000);  /* the copy is long done; nobody has checked it yet */
+    T_EQ(cuStreamQuery(s2), CUDA_ERROR_NOT_READY);
+    T_ST(kvx_wait(d.q, t, 30000), KVX_ERR_CORRUPT);
+    if (kvx_tc_sync(s2, 10000) || out_read(out, v)) { T_FAILF("the waiting stream was not released: %s", kvx_ex_gpu_err); goto out; }
+    T_EQ(v[1], (t << 2) | 2u);
+    printf("    verified reads pass (1 and 1 in 64); a planted byte, an unsealed block and a waiting stream: as expected\n");
+out:
+    if (d.ctx) dec_close(&d);
+    kvx_tc_stop(&own);
+    free(md);
+    if (out) cuMemFree(out);
+    if (e) cuMemFree(e);
+    if (s1) { kvx_tc_sync(s1, 5000); cuStreamDestroy(s1); }
+    if (s2) { kvx_tc_sync(s2, 5000); cuStreamDestroy(s2); }
+}
+
 static void case_stream_gate(void) {
     sw w;
     uint32_t src[48], dst[48];
@@ -736,6 +839,7 @@ int main(int argc, char **argv) {
     T_CASE("processes: TP 2 -> 4 (rank 3), NHD random") case_reads(KVX_EX_CUMEMALLOC, KVX_EX_CUMEMALLOC, KVX_ORDER_NHD, 2, 4, 3, 1, 0, 0, "same-gpu");
     alarm(120);
     T_CASE("stream wait: a checking kernel waits for a gated copy; without the wait it sees poison") case_stream_gate();
+    T_CASE("verify mode on GPU caches: sealed and checked by kernels; a planted byte, an unsealed block, a waiting stream") case_verify();
     alarm(120);
     T_CASE("graph: one graph, depth-1 queue, 24 replays, each its own read") case_graphs(1);
     alarm(120);
