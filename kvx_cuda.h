@@ -68,8 +68,9 @@
         by the plane bases of the read's layers on both sides; the kernel
         walks that table itself. kvx__pump's flush launches one kernel for
         all reads staged since the last launch: table and read headers go to
-        the GPU, then the kernel, then a write of each read's completion word. Nothing waits on the host, and no
-        device memory is allocated on any read's path. A task is at most
+        the GPU, then the kernel, then a write of each read's completion
+        word. Nothing waits on the host, and no device memory is allocated on
+        any read's path (verify mode's check aside). A task is at most
         16 KiB of one block, one warp each, 16-byte accesses with 4 loads in
         flight per lane (bytes where a layout is not 16-byte aligned). A
         batch of few tasks reads its table in place from pinned memory; larger

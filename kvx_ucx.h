@@ -224,7 +224,8 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
     ucp_request_param_t prm;
     ucs_status_ptr_t sp;
     int ok;
-    (void)data; (void)length;
+    (void)length;
+    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) ucp_am_data_release(kvx__ucx_of(ctx)->worker, data);  /* a request carries no data */
     if (header_length != sizeof rq || !(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) {
         KVX__LOG(ctx, KVX_LOG_WARN, "ucx: a malformed get request (%zu-byte header) dropped", header_length);
         return UCS_OK;
@@ -255,6 +256,15 @@ KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t 
     kvx_ctx *ctx = (kvx_ctx *)arg;
     kvx__ucx_get_rep rp;
     kvx__ucx_get *g;
+    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
+        /* kvx's replies are eager: this one is not kvx's, or not as sent */
+        ucp_am_data_release(kvx__ucx_of(ctx)->worker, data);
+        if (header_length == sizeof rp) {
+            memcpy(&rp, header, sizeof rp);
+            if ((g = kvx__ucx_get_find(kvx__ucx_of(ctx), rp.id))) kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, UCS_ERR_MESSAGE_TRUNCATED, "a get reply of the wrong kind");
+        }
+        return UCS_OK;
+    }
     if (header_length != sizeof rp) return UCS_OK;
     memcpy(&rp, header, sizeof rp);
     if (!(g = kvx__ucx_get_find(kvx__ucx_of(ctx), rp.id))) return UCS_OK;  /* the op ended: drop */
@@ -262,8 +272,8 @@ KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t 
         kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, UCS_ERR_INVALID_ADDR, "the owner refused the range (not inside its registered memory)");
         return UCS_OK;
     }
-    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) || rp.len != length || rp.off > g->len || length > g->len - rp.off) {
-        kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, UCS_ERR_MESSAGE_TRUNCATED, "a get reply of the wrong size or kind");
+    if (rp.len != length || rp.off > g->len || length > g->len - rp.off) {
+        kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, UCS_ERR_MESSAGE_TRUNCATED, "a get reply of the wrong size");
         return UCS_OK;
     }
     if (length) memcpy((void *)(uintptr_t)(g->laddr + rp.off), data, length);
