@@ -6,7 +6,7 @@
 #   - test_cuda on GPU $KVX_GPU (default 0): refusals, reads between
 #     processes (cuMemAlloc, VMM, pools; HND, NHD; TP splits), stream waits,
 #     CUDA graphs replayed over 24 reads, failed reads releasing streams, UCX
-#     host reads on a stream
+#     host reads on a stream, verify mode on GPU caches
 #   - kvx_bench --backends CUDA, pack: the TP matrix with several processes
 #     on the one GPU, random and consecutive blocks, HND and NHD, cuMemAlloc,
 #     VMM and pool caches, every kvx_bench option

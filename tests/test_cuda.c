@@ -4,8 +4,9 @@
     several allocations, pools; HND and NHD; TP splits), stream-ordered
     completion (a checking kernel behind kvx_stream_wait, also inside a CUDA
     graph replayed over 24 reads), failed reads that must release a waiting
-    stream, UCX host reads completing on a stream, and two GPUs where there
-    are two.
+    stream, UCX host reads completing on a stream, verify mode on GPU caches
+    (sealed and checked by kernels; planted corruption, an unsealed block, a
+    waiting stream), and two GPUs where there are two.
 
     Owners are this binary re-executed ("--serve"); every wait is bounded.
     KVX_TEST_ONLY=substring runs the cases whose name contains it. The device
