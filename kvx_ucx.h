@@ -524,23 +524,29 @@ KVX__PRIV void kvx__ucx_ep_close(kvx_ctx *ctx, ucp_ep_h h) {
     }
 }
 
+/* One step of a bounded wait: progress, or sleep on the event fd (at most
+   100 ms). 0 once until has passed. */
+KVX__PRIV int kvx__ucx_wait_step(kvx_ctx *ctx, uint64_t until) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    uint64_t now = kvx__now_ns();
+    struct pollfd pf;
+    if (now >= until) return 0;
+    if (ucp_worker_progress(u->worker)) return 1;
+    if (ucp_worker_arm(u->worker) != UCS_OK) return 1;
+    pf.fd = u->efd; pf.events = POLLIN; pf.revents = 0;
+    poll(&pf, 1, (int)((until - now) / 1000000u > 100 ? 100 : (until - now) / 1000000u + 1));
+    return 1;
+}
+
 /* Wait for a request, progressing and sleeping on the event fd, until done
    or the context's timeout. */
 KVX__PRIV ucs_status_t kvx__ucx_wait_req(kvx_ctx *ctx, ucs_status_ptr_t req) {
-    kvx__ucx *u = kvx__ucx_of(ctx);
     ucs_status_t s;
     uint64_t until = kvx__now_ns() + (uint64_t)ctx->timeout_ms * 1000000ull;
     if (req == NULL) return UCS_OK;
     if (UCS_PTR_IS_ERR(req)) return UCS_PTR_STATUS(req);
-    while ((s = ucp_request_check_status(req)) == UCS_INPROGRESS) {
-        uint64_t now = kvx__now_ns();
-        struct pollfd pf;
-        if (now >= until) { ucp_request_free(req); return UCS_ERR_TIMED_OUT; }
-        if (ucp_worker_progress(u->worker)) continue;
-        if (ucp_worker_arm(u->worker) != UCS_OK) continue;
-        pf.fd = u->efd; pf.events = POLLIN; pf.revents = 0;
-        poll(&pf, 1, (int)((until - now) / 1000000u > 100 ? 100 : (until - now) / 1000000u + 1));
-    }
+    while ((s = ucp_request_check_status(req)) == UCS_INPROGRESS)
+        if (!kvx__ucx_wait_step(ctx, until)) { ucp_request_free(req); return UCS_ERR_TIMED_OUT; }
     ucp_request_free(req);
     return s;
 }
@@ -561,20 +567,12 @@ KVX__PRIV ucs_status_t kvx__ucx_probe(kvx_ctx *ctx, kvx_peer *p) {
     uint8_t buf[8];
     if (!p->ncaches || !p->caches[0].nregions) return UCS_OK;
     if (p->be_flags & KVX__UCX_PEER_AM_GET) {
-        kvx__ucx *u = kvx__ucx_of(ctx);
         volatile ucs_status_t got = UCS_INPROGRESS;
         uint64_t until = kvx__now_ns() + (uint64_t)ctx->timeout_ms * 1000000ull;
         if (kvx__ucx_get_post(ctx, NULL, p, (uint64_t)(uintptr_t)buf, p->caches[0].regions[0].addr, 1, (ucs_status_t *)&got) != KVX_OK)
             return UCS_ERR_NO_MEMORY;
-        while (got == UCS_INPROGRESS) {
-            uint64_t now = kvx__now_ns();
-            struct pollfd pf;
-            if (now >= until) { kvx__ucx_get_cancel(ctx, p); return UCS_ERR_TIMED_OUT; }
-            if (ucp_worker_progress(u->worker)) continue;
-            if (ucp_worker_arm(u->worker) != UCS_OK) continue;
-            pf.fd = u->efd; pf.events = POLLIN; pf.revents = 0;
-            poll(&pf, 1, (int)((until - now) / 1000000u > 100 ? 100 : (until - now) / 1000000u + 1));
-        }
+        while (got == UCS_INPROGRESS)
+            if (!kvx__ucx_wait_step(ctx, until)) { kvx__ucx_get_cancel(ctx, p); return UCS_ERR_TIMED_OUT; }
         return got;
     }
     memset(&prm, 0, sizeof prm);
