@@ -3083,6 +3083,24 @@ KVX__PRIV kvx_status kvx__cuda_seal(kvx_ctx *ctx, const kvx__cache_info *ci, con
     return st;
 }
 
+/* The sampled blocks of a verified read as (plane, local id, remote id, 0),
+   in the order kvx__verify walks them; items NULL: just count them. */
+KVX__PRIV uint64_t kvx__cuda_sampled(const kvx__read *rd, uint32_t *items) {
+    const kvx_queue *q = rd->q;
+    uint32_t p, r, b, idx, kv = rd->lc->lay.kv_planes;
+    uint64_t n = 0;
+    for (p = rd->layer_begin * kv; p < rd->layer_end * kv; p++)
+        for (idx = 0, r = 0; r < rd->nruns; r++) {
+            const kvx__run *run = &q->runs[(rd->run0 + r) % q->max_runs];
+            for (b = 0; b < run->n; b++, idx++)
+                if ((idx + rd->ticket) % rd->verify == 0) {
+                    if (items) { items[4 * n] = p; items[4 * n + 1] = run->l + b; items[4 * n + 2] = run->r + b; }
+                    n++;
+                }
+        }
+    return n;
+}
+
 /* A verified read of a GPU cache, after its copy: sampled heads checked on
    the GPU against the producer's table as mapped here; a mismatch is
    recomputed on the host to name what was found. */
@@ -3093,8 +3111,8 @@ KVX__PRIV kvx_status kvx__cuda_verify(kvx__read *rd) {
     kvx__cuda_peer *cp = (kvx__cuda_peer *)rd->peer->be;
     kvx__cuda_imp *m;
     kvx__cuda_sum_lay l = kvx__cuda_sum_lay_of(lc);
-    uint64_t raddr, nitems = 0, lbstride = lc->block_stride;
-    uint32_t p, r, b, idx, res[2] = {0, 0}, *items, nh = rd->h_b - rd->h_a, ni, h_a = rd->h_a, h_b = rd->h_b, h_l0 = rd->h_l0, h_r0 = rd->h_r0;
+    uint64_t raddr, nitems, lbstride = lc->block_stride;
+    uint32_t res[2] = {0, 0}, *items, nh = rd->h_b - rd->h_a, ni, h_a = rd->h_a, h_b = rd->h_b, h_l0 = rd->h_l0, h_r0 = rd->h_r0;
     uint32_t rnb = rc->lay.num_blocks, rnh = rc->lay.num_heads;
     size_t pb = ((size_t)lc->nplanes * 8u + 15u) & ~(size_t)15u, bytes;
     uint8_t *data;
@@ -3108,10 +3126,7 @@ KVX__PRIV kvx_status kvx__cuda_verify(kvx__read *rd) {
     if (!(m = kvx__cuda_imp_find(cp, raddr)))
         return kvx__fail(ctx, KVX_ERR_PEER, "read %llu: peer %s/%d's checksum table is not mapped here", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank);
     rtable = m->lbase + (raddr - m->rbase);
-    for (p = rd->layer_begin * lc->lay.kv_planes; p < rd->layer_end * lc->lay.kv_planes; p++)
-        for (idx = 0, r = 0; r < rd->nruns; r++)
-            for (b = 0; b < q->runs[(rd->run0 + r) % q->max_runs].n; b++, idx++)
-                if ((idx + rd->ticket) % rd->verify == 0) nitems++;
+    nitems = kvx__cuda_sampled(rd, NULL);
     if (!nitems || !nh) return KVX_OK;
     if (nitems * nh >= 0xffffffffull)
         return kvx__fail(ctx, KVX_ERR_ARG, "read %llu: %llu heads to check in one read is more than the check handles: verify a sample (kvx_read.verify > 1) or split the read",
@@ -3120,15 +3135,7 @@ KVX__PRIV kvx_status kvx__cuda_verify(kvx__read *rd) {
     if (!(data = (uint8_t *)kvx__calloc(1, bytes))) return kvx__fail(ctx, KVX_ERR_NOMEM, "verify: out of memory");
     memcpy(data, lc->plane_base, (size_t)lc->nplanes * 8u);
     items = (uint32_t *)(data + pb);
-    for (ni = 0, p = rd->layer_begin * lc->lay.kv_planes; p < rd->layer_end * lc->lay.kv_planes; p++)
-        for (idx = 0, r = 0; r < rd->nruns; r++) {
-            const kvx__run *run = &q->runs[(rd->run0 + r) % q->max_runs];
-            for (b = 0; b < run->n; b++, idx++)
-                if ((idx + rd->ticket) % rd->verify == 0) {
-                    items[4 * ni] = p; items[4 * ni + 1] = run->l + b; items[4 * ni + 2] = run->r + b;
-                    ni++;
-                }
-        }
+    ni = (uint32_t)kvx__cuda_sampled(rd, items);
     args[0] = &pitems; args[1] = &ni; args[2] = &lplanes; args[3] = &lbstride; args[4] = &l; args[5] = &h_a; args[6] = &h_b;
     args[7] = &h_l0; args[8] = &h_r0; args[9] = &rtable; args[10] = &rnb; args[11] = &rnh; args[12] = &pres;
     st = kvx__cuda_sum_run(ctx, lc->device, 0, data, bytes, &lplanes, 0, &pitems, pb, &pres, res, sizeof res, args, (uint64_t)ni * nh);
