@@ -111,12 +111,15 @@ static void wait_ok(side *d, kvx_ticket t) {
     if (st != KVX_OK) { printf("read: %s: %s\n", kvx_status_name(st), kvx_ctx_error(d->ctx)); exit(1); }
 }
 
-/* total reads of n random blocks, inflight of them posted at any time (four
+/* The table's measure: 16 reads of n random blocks with 4 in flight (four
    block tables, in turn), timed on the host from the first kvx_post to the
-   last completion: the best of three. */
-static double kvx_rate_n(side *d, uint32_t n, uint32_t nb, int total, int inflight, uint64_t bytes_per_read, int random) {
+   last completion, so that the first launch and the last wake-up are spread
+   over 16 reads as in a stream of them: the best of three. */
+#define RATE_READS 16
+#define RATE_IN_FLIGHT 4
+static double kvx_rate(side *d, uint32_t n, uint32_t nb, uint64_t bytes_per_read, int random) {
     uint32_t *src = (uint32_t *)malloc(4 * (size_t)n * 4), *dst = (uint32_t *)malloc(4 * (size_t)n * 4);
-    kvx_ticket t[16];
+    kvx_ticket t[RATE_IN_FLIGHT];
     double t0, best = 0;
     int i, rep;
     for (i = 0; i < 4; i++) {
@@ -128,26 +131,19 @@ static double kvx_rate_n(side *d, uint32_t n, uint32_t nb, int total, int inflig
         double r;
         int posted = 0, done = 0;
         t0 = kvx_tc_now();
-        while (done < total) {
-            while (posted < total && posted - done < inflight) {
-                t[posted % 16] = post(d, dst + (size_t)(posted % 4) * n, src + (size_t)(posted % 4) * n, n);
+        while (done < RATE_READS) {
+            while (posted < RATE_READS && posted - done < RATE_IN_FLIGHT) {
+                t[posted % RATE_IN_FLIGHT] = post(d, dst + (size_t)(posted % 4) * n, src + (size_t)(posted % 4) * n, n);
                 posted++;
             }
-            wait_ok(d, t[done % 16]);
+            wait_ok(d, t[done % RATE_IN_FLIGHT]);
             done++;
         }
-        r = (double)bytes_per_read * total / (kvx_tc_now() - t0) / 1e9;
+        r = (double)bytes_per_read * RATE_READS / (kvx_tc_now() - t0) / 1e9;
         if (r > best) best = r;
     }
     free(src); free(dst);
     return best;
-}
-
-/* The table's measure: 16 reads of 1 GiB with 4 in flight, so that the
-   first launch and the last wake-up are spread over 16 GiB as in a stream
-   of reads. */
-static double kvx_rate(side *d, uint32_t n, uint32_t nb, int nreads, uint64_t bytes_per_read, int random) {
-    return kvx_rate_n(d, n, nb, 4 * nreads, nreads, bytes_per_read, random);
 }
 
 static float ev_ms(CUevent a, CUevent b) {
@@ -348,8 +344,8 @@ int main(int argc, char **argv) {
         o = spawn_owner(KVX_BACKEND_CUDA, 1, &ol, 1, 0, &md, &len);
         side_open(&d, KVX_BACKEND_CUDA, &dl, 0, dtp, 0, NULL, md, len);
         free(md);
-        kv = kvx_rate(&d, n, nb, 4, per_read, 1);
-        kc = kvx_rate(&d, n, nb, 4, per_read, 0);  /* the same read with consecutive ids: where random placement costs */
+        kv = kvx_rate(&d, n, nb, per_read, 1);
+        kc = kvx_rate(&d, n, nb, per_read, 0);  /* the same read with consecutive ids: where random placement costs */
         ref = big_copy_rate(per_read, two);
         pb = per_block_rate(block, nb);
         kvx_peer_heads(d.peer, d.cache, 0, &a, &b);
@@ -409,7 +405,7 @@ int main(int argc, char **argv) {
             for (c = 0; c < 4; c++) {
                 side d;
                 side_open(&d, KVX_BACKEND_CUDA, &l, 0, 1, caps[c], NULL, md, len);
-                printf(" %.0f |", kvx_rate(&d, n, nb, 4, 1ull << 30, 1));
+                printf(" %.0f |", kvx_rate(&d, n, nb, 1ull << 30, 1));
                 fflush(stdout);
                 side_close(&d);
             }
