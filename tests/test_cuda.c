@@ -106,6 +106,18 @@ static kvx_read read_of(kvx_peer *p, kvx_cache *c, const uint32_t *dst, const ui
     return r;
 }
 
+/* Poison where each peer's heads of dst will land (pf, pc: those heads)
+   and push the cache to the GPU. 0, or -1 after a test failure. */
+static int poison_push(dec *d, kvx_peer **peers, int np, const uint32_t *dst, const uint32_t *src, uint32_t n, uint32_t *pf, uint32_t *pc) {
+    int k;
+    for (k = 0; k < np; k++) {
+        kvx_peer_heads(peers[k], d->cache, 0, &pf[k], &pc[k]);
+        kvx_ex_poison(&d->g.host, SEED, dst, src, n, 0, LAYERS, pf[k], pf[k] + pc[k]);
+    }
+    if (kvx_ex_gpu_push(&d->g)) { T_FAILF("push: %s", kvx_ex_gpu_err); return -1; }
+    return 0;
+}
+
 /* Read n blocks from every peer into d and check every byte; notify: ask for
    a notification per read. Returns the wrong bytes, or -1 if a read failed. */
 static long long read_verify(dec *d, kvx_peer **peers, int np, const uint32_t *dst, const uint32_t *src, uint32_t n, int notify) {
@@ -113,11 +125,7 @@ static long long read_verify(dec *d, kvx_peer **peers, int np, const uint32_t *d
     kvx_ticket t[8];
     long long bad = 0;
     int k;
-    for (k = 0; k < np; k++) {
-        kvx_peer_heads(peers[k], d->cache, 0, &pf[k], &pc[k]);
-        kvx_ex_poison(&d->g.host, SEED, dst, src, n, 0, LAYERS, pf[k], pf[k] + pc[k]);
-    }
-    if (kvx_ex_gpu_push(&d->g)) { T_FAILF("push: %s", kvx_ex_gpu_err); return -1; }
+    if (poison_push(d, peers, np, dst, src, n, pf, pc)) return -1;
     for (k = 0; k < np; k++) {
         kvx_read r = read_of(peers[k], d->cache, dst, src, n);
         r.notify = notify;
@@ -261,16 +269,12 @@ static int stream_check(dec *d, const kvx_tc_kernels *kd, kvx_peer **peers, int 
     uint64_t v[2] = {0, 0};
     const volatile uint64_t *word;
     int k, rc = -1;
-    for (k = 0; k < np; k++) {
-        kvx_peer_heads(peers[k], d->cache, 0, &pf[k], &pc[k]);
-        kvx_ex_poison(&d->g.host, SEED, dst, src, n, 0, LAYERS, pf[k], pf[k] + pc[k]);
-    }
-    if (kvx_ex_gpu_push(&d->g)) { T_FAILF("push: %s", kvx_ex_gpu_err); return -1; }
+    if (poison_push(d, peers, np, dst, src, n, pf, pc)) return -1;
     for (k = 0; k < np; k++) kvx_tc_expect(&d->g.host, SEED, dst, src, n, 0, LAYERS, pf[k], pf[k] + pc[k]);
     if (kvx_ex_cu(cuMemAlloc(&e, d->g.bytes), "cuMemAlloc") || kvx_ex_cu(cuMemAlloc(&out, 16), "cuMemAlloc") ||
         kvx_ex_cu(cuMemcpyHtoD(e, d->g.host.mem, d->g.bytes), "upload the expected image") || kvx_ex_cu(cuMemsetD8(out, 0, 16), "cuMemsetD8") ||
         kvx_ex_cu(cuCtxSynchronize(), "cuCtxSynchronize")) { T_FAILF("%s", kvx_ex_gpu_err); goto out; }
-    for (k = 0; k < np; k++) {
+    for (k = 0; k < np; k++) {  /* after the synchronize: only the waits below may order the check behind the reads */
         kvx_read r = read_of(peers[k], d->cache, dst, src, n);
         if (kvx_post(d->q, &r, &t[k]) != KVX_OK) { T_FAILF("kvx_post: %s", kvx_ctx_error(d->ctx)); goto out; }
     }
