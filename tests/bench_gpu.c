@@ -14,6 +14,8 @@
     3. The thread-block cap (kvx_ctx_desc.cuda_max_blocks) against copy speed.
     4. How much a stream of arithmetic kernels that fill the GPU slows down
        while copies run beside it, per cap, and what the copies get.
+    5. What verify mode costs (kvx_read.verify): the same reads unverified,
+       checking one block in 64, and checking every block.
 
     Usage: bench_gpu [--two-gpu] [--quick]   (--two-gpu: owner on GPU 0,
     reader on GPU 1). Every read of the table is byte-checked once at the end
@@ -32,6 +34,8 @@
 
 static kvx_tc_kernels K;
 static int dev_own, dev_dec, quick;
+static int side_checksums;     /* the reader's cache keeps checksums (section 5) */
+static uint32_t read_verify;   /* kvx_read.verify of every post */
 static CUcontext ctx_dec, ctx_own;
 
 static kvx_layout layout(uint32_t heads, int tp, uint32_t nb, kvx_order order) {
@@ -84,6 +88,7 @@ static void side_open(side *d, int backend, const kvx_layout *l, int rank, int t
     if (backend == KVX_BACKEND_CUDA) {
         if (kvx_ex_gpu_alloc(&d->g, l, rank, tp, dev_dec, KVX_EX_CUMEMALLOC)) die(kvx_ex_gpu_err);
         c = kvx_ex_gpu_desc(&d->g);
+        c.checksums = side_checksums;
     } else {
         if (kvx_ex_cache_alloc(&d->h, l, rank, tp)) die("host cache");
         memset(d->h.mem, 0, d->h.mem_bytes);
@@ -102,6 +107,7 @@ static kvx_ticket post(side *d, const uint32_t *dst, const uint32_t *src, uint32
     kvx_ticket t;
     memset(&r, 0, sizeof r);
     r.peer = d->peer; r.cache = d->cache; r.local_blocks = dst; r.remote_blocks = src; r.num_blocks = n;
+    r.verify = read_verify;
     if (kvx_post(d->q, &r, &t) != KVX_OK) die(kvx_ctx_error(d->ctx));
     return t;
 }
@@ -126,6 +132,10 @@ static double kvx_rate(side *d, uint32_t n, uint32_t nb, uint64_t bytes_per_read
         kvx_ex_block_table(src + (size_t)i * n, n, nb, random, 1000u + (uint64_t)i, (uint32_t)i * 977u);
         kvx_ex_block_table(dst + (size_t)i * n, n, nb, random, 2000u + (uint64_t)i, (uint32_t)i * 977u + 331u);
     }
+    /* Where the cache has room, reads in flight together land on different
+       blocks, as an engine's do: a verified read is checked after its copy,
+       and another read landing on its blocks meanwhile would fail the check. */
+    if (4ull * n <= nb) kvx_ex_block_table(dst, 4 * n, nb, random, 2000u, 331u);
     for (i = 0; i < 2; i++) wait_ok(d, post(d, dst, src, n));  /* warm-up: module, first launches */
     for (rep = 0; rep < 3; rep++) {
         double r;
@@ -235,12 +245,14 @@ static int verify(side *d, uint32_t a_head, uint32_t b_head) {
     return bad ? -1 : 0;
 }
 
-static kvx_tc_owner spawn_owner(int backend, int gpu, const kvx_layout *l, int tp, uint32_t max_blocks, void **md, uint32_t *len) {
+/* checksums: every block filled and sealed, for verified reads */
+static kvx_tc_owner spawn_owner(int backend, int gpu, const kvx_layout *l, int tp, uint32_t max_blocks, int checksums, void **md, uint32_t *len) {
     kvx_tc_owner_args a;
     kvx_tc_owner o;
     memset(&a, 0, sizeof a);
     a.backend = backend; a.gpu = gpu; a.device = dev_own; a.kind = KVX_EX_CUMEMALLOC;
-    a.rank = 0; a.tp = tp; a.progress = 1; a.seed = SEED; a.fill_blocks = FILLED; a.max_blocks = max_blocks;
+    a.rank = 0; a.tp = tp; a.progress = 1; a.seed = SEED; a.fill_blocks = checksums ? 0 : FILLED; a.max_blocks = max_blocks;
+    a.checksums = checksums;
     a.lay = *l;
     o = kvx_tc_spawn(&a, md, len);
     if (o.pid < 0) die("owner process did not start");
@@ -341,7 +353,7 @@ int main(int argc, char **argv) {
         if (quick && i % 4 != 1) continue;
         ol = layout(heads, 1, nb, order);
         dl = layout(heads, dtp, nb, order);
-        o = spawn_owner(KVX_BACKEND_CUDA, 1, &ol, 1, 0, &md, &len);
+        o = spawn_owner(KVX_BACKEND_CUDA, 1, &ol, 1, 0, 0, &md, &len);
         side_open(&d, KVX_BACKEND_CUDA, &dl, 0, dtp, 0, NULL, md, len);
         free(md);
         kv = kvx_rate(&d, n, nb, per_read, 1);
@@ -369,7 +381,7 @@ int main(int argc, char **argv) {
         cuCtxSetCurrent(ctx_dec);
         cuStreamCreate(&s1, CU_STREAM_NON_BLOCKING);
         printf("\nlatency, kvx_post -> the waiting stream resumes, one 16 KiB block x %u layers x K/V (1 MiB):\n", LAYERS);
-        o = spawn_owner(KVX_BACKEND_CUDA, 1, &l, 1, 0, &md, &len);
+        o = spawn_owner(KVX_BACKEND_CUDA, 1, &l, 1, 0, 0, &md, &len);
         side_open(&d, KVX_BACKEND_CUDA, &l, 0, 1, 0, s1, md, len);
         free(md);
         latency(&d, 256, quick ? 200 : 1000, &p50, &p99);
@@ -377,7 +389,7 @@ int main(int argc, char **argv) {
         side_close(&d);
         kvx_tc_stop(&o);
 #if defined(KVX_UCX)
-        o = spawn_owner(KVX_BACKEND_UCX, 0, &l, 1, 0, &md, &len);
+        o = spawn_owner(KVX_BACKEND_UCX, 0, &l, 1, 0, 0, &md, &len);
         side_open(&d, KVX_BACKEND_UCX, &l, 0, 1, 0, s1, md, len);
         free(md);
         latency(&d, 256, quick ? 100 : 300, &p50, &p99);
@@ -400,7 +412,7 @@ int main(int argc, char **argv) {
             kvx_tc_owner o;
             void *md;
             uint32_t len;
-            o = spawn_owner(KVX_BACKEND_CUDA, 1, &l, 1, 0, &md, &len);
+            o = spawn_owner(KVX_BACKEND_CUDA, 1, &l, 1, 0, 0, &md, &len);
             printf("| %u KiB |", k);
             for (c = 0; c < 4; c++) {
                 side d;
@@ -447,7 +459,7 @@ int main(int argc, char **argv) {
         printf("\ncompute beside the copies: %u kernels of %u blocks x 256 threads of FMAs (%.2f ms each, %.1f ms in all alone) while 16 KiB-block reads run back to back\n",
                nk, fgrid, alone / nk, alone);
         printf("| cap | compute ms with copies beside it | compute slowdown | kvx GB/s meanwhile |\n|---|---|---|---|\n");
-        o = spawn_owner(KVX_BACKEND_CUDA, 1, &l, 1, 0, &md, &len);
+        o = spawn_owner(KVX_BACKEND_CUDA, 1, &l, 1, 0, 0, &md, &len);
         for (c = 0; c < ncap; c++) {
             side d;
             uint32_t *src, *dst, k2 = 0;
@@ -488,6 +500,44 @@ int main(int argc, char **argv) {
         cuMemFree(fout);
         cuEventDestroy(e0); cuEventDestroy(e1); cuStreamDestroy(sc);
     }
+    /* 5. verify mode: 256 MiB reads of 16 KiB blocks, unverified, one block
+       in 64 checked, every block checked (all blocks sealed; the four reads
+       in flight fill the reader's cache) */
+    {
+        static const uint32_t every[3] = {0, 64, 1};
+        uint32_t nb = 1024, n = 256, v;
+        int o2;
+        printf("\nverify mode (kvx_read.verify), 16 KiB blocks, 256 MiB reads, random blocks, 16 reads, 4 in flight, kvx GB/s:\n");
+        printf("| layout | unverified | 1 in 64 checked | every block checked |\n|---|---|---|---|\n");
+        for (o2 = 0; o2 < 2; o2++) {
+            kvx_order order = o2 ? KVX_ORDER_NHD : KVX_ORDER_HND;
+            int dtp = o2 ? 2 : 1;
+            kvx_layout ol = layout(o2 ? 8 : 4, 1, nb, order), dl = layout(o2 ? 8 : 4, dtp, nb, order);
+            kvx_tc_owner o;
+            side d;
+            void *md;
+            uint32_t len, a, b;
+            if (quick && o2) continue;
+            o = spawn_owner(KVX_BACKEND_CUDA, 1, &ol, 1, 0, 1, &md, &len);
+            side_checksums = 1;
+            side_open(&d, KVX_BACKEND_CUDA, &dl, 0, dtp, 0, NULL, md, len);
+            side_checksums = 0;
+            free(md);
+            printf("| %s |", o2 ? "NHD (TP 1->2)" : "HND");
+            for (v = 0; v < 3; v++) {
+                read_verify = every[v];
+                printf(" %.0f |", kvx_rate(&d, n, nb, (uint64_t)n * 2u * LAYERS * (16u << 10), 1));
+                fflush(stdout);
+            }
+            kvx_peer_heads(d.peer, d.cache, 0, &a, &b);
+            if (verify(&d, a, a + b)) bad = 1;  /* a verified read (every block), byte-checked too */
+            read_verify = 0;
+            printf("\n");
+            side_close(&d);
+            kvx_tc_stop(&o);
+        }
+    }
+
     printf("\n%s\n", bad ? "BENCH FAILED: a verified read was wrong" : "every verified read matched");
     return bad;
 }
