@@ -156,20 +156,36 @@ extern "C" __global__ void __launch_bounds__(256) kvx_copy(const kvx_rd *__restr
 /*--- verify mode: per-head checksums on the GPU ----------------------------*/
 
 /* kvx__head_sum of kvx.h, bit for bit: a head's slices in token order (one
-   slice in HND, one per token in NHD), 8 little-endian bytes at a time. One
-   thread per head: these run on samples, next to reads, not instead. */
+   slice in HND, one per token in NHD), 8 little-endian bytes at a time. */
 struct kvx_sum_lay {
     u64 hb;                     /* bytes of one head of one token */
-    u32 hnd, num_heads, block_tokens, pad;
+    u32 hnd, num_heads, block_tokens;
+    u32 aligned;                /* 1: every slice is whole 8-byte words at 8-byte addresses */
 };
 
-__device__ u32 head_sum(const unsigned char *block, u32 head, const kvx_sum_lay &l) {
+/* One thread on one head: when there are heads enough to fill the GPU with
+   a thread each. Aligned slices go 8 words at a time, loaded before they
+   are chained, so a thread waits for memory once per 64 bytes. */
+__device__ __noinline__ u32 head_sum(const unsigned char *block, u32 head, const kvx_sum_lay &l) {
     u64 h = 0x243F6A8885A308D3ull, i;
     u32 t, nt = l.hnd ? 1u : l.block_tokens;
     u64 len = l.hnd ? l.hb * l.block_tokens : l.hb;
     for (t = 0; t < nt; t++) {
         const unsigned char *p = block + (l.hnd ? (u64)head * len : ((u64)t * l.num_heads + head) * l.hb);
-        for (i = 0; i + 8 <= len; i += 8) {
+        i = 0;
+        if (l.aligned)
+            for (; i + 64 <= len; i += 64) {
+                u64 v[8];
+                int k;
+#pragma unroll
+                for (k = 0; k < 8; k++) v[k] = *(const u64 *)(p + i + 8 * k);
+#pragma unroll
+                for (k = 0; k < 8; k++) {
+                    h = (h ^ v[k]) * 0x9E3779B97F4A7C15ull;
+                    h ^= h >> 29;
+                }
+            }
+        for (; i + 8 <= len; i += 8) {
             u64 w;
             if ((((u64)(p + i)) & 7u) == 0) w = *(const u64 *)(p + i);
             else {
@@ -186,35 +202,78 @@ __device__ u32 head_sum(const unsigned char *block, u32 head, const kvx_sum_lay 
     return (u32)h | 1u;
 }
 
+/* A whole warp on one head (l.aligned), every lane getting the sum: lanes
+   load words 32 apart, 8 each in flight, and the chain runs over them in
+   order by shuffles. For few heads (a sample), where a thread each would
+   leave the GPU idle and wait on memory: a 4 KiB head takes a few us so,
+   against about 100 us for one thread loading a word at a time. It costs 32
+   lanes of arithmetic per head, so many heads go a thread each. */
+__device__ __noinline__ u32 head_sum_warp(const unsigned char *block, u32 head, const kvx_sum_lay &l, u32 lane) {
+    u64 h = 0x243F6A8885A308D3ull;
+    u32 nt = l.hnd ? 1u : l.block_tokens, wps = (u32)((l.hnd ? l.hb * l.block_tokens : l.hb) / 8), total = wps * nt, w0;
+    const unsigned char *base = block + (l.hnd ? (u64)head * wps * 8 : (u64)head * l.hb);
+    u64 tstride = (u64)l.num_heads * l.hb;  /* NHD: from one token's slice to the next */
+    for (w0 = 0; w0 < total; w0 += 256) {
+        u64 v[8];
+        int k;
+#pragma unroll
+        for (k = 0; k < 8; k++) {
+            u32 w = w0 + (u32)k * 32u + lane, t = w / wps;
+            v[k] = w < total ? *(const u64 *)(base + t * tstride + (u64)(w - t * wps) * 8) : 0;
+        }
+#pragma unroll
+        for (k = 0; k < 8; k++) {
+            u32 j, at = w0 + (u32)k * 32u, n = total <= at ? 0u : total - at < 32u ? total - at : 32u;
+#pragma unroll 1
+            for (j = 0; j < n; j++) {
+                h = (h ^ __shfl_sync(0xffffffffu, v[k], (int)j)) * 0x9E3779B97F4A7C15ull;
+                h ^= h >> 29;
+            }
+        }
+    }
+    h ^= h >> 32;
+    return (u32)h | 1u;
+}
+
 /* Seal: table[(plane * num_blocks + id) * num_heads + head] for every plane,
-   listed block and head. */
+   listed block and head; warp: a warp per head (head_sum_warp), else a
+   thread. */
 extern "C" __global__ void kvx_csum_seal(const u64 *__restrict__ planes, const u32 *__restrict__ ids, u32 n, u32 nplanes, u64 bstride,
-                                         u32 num_blocks, kvx_sum_lay l, u32 *__restrict__ table) {
-    u64 total = (u64)nplanes * n * l.num_heads, i;
-    for (i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+                                         u32 num_blocks, kvx_sum_lay l, u32 warp, u32 *__restrict__ table) {
+    u64 total = (u64)nplanes * n * l.num_heads, i, at = (u64)blockIdx.x * blockDim.x + threadIdx.x, step = (u64)gridDim.x * blockDim.x;
+    u32 lane = warp ? threadIdx.x & 31u : 0u;
+    if (warp) { at >>= 5; step >>= 5; }
+    for (i = at; i < total; i += step) {
         u32 head = (u32)(i % l.num_heads);
         u64 r = i / l.num_heads;
         u32 b = (u32)(r % n), p = (u32)(r / n);
-        table[((u64)p * num_blocks + ids[b]) * l.num_heads + head] =
-            head_sum((const unsigned char *)(planes[p] + (u64)ids[b] * bstride), head, l);
+        const unsigned char *blk = (const unsigned char *)(planes[p] + (u64)ids[b] * bstride);
+        u32 sum = warp ? head_sum_warp(blk, head, l, lane) : head_sum(blk, head, l);
+        if (!lane) table[((u64)p * num_blocks + ids[b]) * l.num_heads + head] = sum;
     }
 }
 
-/* Check: items are (plane, local block, remote block) of sampled blocks;
-   every head in [h_a, h_b) of each is summed where it landed and compared
-   with the producer's table as mapped here. res[0]: the first mismatch,
-   res[1]: the first head never sealed (0 in the table), as item * heads +
-   head - h_a; 0xffffffff: none. */
-extern "C" __global__ void kvx_csum_check(const uint4 *__restrict__ items, u32 nitems, const u64 *__restrict__ lplanes, u64 lbstride,
-                                          kvx_sum_lay l, u32 h_a, u32 h_b, u32 h_l0, u32 h_r0,
+/* Check one verified read, on its stream right behind its copy. Its sampled
+   blocks are every `every`-th of its (local, remote) pairs from `first` on,
+   ns of them, in each of its nplanes planes (the first is plane p0; lplanes
+   lists theirs from there). Every head in [h_a, h_b) of each is summed where
+   it landed (warp: a warp per head, else a thread) and compared with the
+   producer's table as mapped here. res[0]: the first mismatch, res[1]: the
+   first head never sealed (0 in the table), as (plane * ns + sample) *
+   heads + head - h_a; 0xffffffff: none. */
+extern "C" __global__ void kvx_csum_check(const uint2 *__restrict__ pairs, u32 first, u32 every, u32 ns, u32 nplanes, u32 p0,
+                                          const u64 *__restrict__ lplanes, u64 lbstride, kvx_sum_lay l, u32 warp, u32 h_a, u32 h_b, u32 h_l0, u32 h_r0,
                                           const u32 *__restrict__ rtable, u32 r_num_blocks, u32 r_num_heads, u32 *res) {
-    u32 nh = h_b - h_a;
-    u64 total = (u64)nitems * nh, i;
-    for (i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
-        uint4 it = items[i / nh];
-        u32 h = h_a + (u32)(i % nh);
-        u32 want = rtable[((u64)it.x * r_num_blocks + it.z) * r_num_heads + (h - h_r0)];
-        if (!want) { atomicMin(&res[1], (u32)i); continue; }
-        if (head_sum((const unsigned char *)(lplanes[it.x] + (u64)it.y * lbstride), h - h_l0, l) != want) atomicMin(&res[0], (u32)i);
+    u32 nh = h_b - h_a, lane = warp ? threadIdx.x & 31u : 0u;
+    u64 total = (u64)nplanes * ns * nh, i, at = (u64)blockIdx.x * blockDim.x + threadIdx.x, step = (u64)gridDim.x * blockDim.x;
+    if (warp) { at >>= 5; step >>= 5; }
+    for (i = at; i < total; i += step) {
+        u32 item = (u32)(i / nh), p = item / ns, h = h_a + (u32)(i % nh), got;
+        uint2 pr = pairs[first + (u64)(item % ns) * every];
+        u32 want = rtable[((u64)(p0 + p) * r_num_blocks + pr.y) * r_num_heads + (h - h_r0)];
+        const unsigned char *blk = (const unsigned char *)(lplanes[p] + (u64)pr.x * lbstride);
+        if (!want) { if (!lane) atomicMin(&res[1], (u32)i); continue; }
+        got = warp ? head_sum_warp(blk, h - h_l0, l, lane) : head_sum(blk, h - h_l0, l);
+        if (!lane && got != want) atomicMin(&res[0], (u32)i);
     }
 }

@@ -9,7 +9,7 @@
 #     host reads on a stream, verify mode on GPU caches
 #   - kvx_bench --backends CUDA, pack: the TP matrix with several processes
 #     on the one GPU, random and consecutive blocks, HND and NHD, cuMemAlloc,
-#     VMM and pool caches, every kvx_bench option
+#     VMM and pool caches, verify mode, every kvx_bench option
 #   - with two GPUs visible (nvidia-smi): owner on GPU 0, reader on GPU 1
 # Ends with "N passed, M failed". KVX_TEST_FILTER=regex runs matching entries.
 set -u
@@ -74,8 +74,13 @@ entry "CUDA pack 4->8 HND random (12 processes)" 180 $bench $small --random-bloc
 entry "CUDA pack 1 KV head replicated, 1->2" 120 $bench $small --random-blocks --heads 1 --prefill-tp 1 --decode-tp 2
 entry "CUDA pack 2 KV heads replicated, 2->4 NHD" 120 $bench $small --random-blocks --heads 2 --prefill-tp 2 --decode-tp 4 --layout NHD
 entry "CUDA pack odd sizes: 3-byte elements, 5 tokens (unaligned path)" 120 $bench --num-blocks 50 --blocks 9 --num-layers 2 --block-tokens 5 --heads 2 --head-dim 7 --dtype-bytes 3 --random-blocks --iters 2 --decode-tp 2 --layout NHD
+entry "CUDA pack 2->4 NHD random, verify mode, every block" 120 $bench $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1
+entry "CUDA pack 1->2 HND random, verify mode, 1 block in 3" 120 $bench $small --random-blocks --prefill-tp 1 --decode-tp 2 --verify 3
+entry "CUDA pack odd sizes, verify mode, every block (unaligned heads)" 120 $bench --num-blocks 50 --blocks 9 --num-layers 2 --block-tokens 5 --heads 2 --head-dim 7 --dtype-bytes 3 --random-blocks --iters 2 --decode-tp 2 --layout NHD --verify 1
 entry "CUDA pack 3750 blocks x 50 layers x 128, 4 KiB blocks" 300 \
   $bench --num-blocks 3750 --num-layers 50 --blocks 128 --block-tokens 16 --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 2
+entry "CUDA pack 3750 blocks x 50 layers x 128, verify mode, every block (heads summed a thread each)" 300 \
+  $bench --num-blocks 3750 --num-layers 50 --blocks 128 --block-tokens 16 --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 2 --verify 1
 expect_fail "CUDA a planted wrong byte fails the run" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $bench $small --random-blocks
 if [ "$(id -u)" = 0 ] && command -v ip >/dev/null; then
   expect_fail "CUDA spread across two hosts is refused" 120 "within one host" env KVX_BENCH=$B/kvx_bench CUDA_VISIBLE_DEVICES=$gpu bash tests/two_hosts.sh --backends CUDA $small

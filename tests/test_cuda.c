@@ -15,18 +15,14 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
-/* Plants corruption on the GPU between a verified read and its check. */
+/* Plants corruption on the GPU between a verified read's copy and its check:
+   in stream order, a byte set to what the read does not bring. */
 static volatile int plant_armed;
 static unsigned long long plant_addr;
-#define KVX_TEST_HOOK_BEFORE_VERIFY(rd) \
+static unsigned char plant_value;
+#define KVX_TEST_HOOK_CUDA_BEFORE_CHECK(rd, stream) \
     do { \
-        if (plant_armed) { \
-            unsigned char v_ = 0; \
-            cuMemcpyDtoH(&v_, (CUdeviceptr)plant_addr, 1); \
-            v_ ^= 0x20; \
-            cuMemcpyHtoD((CUdeviceptr)plant_addr, &v_, 1); \
-            plant_armed = 0; \
-        } \
+        if (plant_armed) { cuMemsetD8Async((CUdeviceptr)plant_addr, plant_value, 1, (CUstream)(stream)); plant_armed = 0; } \
         (void)(rd); \
     } while (0)
 #define KVX_IMPLEMENTATION
@@ -482,6 +478,14 @@ static kvx_status verified(dec *d, kvx_peer *p, const uint32_t *dst, const uint3
     return kvx_wait(d->q, t, 30000);
 }
 
+/* The next verified read gets a wrong byte where the host image (pulled after
+   a clean read of the same blocks) has byte *h. */
+static void plant(const dec *d, const uint8_t *h) {
+    plant_addr = (unsigned long long)(d->g.mem + (CUdeviceptr)(h - d->g.host.mem));
+    plant_value = (unsigned char)(*h ^ 0x20);
+    plant_armed = 1;
+}
+
 static void case_verify(void) {
     kvx_tc_owner_args a = owner_args(KVX_BACKEND_CUDA, 1, 0, KVX_EX_CUMEMALLOC, 0, 1, KVX_ORDER_NHD);
     kvx_tc_owner own;
@@ -520,9 +524,8 @@ static void case_verify(void) {
         kvx_peer_heads(p, d.cache, 0, &pf, &pc);
         T_EQ(kvx_ex_verify(&d.g.host, SEED, dst, src, 16, 0, LAYERS, pf, pf + pc, NULL), 0);
     }
-    /* 2. a byte flipped on the GPU between the copy and the check */
-    plant_addr = (unsigned long long)(d.g.mem + (CUdeviceptr)(kvx_ex_block(&d.g.host, 1, 1, dst[5]) - d.g.host.mem) + 7u);
-    plant_armed = 1;
+    /* 2. a byte changed on the GPU between the copy and the check */
+    plant(&d, kvx_ex_block(&d.g.host, 1, 1, dst[5]) + 7);
     T_ST(verified(&d, p, dst, src, 16, 1, NULL), KVX_ERR_CORRUPT);
     snprintf(want, sizeof want, "layer 1 V block %u (local %u)", src[5], dst[5]);
     T_HAS(kvx_ctx_error(d.ctx), want);
@@ -532,10 +535,9 @@ static void case_verify(void) {
     T_HAS(kvx_ctx_error(d.ctx), "never sealed");
     snprintf(want, sizeof want, "block 40 (layer 0, K)");
     T_HAS(kvx_ctx_error(d.ctx), want);
-    /* 4. a stream waiting on a corrupted read stays held until the check, then
-       is released with the failure visible on the device */
-    plant_addr = (unsigned long long)(d.g.mem + (CUdeviceptr)(kvx_ex_block(&d.g.host, 0, 0, dst[2]) - d.g.host.mem));
-    plant_armed = 1;
+    /* 4. a stream waiting on a corrupted read stays held until kvx has the
+       check's result, then is released with the failure visible on the device */
+    plant(&d, kvx_ex_block(&d.g.host, 0, 0, dst[2]));
     {
         kvx_read r = read_of(p, d.cache, dst, src, 16);
         r.verify = 1;
@@ -543,7 +545,7 @@ static void case_verify(void) {
     }
     T_ST(kvx_stream_wait(d.q, t, s2), KVX_OK);
     kvx_tc_check(&K, s2, d.g.mem, e, 1, (CUdeviceptr)(uintptr_t)kvx_stream_status_ptr(d.q, t), out);
-    usleep(300000);  /* the copy is long done; nobody has checked it yet */
+    usleep(300000);  /* copy and check are long done; nobody has collected the result yet */
     T_EQ(cuStreamQuery(s2), CUDA_ERROR_NOT_READY);
     T_ST(kvx_wait(d.q, t, 30000), KVX_ERR_CORRUPT);
     if (kvx_tc_sync(s2, 10000) || out_read(out, v)) { T_FAILF("the waiting stream was not released: %s", kvx_ex_gpu_err); goto out; }
