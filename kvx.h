@@ -264,6 +264,9 @@ KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx);
 KVX_API const char *kvx_status_name(kvx_status s);
 
 KVX_API kvx_status  kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *desc, kvx_cache **out);
+/* Once it returns the memory is the engine's again. With UCX's software-served
+   transports it may wait for replies still sending from the cache, at most
+   until the deadlines of the reads they serve. */
 KVX_API void        kvx_cache_deregister(kvx_cache *cache);
 /* Producer side, for verified reads: record the checksums of these blocks
    (every layer, K/V and head) once they hold what readers will read. A GPU
@@ -540,6 +543,10 @@ struct kvx__backend {
     /* Optional (NULL): called after kvx__pump issued ops of a queue, so a
        backend that batches (the CUDA copy kernel) can launch the batch. */
     void (*flush)(kvx_ctx *ctx, kvx_queue *q);
+    /* Optional (NULL): end a read's outstanding ops without closing its
+       peer, where the backend can promise none of their bytes lands after
+       (kvx's own UCX get: their ids die); each is reported to kvx__op_done. */
+    void (*abandon)(kvx_ctx *ctx, kvx__read *rd);
 };
 
 /* Stream-ordered completion (kvx_cuda.h) sits beside every backend: the core
@@ -1303,13 +1310,15 @@ KVX_API void kvx_cache_deregister(kvx_cache *c) {
     if (!c) return;
     ctx = c->ctx;
     pthread_mutex_lock(&ctx->lock);
-    for (i = 0; i < c->info.nregions; i++) ctx->be_ops->mem_deregister(ctx, &c->info.regions[i]);
+    /* Out of the list first: a backend that waits for replies from this
+       memory while deregistering it serves no new request for it meanwhile. */
     for (i = 0; i < ctx->ncaches; i++)
         if (ctx->caches[i] == c) {
             for (j = i + 1; j < ctx->ncaches; j++) ctx->caches[j - 1] = ctx->caches[j];
             ctx->ncaches--;
             break;
         }
+    for (i = 0; i < c->info.nregions; i++) ctx->be_ops->mem_deregister(ctx, &c->info.regions[i]);
     pthread_mutex_unlock(&ctx->lock);
     kvx__cache_info_free(&c->info);
     KVX_FREE(c->seen);
@@ -1941,8 +1950,10 @@ out:
     return st;
 }
 
-/* A read past its deadline fails; first the peer is closed by force, so that
-   none of its bytes can land after the failure is reported. */
+/* A read past its deadline fails; first its operations end, so that none of
+   its bytes can land after the failure is reported: by the backend where it
+   can promise that without closing the peer (the peer's other reads go on),
+   else by closing the peer by force. */
 KVX__PRIV void kvx__read_timeout(kvx__read *rd) {
     kvx_ctx *ctx = rd->q->ctx;
     kvx_peer *p = rd->peer;
@@ -1954,6 +1965,7 @@ KVX__PRIV void kvx__read_timeout(kvx__read *rd) {
                   (unsigned long long)rd->ops_done, (unsigned long long)rd->ops_total, rd->ops_out);
     }
     rd->issuing_done = 1;
+    if (rd->ops_out && ctx->be_ops->abandon) ctx->be_ops->abandon(ctx, rd);
     if (rd->ops_out) kvx__peer_close(p, KVX_ERR_TIMEOUT);
     kvx__runs_release(rd->q);
     kvx__read_finish(rd);

@@ -3122,7 +3122,7 @@ KVX__PRIV const kvx__backend kvx__cuda_backend = {
     "cuda", KVX_BACKEND_CUDA,
     kvx__cuda_open, kvx__cuda_close, kvx__cuda_mem_register, kvx__cuda_mem_deregister, kvx__cuda_address,
     kvx__cuda_connect, kvx__cuda_disconnect, kvx__cuda_post, kvx__cuda_notify,
-    kvx__cuda_progress, kvx__cuda_event_fd, kvx__cuda_arm, kvx__cuda_signal, kvx__cuda_flush
+    kvx__cuda_progress, kvx__cuda_event_fd, kvx__cuda_arm, kvx__cuda_signal, kvx__cuda_flush, NULL
 };
 
 /*--- queues: the backend's part ---------------------------------------------*/

@@ -1405,7 +1405,7 @@ KVX__PRIV const kvx__backend kvx__ofi_backend = {
     "ofi", KVX_BACKEND_OFI,
     kvx__ofi_open, kvx__ofi_close, kvx__ofi_mem_register, kvx__ofi_mem_deregister, kvx__ofi_address,
     kvx__ofi_connect, kvx__ofi_disconnect, kvx__ofi_post, kvx__ofi_notify,
-    kvx__ofi_progress, kvx__ofi_event_fd, kvx__ofi_arm, kvx__ofi_signal, NULL
+    kvx__ofi_progress, kvx__ofi_event_fd, kvx__ofi_arm, kvx__ofi_signal, NULL, NULL
 };
 
 #endif /* KVX_OFI_INCLUDED */

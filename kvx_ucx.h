@@ -39,15 +39,23 @@ typedef struct kvx__ucx_get {
     ucs_status_t *probe;        /* the probe's result */
 } kvx__ucx_get;
 
-/* The messages: a request asks for len bytes at raddr (part off of the op);
-   the reply carries them, or status != 0 when the owner refused. */
-typedef struct kvx__ucx_get_req { uint64_t id, raddr, len, off; } kvx__ucx_get_req;
+/* The messages: a request asks for len bytes at raddr (part off of the op),
+   wanted within ttl_ns (what is left of the read's deadline: the reader
+   takes no byte after it); the reply carries them, or status != 0 when the
+   owner refused. */
+typedef struct kvx__ucx_get_req { uint64_t id, raddr, len, off, ttl_ns; } kvx__ucx_get_req;
 typedef struct kvx__ucx_get_rep { uint64_t id, off, len; uint32_t status, pad; } kvx__ucx_get_rep;
 
-/* A header must stay valid until its send completes: each send has one. */
+/* A header must stay valid until its send completes: each send has one. A
+   reply with bytes also holds them (UCX sends large ones in place), so it
+   is listed until it completes: deregistering that memory waits for it. */
 typedef struct kvx__ucx_msg {
     kvx_ctx *ctx;
     union { kvx__ucx_get_req req; kvx__ucx_get_rep rep; } h;
+    struct kvx__ucx_msg *next, *prev;   /* kvx__ucx.replies */
+    int listed;
+    uint64_t addr, len;         /* the bytes it sends */
+    uint64_t until_ns;          /* the reader takes none of them after this */
 } kvx__ucx_msg;
 
 typedef struct kvx__ucx {
@@ -60,6 +68,7 @@ typedef struct kvx__ucx {
     kvx__ucx_get *gets;         /* kvx's own gets, by index */
     uint32_t *free_gets, nfree, ngets;
     uint32_t gen;               /* the last get's generation, context-wide: ids never repeat */
+    kvx__ucx_msg *replies;      /* replies in flight that send registered bytes */
 } kvx__ucx;
 
 KVX__PRIV kvx__ucx *kvx__ucx_of(kvx_ctx *ctx) { return (kvx__ucx *)ctx->be; }
@@ -152,8 +161,17 @@ KVX__PRIV void kvx__ucx_msg_sent(void *req, ucs_status_t status, void *user) {
     ucp_request_free(req);
 }
 
+KVX__PRIV void kvx__ucx_reply_unlink(kvx__ucx_msg *m) {
+    kvx__ucx *u = kvx__ucx_of(m->ctx);
+    if (!m->listed) return;
+    if (m->prev) m->prev->next = m->next; else u->replies = m->next;
+    if (m->next) m->next->prev = m->prev;
+    m->listed = 0;
+}
+
 KVX__PRIV void kvx__ucx_reply_sent(void *req, ucs_status_t status, void *user) {
     (void)status;  /* a reader that died: nothing to do but let go */
+    kvx__ucx_reply_unlink((kvx__ucx_msg *)user);
     KVX_FREE(user);
     ucp_request_free(req);
 }
@@ -161,7 +179,8 @@ KVX__PRIV void kvx__ucx_reply_sent(void *req, ucs_status_t status, void *user) {
 /* Ask for one op's bytes, in parts of at most KVX__UCX_GET_PART. */
 KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p, uint64_t laddr, uint64_t raddr, uint64_t len, ucs_status_t *probe) {
     kvx__ucx *u = kvx__ucx_of(ctx);
-    uint64_t id = kvx__ucx_get_new(ctx), off;
+    uint64_t id = kvx__ucx_get_new(ctx), off, now = kvx__now_ns();
+    uint64_t ttl = !rd ? (uint64_t)ctx->timeout_ms * 1000000ull : rd->deadline_ns > now ? rd->deadline_ns - now : 0;
     kvx__ucx_get *g;
     if (!id) return kvx__fail(ctx, KVX_ERR_NOMEM, "ucx: out of memory for a get");
     g = &u->gets[(uint32_t)id];
@@ -177,6 +196,7 @@ KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p,
             m->ctx = ctx;
             m->h.req.id = id; m->h.req.raddr = raddr + off; m->h.req.off = off;
             m->h.req.len = len - off < KVX__UCX_GET_PART ? len - off : KVX__UCX_GET_PART;
+            m->h.req.ttl_ns = ttl;
             memset(&prm, 0, sizeof prm);
             prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
             prm.cb.send = kvx__ucx_msg_sent;
@@ -247,6 +267,15 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
     sp = ucp_am_send_nbx(param->reply_ep, KVX__UCX_AM_GET_REPLY, &m->h.rep, sizeof m->h.rep,
                          ok ? (void *)(uintptr_t)rq.raddr : NULL, ok ? (size_t)rq.len : 0, &prm);
     if (sp == NULL || UCS_PTR_IS_ERR(sp)) KVX_FREE(m);
+    else if (ok && rq.len) {  /* still sending from the cache: listed until it completes */
+        kvx__ucx *u = kvx__ucx_of(ctx);
+        m->addr = rq.raddr; m->len = rq.len;
+        m->until_ns = kvx__now_ns() + (rq.ttl_ns < 3600000000000ull ? rq.ttl_ns : 3600000000000ull);
+        m->prev = NULL; m->next = u->replies;
+        if (u->replies) u->replies->prev = m;
+        u->replies = m;
+        m->listed = 1;
+    }
     return UCS_OK;
 }
 
@@ -276,6 +305,10 @@ KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t 
         kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, UCS_ERR_MESSAGE_TRUNCATED, "a get reply of the wrong size");
         return UCS_OK;
     }
+    if (g->rd && kvx__now_ns() >= g->rd->deadline_ns) {  /* the owner may have let the memory go by now */
+        kvx__ucx_get_end(ctx, g, KVX_ERR_TIMEOUT, UCS_ERR_TIMED_OUT, "the read's deadline passed before its bytes came");
+        return UCS_OK;
+    }
     if (length) memcpy((void *)(uintptr_t)(g->laddr + rp.off), data, length);
     if (--g->parts == 0) kvx__ucx_get_end(ctx, g, KVX_OK, UCS_OK, NULL);
     return UCS_OK;
@@ -287,6 +320,19 @@ KVX__PRIV void kvx__ucx_get_cancel(kvx_ctx *ctx, kvx_peer *p) {
     uint32_t i;
     for (i = 0; i < u->ngets; i++)
         if (u->gets[i].live && u->gets[i].peer == p) kvx__ucx_get_end(ctx, &u->gets[i], KVX_ERR_CANCELED, UCS_ERR_CANCELED, "canceled");
+}
+
+/* A read past its deadline, read by kvx's own get: its gets end and their
+   ids die, so nothing of them lands; the endpoint stays for the peer's other
+   reads, and what the owner still sends for these is dropped. (Closing it
+   would reset the owner's connection under its queued replies, which UCX
+   1.13's TCP transport does not always survive.) */
+KVX__PRIV void kvx__ucx_abandon(kvx_ctx *ctx, kvx__read *rd) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    uint32_t i;
+    if (!(rd->peer->be_flags & KVX__UCX_PEER_AM_GET)) return;
+    for (i = 0; i < u->ngets; i++)
+        if (u->gets[i].live && u->gets[i].rd == rd) kvx__ucx_get_end(ctx, &u->gets[i], KVX_ERR_TIMEOUT, UCS_ERR_TIMED_OUT, "timed out");
 }
 
 KVX__PRIV void kvx__ucx_close(kvx_ctx *ctx) {
@@ -379,11 +425,6 @@ KVX__PRIV kvx_status kvx__ucx_mem_register(kvx_ctx *ctx, const kvx__cache_info *
     ucp_rkey_buffer_release(buf);
     r->be = memh;
     return KVX_OK;
-}
-
-KVX__PRIV void kvx__ucx_mem_deregister(kvx_ctx *ctx, kvx__region *r) {
-    if (r->be) ucp_mem_unmap(kvx__ucx_of(ctx)->context, (ucp_mem_h)r->be);
-    r->be = NULL;
 }
 
 KVX__PRIV kvx_status kvx__ucx_address(kvx_ctx *ctx, const uint8_t **addr, uint32_t *len) {
@@ -536,6 +577,40 @@ KVX__PRIV int kvx__ucx_wait_step(kvx_ctx *ctx, uint64_t until) {
     pf.fd = u->efd; pf.events = POLLIN; pf.revents = 0;
     poll(&pf, 1, (int)((until - now) / 1000000u > 100 ? 100 : (until - now) / 1000000u + 1));
     return 1;
+}
+
+/* The engine reuses memory once it is deregistered, so no reply may still be
+   sending from it while its reader would take the bytes. Replies to live
+   readers leave within milliseconds. A reader that stopped taking them
+   (stalled, or stopped in a debugger) is waited for until the deadlines of
+   the reads they serve: after that it drops whatever comes, and the replies
+   may send what the memory holds next. UCX 1.13 cannot cancel them: a forced
+   close of the endpoint it made for that reader crashes its TCP progress. */
+KVX__PRIV void kvx__ucx_replies_drain(kvx_ctx *ctx, uint64_t addr, uint64_t len) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    uint64_t t0 = kvx__now_ns(), until = 0;
+    kvx__ucx_msg *m, *n;
+    uint32_t k = 0;
+    for (;;) {
+        uint64_t now = kvx__now_ns();
+        until = 0;
+        for (m = u->replies; m; m = m->next)
+            if (m->addr < addr + len && addr < m->addr + m->len && m->until_ns > now && m->until_ns > until) until = m->until_ns;
+        if (!until || !kvx__ucx_wait_step(ctx, until)) break;
+    }
+    for (m = u->replies; m; m = n) {
+        n = m->next;
+        if (m->addr < addr + len && addr < m->addr + m->len) { kvx__ucx_reply_unlink(m); k++; }
+    }
+    if (kvx__now_ns() - t0 > 100000000ull || k)
+        KVX__LOG(ctx, KVX_LOG_WARN, "ucx: deregistering memory at 0x%llx waited %.3f s for replies a reader was not taking; %u still queued, "
+                 "past their reads' deadlines (the reader drops them)", (unsigned long long)addr, (double)(kvx__now_ns() - t0) / 1e9, k);
+}
+
+KVX__PRIV void kvx__ucx_mem_deregister(kvx_ctx *ctx, kvx__region *r) {
+    kvx__ucx_replies_drain(ctx, r->addr, r->len);
+    if (r->be) ucp_mem_unmap(kvx__ucx_of(ctx)->context, (ucp_mem_h)r->be);
+    r->be = NULL;
 }
 
 /* Wait for a request, progressing and sleeping on the event fd, until done
@@ -727,7 +802,7 @@ KVX__PRIV const kvx__backend kvx__ucx_backend = {
     "ucx", KVX_BACKEND_UCX,
     kvx__ucx_open, kvx__ucx_close, kvx__ucx_mem_register, kvx__ucx_mem_deregister, kvx__ucx_address,
     kvx__ucx_connect, kvx__ucx_disconnect, kvx__ucx_post, kvx__ucx_notify,
-    kvx__ucx_progress, kvx__ucx_event_fd, kvx__ucx_arm, kvx__ucx_signal, NULL
+    kvx__ucx_progress, kvx__ucx_event_fd, kvx__ucx_arm, kvx__ucx_signal, NULL, kvx__ucx_abandon
 };
 
 #endif /* KVX_UCX_INCLUDED */

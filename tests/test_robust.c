@@ -106,15 +106,30 @@ static int role_decode(int mode, int count, int delay_ms, int md_fd, int rep_fd)
     if (read_all(md_fd, md, n) || kvx_peer_add(ctx, md, n, &p)) return 6;
     for (i = 0; i < NB; i++) ids[i] = i;
     if (mode == 3) { uint32_t go = 1; write_all(rep_fd, &go, 4); raise(SIGSTOP); return 0; }
+    if (mode == 4) memset(m.mem, 0, m.mem_bytes);
     if (mode == 2) usleep((useconds_t)delay_ms * 1000);
     for (k = 0; k < count && k < 64; k++) {
         kvx_read rd;
         memset(&rd, 0, sizeof rd);
         rd.peer = p; rd.cache = c; rd.local_blocks = ids; rd.remote_blocks = ids; rd.num_blocks = NB;
-        rd.notify = 1; rd.notify_id = (uint64_t)(mode == 1 ? delay_ms : 0) + (uint64_t)k + 1;
+        rd.notify = mode != 4; rd.notify_id = (uint64_t)(mode == 1 ? delay_ms : 0) + (uint64_t)k + 1;
+        if (mode == 4) rd.timeout_ms = 5000;  /* still live when it resumes */
         if (kvx_post(q, &rd, &t[k])) return 7;
     }
-    if (mode == 0) { uint32_t go = 1; write_all(rep_fd, &go, 4); raise(SIGSTOP); }
+    if (mode == 0 || mode == 4) { uint32_t go = 1; write_all(rep_fd, &go, 4); raise(SIGSTOP); }
+    if (mode == 4) {  /* each read's status, and for one that succeeded, its wrong bytes (the owner filled with seed delay_ms) */
+        for (k = 0; k < count && k < 64; k++) {
+            int32_t res[2];
+            res[0] = (int32_t)kvx_wait(q, t[k], 30000);
+            res[1] = res[0] == KVX_OK ? (int32_t)kvx_ex_verify(&m, (uint64_t)delay_ms, ids, ids, NB, 0, lay.num_layers, 0, HEADS, NULL) : 0;
+            write_all(rep_fd, res, sizeof res);
+        }
+        for (k = 0; k < 100; k++) { kvx_progress(ctx); usleep(10000); }  /* take (and drop) what the owner still sends */
+        kvx_ctx_destroy(ctx);
+        kvx_ex_cache_free(&m);
+        free(md);
+        return 0;
+    }
     for (k = 0; k < count && k < 64; k++) {
         uint32_t id = (uint32_t)(mode == 1 ? delay_ms : 0) + (uint32_t)k + 1;
         if (kvx_wait(q, t[k], 20000) != KVX_OK) return 8;
@@ -472,6 +487,55 @@ int main(int argc, char **argv) {
         kvx_ctx_destroy(P);
         kvx_ex_cache_free(&pm);
         free(md);
+    }
+
+    T_CASE("cache deregistered under a stopped reader: returns by the reads' deadlines, no byte of the memory's next use lands") {
+        kvx_ctx *P = kvx_t_ctx("prefill", 0, 1, 1);
+        kvx_ex_cache pm;
+        kvx_cache *pc;
+        void *md, *md2;
+        size_t len, len2;
+        uint32_t n32;
+        child r;
+        double t0, dt;
+        int k, failed = 0;
+        kvx_ex_cache_alloc(&pm, &lay1, 0, 1);
+        kvx_ex_fill(&pm, 63, ids, NB);
+        cd = kvx_ex_cache_desc(&pm);
+        T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
+        md = kvx_t_metadata(P, &len);
+        n32 = (uint32_t)len;
+        /* 8 whole-cache reads: 64 MiB asked for, far more than the sockets
+           between the two hold, so replies wait behind the stopped reader */
+        r = spawn("decode", 4, 8, 63);
+        write_all(r.wr, &n32, 4); write_all(r.wr, md, len);
+        { uint32_t go; T_CHECK(read_all(r.rd, &go, 4) == 0); }
+        usleep(300000);
+        t0 = kvx_t_now();
+        kvx_cache_deregister(pc);
+        dt = kvx_t_now() - t0;
+        memset(pm.mem, 0xA7, pm.mem_bytes);  /* the engine reuses the memory at once */
+        printf("    kvx_cache_deregister returned in %.3f s\n", dt);
+        T_CHECK(dt < 10.0);  /* the reads' 5 s deadlines bound it */
+        kill(r.pid, SIGCONT);
+        for (k = 0; k < 8; k++) {
+            int32_t res[2] = {-1, -1};
+            T_CHECK(read_all(r.rd, res, sizeof res) == 0);
+            if (res[0] != KVX_OK) failed++;
+            else T_EQ(res[1], 0);  /* a read that succeeded brought the producer's bytes, never the canary */
+            if (k == 0 || res[0] != KVX_OK) printf("    read %d: %s, %d wrong bytes\n", k, kvx_status_name((kvx_status)res[0]), res[1]);
+        }
+        T_CHECK(failed > 0);  /* the reader resumed past its deadlines: it took none of what was still queued */
+        finish(&r);
+        /* the owner goes on: the memory registered again is served to a new reader */
+        kvx_ex_fill(&pm, 62, ids, NB);
+        T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
+        md2 = kvx_t_metadata(P, &len2);
+        reader_in_time(P, md2, len2);
+        kvx_ctx_destroy(P);
+        kvx_ex_cache_free(&pm);
+        free(md);
+        free(md2);
     }
 
     T_CASE("hostile arguments: an error each, nothing posted") {
