@@ -91,6 +91,8 @@ if [ "${ngpu:-0}" -ge 2 ]; then
   entry "test_cuda two GPUs" 300 env CUDA_VISIBLE_DEVICES=0,1 KVX_TEST_ONLY="two GPUs" $B/test_cuda
   entry "CUDA pack GPU 0 -> GPU 1, 1->2 NHD random" 120 env CUDA_VISIBLE_DEVICES=0,1 KVX_BENCH_PREFILL_GPU=0 KVX_BENCH_DECODE_GPU=1 \
     $B/kvx_bench --backends CUDA $small --random-blocks --prefill-tp 1 --decode-tp 2 --layout NHD
+  entry "CUDA pack GPU 0 -> GPU 1, 1->2 NHD random, verify mode, every block" 120 env CUDA_VISIBLE_DEVICES=0,1 KVX_BENCH_PREFILL_GPU=0 KVX_BENCH_DECODE_GPU=1 \
+    $B/kvx_bench --backends CUDA $small --random-blocks --prefill-tp 1 --decode-tp 2 --layout NHD --verify 1
   entry "CUDA pack GPU 0 -> GPU 1, 2->1 HND, VMM" 120 env CUDA_VISIBLE_DEVICES=0,1 KVX_BENCH_PREFILL_GPU=0 KVX_BENCH_DECODE_GPU=1 KVX_BENCH_CUDA_MEM=vmm \
     $B/kvx_bench --backends CUDA $small --random-blocks --prefill-tp 2 --decode-tp 1
 fi
