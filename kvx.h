@@ -397,6 +397,8 @@ struct kvx_cache {
 typedef struct kvx__op {
     uint64_t laddr, raddr, len;
     uint32_t lreg, rreg;        /* region indices, local cache and remote cache */
+    uint32_t count;             /* pieces of len bytes, the next at +lstride here and +rstride there; */
+    uint64_t lstride, rstride;  /* more than 1 only to a peer with kvx_peer.gather */
 } kvx__op;
 
 /* Per-block piece geometry of a read (head-range intersection). */
@@ -430,6 +432,7 @@ struct kvx_peer {
     uint32_t ops_out;           /* transport operations outstanding to this peer */
     void *be;
     uint32_t be_flags;          /* the backend's own, per peer */
+    int gather;                 /* the backend takes a block's pieces as one op (kvx__op.count) */
 };
 
 struct kvx__read {
@@ -444,6 +447,7 @@ struct kvx__read {
     uint32_t c_plane, c_run, c_blk, c_piece;
     /* verified reads: heads taken, and a second cursor over sampled blocks */
     uint32_t verify, h_a, h_b, h_l0, h_r0;
+    int gather;                 /* a block's pieces go as one op (the peer gathers; fixed at post) */
     uint32_t v_plane, v_run, v_blk, v_idx;
     uint64_t ops_total, ops_issued, ops_done;
     uint32_t ops_out;
@@ -1627,6 +1631,8 @@ KVX__PRIV int kvx__vcursor_op(kvx__read *rd, const kvx__run *runs, uint32_t cap,
         kvx__vcursor_next(rd, runs, cap);
     }
     run = &runs[(rd->run0 + rd->v_run) % cap];
+    op->count = 1;
+    op->lstride = op->rstride = 0;
     op->lreg = lc->csum_region;
     op->rreg = rc->csum_region;
     op->laddr = lc->regions[lc->csum_region].addr + 4u * kvx__csum_index(lc, rd->v_plane, run->l + rd->v_blk, rd->h_a - rd->h_l0);
@@ -1644,6 +1650,8 @@ KVX__PRIV int kvx__cursor_op(kvx__read *rd, const kvx__run *runs, uint32_t cap, 
     run = &runs[(rd->run0 + rd->c_run) % cap];
     op->lreg = lc->plane_region[p];
     op->rreg = rc->plane_region[p];
+    op->count = 1;
+    op->lstride = op->rstride = 0;
     if (rd->g.run_merge) {
         op->laddr = lc->plane_base[p] + (uint64_t)run->l * lc->block_stride + rd->g.loff;
         op->raddr = rc->plane_base[p] + (uint64_t)run->r * rc->block_stride + rd->g.roff;
@@ -1652,6 +1660,11 @@ KVX__PRIV int kvx__cursor_op(kvx__read *rd, const kvx__run *runs, uint32_t cap, 
         op->laddr = lc->plane_base[p] + (uint64_t)(run->l + rd->c_blk) * lc->block_stride + rd->g.loff + rd->c_piece * rd->g.lpstride;
         op->raddr = rc->plane_base[p] + (uint64_t)(run->r + rd->c_blk) * rc->block_stride + rd->g.roff + rd->c_piece * rd->g.rpstride;
         op->len = rd->g.piece;
+        if (rd->gather) {  /* the block's pieces (NHD: a token each) as one op */
+            op->count = rd->g.npieces;
+            op->lstride = rd->g.lpstride;
+            op->rstride = rd->g.rpstride;
+        }
     }
     return 1;
 }
@@ -1659,7 +1672,7 @@ KVX__PRIV int kvx__cursor_op(kvx__read *rd, const kvx__run *runs, uint32_t cap, 
 KVX__PRIV void kvx__cursor_next(kvx__read *rd, const kvx__run *runs, uint32_t cap) {
     if (rd->c_plane >= rd->layer_end * rd->lc->lay.kv_planes) { kvx__vcursor_next(rd, runs, cap); return; }
     if (!rd->g.run_merge) {
-        if (++rd->c_piece < rd->g.npieces) return;
+        if (!rd->gather && ++rd->c_piece < rd->g.npieces) return;
         rd->c_piece = 0;
         if (++rd->c_blk < runs[(rd->run0 + rd->c_run) % cap].n) return;
         rd->c_blk = 0;
@@ -1921,7 +1934,8 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
     q->run_head = (q->run_head + nruns) % q->max_runs;
     q->run_used += nruns;
     planes = (rd->layer_end - rd->layer_begin) * rd->lc->lay.kv_planes;
-    per_plane_ops = rd->g.run_merge ? nruns : (uint64_t)r->num_blocks * rd->g.npieces;
+    rd->gather = rd->peer->gather && !rd->g.run_merge && rd->g.npieces > 1;
+    per_plane_ops = rd->g.run_merge ? nruns : (uint64_t)r->num_blocks * (rd->gather ? 1u : rd->g.npieces);
     rd->ops_total = per_plane_ops * planes;
     if (rd->verify) {  /* one small read of checksums per sampled block and plane */
         uint32_t first = (uint32_t)((rd->verify - rd->ticket % rd->verify) % rd->verify);

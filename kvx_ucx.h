@@ -24,6 +24,7 @@
 #define KVX__UCX_AM_GET 0x4c            /* kvx's own get: the request */
 #define KVX__UCX_AM_GET_REPLY 0x4d      /* ... and the reply with the bytes */
 #define KVX__UCX_GET_PART (1u << 20)    /* bytes one request asks for: the owner sends each eagerly */
+#define KVX__UCX_GET_PIECES 4096u       /* pieces one request asks for (the owner's iov for the reply) */
 #define KVX__UCX_PEER_AM_GET 1u         /* kvx_peer.be_flags: reads go by kvx's get */
 
 /* One outstanding get of kvx's own (a read op, or the connect probe). Its id
@@ -33,17 +34,19 @@
 typedef struct kvx__ucx_get {
     kvx__read *rd;              /* NULL: the connect probe */
     kvx_peer *peer;
-    uint64_t laddr, len;
+    uint64_t laddr, len;        /* len: bytes of all its pieces, in order */
+    uint64_t piece, lstride;    /* piece k of piece bytes lands at laddr + k * lstride */
     uint32_t gen, parts;        /* parts: replies still to come */
     int live;
     ucs_status_t *probe;        /* the probe's result */
 } kvx__ucx_get;
 
-/* The messages: a request asks for len bytes at raddr (part off of the op),
-   wanted within ttl_ns (what is left of the read's deadline: the reader
-   takes no byte after it); the reply carries them, or status != 0 when the
-   owner refused. */
-typedef struct kvx__ucx_get_req { uint64_t id, raddr, len, off, ttl_ns; } kvx__ucx_get_req;
+/* The messages: a request asks for count pieces of len bytes, at raddr and
+   every rstride after (the owner sends them as one), at byte off of the op's
+   pieces in order; wanted within ttl_ns (what is left of the read's
+   deadline: the reader takes no byte after it). The reply carries them, or
+   status != 0 when the owner refused. */
+typedef struct kvx__ucx_get_req { uint64_t id, raddr, len, off, ttl_ns, count, rstride; } kvx__ucx_get_req;
 typedef struct kvx__ucx_get_rep { uint64_t id, off, len; uint32_t status, pad; } kvx__ucx_get_rep;
 
 /* A header must stay valid until its send completes: each send has one. A
@@ -96,7 +99,10 @@ KVX__PRIV ucs_status_t kvx__ucx_am_cb(void *arg, const void *header, size_t head
    reader dies while replies are going out. kvx's own get puts the owner's
    side in kvx's hands: a request names a range of the owner's registered
    memory, the owner checks it and sends the bytes back eagerly, and a reply
-   that cannot go (the reader died) is just released. */
+   that cannot go (the reader died) is just released. A request can name a
+   block's pieces at a stride (the tokens of an NHD read of part of the
+   heads): the owner sends them as one reply from an iov, and the reader
+   puts each where it goes, one message instead of one per token. */
 
 KVX__PRIV kvx__ucx_get *kvx__ucx_get_find(kvx__ucx *u, uint64_t id) {
     uint32_t i = (uint32_t)id;
@@ -176,17 +182,23 @@ KVX__PRIV void kvx__ucx_reply_sent(void *req, ucs_status_t status, void *user) {
     ucp_request_free(req);
 }
 
-/* Ask for one op's bytes, in parts of at most KVX__UCX_GET_PART. */
-KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p, uint64_t laddr, uint64_t raddr, uint64_t len, ucs_status_t *probe) {
+/* Ask for one op's bytes (count pieces of len), in parts of at most
+   KVX__UCX_GET_PART: whole pieces where they fit, else slices of one. */
+KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p, const kvx__op *op, ucs_status_t *probe) {
     kvx__ucx *u = kvx__ucx_of(ctx);
-    uint64_t id = kvx__ucx_get_new(ctx), off, now = kvx__now_ns();
+    uint64_t id = kvx__ucx_get_new(ctx), off, now = kvx__now_ns(), len = op->len, count = op->count ? op->count : 1u, total = len * count;
     uint64_t ttl = !rd ? (uint64_t)ctx->timeout_ms * 1000000ull : rd->deadline_ns > now ? rd->deadline_ns - now : 0;
+    uint64_t per = len && len <= KVX__UCX_GET_PART ? KVX__UCX_GET_PART / len * len : KVX__UCX_GET_PART;  /* bytes per part */
+    if (len && per / len > KVX__UCX_GET_PIECES) per = (uint64_t)KVX__UCX_GET_PIECES * len;
     kvx__ucx_get *g;
     if (!id) return kvx__fail(ctx, KVX_ERR_NOMEM, "ucx: out of memory for a get");
     g = &u->gets[(uint32_t)id];
-    g->rd = rd; g->peer = p; g->laddr = laddr; g->len = len; g->probe = probe;
-    g->parts = len ? (uint32_t)((len + KVX__UCX_GET_PART - 1) / KVX__UCX_GET_PART) : 1u;
-    for (off = 0; off == 0 || off < len; off += KVX__UCX_GET_PART) {
+    g->rd = rd; g->peer = p; g->laddr = op->laddr; g->len = total; g->probe = probe;
+    g->piece = len; g->lstride = count > 1 ? op->lstride : 0;
+    g->parts = 0;
+    for (off = 0; off == 0 || off < total; off += len > per ? (len - off % len < per ? len - off % len : per) : per) g->parts++;
+    for (off = 0; off == 0 || off < total;) {
+        uint64_t k = len ? off / len : 0, in = len ? off % len : 0;  /* piece k, from byte in */
         kvx__ucx_msg *m = (kvx__ucx_msg *)KVX_MALLOC(sizeof *m);
         ucp_request_param_t prm;
         ucs_status_ptr_t sp;
@@ -194,9 +206,16 @@ KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p,
         else {
             memset(m, 0, sizeof *m);
             m->ctx = ctx;
-            m->h.req.id = id; m->h.req.raddr = raddr + off; m->h.req.off = off;
-            m->h.req.len = len - off < KVX__UCX_GET_PART ? len - off : KVX__UCX_GET_PART;
-            m->h.req.ttl_ns = ttl;
+            m->h.req.id = id; m->h.req.off = off; m->h.req.ttl_ns = ttl;
+            m->h.req.raddr = op->raddr + k * op->rstride + in;
+            if (len > per) {  /* a slice of one large piece */
+                m->h.req.len = len - in < per ? len - in : per;
+                m->h.req.count = 1;
+            } else {          /* whole pieces */
+                m->h.req.len = len;
+                m->h.req.count = !len ? 1u : (total - off) / len < per / len ? (total - off) / len : per / len;
+                m->h.req.rstride = op->rstride;
+            }
             memset(&prm, 0, sizeof prm);
             prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
             prm.cb.send = kvx__ucx_msg_sent;
@@ -218,6 +237,7 @@ KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p,
             return KVX_OK;
         }
         if (!kvx__ucx_get_find(u, id)) return KVX_OK;  /* ended during the send */
+        off += len > per ? (len - in < per ? len - in : per) : per;
     }
     return KVX_OK;
 }
@@ -244,6 +264,7 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
     ucp_request_param_t prm;
     ucs_status_ptr_t sp;
     int ok;
+    size_t n, i;
     (void)length;
     if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) ucp_am_data_release(kvx__ucx_of(ctx)->worker, data);  /* a request carries no data */
     if (header_length != sizeof rq || !(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) {
@@ -251,25 +272,36 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
         return UCS_OK;
     }
     memcpy(&rq, header, sizeof rq);
-    ok = rq.len <= KVX__UCX_GET_PART && kvx__ucx_owned(ctx, rq.raddr, rq.len);
+    /* Every piece inside one registered region: the span from the first to the end of the last is. */
+    ok = rq.count >= 1 && rq.count <= KVX__UCX_GET_PIECES && rq.len <= KVX__UCX_GET_PART && rq.len * rq.count <= KVX__UCX_GET_PART &&
+         (rq.count == 1 || rq.rstride < (1ull << 40)) && kvx__ucx_owned(ctx, rq.raddr, (rq.count - 1) * (rq.count > 1 ? rq.rstride : 0) + rq.len);
     if (!ok)
-        KVX__LOG(ctx, KVX_LOG_WARN, "ucx: refused a get of %llu bytes at 0x%llx: not inside memory this context registered",
-                 (unsigned long long)rq.len, (unsigned long long)rq.raddr);
-    if (!(m = (kvx__ucx_msg *)KVX_MALLOC(sizeof *m))) return UCS_OK;  /* the reader's deadline ends it */
+        KVX__LOG(ctx, KVX_LOG_WARN, "ucx: refused a get of %llu x %llu bytes at 0x%llx: not inside memory this context registered",
+                 (unsigned long long)rq.count, (unsigned long long)rq.len, (unsigned long long)rq.raddr);
+    n = ok && rq.count > 1 ? (size_t)rq.count : 0;  /* pieces apart: sent as one, from an iov */
+    if (!(m = (kvx__ucx_msg *)KVX_MALLOC(sizeof *m + n * sizeof(ucp_dt_iov_t)))) return UCS_OK;  /* the reader's deadline ends it */
     memset(m, 0, sizeof *m);
     m->ctx = ctx;
-    m->h.rep.id = rq.id; m->h.rep.off = rq.off; m->h.rep.len = ok ? rq.len : 0; m->h.rep.status = ok ? 0u : 1u;
+    m->h.rep.id = rq.id; m->h.rep.off = rq.off; m->h.rep.len = ok ? rq.len * rq.count : 0; m->h.rep.status = ok ? 0u : 1u;
     memset(&prm, 0, sizeof prm);
     prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
     prm.cb.send = kvx__ucx_reply_sent;
     prm.user_data = m;
     prm.flags = UCP_AM_SEND_FLAG_EAGER;
-    sp = ucp_am_send_nbx(param->reply_ep, KVX__UCX_AM_GET_REPLY, &m->h.rep, sizeof m->h.rep,
-                         ok ? (void *)(uintptr_t)rq.raddr : NULL, ok ? (size_t)rq.len : 0, &prm);
+    if (n) {
+        ucp_dt_iov_t *iov = (ucp_dt_iov_t *)(m + 1);
+        for (i = 0; i < n; i++) { iov[i].buffer = (void *)(uintptr_t)(rq.raddr + i * rq.rstride); iov[i].length = (size_t)rq.len; }
+        prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+        prm.datatype = ucp_dt_make_iov();
+        sp = ucp_am_send_nbx(param->reply_ep, KVX__UCX_AM_GET_REPLY, &m->h.rep, sizeof m->h.rep, iov, n, &prm);
+    } else {
+        sp = ucp_am_send_nbx(param->reply_ep, KVX__UCX_AM_GET_REPLY, &m->h.rep, sizeof m->h.rep,
+                             ok ? (void *)(uintptr_t)rq.raddr : NULL, ok ? (size_t)rq.len : 0, &prm);
+    }
     if (sp == NULL || UCS_PTR_IS_ERR(sp)) KVX_FREE(m);
     else if (ok && rq.len) {  /* still sending from the cache: listed until it completes */
         kvx__ucx *u = kvx__ucx_of(ctx);
-        m->addr = rq.raddr; m->len = rq.len;
+        m->addr = rq.raddr; m->len = (rq.count - 1) * (rq.count > 1 ? rq.rstride : 0) + rq.len;
         m->until_ns = kvx__now_ns() + (rq.ttl_ns < 3600000000000ull ? rq.ttl_ns : 3600000000000ull);
         m->prev = NULL; m->next = u->replies;
         if (u->replies) u->replies->prev = m;
@@ -309,7 +341,17 @@ KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t 
         kvx__ucx_get_end(ctx, g, KVX_ERR_TIMEOUT, UCS_ERR_TIMED_OUT, "the read's deadline passed before its bytes came");
         return UCS_OK;
     }
-    if (length) memcpy((void *)(uintptr_t)(g->laddr + rp.off), data, length);
+    if (g->lstride) {  /* pieces apart here: each where it goes */
+        uint64_t at = rp.off, left = length;
+        const uint8_t *src = (const uint8_t *)data;
+        while (left) {
+            uint64_t in = at % g->piece, n = g->piece - in < left ? g->piece - in : left;
+            memcpy((void *)(uintptr_t)(g->laddr + at / g->piece * g->lstride + in), src, (size_t)n);
+            src += n; at += n; left -= n;
+        }
+    } else if (length) {
+        memcpy((void *)(uintptr_t)(g->laddr + rp.off), data, length);
+    }
     if (--g->parts == 0) kvx__ucx_get_end(ctx, g, KVX_OK, UCS_OK, NULL);
     return UCS_OK;
 }
@@ -644,7 +686,10 @@ KVX__PRIV ucs_status_t kvx__ucx_probe(kvx_ctx *ctx, kvx_peer *p) {
     if (p->be_flags & KVX__UCX_PEER_AM_GET) {
         volatile ucs_status_t got = UCS_INPROGRESS;
         uint64_t until = kvx__now_ns() + (uint64_t)ctx->timeout_ms * 1000000ull;
-        if (kvx__ucx_get_post(ctx, NULL, p, (uint64_t)(uintptr_t)buf, p->caches[0].regions[0].addr, 1, (ucs_status_t *)&got) != KVX_OK)
+        kvx__op one;
+        memset(&one, 0, sizeof one);
+        one.laddr = (uint64_t)(uintptr_t)buf; one.raddr = p->caches[0].regions[0].addr; one.len = 1; one.count = 1;
+        if (kvx__ucx_get_post(ctx, NULL, p, &one, (ucs_status_t *)&got) != KVX_OK)
             return UCS_ERR_NO_MEMORY;
         while (got == UCS_INPROGRESS)
             if (!kvx__ucx_wait_step(ctx, until)) { kvx__ucx_get_cancel(ctx, p); return UCS_ERR_TIMED_OUT; }
@@ -711,6 +756,7 @@ KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
     kvx__ucx_transport(p, h);
     p->be_flags = 0;
     if (strstr(p->transport, "(sw)")) p->be_flags |= KVX__UCX_PEER_AM_GET;  /* served in software: by kvx's own get (above) */
+    p->gather = (p->be_flags & KVX__UCX_PEER_AM_GET) != 0;  /* the owner sends a block's pieces (NHD tokens) as one reply */
     if ((s = kvx__ucx_probe(ctx, p)) != UCS_OK) {
         kvx__ucx_disconnect(ctx, p);
         if (s == UCS_ERR_TIMED_OUT)
@@ -744,7 +790,9 @@ KVX__PRIV void kvx__ucx_get_cb(void *req, ucs_status_t status, void *user) {
 KVX__PRIV kvx_status kvx__ucx_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op) {
     ucp_request_param_t prm;
     ucs_status_ptr_t sp;
-    if (rd->peer->be_flags & KVX__UCX_PEER_AM_GET) return kvx__ucx_get_post(ctx, rd, rd->peer, op->laddr, op->raddr, op->len, NULL);
+    /* kvx's get for software-served peers, and for an op of several pieces
+       (the peer gathered when the read was posted, before a reconnect) */
+    if ((rd->peer->be_flags & KVX__UCX_PEER_AM_GET) || op->count > 1) return kvx__ucx_get_post(ctx, rd, rd->peer, op, NULL);
     prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMH;
     prm.cb.send = kvx__ucx_get_cb;
     prm.user_data = rd;

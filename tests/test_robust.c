@@ -538,6 +538,62 @@ int main(int argc, char **argv) {
         free(md2);
     }
 
+#if defined(KVX_UCX)
+    T_CASE("kvx's UCX get: requests outside the owner's registered memory are refused, pieces inside gathered") {
+        kvx_ctx *P = kvx_t_ctx("prefill", 0, 1, 1);
+        kvx_ex_cache pm;
+        kvx_cache *pc;
+        kvx_peer *p = NULL;
+        void *md;
+        size_t len;
+        kvx_ex_cache_alloc(&pm, &lay1, 0, 1);
+        kvx_ex_fill(&pm, 64, ids, NB);
+        cd = kvx_ex_cache_desc(&pm);
+        T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
+        md = kvx_t_metadata(P, &len);
+        T_ST(kvx_peer_add(D, md, len, &p), KVX_OK);
+        if (p && D->be_ops->kind == KVX_BACKEND_UCX && (p->be_flags & KVX__UCX_PEER_AM_GET)) {
+            /* Forged ops, as a reader that lies about the owner's memory would
+               send them: the owner checks every piece, whatever the metadata said. */
+            uint64_t base = (uint64_t)(uintptr_t)pm.mem, size = pm.mem_bytes;
+            static uint8_t got[1024];
+            struct { uint64_t raddr, len, count, stride; int ok; const char *what; } c[4] = {
+                {0, 16, 1, 0, 0, "a range past the end"}, {0, 64, 4, 0, 0, "pieces past the end"},
+                {0, 64, 2, 1ull << 41, 0, "a stride past any memory"}, {0, 64, 4, 256, 1, "four pieces inside"}};
+            int k;
+            c[0].raddr = base + size - 8; c[1].raddr = base + size - 512; c[1].stride = 256;
+            c[2].raddr = base; c[3].raddr = base + 4096;
+            for (k = 0; k < 4; k++) {
+                kvx__op op;
+                volatile ucs_status_t st = UCS_INPROGRESS;
+                uint64_t until = kvx__now_ns() + 5000000000ull;
+                memset(&op, 0, sizeof op);
+                memset(got, 0, sizeof got);
+                op.laddr = (uint64_t)(uintptr_t)got; op.raddr = c[k].raddr; op.len = c[k].len; op.count = (uint32_t)c[k].count;
+                op.rstride = c[k].stride; op.lstride = c[k].len;
+                pthread_mutex_lock(&D->lock);
+                if (kvx__ucx_get_post(D, NULL, p, &op, (ucs_status_t *)&st) == KVX_OK)
+                    while (st == UCS_INPROGRESS && kvx__ucx_wait_step(D, until)) {}
+                pthread_mutex_unlock(&D->lock);
+                printf("    %s: %s\n", c[k].what, ucs_status_string(st));
+                if (c[k].ok) {
+                    uint32_t j;
+                    T_EQ(st, UCS_OK);
+                    for (j = 0; j < 4; j++) T_EQ(memcmp(got + j * 64, pm.mem + 4096 + j * 256, 64), 0);
+                } else {
+                    T_CHECK(st != UCS_OK && st != UCS_INPROGRESS);
+                }
+            }
+        } else {
+            T_SKIP("the peer is not read by kvx's own get here");
+        }
+        if (p) kvx_peer_remove(p);
+        kvx_ctx_destroy(P);
+        kvx_ex_cache_free(&pm);
+        free(md);
+    }
+#endif
+
     T_CASE("hostile arguments: an error each, nothing posted") {
         child p;
         uint32_t l;
