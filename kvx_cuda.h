@@ -1892,6 +1892,7 @@ typedef struct kvx__cuda_peer {
 typedef struct kvx__cuda_batch {
     CUevent ev;
     CUevent staged;             /* its table and headers are on the GPU */
+    CUevent copied;             /* its copy kernel is done: the checks of its verified reads start */
     uint32_t start, end;        /* staging ring bytes */
     uint32_t nreads, ntasks;
     kvx__read *reads[KVX__CUDA_BATCH_READS];
@@ -1926,6 +1927,7 @@ typedef struct kvx__cuda_q {
        queue's first verified read. */
     uint32_t *vres;
     CUdeviceptr vres_dev;
+    CUstream vs;                /* the checks, so the next batch's copy runs beside them */
 } kvx__cuda_q;
 
 /* Stream-ordered completion state of any queue (q->stream). */
@@ -2808,7 +2810,9 @@ KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
     const char *what = "";
     void *args[3];
     uint32_t nreads, ntasks;
+    CUstream done_on;
     if (!cq) return KVX_OK;
+    done_on = cq->s;
     slot = (cq->first + cq->inflight) % KVX__CUDA_BATCHES;
     b = &cq->b[slot];
     hdr = cq->hdr + (size_t)slot * KVX__CUDA_BATCH_READS;
@@ -2858,8 +2862,16 @@ KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
     }
     if (!grid) grid = 1;
     if ((rc = cuLaunchKernel(cq->fn, grid, 1, 1, KVX__CUDA_THREADS, 1, 1, 0, cq->s, args, NULL)) != CUDA_SUCCESS) { what = "cuLaunchKernel (copy kernel)"; goto fail; }
-    for (i = 0; i < b->nreads; i++)  /* verified reads: their checks, in stream order behind the copy */
-        if (b->reads[i]->verify && (rc = kvx__cuda_check_launch(q, b->reads[i], &hdr[i], &what)) != CUDA_SUCCESS) goto fail;
+    for (i = 0; i < b->nreads && !b->reads[i]->verify; i++) {}
+    if (i < b->nreads) {
+        /* Verified reads: their checks on the check stream, behind this copy
+           and beside the next one; the batch is done when they are. */
+        if ((rc = cuEventRecord(b->copied, cq->s)) != CUDA_SUCCESS) { what = "cuEventRecord (copied)"; goto fail; }
+        if ((rc = cuStreamWaitEvent(cq->vs, b->copied, 0)) != CUDA_SUCCESS) { what = "cuStreamWaitEvent (checks)"; goto fail; }
+        for (; i < b->nreads; i++)
+            if (b->reads[i]->verify && (rc = kvx__cuda_check_launch(q, b->reads[i], &hdr[i], &what)) != CUDA_SUCCESS) goto fail;
+        done_on = cq->vs;
+    }
     if (sq && sq->words) {
         /* The reads are complete, in stream order, once the kernel is. */
         CUstreamBatchMemOpParams ops[64];
@@ -2879,7 +2891,7 @@ KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
             }
         }
     }
-    if ((rc = cuEventRecord(b->ev, cq->s)) != CUDA_SUCCESS) { what = "cuEventRecord"; goto fail; }
+    if ((rc = cuEventRecord(b->ev, done_on)) != CUDA_SUCCESS) { what = "cuEventRecord"; goto fail; }
     cuCtxPopCurrent(&prev);
     cq->inflight++;
     pthread_mutex_lock(&cq->wmu);
@@ -2898,7 +2910,7 @@ fail:
     /* What was enqueued before the failure may still run: wait for it (bounded) before the reads fail. */
     if (cuCtxPushCurrent(cq->d->pctx) == CUDA_SUCCESS) {
         uint64_t until = kvx__now_ns() + 10000000000ull;
-        while (cuStreamQuery(cq->s) == CUDA_ERROR_NOT_READY && kvx__now_ns() < until) {
+        while ((cuStreamQuery(cq->s) == CUDA_ERROR_NOT_READY || (cq->vs && cuStreamQuery(cq->vs) == CUDA_ERROR_NOT_READY)) && kvx__now_ns() < until) {
             struct timespec ts = {0, 1000000};
             nanosleep(&ts, NULL);
         }
@@ -3156,6 +3168,7 @@ KVX__PRIV void kvx__cuda_q_fini(kvx_queue *q) {
         for (i = 0; i < KVX__CUDA_BATCHES; i++) {
             if (cq->b[i].ev) cuEventDestroy(cq->b[i].ev);
             if (cq->b[i].staged) cuEventDestroy(cq->b[i].staged);
+            if (cq->b[i].copied) cuEventDestroy(cq->b[i].copied);
         }
         if (cq->ring) cuMemFreeHost(cq->ring);
         if (cq->hdr) cuMemFreeHost(cq->hdr);
@@ -3163,6 +3176,7 @@ KVX__PRIV void kvx__cuda_q_fini(kvx_queue *q) {
         if (cq->hdr_dev) cuMemFree(cq->hdr_dev);
         if (cq->vres) cuMemFreeHost(cq->vres);
         if (cq->vres_dev) cuMemFree(cq->vres_dev);
+        if (cq->vs) cuStreamDestroy(cq->vs);
         cuCtxPopCurrent(&prev);
     }
     kvx__cuda_dev_put(cq->d);
@@ -3208,7 +3222,8 @@ KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
     if (rc == CUDA_SUCCESS && (rc = cuMemAlloc(&cq->hdr_dev, hbytes)) != CUDA_SUCCESS) what = "cuMemAlloc (read headers)";
     for (i = 0; rc == CUDA_SUCCESS && i < KVX__CUDA_BATCHES; i++)
         if ((rc = cuEventCreate(&cq->b[i].ev, CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING)) != CUDA_SUCCESS ||
-            (rc = cuEventCreate(&cq->b[i].staged, CU_EVENT_DISABLE_TIMING)) != CUDA_SUCCESS) what = "cuEventCreate";
+            (rc = cuEventCreate(&cq->b[i].staged, CU_EVENT_DISABLE_TIMING)) != CUDA_SUCCESS ||
+            (rc = cuEventCreate(&cq->b[i].copied, CU_EVENT_DISABLE_TIMING)) != CUDA_SUCCESS) what = "cuEventCreate";
     cq->fn = cq->d->fn;
     /* A cap past what stays resident would leave blocks for a second wave,
        with their share of tasks still to do after the first: clamp it. */
@@ -3236,8 +3251,9 @@ KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
    it is mapped, with no copy. Sealing and checking are kernels (kvx_csum_*
    in scripts/kvx_cuda_copy.cu) computing kvx__head_sum bit for bit. A seal
    runs on a stream of its own and waits for its kernel; a read's check runs
-   on the read's stream right behind its copy, before the batch's event, so
-   verifying adds GPU time but no round trip through the host. */
+   on the queue's check stream right behind its copy (an event between them),
+   beside the next batch's copy, and the batch's event follows the checks:
+   verifying adds GPU work but no round trip through the host. */
 
 /* The layout block the checksum kernels take (struct kvx_sum_lay). */
 typedef struct kvx__cuda_sum_lay { uint64_t hb; uint32_t hnd, num_heads, block_tokens, aligned; } kvx__cuda_sum_lay;
@@ -3376,15 +3392,17 @@ KVX__PRIV kvx_status kvx__cuda_check_prepare(kvx_queue *q, kvx__read *rd, uint32
     if (cq->vres) return KVX_OK;
     if ((rc = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuCtxPushCurrent");
     if ((rc = cuMemHostAlloc((void **)&cq->vres, (size_t)q->depth * 8u, CU_MEMHOSTALLOC_PORTABLE)) == CUDA_SUCCESS &&
-        (rc = cuMemAlloc(&cq->vres_dev, (size_t)q->depth * 8u)) != CUDA_SUCCESS) {
+        ((rc = cuMemAlloc(&cq->vres_dev, (size_t)q->depth * 8u)) != CUDA_SUCCESS || (rc = cuStreamCreate(&cq->vs, CU_STREAM_NON_BLOCKING)) != CUDA_SUCCESS)) {
+        if (cq->vres_dev) cuMemFree(cq->vres_dev);
         cuMemFreeHost(cq->vres);
         cq->vres = NULL;
+        cq->vres_dev = 0;
     }
     cuCtxPopCurrent(&prev);
     return rc == CUDA_SUCCESS ? KVX_OK : kvx__cuda_err(ctx, rc, "verify mode's result words");
 }
 
-/* At launch, behind the read's copy on the queue's stream (h: its launch
+/* At launch, on the check stream behind the read's copy (h: its launch
    header, addresses made): reset its result words, check, copy them back. */
 KVX__PRIV CUresult kvx__cuda_check_launch(kvx_queue *q, kvx__read *rd, const kvx__cuda_rd *h, const char **what) {
     kvx__cuda_q *cq = kvx__cuda_q_of(q);
@@ -3403,16 +3421,16 @@ KVX__PRIV CUresult kvx__cuda_check_launch(kvx_queue *q, kvx__read *rd, const kvx
     if (!total) return CUDA_SUCCESS;
     if (!rtable) { *what = "verify: the producer's checksum table is no longer mapped"; return CUDA_ERROR_INVALID_VALUE; }
 #if defined(KVX_TEST_HOOK_CUDA_BEFORE_CHECK)
-    KVX_TEST_HOOK_CUDA_BEFORE_CHECK(rd, cq->s);  /* tests plant a wrong byte between copy and check here */
+    KVX_TEST_HOOK_CUDA_BEFORE_CHECK(rd, cq->vs);  /* tests plant a wrong byte between copy and check here */
 #endif
     args[0] = &pairs; args[1] = &first; args[2] = &every; args[3] = &ns; args[4] = &nplanes; args[5] = &p0; args[6] = &lplanes; args[7] = &lbstride;
     args[8] = &l; args[9] = &warp; args[10] = &h_a; args[11] = &h_b; args[12] = &h_l0; args[13] = &h_r0; args[14] = &rtable; args[15] = &rnb; args[16] = &rnh; args[17] = &res;
     *what = "cuMemsetD32Async (check result)";
-    if ((r = cuMemsetD32Async(res, 0xffffffffu, 2, cq->s)) != CUDA_SUCCESS) return r;
+    if ((r = cuMemsetD32Async(res, 0xffffffffu, 2, cq->vs)) != CUDA_SUCCESS) return r;
     *what = "cuLaunchKernel (checksum check)";
-    if ((r = cuLaunchKernel(cq->d->fn_check, grid, 1, 1, 256, 1, 1, 0, cq->s, args, NULL)) != CUDA_SUCCESS) return r;
+    if ((r = cuLaunchKernel(cq->d->fn_check, grid, 1, 1, 256, 1, 1, 0, cq->vs, args, NULL)) != CUDA_SUCCESS) return r;
     *what = "cuMemcpyDtoHAsync (check result)";
-    return cuMemcpyDtoHAsync(cq->vres + 2 * slot, res, 8, cq->s);
+    return cuMemcpyDtoHAsync(cq->vres + 2 * slot, res, 8, cq->vs);
 }
 
 /* The idx-th (local, remote) pair of a read, in run order. */
