@@ -161,6 +161,7 @@ static child spawn(const char *role, int a, int b, uint64_t c) {
         snprintf(sa, sizeof sa, "%d", a); snprintf(sb, sizeof sb, "%d", b);
         snprintf(sc, sizeof sc, "%llu", (unsigned long long)c);
         snprintf(f1, sizeof f1, "%d", in[0]); snprintf(f2, sizeof f2, "%d", out[1]);
+        kvx_t_child_no_leak_check();  /* owners and readers here are stopped and continued */
         execl("/proc/self/exe", "test_robust", role, sa, sb, sc, f1, f2, (char *)NULL);
         _exit(127);
     }
@@ -232,6 +233,22 @@ static int canary_ok(const kvx_ex_cache *m) {
 static void idle(kvx_ctx *ctx, int ms) {
     double t0 = kvx_t_now();
     while (kvx_t_now() - t0 < ms / 1000.0) { kvx_progress(ctx); usleep(5000); }
+}
+
+/* An owner in this process: a context with a progress thread, and one cache
+   filled with seed and registered; *md its metadata (free it). */
+static kvx_ctx *owner_here(uint64_t seed, kvx_ex_cache *m, kvx_cache **c, void **md, size_t *len) {
+    kvx_layout l = lay_for(1);
+    kvx_ctx *P = kvx_t_ctx("prefill", 0, 1, 1);
+    kvx_cache_desc cd;
+    uint32_t ids[NB], i;
+    for (i = 0; i < NB; i++) ids[i] = i;
+    if (kvx_ex_cache_alloc(m, &l, 0, 1)) { printf("owner: out of memory\n"); exit(3); }
+    kvx_ex_fill(m, seed, ids, NB);
+    cd = kvx_ex_cache_desc(m);
+    if (kvx_cache_register(P, &cd, c) != KVX_OK) { printf("owner: %s\n", kvx_ctx_error(P)); exit(3); }
+    *md = kvx_t_metadata(P, len);
+    return P;
 }
 
 static kvx_read read_of(kvx_peer *p, kvx_cache *c, const uint32_t *ids, uint32_t n, uint32_t timeout_ms) {
@@ -403,7 +420,7 @@ int main(int argc, char **argv) {
 
     /* The owner's side: this process owns the blocks, readers are children. */
     T_CASE("stranded blocks: reader killed, read refused, read late: exactly one notification each") {
-        kvx_ctx *P = kvx_t_ctx("prefill", 0, 1, 1);
+        kvx_ctx *P;
         kvx_ex_cache pm;
         kvx_cache *pc;
         void *md;
@@ -413,11 +430,7 @@ int main(int argc, char **argv) {
         kvx_notification nt[64];
         int got = 0, k, done = 0, expired = 0, seen[16];
         double st;
-        kvx_ex_cache_alloc(&pm, &lay1, 0, 1);
-        kvx_ex_fill(&pm, 61, ids, NB);
-        cd = kvx_ex_cache_desc(&pm);
-        T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
-        md = kvx_t_metadata(P, &len);
+        P = owner_here(61, &pm, &pc, &md, &len);
         n32 = (uint32_t)len;
         memset(seen, 0, sizeof seen);
         /* 1. a reader that connects, is killed before it reads ids 1..4 */
@@ -455,7 +468,7 @@ int main(int argc, char **argv) {
     }
 
     T_CASE("decode killed mid-read: the owner survives, no notification for the unfinished reads") {
-        kvx_ctx *P = kvx_t_ctx("prefill", 0, 1, 1);
+        kvx_ctx *P;
         kvx_ex_cache pm;
         kvx_cache *pc;
         void *md;
@@ -464,11 +477,7 @@ int main(int argc, char **argv) {
         child r;
         kvx_notification nt[16];
         int got, k;
-        kvx_ex_cache_alloc(&pm, &lay1, 0, 1);
-        kvx_ex_fill(&pm, 62, ids, NB);
-        cd = kvx_ex_cache_desc(&pm);
-        T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
-        md = kvx_t_metadata(P, &len);
+        P = owner_here(62, &pm, &pc, &md, &len);
         n32 = (uint32_t)len;
         /* Over TCP the owner serves the reads in software; with UCX's own
            software get, UCX 1.13 aborted the owner here (kvx reads such
@@ -490,7 +499,7 @@ int main(int argc, char **argv) {
     }
 
     T_CASE("cache deregistered under a stopped reader: returns by the reads' deadlines, no byte of the memory's next use lands") {
-        kvx_ctx *P = kvx_t_ctx("prefill", 0, 1, 1);
+        kvx_ctx *P;
         kvx_ex_cache pm;
         kvx_cache *pc;
         void *md, *md2;
@@ -499,11 +508,7 @@ int main(int argc, char **argv) {
         child r;
         double t0, dt;
         int k, failed = 0;
-        kvx_ex_cache_alloc(&pm, &lay1, 0, 1);
-        kvx_ex_fill(&pm, 63, ids, NB);
-        cd = kvx_ex_cache_desc(&pm);
-        T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
-        md = kvx_t_metadata(P, &len);
+        P = owner_here(63, &pm, &pc, &md, &len);
         n32 = (uint32_t)len;
         /* 8 whole-cache reads: 64 MiB asked for, far more than the sockets
            between the two hold, so replies wait behind the stopped reader */
@@ -529,6 +534,7 @@ int main(int argc, char **argv) {
         finish(&r);
         /* the owner goes on: the memory registered again is served to a new reader */
         kvx_ex_fill(&pm, 62, ids, NB);
+        cd = kvx_ex_cache_desc(&pm);
         T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
         md2 = kvx_t_metadata(P, &len2);
         reader_in_time(P, md2, len2);
@@ -540,17 +546,13 @@ int main(int argc, char **argv) {
 
 #if defined(KVX_UCX)
     T_CASE("kvx's UCX get: requests outside the owner's registered memory are refused, pieces inside gathered") {
-        kvx_ctx *P = kvx_t_ctx("prefill", 0, 1, 1);
+        kvx_ctx *P;
         kvx_ex_cache pm;
         kvx_cache *pc;
         kvx_peer *p = NULL;
         void *md;
         size_t len;
-        kvx_ex_cache_alloc(&pm, &lay1, 0, 1);
-        kvx_ex_fill(&pm, 64, ids, NB);
-        cd = kvx_ex_cache_desc(&pm);
-        T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
-        md = kvx_t_metadata(P, &len);
+        P = owner_here(64, &pm, &pc, &md, &len);
         T_ST(kvx_peer_add(D, md, len, &p), KVX_OK);
         if (p && D->be_ops->kind == KVX_BACKEND_UCX && (p->be_flags & KVX__UCX_PEER_AM_GET)) {
             /* Forged ops, as a reader that lies about the owner's memory would
