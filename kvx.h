@@ -568,6 +568,8 @@ KVX__PRIV kvx_status kvx__cuda_seal(kvx_ctx *ctx, const kvx__cache_info *ci, con
 KVX__PRIV kvx_status kvx__cuda_verify(kvx__read *rd);
 KVX__PRIV uint32_t kvx__head_sum(const kvx__cache_info *c, const uint8_t *block, uint32_t head);
 KVX__PRIV uint64_t kvx__csum_index(const kvx__cache_info *c, uint32_t plane, uint32_t block, uint32_t head);
+KVX__PRIV uint32_t kvx__sample_first(const kvx__read *rd);
+KVX__PRIV uint32_t kvx__sample_count(const kvx__read *rd, uint32_t nblocks);
 KVX__PRIV kvx_status kvx__verify_unsealed(const kvx__read *rd, uint32_t plane, uint32_t rblock);
 KVX__PRIV kvx_status kvx__verify_mismatch(const kvx__read *rd, uint32_t plane, uint32_t rblock, uint32_t lblock, uint32_t head, uint32_t got, uint32_t want);
 #endif
@@ -1606,6 +1608,13 @@ KVX__PRIV void kvx__op_done(kvx__read *rd, kvx_status st, const char *why) {
 /* Verified reads run a second cursor, over the sampled blocks, that reads
    the producer's checksums of the heads taken into our own table. */
 KVX__PRIV int kvx__sampled(const kvx__read *rd) { return (rd->v_idx + rd->ticket) % rd->verify == 0; }
+/* The same rule in closed form: the first sampled block index, and how many
+   of a read's nblocks (per plane) are sampled. */
+KVX__PRIV uint32_t kvx__sample_first(const kvx__read *rd) { return (uint32_t)((rd->verify - rd->ticket % rd->verify) % rd->verify); }
+KVX__PRIV uint32_t kvx__sample_count(const kvx__read *rd, uint32_t nblocks) {
+    uint32_t first = kvx__sample_first(rd);
+    return first < nblocks ? (nblocks - 1 - first) / rd->verify + 1 : 0;
+}
 
 KVX__PRIV void kvx__vcursor_next(kvx__read *rd, const kvx__run *runs, uint32_t cap) {
     rd->v_idx++;
@@ -1938,8 +1947,7 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
     per_plane_ops = rd->g.run_merge ? nruns : (uint64_t)r->num_blocks * (rd->gather ? 1u : rd->g.npieces);
     rd->ops_total = per_plane_ops * planes;
     if (rd->verify) {  /* one small read of checksums per sampled block and plane */
-        uint32_t first = (uint32_t)((rd->verify - rd->ticket % rd->verify) % rd->verify);
-        rd->ops_total += (first < r->num_blocks ? (uint64_t)(r->num_blocks - 1 - first) / rd->verify + 1 : 0) * planes;
+        rd->ops_total += (uint64_t)kvx__sample_count(rd, r->num_blocks) * planes;
         rd->v_plane = rd->layer_begin * rd->lc->lay.kv_planes;
     }
     rd->bytes = (uint64_t)r->num_blocks * rd->g.piece * (rd->g.run_merge ? 1 : rd->g.npieces) * planes;

@@ -3355,15 +3355,6 @@ KVX__PRIV kvx_status kvx__cuda_seal(kvx_ctx *ctx, const kvx__cache_info *ci, con
     return rc == CUDA_SUCCESS ? KVX_OK : kvx__cuda_err(ctx, rc, what);
 }
 
-/* Which blocks a verified read checks: in each of its planes, every
-   verify-th of its pairs in run order from the first with (index + ticket) %
-   verify == 0, as kvx__verify picks them for host caches. */
-KVX__PRIV uint32_t kvx__cuda_check_first(const kvx__read *rd) { return (uint32_t)((rd->verify - rd->ticket % rd->verify) % rd->verify); }
-KVX__PRIV uint32_t kvx__cuda_check_count(const kvx__read *rd, uint32_t nblocks) {
-    uint32_t first = kvx__cuda_check_first(rd);
-    return first < nblocks ? (nblocks - 1 - first) / rd->verify + 1 : 0;
-}
-
 /* The producer's checksum table as mapped here, or 0. */
 KVX__PRIV CUdeviceptr kvx__cuda_check_table(const kvx__read *rd) {
     const kvx__cache_info *rc = rd->rc;
@@ -3380,7 +3371,7 @@ KVX__PRIV CUdeviceptr kvx__cuda_check_table(const kvx__read *rd) {
 KVX__PRIV kvx_status kvx__cuda_check_prepare(kvx_queue *q, kvx__read *rd, uint32_t nblocks) {
     kvx_ctx *ctx = q->ctx;
     kvx__cuda_q *cq = kvx__cuda_q_of(q);
-    uint64_t items = (uint64_t)kvx__cuda_check_count(rd, nblocks) * ((rd->layer_end - rd->layer_begin) * rd->lc->lay.kv_planes) * (rd->h_b - rd->h_a);
+    uint64_t items = (uint64_t)kvx__sample_count(rd, nblocks) * ((rd->layer_end - rd->layer_begin) * rd->lc->lay.kv_planes) * (rd->h_b - rd->h_a);
     CUcontext prev;
     CUresult rc = CUDA_SUCCESS;
     if (!kvx__cuda_check_table(rd))
@@ -3408,7 +3399,7 @@ KVX__PRIV CUresult kvx__cuda_check_launch(kvx_queue *q, kvx__read *rd, const kvx
     kvx__cuda_q *cq = kvx__cuda_q_of(q);
     const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
     kvx__cuda_sum_lay l = kvx__cuda_sum_lay_of(lc);
-    uint32_t slot = (uint32_t)(rd->ticket % q->depth), first = kvx__cuda_check_first(rd), every = rd->verify, ns = kvx__cuda_check_count(rd, h->nblocks);
+    uint32_t slot = (uint32_t)(rd->ticket % q->depth), first = kvx__sample_first(rd), every = rd->verify, ns = kvx__sample_count(rd, h->nblocks);
     uint32_t nplanes = (rd->layer_end - rd->layer_begin) * lc->lay.kv_planes, p0 = rd->layer_begin * lc->lay.kv_planes;
     uint32_t h_a = rd->h_a, h_b = rd->h_b, h_l0 = rd->h_l0, h_r0 = rd->h_r0, rnb = rc->lay.num_blocks, rnh = rc->lay.num_heads;
     uint64_t lbstride = lc->block_stride, total = (uint64_t)ns * nplanes * (h_b - h_a);
@@ -3459,14 +3450,14 @@ KVX__PRIV kvx_status kvx__cuda_verify(kvx__read *rd) {
     CUstream s;
     if (!cq || !cq->vres) return kvx__fail(q->ctx, KVX_ERR_BACKEND, "read %llu: verify: internal: no check result", (unsigned long long)rd->ticket);
     for (i = 0; i < rd->nruns; i++) nblocks += q->runs[(rd->run0 + i) % q->max_runs].n;
-    ns = kvx__cuda_check_count(rd, nblocks);
+    ns = kvx__sample_count(rd, nblocks);
     res0 = cq->vres[2 * slot];
     res1 = cq->vres[2 * slot + 1];
     if (res0 == 0xffffffffu && res1 == 0xffffffffu) return KVX_OK;
     item = (res1 != 0xffffffffu ? res1 : res0) / nh;
     if (item >= ns * nplanes) return kvx__fail(q->ctx, KVX_ERR_BACKEND, "read %llu: verify: internal: check result %u out of range", (unsigned long long)rd->ticket, item);
     plane = rd->layer_begin * lc->lay.kv_planes + item / ns;
-    kvx__cuda_pair(rd, kvx__cuda_check_first(rd) + (item % ns) * rd->verify, &lb, &rb);
+    kvx__cuda_pair(rd, kvx__sample_first(rd) + (item % ns) * rd->verify, &lb, &rb);
     if (res1 != 0xffffffffu) return kvx__verify_unsealed(rd, plane, rb);
     h = rd->h_a + res0 % nh;
     blk = (uint8_t *)KVX_MALLOC((size_t)lc->block_bytes);

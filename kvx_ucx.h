@@ -182,6 +182,12 @@ KVX__PRIV void kvx__ucx_reply_sent(void *req, ucs_status_t status, void *user) {
     ucp_request_free(req);
 }
 
+/* The bytes a part starting at byte off of an op's pieces (of len) covers:
+   per (whole pieces), or a slice of one piece larger than per. */
+KVX__PRIV uint64_t kvx__ucx_part_bytes(uint64_t off, uint64_t len, uint64_t per) {
+    return len > per && len - off % len < per ? len - off % len : per;
+}
+
 /* Ask for one op's bytes (count pieces of len), in parts of at most
    KVX__UCX_GET_PART: whole pieces where they fit, else slices of one. */
 KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p, const kvx__op *op, ucs_status_t *probe) {
@@ -196,7 +202,7 @@ KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p,
     g->rd = rd; g->peer = p; g->laddr = op->laddr; g->len = total; g->probe = probe;
     g->piece = len; g->lstride = count > 1 ? op->lstride : 0;
     g->parts = 0;
-    for (off = 0; off == 0 || off < total; off += len > per ? (len - off % len < per ? len - off % len : per) : per) g->parts++;
+    for (off = 0; off == 0 || off < total; off += kvx__ucx_part_bytes(off, len, per)) g->parts++;
     for (off = 0; off == 0 || off < total;) {
         uint64_t k = len ? off / len : 0, in = len ? off % len : 0;  /* piece k, from byte in */
         kvx__ucx_msg *m = (kvx__ucx_msg *)KVX_MALLOC(sizeof *m);
@@ -209,7 +215,7 @@ KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p,
             m->h.req.id = id; m->h.req.off = off; m->h.req.ttl_ns = ttl;
             m->h.req.raddr = op->raddr + k * op->rstride + in;
             if (len > per) {  /* a slice of one large piece */
-                m->h.req.len = len - in < per ? len - in : per;
+                m->h.req.len = kvx__ucx_part_bytes(off, len, per);
                 m->h.req.count = 1;
             } else {          /* whole pieces */
                 m->h.req.len = len;
@@ -237,7 +243,7 @@ KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p,
             return KVX_OK;
         }
         if (!kvx__ucx_get_find(u, id)) return KVX_OK;  /* ended during the send */
-        off += len > per ? (len - in < per ? len - in : per) : per;
+        off += kvx__ucx_part_bytes(off, len, per);
     }
     return KVX_OK;
 }
@@ -341,7 +347,7 @@ KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t 
         kvx__ucx_get_end(ctx, g, KVX_ERR_TIMEOUT, UCS_ERR_TIMED_OUT, "the read's deadline passed before its bytes came");
         return UCS_OK;
     }
-    if (g->lstride) {  /* pieces apart here: each where it goes */
+    {  /* each piece where it goes (one piece, or pieces lstride apart) */
         uint64_t at = rp.off, left = length;
         const uint8_t *src = (const uint8_t *)data;
         while (left) {
@@ -349,8 +355,6 @@ KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t 
             memcpy((void *)(uintptr_t)(g->laddr + at / g->piece * g->lstride + in), src, (size_t)n);
             src += n; at += n; left -= n;
         }
-    } else if (length) {
-        memcpy((void *)(uintptr_t)(g->laddr + rp.off), data, length);
     }
     if (--g->parts == 0) kvx__ucx_get_end(ctx, g, KVX_OK, UCS_OK, NULL);
     return UCS_OK;
@@ -628,6 +632,8 @@ KVX__PRIV int kvx__ucx_wait_step(kvx_ctx *ctx, uint64_t until) {
    the reads they serve: after that it drops whatever comes, and the replies
    may send what the memory holds next. UCX 1.13 cannot cancel them: a forced
    close of the endpoint it made for that reader crashes its TCP progress. */
+KVX__PRIV int kvx__ucx_reply_in(const kvx__ucx_msg *m, uint64_t addr, uint64_t len) { return m->addr < addr + len && addr < m->addr + m->len; }
+
 KVX__PRIV void kvx__ucx_replies_drain(kvx_ctx *ctx, uint64_t addr, uint64_t len) {
     kvx__ucx *u = kvx__ucx_of(ctx);
     uint64_t t0 = kvx__now_ns(), until = 0;
@@ -637,12 +643,12 @@ KVX__PRIV void kvx__ucx_replies_drain(kvx_ctx *ctx, uint64_t addr, uint64_t len)
         uint64_t now = kvx__now_ns();
         until = 0;
         for (m = u->replies; m; m = m->next)
-            if (m->addr < addr + len && addr < m->addr + m->len && m->until_ns > now && m->until_ns > until) until = m->until_ns;
+            if (kvx__ucx_reply_in(m, addr, len) && m->until_ns > now && m->until_ns > until) until = m->until_ns;
         if (!until || !kvx__ucx_wait_step(ctx, until)) break;
     }
     for (m = u->replies; m; m = n) {
         n = m->next;
-        if (m->addr < addr + len && addr < m->addr + m->len) { kvx__ucx_reply_unlink(m); k++; }
+        if (kvx__ucx_reply_in(m, addr, len)) { kvx__ucx_reply_unlink(m); k++; }
     }
     if (kvx__now_ns() - t0 > 100000000ull || k)
         KVX__LOG(ctx, KVX_LOG_WARN, "ucx: deregistering memory at 0x%llx waited %.3f s for replies a reader was not taking; %u still queued, "
