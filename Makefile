@@ -27,7 +27,7 @@ CFLAGS ?= -O2 -g
 KVX_CFLAGS = -std=c99 -D_GNU_SOURCE $(WARN) $(BACKEND_DEFS) $(BACKEND_CFLAGS)
 SAN = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
-HEADERS = kvx.h kvx_ucx.h $(wildcard kvx_ofi.h kvx_cuda.h)
+HEADERS = $(wildcard kvx*.h)
 EX_HEADERS = examples/kvx_example.h examples/kvx_rdv.h
 PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
 TESTS = $(BUILD)/test_unit $(BUILD)/test_faults $(BUILD)/test_robust $(BUILD)/test_unit.asan $(BUILD)/test_faults.asan \
@@ -121,7 +121,7 @@ ptx-check:
 
 install:
 	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
-	install -m 644 $(wildcard kvx.h kvx_ucx.h kvx_ofi.h kvx_cuda.h) $(DESTDIR)$(PREFIX)/include/
+	install -m 644 $(wildcard kvx*.h) $(DESTDIR)$(PREFIX)/include/
 	sed -e 's|@PREFIX@|$(PREFIX)|' kvx.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/kvx.pc
 
 clean:

@@ -347,6 +347,15 @@ KVX_API void        kvx_stats_get(const kvx_ctx *ctx, kvx_stats *out);
 #  define KVX__PRIV static
 #endif
 
+/* Backend tables name each field (designated initializers). C++ has them
+   from C++20 on, in declaration order: before that the tables are
+   positional, and every table lists every field in that order. */
+#if defined(__cplusplus) && __cplusplus < 202002L
+#  define KVX__F(field)
+#else
+#  define KVX__F(field) .field =
+#endif
+
 #define KVX__DEFAULT_TIMEOUT_MS 30000u
 #define KVX__MAX_CACHES 64u
 #define KVX__MAX_NAME 64u
@@ -448,6 +457,7 @@ struct kvx__read {
     /* verified reads: heads taken, and a second cursor over sampled blocks */
     uint32_t verify, h_a, h_b, h_l0, h_r0;
     int gather;                 /* a block's pieces go as one op (the peer gathers; fixed at post) */
+    int whole;                  /* went as one backend operation (post_read): its completion stands for all ops */
     uint32_t v_plane, v_run, v_blk, v_idx;
     uint64_t ops_total, ops_issued, ops_done;
     uint32_t ops_out;
@@ -517,62 +527,89 @@ struct kvx_ctx {
     int wake_pipe[2];
 };
 
-/* The table each backend fills (kvx_ucx.h, kvx_ofi.h, kvx_cuda.h). The core
-   calls it with ctx->lock held, and the backend reports back through
-   kvx__op_done(), kvx__notify_arrived() and kvx__peer_failed(). */
+/* The backend contract: each backend (kvx_ucx.h, kvx_ofi.h, kvx_cuda.h,
+   kvx_local.h) fills one table with designated initializers, and the core
+   reaches it only through this table. The core calls it with ctx->lock held
+   unless an entry says otherwise; the backend reports back through
+   kvx__op_done(), kvx__notify_arrived(), kvx__notify_sent() and
+   kvx__peer_failed(). Entries marked optional may be NULL. */
 struct kvx__backend {
     const char *name;
     kvx_backend kind;
-    kvx_status (*open)(kvx_ctx *ctx, const kvx_ctx_desc *desc);
-    void (*close)(kvx_ctx *ctx);
+    /* Reads finish on the GPU in stream order (their completion words are
+       written by the device): no host flush of network writes is needed. */
+    int completes_on_gpu;
+
+    /*-- context */
+    kvx_status (*open)(kvx_ctx *ctx, const kvx_ctx_desc *desc);   /* without the lock */
+    void (*close)(kvx_ctx *ctx);                                  /* without the lock */
+    /* The bytes a peer needs to reach this context (published in metadata). */
+    kvx_status (*address)(kvx_ctx *ctx, const uint8_t **addr, uint32_t *len);
+
+    /*-- memory */
     kvx_status (*mem_register)(kvx_ctx *ctx, const kvx__cache_info *ci, kvx__region *r);
     void (*mem_deregister)(kvx_ctx *ctx, kvx__region *r);
-    kvx_status (*address)(kvx_ctx *ctx, const uint8_t **addr, uint32_t *len);
+
+    /*-- peers */
     /* Make the peer usable: endpoint, remote keys, p->transport. */
     kvx_status (*connect)(kvx_ctx *ctx, kvx_peer *p);
     /* Close by force: when it returns, no operation to p can write any more,
        and every outstanding one has been reported to kvx__op_done. */
     void (*disconnect)(kvx_ctx *ctx, kvx_peer *p);
-    /* KVX_OK: issued (completion comes through kvx__op_done); KVX_PENDING: no
-       room now, try after progress; an error: nothing was issued. */
+    /* Optional: can this backend read remote cache rc of p into local cache
+       lc? Asked at kvx_post, before anything is issued; NULL: always. */
+    kvx_status (*can_read)(kvx_ctx *ctx, const kvx__cache_info *lc, const kvx_peer *p, const kvx__cache_info *rc);
+
+    /*-- queues */
+    kvx_status (*queue_open)(kvx_queue *q);   /* optional: per-queue state in q->be */
+    void (*queue_close)(kvx_queue *q);        /* optional, without the lock; also after a failed queue_open */
+
+    /*-- reads */
+    /* One op. KVX_OK: issued (completion comes through kvx__op_done);
+       KVX_PENDING: no room now, try after progress; an error: nothing was
+       issued. */
     kvx_status (*post)(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op);
+    /* Optional: the whole read as one operation (its merged block table,
+       rd->runs), instead of post per op; same returns. Its one completion
+       through kvx__op_done stands for all of the read's ops. */
+    kvx_status (*post_read)(kvx_ctx *ctx, kvx__read *rd);
+    /* Optional: called after kvx__pump issued ops of a queue, so a backend
+       that batches (the CUDA copy kernel) can launch the batch. */
+    void (*flush)(kvx_ctx *ctx, kvx_queue *q);
+    /* Optional: end a read's outstanding ops without closing its peer,
+       where the backend can promise none of their bytes lands after (kvx's
+       own UCX get: their ids die); each is reported to kvx__op_done. */
+    void (*abandon)(kvx_ctx *ctx, kvx__read *rd);
     /* Send rd->notify_msg to rd->peer; completion clears rd->notify_inflight
        through kvx__notify_sent. */
     kvx_status (*notify)(kvx_ctx *ctx, kvx__read *rd);
+
+    /*-- progress */
     int (*progress)(kvx_ctx *ctx);
     int (*event_fd)(kvx_ctx *ctx);
     /* KVX_OK: nothing pending, safe to sleep on event_fd; KVX_PENDING: progress again. */
     kvx_status (*arm)(kvx_ctx *ctx);
-    void (*signal)(kvx_ctx *ctx);
-    /* Optional (NULL): called after kvx__pump issued ops of a queue, so a
-       backend that batches (the CUDA copy kernel) can launch the batch. */
-    void (*flush)(kvx_ctx *ctx, kvx_queue *q);
-    /* Optional (NULL): end a read's outstanding ops without closing its
-       peer, where the backend can promise none of their bytes lands after
-       (kvx's own UCX get: their ids die); each is reported to kvx__op_done. */
-    void (*abandon)(kvx_ctx *ctx, kvx__read *rd);
+    void (*signal)(kvx_ctx *ctx);                 /* optional: wake a sleeper on event_fd */
+
+    /*-- checksums of memory the host cannot read (optional; verify mode on
+         such caches is refused without them) */
+    kvx_status (*csum_alloc)(kvx_ctx *ctx, kvx__cache_info *ci, uint64_t bytes);
+    void (*csum_free)(kvx__cache_info *ci);
+    kvx_status (*csum_seal)(kvx_ctx *ctx, const kvx__cache_info *ci, const uint32_t *blocks, uint32_t n);
+    kvx_status (*csum_verify)(kvx__read *rd);
 };
 
-/* Stream-ordered completion (kvx_cuda.h) sits beside every backend: the core
-   tells it when a queue is made or destroyed and when a read becomes final. */
-#if defined(KVX_CUDA)
-KVX__PRIV kvx_status kvx__stream_queue_init(kvx_queue *q);
-KVX__PRIV void kvx__stream_queue_fini(kvx_queue *q);
-KVX__PRIV void kvx__stream_read_final(kvx__read *rd);
-KVX__PRIV void kvx__stream_read_post(kvx__read *rd);
-/* Verify mode for GPU caches: the checksum table in device memory, sealed
-   and checked by kernels. */
-KVX__PRIV kvx_status kvx__cuda_csum_alloc(kvx_ctx *ctx, kvx__cache_info *ci, uint64_t bytes);
-KVX__PRIV void kvx__cuda_csum_free(kvx__cache_info *ci);
-KVX__PRIV kvx_status kvx__cuda_seal(kvx_ctx *ctx, const kvx__cache_info *ci, const uint32_t *blocks, uint32_t n);
-KVX__PRIV kvx_status kvx__cuda_verify(kvx__read *rd);
-KVX__PRIV uint32_t kvx__head_sum(const kvx__cache_info *c, const uint8_t *block, uint32_t head);
-KVX__PRIV uint64_t kvx__csum_index(const kvx__cache_info *c, uint32_t plane, uint32_t block, uint32_t head);
-KVX__PRIV uint32_t kvx__sample_first(const kvx__read *rd);
-KVX__PRIV uint32_t kvx__sample_count(const kvx__read *rd, uint32_t nblocks);
-KVX__PRIV kvx_status kvx__verify_unsealed(const kvx__read *rd, uint32_t plane, uint32_t rblock);
-KVX__PRIV kvx_status kvx__verify_mismatch(const kvx__read *rd, uint32_t plane, uint32_t rblock, uint32_t lblock, uint32_t head, uint32_t got, uint32_t want);
-#endif
+/* Stream-ordered completion: a service beside every backend (kvx_gpu.h,
+   with KVX_CUDA). The core tells it when a queue is made or destroyed and
+   when a read is posted or becomes final; absent, kvx_stream_wait refuses. */
+typedef struct kvx__stream_service {
+    kvx_status (*queue_init)(kvx_queue *q);       /* with the lock, after the backend's queue_open */
+    void (*queue_fini)(kvx_queue *q);             /* without the lock, after the backend's queue_close */
+    void (*read_posted)(kvx__read *rd);           /* re-arm the slot's word before anything can complete */
+    void (*read_final)(kvx__read *rd);
+    kvx_status (*wait)(kvx_queue *q, kvx_ticket t, void *stream);
+    const volatile uint64_t *(*status_ptr)(kvx_queue *q, kvx_ticket t);
+} kvx__stream_service;
 
 KVX__PRIV void kvx__op_done(kvx__read *rd, kvx_status st, const char *why);
 KVX__PRIV void kvx__notify_arrived(kvx_ctx *ctx, const uint8_t *msg, size_t len);
@@ -672,7 +709,15 @@ KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx) {
     return ctx ? ctx->err : kvx__create_err;
 }
 
-/* Backends: each adds one kvx__backend. Adding one is one file and one line here. */
+#include "kvx_verify.h"
+
+/* The enabled backends and services: each backend adds one kvx__backend,
+   so adding one is one file and one line in each list here. kvx_gpu.h (the
+   device table and stream-ordered completion) serves every backend. */
+#if defined(KVX_CUDA)
+#  include "kvx_gpu.h"
+#  define KVX__STREAM_SERVICE (&kvx__gpu_streams)
+#endif
 #if defined(KVX_UCX)
 #  include "kvx_ucx.h"
 #endif
@@ -695,6 +740,11 @@ KVX__PRIV const kvx__backend *kvx__backends[] = {
 #endif
     NULL
 };
+#if !defined(KVX__STREAM_SERVICE)
+#  define KVX__STREAM_SERVICE NULL
+#endif
+/* Not const: C++ would flag a test of a constant address. */
+KVX__PRIV const kvx__stream_service *kvx__stream = KVX__STREAM_SERVICE;
 
 /*--- layouts and tensor-parallel head ranges -----------------------------*/
 
@@ -842,7 +892,7 @@ KVX__PRIV void kvx__put_cache(kvx__wbuf *w, const kvx__cache_info *c) {
     for (i = 0; i < c->nplanes; i++) kvx__put_u(w, c->plane_base[i], 8);
 }
 
-KVX__PRIV void kvx__cache_info_free(kvx__cache_info *c) {
+KVX__PRIV void kvx__cache_info_free(kvx_ctx *ctx, kvx__cache_info *c) {
     uint32_t i;
     if (c->regions)
         for (i = 0; i < c->nregions; i++) KVX_FREE(c->regions[i].rkey);
@@ -850,9 +900,7 @@ KVX__PRIV void kvx__cache_info_free(kvx__cache_info *c) {
     KVX_FREE(c->plane_base);
     KVX_FREE(c->plane_region);
     KVX_FREE(c->csum);
-#if defined(KVX_CUDA)
-    if (c->csum_dev) kvx__cuda_csum_free(c);
-#endif
+    if (c->csum_dev) ctx->be_ops->csum_free(c);
     memset(c, 0, sizeof *c);
 }
 
@@ -1269,20 +1317,15 @@ KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx
         kvx__cache_info host = *ci;
         host.mem = KVX_MEM_HOST;
         if (d->mem != KVX_MEM_HOST) {
-#if defined(KVX_CUDA)
-            if (ctx->be_ops->kind != KVX_BACKEND_CUDA) {
+            if (!ctx->be_ops->csum_alloc) {
                 st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "kvx_cache_register: checksums of a GPU cache are kept and checked on the GPU by the CUDA backend; "
                                "this context uses %s (use KVX_BACKEND_CUDA, or turn checksums off)", ctx->be_ops->name);
                 goto fail;
             }
-            if ((st = kvx__cuda_csum_alloc(ctx, ci, tb)) != KVX_OK) goto fail;
+            if ((st = ctx->be_ops->csum_alloc(ctx, ci, tb)) != KVX_OK) goto fail;
             ci->regions[n].addr = ci->csum_dev;
             ci->regions[n].len = tb;
             host.mem = ci->mem;
-#else
-            st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "kvx_cache_register: checksums of a GPU cache need kvx_cuda.h (KVX_CUDA)");
-            goto fail;
-#endif
         } else {
             if (!(ci->csum = (uint32_t *)kvx__calloc((size_t)(tb / 4u), 4u))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: no memory for a %llu-byte checksum table", (unsigned long long)tb); goto fail; }
             ci->regions[n].addr = (uint64_t)(uintptr_t)ci->csum;
@@ -1303,7 +1346,7 @@ KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx
 fail:
     for (i = 0; i < ci->nregions; i++) ctx->be_ops->mem_deregister(ctx, &ci->regions[i]);
     pthread_mutex_unlock(&ctx->lock);
-    kvx__cache_info_free(ci);
+    kvx__cache_info_free(ctx, ci);
     KVX_FREE(sp);
     KVX_FREE(c->seen);
     KVX_FREE(c);
@@ -1326,7 +1369,7 @@ KVX_API void kvx_cache_deregister(kvx_cache *c) {
         }
     for (i = 0; i < c->info.nregions; i++) ctx->be_ops->mem_deregister(ctx, &c->info.regions[i]);
     pthread_mutex_unlock(&ctx->lock);
-    kvx__cache_info_free(&c->info);
+    kvx__cache_info_free(ctx, &c->info);
     KVX_FREE(c->seen);
     KVX_FREE(c);
 }
@@ -1386,7 +1429,7 @@ fail:
 KVX__PRIV void kvx__peer_free(kvx_peer *p) {
     uint32_t i;
     if (p->caches)
-        for (i = 0; i < p->ncaches; i++) kvx__cache_info_free(&p->caches[i]);
+        for (i = 0; i < p->ncaches; i++) kvx__cache_info_free(p->ctx, &p->caches[i]);
     KVX_FREE(p->caches);
     KVX_FREE(p->addr);
     KVX_FREE(p);
@@ -1461,6 +1504,13 @@ KVX__PRIV void kvx__peer_failed(kvx_peer *p, const char *why) {
 
 /*--- queues and reads ----------------------------------------------------*/
 
+/* The backend's and the stream service's parts of a queue, in that order;
+   safe on a queue whose opening failed half-way. */
+KVX__PRIV void kvx__queue_close(kvx_queue *q) {
+    if (q->ctx->be_ops->queue_close) q->ctx->be_ops->queue_close(q);
+    if (kvx__stream) kvx__stream->queue_fini(q);
+}
+
 KVX_API kvx_status kvx_queue_create(kvx_ctx *ctx, const kvx_queue_desc *d, kvx_queue **out) {
     kvx_queue *q;
     kvx_queue_desc desc;
@@ -1490,15 +1540,18 @@ KVX_API kvx_status kvx_queue_create(kvx_ctx *ctx, const kvx_queue_desc *d, kvx_q
         return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_queue_create: out of memory for %u reads and %u runs", desc.depth, desc.max_runs);
     }
     q->next_ticket = q->run_tail = 1;
-#if defined(KVX_CUDA)
-    {
-        kvx_status st = kvx__stream_queue_init(q);
+    if (ctx->be_ops->queue_open || kvx__stream) {
+        kvx_status st = KVX_OK;
+        pthread_mutex_lock(&ctx->lock);
+        if (ctx->be_ops->queue_open) st = ctx->be_ops->queue_open(q);
+        if (st == KVX_OK && kvx__stream) st = kvx__stream->queue_init(q);
+        pthread_mutex_unlock(&ctx->lock);
         if (st != KVX_OK) {
+            kvx__queue_close(q);
             KVX_FREE(q->slots); KVX_FREE(q->runs); KVX_FREE(q->done_fifo); KVX_FREE(q);
             return st;
         }
     }
-#endif
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&q->cond, &ca);
@@ -1570,9 +1623,7 @@ KVX__PRIV void kvx__read_finish(kvx__read *rd) {
     } else {
         ctx->st.reads_failed++;
     }
-#if defined(KVX_CUDA)
-    kvx__stream_read_final(rd);
-#endif
+    if (kvx__stream) kvx__stream->read_final(rd);
     kvx__done_push(q, rd->ticket);
     kvx__runs_release(q);
     pthread_cond_broadcast(&q->cond);
@@ -1591,8 +1642,9 @@ KVX__PRIV void kvx__op_done(kvx__read *rd, kvx_status st, const char *why) {
     q->ops_out--;
     rd->peer->ops_out--;
     if (st == KVX_OK) {
-        rd->ops_done++;
-        ctx->st.descs_completed++;
+        uint64_t n = rd->whole ? rd->ops_total - rd->ops_done : 1u;
+        rd->ops_done += n;
+        ctx->st.descs_completed += n;
     } else {
         if (rd->status == KVX_PENDING) {
             rd->status = st;
@@ -1603,51 +1655,6 @@ KVX__PRIV void kvx__op_done(kvx__read *rd, kvx_status st, const char *why) {
         rd->issuing_done = 1;
     }
     if (rd->issuing_done) kvx__read_finish(rd);
-}
-
-/* Verified reads run a second cursor, over the sampled blocks, that reads
-   the producer's checksums of the heads taken into our own table. */
-KVX__PRIV int kvx__sampled(const kvx__read *rd) { return (rd->v_idx + rd->ticket) % rd->verify == 0; }
-/* The same rule in closed form: the first sampled block index, and how many
-   of a read's nblocks (per plane) are sampled. */
-KVX__PRIV uint32_t kvx__sample_first(const kvx__read *rd) { return (uint32_t)((rd->verify - rd->ticket % rd->verify) % rd->verify); }
-KVX__PRIV uint32_t kvx__sample_count(const kvx__read *rd, uint32_t nblocks) {
-    uint32_t first = kvx__sample_first(rd);
-    return first < nblocks ? (nblocks - 1 - first) / rd->verify + 1 : 0;
-}
-
-KVX__PRIV void kvx__vcursor_next(kvx__read *rd, const kvx__run *runs, uint32_t cap) {
-    rd->v_idx++;
-    if (++rd->v_blk < runs[(rd->run0 + rd->v_run) % cap].n) return;
-    rd->v_blk = 0;
-    if (++rd->v_run < rd->nruns) return;
-    rd->v_run = 0;
-    rd->v_idx = 0;
-    rd->v_plane++;
-}
-
-/* Index of (plane, block, head) in a checksum table. */
-KVX__PRIV uint64_t kvx__csum_index(const kvx__cache_info *c, uint32_t plane, uint32_t block, uint32_t head) {
-    return ((uint64_t)plane * c->lay.num_blocks + block) * c->lay.num_heads + head;
-}
-
-KVX__PRIV int kvx__vcursor_op(kvx__read *rd, const kvx__run *runs, uint32_t cap, kvx__op *op) {
-    const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
-    const kvx__run *run;
-    for (;;) {
-        if (rd->v_plane >= rd->layer_end * lc->lay.kv_planes) return 0;
-        if (kvx__sampled(rd)) break;
-        kvx__vcursor_next(rd, runs, cap);
-    }
-    run = &runs[(rd->run0 + rd->v_run) % cap];
-    op->count = 1;
-    op->lstride = op->rstride = 0;
-    op->lreg = lc->csum_region;
-    op->rreg = rc->csum_region;
-    op->laddr = lc->regions[lc->csum_region].addr + 4u * kvx__csum_index(lc, rd->v_plane, run->l + rd->v_blk, rd->h_a - rd->h_l0);
-    op->raddr = rc->regions[rc->csum_region].addr + 4u * kvx__csum_index(rc, rd->v_plane, run->r + rd->v_blk, rd->h_a - rd->h_r0);
-    op->len = 4u * (uint64_t)(rd->h_b - rd->h_a);
-    return 1;
 }
 
 /* The op at the read's cursor; 0 when every op has been issued. */
@@ -1691,31 +1698,10 @@ KVX__PRIV void kvx__cursor_next(kvx__read *rd, const kvx__run *runs, uint32_t ca
     rd->c_plane++;
 }
 
-/* A checksum of one head of one block: its slices in token order (one slice
-   in HND, one per token in NHD), 8 bytes at a time, never 0 (0 = unsealed). */
-KVX__PRIV uint32_t kvx__head_sum(const kvx__cache_info *c, const uint8_t *block, uint32_t head) {
-    const kvx_layout *l = &c->lay;
-    uint64_t hb = (uint64_t)l->head_dim * l->elem_bytes, h = 0x243F6A8885A308D3ull, i;
-    uint32_t t, nt = l->order == KVX_ORDER_HND ? 1u : l->block_tokens;
-    uint64_t len = l->order == KVX_ORDER_HND ? hb * l->block_tokens : hb;
-    for (t = 0; t < nt; t++) {
-        const uint8_t *p = block + (l->order == KVX_ORDER_HND ? (uint64_t)head * len : ((uint64_t)t * l->num_heads + head) * hb);
-        for (i = 0; i + 8 <= len; i += 8) {
-            uint64_t w;
-            memcpy(&w, p + i, 8);
-            h = (h ^ w) * 0x9E3779B97F4A7C15ull;
-            h ^= h >> 29;
-        }
-        for (; i < len; i++) h = (h ^ p[i]) * 0x100000001B3ull;
-    }
-    h ^= h >> 32;
-    return (uint32_t)h | 1u;
-}
-
 KVX_API kvx_status kvx_cache_seal(kvx_cache *cache, const uint32_t *blocks, uint32_t n) {
     kvx_ctx *ctx;
     kvx__cache_info *ci;
-    uint32_t i, p, h;
+    uint32_t i;
     if (!cache) return KVX_ERR_ARG;
     ctx = cache->ctx;
     ci = &cache->info;
@@ -1724,60 +1710,19 @@ KVX_API kvx_status kvx_cache_seal(kvx_cache *cache, const uint32_t *blocks, uint
     for (i = 0; i < n; i++)
         if (blocks[i] >= ci->lay.num_blocks)
             return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_seal: block id %u at index %u is past the cache's %u blocks", blocks[i], i, ci->lay.num_blocks);
-#if defined(KVX_CUDA)
-    if (ci->csum_dev) return n ? kvx__cuda_seal(ctx, ci, blocks, n) : KVX_OK;
-#endif
-    for (p = 0; p < ci->nplanes; p++)
-        for (i = 0; i < n; i++) {
-            const uint8_t *b = (const uint8_t *)(uintptr_t)(ci->plane_base[p] + (uint64_t)blocks[i] * ci->block_stride);
-            for (h = 0; h < ci->lay.num_heads; h++) ci->csum[kvx__csum_index(ci, p, blocks[i], h)] = kvx__head_sum(ci, b, h);
-        }
+    if (ci->csum_dev) return n ? ctx->be_ops->csum_seal(ctx, ci, blocks, n) : KVX_OK;
+    kvx__seal_host(ci, blocks, n);
     return KVX_OK;
 }
 
-/* What a failed check says, for host and GPU caches alike. */
-KVX__PRIV kvx_status kvx__verify_unsealed(const kvx__read *rd, uint32_t plane, uint32_t rblock) {
-    const kvx__cache_info *lc = rd->lc;
-    return kvx__fail(rd->q->ctx, KVX_ERR_ARG, "read %llu from %s/%d: block %u (layer %u, %s) was never sealed by the producer (kvx_cache_seal)",
-                     (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, rblock,
-                     plane / lc->lay.kv_planes, plane % lc->lay.kv_planes ? "V" : "K");
-}
-
-KVX__PRIV kvx_status kvx__verify_mismatch(const kvx__read *rd, uint32_t plane, uint32_t rblock, uint32_t lblock, uint32_t head, uint32_t got, uint32_t want) {
-    const kvx__cache_info *lc = rd->lc;
-    return kvx__fail(rd->q->ctx, KVX_ERR_CORRUPT, "read %llu from %s/%d over %s: layer %u %s block %u (local %u) head %u: checksum 0x%08x, the producer sealed 0x%08x",
-                     (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, rd->peer->transport,
-                     plane / lc->lay.kv_planes, plane % lc->lay.kv_planes ? "V" : "K", rblock, lblock, head, got, want);
-}
-
-/* After a verified read: the producer's checksums now sit in our table at the
-   sampled blocks; compare them with what landed. */
+/* After a verified read: host caches are checked here, others by the
+   backend that keeps their checksums. */
 KVX__PRIV kvx_status kvx__verify(kvx__read *rd) {
-    const kvx__cache_info *lc = rd->lc;
-    kvx_queue *q = rd->q;
-    uint32_t p, r, b, idx, h;
 #if defined(KVX_TEST_HOOK_BEFORE_VERIFY)
     KVX_TEST_HOOK_BEFORE_VERIFY(rd);
 #endif
-#if defined(KVX_CUDA)
-    if (lc->mem == KVX_MEM_CUDA) return kvx__cuda_verify(rd);
-#endif
-    for (p = rd->layer_begin * lc->lay.kv_planes; p < rd->layer_end * lc->lay.kv_planes; p++)
-        for (idx = 0, r = 0; r < rd->nruns; r++) {
-            const kvx__run *run = &q->runs[(rd->run0 + r) % q->max_runs];
-            for (b = 0; b < run->n; b++, idx++) {
-                const uint8_t *blk;
-                if ((idx + rd->ticket) % rd->verify) continue;
-                blk = (const uint8_t *)(uintptr_t)(lc->plane_base[p] + (uint64_t)(run->l + b) * lc->block_stride);
-                for (h = rd->h_a; h < rd->h_b; h++) {
-                    uint32_t want = lc->csum[kvx__csum_index(lc, p, run->l + b, h - rd->h_l0)];
-                    uint32_t got = kvx__head_sum(lc, blk, h - rd->h_l0);
-                    if (!want) return kvx__verify_unsealed(rd, p, run->r + b);
-                    if (want != got) return kvx__verify_mismatch(rd, p, run->r + b, run->l + b, h, got, want);
-                }
-            }
-        }
-    return KVX_OK;
+    if (rd->lc->mem == KVX_MEM_HOST) return kvx__verify_host(rd);
+    return rd->q->ctx->be_ops->csum_verify(rd);
 }
 
 /* Issue ops of live reads, oldest first, while the queue has room. */
@@ -1804,7 +1749,22 @@ KVX__PRIV void kvx__pump(kvx_queue *q) {
             }
             rd->peer->connected = 1;
         }
-        while (q->ops_out < q->max_ops) {
+        if (ctx->be_ops->post_read) {
+            kvx_status st;
+            rd->ops_out++; q->ops_out++; rd->peer->ops_out++;
+            st = ctx->be_ops->post_read(ctx, rd);
+            if (st == KVX_PENDING) { rd->ops_out--; q->ops_out--; rd->peer->ops_out--; return; }
+            if (st != KVX_OK) {
+                rd->ops_out--; q->ops_out--; rd->peer->ops_out--;
+                if (rd->status == KVX_PENDING) rd->status = st;
+            } else {
+                rd->whole = 1;
+                rd->ops_issued = rd->ops_total;
+                ctx->st.descs_posted += rd->ops_total;
+            }
+            rd->issuing_done = 1;
+        }
+        while (!rd->issuing_done && q->ops_out < q->max_ops) {
             kvx_status st;
             if (!kvx__cursor_op(rd, q->runs, q->max_runs, &op)) { rd->issuing_done = 1; break; }
             rd->ops_out++; q->ops_out++; rd->peer->ops_out++;
@@ -1849,6 +1809,7 @@ KVX__PRIV kvx_status kvx__post_check(kvx_queue *q, const kvx_read *r, kvx__read 
     lc = &cache->info;
     rc = &p->caches[r->remote_cache];
     if ((st = kvx__compat(ctx, lc, p, rc)) != KVX_OK) return st;
+    if (ctx->be_ops->can_read && (st = ctx->be_ops->can_read(ctx, lc, p, rc)) != KVX_OK) return st;
     if (!r->num_blocks || !r->local_blocks || !r->remote_blocks)
         return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: %u blocks with local_blocks %p and remote_blocks %p", r->num_blocks,
                          (const void *)r->local_blocks, (const void *)r->remote_blocks);
@@ -1962,9 +1923,7 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
     ctx->st.reads_posted++;
     ctx->st.blocks_posted += (uint64_t)r->num_blocks * planes;
     *out = rd->ticket;
-#if defined(KVX_CUDA)
-    kvx__stream_read_post(rd);  /* re-arm the slot's completion word before anything can complete */
-#endif
+    if (kvx__stream) kvx__stream->read_posted(rd);
     kvx__pump(q);
     if (ctx->pt_on && ctx->be_ops->signal) ctx->be_ops->signal(ctx);
 out:
@@ -2270,9 +2229,7 @@ KVX_API void kvx_queue_destroy(kvx_queue *q) {
     for (pp = &ctx->queues; *pp; pp = &(*pp)->next)
         if (*pp == q) { *pp = q->next; break; }
     pthread_mutex_unlock(&ctx->lock);
-#if defined(KVX_CUDA)
-    kvx__stream_queue_fini(q);
-#endif
+    kvx__queue_close(q);
     pthread_cond_destroy(&q->cond);
     KVX_FREE(q->slots);
     KVX_FREE(q->runs);
@@ -2303,17 +2260,19 @@ KVX_API void kvx_stats_get(const kvx_ctx *cctx, kvx_stats *out) {
     pthread_mutex_unlock(&ctx->lock);
 }
 
-#if !defined(KVX_CUDA)
 KVX_API kvx_status kvx_stream_wait(kvx_queue *q, kvx_ticket t, void *stream) {
-    (void)t; (void)stream;
     if (!q) return KVX_ERR_ARG;
-    return kvx__fail(q->ctx, KVX_ERR_UNSUPPORTED, "kvx_stream_wait needs KVX_CUDA defined where KVX_IMPLEMENTATION is");
+    if (!kvx__stream) return kvx__fail(q->ctx, KVX_ERR_UNSUPPORTED, "kvx_stream_wait needs KVX_CUDA defined where KVX_IMPLEMENTATION is");
+    return kvx__stream->wait(q, t, stream);
 }
+
 KVX_API const volatile uint64_t *kvx_stream_status_ptr(kvx_queue *q, kvx_ticket t) {
-    (void)t;
-    if (q) kvx__fail(q->ctx, KVX_ERR_UNSUPPORTED, "kvx_stream_status_ptr needs KVX_CUDA defined where KVX_IMPLEMENTATION is");
-    return NULL;
+    if (!q) return NULL;
+    if (!kvx__stream) {
+        kvx__fail(q->ctx, KVX_ERR_UNSUPPORTED, "kvx_stream_status_ptr needs KVX_CUDA defined where KVX_IMPLEMENTATION is");
+        return NULL;
+    }
+    return kvx__stream->status_ptr(q, t);
 }
-#endif
 
 #endif /* KVX_IMPLEMENTATION */

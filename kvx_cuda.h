@@ -112,63 +112,10 @@
         removed, deadline) first waits for that kernel, polling its event with
         sleeps up to 10 s, since CUDA has no timed wait on an event.
 
-    STREAM-ORDERED COMPLETION (every backend)
-
-        kvx_stream_wait(q, ticket, stream) makes later work on stream wait
-        for the read without blocking the host: cuStreamWaitValue64 on the
-        completion word of the ticket's slot (ticket % queue depth), in pinned
-        host memory mapped for the GPU. The word holds (ticket << 2) | state,
-        state 0 pending, 1 done, 2 failed; the wait passes on 1 or 2, so a read
-        that fails releases the stream. kvx_stream_status_ptr(q, ticket) gives
-        the word's address for kernels: after the wait they check
-        (word & 3) == 1 (and, where they know it, word >> 2 == ticket).
-
-        Who writes the word: CUDA reads write it from their own stream right
-        after the copy kernel (complete in stream order by construction).
-        UCX and libfabric reads complete on the host (progress thread or
-        kvx_progress/kvx_test/kvx_wait), which writes it; reads into GPU
-        memory first make the network's writes visible:
-        CU_STREAM_WAIT_VALUE_FLUSH on the wait where the device reports
-        CAN_FLUSH_REMOTE_WRITES (0 on H100 and H200), else
-        cuFlushGPUDirectRDMAWrites before the word is written (logged once).
-        Stream waits need 64-bit stream memory operations
-        (CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS, on by default
-        since CUDA 11.7; NOR waits are not used); without them kvx_stream_wait
-        fails with KVX_ERR_UNSUPPORTED. Every CUDA return code is checked: a
-        wait that fails inside stream capture would otherwise silently be left
-        out of the graph.
-
-        CUDA graphs: kvx_stream_wait works on a stream under capture. The
-        node waits on the SLOT's word, and every kvx_post re-arms its slot's
-        word to pending with the new ticket. So a graph captured with ticket
-        t waits, at each replay, for whichever read holds slot t % depth when
-        the replay runs: post the read a replay needs before launching it, and
-        post into the same slot (a queue of depth 1, or one graph per slot, or
-        exactly depth posts per step). A wait still queued on the GPU when its
-        slot is re-armed waits for the newer read.
-
-        The words exist once a queue has a stream: made with
-        kvx_queue_desc.cuda_stream set (or on the CUDA backend), else at the
-        first kvx_stream_wait outside capture (a capture cannot allocate).
-
-    DEADLOCK NOTE: stream memory waits are invisible to CUDA's scheduler. A
-    wait queued before the work that releases it can hold that work back when
-    both share a hardware queue. kvx launches a CUDA read at kvx_post (unless
-    the queue's staging is full), before any wait on it is queued; host-side
-    completions (UCX, libfabric) never depend on the GPU.
 */
 #ifndef KVX_CUDA_INCLUDED
 #define KVX_CUDA_INCLUDED
 
-/* cuda.h has unnamed unions, which strict C99 pedantry flags. */
-#if defined(__GNUC__)
-#  pragma GCC diagnostic push
-#  pragma GCC diagnostic ignored "-Wpedantic"
-#endif
-#include <cuda.h>
-#if defined(__GNUC__)
-#  pragma GCC diagnostic pop
-#endif
 #include <fcntl.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -184,7 +131,6 @@
 #define KVX__CUDA_BATCHES 32u            /* launches in flight per queue */
 #define KVX__CUDA_BATCH_READS 256u       /* reads per launch */
 #define KVX__CUDA_SMALL 4096u            /* batches this small, with few tasks, are read from pinned memory */
-#define KVX__CUDA_MAX_DEVS 64
 #define KVX__CUDA_RKEY_MAGIC 0x52435658u /* "XVCR" */
 #define KVX__CUDA_ADDR_MAGIC 0x41435658u /* "XVCA" */
 #define KVX__CUDA_MSG_MAGIC 0x4d435658u  /* "XVCM" */
@@ -202,1636 +148,6 @@ typedef struct kvx__cuda_rd {
     uint32_t ppc, task0, ntasks, pad2;
 } kvx__cuda_rd;
 
-/*--- process-wide device table ---------------------------------------------*/
-
-typedef struct kvx__cuda_dev {
-    int attrs;                  /* attributes below were read */
-    CUdevice dev;
-    CUcontext pctx;             /* primary context, retained while refs > 0 */
-    int refs;
-    int sms, mem64, can_flush, flush_opts, rdma_order;
-    CUuuid uuid;
-    CUmodule mod;               /* the copy kernel, in pctx */
-    CUfunction fn;
-    CUfunction fn_seal, fn_check;   /* verify mode's checksum kernels */
-    int flush_logged;
-} kvx__cuda_dev;
-
-static kvx__cuda_dev kvx__cuda_devs[KVX__CUDA_MAX_DEVS];
-static pthread_mutex_t kvx__cuda_mu = PTHREAD_MUTEX_INITIALIZER;
-static int kvx__cuda_inited;
-static CUresult kvx__cuda_init_rc;
-static uint64_t kvx__cuda_token;    /* tells a peer in this very process */
-
-KVX__PRIV kvx_status kvx__cuda_err(kvx_ctx *ctx, CUresult rc, const char *what) {
-    const char *name = NULL, *text = NULL;
-    cuGetErrorName(rc, &name);
-    cuGetErrorString(rc, &text);
-    return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: %s: %s (%d): %s", what, name ? name : "CUDA_ERROR", (int)rc, text ? text : "");
-}
-
-KVX__PRIV kvx_status kvx__cuda_init(kvx_ctx *ctx) {
-    pthread_mutex_lock(&kvx__cuda_mu);
-    if (!kvx__cuda_inited) {
-        kvx__cuda_init_rc = cuInit(0);
-        kvx__cuda_token = kvx__now_ns() ^ ((uint64_t)getpid() << 40) ^ (uint64_t)time(NULL) * 0x9E3779B97F4A7C15ull;
-        kvx__cuda_inited = 1;
-    }
-    pthread_mutex_unlock(&kvx__cuda_mu);
-    if (kvx__cuda_init_rc != CUDA_SUCCESS)
-        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: cuInit failed (%d): no usable GPU driver here (stub libcuda, no device, or CUDA_VISIBLE_DEVICES empty)",
-                         (int)kvx__cuda_init_rc);
-    return KVX_OK;
-}
-
-/* PTX of the copy kernel (scripts/kvx_cuda_copy.cu), one string per line:
-   C99 guarantees string literals of 4095 characters only. */
-static const char *const kvx__cuda_ptx[] = {
-/* PTX kvx_copy BEGIN */
-    ".version 7.8\n",
-    ".target sm_80\n",
-    ".address_size 64\n",
-    ".func _Z5copy1PcPKcyjyyj(\n",
-    " .param .b64 _Z5copy1PcPKcyjyyj_param_0,\n",
-    " .param .b64 _Z5copy1PcPKcyjyyj_param_1,\n",
-    " .param .b64 _Z5copy1PcPKcyjyyj_param_2,\n",
-    " .param .b32 _Z5copy1PcPKcyjyyj_param_3,\n",
-    " .param .b64 _Z5copy1PcPKcyjyyj_param_4,\n",
-    " .param .b64 _Z5copy1PcPKcyjyyj_param_5,\n",
-    " .param .b32 _Z5copy1PcPKcyjyyj_param_6\n",
-    ")\n",
-    "{\n",
-    " .reg .pred  %p<4>;\n",
-    " .reg .b16  %rs<2>;\n",
-    " .reg .b32  %r<4>;\n",
-    " .reg .b64  %rd<26>;\n",
-    " ld.param.u64  %rd8, [_Z5copy1PcPKcyjyyj_param_0];\n",
-    " ld.param.u64  %rd9, [_Z5copy1PcPKcyjyyj_param_1];\n",
-    " ld.param.u64  %rd10, [_Z5copy1PcPKcyjyyj_param_2];\n",
-    " ld.param.u32  %rd13, [_Z5copy1PcPKcyjyyj_param_3];\n",
-    " ld.param.u64  %rd11, [_Z5copy1PcPKcyjyyj_param_4];\n",
-    " ld.param.u64  %rd12, [_Z5copy1PcPKcyjyyj_param_5];\n",
-    " ld.param.u32  %rd24, [_Z5copy1PcPKcyjyyj_param_6];\n",
-    " mul.lo.s64  %rd1, %rd13, %rd10;\n",
-    " setp.le.u64  %p1, %rd1, %rd24;\n",
-    " @%p1 bra  $L__BB0_5;\n",
-    "$L__BB0_1:\n",
-    " or.b64   %rd14, %rd24, %rd10;\n",
-    " and.b64   %rd15, %rd14, -4294967296;\n",
-    " setp.eq.s64  %p2, %rd15, 0;\n",
-    " @%p2 bra  $L__BB0_3;\n",
-    " div.u64  %rd25, %rd24, %rd10;\n",
-    " bra.uni  $L__BB0_4;\n",
-    "$L__BB0_3:\n",
-    " cvt.u32.u64  %r1, %rd10;\n",
-    " cvt.u32.u64  %r2, %rd24;\n",
-    " div.u32  %r3, %r2, %r1;\n",
-    " cvt.u64.u32  %rd25, %r3;\n",
-    "$L__BB0_4:\n",
-    " mul.lo.s64  %rd16, %rd25, %rd10;\n",
-    " sub.s64  %rd17, %rd24, %rd16;\n",
-    " mul.lo.s64  %rd18, %rd25, %rd12;\n",
-    " add.s64  %rd19, %rd17, %rd18;\n",
-    " add.s64  %rd20, %rd9, %rd19;\n",
-    " ld.u8  %rs1, [%rd20];\n",
-    " mul.lo.s64  %rd21, %rd25, %rd11;\n",
-    " add.s64  %rd22, %rd17, %rd21;\n",
-    " add.s64  %rd23, %rd8, %rd22;\n",
-    " st.u8  [%rd23], %rs1;\n",
-    " add.s64  %rd24, %rd24, 32;\n",
-    " setp.lt.u64  %p3, %rd24, %rd1;\n",
-    " @%p3 bra  $L__BB0_1;\n",
-    "$L__BB0_5:\n",
-    " ret;\n",
-    "}\n",
-    ".func  (.param .b32 func_retval0) _Z8head_sumPKhjRK11kvx_sum_lay(\n",
-    " .param .b64 _Z8head_sumPKhjRK11kvx_sum_lay_param_0,\n",
-    " .param .b32 _Z8head_sumPKhjRK11kvx_sum_lay_param_1,\n",
-    " .param .b64 _Z8head_sumPKhjRK11kvx_sum_lay_param_2\n",
-    ")\n",
-    "{\n",
-    " .reg .pred  %p<19>;\n",
-    " .reg .b32  %r<17>;\n",
-    " .reg .b64  %rd<163>;\n",
-    " ld.param.u64  %rd46, [_Z8head_sumPKhjRK11kvx_sum_lay_param_0];\n",
-    " ld.param.u32  %r6, [_Z8head_sumPKhjRK11kvx_sum_lay_param_1];\n",
-    " ld.param.u64  %rd47, [_Z8head_sumPKhjRK11kvx_sum_lay_param_2];\n",
-    " cvta.to.local.u64  %rd48, %rd47;\n",
-    " add.s64  %rd1, %rd48, 8;\n",
-    " ld.local.u32  %r1, [%rd48+8];\n",
-    " setp.ne.s32  %p2, %r1, 0;\n",
-    " mov.u32  %r15, 1;\n",
-    " @%p2 bra  $L__BB1_2;\n",
-    " ld.local.u32  %r15, [%rd1+8];\n",
-    "$L__BB1_2:\n",
-    " ld.local.u64  %rd2, [%rd1+-8];\n",
-    " setp.eq.s32  %p3, %r1, 0;\n",
-    " mov.u64  %rd142, %rd2;\n",
-    " @%p3 bra  $L__BB1_4;\n",
-    " ld.local.u32  %rd49, [%rd1+8];\n",
-    " mul.lo.s64  %rd142, %rd2, %rd49;\n",
-    "$L__BB1_4:\n",
-    " setp.eq.s32  %p4, %r15, 0;\n",
-    " mov.u64  %rd161, 2611923443488327891;\n",
-    " @%p4 bra  $L__BB1_25;\n",
-    " cvt.u64.u32  %rd5, %r6;\n",
-    " ld.local.u32  %r9, [%rd1+12];\n",
-    " setp.eq.s32  %p5, %r9, 0;\n",
-    " mov.u32  %r16, 0;\n",
-    " setp.lt.u64  %p6, %rd142, 64;\n",
-    " or.pred   %p1, %p5, %p6;\n",
-    " mul.lo.s64  %rd6, %rd142, %rd5;\n",
-    " mov.u64  %rd161, 2611923443488327891;\n",
-    "$L__BB1_6:\n",
-    " mov.u64  %rd144, %rd6;\n",
-    " @%p2 bra  $L__BB1_8;\n",
-    " ld.local.u32  %r10, [%rd1+4];\n",
-    " mul.wide.u32  %rd52, %r10, %r16;\n",
-    " add.s64  %rd53, %rd52, %rd5;\n",
-    " mul.lo.s64  %rd144, %rd53, %rd2;\n",
-    "$L__BB1_8:\n",
-    " mov.u64  %rd154, 0;\n",
-    " @%p1 bra  $L__BB1_11;\n",
-    " mov.u64  %rd147, 0;\n",
-    " mov.u64  %rd145, 64;\n",
-    "$L__BB1_10:\n",
-    " mov.u64  %rd154, %rd145;\n",
-    " add.s64  %rd57, %rd147, %rd144;\n",
-    " add.s64  %rd58, %rd46, %rd57;\n",
-    " ld.u64  %rd59, [%rd58];\n",
-    " xor.b64   %rd60, %rd59, %rd161;\n",
-    " mul.lo.s64  %rd61, %rd60, -7046029254386353131;\n",
-    " shr.u64  %rd62, %rd61, 29;\n",
-    " xor.b64   %rd63, %rd62, %rd61;\n",
-    " ld.u64  %rd64, [%rd58+8];\n",
-    " xor.b64   %rd65, %rd64, %rd63;\n",
-    " mul.lo.s64  %rd66, %rd65, -7046029254386353131;\n",
-    " shr.u64  %rd67, %rd66, 29;\n",
-    " xor.b64   %rd68, %rd67, %rd66;\n",
-    " ld.u64  %rd69, [%rd58+16];\n",
-    " xor.b64   %rd70, %rd69, %rd68;\n",
-    " mul.lo.s64  %rd71, %rd70, -7046029254386353131;\n",
-    " shr.u64  %rd72, %rd71, 29;\n",
-    " xor.b64   %rd73, %rd72, %rd71;\n",
-    " ld.u64  %rd74, [%rd58+24];\n",
-    " xor.b64   %rd75, %rd74, %rd73;\n",
-    " mul.lo.s64  %rd76, %rd75, -7046029254386353131;\n",
-    " shr.u64  %rd77, %rd76, 29;\n",
-    " xor.b64   %rd78, %rd77, %rd76;\n",
-    " ld.u64  %rd79, [%rd58+32];\n",
-    " xor.b64   %rd80, %rd79, %rd78;\n",
-    " mul.lo.s64  %rd81, %rd80, -7046029254386353131;\n",
-    " shr.u64  %rd82, %rd81, 29;\n",
-    " xor.b64   %rd83, %rd82, %rd81;\n",
-    " ld.u64  %rd84, [%rd58+40];\n",
-    " xor.b64   %rd85, %rd84, %rd83;\n",
-    " mul.lo.s64  %rd86, %rd85, -7046029254386353131;\n",
-    " shr.u64  %rd87, %rd86, 29;\n",
-    " xor.b64   %rd88, %rd87, %rd86;\n",
-    " ld.u64  %rd89, [%rd58+48];\n",
-    " xor.b64   %rd90, %rd89, %rd88;\n",
-    " mul.lo.s64  %rd91, %rd90, -7046029254386353131;\n",
-    " shr.u64  %rd92, %rd91, 29;\n",
-    " xor.b64   %rd93, %rd92, %rd91;\n",
-    " ld.u64  %rd94, [%rd58+56];\n",
-    " xor.b64   %rd95, %rd94, %rd93;\n",
-    " mul.lo.s64  %rd96, %rd95, -7046029254386353131;\n",
-    " shr.u64  %rd97, %rd96, 29;\n",
-    " xor.b64   %rd161, %rd97, %rd96;\n",
-    " add.s64  %rd145, %rd154, 64;\n",
-    " setp.le.u64  %p8, %rd145, %rd142;\n",
-    " mov.u64  %rd147, %rd154;\n",
-    " @%p8 bra  $L__BB1_10;\n",
-    "$L__BB1_11:\n",
-    " add.s64  %rd150, %rd154, 8;\n",
-    " setp.gt.u64  %p9, %rd150, %rd142;\n",
-    " @%p9 bra  $L__BB1_17;\n",
-    " mov.u64  %rd152, %rd154;\n",
-    "$L__BB1_13:\n",
-    " mov.u64  %rd154, %rd150;\n",
-    " add.s64  %rd98, %rd152, %rd144;\n",
-    " add.s64  %rd21, %rd46, %rd98;\n",
-    " and.b64   %rd99, %rd21, 7;\n",
-    " setp.eq.s64  %p10, %rd99, 0;\n",
-    " @%p10 bra  $L__BB1_15;\n",
-    " ld.u8  %rd100, [%rd21+7];\n",
-    " ld.u8  %rd101, [%rd21+6];\n",
-    " bfi.b64  %rd102, %rd100, %rd101, 8, 8;\n",
-    " ld.u8  %rd103, [%rd21+5];\n",
-    " bfi.b64  %rd104, %rd102, %rd103, 8, 56;\n",
-    " ld.u8  %rd105, [%rd21+4];\n",
-    " bfi.b64  %rd106, %rd104, %rd105, 8, 56;\n",
-    " ld.u8  %rd107, [%rd21+3];\n",
-    " bfi.b64  %rd108, %rd106, %rd107, 8, 56;\n",
-    " ld.u8  %rd109, [%rd21+2];\n",
-    " bfi.b64  %rd110, %rd108, %rd109, 8, 56;\n",
-    " ld.u8  %rd111, [%rd21+1];\n",
-    " bfi.b64  %rd112, %rd110, %rd111, 8, 56;\n",
-    " ld.u8  %rd113, [%rd21];\n",
-    " bfi.b64  %rd153, %rd112, %rd113, 8, 56;\n",
-    " bra.uni  $L__BB1_16;\n",
-    "$L__BB1_15:\n",
-    " ld.u64  %rd153, [%rd21];\n",
-    "$L__BB1_16:\n",
-    " xor.b64   %rd114, %rd153, %rd161;\n",
-    " mul.lo.s64  %rd115, %rd114, -7046029254386353131;\n",
-    " shr.u64  %rd116, %rd115, 29;\n",
-    " xor.b64   %rd161, %rd116, %rd115;\n",
-    " add.s64  %rd150, %rd154, 8;\n",
-    " setp.le.u64  %p11, %rd150, %rd142;\n",
-    " mov.u64  %rd152, %rd154;\n",
-    " @%p11 bra  $L__BB1_13;\n",
-    "$L__BB1_17:\n",
-    " setp.le.u64  %p12, %rd142, %rd154;\n",
-    " @%p12 bra  $L__BB1_24;\n",
-    " sub.s64  %rd118, %rd142, %rd154;\n",
-    " and.b64   %rd29, %rd118, 3;\n",
-    " setp.eq.s64  %p13, %rd29, 0;\n",
-    " mov.u64  %rd157, %rd154;\n",
-    " @%p13 bra  $L__BB1_22;\n",
-    " add.s64  %rd119, %rd154, %rd144;\n",
-    " add.s64  %rd30, %rd46, %rd119;\n",
-    " ld.u8  %rd120, [%rd30];\n",
-    " xor.b64   %rd121, %rd161, %rd120;\n",
-    " mul.lo.s64  %rd161, %rd121, 1099511628211;\n",
-    " add.s64  %rd157, %rd154, 1;\n",
-    " setp.eq.s64  %p14, %rd29, 1;\n",
-    " @%p14 bra  $L__BB1_22;\n",
-    " ld.u8  %rd122, [%rd30+1];\n",
-    " xor.b64   %rd123, %rd161, %rd122;\n",
-    " mul.lo.s64  %rd161, %rd123, 1099511628211;\n",
-    " add.s64  %rd157, %rd154, 2;\n",
-    " setp.eq.s64  %p15, %rd29, 2;\n",
-    " @%p15 bra  $L__BB1_22;\n",
-    " ld.u8  %rd124, [%rd30+2];\n",
-    " xor.b64   %rd125, %rd161, %rd124;\n",
-    " mul.lo.s64  %rd161, %rd125, 1099511628211;\n",
-    " add.s64  %rd157, %rd154, 3;\n",
-    "$L__BB1_22:\n",
-    " not.b64  %rd126, %rd154;\n",
-    " add.s64  %rd127, %rd142, %rd126;\n",
-    " setp.lt.u64  %p16, %rd127, 3;\n",
-    " @%p16 bra  $L__BB1_24;\n",
-    "$L__BB1_23:\n",
-    " add.s64  %rd128, %rd157, %rd144;\n",
-    " add.s64  %rd129, %rd46, %rd128;\n",
-    " ld.u8  %rd130, [%rd129];\n",
-    " xor.b64   %rd131, %rd161, %rd130;\n",
-    " mul.lo.s64  %rd132, %rd131, 1099511628211;\n",
-    " ld.u8  %rd133, [%rd129+1];\n",
-    " xor.b64   %rd134, %rd132, %rd133;\n",
-    " mul.lo.s64  %rd135, %rd134, 1099511628211;\n",
-    " ld.u8  %rd136, [%rd129+2];\n",
-    " xor.b64   %rd137, %rd135, %rd136;\n",
-    " mul.lo.s64  %rd138, %rd137, 1099511628211;\n",
-    " ld.u8  %rd139, [%rd129+3];\n",
-    " xor.b64   %rd140, %rd138, %rd139;\n",
-    " mul.lo.s64  %rd161, %rd140, 1099511628211;\n",
-    " add.s64  %rd157, %rd157, 4;\n",
-    " setp.lt.u64  %p17, %rd157, %rd142;\n",
-    " @%p17 bra  $L__BB1_23;\n",
-    "$L__BB1_24:\n",
-    " add.s32  %r16, %r16, 1;\n",
-    " setp.lt.u32  %p18, %r16, %r15;\n",
-    " @%p18 bra  $L__BB1_6;\n",
-    "$L__BB1_25:\n",
-    " shr.u64  %rd141, %rd161, 32;\n",
-    " cvt.u32.u64  %r11, %rd161;\n",
-    " cvt.u32.u64  %r12, %rd141;\n",
-    " xor.b32   %r13, %r12, %r11;\n",
-    " or.b32   %r14, %r13, 1;\n",
-    " st.param.b32  [func_retval0+0], %r14;\n",
-    " ret;\n",
-    "}\n",
-    ".func  (.param .b32 func_retval0) _Z13head_sum_warpPKhjRK11kvx_sum_layj(\n",
-    " .param .b64 _Z13head_sum_warpPKhjRK11kvx_sum_layj_param_0,\n",
-    " .param .b32 _Z13head_sum_warpPKhjRK11kvx_sum_layj_param_1,\n",
-    " .param .b64 _Z13head_sum_warpPKhjRK11kvx_sum_layj_param_2,\n",
-    " .param .b32 _Z13head_sum_warpPKhjRK11kvx_sum_layj_param_3\n",
-    ")\n",
-    "{\n",
-    " .reg .pred  %p<62>;\n",
-    " .reg .b32  %r<153>;\n",
-    " .reg .b64  %rd<186>;\n",
-    " ld.param.u64  %rd49, [_Z13head_sum_warpPKhjRK11kvx_sum_layj_param_0];\n",
-    " ld.param.u32  %r40, [_Z13head_sum_warpPKhjRK11kvx_sum_layj_param_1];\n",
-    " ld.param.u64  %rd50, [_Z13head_sum_warpPKhjRK11kvx_sum_layj_param_2];\n",
-    " ld.param.u32  %r41, [_Z13head_sum_warpPKhjRK11kvx_sum_layj_param_3];\n",
-    " cvta.to.local.u64  %rd51, %rd50;\n",
-    " add.s64  %rd1, %rd51, 8;\n",
-    " ld.local.u32  %r1, [%rd51+8];\n",
-    " setp.ne.s32  %p1, %r1, 0;\n",
-    " mov.u32  %r143, 1;\n",
-    " @%p1 bra  $L__BB2_2;\n",
-    " ld.local.u32  %r143, [%rd1+8];\n",
-    "$L__BB2_2:\n",
-    " ld.local.u64  %rd2, [%rd1+-8];\n",
-    " setp.eq.s32  %p2, %r1, 0;\n",
-    " mov.u64  %rd159, %rd2;\n",
-    " @%p2 bra  $L__BB2_4;\n",
-    " ld.local.u32  %rd52, [%rd1+8];\n",
-    " mul.lo.s64  %rd159, %rd2, %rd52;\n",
-    "$L__BB2_4:\n",
-    " shr.u64  %rd54, %rd159, 3;\n",
-    " cvt.u32.u64  %r4, %rd54;\n",
-    " mul.lo.s32  %r5, %r143, %r4;\n",
-    " and.b64   %rd55, %rd54, 4294967295;\n",
-    " cvt.u64.u32  %rd56, %r40;\n",
-    " mul.lo.s64  %rd57, %rd56, %rd55;\n",
-    " shl.b64  %rd58, %rd57, 3;\n",
-    " mul.lo.s64  %rd59, %rd2, %rd56;\n",
-    " selp.b64  %rd5, %rd59, %rd58, %p2;\n",
-    " ld.local.u32  %rd60, [%rd1+4];\n",
-    " mul.lo.s64  %rd6, %rd2, %rd60;\n",
-    " setp.eq.s32  %p4, %r5, 0;\n",
-    " mov.u64  %rd170, 2611923443488327891;\n",
-    " @%p4 bra  $L__BB2_47;\n",
-    " mov.u64  %rd170, 2611923443488327891;\n",
-    " mov.u32  %r144, 0;\n",
-    "$L__BB2_6:\n",
-    " add.s32  %r7, %r144, %r41;\n",
-    " setp.ge.u32  %p5, %r7, %r5;\n",
-    " mov.u64  %rd162, 0;\n",
-    " mov.u64  %rd161, %rd162;\n",
-    " @%p5 bra  $L__BB2_8;\n",
-    " div.u32  %r44, %r7, %r4;\n",
-    " cvt.u64.u32  %rd63, %r44;\n",
-    " mul.lo.s64  %rd64, %rd6, %rd63;\n",
-    " add.s64  %rd65, %rd64, %rd5;\n",
-    " mul.lo.s32  %r45, %r44, %r4;\n",
-    " sub.s32  %r46, %r7, %r45;\n",
-    " mul.wide.u32  %rd66, %r46, 8;\n",
-    " add.s64  %rd67, %rd65, %rd66;\n",
-    " add.s64  %rd68, %rd49, %rd67;\n",
-    " ld.u64  %rd161, [%rd68];\n",
-    "$L__BB2_8:\n",
-    " add.s32  %r8, %r7, 32;\n",
-    " setp.ge.u32  %p6, %r8, %r5;\n",
-    " @%p6 bra  $L__BB2_10;\n",
-    " div.u32  %r47, %r8, %r4;\n",
-    " cvt.u64.u32  %rd70, %r47;\n",
-    " mul.lo.s64  %rd71, %rd6, %rd70;\n",
-    " add.s64  %rd72, %rd71, %rd5;\n",
-    " mul.lo.s32  %r48, %r47, %r4;\n",
-    " sub.s32  %r49, %r8, %r48;\n",
-    " mul.wide.u32  %rd73, %r49, 8;\n",
-    " add.s64  %rd74, %rd72, %rd73;\n",
-    " add.s64  %rd75, %rd49, %rd74;\n",
-    " ld.u64  %rd162, [%rd75];\n",
-    "$L__BB2_10:\n",
-    " add.s32  %r9, %r7, 64;\n",
-    " setp.ge.u32  %p7, %r9, %r5;\n",
-    " mov.u64  %rd164, 0;\n",
-    " mov.u64  %rd163, %rd164;\n",
-    " @%p7 bra  $L__BB2_12;\n",
-    " div.u32  %r50, %r9, %r4;\n",
-    " cvt.u64.u32  %rd77, %r50;\n",
-    " mul.lo.s64  %rd78, %rd6, %rd77;\n",
-    " add.s64  %rd79, %rd78, %rd5;\n",
-    " mul.lo.s32  %r51, %r50, %r4;\n",
-    " sub.s32  %r52, %r9, %r51;\n",
-    " mul.wide.u32  %rd80, %r52, 8;\n",
-    " add.s64  %rd81, %rd79, %rd80;\n",
-    " add.s64  %rd82, %rd49, %rd81;\n",
-    " ld.u64  %rd163, [%rd82];\n",
-    "$L__BB2_12:\n",
-    " add.s32  %r10, %r7, 96;\n",
-    " setp.ge.u32  %p8, %r10, %r5;\n",
-    " @%p8 bra  $L__BB2_14;\n",
-    " div.u32  %r53, %r10, %r4;\n",
-    " cvt.u64.u32  %rd84, %r53;\n",
-    " mul.lo.s64  %rd85, %rd6, %rd84;\n",
-    " add.s64  %rd86, %rd85, %rd5;\n",
-    " mul.lo.s32  %r54, %r53, %r4;\n",
-    " sub.s32  %r55, %r10, %r54;\n",
-    " mul.wide.u32  %rd87, %r55, 8;\n",
-    " add.s64  %rd88, %rd86, %rd87;\n",
-    " add.s64  %rd89, %rd49, %rd88;\n",
-    " ld.u64  %rd164, [%rd89];\n",
-    "$L__BB2_14:\n",
-    " add.s32  %r11, %r7, 128;\n",
-    " setp.ge.u32  %p9, %r11, %r5;\n",
-    " mov.u64  %rd166, 0;\n",
-    " mov.u64  %rd165, %rd166;\n",
-    " @%p9 bra  $L__BB2_16;\n",
-    " div.u32  %r56, %r11, %r4;\n",
-    " cvt.u64.u32  %rd91, %r56;\n",
-    " mul.lo.s64  %rd92, %rd6, %rd91;\n",
-    " add.s64  %rd93, %rd92, %rd5;\n",
-    " mul.lo.s32  %r57, %r56, %r4;\n",
-    " sub.s32  %r58, %r11, %r57;\n",
-    " mul.wide.u32  %rd94, %r58, 8;\n",
-    " add.s64  %rd95, %rd93, %rd94;\n",
-    " add.s64  %rd96, %rd49, %rd95;\n",
-    " ld.u64  %rd165, [%rd96];\n",
-    "$L__BB2_16:\n",
-    " add.s32  %r12, %r7, 160;\n",
-    " setp.ge.u32  %p10, %r12, %r5;\n",
-    " @%p10 bra  $L__BB2_18;\n",
-    " div.u32  %r59, %r12, %r4;\n",
-    " cvt.u64.u32  %rd98, %r59;\n",
-    " mul.lo.s64  %rd99, %rd6, %rd98;\n",
-    " add.s64  %rd100, %rd99, %rd5;\n",
-    " mul.lo.s32  %r60, %r59, %r4;\n",
-    " sub.s32  %r61, %r12, %r60;\n",
-    " mul.wide.u32  %rd101, %r61, 8;\n",
-    " add.s64  %rd102, %rd100, %rd101;\n",
-    " add.s64  %rd103, %rd49, %rd102;\n",
-    " ld.u64  %rd166, [%rd103];\n",
-    "$L__BB2_18:\n",
-    " add.s32  %r13, %r7, 192;\n",
-    " setp.ge.u32  %p11, %r13, %r5;\n",
-    " mov.u64  %rd168, 0;\n",
-    " mov.u64  %rd167, %rd168;\n",
-    " @%p11 bra  $L__BB2_20;\n",
-    " div.u32  %r62, %r13, %r4;\n",
-    " cvt.u64.u32  %rd105, %r62;\n",
-    " mul.lo.s64  %rd106, %rd6, %rd105;\n",
-    " add.s64  %rd107, %rd106, %rd5;\n",
-    " mul.lo.s32  %r63, %r62, %r4;\n",
-    " sub.s32  %r64, %r13, %r63;\n",
-    " mul.wide.u32  %rd108, %r64, 8;\n",
-    " add.s64  %rd109, %rd107, %rd108;\n",
-    " add.s64  %rd110, %rd49, %rd109;\n",
-    " ld.u64  %rd167, [%rd110];\n",
-    "$L__BB2_20:\n",
-    " add.s32  %r14, %r7, 224;\n",
-    " setp.ge.u32  %p12, %r14, %r5;\n",
-    " @%p12 bra  $L__BB2_22;\n",
-    " div.u32  %r65, %r14, %r4;\n",
-    " cvt.u64.u32  %rd112, %r65;\n",
-    " mul.lo.s64  %rd113, %rd6, %rd112;\n",
-    " add.s64  %rd114, %rd113, %rd5;\n",
-    " mul.lo.s32  %r66, %r65, %r4;\n",
-    " sub.s32  %r67, %r14, %r66;\n",
-    " mul.wide.u32  %rd115, %r67, 8;\n",
-    " add.s64  %rd116, %rd114, %rd115;\n",
-    " add.s64  %rd117, %rd49, %rd116;\n",
-    " ld.u64  %rd168, [%rd117];\n",
-    "$L__BB2_22:\n",
-    " sub.s32  %r68, %r5, %r144;\n",
-    " min.u32  %r15, %r68, 32;\n",
-    " setp.eq.s32  %p13, %r15, 0;\n",
-    " setp.le.u32  %p14, %r5, %r144;\n",
-    " or.pred   %p15, %p13, %p14;\n",
-    " @%p15 bra  $L__BB2_25;\n",
-    " mov.u32  %r145, 0;\n",
-    "$L__BB2_24:\n",
-    " .pragma \"nounroll\";\n",
-    " mov.b64 {%r70,%r71}, %rd161;\n",
-    " mov.u32  %r74, 31;\n",
-    " mov.u32  %r75, -1;\n",
-    " shfl.sync.idx.b32  %r73|%p16, %r71, %r145, %r74, %r75;\n",
-    " shfl.sync.idx.b32  %r72|%p17, %r70, %r145, %r74, %r75;\n",
-    " mov.b64 %rd119, {%r72,%r73};\n",
-    " xor.b64   %rd120, %rd119, %rd170;\n",
-    " mul.lo.s64  %rd121, %rd120, -7046029254386353131;\n",
-    " shr.u64  %rd122, %rd121, 29;\n",
-    " xor.b64   %rd170, %rd122, %rd121;\n",
-    " add.s32  %r145, %r145, 1;\n",
-    " setp.lt.u32  %p18, %r145, %r15;\n",
-    " @%p18 bra  $L__BB2_24;\n",
-    "$L__BB2_25:\n",
-    " add.s32  %r76, %r144, 32;\n",
-    " setp.le.u32  %p19, %r5, %r76;\n",
-    " sub.s32  %r77, %r5, %r76;\n",
-    " min.u32  %r18, %r77, 32;\n",
-    " setp.eq.s32  %p20, %r18, 0;\n",
-    " or.pred   %p21, %p20, %p19;\n",
-    " @%p21 bra  $L__BB2_28;\n",
-    " mov.u32  %r146, 0;\n",
-    "$L__BB2_27:\n",
-    " .pragma \"nounroll\";\n",
-    " mov.b64 {%r79,%r80}, %rd162;\n",
-    " mov.u32  %r83, 31;\n",
-    " mov.u32  %r84, -1;\n",
-    " shfl.sync.idx.b32  %r82|%p22, %r80, %r146, %r83, %r84;\n",
-    " shfl.sync.idx.b32  %r81|%p23, %r79, %r146, %r83, %r84;\n",
-    " mov.b64 %rd124, {%r81,%r82};\n",
-    " xor.b64   %rd125, %rd124, %rd170;\n",
-    " mul.lo.s64  %rd126, %rd125, -7046029254386353131;\n",
-    " shr.u64  %rd127, %rd126, 29;\n",
-    " xor.b64   %rd170, %rd127, %rd126;\n",
-    " add.s32  %r146, %r146, 1;\n",
-    " setp.lt.u32  %p24, %r146, %r18;\n",
-    " @%p24 bra  $L__BB2_27;\n",
-    "$L__BB2_28:\n",
-    " add.s32  %r85, %r144, 64;\n",
-    " setp.le.u32  %p25, %r5, %r85;\n",
-    " sub.s32  %r86, %r5, %r85;\n",
-    " min.u32  %r21, %r86, 32;\n",
-    " setp.eq.s32  %p26, %r21, 0;\n",
-    " or.pred   %p27, %p26, %p25;\n",
-    " @%p27 bra  $L__BB2_31;\n",
-    " mov.u32  %r147, 0;\n",
-    "$L__BB2_30:\n",
-    " .pragma \"nounroll\";\n",
-    " mov.b64 {%r88,%r89}, %rd163;\n",
-    " mov.u32  %r92, 31;\n",
-    " mov.u32  %r93, -1;\n",
-    " shfl.sync.idx.b32  %r91|%p28, %r89, %r147, %r92, %r93;\n",
-    " shfl.sync.idx.b32  %r90|%p29, %r88, %r147, %r92, %r93;\n",
-    " mov.b64 %rd129, {%r90,%r91};\n",
-    " xor.b64   %rd130, %rd129, %rd170;\n",
-    " mul.lo.s64  %rd131, %rd130, -7046029254386353131;\n",
-    " shr.u64  %rd132, %rd131, 29;\n",
-    " xor.b64   %rd170, %rd132, %rd131;\n",
-    " add.s32  %r147, %r147, 1;\n",
-    " setp.lt.u32  %p30, %r147, %r21;\n",
-    " @%p30 bra  $L__BB2_30;\n",
-    "$L__BB2_31:\n",
-    " add.s32  %r94, %r144, 96;\n",
-    " setp.le.u32  %p31, %r5, %r94;\n",
-    " sub.s32  %r95, %r5, %r94;\n",
-    " min.u32  %r24, %r95, 32;\n",
-    " setp.eq.s32  %p32, %r24, 0;\n",
-    " or.pred   %p33, %p32, %p31;\n",
-    " @%p33 bra  $L__BB2_34;\n",
-    " mov.u32  %r148, 0;\n",
-    "$L__BB2_33:\n",
-    " .pragma \"nounroll\";\n",
-    " mov.b64 {%r97,%r98}, %rd164;\n",
-    " mov.u32  %r101, 31;\n",
-    " mov.u32  %r102, -1;\n",
-    " shfl.sync.idx.b32  %r100|%p34, %r98, %r148, %r101, %r102;\n",
-    " shfl.sync.idx.b32  %r99|%p35, %r97, %r148, %r101, %r102;\n",
-    " mov.b64 %rd134, {%r99,%r100};\n",
-    " xor.b64   %rd135, %rd134, %rd170;\n",
-    " mul.lo.s64  %rd136, %rd135, -7046029254386353131;\n",
-    " shr.u64  %rd137, %rd136, 29;\n",
-    " xor.b64   %rd170, %rd137, %rd136;\n",
-    " add.s32  %r148, %r148, 1;\n",
-    " setp.lt.u32  %p36, %r148, %r24;\n",
-    " @%p36 bra  $L__BB2_33;\n",
-    "$L__BB2_34:\n",
-    " add.s32  %r103, %r144, 128;\n",
-    " setp.le.u32  %p37, %r5, %r103;\n",
-    " sub.s32  %r104, %r5, %r103;\n",
-    " min.u32  %r27, %r104, 32;\n",
-    " setp.eq.s32  %p38, %r27, 0;\n",
-    " or.pred   %p39, %p38, %p37;\n",
-    " @%p39 bra  $L__BB2_37;\n",
-    " mov.u32  %r149, 0;\n",
-    "$L__BB2_36:\n",
-    " .pragma \"nounroll\";\n",
-    " mov.b64 {%r106,%r107}, %rd165;\n",
-    " mov.u32  %r110, 31;\n",
-    " mov.u32  %r111, -1;\n",
-    " shfl.sync.idx.b32  %r109|%p40, %r107, %r149, %r110, %r111;\n",
-    " shfl.sync.idx.b32  %r108|%p41, %r106, %r149, %r110, %r111;\n",
-    " mov.b64 %rd139, {%r108,%r109};\n",
-    " xor.b64   %rd140, %rd139, %rd170;\n",
-    " mul.lo.s64  %rd141, %rd140, -7046029254386353131;\n",
-    " shr.u64  %rd142, %rd141, 29;\n",
-    " xor.b64   %rd170, %rd142, %rd141;\n",
-    " add.s32  %r149, %r149, 1;\n",
-    " setp.lt.u32  %p42, %r149, %r27;\n",
-    " @%p42 bra  $L__BB2_36;\n",
-    "$L__BB2_37:\n",
-    " add.s32  %r112, %r144, 160;\n",
-    " setp.le.u32  %p43, %r5, %r112;\n",
-    " sub.s32  %r113, %r5, %r112;\n",
-    " min.u32  %r30, %r113, 32;\n",
-    " setp.eq.s32  %p44, %r30, 0;\n",
-    " or.pred   %p45, %p44, %p43;\n",
-    " @%p45 bra  $L__BB2_40;\n",
-    " mov.u32  %r150, 0;\n",
-    "$L__BB2_39:\n",
-    " .pragma \"nounroll\";\n",
-    " mov.b64 {%r115,%r116}, %rd166;\n",
-    " mov.u32  %r119, 31;\n",
-    " mov.u32  %r120, -1;\n",
-    " shfl.sync.idx.b32  %r118|%p46, %r116, %r150, %r119, %r120;\n",
-    " shfl.sync.idx.b32  %r117|%p47, %r115, %r150, %r119, %r120;\n",
-    " mov.b64 %rd144, {%r117,%r118};\n",
-    " xor.b64   %rd145, %rd144, %rd170;\n",
-    " mul.lo.s64  %rd146, %rd145, -7046029254386353131;\n",
-    " shr.u64  %rd147, %rd146, 29;\n",
-    " xor.b64   %rd170, %rd147, %rd146;\n",
-    " add.s32  %r150, %r150, 1;\n",
-    " setp.lt.u32  %p48, %r150, %r30;\n",
-    " @%p48 bra  $L__BB2_39;\n",
-    "$L__BB2_40:\n",
-    " add.s32  %r121, %r144, 192;\n",
-    " setp.le.u32  %p49, %r5, %r121;\n",
-    " sub.s32  %r122, %r5, %r121;\n",
-    " min.u32  %r33, %r122, 32;\n",
-    " setp.eq.s32  %p50, %r33, 0;\n",
-    " or.pred   %p51, %p50, %p49;\n",
-    " @%p51 bra  $L__BB2_43;\n",
-    " mov.u32  %r151, 0;\n",
-    "$L__BB2_42:\n",
-    " .pragma \"nounroll\";\n",
-    " mov.b64 {%r124,%r125}, %rd167;\n",
-    " mov.u32  %r128, 31;\n",
-    " mov.u32  %r129, -1;\n",
-    " shfl.sync.idx.b32  %r127|%p52, %r125, %r151, %r128, %r129;\n",
-    " shfl.sync.idx.b32  %r126|%p53, %r124, %r151, %r128, %r129;\n",
-    " mov.b64 %rd149, {%r126,%r127};\n",
-    " xor.b64   %rd150, %rd149, %rd170;\n",
-    " mul.lo.s64  %rd151, %rd150, -7046029254386353131;\n",
-    " shr.u64  %rd152, %rd151, 29;\n",
-    " xor.b64   %rd170, %rd152, %rd151;\n",
-    " add.s32  %r151, %r151, 1;\n",
-    " setp.lt.u32  %p54, %r151, %r33;\n",
-    " @%p54 bra  $L__BB2_42;\n",
-    "$L__BB2_43:\n",
-    " add.s32  %r130, %r144, 224;\n",
-    " setp.le.u32  %p55, %r5, %r130;\n",
-    " sub.s32  %r131, %r5, %r130;\n",
-    " min.u32  %r36, %r131, 32;\n",
-    " setp.eq.s32  %p56, %r36, 0;\n",
-    " or.pred   %p57, %p56, %p55;\n",
-    " @%p57 bra  $L__BB2_46;\n",
-    " mov.u32  %r152, 0;\n",
-    "$L__BB2_45:\n",
-    " .pragma \"nounroll\";\n",
-    " mov.b64 {%r133,%r134}, %rd168;\n",
-    " mov.u32  %r137, 31;\n",
-    " mov.u32  %r138, -1;\n",
-    " shfl.sync.idx.b32  %r136|%p58, %r134, %r152, %r137, %r138;\n",
-    " shfl.sync.idx.b32  %r135|%p59, %r133, %r152, %r137, %r138;\n",
-    " mov.b64 %rd154, {%r135,%r136};\n",
-    " xor.b64   %rd155, %rd154, %rd170;\n",
-    " mul.lo.s64  %rd156, %rd155, -7046029254386353131;\n",
-    " shr.u64  %rd157, %rd156, 29;\n",
-    " xor.b64   %rd170, %rd157, %rd156;\n",
-    " add.s32  %r152, %r152, 1;\n",
-    " setp.lt.u32  %p60, %r152, %r36;\n",
-    " @%p60 bra  $L__BB2_45;\n",
-    "$L__BB2_46:\n",
-    " add.s32  %r144, %r144, 256;\n",
-    " setp.lt.u32  %p61, %r144, %r5;\n",
-    " @%p61 bra  $L__BB2_6;\n",
-    "$L__BB2_47:\n",
-    " shr.u64  %rd158, %rd170, 32;\n",
-    " cvt.u32.u64  %r139, %rd170;\n",
-    " cvt.u32.u64  %r140, %rd158;\n",
-    " xor.b32   %r141, %r140, %r139;\n",
-    " or.b32   %r142, %r141, 1;\n",
-    " st.param.b32  [func_retval0+0], %r142;\n",
-    " ret;\n",
-    "}\n",
-    ".visible .entry kvx_copy(\n",
-    " .param .u64 kvx_copy_param_0,\n",
-    " .param .u32 kvx_copy_param_1,\n",
-    " .param .u32 kvx_copy_param_2\n",
-    ")\n",
-    ".maxntid 256, 1, 1\n",
-    "{\n",
-    " .reg .pred  %p<25>;\n",
-    " .reg .b32  %r<236>;\n",
-    " .reg .b64  %rd<205>;\n",
-    " ld.param.u64  %rd68, [kvx_copy_param_0];\n",
-    " ld.param.u32  %r61, [kvx_copy_param_2];\n",
-    " mov.u32  %r62, %tid.x;\n",
-    " mov.u32  %r63, %ntid.x;\n",
-    " mov.u32  %r64, %ctaid.x;\n",
-    " mad.lo.s32  %r65, %r64, %r63, %r62;\n",
-    " shr.u32  %r206, %r65, 5;\n",
-    " setp.ge.u32  %p1, %r206, %r61;\n",
-    " @%p1 bra  $L__BB3_28;\n",
-    " mov.u64  %rd168, 0;\n",
-    " mov.u32  %r207, 0;\n",
-    " mov.u32  %r210, 1;\n",
-    " mov.u32  %r208, -1;\n",
-    " mov.u32  %r225, %r208;\n",
-    " mov.u64  %rd169, %rd168;\n",
-    " mov.u64  %rd170, %rd168;\n",
-    " mov.u64  %rd171, %rd168;\n",
-    " mov.u64  %rd172, %rd168;\n",
-    " mov.u64  %rd173, %rd168;\n",
-    " mov.u64  %rd174, %rd168;\n",
-    " mov.u64  %rd175, %rd168;\n",
-    " mov.u64  %rd176, %rd168;\n",
-    " mov.u64  %rd177, %rd168;\n",
-    " mov.u64  %rd178, %rd168;\n",
-    " mov.u32  %r211, %r210;\n",
-    " mov.u32  %r212, %r210;\n",
-    " mov.u32  %r213, %r210;\n",
-    " mov.u32  %r214, %r207;\n",
-    " mov.u64  %rd179, %rd168;\n",
-    " mov.u64  %rd180, %rd168;\n",
-    " bra.uni  $L__BB3_2;\n",
-    "$L__BB3_16:\n",
-    " shr.u64  %rd51, %rd196, 4;\n",
-    " cvt.u32.u64  %r36, %rd51;\n",
-    " setp.eq.s32  %p9, %r226, 1;\n",
-    " @%p9 bra  $L__BB3_22;\n",
-    " bra.uni  $L__BB3_17;\n",
-    "$L__BB3_22:\n",
-    " and.b32   %r235, %r62, 31;\n",
-    " or.b32   %r156, %r235, 96;\n",
-    " setp.ge.u32  %p20, %r156, %r36;\n",
-    " @%p20 bra  $L__BB3_25;\n",
-    " and.b32   %r233, %r62, 31;\n",
-    "$L__BB3_24:\n",
-    " mul.wide.u32  %rd163, %r233, 16;\n",
-    " add.s64  %rd164, %rd49, %rd163;\n",
-    " ld.v4.u32  {%r174, %r175, %r176, %r177}, [%rd164];\n",
-    " ld.v4.u32  {%r178, %r179, %r180, %r181}, [%rd164+512];\n",
-    " ld.v4.u32  {%r182, %r183, %r184, %r185}, [%rd164+1024];\n",
-    " ld.v4.u32  {%r186, %r187, %r188, %r189}, [%rd164+1536];\n",
-    " add.s64  %rd159, %rd50, %rd163;\n",
-    " st.global.wb.v4.u32 [%rd159], {%r174,%r175,%r176,%r177};\n",
-    " add.s64  %rd160, %rd159, 512;\n",
-    " st.global.wb.v4.u32 [%rd160], {%r178,%r179,%r180,%r181};\n",
-    " add.s64  %rd161, %rd159, 1024;\n",
-    " st.global.wb.v4.u32 [%rd161], {%r182,%r183,%r184,%r185};\n",
-    " add.s64  %rd162, %rd159, 1536;\n",
-    " st.global.wb.v4.u32 [%rd162], {%r186,%r187,%r188,%r189};\n",
-    " add.s32  %r235, %r233, 128;\n",
-    " add.s32  %r190, %r233, 224;\n",
-    " setp.lt.u32  %p21, %r190, %r36;\n",
-    " mov.u32  %r233, %r235;\n",
-    " @%p21 bra  $L__BB3_24;\n",
-    "$L__BB3_25:\n",
-    " setp.ge.u32  %p22, %r235, %r36;\n",
-    " @%p22 bra  $L__BB3_27;\n",
-    "$L__BB3_26:\n",
-    " mul.wide.u32  %rd166, %r235, 16;\n",
-    " add.s64  %rd165, %rd50, %rd166;\n",
-    " add.s64  %rd167, %rd49, %rd166;\n",
-    " ld.v4.u32  {%r195, %r196, %r197, %r198}, [%rd167];\n",
-    " st.global.wb.v4.u32 [%rd165], {%r195,%r196,%r197,%r198};\n",
-    " add.s32  %r235, %r235, 32;\n",
-    " setp.lt.u32  %p23, %r235, %r36;\n",
-    " @%p23 bra  $L__BB3_26;\n",
-    " bra.uni  $L__BB3_27;\n",
-    "$L__BB3_17:\n",
-    " mul.lo.s32  %r37, %r226, %r36;\n",
-    " and.b32   %r231, %r62, 31;\n",
-    " div.u32  %r92, %r231, %r36;\n",
-    " mul.lo.s32  %r93, %r92, %r36;\n",
-    " sub.s32  %r229, %r231, %r93;\n",
-    " cvt.u64.u32  %rd111, %r92;\n",
-    " mul.lo.s64  %rd112, %rd198, %rd111;\n",
-    " shl.b32  %r94, %r229, 4;\n",
-    " cvt.u64.u32  %rd113, %r94;\n",
-    " add.s64  %rd201, %rd112, %rd113;\n",
-    " mul.lo.s64  %rd114, %rd197, %rd111;\n",
-    " add.s64  %rd202, %rd114, %rd113;\n",
-    " mov.u32  %r95, 32;\n",
-    " div.u32  %r96, %r95, %r36;\n",
-    " cvt.u64.u32  %rd115, %r96;\n",
-    " mul.lo.s64  %rd116, %rd198, %rd115;\n",
-    " mul.lo.s32  %r97, %r96, %r36;\n",
-    " sub.s32  %r40, %r95, %r97;\n",
-    " shl.b32  %r98, %r40, 4;\n",
-    " cvt.u64.u32  %rd117, %r98;\n",
-    " add.s64  %rd54, %rd116, %rd117;\n",
-    " mul.lo.s64  %rd118, %rd197, %rd115;\n",
-    " add.s64  %rd55, %rd118, %rd117;\n",
-    " shl.b64  %rd119, %rd51, 4;\n",
-    " and.b64   %rd120, %rd119, 68719476720;\n",
-    " sub.s64  %rd56, %rd198, %rd120;\n",
-    " sub.s64  %rd57, %rd197, %rd120;\n",
-    " or.b32   %r99, %r231, 96;\n",
-    " setp.ge.u32  %p10, %r99, %r37;\n",
-    " @%p10 bra  $L__BB3_20;\n",
-    " and.b32   %r227, %r62, 31;\n",
-    "$L__BB3_19:\n",
-    " add.s64  %rd125, %rd49, %rd201;\n",
-    " ld.v4.u32  {%r117, %r118, %r119, %r120}, [%rd125];\n",
-    " add.s32  %r121, %r229, %r40;\n",
-    " setp.ge.u32  %p11, %r121, %r36;\n",
-    " selp.b32  %r122, %r36, 0, %p11;\n",
-    " sub.s32  %r123, %r121, %r122;\n",
-    " selp.b64  %rd126, %rd56, 0, %p11;\n",
-    " add.s64  %rd127, %rd201, %rd54;\n",
-    " add.s64  %rd128, %rd127, %rd126;\n",
-    " selp.b64  %rd129, %rd57, 0, %p11;\n",
-    " add.s64  %rd130, %rd202, %rd55;\n",
-    " add.s64  %rd131, %rd130, %rd129;\n",
-    " add.s64  %rd132, %rd49, %rd128;\n",
-    " ld.v4.u32  {%r124, %r125, %r126, %r127}, [%rd132];\n",
-    " add.s32  %r128, %r123, %r40;\n",
-    " add.s64  %rd133, %rd128, %rd54;\n",
-    " add.s64  %rd134, %rd131, %rd55;\n",
-    " setp.ge.u32  %p12, %r128, %r36;\n",
-    " selp.b32  %r129, %r36, 0, %p12;\n",
-    " sub.s32  %r130, %r128, %r129;\n",
-    " selp.b64  %rd135, %rd56, 0, %p12;\n",
-    " add.s64  %rd136, %rd133, %rd135;\n",
-    " selp.b64  %rd137, %rd57, 0, %p12;\n",
-    " add.s64  %rd138, %rd134, %rd137;\n",
-    " add.s64  %rd139, %rd49, %rd136;\n",
-    " ld.v4.u32  {%r131, %r132, %r133, %r134}, [%rd139];\n",
-    " add.s32  %r135, %r130, %r40;\n",
-    " add.s64  %rd140, %rd136, %rd54;\n",
-    " add.s64  %rd141, %rd138, %rd55;\n",
-    " setp.ge.u32  %p13, %r135, %r36;\n",
-    " selp.b32  %r136, %r36, 0, %p13;\n",
-    " sub.s32  %r137, %r135, %r136;\n",
-    " selp.b64  %rd142, %rd56, 0, %p13;\n",
-    " add.s64  %rd143, %rd140, %rd142;\n",
-    " selp.b64  %rd144, %rd57, 0, %p13;\n",
-    " add.s64  %rd145, %rd141, %rd144;\n",
-    " add.s64  %rd146, %rd49, %rd143;\n",
-    " ld.v4.u32  {%r138, %r139, %r140, %r141}, [%rd146];\n",
-    " add.s32  %r142, %r137, %r40;\n",
-    " add.s64  %rd147, %rd143, %rd54;\n",
-    " add.s64  %rd148, %rd145, %rd55;\n",
-    " setp.ge.u32  %p14, %r142, %r36;\n",
-    " selp.b32  %r143, %r36, 0, %p14;\n",
-    " selp.b64  %rd149, %rd56, 0, %p14;\n",
-    " selp.b64  %rd150, %rd57, 0, %p14;\n",
-    " add.s64  %rd121, %rd50, %rd202;\n",
-    " st.global.wb.v4.u32 [%rd121], {%r117,%r118,%r119,%r120};\n",
-    " add.s64  %rd122, %rd50, %rd131;\n",
-    " st.global.wb.v4.u32 [%rd122], {%r124,%r125,%r126,%r127};\n",
-    " add.s64  %rd123, %rd50, %rd138;\n",
-    " st.global.wb.v4.u32 [%rd123], {%r131,%r132,%r133,%r134};\n",
-    " setp.lt.u32  %p15, %r135, %r36;\n",
-    " selp.b64  %rd151, 0, %rd57, %p15;\n",
-    " add.s64  %rd152, %rd141, %rd151;\n",
-    " add.s64  %rd124, %rd50, %rd152;\n",
-    " st.global.wb.v4.u32 [%rd124], {%r138,%r139,%r140,%r141};\n",
-    " sub.s32  %r229, %r142, %r143;\n",
-    " add.s64  %rd201, %rd147, %rd149;\n",
-    " add.s64  %rd202, %rd148, %rd150;\n",
-    " add.s32  %r231, %r227, 128;\n",
-    " add.s32  %r144, %r227, 224;\n",
-    " setp.lt.u32  %p16, %r144, %r37;\n",
-    " mov.u32  %r227, %r231;\n",
-    " @%p16 bra  $L__BB3_19;\n",
-    "$L__BB3_20:\n",
-    " setp.ge.u32  %p17, %r231, %r37;\n",
-    " @%p17 bra  $L__BB3_27;\n",
-    "$L__BB3_21:\n",
-    " add.s64  %rd153, %rd50, %rd202;\n",
-    " add.s64  %rd154, %rd49, %rd201;\n",
-    " ld.v4.u32  {%r149, %r150, %r151, %r152}, [%rd154];\n",
-    " st.global.wb.v4.u32 [%rd153], {%r149,%r150,%r151,%r152};\n",
-    " add.s32  %r153, %r229, %r40;\n",
-    " setp.ge.u32  %p18, %r153, %r36;\n",
-    " selp.b32  %r154, %r36, 0, %p18;\n",
-    " sub.s32  %r229, %r153, %r154;\n",
-    " selp.b64  %rd155, %rd56, 0, %p18;\n",
-    " add.s64  %rd156, %rd201, %rd54;\n",
-    " add.s64  %rd201, %rd156, %rd155;\n",
-    " selp.b64  %rd157, %rd57, 0, %p18;\n",
-    " add.s64  %rd158, %rd202, %rd55;\n",
-    " add.s64  %rd202, %rd158, %rd157;\n",
-    " add.s32  %r231, %r231, 32;\n",
-    " setp.lt.u32  %p19, %r231, %r37;\n",
-    " @%p19 bra  $L__BB3_21;\n",
-    " bra.uni  $L__BB3_27;\n",
-    "$L__BB3_2:\n",
-    " mov.u32  %r215, %r207;\n",
-    "$L__BB3_3:\n",
-    " mov.u32  %r207, %r215;\n",
-    " ld.param.u32  %r205, [kvx_copy_param_1];\n",
-    " add.s32  %r215, %r207, 1;\n",
-    " setp.ge.u32  %p2, %r215, %r205;\n",
-    " @%p2 bra  $L__BB3_5;\n",
-    " cvta.to.global.u64  %rd82, %rd68;\n",
-    " mul.wide.u32  %rd83, %r215, 128;\n",
-    " add.s64  %rd84, %rd82, %rd83;\n",
-    " ld.global.nc.u32  %r75, [%rd84+116];\n",
-    " setp.ge.u32  %p3, %r206, %r75;\n",
-    " @%p3 bra  $L__BB3_3;\n",
-    "$L__BB3_5:\n",
-    " setp.eq.s32  %p4, %r207, %r208;\n",
-    " @%p4 bra  $L__BB3_7;\n",
-    " cvta.to.global.u64  %rd85, %rd68;\n",
-    " mul.wide.u32  %rd86, %r207, 128;\n",
-    " add.s64  %rd87, %rd85, %rd86;\n",
-    " ld.global.nc.u64  %rd168, [%rd87];\n",
-    " ld.global.nc.u64  %rd169, [%rd87+8];\n",
-    " ld.global.nc.u64  %rd170, [%rd87+16];\n",
-    " ld.global.nc.u64  %rd171, [%rd87+24];\n",
-    " ld.global.nc.u64  %rd172, [%rd87+32];\n",
-    " ld.global.nc.u64  %rd173, [%rd87+40];\n",
-    " ld.global.nc.u64  %rd174, [%rd87+48];\n",
-    " ld.global.nc.u64  %rd175, [%rd87+56];\n",
-    " ld.global.nc.u64  %rd176, [%rd87+64];\n",
-    " ld.global.nc.u64  %rd177, [%rd87+72];\n",
-    " ld.global.nc.u64  %rd178, [%rd87+80];\n",
-    " ld.global.nc.u32  %r210, [%rd87+100];\n",
-    " ld.global.nc.v2.u32  {%r211, %r212}, [%rd87+104];\n",
-    " ld.global.nc.v2.u32  {%r213, %r214}, [%rd87+112];\n",
-    " mov.u32  %r225, -1;\n",
-    " mov.u32  %r208, %r207;\n",
-    "$L__BB3_7:\n",
-    " sub.s32  %r223, %r206, %r214;\n",
-    " setp.lt.u32  %p5, %r211, 2;\n",
-    " mov.u32  %r224, 0;\n",
-    " @%p5 bra  $L__BB3_9;\n",
-    " div.u32  %r27, %r223, %r211;\n",
-    " mul.lo.s32  %r82, %r27, %r211;\n",
-    " sub.s32  %r224, %r223, %r82;\n",
-    " mov.u32  %r223, %r27;\n",
-    "$L__BB3_9:\n",
-    " div.u32  %r30, %r223, %r210;\n",
-    " setp.eq.s32  %p6, %r30, %r225;\n",
-    " @%p6 bra  $L__BB3_11;\n",
-    " mul.wide.u32  %rd88, %r30, 8;\n",
-    " add.s64  %rd89, %rd168, %rd88;\n",
-    " ld.u64  %rd179, [%rd89];\n",
-    " add.s64  %rd90, %rd169, %rd88;\n",
-    " ld.u64  %rd180, [%rd90];\n",
-    " mov.u32  %r225, %r30;\n",
-    "$L__BB3_11:\n",
-    " rem.u32  %r83, %r223, %r210;\n",
-    " mul.wide.u32  %rd91, %r83, 8;\n",
-    " add.s64  %rd92, %rd170, %rd91;\n",
-    " ld.v2.u32  {%r84, %r85}, [%rd92];\n",
-    " setp.eq.s32  %p7, %r212, 1;\n",
-    " @%p7 bra  $L__BB3_13;\n",
-    " bra.uni  $L__BB3_12;\n",
-    "$L__BB3_13:\n",
-    " cvt.u64.u32  %rd96, %r224;\n",
-    " mul.lo.s64  %rd194, %rd178, %rd96;\n",
-    " sub.s64  %rd97, %rd175, %rd194;\n",
-    " min.u64  %rd196, %rd97, %rd178;\n",
-    " mov.u32  %r226, 1;\n",
-    " mov.u64  %rd197, 0;\n",
-    " mov.u64  %rd195, %rd194;\n",
-    " mov.u64  %rd198, %rd197;\n",
-    " bra.uni  $L__BB3_14;\n",
-    "$L__BB3_12:\n",
-    " mul.lo.s32  %r86, %r224, %r213;\n",
-    " sub.s32  %r87, %r212, %r86;\n",
-    " min.u32  %r226, %r87, %r213;\n",
-    " cvt.u64.u32  %rd93, %r86;\n",
-    " mul.lo.s64  %rd194, %rd176, %rd93;\n",
-    " mul.lo.s64  %rd195, %rd177, %rd93;\n",
-    " mov.u64  %rd196, %rd175;\n",
-    " mov.u64  %rd197, %rd176;\n",
-    " mov.u64  %rd198, %rd177;\n",
-    "$L__BB3_14:\n",
-    " add.s64  %rd98, %rd180, %rd174;\n",
-    " cvt.u64.u32  %rd99, %r85;\n",
-    " mul.lo.s64  %rd100, %rd172, %rd99;\n",
-    " add.s64  %rd101, %rd98, %rd100;\n",
-    " add.s64  %rd49, %rd101, %rd195;\n",
-    " add.s64  %rd102, %rd179, %rd173;\n",
-    " cvt.u64.u32  %rd103, %r84;\n",
-    " mul.lo.s64  %rd104, %rd171, %rd103;\n",
-    " add.s64  %rd105, %rd102, %rd104;\n",
-    " add.s64  %rd50, %rd105, %rd194;\n",
-    " or.b64   %rd106, %rd49, %rd50;\n",
-    " or.b64   %rd107, %rd106, %rd196;\n",
-    " or.b64   %rd108, %rd107, %rd197;\n",
-    " or.b64   %rd109, %rd108, %rd198;\n",
-    " and.b64   %rd110, %rd109, 15;\n",
-    " setp.eq.s64  %p8, %rd110, 0;\n",
-    " @%p8 bra  $L__BB3_16;\n",
-    " and.b32   %r90, %r62, 31;\n",
-    " { // callseq 0, 0\n",
-    " .reg .b32 temp_param_reg;\n",
-    " .param .b64 param0;\n",
-    " st.param.b64  [param0+0], %rd50;\n",
-    " .param .b64 param1;\n",
-    " st.param.b64  [param1+0], %rd49;\n",
-    " .param .b64 param2;\n",
-    " st.param.b64  [param2+0], %rd196;\n",
-    " .param .b32 param3;\n",
-    " st.param.b32  [param3+0], %r226;\n",
-    " .param .b64 param4;\n",
-    " st.param.b64  [param4+0], %rd197;\n",
-    " .param .b64 param5;\n",
-    " st.param.b64  [param5+0], %rd198;\n",
-    " .param .b32 param6;\n",
-    " st.param.b32  [param6+0], %r90;\n",
-    " call.uni \n",
-    " _Z5copy1PcPKcyjyyj, \n",
-    " (\n",
-    " param0, \n",
-    " param1, \n",
-    " param2, \n",
-    " param3, \n",
-    " param4, \n",
-    " param5, \n",
-    " param6\n",
-    " );\n",
-    " } // callseq 0\n",
-    "$L__BB3_27:\n",
-    " ld.param.u32  %r204, [kvx_copy_param_2];\n",
-    " mov.u32  %r203, %ntid.x;\n",
-    " mov.u32  %r199, %nctaid.x;\n",
-    " mul.lo.s32  %r201, %r199, %r203;\n",
-    " shr.u32  %r202, %r201, 5;\n",
-    " add.s32  %r206, %r206, %r202;\n",
-    " setp.lt.u32  %p24, %r206, %r204;\n",
-    " @%p24 bra  $L__BB3_2;\n",
-    "$L__BB3_28:\n",
-    " ret;\n",
-    "}\n",
-    ".visible .entry kvx_csum_seal(\n",
-    " .param .u64 kvx_csum_seal_param_0,\n",
-    " .param .u64 kvx_csum_seal_param_1,\n",
-    " .param .u32 kvx_csum_seal_param_2,\n",
-    " .param .u32 kvx_csum_seal_param_3,\n",
-    " .param .u64 kvx_csum_seal_param_4,\n",
-    " .param .u32 kvx_csum_seal_param_5,\n",
-    " .param .align 8 .b8 kvx_csum_seal_param_6[24],\n",
-    " .param .u32 kvx_csum_seal_param_7,\n",
-    " .param .u64 kvx_csum_seal_param_8\n",
-    ")\n",
-    "{\n",
-    " .local .align 8 .b8  __local_depot4[24];\n",
-    " .reg .b64  %SP;\n",
-    " .reg .b64  %SPL;\n",
-    " .reg .pred  %p<13>;\n",
-    " .reg .b32  %r<45>;\n",
-    " .reg .b64  %rd<105>;\n",
-    " mov.u64  %SPL, __local_depot4;\n",
-    " cvta.local.u64  %SP, %SPL;\n",
-    " ld.param.u64  %rd41, [kvx_csum_seal_param_0];\n",
-    " ld.param.u64  %rd39, [kvx_csum_seal_param_1];\n",
-    " ld.param.u32  %r5, [kvx_csum_seal_param_2];\n",
-    " ld.param.u32  %r6, [kvx_csum_seal_param_3];\n",
-    " ld.param.u64  %rd40, [kvx_csum_seal_param_4];\n",
-    " ld.param.u32  %r3, [kvx_csum_seal_param_5];\n",
-    " ld.param.u32  %r4, [kvx_csum_seal_param_7];\n",
-    " ld.param.u64  %rd42, [kvx_csum_seal_param_8];\n",
-    " ld.param.v2.u32  {%r7, %r8}, [kvx_csum_seal_param_6+8];\n",
-    " ld.param.u64  %rd43, [kvx_csum_seal_param_6];\n",
-    " cvta.to.global.u64  %rd1, %rd42;\n",
-    " cvta.to.global.u64  %rd2, %rd41;\n",
-    " add.u64  %rd44, %SP, 0;\n",
-    " add.u64  %rd45, %SPL, 0;\n",
-    " st.local.u64  [%rd45], %rd43;\n",
-    " st.local.v2.u32  [%rd45+8], {%r7, %r8};\n",
-    " ld.param.v2.u32  {%r11, %r12}, [kvx_csum_seal_param_6+16];\n",
-    " st.local.v2.u32  [%rd45+16], {%r11, %r12};\n",
-    " cvt.u64.u32  %rd3, %r5;\n",
-    " mul.wide.u32  %rd46, %r6, %r5;\n",
-    " cvt.u64.u32  %rd4, %r8;\n",
-    " mul.lo.s64  %rd5, %rd46, %rd4;\n",
-    " mov.u32  %r15, %ctaid.x;\n",
-    " mov.u32  %r16, %ntid.x;\n",
-    " mul.wide.u32  %rd47, %r15, %r16;\n",
-    " mov.u32  %r17, %tid.x;\n",
-    " cvt.u64.u32  %rd48, %r17;\n",
-    " add.s64  %rd49, %rd47, %rd48;\n",
-    " mov.u32  %r18, %nctaid.x;\n",
-    " mul.wide.u32  %rd50, %r18, %r16;\n",
-    " and.b32   %r19, %r17, 31;\n",
-    " setp.eq.s32  %p1, %r4, 0;\n",
-    " selp.b32  %r1, 0, %r19, %p1;\n",
-    " shr.u64  %rd51, %rd49, 5;\n",
-    " shr.u64  %rd52, %rd50, 5;\n",
-    " setp.ne.s32  %p2, %r4, 0;\n",
-    " selp.b64  %rd95, %rd51, %rd49, %p2;\n",
-    " selp.b64  %rd7, %rd52, %rd50, %p2;\n",
-    " setp.ge.u64  %p3, %rd95, %rd5;\n",
-    " @%p3 bra  $L__BB4_22;\n",
-    " cvt.u64.u32  %rd8, %r3;\n",
-    " @%p1 bra  $L__BB4_12;\n",
-    " cvt.u32.u64  %r20, %rd4;\n",
-    " cvt.u32.u64  %r25, %rd3;\n",
-    "$L__BB4_3:\n",
-    " and.b64   %rd53, %rd95, -4294967296;\n",
-    " setp.eq.s64  %p5, %rd53, 0;\n",
-    " @%p5 bra  $L__BB4_5;\n",
-    " div.u64  %rd96, %rd95, %rd4;\n",
-    " mul.lo.s64  %rd54, %rd96, %rd4;\n",
-    " sub.s64  %rd97, %rd95, %rd54;\n",
-    " bra.uni  $L__BB4_6;\n",
-    "$L__BB4_5:\n",
-    " cvt.u32.u64  %r21, %rd95;\n",
-    " div.u32  %r22, %r21, %r20;\n",
-    " mul.lo.s32  %r23, %r22, %r20;\n",
-    " sub.s32  %r24, %r21, %r23;\n",
-    " cvt.u64.u32  %rd96, %r22;\n",
-    " cvt.u64.u32  %rd97, %r24;\n",
-    "$L__BB4_6:\n",
-    " and.b64   %rd55, %rd96, -4294967296;\n",
-    " setp.eq.s64  %p6, %rd55, 0;\n",
-    " @%p6 bra  $L__BB4_8;\n",
-    " div.u64  %rd98, %rd96, %rd3;\n",
-    " mul.lo.s64  %rd56, %rd98, %rd3;\n",
-    " sub.s64  %rd99, %rd96, %rd56;\n",
-    " bra.uni  $L__BB4_9;\n",
-    "$L__BB4_8:\n",
-    " cvt.u32.u64  %r26, %rd96;\n",
-    " div.u32  %r27, %r26, %r25;\n",
-    " mul.lo.s32  %r28, %r27, %r25;\n",
-    " sub.s32  %r29, %r26, %r28;\n",
-    " cvt.u64.u32  %rd98, %r27;\n",
-    " cvt.u64.u32  %rd99, %r29;\n",
-    "$L__BB4_9:\n",
-    " and.b64   %rd22, %rd98, 4294967295;\n",
-    " shl.b64  %rd57, %rd98, 3;\n",
-    " and.b64   %rd58, %rd57, 34359738360;\n",
-    " add.s64  %rd59, %rd2, %rd58;\n",
-    " cvta.to.global.u64  %rd60, %rd39;\n",
-    " shl.b64  %rd61, %rd99, 2;\n",
-    " add.s64  %rd62, %rd60, %rd61;\n",
-    " ld.global.nc.u32  %r30, [%rd62];\n",
-    " cvt.u64.u32  %rd23, %r30;\n",
-    " mul.lo.s64  %rd63, %rd23, %rd40;\n",
-    " ld.global.nc.u64  %rd64, [%rd59];\n",
-    " add.s64  %rd65, %rd63, %rd64;\n",
-    " cvt.u32.u64  %r31, %rd97;\n",
-    " { // callseq 1, 0\n",
-    " .reg .b32 temp_param_reg;\n",
-    " .param .b64 param0;\n",
-    " st.param.b64  [param0+0], %rd65;\n",
-    " .param .b32 param1;\n",
-    " st.param.b32  [param1+0], %r31;\n",
-    " .param .b64 param2;\n",
-    " st.param.b64  [param2+0], %rd44;\n",
-    " .param .b32 param3;\n",
-    " st.param.b32  [param3+0], %r1;\n",
-    " .param .b32 retval0;\n",
-    " call.uni (retval0), \n",
-    " _Z13head_sum_warpPKhjRK11kvx_sum_layj, \n",
-    " (\n",
-    " param0, \n",
-    " param1, \n",
-    " param2, \n",
-    " param3\n",
-    " );\n",
-    " ld.param.b32  %r2, [retval0+0];\n",
-    " } // callseq 1\n",
-    " setp.ne.s32  %p7, %r1, 0;\n",
-    " @%p7 bra  $L__BB4_11;\n",
-    " mul.lo.s64  %rd67, %rd22, %rd8;\n",
-    " add.s64  %rd68, %rd67, %rd23;\n",
-    " mul.lo.s64  %rd69, %rd68, %rd4;\n",
-    " add.s64  %rd70, %rd69, %rd97;\n",
-    " shl.b64  %rd71, %rd70, 2;\n",
-    " add.s64  %rd72, %rd1, %rd71;\n",
-    " st.global.u32  [%rd72], %r2;\n",
-    "$L__BB4_11:\n",
-    " add.s64  %rd95, %rd95, %rd7;\n",
-    " setp.lt.u64  %p8, %rd95, %rd5;\n",
-    " @%p8 bra  $L__BB4_3;\n",
-    " bra.uni  $L__BB4_22;\n",
-    "$L__BB4_12:\n",
-    " cvt.u32.u64  %r32, %rd4;\n",
-    " cvt.u32.u64  %r37, %rd3;\n",
-    "$L__BB4_13:\n",
-    " and.b64   %rd73, %rd95, -4294967296;\n",
-    " setp.eq.s64  %p9, %rd73, 0;\n",
-    " @%p9 bra  $L__BB4_15;\n",
-    " div.u64  %rd101, %rd95, %rd4;\n",
-    " mul.lo.s64  %rd74, %rd101, %rd4;\n",
-    " sub.s64  %rd102, %rd95, %rd74;\n",
-    " bra.uni  $L__BB4_16;\n",
-    "$L__BB4_15:\n",
-    " cvt.u32.u64  %r33, %rd95;\n",
-    " div.u32  %r34, %r33, %r32;\n",
-    " mul.lo.s32  %r35, %r34, %r32;\n",
-    " sub.s32  %r36, %r33, %r35;\n",
-    " cvt.u64.u32  %rd101, %r34;\n",
-    " cvt.u64.u32  %rd102, %r36;\n",
-    "$L__BB4_16:\n",
-    " and.b64   %rd75, %rd101, -4294967296;\n",
-    " setp.eq.s64  %p10, %rd75, 0;\n",
-    " @%p10 bra  $L__BB4_18;\n",
-    " div.u64  %rd103, %rd101, %rd3;\n",
-    " mul.lo.s64  %rd76, %rd103, %rd3;\n",
-    " sub.s64  %rd104, %rd101, %rd76;\n",
-    " bra.uni  $L__BB4_19;\n",
-    "$L__BB4_18:\n",
-    " cvt.u32.u64  %r38, %rd101;\n",
-    " div.u32  %r39, %r38, %r37;\n",
-    " mul.lo.s32  %r40, %r39, %r37;\n",
-    " sub.s32  %r41, %r38, %r40;\n",
-    " cvt.u64.u32  %rd103, %r39;\n",
-    " cvt.u64.u32  %rd104, %r41;\n",
-    "$L__BB4_19:\n",
-    " setp.ne.s32  %p11, %r1, 0;\n",
-    " @%p11 bra  $L__BB4_21;\n",
-    " and.b64   %rd77, %rd103, 4294967295;\n",
-    " cvta.to.global.u64  %rd78, %rd39;\n",
-    " shl.b64  %rd79, %rd104, 2;\n",
-    " add.s64  %rd80, %rd78, %rd79;\n",
-    " ld.global.nc.u32  %r42, [%rd80];\n",
-    " cvt.u64.u32  %rd81, %r42;\n",
-    " shl.b64  %rd82, %rd103, 3;\n",
-    " and.b64   %rd83, %rd82, 34359738360;\n",
-    " add.s64  %rd84, %rd2, %rd83;\n",
-    " ld.global.nc.u64  %rd85, [%rd84];\n",
-    " cvt.u32.u64  %r43, %rd102;\n",
-    " mul.lo.s64  %rd86, %rd81, %rd40;\n",
-    " add.s64  %rd87, %rd86, %rd85;\n",
-    " { // callseq 2, 0\n",
-    " .reg .b32 temp_param_reg;\n",
-    " .param .b64 param0;\n",
-    " st.param.b64  [param0+0], %rd87;\n",
-    " .param .b32 param1;\n",
-    " st.param.b32  [param1+0], %r43;\n",
-    " .param .b64 param2;\n",
-    " st.param.b64  [param2+0], %rd44;\n",
-    " .param .b32 retval0;\n",
-    " call.uni (retval0), \n",
-    " _Z8head_sumPKhjRK11kvx_sum_lay, \n",
-    " (\n",
-    " param0, \n",
-    " param1, \n",
-    " param2\n",
-    " );\n",
-    " ld.param.b32  %r44, [retval0+0];\n",
-    " } // callseq 2\n",
-    " mul.lo.s64  %rd89, %rd77, %rd8;\n",
-    " add.s64  %rd90, %rd89, %rd81;\n",
-    " mul.lo.s64  %rd91, %rd90, %rd4;\n",
-    " add.s64  %rd92, %rd91, %rd102;\n",
-    " shl.b64  %rd93, %rd92, 2;\n",
-    " add.s64  %rd94, %rd1, %rd93;\n",
-    " st.global.u32  [%rd94], %r44;\n",
-    "$L__BB4_21:\n",
-    " add.s64  %rd95, %rd95, %rd7;\n",
-    " setp.lt.u64  %p12, %rd95, %rd5;\n",
-    " @%p12 bra  $L__BB4_13;\n",
-    "$L__BB4_22:\n",
-    " ret;\n",
-    "}\n",
-    ".visible .entry kvx_csum_check(\n",
-    " .param .u64 kvx_csum_check_param_0,\n",
-    " .param .u32 kvx_csum_check_param_1,\n",
-    " .param .u32 kvx_csum_check_param_2,\n",
-    " .param .u32 kvx_csum_check_param_3,\n",
-    " .param .u32 kvx_csum_check_param_4,\n",
-    " .param .u32 kvx_csum_check_param_5,\n",
-    " .param .u64 kvx_csum_check_param_6,\n",
-    " .param .u64 kvx_csum_check_param_7,\n",
-    " .param .align 8 .b8 kvx_csum_check_param_8[24],\n",
-    " .param .u32 kvx_csum_check_param_9,\n",
-    " .param .u32 kvx_csum_check_param_10,\n",
-    " .param .u32 kvx_csum_check_param_11,\n",
-    " .param .u32 kvx_csum_check_param_12,\n",
-    " .param .u32 kvx_csum_check_param_13,\n",
-    " .param .u64 kvx_csum_check_param_14,\n",
-    " .param .u32 kvx_csum_check_param_15,\n",
-    " .param .u32 kvx_csum_check_param_16,\n",
-    " .param .u64 kvx_csum_check_param_17\n",
-    ")\n",
-    "{\n",
-    " .local .align 8 .b8  __local_depot5[24];\n",
-    " .reg .b64  %SP;\n",
-    " .reg .b64  %SPL;\n",
-    " .reg .pred  %p<19>;\n",
-    " .reg .b32  %r<76>;\n",
-    " .reg .b64  %rd<101>;\n",
-    " mov.u64  %SPL, __local_depot5;\n",
-    " cvta.local.u64  %SP, %SPL;\n",
-    " ld.param.u64  %rd28, [kvx_csum_check_param_0];\n",
-    " ld.param.u32  %r6, [kvx_csum_check_param_1];\n",
-    " ld.param.u32  %r7, [kvx_csum_check_param_2];\n",
-    " ld.param.u32  %r8, [kvx_csum_check_param_3];\n",
-    " ld.param.u32  %r16, [kvx_csum_check_param_4];\n",
-    " ld.param.u32  %r9, [kvx_csum_check_param_5];\n",
-    " ld.param.u64  %rd29, [kvx_csum_check_param_6];\n",
-    " ld.param.u64  %rd30, [kvx_csum_check_param_7];\n",
-    " ld.param.u32  %r10, [kvx_csum_check_param_9];\n",
-    " ld.param.u32  %r11, [kvx_csum_check_param_10];\n",
-    " ld.param.u32  %r17, [kvx_csum_check_param_11];\n",
-    " ld.param.u32  %r12, [kvx_csum_check_param_12];\n",
-    " ld.param.u32  %r13, [kvx_csum_check_param_13];\n",
-    " ld.param.u64  %rd31, [kvx_csum_check_param_14];\n",
-    " ld.param.u32  %r14, [kvx_csum_check_param_15];\n",
-    " ld.param.u32  %r15, [kvx_csum_check_param_16];\n",
-    " ld.param.u64  %rd32, [kvx_csum_check_param_17];\n",
-    " ld.param.u64  %rd33, [kvx_csum_check_param_8];\n",
-    " cvta.to.global.u64  %rd1, %rd32;\n",
-    " cvta.to.global.u64  %rd2, %rd31;\n",
-    " add.u64  %rd34, %SP, 0;\n",
-    " add.u64  %rd35, %SPL, 0;\n",
-    " st.local.u64  [%rd35], %rd33;\n",
-    " ld.param.v2.u32  {%r18, %r19}, [kvx_csum_check_param_8+8];\n",
-    " st.local.v2.u32  [%rd35+8], {%r18, %r19};\n",
-    " ld.param.v2.u32  {%r22, %r23}, [kvx_csum_check_param_8+16];\n",
-    " st.local.v2.u32  [%rd35+16], {%r22, %r23};\n",
-    " mov.u32  %r26, %tid.x;\n",
-    " and.b32   %r27, %r26, 31;\n",
-    " setp.eq.s32  %p1, %r10, 0;\n",
-    " selp.b32  %r1, 0, %r27, %p1;\n",
-    " mul.wide.u32  %rd36, %r16, %r8;\n",
-    " sub.s32  %r28, %r17, %r11;\n",
-    " cvt.u64.u32  %rd3, %r28;\n",
-    " mul.lo.s64  %rd4, %rd36, %rd3;\n",
-    " mov.u32  %r29, %ctaid.x;\n",
-    " mov.u32  %r30, %ntid.x;\n",
-    " mul.wide.u32  %rd37, %r29, %r30;\n",
-    " cvt.u64.u32  %rd38, %r26;\n",
-    " add.s64  %rd39, %rd37, %rd38;\n",
-    " mov.u32  %r31, %nctaid.x;\n",
-    " mul.wide.u32  %rd40, %r31, %r30;\n",
-    " shr.u64  %rd41, %rd39, 5;\n",
-    " shr.u64  %rd42, %rd40, 5;\n",
-    " setp.ne.s32  %p2, %r10, 0;\n",
-    " selp.b64  %rd95, %rd41, %rd39, %p2;\n",
-    " selp.b64  %rd6, %rd42, %rd40, %p2;\n",
-    " setp.ge.u64  %p3, %rd95, %rd4;\n",
-    " @%p3 bra  $L__BB5_22;\n",
-    " cvt.u64.u32  %rd7, %r7;\n",
-    " cvt.u64.u32  %rd8, %r14;\n",
-    " cvt.u64.u32  %rd9, %r15;\n",
-    " @%p1 bra  $L__BB5_12;\n",
-    " cvt.u32.u64  %r32, %rd3;\n",
-    "$L__BB5_3:\n",
-    " and.b64   %rd43, %rd95, -4294967296;\n",
-    " setp.eq.s64  %p5, %rd43, 0;\n",
-    " @%p5 bra  $L__BB5_5;\n",
-    " div.u64  %rd96, %rd95, %rd3;\n",
-    " mul.lo.s64  %rd44, %rd96, %rd3;\n",
-    " sub.s64  %rd97, %rd95, %rd44;\n",
-    " bra.uni  $L__BB5_6;\n",
-    "$L__BB5_5:\n",
-    " cvt.u32.u64  %r33, %rd95;\n",
-    " div.u32  %r34, %r33, %r32;\n",
-    " mul.lo.s32  %r35, %r34, %r32;\n",
-    " sub.s32  %r36, %r33, %r35;\n",
-    " cvt.u64.u32  %rd96, %r34;\n",
-    " cvt.u64.u32  %rd97, %r36;\n",
-    "$L__BB5_6:\n",
-    " cvt.u32.u64  %r37, %rd96;\n",
-    " div.u32  %r38, %r37, %r8;\n",
-    " cvt.u32.u64  %r39, %rd97;\n",
-    " add.s32  %r2, %r39, %r11;\n",
-    " mul.lo.s32  %r40, %r38, %r8;\n",
-    " sub.s32  %r41, %r37, %r40;\n",
-    " cvt.u64.u32  %rd45, %r41;\n",
-    " mul.lo.s64  %rd46, %rd45, %rd7;\n",
-    " cvt.u64.u32  %rd47, %r6;\n",
-    " add.s64  %rd48, %rd46, %rd47;\n",
-    " cvta.to.global.u64  %rd49, %rd28;\n",
-    " shl.b64  %rd50, %rd48, 3;\n",
-    " add.s64  %rd51, %rd49, %rd50;\n",
-    " ld.global.nc.v2.u32  {%r42, %r43}, [%rd51];\n",
-    " add.s32  %r46, %r38, %r9;\n",
-    " cvt.u64.u32  %rd52, %r46;\n",
-    " mul.lo.s64  %rd53, %rd52, %rd8;\n",
-    " cvt.u64.u32  %rd54, %r43;\n",
-    " add.s64  %rd55, %rd53, %rd54;\n",
-    " mul.lo.s64  %rd56, %rd55, %rd9;\n",
-    " sub.s32  %r47, %r2, %r13;\n",
-    " cvt.u64.u32  %rd57, %r47;\n",
-    " add.s64  %rd58, %rd56, %rd57;\n",
-    " shl.b64  %rd59, %rd58, 2;\n",
-    " add.s64  %rd60, %rd2, %rd59;\n",
-    " cvta.to.global.u64  %rd61, %rd29;\n",
-    " mul.wide.u32  %rd62, %r38, 8;\n",
-    " add.s64  %rd63, %rd61, %rd62;\n",
-    " cvt.u64.u32  %rd64, %r42;\n",
-    " mul.lo.s64  %rd65, %rd64, %rd30;\n",
-    " ld.global.nc.u64  %rd66, [%rd63];\n",
-    " add.s64  %rd17, %rd65, %rd66;\n",
-    " ld.global.nc.u32  %r3, [%rd60];\n",
-    " setp.eq.s32  %p6, %r3, 0;\n",
-    " @%p6 bra  $L__BB5_9;\n",
-    " setp.ne.s32  %p7, %r1, 0;\n",
-    " sub.s32  %r48, %r2, %r12;\n",
-    " { // callseq 3, 0\n",
-    " .reg .b32 temp_param_reg;\n",
-    " .param .b64 param0;\n",
-    " st.param.b64  [param0+0], %rd17;\n",
-    " .param .b32 param1;\n",
-    " st.param.b32  [param1+0], %r48;\n",
-    " .param .b64 param2;\n",
-    " st.param.b64  [param2+0], %rd34;\n",
-    " .param .b32 param3;\n",
-    " st.param.b32  [param3+0], %r1;\n",
-    " .param .b32 retval0;\n",
-    " call.uni (retval0), \n",
-    " _Z13head_sum_warpPKhjRK11kvx_sum_layj, \n",
-    " (\n",
-    " param0, \n",
-    " param1, \n",
-    " param2, \n",
-    " param3\n",
-    " );\n",
-    " ld.param.b32  %r49, [retval0+0];\n",
-    " } // callseq 3\n",
-    " setp.eq.s32  %p8, %r49, %r3;\n",
-    " or.pred   %p9, %p7, %p8;\n",
-    " @%p9 bra  $L__BB5_11;\n",
-    " cvt.u32.u64  %r50, %rd95;\n",
-    " atom.global.min.u32  %r51, [%rd1], %r50;\n",
-    " bra.uni  $L__BB5_11;\n",
-    "$L__BB5_9:\n",
-    " setp.ne.s32  %p10, %r1, 0;\n",
-    " @%p10 bra  $L__BB5_11;\n",
-    " cvt.u32.u64  %r52, %rd95;\n",
-    " add.s64  %rd68, %rd1, 4;\n",
-    " atom.global.min.u32  %r53, [%rd68], %r52;\n",
-    "$L__BB5_11:\n",
-    " add.s64  %rd95, %rd95, %rd6;\n",
-    " setp.lt.u64  %p11, %rd95, %rd4;\n",
-    " @%p11 bra  $L__BB5_3;\n",
-    " bra.uni  $L__BB5_22;\n",
-    "$L__BB5_12:\n",
-    " cvt.u32.u64  %r54, %rd3;\n",
-    "$L__BB5_13:\n",
-    " and.b64   %rd69, %rd95, -4294967296;\n",
-    " setp.eq.s64  %p12, %rd69, 0;\n",
-    " @%p12 bra  $L__BB5_15;\n",
-    " div.u64  %rd99, %rd95, %rd3;\n",
-    " mul.lo.s64  %rd70, %rd99, %rd3;\n",
-    " sub.s64  %rd100, %rd95, %rd70;\n",
-    " bra.uni  $L__BB5_16;\n",
-    "$L__BB5_15:\n",
-    " cvt.u32.u64  %r55, %rd95;\n",
-    " div.u32  %r56, %r55, %r54;\n",
-    " mul.lo.s32  %r57, %r56, %r54;\n",
-    " sub.s32  %r58, %r55, %r57;\n",
-    " cvt.u64.u32  %rd99, %r56;\n",
-    " cvt.u64.u32  %rd100, %r58;\n",
-    "$L__BB5_16:\n",
-    " cvt.u32.u64  %r59, %rd99;\n",
-    " div.u32  %r60, %r59, %r8;\n",
-    " cvt.u32.u64  %r61, %rd100;\n",
-    " add.s32  %r4, %r61, %r11;\n",
-    " mul.lo.s32  %r62, %r60, %r8;\n",
-    " sub.s32  %r63, %r59, %r62;\n",
-    " cvt.u64.u32  %rd71, %r63;\n",
-    " mul.lo.s64  %rd72, %rd71, %rd7;\n",
-    " cvt.u64.u32  %rd73, %r6;\n",
-    " add.s64  %rd74, %rd72, %rd73;\n",
-    " cvta.to.global.u64  %rd75, %rd28;\n",
-    " shl.b64  %rd76, %rd74, 3;\n",
-    " add.s64  %rd77, %rd75, %rd76;\n",
-    " ld.global.nc.v2.u32  {%r64, %r65}, [%rd77];\n",
-    " add.s32  %r68, %r60, %r9;\n",
-    " cvt.u64.u32  %rd78, %r68;\n",
-    " mul.lo.s64  %rd79, %rd78, %rd8;\n",
-    " cvt.u64.u32  %rd80, %r65;\n",
-    " add.s64  %rd81, %rd79, %rd80;\n",
-    " mul.lo.s64  %rd82, %rd81, %rd9;\n",
-    " sub.s32  %r69, %r4, %r13;\n",
-    " cvt.u64.u32  %rd83, %r69;\n",
-    " add.s64  %rd84, %rd82, %rd83;\n",
-    " shl.b64  %rd85, %rd84, 2;\n",
-    " add.s64  %rd86, %rd2, %rd85;\n",
-    " cvta.to.global.u64  %rd87, %rd29;\n",
-    " mul.wide.u32  %rd88, %r60, 8;\n",
-    " add.s64  %rd89, %rd87, %rd88;\n",
-    " cvt.u64.u32  %rd90, %r64;\n",
-    " mul.lo.s64  %rd91, %rd90, %rd30;\n",
-    " ld.global.nc.u64  %rd92, [%rd89];\n",
-    " add.s64  %rd26, %rd91, %rd92;\n",
-    " ld.global.nc.u32  %r5, [%rd86];\n",
-    " setp.eq.s32  %p13, %r5, 0;\n",
-    " @%p13 bra  $L__BB5_19;\n",
-    " setp.ne.s32  %p14, %r1, 0;\n",
-    " sub.s32  %r70, %r4, %r12;\n",
-    " { // callseq 4, 0\n",
-    " .reg .b32 temp_param_reg;\n",
-    " .param .b64 param0;\n",
-    " st.param.b64  [param0+0], %rd26;\n",
-    " .param .b32 param1;\n",
-    " st.param.b32  [param1+0], %r70;\n",
-    " .param .b64 param2;\n",
-    " st.param.b64  [param2+0], %rd34;\n",
-    " .param .b32 retval0;\n",
-    " call.uni (retval0), \n",
-    " _Z8head_sumPKhjRK11kvx_sum_lay, \n",
-    " (\n",
-    " param0, \n",
-    " param1, \n",
-    " param2\n",
-    " );\n",
-    " ld.param.b32  %r71, [retval0+0];\n",
-    " } // callseq 4\n",
-    " setp.eq.s32  %p15, %r71, %r5;\n",
-    " or.pred   %p16, %p14, %p15;\n",
-    " @%p16 bra  $L__BB5_21;\n",
-    " cvt.u32.u64  %r72, %rd95;\n",
-    " atom.global.min.u32  %r73, [%rd1], %r72;\n",
-    " bra.uni  $L__BB5_21;\n",
-    "$L__BB5_19:\n",
-    " setp.ne.s32  %p17, %r1, 0;\n",
-    " @%p17 bra  $L__BB5_21;\n",
-    " cvt.u32.u64  %r74, %rd95;\n",
-    " add.s64  %rd94, %rd1, 4;\n",
-    " atom.global.min.u32  %r75, [%rd94], %r74;\n",
-    "$L__BB5_21:\n",
-    " add.s64  %rd95, %rd95, %rd6;\n",
-    " setp.lt.u64  %p18, %rd95, %rd4;\n",
-    " @%p18 bra  $L__BB5_13;\n",
-    "$L__BB5_22:\n",
-    " ret;\n",
-    "}\n",
-/* PTX kvx_copy END */
-    NULL
-};
-
-KVX__PRIV CUresult kvx__cuda_module(kvx__cuda_dev *d) {
-    size_t n = 1, i;
-    char *text, *p;
-    CUresult rc;
-    if (d->fn) return CUDA_SUCCESS;
-    for (i = 0; kvx__cuda_ptx[i]; i++) n += strlen(kvx__cuda_ptx[i]);
-    if (!(text = (char *)KVX_MALLOC(n))) return CUDA_ERROR_OUT_OF_MEMORY;
-    for (p = text, i = 0; kvx__cuda_ptx[i]; i++) { size_t l = strlen(kvx__cuda_ptx[i]); memcpy(p, kvx__cuda_ptx[i], l); p += l; }
-    *p = 0;
-    rc = cuModuleLoadData(&d->mod, text);
-    KVX_FREE(text);
-    if (rc == CUDA_SUCCESS && ((rc = cuModuleGetFunction(&d->fn, d->mod, "kvx_copy")) != CUDA_SUCCESS ||
-                               (rc = cuModuleGetFunction(&d->fn_seal, d->mod, "kvx_csum_seal")) != CUDA_SUCCESS ||
-                               (rc = cuModuleGetFunction(&d->fn_check, d->mod, "kvx_csum_check")) != CUDA_SUCCESS)) {
-        d->fn = NULL;
-        cuModuleUnload(d->mod);
-        d->mod = NULL;
-    }
-    return rc;
-}
-
-/* Device ord's attributes (no context needed); NULL if it does not exist. */
-KVX__PRIV kvx__cuda_dev *kvx__cuda_attrs(kvx_ctx *ctx, int ord) {
-    kvx__cuda_dev *d;
-    CUresult rc = CUDA_SUCCESS;
-    int n = 0;
-    if (kvx__cuda_init(ctx) != KVX_OK) return NULL;
-    if (cuDeviceGetCount(&n) != CUDA_SUCCESS || ord < 0 || ord >= n || ord >= KVX__CUDA_MAX_DEVS) {
-        kvx__fail(ctx, KVX_ERR_ARG, "cuda: device %d does not exist here (%d visible)", ord, n);
-        return NULL;
-    }
-    pthread_mutex_lock(&kvx__cuda_mu);
-    d = &kvx__cuda_devs[ord];
-    if (!d->attrs && (rc = cuDeviceGet(&d->dev, ord)) == CUDA_SUCCESS && (rc = cuDeviceGetUuid(&d->uuid, d->dev)) == CUDA_SUCCESS) {
-        int v = 0;
-        if (cuDeviceGetAttribute(&d->sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, d->dev) != CUDA_SUCCESS || d->sms < 1) d->sms = 1;
-        d->mem64 = cuDeviceGetAttribute(&v, CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS, d->dev) == CUDA_SUCCESS && v;
-        v = 0;
-        d->can_flush = cuDeviceGetAttribute(&v, CU_DEVICE_ATTRIBUTE_CAN_FLUSH_REMOTE_WRITES, d->dev) == CUDA_SUCCESS && v;
-        if (cuDeviceGetAttribute(&d->flush_opts, CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_FLUSH_WRITES_OPTIONS, d->dev) != CUDA_SUCCESS) d->flush_opts = 0;
-        if (cuDeviceGetAttribute(&d->rdma_order, CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WRITES_ORDERING, d->dev) != CUDA_SUCCESS) d->rdma_order = 0;
-        d->attrs = 1;
-    }
-    pthread_mutex_unlock(&kvx__cuda_mu);
-    if (rc != CUDA_SUCCESS) { kvx__cuda_err(ctx, rc, "cuDeviceGet/cuDeviceGetUuid"); return NULL; }
-    return d;
-}
-
-/* Retain device ord's primary context; with_module loads the copy kernel
-   too. Paired with kvx__cuda_dev_put. */
-KVX__PRIV kvx_status kvx__cuda_dev_get(kvx_ctx *ctx, int ord, int with_module, kvx__cuda_dev **out) {
-    kvx__cuda_dev *d = kvx__cuda_attrs(ctx, ord);
-    CUresult rc = CUDA_SUCCESS;
-    const char *what = "";
-    if (!d) return KVX_ERR_ARG;
-    pthread_mutex_lock(&kvx__cuda_mu);
-    if (!d->refs && (rc = cuDevicePrimaryCtxRetain(&d->pctx, d->dev)) != CUDA_SUCCESS) { what = "cuDevicePrimaryCtxRetain"; goto out; }
-    d->refs++;
-    if (with_module && !d->fn) {
-        CUcontext prev;
-        if ((rc = cuCtxPushCurrent(d->pctx)) == CUDA_SUCCESS) {
-            rc = kvx__cuda_module(d);
-            cuCtxPopCurrent(&prev);
-        }
-        if (rc != CUDA_SUCCESS) {
-            what = "cuModuleLoadData (the copy kernel's PTX)";
-            if (!--d->refs) { cuDevicePrimaryCtxRelease(d->dev); d->pctx = NULL; }
-        }
-    }
-out:
-    pthread_mutex_unlock(&kvx__cuda_mu);
-    if (rc != CUDA_SUCCESS) {
-        char w[96];
-        snprintf(w, sizeof w, "%s on device %d", what, ord);
-        return kvx__cuda_err(ctx, rc, w);
-    }
-    *out = d;
-    return KVX_OK;
-}
-
-KVX__PRIV void kvx__cuda_dev_put(kvx__cuda_dev *d) {
-    if (!d) return;
-    pthread_mutex_lock(&kvx__cuda_mu);
-    if (d->refs > 0 && --d->refs == 0) {
-        if (d->mod) {
-            CUcontext prev;
-            if (cuCtxPushCurrent(d->pctx) == CUDA_SUCCESS) { cuModuleUnload(d->mod); cuCtxPopCurrent(&prev); }
-            d->mod = NULL;
-            d->fn = NULL;
-        }
-        cuDevicePrimaryCtxRelease(d->dev);
-        d->pctx = NULL;
-    }
-    pthread_mutex_unlock(&kvx__cuda_mu);
-}
-
-/* The device ordinal a context (or stream) runs on. */
-KVX__PRIV CUresult kvx__cuda_ctx_ordinal(CUcontext c, int *ord) {
-    CUcontext prev;
-    CUdevice dev;
-    CUresult rc = cuCtxPushCurrent(c);
-    if (rc != CUDA_SUCCESS) return rc;
-    rc = cuCtxGetDevice(&dev);
-    cuCtxPopCurrent(&prev);
-    if (rc == CUDA_SUCCESS) *ord = (int)dev;  /* a CUdevice is its ordinal */
-    return rc;
-}
-
-KVX__PRIV int kvx__cuda_ordinal_of_uuid(const uint8_t *uuid) {
-    int n = 0, i;
-    if (cuDeviceGetCount(&n) != CUDA_SUCCESS) return -1;
-    for (i = 0; i < n; i++) {
-        CUdevice dev;
-        CUuuid u;
-        if (cuDeviceGet(&dev, i) == CUDA_SUCCESS && cuDeviceGetUuid(&u, dev) == CUDA_SUCCESS && !memcmp(u.bytes, uuid, 16)) return i;
-    }
-    return -1;
-}
-
 /*--- backend state ---------------------------------------------------------*/
 
 typedef struct kvx__cuda_fd {
@@ -1841,7 +157,7 @@ typedef struct kvx__cuda_fd {
 
 typedef struct kvx__cuda {
     int ord;                    /* device of this context; -1 until known */
-    kvx__cuda_dev *d;
+    kvx__gpu_dev *d;
     uint32_t max_blocks;        /* kvx_ctx_desc.cuda_max_blocks */
     int lfd, epfd, efd;         /* listening socket, epoll set, eventfd the queues' waiter threads write */
     kvx__cuda_fd ltag, etag;
@@ -1899,7 +215,7 @@ typedef struct kvx__cuda_batch {
 } kvx__cuda_batch;
 
 typedef struct kvx__cuda_q {
-    kvx__cuda_dev *d;
+    kvx__gpu_dev *d;
     CUstream s;                 /* reads */
     CUstream cs;                /* staging copies, so they overlap the kernel before them */
     int own_stream;
@@ -1930,13 +246,6 @@ typedef struct kvx__cuda_q {
     CUstream vs;                /* the checks, so the next batch's copy runs beside them */
 } kvx__cuda_q;
 
-/* Stream-ordered completion state of any queue (q->stream). */
-typedef struct kvx__stream_q {
-    kvx__cuda_dev *d;           /* the device whose primary context allocated the words */
-    uint64_t *words;            /* depth words, pinned, mapped for every device */
-    CUdeviceptr dwords;
-} kvx__stream_q;
-
 KVX__PRIV kvx__cuda *kvx__cuda_of(kvx_ctx *ctx) { return (kvx__cuda *)ctx->be; }
 
 /*--- context ---------------------------------------------------------------*/
@@ -1954,7 +263,7 @@ KVX__PRIV void kvx__cuda_close(kvx_ctx *ctx) {
     if (c->lfd >= 0) { close(c->lfd); unlink(c->path); }
     if (c->efd >= 0) close(c->efd);
     if (c->epfd >= 0) close(c->epfd);
-    kvx__cuda_dev_put(c->d);
+    kvx__gpu_dev_put(c->d);
     KVX_FREE(c);
     ctx->be = NULL;
 }
@@ -1982,13 +291,13 @@ KVX__PRIV kvx_status kvx__cuda_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     c->ord = -1;
     c->lfd = c->epfd = c->efd = -1;
     c->max_blocks = desc->cuda_max_blocks;
-    if ((st = kvx__cuda_init(ctx)) != KVX_OK) { kvx__cuda_close(ctx); return st; }
+    if ((st = kvx__gpu_init(ctx)) != KVX_OK) { kvx__cuda_close(ctx); return st; }
     /* The device: the current context's, if any; else the first cache's. */
     if (cuCtxGetCurrent(&cur) == CUDA_SUCCESS && cur) {
         int ord;
-        if (kvx__cuda_ctx_ordinal(cur, &ord) == CUDA_SUCCESS) c->ord = ord;
+        if (kvx__gpu_ctx_ordinal(cur, &ord) == CUDA_SUCCESS) c->ord = ord;
     }
-    if (c->ord >= 0 && (st = kvx__cuda_dev_get(ctx, c->ord, 0, &c->d)) != KVX_OK) { kvx__cuda_close(ctx); return st; }
+    if (c->ord >= 0 && (st = kvx__gpu_dev_get(ctx, c->ord, 0, &c->d)) != KVX_OK) { kvx__cuda_close(ctx); return st; }
     /* A private directory: only this user reaches the sockets that hand out
        this process's GPU memory. */
     if (!dir || !*dir) { snprintf(dbuf, sizeof dbuf, "/tmp/kvx-cuda-%u", (unsigned)getuid()); dir = dbuf; }
@@ -2027,7 +336,7 @@ KVX__PRIV kvx_status kvx__cuda_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     plen = (uint32_t)strlen(c->path);
     v = KVX__CUDA_ADDR_MAGIC | (1ull << 32);
     for (i = 0; i < 8; i++) c->addr[i] = (uint8_t)(v >> (8 * i));
-    for (i = 0; i < 8; i++) c->addr[8 + i] = (uint8_t)(kvx__cuda_token >> (8 * i));
+    for (i = 0; i < 8; i++) c->addr[8 + i] = (uint8_t)(kvx__gpu_token >> (8 * i));
     for (i = 0; i < 4; i++) c->addr[16 + i] = (uint8_t)((uint32_t)getpid() >> (8 * i));
     for (i = 0; i < 4; i++) c->addr[20 + i] = (uint8_t)(plen >> (8 * i));
     memcpy(c->addr + 24, c->path, plen);
@@ -2046,7 +355,7 @@ KVX__PRIV kvx_status kvx__cuda_bind(kvx_ctx *ctx, int ord, const char *who) {
     }
     if (ord < 0) ord = 0;
     c->ord = ord;
-    return kvx__cuda_dev_get(ctx, ord, 0, &c->d);
+    return kvx__gpu_dev_get(ctx, ord, 0, &c->d);
 }
 
 KVX__PRIV kvx_status kvx__cuda_address(kvx_ctx *ctx, const uint8_t **addr, uint32_t *len) {
@@ -2093,14 +402,14 @@ KVX__PRIV kvx_status kvx__cuda_classify(kvx_ctx *ctx, int device, uint64_t ptr, 
     CUresult rc;
     data[0] = &mtype; data[1] = &ord; data[2] = &managed; data[3] = &pool; data[4] = &legacy;
     memset(a, 0, sizeof *a);
-    if ((rc = cuPointerGetAttributes(5, at, data, (CUdeviceptr)ptr)) != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuPointerGetAttributes");
+    if ((rc = cuPointerGetAttributes(5, at, data, (CUdeviceptr)ptr)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuPointerGetAttributes");
     if (mtype != CU_MEMORYTYPE_DEVICE || managed)
         return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: 0x%llx is %s, not device memory: GPU caches are cuMemAlloc/cudaMalloc, "
                          "VMM (cuMemCreate with a POSIX file descriptor handle type) or pool memory (a pool with POSIX file descriptor handles)",
                          (unsigned long long)ptr, managed ? "managed memory" : mtype == CU_MEMORYTYPE_HOST ? "host memory" : "unknown to CUDA");
     if (ord != device)
         return kvx__fail(ctx, KVX_ERR_ARG, "cuda: 0x%llx lies on device %d, the cache says device %d", (unsigned long long)ptr, ord, device);
-    if ((rc = cuMemGetAddressRange(&base, &size, (CUdeviceptr)ptr)) != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuMemGetAddressRange");
+    if ((rc = cuMemGetAddressRange(&base, &size, (CUdeviceptr)ptr)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuMemGetAddressRange");
     a->base = base;
     a->size = size;
     if (pool) {
@@ -2121,7 +430,7 @@ KVX__PRIV kvx_status kvx__cuda_classify(kvx_ctx *ctx, int device, uint64_t ptr, 
             a->base = ptr;
             a->size = base + size > ptr && base + size - ptr < end - ptr ? base + size - ptr : end - ptr;
         } else if ((rc = cuMemPoolExportPointer(&pd, base)) != CUDA_SUCCESS) {
-            return kvx__cuda_err(ctx, rc, "cuMemPoolExportPointer");
+            return kvx__gpu_err(ctx, rc, "cuMemPoolExportPointer");
         }
         return KVX_OK;
     }
@@ -2136,7 +445,7 @@ KVX__PRIV kvx_status kvx__cuda_classify(kvx_ctx *ctx, int device, uint64_t ptr, 
         rc = cuMemGetAllocationPropertiesFromHandle(&prop, h);
         if (rc != CUDA_SUCCESS || !(prop.requestedHandleTypes & CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)) {
             cuMemRelease(h);
-            if (rc != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuMemGetAllocationPropertiesFromHandle");
+            if (rc != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuMemGetAllocationPropertiesFromHandle");
             return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: 0x%llx is VMM memory (cuMemCreate) without an exportable handle type: create it with "
                              "CUmemAllocationProp.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR (PyTorch's expandable segments: "
                              "use cudaMalloc or an exportable allocator for the KV cache), or use cudaMalloc", (unsigned long long)ptr);
@@ -2161,7 +470,7 @@ KVX__PRIV kvx_status kvx__cuda_mem_register(kvx_ctx *ctx, const kvx__cache_info 
         return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: the CUDA backend moves GPU memory (kvx_cache_desc.mem = KVX_MEM_CUDA); "
                          "register host caches with the UCX or libfabric backend");
     if ((st = kvx__cuda_bind(ctx, ci->device, "kvx_cache_register")) != KVX_OK) return st;
-    if ((rc = cuCtxPushCurrent(c->d->pctx)) != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuCtxPushCurrent");
+    if ((rc = cuCtxPushCurrent(c->d->pctx)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuCtxPushCurrent");
     g = (kvx__cuda_region *)kvx__calloc(1, sizeof *g + cap * sizeof g->a[0]);
     if (!g) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory"); goto fail; }
     g->ord = ci->device;
@@ -2200,12 +509,12 @@ KVX__PRIV kvx_status kvx__cuda_mem_register(kvx_ctx *ctx, const kvx__cache_info 
         klen += KVX__CUDA_ENTRY;
         if (e->kind == KVX__CUDA_LEGACY) {
             CUipcMemHandle ih;
-            if ((rc = cuIpcGetMemHandle(&ih, (CUdeviceptr)e->base)) != CUDA_SUCCESS) { KVX_FREE(k); st = kvx__cuda_err(ctx, rc, "cuIpcGetMemHandle"); goto fail; }
+            if ((rc = cuIpcGetMemHandle(&ih, (CUdeviceptr)e->base)) != CUDA_SUCCESS) { KVX_FREE(k); st = kvx__gpu_err(ctx, rc, "cuIpcGetMemHandle"); goto fail; }
             memcpy(k + klen, ih.reserved, 64);
             klen += KVX__CUDA_PAYLOAD;
         } else if (e->kind == KVX__CUDA_POOL) {
             CUmemPoolPtrExportData pd;
-            if ((rc = cuMemPoolExportPointer(&pd, (CUdeviceptr)e->base)) != CUDA_SUCCESS) { KVX_FREE(k); st = kvx__cuda_err(ctx, rc, "cuMemPoolExportPointer"); goto fail; }
+            if ((rc = cuMemPoolExportPointer(&pd, (CUdeviceptr)e->base)) != CUDA_SUCCESS) { KVX_FREE(k); st = kvx__gpu_err(ctx, rc, "cuMemPoolExportPointer"); goto fail; }
             kvx__cuda_put64(k + klen, (uint64_t)(uintptr_t)e->pool);
             memcpy(k + klen + 8, pd.reserved, 64);
             klen += KVX__CUDA_PAYLOAD;
@@ -2488,7 +797,7 @@ KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t
     n = (uint32_t)(h >> 48);
     if ((uint32_t)h != KVX__CUDA_RKEY_MAGIC || ver != 1)
         return kvx__fail(ctx, KVX_ERR_MISMATCH, "cuda: %s: not a CUDA remote key (version %u): was the peer registered by the CUDA backend?", what, ver);
-    pord = kvx__cuda_ordinal_of_uuid(k + 8);
+    pord = kvx__gpu_ordinal_of_uuid(k + 8);
     if (pord < 0)
         return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: %s: its GPU (device %d there) is not visible in this process (CUDA_VISIBLE_DEVICES?)",
                          what, (int)kvx__cuda_get64(k + 24));
@@ -2504,7 +813,7 @@ KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t
                 rc = cuCtxEnablePeerAccess(pc, 0);
                 cuDevicePrimaryCtxRelease((CUdevice)pord);
             }
-            if (rc != CUDA_SUCCESS && rc != CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED) return kvx__cuda_err(ctx, rc, "cuCtxEnablePeerAccess");
+            if (rc != CUDA_SUCCESS && rc != CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED) return kvx__gpu_err(ctx, rc, "cuCtxEnablePeerAccess");
         }
     }
     for (off = KVX__CUDA_RKEY_HDR, i = 0; i < n; i++) {
@@ -2529,7 +838,7 @@ KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t
         } else if (m.kind == KVX__CUDA_LEGACY) {
             CUipcMemHandle ih;
             memcpy(ih.reserved, e + KVX__CUDA_ENTRY, 64);
-            if ((rc = cuIpcOpenMemHandle(&m.lbase, ih, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)) != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuIpcOpenMemHandle");
+            if ((rc = cuIpcOpenMemHandle(&m.lbase, ih, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuIpcOpenMemHandle");
         } else if (m.kind == KVX__CUDA_POOL) {
             uint64_t pid = kvx__cuda_get64(e + KVX__CUDA_ENTRY);
             CUmemPoolPtrExportData pd;
@@ -2542,20 +851,20 @@ KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t
                 if ((st = kvx__cuda_fetch_fd(ctx, p, p->caches[cix].id, rix, i, &fd)) != KVX_OK) return st;
                 rc = cuMemPoolImportFromShareableHandle(&pool, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
                 close(fd);
-                if (rc != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuMemPoolImportFromShareableHandle");
+                if (rc != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuMemPoolImportFromShareableHandle");
                 if (pord != c->ord) {
                     CUmemAccessDesc ad;
                     memset(&ad, 0, sizeof ad);
                     ad.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
                     ad.location.id = c->ord;
                     ad.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-                    if ((rc = cuMemPoolSetAccess(pool, &ad, 1)) != CUDA_SUCCESS) { cuMemPoolDestroy(pool); return kvx__cuda_err(ctx, rc, "cuMemPoolSetAccess"); }
+                    if ((rc = cuMemPoolSetAccess(pool, &ad, 1)) != CUDA_SUCCESS) { cuMemPoolDestroy(pool); return kvx__gpu_err(ctx, rc, "cuMemPoolSetAccess"); }
                 }
                 cp->pools[cp->npools].id = pid;
                 cp->pools[cp->npools++].pool = pool;
             }
             memcpy(pd.reserved, e + KVX__CUDA_ENTRY + 8, 64);
-            if ((rc = cuMemPoolImportPointer(&m.lbase, pool, &pd)) != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuMemPoolImportPointer");
+            if ((rc = cuMemPoolImportPointer(&m.lbase, pool, &pd)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuMemPoolImportPointer");
             m.pool_id = pid;
         } else {
             /* VMM: physical allocations that sit back to back in the owner
@@ -2567,7 +876,7 @@ KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t
             if ((st = kvx__cuda_fetch_fd(ctx, p, p->caches[cix].id, rix, i, &fd)) != KVX_OK) return st;
             rc = cuMemImportFromShareableHandle(&hh, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
             close(fd);
-            if (rc != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuMemImportFromShareableHandle");
+            if (rc != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuMemImportFromShareableHandle");
             if (prev && prev->kind == KVX__CUDA_VMM && prev->rbase + prev->size == m.rbase && prev->gend >= m.rbase + m.size) {
                 m.lbase = prev->lbase + prev->size;  /* the next member of prev's run */
                 m.gend = prev->gend;
@@ -2581,7 +890,7 @@ KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t
                     span += kvx__cuda_get64(e2 + 9);
                     o2 += KVX__CUDA_ENTRY;
                 }
-                if ((rc = cuMemAddressReserve(&m.va, (size_t)span, 0, 0, 0)) != CUDA_SUCCESS) { cuMemRelease(hh); return kvx__cuda_err(ctx, rc, "cuMemAddressReserve"); }
+                if ((rc = cuMemAddressReserve(&m.va, (size_t)span, 0, 0, 0)) != CUDA_SUCCESS) { cuMemRelease(hh); return kvx__gpu_err(ctx, rc, "cuMemAddressReserve"); }
                 m.va_size = (size_t)span;
                 m.lbase = m.va;
                 m.gend = m.rbase + span;
@@ -2590,7 +899,7 @@ KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t
             cuMemRelease(hh);  /* the mapping holds it */
             if (rc != CUDA_SUCCESS) {
                 if (m.va) cuMemAddressFree(m.va, m.va_size);
-                return kvx__cuda_err(ctx, rc, "cuMemMap");
+                return kvx__gpu_err(ctx, rc, "cuMemMap");
             }
             memset(&ad, 0, sizeof ad);
             ad.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
@@ -2599,7 +908,7 @@ KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t
             if ((rc = cuMemSetAccess(m.lbase, (size_t)m.size, &ad, 1)) != CUDA_SUCCESS) {
                 cuMemUnmap(m.lbase, (size_t)m.size);
                 if (m.va) cuMemAddressFree(m.va, m.va_size);
-                return kvx__cuda_err(ctx, rc, "cuMemSetAccess");
+                return kvx__gpu_err(ctx, rc, "cuMemSetAccess");
             }
         }
         if (cp->nimp == cp->imp_cap) {
@@ -2663,7 +972,7 @@ KVX__PRIV kvx_status kvx__cuda_connect(kvx_ctx *ctx, kvx_peer *p) {
     cp->pord = -1;
     cp->conn.kind = KVX__CUDA_FD_PEER;
     cp->conn.peer = p;
-    cp->same_process = token == kvx__cuda_token;
+    cp->same_process = token == kvx__gpu_token;
     memset(&sa, 0, sizeof sa);
     sa.sun_family = AF_UNIX;
     memcpy(sa.sun_path, p->addr + 24, plen);
@@ -2673,7 +982,7 @@ KVX__PRIV kvx_status kvx__cuda_connect(kvx_ctx *ctx, kvx_peer *p) {
         return kvx__fail(ctx, KVX_ERR_PEER, "cuda: connecting to %s/%d (pid %u) at %s: %s", p->name, p->rank, p->pid, sa.sun_path, strerror(e));
     }
     fcntl(cp->conn.fd, F_SETFL, fcntl(cp->conn.fd, F_GETFL) | O_NONBLOCK);
-    if ((rc = cuCtxPushCurrent(c->d->pctx)) != CUDA_SUCCESS) { kvx__cuda_peer_unmap(ctx, p, 0); return kvx__cuda_err(ctx, rc, "cuCtxPushCurrent"); }
+    if ((rc = cuCtxPushCurrent(c->d->pctx)) != CUDA_SUCCESS) { kvx__cuda_peer_unmap(ctx, p, 0); return kvx__gpu_err(ctx, rc, "cuCtxPushCurrent"); }
     for (i = 0; i < p->ncaches && st == KVX_OK; i++) {
         kvx__cache_info *ci = &p->caches[i];
         uint64_t *tab, span = (uint64_t)(ci->lay.num_blocks - 1) * ci->block_stride + ci->block_bytes;
@@ -2713,7 +1022,6 @@ KVX__PRIV kvx_status kvx__cuda_connect(kvx_ctx *ctx, kvx_peer *p) {
 /*--- queues and the copy kernel -------------------------------------------*/
 
 KVX__PRIV kvx__cuda_q *kvx__cuda_q_of(kvx_queue *q) { return (kvx__cuda_q *)q->be; }
-KVX__PRIV kvx__stream_q *kvx__stream_of(kvx_queue *q) { return (kvx__stream_q *)q->stream; }
 
 /* The waiter thread of a queue. Events are blocking-sync, so
    cuEventSynchronize sleeps in the driver until the GPU signals. A slot's
@@ -2768,8 +1076,6 @@ KVX__PRIV int kvx__cuda_q_complete(kvx_ctx *ctx, kvx_queue *q, int wait) {
         for (i = 0; i < b->nreads; i++) {
             kvx__read *rd = b->reads[i];
             if (rc == CUDA_SUCCESS) {
-                rd->ops_done = rd->ops_total - 1;  /* the read went as one launch */
-                ctx->st.descs_completed += rd->ops_total - 1;
                 kvx__op_done(rd, KVX_OK, NULL);
             } else {
                 const char *name = NULL;
@@ -2821,7 +1127,7 @@ KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
     if (!b->nreads) return KVX_OK;
     if (cq->inflight >= KVX__CUDA_BATCHES - 1) return KVX_PENDING;  /* the open batch needs a slot of its own */
     bytes = b->end - b->start;
-    if ((rc = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuCtxPushCurrent");
+    if ((rc = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuCtxPushCurrent");
     /* A batch of few tasks reads its table straight from pinned memory: one
        round trip over the bus beats a copy. With more tasks than the
        kernel's warps, each warp would pay that round trip again per task
@@ -2917,7 +1223,7 @@ fail:
         cuCtxPopCurrent(&prev);
     }
     {
-        kvx_status st = kvx__cuda_err(ctx, rc, what);
+        kvx_status st = kvx__gpu_err(ctx, rc, what);
         for (i = 0; i < b->nreads; i++) kvx__op_done(b->reads[i], st, ctx->err);
     }
     b->nreads = b->ntasks = 0;
@@ -2954,10 +1260,21 @@ KVX__PRIV int kvx__cuda_ring_take(kvx__cuda_q *cq, uint32_t bytes, uint32_t *off
     return 1;
 }
 
-/* The whole read at once: post is called with its first op, stages its
-   merged block table and moves the read's cursor past its end, so kvx__pump
-   counts the read as issued by this one call. */
+/* GPU caches into GPU caches: host caches belong to UCX or libfabric. */
+KVX__PRIV kvx_status kvx__cuda_can_read(kvx_ctx *ctx, const kvx__cache_info *lc, const kvx_peer *p, const kvx__cache_info *rc) {
+    if (lc->mem == KVX_MEM_CUDA && rc->mem == KVX_MEM_CUDA) return KVX_OK;
+    return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "kvx_post: the CUDA backend reads GPU caches into GPU caches: peer %s/%d cache %u is %s memory, ours (cache %u) %s",
+                     p->name, p->rank, rc->id, rc->mem == KVX_MEM_CUDA ? "GPU" : "host", lc->id, lc->mem == KVX_MEM_CUDA ? "GPU" : "host");
+}
+
+/* Never called: the CUDA backend takes reads whole (kvx__cuda_post_read). */
 KVX__PRIV kvx_status kvx__cuda_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op) {
+    (void)op;
+    return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: internal: read %llu reached the CUDA backend in parts", (unsigned long long)rd->ticket);
+}
+
+/* The whole read at once: stage its merged block table for the next launch. */
+KVX__PRIV kvx_status kvx__cuda_post_read(kvx_ctx *ctx, kvx__read *rd) {
     kvx_queue *q = rd->q;
     kvx__cuda_q *cq = kvx__cuda_q_of(q);
     kvx__cuda_peer *cp = (kvx__cuda_peer *)rd->peer->be;
@@ -2968,11 +1285,7 @@ KVX__PRIV kvx_status kvx__cuda_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *
     uint32_t nblocks = 0, i, j, off, bytes, tbytes, nplanes, p0, *pairs;
     uint64_t tasks;
     const uint64_t *rplanes;
-    (void)op;
-    if (!cq || rd->ops_issued) return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: internal: a read reached the CUDA backend in parts");
-    if (lc->mem != KVX_MEM_CUDA || rc->mem != KVX_MEM_CUDA || !lg || !cp)
-        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: read %llu: the CUDA backend reads GPU caches into GPU caches (peer cache %u is %s memory)",
-                         (unsigned long long)rd->ticket, rc->id, rc->mem == KVX_MEM_CUDA ? "GPU" : "host");
+    if (!cq || !lg || !cp) return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: internal: read %llu: queue, cache or peer without the backend's state", (unsigned long long)rd->ticket);
     rplanes = cp->planes[rc - rd->peer->caches];
     if (!rplanes) return kvx__fail(ctx, KVX_ERR_PEER, "cuda: read %llu: peer %s/%d cache %u is not mapped", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, rc->id);
     b = kvx__cuda_open_batch(cq);
@@ -2980,7 +1293,7 @@ KVX__PRIV kvx_status kvx__cuda_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *
         /* A launch on a capturing stream would become a graph node, not a copy. */
         CUstreamCaptureStatus cs = CU_STREAM_CAPTURE_STATUS_NONE;
         CUresult r = cuStreamIsCapturing(cq->s, &cs);
-        if (r != CUDA_SUCCESS) return kvx__cuda_err(ctx, r, "cuStreamIsCapturing (the queue's stream)");
+        if (r != CUDA_SUCCESS) return kvx__gpu_err(ctx, r, "cuStreamIsCapturing (the queue's stream)");
         if (cs != CU_STREAM_CAPTURE_STATUS_NONE)
             return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: the queue's stream is being captured into a graph: post reads outside capture "
                              "and capture kvx_stream_wait instead");
@@ -3050,13 +1363,9 @@ KVX__PRIV kvx_status kvx__cuda_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *
     h->task0 = b->ntasks;
     h->ntasks = (uint32_t)tasks;
     b->ntasks += (uint32_t)tasks;
-    b->reads[b->nreads++] = rd;
-    /* Taken whole: the cursor goes past the end and the read counts one op.
-       A verified read's checksums are not copied: its check reads the
+    /* A verified read's checksums are not copied: its check reads the
        producer's table where it is mapped (kvx__cuda_check_launch). */
-    rd->c_plane = rd->layer_end * lc->lay.kv_planes;
-    rd->v_plane = rd->layer_end * lc->lay.kv_planes;
-    ctx->st.descs_posted += rd->ops_total - 1;
+    b->reads[b->nreads++] = rd;
     return KVX_OK;
 }
 
@@ -3130,12 +1439,6 @@ KVX__PRIV kvx_status kvx__cuda_notify(kvx_ctx *ctx, kvx__read *rd) {
     return KVX_OK;
 }
 
-KVX__PRIV const kvx__backend kvx__cuda_backend = {
-    "cuda", KVX_BACKEND_CUDA,
-    kvx__cuda_open, kvx__cuda_close, kvx__cuda_mem_register, kvx__cuda_mem_deregister, kvx__cuda_address,
-    kvx__cuda_connect, kvx__cuda_disconnect, kvx__cuda_post, kvx__cuda_notify,
-    kvx__cuda_progress, kvx__cuda_event_fd, kvx__cuda_arm, kvx__cuda_signal, kvx__cuda_flush, NULL
-};
 
 /*--- queues: the backend's part ---------------------------------------------*/
 
@@ -3179,7 +1482,7 @@ KVX__PRIV void kvx__cuda_q_fini(kvx_queue *q) {
         if (cq->vs) cuStreamDestroy(cq->vs);
         cuCtxPopCurrent(&prev);
     }
-    kvx__cuda_dev_put(cq->d);
+    kvx__gpu_dev_put(cq->d);
     KVX_FREE(cq);
     q->be = NULL;
 }
@@ -3200,8 +1503,8 @@ KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
     pthread_mutex_init(&cq->wmu, NULL);
     pthread_cond_init(&cq->wcv, NULL);
     cq->efd = c->efd;
-    if ((st = kvx__cuda_dev_get(ctx, c->ord, 1, &cq->d)) != KVX_OK) { KVX_FREE(cq); q->be = NULL; return st; }
-    if ((rc = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) { kvx__cuda_q_fini(q); return kvx__cuda_err(ctx, rc, "cuCtxPushCurrent"); }
+    if ((st = kvx__gpu_dev_get(ctx, c->ord, 1, &cq->d)) != KVX_OK) { KVX_FREE(cq); q->be = NULL; return st; }
+    if ((rc = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) { kvx__cuda_q_fini(q); return kvx__gpu_err(ctx, rc, "cuCtxPushCurrent"); }
     if (q->cuda_stream) {
         cq->s = (CUstream)q->cuda_stream;
         if ((rc = cuStreamGetCtx(cq->s, &sctx)) != CUDA_SUCCESS) what = "cuStreamGetCtx (kvx_queue_desc.cuda_stream)";
@@ -3229,7 +1532,7 @@ KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
        with their share of tasks still to do after the first: clamp it. */
     if (rc == CUDA_SUCCESS && (rc = cuOccupancyMaxActiveBlocksPerMultiprocessor(&fit, cq->fn, (int)KVX__CUDA_THREADS, 0)) != CUDA_SUCCESS) what = "cuOccupancyMaxActiveBlocksPerMultiprocessor";
     cuCtxPopCurrent(&prev);
-    if (rc != CUDA_SUCCESS) { kvx__cuda_q_fini(q); return kvx__cuda_err(ctx, rc, what); }
+    if (rc != CUDA_SUCCESS) { kvx__cuda_q_fini(q); return kvx__gpu_err(ctx, rc, what); }
     if (pthread_create(&cq->waiter, NULL, kvx__cuda_waiter, cq) != 0) {
         kvx__cuda_q_fini(q);
         return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: cannot start the completion waiter thread of a queue");
@@ -3273,7 +1576,7 @@ KVX__PRIV kvx__cuda_sum_lay kvx__cuda_sum_lay_of(const kvx__cache_info *ci) {
 
 /* How a checksum kernel spreads its heads: a warp each while they are fewer
    than the warps the device holds at once (a sample), else a thread each. */
-KVX__PRIV unsigned kvx__cuda_sum_grid(const kvx__cuda_dev *d, const kvx__cuda_sum_lay *l, uint64_t heads, uint32_t *warp) {
+KVX__PRIV unsigned kvx__cuda_sum_grid(const kvx__gpu_dev *d, const kvx__cuda_sum_lay *l, uint64_t heads, uint32_t *warp) {
     uint64_t g;
     *warp = l->aligned && heads <= 64u * (uint64_t)d->sms;
     g = (heads + (*warp ? 7u : 255u)) / (*warp ? 8u : 256u);  /* 256 threads, 8 warps, a block */
@@ -3282,30 +1585,30 @@ KVX__PRIV unsigned kvx__cuda_sum_grid(const kvx__cuda_dev *d, const kvx__cuda_su
 }
 
 KVX__PRIV kvx_status kvx__cuda_csum_alloc(kvx_ctx *ctx, kvx__cache_info *ci, uint64_t bytes) {
-    kvx__cuda_dev *d;
+    kvx__gpu_dev *d;
     CUdeviceptr p = 0;
     CUcontext prev;
     CUresult rc;
     kvx_status st;
-    if ((st = kvx__cuda_init(ctx)) != KVX_OK || (st = kvx__cuda_dev_get(ctx, ci->device, 0, &d)) != KVX_OK) return st;
-    if ((rc = cuCtxPushCurrent(d->pctx)) != CUDA_SUCCESS) { kvx__cuda_dev_put(d); return kvx__cuda_err(ctx, rc, "cuCtxPushCurrent"); }
+    if ((st = kvx__gpu_init(ctx)) != KVX_OK || (st = kvx__gpu_dev_get(ctx, ci->device, 0, &d)) != KVX_OK) return st;
+    if ((rc = cuCtxPushCurrent(d->pctx)) != CUDA_SUCCESS) { kvx__gpu_dev_put(d); return kvx__gpu_err(ctx, rc, "cuCtxPushCurrent"); }
     if ((rc = cuMemAlloc(&p, (size_t)bytes)) == CUDA_SUCCESS && (rc = cuMemsetD8(p, 0, (size_t)bytes)) == CUDA_SUCCESS) rc = cuCtxSynchronize();
     if (rc != CUDA_SUCCESS && p) cuMemFree(p);
     cuCtxPopCurrent(&prev);
-    if (rc != CUDA_SUCCESS) { kvx__cuda_dev_put(d); return kvx__cuda_err(ctx, rc, "cuMemAlloc (checksum table)"); }
+    if (rc != CUDA_SUCCESS) { kvx__gpu_dev_put(d); return kvx__gpu_err(ctx, rc, "cuMemAlloc (checksum table)"); }
     ci->csum_dev = (uint64_t)p;  /* holds the device's reference until kvx__cuda_csum_free */
     return KVX_OK;
 }
 
 KVX__PRIV void kvx__cuda_csum_free(kvx__cache_info *ci) {
-    kvx__cuda_dev *d = &kvx__cuda_devs[ci->device];
+    kvx__gpu_dev *d = &kvx__gpu_devs[ci->device];
     CUcontext prev;
     if (cuCtxPushCurrent(d->pctx) == CUDA_SUCCESS) {
         cuMemFree((CUdeviceptr)ci->csum_dev);
         cuCtxPopCurrent(&prev);
     }
     ci->csum_dev = 0;
-    kvx__cuda_dev_put(d);
+    kvx__gpu_dev_put(d);
 }
 
 /* Seal: blocks' checksums into the cache's table, by a kernel on a stream of
@@ -3320,7 +1623,7 @@ KVX__PRIV kvx_status kvx__cuda_seal(kvx_ctx *ctx, const kvx__cache_info *ci, con
     kvx__cuda_sum_lay l = kvx__cuda_sum_lay_of(ci);
     uint32_t warp;
     unsigned grid;
-    kvx__cuda_dev *d;
+    kvx__gpu_dev *d;
     CUcontext prev;
     CUstream s = NULL;
     CUresult rc;
@@ -3331,9 +1634,9 @@ KVX__PRIV kvx_status kvx__cuda_seal(kvx_ctx *ctx, const kvx__cache_info *ci, con
     if (!data) return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_seal: out of memory");
     memcpy(data, ci->plane_base, pb);
     memcpy(data + pb, blocks, (size_t)n * 4u);
-    if ((st = kvx__cuda_dev_get(ctx, ci->device, 1, &d)) != KVX_OK) { KVX_FREE(data); return st; }
+    if ((st = kvx__gpu_dev_get(ctx, ci->device, 1, &d)) != KVX_OK) { KVX_FREE(data); return st; }
     grid = kvx__cuda_sum_grid(d, &l, (uint64_t)nplanes * n * ci->lay.num_heads, &warp);
-    if ((rc = cuCtxPushCurrent(d->pctx)) != CUDA_SUCCESS) { KVX_FREE(data); kvx__cuda_dev_put(d); return kvx__cuda_err(ctx, rc, "cuCtxPushCurrent"); }
+    if ((rc = cuCtxPushCurrent(d->pctx)) != CUDA_SUCCESS) { KVX_FREE(data); kvx__gpu_dev_put(d); return kvx__gpu_err(ctx, rc, "cuCtxPushCurrent"); }
     if ((rc = cuStreamCreate(&s, CU_STREAM_NON_BLOCKING)) == CUDA_SUCCESS) {
         what = "cuMemAllocAsync (seal)";
         if ((rc = cuMemAllocAsync(&buf, bytes, s)) == CUDA_SUCCESS) {
@@ -3350,9 +1653,9 @@ KVX__PRIV kvx_status kvx__cuda_seal(kvx_ctx *ctx, const kvx__cache_info *ci, con
         cuStreamDestroy(s);
     }
     cuCtxPopCurrent(&prev);
-    kvx__cuda_dev_put(d);
+    kvx__gpu_dev_put(d);
     KVX_FREE(data);
-    return rc == CUDA_SUCCESS ? KVX_OK : kvx__cuda_err(ctx, rc, what);
+    return rc == CUDA_SUCCESS ? KVX_OK : kvx__gpu_err(ctx, rc, what);
 }
 
 /* The producer's checksum table as mapped here, or 0. */
@@ -3381,7 +1684,7 @@ KVX__PRIV kvx_status kvx__cuda_check_prepare(kvx_queue *q, kvx__read *rd, uint32
         return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: read %llu checks %llu heads, more than one check handles: verify a sample (kvx_read.verify > 1) or split the read",
                          (unsigned long long)rd->ticket, (unsigned long long)items);
     if (cq->vres) return KVX_OK;
-    if ((rc = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuCtxPushCurrent");
+    if ((rc = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuCtxPushCurrent");
     if ((rc = cuMemHostAlloc((void **)&cq->vres, (size_t)q->depth * 8u, CU_MEMHOSTALLOC_PORTABLE)) == CUDA_SUCCESS &&
         ((rc = cuMemAlloc(&cq->vres_dev, (size_t)q->depth * 8u)) != CUDA_SUCCESS || (rc = cuStreamCreate(&cq->vs, CU_STREAM_NON_BLOCKING)) != CUDA_SUCCESS)) {
         if (cq->vres_dev) cuMemFree(cq->vres_dev);
@@ -3390,7 +1693,7 @@ KVX__PRIV kvx_status kvx__cuda_check_prepare(kvx_queue *q, kvx__read *rd, uint32
         cq->vres_dev = 0;
     }
     cuCtxPopCurrent(&prev);
-    return rc == CUDA_SUCCESS ? KVX_OK : kvx__cuda_err(ctx, rc, "verify mode's result words");
+    return rc == CUDA_SUCCESS ? KVX_OK : kvx__gpu_err(ctx, rc, "verify mode's result words");
 }
 
 /* At launch, on the check stream behind the read's copy (h: its launch
@@ -3445,7 +1748,7 @@ KVX__PRIV kvx_status kvx__cuda_verify(kvx__read *rd) {
     uint32_t slot = (uint32_t)(rd->ticket % q->depth), nh = rd->h_b - rd->h_a, nplanes = (rd->layer_end - rd->layer_begin) * lc->lay.kv_planes;
     uint32_t nblocks = 0, ns, res0, res1, item, plane, lb, rb, h, want = 0, got = 0, i;
     uint8_t *blk;
-    kvx__cuda_dev *d;
+    kvx__gpu_dev *d;
     CUcontext prev;
     CUstream s;
     if (!cq || !cq->vres) return kvx__fail(q->ctx, KVX_ERR_BACKEND, "read %llu: verify: internal: no check result", (unsigned long long)rd->ticket);
@@ -3461,7 +1764,7 @@ KVX__PRIV kvx_status kvx__cuda_verify(kvx__read *rd) {
     if (res1 != 0xffffffffu) return kvx__verify_unsealed(rd, plane, rb);
     h = rd->h_a + res0 % nh;
     blk = (uint8_t *)KVX_MALLOC((size_t)lc->block_bytes);
-    if (blk && kvx__cuda_dev_get(q->ctx, lc->device, 0, &d) == KVX_OK) {
+    if (blk && kvx__gpu_dev_get(q->ctx, lc->device, 0, &d) == KVX_OK) {
         if (cuCtxPushCurrent(d->pctx) == CUDA_SUCCESS) {
             if (cuStreamCreate(&s, CU_STREAM_NON_BLOCKING) == CUDA_SUCCESS) {  /* not the legacy stream: it would wait for streams held on this read */
                 if (cuMemcpyDtoHAsync(blk, (CUdeviceptr)(lc->plane_base[plane] + (uint64_t)lb * lc->block_stride), (size_t)lc->block_bytes, s) == CUDA_SUCCESS &&
@@ -3472,178 +1775,54 @@ KVX__PRIV kvx_status kvx__cuda_verify(kvx__read *rd) {
             }
             cuCtxPopCurrent(&prev);
         }
-        kvx__cuda_dev_put(d);
+        kvx__gpu_dev_put(d);
     }
     KVX_FREE(blk);
     return kvx__verify_mismatch(rd, plane, rb, lb, h, got, want);
 }
 
-/*--- stream-ordered completion (every backend) -------------------------------*/
+/*--- the backend's table ----------------------------------------------------*/
 
-KVX__PRIV kvx_status kvx__stream_alloc(kvx_queue *q, int ord) {
+/* A queue of the CUDA backend: its device (from cuda_stream, else the
+   context's), the completion words its kernels write, its own state. */
+KVX__PRIV kvx_status kvx__cuda_queue_open(kvx_queue *q) {
     kvx_ctx *ctx = q->ctx;
-    kvx__stream_q *sq = kvx__stream_of(q);
-    CUcontext prev;
-    CUresult rc;
-    uint32_t i;
     kvx_status st;
-    if (!sq) {
-        if (!(sq = (kvx__stream_q *)kvx__calloc(1, sizeof *sq))) return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory");
-        q->stream = sq;
-    }
-    if (sq->words) return KVX_OK;
-    if ((st = kvx__cuda_dev_get(ctx, ord, 0, &sq->d)) != KVX_OK) return st;
-    if ((rc = cuCtxPushCurrent(sq->d->pctx)) != CUDA_SUCCESS) return kvx__cuda_err(ctx, rc, "cuCtxPushCurrent");
-    rc = cuMemHostAlloc((void **)&sq->words, (size_t)q->depth * 8u, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP);
-    if (rc == CUDA_SUCCESS && (rc = cuMemHostGetDevicePointer(&sq->dwords, sq->words, 0)) != CUDA_SUCCESS) { cuMemFreeHost(sq->words); sq->words = NULL; }
-    cuCtxPopCurrent(&prev);
-    if (rc != CUDA_SUCCESS) { kvx__cuda_dev_put(sq->d); sq->d = NULL; return kvx__cuda_err(ctx, rc, "cuMemHostAlloc (completion words)"); }
-    /* Words of reads made before now tell their state as it is. */
-    for (i = 0; i < q->depth; i++) {
-        const kvx__read *rd = &q->slots[i];
-        sq->words[i] = rd->ticket ? (rd->ticket << 2) | (rd->done ? (rd->status == KVX_OK ? 1u : 2u) : 0u) : 0;
-    }
-    return KVX_OK;
-}
-
-/* The device a stream runs on. */
-KVX__PRIV kvx_status kvx__stream_ordinal(kvx_ctx *ctx, void *stream, int *ord) {
-    CUcontext sc = NULL;
-    CUresult rc = cuStreamGetCtx((CUstream)stream, &sc);
-    if (rc == CUDA_SUCCESS) rc = kvx__cuda_ctx_ordinal(sc, ord);
-    return rc == CUDA_SUCCESS ? KVX_OK : kvx__cuda_err(ctx, rc, "the stream's context (cuStreamGetCtx)");
-}
-
-KVX__PRIV kvx_status kvx__stream_queue_init(kvx_queue *q) {
-    kvx_ctx *ctx = q->ctx;
-    int cuda = ctx->be_ops->kind == KVX_BACKEND_CUDA, ord = -1;
-    kvx_status st = KVX_OK;
-    if (!q->cuda_stream && !cuda) return KVX_OK;  /* words come with the first kvx_stream_wait */
-    pthread_mutex_lock(&ctx->lock);
-    if ((st = kvx__cuda_init(ctx)) == KVX_OK && q->cuda_stream) st = kvx__stream_ordinal(ctx, q->cuda_stream, &ord);
-    if (st == KVX_OK && cuda) {
-        if ((st = kvx__cuda_bind(ctx, ord, "kvx_queue_create (cuda_stream)")) == KVX_OK) ord = kvx__cuda_of(ctx)->ord;
-    }
-    if (st == KVX_OK) st = kvx__stream_alloc(q, ord);
-    if (st == KVX_OK && cuda) st = kvx__cuda_q_init(q);
-    pthread_mutex_unlock(&ctx->lock);
-    if (st != KVX_OK) kvx__stream_queue_fini(q);
-    return st;
-}
-
-KVX__PRIV void kvx__stream_queue_fini(kvx_queue *q) {
-    kvx__stream_q *sq = kvx__stream_of(q);
-    kvx__cuda_q_fini(q);
-    if (!sq) return;
-    if (sq->words) {
-        CUcontext prev;
-        if (cuCtxPushCurrent(sq->d->pctx) == CUDA_SUCCESS) { cuMemFreeHost(sq->words); cuCtxPopCurrent(&prev); }
-    }
-    kvx__cuda_dev_put(sq->d);
-    KVX_FREE(sq);
-    q->stream = NULL;
-}
-
-KVX__PRIV void kvx__stream_read_post(kvx__read *rd) {
-    kvx__stream_q *sq = kvx__stream_of(rd->q);
-    if (sq && sq->words) __atomic_store_n(&sq->words[rd->ticket % rd->q->depth], rd->ticket << 2, __ATOMIC_SEQ_CST);  /* re-armed: pending */
-}
-
-/* Network writes into GPU memory become visible to the GPU before the word
-   says done: by the wait's flush flag where the device can, else here. */
-KVX__PRIV void kvx__stream_rdma_flush(kvx_ctx *ctx, int ord) {
-    kvx__cuda_dev *d;
-    CUcontext prev;
-    CUresult rc = CUDA_SUCCESS;
-    if (kvx__cuda_dev_get(ctx, ord, 0, &d) != KVX_OK) return;
-    if (!d->can_flush && (d->flush_opts & CU_FLUSH_GPU_DIRECT_RDMA_WRITES_OPTION_HOST) && cuCtxPushCurrent(d->pctx) == CUDA_SUCCESS) {
-        rc = cuFlushGPUDirectRDMAWrites(CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TARGET_CURRENT_CTX, CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TO_OWNER);
-        cuCtxPopCurrent(&prev);
-    }
-    if (!d->flush_logged || rc != CUDA_SUCCESS) {
-        d->flush_logged = 1;
-        KVX__LOG(ctx, rc != CUDA_SUCCESS ? KVX_LOG_ERROR : KVX_LOG_INFO, "cuda: device %d: network writes into GPU memory are made visible %s%s", ord,
-                 d->can_flush ? "by CU_STREAM_WAIT_VALUE_FLUSH on each stream wait (CAN_FLUSH_REMOTE_WRITES is 1)"
-                 : (d->flush_opts & CU_FLUSH_GPU_DIRECT_RDMA_WRITES_OPTION_HOST) ? "by cuFlushGPUDirectRDMAWrites before the completion word is written"
-                 : "by the device's own ordering (no flush is offered)", rc != CUDA_SUCCESS ? ", but cuFlushGPUDirectRDMAWrites failed" : "");
-    }
-    kvx__cuda_dev_put(d);
-}
-
-KVX__PRIV void kvx__stream_read_final(kvx__read *rd) {
-    kvx_queue *q = rd->q;
-    kvx__stream_q *sq = kvx__stream_of(q);
-    if (!sq || !sq->words) return;
-    if (rd->status == KVX_OK && q->ctx->be_ops->kind != KVX_BACKEND_CUDA && rd->lc->mem == KVX_MEM_CUDA) kvx__stream_rdma_flush(q->ctx, rd->lc->device);
-    __atomic_store_n(&sq->words[rd->ticket % q->depth], (rd->ticket << 2) | (rd->status == KVX_OK ? 1u : 2u), __ATOMIC_SEQ_CST);
-}
-
-KVX_API kvx_status kvx_stream_wait(kvx_queue *q, kvx_ticket t, void *stream) {
-    kvx_ctx *ctx;
-    kvx__stream_q *sq;
-    kvx__read *rd;
-    kvx__cuda_dev *d;
-    CUstreamCaptureStatus cs = CU_STREAM_CAPTURE_STATUS_NONE;
-    unsigned int flags = CU_STREAM_WAIT_VALUE_AND;
-    kvx_status st;
-    CUresult rc;
     int ord = -1;
-    uint32_t i;
-    if (!q) return KVX_ERR_ARG;
-    ctx = q->ctx;
-    pthread_mutex_lock(&ctx->lock);
-    if (!t || t >= q->next_ticket) { st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_stream_wait: ticket %llu was never issued by this queue", (unsigned long long)t); goto out; }
-    if ((st = kvx__cuda_init(ctx)) != KVX_OK) goto out;
-    if ((rc = cuStreamIsCapturing((CUstream)stream, &cs)) != CUDA_SUCCESS) { st = kvx__cuda_err(ctx, rc, "kvx_stream_wait: cuStreamIsCapturing"); goto out; }
-    rd = &q->slots[t % q->depth];
-    if (cs == CU_STREAM_CAPTURE_STATUS_NONE && rd->ticket != t) {
-        st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_stream_wait: ticket %llu is no longer held: its slot (ticket %% depth %u) holds ticket %llu",
-                       (unsigned long long)t, q->depth, (unsigned long long)rd->ticket);
-        goto out;
-    }
-    if ((st = kvx__stream_ordinal(ctx, stream, &ord)) != KVX_OK) goto out;
-    sq = kvx__stream_of(q);
-    if (!sq || !sq->words) {
-        if (cs != CU_STREAM_CAPTURE_STATUS_NONE) {
-            st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_stream_wait: the queue has no completion words yet and a capture cannot allocate them: "
-                           "create it with kvx_queue_desc.cuda_stream, or call kvx_stream_wait once before capturing");
-            goto out;
-        }
-        if ((st = kvx__stream_alloc(q, ord)) != KVX_OK) goto out;
-        sq = kvx__stream_of(q);
-    }
-    if (!(d = kvx__cuda_attrs(ctx, ord))) { st = KVX_ERR_BACKEND; goto out; }
-    if (!d->mem64) {
-        st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "kvx_stream_wait: device %d cannot run 64-bit stream memory operations "
-                       "(CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS is 0): update the driver (CUDA 11.7 or newer)", ord);
-        goto out;
-    }
-    if (ctx->be_ops->kind != KVX_BACKEND_CUDA && d->can_flush)
-        for (i = 0; i < ctx->ncaches; i++)
-            if (ctx->caches[i]->info.mem == KVX_MEM_CUDA) flags |= CU_STREAM_WAIT_VALUE_FLUSH;
-    rc = cuStreamWaitValue64((CUstream)stream, sq->dwords + (t % q->depth) * 8u, 3u, flags);
-    if (rc != CUDA_SUCCESS) {
-        char what[160];
-        snprintf(what, sizeof what, "kvx_stream_wait: cuStreamWaitValue64 for ticket %llu%s", (unsigned long long)t,
-                 cs != CU_STREAM_CAPTURE_STATUS_NONE ? " (under capture: the graph would lack this wait)" : "");
-        st = kvx__cuda_err(ctx, rc, what);
-    }
-out:
-    pthread_mutex_unlock(&ctx->lock);
+    if ((st = kvx__gpu_init(ctx)) == KVX_OK && q->cuda_stream) st = kvx__stream_ordinal(ctx, q->cuda_stream, &ord);
+    if (st == KVX_OK) st = kvx__cuda_bind(ctx, ord, "kvx_queue_create (cuda_stream)");
+    if (st == KVX_OK) st = kvx__stream_alloc(q, kvx__cuda_of(ctx)->ord);
+    if (st == KVX_OK) st = kvx__cuda_q_init(q);
     return st;
 }
 
-KVX_API const volatile uint64_t *kvx_stream_status_ptr(kvx_queue *q, kvx_ticket t) {
-    kvx__stream_q *sq;
-    const volatile uint64_t *p = NULL;
-    if (!q) return NULL;
-    pthread_mutex_lock(&q->ctx->lock);
-    sq = kvx__stream_of(q);
-    if (!t || t >= q->next_ticket) kvx__fail(q->ctx, KVX_ERR_ARG, "kvx_stream_status_ptr: ticket %llu was never issued by this queue", (unsigned long long)t);
-    else if (!sq || !sq->words) kvx__fail(q->ctx, KVX_ERR_ARG, "kvx_stream_status_ptr: the queue has no completion words (no cuda_stream, no kvx_stream_wait yet)");
-    else p = (const volatile uint64_t *)(uintptr_t)(sq->dwords + (t % q->depth) * 8u);
-    pthread_mutex_unlock(&q->ctx->lock);
-    return p;
-}
+KVX__PRIV const kvx__backend kvx__cuda_backend = {
+    KVX__F(name) "cuda",
+    KVX__F(kind) KVX_BACKEND_CUDA,
+    KVX__F(completes_on_gpu) 1,
+    KVX__F(open) kvx__cuda_open,
+    KVX__F(close) kvx__cuda_close,
+    KVX__F(address) kvx__cuda_address,
+    KVX__F(mem_register) kvx__cuda_mem_register,
+    KVX__F(mem_deregister) kvx__cuda_mem_deregister,
+    KVX__F(connect) kvx__cuda_connect,
+    KVX__F(disconnect) kvx__cuda_disconnect,
+    KVX__F(can_read) kvx__cuda_can_read,
+    KVX__F(queue_open) kvx__cuda_queue_open,
+    KVX__F(queue_close) kvx__cuda_q_fini,
+    KVX__F(post) kvx__cuda_post,
+    KVX__F(post_read) kvx__cuda_post_read,
+    KVX__F(flush) kvx__cuda_flush,
+    KVX__F(abandon) NULL,
+    KVX__F(notify) kvx__cuda_notify,
+    KVX__F(progress) kvx__cuda_progress,
+    KVX__F(event_fd) kvx__cuda_event_fd,
+    KVX__F(arm) kvx__cuda_arm,
+    KVX__F(signal) kvx__cuda_signal,
+    KVX__F(csum_alloc) kvx__cuda_csum_alloc,
+    KVX__F(csum_free) kvx__cuda_csum_free,
+    KVX__F(csum_seal) kvx__cuda_seal,
+    KVX__F(csum_verify) kvx__cuda_verify,
+};
 
 #endif /* KVX_CUDA_INCLUDED */

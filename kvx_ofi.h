@@ -1402,10 +1402,32 @@ KVX__PRIV void kvx__ofi_signal(kvx_ctx *ctx) {
 }
 
 KVX__PRIV const kvx__backend kvx__ofi_backend = {
-    "ofi", KVX_BACKEND_OFI,
-    kvx__ofi_open, kvx__ofi_close, kvx__ofi_mem_register, kvx__ofi_mem_deregister, kvx__ofi_address,
-    kvx__ofi_connect, kvx__ofi_disconnect, kvx__ofi_post, kvx__ofi_notify,
-    kvx__ofi_progress, kvx__ofi_event_fd, kvx__ofi_arm, kvx__ofi_signal, NULL, NULL
+    KVX__F(name) "ofi",
+    KVX__F(kind) KVX_BACKEND_OFI,
+    KVX__F(completes_on_gpu) 0,
+    KVX__F(open) kvx__ofi_open,
+    KVX__F(close) kvx__ofi_close,
+    KVX__F(address) kvx__ofi_address,
+    KVX__F(mem_register) kvx__ofi_mem_register,
+    KVX__F(mem_deregister) kvx__ofi_mem_deregister,
+    KVX__F(connect) kvx__ofi_connect,
+    KVX__F(disconnect) kvx__ofi_disconnect,
+    KVX__F(can_read) NULL,
+    KVX__F(queue_open) NULL,
+    KVX__F(queue_close) NULL,
+    KVX__F(post) kvx__ofi_post,
+    KVX__F(post_read) NULL,
+    KVX__F(flush) NULL,
+    KVX__F(abandon) NULL,
+    KVX__F(notify) kvx__ofi_notify,
+    KVX__F(progress) kvx__ofi_progress,
+    KVX__F(event_fd) kvx__ofi_event_fd,
+    KVX__F(arm) kvx__ofi_arm,
+    KVX__F(signal) kvx__ofi_signal,
+    KVX__F(csum_alloc) NULL,
+    KVX__F(csum_free) NULL,
+    KVX__F(csum_seal) NULL,
+    KVX__F(csum_verify) NULL,
 };
 
 #endif /* KVX_OFI_INCLUDED */

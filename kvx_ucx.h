@@ -853,10 +853,32 @@ KVX__PRIV kvx_status kvx__ucx_arm(kvx_ctx *ctx) {
 KVX__PRIV void kvx__ucx_signal(kvx_ctx *ctx) { ucp_worker_signal(kvx__ucx_of(ctx)->worker); }
 
 KVX__PRIV const kvx__backend kvx__ucx_backend = {
-    "ucx", KVX_BACKEND_UCX,
-    kvx__ucx_open, kvx__ucx_close, kvx__ucx_mem_register, kvx__ucx_mem_deregister, kvx__ucx_address,
-    kvx__ucx_connect, kvx__ucx_disconnect, kvx__ucx_post, kvx__ucx_notify,
-    kvx__ucx_progress, kvx__ucx_event_fd, kvx__ucx_arm, kvx__ucx_signal, NULL, kvx__ucx_abandon
+    KVX__F(name) "ucx",
+    KVX__F(kind) KVX_BACKEND_UCX,
+    KVX__F(completes_on_gpu) 0,
+    KVX__F(open) kvx__ucx_open,
+    KVX__F(close) kvx__ucx_close,
+    KVX__F(address) kvx__ucx_address,
+    KVX__F(mem_register) kvx__ucx_mem_register,
+    KVX__F(mem_deregister) kvx__ucx_mem_deregister,
+    KVX__F(connect) kvx__ucx_connect,
+    KVX__F(disconnect) kvx__ucx_disconnect,
+    KVX__F(can_read) NULL,
+    KVX__F(queue_open) NULL,
+    KVX__F(queue_close) NULL,
+    KVX__F(post) kvx__ucx_post,
+    KVX__F(post_read) NULL,
+    KVX__F(flush) NULL,
+    KVX__F(abandon) kvx__ucx_abandon,
+    KVX__F(notify) kvx__ucx_notify,
+    KVX__F(progress) kvx__ucx_progress,
+    KVX__F(event_fd) kvx__ucx_event_fd,
+    KVX__F(arm) kvx__ucx_arm,
+    KVX__F(signal) kvx__ucx_signal,
+    KVX__F(csum_alloc) NULL,
+    KVX__F(csum_free) NULL,
+    KVX__F(csum_seal) NULL,
+    KVX__F(csum_verify) NULL,
 };
 
 #endif /* KVX_UCX_INCLUDED */

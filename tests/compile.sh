@@ -19,6 +19,8 @@ try() {  # name, command...
 run() { local name=$1; shift; try "$name" bash -c "$* && $out/$name.bin >/dev/null"; }
 run c99 "cc -std=c99 $W $defs tests/compile/impl.c tests/compile/user.c -o $out/c99.bin $libs"
 run cxx17 "c++ -std=c++17 $W $defs -x c++ tests/compile/impl.c -x c++ tests/compile/user.c -o $out/cxx17.bin $libs"
+# C++20: the backend tables as designated initializers (before C++20 they are positional).
+run cxx20 "c++ -std=c++20 $W $defs -x c++ tests/compile/impl.c -x c++ tests/compile/user.c -o $out/cxx20.bin $libs"
 run c-impl-cxx-user "cc -std=c99 $W $defs -c tests/compile/impl.c -o $out/impl.o && c++ -std=c++17 $W -x c++ tests/compile/user.c -x none $out/impl.o -o $out/c-impl-cxx-user.bin $libs"
 run cxx-impl-c-user "c++ -std=c++17 $W $defs -x c++ -c tests/compile/impl.c -o $out/implxx.o && cc -std=c99 $W -c tests/compile/user.c -o $out/user.o && c++ $out/implxx.o $out/user.o -o $out/cxx-impl-c-user.bin $libs"
 run static-c99 "cc -std=c99 $W $defs tests/compile/static.c -o $out/static-c99.bin $libs"

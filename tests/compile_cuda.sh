@@ -10,10 +10,11 @@
 set -u
 cd "$(dirname "$0")/.."
 CUDA=${CUDA_HOME:-/usr/local/cuda}
-if ! [ -f "$CUDA/include/cuda.h" ] || ! [ -f "$CUDA/lib64/stubs/libcuda.so" ]; then echo "skip: no CUDA toolkit at $CUDA"; exit 77; fi
+if ! [ -f "$CUDA/include/cuda.h" ]; then echo "skip: no CUDA toolkit at $CUDA"; exit 77; fi
 out=build/compile-cuda
+stubs=$(tools/cuda_stub.sh) || { echo "FAIL: no stub libcuda (tools/cuda_stub.sh)"; exit 1; }
 mkdir -p "$out/stub"
-ln -sf "$CUDA/lib64/stubs/libcuda.so" "$out/stub/libcuda.so.1"
+ln -sf "$(cd "$stubs" && pwd)/libcuda.so" "$out/stub/libcuda.so.1"
 W="-Wall -Wextra -pedantic -Werror"
 CU="-isystem $CUDA/include"
 pass=0 fail=0
@@ -30,10 +31,11 @@ run() {
   else try "$name" bash -c "$* && LD_LIBRARY_PATH=$out/stub $out/$name.bin >/dev/null"; fi
 }
 matrix() {  # tag, defines, cflags, libs
-  local t=$1 defs=$2 cf=$3 libs="-L$CUDA/lib64/stubs -lcuda $4 -lpthread"
+  local t=$1 defs=$2 cf=$3 libs="-L$stubs -lcuda $4 -lpthread"
   mode=$([ "$defs" = -DKVX_CUDA ] && echo cuda-only || echo mixed)
   run "$t-c99" "cc -std=c99 $W $defs $cf tests/compile/impl.c tests/compile/user.c -o $out/$t-c99.bin $libs"
   run "$t-cxx17" "c++ -std=c++17 $W $defs $cf -x c++ tests/compile/impl.c -x c++ tests/compile/user.c -o $out/$t-cxx17.bin $libs"
+  run "$t-cxx20" "c++ -std=c++20 $W $defs $cf -x c++ tests/compile/impl.c -x c++ tests/compile/user.c -o $out/$t-cxx20.bin $libs"
   run "$t-c-impl-cxx-user" "cc -std=c99 $W $defs $cf -c tests/compile/impl.c -o $out/$t-impl.o && c++ -std=c++17 $W -x c++ tests/compile/user.c -x none $out/$t-impl.o -o $out/$t-c-impl-cxx-user.bin $libs"
   run "$t-cxx-impl-c-user" "c++ -std=c++17 $W $defs $cf -x c++ -c tests/compile/impl.c -o $out/$t-implxx.o && cc -std=c99 $W -c tests/compile/user.c -o $out/$t-user.o && c++ $out/$t-implxx.o $out/$t-user.o -o $out/$t-cxx-impl-c-user.bin $libs"
   run "$t-static-c99" "cc -std=c99 $W $defs $cf tests/compile/static.c -o $out/$t-static-c99.bin $libs"
@@ -45,7 +47,7 @@ if pkg-config --exists ucx; then
   if pkg-config --exists libfabric && [ -f kvx_ofi.h ]; then
     matrix all "-DKVX_UCX -DKVX_OFI -DKVX_CUDA" "$CU $(pkg-config --cflags ucx libfabric)" "$(pkg-config --libs ucx libfabric)"
   fi
-  gl="-L$CUDA/lib64/stubs -lcuda $(pkg-config --libs ucx) -lpthread"
+  gl="-L$stubs -lcuda $(pkg-config --libs ucx) -lpthread"
   for p in examples/kvx_bench.c tests/test_cuda.c tests/bench_gpu.c; do
     n=$(basename "$p" .c)
     try "$n-c99" cc -std=c99 -D_GNU_SOURCE $W -DKVX_UCX -DKVX_CUDA $CU $(pkg-config --cflags ucx) "$p" -o "$out/$n.bin" $gl
