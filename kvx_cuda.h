@@ -56,7 +56,7 @@
 
         One copy per block cannot move KV blocks fast (a copy call per 4 KiB
         block runs near 1 GB/s). kvx ships its own gather kernel as PTX text
-        (below, generated from scripts/kvx_cuda_copy.cu): ISA .version 7.8,
+        (below, generated from kernels/kvx_cuda_copy.cu): ISA .version 7.8,
         .target sm_80, so drivers from CUDA 11.8 on compile it for Ampere,
         Hopper and newer (tests/ptx_check.sh checks it with ptxas). It is
         loaded with cuModuleLoadData when the first queue of a device is made.
@@ -140,7 +140,7 @@ enum { KVX__CUDA_MSG_EXPORT = 1, KVX__CUDA_MSG_REPLY = 2, KVX__CUDA_MSG_NOTIFY =
 enum { KVX__CUDA_FD_LISTEN = 1, KVX__CUDA_FD_WAKE = 2, KVX__CUDA_FD_OWNER = 3, KVX__CUDA_FD_PEER = 4 };
 
 /* What one launch knows of one read: the layout of kvx_rd in
-   scripts/kvx_cuda_copy.cu, 128 bytes. */
+   kernels/kvx_cuda_copy.cu, 128 bytes. */
 typedef struct kvx__cuda_rd {
     uint64_t lplanes, rplanes, pairs;
     uint64_t lbstride, rbstride, loff, roff, piece, lpstride, rpstride, cbytes, pad;
@@ -1552,7 +1552,7 @@ KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
    The table of a GPU cache lives on its device and is exported with the
    cache, so a CUDA-backend reader checks against the producer's table where
    it is mapped, with no copy. Sealing and checking are kernels (kvx_csum_*
-   in scripts/kvx_cuda_copy.cu) computing kvx__head_sum bit for bit. A seal
+   in kernels/kvx_cuda_copy.cu) computing kvx__head_sum bit for bit. A seal
    runs on a stream of its own and waits for its kernel; a read's check runs
    on the queue's check stream right behind its copy (an event between them),
    beside the next batch's copy, and the batch's event follows the checks:

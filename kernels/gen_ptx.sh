@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the PTX text that kvx embeds, from its CUDA C source:
-#   scripts/kvx_cuda_copy.cu  ->  kvx_cuda.h           (block "PTX kvx_copy")
+#   kernels/kvx_cuda_copy.cu  ->  kvx_cuda_ptx.h       (block "PTX kvx_copy")
 #   tests/kvx_cuda_test.cu    ->  tests/kvx_cuda_test.h (block "PTX kvx_test")
 # nvcc emits the ISA version of its own release (9.0 for CUDA 13); the text is
 # lowered to .version 7.8 (.target sm_80), which drivers from CUDA 11.8 on
@@ -25,5 +25,5 @@ gen() {  # source, header, block name
   cp "$tmp/hdr" "$hdr"
   echo "$hdr: $(wc -l < "$tmp/lines") lines of PTX ($name)"
 }
-gen scripts/kvx_cuda_copy.cu kvx_cuda.h kvx_copy
+gen kernels/kvx_cuda_copy.cu kvx_cuda_ptx.h kvx_copy
 gen tests/kvx_cuda_test.cu tests/kvx_cuda_test.h kvx_test
