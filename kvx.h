@@ -612,6 +612,8 @@ typedef struct kvx__stream_service {
 } kvx__stream_service;
 
 KVX__PRIV void kvx__op_done(kvx__read *rd, kvx_status st, const char *why);
+KVX__PRIV kvx_status kvx__layout_check(kvx_ctx *ctx, kvx_layout *l, int tp_size, const char *who);
+KVX__PRIV kvx_status kvx__planes_locate(kvx_ctx *ctx, kvx__cache_info *c, const char *who);
 KVX__PRIV void kvx__notify_arrived(kvx_ctx *ctx, const uint8_t *msg, size_t len);
 KVX__PRIV void kvx__notify_sent(kvx__read *rd);
 KVX__PRIV void kvx__peer_failed(kvx_peer *p, const char *why);
@@ -709,6 +711,7 @@ KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx) {
     return ctx ? ctx->err : kvx__create_err;
 }
 
+#include "kvx_wire.h"
 #include "kvx_verify.h"
 
 /* The enabled backends and services: each backend adds one kvx__backend,
@@ -827,70 +830,7 @@ KVX__PRIV void kvx__geom_make(const kvx__cache_info *lc, uint32_t l0, const kvx_
     g->run_merge = g->npieces == 1 && g->piece == lc->block_stride && g->piece == rc->block_stride;
 }
 
-/*--- metadata: little-endian, versioned, checksummed ---------------------*/
-
-#define KVX__MAGIC 0x3158564Bu /* "KVX1" */
-#define KVX__HDR_BYTES 16u
-
-typedef struct kvx__wbuf { uint8_t *p; size_t len, cap; } kvx__wbuf;
-typedef struct kvx__rbuf { const uint8_t *p; size_t off, len; int bad; } kvx__rbuf;
-
-KVX__PRIV void kvx__put(kvx__wbuf *w, const void *src, size_t n) {
-    if (w->p && w->len + n <= w->cap) memcpy(w->p + w->len, src, n);
-    w->len += n;
-}
-KVX__PRIV void kvx__put_u(kvx__wbuf *w, uint64_t v, int bytes) {
-    uint8_t b[8];
-    int i;
-    for (i = 0; i < bytes; i++) b[i] = (uint8_t)(v >> (8 * i));
-    kvx__put(w, b, (size_t)bytes);
-}
-KVX__PRIV void kvx__put_blob(kvx__wbuf *w, const void *src, uint32_t n) { kvx__put_u(w, n, 4); kvx__put(w, src, n); }
-KVX__PRIV void kvx__put_str(kvx__wbuf *w, const char *s) { kvx__put_blob(w, s, (uint32_t)strlen(s)); }
-
-KVX__PRIV uint64_t kvx__get_u(kvx__rbuf *r, int bytes) {
-    uint64_t v = 0;
-    int i;
-    if (r->bad || r->len - r->off < (size_t)bytes) { r->bad = 1; return 0; }
-    for (i = 0; i < bytes; i++) v |= (uint64_t)r->p[r->off + (size_t)i] << (8 * i);
-    r->off += (size_t)bytes;
-    return v;
-}
-/* A length-prefixed field, bounded by max; returns a pointer into the blob. */
-KVX__PRIV const uint8_t *kvx__get_blob(kvx__rbuf *r, uint32_t max, uint32_t *n) {
-    const uint8_t *p;
-    *n = (uint32_t)kvx__get_u(r, 4);
-    if (r->bad || *n > max || r->len - r->off < *n) { r->bad = 1; *n = 0; return NULL; }
-    p = r->p + r->off;
-    r->off += *n;
-    return p;
-}
-KVX__PRIV void kvx__get_str(kvx__rbuf *r, char *dst, uint32_t cap) {
-    uint32_t n;
-    const uint8_t *p = kvx__get_blob(r, cap - 1, &n);
-    if (p) memcpy(dst, p, n);
-    dst[n] = 0;
-}
-
-KVX__PRIV void kvx__put_cache(kvx__wbuf *w, const kvx__cache_info *c) {
-    const kvx_layout *l = &c->lay;
-    uint32_t i;
-    kvx__put_u(w, c->id, 4);
-    kvx__put_u(w, l->num_layers, 4); kvx__put_u(w, l->num_blocks, 4); kvx__put_u(w, l->block_tokens, 4);
-    kvx__put_u(w, l->num_heads, 4); kvx__put_u(w, l->head_dim, 4); kvx__put_u(w, l->elem_bytes, 4);
-    kvx__put_u(w, l->total_heads, 4);
-    kvx__put_u(w, (uint64_t)l->order, 1); kvx__put_u(w, l->kv_planes, 1);
-    kvx__put_u(w, (uint64_t)c->mem, 1); kvx__put_u(w, c->csum_region != KVX__NO_CSUM, 1);
-    kvx__put_u(w, (uint64_t)(uint32_t)c->device, 4);
-    kvx__put_u(w, c->block_stride, 8);
-    kvx__put_u(w, c->nregions, 4);
-    for (i = 0; i < c->nregions; i++) {
-        kvx__put_u(w, c->regions[i].addr, 8);
-        kvx__put_u(w, c->regions[i].len, 8);
-        kvx__put_blob(w, c->regions[i].rkey, c->regions[i].rkey_len);
-    }
-    for (i = 0; i < c->nplanes; i++) kvx__put_u(w, c->plane_base[i], 8);
-}
+/*--- metadata: its format is in kvx_wire.h -------------------------------*/
 
 KVX__PRIV void kvx__cache_info_free(kvx_ctx *ctx, kvx__cache_info *c) {
     uint32_t i;
@@ -921,97 +861,6 @@ KVX__PRIV kvx_status kvx__planes_locate(kvx_ctx *ctx, kvx__cache_info *c, const 
     return KVX_OK;
 }
 
-KVX__PRIV kvx_status kvx__get_cache(kvx_ctx *ctx, kvx__rbuf *r, kvx__cache_info *c, int tp_size, const char *who) {
-    kvx_layout *l = &c->lay;
-    uint32_t i, n;
-    kvx_status st;
-    char what[160];
-    c->id = (uint32_t)kvx__get_u(r, 4);
-    l->num_layers = (uint32_t)kvx__get_u(r, 4); l->num_blocks = (uint32_t)kvx__get_u(r, 4);
-    l->block_tokens = (uint32_t)kvx__get_u(r, 4); l->num_heads = (uint32_t)kvx__get_u(r, 4);
-    l->head_dim = (uint32_t)kvx__get_u(r, 4); l->elem_bytes = (uint32_t)kvx__get_u(r, 4);
-    l->total_heads = (uint32_t)kvx__get_u(r, 4);
-    l->order = (kvx_order)kvx__get_u(r, 1); l->kv_planes = (uint32_t)kvx__get_u(r, 1);
-    c->mem = (kvx_mem)kvx__get_u(r, 1);
-    c->csum_region = kvx__get_u(r, 1) ? 0 : KVX__NO_CSUM;  /* the last region, once the count is known */
-    c->device = (int)(uint32_t)kvx__get_u(r, 4);
-    c->block_stride = kvx__get_u(r, 8);
-    c->nregions = (uint32_t)kvx__get_u(r, 4);
-    if (r->bad) return kvx__fail(ctx, KVX_ERR_ARG, "%s: truncated in cache header", who);
-    snprintf(what, sizeof what, "%s cache %u", who, c->id);
-    if (!l->total_heads || !l->kv_planes)
-        return kvx__fail(ctx, KVX_ERR_ARG, "%s: total_heads %u and kv_planes %u must be set", what, l->total_heads, l->kv_planes);
-    if ((st = kvx__layout_check(ctx, l, tp_size, what)) != KVX_OK) return st;
-    if (c->mem != KVX_MEM_HOST && c->mem != KVX_MEM_CUDA)
-        return kvx__fail(ctx, KVX_ERR_ARG, "%s: memory kind %d unknown", what, (int)c->mem);
-    c->block_bytes = (uint64_t)l->block_tokens * l->num_heads * l->head_dim * l->elem_bytes;
-    if (c->block_stride < c->block_bytes)
-        return kvx__fail(ctx, KVX_ERR_ARG, "%s: block_stride %llu is less than the block's %llu bytes", what,
-                         (unsigned long long)c->block_stride, (unsigned long long)c->block_bytes);
-    if (!c->nregions || c->nregions > KVX__MAX_REGIONS)
-        return kvx__fail(ctx, KVX_ERR_ARG, "%s: %u regions (1 to %u allowed)", what, c->nregions, KVX__MAX_REGIONS);
-    c->nplanes = l->num_layers * l->kv_planes;
-    /* Bound allocations by what the blob can hold before allocating. */
-    if ((uint64_t)c->nregions * 20 + (uint64_t)c->nplanes * 8 > r->len - r->off)
-        return kvx__fail(ctx, KVX_ERR_ARG, "%s: truncated: %u regions and %u planes do not fit in the remaining %zu bytes",
-                         what, c->nregions, c->nplanes, r->len - r->off);
-    c->regions = (kvx__region *)kvx__calloc(c->nregions, sizeof *c->regions);
-    c->plane_base = (uint64_t *)kvx__calloc(c->nplanes, sizeof *c->plane_base);
-    c->plane_region = (uint16_t *)kvx__calloc(c->nplanes, sizeof *c->plane_region);
-    if (!c->regions || !c->plane_base || !c->plane_region) return kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", what);
-    for (i = 0; i < c->nregions; i++) {
-        const uint8_t *k;
-        c->regions[i].addr = kvx__get_u(r, 8);
-        c->regions[i].len = kvx__get_u(r, 8);
-        k = kvx__get_blob(r, KVX__MAX_RKEY, &n);
-        if (r->bad) return kvx__fail(ctx, KVX_ERR_ARG, "%s: truncated or oversized remote key of region %u", what, i);
-        if (c->regions[i].addr + c->regions[i].len < c->regions[i].addr)
-            return kvx__fail(ctx, KVX_ERR_ARG, "%s: region %u wraps the address space", what, i);
-        c->regions[i].rkey = (uint8_t *)KVX_MALLOC(n ? n : 1);
-        if (!c->regions[i].rkey) return kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", what);
-        if (n) memcpy(c->regions[i].rkey, k, n);
-        c->regions[i].rkey_len = n;
-    }
-    for (i = 0; i < c->nplanes; i++) c->plane_base[i] = kvx__get_u(r, 8);
-    if (r->bad) return kvx__fail(ctx, KVX_ERR_ARG, "%s: truncated in plane table", what);
-    if (c->csum_region != KVX__NO_CSUM) {
-        uint64_t need = (uint64_t)c->nplanes * l->num_blocks * l->num_heads * 4u;
-        c->csum_region = c->nregions - 1;
-        if (c->nregions < 2 || c->regions[c->csum_region].len < need)
-            return kvx__fail(ctx, KVX_ERR_ARG, "%s: checksum table of %llu bytes where %llu are needed", what,
-                             (unsigned long long)(c->nregions < 2 ? 0 : c->regions[c->csum_region].len), (unsigned long long)need);
-    }
-    return kvx__planes_locate(ctx, c, what);
-}
-
-KVX__PRIV kvx_status kvx__md_write(kvx_ctx *ctx, kvx__wbuf *w) {
-    const uint8_t *addr = NULL;
-    uint32_t alen = 0, i, crc;
-    kvx_status st = ctx->be_ops->address(ctx, &addr, &alen);
-    if (st != KVX_OK) return st;
-    kvx__put_u(w, KVX__MAGIC, 4);
-    kvx__put_u(w, KVX_METADATA_VERSION, 2);
-    kvx__put_u(w, (uint64_t)ctx->be_ops->kind, 2);
-    kvx__put_u(w, 0, 4); /* total length, patched */
-    kvx__put_u(w, 0, 4); /* checksum, patched */
-    kvx__put_u(w, ctx->epoch, 8);
-    kvx__put_u(w, (uint64_t)(uint32_t)ctx->rank, 4);
-    kvx__put_u(w, (uint64_t)(uint32_t)ctx->tp_size, 4);
-    kvx__put_u(w, (uint64_t)(uint32_t)getpid(), 4);
-    kvx__put_str(w, ctx->name);
-    kvx__put_str(w, ctx->host);
-    kvx__put_blob(w, addr, alen);
-    kvx__put_u(w, ctx->ncaches, 4);
-    for (i = 0; i < ctx->ncaches; i++) kvx__put_cache(w, &ctx->caches[i]->info);
-    if (w->p && w->len <= w->cap) {
-        uint8_t *p = w->p;
-        for (i = 0; i < 4; i++) p[8 + i] = (uint8_t)(w->len >> (8 * i));
-        crc = kvx__crc32c(0, p, w->len);
-        for (i = 0; i < 4; i++) p[12 + i] = (uint8_t)(crc >> (8 * i));
-    }
-    return KVX_OK;
-}
-
 KVX_API kvx_status kvx_metadata(kvx_ctx *ctx, void *buf, size_t *len) {
     kvx__wbuf w;
     kvx_status st;
@@ -1029,64 +878,6 @@ KVX_API kvx_status kvx_metadata(kvx_ctx *ctx, void *buf, size_t *len) {
         return kvx__fail(ctx, KVX_ERR_ARG, "metadata needs %zu bytes, buffer has %zu", need, w.cap);
     }
     *len = w.len;
-    return KVX_OK;
-}
-
-/* Parse and validate a blob into p (fields, caches). Nothing trusted. */
-KVX__PRIV kvx_status kvx__md_parse(kvx_ctx *ctx, const uint8_t *md, size_t len, kvx_peer *p) {
-    kvx__rbuf r;
-    uint32_t magic, ver, kind, total, crc, want, i, alen;
-    const uint8_t *addr;
-    uint8_t zero[4] = {0, 0, 0, 0};
-    kvx_status st;
-    memset(&r, 0, sizeof r);
-    r.p = md; r.len = len;
-    if (len < KVX__HDR_BYTES)
-        return kvx__fail(ctx, KVX_ERR_ARG, "metadata: truncated: %zu bytes, the header alone is %u", len, KVX__HDR_BYTES);
-    magic = (uint32_t)kvx__get_u(&r, 4);
-    ver = (uint32_t)kvx__get_u(&r, 2);
-    kind = (uint32_t)kvx__get_u(&r, 2);
-    total = (uint32_t)kvx__get_u(&r, 4);
-    crc = (uint32_t)kvx__get_u(&r, 4);
-    if (magic != KVX__MAGIC) return kvx__fail(ctx, KVX_ERR_ARG, "metadata: magic 0x%08x is not kvx's 0x%08x", magic, KVX__MAGIC);
-    if (ver != KVX_METADATA_VERSION)
-        return kvx__fail(ctx, KVX_ERR_MISMATCH, "metadata: version %u, this kvx reads version %u", ver, KVX_METADATA_VERSION);
-    if (total != len)
-        return kvx__fail(ctx, KVX_ERR_ARG, "metadata: %s: the blob says %u bytes, %zu were given",
-                         total > len ? "truncated" : "trailing bytes", total, len);
-    want = kvx__crc32c(0, md, 12);
-    want = kvx__crc32c(want, zero, 4);
-    want = kvx__crc32c(want, md + 16, len - 16);
-    if (want != crc)
-        return kvx__fail(ctx, KVX_ERR_CORRUPT, "metadata: checksum 0x%08x, computed 0x%08x: the blob was corrupted", crc, want);
-    if (kind != (uint32_t)ctx->be_ops->kind)
-        return kvx__fail(ctx, KVX_ERR_MISMATCH, "metadata: backend %u (%s), this context runs %u (%s)", kind,
-                         kind == KVX_BACKEND_UCX ? "ucx" : kind == KVX_BACKEND_OFI ? "ofi" : kind == KVX_BACKEND_CUDA ? "cuda" : "unknown",
-                         (unsigned)ctx->be_ops->kind, ctx->be_ops->name);
-    p->epoch = kvx__get_u(&r, 8);
-    p->rank = (int)(uint32_t)kvx__get_u(&r, 4);
-    p->tp_size = (int)(uint32_t)kvx__get_u(&r, 4);
-    p->pid = (uint32_t)kvx__get_u(&r, 4);
-    kvx__get_str(&r, p->name, sizeof p->name);
-    kvx__get_str(&r, p->host, sizeof p->host);
-    addr = kvx__get_blob(&r, KVX__MAX_ADDR, &alen);
-    p->ncaches = (uint32_t)kvx__get_u(&r, 4);
-    if (r.bad) return kvx__fail(ctx, KVX_ERR_ARG, "metadata: truncated or oversized field in the header");
-    if (p->tp_size < 1 || p->tp_size > 65536 || p->rank < 0 || p->rank >= p->tp_size)
-        return kvx__fail(ctx, KVX_ERR_ARG, "metadata from %s: rank %d outside [0, tp_size %d)", p->name, p->rank, p->tp_size);
-    if (p->ncaches > KVX__MAX_CACHES)
-        return kvx__fail(ctx, KVX_ERR_ARG, "metadata from %s/%d: %u caches, at most %u", p->name, p->rank, p->ncaches, KVX__MAX_CACHES);
-    p->addr = (uint8_t *)KVX_MALLOC(alen ? alen : 1);
-    p->caches = (kvx__cache_info *)kvx__calloc(p->ncaches ? p->ncaches : 1, sizeof *p->caches);
-    if (!p->addr || !p->caches) return kvx__fail(ctx, KVX_ERR_NOMEM, "metadata: out of memory");
-    if (alen) memcpy(p->addr, addr, alen);
-    p->addr_len = alen;
-    for (i = 0; i < p->ncaches; i++) {
-        char who[128];
-        snprintf(who, sizeof who, "metadata from %s/%d", p->name, p->rank);
-        if ((st = kvx__get_cache(ctx, &r, &p->caches[i], p->tp_size, who)) != KVX_OK) return st;
-    }
-    if (r.off != r.len) return kvx__fail(ctx, KVX_ERR_ARG, "metadata from %s/%d: %zu bytes left over", p->name, p->rank, r.len - r.off);
     return KVX_OK;
 }
 
@@ -1612,10 +1403,7 @@ KVX__PRIV void kvx__read_finish(kvx__read *rd) {
         ctx->st.bytes_read += rd->bytes;
         ctx->st.reads_completed++;
         if (rd->notify) {
-            int i;
-            for (i = 0; i < 8; i++) rd->notify_msg[i] = (uint8_t)(rd->notify_id >> (8 * i));
-            for (i = 0; i < 4; i++) rd->notify_msg[8 + i] = (uint8_t)((uint32_t)ctx->rank >> (8 * i));
-            for (i = 0; i < 4; i++) rd->notify_msg[12 + i] = (uint8_t)(KVX__MAGIC >> (8 * i));
+            kvx__notify_msg_write(rd->notify_msg, rd->notify_id, (uint32_t)ctx->rank);
             rd->notify_inflight = 1;
             if (ctx->be_ops->notify(ctx, rd) != KVX_OK) rd->notify_inflight = 0;
             else ctx->st.notifications_sent++;
@@ -1965,13 +1753,10 @@ KVX__PRIV void kvx__notify_push(kvx_ctx *ctx, uint64_t id, kvx_status st, int ra
 }
 
 KVX__PRIV void kvx__notify_arrived(kvx_ctx *ctx, const uint8_t *m, size_t len) {
-    uint64_t id = 0;
-    uint32_t rank = 0, magic = 0, i;
-    if (len != 16) { KVX__LOG(ctx, KVX_LOG_WARN, "notification of %zu bytes dropped", len); return; }
-    for (i = 0; i < 8; i++) id |= (uint64_t)m[i] << (8 * i);
-    for (i = 0; i < 4; i++) rank |= (uint32_t)m[8 + i] << (8 * i);
-    for (i = 0; i < 4; i++) magic |= (uint32_t)m[12 + i] << (8 * i);
-    if (magic != KVX__MAGIC) { KVX__LOG(ctx, KVX_LOG_WARN, "notification with a bad magic dropped"); return; }
+    uint64_t id;
+    uint32_t rank, i;
+    if (len != KVX__NOTIFY_BYTES) { KVX__LOG(ctx, KVX_LOG_WARN, "notification of %zu bytes dropped", len); return; }
+    if (!kvx__notify_msg_read(m, &id, &rank)) { KVX__LOG(ctx, KVX_LOG_WARN, "notification with a bad magic dropped"); return; }
     ctx->st.notifications_received++;
     for (i = 0; i < ctx->nexpect; i++)
         if (ctx->expect[i].id == id) { ctx->expect[i] = ctx->expect[--ctx->nexpect]; break; }

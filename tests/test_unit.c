@@ -247,6 +247,34 @@ int main(void) {
         free(m);
     }
 
+    T_CASE("wire: get messages and notifications round-trip; another version, type or size is refused") {
+        uint8_t req[KVX__GET_REQ_BYTES], rep[KVX__GET_REP_BYTES], note[KVX__NOTIFY_BYTES];
+        kvx__get_req q = {7, 0x1000, 64, 128, 5000, 3, 256}, q2 = {0, 0, 0, 0, 0, 0, 0};
+        kvx__get_rep p = {9, 64, 192, 1}, p2 = {0, 0, 0, 0};
+        uint32_t ver = 0, rank = 0;
+        uint64_t id = 0;
+        kvx__get_req_write(req, &q);
+        kvx__get_rep_write(rep, &p);
+        T_CHECK(kvx__get_req_read(req, sizeof req, &q2, &ver));
+        T_CHECK(!memcmp(&q, &q2, sizeof q));
+        T_CHECK(kvx__get_rep_read(rep, sizeof rep, &p2, &ver));
+        T_CHECK(p2.id == 9 && p2.off == 64 && p2.len == 192 && p2.status == 1);
+        T_CHECK(!kvx__get_req_read(req, sizeof req - 1, &q2, &ver));       /* truncated */
+        T_CHECK(!kvx__get_req_read(rep, sizeof rep, &q2, &ver));           /* a reply is no request */
+        req[4] = 2;                                                        /* version 2 */
+        ver = 0;
+        T_CHECK(!kvx__get_req_read(req, sizeof req, &q2, &ver));
+        T_EQ(ver, 2);
+        req[0] ^= 0xff;                                                    /* not kvx's magic */
+        ver = 7;
+        T_CHECK(!kvx__get_req_read(req, sizeof req, &q2, &ver));
+        T_EQ(ver, 0);
+        kvx__notify_msg_write(note, 0x1122334455667788ull, 3);
+        T_CHECK(kvx__notify_msg_read(note, &id, &rank));
+        T_CHECK(id == 0x1122334455667788ull && rank == 3);
+        note[15] ^= 1;
+        T_CHECK(!kvx__notify_msg_read(note, &id, &rank));
+    }
     T_CASE("metadata refused: layouts that do not read against ours") {
         static const char *fields[] = {"num_layers", "head_dim", "block_tokens", "elem_bytes"};
         int f;
