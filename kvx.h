@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
     kvx.h -- move KV-cache blocks between LLM inference engines by one-sided reads.
 
@@ -15,18 +16,40 @@
     Every other file includes kvx.h plainly (the backend defines do not matter
     there: the public API is the same for all backends).
 
+    The implementation uses POSIX 2008 and a few GNU calls: when kvx.h is
+    the first #include of that file it defines _GNU_SOURCE itself; where
+    another header comes first, define _GNU_SOURCE before it (or compile
+    with -D_GNU_SOURCE). Compiled as C++, the implementation needs no flag.
+
     BACKENDS (compile-time, any combination; the first enabled one is the
     default, a context can pick another with kvx_ctx_desc.backend):
 
         KVX_UCX    UCX ucp, one-sided ucp_get_nbx      link: pkg-config --libs ucx
         KVX_OFI    libfabric FI_EP_RDM + fi_read         link: pkg-config --libs libfabric
         KVX_CUDA   CUDA IPC reads and stream-ordered completion   link: -lcuda
+        (always)   KVX_BACKEND_LOCAL: memcpy between contexts of one process,
+                   for an engine's own tests without a network (kvx_local.h)
 
-    Always link -lpthread.
+    Always link -lpthread. Backend settings are sub-structs of the descs
+    (kvx_ctx_desc.ofi, .cuda; kvx_queue_desc.cuda); kvx_ctx_query_desc()
+    returns what a context runs with.
+
+    FILES (each one room; integrators include only kvx.h):
+
+        kvx.h          this manual, the public API and the core
+        kvx_wire.h     every byte that crosses a process, one codec
+        kvx_verify.h   verify mode: sampling rule, head checksums
+        kvx_local.h    the local backend (memcpy), always compiled
+        kvx_ucx.h      the UCX backend; kvx_ucx_get.h its own get over AM
+        kvx_ofi.h      the libfabric backend
+        kvx_gpu.h      device table and stream-ordered completion (KVX_CUDA)
+        kvx_cuda.h     the CUDA IPC backend; kvx_cuda_ptx.h its kernels (generated)
 
     OVERRIDES (define before including the implementation):
 
-        KVX_MALLOC(sz) / KVX_FREE(p)   allocator (default malloc/free)
+        KVX_MALLOC(sz) / KVX_REALLOC(p, sz) / KVX_FREE(p)
+                                       allocator (default malloc/realloc/free);
+                                       all three or none
         KVX_ASSERT(c)                  internal invariants (default assert)
         KVX_STATIC                     make every function static (a private copy)
         KVX_API                        decoration of public functions
@@ -83,11 +106,18 @@
         - kvx_progress, kvx_notifications, kvx_stats: any thread.
         - kvx_ctx_error: the message of the last error of the context; read it
           on the thread that saw the error, before making more calls.
+          kvx_ctx_error(NULL) is the last kvx_ctx_create failure of the
+          calling thread.
 
     Every wait has a deadline (kvx_ctx_desc.timeout_ms, 30 s by default): a
     read that passes its deadline fails with KVX_ERR_TIMEOUT, and only after
     the transport can no longer write into its blocks.
 */
+/* The implementation needs POSIX 2008 and GNU calls; this takes effect only
+   where kvx.h is the file's first #include (see the manual above). */
+#if defined(KVX_IMPLEMENTATION) && !defined(KVX__IMPLEMENTED) && !defined(_GNU_SOURCE) && !defined(__cplusplus)
+#  define _GNU_SOURCE 1
+#endif
 #ifndef KVX_INCLUDED
 #define KVX_INCLUDED
 
@@ -132,7 +162,8 @@ typedef enum kvx_backend {
     KVX_BACKEND_DEFAULT = 0,    /* first compiled in: UCX, then OFI, then CUDA */
     KVX_BACKEND_UCX = 1,
     KVX_BACKEND_OFI = 2,
-    KVX_BACKEND_CUDA = 3
+    KVX_BACKEND_CUDA = 3,
+    KVX_BACKEND_LOCAL = 4       /* memcpy between contexts of one process: engines' own tests (always compiled) */
 } kvx_backend;
 
 typedef enum kvx_log_level {
@@ -162,6 +193,21 @@ typedef uint64_t kvx_ticket;    /* 0 is never a valid ticket */
 
 typedef void (*kvx_log_fn)(kvx_log_level level, const char *msg, void *user);
 
+/* Backend settings: one sub-struct per backend in kvx_ctx_desc, zero meaning
+   the default. Environment variables are fallbacks for fields left zero. */
+typedef struct kvx_ofi_desc {
+    const char *provider;       /* libfabric provider ("tcp", "shm", "efa"); NULL: $FI_PROVIDER, else the first that fits */
+    uint64_t extra_caps;        /* capabilities to require beyond kvx's own */
+    int hmem;                   /* FI_HMEM: 1 ask, -1 do not; 0: $KVX_OFI_HMEM, else ask except on shm */
+    uint64_t max_msg;           /* split reads larger than this many bytes; 0: $KVX_OFI_MAX_MSG, else the provider's */
+    uint32_t tick_us;           /* progress tick where the provider has no wait fd; 0: $KVX_OFI_TICK_US, else 1000 */
+} kvx_ofi_desc;
+
+typedef struct kvx_cuda_desc {
+    uint32_t max_blocks;        /* cap on the copy kernel's thread blocks; 0: the default */
+    const char *socket_dir;     /* where owners listen for readers; NULL: $KVX_CUDA_SOCKET_DIR, else /tmp/kvx-cuda-UID */
+} kvx_cuda_desc;
+
 typedef struct kvx_ctx_desc {
     const char *name;           /* engine name, e.g. "prefill"; default "kvx" */
     int tp_rank;                /* tensor-parallel rank, in [0, tp_size) */
@@ -173,9 +219,9 @@ typedef struct kvx_ctx_desc {
     kvx_log_level log_level;
     kvx_log_fn log_fn;          /* NULL: stderr */
     void *log_user;
-    const char *provider;       /* KVX_OFI: libfabric provider; NULL: $FI_PROVIDER or the first that fits */
-    uint64_t ofi_extra_caps;    /* KVX_OFI: capabilities to require beyond kvx's own (tests use it) */
-    uint32_t cuda_max_blocks;   /* KVX_CUDA: cap on the copy kernel's thread blocks; 0: the default */
+    kvx_ofi_desc ofi;           /* KVX_OFI */
+    kvx_cuda_desc cuda;         /* KVX_CUDA */
+    /* UCX takes its settings from its own UCX_* environment variables. */
 } kvx_ctx_desc;
 
 typedef struct kvx_layout {
@@ -211,7 +257,9 @@ typedef struct kvx_queue_desc {
     uint32_t depth;             /* reads in flight (posted, not yet reported); 0: 256 */
     uint32_t max_ops;           /* transport operations outstanding; 0: 64 */
     uint32_t max_runs;          /* merged runs of block ids held for posting; 0: 65536 */
-    void *cuda_stream;          /* KVX_CUDA: the stream CUDA reads are issued on */
+    struct {
+        void *stream;           /* KVX_CUDA: the stream CUDA reads are issued on and completion words live for */
+    } cuda;
 } kvx_queue_desc;
 
 typedef struct kvx_read {
@@ -262,6 +310,13 @@ KVX_API kvx_status  kvx_ctx_create(const kvx_ctx_desc *desc, kvx_ctx **out);
 KVX_API void        kvx_ctx_destroy(kvx_ctx *ctx);
 KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx);
 KVX_API const char *kvx_status_name(kvx_status s);
+/* "ucx", "ofi", "cuda", "local"; "default" for KVX_BACKEND_DEFAULT, "unknown" else. */
+KVX_API const char *kvx_backend_name(kvx_backend b);
+/* The desc the context runs with, every default and environment fallback
+   filled in: backend, name, rank, timeouts, host id, log level, and the
+   backend's own settings (provider, caps, message size, ...). Strings point
+   into the context and live as long as it. */
+KVX_API kvx_ctx_desc kvx_ctx_query_desc(const kvx_ctx *ctx);
 
 KVX_API kvx_status  kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *desc, kvx_cache **out);
 /* Once it returns the memory is the engine's again. With UCX's software-served
@@ -318,9 +373,6 @@ KVX_API void        kvx_stats_get(const kvx_ctx *ctx, kvx_stats *out);
 #if defined(KVX_IMPLEMENTATION) && !defined(KVX__IMPLEMENTED)
 #define KVX__IMPLEMENTED
 
-/* The implementation uses POSIX 2008 (open_memstream, pipe, clock_gettime):
-   under a strict -std=c99 define _GNU_SOURCE or _POSIX_C_SOURCE=200809L
-   before the first #include of that file (gnu99/C++ compilers need nothing). */
 
 #include <errno.h>
 #include <poll.h>
@@ -332,9 +384,22 @@ KVX_API void        kvx_stats_get(const kvx_ctx *ctx, kvx_stats *out);
 #include <time.h>
 #include <unistd.h>
 
-#ifndef KVX_MALLOC
+/* All of the allocator or none of it: a partial set would mix allocators. */
+#if defined(KVX_MALLOC) && defined(KVX_REALLOC) && defined(KVX_FREE)
+#elif !defined(KVX_MALLOC) && !defined(KVX_REALLOC) && !defined(KVX_FREE)
 #  define KVX_MALLOC(sz) malloc(sz)
+#  define KVX_REALLOC(p, sz) realloc((p), (sz))
 #  define KVX_FREE(p) free(p)
+#else
+#  error "kvx: define all of KVX_MALLOC, KVX_REALLOC and KVX_FREE, or none"
+#endif
+/* Thread-local storage, for the creation error of each thread. */
+#if defined(__cplusplus)
+#  define KVX__TLS thread_local
+#elif defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+#  define KVX__TLS _Thread_local
+#else
+#  define KVX__TLS __thread
 #endif
 #ifndef KVX_ASSERT
 #  include <assert.h>
@@ -345,6 +410,13 @@ KVX_API void        kvx_stats_get(const kvx_ctx *ctx, kvx_stats *out);
 #  define KVX__PRIV static __attribute__((unused))
 #else
 #  define KVX__PRIV static
+#endif
+/* Internal functions some configurations leave unused (the wire formats of
+   a backend that is not compiled in). */
+#if defined(__GNUC__)
+#  define KVX__PRIV_MAYBE static __attribute__((unused))
+#else
+#  define KVX__PRIV_MAYBE static
 #endif
 
 /* Backend tables name each field (designated initializers). C++ has them
@@ -543,6 +615,8 @@ struct kvx__backend {
     /*-- context */
     kvx_status (*open)(kvx_ctx *ctx, const kvx_ctx_desc *desc);   /* without the lock */
     void (*close)(kvx_ctx *ctx);                                  /* without the lock */
+    /* Optional: fill out's backend sub-struct with the settings in effect. */
+    void (*query)(const kvx_ctx *ctx, kvx_ctx_desc *out);
     /* The bytes a peer needs to reach this context (published in metadata). */
     kvx_status (*address)(kvx_ctx *ctx, const uint8_t **addr, uint32_t *len);
 
@@ -687,8 +761,9 @@ KVX__PRIV kvx_status kvx__fail(kvx_ctx *ctx, kvx_status st, const char *fmt, ...
     return st;
 }
 
-/* kvx_ctx_create has no context to hold its error: kvx_ctx_error(NULL) reads this. */
-static char kvx__create_err[512];
+/* kvx_ctx_create has no context to hold its error: kvx_ctx_error(NULL) reads
+   this thread's. */
+static KVX__TLS char kvx__create_err[512];
 
 KVX_API const char *kvx_status_name(kvx_status s) {
     switch (s) {
@@ -705,6 +780,17 @@ KVX_API const char *kvx_status_name(kvx_status s) {
     case KVX_ERR_CANCELED: return "KVX_ERR_CANCELED";
     }
     return "KVX_ERR_UNKNOWN";
+}
+
+KVX_API const char *kvx_backend_name(kvx_backend b) {
+    switch (b) {
+    case KVX_BACKEND_DEFAULT: return "default";
+    case KVX_BACKEND_UCX: return "ucx";
+    case KVX_BACKEND_OFI: return "ofi";
+    case KVX_BACKEND_CUDA: return "cuda";
+    case KVX_BACKEND_LOCAL: return "local";
+    }
+    return "unknown";
 }
 
 KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx) {
@@ -979,8 +1065,8 @@ KVX_API kvx_status kvx_ctx_create(const kvx_ctx_desc *desc_in, kvx_ctx **out) {
         for (i = 0; kvx__backends[i]; i++)
             if (desc.backend == KVX_BACKEND_DEFAULT || kvx__backends[i]->kind == desc.backend) break;
         if (!kvx__backends[i])
-            st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "backend %d is not compiled in: define %s when compiling KVX_IMPLEMENTATION",
-                           (int)desc.backend, desc.backend == KVX_BACKEND_UCX ? "KVX_UCX" : desc.backend == KVX_BACKEND_OFI ? "KVX_OFI" :
+            st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "backend %d (%s) is not compiled in: define %s when compiling KVX_IMPLEMENTATION",
+                           (int)desc.backend, kvx_backend_name(desc.backend), desc.backend == KVX_BACKEND_UCX ? "KVX_UCX" : desc.backend == KVX_BACKEND_OFI ? "KVX_OFI" :
                            desc.backend == KVX_BACKEND_CUDA ? "KVX_CUDA" : "KVX_UCX, KVX_OFI or KVX_CUDA");
         else ctx->be_ops = kvx__backends[i];
     }
@@ -1004,6 +1090,24 @@ KVX_API kvx_status kvx_ctx_create(const kvx_ctx_desc *desc_in, kvx_ctx **out) {
              ctx->tp_size, ctx->host, ctx->be_ops->name, ctx->timeout_ms, ctx->pt_on ? ", progress thread" : "");
     *out = ctx;
     return KVX_OK;
+}
+
+KVX_API kvx_ctx_desc kvx_ctx_query_desc(const kvx_ctx *ctx) {
+    kvx_ctx_desc d;
+    memset(&d, 0, sizeof d);
+    if (!ctx) return d;
+    d.name = ctx->name;
+    d.tp_rank = ctx->rank;
+    d.tp_size = ctx->tp_size;
+    d.backend = ctx->be_ops->kind;
+    d.timeout_ms = ctx->timeout_ms;
+    d.progress_thread = ctx->pt_on;
+    d.host_id = ctx->host;
+    d.log_level = ctx->log_level;
+    d.log_fn = ctx->log_fn;
+    d.log_user = ctx->log_user;
+    if (ctx->be_ops->query) ctx->be_ops->query(ctx, &d);
+    return d;
 }
 
 KVX_API void kvx_ctx_destroy(kvx_ctx *ctx) {
@@ -1317,7 +1421,7 @@ KVX_API kvx_status kvx_queue_create(kvx_ctx *ctx, const kvx_queue_desc *d, kvx_q
     q->depth = desc.depth ? desc.depth : 256;
     q->max_ops = desc.max_ops ? desc.max_ops : 64;
     q->max_runs = desc.max_runs ? desc.max_runs : 65536;
-    q->cuda_stream = desc.cuda_stream;
+    q->cuda_stream = desc.cuda.stream;
     if (q->depth > (1u << 20) || q->max_runs > (1u << 26)) {
         KVX_FREE(q);
         return kvx__fail(ctx, KVX_ERR_ARG, "kvx_queue_create: depth %u (max %u) or max_runs %u (max %u) too large",
@@ -1774,10 +1878,8 @@ KVX_API kvx_status kvx_notify_expect(kvx_ctx *ctx, uint64_t id, uint32_t timeout
     pthread_mutex_lock(&ctx->lock);
     if (ctx->nexpect == ctx->expect_cap) {
         uint32_t cap = ctx->expect_cap ? ctx->expect_cap * 2 : 64;
-        void *n = kvx__calloc(cap, sizeof *ctx->expect);
+        void *n = KVX_REALLOC(ctx->expect, (size_t)cap * sizeof *ctx->expect);
         if (!n) { pthread_mutex_unlock(&ctx->lock); return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_notify_expect: out of memory"); }
-        if (ctx->nexpect) memcpy(n, ctx->expect, ctx->nexpect * sizeof *ctx->expect);
-        KVX_FREE(ctx->expect);
         ctx->expect = (kvx__expect *)n;
         ctx->expect_cap = cap;
     }

@@ -78,25 +78,12 @@
         the batch before.
 
         Thread blocks: 256 threads (80 registers: at most 3 per SM); at most
-        kvx_ctx_desc.cuda_max_blocks of them (clamped to what stays resident),
+        kvx_ctx_desc.cuda.max_blocks of them (clamped to what stays resident),
         default two per multiprocessor, and one per multiprocessor for a batch
-        read wholly from other GPUs. On H200s (tests/bench_gpu.c) two per SM
-        copied as fast as any cap on one GPU and slowed a stream of compute
-        kernels beside it by 3% (one per SM: 2%, 10-15% slower copies); over
-        NVLink one per SM is as fast as two and costs compute 2.6% instead of
-        12%.
+        read wholly from other GPUs: the caps that copied fastest while
+        slowing compute beside them least (README, "CUDA backend: speed").
 
-        Speed (two H200s, tests/bench_gpu.c, random blocks of 4-256 KiB
-        between two processes, 32 layers, 16 reads of 1 GiB with 4 in
-        flight): 89.9-91.2% of one large device-to-device copy on one GPU, HND
-        and NHD pieces (256 B to 16 KiB), 91.5-92.1% with consecutive block
-        ids; the kernel alone, timed on the GPU, reaches 92-94%. From another
-        GPU over NVLink: 93.2-93.7% of cuMemcpyPeerAsync.
-        A one-block read of every layer resumes a waiting stream 25 us (p50)
-        after kvx_post (30 us from another GPU); a cuMemcpyAsync per block
-        moves 1-72 GB/s.
-
-        Reads run on kvx_queue_desc.cuda_stream (a stream of the primary
+        Reads run on kvx_queue_desc.cuda.stream (a stream of the primary
         context of the context's device; CU_STREAM_LEGACY for the legacy
         default stream) or, when it is NULL, on a stream kvx makes. A queue
         whose stream is being captured refuses posts: a read is not a graph
@@ -104,10 +91,8 @@
         a thread per queue sleeps in cuEventSynchronize on each launch's
         blocking-sync event, oldest first, and wakes the progress side through
         an eventfd when it completes, so nobody spins. (A host function on a
-        side stream, cuLaunchHostFunc, was measured to fire only once the
-        queue's stream had drained: with four 1 GiB reads queued the first
-        completion reached the host after all four, and the GPU idled until
-        the next post: 10-15% of the speed on one GPU.)
+        side stream, cuLaunchHostFunc, fires only once the queue's stream has
+        drained, so the GPU idled until the next post; README.)
         A read whose kernel was launched cannot be recalled: failing it (peer
         removed, deadline) first waits for that kernel, polling its event with
         sleeps up to 10 s, since CUDA has no timed wait on an event.
@@ -164,6 +149,7 @@ typedef struct kvx__cuda {
     kvx__cuda_fd **owners;      /* accepted connections of readers */
     uint32_t nowners, owners_cap;
     char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    char dir[sizeof(((struct sockaddr_un *)0)->sun_path)];    /* the socket directory in effect */
     uint8_t addr[8 + 8 + 4 + 4 + sizeof(((struct sockaddr_un *)0)->sun_path)];
     uint32_t addr_len;
     struct kvx__cuda_peer **grave;  /* removed peers whose mappings wait for a quiet moment */
@@ -276,10 +262,16 @@ KVX__PRIV int kvx__cuda_watch(kvx__cuda *c, kvx__cuda_fd *f) {
     return epoll_ctl(c->epfd, EPOLL_CTL_ADD, f->fd, &ev);
 }
 
+KVX__PRIV void kvx__cuda_query(const kvx_ctx *ctx, kvx_ctx_desc *out) {
+    const kvx__cuda *c = (const kvx__cuda *)ctx->be;
+    out->cuda.max_blocks = c->max_blocks;
+    out->cuda.socket_dir = c->dir;
+}
+
 KVX__PRIV kvx_status kvx__cuda_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     kvx__cuda *c = (kvx__cuda *)kvx__calloc(1, sizeof *c);
     struct sockaddr_un sa;
-    const char *dir = getenv("KVX_CUDA_SOCKET_DIR");
+    const char *dir = desc->cuda.socket_dir && *desc->cuda.socket_dir ? desc->cuda.socket_dir : getenv("KVX_CUDA_SOCKET_DIR");
     char dbuf[64];
     struct stat stt;
     uint64_t v;
@@ -290,7 +282,7 @@ KVX__PRIV kvx_status kvx__cuda_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     ctx->be = c;
     c->ord = -1;
     c->lfd = c->epfd = c->efd = -1;
-    c->max_blocks = desc->cuda_max_blocks;
+    c->max_blocks = desc->cuda.max_blocks;
     if ((st = kvx__gpu_init(ctx)) != KVX_OK) { kvx__cuda_close(ctx); return st; }
     /* The device: the current context's, if any; else the first cache's. */
     if (cuCtxGetCurrent(&cur) == CUDA_SUCCESS && cur) {
@@ -306,6 +298,7 @@ KVX__PRIV kvx_status kvx__cuda_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
         kvx__cuda_close(ctx);
         return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: %s must be a directory of this user with mode 0700 (set KVX_CUDA_SOCKET_DIR)", dir);
     }
+    kvx__strlcpy(c->dir, dir, sizeof c->dir);
     if ((size_t)snprintf(c->path, sizeof c->path, "%s/%u-%llx.sock", dir, (unsigned)getpid(), (unsigned long long)ctx->epoch) >= sizeof c->path) {
         kvx__cuda_close(ctx);
         return kvx__fail(ctx, KVX_ERR_ARG, "cuda: socket directory %s is too long", dir);
@@ -1507,11 +1500,11 @@ KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
     if ((rc = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) { kvx__cuda_q_fini(q); return kvx__gpu_err(ctx, rc, "cuCtxPushCurrent"); }
     if (q->cuda_stream) {
         cq->s = (CUstream)q->cuda_stream;
-        if ((rc = cuStreamGetCtx(cq->s, &sctx)) != CUDA_SUCCESS) what = "cuStreamGetCtx (kvx_queue_desc.cuda_stream)";
+        if ((rc = cuStreamGetCtx(cq->s, &sctx)) != CUDA_SUCCESS) what = "cuStreamGetCtx (kvx_queue_desc.cuda.stream)";
         else if (sctx != cq->d->pctx) {
             cuCtxPopCurrent(&prev);
             kvx__cuda_q_fini(q);
-            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_queue_create: cuda_stream belongs to another context than the primary context of device %d, "
+            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_queue_create: cuda.stream belongs to another context than the primary context of device %d, "
                              "where this context's copies run", c->ord);
         }
     } else if ((rc = cuStreamCreate(&cq->s, CU_STREAM_NON_BLOCKING)) != CUDA_SUCCESS) what = "cuStreamCreate";
@@ -1541,7 +1534,7 @@ KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
     cq->grid_max = c->max_blocks ? c->max_blocks : KVX__CUDA_DEFAULT_BLOCKS_PER_SM * (uint32_t)cq->d->sms;
     cq->grid_peer = c->max_blocks ? 0u : KVX__CUDA_PEER_BLOCKS_PER_SM * (uint32_t)cq->d->sms;
     if (fit > 0 && cq->grid_max > (uint32_t)fit * (uint32_t)cq->d->sms) {
-        KVX__LOG(ctx, KVX_LOG_INFO, "cuda: cuda_max_blocks %u is more than the %d x %d copy blocks that fit device %d at once: using %d",
+        KVX__LOG(ctx, KVX_LOG_INFO, "cuda: cuda.max_blocks %u is more than the %d x %d copy blocks that fit device %d at once: using %d",
                  cq->grid_max, fit, cq->d->sms, c->ord, fit * cq->d->sms);
         cq->grid_max = (uint32_t)fit * (uint32_t)cq->d->sms;
     }
@@ -1790,7 +1783,7 @@ KVX__PRIV kvx_status kvx__cuda_queue_open(kvx_queue *q) {
     kvx_status st;
     int ord = -1;
     if ((st = kvx__gpu_init(ctx)) == KVX_OK && q->cuda_stream) st = kvx__stream_ordinal(ctx, q->cuda_stream, &ord);
-    if (st == KVX_OK) st = kvx__cuda_bind(ctx, ord, "kvx_queue_create (cuda_stream)");
+    if (st == KVX_OK) st = kvx__cuda_bind(ctx, ord, "kvx_queue_create (cuda.stream)");
     if (st == KVX_OK) st = kvx__stream_alloc(q, kvx__cuda_of(ctx)->ord);
     if (st == KVX_OK) st = kvx__cuda_q_init(q);
     return st;
@@ -1802,6 +1795,7 @@ KVX__PRIV const kvx__backend kvx__cuda_backend = {
     KVX__F(completes_on_gpu) 1,
     KVX__F(open) kvx__cuda_open,
     KVX__F(close) kvx__cuda_close,
+    KVX__F(query) kvx__cuda_query,
     KVX__F(address) kvx__cuda_address,
     KVX__F(mem_register) kvx__cuda_mem_register,
     KVX__F(mem_deregister) kvx__cuda_mem_deregister,

@@ -43,7 +43,7 @@
         slot is re-armed waits for the newer read.
 
         The words exist once a queue has a stream: made with
-        kvx_queue_desc.cuda_stream set (or on the CUDA backend), else at the
+        kvx_queue_desc.cuda.stream set (or on the CUDA backend), else at the
         first kvx_stream_wait outside capture (a capture cannot allocate).
 
     DEADLOCK NOTE: stream memory waits are invisible to CUDA's scheduler. A
@@ -363,7 +363,7 @@ KVX__PRIV kvx_status kvx__stream_wait(kvx_queue *q, kvx_ticket t, void *stream) 
     if (!sq || !sq->words) {
         if (cs != CU_STREAM_CAPTURE_STATUS_NONE) {
             st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_stream_wait: the queue has no completion words yet and a capture cannot allocate them: "
-                           "create it with kvx_queue_desc.cuda_stream, or call kvx_stream_wait once before capturing");
+                           "create it with kvx_queue_desc.cuda.stream, or call kvx_stream_wait once before capturing");
             goto out;
         }
         if ((st = kvx__stream_alloc(q, ord)) != KVX_OK) goto out;
@@ -397,7 +397,7 @@ KVX__PRIV const volatile uint64_t *kvx__stream_status_ptr(kvx_queue *q, kvx_tick
     pthread_mutex_lock(&q->ctx->lock);
     sq = kvx__stream_of(q);
     if (!t || t >= q->next_ticket) kvx__fail(q->ctx, KVX_ERR_ARG, "kvx_stream_status_ptr: ticket %llu was never issued by this queue", (unsigned long long)t);
-    else if (!sq || !sq->words) kvx__fail(q->ctx, KVX_ERR_ARG, "kvx_stream_status_ptr: the queue has no completion words (no cuda_stream, no kvx_stream_wait yet)");
+    else if (!sq || !sq->words) kvx__fail(q->ctx, KVX_ERR_ARG, "kvx_stream_status_ptr: the queue has no completion words (no cuda.stream, no kvx_stream_wait yet)");
     else p = (const volatile uint64_t *)(uintptr_t)(sq->dwords + (t % q->depth) * 8u);
     pthread_mutex_unlock(&q->ctx->lock);
     return p;

@@ -5,12 +5,12 @@
     Link: pkg-config --libs libfabric   (-lfabric). Built and tested with
     libfabric 1.17 (it uses fi_tostr_r, FI_HMEM and fi_mr_regattr's iface).
 
-    PROVIDER. kvx_ctx_desc.provider names it ("tcp", "shm", "efa", ...);
+    PROVIDER. kvx_ctx_desc.ofi.provider names it ("tcp", "shm", "efa", ...);
     libfabric's own $FI_PROVIDER filter applies as always; otherwise the
     first provider fi_getinfo offers wins. kvx asks for FI_EP_RDM with FI_RMA,
     FI_READ and FI_REMOTE_READ, and FI_MSG, FI_SEND, FI_RECV for
     notifications (16-byte messages: no remote CQ data is needed), plus
-    kvx_ctx_desc.ofi_extra_caps. A provider without them is refused by
+    kvx_ctx_desc.ofi.extra_caps. A provider without them is refused by
     kvx_ctx_create, never at the first read, and the message names the
     missing capability ("provider tcp lacks FI_MULTICAST ..."), or the
     mr_mode or mode bits kvx does not handle. Both sides must run the same
@@ -275,6 +275,7 @@ typedef struct kvx__ofi {
     uint64_t mr_mode, max_msg, key_mask, next_key;
     size_t tx_size;
     int hmem, sw, shm;
+    uint64_t extra_caps;        /* kvx_ctx_desc.ofi.extra_caps */
     char prov[64];
     uint8_t *addr;
     uint32_t addr_len;
@@ -612,7 +613,7 @@ KVX__PRIV kvx_status kvx__ofi_refuse(kvx_ctx *ctx, const struct fi_info *hints, 
         fi_tostr_r(a, sizeof a, &missing, FI_TYPE_CAPS);
         st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric %u.%u: %s %s %s with FI_EP_RDM endpoints, which %s",
                        FI_MAJOR(v), FI_MINOR(v), who, pn ? "lacks" : "offers", a,
-                       (missing & extra) == missing ? "kvx_ctx_desc.ofi_extra_caps asks for"
+                       (missing & extra) == missing ? "kvx_ctx_desc.ofi.extra_caps asks for"
                                                     : "kvx needs (FI_RMA, FI_READ, FI_REMOTE_READ for reads; FI_MSG, FI_SEND, FI_RECV for notifications)");
         goto out;
     }
@@ -638,10 +639,20 @@ out:
 }
 
 /* Ask for FI_HMEM where the provider offers it, except shm (see the top). */
-KVX__PRIV int kvx__ofi_want_hmem(const struct fi_info *fi) {
+KVX__PRIV int kvx__ofi_want_hmem(const struct fi_info *fi, int hmem) {
     const char *e = getenv("KVX_OFI_HMEM");
+    if (hmem) return hmem > 0;
     if (e && *e) return strcmp(e, "0") != 0;
     return strcmp(fi->fabric_attr->prov_name, "shm") != 0;
+}
+
+KVX__PRIV void kvx__ofi_query(const kvx_ctx *ctx, kvx_ctx_desc *out) {
+    const kvx__ofi *o = (const kvx__ofi *)ctx->be;
+    out->ofi.provider = o->prov;
+    out->ofi.extra_caps = o->extra_caps;
+    out->ofi.hmem = o->hmem ? 1 : -1;
+    out->ofi.max_msg = o->max_msg;
+    out->ofi.tick_us = (uint32_t)(o->tick_ns / 1000u);
 }
 
 KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
@@ -658,24 +669,24 @@ KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     ctx->be = o;
     o->epfd = o->evfd = o->tfd = o->cq_fd = -1;
     if (!(hints = fi_allocinfo())) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); }
-    hints->caps = KVX__OFI_CAPS | desc->ofi_extra_caps;
+    hints->caps = KVX__OFI_CAPS | desc->ofi.extra_caps;
     hints->mode = FI_CONTEXT | FI_CONTEXT2;
     hints->ep_attr->type = FI_EP_RDM;
     hints->domain_attr->mr_mode = (int)KVX__OFI_MR_MODES;
     hints->domain_attr->threading = FI_THREAD_DOMAIN; /* kvx serializes every call under the context lock */
-    if (desc->provider && *desc->provider && !(hints->fabric_attr->prov_name = kvx__ofi_strdup(desc->provider))) {
+    if (desc->ofi.provider && *desc->ofi.provider && !(hints->fabric_attr->prov_name = kvx__ofi_strdup(desc->ofi.provider))) {
         fi_freeinfo(hints);
         kvx__ofi_close(ctx);
         return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
     }
     ret = fi_getinfo(KVX_OFI_API_VERSION, NULL, NULL, 0, hints, &fi);
     if (ret || !fi) {
-        st = kvx__ofi_refuse(ctx, hints, desc->ofi_extra_caps);
+        st = kvx__ofi_refuse(ctx, hints, desc->ofi.extra_caps);
         fi_freeinfo(hints);
         kvx__ofi_close(ctx);
         return st;
     }
-    if (!(hints->caps & FI_HMEM) && kvx__ofi_want_hmem(fi)) {
+    if (!(hints->caps & FI_HMEM) && kvx__ofi_want_hmem(fi, desc->ofi.hmem)) {
         /* Same provider and domain, with FI_HMEM: taken where offered. */
         struct fi_info *h2 = NULL;
         hints->caps |= FI_HMEM;
@@ -704,8 +715,9 @@ KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     o->mr_mode = (uint64_t)fi->domain_attr->mr_mode | (kvx__ofi_test_mr_mode & (FI_MR_LOCAL | FI_MR_RAW));
     o->key_mask = fi->domain_attr->mr_key_size >= 8 || !fi->domain_attr->mr_key_size ? ~0ull : (1ull << (8 * fi->domain_attr->mr_key_size)) - 1;
     o->max_msg = fi->ep_attr->max_msg_size ? (uint64_t)fi->ep_attr->max_msg_size : (1ull << 30);
-    /* $KVX_OFI_MAX_MSG (bytes) splits reads smaller than the provider asks: for tests */
-    if ((e = getenv("KVX_OFI_MAX_MSG")) != NULL && strtoull(e, NULL, 10) > 0 && strtoull(e, NULL, 10) < o->max_msg)
+    /* Reads split smaller than the provider asks (tests use it): the desc, else $KVX_OFI_MAX_MSG. */
+    if (desc->ofi.max_msg && desc->ofi.max_msg < o->max_msg) o->max_msg = desc->ofi.max_msg;
+    else if (!desc->ofi.max_msg && (e = getenv("KVX_OFI_MAX_MSG")) != NULL && strtoull(e, NULL, 10) > 0 && strtoull(e, NULL, 10) < o->max_msg)
         o->max_msg = strtoull(e, NULL, 10);
     o->tx_size = fi->tx_attr->size ? fi->tx_attr->size : 256;
     if (fi->tx_attr->rma_iov_limit < 1) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric provider %s: rma_iov_limit 0: no RMA", o->prov); }
@@ -759,7 +771,8 @@ KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     o->recv_unposted = KVX__OFI_NRECV;
     kvx__ofi_repost(o);
     /* The event fd: an epoll set of the queues' wait fds (or the tick) and kvx's own wakeup. */
-    if ((e = getenv("KVX_OFI_TICK_US")) != NULL && atoi(e) > 0) tick_us = (uint32_t)atoi(e);
+    if (desc->ofi.tick_us) tick_us = desc->ofi.tick_us;
+    else if ((e = getenv("KVX_OFI_TICK_US")) != NULL && atoi(e) > 0) tick_us = (uint32_t)atoi(e);
     o->epfd = epoll_create1(EPOLL_CLOEXEC);
     o->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     o->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
@@ -769,6 +782,7 @@ KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
         return st;
     }
     o->tick_ns = (uint64_t)tick_us * 1000u;
+    o->extra_caps = desc->ofi.extra_caps;
     kvx__ofi_epoll(o, o->evfd, 1);
     kvx__ofi_epoll(o, o->tfd, 1);
     if (o->wait_fd) kvx__ofi_epoll(o, o->cq_fd, 1);
@@ -1014,7 +1028,7 @@ KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
         return kvx__fail(ctx, KVX_ERR_ARG, "ofi: the address of %s/%d is malformed (endpoint name of %u bytes in %u)", p->name, p->rank, nlen, p->addr_len);
     if (strcmp(pprov, o->prov))
         return kvx__fail(ctx, KVX_ERR_MISMATCH, "ofi: %s/%d runs libfabric provider %s, this context %s: give both sides the same provider "
-                         "(kvx_ctx_desc.provider or FI_PROVIDER)", p->name, p->rank, pprov, o->prov);
+                         "(kvx_ctx_desc.ofi.provider or FI_PROVIDER)", p->name, p->rank, pprov, o->prov);
     pe = (kvx__ofi_pep *)kvx__calloc(1, sizeof *pe);
     if (!pe) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
     pe->peer = p;
@@ -1407,6 +1421,7 @@ KVX__PRIV const kvx__backend kvx__ofi_backend = {
     KVX__F(completes_on_gpu) 0,
     KVX__F(open) kvx__ofi_open,
     KVX__F(close) kvx__ofi_close,
+    KVX__F(query) kvx__ofi_query,
     KVX__F(address) kvx__ofi_address,
     KVX__F(mem_register) kvx__ofi_mem_register,
     KVX__F(mem_deregister) kvx__ofi_mem_deregister,

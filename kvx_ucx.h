@@ -500,6 +500,7 @@ KVX__PRIV const kvx__backend kvx__ucx_backend = {
     KVX__F(completes_on_gpu) 0,
     KVX__F(open) kvx__ucx_open,
     KVX__F(close) kvx__ucx_close,
+    KVX__F(query) NULL,
     KVX__F(address) kvx__ucx_address,
     KVX__F(mem_register) kvx__ucx_mem_register,
     KVX__F(mem_deregister) kvx__ucx_mem_deregister,

@@ -82,15 +82,13 @@ KVX__PRIV uint64_t kvx__ucx_get_new(kvx_ctx *ctx) {
     uint32_t i;
     if (!u->nfree) {
         uint32_t n = u->ngets ? 2 * u->ngets : 256, k;
-        /* KVX_MALLOC has no realloc: grow by copying */
-        kvx__ucx_get *ng = (kvx__ucx_get *)kvx__calloc(n, sizeof *ng);
-        uint32_t *nf = (uint32_t *)kvx__calloc(n, sizeof *nf);
-        if (!ng || !nf) { KVX_FREE(ng); KVX_FREE(nf); return 0; }
-        if (u->ngets) memcpy(ng, u->gets, (size_t)u->ngets * sizeof *ng);
-        KVX_FREE(u->gets);
-        KVX_FREE(u->free_gets);
+        kvx__ucx_get *ng = (kvx__ucx_get *)KVX_REALLOC(u->gets, (size_t)n * sizeof *ng);
+        uint32_t *nf;
+        if (!ng) return 0;
         u->gets = ng;
+        if (!(nf = (uint32_t *)KVX_REALLOC(u->free_gets, (size_t)n * sizeof *nf))) return 0;
         u->free_gets = nf;
+        memset(u->gets + u->ngets, 0, (size_t)(n - u->ngets) * sizeof *ng);
         for (k = n; k > u->ngets; k--) u->free_gets[u->nfree++] = k - 1;
         u->ngets = n;
     }

@@ -207,7 +207,7 @@ KVX__PRIV kvx_status kvx__md_parse(kvx_ctx *ctx, const uint8_t *md, size_t len, 
         return kvx__fail(ctx, KVX_ERR_CORRUPT, "metadata: checksum 0x%08x, computed 0x%08x: the blob was corrupted", crc, want);
     if (kind != (uint32_t)ctx->be_ops->kind)
         return kvx__fail(ctx, KVX_ERR_MISMATCH, "metadata: backend %u (%s), this context runs %u (%s)", kind,
-                         kind == KVX_BACKEND_UCX ? "ucx" : kind == KVX_BACKEND_OFI ? "ofi" : kind == KVX_BACKEND_CUDA ? "cuda" : "unknown",
+                         kvx_backend_name((kvx_backend)kind),
                          (unsigned)ctx->be_ops->kind, ctx->be_ops->name);
     p->epoch = kvx__get_u(&r, 8);
     p->rank = (int)(uint32_t)kvx__get_u(&r, 4);
@@ -270,7 +270,7 @@ KVX__PRIV int kvx__notify_msg_read(const uint8_t *m, uint64_t *id, uint32_t *ran
 typedef struct kvx__get_req { uint64_t id, raddr, len, off, ttl_ns, count, rstride; } kvx__get_req;
 typedef struct kvx__get_rep { uint64_t id, off, len; uint32_t status; } kvx__get_rep;
 
-KVX__PRIV void kvx__get_hdr_write(kvx__wbuf *w, uint8_t *buf, uint32_t cap, uint32_t type) {
+KVX__PRIV_MAYBE void kvx__get_hdr_write(kvx__wbuf *w, uint8_t *buf, uint32_t cap, uint32_t type) {
     memset(w, 0, sizeof *w);
     w->p = buf; w->cap = cap;
     kvx__put_u(w, KVX__GET_MAGIC, 4);
@@ -279,7 +279,7 @@ KVX__PRIV void kvx__get_hdr_write(kvx__wbuf *w, uint8_t *buf, uint32_t cap, uint
 }
 /* 1: a header of this type and version; 0 else, *ver the version found
    when the magic was kvx's (0 when it was not). */
-KVX__PRIV int kvx__get_hdr_read(kvx__rbuf *r, const uint8_t *buf, size_t len, uint32_t want_len, uint32_t type, uint32_t *ver) {
+KVX__PRIV_MAYBE int kvx__get_hdr_read(kvx__rbuf *r, const uint8_t *buf, size_t len, uint32_t want_len, uint32_t type, uint32_t *ver) {
     uint32_t magic, v, t;
     memset(r, 0, sizeof *r);
     r->p = buf; r->len = len;
@@ -289,26 +289,26 @@ KVX__PRIV int kvx__get_hdr_read(kvx__rbuf *r, const uint8_t *buf, size_t len, ui
     *ver = !r->bad && magic == KVX__GET_MAGIC ? v : 0;
     return !r->bad && magic == KVX__GET_MAGIC && v == KVX__GET_VERSION && t == type && len == want_len;
 }
-KVX__PRIV void kvx__get_req_write(uint8_t *buf, const kvx__get_req *q) {
+KVX__PRIV_MAYBE void kvx__get_req_write(uint8_t *buf, const kvx__get_req *q) {
     kvx__wbuf w;
     kvx__get_hdr_write(&w, buf, KVX__GET_REQ_BYTES, KVX__GET_REQ);
     kvx__put_u(&w, q->id, 8); kvx__put_u(&w, q->raddr, 8); kvx__put_u(&w, q->len, 8); kvx__put_u(&w, q->off, 8);
     kvx__put_u(&w, q->ttl_ns, 8); kvx__put_u(&w, q->count, 8); kvx__put_u(&w, q->rstride, 8);
 }
-KVX__PRIV int kvx__get_req_read(const uint8_t *buf, size_t len, kvx__get_req *q, uint32_t *ver) {
+KVX__PRIV_MAYBE int kvx__get_req_read(const uint8_t *buf, size_t len, kvx__get_req *q, uint32_t *ver) {
     kvx__rbuf r;
     if (!kvx__get_hdr_read(&r, buf, len, KVX__GET_REQ_BYTES, KVX__GET_REQ, ver)) return 0;
     q->id = kvx__get_u(&r, 8); q->raddr = kvx__get_u(&r, 8); q->len = kvx__get_u(&r, 8); q->off = kvx__get_u(&r, 8);
     q->ttl_ns = kvx__get_u(&r, 8); q->count = kvx__get_u(&r, 8); q->rstride = kvx__get_u(&r, 8);
     return !r.bad;
 }
-KVX__PRIV void kvx__get_rep_write(uint8_t *buf, const kvx__get_rep *p) {
+KVX__PRIV_MAYBE void kvx__get_rep_write(uint8_t *buf, const kvx__get_rep *p) {
     kvx__wbuf w;
     kvx__get_hdr_write(&w, buf, KVX__GET_REP_BYTES, KVX__GET_REP);
     kvx__put_u(&w, p->id, 8); kvx__put_u(&w, p->off, 8); kvx__put_u(&w, p->len, 8);
     kvx__put_u(&w, p->status, 4); kvx__put_u(&w, 0, 4);
 }
-KVX__PRIV int kvx__get_rep_read(const uint8_t *buf, size_t len, kvx__get_rep *p, uint32_t *ver) {
+KVX__PRIV_MAYBE int kvx__get_rep_read(const uint8_t *buf, size_t len, kvx__get_rep *p, uint32_t *ver) {
     kvx__rbuf r;
     if (!kvx__get_hdr_read(&r, buf, len, KVX__GET_REP_BYTES, KVX__GET_REP, ver)) return 0;
     p->id = kvx__get_u(&r, 8); p->off = kvx__get_u(&r, 8); p->len = kvx__get_u(&r, 8);

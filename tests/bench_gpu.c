@@ -11,7 +11,7 @@
     2. Latency: kvx_post to the waiting stream resuming (a stream write after
        kvx_stream_wait, seen by the host), one block of every layer, for the
        CUDA backend and for a UCX read of host memory.
-    3. The thread-block cap (kvx_ctx_desc.cuda_max_blocks) against copy speed.
+    3. The thread-block cap (kvx_ctx_desc.cuda.max_blocks) against copy speed.
     4. How much a stream of arithmetic kernels that fill the GPU slows down
        while copies run beside it, per cap, and what the copies get.
     5. What verify mode costs (kvx_read.verify): the same reads unverified,
@@ -81,7 +81,7 @@ static void side_open(side *d, int backend, const kvx_layout *l, int rank, int t
     memset(d, 0, sizeof *d);
     memset(&cd, 0, sizeof cd);
     cd.name = "decode"; cd.tp_rank = rank; cd.tp_size = tp; cd.backend = (kvx_backend)backend;
-    cd.cuda_max_blocks = max_blocks;
+    cd.cuda.max_blocks = max_blocks;
     cd.progress_thread = backend == KVX_BACKEND_UCX;
     cuCtxSetCurrent(ctx_dec);
     if (kvx_ctx_create(&cd, &d->ctx) != KVX_OK) die(kvx_ctx_error(NULL));
@@ -97,7 +97,7 @@ static void side_open(side *d, int backend, const kvx_layout *l, int rank, int t
     }
     if (kvx_cache_register(d->ctx, &c, &d->cache) != KVX_OK) die(kvx_ctx_error(d->ctx));
     memset(&qd, 0, sizeof qd);
-    qd.cuda_stream = stream;
+    qd.cuda.stream = stream;
     if (kvx_queue_create(d->ctx, &qd, &d->q) != KVX_OK) die(kvx_ctx_error(d->ctx));
     if (kvx_peer_add(d->ctx, md, len, &d->peer) != KVX_OK) die(kvx_ctx_error(d->ctx));
 }
@@ -404,7 +404,7 @@ int main(int argc, char **argv) {
     {
         uint32_t caps[4], c, z;
         caps[0] = (uint32_t)sms / 4; caps[1] = (uint32_t)sms / 2; caps[2] = (uint32_t)sms; caps[3] = 0;
-        printf("\nthread-block cap (kvx_ctx_desc.cuda_max_blocks, 256 threads each; at most 2 fit an SM), kvx GB/s, HND random, 1 GiB reads, 4 in flight:\n");
+        printf("\nthread-block cap (kvx_ctx_desc.cuda.max_blocks, 256 threads each; at most 2 fit an SM), kvx GB/s, HND random, 1 GiB reads, 4 in flight:\n");
         printf("| block | cap %u | cap %u | cap %u | default (%u) |\n|---|---|---|---|---|\n", caps[0], caps[1], caps[2], (two ? 1u : 2u) * (uint32_t)sms);
         for (z = 0; z < 2 && !quick; z++) {
             uint32_t k = z ? 256u : 4u, nb = (uint32_t)((2ull << 30) / (2ull * LAYERS * ((uint64_t)k << 10))), n = nb / 2;

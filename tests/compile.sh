@@ -26,5 +26,7 @@ run cxx-impl-c-user "c++ -std=c++17 $W $defs -x c++ -c tests/compile/impl.c -o $
 run static-c99 "cc -std=c99 $W $defs tests/compile/static.c -o $out/static-c99.bin $libs"
 run static-cxx17 "c++ -std=c++17 $W $defs -x c++ tests/compile/static.c -o $out/static-cxx17.bin $libs"
 try header-only-c89-decls cc -std=c99 $W -fsyntax-only -x c kvx.h
+# A partial allocator override is a compile error that says what to define.
+try partial-allocator-refused bash -c "cc -std=c99 $W $defs -DKVX_FREE=free -c tests/compile/impl.c -o $out/partial.o 2>&1 | grep -q 'define all of KVX_MALLOC, KVX_REALLOC and KVX_FREE'"
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]

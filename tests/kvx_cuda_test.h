@@ -269,7 +269,7 @@ typedef struct kvx_tc_owner_args {
     int progress;               /* 1: a progress thread; 0: kvx_progress here until kvx_tc_stall */
     uint64_t seed;
     uint32_t fill_blocks;       /* blocks [0, fill_blocks) get the pattern; 0: all */
-    uint32_t max_blocks;        /* kvx_ctx_desc.cuda_max_blocks */
+    uint32_t max_blocks;        /* kvx_ctx_desc.cuda.max_blocks */
     int checksums;              /* 1: register with checksums and seal the filled blocks */
     kvx_layout lay;
 } kvx_tc_owner_args;
@@ -372,7 +372,7 @@ static inline int kvx_tc_serve(const char *hex, int fd) {
     cd.tp_size = a.tp;
     cd.backend = (kvx_backend)a.backend;
     cd.progress_thread = a.progress;
-    cd.cuda_max_blocks = a.max_blocks;
+    cd.cuda.max_blocks = a.max_blocks;
     if ((st = kvx_ctx_create(&cd, &ctx)) != KVX_OK) { fprintf(stderr, "owner: %s\n", kvx_ctx_error(NULL)); return 2; }
     d = a.gpu ? kvx_ex_gpu_desc(&g) : kvx_ex_cache_desc(&h);
     d.checksums = a.checksums;

@@ -314,7 +314,7 @@ static void case_reads(int kind, int dkind, kvx_order order, int ptp, int dtp, i
             if (kvx_tc_load(&kdec)) { T_FAILF("test kernels on GPU %d: %s", dev_dec, kvx_ex_gpu_err); return; }
             kdec_dev = dev_dec;
         }
-        qd.cuda_stream = s1;
+        qd.cuda.stream = s1;
     }
     for (k = 0; k < ptp; k++) {
         kvx_tc_owner_args a = owner_args(KVX_BACKEND_CUDA, 1, dev_owner, kind, k, ptp, order);
@@ -443,7 +443,7 @@ static int sw_open(sw *w, uint32_t depth, uint32_t max_ops) {
     memset(&qd, 0, sizeof qd);
     qd.depth = depth;
     qd.max_ops = max_ops;
-    qd.cuda_stream = w->s1;
+    qd.cuda.stream = w->s1;
     if (dec_open(&w->d, 0, 0, 1, KVX_ORDER_HND, KVX_EX_CUMEMALLOC, &qd)) { free(md); return -1; }
     w->peer = add_peer(w->d.ctx, md, len);
     free(md);
@@ -507,7 +507,7 @@ static void case_verify(void) {
     if (kvx_ex_gpu_init(0, NULL) || kvx_ex_cu(cuStreamCreate(&s1, CU_STREAM_NON_BLOCKING), "stream") ||
         kvx_ex_cu(cuStreamCreate(&s2, CU_STREAM_NON_BLOCKING), "stream") || kvx_ex_cu(cuMemAlloc(&out, 16), "cuMemAlloc")) { T_FAILF("%s", kvx_ex_gpu_err); goto out; }
     memset(&qd, 0, sizeof qd);
-    qd.cuda_stream = s1;
+    qd.cuda.stream = s1;
     dec_checksums = 1;
     if (dec_open(&d, 0, 1, 2, KVX_ORDER_NHD, KVX_EX_CUMEMALLOC, &qd)) { dec_checksums = 0; goto out; }  /* TP 1->2: half the heads */
     dec_checksums = 0;
@@ -746,7 +746,7 @@ static void case_ucx_stream(int fail) {
     c = kvx_ex_cache_desc(&h);
     if (kvx_cache_register(ctx, &c, &cache) != KVX_OK) { T_FAILF("register: %s", kvx_ctx_error(ctx)); goto out; }
     memset(&qd, 0, sizeof qd);
-    qd.cuda_stream = s1;
+    qd.cuda.stream = s1;
     if (kvx_queue_create(ctx, &qd, &q) != KVX_OK) { T_FAILF("queue: %s", kvx_ctx_error(ctx)); goto out; }
     if (!(p = add_peer(ctx, md, len))) goto out;
     kvx_ex_block_table(src, 24, NB, 1, 51, 0);

@@ -39,9 +39,9 @@ static kvx_status mk_ctx(const char *prov, const char *name, int thread, uint64_
     kvx_ctx_desc d;
     memset(&d, 0, sizeof d);
     d.name = name;
-    d.provider = prov;
+    d.ofi.provider = prov;
     d.progress_thread = thread;
-    d.ofi_extra_caps = extra;
+    d.ofi.extra_caps = extra;
     d.log_level = KVX_LOG_OFF;
     d.backend = KVX_BACKEND_OFI;
     return kvx_ctx_create(&d, out);
@@ -112,7 +112,7 @@ static void run_provider(const char *prov) {
         T_ST(mk_ctx(prov, "x", 0, FI_MULTICAST, &c), KVX_ERR_UNSUPPORTED);
         T_CHECK(c == NULL);
         T_HAS(kvx_ctx_error(NULL), "FI_MULTICAST");
-        T_HAS(kvx_ctx_error(NULL), "ofi_extra_caps");
+        T_HAS(kvx_ctx_error(NULL), "ofi.extra_caps");
         printf("  %s\n", kvx_ctx_error(NULL));
         T_ST(mk_ctx(prov, "x", 0, FI_TAGGED | FI_MULTICAST, &c), KVX_ERR_UNSUPPORTED);
         T_HAS(kvx_ctx_error(NULL), "FI_MULTICAST");

@@ -32,7 +32,16 @@ static void count_free(void *q) {
     __atomic_sub_fetch(&kvx_live_bytes, (long long)p[0], __ATOMIC_RELAXED);
     free(p);
 }
+static void *count_realloc(void *q, size_t n) {
+    size_t *p = q ? (size_t *)((char *)q - 16) : NULL, old = p ? p[0] : 0;
+    if (!(p = (size_t *)realloc(p, n + 16))) return NULL;
+    p[0] = n;
+    if (!q) __atomic_add_fetch(&kvx_live_allocs, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&kvx_live_bytes, (long long)n - (long long)old, __ATOMIC_RELAXED);
+    return (char *)p + 16;
+}
 #define KVX_MALLOC(sz) count_malloc(sz)
+#define KVX_REALLOC(p, sz) count_realloc((p), (sz))
 #define KVX_FREE(p) count_free(p)
 #define KVX_IMPLEMENTATION
 #include "../kvx.h"

@@ -1,7 +1,5 @@
-/* The one translation unit with the implementation (compiled as C99 and as C++). */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
+/* The one translation unit with the implementation (compiled as C99 and as
+   C++), with kvx.h as its first include and no feature macros of its own. */
 #define KVX_IMPLEMENTATION
 #include "../../kvx.h"
 #include "../../kvx.h" /* twice: harmless */
