@@ -816,7 +816,9 @@ KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx) {
 #if defined(KVX_CUDA)
 #  include "kvx_cuda.h"
 #endif
+#include "kvx_local.h"
 
+/* KVX_BACKEND_DEFAULT takes the first network backend here; local only when asked for. */
 KVX__PRIV const kvx__backend *kvx__backends[] = {
 #if defined(KVX_UCX)
     &kvx__ucx_backend,
@@ -827,6 +829,7 @@ KVX__PRIV const kvx__backend *kvx__backends[] = {
 #if defined(KVX_CUDA)
     &kvx__cuda_backend,
 #endif
+    &kvx__local_backend,
     NULL
 };
 #if !defined(KVX__STREAM_SERVICE)
@@ -1063,7 +1066,7 @@ KVX_API kvx_status kvx_ctx_create(const kvx_ctx_desc *desc_in, kvx_ctx **out) {
         st = kvx__fail(ctx, KVX_ERR_ARG, "tp_rank %d is outside [0, tp_size %d)", ctx->rank, ctx->tp_size);
     if (st == KVX_OK) {
         for (i = 0; kvx__backends[i]; i++)
-            if (desc.backend == KVX_BACKEND_DEFAULT || kvx__backends[i]->kind == desc.backend) break;
+            if (desc.backend == KVX_BACKEND_DEFAULT ? kvx__backends[i]->kind != KVX_BACKEND_LOCAL : kvx__backends[i]->kind == desc.backend) break;
         if (!kvx__backends[i])
             st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "backend %d (%s) is not compiled in: define %s when compiling KVX_IMPLEMENTATION",
                            (int)desc.backend, kvx_backend_name(desc.backend), desc.backend == KVX_BACKEND_UCX ? "KVX_UCX" : desc.backend == KVX_BACKEND_OFI ? "KVX_OFI" :

@@ -1,0 +1,425 @@
+/* SPDX-License-Identifier: MIT */
+/*
+    kvx_local.h -- the local backend: reads between contexts of one process
+    by memcpy. Always compiled (kvx_ctx_desc.backend = KVX_BACKEND_LOCAL);
+    included by kvx.h inside its implementation; do not include it yourself.
+
+    For an engine's own unit tests without a network, and for measuring
+    kvx's own cost apart from a transport's. It keeps the whole contract, as
+    a software-served transport does: a read's ops wait in the owner's queue
+    until the OWNER progresses (its progress thread or kvx_progress), so a
+    stalled owner makes reads time out, deadlines and abandon apply, and a
+    destroyed owner fails its readers with KVX_ERR_PEER. Notifications go
+    through the owner's progress too. The owner checks every range against
+    the memory it registered, as kvx's UCX get does. Host memory only.
+    kvx_peer_transport() says "local:memcpy".
+
+    The contexts of the process share one registry under one mutex: the
+    queues of ops and notifications, and each context's registered ranges.
+    A memcpy runs under that mutex, so deregistration waits for it.
+*/
+#ifndef KVX_LOCAL_INCLUDED
+#define KVX_LOCAL_INCLUDED
+
+#include <sys/eventfd.h>
+
+#define KVX__LOCAL_FREE_OPS 1024u       /* ops kept for reuse per context: the transfer path does not allocate once warm */
+
+typedef struct kvx__local kvx__local;
+
+/* One op on its way: in the owner's todo list, then the reader's done list. */
+typedef struct kvx__local_op {
+    struct kvx__local_op *next;
+    kvx__local *reader;
+    kvx__read *rd;              /* NULL: a notification (msg) */
+    kvx_peer *peer;             /* the reader's peer object for the owner */
+    kvx__op op;
+    kvx_status st;
+    const char *why;
+    uint8_t msg[KVX__NOTIFY_BYTES];
+} kvx__local_op;
+
+struct kvx__local {
+    kvx__local *next;           /* the registry */
+    kvx_ctx *ctx;
+    uint64_t id;
+    int efd;
+    kvx__local_op *todo, **todo_tail;   /* to serve, as owner, in order */
+    kvx__local_op *done;                /* to report, as reader */
+    kvx__local_op *spare;               /* for reuse */
+    uint32_t nspare;
+    uint64_t *ranges;           /* registered [a, b) pairs */
+    uint32_t nranges, ranges_cap;
+};
+
+static pthread_mutex_t kvx__local_mu = PTHREAD_MUTEX_INITIALIZER;
+static kvx__local *kvx__local_all;
+static uint64_t kvx__local_next_id;
+
+KVX__PRIV kvx__local *kvx__local_of(const kvx_ctx *ctx) { return (kvx__local *)ctx->be; }
+
+KVX__PRIV kvx__local *kvx__local_find(uint64_t id) {
+    kvx__local *l;
+    for (l = kvx__local_all; l && l->id != id; l = l->next) {}
+    return l;
+}
+
+KVX__PRIV void kvx__local_wake(kvx__local *l) {
+    uint64_t one = 1;
+    if (write(l->efd, &one, sizeof one) < 0) {}  /* full counter: a wakeup is pending anyway */
+}
+
+/* With kvx__local_mu held. */
+KVX__PRIV kvx__local_op *kvx__local_op_new(kvx__local *l) {
+    kvx__local_op *o = l->spare;
+    if (o) { l->spare = o->next; l->nspare--; }
+    else if (!(o = (kvx__local_op *)KVX_MALLOC(sizeof *o))) return NULL;
+    memset(o, 0, sizeof *o);
+    return o;
+}
+KVX__PRIV void kvx__local_op_free(kvx__local *l, kvx__local_op *o) {
+    if (l->nspare < KVX__LOCAL_FREE_OPS) { o->next = l->spare; l->spare = o; l->nspare++; }
+    else KVX_FREE(o);
+}
+
+/* Hand an op to its reader's done list (with kvx__local_mu held). */
+KVX__PRIV void kvx__local_finish(kvx__local_op *o, kvx_status st, const char *why) {
+    o->st = st;
+    o->why = why;
+    o->next = o->reader->done;
+    o->reader->done = o;
+    kvx__local_wake(o->reader);
+}
+
+KVX__PRIV int kvx__local_owned(const kvx__local *l, uint64_t a, uint64_t len) {
+    uint32_t i;
+    for (i = 0; i < l->nranges; i++)
+        if (a >= l->ranges[2 * i] && len <= l->ranges[2 * i + 1] - l->ranges[2 * i] && a - l->ranges[2 * i] <= l->ranges[2 * i + 1] - l->ranges[2 * i] - len) return 1;
+    return 0;
+}
+
+/*--- context ----------------------------------------------------------------*/
+
+KVX__PRIV void kvx__local_close(kvx_ctx *ctx) {
+    kvx__local *l = kvx__local_of(ctx), **pp, *r;
+    kvx__local_op *o;
+    if (!l) return;
+    pthread_mutex_lock(&kvx__local_mu);
+    for (pp = &kvx__local_all; *pp; pp = &(*pp)->next)
+        if (*pp == l) { *pp = l->next; break; }
+    /* Reads still waiting on this owner fail: their readers learn it. */
+    while ((o = l->todo) != NULL) {
+        l->todo = o->next;
+        if (o->rd) kvx__local_finish(o, KVX_ERR_PEER, "the owner's context was destroyed");
+        else kvx__local_op_free(o->reader, o);
+    }
+    /* Completions for this reader that it never took, and ops others still
+       hold for it, can no longer be reported: drop them. */
+    while ((o = l->done) != NULL) { l->done = o->next; KVX_FREE(o); }
+    for (r = kvx__local_all; r; r = r->next) {
+        kvx__local_op **op = &r->todo, *n;
+        while (*op) {
+            n = *op;
+            if (n->reader == l) { *op = n->next; KVX_FREE(n); }
+            else op = &n->next;
+        }
+        for (r->todo_tail = &r->todo; *r->todo_tail; r->todo_tail = &(*r->todo_tail)->next) {}
+    }
+    pthread_mutex_unlock(&kvx__local_mu);
+    while ((o = l->spare) != NULL) { l->spare = o->next; KVX_FREE(o); }
+    if (l->efd >= 0) close(l->efd);
+    KVX_FREE(l->ranges);
+    KVX_FREE(l);
+    ctx->be = NULL;
+}
+
+KVX__PRIV kvx_status kvx__local_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
+    kvx__local *l = (kvx__local *)kvx__calloc(1, sizeof *l);
+    (void)desc;
+    if (!l) return kvx__fail(ctx, KVX_ERR_NOMEM, "local: out of memory");
+    ctx->be = l;
+    l->ctx = ctx;
+    l->todo_tail = &l->todo;
+    if ((l->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0) {
+        kvx__local_close(ctx);
+        return kvx__fail(ctx, KVX_ERR_BACKEND, "local: eventfd: %s", strerror(errno));
+    }
+    pthread_mutex_lock(&kvx__local_mu);
+    l->id = ++kvx__local_next_id;
+    l->next = kvx__local_all;
+    kvx__local_all = l;
+    pthread_mutex_unlock(&kvx__local_mu);
+    return KVX_OK;
+}
+
+/* The address: this process and the context's id in it. */
+KVX__PRIV kvx_status kvx__local_address(kvx_ctx *ctx, const uint8_t **addr, uint32_t *len) {
+    static KVX__TLS uint8_t buf[12];
+    kvx__wbuf w;
+    memset(&w, 0, sizeof w);
+    w.p = buf; w.cap = sizeof buf;
+    kvx__put_u(&w, (uint32_t)getpid(), 4);
+    kvx__put_u(&w, kvx__local_of(ctx)->id, 8);
+    *addr = buf;
+    *len = (uint32_t)sizeof buf;
+    return KVX_OK;
+}
+
+/*--- memory -----------------------------------------------------------------*/
+
+KVX__PRIV kvx_status kvx__local_mem_register(kvx_ctx *ctx, const kvx__cache_info *ci, kvx__region *r) {
+    kvx__local *l = kvx__local_of(ctx);
+    kvx_status st = KVX_OK;
+    if (ci->mem != KVX_MEM_HOST)
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "local: the local backend copies host memory; GPU caches need KVX_CUDA (KVX_BACKEND_CUDA)");
+    pthread_mutex_lock(&kvx__local_mu);
+    if (l->nranges == l->ranges_cap) {
+        uint32_t cap = l->ranges_cap ? 2 * l->ranges_cap : 16;
+        uint64_t *n = (uint64_t *)KVX_REALLOC(l->ranges, (size_t)cap * 2 * sizeof *n);
+        if (!n) st = kvx__fail(ctx, KVX_ERR_NOMEM, "local: out of memory");
+        else { l->ranges = n; l->ranges_cap = cap; }
+    }
+    if (st == KVX_OK) {
+        l->ranges[2 * l->nranges] = r->addr;
+        l->ranges[2 * l->nranges + 1] = r->addr + r->len;
+        l->nranges++;
+        r->rkey = (uint8_t *)KVX_MALLOC(1);
+        r->rkey_len = 0;
+        if (!r->rkey) st = kvx__fail(ctx, KVX_ERR_NOMEM, "local: out of memory");
+    }
+    pthread_mutex_unlock(&kvx__local_mu);
+    return st;
+}
+
+/* Under the registry's mutex: no memcpy from it runs once this returns. */
+KVX__PRIV void kvx__local_mem_deregister(kvx_ctx *ctx, kvx__region *r) {
+    kvx__local *l = kvx__local_of(ctx);
+    uint32_t i;
+    pthread_mutex_lock(&kvx__local_mu);
+    for (i = 0; i < l->nranges; i++)
+        if (l->ranges[2 * i] == r->addr && l->ranges[2 * i + 1] == r->addr + r->len) {
+            l->ranges[2 * i] = l->ranges[2 * (l->nranges - 1)];
+            l->ranges[2 * i + 1] = l->ranges[2 * (l->nranges - 1) + 1];
+            l->nranges--;
+            break;
+        }
+    pthread_mutex_unlock(&kvx__local_mu);
+}
+
+/*--- peers ------------------------------------------------------------------*/
+
+KVX__PRIV kvx_status kvx__local_connect(kvx_ctx *ctx, kvx_peer *p) {
+    kvx__rbuf r;
+    uint32_t pid;
+    uint64_t id;
+    int alive;
+    memset(&r, 0, sizeof r);
+    r.p = p->addr; r.len = p->addr_len;
+    pid = (uint32_t)kvx__get_u(&r, 4);
+    id = kvx__get_u(&r, 8);
+    if (r.bad || r.off != r.len) return kvx__fail(ctx, KVX_ERR_ARG, "local: peer %s/%d: an address of %u bytes, not 12", p->name, p->rank, p->addr_len);
+    if (pid != (uint32_t)getpid())
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "local: peer %s/%d lives in process %u, this is %u: the local backend reads within one process",
+                         p->name, p->rank, pid, (unsigned)getpid());
+    pthread_mutex_lock(&kvx__local_mu);
+    alive = kvx__local_find(id) != NULL;
+    pthread_mutex_unlock(&kvx__local_mu);
+    if (!alive) return kvx__fail(ctx, KVX_ERR_PEER, "local: peer %s/%d: its context was destroyed", p->name, p->rank);
+    p->be = (void *)(uintptr_t)id;
+    kvx__strlcpy(p->transport, "local:memcpy", sizeof p->transport);
+    return KVX_OK;
+}
+
+/* Take back every op of this reader to p that is not done yet, and every
+   completion not yet reported; report them all now. */
+KVX__PRIV void kvx__local_recall(kvx_ctx *ctx, kvx_peer *p, kvx__read *rd, kvx_status st, const char *why) {
+    kvx__local *me = kvx__local_of(ctx), *owner;
+    kvx__local_op *taken = NULL, **op, *o;
+    pthread_mutex_lock(&kvx__local_mu);
+    if ((owner = kvx__local_find((uint64_t)(uintptr_t)p->be)) != NULL) {
+        for (op = &owner->todo; *op;) {
+            o = *op;
+            if (o->reader == me && o->peer == p && o->rd && (!rd || o->rd == rd)) { *op = o->next; o->next = taken; taken = o; }
+            else op = &o->next;
+        }
+        for (owner->todo_tail = &owner->todo; *owner->todo_tail; owner->todo_tail = &(*owner->todo_tail)->next) {}
+    }
+    for (op = &me->done; *op;) {
+        o = *op;
+        if (o->peer == p && o->rd && (!rd || o->rd == rd)) { *op = o->next; o->next = taken; taken = o; }
+        else op = &o->next;
+    }
+    pthread_mutex_unlock(&kvx__local_mu);
+    while ((o = taken) != NULL) {
+        kvx__read *r = o->rd;
+        taken = o->next;
+        pthread_mutex_lock(&kvx__local_mu);
+        kvx__local_op_free(me, o);
+        pthread_mutex_unlock(&kvx__local_mu);
+        kvx__op_done(r, st, why);
+    }
+}
+
+KVX__PRIV void kvx__local_disconnect(kvx_ctx *ctx, kvx_peer *p) {
+    if (!p->be) return;
+    kvx__local_recall(ctx, p, NULL, KVX_ERR_CANCELED, "canceled");
+    p->be = NULL;
+}
+
+/* A read past its deadline: its ops not yet copied are taken back. */
+KVX__PRIV void kvx__local_abandon(kvx_ctx *ctx, kvx__read *rd) {
+    if (rd->peer->be) kvx__local_recall(ctx, rd->peer, rd, KVX_ERR_TIMEOUT, "timed out");
+}
+
+/*--- reads and notifications --------------------------------------------------*/
+
+/* Queue an op of rd (or, rd NULL, a notification msg) for the owner of p;
+   KVX_ERR_PEER if the owner is gone. */
+KVX__PRIV kvx_status kvx__local_send(kvx_ctx *ctx, kvx_peer *p, kvx__read *rd, const kvx__op *op, const uint8_t *msg) {
+    kvx__local *me = kvx__local_of(ctx), *owner;
+    kvx__local_op *o;
+    kvx_status st = KVX_OK;
+    pthread_mutex_lock(&kvx__local_mu);
+    if (!(owner = kvx__local_find((uint64_t)(uintptr_t)p->be))) st = KVX_ERR_PEER;
+    else if (!(o = kvx__local_op_new(me))) st = KVX_ERR_NOMEM;
+    else {
+        o->reader = me;
+        o->rd = rd;
+        o->peer = p;
+        if (op) o->op = *op;
+        else memcpy(o->msg, msg, sizeof o->msg);
+        *owner->todo_tail = o;
+        owner->todo_tail = &o->next;
+        kvx__local_wake(owner);
+    }
+    pthread_mutex_unlock(&kvx__local_mu);
+    if (st == KVX_ERR_PEER) return kvx__fail(ctx, st, "local: peer %s/%d: its context was destroyed", p->name, p->rank);
+    if (st == KVX_ERR_NOMEM) return kvx__fail(ctx, st, "local: out of memory");
+    return KVX_OK;
+}
+
+KVX__PRIV kvx_status kvx__local_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op) {
+    return kvx__local_send(ctx, rd->peer, rd, op, NULL);
+}
+
+/* A notification is sent once it is queued for the owner. */
+KVX__PRIV kvx_status kvx__local_notify(kvx_ctx *ctx, kvx__read *rd) {
+    kvx_status st = kvx__local_send(ctx, rd->peer, NULL, NULL, rd->notify_msg);
+    if (st == KVX_OK) kvx__notify_sent(rd);
+    return st;
+}
+
+/* As owner: copy what readers asked for, inside memory registered here. */
+KVX__PRIV int kvx__local_serve(kvx_ctx *ctx) {
+    kvx__local *l = kvx__local_of(ctx);
+    kvx__local_op *o;
+    uint8_t notes[16][KVX__NOTIFY_BYTES];
+    int n = 0, k, nn;
+    do {
+        nn = 0;
+        pthread_mutex_lock(&kvx__local_mu);
+        while ((o = l->todo) != NULL && nn < 16) {
+            l->todo = o->next;
+            if (!l->todo) l->todo_tail = &l->todo;
+            n++;
+            if (!o->rd) {  /* a notification: delivered below, outside the registry's mutex */
+                memcpy(notes[nn++], o->msg, KVX__NOTIFY_BYTES);
+                kvx__local_op_free(o->reader, o);
+                continue;
+            }
+            {
+                const kvx__op *op = &o->op;
+                uint32_t c, count = op->count ? op->count : 1u;
+                uint64_t span = (uint64_t)(count - 1) * (count > 1 ? op->rstride : 0) + op->len;
+                if ((count > 1 && op->rstride >= (1ull << 40)) || !kvx__local_owned(l, op->raddr, span)) {
+                    KVX__LOG(ctx, KVX_LOG_WARN, "local: refused a read of %u x %llu bytes at 0x%llx: not inside memory this context registered",
+                             count, (unsigned long long)op->len, (unsigned long long)op->raddr);
+                    kvx__local_finish(o, KVX_ERR_PEER, "the owner refused the range (not inside its registered memory)");
+                    continue;
+                }
+                for (c = 0; c < count; c++)
+                    memcpy((void *)(uintptr_t)(op->laddr + c * op->lstride), (const void *)(uintptr_t)(op->raddr + c * op->rstride), (size_t)op->len);
+                kvx__local_finish(o, KVX_OK, NULL);
+            }
+        }
+        pthread_mutex_unlock(&kvx__local_mu);
+        for (k = 0; k < nn; k++) kvx__notify_arrived(ctx, notes[k], KVX__NOTIFY_BYTES);
+    } while (nn == 16);
+    return n;
+}
+
+/* As reader: report what owners finished. */
+KVX__PRIV int kvx__local_reap(kvx_ctx *ctx) {
+    kvx__local *l = kvx__local_of(ctx);
+    kvx__local_op *list, *o;
+    int n = 0;
+    pthread_mutex_lock(&kvx__local_mu);
+    list = l->done;
+    l->done = NULL;
+    pthread_mutex_unlock(&kvx__local_mu);
+    while ((o = list) != NULL) {
+        kvx__read *rd = o->rd;
+        kvx_status st = o->st;
+        const char *why = o->why;
+        list = o->next;
+        pthread_mutex_lock(&kvx__local_mu);
+        kvx__local_op_free(l, o);
+        pthread_mutex_unlock(&kvx__local_mu);
+        kvx__op_done(rd, st, why);
+        n++;
+    }
+    return n;
+}
+
+/*--- progress -----------------------------------------------------------------*/
+
+KVX__PRIV int kvx__local_progress(kvx_ctx *ctx) {
+    uint64_t v;
+    if (read(kvx__local_of(ctx)->efd, &v, sizeof v) < 0) {}  /* drained: EAGAIN when nothing came */
+    return kvx__local_serve(ctx) + kvx__local_reap(ctx);
+}
+
+KVX__PRIV int kvx__local_event_fd(kvx_ctx *ctx) { return kvx__local_of(ctx)->efd; }
+
+KVX__PRIV kvx_status kvx__local_arm(kvx_ctx *ctx) {
+    kvx__local *l = kvx__local_of(ctx);
+    int busy;
+    pthread_mutex_lock(&kvx__local_mu);
+    busy = l->todo || l->done;
+    pthread_mutex_unlock(&kvx__local_mu);
+    return busy ? KVX_PENDING : KVX_OK;
+}
+
+KVX__PRIV void kvx__local_signal(kvx_ctx *ctx) { kvx__local_wake(kvx__local_of(ctx)); }
+
+KVX__PRIV const kvx__backend kvx__local_backend = {
+    KVX__F(name) "local",
+    KVX__F(kind) KVX_BACKEND_LOCAL,
+    KVX__F(completes_on_gpu) 0,
+    KVX__F(open) kvx__local_open,
+    KVX__F(close) kvx__local_close,
+    KVX__F(query) NULL,
+    KVX__F(address) kvx__local_address,
+    KVX__F(mem_register) kvx__local_mem_register,
+    KVX__F(mem_deregister) kvx__local_mem_deregister,
+    KVX__F(connect) kvx__local_connect,
+    KVX__F(disconnect) kvx__local_disconnect,
+    KVX__F(can_read) NULL,
+    KVX__F(queue_open) NULL,
+    KVX__F(queue_close) NULL,
+    KVX__F(post) kvx__local_post,
+    KVX__F(post_read) NULL,
+    KVX__F(flush) NULL,
+    KVX__F(abandon) kvx__local_abandon,
+    KVX__F(notify) kvx__local_notify,
+    KVX__F(progress) kvx__local_progress,
+    KVX__F(event_fd) kvx__local_event_fd,
+    KVX__F(arm) kvx__local_arm,
+    KVX__F(signal) kvx__local_signal,
+    KVX__F(csum_alloc) NULL,
+    KVX__F(csum_free) NULL,
+    KVX__F(csum_seal) NULL,
+    KVX__F(csum_verify) NULL,
+};
+
+#endif /* KVX_LOCAL_INCLUDED */
