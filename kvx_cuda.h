@@ -116,12 +116,9 @@
 #define KVX__CUDA_BATCHES 32u            /* launches in flight per queue */
 #define KVX__CUDA_BATCH_READS 256u       /* reads per launch */
 #define KVX__CUDA_SMALL 4096u            /* batches this small, with few tasks, are read from pinned memory */
-#define KVX__CUDA_RKEY_MAGIC 0x52435658u /* "XVCR" */
-#define KVX__CUDA_ADDR_MAGIC 0x41435658u /* "XVCA" */
-#define KVX__CUDA_MSG_MAGIC 0x4d435658u  /* "XVCM" */
-
-enum { KVX__CUDA_LEGACY = 1, KVX__CUDA_VMM = 2, KVX__CUDA_POOL = 3 };
-enum { KVX__CUDA_MSG_EXPORT = 1, KVX__CUDA_MSG_REPLY = 2, KVX__CUDA_MSG_NOTIFY = 3 };
+/* The address, remote key and socket messages are kvx_wire.h's
+   (KVX__CUDA_ADDR_*, KVX__CUDA_RKEY_*, KVX__CUDA_MSG_*), as are the kinds of
+   allocation KVX__CUDA_LEGACY, KVX__CUDA_VMM, KVX__CUDA_POOL. */
 enum { KVX__CUDA_FD_LISTEN = 1, KVX__CUDA_FD_WAKE = 2, KVX__CUDA_FD_OWNER = 3, KVX__CUDA_FD_PEER = 4 };
 
 /* What one launch knows of one read: the layout of kvx_rd in
@@ -150,7 +147,7 @@ typedef struct kvx__cuda {
     uint32_t nowners, owners_cap;
     char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
     char dir[sizeof(((struct sockaddr_un *)0)->sun_path)];    /* the socket directory in effect */
-    uint8_t addr[8 + 8 + 4 + 4 + sizeof(((struct sockaddr_un *)0)->sun_path)];
+    uint8_t addr[KVX__CUDA_ADDR_MAX];
     uint32_t addr_len;
     struct kvx__cuda_peer **grave;  /* removed peers whose mappings wait for a quiet moment */
     uint32_t ngrave, grave_cap;
@@ -274,8 +271,7 @@ KVX__PRIV kvx_status kvx__cuda_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     const char *dir = desc->cuda.socket_dir && *desc->cuda.socket_dir ? desc->cuda.socket_dir : getenv("KVX_CUDA_SOCKET_DIR");
     char dbuf[64];
     struct stat stt;
-    uint64_t v;
-    uint32_t plen, i;
+    kvx__cuda_addr_msg am;
     kvx_status st;
     CUcontext cur = NULL;
     if (!c) return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory");
@@ -325,15 +321,12 @@ KVX__PRIV kvx_status kvx__cuda_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
         kvx__cuda_close(ctx);
         return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: epoll_ctl: %s", strerror(e));
     }
-    /* address: magic, version, process token, pid, path */
-    plen = (uint32_t)strlen(c->path);
-    v = KVX__CUDA_ADDR_MAGIC | (1ull << 32);
-    for (i = 0; i < 8; i++) c->addr[i] = (uint8_t)(v >> (8 * i));
-    for (i = 0; i < 8; i++) c->addr[8 + i] = (uint8_t)(kvx__gpu_token >> (8 * i));
-    for (i = 0; i < 4; i++) c->addr[16 + i] = (uint8_t)((uint32_t)getpid() >> (8 * i));
-    for (i = 0; i < 4; i++) c->addr[20 + i] = (uint8_t)(plen >> (8 * i));
-    memcpy(c->addr + 24, c->path, plen);
-    c->addr_len = 24 + plen;
+    /* address (kvx_wire.h): process token, pid, path */
+    memset(&am, 0, sizeof am);
+    am.token = kvx__gpu_token;
+    am.pid = (uint32_t)getpid();
+    kvx__strlcpy(am.path, c->path, sizeof am.path);
+    c->addr_len = (uint32_t)kvx__cuda_addr_write(c->addr, sizeof c->addr, &am);
     KVX__LOG(ctx, KVX_LOG_INFO, "cuda: socket %s, device %d", c->path, c->ord);
     return KVX_OK;
 }
@@ -359,13 +352,6 @@ KVX__PRIV kvx_status kvx__cuda_address(kvx_ctx *ctx, const uint8_t **addr, uint3
 }
 
 /*--- registration: find and export each allocation --------------------------*/
-
-KVX__PRIV void kvx__cuda_put64(uint8_t *p, uint64_t v) { int i; for (i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
-KVX__PRIV uint64_t kvx__cuda_get64(const uint8_t *p) { uint64_t v = 0; int i; for (i = 0; i < 8; i++) v |= (uint64_t)p[i] << (8 * i); return v; }
-
-#define KVX__CUDA_RKEY_HDR 32u
-#define KVX__CUDA_ENTRY 17u         /* kind, base, size */
-#define KVX__CUDA_PAYLOAD 72u       /* legacy: IPC handle (64); pool: pool id (8) + export data (64) */
 
 KVX__PRIV void kvx__cuda_mem_deregister(kvx_ctx *ctx, kvx__region *r) {
     kvx__cuda_region *g = (kvx__cuda_region *)r->be;
@@ -454,11 +440,14 @@ KVX__PRIV kvx_status kvx__cuda_mem_register(kvx_ctx *ctx, const kvx__cache_info 
     kvx__cuda_region *g = NULL;
     kvx__cuda_alloc a;
     uint64_t cur, end = r->addr + r->len;
-    uint32_t n = 0, cap = 8, i, klen;
+    uint32_t n = 0, cap = 8, i;
+    size_t klen;
     kvx_status st;
     CUcontext prev;
     CUresult rc;
     uint8_t *k;
+    kvx__cuda_rkey_msg km;
+    kvx__cuda_rkey_entry *ents = NULL;
     if (ci->mem != KVX_MEM_CUDA)
         return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: the CUDA backend moves GPU memory (kvx_cache_desc.mem = KVX_MEM_CUDA); "
                          "register host caches with the UCX or libfabric backend");
@@ -481,46 +470,49 @@ KVX__PRIV kvx_status kvx__cuda_mem_register(kvx_ctx *ctx, const kvx__cache_info 
         g->a[n++] = a;
         g->n = n;
     }
-    /* rkey: magic, version, count, device uuid, ordinal; then per allocation
-       kind, base, size and what a reader needs to open it. */
-    for (klen = KVX__CUDA_RKEY_HDR, i = 0; i < n; i++) klen += KVX__CUDA_ENTRY + (g->a[i].kind == KVX__CUDA_VMM ? 0 : KVX__CUDA_PAYLOAD);
+    /* rkey (kvx_wire.h): device uuid, ordinal; then per allocation kind,
+       base, size and what a reader needs to open it. */
+    if (!(ents = (kvx__cuda_rkey_entry *)kvx__calloc(n ? n : 1, sizeof *ents))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory"); goto fail; }
+    memset(&km, 0, sizeof km);
+    memcpy(km.uuid, c->d->uuid.bytes, 16);
+    km.device = ci->device;
+    km.count = n;
+    for (i = 0; i < n; i++) {
+        ents[i].kind = (uint32_t)g->a[i].kind;
+        ents[i].base = g->a[i].base;
+        ents[i].size = g->a[i].size;
+    }
+    klen = kvx__cuda_rkey_write(NULL, 0, &km, ents);
     if (klen > KVX__MAX_RKEY) {
-        st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: the range 0x%llx+%llu spans %u allocations, more than one registration carries (%u bytes of %u): "
+        st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: the range 0x%llx+%llu spans %u allocations, more than one registration carries (%zu bytes of %u): "
                        "allocate the KV cache in fewer, larger allocations", (unsigned long long)r->addr, (unsigned long long)r->len, n, klen, KVX__MAX_RKEY);
         goto fail;
     }
-    if (!(k = (uint8_t *)KVX_MALLOC(klen))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory"); goto fail; }
-    memset(k, 0, klen);
-    kvx__cuda_put64(k, KVX__CUDA_RKEY_MAGIC | (1ull << 32) | ((uint64_t)n << 48));
-    memcpy(k + 8, c->d->uuid.bytes, 16);
-    kvx__cuda_put64(k + 24, (uint64_t)(uint32_t)ci->device);
-    for (klen = KVX__CUDA_RKEY_HDR, i = 0; i < n; i++) {
+    for (i = 0; i < n; i++) {
         kvx__cuda_alloc *e = &g->a[i];
-        k[klen] = (uint8_t)e->kind;
-        kvx__cuda_put64(k + klen + 1, e->base);
-        kvx__cuda_put64(k + klen + 9, e->size);
-        klen += KVX__CUDA_ENTRY;
         if (e->kind == KVX__CUDA_LEGACY) {
             CUipcMemHandle ih;
-            if ((rc = cuIpcGetMemHandle(&ih, (CUdeviceptr)e->base)) != CUDA_SUCCESS) { KVX_FREE(k); st = kvx__gpu_err(ctx, rc, "cuIpcGetMemHandle"); goto fail; }
-            memcpy(k + klen, ih.reserved, 64);
-            klen += KVX__CUDA_PAYLOAD;
+            if ((rc = cuIpcGetMemHandle(&ih, (CUdeviceptr)e->base)) != CUDA_SUCCESS) { st = kvx__gpu_err(ctx, rc, "cuIpcGetMemHandle"); goto fail; }
+            memcpy(ents[i].handle, ih.reserved, KVX__CUDA_HANDLE);
         } else if (e->kind == KVX__CUDA_POOL) {
             CUmemPoolPtrExportData pd;
-            if ((rc = cuMemPoolExportPointer(&pd, (CUdeviceptr)e->base)) != CUDA_SUCCESS) { KVX_FREE(k); st = kvx__gpu_err(ctx, rc, "cuMemPoolExportPointer"); goto fail; }
-            kvx__cuda_put64(k + klen, (uint64_t)(uintptr_t)e->pool);
-            memcpy(k + klen + 8, pd.reserved, 64);
-            klen += KVX__CUDA_PAYLOAD;
+            if ((rc = cuMemPoolExportPointer(&pd, (CUdeviceptr)e->base)) != CUDA_SUCCESS) { st = kvx__gpu_err(ctx, rc, "cuMemPoolExportPointer"); goto fail; }
+            ents[i].pool = (uint64_t)(uintptr_t)e->pool;
+            memcpy(ents[i].handle, pd.reserved, KVX__CUDA_HANDLE);
         }
     }
+    if (!(k = (uint8_t *)KVX_MALLOC(klen))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory"); goto fail; }
+    kvx__cuda_rkey_write(k, klen, &km, ents);
+    KVX_FREE(ents);
     cuCtxPopCurrent(&prev);
     r->rkey = k;
-    r->rkey_len = klen;
+    r->rkey_len = (uint32_t)klen;
     r->be = g;
     KVX__LOG(ctx, KVX_LOG_DEBUG, "cuda: region 0x%llx+%llu: %u allocation(s), first %s", (unsigned long long)r->addr, (unsigned long long)r->len, n,
              g->a[0].kind == KVX__CUDA_LEGACY ? "cuMemAlloc" : g->a[0].kind == KVX__CUDA_VMM ? "VMM" : "pool");
     return KVX_OK;
 fail:
+    KVX_FREE(ents);
     cuCtxPopCurrent(&prev);
     if (g) { r->be = g; kvx__cuda_mem_deregister(ctx, r); }
     return st;
@@ -528,19 +520,16 @@ fail:
 
 /*--- the owner's socket: exports and notifications --------------------------*/
 
-typedef struct kvx__cuda_msg {
-    uint32_t magic, type, cache, region, alloc;
-    int32_t status;
-    uint8_t notify[16];
-} kvx__cuda_msg;
-
+/* The messages are kvx_wire.h's kvx__cuda_msg. */
 KVX__PRIV int kvx__cuda_send(int fd, const kvx__cuda_msg *m, int pass_fd) {
     struct msghdr mh;
     struct iovec iov;
     union { struct cmsghdr h; char b[CMSG_SPACE(sizeof(int))]; } cb;
+    uint8_t buf[KVX__CUDA_MSG_MAX];
+    size_t len = kvx__cuda_msg_write(buf, m);
     memset(&mh, 0, sizeof mh);
-    iov.iov_base = (void *)m;
-    iov.iov_len = sizeof *m;
+    iov.iov_base = buf;
+    iov.iov_len = len;
     mh.msg_iov = &iov;
     mh.msg_iovlen = 1;
     if (pass_fd >= 0) {
@@ -554,20 +543,24 @@ KVX__PRIV int kvx__cuda_send(int fd, const kvx__cuda_msg *m, int pass_fd) {
         h->cmsg_len = CMSG_LEN(sizeof(int));
         memcpy(CMSG_DATA(h), &pass_fd, sizeof(int));
     }
-    return sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT) == (ssize_t)sizeof *m ? 0 : -1;
+    return len && sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT) == (ssize_t)len ? 0 : -1;
 }
 
-/* 1: a message (and *got_fd, -1 if none); 0: nothing now; -1: closed or broken. */
-KVX__PRIV int kvx__cuda_recv(int fd, kvx__cuda_msg *m, int *got_fd) {
+/* 1: a message (and *got_fd, -1 if none; type 0 when it was not one of
+   ours, dropped with a warning); 0: nothing now; -1: closed or broken. */
+KVX__PRIV int kvx__cuda_recv(kvx_ctx *ctx, int fd, kvx__cuda_msg *m, int *got_fd) {
     struct msghdr mh;
     struct iovec iov;
     union { struct cmsghdr h; char b[CMSG_SPACE(sizeof(int))]; } cb;
     struct cmsghdr *h;
+    uint8_t buf[2 * KVX__CUDA_MSG_MAX];  /* more than any message, so a wrong-sized one is seen, not truncated */
+    uint32_t ver;
     ssize_t n;
+    int e;
     *got_fd = -1;
     memset(&mh, 0, sizeof mh);
-    iov.iov_base = m;
-    iov.iov_len = sizeof *m;
+    iov.iov_base = buf;
+    iov.iov_len = sizeof buf;
     mh.msg_iov = &iov;
     mh.msg_iovlen = 1;
     mh.msg_control = cb.b;
@@ -577,9 +570,13 @@ KVX__PRIV int kvx__cuda_recv(int fd, kvx__cuda_msg *m, int *got_fd) {
     for (h = CMSG_FIRSTHDR(&mh); h; h = CMSG_NXTHDR(&mh, h))
         if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS && h->cmsg_len >= CMSG_LEN(sizeof(int))) memcpy(got_fd, CMSG_DATA(h), sizeof(int));
     if (n == 0) return -1;
-    if (n != (ssize_t)sizeof *m || m->magic != KVX__CUDA_MSG_MAGIC) {
+    if ((e = kvx__cuda_msg_read(buf, (size_t)n, m, &ver)) != KVX__WIRE_OK) {
         if (*got_fd >= 0) { close(*got_fd); *got_fd = -1; }
         m->type = 0;  /* ignored */
+        if (e == KVX__WIRE_VERSION)
+            KVX__LOG(ctx, KVX_LOG_WARN, "cuda: a socket message dropped: version %u, this kvx speaks version %u", ver, KVX__CUDA_MSG_VERSION);
+        else
+            KVX__LOG(ctx, KVX_LOG_WARN, "cuda: a socket message of %zd bytes dropped (%s)", n, kvx__wire_why(e));
     }
     return 1;
 }
@@ -592,7 +589,6 @@ KVX__PRIV void kvx__cuda_serve(kvx_ctx *ctx, int fd, const kvx__cuda_msg *m) {
     int out = -1;
     uint32_t i;
     memset(&rep, 0, sizeof rep);
-    rep.magic = KVX__CUDA_MSG_MAGIC;
     rep.type = KVX__CUDA_MSG_REPLY;
     rep.status = -1;
     for (i = 0; i < ctx->ncaches; i++) {
@@ -737,7 +733,6 @@ KVX__PRIV kvx_status kvx__cuda_fetch_fd(kvx_ctx *ctx, kvx_peer *p, uint32_t cach
     uint64_t until = kvx__now_ns() + (uint64_t)ctx->timeout_ms * 1000000ull;
     int fd = -1, r;
     memset(&m, 0, sizeof m);
-    m.magic = KVX__CUDA_MSG_MAGIC;
     m.type = KVX__CUDA_MSG_EXPORT;
     m.cache = cache; m.region = region; m.alloc = alloc;
     if (kvx__cuda_send(cp->conn.fd, &m, -1) != 0)
@@ -745,7 +740,7 @@ KVX__PRIV kvx_status kvx__cuda_fetch_fd(kvx_ctx *ctx, kvx_peer *p, uint32_t cach
     for (;;) {
         struct pollfd pf;
         uint64_t now = kvx__now_ns();
-        r = kvx__cuda_recv(cp->conn.fd, &m, &fd);
+        r = kvx__cuda_recv(ctx, cp->conn.fd, &m, &fd);
         if (r < 0) return kvx__fail(ctx, KVX_ERR_PEER, "cuda: %s/%d closed the connection while exporting an allocation", p->name, p->rank);
         if (r > 0 && m.type == KVX__CUDA_MSG_REPLY) break;
         if (r > 0) { if (fd >= 0) close(fd); continue; }
@@ -776,24 +771,28 @@ KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t
     kvx__cuda *c = kvx__cuda_of(ctx);
     kvx__cuda_peer *cp = (kvx__cuda_peer *)p->be;
     kvx__region *r = &p->caches[cix].regions[rix];
-    const uint8_t *k = r->rkey;
-    uint32_t n, i, off, ver;
-    uint64_t h;
-    int pord;
+    kvx__rbuf rb, body;
+    kvx__cuda_rkey_msg km;
+    kvx__cuda_rkey_entry ke;
+    uint32_t n, i, ver;
+    int pord, e;
     CUresult rc;
     kvx_status st;
     char what[160];
     snprintf(what, sizeof what, "peer %s/%d cache %u region %u", p->name, p->rank, p->caches[cix].id, rix);
-    if (r->rkey_len < KVX__CUDA_RKEY_HDR) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: remote key of %u bytes is truncated", what, r->rkey_len);
-    h = kvx__cuda_get64(k);
-    ver = (uint32_t)(h >> 32) & 0xffffu;
-    n = (uint32_t)(h >> 48);
-    if ((uint32_t)h != KVX__CUDA_RKEY_MAGIC || ver != 1)
+    /* The key comes from the network: kvx_wire.h bounds every field. */
+    e = kvx__cuda_rkey_read(&rb, r->rkey, r->rkey_len, &km, &ver);
+    if (e == KVX__WIRE_VERSION)
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "cuda: %s: CUDA remote key version %u, this kvx speaks version %u", what, ver, KVX__CUDA_RKEY_VERSION);
+    if (e == KVX__WIRE_TRUNCATED) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: remote key of %u bytes is truncated", what, r->rkey_len);
+    if (e != KVX__WIRE_OK)
         return kvx__fail(ctx, KVX_ERR_MISMATCH, "cuda: %s: not a CUDA remote key (version %u): was the peer registered by the CUDA backend?", what, ver);
-    pord = kvx__gpu_ordinal_of_uuid(k + 8);
+    n = km.count;
+    body = rb;  /* at the first allocation */
+    pord = kvx__gpu_ordinal_of_uuid(km.uuid);
     if (pord < 0)
         return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: %s: its GPU (device %d there) is not visible in this process (CUDA_VISIBLE_DEVICES?)",
-                         what, (int)kvx__cuda_get64(k + 24));
+                         what, (int)km.device);
     if (cp->pord < 0) cp->pord = pord;
     else if (cp->pord != pord) return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: %s: caches on two GPUs (%d and %d) in one peer", what, cp->pord, pord);
     if (pord != c->ord) {
@@ -809,31 +808,34 @@ KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t
             if (rc != CUDA_SUCCESS && rc != CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED) return kvx__gpu_err(ctx, rc, "cuCtxEnablePeerAccess");
         }
     }
-    for (off = KVX__CUDA_RKEY_HDR, i = 0; i < n; i++) {
+    /* Every allocation checked before any is opened. */
+    for (i = 0; i < n; i++) {
+        if ((e = kvx__cuda_rkey_entry_read(&rb, &ke)) == KVX__WIRE_FIELD)
+            return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: allocation %u of unknown kind %d", what, i, (int)ke.kind);
+        if (e != KVX__WIRE_OK) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: remote key truncated at allocation %u", what, i);
+        if (!ke.size || ke.base + ke.size < ke.base) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: allocation %u is empty or wraps", what, i);
+    }
+    if (kvx__wire_end(&rb, 0) != KVX__WIRE_OK)
+        return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: remote key of %u bytes is oversized (%zu bytes after its %u allocations)", what, r->rkey_len,
+                         rb.len - rb.off, n);
+    rb = body;
+    for (i = 0; i < n; i++) {
         kvx__cuda_imp m;
-        const uint8_t *e = k + off;
-        if (off + KVX__CUDA_ENTRY > r->rkey_len) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: remote key truncated at allocation %u", what, i);
+        kvx__cuda_rkey_entry_read(&rb, &ke);  /* checked above */
         memset(&m, 0, sizeof m);
-        m.kind = e[0];
-        m.rbase = kvx__cuda_get64(e + 1);
-        m.size = kvx__cuda_get64(e + 9);
+        m.kind = (int)ke.kind;
+        m.rbase = ke.base;
+        m.size = ke.size;
         m.gend = m.rbase + m.size;
-        off += KVX__CUDA_ENTRY;
-        if (m.kind != KVX__CUDA_VMM) {
-            if (m.kind != KVX__CUDA_LEGACY && m.kind != KVX__CUDA_POOL) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: allocation %u of unknown kind %d", what, i, m.kind);
-            if (off + KVX__CUDA_PAYLOAD > r->rkey_len) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: remote key truncated at allocation %u", what, i);
-            off += KVX__CUDA_PAYLOAD;
-        }
-        if (!m.size || m.rbase + m.size < m.rbase) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: allocation %u is empty or wraps", what, i);
         if (kvx__cuda_imp_find(cp, m.rbase)) continue;  /* opened once per peer allocation */
         if (cp->same_process) {
             m.lbase = (CUdeviceptr)m.rbase;  /* the owner's own addresses */
         } else if (m.kind == KVX__CUDA_LEGACY) {
             CUipcMemHandle ih;
-            memcpy(ih.reserved, e + KVX__CUDA_ENTRY, 64);
+            memcpy(ih.reserved, ke.handle, KVX__CUDA_HANDLE);
             if ((rc = cuIpcOpenMemHandle(&m.lbase, ih, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuIpcOpenMemHandle");
         } else if (m.kind == KVX__CUDA_POOL) {
-            uint64_t pid = kvx__cuda_get64(e + KVX__CUDA_ENTRY);
+            uint64_t pid = ke.pool;
             CUmemPoolPtrExportData pd;
             CUmemoryPool pool = NULL;
             uint32_t j;
@@ -856,7 +858,7 @@ KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t
                 cp->pools[cp->npools].id = pid;
                 cp->pools[cp->npools++].pool = pool;
             }
-            memcpy(pd.reserved, e + KVX__CUDA_ENTRY + 8, 64);
+            memcpy(pd.reserved, ke.handle, KVX__CUDA_HANDLE);
             if ((rc = cuMemPoolImportPointer(&m.lbase, pool, &pd)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuMemPoolImportPointer");
             m.pool_id = pid;
         } else {
@@ -876,12 +878,12 @@ KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t
             } else {
                 /* A new run: the back-to-back VMM allocations the key lists from here. */
                 uint64_t span = m.size;
-                uint32_t j, o2 = off;
-                for (j = i + 1; j < n && o2 + KVX__CUDA_ENTRY <= r->rkey_len; j++) {
-                    const uint8_t *e2 = k + o2;
-                    if (e2[0] != KVX__CUDA_VMM || kvx__cuda_get64(e2 + 1) != m.rbase + span) break;
-                    span += kvx__cuda_get64(e2 + 9);
-                    o2 += KVX__CUDA_ENTRY;
+                uint32_t j;
+                kvx__rbuf ahead = rb;
+                for (j = i + 1; j < n; j++) {
+                    kvx__cuda_rkey_entry e2;
+                    if (kvx__cuda_rkey_entry_read(&ahead, &e2) != KVX__WIRE_OK || e2.kind != KVX__CUDA_VMM || e2.base != m.rbase + span) break;
+                    span += e2.size;
                 }
                 if ((rc = cuMemAddressReserve(&m.va, (size_t)span, 0, 0, 0)) != CUDA_SUCCESS) { cuMemRelease(hh); return kvx__gpu_err(ctx, rc, "cuMemAddressReserve"); }
                 m.va_size = (size_t)span;
@@ -941,19 +943,21 @@ KVX__PRIV kvx_status kvx__cuda_connect(kvx_ctx *ctx, kvx_peer *p) {
     kvx__cuda *c = kvx__cuda_of(ctx);
     kvx__cuda_peer *cp;
     struct sockaddr_un sa;
-    uint64_t h, token;
-    uint32_t plen, i, j;
+    kvx__cuda_addr_msg am;
+    uint32_t i, j, ver;
+    int e;
     kvx_status st = KVX_OK;
     CUcontext prev;
     CUresult rc;
     if (strcmp(p->host, ctx->host))
         return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: peer %s/%d is on host \"%s\", this context on \"%s\": the CUDA backend reads over CUDA IPC "
                          "within one host; use the UCX or libfabric backend (CUDA-aware) across hosts", p->name, p->rank, p->host, ctx->host);
-    if (p->addr_len < 24) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: peer %s/%d: address of %u bytes is truncated", p->name, p->rank, p->addr_len);
-    h = kvx__cuda_get64(p->addr);
-    token = kvx__cuda_get64(p->addr + 8);
-    plen = (uint32_t)(p->addr[20] | p->addr[21] << 8 | p->addr[22] << 16 | (uint32_t)p->addr[23] << 24);
-    if ((uint32_t)h != KVX__CUDA_ADDR_MAGIC || (h >> 32) != 1 || plen != p->addr_len - 24 || plen >= sizeof sa.sun_path)
+    e = kvx__cuda_addr_read(p->addr, p->addr_len, &am, &ver);
+    if (e == KVX__WIRE_VERSION)
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "cuda: peer %s/%d: CUDA backend address version %u, this kvx speaks version %u",
+                         p->name, p->rank, ver, KVX__CUDA_ADDR_VERSION);
+    if (e == KVX__WIRE_TRUNCATED) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: peer %s/%d: address of %u bytes is truncated", p->name, p->rank, p->addr_len);
+    if (e != KVX__WIRE_OK || strlen(am.path) >= sizeof sa.sun_path)
         return kvx__fail(ctx, KVX_ERR_MISMATCH, "cuda: peer %s/%d: not a CUDA backend address", p->name, p->rank);
     if ((st = kvx__cuda_bind(ctx, -1, "kvx_peer_add")) != KVX_OK) return st;
     if (!(cp = (kvx__cuda_peer *)kvx__calloc(1, sizeof *cp)) || !(cp->planes = (uint64_t **)kvx__calloc(p->ncaches ? p->ncaches : 1, sizeof *cp->planes))) {
@@ -965,10 +969,10 @@ KVX__PRIV kvx_status kvx__cuda_connect(kvx_ctx *ctx, kvx_peer *p) {
     cp->pord = -1;
     cp->conn.kind = KVX__CUDA_FD_PEER;
     cp->conn.peer = p;
-    cp->same_process = token == kvx__gpu_token;
+    cp->same_process = am.token == kvx__gpu_token;
     memset(&sa, 0, sizeof sa);
     sa.sun_family = AF_UNIX;
-    memcpy(sa.sun_path, p->addr + 24, plen);
+    memcpy(sa.sun_path, am.path, strlen(am.path));
     if ((cp->conn.fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0)) < 0 || connect(cp->conn.fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
         int e = errno;
         kvx__cuda_peer_unmap(ctx, p, 0);
@@ -1381,7 +1385,7 @@ KVX__PRIV int kvx__cuda_progress(kvx_ctx *ctx) {
             if (read(c->efd, &v, sizeof v) < 0) { /* drained already */ }
         } else if (f->kind == KVX__CUDA_FD_OWNER) {
             /* A reader of ours: export requests and notifications. */
-            while ((r = kvx__cuda_recv(f->fd, &m, &fd)) > 0) {
+            while ((r = kvx__cuda_recv(ctx, f->fd, &m, &fd)) > 0) {
                 if (fd >= 0) close(fd);
                 if (m.type == KVX__CUDA_MSG_NOTIFY) kvx__notify_arrived(ctx, m.notify, sizeof m.notify);
                 else if (m.type == KVX__CUDA_MSG_EXPORT) kvx__cuda_serve(ctx, f->fd, &m);
@@ -1390,7 +1394,7 @@ KVX__PRIV int kvx__cuda_progress(kvx_ctx *ctx) {
             if (r < 0 || (ev[i].events & (EPOLLHUP | EPOLLERR))) kvx__cuda_owner_drop(ctx, f);
         } else if (f->kind == KVX__CUDA_FD_PEER) {
             /* The owner of a peer's memory never writes first: EOF means it is gone. */
-            while ((r = kvx__cuda_recv(f->fd, &m, &fd)) > 0)
+            while ((r = kvx__cuda_recv(ctx, f->fd, &m, &fd)) > 0)
                 if (fd >= 0) close(fd);
             if (r < 0 || (ev[i].events & (EPOLLHUP | EPOLLERR))) kvx__peer_failed(f->peer, "its process closed the CUDA backend's socket (exited?)");
         }
@@ -1423,7 +1427,6 @@ KVX__PRIV kvx_status kvx__cuda_notify(kvx_ctx *ctx, kvx__read *rd) {
     kvx__cuda_msg m;
     if (!cp) return kvx__fail(ctx, KVX_ERR_PEER, "notification %llu: peer %s/%d is disconnected", (unsigned long long)rd->notify_id, rd->peer->name, rd->peer->rank);
     memset(&m, 0, sizeof m);
-    m.magic = KVX__CUDA_MSG_MAGIC;
     m.type = KVX__CUDA_MSG_NOTIFY;
     memcpy(m.notify, rd->notify_msg, sizeof m.notify);
     if (kvx__cuda_send(cp->conn.fd, &m, -1) != 0)

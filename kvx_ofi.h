@@ -46,8 +46,8 @@
                          with fi_mr_map_raw and unmaps it on disconnect.
         FI_MR_HMEM       host memory is registered as FI_HMEM_SYSTEM, GPU
                          memory as FI_HMEM_CUDA, always with a descriptor.
-    A remote key is 20 bytes (version, flags, raw length, key, base) and the
-    raw key, if any. tcp;ofi_rxm asks for no bit, shm for FI_MR_VIRT_ADDR.
+    A remote key (kvx_wire.h) holds flags, key, base and the raw key, if
+    any. tcp;ofi_rxm asks for no bit, shm for FI_MR_VIRT_ADDR.
 
     GPU MEMORY. A KVX_MEM_CUDA cache needs a provider that offers FI_HMEM and
     a libfabric built with CUDA. The registration itself (FI_HMEM_CUDA) is the
@@ -162,10 +162,6 @@
 #define KVX__OFI_NRECV 64u          /* notification receives kept posted */
 #define KVX__OFI_RECV_BYTES 64u     /* more than 16, so a wrong-sized message is seen, not truncated */
 #define KVX__OFI_MAX_CTX 1024u      /* op/part contexts per peer endpoint, at most */
-#define KVX__OFI_ADDR_MAGIC 0x31464F4Bu /* "KOF1" */
-#define KVX__OFI_RKEY_HDR 20u
-#define KVX__OFI_RKEY_VIRT 1u
-#define KVX__OFI_RKEY_RAW 2u
 
 /* Tests only: mr_mode bits to behave as if the provider had asked for them
    (the ones that are safe to add: FI_MR_LOCAL, FI_MR_RAW). */
@@ -396,6 +392,7 @@ KVX__PRIV kvx_status kvx__ofi_mem_register(kvx_ctx *ctx, const kvx__cache_info *
     uint8_t *raw = NULL;
     size_t rawlen = 0;
     uint32_t slot, i;
+    kvx__ofi_rkey_msg km;
     int ret, cuda = ci->mem == KVX_MEM_CUDA;
     if (cuda && !o->hmem) {
         uint32_t v = fi_version();
@@ -433,22 +430,22 @@ KVX__PRIV kvx_status kvx__ofi_mem_register(kvx_ctx *ctx, const kvx__cache_info *
     if (o->mr_mode & FI_MR_RAW) {
         ret = fi_mr_raw_attr(lm->mr, &base, NULL, &rawlen, 0);
         if (ret != -FI_ETOOSMALL && ret != 0) goto raw_fail;
-        if (rawlen > KVX__MAX_RKEY - KVX__OFI_RKEY_HDR || !(raw = (uint8_t *)KVX_MALLOC(rawlen ? rawlen : 1))) { ret = -FI_ENOMEM; goto raw_fail; }
+        if (rawlen > KVX__MAX_RKEY - KVX__OFI_RKEY_BYTES || !(raw = (uint8_t *)KVX_MALLOC(rawlen ? rawlen : 1))) { ret = -FI_ENOMEM; goto raw_fail; }
         if ((ret = fi_mr_raw_attr(lm->mr, &base, raw, &rawlen, 0)) != 0) goto raw_fail;
     } else {
         key = fi_mr_key(lm->mr);
         if (key == FI_KEY_NOTAVAIL) { ret = -FI_ENOKEY; goto raw_fail; }
     }
-    r->rkey = (uint8_t *)KVX_MALLOC(KVX__OFI_RKEY_HDR + rawlen);
-    if (!r->rkey) { ret = -FI_ENOMEM; goto raw_fail; }
-    r->rkey[0] = 1;
-    r->rkey[1] = (uint8_t)(((o->mr_mode & FI_MR_VIRT_ADDR) ? KVX__OFI_RKEY_VIRT : 0) | ((o->mr_mode & FI_MR_RAW) ? KVX__OFI_RKEY_RAW : 0));
-    r->rkey[2] = (uint8_t)rawlen;
-    r->rkey[3] = (uint8_t)(rawlen >> 8);
-    for (i = 0; i < 8; i++) r->rkey[4 + i] = (uint8_t)(key >> (8 * i));
-    for (i = 0; i < 8; i++) r->rkey[12 + i] = (uint8_t)(base >> (8 * i));
-    if (rawlen) memcpy(r->rkey + KVX__OFI_RKEY_HDR, raw, rawlen);
-    r->rkey_len = (uint32_t)(KVX__OFI_RKEY_HDR + rawlen);
+    memset(&km, 0, sizeof km);
+    km.flags = ((o->mr_mode & FI_MR_VIRT_ADDR) ? KVX__OFI_RKEY_VIRT : 0) | ((o->mr_mode & FI_MR_RAW) ? KVX__OFI_RKEY_RAW : 0);
+    km.key = key;
+    km.base = base;
+    km.raw = raw;
+    km.raw_len = (uint32_t)rawlen;
+    r->rkey_len = (uint32_t)kvx__ofi_rkey_write(NULL, 0, &km);
+    r->rkey = (uint8_t *)KVX_MALLOC(r->rkey_len);
+    if (!r->rkey) { r->rkey_len = 0; ret = -FI_ENOMEM; goto raw_fail; }
+    kvx__ofi_rkey_write(r->rkey, r->rkey_len, &km);
     KVX_FREE(raw);
     o->slots[slot] = lm;
     r->be = lm;
@@ -659,7 +656,8 @@ KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     kvx__ofi *o;
     struct fi_info *hints, *fi = NULL;
     const char *e;
-    size_t nlen = 0, plen;
+    size_t nlen = 0;
+    kvx__ofi_addr_msg am;
     uint32_t i, tick_us = 1000;
     int ret;
     kvx_status st;
@@ -747,16 +745,14 @@ KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
         kvx__ofi_close(ctx);
         return st;
     }
-    /* Address: magic, version, provider name, endpoint name. */
-    plen = strlen(o->prov);
-    o->addr_len = (uint32_t)(4 + 1 + 1 + plen + 4 + nlen);
+    /* Address (kvx_wire.h): provider name, endpoint name. */
+    memset(&am, 0, sizeof am);
+    kvx__strlcpy(am.prov, o->prov, sizeof am.prov);
+    am.name = name;
+    am.name_len = (uint32_t)nlen;
+    o->addr_len = (uint32_t)kvx__ofi_addr_write(NULL, 0, &am);
     if (!(o->addr = (uint8_t *)KVX_MALLOC(o->addr_len))) { KVX_FREE(name); kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); }
-    for (i = 0; i < 4; i++) o->addr[i] = (uint8_t)(KVX__OFI_ADDR_MAGIC >> (8 * i));
-    o->addr[4] = 1;
-    o->addr[5] = (uint8_t)plen;
-    memcpy(o->addr + 6, o->prov, plen);
-    for (i = 0; i < 4; i++) o->addr[6 + plen + i] = (uint8_t)((uint32_t)nlen >> (8 * i));
-    memcpy(o->addr + 10 + plen, name, nlen);
+    kvx__ofi_addr_write(o->addr, o->addr_len, &am);
     KVX_FREE(name);
     /* Notification receives, in registered memory for FI_MR_LOCAL. */
     o->recvs = (kvx__ofi_recv *)kvx__calloc(KVX__OFI_NRECV, sizeof *o->recvs);
@@ -953,13 +949,6 @@ KVX__PRIV void kvx__ofi_disconnect(kvx_ctx *ctx, kvx_peer *p) {
     kvx__ofi_pep_free(ctx, (kvx__ofi_pep *)p->be, "the endpoint to the peer was closed by force (a timeout, a failure or a removal)");
 }
 
-KVX__PRIV uint64_t kvx__ofi_rd64(const uint8_t *p) {
-    uint64_t v = 0;
-    int i;
-    for (i = 0; i < 8; i++) v |= (uint64_t)p[i] << (8 * i);
-    return v;
-}
-
 KVX__PRIV int kvx__ofi_drain(kvx_ctx *ctx, struct fid_cq *cq, kvx__ofi_pep *pe);
 
 /* Wireup: a zero-byte message to the peer's serving endpoint, waited for
@@ -1010,25 +999,25 @@ KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
     kvx__ofi *o = kvx__ofi_of(ctx);
     kvx__ofi_pep *pe;
     kvx_peer *q;
-    const uint8_t *a = p->addr, *name;
-    uint32_t plen, nlen, i, c, k, magic = 0;
-    char pprov[256];
-    int ret, sw;
+    kvx__ofi_addr_msg am;
+    uint32_t i, c, k, ver;
+    int ret, sw, e;
     kvx_status st;
     p->be = NULL;
-    /* The address comes from the network: check every length. */
-    if (p->addr_len >= 6) for (i = 0; i < 4; i++) magic |= (uint32_t)a[i] << (8 * i);
-    if (p->addr_len < 10 || magic != KVX__OFI_ADDR_MAGIC || a[4] != 1 || (plen = a[5]) + 10u > p->addr_len)
+    /* The address comes from the network: kvx_wire.h checks every length. */
+    e = kvx__ofi_addr_read(p->addr, p->addr_len, &am, &ver);
+    if (e == KVX__WIRE_VERSION && (ver & 0xffu) == 1u) ver = 1;  /* version 1 kept it in one byte, the provider name's length beside it */
+    if (e == KVX__WIRE_VERSION)
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "ofi: the address of %s/%d is libfabric address version %u, this kvx speaks version %u",
+                         p->name, p->rank, ver, KVX__OFI_ADDR_VERSION);
+    if (e == KVX__WIRE_MAGIC || e == KVX__WIRE_TYPE || (e == KVX__WIRE_TRUNCATED && p->addr_len < KVX__WIRE_HDR_BYTES))
         return kvx__fail(ctx, KVX_ERR_MISMATCH, "ofi: the address of %s/%d is not a kvx libfabric address (%u bytes)", p->name, p->rank, p->addr_len);
-    memcpy(pprov, a + 6, plen);
-    pprov[plen] = 0;
-    nlen = (uint32_t)a[6 + plen] | (uint32_t)a[7 + plen] << 8 | (uint32_t)a[8 + plen] << 16 | (uint32_t)a[9 + plen] << 24;
-    name = a + 10 + plen;
-    if (nlen != p->addr_len - 10 - plen || !nlen)
-        return kvx__fail(ctx, KVX_ERR_ARG, "ofi: the address of %s/%d is malformed (endpoint name of %u bytes in %u)", p->name, p->rank, nlen, p->addr_len);
-    if (strcmp(pprov, o->prov))
+    if (e != KVX__WIRE_OK)
+        return kvx__fail(ctx, KVX_ERR_ARG, "ofi: the address of %s/%d is malformed (%s; endpoint name of %u bytes in %u)", p->name, p->rank,
+                         e == KVX__WIRE_FIELD ? "an empty endpoint name or a provider name with a 0 byte" : kvx__wire_why(e), am.name_len, p->addr_len);
+    if (strcmp(am.prov, o->prov))
         return kvx__fail(ctx, KVX_ERR_MISMATCH, "ofi: %s/%d runs libfabric provider %s, this context %s: give both sides the same provider "
-                         "(kvx_ctx_desc.ofi.provider or FI_PROVIDER)", p->name, p->rank, pprov, o->prov);
+                         "(kvx_ctx_desc.ofi.provider or FI_PROVIDER)", p->name, p->rank, am.prov, o->prov);
     pe = (kvx__ofi_pep *)kvx__calloc(1, sizeof *pe);
     if (!pe) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
     pe->peer = p;
@@ -1063,7 +1052,7 @@ KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
     }
     kvx__ofi_epoll(o, pe->cq_fd, 1);
     if (kvx__ofi_wait_rebuild(o) != KVX_OK) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); goto fail; }
-    if ((ret = fi_av_insert(pe->av, name, 1, &pe->dest, 0, NULL)) != 1) {
+    if ((ret = fi_av_insert(pe->av, am.name, 1, &pe->dest, 0, NULL)) != 1) {
         char what[400];
         snprintf(what, sizeof what, "fi_av_insert of %s/%d (pid %u on %s)", p->name, p->rank, p->pid, p->host);
         st = kvx__ofi_fail(ctx, KVX_ERR_PEER, what, ret < 0 ? ret : -FI_EINVAL);
@@ -1078,15 +1067,19 @@ KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
         for (i = 0; i < p->caches[c].nregions; i++, k++) {
             kvx__region *r = &p->caches[c].regions[i];
             kvx__ofi_rkey *rk = &pe->rkeys[k];
-            uint32_t rawlen;
-            if (r->rkey_len < KVX__OFI_RKEY_HDR || r->rkey[0] != 1 ||
-                (rawlen = (uint32_t)r->rkey[2] | (uint32_t)r->rkey[3] << 8) != r->rkey_len - KVX__OFI_RKEY_HDR) {
-                st = kvx__fail(ctx, KVX_ERR_ARG, "ofi: remote key of %s/%d cache %u region %u is malformed (%u bytes)", p->name, p->rank, c, i, r->rkey_len);
+            kvx__ofi_rkey_msg km;
+            if ((e = kvx__ofi_rkey_read(r->rkey, r->rkey_len, &km, &ver)) != KVX__WIRE_OK) {
+                if (e == KVX__WIRE_VERSION)
+                    st = kvx__fail(ctx, KVX_ERR_MISMATCH, "ofi: remote key of %s/%d cache %u region %u: libfabric remote key version %u, this kvx speaks version %u",
+                                   p->name, p->rank, c, i, ver, KVX__OFI_RKEY_VERSION);
+                else
+                    st = kvx__fail(ctx, KVX_ERR_ARG, "ofi: remote key of %s/%d cache %u region %u is malformed (%s, %u bytes)", p->name, p->rank, c, i,
+                                   kvx__wire_why(e), r->rkey_len);
                 goto fail;
             }
-            rk->adj = (r->rkey[1] & KVX__OFI_RKEY_VIRT) ? 0 : r->addr;
-            if (r->rkey[1] & KVX__OFI_RKEY_RAW) {
-                if ((ret = fi_mr_map_raw(o->domain, kvx__ofi_rd64(r->rkey + 12), r->rkey + KVX__OFI_RKEY_HDR, rawlen, &rk->key, 0)) != 0) {
+            rk->adj = (km.flags & KVX__OFI_RKEY_VIRT) ? 0 : r->addr;
+            if (km.flags & KVX__OFI_RKEY_RAW) {
+                if ((ret = fi_mr_map_raw(o->domain, km.base, r->rkey + (km.raw - r->rkey), km.raw_len, &rk->key, 0)) != 0) {
                     char what[160];
                     snprintf(what, sizeof what, "fi_mr_map_raw of %s/%d cache %u region %u", p->name, p->rank, c, i);
                     st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, what, ret);
@@ -1094,7 +1087,7 @@ KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
                 }
                 rk->mapped = 1;
             } else {
-                rk->key = kvx__ofi_rd64(r->rkey + 4);
+                rk->key = km.key;
             }
             r->be = rk;
         }

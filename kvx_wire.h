@@ -15,6 +15,23 @@
         notification 16 bytes: notify id, reader's rank, magic "KVX1".
         UCX get      kvx's own get over active messages (kvx_ucx_get.h): a
                      request and a reply header, each magic + version.
+        libfabric    (kvx_ofi.h) the address in the metadata, magic "KOF1"
+                     version 2: provider name, endpoint name (fi_getname);
+                     a region's remote key, magic "KVOR" version 2: flags
+                     (virtual addressing, raw key), key, base, raw key.
+                     Notifications are the 16 bytes above.
+        CUDA         (kvx_cuda.h) the address in the metadata, magic "XVCA"
+                     version 2: process token, pid, unix socket path; a
+                     region's remote key, magic "XVCR" version 2: device
+                     uuid and ordinal, then per allocation its kind, base,
+                     size and IPC handle or pool id + export data; the
+                     messages over the unix socket, magic "XVCM" version 2,
+                     types export request, reply, notification.
+
+    Every backend's bytes begin with magic (4), version (2), type (2). Their
+    readers return KVX__WIRE_OK or what was wrong (kvx__wire_why): another
+    magic, another version (and the version found), another type, input
+    truncated, or oversized (trailing bytes, a field over its bound).
 
     The codec: writers never fail (a buffer too small only counts the
     length, so one pass sizes and a second writes); readers bound every
@@ -314,6 +331,286 @@ KVX__PRIV_MAYBE int kvx__get_rep_read(const uint8_t *buf, size_t len, kvx__get_r
     p->id = kvx__get_u(&r, 8); p->off = kvx__get_u(&r, 8); p->len = kvx__get_u(&r, 8);
     p->status = (uint32_t)kvx__get_u(&r, 4);
     return !r.bad;
+}
+
+/*--- the backends' bytes ----------------------------------------------------*/
+
+/* What a reader found wrong; kvx__wire_why names it. */
+#define KVX__WIRE_OK 0
+#define KVX__WIRE_MAGIC 1       /* not this message (another magic) */
+#define KVX__WIRE_VERSION 2     /* another version: *ver holds it */
+#define KVX__WIRE_TYPE 3        /* another type under this magic */
+#define KVX__WIRE_TRUNCATED 4
+#define KVX__WIRE_OVERSIZED 5   /* trailing bytes, or a field over its bound */
+#define KVX__WIRE_FIELD 6       /* a field out of range (the backend says which) */
+#define KVX__WIRE_HDR_BYTES 8u  /* magic 4, version 2, type 2 */
+
+KVX__PRIV_MAYBE const char *kvx__wire_why(int e) {
+    switch (e) {
+    case KVX__WIRE_OK: return "ok";
+    case KVX__WIRE_MAGIC: return "another magic";
+    case KVX__WIRE_VERSION: return "another version";
+    case KVX__WIRE_TYPE: return "another type";
+    case KVX__WIRE_TRUNCATED: return "truncated";
+    case KVX__WIRE_OVERSIZED: return "oversized";
+    default: return "a field out of range";
+    }
+}
+
+KVX__PRIV_MAYBE void kvx__wire_hdr_write(kvx__wbuf *w, uint8_t *buf, size_t cap, uint32_t magic, uint32_t ver, uint32_t type) {
+    memset(w, 0, sizeof *w);
+    w->p = buf; w->cap = cap;
+    kvx__put_u(w, magic, 4);
+    kvx__put_u(w, ver, 2);
+    kvx__put_u(w, type, 2);
+}
+/* The header: KVX__WIRE_OK when magic and version match (*type the type
+   found); *ver the version found where the magic matched, 0 else. */
+KVX__PRIV_MAYBE int kvx__wire_hdr_read(kvx__rbuf *r, const uint8_t *buf, size_t len, uint32_t magic, uint32_t want_ver, uint32_t *ver, uint32_t *type) {
+    uint32_t m, v;
+    memset(r, 0, sizeof *r);
+    r->p = buf; r->len = buf ? len : 0;
+    *ver = 0; *type = 0;
+    m = (uint32_t)kvx__get_u(r, 4);
+    if (r->bad) return KVX__WIRE_TRUNCATED;
+    if (m != magic) return KVX__WIRE_MAGIC;
+    v = (uint32_t)kvx__get_u(r, 2);
+    *type = (uint32_t)kvx__get_u(r, 2);
+    *ver = v;
+    if (r->bad) return KVX__WIRE_TRUNCATED;
+    return v == want_ver ? KVX__WIRE_OK : KVX__WIRE_VERSION;
+}
+/* A length-prefixed field of at most max bytes; *e set on a refusal. */
+KVX__PRIV_MAYBE const uint8_t *kvx__wire_blob(kvx__rbuf *r, uint32_t max, uint32_t *n, int *e) {
+    const uint8_t *p;
+    if (!r->bad && r->len - r->off >= 4) {
+        uint32_t want = (uint32_t)r->p[r->off] | (uint32_t)r->p[r->off + 1] << 8 | (uint32_t)r->p[r->off + 2] << 16 | (uint32_t)r->p[r->off + 3] << 24;
+        if (want > max) { r->bad = 1; *n = 0; if (!*e) *e = KVX__WIRE_OVERSIZED; return NULL; }
+    }
+    p = kvx__get_blob(r, max, n);
+    if (r->bad && !*e) *e = KVX__WIRE_TRUNCATED;
+    return p;
+}
+/* The end of a message: truncated if a field ran past it, oversized if bytes are left. */
+KVX__PRIV_MAYBE int kvx__wire_end(const kvx__rbuf *r, int e) {
+    if (e) return e;
+    if (r->bad) return KVX__WIRE_TRUNCATED;
+    return r->off != r->len ? KVX__WIRE_OVERSIZED : KVX__WIRE_OK;
+}
+
+/* libfabric address (kvx_ofi.h): the provider's name (both sides must run
+   the same) and the serving endpoint's name (fi_getname). name points
+   into the bytes read. */
+#define KVX__OFI_ADDR_MAGIC 0x31464F4Bu /* "KOF1" */
+#define KVX__OFI_ADDR_VERSION 2u
+#define KVX__OFI_PROV_MAX 255u
+typedef struct kvx__ofi_addr_msg { char prov[KVX__OFI_PROV_MAX + 1]; const uint8_t *name; uint32_t name_len; } kvx__ofi_addr_msg;
+
+/* Returns the length; writes it where it fits in cap (buf NULL: sizes only). */
+KVX__PRIV_MAYBE size_t kvx__ofi_addr_write(uint8_t *buf, size_t cap, const kvx__ofi_addr_msg *m) {
+    kvx__wbuf w;
+    kvx__wire_hdr_write(&w, buf, cap, KVX__OFI_ADDR_MAGIC, KVX__OFI_ADDR_VERSION, 0);
+    kvx__put_str(&w, m->prov);
+    kvx__put_blob(&w, m->name, m->name_len);
+    return w.len;
+}
+KVX__PRIV_MAYBE int kvx__ofi_addr_read(const uint8_t *buf, size_t len, kvx__ofi_addr_msg *m, uint32_t *ver) {
+    kvx__rbuf r;
+    uint32_t type, n;
+    const uint8_t *p;
+    int e = kvx__wire_hdr_read(&r, buf, len, KVX__OFI_ADDR_MAGIC, KVX__OFI_ADDR_VERSION, ver, &type);
+    memset(m, 0, sizeof *m);
+    if (e) return e;
+    if (type != 0) return KVX__WIRE_TYPE;
+    p = kvx__wire_blob(&r, KVX__OFI_PROV_MAX, &n, &e);
+    if (p) memcpy(m->prov, p, n);
+    m->prov[n] = 0;
+    m->name = kvx__wire_blob(&r, KVX__MAX_ADDR, &m->name_len, &e);
+    if ((e = kvx__wire_end(&r, e)) != KVX__WIRE_OK) return e;
+    return m->name_len && !memchr(m->prov, 0, n) ? KVX__WIRE_OK : KVX__WIRE_FIELD;
+}
+
+/* libfabric remote key of one region (kvx_ofi.h): flags say whether remote
+   addresses are virtual (else offsets from base) and whether raw (a raw key
+   for fi_mr_map_raw, with base) replaces key. raw points into the bytes read. */
+#define KVX__OFI_RKEY_MAGIC 0x524F564Bu /* "KVOR" */
+#define KVX__OFI_RKEY_VERSION 2u
+#define KVX__OFI_RKEY_VIRT 1u
+#define KVX__OFI_RKEY_RAW 2u
+#define KVX__OFI_RKEY_BYTES 32u         /* header 8, flags 4, key 8, base 8, raw length 4; then the raw key */
+typedef struct kvx__ofi_rkey_msg { uint32_t flags; uint64_t key, base; const uint8_t *raw; uint32_t raw_len; } kvx__ofi_rkey_msg;
+
+KVX__PRIV_MAYBE size_t kvx__ofi_rkey_write(uint8_t *buf, size_t cap, const kvx__ofi_rkey_msg *m) {
+    kvx__wbuf w;
+    kvx__wire_hdr_write(&w, buf, cap, KVX__OFI_RKEY_MAGIC, KVX__OFI_RKEY_VERSION, 0);
+    kvx__put_u(&w, m->flags, 4);
+    kvx__put_u(&w, m->key, 8);
+    kvx__put_u(&w, m->base, 8);
+    kvx__put_blob(&w, m->raw, m->raw_len);
+    return w.len;
+}
+KVX__PRIV_MAYBE int kvx__ofi_rkey_read(const uint8_t *buf, size_t len, kvx__ofi_rkey_msg *m, uint32_t *ver) {
+    kvx__rbuf r;
+    uint32_t type;
+    int e = kvx__wire_hdr_read(&r, buf, len, KVX__OFI_RKEY_MAGIC, KVX__OFI_RKEY_VERSION, ver, &type);
+    memset(m, 0, sizeof *m);
+    if (e) return e;
+    if (type != 0) return KVX__WIRE_TYPE;
+    m->flags = (uint32_t)kvx__get_u(&r, 4);
+    m->key = kvx__get_u(&r, 8);
+    m->base = kvx__get_u(&r, 8);
+    m->raw = kvx__wire_blob(&r, KVX__MAX_RKEY - KVX__OFI_RKEY_BYTES, &m->raw_len, &e);
+    return kvx__wire_end(&r, e);
+}
+
+/* CUDA address (kvx_cuda.h): the process token (one per process: same
+   process, same addresses), the pid and the owner's unix socket. */
+#define KVX__CUDA_ADDR_MAGIC 0x41435658u /* "XVCA" */
+#define KVX__CUDA_ADDR_VERSION 2u
+#define KVX__CUDA_PATH_MAX 108u         /* sun_path of Linux, with its 0 */
+#define KVX__CUDA_ADDR_MAX (KVX__WIRE_HDR_BYTES + 8u + 4u + 4u + KVX__CUDA_PATH_MAX)
+typedef struct kvx__cuda_addr_msg { uint64_t token; uint32_t pid; char path[KVX__CUDA_PATH_MAX]; } kvx__cuda_addr_msg;
+
+KVX__PRIV_MAYBE size_t kvx__cuda_addr_write(uint8_t *buf, size_t cap, const kvx__cuda_addr_msg *m) {
+    kvx__wbuf w;
+    kvx__wire_hdr_write(&w, buf, cap, KVX__CUDA_ADDR_MAGIC, KVX__CUDA_ADDR_VERSION, 0);
+    kvx__put_u(&w, m->token, 8);
+    kvx__put_u(&w, m->pid, 4);
+    kvx__put_str(&w, m->path);
+    return w.len;
+}
+KVX__PRIV_MAYBE int kvx__cuda_addr_read(const uint8_t *buf, size_t len, kvx__cuda_addr_msg *m, uint32_t *ver) {
+    kvx__rbuf r;
+    uint32_t type, n;
+    const uint8_t *p;
+    int e = kvx__wire_hdr_read(&r, buf, len, KVX__CUDA_ADDR_MAGIC, KVX__CUDA_ADDR_VERSION, ver, &type);
+    memset(m, 0, sizeof *m);
+    if (e) return e;
+    if (type != 0) return KVX__WIRE_TYPE;
+    m->token = kvx__get_u(&r, 8);
+    m->pid = (uint32_t)kvx__get_u(&r, 4);
+    p = kvx__wire_blob(&r, KVX__CUDA_PATH_MAX - 1, &n, &e);
+    if (p) memcpy(m->path, p, n);
+    m->path[n] = 0;
+    if ((e = kvx__wire_end(&r, e)) != KVX__WIRE_OK) return e;
+    return n && !memchr(m->path, 0, n) ? KVX__WIRE_OK : KVX__WIRE_FIELD;
+}
+
+/* CUDA remote key of one region (kvx_cuda.h): the GPU (uuid, and its
+   ordinal there for messages), then per allocation its kind, base and size
+   and what a reader needs to open it: a legacy IPC handle; a pool's id and
+   the pointer's export data; nothing for VMM (its descriptor comes over the
+   socket). Read the header with kvx__cuda_rkey_read, then each of count
+   entries with kvx__cuda_rkey_entry_read, then kvx__wire_end. */
+#define KVX__CUDA_RKEY_MAGIC 0x52435658u /* "XVCR" */
+#define KVX__CUDA_RKEY_VERSION 2u
+#define KVX__CUDA_LEGACY 1
+#define KVX__CUDA_VMM 2
+#define KVX__CUDA_POOL 3
+#define KVX__CUDA_HANDLE 64u            /* CUipcMemHandle, CUmemPoolPtrExportData */
+#define KVX__CUDA_RKEY_HDR 32u          /* header 8, uuid 16, ordinal 4, count 4 */
+#define KVX__CUDA_ENTRY 17u             /* kind 1, base 8, size 8 */
+typedef struct kvx__cuda_rkey_msg { uint8_t uuid[16]; int32_t device; uint32_t count; } kvx__cuda_rkey_msg;
+typedef struct kvx__cuda_rkey_entry { uint32_t kind; uint64_t base, size, pool; uint8_t handle[KVX__CUDA_HANDLE]; } kvx__cuda_rkey_entry;
+
+KVX__PRIV_MAYBE size_t kvx__cuda_rkey_write(uint8_t *buf, size_t cap, const kvx__cuda_rkey_msg *m, const kvx__cuda_rkey_entry *e) {
+    kvx__wbuf w;
+    uint32_t i;
+    kvx__wire_hdr_write(&w, buf, cap, KVX__CUDA_RKEY_MAGIC, KVX__CUDA_RKEY_VERSION, 0);
+    kvx__put(&w, m->uuid, 16);
+    kvx__put_u(&w, (uint64_t)(uint32_t)m->device, 4);
+    kvx__put_u(&w, m->count, 4);
+    for (i = 0; i < m->count; i++) {
+        kvx__put_u(&w, e[i].kind, 1);
+        kvx__put_u(&w, e[i].base, 8);
+        kvx__put_u(&w, e[i].size, 8);
+        if (e[i].kind == KVX__CUDA_POOL) kvx__put_u(&w, e[i].pool, 8);
+        if (e[i].kind != KVX__CUDA_VMM) kvx__put(&w, e[i].handle, KVX__CUDA_HANDLE);
+    }
+    return w.len;
+}
+/* The header; count is bounded by what the bytes can hold. */
+KVX__PRIV_MAYBE int kvx__cuda_rkey_read(kvx__rbuf *r, const uint8_t *buf, size_t len, kvx__cuda_rkey_msg *m, uint32_t *ver) {
+    uint32_t type;
+    int e = kvx__wire_hdr_read(r, buf, len, KVX__CUDA_RKEY_MAGIC, KVX__CUDA_RKEY_VERSION, ver, &type);
+    memset(m, 0, sizeof *m);
+    if (e) return e;
+    if (type != 0) return KVX__WIRE_TYPE;
+    if (r->len - r->off < 16) return KVX__WIRE_TRUNCATED;
+    memcpy(m->uuid, r->p + r->off, 16);
+    r->off += 16;
+    m->device = (int32_t)(uint32_t)kvx__get_u(r, 4);
+    m->count = (uint32_t)kvx__get_u(r, 4);
+    if (r->bad) return KVX__WIRE_TRUNCATED;
+    if ((uint64_t)m->count * KVX__CUDA_ENTRY > r->len - r->off) return KVX__WIRE_TRUNCATED;
+    return KVX__WIRE_OK;
+}
+/* One entry: KVX__WIRE_TRUNCATED, or KVX__WIRE_FIELD for an unknown kind (e->kind says which). */
+KVX__PRIV_MAYBE int kvx__cuda_rkey_entry_read(kvx__rbuf *r, kvx__cuda_rkey_entry *e) {
+    memset(e, 0, sizeof *e);
+    e->kind = (uint32_t)kvx__get_u(r, 1);
+    e->base = kvx__get_u(r, 8);
+    e->size = kvx__get_u(r, 8);
+    if (r->bad) return KVX__WIRE_TRUNCATED;
+    if (e->kind != KVX__CUDA_VMM && e->kind != KVX__CUDA_LEGACY && e->kind != KVX__CUDA_POOL) return KVX__WIRE_FIELD;
+    if (e->kind == KVX__CUDA_POOL) e->pool = kvx__get_u(r, 8);
+    if (e->kind != KVX__CUDA_VMM) {
+        if (r->bad || r->len - r->off < KVX__CUDA_HANDLE) { r->bad = 1; return KVX__WIRE_TRUNCATED; }
+        memcpy(e->handle, r->p + r->off, KVX__CUDA_HANDLE);
+        r->off += KVX__CUDA_HANDLE;
+    }
+    return KVX__WIRE_OK;
+}
+
+/* CUDA backend's unix-socket messages (kvx_cuda.h): a reader asks the owner
+   for the descriptor of (cache, region, alloc); the owner replies (status 0,
+   the descriptor passed with SCM_RIGHTS; else a CUDA error); a reader's
+   notification carries the 16 notification bytes. Each type has its size. */
+#define KVX__CUDA_MSG_MAGIC 0x4d435658u  /* "XVCM" */
+#define KVX__CUDA_MSG_VERSION 2u
+#define KVX__CUDA_MSG_EXPORT 1u
+#define KVX__CUDA_MSG_REPLY 2u
+#define KVX__CUDA_MSG_NOTIFY 3u
+#define KVX__CUDA_MSG_MAX 24u           /* the largest: a notification, header 8 + 16 */
+typedef struct kvx__cuda_msg {
+    uint32_t type, cache, region, alloc;
+    int32_t status;
+    uint8_t notify[KVX__NOTIFY_BYTES];
+} kvx__cuda_msg;
+
+KVX__PRIV_MAYBE size_t kvx__cuda_msg_size(uint32_t type) {
+    return type == KVX__CUDA_MSG_EXPORT ? KVX__WIRE_HDR_BYTES + 12u : type == KVX__CUDA_MSG_REPLY ? KVX__WIRE_HDR_BYTES + 4u
+         : type == KVX__CUDA_MSG_NOTIFY ? KVX__WIRE_HDR_BYTES + KVX__NOTIFY_BYTES : 0;
+}
+/* buf holds KVX__CUDA_MSG_MAX; returns the length (0: no such type). */
+KVX__PRIV_MAYBE size_t kvx__cuda_msg_write(uint8_t *buf, const kvx__cuda_msg *m) {
+    kvx__wbuf w;
+    kvx__wire_hdr_write(&w, buf, KVX__CUDA_MSG_MAX, KVX__CUDA_MSG_MAGIC, KVX__CUDA_MSG_VERSION, m->type);
+    if (m->type == KVX__CUDA_MSG_EXPORT) { kvx__put_u(&w, m->cache, 4); kvx__put_u(&w, m->region, 4); kvx__put_u(&w, m->alloc, 4); }
+    else if (m->type == KVX__CUDA_MSG_REPLY) kvx__put_u(&w, (uint64_t)(uint32_t)m->status, 4);
+    else if (m->type == KVX__CUDA_MSG_NOTIFY) kvx__put(&w, m->notify, KVX__NOTIFY_BYTES);
+    else return 0;
+    return w.len;
+}
+KVX__PRIV_MAYBE int kvx__cuda_msg_read(const uint8_t *buf, size_t len, kvx__cuda_msg *m, uint32_t *ver) {
+    kvx__rbuf r;
+    size_t want;
+    int e = kvx__wire_hdr_read(&r, buf, len, KVX__CUDA_MSG_MAGIC, KVX__CUDA_MSG_VERSION, ver, &m->type);
+    m->cache = m->region = m->alloc = 0;
+    m->status = 0;
+    memset(m->notify, 0, sizeof m->notify);
+    if (e) { m->type = 0; return e; }
+    if (!(want = kvx__cuda_msg_size(m->type))) { m->type = 0; return KVX__WIRE_TYPE; }
+    if (len != want) { m->type = 0; return len < want ? KVX__WIRE_TRUNCATED : KVX__WIRE_OVERSIZED; }
+    if (m->type == KVX__CUDA_MSG_EXPORT) {
+        m->cache = (uint32_t)kvx__get_u(&r, 4); m->region = (uint32_t)kvx__get_u(&r, 4); m->alloc = (uint32_t)kvx__get_u(&r, 4);
+    } else if (m->type == KVX__CUDA_MSG_REPLY) {
+        m->status = (int32_t)(uint32_t)kvx__get_u(&r, 4);
+    } else {
+        memcpy(m->notify, r.p + r.off, KVX__NOTIFY_BYTES);
+        r.off += KVX__NOTIFY_BYTES;
+    }
+    return kvx__wire_end(&r, 0);
 }
 
 #endif /* KVX_WIRE_INCLUDED */

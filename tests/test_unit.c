@@ -275,6 +275,141 @@ int main(void) {
         note[15] ^= 1;
         T_CHECK(!kvx__notify_msg_read(note, &id, &rank));
     }
+    T_CASE("wire: backend addresses, remote keys and CUDA socket messages round-trip; another version, truncation or excess is refused") {
+        uint8_t buf[512], big[600];
+        const uint8_t ep[5] = {1, 2, 3, 4, 5}, raw[3] = {9, 8, 7};
+        kvx__ofi_addr_msg oa, oa2;
+        kvx__ofi_rkey_msg ok, ok2;
+        kvx__cuda_addr_msg ca, ca2;
+        kvx__cuda_rkey_msg ck, ck2;
+        kvx__cuda_rkey_entry ce[3], ce2;
+        kvx__cuda_msg cm, cm2;
+        kvx__rbuf rb;
+        uint32_t ver = 0, i, t;
+        size_t n, m;
+        /* libfabric address */
+        memset(&oa, 0, sizeof oa);
+        strcpy(oa.prov, "tcp;ofi_rxm");
+        oa.name = ep; oa.name_len = sizeof ep;
+        n = kvx__ofi_addr_write(NULL, 0, &oa);
+        T_CHECK(n > 0 && n <= sizeof buf);
+        T_EQ(kvx__ofi_addr_write(buf, sizeof buf, &oa), n);
+        T_EQ(kvx__ofi_addr_read(buf, n, &oa2, &ver), KVX__WIRE_OK);
+        T_CHECK(!strcmp(oa2.prov, "tcp;ofi_rxm") && oa2.name_len == sizeof ep && !memcmp(oa2.name, ep, sizeof ep));
+        for (m = 0; m < n; m++) T_EQ(kvx__ofi_addr_read(buf, m, &oa2, &ver), KVX__WIRE_TRUNCATED);
+        memcpy(big, buf, n); big[n] = 0;
+        T_EQ(kvx__ofi_addr_read(big, n + 1, &oa2, &ver), KVX__WIRE_OVERSIZED);
+        buf[4] = 1;                                                        /* version 1 */
+        T_EQ(kvx__ofi_addr_read(buf, n, &oa2, &ver), KVX__WIRE_VERSION);
+        T_EQ(ver, 1);
+        buf[4] = KVX__OFI_ADDR_VERSION; buf[0] ^= 0xff;
+        T_EQ(kvx__ofi_addr_read(buf, n, &oa2, &ver), KVX__WIRE_MAGIC);
+        T_EQ(ver, 0);
+        buf[0] ^= 0xff; buf[8] = 0xff; buf[9] = 0xff;                      /* provider name of 65535 bytes: over its bound */
+        T_EQ(kvx__ofi_addr_read(buf, n, &oa2, &ver), KVX__WIRE_OVERSIZED);
+        oa.name_len = 0;                                                   /* no endpoint name */
+        n = kvx__ofi_addr_write(buf, sizeof buf, &oa);
+        T_EQ(kvx__ofi_addr_read(buf, n, &oa2, &ver), KVX__WIRE_FIELD);
+        /* libfabric remote key */
+        memset(&ok, 0, sizeof ok);
+        ok.flags = KVX__OFI_RKEY_VIRT | KVX__OFI_RKEY_RAW; ok.key = 0x1122334455667788ull; ok.base = 0x7f0000001000ull;
+        ok.raw = raw; ok.raw_len = sizeof raw;
+        n = kvx__ofi_rkey_write(buf, sizeof buf, &ok);
+        T_EQ(n, KVX__OFI_RKEY_BYTES + sizeof raw);
+        T_EQ(kvx__ofi_rkey_read(buf, n, &ok2, &ver), KVX__WIRE_OK);
+        T_CHECK(ok2.flags == ok.flags && ok2.key == ok.key && ok2.base == ok.base && ok2.raw_len == 3 && !memcmp(ok2.raw, raw, 3));
+        T_EQ(kvx__ofi_rkey_read(buf, n - 1, &ok2, &ver), KVX__WIRE_TRUNCATED);
+        T_EQ(kvx__ofi_rkey_read(buf, 3, &ok2, &ver), KVX__WIRE_TRUNCATED);
+        memcpy(big, buf, n); big[n] = 0;
+        T_EQ(kvx__ofi_rkey_read(big, n + 1, &ok2, &ver), KVX__WIRE_OVERSIZED);
+        buf[28] = 0; buf[29] = 0x10;                                       /* raw key of 4096 bytes: over its bound */
+        T_EQ(kvx__ofi_rkey_read(buf, n, &ok2, &ver), KVX__WIRE_OVERSIZED);
+        buf[4] = 3;
+        T_EQ(kvx__ofi_rkey_read(buf, n, &ok2, &ver), KVX__WIRE_VERSION);
+        T_EQ(ver, 3);
+        /* CUDA address */
+        memset(&ca, 0, sizeof ca);
+        ca.token = 0xabcdef0123456789ull; ca.pid = 4242;
+        strcpy(ca.path, "/tmp/kvx-cuda-1000/4242-1.sock");
+        n = kvx__cuda_addr_write(buf, sizeof buf, &ca);
+        T_CHECK(n <= KVX__CUDA_ADDR_MAX);
+        T_EQ(kvx__cuda_addr_read(buf, n, &ca2, &ver), KVX__WIRE_OK);
+        T_CHECK(ca2.token == ca.token && ca2.pid == 4242 && !strcmp(ca2.path, ca.path));
+        T_EQ(kvx__cuda_addr_read(buf, n - 1, &ca2, &ver), KVX__WIRE_TRUNCATED);
+        T_EQ(kvx__cuda_addr_read(NULL, 0, &ca2, &ver), KVX__WIRE_TRUNCATED);
+        memcpy(big, buf, n); big[n] = 0;
+        T_EQ(kvx__cuda_addr_read(big, n + 1, &ca2, &ver), KVX__WIRE_OVERSIZED);
+        memset(big, 'a', sizeof big);                                      /* a path longer than a socket path */
+        memcpy(big, buf, 20); big[20] = KVX__CUDA_PATH_MAX; big[21] = big[22] = big[23] = 0;
+        T_EQ(kvx__cuda_addr_read(big, 24 + KVX__CUDA_PATH_MAX, &ca2, &ver), KVX__WIRE_OVERSIZED);
+        buf[4] = 1; buf[6] = 0;                                            /* the old layout: magic | 1 << 32 */
+        T_EQ(kvx__cuda_addr_read(buf, n, &ca2, &ver), KVX__WIRE_VERSION);
+        T_EQ(ver, 1);
+        /* CUDA remote key: a legacy, a pool and a VMM allocation */
+        memset(&ck, 0, sizeof ck);
+        memset(ce, 0, sizeof ce);
+        for (i = 0; i < 16; i++) ck.uuid[i] = (uint8_t)(i * 7);
+        ck.device = 3; ck.count = 3;
+        ce[0].kind = KVX__CUDA_LEGACY; ce[0].base = 0x1000; ce[0].size = 0x2000; memset(ce[0].handle, 0x5a, KVX__CUDA_HANDLE);
+        ce[1].kind = KVX__CUDA_POOL; ce[1].base = 0x3000; ce[1].size = 0x1000; ce[1].pool = 77; memset(ce[1].handle, 0xa5, KVX__CUDA_HANDLE);
+        ce[2].kind = KVX__CUDA_VMM; ce[2].base = 0x4000; ce[2].size = 0x8000;
+        n = kvx__cuda_rkey_write(NULL, 0, &ck, ce);
+        T_EQ(n, KVX__CUDA_RKEY_HDR + 3 * KVX__CUDA_ENTRY + 8 + 2 * KVX__CUDA_HANDLE);
+        T_EQ(kvx__cuda_rkey_write(buf, sizeof buf, &ck, ce), n);
+        T_EQ(kvx__cuda_rkey_read(&rb, buf, n, &ck2, &ver), KVX__WIRE_OK);
+        T_CHECK(!memcmp(ck2.uuid, ck.uuid, 16) && ck2.device == 3 && ck2.count == 3);
+        for (i = 0; i < 3; i++) {
+            T_EQ(kvx__cuda_rkey_entry_read(&rb, &ce2), KVX__WIRE_OK);
+            T_CHECK(ce2.kind == ce[i].kind && ce2.base == ce[i].base && ce2.size == ce[i].size && ce2.pool == ce[i].pool &&
+                    !memcmp(ce2.handle, ce[i].handle, KVX__CUDA_HANDLE));
+        }
+        T_EQ(kvx__wire_end(&rb, 0), KVX__WIRE_OK);
+        /* cut inside the last allocation: the header passes, that entry is truncated */
+        T_EQ(kvx__cuda_rkey_read(&rb, buf, n - 1, &ck2, &ver), KVX__WIRE_OK);
+        T_EQ(kvx__cuda_rkey_entry_read(&rb, &ce2), KVX__WIRE_OK);
+        T_EQ(kvx__cuda_rkey_entry_read(&rb, &ce2), KVX__WIRE_OK);
+        T_EQ(kvx__cuda_rkey_entry_read(&rb, &ce2), KVX__WIRE_TRUNCATED);
+        T_EQ(kvx__cuda_rkey_read(&rb, buf, KVX__CUDA_RKEY_HDR - 1, &ck2, &ver), KVX__WIRE_TRUNCATED);
+        memcpy(big, buf, n); big[n] = 0;
+        T_EQ(kvx__cuda_rkey_read(&rb, big, n + 1, &ck2, &ver), KVX__WIRE_OK);
+        for (i = 0; i < 3; i++) kvx__cuda_rkey_entry_read(&rb, &ce2);
+        T_EQ(kvx__wire_end(&rb, 0), KVX__WIRE_OVERSIZED);
+        buf[28] = 0xff; buf[29] = 0xff;                                    /* a count the bytes cannot hold */
+        T_EQ(kvx__cuda_rkey_read(&rb, buf, n, &ck2, &ver), KVX__WIRE_TRUNCATED);
+        buf[28] = 3; buf[29] = 0;
+        buf[KVX__CUDA_RKEY_HDR] = 9;                                       /* unknown kind */
+        T_EQ(kvx__cuda_rkey_read(&rb, buf, n, &ck2, &ver), KVX__WIRE_OK);
+        T_EQ(kvx__cuda_rkey_entry_read(&rb, &ce2), KVX__WIRE_FIELD);
+        T_EQ(ce2.kind, 9);
+        buf[4] = 1; buf[6] = 3;                                            /* the old layout: version 1, count 3 */
+        T_EQ(kvx__cuda_rkey_read(&rb, buf, n, &ck2, &ver), KVX__WIRE_VERSION);
+        T_EQ(ver, 1);
+        /* CUDA socket messages: each type its own size */
+        for (t = KVX__CUDA_MSG_EXPORT; t <= KVX__CUDA_MSG_NOTIFY; t++) {
+            memset(&cm, 0, sizeof cm);
+            cm.type = t; cm.cache = 5; cm.region = 6; cm.alloc = 7; cm.status = -2;
+            for (i = 0; i < KVX__NOTIFY_BYTES; i++) cm.notify[i] = (uint8_t)(i + 1);
+            n = kvx__cuda_msg_write(buf, &cm);
+            T_CHECK(n == kvx__cuda_msg_size(t) && n <= KVX__CUDA_MSG_MAX);
+            T_EQ(kvx__cuda_msg_read(buf, n, &cm2, &ver), KVX__WIRE_OK);
+            T_EQ(cm2.type, t);
+            if (t == KVX__CUDA_MSG_EXPORT) T_CHECK(cm2.cache == 5 && cm2.region == 6 && cm2.alloc == 7);
+            if (t == KVX__CUDA_MSG_REPLY) T_EQ(cm2.status, -2);
+            if (t == KVX__CUDA_MSG_NOTIFY) T_CHECK(!memcmp(cm2.notify, cm.notify, KVX__NOTIFY_BYTES));
+            T_EQ(kvx__cuda_msg_read(buf, n - 1, &cm2, &ver), KVX__WIRE_TRUNCATED);
+            T_EQ(cm2.type, 0);
+            memcpy(big, buf, n); big[n] = 0;
+            T_EQ(kvx__cuda_msg_read(big, n + 1, &cm2, &ver), KVX__WIRE_OVERSIZED);
+        }
+        cm.type = 9;
+        T_EQ(kvx__cuda_msg_write(buf, &cm), 0);
+        buf[6] = 9;                                                        /* the last message written, now of type 9 */
+        T_EQ(kvx__cuda_msg_read(buf, kvx__cuda_msg_size(KVX__CUDA_MSG_NOTIFY), &cm2, &ver), KVX__WIRE_TYPE);
+        buf[6] = KVX__CUDA_MSG_NOTIFY; buf[4] = 1;
+        T_EQ(kvx__cuda_msg_read(buf, kvx__cuda_msg_size(KVX__CUDA_MSG_NOTIFY), &cm2, &ver), KVX__WIRE_VERSION);
+        T_EQ(ver, 1);
+        T_CHECK(!strcmp(kvx__wire_why(KVX__WIRE_TRUNCATED), "truncated") && !strcmp(kvx__wire_why(KVX__WIRE_OVERSIZED), "oversized"));
+    }
     T_CASE("metadata refused: layouts that do not read against ours") {
         static const char *fields[] = {"num_layers", "head_dim", "block_tokens", "elem_bytes"};
         int f;
