@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
     kvx_ucx.h -- the UCX (ucp) backend of kvx. Included by kvx.h inside its
     implementation when KVX_UCX is defined; do not include it yourself.
