@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
     kvx_cuda.h -- the CUDA part of kvx: GPU caches, the CUDA IPC backend and
     stream-ordered completion for every backend. Included by kvx.h inside its

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
     kvx_ofi.h -- the libfabric backend of kvx. Included by kvx.h inside its
     implementation when KVX_OFI is defined; do not include it yourself.
