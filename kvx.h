@@ -54,6 +54,15 @@
         KVX_STATIC                     make every function static (a private copy)
         KVX_API                        decoration of public functions
 
+    TEST SEAMS (one form: macros defined before the implementation, absent
+    by default, so they cost nothing; kvx's own tests use them):
+
+        KVX_TEST_HOOK_BEFORE_VERIFY(rd)            before a host read is checked
+        KVX_TEST_HOOK_CUDA_BEFORE_CHECK(rd, stream)  before a GPU read's check kernel
+        KVX_TEST_HOOK_OFI_MR_MODE                  mr_mode bits libfabric did not ask for
+    An engine's own tests need none of them: KVX_BACKEND_LOCAL runs the whole
+    API in one process without a network.
+
     WHAT KVX DOES NOT DO
 
         It does not ship metadata between engines: kvx_metadata() gives you a

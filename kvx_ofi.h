@@ -164,9 +164,11 @@
 #define KVX__OFI_RECV_BYTES 64u     /* more than 16, so a wrong-sized message is seen, not truncated */
 #define KVX__OFI_MAX_CTX 1024u      /* op/part contexts per peer endpoint, at most */
 
-/* Tests only: mr_mode bits to behave as if the provider had asked for them
-   (the ones that are safe to add: FI_MR_LOCAL, FI_MR_RAW). */
-static uint64_t kvx__ofi_test_mr_mode;
+/* Test seam (kvx.h, TEST SEAMS): mr_mode bits to behave as if the provider
+   had asked for them (the ones that are safe to add: FI_MR_LOCAL, FI_MR_RAW). */
+#if !defined(KVX_TEST_HOOK_OFI_MR_MODE)
+#  define KVX_TEST_HOOK_OFI_MR_MODE 0u
+#endif
 
 /* Contexts destroyed while they held parked endpoints: their domain stays
    open for the life of the process, reachable from here. */
@@ -711,7 +713,7 @@ KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     o->shm = !strcmp(o->prov, "shm");
     o->park = fi_version() < FI_VERSION(1, 18) && (!strncmp(o->prov, "tcp", 3) || !strncmp(o->prov, "net", 3));
     o->hmem = (fi->caps & FI_HMEM) != 0;
-    o->mr_mode = (uint64_t)fi->domain_attr->mr_mode | (kvx__ofi_test_mr_mode & (FI_MR_LOCAL | FI_MR_RAW));
+    o->mr_mode = (uint64_t)fi->domain_attr->mr_mode | ((uint64_t)(KVX_TEST_HOOK_OFI_MR_MODE) & (FI_MR_LOCAL | FI_MR_RAW));
     o->key_mask = fi->domain_attr->mr_key_size >= 8 || !fi->domain_attr->mr_key_size ? ~0ull : (1ull << (8 * fi->domain_attr->mr_key_size)) - 1;
     o->max_msg = fi->ep_attr->max_msg_size ? (uint64_t)fi->ep_attr->max_msg_size : (1ull << 30);
     /* Reads split smaller than the provider asks (tests use it): the desc, else $KVX_OFI_MAX_MSG. */

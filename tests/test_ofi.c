@@ -13,6 +13,10 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
+/* The test seam for the provider's mr_mode (kvx.h, TEST SEAMS). */
+#include <stdint.h>
+static uint64_t test_mr_mode;
+#define KVX_TEST_HOOK_OFI_MR_MODE test_mr_mode
 #define KVX_IMPLEMENTATION
 #ifndef KVX_OFI
 #define KVX_OFI
@@ -235,20 +239,20 @@ static void run_provider(const char *prov) {
     T_CASE(name) {
         pair x;
         uint32_t s[3] = {8, 9, 60}, d[3] = {1, 2, 3};
-        kvx__ofi_test_mr_mode = FI_MR_LOCAL;
+        test_mr_mode = FI_MR_LOCAL;
         if (pair_open(&x, prov, lay_of(16, 4, 64), 5) == 0) {
             T_CHECK(kvx__ofi_of(x.B)->mr_mode & FI_MR_LOCAL);
             read_check(&x, 5, d, s, 3);
         } else T_FAILF("setup");
         pair_close(&x);
-        kvx__ofi_test_mr_mode = 0;
+        test_mr_mode = 0;
     }
 
     snprintf(name, sizeof name, "%s: mr_mode FI_MR_RAW path (fi_mr_raw_attr, fi_mr_map_raw)", prov);
     T_CASE(name) {
         pair x;
         uint32_t s[3] = {8, 9, 60}, d[3] = {1, 2, 3};
-        kvx__ofi_test_mr_mode = FI_MR_RAW;
+        test_mr_mode = FI_MR_RAW;
         if (pair_open(&x, prov, lay_of(16, 4, 64), 6) == 0) {
             read_check(&x, 6, d, s, 3);
         } else {
@@ -258,7 +262,7 @@ static void run_provider(const char *prov) {
             T_HAS(why, "raw");
         }
         pair_close(&x);
-        kvx__ofi_test_mr_mode = 0;
+        test_mr_mode = 0;
     }
 
     snprintf(name, sizeof name, "%s: GPU memory refused at registration, naming libfabric's version and the provider", prov);
