@@ -48,7 +48,7 @@ typedef struct kvx__wbuf { uint8_t *p; size_t len, cap; } kvx__wbuf;
 typedef struct kvx__rbuf { const uint8_t *p; size_t off, len; int bad; } kvx__rbuf;
 
 KVX__PRIV void kvx__put(kvx__wbuf *w, const void *src, size_t n) {
-    if (w->p && w->len + n <= w->cap) memcpy(w->p + w->len, src, n);
+    if (n && w->p && w->len + n <= w->cap) memcpy(w->p + w->len, src, n);
     w->len += n;
 }
 KVX__PRIV void kvx__put_u(kvx__wbuf *w, uint64_t v, int bytes) {
