@@ -150,7 +150,7 @@ extern "C" {
 #endif
 
 #define KVX_VERSION_MAJOR 0
-#define KVX_VERSION_MINOR 1
+#define KVX_VERSION_MINOR 2
 #define KVX_METADATA_VERSION 1
 
 typedef enum kvx_status {
