@@ -236,15 +236,16 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
     kvx__get_rep rp;
     kvx__ucx_msg *m;
     uint32_t ver = 0;
+    int e;
     ucp_request_param_t prm;
     ucs_status_ptr_t sp;
     int ok;
     size_t n, i;
     (void)length;
     if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) ucp_am_data_release(kvx__ucx_worker(ctx), data);  /* a request carries no data */
-    if (!(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) || !kvx__get_req_read((const uint8_t *)header, header_length, &rq, &ver)) {
-        if (ver) KVX__LOG(ctx, KVX_LOG_WARN, "ucx: a get request of version %u dropped: this kvx speaks version %u (upgrade both sides)", ver, KVX__GET_VERSION);
-        else KVX__LOG(ctx, KVX_LOG_WARN, "ucx: a malformed get request (%zu-byte header) dropped", header_length);
+    if ((e = kvx__get_req_read((const uint8_t *)header, header_length, &rq, &ver)) != KVX__WIRE_OK || !(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) {
+        if (e == KVX__WIRE_VERSION) KVX__LOG(ctx, KVX_LOG_WARN, "ucx: a get request of version %u dropped: this kvx speaks version %u (upgrade both sides)", ver, KVX__GET_VERSION);
+        else KVX__LOG(ctx, KVX_LOG_WARN, "ucx: a get request dropped (%zu-byte header: %s)", header_length, e ? kvx__wire_why(e) : "no reply endpoint");
         return UCS_OK;
     }
     /* Every piece inside one registered region: the span from the first to the end of the last is. */
@@ -294,7 +295,7 @@ KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t 
     kvx__get_rep rp;
     kvx__ucx_get *g;
     uint32_t ver = 0;
-    int ok = kvx__get_rep_read((const uint8_t *)header, header_length, &rp, &ver);
+    int e = kvx__get_rep_read((const uint8_t *)header, header_length, &rp, &ver), ok = e == KVX__WIRE_OK;
     if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
         /* kvx's replies are eager: this one is not kvx's, or not as sent */
         ucp_am_data_release(kvx__ucx_worker(ctx), data);
@@ -302,7 +303,8 @@ KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t 
         return UCS_OK;
     }
     if (!ok) {
-        if (ver) KVX__LOG(ctx, KVX_LOG_WARN, "ucx: a get reply of version %u dropped: this kvx speaks version %u (upgrade both sides)", ver, KVX__GET_VERSION);
+        if (e == KVX__WIRE_VERSION) KVX__LOG(ctx, KVX_LOG_WARN, "ucx: a get reply of version %u dropped: this kvx speaks version %u (upgrade both sides)", ver, KVX__GET_VERSION);
+        else KVX__LOG(ctx, KVX_LOG_WARN, "ucx: a get reply dropped (%zu-byte header: %s)", header_length, kvx__wire_why(e));
         return UCS_OK;
     }
     if (!(g = kvx__ucx_get_find(kvx__ucx_getter_of(ctx), rp.id))) return UCS_OK;  /* the op ended: drop */

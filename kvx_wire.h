@@ -273,67 +273,7 @@ KVX__PRIV int kvx__notify_msg_read(const uint8_t *m, uint64_t *id, uint32_t *ran
     return kvx__get_u(&r, 4) == KVX__MAGIC;
 }
 
-/* kvx's own get (kvx_ucx_get.h). A request asks for count pieces of len
-   bytes, at raddr and every rstride after (the owner sends them as one), at
-   byte off of the op's pieces in order; wanted within ttl_ns (what is left
-   of the read's deadline: the reader takes no byte after it). The reply
-   carries them, or status != 0 when the owner refused. */
-#define KVX__GET_MAGIC 0x47435658u     /* "XVCG" */
-#define KVX__GET_VERSION 1u
-#define KVX__GET_REQ 1u
-#define KVX__GET_REP 2u
-#define KVX__GET_REQ_BYTES 64u          /* magic 4, version 2, type 2, then 7 x 8 */
-#define KVX__GET_REP_BYTES 40u          /* magic 4, version 2, type 2, then 3 x 8, status 4, 4 zero */
-typedef struct kvx__get_req { uint64_t id, raddr, len, off, ttl_ns, count, rstride; } kvx__get_req;
-typedef struct kvx__get_rep { uint64_t id, off, len; uint32_t status; } kvx__get_rep;
-
-KVX__PRIV_MAYBE void kvx__get_hdr_write(kvx__wbuf *w, uint8_t *buf, uint32_t cap, uint32_t type) {
-    memset(w, 0, sizeof *w);
-    w->p = buf; w->cap = cap;
-    kvx__put_u(w, KVX__GET_MAGIC, 4);
-    kvx__put_u(w, KVX__GET_VERSION, 2);
-    kvx__put_u(w, type, 2);
-}
-/* 1: a header of this type and version; 0 else, *ver the version found
-   when the magic was kvx's (0 when it was not). */
-KVX__PRIV_MAYBE int kvx__get_hdr_read(kvx__rbuf *r, const uint8_t *buf, size_t len, uint32_t want_len, uint32_t type, uint32_t *ver) {
-    uint32_t magic, v, t;
-    memset(r, 0, sizeof *r);
-    r->p = buf; r->len = len;
-    magic = (uint32_t)kvx__get_u(r, 4);
-    v = (uint32_t)kvx__get_u(r, 2);
-    t = (uint32_t)kvx__get_u(r, 2);
-    *ver = !r->bad && magic == KVX__GET_MAGIC ? v : 0;
-    return !r->bad && magic == KVX__GET_MAGIC && v == KVX__GET_VERSION && t == type && len == want_len;
-}
-KVX__PRIV_MAYBE void kvx__get_req_write(uint8_t *buf, const kvx__get_req *q) {
-    kvx__wbuf w;
-    kvx__get_hdr_write(&w, buf, KVX__GET_REQ_BYTES, KVX__GET_REQ);
-    kvx__put_u(&w, q->id, 8); kvx__put_u(&w, q->raddr, 8); kvx__put_u(&w, q->len, 8); kvx__put_u(&w, q->off, 8);
-    kvx__put_u(&w, q->ttl_ns, 8); kvx__put_u(&w, q->count, 8); kvx__put_u(&w, q->rstride, 8);
-}
-KVX__PRIV_MAYBE int kvx__get_req_read(const uint8_t *buf, size_t len, kvx__get_req *q, uint32_t *ver) {
-    kvx__rbuf r;
-    if (!kvx__get_hdr_read(&r, buf, len, KVX__GET_REQ_BYTES, KVX__GET_REQ, ver)) return 0;
-    q->id = kvx__get_u(&r, 8); q->raddr = kvx__get_u(&r, 8); q->len = kvx__get_u(&r, 8); q->off = kvx__get_u(&r, 8);
-    q->ttl_ns = kvx__get_u(&r, 8); q->count = kvx__get_u(&r, 8); q->rstride = kvx__get_u(&r, 8);
-    return !r.bad;
-}
-KVX__PRIV_MAYBE void kvx__get_rep_write(uint8_t *buf, const kvx__get_rep *p) {
-    kvx__wbuf w;
-    kvx__get_hdr_write(&w, buf, KVX__GET_REP_BYTES, KVX__GET_REP);
-    kvx__put_u(&w, p->id, 8); kvx__put_u(&w, p->off, 8); kvx__put_u(&w, p->len, 8);
-    kvx__put_u(&w, p->status, 4); kvx__put_u(&w, 0, 4);
-}
-KVX__PRIV_MAYBE int kvx__get_rep_read(const uint8_t *buf, size_t len, kvx__get_rep *p, uint32_t *ver) {
-    kvx__rbuf r;
-    if (!kvx__get_hdr_read(&r, buf, len, KVX__GET_REP_BYTES, KVX__GET_REP, ver)) return 0;
-    p->id = kvx__get_u(&r, 8); p->off = kvx__get_u(&r, 8); p->len = kvx__get_u(&r, 8);
-    p->status = (uint32_t)kvx__get_u(&r, 4);
-    return !r.bad;
-}
-
-/*--- the backends' bytes ----------------------------------------------------*/
+/*--- message headers: magic, version, type ----------------------------------*/
 
 /* What a reader found wrong; kvx__wire_why names it. */
 #define KVX__WIRE_OK 0
@@ -391,12 +331,72 @@ KVX__PRIV_MAYBE const uint8_t *kvx__wire_blob(kvx__rbuf *r, uint32_t max, uint32
     if (r->bad && !*e) *e = KVX__WIRE_TRUNCATED;
     return p;
 }
+/* A length-prefixed string of 1 to cap - 1 bytes into dst, with its 0; a
+   string that is empty or holds a 0 byte is KVX__WIRE_FIELD. */
+KVX__PRIV_MAYBE void kvx__wire_str(kvx__rbuf *r, char *dst, uint32_t cap, int *e) {
+    uint32_t n = 0;
+    const uint8_t *p = kvx__wire_blob(r, cap - 1, &n, e);
+    if (p) memcpy(dst, p, n);
+    dst[n] = 0;
+    if (p && !*e && (!n || memchr(dst, 0, n))) *e = KVX__WIRE_FIELD;
+}
+
 /* The end of a message: truncated if a field ran past it, oversized if bytes are left. */
 KVX__PRIV_MAYBE int kvx__wire_end(const kvx__rbuf *r, int e) {
     if (e) return e;
     if (r->bad) return KVX__WIRE_TRUNCATED;
     return r->off != r->len ? KVX__WIRE_OVERSIZED : KVX__WIRE_OK;
 }
+
+/* kvx's own get (kvx_ucx_get.h). A request asks for count pieces of len
+   bytes, at raddr and every rstride after (the owner sends them as one), at
+   byte off of the op's pieces in order; wanted within ttl_ns (what is left
+   of the read's deadline: the reader takes no byte after it). The reply
+   carries them, or status != 0 when the owner refused. */
+#define KVX__GET_MAGIC 0x47435658u     /* "XVCG" */
+#define KVX__GET_VERSION 1u
+#define KVX__GET_REQ 1u
+#define KVX__GET_REP 2u
+#define KVX__GET_REQ_BYTES 64u          /* header 8, then 7 x 8 */
+#define KVX__GET_REP_BYTES 40u          /* header 8, then 3 x 8, status 4, 4 zero */
+typedef struct kvx__get_req { uint64_t id, raddr, len, off, ttl_ns, count, rstride; } kvx__get_req;
+typedef struct kvx__get_rep { uint64_t id, off, len; uint32_t status; } kvx__get_rep;
+
+KVX__PRIV_MAYBE void kvx__get_req_write(uint8_t *buf, const kvx__get_req *q) {
+    kvx__wbuf w;
+    kvx__wire_hdr_write(&w, buf, KVX__GET_REQ_BYTES, KVX__GET_MAGIC, KVX__GET_VERSION, KVX__GET_REQ);
+    kvx__put_u(&w, q->id, 8); kvx__put_u(&w, q->raddr, 8); kvx__put_u(&w, q->len, 8); kvx__put_u(&w, q->off, 8);
+    kvx__put_u(&w, q->ttl_ns, 8); kvx__put_u(&w, q->count, 8); kvx__put_u(&w, q->rstride, 8);
+}
+KVX__PRIV_MAYBE int kvx__get_req_read(const uint8_t *buf, size_t len, kvx__get_req *q, uint32_t *ver) {
+    kvx__rbuf r;
+    uint32_t type;
+    int e = kvx__wire_hdr_read(&r, buf, len, KVX__GET_MAGIC, KVX__GET_VERSION, ver, &type);
+    if (e) return e;
+    if (type != KVX__GET_REQ) return KVX__WIRE_TYPE;
+    q->id = kvx__get_u(&r, 8); q->raddr = kvx__get_u(&r, 8); q->len = kvx__get_u(&r, 8); q->off = kvx__get_u(&r, 8);
+    q->ttl_ns = kvx__get_u(&r, 8); q->count = kvx__get_u(&r, 8); q->rstride = kvx__get_u(&r, 8);
+    return kvx__wire_end(&r, KVX__WIRE_OK);
+}
+KVX__PRIV_MAYBE void kvx__get_rep_write(uint8_t *buf, const kvx__get_rep *p) {
+    kvx__wbuf w;
+    kvx__wire_hdr_write(&w, buf, KVX__GET_REP_BYTES, KVX__GET_MAGIC, KVX__GET_VERSION, KVX__GET_REP);
+    kvx__put_u(&w, p->id, 8); kvx__put_u(&w, p->off, 8); kvx__put_u(&w, p->len, 8);
+    kvx__put_u(&w, p->status, 4); kvx__put_u(&w, 0, 4);
+}
+KVX__PRIV_MAYBE int kvx__get_rep_read(const uint8_t *buf, size_t len, kvx__get_rep *p, uint32_t *ver) {
+    kvx__rbuf r;
+    uint32_t type;
+    int e = kvx__wire_hdr_read(&r, buf, len, KVX__GET_MAGIC, KVX__GET_VERSION, ver, &type);
+    if (e) return e;
+    if (type != KVX__GET_REP) return KVX__WIRE_TYPE;
+    p->id = kvx__get_u(&r, 8); p->off = kvx__get_u(&r, 8); p->len = kvx__get_u(&r, 8);
+    p->status = (uint32_t)kvx__get_u(&r, 4);
+    kvx__get_u(&r, 4);
+    return kvx__wire_end(&r, KVX__WIRE_OK);
+}
+
+/*--- the backends' bytes ----------------------------------------------------*/
 
 /* libfabric address (kvx_ofi.h): the provider's name (both sides must run
    the same) and the serving endpoint's name (fi_getname). name points
@@ -416,18 +416,15 @@ KVX__PRIV_MAYBE size_t kvx__ofi_addr_write(uint8_t *buf, size_t cap, const kvx__
 }
 KVX__PRIV_MAYBE int kvx__ofi_addr_read(const uint8_t *buf, size_t len, kvx__ofi_addr_msg *m, uint32_t *ver) {
     kvx__rbuf r;
-    uint32_t type, n;
-    const uint8_t *p;
+    uint32_t type;
     int e = kvx__wire_hdr_read(&r, buf, len, KVX__OFI_ADDR_MAGIC, KVX__OFI_ADDR_VERSION, ver, &type);
     memset(m, 0, sizeof *m);
     if (e) return e;
     if (type != 0) return KVX__WIRE_TYPE;
-    p = kvx__wire_blob(&r, KVX__OFI_PROV_MAX, &n, &e);
-    if (p) memcpy(m->prov, p, n);
-    m->prov[n] = 0;
+    kvx__wire_str(&r, m->prov, sizeof m->prov, &e);
     m->name = kvx__wire_blob(&r, KVX__MAX_ADDR, &m->name_len, &e);
     if ((e = kvx__wire_end(&r, e)) != KVX__WIRE_OK) return e;
-    return m->name_len && !memchr(m->prov, 0, n) ? KVX__WIRE_OK : KVX__WIRE_FIELD;
+    return m->name_len ? KVX__WIRE_OK : KVX__WIRE_FIELD;
 }
 
 /* libfabric remote key of one region (kvx_ofi.h): flags say whether remote
@@ -481,19 +478,15 @@ KVX__PRIV_MAYBE size_t kvx__cuda_addr_write(uint8_t *buf, size_t cap, const kvx_
 }
 KVX__PRIV_MAYBE int kvx__cuda_addr_read(const uint8_t *buf, size_t len, kvx__cuda_addr_msg *m, uint32_t *ver) {
     kvx__rbuf r;
-    uint32_t type, n;
-    const uint8_t *p;
+    uint32_t type;
     int e = kvx__wire_hdr_read(&r, buf, len, KVX__CUDA_ADDR_MAGIC, KVX__CUDA_ADDR_VERSION, ver, &type);
     memset(m, 0, sizeof *m);
     if (e) return e;
     if (type != 0) return KVX__WIRE_TYPE;
     m->token = kvx__get_u(&r, 8);
     m->pid = (uint32_t)kvx__get_u(&r, 4);
-    p = kvx__wire_blob(&r, KVX__CUDA_PATH_MAX - 1, &n, &e);
-    if (p) memcpy(m->path, p, n);
-    m->path[n] = 0;
-    if ((e = kvx__wire_end(&r, e)) != KVX__WIRE_OK) return e;
-    return n && !memchr(m->path, 0, n) ? KVX__WIRE_OK : KVX__WIRE_FIELD;
+    kvx__wire_str(&r, m->path, sizeof m->path, &e);
+    return kvx__wire_end(&r, e);
 }
 
 /* CUDA remote key of one region (kvx_cuda.h): the GPU (uuid, and its
