@@ -1152,6 +1152,32 @@ KVX__PRIV int kvx__span_cmp(const void *x, const void *y) {
     return p->a < q->a ? -1 : p->a > q->a;
 }
 
+/* The checksum table of a cache with checksums: host memory for a host
+   cache (the CPU seals and checks it), the backend's for others (the CUDA
+   backend's kernels do). Registered like the cache, in its memory kind, so a
+   reader can read it, and published as the cache's last region, n. */
+KVX__PRIV kvx_status kvx__csum_table_add(kvx_ctx *ctx, kvx__cache_info *ci, uint32_t n) {
+    uint64_t tb = (uint64_t)ci->nplanes * ci->lay.num_blocks * ci->lay.num_heads * 4u;
+    kvx__cache_info table = *ci;
+    kvx_status st;
+    if (ci->mem != KVX_MEM_HOST) {
+        if (!ctx->be_ops->csum_alloc)
+            return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "kvx_cache_register: checksums of a GPU cache are kept and checked on the GPU by the CUDA backend; "
+                             "this context uses %s (use KVX_BACKEND_CUDA, or turn checksums off)", ctx->be_ops->name);
+        if ((st = ctx->be_ops->csum_alloc(ctx, ci, tb)) != KVX_OK) return st;
+        ci->regions[n].addr = ci->csum_dev;
+    } else {
+        if (!(ci->csum = (uint32_t *)kvx__calloc((size_t)(tb / 4u), 4u)))
+            return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: no memory for a %llu-byte checksum table", (unsigned long long)tb);
+        ci->regions[n].addr = (uint64_t)(uintptr_t)ci->csum;
+    }
+    ci->regions[n].len = tb;
+    if ((st = ctx->be_ops->mem_register(ctx, &table, &ci->regions[n])) != KVX_OK) return st;
+    ci->nregions = n + 1;
+    ci->csum_region = n;
+    return KVX_OK;
+}
+
 KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx_cache **out) {
     kvx_cache *c;
     kvx__cache_info *ci;
@@ -1215,33 +1241,7 @@ KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx
         if (st != KVX_OK) goto fail;
         ci->nregions = i + 1;
     }
-    if (d->checksums) {
-        /* The checksum table: host memory for a host cache (the CPU seals and
-           checks it), device memory for a GPU cache (kernels do; CUDA
-           backend only). Registered like the cache, so a reader can read it,
-           and published as the cache's last region. */
-        uint64_t tb = (uint64_t)ci->nplanes * ci->lay.num_blocks * ci->lay.num_heads * 4u;
-        kvx__cache_info host = *ci;
-        host.mem = KVX_MEM_HOST;
-        if (d->mem != KVX_MEM_HOST) {
-            if (!ctx->be_ops->csum_alloc) {
-                st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "kvx_cache_register: checksums of a GPU cache are kept and checked on the GPU by the CUDA backend; "
-                               "this context uses %s (use KVX_BACKEND_CUDA, or turn checksums off)", ctx->be_ops->name);
-                goto fail;
-            }
-            if ((st = ctx->be_ops->csum_alloc(ctx, ci, tb)) != KVX_OK) goto fail;
-            ci->regions[n].addr = ci->csum_dev;
-            ci->regions[n].len = tb;
-            host.mem = ci->mem;
-        } else {
-            if (!(ci->csum = (uint32_t *)kvx__calloc((size_t)(tb / 4u), 4u))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: no memory for a %llu-byte checksum table", (unsigned long long)tb); goto fail; }
-            ci->regions[n].addr = (uint64_t)(uintptr_t)ci->csum;
-            ci->regions[n].len = tb;
-        }
-        if ((st = ctx->be_ops->mem_register(ctx, &host, &ci->regions[n])) != KVX_OK) goto fail;
-        ci->nregions = n + 1;
-        ci->csum_region = n;
-    }
+    if (d->checksums && (st = kvx__csum_table_add(ctx, ci, n)) != KVX_OK) goto fail;
     if ((st = kvx__planes_locate(ctx, ci, "kvx_cache_register")) != KVX_OK) goto fail;
     ctx->caches[ctx->ncaches++] = c;
     KVX__LOG(ctx, KVX_LOG_INFO, "cache %u: %u layers x %u planes x %u blocks of %llu bytes, %u registration(s)", ci->id,
