@@ -294,6 +294,32 @@ static void run_provider(const char *prov) {
         unsetenv("KVX_OFI_HMEM");
     }
 
+    snprintf(name, sizeof name, "%s: settings from the desc win over the environment; kvx_ctx_query_desc reports what is in effect", prov);
+    T_CASE(name) {
+        kvx_ctx_desc d, q;
+        kvx_ctx *c = NULL;
+        memset(&d, 0, sizeof d);
+        d.name = "settings"; d.backend = KVX_BACKEND_OFI; d.log_level = KVX_LOG_OFF;
+        d.ofi.provider = prov; d.ofi.max_msg = 1000; d.ofi.tick_us = 250; d.ofi.hmem = -1;
+        setenv("KVX_OFI_MAX_MSG", "2000", 1);
+        T_ST(kvx_ctx_create(&d, &c), KVX_OK);
+        if (c) {
+            q = kvx_ctx_query_desc(c);
+            T_EQ(q.backend, KVX_BACKEND_OFI);
+            T_HAS(q.ofi.provider, prov);
+            T_EQ(q.ofi.max_msg, 1000);
+            T_EQ(q.ofi.tick_us, 250);
+            T_EQ(q.ofi.hmem, -1);
+            T_HAS(q.name, "settings");
+            kvx_ctx_destroy(c);
+            c = NULL;
+        }
+        d.ofi.max_msg = 0;                      /* left zero: the environment's */
+        T_ST(kvx_ctx_create(&d, &c), KVX_OK);
+        if (c) { T_EQ(kvx_ctx_query_desc(c).ofi.max_msg, 2000); kvx_ctx_destroy(c); }
+        unsetenv("KVX_OFI_MAX_MSG");
+    }
+
     snprintf(name, sizeof name, "%s: a peer removed with reads in flight: canceled, nothing lands after", prov);
     T_CASE(name) {
         pair x;
