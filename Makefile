@@ -42,11 +42,11 @@ FUZZ_CC ?= clang
 all: deps $(PROGRAMS) $(TESTS)
 
 deps:
-	@scripts/deps.sh build
+	@tools/deps.sh build
 deps-test:
-	@scripts/deps.sh test
+	@tools/deps.sh test
 deps-bench:
-	@scripts/deps.sh bench
+	@tools/deps.sh bench
 
 $(BUILD):
 	mkdir -p $(BUILD)
@@ -117,7 +117,7 @@ test-gpu:
 bench-gpu:
 	bash tests/gpu_bench.sh
 ptx-check:
-	bash tests/ptx_check.sh
+	bash tools/ptx_check.sh
 
 install:
 	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig

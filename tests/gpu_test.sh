@@ -57,7 +57,7 @@ bench="$one $B/kvx_bench --backends CUDA"
 small="--num-blocks 200 --blocks 24 --num-layers 3 --iters 3"
 echo "== GPU: $(nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader 2>/dev/null | tr '\n' ';')"
 echo "== PTX"
-[ -x "${PTXAS:-/usr/local/cuda/bin/ptxas}" ] && entry "ptx check (ptxas sm_80, sm_90, sm_100)" 120 bash tests/ptx_check.sh
+[ -x "${PTXAS:-/usr/local/cuda/bin/ptxas}" ] && entry "ptx check (ptxas sm_80, sm_90, sm_100)" 120 bash tools/ptx_check.sh
 echo "== test_cuda (GPU $gpu)"
 entry "test_cuda" 300 $one $B/test_cuda
 echo "== kvx_bench --backends CUDA, pack (GPU $gpu, a process per rank)"

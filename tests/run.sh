@@ -78,7 +78,7 @@ entry "valgrind: kvx_bench pack 1->1, every process (ucx tcp)" 300 env UCX_TLS=t
   --leak-check=full --errors-for-leak-kinds=definite $B/kvx_bench --num-blocks 64 --blocks 16 --random-blocks --iters 2
 entry "compile matrix" 300 bash tests/compile.sh
 entry "compile matrix with KVX_CUDA (stub libcuda)" 600 bash tests/compile_cuda.sh
-entry "PTX check (ptxas sm_80, sm_90, sm_100)" 120 bash tests/ptx_check.sh
+entry "PTX check (ptxas sm_80, sm_90, sm_100)" 120 bash tools/ptx_check.sh
 if [ -x $B/fuzz_metadata ]; then
   rm -rf $B/fuzz-corpus && mkdir -p $B/fuzz-corpus && $B/make_seeds $B/fuzz-corpus >/dev/null
   entry "metadata fuzzer, 30 s (libFuzzer, asan+ubsan)" 120 $B/fuzz_metadata -max_total_time=30 -print_final_stats=1 $B/fuzz-corpus

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what kvx's build, tests and benchmarks need, from Debian's packages,
 # when it is missing. As root it runs apt-get; otherwise it says what to run.
-#   scripts/deps.sh build   compiler, pkg-config, UCX and libfabric headers
-#   scripts/deps.sh test    + iproute2 (two-host tests), clang and its fuzzer/sanitizer runtime
-#   scripts/deps.sh bench   + ucx_perftest, gnuplot
+#   tools/deps.sh build   compiler, pkg-config, UCX and libfabric headers
+#   tools/deps.sh test    + iproute2 (two-host tests), clang and its fuzzer/sanitizer runtime
+#   tools/deps.sh bench   + ucx_perftest, gnuplot
 set -u
 what=${1:-build}
 need=()
