@@ -27,8 +27,8 @@ CFLAGS ?= -O2 -g
 KVX_CFLAGS = -std=c99 -D_GNU_SOURCE $(WARN) $(BACKEND_DEFS) $(BACKEND_CFLAGS)
 SAN = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
-HEADERS = kvx.h kvx_ucx.h $(wildcard kvx_ofi.h kvx_cuda.h)
-EX_HEADERS = examples/kvx_example.h examples/kvx_rdv.h
+HEADERS = $(wildcard kvx*.h)
+FIXTURES = $(wildcard tests/lib/*.h) examples/kvx_rdv.h
 PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
 TESTS = $(BUILD)/test_unit $(BUILD)/test_faults $(BUILD)/test_robust $(BUILD)/test_unit.asan $(BUILD)/test_faults.asan \
         $(BUILD)/test_robust.asan $(BUILD)/test_verify $(BUILD)/test_verify.asan $(BUILD)/test_stress $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds \
@@ -51,27 +51,27 @@ deps-bench:
 $(BUILD):
 	mkdir -p $(BUILD)
 
-$(BUILD)/%: examples/%.c $(HEADERS) $(EX_HEADERS) | $(BUILD)
+$(BUILD)/%: examples/%.c $(HEADERS) $(FIXTURES) | $(BUILD)
 	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
-$(BUILD)/kvx_bench.asan: examples/kvx_bench.c $(HEADERS) $(EX_HEADERS) | $(BUILD)
+$(BUILD)/kvx_bench.asan: examples/kvx_bench.c $(HEADERS) $(FIXTURES) | $(BUILD)
 	$(CC) $(SAN) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
-$(BUILD)/test_%: tests/test_%.c tests/kvx_test.h $(HEADERS) $(EX_HEADERS) | $(BUILD)
+$(BUILD)/test_%: tests/test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
 	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
-$(BUILD)/ofi/test_%: tests/test_%.c tests/kvx_test.h $(HEADERS) $(EX_HEADERS) | $(BUILD)
+$(BUILD)/ofi/test_%: tests/test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
 	@mkdir -p $(BUILD)/ofi
 	$(CC) $(CFLAGS) $(OFI_ONLY) $< -o $@ $(OFI_LIBS) -lpthread
 
-$(BUILD)/ofi/test_%.asan: tests/test_%.c tests/kvx_test.h $(HEADERS) $(EX_HEADERS) | $(BUILD)
+$(BUILD)/ofi/test_%.asan: tests/test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
 	@mkdir -p $(BUILD)/ofi
 	$(CC) $(SAN) $(OFI_ONLY) $< -o $@ $(OFI_LIBS) -lpthread
 
 $(BUILD)/fi_read_ref: examples/fi_read_ref.c | $(BUILD)
 	$(CC) -O2 -g -std=c99 -D_GNU_SOURCE $(WARN) $(OFI_CFLAGS) $< -o $@ $(OFI_LIBS)
 
-$(BUILD)/test_%.asan: tests/test_%.c tests/kvx_test.h $(HEADERS) $(EX_HEADERS) | $(BUILD)
+$(BUILD)/test_%.asan: tests/test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
 	$(CC) $(SAN) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
 # libFuzzer on the metadata parser (clang, with clang's sanitizer runtime).
@@ -103,7 +103,7 @@ bench: deps deps-bench
 	@$(MAKE) --no-print-directory $(PROGRAMS) $(BUILD)/bench_post $(BUILD)/fi_read_ref
 	@bash tests/bench.sh
 
-$(BUILD)/bench_post: tests/bench_post.c $(HEADERS) $(EX_HEADERS) | $(BUILD)
+$(BUILD)/bench_post: tests/bench_post.c $(HEADERS) $(FIXTURES) | $(BUILD)
 	$(CC) -O2 -g $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
 # GPU: build where UCX's and CUDA's headers are (here), carry build/gpu to the
@@ -121,7 +121,7 @@ ptx-check:
 
 install:
 	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
-	install -m 644 $(wildcard kvx.h kvx_ucx.h kvx_ofi.h kvx_cuda.h) $(DESTDIR)$(PREFIX)/include/
+	install -m 644 $(HEADERS) $(DESTDIR)$(PREFIX)/include/
 	sed -e 's|@PREFIX@|$(PREFIX)|' kvx.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/kvx.pc
 
 clean:

@@ -24,10 +24,10 @@
 #endif
 #define KVX_IMPLEMENTATION
 #include "../kvx.h"
-#include "kvx_example.h"
+#include "../tests/lib/kvx_host_cache.h"
 #include "kvx_rdv.h"
 #if defined(KVX_CUDA)
-#include "kvx_example_cuda.h"
+#include "../tests/lib/kvx_gpu_cache.h"
 #endif
 
 #include <signal.h>

@@ -14,7 +14,7 @@
 #endif
 #define KVX_IMPLEMENTATION
 #include "../kvx.h"
-#include "kvx_example.h"
+#include "../tests/lib/kvx_host_cache.h"
 #include "kvx_rdv.h"
 
 #include <sys/wait.h>

@@ -1,6 +1,6 @@
 /*
     kvx_cuda_test.cu -- the device code of the CUDA tests and benchmark, the
-    source of the PTX text in tests/kvx_cuda_test.h (scripts/cuda_ptx.sh
+    source of the PTX text in tests/lib/kvx_cuda_test.h (scripts/cuda_ptx.sh
     writes it there; the tests build without nvcc).
 */
 typedef unsigned long long u64;

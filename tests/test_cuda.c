@@ -27,8 +27,8 @@ static unsigned char plant_value;
     } while (0)
 #define KVX_IMPLEMENTATION
 #include "../kvx.h"
-#include "kvx_test.h"
-#include "kvx_cuda_test.h"
+#include "lib/kvx_test.h"
+#include "lib/kvx_cuda_test.h"
 
 #define NB 64u
 #define LAYERS 4u

@@ -9,8 +9,8 @@
 #endif
 #define KVX_IMPLEMENTATION
 #include "../kvx.h"
-#include "../examples/kvx_example.h"
-#include "kvx_test.h"
+#include "lib/kvx_host_cache.h"
+#include "lib/kvx_test.h"
 
 #include <signal.h>
 #include <sys/wait.h>

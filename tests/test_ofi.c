@@ -18,8 +18,8 @@
 #define KVX_OFI
 #endif
 #include "../kvx.h"
-#include "../examples/kvx_example.h"
-#include "kvx_test.h"
+#include "lib/kvx_host_cache.h"
+#include "lib/kvx_test.h"
 
 #define NB 64u
 

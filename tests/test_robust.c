@@ -14,9 +14,9 @@
 #endif
 #define KVX_IMPLEMENTATION
 #include "../kvx.h"
-#include "../examples/kvx_example.h"
+#include "lib/kvx_host_cache.h"
 #include "../examples/kvx_rdv.h"
-#include "kvx_test.h"
+#include "lib/kvx_test.h"
 
 #include <fcntl.h>
 #include <signal.h>

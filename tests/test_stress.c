@@ -36,8 +36,8 @@ static void count_free(void *q) {
 #define KVX_FREE(p) count_free(p)
 #define KVX_IMPLEMENTATION
 #include "../kvx.h"
-#include "../examples/kvx_example.h"
-#include "kvx_test.h"
+#include "lib/kvx_host_cache.h"
+#include "lib/kvx_test.h"
 
 #include <malloc.h>
 #include <signal.h>

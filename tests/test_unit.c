@@ -8,8 +8,8 @@
 #endif
 #define KVX_IMPLEMENTATION
 #include "../kvx.h"
-#include "../examples/kvx_example.h"
-#include "kvx_test.h"
+#include "lib/kvx_host_cache.h"
+#include "lib/kvx_test.h"
 
 static kvx_layout lay_of(uint32_t layers, uint32_t blocks, uint32_t heads, kvx_order order) {
     kvx_layout l;

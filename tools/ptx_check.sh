@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks the PTX that kvx embeds (no GPU needed): the copy kernel in
-# kvx_cuda.h and the test kernels in tests/kvx_cuda_test.h. Each must declare
+# kvx_cuda.h and the test kernels in tests/lib/kvx_cuda_test.h. Each must declare
 # an ISA .version no newer than 7.8 (drivers from CUDA 11.8 on JIT it) and
 # .target sm_80, and assemble with ptxas for sm_80, sm_90 and sm_100.
 # PTXAS=... overrides /usr/local/cuda/bin/ptxas; exit 77 when there is none.
@@ -34,6 +34,6 @@ check() {  # name, header, block
   done
 }
 check kvx_copy kvx_cuda.h kvx_copy
-check kvx_test tests/kvx_cuda_test.h kvx_test
+check kvx_test tests/lib/kvx_cuda_test.h kvx_test
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]

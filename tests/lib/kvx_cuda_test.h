@@ -12,8 +12,8 @@
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
-#include "../examples/kvx_example_cuda.h"
-#include "../examples/kvx_rdv.h"
+#include "kvx_gpu_cache.h"
+#include "../../examples/kvx_rdv.h"
 
 static const char *const kvx_tc_ptx[] = {
 /* PTX kvx_test BEGIN */

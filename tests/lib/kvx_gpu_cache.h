@@ -1,8 +1,8 @@
 /*
-    kvx_example_cuda.h -- GPU caches for the examples and tests (KVX_CUDA).
+    kvx_gpu_cache.h -- GPU caches for the tests and benchmarks (KVX_CUDA).
 
     A kvx_ex_gpu is a kvx_ex_cache in host memory (the staging copy, where
-    kvx_example.h fills, poisons and verifies) plus the same bytes in GPU
+    kvx_host_cache.h fills, poisons and verifies) plus the same bytes in GPU
     memory, allocated one of the ways kvx accepts (cuMemAlloc, VMM made of
     several physical allocations, an exportable pool) or one it must refuse
     (VMM without an exportable handle type, the default pool). Push and pull
@@ -11,8 +11,8 @@
     Driver API only. kvx_ex_gpu_init() makes the device's primary context
     current on the calling thread.
 */
-#ifndef KVX_EXAMPLE_CUDA_H
-#define KVX_EXAMPLE_CUDA_H
+#ifndef KVX_GPU_CACHE_H
+#define KVX_GPU_CACHE_H
 
 #if defined(__GNUC__)
 #  pragma GCC diagnostic push
@@ -22,7 +22,7 @@
 #if defined(__GNUC__)
 #  pragma GCC diagnostic pop
 #endif
-#include "kvx_example.h"
+#include "kvx_host_cache.h"
 
 typedef enum kvx_ex_gpu_kind {
     KVX_EX_CUMEMALLOC = 0,      /* cuMemAlloc: legacy IPC */

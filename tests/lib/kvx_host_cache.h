@@ -1,5 +1,5 @@
 /*
-    kvx_example.h -- what the examples, tests and kvx_bench share: host KV
+    kvx_host_cache.h -- what the tests and benchmarks share: host KV
     caches laid out like an engine's, a fill pattern that every byte can be
     checked against, and block tables.
 
@@ -8,15 +8,15 @@
     any prefill rank, whichever TP split produced it. The seed changes per run,
     so stale bytes from an earlier run never pass.
 */
-#ifndef KVX_EXAMPLE_H
-#define KVX_EXAMPLE_H
+#ifndef KVX_HOST_CACHE_H
+#define KVX_HOST_CACHE_H
 
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include "../kvx.h"
+#include "../../kvx.h"
 
 typedef struct kvx_ex_cache {
     kvx_layout lay;             /* defaults filled in */
