@@ -54,7 +54,10 @@ $(BUILD):
 $(BUILD)/%: examples/%.c $(HEADERS) $(FIXTURES) | $(BUILD)
 	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
-$(BUILD)/kvx_bench.asan: examples/kvx_bench.c $(HEADERS) $(FIXTURES) | $(BUILD)
+$(BUILD)/kvx_bench: bench/kvx_bench.c $(HEADERS) $(FIXTURES) | $(BUILD)
+	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
+
+$(BUILD)/kvx_bench.asan: bench/kvx_bench.c $(HEADERS) $(FIXTURES) | $(BUILD)
 	$(CC) $(SAN) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
 $(BUILD)/test_%: tests/test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
@@ -68,7 +71,7 @@ $(BUILD)/ofi/test_%.asan: tests/test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
 	@mkdir -p $(BUILD)/ofi
 	$(CC) $(SAN) $(OFI_ONLY) $< -o $@ $(OFI_LIBS) -lpthread
 
-$(BUILD)/fi_read_ref: examples/fi_read_ref.c | $(BUILD)
+$(BUILD)/fi_read_ref: bench/fi_read_ref.c | $(BUILD)
 	$(CC) -O2 -g -std=c99 -D_GNU_SOURCE $(WARN) $(OFI_CFLAGS) $< -o $@ $(OFI_LIBS)
 
 $(BUILD)/test_%.asan: tests/test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
@@ -101,9 +104,9 @@ test: deps deps-test
 
 bench: deps deps-bench
 	@$(MAKE) --no-print-directory $(PROGRAMS) $(BUILD)/bench_post $(BUILD)/fi_read_ref
-	@bash tests/bench.sh
+	@bash bench/bench.sh
 
-$(BUILD)/bench_post: tests/bench_post.c $(HEADERS) $(FIXTURES) | $(BUILD)
+$(BUILD)/bench_post: bench/bench_post.c $(HEADERS) $(FIXTURES) | $(BUILD)
 	$(CC) -O2 -g $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
 # GPU: build where UCX's and CUDA's headers are (here), carry build/gpu to the
@@ -115,7 +118,7 @@ gpu-build: deps
 test-gpu:
 	bash tests/gpu_test.sh
 bench-gpu:
-	bash tests/gpu_bench.sh
+	bash bench/gpu_bench.sh
 ptx-check:
 	bash tools/ptx_check.sh
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Plots make bench's table (results.tsv) into a PNG with gnuplot: GB/s against
 # block size, kvx beside its reference, one line per transport and mode.
-#   tests/bench_plot.sh build/bench/results.tsv build/bench/bench.png 64
+#   bench/bench_plot.sh build/bench/results.tsv build/bench/bench.png 64
 set -u
 tsv=$1 png=$2 ops=${3:-64}
 command -v gnuplot >/dev/null || { echo "(no plot: gnuplot is not installed)"; exit 0; }

@@ -22,7 +22,7 @@
     completed; --reader-spin makes it spin on fi_cq_read instead. Then it
     checks every byte of its copy.
 
-    Build: cc -O2 -std=c99 -D_GNU_SOURCE examples/fi_read_ref.c -o build/fi_read_ref $(pkg-config --libs libfabric)
+    Build: cc -O2 -std=c99 -D_GNU_SOURCE bench/fi_read_ref.c -o build/fi_read_ref $(pkg-config --libs libfabric)
     Exit status 0 with "TEST PASSED", 1 with a wrong byte or a failed read, 2 for setup.
 */
 #ifndef _GNU_SOURCE

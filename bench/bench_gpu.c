@@ -26,7 +26,7 @@
 #endif
 #define KVX_IMPLEMENTATION
 #include "../kvx.h"
-#include "lib/kvx_cuda_test.h"
+#include "../tests/lib/kvx_cuda_test.h"
 
 #define LAYERS 32u
 #define SEED 77u

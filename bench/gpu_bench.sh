@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make bench-gpu: the CUDA backend's table (tests/bench_gpu.c) on GPU
+# make bench-gpu: the CUDA backend's table (bench/bench_gpu.c) on GPU
 # $KVX_GPU (default 0), then, with two GPUs visible, owner on GPU 0 and reader
 # on GPU 1. Logs in build/gpu/bench/. Programs from build/gpu (tests/gpu_build.sh).
 set -u

@@ -25,7 +25,7 @@
 #define KVX_IMPLEMENTATION
 #include "../kvx.h"
 #include "../tests/lib/kvx_host_cache.h"
-#include "kvx_rdv.h"
+#include "../examples/kvx_rdv.h"
 #if defined(KVX_CUDA)
 #include "../tests/lib/kvx_gpu_cache.h"
 #endif
@@ -368,7 +368,7 @@ static int decode_rank(const opts *o) {
         kvx_peer_heads(p, cache, 0, &pf[np], &pc[np]);
         if (!pc[np]) { kvx_peer_remove(p); continue; }  /* not a source of any of our heads */
         peers[np] = p;
-        kvx__strlcpy(hello.transport[np], kvx_peer_transport(p), sizeof hello.transport[np]);
+        snprintf(hello.transport[np], sizeof hello.transport[np], "%.*s", (int)sizeof hello.transport[np] - 1, kvx_peer_transport(p));
         hello.peer_rank[np] = kvx_peer_rank(p);
         hello.head_first[np] = pf[np];
         hello.head_count[np] = pc[np];
@@ -413,7 +413,7 @@ static int decode_rank(const opts *o) {
         r.bytes = s1.bytes_read - s0.bytes_read;
         r.descs_before = s1.blocks_posted - s0.blocks_posted;
         r.descs_after = s1.descs_posted - s0.descs_posted;
-        if (r.status != KVX_OK) kvx__strlcpy(r.error, kvx_ctx_error(ctx), sizeof r.error);
+        if (r.status != KVX_OK) snprintf(r.error, sizeof r.error, "%.*s", (int)sizeof r.error - 1, kvx_ctx_error(ctx));
         if (mem_sync(&mem, 0)) return 2;
         if (getenv("KVX_BENCH_FLIP_BYTE") && np && it == o->iters - 1) {
             /* The self-check of the checker: a planted wrong byte must fail the run. */

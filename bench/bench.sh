@@ -131,5 +131,5 @@ if [ -x $B/bench_post ]; then
   UCX_NET_DEVICES=lo $B/bench_post | tee "$out/post_cost.txt"
 fi
 
-bash tests/bench_plot.sh "$tsv" "$out/bench.png" "$ops"
+bash bench/bench_plot.sh "$tsv" "$out/bench.png" "$ops"
 echo "table: $tsv"

@@ -17,7 +17,7 @@
 #endif
 #define KVX_IMPLEMENTATION
 #include "../kvx.h"
-#include "lib/kvx_host_cache.h"
+#include "../tests/lib/kvx_host_cache.h"
 
 #define NBLK 50000u   /* x K/V = 100,000 descriptors */
 #define REPS 5
