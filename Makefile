@@ -29,6 +29,7 @@ SAN = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-
 
 HEADERS = $(wildcard kvx*.h)
 FIXTURES = $(wildcard tests/lib/*.h) examples/kvx_rdv.h
+vpath test_%.c tests/unit tests/faults tests/ofi
 PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
 TESTS = $(BUILD)/test_unit $(BUILD)/test_faults $(BUILD)/test_robust $(BUILD)/test_unit.asan $(BUILD)/test_faults.asan \
         $(BUILD)/test_robust.asan $(BUILD)/test_verify $(BUILD)/test_verify.asan $(BUILD)/test_stress $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds \
@@ -60,21 +61,21 @@ $(BUILD)/kvx_bench: bench/kvx_bench.c $(HEADERS) $(FIXTURES) | $(BUILD)
 $(BUILD)/kvx_bench.asan: bench/kvx_bench.c $(HEADERS) $(FIXTURES) | $(BUILD)
 	$(CC) $(SAN) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
-$(BUILD)/test_%: tests/test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
+$(BUILD)/test_%: test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
 	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
-$(BUILD)/ofi/test_%: tests/test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
+$(BUILD)/ofi/test_%: test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
 	@mkdir -p $(BUILD)/ofi
 	$(CC) $(CFLAGS) $(OFI_ONLY) $< -o $@ $(OFI_LIBS) -lpthread
 
-$(BUILD)/ofi/test_%.asan: tests/test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
+$(BUILD)/ofi/test_%.asan: test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
 	@mkdir -p $(BUILD)/ofi
 	$(CC) $(SAN) $(OFI_ONLY) $< -o $@ $(OFI_LIBS) -lpthread
 
 $(BUILD)/fi_read_ref: bench/fi_read_ref.c | $(BUILD)
 	$(CC) -O2 -g -std=c99 -D_GNU_SOURCE $(WARN) $(OFI_CFLAGS) $< -o $@ $(OFI_LIBS)
 
-$(BUILD)/test_%.asan: tests/test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
+$(BUILD)/test_%.asan: test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
 	$(CC) $(SAN) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
 # libFuzzer on the metadata parser (clang, with clang's sanitizer runtime).
@@ -96,7 +97,7 @@ demo: deps $(BUILD)/kvx_demo
 	UCX_NET_DEVICES=$${UCX_NET_DEVICES:-lo} $(BUILD)/kvx_demo
 
 compile-check: deps
-	KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/compile.sh
+	KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/compile/matrix.sh
 
 test: deps deps-test
 	@$(MAKE) --no-print-directory $(PROGRAMS) $(TESTS)
@@ -114,9 +115,9 @@ $(BUILD)/bench_post: bench/bench_post.c $(HEADERS) $(FIXTURES) | $(BUILD)
 # embedded PTX with ptxas inside make test.
 CUDA_HOME ?= /usr/local/cuda
 gpu-build: deps
-	bash tests/gpu_build.sh
+	bash tests/gpu/build.sh
 test-gpu:
-	bash tests/gpu_test.sh
+	bash tests/gpu/run.sh
 bench-gpu:
 	bash bench/gpu_bench.sh
 ptx-check:

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # make bench-gpu: the CUDA backend's table (bench/bench_gpu.c) on GPU
 # $KVX_GPU (default 0), then, with two GPUs visible, owner on GPU 0 and reader
-# on GPU 1. Logs in build/gpu/bench/. Programs from build/gpu (tests/gpu_build.sh).
+# on GPU 1. Logs in build/gpu/bench/. Programs from build/gpu (tests/gpu/build.sh).
 set -u
 cd "$(dirname "$0")/.."
 B=build/gpu
 out=$B/bench
 mkdir -p "$out"
-[ -x $B/bench_gpu ] || { echo "$B/bench_gpu is not built: run tests/gpu_build.sh (make gpu-build)"; exit 2; }
+[ -x $B/bench_gpu ] || { echo "$B/bench_gpu is not built: run tests/gpu/build.sh (make gpu-build)"; exit 2; }
 export UCX_NET_DEVICES=${UCX_NET_DEVICES:-lo}
 rc=0
 echo "== one GPU (GPU ${KVX_GPU:-0}), two processes"

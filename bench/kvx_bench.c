@@ -688,7 +688,7 @@ int main(int argc, char **argv) {
     if (o.role) { fprintf(stderr, "kvx_bench: --role is prefill or decode\n"); return 2; }
     if (strcmp(o.strategy, "pack")) {
         fprintf(stderr, "kvx_bench: --strategy spread runs one role per host: --role prefill --listen ADDR:PORT on one, "
-                        "--role decode --connect ADDR:PORT on the other (tests/two_hosts.sh does both)\n");
+                        "--role decode --connect ADDR:PORT on the other (tests/lib/two_hosts.sh does both)\n");
         return 2;
     }
     /* pack: both roles on this host, over loopback */

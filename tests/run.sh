@@ -76,8 +76,8 @@ entry "stress: 8 peers, 4 queues, 20000 reads (ucx tcp)" 300 env UCX_TLS=tcp $B/
 entry "valgrind: unit (ucx tcp)" 300 env UCX_TLS=tcp valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $B/test_unit
 entry "valgrind: kvx_bench pack 1->1, every process (ucx tcp)" 300 env UCX_TLS=tcp valgrind -q --trace-children=yes --error-exitcode=99 \
   --leak-check=full --errors-for-leak-kinds=definite $B/kvx_bench --num-blocks 64 --blocks 16 --random-blocks --iters 2
-entry "compile matrix" 300 bash tests/compile.sh
-entry "compile matrix with KVX_CUDA (stub libcuda)" 600 bash tests/compile_cuda.sh
+entry "compile matrix" 300 bash tests/compile/matrix.sh
+entry "compile matrix with KVX_CUDA (stub libcuda)" 600 bash tests/compile/matrix_cuda.sh
 entry "PTX check (ptxas sm_80, sm_90, sm_100)" 120 bash tools/ptx_check.sh
 if [ -x $B/fuzz_metadata ]; then
   rm -rf $B/fuzz-corpus && mkdir -p $B/fuzz-corpus && $B/make_seeds $B/fuzz-corpus >/dev/null
@@ -101,7 +101,7 @@ entry "ofi only (shm, asan+ubsan)" 300 $S $ofi/test_ofi.asan
 entry "verify mode (ofi tcp)" 120 $T $ofi/test_verify
 entry "stress: 8 peers, 4 queues, 20000 reads (ofi tcp)" 300 $T $ofi/test_stress
 entry "valgrind: unit (ofi tcp)" 300 $T valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $ofi/test_unit
-entry "compile matrix (ofi alone)" 300 env KVX_BACKEND_DEFS="-DKVX_OFI" KVX_BACKEND_LIBS="$(pkg-config --libs libfabric) -lpthread" bash tests/compile.sh
+entry "compile matrix (ofi alone)" 300 env KVX_BACKEND_DEFS="-DKVX_OFI" KVX_BACKEND_LIBS="$(pkg-config --libs libfabric) -lpthread" bash tests/compile/matrix.sh
 for p in tcp shm; do for tp in "1 2" "2 1" "4 2"; do for lay in HND NHD; do
   pt=${tp% *} dt=${tp#* }
   entry "pack ofi $p $pt->$dt $lay random" 120 env FI_PROVIDER=$p FI_TCP_IFACE=lo $bench --backends LIBFABRIC $small --random-blocks --prefill-tp $pt --decode-tp $dt --layout $lay
@@ -111,9 +111,9 @@ entry "pack ofi tcp 2->1 HND, reads split at 1000 bytes" 120 env KVX_OFI_MAX_MSG
 entry "pack ofi shm 2->4 NHD, kvx verifies every block" 120 $S $bench --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1
 entry "fi_read_ref tcp 64 KiB x 64" 120 env FI_TCP_IFACE=lo $B/fi_read_ref --provider tcp --size 64k --outstanding 64 --total 256m
 entry "fi_read_ref shm 64 KiB x 64" 120 $B/fi_read_ref --provider shm --size 64k --outstanding 64 --total 256m
-entry "spread ofi tcp 1->1 HND random" 180 env FI_PROVIDER=tcp bash tests/two_hosts.sh --backends LIBFABRIC $small --random-blocks
-entry "spread ofi tcp 2->4 NHD random" 180 env FI_PROVIDER=tcp bash tests/two_hosts.sh --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
-entry "spread ofi tcp 4->2 HND consecutive" 180 env FI_PROVIDER=tcp bash tests/two_hosts.sh --backends LIBFABRIC $small --prefill-tp 4 --decode-tp 2
+entry "spread ofi tcp 1->1 HND random" 180 env FI_PROVIDER=tcp bash tests/lib/two_hosts.sh --backends LIBFABRIC $small --random-blocks
+entry "spread ofi tcp 2->4 NHD random" 180 env FI_PROVIDER=tcp bash tests/lib/two_hosts.sh --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
+entry "spread ofi tcp 4->2 HND consecutive" 180 env FI_PROVIDER=tcp bash tests/lib/two_hosts.sh --backends LIBFABRIC $small --prefill-tp 4 --decode-tp 2
 
 echo "== kvx_bench, pack (this host)"
 entry "pack 1->1 HND random" 120 $bench $small --random-blocks
@@ -137,10 +137,10 @@ expect_fail "a planted wrong byte fails the run" 120 "TEST FAILED: decode rank 0
 expect_fail "mismatched TP options are refused" 60 "do not divide" $bench --heads 6 --decode-tp 4
 
 echo "== kvx_bench, spread (two network namespaces, UCX over TCP on a veth)"
-entry "spread 1->1 HND random" 180 bash tests/two_hosts.sh $small --random-blocks
-entry "spread 2->4 NHD random" 180 bash tests/two_hosts.sh $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
-entry "spread 4->2 HND consecutive" 180 bash tests/two_hosts.sh $small --prefill-tp 4 --decode-tp 2
-entry "spread 1 KV head replicated, 1->2" 180 bash tests/two_hosts.sh $small --random-blocks --heads 1 --decode-tp 2
+entry "spread 1->1 HND random" 180 bash tests/lib/two_hosts.sh $small --random-blocks
+entry "spread 2->4 NHD random" 180 bash tests/lib/two_hosts.sh $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
+entry "spread 4->2 HND consecutive" 180 bash tests/lib/two_hosts.sh $small --prefill-tp 4 --decode-tp 2
+entry "spread 1 KV head replicated, 1->2" 180 bash tests/lib/two_hosts.sh $small --random-blocks --heads 1 --decode-tp 2
 
 echo
 [ ${#failed[@]} -gt 0 ] && echo "failed: ${failed[*]}"

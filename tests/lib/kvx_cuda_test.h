@@ -1,6 +1,6 @@
 /*
     kvx_cuda_test.h -- what the CUDA tests and the GPU benchmark share: their
-    device code as PTX (from tests/kvx_cuda_test.cu, so they build without
+    device code as PTX (from tests/gpu/kvx_cuda_test.cu, so they build without
     nvcc), owner processes that serve a GPU (or host) cache, and the image a
     destination cache must hold after a read.
 */

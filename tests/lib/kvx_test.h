@@ -1,7 +1,7 @@
 /*
     kvx_test.h -- the few macros kvx's tests share. Each test binary prints
     one line per case ("ok NAME" or "FAIL NAME: why") and a last line
-    "N passed, M failed"; tests/run.sh adds them up.
+    "N passed, M failed"; the runner (tests/lib/runner.sh) adds them up.
 */
 #ifndef KVX_TEST_H
 #define KVX_TEST_H

@@ -8,9 +8,9 @@
 #define _GNU_SOURCE
 #endif
 #define KVX_IMPLEMENTATION
-#include "../kvx.h"
-#include "lib/kvx_host_cache.h"
-#include "lib/kvx_test.h"
+#include "../../kvx.h"
+#include "../lib/kvx_host_cache.h"
+#include "../lib/kvx_test.h"
 
 #include <signal.h>
 #include <sys/wait.h>

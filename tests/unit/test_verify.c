@@ -14,9 +14,9 @@ static volatile uint64_t plant_addr;
 #define KVX_TEST_HOOK_BEFORE_VERIFY(rd) \
     do { if (plant_armed) { *(volatile uint8_t *)(uintptr_t)plant_addr ^= 0x20; plant_armed = 0; } (void)(rd); } while (0)
 #define KVX_IMPLEMENTATION
-#include "../kvx.h"
-#include "lib/kvx_host_cache.h"
-#include "lib/kvx_test.h"
+#include "../../kvx.h"
+#include "../lib/kvx_host_cache.h"
+#include "../lib/kvx_test.h"
 
 static kvx_status verified_read(kvx_queue *q, kvx_peer *p, kvx_cache *c, const uint32_t *dst, const uint32_t *src, uint32_t n, uint32_t verify) {
     kvx_read rd;

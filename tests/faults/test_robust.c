@@ -13,10 +13,10 @@
 #define _GNU_SOURCE
 #endif
 #define KVX_IMPLEMENTATION
-#include "../kvx.h"
-#include "lib/kvx_host_cache.h"
-#include "../examples/kvx_rdv.h"
-#include "lib/kvx_test.h"
+#include "../../kvx.h"
+#include "../lib/kvx_host_cache.h"
+#include "../../examples/kvx_rdv.h"
+#include "../lib/kvx_test.h"
 
 #include <fcntl.h>
 #include <signal.h>

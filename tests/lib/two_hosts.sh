@@ -4,13 +4,13 @@
 # remaining arguments go to both. Root only (it skips, exit 77, otherwise).
 # Cleans up after itself, also on failure or interrupt.
 #
-#   tests/two_hosts.sh --backends UCX --prefill-tp 2 --decode-tp 4 --random-blocks
+#   tests/lib/two_hosts.sh --backends UCX --prefill-tp 2 --decode-tp 4 --random-blocks
 #
 # Namespaces of one machine share memory, the boot id and the hostname, so the
 # network path is forced: UCX_TLS=tcp bound to the veth, and each side gets
 # its own KVX_HOST_ID.
 set -u
-here=$(cd "$(dirname "$0")/.." && pwd)
+here=$(cd "$(dirname "$0")/../.." && pwd)
 bench=${KVX_BENCH:-$here/build/kvx_bench}
 if [ "$(id -u)" != 0 ]; then echo "two_hosts: skipped: needs root to make network namespaces"; exit 77; fi
 command -v ip >/dev/null || { echo "two_hosts: skipped: no 'ip' (apt-get install iproute2)"; exit 77; }

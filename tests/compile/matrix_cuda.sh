@@ -8,7 +8,7 @@
 # CUDA call fails cleanly and the UCX context still works. Ends with
 # "N passed, M failed"; exit 77 without /usr/local/cuda.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 CUDA=${CUDA_HOME:-/usr/local/cuda}
 if ! [ -f "$CUDA/include/cuda.h" ] || ! [ -f "$CUDA/lib64/stubs/libcuda.so" ]; then echo "skip: no CUDA toolkit at $CUDA"; exit 77; fi
 out=build/compile-cuda
@@ -46,7 +46,7 @@ if pkg-config --exists ucx; then
     matrix all "-DKVX_UCX -DKVX_OFI -DKVX_CUDA" "$CU $(pkg-config --cflags ucx libfabric)" "$(pkg-config --libs ucx libfabric)"
   fi
   gl="-L$CUDA/lib64/stubs -lcuda $(pkg-config --libs ucx) -lpthread"
-  for p in bench/kvx_bench.c tests/test_cuda.c bench/bench_gpu.c; do
+  for p in bench/kvx_bench.c tests/gpu/test_cuda.c bench/bench_gpu.c; do
     n=$(basename "$p" .c)
     try "$n-c99" cc -std=c99 -D_GNU_SOURCE $W -DKVX_UCX -DKVX_CUDA $CU $(pkg-config --cflags ucx) "$p" -o "$out/$n.bin" $gl
     try "$n-cxx17" c++ -std=c++17 $W -DKVX_UCX -DKVX_CUDA $CU $(pkg-config --cflags ucx) -x c++ "$p" -o "$out/$n.cxx.bin" $gl

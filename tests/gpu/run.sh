@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make test-gpu: kvx's CUDA tests on a machine with a GPU, every read
-# byte-verified. Programs come from build/gpu (tests/gpu_build.sh, which needs
+# byte-verified. Programs come from build/gpu (tests/gpu/build.sh, which needs
 # UCX's and CUDA's headers; the GPU machine needs only their runtimes).
 #   - ptxas on the embedded PTX (where ptxas is installed)
 #   - test_cuda on GPU $KVX_GPU (default 0): refusals, reads between
@@ -13,7 +13,7 @@
 #   - with two GPUs visible (nvidia-smi): owner on GPU 0, reader on GPU 1
 # Ends with "N passed, M failed". KVX_TEST_FILTER=regex runs matching entries.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 B=build/gpu
 logdir=$B/test-logs
 mkdir -p "$logdir"
@@ -21,7 +21,7 @@ pass=0 fail=0 skip=0
 failed=()
 export UCX_NET_DEVICES=${UCX_NET_DEVICES:-lo}
 gpu=${KVX_GPU:-0}
-for p in test_cuda kvx_bench; do [ -x $B/$p ] || { echo "$B/$p is not built: run tests/gpu_build.sh (make gpu-build)"; exit 2; }; done
+for p in test_cuda kvx_bench; do [ -x $B/$p ] || { echo "$B/$p is not built: run tests/gpu/build.sh (make gpu-build)"; exit 2; }; done
 
 entry() {  # name, timeout, command...: a "N passed, M failed" line counts its cases, else exit 0 passes (77 skips)
   local name=$1 limit=$2; shift 2
@@ -83,7 +83,7 @@ entry "CUDA pack 3750 blocks x 50 layers x 128, verify mode, every block (heads 
   $bench --num-blocks 3750 --num-layers 50 --blocks 128 --block-tokens 16 --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 2 --verify 1
 expect_fail "CUDA a planted wrong byte fails the run" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $bench $small --random-blocks
 if [ "$(id -u)" = 0 ] && command -v ip >/dev/null; then
-  expect_fail "CUDA spread across two hosts is refused" 120 "within one host" env KVX_BENCH=$B/kvx_bench CUDA_VISIBLE_DEVICES=$gpu bash tests/two_hosts.sh --backends CUDA $small
+  expect_fail "CUDA spread across two hosts is refused" 120 "within one host" env KVX_BENCH=$B/kvx_bench CUDA_VISIBLE_DEVICES=$gpu bash tests/lib/two_hosts.sh --backends CUDA $small
 fi
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 if [ "${ngpu:-0}" -ge 2 ]; then

@@ -4,7 +4,7 @@
 # implementation), C and C++ mixed, and KVX_STATIC. Prints one line per build
 # and "N passed, M failed".
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 out=build/compile
 mkdir -p "$out"
 defs=${KVX_BACKEND_DEFS:--DKVX_UCX}

@@ -7,9 +7,9 @@
 #define _GNU_SOURCE
 #endif
 #define KVX_IMPLEMENTATION
-#include "../kvx.h"
-#include "lib/kvx_host_cache.h"
-#include "lib/kvx_test.h"
+#include "../../kvx.h"
+#include "../lib/kvx_host_cache.h"
+#include "../lib/kvx_test.h"
 
 static kvx_layout lay_of(uint32_t layers, uint32_t blocks, uint32_t heads, kvx_order order) {
     kvx_layout l;

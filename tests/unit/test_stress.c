@@ -35,9 +35,9 @@ static void count_free(void *q) {
 #define KVX_MALLOC(sz) count_malloc(sz)
 #define KVX_FREE(p) count_free(p)
 #define KVX_IMPLEMENTATION
-#include "../kvx.h"
-#include "lib/kvx_host_cache.h"
-#include "lib/kvx_test.h"
+#include "../../kvx.h"
+#include "../lib/kvx_host_cache.h"
+#include "../lib/kvx_test.h"
 
 #include <malloc.h>
 #include <signal.h>

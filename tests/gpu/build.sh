@@ -5,7 +5,7 @@
 # Build here, run there: the GPU machine needs libcuda.so.1 and UCX's runtime
 # libraries only.
 set -eu
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 CUDA=${CUDA_HOME:-/usr/local/cuda}
 out=build/gpu
 mkdir -p "$out"
@@ -13,7 +13,7 @@ CC=${CC:-cc}
 W="-Wall -Wextra -pedantic -Werror"
 flags="-std=c99 -D_GNU_SOURCE -O2 -g $W -DKVX_UCX -DKVX_CUDA -isystem $CUDA/include $(pkg-config --cflags ucx)"
 libs="-L$CUDA/lib64/stubs -L$CUDA/lib64 -lcuda $(pkg-config --libs ucx) -lpthread"
-for p in bench/kvx_bench.c tests/test_cuda.c bench/bench_gpu.c; do
+for p in bench/kvx_bench.c tests/gpu/test_cuda.c bench/bench_gpu.c; do
   n=$(basename "$p" .c)
   $CC $flags "$p" -o "$out/$n" $libs
   echo "built $out/$n"

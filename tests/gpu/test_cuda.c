@@ -26,9 +26,9 @@ static unsigned char plant_value;
         (void)(rd); \
     } while (0)
 #define KVX_IMPLEMENTATION
-#include "../kvx.h"
-#include "lib/kvx_test.h"
-#include "lib/kvx_cuda_test.h"
+#include "../../kvx.h"
+#include "../lib/kvx_test.h"
+#include "../lib/kvx_cuda_test.h"
 
 #define NB 64u
 #define LAYERS 4u

@@ -17,9 +17,9 @@
 #ifndef KVX_OFI
 #define KVX_OFI
 #endif
-#include "../kvx.h"
-#include "lib/kvx_host_cache.h"
-#include "lib/kvx_test.h"
+#include "../../kvx.h"
+#include "../lib/kvx_host_cache.h"
+#include "../lib/kvx_test.h"
 
 #define NB 64u
 
