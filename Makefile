@@ -29,7 +29,8 @@ SAN = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-
 
 HEADERS = $(wildcard kvx*.h)
 FIXTURES = $(wildcard tests/lib/*.h) examples/kvx_rdv.h
-vpath test_%.c tests/unit tests/faults tests/ofi
+DEPS = $(HEADERS) $(FIXTURES) | $(BUILD)/impl $(BUILD)/ofi
+vpath %.c tests/unit tests/faults tests/ofi bench
 PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
 TESTS = $(BUILD)/test_unit $(BUILD)/test_faults $(BUILD)/test_robust $(BUILD)/test_unit.asan $(BUILD)/test_faults.asan \
         $(BUILD)/test_robust.asan $(BUILD)/test_verify $(BUILD)/test_verify.asan $(BUILD)/test_stress $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds \
@@ -37,6 +38,8 @@ TESTS = $(BUILD)/test_unit $(BUILD)/test_faults $(BUILD)/test_robust $(BUILD)/te
 OFI_TESTS = $(BUILD)/ofi/test_unit $(BUILD)/ofi/test_faults $(BUILD)/ofi/test_ofi $(BUILD)/ofi/test_verify $(BUILD)/ofi/test_stress \
             $(BUILD)/ofi/test_unit.asan $(BUILD)/ofi/test_faults.asan $(BUILD)/ofi/test_ofi.asan
 FUZZ_CC ?= clang
+# make test builds with this many jobs
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: all demo test bench fuzz soak install deps deps-test deps-bench clean compile-check gpu-build test-gpu bench-gpu ptx-check
 
@@ -49,40 +52,60 @@ deps-test:
 deps-bench:
 	@tools/deps.sh bench
 
-$(BUILD):
-	mkdir -p $(BUILD)
+$(BUILD) $(BUILD)/impl $(BUILD)/ofi:
+	mkdir -p $@
 
-$(BUILD)/%: examples/%.c $(HEADERS) $(FIXTURES) | $(BUILD)
+# The implementation is compiled once per configuration (tests/lib/kvx_impl.c)
+# and linked into the programs and tests of that configuration (LINKED):
+#   impl/kvx.o, impl/kvx.asan.o           UCX and libfabric; -O2, ASan+UBSan
+#   impl/kvx_ofi.o, impl/kvx_ofi.asan.o   libfabric alone (build/ofi/)
+# These hold it in their own translation unit instead (SELF, and the rules
+# below): test_unit, test_ofi, test_reader_failures, fuzz_metadata,
+# make_seeds and bench_post call kvx__ internals, which are static;
+# test_verify and test_cuda define KVX_TEST_HOOK_* before it; test_stress
+# counts kvx's heap through KVX_MALLOC/KVX_FREE; kvx_demo and kvx_demo_gpu
+# are examples, one self-contained file each.
+LINKED = test_faults
+SELF = test_unit test_verify test_stress test_robust test_ofi
+
+$(BUILD)/impl/kvx.o: tests/lib/kvx_impl.c $(DEPS)
+	$(CC) $(CFLAGS) $(KVX_CFLAGS) -c $< -o $@
+$(BUILD)/impl/kvx.asan.o: tests/lib/kvx_impl.c $(DEPS)
+	$(CC) $(SAN) $(KVX_CFLAGS) -c $< -o $@
+$(BUILD)/impl/kvx_ofi.o: tests/lib/kvx_impl.c $(DEPS)
+	$(CC) $(CFLAGS) $(OFI_ONLY) -c $< -o $@
+$(BUILD)/impl/kvx_ofi.asan.o: tests/lib/kvx_impl.c $(DEPS)
+	$(CC) $(SAN) $(OFI_ONLY) -c $< -o $@
+
+$(BUILD)/kvx_demo: examples/kvx_demo.c $(DEPS)
 	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
-$(BUILD)/kvx_bench: bench/kvx_bench.c $(HEADERS) $(FIXTURES) | $(BUILD)
-	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
+$(BUILD)/kvx_bench $(LINKED:%=$(BUILD)/%): $(BUILD)/%: %.c $(BUILD)/impl/kvx.o $(DEPS)
+	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< $(filter %.o,$^) -o $@ $(BACKEND_LIBS)
+$(BUILD)/kvx_bench.asan $(LINKED:%=$(BUILD)/%.asan): $(BUILD)/%.asan: %.c $(BUILD)/impl/kvx.asan.o $(DEPS)
+	$(CC) $(SAN) $(KVX_CFLAGS) $< $(filter %.o,$^) -o $@ $(BACKEND_LIBS)
+$(LINKED:%=$(BUILD)/ofi/%): $(BUILD)/ofi/%: %.c $(BUILD)/impl/kvx_ofi.o $(DEPS)
+	$(CC) $(CFLAGS) $(OFI_ONLY) $< $(filter %.o,$^) -o $@ $(OFI_LIBS) -lpthread
+$(LINKED:%=$(BUILD)/ofi/%.asan): $(BUILD)/ofi/%.asan: %.c $(BUILD)/impl/kvx_ofi.asan.o $(DEPS)
+	$(CC) $(SAN) $(OFI_ONLY) $< $(filter %.o,$^) -o $@ $(OFI_LIBS) -lpthread
 
-$(BUILD)/kvx_bench.asan: bench/kvx_bench.c $(HEADERS) $(FIXTURES) | $(BUILD)
+$(SELF:%=$(BUILD)/%): $(BUILD)/%: %.c $(DEPS)
+	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
+$(SELF:%=$(BUILD)/%.asan): $(BUILD)/%.asan: %.c $(DEPS)
 	$(CC) $(SAN) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
-
-$(BUILD)/test_%: test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
-	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
-
-$(BUILD)/ofi/test_%: test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
-	@mkdir -p $(BUILD)/ofi
+$(SELF:%=$(BUILD)/ofi/%): $(BUILD)/ofi/%: %.c $(DEPS)
 	$(CC) $(CFLAGS) $(OFI_ONLY) $< -o $@ $(OFI_LIBS) -lpthread
-
-$(BUILD)/ofi/test_%.asan: test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
-	@mkdir -p $(BUILD)/ofi
+$(SELF:%=$(BUILD)/ofi/%.asan): $(BUILD)/ofi/%.asan: %.c $(DEPS)
 	$(CC) $(SAN) $(OFI_ONLY) $< -o $@ $(OFI_LIBS) -lpthread
 
 $(BUILD)/fi_read_ref: bench/fi_read_ref.c | $(BUILD)
 	$(CC) -O2 -g -std=c99 -D_GNU_SOURCE $(WARN) $(OFI_CFLAGS) $< -o $@ $(OFI_LIBS)
 
-$(BUILD)/test_%.asan: test_%.c $(HEADERS) $(FIXTURES) | $(BUILD)
-	$(CC) $(SAN) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
-
 # libFuzzer on the metadata parser (clang, with clang's sanitizer runtime).
-$(BUILD)/fuzz_metadata: tests/fuzz/fuzz_metadata.c $(HEADERS) | $(BUILD)
+$(BUILD)/fuzz_metadata: tests/fuzz/fuzz_metadata.c $(DEPS)
 	$(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
-$(BUILD)/make_seeds: tests/fuzz/make_seeds.c $(HEADERS) | $(BUILD)
+$(BUILD)/make_seeds: tests/fuzz/make_seeds.c $(DEPS)
 	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
 fuzz: deps deps-test $(BUILD)/fuzz_metadata $(BUILD)/make_seeds
@@ -100,14 +123,14 @@ compile-check: deps
 	KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/compile/matrix.sh
 
 test: deps deps-test
-	@$(MAKE) --no-print-directory $(PROGRAMS) $(TESTS)
+	@$(MAKE) --no-print-directory -j$(JOBS) $(PROGRAMS) $(TESTS)
 	@KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/run.sh
 
 bench: deps deps-bench
 	@$(MAKE) --no-print-directory $(PROGRAMS) $(BUILD)/bench_post $(BUILD)/fi_read_ref
 	@bash bench/bench.sh
 
-$(BUILD)/bench_post: bench/bench_post.c $(HEADERS) $(FIXTURES) | $(BUILD)
+$(BUILD)/bench_post: bench/bench_post.c $(DEPS)
 	$(CC) -O2 -g $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
 # GPU: build where UCX's and CUDA's headers are (here), carry build/gpu to the

@@ -19,12 +19,12 @@
 
     Usage: bench_gpu [--two-gpu] [--quick]   (--two-gpu: owner on GPU 0,
     reader on GPU 1). Every read of the table is byte-checked once at the end
-    of its row (blocks the owner filled).
+    of its row (blocks the owner filled). kvx's implementation is linked in
+    from tests/lib/kvx_impl.c (tests/gpu/build.sh).
 */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
-#define KVX_IMPLEMENTATION
 #include "../kvx.h"
 #include "../tests/lib/kvx_cuda_test.h"
 

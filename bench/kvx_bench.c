@@ -18,11 +18,13 @@
     talking to it over socketpairs with kvx_rdv frames. The prefill launcher
     collects its ranks' metadata and hands it to the decode launcher over TCP;
     the decode launcher runs every iteration as a barrier across its ranks.
+
+    kvx's implementation is linked in from tests/lib/kvx_impl.c (make builds
+    it once per configuration).
 */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
-#define KVX_IMPLEMENTATION
 #include "../kvx.h"
 #include "../tests/lib/kvx_host_cache.h"
 #include "../examples/kvx_rdv.h"

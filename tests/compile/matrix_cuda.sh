@@ -48,8 +48,10 @@ if pkg-config --exists ucx; then
   gl="-L$CUDA/lib64/stubs -lcuda $(pkg-config --libs ucx) -lpthread"
   for p in bench/kvx_bench.c tests/gpu/test_cuda.c bench/bench_gpu.c; do
     n=$(basename "$p" .c)
-    try "$n-c99" cc -std=c99 -D_GNU_SOURCE $W -DKVX_UCX -DKVX_CUDA $CU $(pkg-config --cflags ucx) "$p" -o "$out/$n.bin" $gl
-    try "$n-cxx17" c++ -std=c++17 $W -DKVX_UCX -DKVX_CUDA $CU $(pkg-config --cflags ucx) -x c++ "$p" -o "$out/$n.cxx.bin" $gl
+    # a program without the implementation links tests/lib/kvx_impl.c, in its language
+    impl=$(grep -q '^#define KVX_IMPLEMENTATION' "$p" || echo tests/lib/kvx_impl.c)
+    try "$n-c99" cc -std=c99 -D_GNU_SOURCE $W -DKVX_UCX -DKVX_CUDA $CU $(pkg-config --cflags ucx) "$p" $impl -o "$out/$n.bin" $gl
+    try "$n-cxx17" c++ -std=c++17 $W -DKVX_UCX -DKVX_CUDA $CU $(pkg-config --cflags ucx) -x c++ "$p" $impl -o "$out/$n.cxx.bin" $gl
   done
   # Without a driver the GPU tests skip (77) rather than fail.
   try "test_cuda-skips-without-gpu" bash -c "LD_LIBRARY_PATH=$out/stub $out/test_cuda.bin; [ \$? = 77 ]"

@@ -7,7 +7,6 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
-#define KVX_IMPLEMENTATION
 #include "../../kvx.h"
 #include "../lib/kvx_host_cache.h"
 #include "../lib/kvx_test.h"
