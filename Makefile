@@ -32,11 +32,12 @@ FIXTURES = $(wildcard tests/lib/*.h) examples/kvx_rdv.h
 DEPS = $(HEADERS) $(FIXTURES) | $(BUILD)/impl $(BUILD)/ofi
 vpath %.c tests/unit tests/faults tests/ofi bench
 PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
-TESTS = $(BUILD)/test_unit $(BUILD)/test_faults $(BUILD)/test_robust $(BUILD)/test_unit.asan $(BUILD)/test_faults.asan \
-        $(BUILD)/test_robust.asan $(BUILD)/test_verify $(BUILD)/test_verify.asan $(BUILD)/test_stress $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds \
+TESTS = $(BUILD)/test_unit $(BUILD)/test_unit.asan $(BUILD)/test_verify $(BUILD)/test_verify.asan $(BUILD)/test_stress \
+        $(FAULT_TESTS) $(FAULT_TESTS:%=%.asan) $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds \
         $(OFI_TESTS) $(BUILD)/fi_read_ref
-OFI_TESTS = $(BUILD)/ofi/test_unit $(BUILD)/ofi/test_faults $(BUILD)/ofi/test_ofi $(BUILD)/ofi/test_verify $(BUILD)/ofi/test_stress \
-            $(BUILD)/ofi/test_unit.asan $(BUILD)/ofi/test_faults.asan $(BUILD)/ofi/test_ofi.asan
+FAULT_TESTS = $(BUILD)/test_owner_failures $(BUILD)/test_reader_failures $(BUILD)/test_hostile_input
+OFI_TESTS = $(BUILD)/ofi/test_unit $(BUILD)/ofi/test_owner_failures $(BUILD)/ofi/test_ofi $(BUILD)/ofi/test_verify $(BUILD)/ofi/test_stress \
+            $(BUILD)/ofi/test_unit.asan $(BUILD)/ofi/test_owner_failures.asan $(BUILD)/ofi/test_ofi.asan
 FUZZ_CC ?= clang
 # make test builds with this many jobs
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
@@ -65,8 +66,8 @@ $(BUILD) $(BUILD)/impl $(BUILD)/ofi:
 # test_verify and test_cuda define KVX_TEST_HOOK_* before it; test_stress
 # counts kvx's heap through KVX_MALLOC/KVX_FREE; kvx_demo and kvx_demo_gpu
 # are examples, one self-contained file each.
-LINKED = test_faults
-SELF = test_unit test_verify test_stress test_robust test_ofi
+LINKED = test_owner_failures test_hostile_input
+SELF = test_unit test_verify test_stress test_reader_failures test_ofi
 
 $(BUILD)/impl/kvx.o: tests/lib/kvx_impl.c $(DEPS)
 	$(CC) $(CFLAGS) $(KVX_CFLAGS) -c $< -o $@

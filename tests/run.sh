@@ -66,10 +66,14 @@ echo "== unit, fault and compile tests"
 entry "unit (ucx default)" 120 $B/test_unit
 entry "unit (ucx tcp)" 120 env UCX_TLS=tcp $B/test_unit
 entry "unit (asan+ubsan)" 300 $B/test_unit.asan
-entry "faults (ucx default)" 180 $B/test_faults
-entry "faults (asan+ubsan)" 300 $B/test_faults.asan
-entry "robustness (ucx tcp)" 180 env UCX_TLS=tcp $B/test_robust
-entry "robustness (asan+ubsan)" 300 env UCX_TLS=tcp $B/test_robust.asan
+entry "owner failures (ucx default)" 180 $B/test_owner_failures
+entry "owner failures (asan+ubsan)" 300 $B/test_owner_failures.asan
+entry "owner failures (ucx tcp)" 180 env UCX_TLS=tcp $B/test_owner_failures
+entry "owner failures (ucx tcp, asan+ubsan)" 300 env UCX_TLS=tcp $B/test_owner_failures.asan
+entry "reader failures (ucx tcp)" 180 env UCX_TLS=tcp $B/test_reader_failures
+entry "reader failures (ucx tcp, asan+ubsan)" 300 env UCX_TLS=tcp $B/test_reader_failures.asan
+entry "hostile input (ucx tcp)" 180 env UCX_TLS=tcp $B/test_hostile_input
+entry "hostile input (ucx tcp, asan+ubsan)" 300 env UCX_TLS=tcp $B/test_hostile_input.asan
 entry "verify mode (ucx default)" 120 $B/test_verify
 entry "verify mode (asan+ubsan)" 300 $B/test_verify.asan
 entry "stress: 8 peers, 4 queues, 20000 reads (ucx tcp)" 300 env UCX_TLS=tcp $B/test_stress
@@ -91,9 +95,9 @@ entry "unit (ofi tcp)" 120 $T $ofi/test_unit
 entry "unit (ofi shm)" 120 $S $ofi/test_unit
 entry "unit (ofi tcp, asan+ubsan)" 300 $T $ofi/test_unit.asan
 entry "unit (ofi shm, asan+ubsan)" 300 $S $ofi/test_unit.asan
-entry "faults (ofi tcp)" 180 $T $ofi/test_faults
-entry "faults (ofi shm)" 180 $S $ofi/test_faults
-entry "faults (ofi tcp, asan+ubsan)" 300 $T $ofi/test_faults.asan
+entry "owner failures (ofi tcp)" 180 $T $ofi/test_owner_failures
+entry "owner failures (ofi shm)" 180 $S $ofi/test_owner_failures
+entry "owner failures (ofi tcp, asan+ubsan)" 300 $T $ofi/test_owner_failures.asan
 entry "ofi only (tcp)" 120 $T $ofi/test_ofi
 entry "ofi only (shm)" 120 $S $ofi/test_ofi
 entry "ofi only (tcp, asan+ubsan)" 300 $T $ofi/test_ofi.asan

@@ -76,6 +76,14 @@ static inline kvx_ctx *kvx_t_ctx(const char *name, int rank, int tp, int thread)
     return c;
 }
 
+/* A read of blocks ids[0..n) of peer p into the same ids of cache c. */
+static inline kvx_read kvx_t_read(kvx_peer *p, kvx_cache *c, const uint32_t *ids, uint32_t n, uint32_t timeout_ms) {
+    kvx_read rd;
+    memset(&rd, 0, sizeof rd);
+    rd.peer = p; rd.cache = c; rd.local_blocks = ids; rd.remote_blocks = ids; rd.num_blocks = n; rd.timeout_ms = timeout_ms;
+    return rd;
+}
+
 /* The context's metadata blob, malloc'd (free it). */
 static inline void *kvx_t_metadata(kvx_ctx *c, size_t *len) {
     void *md;
