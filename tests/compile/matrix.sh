@@ -5,9 +5,10 @@
 # and "N passed, M failed".
 set -u
 cd "$(dirname "$0")/../.."
-out=build/compile
-mkdir -p "$out"
 defs=${KVX_BACKEND_DEFS:--DKVX_UCX}
+# a folder per backend set, so that two matrices can run at once
+out=build/compile/$(echo $defs | sed 's/-DKVX_//g; s/ /-/g' | tr 'A-Z' 'a-z')
+mkdir -p "$out"
 libs=${KVX_BACKEND_LIBS:-$(pkg-config --libs ucx) -lpthread}
 W="-Wall -Wextra -pedantic -Werror"
 pass=0 fail=0

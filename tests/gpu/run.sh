@@ -15,52 +15,23 @@
 set -u
 cd "$(dirname "$0")/../.."
 B=build/gpu
+. tests/lib/runner.sh
+# One entry at a time: they share the GPU, and some time their reads.
 logdir=$B/test-logs
-mkdir -p "$logdir"
-pass=0 fail=0 skip=0
-failed=()
+runner_init $logdir "${KVX_TEST_JOBS:-1}"
 export UCX_NET_DEVICES=${UCX_NET_DEVICES:-lo}
 gpu=${KVX_GPU:-0}
 for p in test_cuda kvx_bench; do [ -x $B/$p ] || { echo "$B/$p is not built: run tests/gpu/build.sh (make gpu-build)"; exit 2; }; done
 
-entry() {  # name, timeout, command...: a "N passed, M failed" line counts its cases, else exit 0 passes (77 skips)
-  local name=$1 limit=$2; shift 2
-  if [ -n "${KVX_TEST_FILTER:-}" ] && ! [[ "$name" =~ $KVX_TEST_FILTER ]]; then return; fi
-  local log="$logdir/$(echo "$name" | tr -c 'A-Za-z0-9_.-' '_').log" t0=$SECONDS rc summary p f
-  timeout -k 5 "$limit" "$@" >"$log" 2>&1; rc=$?
-  summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -1)
-  if [ $rc -eq 77 ]; then echo "skip $name: $(tail -1 "$log")"; skip=$((skip+1)); return; fi
-  if [ -n "$summary" ] && [[ "$*" != *kvx_bench* ]]; then
-    p=$(echo "$summary" | awk '{print $1}'); f=$(echo "$summary" | awk '{print $3}')
-    pass=$((pass+p)); fail=$((fail+f))
-    grep -E '^skip ' "$log" | sed 's/^/    /'
-    if [ $rc -ne 0 ] || [ "$f" != 0 ]; then
-      [ "$f" = 0 ] && fail=$((fail+1))
-      failed+=("$name"); echo "FAIL $name (exit $rc, $((SECONDS-t0))s): $summary"; grep -E '^FAIL' "$log" | sed 's/^/    /'; tail -5 "$log" | sed 's/^/    | /'
-    else echo "ok   $name: $summary ($((SECONDS-t0))s)"; fi
-    return
-  fi
-  if [ $rc -eq 0 ]; then pass=$((pass+1)); echo "ok   $name ($((SECONDS-t0))s)$(grep -E '^  total:' "$log" | sed 's/^  total:/:/' | head -1)"
-  else fail=$((fail+1)); failed+=("$name"); echo "FAIL $name (exit $rc$([ $rc -eq 124 ] && echo ', timed out'), $((SECONDS-t0))s)"; tail -15 "$log" | sed 's/^/    | /'; fi
-}
-expect_fail() {  # name, timeout, pattern, command...: passes on a non-zero exit that prints pattern
-  local name=$1 limit=$2 pat=$3; shift 3
-  if [ -n "${KVX_TEST_FILTER:-}" ] && ! [[ "$name" =~ $KVX_TEST_FILTER ]]; then return; fi
-  local log="$logdir/$(echo "$name" | tr -c 'A-Za-z0-9_.-' '_').log" rc
-  timeout -k 5 "$limit" "$@" >"$log" 2>&1; rc=$?
-  if [ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -q -- "$pat" "$log"; then pass=$((pass+1)); echo "ok   $name: $(grep -m1 -- "$pat" "$log" | cut -c1-160)"
-  else fail=$((fail+1)); failed+=("$name"); echo "FAIL $name (exit $rc, wanted a failure naming '$pat')"; tail -8 "$log" | sed 's/^/    | /'; fi
-}
-
 one="env CUDA_VISIBLE_DEVICES=$gpu"
 bench="$one $B/kvx_bench --backends CUDA"
 small="--num-blocks 200 --blocks 24 --num-layers 3 --iters 3"
-echo "== GPU: $(nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader 2>/dev/null | tr '\n' ';')"
-echo "== PTX"
+section "GPU: $(nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader 2>/dev/null | tr '\n' ';')"
+section "PTX"
 [ -x "${PTXAS:-/usr/local/cuda/bin/ptxas}" ] && entry "ptx check (ptxas sm_80, sm_90, sm_100)" 120 bash tools/ptx_check.sh
-echo "== test_cuda (GPU $gpu)"
+section "test_cuda (GPU $gpu)"
 entry "test_cuda" 300 $one $B/test_cuda
-echo "== kvx_bench --backends CUDA, pack (GPU $gpu, a process per rank)"
+section "kvx_bench --backends CUDA, pack (GPU $gpu, a process per rank)"
 entry "CUDA pack 1->1 HND random" 120 $bench $small --random-blocks
 entry "CUDA pack 1->1 NHD consecutive" 120 $bench $small --layout NHD
 entry "CUDA pack 1->2 HND random" 120 $bench $small --random-blocks --prefill-tp 1 --decode-tp 2
@@ -87,7 +58,7 @@ if [ "$(id -u)" = 0 ] && command -v ip >/dev/null; then
 fi
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 if [ "${ngpu:-0}" -ge 2 ]; then
-  echo "== two GPUs: owner on GPU 0, reader on GPU 1"
+  section "two GPUs: owner on GPU 0, reader on GPU 1"
   entry "test_cuda two GPUs" 300 env CUDA_VISIBLE_DEVICES=0,1 KVX_TEST_ONLY="two GPUs" $B/test_cuda
   entry "CUDA pack GPU 0 -> GPU 1, 1->2 NHD random" 120 env CUDA_VISIBLE_DEVICES=0,1 KVX_BENCH_PREFILL_GPU=0 KVX_BENCH_DECODE_GPU=1 \
     $B/kvx_bench --backends CUDA $small --random-blocks --prefill-tp 1 --decode-tp 2 --layout NHD
@@ -96,8 +67,4 @@ if [ "${ngpu:-0}" -ge 2 ]; then
   entry "CUDA pack GPU 0 -> GPU 1, 2->1 HND, VMM" 120 env CUDA_VISIBLE_DEVICES=0,1 KVX_BENCH_PREFILL_GPU=0 KVX_BENCH_DECODE_GPU=1 KVX_BENCH_CUDA_MEM=vmm \
     $B/kvx_bench --backends CUDA $small --random-blocks --prefill-tp 2 --decode-tp 1
 fi
-echo
-[ ${#failed[@]} -gt 0 ] && echo "failed: ${failed[*]}"
-[ $skip -gt 0 ] && echo "($skip skipped)"
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+runner_end
