@@ -3,7 +3,7 @@
 # headers with -DKVX_CUDA alone and beside UCX (and libfabric where it is
 # installed), C99 and C++17 under -Wall -Wextra -pedantic -Werror, two
 # translation units, C and C++ mixed, KVX_STATIC; then the GPU programs
-# (kvx_bench, test_cuda, bench_gpu) as C99 and C++17. Links against CUDA's
+# (kvx_bench, test_cuda, bench_gpu, kvx_demo_gpu) as C99 and C++17. Links against CUDA's
 # stub libcuda and runs the small programs with it: without a driver every
 # CUDA call fails cleanly and the UCX context still works. Ends with
 # "N passed, M failed"; exit 77 without /usr/local/cuda.
@@ -46,7 +46,7 @@ if pkg-config --exists ucx; then
     matrix all "-DKVX_UCX -DKVX_OFI -DKVX_CUDA" "$CU $(pkg-config --cflags ucx libfabric)" "$(pkg-config --libs ucx libfabric)"
   fi
   gl="-L$CUDA/lib64/stubs -lcuda $(pkg-config --libs ucx) -lpthread"
-  for p in bench/kvx_bench.c tests/gpu/test_cuda.c bench/bench_gpu.c; do
+  for p in bench/kvx_bench.c tests/gpu/test_cuda.c bench/bench_gpu.c examples/kvx_demo_gpu.c; do
     n=$(basename "$p" .c)
     # a program without the implementation links tests/lib/kvx_impl.c, in its language
     impl=$(grep -q '^#define KVX_IMPLEMENTATION' "$p" || echo tests/lib/kvx_impl.c)

@@ -7,6 +7,7 @@
 #     processes (cuMemAlloc, VMM, pools; HND, NHD; TP splits), stream waits,
 #     CUDA graphs replayed over 24 reads, failed reads releasing streams, UCX
 #     host reads on a stream, verify mode on GPU caches
+#   - kvx_demo_gpu, the GPU example
 #   - kvx_bench --backends CUDA, pack: the TP matrix with several processes
 #     on the one GPU, random and consecutive blocks, HND and NHD, cuMemAlloc,
 #     VMM and pool caches, verify mode, every kvx_bench option
@@ -21,7 +22,7 @@ logdir=$B/test-logs
 runner_init $logdir "${KVX_TEST_JOBS:-1}"
 export UCX_NET_DEVICES=${UCX_NET_DEVICES:-lo}
 gpu=${KVX_GPU:-0}
-for p in test_cuda kvx_bench; do [ -x $B/$p ] || { echo "$B/$p is not built: run tests/gpu/build.sh (make gpu-build)"; exit 2; }; done
+for p in test_cuda kvx_bench kvx_demo_gpu; do [ -x $B/$p ] || { echo "$B/$p is not built: run tests/gpu/build.sh (make gpu-build)"; exit 2; }; done
 
 one="env CUDA_VISIBLE_DEVICES=$gpu"
 bench="$one $B/kvx_bench --backends CUDA"
@@ -31,6 +32,7 @@ section "PTX"
 [ -x "${PTXAS:-/usr/local/cuda/bin/ptxas}" ] && entry "ptx check (ptxas sm_80, sm_90, sm_100)" 120 bash tools/ptx_check.sh
 section "test_cuda (GPU $gpu)"
 entry "test_cuda" 300 $one $B/test_cuda
+entry "kvx_demo_gpu: two processes, cuMemAlloc caches, checked behind kvx_stream_wait" 120 $one $B/kvx_demo_gpu
 section "kvx_bench --backends CUDA, pack (GPU $gpu, a process per rank)"
 entry "CUDA pack 1->1 HND random" 120 $bench $small --random-blocks
 entry "CUDA pack 1->1 NHD consecutive" 120 $bench $small --layout NHD
