@@ -8,7 +8,10 @@ set -u
 cd "$(dirname "$0")/.."
 B=build
 . tests/lib/runner.sh
-# Entries that share nothing run KVX_TEST_JOBS at a time (default 3).
+# Entries run KVX_TEST_JOBS at a time (default 3). They share nothing: ports
+# are ephemeral, two_hosts.sh names its namespaces and links by its pid, the
+# compile matrices write to a folder per backend set. The fault tests'
+# deadline checks have room to spare beside two other entries.
 runner_init $B/test-logs "${KVX_TEST_JOBS:-3}"
 # Pack runs stay on loopback; the sanitizer runtime must not trip over UCX's
 # own memory hooks.

@@ -9,7 +9,6 @@
 #   expect_fail NAME TIMEOUT_S PATTERN COMMAND...
 #       passes when the command exits non-zero and prints PATTERN (checks
 #       that a check can fail)
-#   alone entry|expect_fail ...  runs that entry with nothing beside it
 #   runner_end                  waits for all, prints "N passed, M failed"
 #                               last; returns non-zero if any failed
 #
@@ -21,7 +20,7 @@ runner_init() {
   _r_logdir=$1 _r_jobs=${2:-1}
   mkdir -p "$_r_logdir"
   _r_tmp=$(mktemp -d)
-  _r_n=0 _r_next=0 _r_alone=0
+  _r_n=0 _r_next=0
   _r_running=()
   _r_pass=0 _r_fail=0 _r_skip=0
   _r_failed=()
@@ -37,14 +36,12 @@ _r_interrupt() {
 }
 
 section() { _r_add say "== $*"; }
-alone() { _r_alone=1; "$@"; }
 entry() { _r_add entry "$@"; }
 expect_fail() { _r_add expect "$@"; }
 
 _r_add() {  # kind, then the entry's arguments
-  local kind=$1 i=$_r_n name="" limit pat="" alone=$_r_alone
+  local kind=$1 i=$_r_n name="" limit pat=""
   shift
-  _r_alone=0
   _r_kind[i]=$kind
   if [ "$kind" = say ]; then _r_name[i]=$1; _r_n=$((i + 1)); _r_flush; return; fi
   name=$1 limit=$2; shift 2
@@ -53,7 +50,7 @@ _r_add() {  # kind, then the entry's arguments
   _r_name[i]=$name _r_pat[i]=$pat _r_cmd[i]="$*"
   _r_log[i]="$_r_logdir/$(echo "$name" | tr -c 'A-Za-z0-9_.-' '_').log"
   _r_n=$((i + 1))
-  if [ "$alone" = 1 ]; then _r_wait_below 1; else _r_wait_below "$_r_jobs"; fi
+  _r_wait_below "$_r_jobs"
   (
     t0=$SECONDS
     timeout -k 5 "$limit" "$@" >"${_r_log[i]}" 2>&1 </dev/null &
@@ -62,7 +59,6 @@ _r_add() {  # kind, then the entry's arguments
     echo "$? $((SECONDS - t0))" > "$_r_tmp/$i.rc.tmp" && mv "$_r_tmp/$i.rc.tmp" "$_r_tmp/$i.rc"
   ) &
   _r_running+=("$i")
-  [ "$alone" = 1 ] && _r_wait_below 1
   _r_flush
 }
 
