@@ -120,7 +120,7 @@ static void long_reads(void) {
         T_CHECK(spawn_prefill(&pp, 11) == 0);
         T_ST(kvx_peer_add(ctx, pp.md, pp.md_len, &peer), KVX_OK);
         printf("  peer transport: %s\n", kvx_peer_transport(peer));
-        served_by_owner = strstr(kvx_peer_transport(peer), "(sw)") != NULL;
+        served_by_owner = owner_serves(peer);
         kill(pp.pid, SIGSTOP);
         memset(&rd, 0, sizeof rd);
         rd.peer = peer; rd.cache = cache; rd.local_blocks = ids; rd.remote_blocks = ids; rd.num_blocks = LONG_NB;
