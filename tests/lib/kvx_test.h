@@ -16,7 +16,8 @@ static const char *kvx_t_case;
 
 /* KVX_TEST_ONLY=substring runs only the cases whose name contains it. */
 #define T_CASE(name) for (kvx_t_case = kvx_t_selected(name), kvx_t_case_failed = kvx_t_case_skipped = 0, fflush(stdout); kvx_t_case; kvx_t_end())
-/* Leave the case as skipped, saying why (counted apart, never as passed). */
+/* Leave the case as skipped, saying why (counted apart, never as passed);
+   `continue` after it leaves the case's block at once. */
 #define T_SKIP(...) do { printf("skip %s: ", kvx_t_case); printf(__VA_ARGS__); printf("\n"); kvx_t_case_skipped = 1; } while (0)
 
 static inline const char *kvx_t_selected(const char *name) {
