@@ -28,57 +28,91 @@ KVX_CFLAGS = -std=c99 -D_GNU_SOURCE $(WARN) $(BACKEND_DEFS) $(BACKEND_CFLAGS)
 SAN = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
 HEADERS = $(wildcard kvx*.h)
-EX_HEADERS = examples/kvx_example.h examples/kvx_rdv.h
+FIXTURES = $(wildcard tests/lib/*.h) examples/kvx_rdv.h
+DEPS = $(HEADERS) $(FIXTURES) | $(BUILD)/impl $(BUILD)/ofi
+vpath %.c tests/unit tests/faults tests/ofi bench
 PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
-TESTS = $(BUILD)/test_unit $(BUILD)/test_faults $(BUILD)/test_robust $(BUILD)/test_unit.asan $(BUILD)/test_faults.asan \
-        $(BUILD)/test_robust.asan $(BUILD)/test_verify $(BUILD)/test_verify.asan $(BUILD)/test_stress $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds \
+TESTS = $(BUILD)/test_local $(BUILD)/test_local.asan $(BUILD)/test_unit $(BUILD)/test_unit.asan $(BUILD)/test_verify $(BUILD)/test_verify.asan $(BUILD)/test_stress \
+        $(FAULT_TESTS) $(FAULT_TESTS:%=%.asan) $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds \
         $(OFI_TESTS) $(BUILD)/fi_read_ref
-OFI_TESTS = $(BUILD)/ofi/test_unit $(BUILD)/ofi/test_faults $(BUILD)/ofi/test_ofi $(BUILD)/ofi/test_verify $(BUILD)/ofi/test_stress \
-            $(BUILD)/ofi/test_unit.asan $(BUILD)/ofi/test_faults.asan $(BUILD)/ofi/test_ofi.asan
+FAULT_TESTS = $(BUILD)/test_owner_failures $(BUILD)/test_reader_failures $(BUILD)/test_hostile_input
+OFI_TESTS = $(BUILD)/ofi/test_unit $(BUILD)/ofi/test_owner_failures $(BUILD)/ofi/test_ofi $(BUILD)/ofi/test_verify $(BUILD)/ofi/test_stress \
+            $(BUILD)/ofi/test_unit.asan $(BUILD)/ofi/test_owner_failures.asan $(BUILD)/ofi/test_ofi.asan
 FUZZ_CC ?= clang
+# make test builds with this many jobs
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: all demo test bench fuzz soak install deps deps-test deps-bench clean compile-check gpu-build test-gpu bench-gpu ptx-check
 
 all: deps $(PROGRAMS) $(TESTS)
 
 deps:
-	@scripts/deps.sh build
+	@tools/deps.sh build
 deps-test:
-	@scripts/deps.sh test
+	@tools/deps.sh test
 deps-bench:
-	@scripts/deps.sh bench
+	@tools/deps.sh bench
 
-$(BUILD):
-	mkdir -p $(BUILD)
+$(BUILD) $(BUILD)/impl $(BUILD)/ofi:
+	mkdir -p $@
 
-$(BUILD)/%: examples/%.c $(HEADERS) $(EX_HEADERS) | $(BUILD)
+# The implementation is compiled once per configuration (tests/lib/kvx_impl.c)
+# and linked into the programs and tests of that configuration (LINKED):
+#   impl/kvx.o, impl/kvx.asan.o           UCX and libfabric; -O2, ASan+UBSan
+#   impl/kvx_ofi.o, impl/kvx_ofi.asan.o   libfabric alone (build/ofi/)
+# These hold it in their own translation unit instead (SELF, and the rules
+# below): test_unit, test_ofi, test_reader_failures, fuzz_metadata,
+# make_seeds and bench_post call kvx__ internals, which are static;
+# test_verify and test_cuda define KVX_TEST_HOOK_* before it; test_stress
+# counts kvx's heap through KVX_MALLOC/KVX_FREE; kvx_demo and kvx_demo_gpu
+# are examples, one self-contained file each.
+LINKED = test_owner_failures test_hostile_input
+SELF = test_unit test_verify test_stress test_reader_failures test_ofi
+
+$(BUILD)/impl/kvx.o: tests/lib/kvx_impl.c $(DEPS)
+	$(CC) $(CFLAGS) $(KVX_CFLAGS) -c $< -o $@
+$(BUILD)/impl/kvx.asan.o: tests/lib/kvx_impl.c $(DEPS)
+	$(CC) $(SAN) $(KVX_CFLAGS) -c $< -o $@
+$(BUILD)/impl/kvx_ofi.o: tests/lib/kvx_impl.c $(DEPS)
+	$(CC) $(CFLAGS) $(OFI_ONLY) -c $< -o $@
+$(BUILD)/impl/kvx_ofi.asan.o: tests/lib/kvx_impl.c $(DEPS)
+	$(CC) $(SAN) $(OFI_ONLY) -c $< -o $@
+
+$(BUILD)/kvx_demo: examples/kvx_demo.c $(DEPS)
 	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
-$(BUILD)/kvx_bench.asan: examples/kvx_bench.c $(HEADERS) $(EX_HEADERS) | $(BUILD)
+$(BUILD)/kvx_bench $(LINKED:%=$(BUILD)/%): $(BUILD)/%: %.c $(BUILD)/impl/kvx.o $(DEPS)
+	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< $(filter %.o,$^) -o $@ $(BACKEND_LIBS)
+$(BUILD)/kvx_bench.asan $(LINKED:%=$(BUILD)/%.asan): $(BUILD)/%.asan: %.c $(BUILD)/impl/kvx.asan.o $(DEPS)
+	$(CC) $(SAN) $(KVX_CFLAGS) $< $(filter %.o,$^) -o $@ $(BACKEND_LIBS)
+$(LINKED:%=$(BUILD)/ofi/%): $(BUILD)/ofi/%: %.c $(BUILD)/impl/kvx_ofi.o $(DEPS)
+	$(CC) $(CFLAGS) $(OFI_ONLY) $< $(filter %.o,$^) -o $@ $(OFI_LIBS) -lpthread
+$(LINKED:%=$(BUILD)/ofi/%.asan): $(BUILD)/ofi/%.asan: %.c $(BUILD)/impl/kvx_ofi.asan.o $(DEPS)
+	$(CC) $(SAN) $(OFI_ONLY) $< $(filter %.o,$^) -o $@ $(OFI_LIBS) -lpthread
+
+$(SELF:%=$(BUILD)/%): $(BUILD)/%: %.c $(DEPS)
+	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
+$(SELF:%=$(BUILD)/%.asan): $(BUILD)/%.asan: %.c $(DEPS)
 	$(CC) $(SAN) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
-
-$(BUILD)/test_%: tests/test_%.c tests/kvx_test.h $(HEADERS) $(EX_HEADERS) | $(BUILD)
-	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
-
-$(BUILD)/ofi/test_%: tests/test_%.c tests/kvx_test.h $(HEADERS) $(EX_HEADERS) | $(BUILD)
-	@mkdir -p $(BUILD)/ofi
+$(SELF:%=$(BUILD)/ofi/%): $(BUILD)/ofi/%: %.c $(DEPS)
 	$(CC) $(CFLAGS) $(OFI_ONLY) $< -o $@ $(OFI_LIBS) -lpthread
-
-$(BUILD)/ofi/test_%.asan: tests/test_%.c tests/kvx_test.h $(HEADERS) $(EX_HEADERS) | $(BUILD)
-	@mkdir -p $(BUILD)/ofi
+$(SELF:%=$(BUILD)/ofi/%.asan): $(BUILD)/ofi/%.asan: %.c $(DEPS)
 	$(CC) $(SAN) $(OFI_ONLY) $< -o $@ $(OFI_LIBS) -lpthread
 
-$(BUILD)/fi_read_ref: examples/fi_read_ref.c | $(BUILD)
+# The local backend alone: no backend defined, no network library linked.
+$(BUILD)/test_local: tests/unit/test_local.c $(DEPS)
+	$(CC) $(CFLAGS) -std=c99 $(WARN) $< -o $@ -lpthread
+$(BUILD)/test_local.asan: tests/unit/test_local.c $(DEPS)
+	$(CC) $(SAN) -std=c99 $(WARN) $< -o $@ -lpthread
+
+$(BUILD)/fi_read_ref: bench/fi_read_ref.c | $(BUILD)
 	$(CC) -O2 -g -std=c99 -D_GNU_SOURCE $(WARN) $(OFI_CFLAGS) $< -o $@ $(OFI_LIBS)
 
-$(BUILD)/test_%.asan: tests/test_%.c tests/kvx_test.h $(HEADERS) $(EX_HEADERS) | $(BUILD)
-	$(CC) $(SAN) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
-
 # libFuzzer on the metadata parser (clang, with clang's sanitizer runtime).
-$(BUILD)/fuzz_metadata: tests/fuzz/fuzz_metadata.c $(HEADERS) | $(BUILD)
+$(BUILD)/fuzz_metadata: tests/fuzz/fuzz_metadata.c $(DEPS)
 	$(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
-$(BUILD)/make_seeds: tests/fuzz/make_seeds.c $(HEADERS) | $(BUILD)
+$(BUILD)/make_seeds: tests/fuzz/make_seeds.c $(DEPS)
 	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
 fuzz: deps deps-test $(BUILD)/fuzz_metadata $(BUILD)/make_seeds
@@ -93,17 +127,17 @@ demo: deps $(BUILD)/kvx_demo
 	UCX_NET_DEVICES=$${UCX_NET_DEVICES:-lo} $(BUILD)/kvx_demo
 
 compile-check: deps
-	KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/compile.sh
+	KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/compile/matrix.sh
 
 test: deps deps-test
-	@$(MAKE) --no-print-directory $(PROGRAMS) $(TESTS)
+	@$(MAKE) --no-print-directory -j$(JOBS) $(PROGRAMS) $(TESTS)
 	@KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/run.sh
 
 bench: deps deps-bench
 	@$(MAKE) --no-print-directory $(PROGRAMS) $(BUILD)/bench_post $(BUILD)/fi_read_ref
-	@bash tests/bench.sh
+	@bash bench/bench.sh
 
-$(BUILD)/bench_post: tests/bench_post.c $(HEADERS) $(EX_HEADERS) | $(BUILD)
+$(BUILD)/bench_post: bench/bench_post.c $(DEPS)
 	$(CC) -O2 -g $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
 # GPU: build where UCX's and CUDA's headers are (here), carry build/gpu to the
@@ -111,17 +145,17 @@ $(BUILD)/bench_post: tests/bench_post.c $(HEADERS) $(EX_HEADERS) | $(BUILD)
 # embedded PTX with ptxas inside make test.
 CUDA_HOME ?= /usr/local/cuda
 gpu-build: deps
-	bash tests/gpu_build.sh
+	bash tests/gpu/build.sh
 test-gpu:
-	bash tests/gpu_test.sh
+	bash tests/gpu/run.sh
 bench-gpu:
-	bash tests/gpu_bench.sh
+	bash bench/gpu_bench.sh
 ptx-check:
-	bash tests/ptx_check.sh
+	bash tools/ptx_check.sh
 
 install:
 	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
-	install -m 644 $(wildcard kvx*.h) $(DESTDIR)$(PREFIX)/include/
+	install -m 644 $(HEADERS) $(DESTDIR)$(PREFIX)/include/
 	sed -e 's|@PREFIX@|$(PREFIX)|' kvx.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/kvx.pc
 
 clean:

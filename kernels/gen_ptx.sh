@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the PTX text that kvx embeds, from its CUDA C source:
 #   kernels/kvx_cuda_copy.cu  ->  kvx_cuda_ptx.h       (block "PTX kvx_copy")
-#   tests/kvx_cuda_test.cu    ->  tests/kvx_cuda_test.h (block "PTX kvx_test")
+#   tests/gpu/kvx_cuda_test.cu -> tests/lib/kvx_cuda_test.h (block "PTX kvx_test")
 # nvcc emits the ISA version of its own release (9.0 for CUDA 13); the text is
 # lowered to .version 7.8 (.target sm_80), which drivers from CUDA 11.8 on
 # compile for Ampere, Hopper and newer. tests/ptx_check.sh checks the result.
@@ -26,4 +26,4 @@ gen() {  # source, header, block name
   echo "$hdr: $(wc -l < "$tmp/lines") lines of PTX ($name)"
 }
 gen kernels/kvx_cuda_copy.cu kvx_cuda_ptx.h kvx_copy
-gen tests/kvx_cuda_test.cu tests/kvx_cuda_test.h kvx_test
+gen tests/gpu/kvx_cuda_test.cu tests/lib/kvx_cuda_test.h kvx_test

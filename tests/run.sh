@@ -2,98 +2,65 @@
 # Runs every test of `make test`: unit, fault and compile tests, then the
 # kvx_bench matrix (pack on this host, spread across two network namespaces),
 # every run byte-verified. Ends with one line "N passed, M failed".
-# KVX_TEST_FILTER=regex runs only the entries whose name matches.
+# KVX_TEST_FILTER=regex runs only the entries whose name matches;
+# KVX_TEST_JOBS=1 runs them one at a time.
 set -u
 cd "$(dirname "$0")/.."
 B=build
-logdir=$B/test-logs
-mkdir -p "$logdir"
-pass=0 fail=0 skip=0
-failed=()
+. tests/lib/runner.sh
+# Entries run KVX_TEST_JOBS at a time (default 3). They share nothing: ports
+# are ephemeral, two_hosts.sh names its namespaces and links by its pid, the
+# compile matrices write to a folder per backend set. The fault tests'
+# deadline checks have room to spare beside two other entries.
+runner_init $B/test-logs "${KVX_TEST_JOBS:-3}"
 # Pack runs stay on loopback; the sanitizer runtime must not trip over UCX's
 # own memory hooks.
 export UCX_NET_DEVICES=${UCX_NET_DEVICES:-lo}
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
-# entry NAME TIMEOUT_S COMMAND...: a test binary counts its own cases; any
-# other command counts as one case, passing on exit 0 (77: skipped).
-entry() {
-  local name=$1 limit=$2; shift 2
-  if [ -n "${KVX_TEST_FILTER:-}" ] && ! [[ "$name" =~ $KVX_TEST_FILTER ]]; then return; fi
-  local log="$logdir/$(echo "$name" | tr -c 'A-Za-z0-9_.-' '_').log" t0=$SECONDS rc
-  timeout -k 5 "$limit" "$@" >"$log" 2>&1; rc=$?
-  local dt=$((SECONDS - t0)) summary
-  summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -1)
-  if [ $rc -eq 77 ]; then
-    echo "skip $name: $(tail -1 "$log")"; skip=$((skip+1)); return
-  fi
-  if [ -n "$summary" ] && [[ "$1" != *kvx_bench* ]] && [[ "$1" != *two_hosts* ]]; then
-    local p f
-    p=$(echo "$summary" | awk '{print $1}'); f=$(echo "$summary" | awk '{print $3}')
-    pass=$((pass+p)); fail=$((fail+f))
-    local k; k=$(echo "$summary" | sed -n 's/.*, \([0-9]*\) skipped.*/\1/p'); skip=$((skip+${k:-0}))
-    grep -E '^skip ' "$log" | sed 's/^/    /' 
-    if [ $rc -ne 0 ] || [ "$f" != 0 ]; then
-      [ "$f" = 0 ] && fail=$((fail+1))
-      failed+=("$name"); echo "FAIL $name (exit $rc, ${dt}s): $summary"; grep -E '^FAIL' "$log" | sed 's/^/    /'; tail -5 "$log" | sed 's/^/    | /'
-    else echo "ok   $name: $summary (${dt}s)"; fi
-    return
-  fi
-  if [ $rc -eq 0 ]; then
-    pass=$((pass+1)); echo "ok   $name (${dt}s)$(grep -E '^  total:' "$log" | sed 's/^  total:/:/' | head -1)"
-  else
-    fail=$((fail+1)); failed+=("$name")
-    echo "FAIL $name (exit $rc$([ $rc -eq 124 ] && echo ', timed out'), ${dt}s)"; tail -15 "$log" | sed 's/^/    | /'
-  fi
-}
-
-# expect_fail NAME TIMEOUT_S PATTERN COMMAND...: passes when the command exits
-# non-zero and prints PATTERN (tests that the checks can fail).
-expect_fail() {
-  local name=$1 limit=$2 pat=$3; shift 3
-  if [ -n "${KVX_TEST_FILTER:-}" ] && ! [[ "$name" =~ $KVX_TEST_FILTER ]]; then return; fi
-  local log="$logdir/$(echo "$name" | tr -c 'A-Za-z0-9_.-' '_').log" rc
-  timeout -k 5 "$limit" "$@" >"$log" 2>&1; rc=$?
-  if [ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -q -- "$pat" "$log"; then pass=$((pass+1)); echo "ok   $name: $(grep -m1 -- "$pat" "$log" | cut -c1-160)"
-  else fail=$((fail+1)); failed+=("$name"); echo "FAIL $name (exit $rc, wanted a failure naming '$pat')"; tail -8 "$log" | sed 's/^/    | /'; fi
-}
-
 bench=$B/kvx_bench
 small="--num-blocks 200 --blocks 24 --num-layers 3 --iters 3"
 
-echo "== unit, fault and compile tests"
+section "unit, fault and compile tests"
+entry "local backend, no network library" 120 $B/test_local
+entry "local backend (asan+ubsan)" 300 $B/test_local.asan
+entry "valgrind: local backend" 300 valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $B/test_local
 entry "unit (ucx default)" 120 $B/test_unit
 entry "unit (ucx tcp)" 120 env UCX_TLS=tcp $B/test_unit
 entry "unit (asan+ubsan)" 300 $B/test_unit.asan
-entry "faults (ucx default)" 180 $B/test_faults
-entry "faults (asan+ubsan)" 300 $B/test_faults.asan
-entry "robustness (ucx tcp)" 180 env UCX_TLS=tcp $B/test_robust
-entry "robustness (asan+ubsan)" 300 env UCX_TLS=tcp $B/test_robust.asan
+entry "owner failures (ucx default)" 180 $B/test_owner_failures
+entry "owner failures (asan+ubsan)" 300 $B/test_owner_failures.asan
+entry "owner failures (ucx tcp)" 180 env UCX_TLS=tcp $B/test_owner_failures
+entry "owner failures (ucx tcp, asan+ubsan)" 300 env UCX_TLS=tcp $B/test_owner_failures.asan
+entry "reader failures (ucx tcp)" 180 env UCX_TLS=tcp $B/test_reader_failures
+entry "reader failures (ucx tcp, asan+ubsan)" 300 env UCX_TLS=tcp $B/test_reader_failures.asan
+entry "hostile input (ucx tcp)" 180 env UCX_TLS=tcp $B/test_hostile_input
+entry "hostile input (ucx tcp, asan+ubsan)" 300 env UCX_TLS=tcp $B/test_hostile_input.asan
 entry "verify mode (ucx default)" 120 $B/test_verify
 entry "verify mode (asan+ubsan)" 300 $B/test_verify.asan
 entry "stress: 8 peers, 4 queues, 20000 reads (ucx tcp)" 300 env UCX_TLS=tcp $B/test_stress
 entry "valgrind: unit (ucx tcp)" 300 env UCX_TLS=tcp valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $B/test_unit
 entry "valgrind: kvx_bench pack 1->1, every process (ucx tcp)" 300 env UCX_TLS=tcp valgrind -q --trace-children=yes --error-exitcode=99 \
   --leak-check=full --errors-for-leak-kinds=definite $B/kvx_bench --num-blocks 64 --blocks 16 --random-blocks --iters 2
-entry "compile matrix" 300 bash tests/compile.sh
-entry "compile matrix with KVX_CUDA (stub libcuda)" 600 bash tests/compile_cuda.sh
-entry "PTX check (ptxas sm_80, sm_90, sm_100)" 120 bash tests/ptx_check.sh
+entry "compile matrix" 300 bash tests/compile/matrix.sh
+entry "compile matrix with KVX_CUDA (stub libcuda)" 600 bash tests/compile/matrix_cuda.sh
+entry "PTX check (ptxas sm_80, sm_90, sm_100)" 120 bash tools/ptx_check.sh
 if [ -x $B/fuzz_metadata ]; then
   rm -rf $B/fuzz-corpus && mkdir -p $B/fuzz-corpus && $B/make_seeds $B/fuzz-corpus >/dev/null
   entry "metadata fuzzer, 30 s (libFuzzer, asan+ubsan)" 120 $B/fuzz_metadata -max_total_time=30 -print_final_stats=1 $B/fuzz-corpus
 fi
 
 ofi=$B/ofi
-echo "== libfabric: tcp;ofi_rxm on loopback, shm (tests built with libfabric alone)"
+section "libfabric: tcp;ofi_rxm on loopback, shm (tests built with libfabric alone)"
 T="env FI_PROVIDER=tcp FI_TCP_IFACE=lo" S="env FI_PROVIDER=shm"
 entry "unit (ofi tcp)" 120 $T $ofi/test_unit
 entry "unit (ofi shm)" 120 $S $ofi/test_unit
 entry "unit (ofi tcp, asan+ubsan)" 300 $T $ofi/test_unit.asan
 entry "unit (ofi shm, asan+ubsan)" 300 $S $ofi/test_unit.asan
-entry "faults (ofi tcp)" 180 $T $ofi/test_faults
-entry "faults (ofi shm)" 180 $S $ofi/test_faults
-entry "faults (ofi tcp, asan+ubsan)" 300 $T $ofi/test_faults.asan
+entry "owner failures (ofi tcp)" 180 $T $ofi/test_owner_failures
+entry "owner failures (ofi shm)" 180 $S $ofi/test_owner_failures
+entry "owner failures (ofi tcp, asan+ubsan)" 300 $T $ofi/test_owner_failures.asan
 entry "ofi only (tcp)" 120 $T $ofi/test_ofi
 entry "ofi only (shm)" 120 $S $ofi/test_ofi
 entry "ofi only (tcp, asan+ubsan)" 300 $T $ofi/test_ofi.asan
@@ -101,7 +68,7 @@ entry "ofi only (shm, asan+ubsan)" 300 $S $ofi/test_ofi.asan
 entry "verify mode (ofi tcp)" 120 $T $ofi/test_verify
 entry "stress: 8 peers, 4 queues, 20000 reads (ofi tcp)" 300 $T $ofi/test_stress
 entry "valgrind: unit (ofi tcp)" 300 $T valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $ofi/test_unit
-entry "compile matrix (ofi alone)" 300 env KVX_BACKEND_DEFS="-DKVX_OFI" KVX_BACKEND_LIBS="$(pkg-config --libs libfabric) -lpthread" bash tests/compile.sh
+entry "compile matrix (ofi alone)" 300 env KVX_BACKEND_DEFS="-DKVX_OFI" KVX_BACKEND_LIBS="$(pkg-config --libs libfabric) -lpthread" bash tests/compile/matrix.sh
 for p in tcp shm; do for tp in "1 2" "2 1" "4 2"; do for lay in HND NHD; do
   pt=${tp% *} dt=${tp#* }
   entry "pack ofi $p $pt->$dt $lay random" 120 env FI_PROVIDER=$p FI_TCP_IFACE=lo $bench --backends LIBFABRIC $small --random-blocks --prefill-tp $pt --decode-tp $dt --layout $lay
@@ -111,11 +78,11 @@ entry "pack ofi tcp 2->1 HND, reads split at 1000 bytes" 120 env KVX_OFI_MAX_MSG
 entry "pack ofi shm 2->4 NHD, kvx verifies every block" 120 $S $bench --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1
 entry "fi_read_ref tcp 64 KiB x 64" 120 env FI_TCP_IFACE=lo $B/fi_read_ref --provider tcp --size 64k --outstanding 64 --total 256m
 entry "fi_read_ref shm 64 KiB x 64" 120 $B/fi_read_ref --provider shm --size 64k --outstanding 64 --total 256m
-entry "spread ofi tcp 1->1 HND random" 180 env FI_PROVIDER=tcp bash tests/two_hosts.sh --backends LIBFABRIC $small --random-blocks
-entry "spread ofi tcp 2->4 NHD random" 180 env FI_PROVIDER=tcp bash tests/two_hosts.sh --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
-entry "spread ofi tcp 4->2 HND consecutive" 180 env FI_PROVIDER=tcp bash tests/two_hosts.sh --backends LIBFABRIC $small --prefill-tp 4 --decode-tp 2
+entry "spread ofi tcp 1->1 HND random" 180 env FI_PROVIDER=tcp bash tests/lib/two_hosts.sh --backends LIBFABRIC $small --random-blocks
+entry "spread ofi tcp 2->4 NHD random" 180 env FI_PROVIDER=tcp bash tests/lib/two_hosts.sh --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
+entry "spread ofi tcp 4->2 HND consecutive" 180 env FI_PROVIDER=tcp bash tests/lib/two_hosts.sh --backends LIBFABRIC $small --prefill-tp 4 --decode-tp 2
 
-echo "== kvx_bench, pack (this host)"
+section "kvx_bench, pack (this host)"
 entry "pack 1->1 HND random" 120 $bench $small --random-blocks
 entry "pack 1->1 NHD consecutive" 120 $bench $small --layout NHD
 entry "pack 1->2 HND random" 120 $bench $small --random-blocks --prefill-tp 1 --decode-tp 2
@@ -136,14 +103,10 @@ entry "pack 1->2 under asan+ubsan" 300 env KVX_BENCH=1 $B/kvx_bench.asan $small 
 expect_fail "a planted wrong byte fails the run" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $bench $small --random-blocks
 expect_fail "mismatched TP options are refused" 60 "do not divide" $bench --heads 6 --decode-tp 4
 
-echo "== kvx_bench, spread (two network namespaces, UCX over TCP on a veth)"
-entry "spread 1->1 HND random" 180 bash tests/two_hosts.sh $small --random-blocks
-entry "spread 2->4 NHD random" 180 bash tests/two_hosts.sh $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
-entry "spread 4->2 HND consecutive" 180 bash tests/two_hosts.sh $small --prefill-tp 4 --decode-tp 2
-entry "spread 1 KV head replicated, 1->2" 180 bash tests/two_hosts.sh $small --random-blocks --heads 1 --decode-tp 2
+section "kvx_bench, spread (two network namespaces, UCX over TCP on a veth)"
+entry "spread 1->1 HND random" 180 bash tests/lib/two_hosts.sh $small --random-blocks
+entry "spread 2->4 NHD random" 180 bash tests/lib/two_hosts.sh $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
+entry "spread 4->2 HND consecutive" 180 bash tests/lib/two_hosts.sh $small --prefill-tp 4 --decode-tp 2
+entry "spread 1 KV head replicated, 1->2" 180 bash tests/lib/two_hosts.sh $small --random-blocks --heads 1 --decode-tp 2
 
-echo
-[ ${#failed[@]} -gt 0 ] && echo "failed: ${failed[*]}"
-[ $skip -gt 0 ] && echo "($skip skipped)"
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+runner_end

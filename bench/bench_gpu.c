@@ -1,0 +1,543 @@
+/*
+    bench_gpu -- the CUDA backend's numbers, between two processes:
+
+    1. Throughput: random blocks of 4, 16, 64 and 256 KiB over 32 layers (K and
+       V), 1 GiB per read, HND (TP 1 -> 1) and NHD (TP 1 -> 2: a piece per
+       token), 16 reads with four in flight, timed from the first kvx_post to
+       the last completion on the host; beside one large device-to-device copy of the
+       same bytes in the same run on the same GPU (cuMemcpyDtoDAsync, or
+       cuMemcpyPeerAsync with --two-gpu), and a cuMemcpyDtoDAsync per block
+       for contrast. GB/s counts bytes copied (not read plus written).
+    2. Latency: kvx_post to the waiting stream resuming (a stream write after
+       kvx_stream_wait, seen by the host), one block of every layer, for the
+       CUDA backend and for a UCX read of host memory.
+    3. The thread-block cap (kvx_ctx_desc.cuda.max_blocks) against copy speed.
+    4. How much a stream of arithmetic kernels that fill the GPU slows down
+       while copies run beside it, per cap, and what the copies get.
+    5. What verify mode costs (kvx_read.verify): the same reads unverified,
+       checking one block in 64, and checking every block.
+
+    Usage: bench_gpu [--two-gpu] [--quick]   (--two-gpu: owner on GPU 0,
+    reader on GPU 1). Every read of the table is byte-checked once at the end
+    of its row (blocks the owner filled). kvx's implementation is linked in
+    from tests/lib/kvx_impl.c (tests/gpu/build.sh).
+*/
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "../kvx.h"
+#include "../tests/lib/kvx_cuda_test.h"
+
+#define LAYERS 32u
+#define SEED 77u
+#define FILLED 16u
+
+static kvx_tc_kernels K;
+static int dev_own, dev_dec, quick;
+static int side_checksums;     /* the reader's cache keeps checksums (section 5) */
+static uint32_t read_verify;   /* kvx_read.verify of every post */
+static CUcontext ctx_dec, ctx_own;
+
+static kvx_layout layout(uint32_t heads, int tp, uint32_t nb, kvx_order order) {
+    kvx_layout l;
+    memset(&l, 0, sizeof l);
+    l.num_layers = LAYERS;
+    l.num_blocks = nb;
+    l.block_tokens = 16;
+    l.total_heads = heads;
+    l.num_heads = heads >= (uint32_t)tp ? heads / (uint32_t)tp : 1;
+    l.head_dim = 128;
+    l.elem_bytes = 2;
+    l.order = order;
+    return l;
+}
+
+static void die(const char *what) {
+    printf("bench_gpu: %s\n", what);
+    exit(1);
+}
+
+/* The reader: a context on dev_dec with its cache and one peer. */
+typedef struct side {
+    kvx_ctx *ctx;
+    kvx_ex_gpu g;
+    kvx_ex_cache h;
+    kvx_cache *cache;
+    kvx_queue *q;
+    kvx_peer *peer;
+} side;
+
+static void side_close(side *d) {
+    if (d->ctx) kvx_ctx_destroy(d->ctx);
+    if (d->g.mem) kvx_ex_gpu_free(&d->g);
+    if (d->h.mem) { cuMemHostUnregister(d->h.mem); kvx_ex_cache_free(&d->h); }
+    memset(d, 0, sizeof *d);
+}
+
+static void side_open(side *d, int backend, const kvx_layout *l, int rank, int tp, uint32_t max_blocks, void *stream, const void *md, uint32_t len) {
+    kvx_ctx_desc cd;
+    kvx_cache_desc c;
+    kvx_queue_desc qd;
+    memset(d, 0, sizeof *d);
+    memset(&cd, 0, sizeof cd);
+    cd.name = "decode"; cd.tp_rank = rank; cd.tp_size = tp; cd.backend = (kvx_backend)backend;
+    cd.cuda.max_blocks = max_blocks;
+    cd.progress_thread = backend == KVX_BACKEND_UCX;
+    cuCtxSetCurrent(ctx_dec);
+    if (kvx_ctx_create(&cd, &d->ctx) != KVX_OK) die(kvx_ctx_error(NULL));
+    if (backend == KVX_BACKEND_CUDA) {
+        if (kvx_ex_gpu_alloc(&d->g, l, rank, tp, dev_dec, KVX_EX_CUMEMALLOC)) die(kvx_ex_gpu_err);
+        c = kvx_ex_gpu_desc(&d->g);
+        c.checksums = side_checksums;
+    } else {
+        if (kvx_ex_cache_alloc(&d->h, l, rank, tp)) die("host cache");
+        memset(d->h.mem, 0, d->h.mem_bytes);
+        if (kvx_ex_cu(cuMemHostRegister(d->h.mem, d->h.mem_bytes, CU_MEMHOSTREGISTER_PORTABLE), "cuMemHostRegister")) die(kvx_ex_gpu_err);
+        c = kvx_ex_cache_desc(&d->h);
+    }
+    if (kvx_cache_register(d->ctx, &c, &d->cache) != KVX_OK) die(kvx_ctx_error(d->ctx));
+    memset(&qd, 0, sizeof qd);
+    qd.cuda.stream = stream;
+    if (kvx_queue_create(d->ctx, &qd, &d->q) != KVX_OK) die(kvx_ctx_error(d->ctx));
+    if (kvx_peer_add(d->ctx, md, len, &d->peer) != KVX_OK) die(kvx_ctx_error(d->ctx));
+}
+
+static kvx_ticket post(side *d, const uint32_t *dst, const uint32_t *src, uint32_t n) {
+    kvx_read r;
+    kvx_ticket t;
+    memset(&r, 0, sizeof r);
+    r.peer = d->peer; r.cache = d->cache; r.local_blocks = dst; r.remote_blocks = src; r.num_blocks = n;
+    r.verify = read_verify;
+    if (kvx_post(d->q, &r, &t) != KVX_OK) die(kvx_ctx_error(d->ctx));
+    return t;
+}
+
+static void wait_ok(side *d, kvx_ticket t) {
+    kvx_status st = kvx_wait(d->q, t, 60000);
+    if (st != KVX_OK) { printf("read: %s: %s\n", kvx_status_name(st), kvx_ctx_error(d->ctx)); exit(1); }
+}
+
+/* The table's measure: 16 reads of n random blocks with 4 in flight (four
+   block tables, in turn), timed on the host from the first kvx_post to the
+   last completion, so that the first launch and the last wake-up are spread
+   over 16 reads as in a stream of them: the best of three. */
+#define RATE_READS 16
+#define RATE_IN_FLIGHT 4
+static double kvx_rate(side *d, uint32_t n, uint32_t nb, uint64_t bytes_per_read, int random) {
+    uint32_t *src = (uint32_t *)malloc(4 * (size_t)n * 4), *dst = (uint32_t *)malloc(4 * (size_t)n * 4);
+    kvx_ticket t[RATE_IN_FLIGHT];
+    double t0, best = 0;
+    int i, rep;
+    for (i = 0; i < 4; i++) {
+        kvx_ex_block_table(src + (size_t)i * n, n, nb, random, 1000u + (uint64_t)i, (uint32_t)i * 977u);
+        kvx_ex_block_table(dst + (size_t)i * n, n, nb, random, 2000u + (uint64_t)i, (uint32_t)i * 977u + 331u);
+    }
+    /* Where the cache has room, reads in flight together land on different
+       blocks, as an engine's do: a verified read is checked after its copy,
+       and another read landing on its blocks meanwhile would fail the check. */
+    if (4ull * n <= nb) kvx_ex_block_table(dst, 4 * n, nb, random, 2000u, 331u);
+    for (i = 0; i < 2; i++) wait_ok(d, post(d, dst, src, n));  /* warm-up: module, first launches */
+    for (rep = 0; rep < 3; rep++) {
+        double r;
+        int posted = 0, done = 0;
+        t0 = kvx_tc_now();
+        while (done < RATE_READS) {
+            while (posted < RATE_READS && posted - done < RATE_IN_FLIGHT) {
+                t[posted % RATE_IN_FLIGHT] = post(d, dst + (size_t)(posted % 4) * n, src + (size_t)(posted % 4) * n, n);
+                posted++;
+            }
+            wait_ok(d, t[done % RATE_IN_FLIGHT]);
+            done++;
+        }
+        r = (double)bytes_per_read * RATE_READS / (kvx_tc_now() - t0) / 1e9;
+        if (r > best) best = r;
+    }
+    free(src); free(dst);
+    return best;
+}
+
+static float ev_ms(CUevent a, CUevent b) {
+    float ms = 0;
+    cuEventSynchronize(b);
+    cuEventElapsedTime(&ms, a, b);
+    return ms;
+}
+
+/* One large copy of bytes, four times: GB/s (the best of three). */
+static double big_copy_rate(size_t bytes, int peer) {
+    CUdeviceptr a = 0, b = 0;
+    CUstream s;
+    CUevent e0, e1;
+    double best = 0;
+    int rep, i;
+    cuCtxSetCurrent(peer ? ctx_own : ctx_dec);
+    if (kvx_ex_cu(cuMemAlloc(&a, bytes), "cuMemAlloc (reference source)")) die(kvx_ex_gpu_err);
+    cuCtxSetCurrent(ctx_dec);
+    if (peer) {  /* over NVLink (or PCIe peer to peer), not staged through the host */
+        CUresult e = cuCtxEnablePeerAccess(ctx_own, 0);
+        if (e != CUDA_SUCCESS && e != CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED) die("cuCtxEnablePeerAccess");
+    }
+    if (kvx_ex_cu(cuMemAlloc(&b, bytes), "cuMemAlloc (reference destination)")) die(kvx_ex_gpu_err);
+    cuMemsetD8(b, 1, bytes);
+    cuStreamCreate(&s, CU_STREAM_NON_BLOCKING);
+    cuEventCreate(&e0, 0);
+    cuEventCreate(&e1, 0);
+    for (rep = 0; rep < 4; rep++) {
+        double r;
+        cuEventRecord(e0, s);
+        for (i = 0; i < 4; i++) {
+            CUresult rc = peer ? cuMemcpyPeerAsync(b, ctx_dec, a, ctx_own, bytes, s) : cuMemcpyDtoDAsync(b, a, bytes, s);
+            if (kvx_ex_cu(rc, "reference copy")) die(kvx_ex_gpu_err);
+        }
+        cuEventRecord(e1, s);
+        r = 4.0 * (double)bytes / (ev_ms(e0, e1) * 1e-3) / 1e9;
+        if (rep && r > best) best = r;  /* the first is the warm-up */
+    }
+    cuEventDestroy(e0); cuEventDestroy(e1); cuStreamDestroy(s);
+    cuMemFree(b);
+    cuCtxSetCurrent(peer ? ctx_own : ctx_dec);
+    cuMemFree(a);
+    cuCtxSetCurrent(ctx_dec);
+    return best;
+}
+
+/* A cuMemcpyDtoDAsync per block (the same block size), in this process. */
+static double per_block_rate(size_t block, uint32_t nb) {
+    CUdeviceptr a = 0, b = 0;
+    CUstream s;
+    CUevent e0, e1;
+    uint32_t n = (uint32_t)((size_t)(256u << 20) / block), i, *src, *dst;
+    double r;
+    if (n > 8192) n = 8192;
+    if (n > nb) n = nb;
+    if (kvx_ex_cu(cuMemAlloc(&a, block * nb), "cuMemAlloc") || kvx_ex_cu(cuMemAlloc(&b, block * nb), "cuMemAlloc")) die(kvx_ex_gpu_err);
+    src = (uint32_t *)malloc(4 * (size_t)n); dst = (uint32_t *)malloc(4 * (size_t)n);
+    kvx_ex_block_table(src, n, nb, 1, 5, 0);
+    kvx_ex_block_table(dst, n, nb, 1, 6, 0);
+    cuStreamCreate(&s, CU_STREAM_NON_BLOCKING);
+    cuEventCreate(&e0, 0);
+    cuEventCreate(&e1, 0);
+    for (i = 0; i < n; i++) cuMemcpyDtoDAsync(b + dst[i] * block, a + src[i] * block, block, s);  /* warm-up */
+    cuEventRecord(e0, s);
+    for (i = 0; i < n; i++) cuMemcpyDtoDAsync(b + dst[i] * block, a + src[i] * block, block, s);
+    cuEventRecord(e1, s);
+    r = (double)n * (double)block / (ev_ms(e0, e1) * 1e-3) / 1e9;
+    cuEventDestroy(e0); cuEventDestroy(e1); cuStreamDestroy(s);
+    cuMemFree(a); cuMemFree(b);
+    free(src); free(dst);
+    return r;
+}
+
+/* Check every byte of one read of the filled blocks. */
+static int verify(side *d, uint32_t a_head, uint32_t b_head) {
+    uint32_t src[FILLED], dst[FILLED];
+    kvx_ex_mismatch mm;
+    uint64_t bad;
+    kvx_ex_block_table(src, FILLED, FILLED, 1, 9, 0);
+    kvx_ex_block_table(dst, FILLED, d->g.host.lay.num_blocks, 1, 10, 0);
+    kvx_ex_poison(&d->g.host, SEED, dst, src, FILLED, 0, LAYERS, a_head, b_head);
+    if (kvx_ex_gpu_push(&d->g)) die(kvx_ex_gpu_err);
+    wait_ok(d, post(d, dst, src, FILLED));
+    if (kvx_ex_gpu_pull(&d->g)) die(kvx_ex_gpu_err);
+    memset(&mm, 0, sizeof mm);
+    bad = kvx_ex_verify(&d->g.host, SEED, dst, src, FILLED, 0, LAYERS, a_head, b_head, &mm);
+    if (bad) printf("  VERIFY FAILED: %llu wrong bytes (layer %u block %u head %u token %u)\n", (unsigned long long)bad, mm.layer, mm.local_block, mm.head, mm.token);
+    return bad ? -1 : 0;
+}
+
+/* checksums: every block filled and sealed, for verified reads */
+static kvx_tc_owner spawn_owner(int backend, int gpu, const kvx_layout *l, int tp, uint32_t max_blocks, int checksums, void **md, uint32_t *len) {
+    kvx_tc_owner_args a;
+    kvx_tc_owner o;
+    memset(&a, 0, sizeof a);
+    a.backend = backend; a.gpu = gpu; a.device = dev_own; a.kind = KVX_EX_CUMEMALLOC;
+    a.rank = 0; a.tp = tp; a.progress = 1; a.seed = SEED; a.fill_blocks = checksums ? 0 : FILLED; a.max_blocks = max_blocks;
+    a.checksums = checksums;
+    a.lay = *l;
+    o = kvx_tc_spawn(&a, md, len);
+    if (o.pid < 0) die("owner process did not start");
+    return o;
+}
+
+static int cmp_d(const void *a, const void *b) { double x = *(const double *)a, y = *(const double *)b; return x < y ? -1 : x > y; }
+
+/* kvx_post to the waiting stream resuming, nsamples times: p50, p99 in us. */
+static void latency(side *d, uint32_t nb, int nsamples, double *p50, double *p99) {
+    CUstream s2;
+    uint32_t *flag;
+    CUdeviceptr flag_d;
+    double *lat = (double *)calloc((size_t)nsamples, sizeof *lat);
+    uint32_t src, dst;
+    int i;
+    if (kvx_ex_cu(cuStreamCreate(&s2, CU_STREAM_NON_BLOCKING), "stream") ||
+        kvx_ex_cu(cuMemHostAlloc((void **)&flag, 64, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP), "cuMemHostAlloc") ||
+        kvx_ex_cu(cuMemHostGetDevicePointer(&flag_d, flag, 0), "cuMemHostGetDevicePointer")) die(kvx_ex_gpu_err);
+    *(volatile uint32_t *)flag = 0;
+    for (i = -20; i < nsamples; i++) {
+        double t0, t1;
+        kvx_ticket t;
+        src = (uint32_t)(i + 20) % nb;
+        dst = (uint32_t)(i + 27) % nb;
+        t0 = kvx_tc_now();
+        t = post(d, &dst, &src, 1);
+        if (kvx_stream_wait(d->q, t, s2) != KVX_OK) die(kvx_ctx_error(d->ctx));
+        if (kvx_ex_cu(cuStreamWriteValue32(s2, flag_d, (uint32_t)(i + 100), 0), "cuStreamWriteValue32")) die(kvx_ex_gpu_err);
+        /* The benchmark spins to see the stream resume; bounded at 5 s. */
+        while (*(volatile uint32_t *)flag != (uint32_t)(i + 100))
+            if (kvx_tc_now() - t0 > 5.0) die("the waiting stream did not resume within 5 s");
+        t1 = kvx_tc_now();
+        wait_ok(d, t);
+        if (i >= 0) lat[i] = (t1 - t0) * 1e6;
+    }
+    qsort(lat, (size_t)nsamples, sizeof *lat, cmp_d);
+    *p50 = lat[nsamples / 2];
+    *p99 = lat[(size_t)((nsamples - 1) * 0.99 + 0.5)];
+    free(lat);
+    kvx_tc_sync(s2, 5000);
+    cuStreamDestroy(s2);
+    cuMemFreeHost(flag);
+}
+
+int main(int argc, char **argv) {
+    static const uint32_t kib[4] = {4, 16, 64, 256};
+    char name[128] = "";
+    int i, two = 0, sms = 0, ndev = 0, bad = 0;
+    CUdevice dev;
+    if (argc == 4 && !strcmp(argv[1], "--serve")) return kvx_tc_serve(argv[2], atoi(argv[3]));
+    for (i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--two-gpu")) two = 1;
+        else if (!strcmp(argv[i], "--quick")) quick = 1;
+        else { printf("usage: bench_gpu [--two-gpu] [--quick]\n"); return 2; }
+    }
+    signal(SIGPIPE, SIG_IGN);
+    if (kvx_ex_gpu_init(0, &ctx_own) || cuDeviceGetCount(&ndev) != CUDA_SUCCESS) { printf("skip: no GPU: %s\n", kvx_ex_gpu_err); return 77; }
+    if (two && ndev < 2) { printf("skip: --two-gpu needs two GPUs, %d visible\n", ndev); return 77; }
+    dev_own = 0;
+    dev_dec = two ? 1 : 0;
+    if (kvx_ex_gpu_init(dev_dec, &ctx_dec)) die(kvx_ex_gpu_err);
+    if (kvx_tc_load(&K)) die(kvx_ex_gpu_err);
+    cuDeviceGet(&dev, dev_dec);
+    cuDeviceGetName(name, sizeof name, dev);
+    cuDeviceGetAttribute(&sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev);
+    printf("bench_gpu: %s, %d SMs; owner process on GPU %d, reader process on GPU %d; %u layers x K/V, random blocks, 1 GiB per read, 16 reads, 4 in flight\n",
+           name, sms, dev_own, dev_dec, LAYERS);
+    if (two) {
+        int p2p = 0, atom = 0;
+        CUdevice d0;
+        cuDeviceGet(&d0, dev_own);
+        cuDeviceCanAccessPeer(&p2p, dev, d0);
+        cuDeviceGetP2PAttribute(&atom, CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED, dev, d0);
+        printf("  peer access %d, native peer atomics %d\n", p2p, atom);
+    }
+    fflush(stdout);
+
+    /* 1. throughput */
+    printf("\n| block | layout | kvx GB/s | one %s copy GB/s | kvx / copy | cuMemcpyAsync per block GB/s | kvx GB/s, consecutive blocks | transport |\n",
+           two ? "cuMemcpyPeerAsync" : "D2D");
+    printf("|---|---|---|---|---|---|---|---|\n");
+    for (i = 0; i < 8; i++) {
+        uint32_t k = kib[i % 4], heads = k / 4u, nb;
+        kvx_order order = i < 4 ? KVX_ORDER_HND : KVX_ORDER_NHD;
+        int dtp = order == KVX_ORDER_HND ? 1 : 2;  /* NHD: half the heads, a piece per token */
+        uint64_t block = (uint64_t)k << 10, per_read = 1ull << 30;
+        uint32_t n;
+        kvx_layout ol, dl;
+        kvx_tc_owner o;
+        side d;
+        void *md;
+        uint32_t len, a, b;
+        double kv, ref, pb, kc;
+        if (dtp == 2) heads *= 2;  /* the reader's block stays k KiB */
+        nb = (uint32_t)((2ull << 30) / (2ull * LAYERS * block));
+        n = (uint32_t)(per_read / (2ull * LAYERS * block));
+        if (quick && i % 4 != 1) continue;
+        ol = layout(heads, 1, nb, order);
+        dl = layout(heads, dtp, nb, order);
+        o = spawn_owner(KVX_BACKEND_CUDA, 1, &ol, 1, 0, 0, &md, &len);
+        side_open(&d, KVX_BACKEND_CUDA, &dl, 0, dtp, 0, NULL, md, len);
+        free(md);
+        kv = kvx_rate(&d, n, nb, per_read, 1);
+        kc = kvx_rate(&d, n, nb, per_read, 0);  /* the same read with consecutive ids: where random placement costs */
+        ref = big_copy_rate(per_read, two);
+        pb = per_block_rate(block, nb);
+        kvx_peer_heads(d.peer, d.cache, 0, &a, &b);
+        if (verify(&d, a, a + b)) bad = 1;
+        printf("| %u KiB | %s%s | %.0f | %.0f | %.1f%% | %.1f | %.0f (%.1f%%) | %s |\n", k, order == KVX_ORDER_HND ? "HND" : "NHD",
+               dtp == 2 ? " (TP 1->2, 256 B..16 KiB pieces)" : "", kv, ref, 100.0 * kv / ref, pb, kc, 100.0 * kc / ref, kvx_peer_transport(d.peer));
+        fflush(stdout);
+        side_close(&d);
+        kvx_tc_stop(&o);
+    }
+
+    /* 2. latency */
+    {
+        kvx_layout l = layout(4, 1, 256, KVX_ORDER_HND);  /* 16 KiB blocks */
+        kvx_tc_owner o;
+        side d;
+        void *md;
+        uint32_t len;
+        double p50, p99;
+        CUstream s1;
+        cuCtxSetCurrent(ctx_dec);
+        cuStreamCreate(&s1, CU_STREAM_NON_BLOCKING);
+        printf("\nlatency, kvx_post -> the waiting stream resumes, one 16 KiB block x %u layers x K/V (1 MiB):\n", LAYERS);
+        o = spawn_owner(KVX_BACKEND_CUDA, 1, &l, 1, 0, 0, &md, &len);
+        side_open(&d, KVX_BACKEND_CUDA, &l, 0, 1, 0, s1, md, len);
+        free(md);
+        latency(&d, 256, quick ? 200 : 1000, &p50, &p99);
+        printf("  cuda  (%s): p50 %.1f us, p99 %.1f us\n", kvx_peer_transport(d.peer), p50, p99);
+        side_close(&d);
+        kvx_tc_stop(&o);
+#if defined(KVX_UCX)
+        o = spawn_owner(KVX_BACKEND_UCX, 0, &l, 1, 0, 0, &md, &len);
+        side_open(&d, KVX_BACKEND_UCX, &l, 0, 1, 0, s1, md, len);
+        free(md);
+        latency(&d, 256, quick ? 100 : 300, &p50, &p99);
+        printf("  ucx   (%s, host memory, progress threads): p50 %.1f us, p99 %.1f us\n", kvx_peer_transport(d.peer), p50, p99);
+        side_close(&d);
+        kvx_tc_stop(&o);
+#endif
+        cuStreamDestroy(s1);
+    }
+
+    /* 3. the thread-block cap: copy speed alone */
+    {
+        uint32_t caps[4], c, z;
+        caps[0] = (uint32_t)sms / 4; caps[1] = (uint32_t)sms / 2; caps[2] = (uint32_t)sms; caps[3] = 0;
+        printf("\nthread-block cap (kvx_ctx_desc.cuda.max_blocks, 256 threads each; at most 2 fit an SM), kvx GB/s, HND random, 1 GiB reads, 4 in flight:\n");
+        printf("| block | cap %u | cap %u | cap %u | default (%u) |\n|---|---|---|---|---|\n", caps[0], caps[1], caps[2], (two ? 1u : 2u) * (uint32_t)sms);
+        for (z = 0; z < 2 && !quick; z++) {
+            uint32_t k = z ? 256u : 4u, nb = (uint32_t)((2ull << 30) / (2ull * LAYERS * ((uint64_t)k << 10))), n = nb / 2;
+            kvx_layout l = layout(k / 4u, 1, nb, KVX_ORDER_HND);
+            kvx_tc_owner o;
+            void *md;
+            uint32_t len;
+            o = spawn_owner(KVX_BACKEND_CUDA, 1, &l, 1, 0, 0, &md, &len);
+            printf("| %u KiB |", k);
+            for (c = 0; c < 4; c++) {
+                side d;
+                side_open(&d, KVX_BACKEND_CUDA, &l, 0, 1, caps[c], NULL, md, len);
+                printf(" %.0f |", kvx_rate(&d, n, nb, 1ull << 30, 1));
+                fflush(stdout);
+                side_close(&d);
+            }
+            printf("\n");
+            free(md);
+            kvx_tc_stop(&o);
+        }
+    }
+
+    /* 4. a compute stream beside the copies: many short kernels, as a decode
+       step has, so that the two share the SMs as they come free */
+    {
+        uint32_t caps[5], ncap = 0, c, fgrid = (uint32_t)sms * 8u, iters = 2000, nk = 40, j;
+        kvx_layout l = layout(4, 1, 2048, KVX_ORDER_HND);  /* 16 KiB blocks */
+        uint32_t n = 2048 / 2;
+        uint64_t per_read = (uint64_t)n * 2u * LAYERS * (16u << 10);
+        CUstream sc;
+        CUevent e0, e1;
+        CUdeviceptr fout;
+        kvx_tc_owner o;
+        void *md;
+        uint32_t len;
+        double alone = 0;
+        caps[ncap++] = (uint32_t)sms / 4; caps[ncap++] = (uint32_t)sms / 2; caps[ncap++] = (uint32_t)sms; caps[ncap++] = 0;
+        cuCtxSetCurrent(ctx_dec);
+        cuStreamCreate(&sc, CU_STREAM_NON_BLOCKING);
+        cuEventCreate(&e0, 0);
+        cuEventCreate(&e1, 0);
+        if (kvx_ex_cu(cuMemAlloc(&fout, (size_t)fgrid * 256 * 4), "cuMemAlloc")) die(kvx_ex_gpu_err);
+        for (i = 0; i < 3; i++) {  /* calibrate: each kernel about 1 ms, 40 of them */
+            float ms;
+            cuEventRecord(e0, sc);
+            for (j = 0; j < nk; j++) kvx_tc_fma(&K, sc, fout, fgrid, iters);
+            cuEventRecord(e1, sc);
+            ms = ev_ms(e0, e1);
+            if (i < 2) iters = (uint32_t)((double)iters * 40.0 / (ms > 0.01 ? ms : 0.01));
+            else alone = ms;
+        }
+        printf("\ncompute beside the copies: %u kernels of %u blocks x 256 threads of FMAs (%.2f ms each, %.1f ms in all alone) while 16 KiB-block reads run back to back\n",
+               nk, fgrid, alone / nk, alone);
+        printf("| cap | compute ms with copies beside it | compute slowdown | kvx GB/s meanwhile |\n|---|---|---|---|\n");
+        o = spawn_owner(KVX_BACKEND_CUDA, 1, &l, 1, 0, 0, &md, &len);
+        for (c = 0; c < ncap; c++) {
+            side d;
+            uint32_t *src, *dst, k2 = 0;
+            double t0, moved = 0, during;
+            float ms;
+            kvx_ticket t[2];
+            if (quick && caps[c] != 0 && caps[c] != (uint32_t)sms / 4) continue;
+            side_open(&d, KVX_BACKEND_CUDA, &l, 0, 1, caps[c], NULL, md, len);
+            src = (uint32_t *)malloc(4 * n); dst = (uint32_t *)malloc(4 * n);
+            kvx_ex_block_table(src, n, 2048, 1, 3, 0);
+            kvx_ex_block_table(dst, n, 2048, 1, 4, 0);
+            wait_ok(&d, post(&d, dst, src, n));  /* warm-up */
+            /* Copies first (two in flight), then the compute kernels; copies go on until they are done. */
+            t0 = kvx_tc_now();
+            t[0] = post(&d, dst, src, n);
+            t[1] = post(&d, dst, src, n);
+            cuEventRecord(e0, sc);
+            for (j = 0; j < nk; j++) kvx_tc_fma(&K, sc, fout, fgrid, iters);
+            cuEventRecord(e1, sc);
+            while (cuEventQuery(e1) == CUDA_ERROR_NOT_READY && kvx_tc_now() - t0 < 10.0) {
+                wait_ok(&d, t[k2 & 1]);
+                moved += (double)per_read;
+                t[k2 & 1] = post(&d, dst, src, n);
+                k2++;
+            }
+            during = moved / (kvx_tc_now() - t0) / 1e9;
+            wait_ok(&d, t[k2 & 1]);
+            wait_ok(&d, t[(k2 + 1) & 1]);
+            ms = ev_ms(e0, e1);
+            if (caps[c]) printf("| %u |", caps[c]); else printf("| default (%d) |", (two ? 1 : 2) * sms);
+            printf(" %.1f | %+.1f%% | %.0f |\n", ms, 100.0 * (ms / alone - 1.0), during);
+            fflush(stdout);
+            free(src); free(dst);
+            side_close(&d);
+        }
+        free(md);
+        kvx_tc_stop(&o);
+        cuMemFree(fout);
+        cuEventDestroy(e0); cuEventDestroy(e1); cuStreamDestroy(sc);
+    }
+    /* 5. verify mode: 256 MiB reads of 16 KiB blocks, unverified, one block
+       in 64 checked, every block checked (all blocks sealed; the four reads
+       in flight fill the reader's cache) */
+    {
+        static const uint32_t every[3] = {0, 64, 1};
+        uint32_t nb = 1024, n = 256, v;
+        int o2;
+        printf("\nverify mode (kvx_read.verify), 16 KiB blocks, 256 MiB reads, random blocks, 16 reads, 4 in flight, kvx GB/s:\n");
+        printf("| layout | unverified | 1 in 64 checked | every block checked |\n|---|---|---|---|\n");
+        for (o2 = 0; o2 < 2; o2++) {
+            kvx_order order = o2 ? KVX_ORDER_NHD : KVX_ORDER_HND;
+            int dtp = o2 ? 2 : 1;
+            kvx_layout ol = layout(o2 ? 8 : 4, 1, nb, order), dl = layout(o2 ? 8 : 4, dtp, nb, order);
+            kvx_tc_owner o;
+            side d;
+            void *md;
+            uint32_t len, a, b;
+            if (quick && o2) continue;
+            o = spawn_owner(KVX_BACKEND_CUDA, 1, &ol, 1, 0, 1, &md, &len);
+            side_checksums = 1;
+            side_open(&d, KVX_BACKEND_CUDA, &dl, 0, dtp, 0, NULL, md, len);
+            side_checksums = 0;
+            free(md);
+            printf("| %s |", o2 ? "NHD (TP 1->2)" : "HND");
+            for (v = 0; v < 3; v++) {
+                read_verify = every[v];
+                printf(" %.0f |", kvx_rate(&d, n, nb, (uint64_t)n * 2u * LAYERS * (16u << 10), 1));
+                fflush(stdout);
+            }
+            kvx_peer_heads(d.peer, d.cache, 0, &a, &b);
+            if (verify(&d, a, a + b)) bad = 1;  /* a verified read (every block), byte-checked too */
+            read_verify = 0;
+            printf("\n");
+            side_close(&d);
+            kvx_tc_stop(&o);
+        }
+    }
+
+    printf("\n%s\n", bad ? "BENCH FAILED: a verified read was wrong" : "every verified read matched");
+    return bad;
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# make bench-gpu: the CUDA backend's table (bench/bench_gpu.c) on GPU
+# $KVX_GPU (default 0), then, with two GPUs visible, owner on GPU 0 and reader
+# on GPU 1. Logs in build/gpu/bench/. Programs from build/gpu (tests/gpu/build.sh).
+set -u
+cd "$(dirname "$0")/.."
+B=build/gpu
+out=$B/bench
+mkdir -p "$out"
+[ -x $B/bench_gpu ] || { echo "$B/bench_gpu is not built: run tests/gpu/build.sh (make gpu-build)"; exit 2; }
+export UCX_NET_DEVICES=${UCX_NET_DEVICES:-lo}
+rc=0
+echo "== one GPU (GPU ${KVX_GPU:-0}), two processes"
+CUDA_VISIBLE_DEVICES=${KVX_GPU:-0} timeout -k 5 ${KVX_BENCH_TIMEOUT:-400} $B/bench_gpu "$@" 2>&1 | tee "$out/one_gpu.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || rc=1
+if [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -ge 2 ]; then
+  echo "== two GPUs: owner on GPU 0, reader on GPU 1"
+  CUDA_VISIBLE_DEVICES=0,1 timeout -k 5 ${KVX_BENCH_TIMEOUT:-400} $B/bench_gpu --two-gpu "$@" 2>&1 | tee "$out/two_gpu.txt"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+exit $rc

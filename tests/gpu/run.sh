@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# make test-gpu: kvx's CUDA tests on a machine with a GPU, every read
+# byte-verified. Programs come from build/gpu (tests/gpu/build.sh, which needs
+# UCX's and CUDA's headers; the GPU machine needs only their runtimes).
+#   - ptxas on the embedded PTX (where ptxas is installed)
+#   - test_cuda on GPU $KVX_GPU (default 0): refusals, reads between
+#     processes (cuMemAlloc, VMM, pools; HND, NHD; TP splits), stream waits,
+#     CUDA graphs replayed over 24 reads, failed reads releasing streams, UCX
+#     host reads on a stream, verify mode on GPU caches
+#   - kvx_demo_gpu, the GPU example
+#   - kvx_bench --backends CUDA, pack: the TP matrix with several processes
+#     on the one GPU, random and consecutive blocks, HND and NHD, cuMemAlloc,
+#     VMM and pool caches, verify mode, every kvx_bench option
+#   - with two GPUs visible (nvidia-smi): owner on GPU 0, reader on GPU 1
+# Ends with "N passed, M failed". KVX_TEST_FILTER=regex runs matching entries.
+set -u
+cd "$(dirname "$0")/../.."
+B=build/gpu
+. tests/lib/runner.sh
+# One entry at a time: they share the GPU, and some time their reads.
+logdir=$B/test-logs
+runner_init $logdir "${KVX_TEST_JOBS:-1}"
+export UCX_NET_DEVICES=${UCX_NET_DEVICES:-lo}
+gpu=${KVX_GPU:-0}
+for p in test_cuda kvx_bench kvx_demo_gpu; do [ -x $B/$p ] || { echo "$B/$p is not built: run tests/gpu/build.sh (make gpu-build)"; exit 2; }; done
+
+one="env CUDA_VISIBLE_DEVICES=$gpu"
+bench="$one $B/kvx_bench --backends CUDA"
+small="--num-blocks 200 --blocks 24 --num-layers 3 --iters 3"
+section "GPU: $(nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader 2>/dev/null | tr '\n' ';')"
+section "PTX"
+[ -x "${PTXAS:-/usr/local/cuda/bin/ptxas}" ] && entry "ptx check (ptxas sm_80, sm_90, sm_100)" 120 bash tools/ptx_check.sh
+section "test_cuda (GPU $gpu)"
+entry "test_cuda" 300 $one $B/test_cuda
+entry "kvx_demo_gpu: two processes, cuMemAlloc caches, checked behind kvx_stream_wait" 120 $one $B/kvx_demo_gpu
+section "kvx_bench --backends CUDA, pack (GPU $gpu, a process per rank)"
+entry "CUDA pack 1->1 HND random" 120 $bench $small --random-blocks
+entry "CUDA pack 1->1 NHD consecutive" 120 $bench $small --layout NHD
+entry "CUDA pack 1->2 HND random" 120 $bench $small --random-blocks --prefill-tp 1 --decode-tp 2
+entry "CUDA pack 2->1 NHD random" 120 $bench $small --random-blocks --prefill-tp 2 --decode-tp 1 --layout NHD
+entry "CUDA pack 2->4 HND consecutive" 120 $bench $small --prefill-tp 2 --decode-tp 4
+entry "CUDA pack 2->4 NHD random, VMM caches" 120 env KVX_BENCH_CUDA_MEM=vmm $bench $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
+entry "CUDA pack 4->2 NHD random, pool caches" 120 env KVX_BENCH_CUDA_MEM=pool $bench $small --random-blocks --prefill-tp 4 --decode-tp 2 --layout NHD
+entry "CUDA pack 1->2 HND consecutive, VMM, every option" 120 env KVX_BENCH_CUDA_MEM=vmm $bench --strategy pack $small --prefill-tp 1 --decode-tp 2 \
+  --block-tokens 32 --heads 4 --head-dim 64 --dtype-bytes 2 --seed 7 --max-ops 2 --verbose --json $logdir/pack.json
+entry "CUDA pack 4->8 HND random (12 processes)" 180 $bench $small --random-blocks --prefill-tp 4 --decode-tp 8
+entry "CUDA pack 1 KV head replicated, 1->2" 120 $bench $small --random-blocks --heads 1 --prefill-tp 1 --decode-tp 2
+entry "CUDA pack 2 KV heads replicated, 2->4 NHD" 120 $bench $small --random-blocks --heads 2 --prefill-tp 2 --decode-tp 4 --layout NHD
+entry "CUDA pack odd sizes: 3-byte elements, 5 tokens (unaligned path)" 120 $bench --num-blocks 50 --blocks 9 --num-layers 2 --block-tokens 5 --heads 2 --head-dim 7 --dtype-bytes 3 --random-blocks --iters 2 --decode-tp 2 --layout NHD
+entry "CUDA pack 2->4 NHD random, verify mode, every block" 120 $bench $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1
+entry "CUDA pack 1->2 HND random, verify mode, 1 block in 3" 120 $bench $small --random-blocks --prefill-tp 1 --decode-tp 2 --verify 3
+entry "CUDA pack odd sizes, verify mode, every block (unaligned heads)" 120 $bench --num-blocks 50 --blocks 9 --num-layers 2 --block-tokens 5 --heads 2 --head-dim 7 --dtype-bytes 3 --random-blocks --iters 2 --decode-tp 2 --layout NHD --verify 1
+entry "CUDA pack 3750 blocks x 50 layers x 128, 4 KiB blocks" 300 \
+  $bench --num-blocks 3750 --num-layers 50 --blocks 128 --block-tokens 16 --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 2
+entry "CUDA pack 3750 blocks x 50 layers x 128, verify mode, every block (heads summed a thread each)" 300 \
+  $bench --num-blocks 3750 --num-layers 50 --blocks 128 --block-tokens 16 --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 2 --verify 1
+expect_fail "CUDA a planted wrong byte fails the run" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $bench $small --random-blocks
+if [ "$(id -u)" = 0 ] && command -v ip >/dev/null; then
+  expect_fail "CUDA spread across two hosts is refused" 120 "within one host" env KVX_BENCH=$B/kvx_bench CUDA_VISIBLE_DEVICES=$gpu bash tests/lib/two_hosts.sh --backends CUDA $small
+fi
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+if [ "${ngpu:-0}" -ge 2 ]; then
+  section "two GPUs: owner on GPU 0, reader on GPU 1"
+  entry "test_cuda two GPUs" 300 env CUDA_VISIBLE_DEVICES=0,1 KVX_TEST_ONLY="two GPUs" $B/test_cuda
+  entry "CUDA pack GPU 0 -> GPU 1, 1->2 NHD random" 120 env CUDA_VISIBLE_DEVICES=0,1 KVX_BENCH_PREFILL_GPU=0 KVX_BENCH_DECODE_GPU=1 \
+    $B/kvx_bench --backends CUDA $small --random-blocks --prefill-tp 1 --decode-tp 2 --layout NHD
+  entry "CUDA pack GPU 0 -> GPU 1, 1->2 NHD random, verify mode, every block" 120 env CUDA_VISIBLE_DEVICES=0,1 KVX_BENCH_PREFILL_GPU=0 KVX_BENCH_DECODE_GPU=1 \
+    $B/kvx_bench --backends CUDA $small --random-blocks --prefill-tp 1 --decode-tp 2 --layout NHD --verify 1
+  entry "CUDA pack GPU 0 -> GPU 1, 2->1 HND, VMM" 120 env CUDA_VISIBLE_DEVICES=0,1 KVX_BENCH_PREFILL_GPU=0 KVX_BENCH_DECODE_GPU=1 KVX_BENCH_CUDA_MEM=vmm \
+    $B/kvx_bench --backends CUDA $small --random-blocks --prefill-tp 2 --decode-tp 1
+fi
+runner_end

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Two hosts on one machine: two network namespaces joined by a veth pair. The
+# prefill role of kvx_bench runs in one, the decode role in the other; the
+# remaining arguments go to both. Root only (it skips, exit 77, otherwise).
+# Cleans up after itself, also on failure or interrupt.
+#
+#   tests/lib/two_hosts.sh --backends UCX --prefill-tp 2 --decode-tp 4 --random-blocks
+#
+# Namespaces of one machine share memory, the boot id and the hostname, so the
+# network path is forced: UCX_TLS=tcp bound to the veth, and each side gets
+# its own KVX_HOST_ID.
+set -u
+here=$(cd "$(dirname "$0")/../.." && pwd)
+bench=${KVX_BENCH:-$here/build/kvx_bench}
+if [ "$(id -u)" != 0 ]; then echo "two_hosts: skipped: needs root to make network namespaces"; exit 77; fi
+command -v ip >/dev/null || { echo "two_hosts: skipped: no 'ip' (apt-get install iproute2)"; exit 77; }
+[ -x "$bench" ] || { echo "two_hosts: $bench is not built (make)"; exit 2; }
+
+tag=$$
+A=kvxA$tag B=kvxB$tag VA=kva$tag VB=kvb$tag
+IPA=10.211.$((tag % 250)).1 IPB=10.211.$((tag % 250)).2
+port=$((20000 + tag % 20000))
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+  ip netns del "$A" 2>/dev/null; ip netns del "$B" 2>/dev/null
+  ip link del "$VA" 2>/dev/null
+  true
+}
+trap cleanup EXIT INT TERM
+
+ip netns add "$A" && ip netns add "$B" &&
+ip link add "$VA" type veth peer name "$VB" &&
+ip link set "$VA" netns "$A" && ip link set "$VB" netns "$B" &&
+ip -n "$A" addr add "$IPA/24" dev "$VA" && ip -n "$B" addr add "$IPB/24" dev "$VB" &&
+ip -n "$A" link set "$VA" up && ip -n "$B" link set "$VB" up &&
+ip -n "$A" link set lo up && ip -n "$B" link set lo up || { echo "two_hosts: cannot set up the namespaces"; exit 2; }
+
+limit=${KVX_TWO_HOSTS_TIMEOUT:-600}
+ip netns exec "$A" env UCX_TLS=tcp UCX_NET_DEVICES="$VA" FI_TCP_IFACE="$VA" KVX_HOST_ID=kvx-host-a \
+  timeout "$limit" "$bench" --role prefill --listen "$IPA:$port" --strategy spread "$@" > "${TMPDIR:-/tmp}/kvx_two_hosts_$tag.prefill.log" 2>&1 &
+pids+=($!)
+ip netns exec "$B" env UCX_TLS=tcp UCX_NET_DEVICES="$VB" FI_TCP_IFACE="$VB" KVX_HOST_ID=kvx-host-b \
+  timeout "$limit" "$bench" --role decode --connect "$IPA:$port" --strategy spread "$@"
+rc=$?
+wait "${pids[0]}"; prc=$?
+pids=()
+if [ $prc -ne 0 ]; then
+  echo "two_hosts: the prefill side exited with $prc:"; sed 's/^/  prefill: /' "${TMPDIR:-/tmp}/kvx_two_hosts_$tag.prefill.log"
+  [ $rc -eq 0 ] && rc=$prc
+fi
+rm -f "${TMPDIR:-/tmp}/kvx_two_hosts_$tag.prefill.log"
+exit $rc

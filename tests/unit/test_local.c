@@ -1,0 +1,285 @@
+/*
+    test_local.c -- the local backend (KVX_BACKEND_LOCAL): contexts of one
+    process reading each other's host caches by memcpy, with the whole
+    contract: every byte checked, TP splits, notifications and expiry, a
+    stalled owner's deadline (nothing lands after it), a destroyed owner,
+    verify mode, a peer in another process refused, and the settings query.
+*/
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#define KVX_IMPLEMENTATION
+#include "../../kvx.h"
+#include "../lib/kvx_host_cache.h"
+#include "../lib/kvx_test.h"
+
+static kvx_ctx *local_ctx(const char *name, int rank, int tp, int thread) {
+    kvx_ctx_desc d;
+    kvx_ctx *c = NULL;
+    memset(&d, 0, sizeof d);
+    d.name = name; d.tp_rank = rank; d.tp_size = tp; d.progress_thread = thread;
+    d.log_level = KVX_LOG_OFF; d.backend = KVX_BACKEND_LOCAL; d.timeout_ms = 2000;
+    if (kvx_ctx_create(&d, &c) != KVX_OK) { printf("cannot create a local context: %s\n", kvx_ctx_error(NULL)); exit(3); }
+    return c;
+}
+
+static kvx_peer *add(kvx_ctx *reader, kvx_ctx *owner) {
+    size_t len;
+    void *md = kvx_t_metadata(owner, &len);
+    kvx_peer *p = NULL;
+    if (kvx_peer_add(reader, md, len, &p) != KVX_OK) printf("  peer_add: %s\n", kvx_ctx_error(reader));
+    free(md);
+    return p;
+}
+
+static kvx_status read_blocks(kvx_queue *q, kvx_peer *p, kvx_cache *c, const uint32_t *dst, const uint32_t *src, uint32_t n,
+                              uint32_t verify, uint64_t notify_id, uint32_t timeout_ms, kvx_ticket *t) {
+    kvx_read rd;
+    memset(&rd, 0, sizeof rd);
+    rd.peer = p; rd.cache = c; rd.local_blocks = dst; rd.remote_blocks = src; rd.num_blocks = n; rd.verify = verify;
+    rd.notify = notify_id != 0; rd.notify_id = notify_id; rd.timeout_ms = timeout_ms;
+    return kvx_post(q, &rd, t);
+}
+
+static void layout(kvx_layout *l, kvx_order order, uint32_t heads) {
+    memset(l, 0, sizeof *l);
+    l->num_layers = 3; l->num_blocks = 128; l->block_tokens = 8; l->num_heads = heads; l->head_dim = 16; l->elem_bytes = 2; l->order = order;
+}
+
+int main(void) {
+    uint32_t src[32], dst[32];
+    kvx_ticket t;
+    int o;
+
+    kvx_ex_block_table(src, 32, 128, 1, 5, 0);
+    kvx_ex_block_table(dst, 32, 128, 1, 6, 0);
+
+    for (o = 0; o < 2; o++) {
+        char name[128];
+        snprintf(name, sizeof name, "local %s: TP 1->2, both decode ranks take their half, every byte", o ? "NHD" : "HND");
+        T_CASE(name) {
+            kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D[2];
+            kvx_ex_cache pm, dm[2];
+            kvx_layout lp, ld;
+            kvx_cache_desc cd;
+            kvx_cache *pc, *dc[2];
+            int r;
+            layout(&lp, o ? KVX_ORDER_NHD : KVX_ORDER_HND, 4);
+            layout(&ld, o ? KVX_ORDER_NHD : KVX_ORDER_HND, 2);
+            kvx_ex_cache_alloc(&pm, &lp, 0, 1);
+            kvx_ex_fill(&pm, 11, src, 32);
+            cd = kvx_ex_cache_desc(&pm);
+            T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
+            for (r = 0; r < 2; r++) {
+                kvx_peer *p;
+                kvx_queue *q;
+                uint32_t a = 0, n = 0;
+                D[r] = local_ctx("decode", r, 2, 0);
+                kvx_ex_cache_alloc(&dm[r], &ld, r, 2);
+                cd = kvx_ex_cache_desc(&dm[r]);
+                T_ST(kvx_cache_register(D[r], &cd, &dc[r]), KVX_OK);
+                T_CHECK((p = add(D[r], P)) != NULL);
+                if (!p) break;
+                T_HAS(kvx_peer_transport(p), "local:memcpy");
+                T_ST(kvx_queue_create(D[r], NULL, &q), KVX_OK);
+                T_ST(read_blocks(q, p, dc[r], dst, src, 32, 0, 0, 0, &t), KVX_OK);
+                T_ST(kvx_wait(q, t, 5000), KVX_OK);
+                T_ST(kvx_peer_heads(p, dc[r], 0, &a, &n), KVX_OK);
+                T_EQ(n, 2);
+                T_EQ(kvx_ex_verify(&dm[r], 11, dst, src, 32, 0, 3, a, a + n, NULL), 0);
+                kvx_queue_destroy(q);
+                kvx_peer_remove(p);
+            }
+            for (r = 0; r < 2; r++) { kvx_cache_deregister(dc[r]); kvx_ctx_destroy(D[r]); kvx_ex_cache_free(&dm[r]); }
+            kvx_cache_deregister(pc);
+            kvx_ctx_destroy(P);
+            kvx_ex_cache_free(&pm);
+        }
+    }
+
+    T_CASE("local: notifications arrive once, after the data; an expected id that never comes expires") {
+        kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D = local_ctx("decode", 0, 1, 1);
+        kvx_ex_cache pm, dm;
+        kvx_layout l;
+        kvx_cache_desc cd;
+        kvx_cache *pc, *dc;
+        kvx_peer *p;
+        kvx_queue *q;
+        kvx_notification n[8];
+        int got = 0, expired = 0, k, i;
+        double t0 = kvx_t_now();
+        layout(&l, KVX_ORDER_HND, 2);
+        kvx_ex_cache_alloc(&pm, &l, 0, 1); kvx_ex_cache_alloc(&dm, &l, 0, 1);
+        kvx_ex_fill(&pm, 3, src, 32);
+        cd = kvx_ex_cache_desc(&pm); T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
+        cd = kvx_ex_cache_desc(&dm); T_ST(kvx_cache_register(D, &cd, &dc), KVX_OK);
+        p = add(D, P);
+        T_ST(kvx_queue_create(D, NULL, &q), KVX_OK);
+        T_ST(kvx_notify_expect(P, 41, 5000), KVX_OK);
+        T_ST(kvx_notify_expect(P, 42, 300), KVX_OK);
+        T_ST(read_blocks(q, p, dc, dst, src, 32, 0, 41, 0, &t), KVX_OK);
+        T_ST(kvx_wait(q, t, 5000), KVX_OK);
+        T_EQ(kvx_ex_verify(&dm, 3, dst, src, 32, 0, 3, 0, 2, NULL), 0);
+        while ((got < 1 || expired < 1) && kvx_t_now() - t0 < 5) {
+            k = kvx_notifications(P, n, 8);
+            for (i = 0; i < k; i++) {
+                if (n[i].id == 41 && n[i].status == KVX_OK) got++;
+                else if (n[i].id == 42 && n[i].status == KVX_ERR_TIMEOUT) expired++;
+                else T_FAILF("notification %llu status %s", (unsigned long long)n[i].id, kvx_status_name(n[i].status));
+            }
+            if (!k) usleep(10000);
+        }
+        usleep(100000);
+        T_EQ(kvx_notifications(P, n, 8), 0);
+        T_EQ(got, 1);
+        T_EQ(expired, 1);
+        kvx_queue_destroy(q); kvx_peer_remove(p);
+        kvx_cache_deregister(dc); kvx_cache_deregister(pc);
+        kvx_ctx_destroy(D); kvx_ctx_destroy(P);
+        kvx_ex_cache_free(&pm); kvx_ex_cache_free(&dm);
+    }
+
+    T_CASE("local: an owner that never progresses: KVX_ERR_TIMEOUT at the deadline, and nothing lands after") {
+        kvx_ctx *P = local_ctx("prefill", 0, 1, 0), *D = local_ctx("decode", 0, 1, 0);
+        kvx_ex_cache pm, dm;
+        kvx_layout l;
+        kvx_cache_desc cd;
+        kvx_cache *pc, *dc;
+        kvx_peer *p;
+        kvx_queue *q;
+        uint8_t canary;
+        double t0;
+        layout(&l, KVX_ORDER_HND, 2);
+        kvx_ex_cache_alloc(&pm, &l, 0, 1); kvx_ex_cache_alloc(&dm, &l, 0, 1);
+        kvx_ex_fill(&pm, 4, src, 32);
+        memset(kvx_ex_block(&dm, 0, 0, dst[0]), 0x5a, 16);
+        canary = kvx_ex_block(&dm, 0, 0, dst[0])[0];
+        cd = kvx_ex_cache_desc(&pm); T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
+        cd = kvx_ex_cache_desc(&dm); T_ST(kvx_cache_register(D, &cd, &dc), KVX_OK);
+        p = add(D, P);
+        T_ST(kvx_queue_create(D, NULL, &q), KVX_OK);
+        t0 = kvx_t_now();
+        T_ST(read_blocks(q, p, dc, dst, src, 8, 0, 0, 400, &t), KVX_OK);
+        T_ST(kvx_wait(q, t, 3000), KVX_ERR_TIMEOUT);
+        T_CHECK(kvx_t_now() - t0 >= 0.39 && kvx_t_now() - t0 < 2.5);
+        T_HAS(kvx_ctx_error(D), "timed out");
+        kvx_progress(P);                                   /* the owner wakes: nothing of the read is left to serve */
+        kvx_progress(D);
+        T_EQ(kvx_ex_block(&dm, 0, 0, dst[0])[0], canary);
+        /* the peer still works for a read in time */
+        T_ST(read_blocks(q, p, dc, dst, src, 8, 0, 0, 0, &t), KVX_OK);
+        {
+            kvx_status st = KVX_PENDING;
+            int i;
+            for (i = 0; i < 2000 && st == KVX_PENDING; i++) { kvx_progress(P); st = kvx_test(q, t); if (st == KVX_PENDING) usleep(1000); }
+            T_ST(st, KVX_OK);
+        }
+        T_EQ(kvx_ex_verify(&dm, 4, dst, src, 8, 0, 3, 0, 2, NULL), 0);
+        kvx_queue_destroy(q); kvx_peer_remove(p);
+        kvx_cache_deregister(dc); kvx_cache_deregister(pc);
+        kvx_ctx_destroy(D); kvx_ctx_destroy(P);
+        kvx_ex_cache_free(&pm); kvx_ex_cache_free(&dm);
+    }
+
+    T_CASE("local: an owner destroyed with reads waiting: KVX_ERR_PEER, and a new post is refused") {
+        kvx_ctx *P = local_ctx("prefill", 0, 1, 0), *D = local_ctx("decode", 0, 1, 0);
+        kvx_ex_cache pm, dm;
+        kvx_layout l;
+        kvx_cache_desc cd;
+        kvx_cache *pc, *dc;
+        kvx_peer *p;
+        kvx_queue *q;
+        layout(&l, KVX_ORDER_HND, 2);
+        kvx_ex_cache_alloc(&pm, &l, 0, 1); kvx_ex_cache_alloc(&dm, &l, 0, 1);
+        cd = kvx_ex_cache_desc(&pm); T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
+        cd = kvx_ex_cache_desc(&dm); T_ST(kvx_cache_register(D, &cd, &dc), KVX_OK);
+        p = add(D, P);
+        T_ST(kvx_queue_create(D, NULL, &q), KVX_OK);
+        T_ST(read_blocks(q, p, dc, dst, src, 8, 0, 0, 0, &t), KVX_OK);
+        kvx_cache_deregister(pc);
+        kvx_ctx_destroy(P);
+        T_ST(kvx_wait(q, t, 2000), KVX_ERR_PEER);
+        T_HAS(kvx_ctx_error(D), "destroyed");
+        {
+            kvx_status st = read_blocks(q, p, dc, dst, src, 8, 0, 0, 0, &t);
+            if (st == KVX_OK) st = kvx_wait(q, t, 2000);
+            T_ST(st, KVX_ERR_PEER);
+        }
+        kvx_queue_destroy(q); kvx_peer_remove(p);
+        kvx_cache_deregister(dc);
+        kvx_ctx_destroy(D);
+        kvx_ex_cache_free(&pm); kvx_ex_cache_free(&dm);
+    }
+
+    T_CASE("local: verify mode: sealed blocks pass, a changed byte at the owner is KVX_ERR_CORRUPT") {
+        kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D = local_ctx("decode", 0, 1, 0);
+        kvx_ex_cache pm, dm;
+        kvx_layout l;
+        kvx_cache_desc cd;
+        kvx_cache *pc, *dc;
+        kvx_peer *p;
+        kvx_queue *q;
+        layout(&l, KVX_ORDER_NHD, 4);
+        kvx_ex_cache_alloc(&pm, &l, 0, 1); kvx_ex_cache_alloc(&dm, &l, 0, 1);
+        kvx_ex_fill(&pm, 8, src, 32);
+        cd = kvx_ex_cache_desc(&pm); cd.checksums = 1; T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
+        cd = kvx_ex_cache_desc(&dm); cd.checksums = 1; T_ST(kvx_cache_register(D, &cd, &dc), KVX_OK);
+        T_ST(kvx_cache_seal(pc, src, 32), KVX_OK);
+        p = add(D, P);
+        T_ST(kvx_queue_create(D, NULL, &q), KVX_OK);
+        T_ST(read_blocks(q, p, dc, dst, src, 32, 1, 0, 0, &t), KVX_OK);
+        T_ST(kvx_wait(q, t, 5000), KVX_OK);
+        kvx_ex_block(&pm, 1, 1, src[3])[5] ^= 0x40;          /* after sealing: what lands no longer matches */
+        T_ST(read_blocks(q, p, dc, dst, src, 32, 1, 0, 0, &t), KVX_OK);
+        T_ST(kvx_wait(q, t, 5000), KVX_ERR_CORRUPT);
+        T_HAS(kvx_ctx_error(D), "layer 1 V block");
+        kvx_queue_destroy(q); kvx_peer_remove(p);
+        kvx_cache_deregister(dc); kvx_cache_deregister(pc);
+        kvx_ctx_destroy(D); kvx_ctx_destroy(P);
+        kvx_ex_cache_free(&pm); kvx_ex_cache_free(&dm);
+    }
+
+    T_CASE("local: a peer of another process is refused; the settings in effect are reported") {
+        kvx_ctx *P = local_ctx("prefill", 0, 1, 0), *D = local_ctx("decode", 0, 1, 0);
+        kvx_ctx_desc q = kvx_ctx_query_desc(D);
+        size_t len;
+        uint8_t *md;
+        kvx_peer *p = NULL;
+        kvx_ex_cache pm;
+        kvx_layout lp;
+        kvx_cache_desc pd;
+        kvx_cache *pc;
+        layout(&lp, KVX_ORDER_HND, 2);
+        kvx_ex_cache_alloc(&pm, &lp, 0, 1);
+        pd = kvx_ex_cache_desc(&pm);
+        T_ST(kvx_cache_register(P, &pd, &pc), KVX_OK);
+        md = (uint8_t *)kvx_t_metadata(P, &len);
+        T_EQ(q.backend, KVX_BACKEND_LOCAL);
+        T_EQ(q.timeout_ms, 2000);
+        T_HAS(q.name, "decode");
+        T_CHECK(q.host_id && *q.host_id);
+        T_HAS(kvx_backend_name(q.backend), "local");
+        /* The same blob, as if from another process (its process id changed,
+           the checksum made anew): the local backend says why not. */
+        {
+            kvx_ctx *E = local_ctx("other", 0, 1, 0);
+            uint32_t hl, off, crc;
+            uint8_t zero[4] = {0, 0, 0, 0};
+            off = 16 + 8 + 4 + 4 + 4 + 4 + 7;                  /* header, epoch, rank, tp, pid, "prefill" */
+            memcpy(&hl, md + off, 4);                          /* the host string's length (little-endian here) */
+            off += 4 + hl + 4;                                 /* the backend address: process id first */
+            md[off] ^= 0xff;
+            crc = kvx__crc32c(kvx__crc32c(kvx__crc32c(0, md, 12), zero, 4), md + 16, len - 16);
+            memcpy(md + 12, &crc, 4);
+            T_ST(kvx_peer_add(E, md, len, &p), KVX_ERR_UNSUPPORTED);
+            T_HAS(kvx_ctx_error(E), "reads within one process");
+            kvx_ctx_destroy(E);
+        }
+        free(md);
+        kvx_cache_deregister(pc);
+        kvx_ex_cache_free(&pm);
+        kvx_ctx_destroy(D); kvx_ctx_destroy(P);
+    }
+
+    return kvx_t_summary();
+}

@@ -1,0 +1,629 @@
+/*
+    test_unit -- layout arithmetic, head ranges under heterogeneous TP,
+    coalescing, metadata round trip and refusal, argument checks. Two
+    contexts in one process read through the real backend.
+*/
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#define KVX_IMPLEMENTATION
+#include "../../kvx.h"
+#include "../lib/kvx_host_cache.h"
+#include "../lib/kvx_test.h"
+
+static kvx_layout lay_of(uint32_t layers, uint32_t blocks, uint32_t heads, kvx_order order) {
+    kvx_layout l;
+    memset(&l, 0, sizeof l);
+    l.num_layers = layers;
+    l.num_blocks = blocks;
+    l.block_tokens = 4;
+    l.num_heads = heads;
+    l.head_dim = 16;
+    l.elem_bytes = 2;
+    l.order = order;
+    return l;
+}
+
+/* Heads each decode rank takes from each prefill rank: every one of its heads
+   exactly once, from a prefill rank that holds it. */
+static int cover_ok(uint32_t total, int ptp, int dtp) {
+    kvx_layout pl, dl;
+    int d, p;
+    memset(&pl, 0, sizeof pl);
+    memset(&dl, 0, sizeof dl);
+    pl.total_heads = dl.total_heads = total;
+    pl.num_heads = total >= (uint32_t)ptp ? total / (uint32_t)ptp : 1;
+    dl.num_heads = total >= (uint32_t)dtp ? total / (uint32_t)dtp : 1;
+    for (d = 0; d < dtp; d++) {
+        uint32_t d0 = kvx__head_first(&dl, d, dtp), seen[64], h;
+        memset(seen, 0, sizeof seen);
+        for (p = 0; p < ptp; p++) {
+            uint32_t a, b, p0 = kvx__head_first(&pl, p, ptp);
+            kvx__head_range(&dl, d, dtp, &pl, p, ptp, &a, &b);
+            for (h = a; h < b; h++) {
+                if (h < p0 || h >= p0 + pl.num_heads || h < d0 || h >= d0 + dl.num_heads) return 0;
+                seen[h]++;
+            }
+        }
+        for (h = 0; h < total; h++)
+            if (seen[h] != (h >= d0 && h < d0 + dl.num_heads ? 1u : 0u)) return 0;
+    }
+    return 1;
+}
+
+/* Post one read of src -> dst blocks on layers [lb, le) and wait; returns the status. */
+static kvx_status read_blocks(kvx_queue *q, kvx_peer *peer, kvx_cache *cache, const uint32_t *dst, const uint32_t *src,
+                              uint32_t n, uint32_t lb, uint32_t lc) {
+    kvx_read rd;
+    kvx_ticket t;
+    kvx_status st;
+    memset(&rd, 0, sizeof rd);
+    rd.peer = peer;
+    rd.cache = cache;
+    rd.local_blocks = dst;
+    rd.remote_blocks = src;
+    rd.num_blocks = n;
+    rd.layer_begin = lb;
+    rd.layer_count = lc;
+    if ((st = kvx_post(q, &rd, &t)) != KVX_OK) return st;
+    return kvx_wait(q, t, 10000);
+}
+
+static void put_u32(uint8_t *p, uint32_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24); }
+
+/* Re-seal a blob after editing it, so only the edited field is wrong. */
+static void reseal(uint8_t *md, size_t len) {
+    uint8_t zero[4] = {0, 0, 0, 0};
+    uint32_t crc = kvx__crc32c(0, md, 12);
+    crc = kvx__crc32c(crc, zero, 4);
+    crc = kvx__crc32c(crc, md + 16, len - 16);
+    put_u32(md + 12, crc);
+}
+
+int main(void) {
+    kvx_ctx *A, *B;
+    kvx_ex_cache am, bm;
+    kvx_cache *ac, *bc;
+    kvx_peer *peer = NULL;
+    kvx_queue *q;
+    kvx_cache_desc cd;
+    kvx_layout L = lay_of(3, 64, 2, KVX_ORDER_HND);
+    void *md;
+    size_t len;
+    uint32_t all[64], i;
+
+    T_CASE("layout defaults and checks") {
+        kvx_ctx *c = kvx_t_ctx("x", 0, 4, 0);
+        kvx_layout l = lay_of(2, 8, 2, KVX_ORDER_HND);
+        T_ST(kvx__layout_check(c, &l, 4, "t"), KVX_OK);
+        T_EQ(l.kv_planes, 2);
+        T_EQ(l.total_heads, 8);
+        l = lay_of(2, 8, 2, KVX_ORDER_HND); l.total_heads = 6;
+        T_ST(kvx__layout_check(c, &l, 4, "t"), KVX_ERR_MISMATCH);
+        T_HAS(kvx_ctx_error(c), "6 KV heads");
+        l = lay_of(2, 8, 2, KVX_ORDER_HND); l.total_heads = 2;   /* replicated needs 1 head per rank */
+        T_ST(kvx__layout_check(c, &l, 4, "t"), KVX_ERR_MISMATCH);
+        l = lay_of(2, 8, 1, KVX_ORDER_HND); l.total_heads = 2;
+        T_ST(kvx__layout_check(c, &l, 4, "t"), KVX_OK);
+        l = lay_of(2, 8, 1, KVX_ORDER_HND); l.head_dim = 0;
+        T_ST(kvx__layout_check(c, &l, 4, "t"), KVX_ERR_ARG);
+        kvx_ctx_destroy(c);
+    }
+
+    T_CASE("head ranges: TP 1->2, 2->1, 2->4, 4->2, 4->8, 8->4") {
+        kvx_layout p1, d2;
+        uint32_t a, b;
+        memset(&p1, 0, sizeof p1); memset(&d2, 0, sizeof d2);
+        p1.total_heads = d2.total_heads = 8; p1.num_heads = 8; d2.num_heads = 4;
+        kvx__head_range(&d2, 1, 2, &p1, 0, 1, &a, &b);  /* decode rank 1 of 2 takes the upper half */
+        T_EQ(a, 4); T_EQ(b, 8);
+        kvx__head_range(&p1, 0, 1, &d2, 1, 2, &a, &b);  /* decode TP 1 from prefill rank 1 of 2 */
+        T_EQ(a, 4); T_EQ(b, 8);
+        T_CHECK(cover_ok(8, 1, 2)); T_CHECK(cover_ok(8, 2, 1)); T_CHECK(cover_ok(8, 2, 4));
+        T_CHECK(cover_ok(8, 4, 2)); T_CHECK(cover_ok(8, 4, 8)); T_CHECK(cover_ok(8, 8, 4));
+        T_CHECK(cover_ok(8, 1, 1)); T_CHECK(cover_ok(16, 4, 8));
+    }
+
+    T_CASE("head ranges: replicated heads and MLA") {
+        kvx_layout p, d;
+        uint32_t a, b;
+        T_CHECK(cover_ok(1, 1, 2));   /* 1 KV head, TP 1 -> 2: both decode ranks hold it */
+        T_CHECK(cover_ok(2, 2, 4));   /* 2 KV heads, TP 2 -> 4 */
+        T_CHECK(cover_ok(1, 2, 1));   /* replicated on the prefill side: read once */
+        T_CHECK(cover_ok(2, 4, 2));
+        T_CHECK(cover_ok(1, 4, 8));   /* MLA: one latent head held whole by every rank */
+        memset(&p, 0, sizeof p); memset(&d, 0, sizeof d);
+        p.total_heads = d.total_heads = 1; p.num_heads = d.num_heads = 1;
+        kvx__head_range(&d, 0, 1, &p, 0, 2, &a, &b);  /* decode 0 of 1 from prefill 0 of 2: the source */
+        T_EQ(b - a, 1);
+        kvx__head_range(&d, 0, 1, &p, 1, 2, &a, &b);  /* ... and not from prefill 1 */
+        T_EQ(b - a, 0);
+    }
+
+    T_CASE("piece geometry: HND, NHD, merging") {
+        kvx__cache_info lc, rc;
+        kvx__geom g;
+        memset(&lc, 0, sizeof lc); memset(&rc, 0, sizeof rc);
+        lc.lay = lay_of(1, 8, 2, KVX_ORDER_HND); rc.lay = lay_of(1, 8, 4, KVX_ORDER_HND);
+        lc.block_bytes = lc.block_stride = 4 * 2 * 16 * 2;
+        rc.block_bytes = rc.block_stride = 4 * 4 * 16 * 2;
+        kvx__geom_make(&lc, 2, &rc, 0, 2, 4, &g);        /* local heads 2..3 out of remote 0..3 */
+        T_EQ(g.npieces, 1); T_EQ(g.loff, 0); T_EQ(g.roff, 2 * 4 * 32); T_EQ(g.piece, 2 * 4 * 32); T_EQ(g.run_merge, 0);
+        lc.lay.order = rc.lay.order = KVX_ORDER_NHD;
+        kvx__geom_make(&lc, 2, &rc, 0, 2, 4, &g);
+        T_EQ(g.npieces, 4); T_EQ(g.roff, 2 * 32); T_EQ(g.piece, 64); T_EQ(g.lpstride, 64); T_EQ(g.rpstride, 128);
+        rc = lc;
+        kvx__geom_make(&lc, 0, &rc, 0, 0, 2, &g);        /* all heads both sides: one piece, runs merge */
+        T_EQ(g.npieces, 1); T_EQ(g.piece, lc.block_bytes); T_EQ(g.run_merge, 1);
+        rc.block_stride = 2 * rc.block_bytes;            /* padded blocks: no merging across blocks */
+        kvx__geom_make(&lc, 0, &rc, 0, 0, 2, &g);
+        T_EQ(g.run_merge, 0);
+    }
+
+    T_CASE("rank outside [0, tp_size) refused at kvx_ctx_create") {
+        kvx_ctx_desc d;
+        kvx_ctx *c = NULL;
+        memset(&d, 0, sizeof d);
+        d.tp_rank = 2; d.tp_size = 2; d.log_level = KVX_LOG_OFF;
+        T_ST(kvx_ctx_create(&d, &c), KVX_ERR_ARG);
+        T_CHECK(c == NULL);
+        T_HAS(kvx_ctx_error(NULL), "tp_rank 2 is outside [0, tp_size 2)");
+        d.tp_rank = -1;
+        T_ST(kvx_ctx_create(&d, &c), KVX_ERR_ARG);
+        d.tp_rank = 0; d.tp_size = 0;                    /* zero desc: rank 0 of 1 */
+        T_ST(kvx_ctx_create(&d, &c), KVX_OK);
+        kvx_ctx_destroy(c);
+        T_ST(kvx_ctx_create(NULL, &c), KVX_OK);          /* NULL desc: every default */
+        kvx_ctx_destroy(c);
+        memset(&d, 0, sizeof d);
+        d.backend = (kvx_backend)9; d.log_level = KVX_LOG_OFF;
+        T_ST(kvx_ctx_create(&d, &c), KVX_ERR_UNSUPPORTED);
+        T_HAS(kvx_ctx_error(NULL), "not compiled in");
+    }
+
+    T_CASE("metadata size does not grow with blocks") {
+        kvx_ctx *c1 = kvx_t_ctx("m1", 0, 1, 0), *c2 = kvx_t_ctx("m2", 0, 1, 0);
+        kvx_ex_cache m1, m2;
+        kvx_layout l1 = lay_of(4, 100, 2, KVX_ORDER_HND), l2 = lay_of(4, 100000, 2, KVX_ORDER_HND);
+        kvx_cache *x1, *x2;
+        size_t n1 = 0, n2 = 0;
+        T_CHECK(!kvx_ex_cache_alloc(&m1, &l1, 0, 1) && !kvx_ex_cache_alloc(&m2, &l2, 0, 1));
+        cd = kvx_ex_cache_desc(&m1); T_ST(kvx_cache_register(c1, &cd, &x1), KVX_OK);
+        cd = kvx_ex_cache_desc(&m2); T_ST(kvx_cache_register(c2, &cd, &x2), KVX_OK);
+        T_ST(kvx_metadata(c1, NULL, &n1), KVX_OK);
+        T_ST(kvx_metadata(c2, NULL, &n2), KVX_OK);
+        T_CHECK(n1 > 0);
+        T_EQ(n1, n2);
+        printf("  metadata: %zu bytes at 100 blocks, %zu at 100000\n", n1, n2);
+        kvx_ctx_destroy(c1); kvx_ctx_destroy(c2);
+        kvx_ex_cache_free(&m1); kvx_ex_cache_free(&m2);
+    }
+
+    /* A prefill context A (with a progress thread) and a decode context B. */
+    A = kvx_t_ctx("prefill", 0, 1, 1);
+    B = kvx_t_ctx("decode", 0, 1, 0);
+    if (kvx_ex_cache_alloc(&am, &L, 0, 1) || kvx_ex_cache_alloc(&bm, &L, 0, 1)) return 1;
+    for (i = 0; i < 64; i++) all[i] = i;
+    kvx_ex_fill(&am, 7, all, 64);
+    cd = kvx_ex_cache_desc(&am);
+    if (kvx_cache_register(A, &cd, &ac) != KVX_OK) return 1;
+    cd = kvx_ex_cache_desc(&bm);
+    if (kvx_cache_register(B, &cd, &bc) != KVX_OK) return 1;
+    md = kvx_t_metadata(A, &len);
+    if (kvx_queue_create(B, NULL, &q) != KVX_OK) return 1;
+
+    T_CASE("metadata refused: truncated, corrupted, version, backend, magic") {
+        uint8_t *m = (uint8_t *)malloc(len);
+        kvx_peer *p = NULL;
+        memcpy(m, md, len);
+        T_ST(kvx_peer_add(B, m, len - 1, &p), KVX_ERR_ARG);
+        T_HAS(kvx_ctx_error(B), "truncated");
+        T_ST(kvx_peer_add(B, m, 7, &p), KVX_ERR_ARG);
+        T_HAS(kvx_ctx_error(B), "truncated");
+        m[len / 2] ^= 0x10;
+        T_ST(kvx_peer_add(B, m, len, &p), KVX_ERR_CORRUPT);
+        T_HAS(kvx_ctx_error(B), "checksum");
+        memcpy(m, md, len); m[4] = 9; reseal(m, len);
+        T_ST(kvx_peer_add(B, m, len, &p), KVX_ERR_MISMATCH);
+        T_HAS(kvx_ctx_error(B), "version 9, this kvx reads version 1");
+        {   /* a blob of another backend than the one running */
+            kvx_stats s;
+            char want[32];
+            int other;
+            kvx_stats(B, &s);
+            other = strcmp(s.backend, "ofi") ? 2 : 1;
+            memcpy(m, md, len); m[6] = (uint8_t)other; reseal(m, len);
+            T_ST(kvx_peer_add(B, m, len, &p), KVX_ERR_MISMATCH);
+            snprintf(want, sizeof want, "backend %d (%s)", other, other == 2 ? "ofi" : "ucx");
+            T_HAS(kvx_ctx_error(B), want);
+        }
+        memcpy(m, md, len); m[0] = 'X'; reseal(m, len);
+        T_ST(kvx_peer_add(B, m, len, &p), KVX_ERR_ARG);
+        T_HAS(kvx_ctx_error(B), "magic");
+        memcpy(m, md, len); put_u32(m + 24, 5); reseal(m, len);   /* rank 5 of tp_size 1 */
+        T_ST(kvx_peer_add(B, m, len, &p), KVX_ERR_ARG);
+        T_HAS(kvx_ctx_error(B), "rank 5 outside");
+        T_CHECK(p == NULL);
+        free(m);
+    }
+
+    T_CASE("wire: get messages and notifications round-trip; another version, type or size is refused") {
+        uint8_t req[KVX__GET_REQ_BYTES], rep[KVX__GET_REP_BYTES], note[KVX__NOTIFY_BYTES];
+        kvx__get_req q = {7, 0x1000, 64, 128, 5000, 3, 256}, q2 = {0, 0, 0, 0, 0, 0, 0};
+        kvx__get_rep p = {9, 64, 192, 1}, p2 = {0, 0, 0, 0};
+        uint32_t ver = 0, rank = 0;
+        uint64_t id = 0;
+        kvx__get_req_write(req, &q);
+        kvx__get_rep_write(rep, &p);
+        T_EQ(kvx__get_req_read(req, sizeof req, &q2, &ver), KVX__WIRE_OK);
+        T_CHECK(!memcmp(&q, &q2, sizeof q));
+        T_EQ(kvx__get_rep_read(rep, sizeof rep, &p2, &ver), KVX__WIRE_OK);
+        T_CHECK(p2.id == 9 && p2.off == 64 && p2.len == 192 && p2.status == 1);
+        T_EQ(kvx__get_req_read(req, sizeof req - 1, &q2, &ver), KVX__WIRE_TRUNCATED);
+        T_EQ(kvx__get_req_read(rep, sizeof rep, &q2, &ver), KVX__WIRE_TYPE);   /* a reply is no request */
+        req[4] = 2;                                                        /* version 2 */
+        ver = 0;
+        T_EQ(kvx__get_req_read(req, sizeof req, &q2, &ver), KVX__WIRE_VERSION);
+        T_EQ(ver, 2);
+        req[0] ^= 0xff;                                                    /* not kvx's magic */
+        T_EQ(kvx__get_req_read(req, sizeof req, &q2, &ver), KVX__WIRE_MAGIC);
+        kvx__notify_msg_write(note, 0x1122334455667788ull, 3);
+        T_CHECK(kvx__notify_msg_read(note, &id, &rank));
+        T_CHECK(id == 0x1122334455667788ull && rank == 3);
+        note[15] ^= 1;
+        T_CHECK(!kvx__notify_msg_read(note, &id, &rank));
+    }
+    T_CASE("wire: backend addresses, remote keys and CUDA socket messages round-trip; another version, truncation or excess is refused") {
+        uint8_t buf[512], big[600];
+        const uint8_t ep[5] = {1, 2, 3, 4, 5}, raw[3] = {9, 8, 7};
+        kvx__ofi_addr_msg oa, oa2;
+        kvx__ofi_rkey_msg ok, ok2;
+        kvx__cuda_addr_msg ca, ca2;
+        kvx__cuda_rkey_msg ck, ck2;
+        kvx__cuda_rkey_entry ce[3], ce2;
+        kvx__cuda_msg cm, cm2;
+        kvx__rbuf rb;
+        uint32_t ver = 0, i, t;
+        size_t n, m;
+        /* libfabric address */
+        memset(&oa, 0, sizeof oa);
+        strcpy(oa.prov, "tcp;ofi_rxm");
+        oa.name = ep; oa.name_len = sizeof ep;
+        n = kvx__ofi_addr_write(NULL, 0, &oa);
+        T_CHECK(n > 0 && n <= sizeof buf);
+        T_EQ(kvx__ofi_addr_write(buf, sizeof buf, &oa), n);
+        T_EQ(kvx__ofi_addr_read(buf, n, &oa2, &ver), KVX__WIRE_OK);
+        T_CHECK(!strcmp(oa2.prov, "tcp;ofi_rxm") && oa2.name_len == sizeof ep && !memcmp(oa2.name, ep, sizeof ep));
+        for (m = 0; m < n; m++) T_EQ(kvx__ofi_addr_read(buf, m, &oa2, &ver), KVX__WIRE_TRUNCATED);
+        memcpy(big, buf, n); big[n] = 0;
+        T_EQ(kvx__ofi_addr_read(big, n + 1, &oa2, &ver), KVX__WIRE_OVERSIZED);
+        buf[4] = 1;                                                        /* version 1 */
+        T_EQ(kvx__ofi_addr_read(buf, n, &oa2, &ver), KVX__WIRE_VERSION);
+        T_EQ(ver, 1);
+        buf[4] = KVX__OFI_ADDR_VERSION; buf[0] ^= 0xff;
+        T_EQ(kvx__ofi_addr_read(buf, n, &oa2, &ver), KVX__WIRE_MAGIC);
+        T_EQ(ver, 0);
+        buf[0] ^= 0xff; buf[8] = 0xff; buf[9] = 0xff;                      /* provider name of 65535 bytes: over its bound */
+        T_EQ(kvx__ofi_addr_read(buf, n, &oa2, &ver), KVX__WIRE_OVERSIZED);
+        oa.name_len = 0;                                                   /* no endpoint name */
+        n = kvx__ofi_addr_write(buf, sizeof buf, &oa);
+        T_EQ(kvx__ofi_addr_read(buf, n, &oa2, &ver), KVX__WIRE_FIELD);
+        /* libfabric remote key */
+        memset(&ok, 0, sizeof ok);
+        ok.flags = KVX__OFI_RKEY_VIRT | KVX__OFI_RKEY_RAW; ok.key = 0x1122334455667788ull; ok.base = 0x7f0000001000ull;
+        ok.raw = raw; ok.raw_len = sizeof raw;
+        n = kvx__ofi_rkey_write(buf, sizeof buf, &ok);
+        T_EQ(n, KVX__OFI_RKEY_BYTES + sizeof raw);
+        T_EQ(kvx__ofi_rkey_read(buf, n, &ok2, &ver), KVX__WIRE_OK);
+        T_CHECK(ok2.flags == ok.flags && ok2.key == ok.key && ok2.base == ok.base && ok2.raw_len == 3 && !memcmp(ok2.raw, raw, 3));
+        T_EQ(kvx__ofi_rkey_read(buf, n - 1, &ok2, &ver), KVX__WIRE_TRUNCATED);
+        T_EQ(kvx__ofi_rkey_read(buf, 3, &ok2, &ver), KVX__WIRE_TRUNCATED);
+        memcpy(big, buf, n); big[n] = 0;
+        T_EQ(kvx__ofi_rkey_read(big, n + 1, &ok2, &ver), KVX__WIRE_OVERSIZED);
+        buf[28] = 0; buf[29] = 0x10;                                       /* raw key of 4096 bytes: over its bound */
+        T_EQ(kvx__ofi_rkey_read(buf, n, &ok2, &ver), KVX__WIRE_OVERSIZED);
+        buf[4] = 3;
+        T_EQ(kvx__ofi_rkey_read(buf, n, &ok2, &ver), KVX__WIRE_VERSION);
+        T_EQ(ver, 3);
+        /* CUDA address */
+        memset(&ca, 0, sizeof ca);
+        ca.token = 0xabcdef0123456789ull; ca.pid = 4242;
+        strcpy(ca.path, "/tmp/kvx-cuda-1000/4242-1.sock");
+        n = kvx__cuda_addr_write(buf, sizeof buf, &ca);
+        T_CHECK(n <= KVX__CUDA_ADDR_MAX);
+        T_EQ(kvx__cuda_addr_read(buf, n, &ca2, &ver), KVX__WIRE_OK);
+        T_CHECK(ca2.token == ca.token && ca2.pid == 4242 && !strcmp(ca2.path, ca.path));
+        T_EQ(kvx__cuda_addr_read(buf, n - 1, &ca2, &ver), KVX__WIRE_TRUNCATED);
+        T_EQ(kvx__cuda_addr_read(NULL, 0, &ca2, &ver), KVX__WIRE_TRUNCATED);
+        memcpy(big, buf, n); big[n] = 0;
+        T_EQ(kvx__cuda_addr_read(big, n + 1, &ca2, &ver), KVX__WIRE_OVERSIZED);
+        memset(big, 'a', sizeof big);                                      /* a path longer than a socket path */
+        memcpy(big, buf, 20); big[20] = KVX__CUDA_PATH_MAX; big[21] = big[22] = big[23] = 0;
+        T_EQ(kvx__cuda_addr_read(big, 24 + KVX__CUDA_PATH_MAX, &ca2, &ver), KVX__WIRE_OVERSIZED);
+        buf[4] = 1; buf[6] = 0;                                            /* the old layout: magic | 1 << 32 */
+        T_EQ(kvx__cuda_addr_read(buf, n, &ca2, &ver), KVX__WIRE_VERSION);
+        T_EQ(ver, 1);
+        /* CUDA remote key: a legacy, a pool and a VMM allocation */
+        memset(&ck, 0, sizeof ck);
+        memset(ce, 0, sizeof ce);
+        for (i = 0; i < 16; i++) ck.uuid[i] = (uint8_t)(i * 7);
+        ck.device = 3; ck.count = 3;
+        ce[0].kind = KVX__CUDA_LEGACY; ce[0].base = 0x1000; ce[0].size = 0x2000; memset(ce[0].handle, 0x5a, KVX__CUDA_HANDLE);
+        ce[1].kind = KVX__CUDA_POOL; ce[1].base = 0x3000; ce[1].size = 0x1000; ce[1].pool = 77; memset(ce[1].handle, 0xa5, KVX__CUDA_HANDLE);
+        ce[2].kind = KVX__CUDA_VMM; ce[2].base = 0x4000; ce[2].size = 0x8000;
+        n = kvx__cuda_rkey_write(NULL, 0, &ck, ce);
+        T_EQ(n, KVX__CUDA_RKEY_HDR + 3 * KVX__CUDA_ENTRY + 8 + 2 * KVX__CUDA_HANDLE);
+        T_EQ(kvx__cuda_rkey_write(buf, sizeof buf, &ck, ce), n);
+        T_EQ(kvx__cuda_rkey_read(&rb, buf, n, &ck2, &ver), KVX__WIRE_OK);
+        T_CHECK(!memcmp(ck2.uuid, ck.uuid, 16) && ck2.device == 3 && ck2.count == 3);
+        for (i = 0; i < 3; i++) {
+            T_EQ(kvx__cuda_rkey_entry_read(&rb, &ce2), KVX__WIRE_OK);
+            T_CHECK(ce2.kind == ce[i].kind && ce2.base == ce[i].base && ce2.size == ce[i].size && ce2.pool == ce[i].pool &&
+                    !memcmp(ce2.handle, ce[i].handle, KVX__CUDA_HANDLE));
+        }
+        T_EQ(kvx__wire_end(&rb, 0), KVX__WIRE_OK);
+        /* cut inside the last allocation: the header passes, that entry is truncated */
+        T_EQ(kvx__cuda_rkey_read(&rb, buf, n - 1, &ck2, &ver), KVX__WIRE_OK);
+        T_EQ(kvx__cuda_rkey_entry_read(&rb, &ce2), KVX__WIRE_OK);
+        T_EQ(kvx__cuda_rkey_entry_read(&rb, &ce2), KVX__WIRE_OK);
+        T_EQ(kvx__cuda_rkey_entry_read(&rb, &ce2), KVX__WIRE_TRUNCATED);
+        T_EQ(kvx__cuda_rkey_read(&rb, buf, KVX__CUDA_RKEY_HDR - 1, &ck2, &ver), KVX__WIRE_TRUNCATED);
+        memcpy(big, buf, n); big[n] = 0;
+        T_EQ(kvx__cuda_rkey_read(&rb, big, n + 1, &ck2, &ver), KVX__WIRE_OK);
+        for (i = 0; i < 3; i++) kvx__cuda_rkey_entry_read(&rb, &ce2);
+        T_EQ(kvx__wire_end(&rb, 0), KVX__WIRE_OVERSIZED);
+        buf[28] = 0xff; buf[29] = 0xff;                                    /* a count the bytes cannot hold */
+        T_EQ(kvx__cuda_rkey_read(&rb, buf, n, &ck2, &ver), KVX__WIRE_TRUNCATED);
+        buf[28] = 3; buf[29] = 0;
+        buf[KVX__CUDA_RKEY_HDR] = 9;                                       /* unknown kind */
+        T_EQ(kvx__cuda_rkey_read(&rb, buf, n, &ck2, &ver), KVX__WIRE_OK);
+        T_EQ(kvx__cuda_rkey_entry_read(&rb, &ce2), KVX__WIRE_FIELD);
+        T_EQ(ce2.kind, 9);
+        buf[4] = 1; buf[6] = 3;                                            /* the old layout: version 1, count 3 */
+        T_EQ(kvx__cuda_rkey_read(&rb, buf, n, &ck2, &ver), KVX__WIRE_VERSION);
+        T_EQ(ver, 1);
+        /* CUDA socket messages: each type its own size */
+        for (t = KVX__CUDA_MSG_EXPORT; t <= KVX__CUDA_MSG_NOTIFY; t++) {
+            memset(&cm, 0, sizeof cm);
+            cm.type = t; cm.cache = 5; cm.region = 6; cm.alloc = 7; cm.status = -2;
+            for (i = 0; i < KVX__NOTIFY_BYTES; i++) cm.notify[i] = (uint8_t)(i + 1);
+            n = kvx__cuda_msg_write(buf, &cm);
+            T_CHECK(n == kvx__cuda_msg_size(t) && n <= KVX__CUDA_MSG_MAX);
+            T_EQ(kvx__cuda_msg_read(buf, n, &cm2, &ver), KVX__WIRE_OK);
+            T_EQ(cm2.type, t);
+            if (t == KVX__CUDA_MSG_EXPORT) T_CHECK(cm2.cache == 5 && cm2.region == 6 && cm2.alloc == 7);
+            if (t == KVX__CUDA_MSG_REPLY) T_EQ(cm2.status, -2);
+            if (t == KVX__CUDA_MSG_NOTIFY) T_CHECK(!memcmp(cm2.notify, cm.notify, KVX__NOTIFY_BYTES));
+            T_EQ(kvx__cuda_msg_read(buf, n - 1, &cm2, &ver), KVX__WIRE_TRUNCATED);
+            T_EQ(cm2.type, 0);
+            memcpy(big, buf, n); big[n] = 0;
+            T_EQ(kvx__cuda_msg_read(big, n + 1, &cm2, &ver), KVX__WIRE_OVERSIZED);
+        }
+        cm.type = 9;
+        T_EQ(kvx__cuda_msg_write(buf, &cm), 0);
+        buf[6] = 9;                                                        /* the last message written, now of type 9 */
+        T_EQ(kvx__cuda_msg_read(buf, kvx__cuda_msg_size(KVX__CUDA_MSG_NOTIFY), &cm2, &ver), KVX__WIRE_TYPE);
+        buf[6] = KVX__CUDA_MSG_NOTIFY; buf[4] = 1;
+        T_EQ(kvx__cuda_msg_read(buf, kvx__cuda_msg_size(KVX__CUDA_MSG_NOTIFY), &cm2, &ver), KVX__WIRE_VERSION);
+        T_EQ(ver, 1);
+        T_CHECK(!strcmp(kvx__wire_why(KVX__WIRE_TRUNCATED), "truncated") && !strcmp(kvx__wire_why(KVX__WIRE_OVERSIZED), "oversized"));
+    }
+    T_CASE("metadata refused: layouts that do not read against ours") {
+        static const char *fields[] = {"num_layers", "head_dim", "block_tokens", "elem_bytes"};
+        int f;
+        for (f = 0; f < 4; f++) {
+            kvx_ctx *C = kvx_t_ctx("other", 0, 1, 0);
+            kvx_layout l = L;
+            kvx_ex_cache cm;
+            kvx_cache *cc;
+            kvx_peer *p = NULL;
+            void *m;
+            size_t n;
+            char want[96];
+            if (f == 0) l.num_layers = 5;
+            if (f == 1) l.head_dim = 32;
+            if (f == 2) l.block_tokens = 8;
+            if (f == 3) l.elem_bytes = 4;
+            kvx_ex_cache_alloc(&cm, &l, 0, 1);
+            cd = kvx_ex_cache_desc(&cm);
+            T_ST(kvx_cache_register(C, &cd, &cc), KVX_OK);
+            m = kvx_t_metadata(C, &n);
+            T_ST(kvx_peer_add(B, m, n, &p), KVX_ERR_MISMATCH);
+            snprintf(want, sizeof want, "%s %u, ours (cache 0) %u", fields[f],
+                     f == 0 ? 5u : f == 1 ? 32u : f == 2 ? 8u : 4u,
+                     f == 0 ? L.num_layers : f == 1 ? L.head_dim : f == 2 ? L.block_tokens : L.elem_bytes);
+            T_HAS(kvx_ctx_error(B), want);
+            free(m);
+            kvx_ctx_destroy(C);
+            kvx_ex_cache_free(&cm);
+        }
+    }
+
+    T_CASE("metadata round trip and transport") {
+        T_ST(kvx_peer_add(B, md, len, &peer), KVX_OK);
+        T_CHECK(peer != NULL);
+        T_CHECK(!strcmp(kvx_peer_name(peer), "prefill"));
+        T_EQ(kvx_peer_rank(peer), 0);
+        {   /* "ucx:..." or "ofi:...": the backend's name first */
+            kvx_stats s;
+            char want[16];
+            kvx_stats(B, &s);
+            snprintf(want, sizeof want, "%s:", s.backend);
+            T_CHECK(!strncmp(kvx_peer_transport(peer), want, strlen(want)));
+        }
+        printf("  transport: %s\n", kvx_peer_transport(peer));
+        { kvx_peer *again; T_ST(kvx_peer_add(B, md, len, &again), KVX_ERR_ARG); }   /* same peer twice */
+        T_HAS(kvx_ctx_error(B), "already added");
+    }
+    if (!peer) return kvx_t_summary();
+
+    T_CASE("own metadata and a second context claiming our rank are refused") {
+        size_t n;
+        void *m = kvx_t_metadata(B, &n);
+        kvx_ctx *B2 = kvx_t_ctx("decode", 0, 1, 0);
+        void *m2;
+        size_t n2;
+        kvx_peer *p = NULL;
+        T_ST(kvx_peer_add(B, m, n, &p), KVX_ERR_ARG);
+        T_HAS(kvx_ctx_error(B), "this context's own");
+        m2 = kvx_t_metadata(B2, &n2);
+        T_ST(kvx_peer_add(B, m2, n2, &p), KVX_ERR_MISMATCH);
+        T_HAS(kvx_ctx_error(B), "claims rank 0 of decode");
+        free(m); free(m2);
+        kvx_ctx_destroy(B2);
+    }
+
+    T_CASE("read: consecutive ids merge into one descriptor per plane") {
+        uint32_t src[6] = {5, 6, 7, 8, 20, 21}, dst[6] = {9, 10, 11, 12, 3, 4};
+        kvx_stats s0, s1;
+        kvx_ex_mismatch mm;
+        kvx_ex_poison(&bm, 7, dst, src, 6, 0, 3, 0, 2);
+        kvx_stats(B, &s0);
+        T_ST(read_blocks(q, peer, bc, dst, src, 6, 0, 0), KVX_OK);
+        kvx_stats(B, &s1);
+        T_EQ(s1.descs_posted - s0.descs_posted, 2 * 3 * 2);       /* 2 runs x 3 layers x K/V */
+        T_EQ(s1.blocks_posted - s0.blocks_posted, 6 * 3 * 2);
+        T_EQ(s1.bytes_read - s0.bytes_read, 6 * 3 * 2 * am.block_bytes);
+        T_EQ(kvx_ex_verify(&bm, 7, dst, src, 6, 0, 3, 0, 2, &mm), 0);
+    }
+
+    T_CASE("read: runs break where either side is not consecutive; layer range") {
+        uint32_t src[4] = {1, 2, 3, 4}, dst[4] = {40, 41, 43, 44};
+        kvx_stats s0, s1;
+        kvx_ex_poison(&bm, 7, dst, src, 4, 1, 3, 0, 2);
+        kvx_stats(B, &s0);
+        T_ST(read_blocks(q, peer, bc, dst, src, 4, 1, 2), KVX_OK);
+        kvx_stats(B, &s1);
+        T_EQ(s1.descs_posted - s0.descs_posted, 2 * 2 * 2);       /* {40,41} {43,44} x layers 1..2 x K/V */
+        T_EQ(kvx_ex_verify(&bm, 7, dst, src, 4, 1, 3, 0, 2, NULL), 0);
+    }
+
+    T_CASE("out-of-range ids and layers refused before anything is posted") {
+        uint32_t src[3] = {1, 64, 2}, dst[3] = {1, 2, 3}, ok[3] = {1, 2, 3}, bad[3] = {0, 1, 99};
+        kvx_stats s0, s1;
+        kvx_read rd;
+        kvx_ticket t = 77;
+        kvx_stats(B, &s0);
+        T_ST(read_blocks(q, peer, bc, dst, src, 3, 0, 0), KVX_ERR_ARG);
+        T_HAS(kvx_ctx_error(B), "remote block id 64 at index 1 is past peer prefill/0's 64 blocks");
+        T_ST(read_blocks(q, peer, bc, bad, ok, 3, 0, 0), KVX_ERR_ARG);
+        T_HAS(kvx_ctx_error(B), "local block id 99 at index 2");
+        T_ST(read_blocks(q, peer, bc, ok, ok, 3, 2, 2), KVX_ERR_ARG);
+        T_HAS(kvx_ctx_error(B), "layers");
+        T_ST(read_blocks(q, peer, bc, ok, ok, 0, 0, 0), KVX_ERR_ARG);
+        memset(&rd, 0, sizeof rd);
+        rd.peer = (kvx_peer *)&rd;  /* not a peer */
+        rd.local_blocks = rd.remote_blocks = ok; rd.num_blocks = 1;
+        T_ST(kvx_post(q, &rd, &t), KVX_ERR_ARG);
+        T_EQ(t, 0);
+        rd.peer = peer; rd.remote_cache = 3;
+        T_ST(kvx_post(q, &rd, &t), KVX_ERR_ARG);
+        T_ST(kvx_post(q, NULL, &t), KVX_ERR_ARG);
+        T_ST(kvx_post(NULL, &rd, &t), KVX_ERR_ARG);
+        kvx_stats(B, &s1);
+        T_EQ(s1.reads_posted, s0.reads_posted);
+        T_EQ(s1.descs_posted, s0.descs_posted);
+        T_ST(kvx_test(q, 12345), KVX_ERR_ARG);
+        T_ST(kvx_wait(q, 0, 10), KVX_ERR_ARG);
+    }
+
+    T_CASE("many reads in flight, kvx_poll drains each exactly once, tags returned") {
+        enum { N = 40 };
+        uint32_t src[N][2], dst[N][2];
+        kvx_ticket tk[N];
+        kvx_completion comp[8];
+        int seen[N], got = 0, k;
+        double t0 = kvx_t_now();
+        memset(seen, 0, sizeof seen);
+        for (k = 0; k < N; k++) {
+            kvx_read rd;
+            src[k][0] = (uint32_t)(k % 64); src[k][1] = (uint32_t)((k * 7 + 3) % 64);
+            dst[k][0] = (uint32_t)((k * 2) % 64); dst[k][1] = (uint32_t)((k * 2 + 1) % 64);
+            memset(&rd, 0, sizeof rd);
+            rd.peer = peer; rd.cache = bc; rd.local_blocks = dst[k]; rd.remote_blocks = src[k]; rd.num_blocks = 2;
+            rd.user_tag = 1000 + (uint64_t)k;
+            T_ST(kvx_post(q, &rd, &tk[k]), KVX_OK);
+        }
+        while (got < N && kvx_t_now() - t0 < 20) {
+            int n = kvx_poll(q, comp, 8);
+            for (k = 0; k < n; k++) {
+                int idx = (int)(comp[k].user_tag - 1000);
+                T_CHECK(idx >= 0 && idx < N);
+                if (idx < 0 || idx >= N) continue;
+                T_EQ(comp[k].ticket, tk[idx]);
+                T_ST(comp[k].status, KVX_OK);
+                T_EQ(comp[k].bytes, 2 * 3 * 2 * am.block_bytes);
+                seen[idx]++;
+                got++;
+            }
+            if (!n) usleep(1000);  /* kvx_wait would report (and so consume) a ticket */
+        }
+        T_EQ(got, N);
+        for (k = 0; k < N; k++) T_EQ(seen[k], 1);
+        T_EQ(kvx_poll(q, comp, 8), 0);
+        /* the last writer of each destination block wins: check the last read's blocks */
+        T_EQ(kvx_ex_verify(&bm, 7, dst[N - 1], src[N - 1], 2, 0, 3, 0, 2, NULL), 0);
+    }
+
+    T_CASE("notifications: after the data, exactly once; expected ids expire") {
+        uint32_t src[2] = {10, 11}, dst[2] = {50, 51};
+        kvx_notification nt[8];
+        kvx_read rd;
+        kvx_ticket t;
+        int n = 0, k;
+        double t0;
+        T_ST(kvx_notify_expect(A, 4242, 10000), KVX_OK);
+        T_ST(kvx_notify_expect(A, 999, 200), KVX_OK);       /* never comes */
+        memset(&rd, 0, sizeof rd);
+        rd.peer = peer; rd.cache = bc; rd.local_blocks = dst; rd.remote_blocks = src; rd.num_blocks = 2;
+        rd.notify = 1; rd.notify_id = 4242;
+        T_ST(kvx_post(q, &rd, &t), KVX_OK);
+        T_ST(kvx_wait(q, t, 10000), KVX_OK);
+        t0 = kvx_t_now();
+        while (n < 2 && kvx_t_now() - t0 < 5) {
+            int m = kvx_notifications(A, nt + n, 8 - n);
+            n += m;
+            if (!m) { kvx_progress(B); usleep(5000); }
+        }
+        T_EQ(n, 2);
+        for (k = 0; k < n; k++) {
+            if (nt[k].id == 4242) { T_ST(nt[k].status, KVX_OK); T_EQ(nt[k].peer_rank, 0); }
+            else { T_EQ(nt[k].id, 999); T_ST(nt[k].status, KVX_ERR_TIMEOUT); }
+        }
+        usleep(300000);
+        kvx_progress(B);
+        T_EQ(kvx_notifications(A, nt, 8), 0);
+    }
+
+#if !defined(KVX_CUDA)
+    T_CASE("kvx_stream_wait without KVX_CUDA is a clear error") {
+        T_ST(kvx_stream_wait(q, 1, NULL), KVX_ERR_UNSUPPORTED);
+        T_HAS(kvx_ctx_error(B), "KVX_CUDA");
+    }
+#endif
+
+    T_CASE("NULL arguments") {
+        kvx_stats s;
+        T_ST(kvx_ctx_create(NULL, NULL), KVX_ERR_ARG);
+        T_ST(kvx_cache_register(NULL, NULL, NULL), KVX_ERR_ARG);
+        T_ST(kvx_cache_register(B, NULL, NULL), KVX_ERR_ARG);
+        T_ST(kvx_metadata(NULL, NULL, NULL), KVX_ERR_ARG);
+        T_ST(kvx_peer_add(B, NULL, 10, NULL), KVX_ERR_ARG);
+        T_ST(kvx_queue_create(NULL, NULL, NULL), KVX_ERR_ARG);
+        T_EQ(kvx_poll(NULL, NULL, 4), 0);
+        T_EQ(kvx_notifications(NULL, NULL, 4), 0);
+        T_EQ(kvx_progress(NULL), 0);
+        kvx_stats(NULL, &s);
+        kvx_ctx_destroy(NULL); kvx_queue_destroy(NULL); kvx_peer_remove(NULL); kvx_cache_deregister(NULL);
+        T_CHECK(!strcmp(kvx_peer_transport(NULL), "none"));
+        T_CHECK(!strcmp(kvx_status_name((kvx_status)42), "KVX_ERR_UNKNOWN"));
+    }
+
+    kvx_queue_destroy(q);
+    kvx_ctx_destroy(B);
+    kvx_ctx_destroy(A);
+    kvx_ex_cache_free(&am);
+    kvx_ex_cache_free(&bm);
+    free(md);
+    return kvx_t_summary();
+}
