@@ -59,7 +59,7 @@
         block runs near 1 GB/s). kvx ships its own gather kernel as PTX text
         (below, generated from kernels/kvx_cuda_copy.cu): ISA .version 7.8,
         .target sm_80, so drivers from CUDA 11.8 on compile it for Ampere,
-        Hopper and newer (tests/ptx_check.sh checks it with ptxas). It is
+        Hopper and newer (tools/ptx_check.sh checks it with ptxas). It is
         loaded with cuModuleLoadData when the first queue of a device is made.
 
         A read is taken whole when it is posted (the core hands the backend

@@ -4,7 +4,7 @@
 #   tests/gpu/kvx_cuda_test.cu -> tests/lib/kvx_cuda_test.h (block "PTX kvx_test")
 # nvcc emits the ISA version of its own release (9.0 for CUDA 13); the text is
 # lowered to .version 7.8 (.target sm_80), which drivers from CUDA 11.8 on
-# compile for Ampere, Hopper and newer. tests/ptx_check.sh checks the result.
+# compile for Ampere, Hopper and newer. tools/ptx_check.sh checks the result.
 # Needs nvcc (NVCC=...); kvx's users never run this.
 set -eu
 cd "$(dirname "$0")/.."

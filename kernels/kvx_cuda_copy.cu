@@ -2,7 +2,7 @@
     kvx_cuda_copy.cu -- the source of the copy kernel that kvx embeds (kvx_cuda_ptx.h)
     as PTX. kvx does not need nvcc: kernels/gen_ptx.sh turns this file into
     the PTX text between the "PTX kvx_copy" markers of kvx_cuda_ptx.h (ISA
-    .version lowered to 7.8, .target sm_80), and tests/ptx_check.sh checks that
+    .version lowered to 7.8, .target sm_80), and tools/ptx_check.sh checks that
     text with ptxas. Edit here, then run kernels/gen_ptx.sh.
 
     One launch copies the reads of a batch. Each read is a kvx__cuda_rd (the

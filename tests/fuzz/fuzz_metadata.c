@@ -14,13 +14,14 @@
 #define KVX_IMPLEMENTATION
 #include "../../kvx.h"
 
-static kvx_ctx *fuzz_ctx[4];
-static kvx_cache *fuzz_cache[4];
-static uint8_t fuzz_mem[4][2 * 2 * 64 * 256];
+#define FUZZ_KINDS (KVX_BACKEND_LOCAL + 1)
+static kvx_ctx *fuzz_ctx[FUZZ_KINDS];
+static kvx_cache *fuzz_cache[FUZZ_KINDS];
+static uint8_t fuzz_mem[FUZZ_KINDS][2 * 2 * 64 * 256];
 
 static void fuzz_fini(void) {
     int k;
-    for (k = 0; k < 4; k++) kvx_ctx_destroy(fuzz_ctx[k]);
+    for (k = 0; k < FUZZ_KINDS; k++) kvx_ctx_destroy(fuzz_ctx[k]);
 }
 
 static void fuzz_init(void) {
@@ -64,7 +65,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         for (i = 0; i < 4; i++) m[12 + i] = (uint8_t)(crc >> (8 * i));
     }
     kind = size >= 8 ? (uint32_t)m[6] | (uint32_t)m[7] << 8 : 0;
-    ctx = kind < 4 && fuzz_ctx[kind] ? fuzz_ctx[kind] : fuzz_ctx[1] ? fuzz_ctx[1] : fuzz_ctx[2] ? fuzz_ctx[2] : fuzz_ctx[3];
+    ctx = kind < FUZZ_KINDS && fuzz_ctx[kind] ? fuzz_ctx[kind] : fuzz_ctx[1] ? fuzz_ctx[1] : fuzz_ctx[2] ? fuzz_ctx[2] : fuzz_ctx[3];
     if (!ctx) { free(m); return 0; }
     p = (kvx_peer *)kvx__calloc(1, sizeof *p);
     p->ctx = ctx;
