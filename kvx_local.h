@@ -43,6 +43,7 @@ struct kvx__local {
     kvx__local *next;           /* the registry */
     kvx_ctx *ctx;
     uint64_t id;
+    uint8_t addr[12];           /* what peers connect by: process id, context id */
     int efd;
     kvx__local_op *todo, **todo_tail;   /* to serve, as owner, in order */
     kvx__local_op *done;                /* to report, as reader */
@@ -149,19 +150,20 @@ KVX__PRIV kvx_status kvx__local_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     l->next = kvx__local_all;
     kvx__local_all = l;
     pthread_mutex_unlock(&kvx__local_mu);
+    {
+        kvx__wbuf w;
+        memset(&w, 0, sizeof w);
+        w.p = l->addr; w.cap = sizeof l->addr;
+        kvx__put_u(&w, (uint32_t)getpid(), 4);
+        kvx__put_u(&w, l->id, 8);
+    }
     return KVX_OK;
 }
 
 /* The address: this process and the context's id in it. */
 KVX__PRIV kvx_status kvx__local_address(kvx_ctx *ctx, const uint8_t **addr, uint32_t *len) {
-    static KVX__TLS uint8_t buf[12];
-    kvx__wbuf w;
-    memset(&w, 0, sizeof w);
-    w.p = buf; w.cap = sizeof buf;
-    kvx__put_u(&w, (uint32_t)getpid(), 4);
-    kvx__put_u(&w, kvx__local_of(ctx)->id, 8);
-    *addr = buf;
-    *len = (uint32_t)sizeof buf;
+    *addr = kvx__local_of(ctx)->addr;
+    *len = (uint32_t)sizeof kvx__local_of(ctx)->addr;
     return KVX_OK;
 }
 

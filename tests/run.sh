@@ -48,7 +48,7 @@ entry "compile matrix with KVX_CUDA (stub libcuda)" 600 bash tests/compile/matri
 entry "PTX check (ptxas sm_80, sm_90, sm_100)" 120 bash tools/ptx_check.sh
 if [ -x $B/fuzz_metadata ]; then
   rm -rf $B/fuzz-corpus && mkdir -p $B/fuzz-corpus && $B/make_seeds $B/fuzz-corpus >/dev/null
-  entry "metadata fuzzer, 30 s (libFuzzer, asan+ubsan)" 120 $B/fuzz_metadata -max_total_time=30 -print_final_stats=1 $B/fuzz-corpus
+  entry "metadata fuzzer, 30 s (libFuzzer, asan+ubsan)" 120 $B/fuzz_metadata -max_total_time=30 -print_final_stats=1 -artifact_prefix=$B/ $B/fuzz-corpus
 fi
 
 ofi=$B/ofi
