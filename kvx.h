@@ -650,11 +650,12 @@ struct kvx__backend {
     /*-- reads */
     /* One op. KVX_OK: issued (completion comes through kvx__op_done);
        KVX_PENDING: no room now, try after progress; an error: nothing was
-       issued. */
+       issued. NULL only where post_read takes every read. */
     kvx_status (*post)(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op);
-    /* Optional: the whole read as one operation (its merged block table,
-       rd->runs), instead of post per op; same returns. Its one completion
-       through kvx__op_done stands for all of the read's ops. */
+    /* Optional: the whole read as one operation (its merged runs of block
+       ids, q->runs from rd->run0), instead of post per op; same returns.
+       Its one completion through kvx__op_done stands for all of the read's
+       ops. */
     kvx_status (*post_read)(kvx_ctx *ctx, kvx__read *rd);
     /* Optional: called after kvx__pump issued ops of a queue, so a backend
        that batches (the CUDA copy kernel) can launch the batch. */

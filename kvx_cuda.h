@@ -1265,12 +1265,6 @@ KVX__PRIV kvx_status kvx__cuda_can_read(kvx_ctx *ctx, const kvx__cache_info *lc,
                      p->name, p->rank, rc->id, rc->mem == KVX_MEM_CUDA ? "GPU" : "host", lc->id, lc->mem == KVX_MEM_CUDA ? "GPU" : "host");
 }
 
-/* Never called: the CUDA backend takes reads whole (kvx__cuda_post_read). */
-KVX__PRIV kvx_status kvx__cuda_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op) {
-    (void)op;
-    return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: internal: read %llu reached the CUDA backend in parts", (unsigned long long)rd->ticket);
-}
-
 /* The whole read at once: stage its merged block table for the next launch. */
 KVX__PRIV kvx_status kvx__cuda_post_read(kvx_ctx *ctx, kvx__read *rd) {
     kvx_queue *q = rd->q;
@@ -1808,7 +1802,7 @@ KVX__PRIV const kvx__backend kvx__cuda_backend = {
     KVX__F(can_read) kvx__cuda_can_read,
     KVX__F(queue_open) kvx__cuda_queue_open,
     KVX__F(queue_close) kvx__cuda_q_fini,
-    KVX__F(post) kvx__cuda_post,
+    KVX__F(post) NULL,              /* every read goes whole */
     KVX__F(post_read) kvx__cuda_post_read,
     KVX__F(flush) kvx__cuda_flush,
     KVX__F(abandon) NULL,
