@@ -19,21 +19,6 @@
 #include "../lib/kvx_owner.h"
 #include "../../examples/kvx_rdv.h"
 
-#define NB 128u
-#define HEADS 4u
-
-static kvx_layout lay_for(int tp) {
-    kvx_layout l;
-    memset(&l, 0, sizeof l);
-    l.num_layers = 4;
-    l.num_blocks = NB;
-    l.block_tokens = 16;
-    l.total_heads = HEADS;
-    l.num_heads = HEADS / (uint32_t)tp;
-    l.head_dim = 64;
-    l.elem_bytes = 2;
-    return l;
-}
 
 /* An owner as rank of tp: its metadata. */
 static void *spawn_owner(kvx_t_child *ch, int rank, int tp, uint64_t seed, uint32_t *len) {

@@ -19,8 +19,6 @@
 #include "../lib/kvx_owner.h"
 
 #define LONG_NB 256u    /* blocks of the long-read layout */
-#define NB 128u         /* blocks of the TP layout */
-#define HEADS 4u
 
 /* 16 KiB blocks: a read of every block is 32 MiB, long enough to stop or
    kill its owner in the middle. */
@@ -31,20 +29,6 @@ static kvx_layout long_layout(void) {
     l.num_blocks = LONG_NB;
     l.block_tokens = 16;
     l.num_heads = 8;
-    l.head_dim = 64;
-    l.elem_bytes = 2;
-    return l;
-}
-
-/* 4 heads, split over tp ranks. */
-static kvx_layout lay_for(int tp) {
-    kvx_layout l;
-    memset(&l, 0, sizeof l);
-    l.num_layers = 4;
-    l.num_blocks = NB;
-    l.block_tokens = 16;
-    l.total_heads = HEADS;
-    l.num_heads = HEADS / (uint32_t)tp;
     l.head_dim = 64;
     l.elem_bytes = 2;
     return l;

@@ -24,21 +24,6 @@
 #include "../lib/kvx_test.h"
 #include "../lib/kvx_owner.h"
 
-#define NB 128u
-#define HEADS 4u
-
-static kvx_layout lay_for(int tp) {
-    kvx_layout l;
-    memset(&l, 0, sizeof l);
-    l.num_layers = 4;
-    l.num_blocks = NB;
-    l.block_tokens = 16;
-    l.total_heads = HEADS;
-    l.num_heads = HEADS / (uint32_t)tp;
-    l.head_dim = 64;
-    l.elem_bytes = 2;
-    return l;
-}
 
 /* Reader: takes the owner's metadata, posts `count` reads with notify ids
    1..count, then stops itself before they can finish (mode 0), or waits for

@@ -86,6 +86,23 @@ static inline void kvx_t_kill(kvx_t_child *ch) {
     close(ch->wr); close(ch->rd);
 }
 
+/* The fault tests' cache: 4 layers of NB blocks of 16 tokens, HEADS KV
+   heads of 64 two-byte elements, split over tp ranks. */
+#define NB 128u
+#define HEADS 4u
+static inline kvx_layout lay_for(int tp) {
+    kvx_layout l;
+    memset(&l, 0, sizeof l);
+    l.num_layers = 4;
+    l.num_blocks = NB;
+    l.block_tokens = 16;
+    l.total_heads = HEADS;
+    l.num_heads = HEADS / (uint32_t)tp;
+    l.head_dim = 64;
+    l.elem_bytes = 2;
+    return l;
+}
+
 /* An owner of lay as rank of tp, every block filled with seed: returns its
    metadata (free it), NULL if it did not come. */
 static inline void *kvx_t_owner_spawn(kvx_t_child *ch, const kvx_layout *lay, int rank, int tp, uint64_t seed, uint32_t *len) {
