@@ -105,6 +105,37 @@ $(BUILD)/test_local: tests/unit/test_local.c $(DEPS)
 $(BUILD)/test_local.asan: tests/unit/test_local.c $(DEPS)
 	$(CC) $(SAN) -std=c99 $(WARN) $< -o $@ -lpthread
 
+# UCX 1.22 from PyPI's libucx wheel (it ships headers, libraries and
+# ucx_perftest), in a virtual environment of the build: the UCX suites run
+# against it beside Debian's UCX 1.13 (build/ucx122/).
+UCX122_PIN ?= libucx-cu12==1.22.0
+UCX122_VENV = $(BUILD)/venv
+UCX122 = $(shell cat $(BUILD)/ucx122/prefix 2>/dev/null)
+UCX122_FLAGS = -std=c99 -D_GNU_SOURCE $(WARN) -DKVX_UCX -I$(UCX122)/include
+UCX122_LIBS = -L$(UCX122)/lib -Wl,-rpath,$(abspath $(UCX122))/lib -lucp -luct -lucs -lucm -lpthread
+UCX122_SELF = test_unit test_verify test_reader_failures test_stress
+UCX122_LINKED = test_owner_failures test_hostile_input kvx_bench
+UCX122_TESTS = $(UCX122_SELF:%=$(BUILD)/ucx122/%) $(UCX122_LINKED:%=$(BUILD)/ucx122/%) \
+               $(BUILD)/ucx122/test_unit.asan $(BUILD)/ucx122/test_owner_failures.asan
+
+$(BUILD)/ucx122/prefix:
+	@mkdir -p $(BUILD)/ucx122
+	@[ -x $(UCX122_VENV)/bin/pip ] || python3 -m venv $(UCX122_VENV)
+	$(UCX122_VENV)/bin/pip install -q $(UCX122_PIN)
+	$(UCX122_VENV)/bin/python -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("libucx").origin))' > $@.tmp && mv $@.tmp $@
+$(BUILD)/ucx122/impl.o: tests/lib/kvx_impl.c $(BUILD)/ucx122/prefix $(DEPS)
+	$(CC) $(CFLAGS) $(UCX122_FLAGS) -c $< -o $@
+$(BUILD)/ucx122/impl.asan.o: tests/lib/kvx_impl.c $(BUILD)/ucx122/prefix $(DEPS)
+	$(CC) $(SAN) $(UCX122_FLAGS) -c $< -o $@
+$(UCX122_SELF:%=$(BUILD)/ucx122/%): $(BUILD)/ucx122/%: %.c $(BUILD)/ucx122/prefix $(DEPS)
+	$(CC) $(CFLAGS) $(UCX122_FLAGS) $< -o $@ $(UCX122_LIBS)
+$(UCX122_LINKED:%=$(BUILD)/ucx122/%): $(BUILD)/ucx122/%: %.c $(BUILD)/ucx122/impl.o $(DEPS)
+	$(CC) $(CFLAGS) $(UCX122_FLAGS) $< $(BUILD)/ucx122/impl.o -o $@ $(UCX122_LIBS)
+$(BUILD)/ucx122/test_unit.asan: tests/unit/test_unit.c $(BUILD)/ucx122/prefix $(DEPS)
+	$(CC) $(SAN) $(UCX122_FLAGS) $< -o $@ $(UCX122_LIBS)
+$(BUILD)/ucx122/test_owner_failures.asan: tests/faults/test_owner_failures.c $(BUILD)/ucx122/impl.asan.o $(DEPS)
+	$(CC) $(SAN) $(UCX122_FLAGS) $< $(BUILD)/ucx122/impl.asan.o -o $@ $(UCX122_LIBS)
+
 $(BUILD)/fi_read_ref: bench/fi_read_ref.c | $(BUILD)
 	$(CC) -O2 -g -std=c99 -D_GNU_SOURCE $(WARN) $(OFI_CFLAGS) $< -o $@ $(OFI_LIBS)
 
@@ -130,7 +161,8 @@ compile-check: deps
 	KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/compile/matrix.sh
 
 test: deps deps-test
-	@$(MAKE) --no-print-directory -j$(JOBS) $(PROGRAMS) $(TESTS)
+	@$(MAKE) --no-print-directory $(BUILD)/ucx122/prefix
+	@$(MAKE) --no-print-directory -j$(JOBS) $(PROGRAMS) $(TESTS) $(UCX122_TESTS)
 	@KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/run.sh
 
 bench: deps deps-bench

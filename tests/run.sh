@@ -20,28 +20,30 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
 bench=$B/kvx_bench
+# Result lines name the UCX they ran against: Debian's (pkg-config) here, the wheel's below.
+vdeb=$(pkg-config --modversion ucx 2>/dev/null | cut -d. -f1,2)
 small="--num-blocks 200 --blocks 24 --num-layers 3 --iters 3"
 
 section "unit, fault and compile tests"
 entry "local backend, no network library" 120 $B/test_local
 entry "local backend (asan+ubsan)" 300 $B/test_local.asan
 entry "valgrind: local backend" 300 valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $B/test_local
-entry "unit (ucx default)" 120 $B/test_unit
-entry "unit (ucx tcp)" 120 env UCX_TLS=tcp $B/test_unit
-entry "unit (asan+ubsan)" 300 $B/test_unit.asan
-entry "owner failures (ucx default)" 180 $B/test_owner_failures
-entry "owner failures (asan+ubsan)" 300 $B/test_owner_failures.asan
-entry "owner failures (ucx tcp)" 180 env UCX_TLS=tcp $B/test_owner_failures
-entry "owner failures (ucx tcp, asan+ubsan)" 300 env UCX_TLS=tcp $B/test_owner_failures.asan
-entry "reader failures (ucx tcp)" 180 env UCX_TLS=tcp $B/test_reader_failures
-entry "reader failures (ucx tcp, asan+ubsan)" 300 env UCX_TLS=tcp $B/test_reader_failures.asan
-entry "hostile input (ucx tcp)" 180 env UCX_TLS=tcp $B/test_hostile_input
-entry "hostile input (ucx tcp, asan+ubsan)" 300 env UCX_TLS=tcp $B/test_hostile_input.asan
-entry "verify mode (ucx default)" 120 $B/test_verify
-entry "verify mode (asan+ubsan)" 300 $B/test_verify.asan
-entry "stress: 8 peers, 4 queues, 20000 reads (ucx tcp)" 300 env UCX_TLS=tcp $B/test_stress
-entry "valgrind: unit (ucx tcp)" 300 env UCX_TLS=tcp valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $B/test_unit
-entry "valgrind: kvx_bench pack 1->1, every process (ucx tcp)" 300 env UCX_TLS=tcp valgrind -q --trace-children=yes --error-exitcode=99 \
+entry "unit (ucx $vdeb default)" 120 $B/test_unit
+entry "unit (ucx $vdeb tcp)" 120 env UCX_TLS=tcp $B/test_unit
+entry "unit (ucx $vdeb, asan+ubsan)" 300 $B/test_unit.asan
+entry "owner failures (ucx $vdeb default)" 180 $B/test_owner_failures
+entry "owner failures (ucx $vdeb, asan+ubsan)" 300 $B/test_owner_failures.asan
+entry "owner failures (ucx $vdeb tcp)" 180 env UCX_TLS=tcp $B/test_owner_failures
+entry "owner failures (ucx $vdeb tcp, asan+ubsan)" 300 env UCX_TLS=tcp $B/test_owner_failures.asan
+entry "reader failures (ucx $vdeb tcp)" 180 env UCX_TLS=tcp $B/test_reader_failures
+entry "reader failures (ucx $vdeb tcp, asan+ubsan)" 300 env UCX_TLS=tcp $B/test_reader_failures.asan
+entry "hostile input (ucx $vdeb tcp)" 180 env UCX_TLS=tcp $B/test_hostile_input
+entry "hostile input (ucx $vdeb tcp, asan+ubsan)" 300 env UCX_TLS=tcp $B/test_hostile_input.asan
+entry "verify mode (ucx $vdeb default)" 120 $B/test_verify
+entry "verify mode (ucx $vdeb, asan+ubsan)" 300 $B/test_verify.asan
+entry "stress: 8 peers, 4 queues, 20000 reads (ucx $vdeb tcp)" 300 env UCX_TLS=tcp $B/test_stress
+entry "valgrind: unit (ucx $vdeb tcp)" 300 env UCX_TLS=tcp valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $B/test_unit
+entry "valgrind: kvx_bench pack 1->1, every process (ucx $vdeb tcp)" 300 env UCX_TLS=tcp valgrind -q --trace-children=yes --error-exitcode=99 \
   --leak-check=full --errors-for-leak-kinds=definite $B/kvx_bench --num-blocks 64 --blocks 16 --random-blocks --iters 2
 entry "compile matrix" 300 bash tests/compile/matrix.sh
 entry "compile matrix with KVX_CUDA (stub libcuda)" 600 bash tests/compile/matrix_cuda.sh
@@ -82,31 +84,60 @@ entry "spread ofi tcp 1->1 HND random" 180 env FI_PROVIDER=tcp bash tests/lib/tw
 entry "spread ofi tcp 2->4 NHD random" 180 env FI_PROVIDER=tcp bash tests/lib/two_hosts.sh --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
 entry "spread ofi tcp 4->2 HND consecutive" 180 env FI_PROVIDER=tcp bash tests/lib/two_hosts.sh --backends LIBFABRIC $small --prefill-tp 4 --decode-tp 2
 
-section "kvx_bench, pack (this host)"
-entry "pack 1->1 HND random" 120 $bench $small --random-blocks
-entry "pack 1->1 NHD consecutive" 120 $bench $small --layout NHD
-entry "pack 1->2 HND random" 120 $bench $small --random-blocks --prefill-tp 1 --decode-tp 2
-entry "pack 2->1 NHD random" 120 $bench $small --random-blocks --prefill-tp 2 --decode-tp 1 --layout NHD
-entry "pack 2->4 HND consecutive" 120 $bench $small --prefill-tp 2 --decode-tp 4
-entry "pack 4->2 NHD random" 120 $bench $small --random-blocks --prefill-tp 4 --decode-tp 2 --layout NHD
-entry "pack 4->8 HND random" 180 $bench $small --random-blocks --prefill-tp 4 --decode-tp 8
-entry "pack 8->4 NHD consecutive" 180 $bench $small --prefill-tp 8 --decode-tp 4 --layout NHD
-entry "pack 1 KV head replicated, 1->2" 120 $bench $small --random-blocks --heads 1 --prefill-tp 1 --decode-tp 2
-entry "pack 2 KV heads replicated, 2->4 NHD" 120 $bench $small --random-blocks --heads 2 --prefill-tp 2 --decode-tp 4 --layout NHD
-entry "pack 1 KV head on both sides, 4->2" 120 $bench $small --random-blocks --heads 1 --prefill-tp 4 --decode-tp 2
-entry "pack shared memory (UCX_TLS=sm) 1->1" 120 env UCX_TLS=sm $bench $small --random-blocks
-entry "pack shared memory (UCX_TLS=sm) 2->1 NHD" 120 env UCX_TLS=sm $bench $small --random-blocks --prefill-tp 2 --layout NHD
-entry "pack 3750 blocks x 50 layers x 128, 4 KiB blocks (1.5 GB caches)" 600 \
+section "kvx_bench, pack (this host, UCX $vdeb from Debian)"
+entry "pack ucx $vdeb 1->1 HND random" 120 $bench $small --random-blocks
+entry "pack ucx $vdeb 1->1 NHD consecutive" 120 $bench $small --layout NHD
+entry "pack ucx $vdeb 1->2 HND random" 120 $bench $small --random-blocks --prefill-tp 1 --decode-tp 2
+entry "pack ucx $vdeb 2->1 NHD random" 120 $bench $small --random-blocks --prefill-tp 2 --decode-tp 1 --layout NHD
+entry "pack ucx $vdeb 2->4 HND consecutive" 120 $bench $small --prefill-tp 2 --decode-tp 4
+entry "pack ucx $vdeb 4->2 NHD random" 120 $bench $small --random-blocks --prefill-tp 4 --decode-tp 2 --layout NHD
+entry "pack ucx $vdeb 4->8 HND random" 180 $bench $small --random-blocks --prefill-tp 4 --decode-tp 8
+entry "pack ucx $vdeb 8->4 NHD consecutive" 180 $bench $small --prefill-tp 8 --decode-tp 4 --layout NHD
+entry "pack ucx $vdeb 1 KV head replicated, 1->2" 120 $bench $small --random-blocks --heads 1 --prefill-tp 1 --decode-tp 2
+entry "pack ucx $vdeb 2 KV heads replicated, 2->4 NHD" 120 $bench $small --random-blocks --heads 2 --prefill-tp 2 --decode-tp 4 --layout NHD
+entry "pack ucx $vdeb 1 KV head on both sides, 4->2" 120 $bench $small --random-blocks --heads 1 --prefill-tp 4 --decode-tp 2
+entry "pack ucx $vdeb shared memory (UCX_TLS=sm) 1->1" 120 env UCX_TLS=sm $bench $small --random-blocks
+entry "pack ucx $vdeb shared memory (UCX_TLS=sm) 2->1 NHD" 120 env UCX_TLS=sm $bench $small --random-blocks --prefill-tp 2 --layout NHD
+entry "pack ucx $vdeb 3750 blocks x 50 layers x 128, 4 KiB blocks (1.5 GB caches)" 600 \
   $bench --num-blocks 3750 --num-layers 50 --blocks 128 --block-tokens 16 --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 2
-entry "pack 2->4 NHD random, kvx verifies every block" 120 $bench $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1
-entry "pack 1->2 under asan+ubsan" 300 env KVX_BENCH=1 $B/kvx_bench.asan $small --random-blocks --prefill-tp 1 --decode-tp 2
-expect_fail "a planted wrong byte fails the run" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $bench $small --random-blocks
-expect_fail "mismatched TP options are refused" 60 "do not divide" $bench --heads 6 --decode-tp 4
+entry "pack ucx $vdeb 2->4 NHD random, kvx verifies every block" 120 $bench $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1
+entry "pack ucx $vdeb 1->2 under asan+ubsan" 300 env KVX_BENCH=1 $B/kvx_bench.asan $small --random-blocks --prefill-tp 1 --decode-tp 2
+expect_fail "a planted wrong byte fails the run (ucx $vdeb)" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $bench $small --random-blocks
+expect_fail "mismatched TP options are refused (ucx $vdeb)" 60 "do not divide" $bench --heads 6 --decode-tp 4
 
-section "kvx_bench, spread (two network namespaces, UCX over TCP on a veth)"
-entry "spread 1->1 HND random" 180 bash tests/lib/two_hosts.sh $small --random-blocks
-entry "spread 2->4 NHD random" 180 bash tests/lib/two_hosts.sh $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
-entry "spread 4->2 HND consecutive" 180 bash tests/lib/two_hosts.sh $small --prefill-tp 4 --decode-tp 2
-entry "spread 1 KV head replicated, 1->2" 180 bash tests/lib/two_hosts.sh $small --random-blocks --heads 1 --decode-tp 2
+section "kvx_bench, spread (two network namespaces, UCX $vdeb over TCP on a veth)"
+entry "spread ucx $vdeb 1->1 HND random" 180 bash tests/lib/two_hosts.sh $small --random-blocks
+entry "spread ucx $vdeb 2->4 NHD random" 180 bash tests/lib/two_hosts.sh $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
+entry "spread ucx $vdeb 4->2 HND consecutive" 180 bash tests/lib/two_hosts.sh $small --prefill-tp 4 --decode-tp 2
+entry "spread ucx $vdeb 1 KV head replicated, 1->2" 180 bash tests/lib/two_hosts.sh $small --random-blocks --heads 1 --decode-tp 2
+
+# UCX 1.22 from the libucx wheel (make builds build/ucx122/ against it): the
+# UCX suites again, each line naming the version.
+U=$B/ucx122
+if [ -x $U/test_unit ]; then
+  v=$(sed -n 's/^#define UCP_API_MINOR *\([0-9]*\).*/1.\1/p' "$(cat $U/prefix)/include/ucp/api/ucp_version.h")
+  section "UCX $v (the libucx wheel): unit, faults, verify, stress, kvx_bench pack and spread"
+  entry "unit (ucx $v default)" 120 $U/test_unit
+  entry "unit (ucx $v tcp)" 120 env UCX_TLS=tcp $U/test_unit
+  entry "unit (ucx $v, asan+ubsan)" 300 $U/test_unit.asan
+  entry "owner failures (ucx $v default)" 180 $U/test_owner_failures
+  entry "owner failures (ucx $v tcp)" 180 env UCX_TLS=tcp $U/test_owner_failures
+  entry "owner failures (ucx $v tcp, asan+ubsan)" 300 env UCX_TLS=tcp $U/test_owner_failures.asan
+  entry "reader failures (ucx $v tcp)" 180 env UCX_TLS=tcp $U/test_reader_failures
+  entry "hostile input (ucx $v tcp)" 180 env UCX_TLS=tcp $U/test_hostile_input
+  entry "verify mode (ucx $v default)" 120 $U/test_verify
+  entry "stress: 8 peers, 4 queues, 20000 reads (ucx $v tcp)" 300 env UCX_TLS=tcp $U/test_stress
+  entry "pack ucx $v 1->1 HND random" 120 $U/kvx_bench $small --random-blocks
+  entry "pack ucx $v 1->2 HND random" 120 $U/kvx_bench $small --random-blocks --prefill-tp 1 --decode-tp 2
+  entry "pack ucx $v 2->4 NHD random" 120 $U/kvx_bench $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
+  entry "pack ucx $v 4->2 NHD random" 120 $U/kvx_bench $small --random-blocks --prefill-tp 4 --decode-tp 2 --layout NHD
+  entry "pack ucx $v 1 KV head replicated, 1->2" 120 $U/kvx_bench $small --random-blocks --heads 1 --prefill-tp 1 --decode-tp 2
+  entry "pack ucx $v shared memory (UCX_TLS=sm) 2->1 NHD" 120 env UCX_TLS=sm $U/kvx_bench $small --random-blocks --prefill-tp 2 --layout NHD
+  entry "pack ucx $v 2->4 NHD random, kvx verifies every block" 120 $U/kvx_bench $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1
+  entry "spread ucx $v 1->1 HND random" 180 env KVX_BENCH=$U/kvx_bench bash tests/lib/two_hosts.sh $small --random-blocks
+  entry "spread ucx $v 2->4 NHD random" 180 env KVX_BENCH=$U/kvx_bench bash tests/lib/two_hosts.sh $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
+else
+  entry "UCX 1.22 (the libucx wheel) is built" 10 test -x $U/test_unit
+fi
 
 runner_end
