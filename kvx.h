@@ -60,6 +60,7 @@
         KVX_TEST_HOOK_BEFORE_VERIFY(rd)            before a host read is checked
         KVX_TEST_HOOK_CUDA_BEFORE_CHECK(rd, stream)  before a GPU read's check kernel
         KVX_TEST_HOOK_OFI_MR_MODE                  mr_mode bits libfabric did not ask for
+        KVX_TEST_HOOK_UCX_NATIVE_GET               1: ucp_get_nbx for software-served peers
     An engine's own tests need none of them: KVX_BACKEND_LOCAL runs the whole
     API in one process without a network.
 

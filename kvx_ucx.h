@@ -32,6 +32,12 @@
 #include "kvx_ucx_get.h"
 
 #define KVX__UCX_AM_NOTIFY 0x4b
+/* Test seam (kvx.h, TEST SEAMS): read software-served peers with UCX's own
+   ucp_get_nbx instead of kvx's get, to see what a UCX version does when a
+   reader dies mid-read (UCX 1.13 aborts the owner). */
+#if !defined(KVX_TEST_HOOK_UCX_NATIVE_GET)
+#  define KVX_TEST_HOOK_UCX_NATIVE_GET 0
+#endif
 
 typedef struct kvx__ucx {
     ucp_context_h context;
@@ -413,7 +419,7 @@ KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
         }
     kvx__ucx_transport(p, h);
     p->be_flags = 0;
-    if (strstr(p->transport, "(sw)")) p->be_flags |= KVX__UCX_PEER_AM_GET;  /* served in software: by kvx's own get (above) */
+    if (strstr(p->transport, "(sw)") && !KVX_TEST_HOOK_UCX_NATIVE_GET) p->be_flags |= KVX__UCX_PEER_AM_GET;  /* served in software: by kvx's own get */
     p->gather = (p->be_flags & KVX__UCX_PEER_AM_GET) != 0;  /* the owner sends a block's pieces (NHD tokens) as one reply */
     if ((s = kvx__ucx_probe(ctx, p)) != UCS_OK) {
         kvx__ucx_disconnect(ctx, p);
