@@ -1631,6 +1631,17 @@ KVX__PRIV kvx_status kvx__verify(kvx__read *rd) {
     return rd->q->ctx->be_ops->csum_verify(rd);
 }
 
+/* One backend call issuing op (NULL: the whole read, post_read), counted
+   outstanding on read, queue and peer from before the call, since a backend
+   may complete it inside; KVX_PENDING or an error leaves nothing counted. */
+KVX__PRIV kvx_status kvx__issue(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op) {
+    kvx_status st;
+    rd->ops_out++; rd->q->ops_out++; rd->peer->ops_out++;
+    st = op ? ctx->be_ops->post(ctx, rd, op) : ctx->be_ops->post_read(ctx, rd);
+    if (st != KVX_OK) { rd->ops_out--; rd->q->ops_out--; rd->peer->ops_out--; }
+    return st;
+}
+
 /* Issue ops of live reads, oldest first, while the queue has room. */
 KVX__PRIV void kvx__pump(kvx_queue *q) {
     kvx_ctx *ctx = q->ctx;
@@ -1656,12 +1667,9 @@ KVX__PRIV void kvx__pump(kvx_queue *q) {
             rd->peer->connected = 1;
         }
         if (ctx->be_ops->post_read) {
-            kvx_status st;
-            rd->ops_out++; q->ops_out++; rd->peer->ops_out++;
-            st = ctx->be_ops->post_read(ctx, rd);
-            if (st == KVX_PENDING) { rd->ops_out--; q->ops_out--; rd->peer->ops_out--; return; }
+            kvx_status st = kvx__issue(ctx, rd, NULL);
+            if (st == KVX_PENDING) return;
             if (st != KVX_OK) {
-                rd->ops_out--; q->ops_out--; rd->peer->ops_out--;
                 if (rd->status == KVX_PENDING) rd->status = st;
             } else {
                 rd->whole = 1;
@@ -1673,11 +1681,9 @@ KVX__PRIV void kvx__pump(kvx_queue *q) {
         while (!rd->issuing_done && q->ops_out < q->max_ops) {
             kvx_status st;
             if (!kvx__cursor_op(rd, q->runs, q->max_runs, &op)) { rd->issuing_done = 1; break; }
-            rd->ops_out++; q->ops_out++; rd->peer->ops_out++;
-            st = ctx->be_ops->post(ctx, rd, &op);
-            if (st == KVX_PENDING) { rd->ops_out--; q->ops_out--; rd->peer->ops_out--; return; }
+            st = kvx__issue(ctx, rd, &op);
+            if (st == KVX_PENDING) return;
             if (st != KVX_OK) {
-                rd->ops_out--; q->ops_out--; rd->peer->ops_out--;
                 if (rd->status == KVX_PENDING) rd->status = st;
                 rd->issuing_done = 1;
                 break;
