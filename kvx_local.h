@@ -232,34 +232,44 @@ KVX__PRIV kvx_status kvx__local_connect(kvx_ctx *ctx, kvx_peer *p) {
     return KVX_OK;
 }
 
-/* Take back every op of this reader to p that is not done yet, and every
-   completion not yet reported; report them all now. */
+/* Move from *list to *taken the ops of reader me to p: of read rd, or of
+   any read (rd NULL). */
+KVX__PRIV void kvx__local_take(kvx__local_op **list, const kvx__local *me, const kvx_peer *p, const kvx__read *rd, kvx__local_op **taken) {
+    kvx__local_op *o;
+    while ((o = *list) != NULL) {
+        if (o->reader == me && o->peer == p && o->rd && (!rd || o->rd == rd)) { *list = o->next; o->next = *taken; *taken = o; }
+        else list = &o->next;
+    }
+}
+
+/* Report a detached list of ops to their reads, then keep the ops for reuse.
+   Outside the registry's mutex: a read that finishes may notify, which
+   takes it. */
+KVX__PRIV int kvx__local_report(kvx__local *me, kvx__local_op *list) {
+    kvx__local_op *o, *n;
+    int k = 0;
+    for (o = list; o; o = o->next, k++) kvx__op_done(o->rd, o->st, o->why);
+    pthread_mutex_lock(&kvx__local_mu);
+    for (o = list; o; o = n) { n = o->next; kvx__local_op_free(me, o); }
+    pthread_mutex_unlock(&kvx__local_mu);
+    return k;
+}
+
+/* Take back every op of this reader to p (of rd, or of any read) that is
+   not done yet, and every completion not yet reported; report them all now
+   with st. */
 KVX__PRIV void kvx__local_recall(kvx_ctx *ctx, kvx_peer *p, kvx__read *rd, kvx_status st, const char *why) {
     kvx__local *me = kvx__local_of(ctx), *owner;
-    kvx__local_op *taken = NULL, **op, *o;
+    kvx__local_op *taken = NULL, *o;
     pthread_mutex_lock(&kvx__local_mu);
     if ((owner = kvx__local_find((uint64_t)(uintptr_t)p->be)) != NULL) {
-        for (op = &owner->todo; *op;) {
-            o = *op;
-            if (o->reader == me && o->peer == p && o->rd && (!rd || o->rd == rd)) { *op = o->next; o->next = taken; taken = o; }
-            else op = &o->next;
-        }
+        kvx__local_take(&owner->todo, me, p, rd, &taken);
         for (owner->todo_tail = &owner->todo; *owner->todo_tail; owner->todo_tail = &(*owner->todo_tail)->next) {}
     }
-    for (op = &me->done; *op;) {
-        o = *op;
-        if (o->peer == p && o->rd && (!rd || o->rd == rd)) { *op = o->next; o->next = taken; taken = o; }
-        else op = &o->next;
-    }
+    kvx__local_take(&me->done, me, p, rd, &taken);
     pthread_mutex_unlock(&kvx__local_mu);
-    while ((o = taken) != NULL) {
-        kvx__read *r = o->rd;
-        taken = o->next;
-        pthread_mutex_lock(&kvx__local_mu);
-        kvx__local_op_free(me, o);
-        pthread_mutex_unlock(&kvx__local_mu);
-        kvx__op_done(r, st, why);
-    }
+    for (o = taken; o; o = o->next) { o->st = st; o->why = why; }
+    kvx__local_report(me, taken);
 }
 
 KVX__PRIV void kvx__local_disconnect(kvx_ctx *ctx, kvx_peer *p) {
@@ -353,24 +363,12 @@ KVX__PRIV int kvx__local_serve(kvx_ctx *ctx) {
 /* As reader: report what owners finished. */
 KVX__PRIV int kvx__local_reap(kvx_ctx *ctx) {
     kvx__local *l = kvx__local_of(ctx);
-    kvx__local_op *list, *o;
-    int n = 0;
+    kvx__local_op *list;
     pthread_mutex_lock(&kvx__local_mu);
     list = l->done;
     l->done = NULL;
     pthread_mutex_unlock(&kvx__local_mu);
-    while ((o = list) != NULL) {
-        kvx__read *rd = o->rd;
-        kvx_status st = o->st;
-        const char *why = o->why;
-        list = o->next;
-        pthread_mutex_lock(&kvx__local_mu);
-        kvx__local_op_free(l, o);
-        pthread_mutex_unlock(&kvx__local_mu);
-        kvx__op_done(rd, st, why);
-        n++;
-    }
-    return n;
+    return kvx__local_report(l, list);
 }
 
 /*--- progress -----------------------------------------------------------------*/
