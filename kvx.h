@@ -61,6 +61,7 @@
         KVX_TEST_HOOK_CUDA_BEFORE_CHECK(rd, stream)  before a GPU read's check kernel
         KVX_TEST_HOOK_OFI_MR_MODE                  mr_mode bits libfabric did not ask for
         KVX_TEST_HOOK_UCX_NATIVE_GET               1: ucp_get_nbx for software-served peers
+        KVX_TEST_HOOK_UCX_NO_PROBE                 1: no first read at connect
     An engine's own tests need none of them: KVX_BACKEND_LOCAL runs the whole
     API in one process without a network.
 
@@ -177,7 +178,7 @@ typedef enum kvx_backend {
 } kvx_backend;
 
 typedef enum kvx_log_level {
-    KVX_LOG_DEFAULT = 0,        /* KVX_LOG from the environment, else errors only */
+    KVX_LOG_DEFAULT = 0,        /* KVX_LOG from the environment, else errors and warnings */
     KVX_LOG_OFF = 1,
     KVX_LOG_ERROR = 2,
     KVX_LOG_WARN = 3,
@@ -476,6 +477,9 @@ typedef struct kvx__cache_info {
     uint32_t csum_region;       /* the checksum table's region (the last), or KVX__NO_CSUM */
     uint32_t *csum;             /* local host caches: the table, [layer][plane][block][head] */
     uint64_t csum_dev;          /* local GPU caches: the same table in device memory (kvx_cuda.h) */
+    /* a peer's cache: how the backend reads it, set at connect */
+    uint32_t be_flags;          /* the backend's own */
+    int gather;                 /* the backend takes a block's pieces as one op (kvx__op.count) */
 } kvx__cache_info;
 
 struct kvx_cache {
@@ -489,7 +493,7 @@ typedef struct kvx__op {
     uint64_t laddr, raddr, len;
     uint32_t lreg, rreg;        /* region indices, local cache and remote cache */
     uint32_t count;             /* pieces of len bytes, the next at +lstride here and +rstride there; */
-    uint64_t lstride, rstride;  /* more than 1 only to a peer with kvx_peer.gather */
+    uint64_t lstride, rstride;  /* more than 1 only from a cache with kvx__cache_info.gather */
 } kvx__op;
 
 /* Per-block piece geometry of a read (head-range intersection). */
@@ -517,13 +521,12 @@ struct kvx_peer {
     uint32_t addr_len;
     uint32_t ncaches;
     kvx__cache_info *caches;
-    char transport[96];
+    char transport[160];
     int connected;
     int failed;                 /* the transport reported the peer dead */
     uint32_t ops_out;           /* transport operations outstanding to this peer */
     void *be;
     uint32_t be_flags;          /* the backend's own, per peer */
-    int gather;                 /* the backend takes a block's pieces as one op (kvx__op.count) */
 };
 
 struct kvx__read {
@@ -1020,7 +1023,7 @@ KVX__PRIV void kvx__host_identity(char *out, size_t cap, const char *given) {
 
 KVX__PRIV kvx_log_level kvx__env_log_level(void) {
     const char *e = getenv("KVX_LOG");
-    if (!e || !*e) return KVX_LOG_ERROR;
+    if (!e || !*e) return KVX_LOG_WARN;  /* errors, and warnings: a fallback is never silent */
     if (!strcmp(e, "off")) return KVX_LOG_OFF;
     if (!strcmp(e, "error")) return KVX_LOG_ERROR;
     if (!strcmp(e, "warn")) return KVX_LOG_WARN;
@@ -1816,7 +1819,7 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
     q->run_head = (q->run_head + nruns) % q->max_runs;
     q->run_used += nruns;
     planes = (rd->layer_end - rd->layer_begin) * rd->lc->lay.kv_planes;
-    rd->gather = rd->peer->gather && !rd->g.run_merge && rd->g.npieces > 1;
+    rd->gather = rd->rc->gather && !rd->g.run_merge && rd->g.npieces > 1;
     per_plane_ops = rd->g.run_merge ? nruns : (uint64_t)r->num_blocks * (rd->gather ? 1u : rd->g.npieces);
     rd->ops_total = per_plane_ops * planes;
     if (rd->verify) {  /* one small read of checksums per sampled block and plane */

@@ -38,6 +38,11 @@
 #if !defined(KVX_TEST_HOOK_UCX_NATIVE_GET)
 #  define KVX_TEST_HOOK_UCX_NATIVE_GET 0
 #endif
+/* Test seam: no first read at connect, to see what a UCX version does when
+   a reader dies while the owner's side is still in wireup. */
+#if !defined(KVX_TEST_HOOK_UCX_NO_PROBE)
+#  define KVX_TEST_HOOK_UCX_NO_PROBE 0
+#endif
 
 typedef struct kvx__ucx {
     ucp_context_h context;
@@ -46,8 +51,14 @@ typedef struct kvx__ucx {
     size_t addr_len;
     int efd;
     uint64_t mem_types;
+    unsigned version;           /* of the UCX running, major << 8 | minor */
+    ucp_mem_h scratch;          /* GPU memory UCX allocated: where a GPU cache's first read lands */
+    void *scratch_addr;
     kvx__ucx_getter get;        /* kvx's own get (kvx_ucx_get.h) */
 } kvx__ucx;
+
+#define KVX__UCX_VERSION(major, minor) ((unsigned)(major) << 8 | (unsigned)(minor))
+#define KVX__UCX_SCRATCH (256u << 10)  /* bytes of a GPU cache's first read */
 
 KVX__PRIV kvx__ucx *kvx__ucx_of(kvx_ctx *ctx) { return (kvx__ucx *)ctx->be; }
 KVX__PRIV kvx__ucx_getter *kvx__ucx_getter_of(kvx_ctx *ctx) { return &kvx__ucx_of(ctx)->get; }
@@ -72,6 +83,7 @@ KVX__PRIV ucs_status_t kvx__ucx_am_cb(void *arg, const void *header, size_t head
 KVX__PRIV void kvx__ucx_close(kvx_ctx *ctx) {
     kvx__ucx *u = kvx__ucx_of(ctx);
     if (!u) return;
+    if (u->scratch) ucp_mem_unmap(u->context, u->scratch);
     if (u->addr) ucp_worker_release_address(u->worker, u->addr);
     if (u->worker) ucp_worker_destroy(u->worker);
     if (u->context) ucp_cleanup(u->context);
@@ -88,11 +100,14 @@ KVX__PRIV kvx_status kvx__ucx_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     ucp_am_handler_param_t am;
     ucp_context_attr_t attr;
     ucs_status_t s;
+    unsigned major, minor, release;
     kvx__ucx *u = (kvx__ucx *)kvx__calloc(1, sizeof *u);
     (void)desc;
     if (!u) return kvx__fail(ctx, KVX_ERR_NOMEM, "ucx: out of memory");
     ctx->be = u;
     u->efd = -1;
+    ucp_get_version(&major, &minor, &release);  /* the library loaded, which may not be the headers' */
+    u->version = KVX__UCX_VERSION(major, minor);
     if ((s = ucp_config_read(NULL, NULL, &cfg)) != UCS_OK) { kvx__ucx_close(ctx); return kvx__ucx_fail(ctx, "ucp_config_read", s); }
     /* Not UCX_PROTO_ENABLE=y on 1.13: its newer protocols cannot abort a
        software get (an assertion in ucp_ep_reqs_purge) when a peer fails. */
@@ -136,10 +151,13 @@ KVX__PRIV kvx_status kvx__ucx_mem_register(kvx_ctx *ctx, const kvx__cache_info *
     size_t len;
     ucs_status_t s;
     if (ci->mem == KVX_MEM_CUDA && !(u->mem_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA)))
-        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "ucx %s was built without CUDA support (no cuda memory type in ucp_context_query): "
-                         "it cannot take GPU memory; install a CUDA-enabled UCX (ucx-cuda / UCX built --with-cuda) or use the CUDA backend",
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "ucx %s takes no GPU memory (ucp_context_query lists no cuda memory type: UCX was "
+                         "built without CUDA support, or its CUDA module found no driver): install a CUDA-enabled UCX (PyPI's "
+                         "libucx-cu12 or libucx-cu13, or UCX configured --with-cuda) or use the CUDA backend",
                          ucp_get_version_string());
     memset(&mp, 0, sizeof mp);
+    /* No memory type given: UCX detects it. UCX 1.22 told "cuda" fails to
+       register GPU memory (rcache: "failed to insert region [0x0..0x0]"). */
     mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
     mp.address = (void *)(uintptr_t)r->addr;
     mp.length = (size_t)r->len;
@@ -346,8 +364,8 @@ KVX__PRIV ucs_status_t kvx__ucx_wireup(kvx_ctx *ctx, ucp_ep_h h) {
 KVX__PRIV ucs_status_t kvx__ucx_probe(kvx_ctx *ctx, kvx_peer *p) {
     ucp_request_param_t prm;
     uint8_t buf[8];
-    if (!p->ncaches || !p->caches[0].nregions) return UCS_OK;
-    if (p->be_flags & KVX__UCX_PEER_AM_GET) {
+    if (!p->ncaches || !p->caches[0].nregions || KVX_TEST_HOOK_UCX_NO_PROBE) return UCS_OK;
+    if (p->caches[0].be_flags & KVX__UCX_BY_KVX_GET) {
         volatile ucs_status_t got = UCS_INPROGRESS;
         uint64_t until = kvx__now_ns() + (uint64_t)ctx->timeout_ms * 1000000ull;
         kvx__op one;
@@ -362,6 +380,146 @@ KVX__PRIV ucs_status_t kvx__ucx_probe(kvx_ctx *ctx, kvx_peer *p) {
     memset(&prm, 0, sizeof prm);
     return kvx__ucx_wait_req(ctx, ucp_get_nbx((ucp_ep_h)p->be, buf, 1, p->caches[0].regions[0].addr,
                                               (ucp_rkey_h)p->caches[0].regions[0].be, &prm));
+}
+
+/* The transports named in UCX's description of a request (1.22: "get into
+   host memory length 65536 zero-copy cma/memory ..." or "... software
+   emulation tcp/lo"): each "tl/device" word, joined by '+'; *one_sided when
+   one of them moves a get without the owner's CPU. 0 if none is named. */
+KVX__PRIV int kvx__ucx_info_tls(const char *info, char *tls, size_t cap, int *one_sided) {
+    const char *w = info;
+    size_t used = 0;
+    *one_sided = 0;
+    tls[0] = 0;
+    while (*w) {
+        const char *e = w, *slash;
+        size_t n;
+        while (*e && *e != ' ' && *e != ',') e++;
+        slash = (const char *)memchr(w, '/', (size_t)(e - w));
+        n = slash ? (size_t)(slash - w) : 0;
+        if (n && n < 24 && w[0] >= 'a' && w[0] <= 'z' && strncmp(w, "MB/", 3)) {
+            char tl[24];
+            memcpy(tl, w, n);
+            tl[n] = 0;
+            if (kvx__ucx_one_sided(tl)) *one_sided = 1;
+            if (!strstr(tls, tl) && used + n + 2 < cap) {
+                if (used) tls[used++] = '+';
+                memcpy(tls + used, tl, n + 1);
+                used += n;
+            }
+        }
+        w = *e ? e + 1 : e;
+    }
+    if (strstr(info, "emulation")) *one_sided = 0;
+    return used != 0;
+}
+
+#if defined(UCP_API_VERSION) && UCP_API_VERSION >= UCP_VERSION(1, 14)
+KVX__PRIV int kvx__ucx_ep_has(ucp_ep_h ep, const char *name) {
+    ucp_transport_entry_t tl[16];
+    ucp_ep_attr_t attr;
+    unsigned i;
+    memset(&attr, 0, sizeof attr);
+    memset(tl, 0, sizeof tl);
+    attr.field_mask = UCP_EP_ATTR_FIELD_TRANSPORTS;
+    attr.transports.entries = tl;
+    attr.transports.num_entries = 16;
+    attr.transports.entry_size = sizeof tl[0];
+    if (ucp_ep_query(ep, &attr) != UCS_OK) return 0;
+    for (i = 0; i < attr.transports.num_entries && i < 16; i++)
+        if (tl[i].transport_name && !strcmp(tl[i].transport_name, name)) return 1;
+    return 0;
+}
+#else
+KVX__PRIV int kvx__ucx_ep_has(ucp_ep_h ep, const char *name) { (void)ep; (void)name; return 0; }
+#endif
+
+/* GPU memory of UCX's own, where a GPU cache's first read lands (so UCX
+   picks the path a GPU-to-GPU read takes). NULL where UCX cannot allocate it. */
+KVX__PRIV void *kvx__ucx_scratch(kvx_ctx *ctx) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    ucp_mem_map_params_t mp;
+    ucp_mem_attr_t ma;
+    if (u->scratch_addr || !(u->mem_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA))) return u->scratch_addr;
+    memset(&mp, 0, sizeof mp);
+    mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH | UCP_MEM_MAP_PARAM_FIELD_FLAGS |
+                    UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE;
+    mp.length = KVX__UCX_SCRATCH;
+    mp.flags = UCP_MEM_MAP_ALLOCATE;
+    mp.memory_type = UCS_MEMORY_TYPE_CUDA;
+    if (ucp_mem_map(u->context, &mp, &u->scratch) != UCS_OK) { u->scratch = NULL; return NULL; }
+    memset(&ma, 0, sizeof ma);
+    ma.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS;
+    if (ucp_mem_query(u->scratch, &ma) != UCS_OK) { ucp_mem_unmap(u->context, u->scratch); u->scratch = NULL; return NULL; }
+    u->scratch_addr = ma.address;
+    return u->scratch_addr;
+}
+
+/* How UCX reads each of a peer's caches (1.22 and later, whose requests
+   describe themselves): a first read of up to one block from each, into
+   host memory for a host cache and into GPU memory for a GPU cache, and
+   UCX's description of it. A cache UCX reads one-sided (cma, cuda_ipc, rc,
+   ...) is read with ucp_get_nbx. One it serves in software goes by kvx's own
+   get if it is host memory, by UCX's get if it is GPU memory (kvx's get
+   lands bytes on the host). The transport string names cache 0's path and
+   each other cache's that differs; a GPU cache not read over cuda_ipc is
+   said in a warning, with UCX's words. */
+KVX__PRIV ucs_status_t kvx__ucx_paths(kvx_ctx *ctx, kvx_peer *p) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    char first[48] = "";
+    uint32_t c;
+    for (c = 0; c < p->ncaches; c++) {
+        kvx__cache_info *rc = &p->caches[c];
+        const kvx__region *r = &rc->regions[0];
+        size_t len = rc->block_bytes < KVX__UCX_SCRATCH ? (size_t)rc->block_bytes : KVX__UCX_SCRATCH;
+        void *buf = rc->mem == KVX_MEM_CUDA ? kvx__ucx_scratch(ctx) : NULL, *host = NULL;
+        char info[320] = "", tls[48], path[64];
+        ucp_request_param_t prm;
+        ucp_request_attr_t ra;
+        ucs_status_ptr_t req;
+        ucs_status_t s;
+        int one_sided = 0;
+        if (!rc->nregions) continue;
+        if (len > r->len) len = (size_t)r->len;
+        if (!len) len = 1;
+        memset(&prm, 0, sizeof prm);
+        prm.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+        if (buf) { prm.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMH; prm.memh = u->scratch; }
+        else if (!(buf = host = KVX_MALLOC(len))) return UCS_ERR_NO_MEMORY;
+        req = ucp_get_nbx((ucp_ep_h)p->be, buf, len, r->addr, (ucp_rkey_h)r->be, &prm);
+        if (UCS_PTR_IS_PTR(req)) {
+            memset(&ra, 0, sizeof ra);
+            ra.field_mask = UCP_REQUEST_ATTR_FIELD_INFO_STRING | UCP_REQUEST_ATTR_FIELD_INFO_STRING_SIZE;
+            ra.debug_string = info;
+            ra.debug_string_size = sizeof info;
+            if (ucp_request_query(req, &ra) != UCS_OK) info[0] = 0;
+        }
+        s = kvx__ucx_wait_req(ctx, req);
+        KVX_FREE(host);
+        if (s != UCS_OK) return s;
+        if (!kvx__ucx_info_tls(info, tls, sizeof tls, &one_sided)) { kvx__strlcpy(tls, "unknown", sizeof tls); one_sided = 0; }
+        snprintf(path, sizeof path, "%s%s", tls, one_sided ? "" : " (sw)");
+        rc->be_flags = !one_sided && rc->mem == KVX_MEM_HOST && !KVX_TEST_HOOK_UCX_NATIVE_GET ? KVX__UCX_BY_KVX_GET : 0u;
+        rc->gather = (rc->be_flags & KVX__UCX_BY_KVX_GET) != 0;  /* the owner sends a block's pieces (NHD tokens) as one reply */
+        p->be_flags |= rc->be_flags;
+        if (c == 0) {
+            kvx__strlcpy(first, path, sizeof first);
+            snprintf(p->transport, sizeof p->transport, "ucx:%s", path);
+        } else if (strcmp(path, first)) {
+            size_t n = strlen(p->transport);
+            snprintf(p->transport + n, sizeof p->transport - n, ", cache %u: %s", c, path);
+        }
+        if (rc->mem == KVX_MEM_CUDA && !strstr(tls, "cuda_ipc"))
+            KVX__LOG(ctx, KVX_LOG_WARN, "ucx %s: GPU cache %u of %s/%d is read over %s, not cuda_ipc: %s; UCX: \"%s\"",
+                     ucp_get_version_string(), c, p->name, p->rank, path,
+                     kvx__ucx_ep_has((ucp_ep_h)p->be, "cuda_ipc")
+                         ? "this endpoint has cuda_ipc, but UCX did not take it for this read: UCX turns cuda_ipc gets off "
+                           "where it sees no NVLink (UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y turns them on), and cannot map memory "
+                           "it cannot export (VMM without a shareable handle, some pools); kvx's CUDA backend reads both"
+                         : "no cuda_ipc to this peer (another host, a GPU it cannot map, or UCX_TLS)",
+                     info);
+    }
+    return UCS_OK;
 }
 
 /* Endpoint choice. kvx asks for peer failure handling, so that a dead peer
@@ -419,9 +577,21 @@ KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
         }
     kvx__ucx_transport(p, h);
     p->be_flags = 0;
-    if (strstr(p->transport, "(sw)") && !KVX_TEST_HOOK_UCX_NATIVE_GET) p->be_flags |= KVX__UCX_PEER_AM_GET;  /* served in software: by kvx's own get */
-    p->gather = (p->be_flags & KVX__UCX_PEER_AM_GET) != 0;  /* the owner sends a block's pieces (NHD tokens) as one reply */
-    if ((s = kvx__ucx_probe(ctx, p)) != UCS_OK) {
+    if (kvx__ucx_of(ctx)->version >= KVX__UCX_VERSION(1, 22)) {
+        s = kvx__ucx_paths(ctx, p);  /* each cache's path, from UCX's own words; no wireup abort to avoid */
+    } else {
+        /* Before 1.22 (and on 1.13, whose requests do not describe themselves)
+           the endpoint's lanes decide for every cache: served in software
+           means by kvx's own get. Then the first read completes the wireup. */
+        int sw = strstr(p->transport, "(sw)") && !KVX_TEST_HOOK_UCX_NATIVE_GET;
+        for (c = 0; c < p->ncaches; c++) {
+            p->caches[c].be_flags = sw && p->caches[c].mem == KVX_MEM_HOST ? KVX__UCX_BY_KVX_GET : 0u;
+            p->caches[c].gather = (p->caches[c].be_flags & KVX__UCX_BY_KVX_GET) != 0;
+            p->be_flags |= p->caches[c].be_flags;
+        }
+        s = kvx__ucx_probe(ctx, p);
+    }
+    if (s != UCS_OK) {
         kvx__ucx_disconnect(ctx, p);
         if (s == UCS_ERR_TIMED_OUT)
             return kvx__fail(ctx, KVX_ERR_TIMEOUT, "ucx: %s/%d (pid %u on %s) did not serve a first read within %u ms",
@@ -445,6 +615,15 @@ KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
     return KVX_OK;
 }
 
+/* kvx's get lands bytes with the host's memcpy: not into a GPU cache. */
+KVX__PRIV kvx_status kvx__ucx_can_read(kvx_ctx *ctx, const kvx__cache_info *lc, const kvx_peer *p, const kvx__cache_info *rc) {
+    if ((rc->be_flags & KVX__UCX_BY_KVX_GET) && lc->mem != KVX_MEM_HOST)
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "ucx %s: GPU cache %u cannot take a read of host cache %u of %s/%d over %s: "
+                         "that path is served in software by kvx's own get, which lands bytes on the host; read into a host cache",
+                         ucp_get_version_string(), lc->id, rc->id, p->name, p->rank, p->transport);
+    return KVX_OK;
+}
+
 KVX__PRIV void kvx__ucx_get_cb(void *req, ucs_status_t status, void *user) {
     kvx__op_done((kvx__read *)user, status == UCS_OK ? KVX_OK : status == UCS_ERR_CANCELED ? KVX_ERR_CANCELED : KVX_ERR_PEER,
                  ucs_status_string(status));
@@ -456,7 +635,7 @@ KVX__PRIV kvx_status kvx__ucx_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *o
     ucs_status_ptr_t sp;
     /* kvx's get for software-served peers, and for an op of several pieces
        (the peer gathered when the read was posted, before a reconnect) */
-    if ((rd->peer->be_flags & KVX__UCX_PEER_AM_GET) || op->count > 1) return kvx__ucx_get_post(ctx, rd, rd->peer, op, NULL);
+    if ((rd->rc->be_flags & KVX__UCX_BY_KVX_GET) || op->count > 1) return kvx__ucx_get_post(ctx, rd, rd->peer, op, NULL);
     prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMH;
     prm.cb.send = kvx__ucx_get_cb;
     prm.user_data = rd;
@@ -522,7 +701,7 @@ KVX__PRIV const kvx__backend kvx__ucx_backend = {
     KVX__F(mem_deregister) kvx__ucx_mem_deregister,
     KVX__F(connect) kvx__ucx_connect,
     KVX__F(disconnect) kvx__ucx_disconnect,
-    KVX__F(can_read) NULL,
+    KVX__F(can_read) kvx__ucx_can_read,
     KVX__F(queue_open) NULL,
     KVX__F(queue_close) NULL,
     KVX__F(post) kvx__ucx_post,

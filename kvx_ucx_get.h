@@ -24,7 +24,7 @@
 #define KVX__UCX_AM_GET_REPLY 0x4d      /* ... and the reply with the bytes */
 #define KVX__UCX_GET_PART (1u << 20)    /* bytes one request asks for: the owner sends each eagerly */
 #define KVX__UCX_GET_PIECES 4096u       /* pieces one request asks for (the owner's iov for the reply) */
-#define KVX__UCX_PEER_AM_GET 1u         /* kvx_peer.be_flags: reads go by kvx's get */
+#define KVX__UCX_BY_KVX_GET 1u          /* be_flags of a peer's cache: read by kvx's get; of a peer: some cache is */
 
 /* One outstanding get of kvx's own (a read op, or the connect probe). Its id
    is (gen << 32) | index, so a reply or a send completion that comes after
@@ -349,7 +349,7 @@ KVX__PRIV void kvx__ucx_get_cancel(kvx_ctx *ctx, kvx_peer *p) {
 KVX__PRIV void kvx__ucx_abandon(kvx_ctx *ctx, kvx__read *rd) {
     kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
     uint32_t i;
-    if (!(rd->peer->be_flags & KVX__UCX_PEER_AM_GET)) return;
+    if (!(rd->rc->be_flags & KVX__UCX_BY_KVX_GET)) return;
     for (i = 0; i < u->ngets; i++)
         if (u->gets[i].live && u->gets[i].rd == rd) kvx__ucx_get_end(ctx, &u->gets[i], KVX_ERR_TIMEOUT, UCS_ERR_TIMED_OUT, "timed out");
 }

@@ -33,7 +33,7 @@
 #define FILLED 16u
 
 static kvx_tc_kernels K;
-static int dev_own, dev_dec, quick;
+static int dev_own, dev_dec, quick, ucx_gpu;
 static int side_checksums;     /* the reader's cache keeps checksums (section 5) */
 static uint32_t read_verify;   /* kvx_read.verify of every post */
 static CUcontext ctx_dec, ctx_own;
@@ -74,7 +74,8 @@ static void side_close(side *d) {
     memset(d, 0, sizeof *d);
 }
 
-static void side_open(side *d, int backend, const kvx_layout *l, int rank, int tp, uint32_t max_blocks, void *stream, const void *md, uint32_t len) {
+/* gpu_mem: the reader's cache in GPU memory (always, on the CUDA backend). */
+static void side_open_mem(side *d, int backend, int gpu_mem, const kvx_layout *l, int rank, int tp, uint32_t max_blocks, void *stream, const void *md, uint32_t len) {
     kvx_ctx_desc cd;
     kvx_cache_desc c;
     kvx_queue_desc qd;
@@ -85,7 +86,7 @@ static void side_open(side *d, int backend, const kvx_layout *l, int rank, int t
     cd.progress_thread = backend == KVX_BACKEND_UCX;
     cuCtxSetCurrent(ctx_dec);
     if (kvx_ctx_create(&cd, &d->ctx) != KVX_OK) die(kvx_ctx_error(NULL));
-    if (backend == KVX_BACKEND_CUDA) {
+    if (backend == KVX_BACKEND_CUDA || gpu_mem) {
         if (kvx_ex_gpu_alloc(&d->g, l, rank, tp, dev_dec, KVX_EX_CUMEMALLOC)) die(kvx_ex_gpu_err);
         c = kvx_ex_gpu_desc(&d->g);
         c.checksums = side_checksums;
@@ -100,6 +101,38 @@ static void side_open(side *d, int backend, const kvx_layout *l, int rank, int t
     qd.cuda.stream = stream;
     if (kvx_queue_create(d->ctx, &qd, &d->q) != KVX_OK) die(kvx_ctx_error(d->ctx));
     if (kvx_peer_add(d->ctx, md, len, &d->peer) != KVX_OK) die(kvx_ctx_error(d->ctx));
+}
+
+static void side_open(side *d, int backend, const kvx_layout *l, int rank, int tp, uint32_t max_blocks, void *stream, const void *md, uint32_t len) {
+    side_open_mem(d, backend, 0, l, rank, tp, max_blocks, stream, md, len);
+}
+
+/* Does the UCX linked in take GPU memory (built with CUDA, as the libucx
+   wheel is)? Then table 1 has kvx over UCX beside the CUDA backend. */
+static int ucx_takes_gpu(void) {
+#if defined(KVX_UCX)
+    kvx_ctx_desc cd;
+    kvx_ctx *u;
+    kvx_ex_gpu g;
+    kvx_cache_desc c;
+    kvx_cache *cache;
+    kvx_layout l = layout(4, 1, 4, KVX_ORDER_HND);
+    int ok = 0;
+    memset(&cd, 0, sizeof cd);
+    cd.backend = KVX_BACKEND_UCX;
+    cd.log_level = KVX_LOG_ERROR;
+    cuCtxSetCurrent(ctx_dec);
+    if (kvx_ctx_create(&cd, &u) != KVX_OK) return 0;
+    if (!kvx_ex_gpu_alloc(&g, &l, 0, 1, dev_dec, KVX_EX_CUMEMALLOC)) {
+        c = kvx_ex_gpu_desc(&g);
+        ok = kvx_cache_register(u, &c, &cache) == KVX_OK;
+        kvx_ex_gpu_free(&g);
+    }
+    kvx_ctx_destroy(u);
+    return ok;
+#else
+    return 0;
+#endif
 }
 
 static kvx_ticket post(side *d, const uint32_t *dst, const uint32_t *src, uint32_t n) {
@@ -331,10 +364,12 @@ int main(int argc, char **argv) {
     }
     fflush(stdout);
 
-    /* 1. throughput */
-    printf("\n| block | layout | kvx GB/s | one %s copy GB/s | kvx / copy | cuMemcpyAsync per block GB/s | kvx GB/s, consecutive blocks | transport |\n",
-           two ? "cuMemcpyPeerAsync" : "D2D");
-    printf("|---|---|---|---|---|---|---|---|\n");
+    /* 1. throughput; where UCX takes GPU memory, kvx over UCX too (1/16 of
+       the bytes per read: it posts a UCX get per piece) */
+    ucx_gpu = ucx_takes_gpu();
+    printf("\n| block | layout | kvx GB/s | one %s copy GB/s | kvx / copy | cuMemcpyAsync per block GB/s | kvx GB/s, consecutive blocks | transport |%s\n",
+           two ? "cuMemcpyPeerAsync" : "D2D", ucx_gpu ? " kvx over UCX GB/s | UCX / copy | UCX transport |" : "");
+    printf("|---|---|---|---|---|---|---|---|%s\n", ucx_gpu ? "---|---|---|" : "");
     for (i = 0; i < 8; i++) {
         uint32_t k = kib[i % 4], heads = k / 4u, nb;
         kvx_order order = i < 4 ? KVX_ORDER_HND : KVX_ORDER_NHD;
@@ -362,11 +397,26 @@ int main(int argc, char **argv) {
         pb = per_block_rate(block, nb);
         kvx_peer_heads(d.peer, d.cache, 0, &a, &b);
         if (verify(&d, a, a + b)) bad = 1;
-        printf("| %u KiB | %s%s | %.0f | %.0f | %.1f%% | %.1f | %.0f (%.1f%%) | %s |\n", k, order == KVX_ORDER_HND ? "HND" : "NHD",
+        printf("| %u KiB | %s%s | %.0f | %.0f | %.1f%% | %.1f | %.0f (%.1f%%) | %s |", k, order == KVX_ORDER_HND ? "HND" : "NHD",
                dtp == 2 ? " (TP 1->2, 256 B..16 KiB pieces)" : "", kv, ref, 100.0 * kv / ref, pb, kc, 100.0 * kc / ref, kvx_peer_transport(d.peer));
         fflush(stdout);
         side_close(&d);
         kvx_tc_stop(&o);
+        if (ucx_gpu) {
+            uint32_t nu = n / 16 ? n / 16 : 1;
+            double ku;
+            o = spawn_owner(KVX_BACKEND_UCX, 1, &ol, 1, 0, 0, &md, &len);
+            side_open_mem(&d, KVX_BACKEND_UCX, 1, &dl, 0, dtp, 0, NULL, md, len);
+            free(md);
+            ku = kvx_rate(&d, nu, nb, (uint64_t)nu * 2ull * LAYERS * block, 1);
+            kvx_peer_heads(d.peer, d.cache, 0, &a, &b);
+            if (verify(&d, a, a + b)) bad = 1;
+            printf(" %.1f | %.1f%% | %s |", ku, 100.0 * ku / ref, kvx_peer_transport(d.peer));
+            side_close(&d);
+            kvx_tc_stop(&o);
+        }
+        printf("\n");
+        fflush(stdout);
     }
 
     /* 2. latency */

@@ -7,15 +7,21 @@ cd "$(dirname "$0")/.."
 B=build/gpu
 out=$B/bench
 mkdir -p "$out"
-[ -x $B/bench_gpu ] || { echo "$B/bench_gpu is not built: run tests/gpu/build.sh (make gpu-build)"; exit 2; }
+# The build against UCX 1.22 with CUDA (build/gpu/ucx122) where there is one:
+# its table has kvx over UCX beside the CUDA backend, with cuda_ipc gets on
+# (UCX turns them off where it sees no NVLink; then UCX would not use cuda_ipc).
+prog=$B/bench_gpu
+[ -x $B/ucx122/bench_gpu ] && prog=$B/ucx122/bench_gpu
+export UCX_CUDA_IPC_ENABLE_GET_ZCOPY=${UCX_CUDA_IPC_ENABLE_GET_ZCOPY:-y}
+[ -x $prog ] || { echo "$prog is not built: run tests/gpu/build.sh (make gpu-build)"; exit 2; }
 export UCX_NET_DEVICES=${UCX_NET_DEVICES:-lo}
 rc=0
 echo "== one GPU (GPU ${KVX_GPU:-0}), two processes"
-CUDA_VISIBLE_DEVICES=${KVX_GPU:-0} timeout -k 5 ${KVX_BENCH_TIMEOUT:-400} $B/bench_gpu "$@" 2>&1 | tee "$out/one_gpu.txt"
+CUDA_VISIBLE_DEVICES=${KVX_GPU:-0} timeout -k 5 ${KVX_BENCH_TIMEOUT:-400} $prog "$@" 2>&1 | tee "$out/one_gpu.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 if [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -ge 2 ]; then
   echo "== two GPUs: owner on GPU 0, reader on GPU 1"
-  CUDA_VISIBLE_DEVICES=0,1 timeout -k 5 ${KVX_BENCH_TIMEOUT:-400} $B/bench_gpu --two-gpu "$@" 2>&1 | tee "$out/two_gpu.txt"
+  CUDA_VISIBLE_DEVICES=0,1 timeout -k 5 ${KVX_BENCH_TIMEOUT:-400} $prog --two-gpu "$@" 2>&1 | tee "$out/two_gpu.txt"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 exit $rc

@@ -211,7 +211,8 @@ static kvx_ctx *make_ctx(const opts *o, const char *name, int rank, int tp, int 
 
 /*--- a rank's cache ---------------------------------------------------------*/
 
-/* Host memory; with --backends CUDA, GPU memory (device from
+/* Host memory; with --backends CUDA, or any backend with $KVX_BENCH_CUDA_MEM
+   set (UCX built with CUDA), GPU memory (device from
    $KVX_BENCH_PREFILL_GPU / $KVX_BENCH_DECODE_GPU, default 0; allocation from
    $KVX_BENCH_CUDA_MEM = malloc, vmm or pool) whose host staging copy is what
    fill, poison and verify see, pushed and pulled whole around the reads. */
@@ -227,7 +228,7 @@ typedef struct rank_mem {
 static int mem_alloc(rank_mem *m, const opts *o, const kvx_layout *lay, int tp, const char *role) {
     memset(m, 0, sizeof *m);
     m->c = &m->host;
-    if (backend_of(o->backend) != KVX_BACKEND_CUDA) {
+    if (backend_of(o->backend) != KVX_BACKEND_CUDA && !getenv("KVX_BENCH_CUDA_MEM")) {
         if (!kvx_ex_cache_alloc(&m->host, lay, o->rank, tp)) return 0;
         fprintf(stderr, "kvx_bench: %s %d: cannot allocate %zu bytes\n", role, o->rank, m->host.mem_bytes);
         return -1;
@@ -255,7 +256,7 @@ static int mem_alloc(rank_mem *m, const opts *o, const kvx_layout *lay, int tp, 
     }
 #else
     (void)lay; (void)tp;
-    fprintf(stderr, "kvx_bench: %s %d: --backends CUDA needs a kvx_bench built with KVX_CUDA\n", role, o->rank);
+    fprintf(stderr, "kvx_bench: %s %d: GPU caches need a kvx_bench built with KVX_CUDA\n", role, o->rank);
     return -1;
 #endif
 }

@@ -18,6 +18,12 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
+/* What each UCX version does without kvx's workarounds (seams of kvx.h):
+   KVX_TEST_UCX_NATIVE_GET=1 reads software-served peers with UCX's own get,
+   KVX_TEST_UCX_NO_PROBE=1 skips the first read at connect. */
+static int kvx_t_native_get, kvx_t_no_probe;
+#define KVX_TEST_HOOK_UCX_NATIVE_GET kvx_t_native_get
+#define KVX_TEST_HOOK_UCX_NO_PROBE kvx_t_no_probe
 #define KVX_IMPLEMENTATION
 #include "../../kvx.h"
 #include "../lib/kvx_host_cache.h"
@@ -139,6 +145,8 @@ int main(int argc, char **argv) {
     kvx_cache *dc;
     uint32_t ids[NB], i;
 
+    kvx_t_native_get = getenv("KVX_TEST_UCX_NATIVE_GET") && atoi(getenv("KVX_TEST_UCX_NATIVE_GET"));
+    kvx_t_no_probe = getenv("KVX_TEST_UCX_NO_PROBE") && atoi(getenv("KVX_TEST_UCX_NO_PROBE"));
     if (kvx_t_is_child(argc, argv, "decode"))
         return role_decode(atoi(argv[2]), atoi(argv[3]), (int)atoll(argv[4]), atoi(argv[5]), atoi(argv[6]));
     signal(SIGPIPE, SIG_IGN);
@@ -228,6 +236,34 @@ int main(int argc, char **argv) {
         free(md);
     }
 
+    T_CASE("readers killed at 16 points of their reads: the owner survives each and serves the next") {
+        kvx_ctx *P;
+        kvx_ex_cache pm;
+        kvx_cache *pc;
+        void *md;
+        size_t len;
+        uint32_t n32;
+        kvx_notification nt[64];
+        int round;
+        P = owner_here(65, &pm, &pc, &md, &len);
+        n32 = (uint32_t)len;
+        /* Readers that read without stopping (16 whole-cache reads each) and
+           are killed 10 to 160 ms after they start: some while connecting,
+           most while the owner's replies are going out. UCX 1.13's own
+           software get aborted the owner in such a death (see README). */
+        for (round = 0; round < 16; round++) {
+            kvx_t_child r = kvx_t_spawn("decode", 1, 16, 1000);
+            kvx_t_write_all(r.wr, &n32, 4); kvx_t_write_all(r.wr, md, len);
+            usleep((useconds_t)(10000 + round * 10000));
+            kvx_t_kill(&r);
+        }
+        while (collect(P, nt, 64, 64, 0.2) > 0) {}  /* the done notifications of reads that finished first */
+        reader_in_time(P, md, len);
+        kvx_ctx_destroy(P);
+        kvx_ex_cache_free(&pm);
+        free(md);
+    }
+
     T_CASE("cache deregistered under a stopped reader: returns by the reads' deadlines, no byte of the memory's next use lands") {
         kvx_ctx *P;
         kvx_ex_cache pm;
@@ -284,7 +320,7 @@ int main(int argc, char **argv) {
         size_t len;
         P = owner_here(64, &pm, &pc, &md, &len);
         T_ST(kvx_peer_add(D, md, len, &p), KVX_OK);
-        if (p && D->be_ops->kind == KVX_BACKEND_UCX && (p->be_flags & KVX__UCX_PEER_AM_GET)) {
+        if (p && D->be_ops->kind == KVX_BACKEND_UCX && (p->be_flags & KVX__UCX_BY_KVX_GET)) {
             /* Forged ops, as a reader that lies about the owner's memory would
                send them: the owner checks every piece, whatever the metadata said. */
             uint64_t base = (uint64_t)(uintptr_t)pm.mem, size = pm.mem_bytes;

@@ -24,3 +24,30 @@ for p in bench/kvx_bench.c bench/bench_gpu.c tests/gpu/test_cuda.c examples/kvx_
   $CC $flags "$p" $impl -o "$out/$n" $libs
   echo "built $out/$n"
 done
+
+# The same programs against UCX 1.22 from the libucx wheel, which is built
+# with CUDA (make builds build/ucx122/prefix), into build/gpu/ucx122 with the
+# UCX libraries they load beside them (stripped: about 16 MB to carry) and an
+# rpath to them, so the GPU machine's own UCX is not used.
+ucx=$(cat build/ucx122/prefix 2>/dev/null || true)
+if [ -n "$ucx" ] && [ -f "$ucx/include/ucp/api/ucp.h" ]; then
+  # The wheel's layout, which its modules' rpaths expect: libucx/lib,
+  # libucx/lib/ucx (modules), and beside libucx the CUDA runtime it bundles.
+  o2=$out/ucx122
+  rm -rf "$o2" && mkdir -p "$o2/libucx/lib/ucx"
+  for f in libucp libucs libuct libucm libucs_signal; do cp -L "$ucx/lib/$f.so.0" "$o2/libucx/lib/"; done
+  for f in libuct_cma libuct_cuda libucm_cuda; do cp -L "$ucx/lib/ucx/$f.so.0" "$o2/libucx/lib/ucx/"; done
+  for d in "$ucx"/../libucx_cu*.libs; do [ -d "$d" ] && cp -r "$d" "$o2/"; done
+  strip --strip-debug "$o2"/libucx/lib/*.so.0 "$o2"/libucx/lib/ucx/*.so.0
+  f2="-std=c99 -D_GNU_SOURCE -O2 -g $W -DKVX_UCX -DKVX_CUDA -isystem $CUDA/include -I$ucx/include"
+  l2="-L$stubs -L$CUDA/lib64 -lcuda -L$ucx/lib -Wl,-rpath,\$ORIGIN/libucx/lib -lucp -luct -lucs -lucm -lpthread"
+  $CC $f2 -c tests/lib/kvx_impl.c -o "$o2/kvx_impl.o"
+  for p in bench/kvx_bench.c bench/bench_gpu.c tests/gpu/test_cuda.c; do
+    n=$(basename "$p" .c)
+    impl=$(grep -q '^#define KVX_IMPLEMENTATION' "$p" || echo "$o2/kvx_impl.o")
+    $CC $f2 "$p" $impl -o "$o2/$n" $l2
+    echo "built $o2/$n (UCX $(sed -n 's/^#define UCP_API_MINOR *\([0-9]*\).*/1.\1/p' "$ucx/include/ucp/api/ucp_version.h"))"
+  done
+else
+  echo "no UCX 1.22 here (make builds it: make build/ucx122/prefix): build/gpu/ucx122 not built"
+fi

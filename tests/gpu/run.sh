@@ -11,6 +11,10 @@
 #   - kvx_bench --backends CUDA, pack: the TP matrix with several processes
 #     on the one GPU, random and consecutive blocks, HND and NHD, cuMemAlloc,
 #     VMM and pool caches, verify mode, every kvx_bench option
+#   - UCX 1.22 with CUDA (build/gpu/ucx122): GPU caches read over UCX
+#     (cuda_ipc, and staged through the host as across hosts), byte-verified,
+#     checked behind kvx_stream_wait; the transport chosen for cuMemAlloc,
+#     VMM and pool memory, and the warning where it is not cuda_ipc
 #   - with two GPUs visible (nvidia-smi): owner on GPU 0, reader on GPU 1
 # Ends with "N passed, M failed". KVX_TEST_FILTER=regex runs matching entries.
 set -u
@@ -57,6 +61,28 @@ entry "CUDA pack 3750 blocks x 50 layers x 128, verify mode, every block (heads 
 expect_fail "CUDA a planted wrong byte fails the run" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $bench $small --random-blocks
 if [ "$(id -u)" = 0 ] && command -v ip >/dev/null; then
   expect_fail "CUDA spread across two hosts is refused" 120 "within one host" env KVX_BENCH=$B/kvx_bench CUDA_VISIBLE_DEVICES=$gpu bash tests/lib/two_hosts.sh --backends CUDA $small
+fi
+# UCX 1.22 built with CUDA (the libucx wheel; build/gpu/ucx122 carries its
+# libraries): GPU caches read over UCX, between processes on the one GPU.
+U=$B/ucx122
+if [ -x $U/test_cuda ]; then
+  ubench="$one $U/kvx_bench --backends UCX"
+  section "UCX 1.22 with CUDA, from the libucx wheel (GPU $gpu): GPU caches over UCX"
+  entry "test_cuda, UCX cases (ucx 1.22)" 300 env KVX_TEST_ONLY=UCX $one $U/test_cuda
+  # UCX turns cuda_ipc gets off where it sees no NVLink (a single GPU):
+  # the "ipc" entries turn them on, the others take UCX's default and show
+  # the fallback kvx names and warns about.
+  ipc="env UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y"
+  entry "UCX GPU pack 1->1 HND random, cuMemAlloc, UCX's default (ucx 1.22)" 120 env KVX_BENCH_CUDA_MEM=malloc $ubench $small --random-blocks
+  entry "UCX GPU pack 1->1 HND random, cuMemAlloc, cuda_ipc gets on (ucx 1.22)" 120 $ipc KVX_BENCH_CUDA_MEM=malloc $ubench $small --random-blocks
+  entry "UCX GPU pack 2->1 NHD random, cuMemAlloc, cuda_ipc gets on (ucx 1.22)" 120 $ipc KVX_BENCH_CUDA_MEM=malloc $ubench $small --random-blocks --prefill-tp 2 --layout NHD
+  entry "UCX GPU pack 1->2 HND consecutive, VMM caches, cuda_ipc gets on (ucx 1.22)" 120 $ipc KVX_BENCH_CUDA_MEM=vmm $ubench $small --prefill-tp 1 --decode-tp 2
+  entry "UCX GPU pack 2->4 NHD random, pool caches, cuda_ipc gets on (ucx 1.22)" 120 $ipc KVX_BENCH_CUDA_MEM=pool $ubench $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
+  entry "UCX GPU pack 1->1 HND random, staged (UCX_TLS=tcp,cuda_copy) (ucx 1.22)" 120 env UCX_TLS=tcp,cuda_copy KVX_BENCH_CUDA_MEM=malloc $ubench $small --random-blocks
+  entry "UCX GPU pack 2->1 NHD random, VMM, staged (UCX_TLS=tcp,cuda_copy) (ucx 1.22)" 120 env UCX_TLS=tcp,cuda_copy KVX_BENCH_CUDA_MEM=vmm $ubench $small --random-blocks --prefill-tp 2 --layout NHD
+  expect_fail "UCX GPU a planted wrong byte fails the run (ucx 1.22)" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 KVX_BENCH_CUDA_MEM=malloc $ubench $small --random-blocks
+else
+  entry "UCX 1.22 GPU programs are built (tests/gpu/build.sh with build/ucx122/prefix)" 10 test -x $U/test_cuda
 fi
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 if [ "${ngpu:-0}" -ge 2 ]; then

@@ -38,6 +38,16 @@ static unsigned char plant_value;
 static kvx_tc_kernels K;
 static int ndev;
 static int dec_checksums;  /* dec_open registers its cache with checksums */
+/* The backend of the reads of case_reads (owners and reader): CUDA, or UCX
+   for GPU caches over a CUDA-aware UCX; and the reader's warnings. */
+static kvx_backend dec_backend = KVX_BACKEND_CUDA;
+static char dec_warned[1024], dec_transport[160];
+
+static void dec_log(kvx_log_level level, const char *msg, void *user) {
+    (void)user;
+    if (level <= KVX_LOG_WARN && !dec_warned[0]) snprintf(dec_warned, sizeof dec_warned, "%s", msg);
+    fprintf(stderr, "kvx: %s\n", msg);
+}
 
 static kvx_layout lay_of(int tp, kvx_order order) {
     kvx_layout l;
@@ -85,7 +95,8 @@ static int dec_open(dec *d, int device, int rank, int tp, kvx_order order, int k
     cd.name = "decode";
     cd.tp_rank = rank;
     cd.tp_size = tp;
-    cd.backend = KVX_BACKEND_CUDA;
+    cd.backend = dec_backend;
+    if (dec_backend == KVX_BACKEND_UCX) { cd.progress_thread = 1; cd.log_fn = dec_log; dec_warned[0] = 0; }
     if (kvx_ex_gpu_init(device, NULL) || kvx_ex_gpu_alloc(&d->g, &l, rank, tp, device, (kvx_ex_gpu_kind)kind)) { T_FAILF("decode cache: %s", kvx_ex_gpu_err); return -1; }
     if (kvx_ctx_create(&cd, &d->ctx) != KVX_OK) { T_FAILF("kvx_ctx_create: %s", kvx_ctx_error(NULL)); dec_close(d); return -1; }
     c = kvx_ex_gpu_desc(&d->g);
@@ -226,6 +237,23 @@ out:
 }
 
 #if defined(KVX_UCX)
+/* Does this UCX take GPU memory (built with CUDA)? 1 yes, 0 no (refused as
+   kvx refuses a UCX without CUDA), -1 failed otherwise (the case fails). */
+static int ucx_takes_gpu(kvx_ctx *u) {
+    kvx_ex_gpu g;
+    kvx_cache_desc c;
+    kvx_cache *cache;
+    kvx_layout l = lay_of(1, KVX_ORDER_HND);
+    int ok;
+    if (kvx_ex_gpu_alloc(&g, &l, 0, 1, 0, KVX_EX_CUMEMALLOC)) return 0;
+    c = kvx_ex_gpu_desc(&g);
+    ok = kvx_cache_register(u, &c, &cache) == KVX_OK;
+    if (ok) kvx_cache_deregister(cache);
+    else if (!strstr(kvx_ctx_error(u), "without CUDA support")) { T_FAILF("a GPU cache over UCX: %s", kvx_ctx_error(u)); ok = -1; }
+    kvx_ex_gpu_free(&g);
+    return ok;
+}
+
 static void case_ucx_gpu(void) {
     kvx_ctx_desc cd;
     kvx_ctx *u = NULL;
@@ -307,7 +335,7 @@ static void case_reads(int kind, int dkind, kvx_order order, int ptp, int dtp, i
     static int kdec_dev = -1;
     memset(&qd, 0, sizeof qd);
     for (k = 0; k < ptp; k++) own[k].pid = -1;
-    if (dev_owner != dev_dec) {
+    if (dev_owner != dev_dec || dec_backend != KVX_BACKEND_CUDA) {  /* a third read checked behind kvx_stream_wait */
         if (kvx_ex_gpu_init(dev_dec, NULL) || kvx_ex_cu(cuStreamCreate(&s1, CU_STREAM_NON_BLOCKING), "stream") ||
             kvx_ex_cu(cuStreamCreate(&s2, CU_STREAM_NON_BLOCKING), "stream")) { T_FAILF("%s", kvx_ex_gpu_err); return; }
         if (kdec_dev != dev_dec) {
@@ -317,7 +345,7 @@ static void case_reads(int kind, int dkind, kvx_order order, int ptp, int dtp, i
         qd.cuda.stream = s1;
     }
     for (k = 0; k < ptp; k++) {
-        kvx_tc_owner_args a = owner_args(KVX_BACKEND_CUDA, 1, dev_owner, kind, k, ptp, order);
+        kvx_tc_owner_args a = owner_args(dec_backend, 1, dev_owner, kind, k, ptp, order);
         void *md;
         uint32_t len;
         own[k] = kvx_tc_spawn(&a, &md, &len);
@@ -328,6 +356,7 @@ static void case_reads(int kind, int dkind, kvx_order order, int ptp, int dtp, i
         free(md);
         if (!peers[k]) goto out;
         if (want) T_HAS(kvx_peer_transport(peers[k]), want);
+        if (!k) snprintf(dec_transport, sizeof dec_transport, "%s", kvx_peer_transport(peers[k]));
         kvx_peer_heads(peers[k], d.cache, 0, &first, &count);
         if (count) { src_peers[nsrc++] = peers[k]; used[k] = 1; }  /* only owners of our heads */
     }
@@ -353,6 +382,51 @@ out:
     if (s1) { kvx_tc_sync(s1, 5000); cuStreamDestroy(s1); }
     if (s2) { kvx_tc_sync(s2, 5000); cuStreamDestroy(s2); }
 }
+
+#if defined(KVX_UCX)
+/* GPU caches read over UCX, where UCX is built with CUDA (the libucx wheel):
+   case_reads with UCX owners and reader, under UCX_TLS=tls (NULL: UCX's
+   choice) and UCX_CUDA_IPC_ENABLE_GET_ZCOPY=get (NULL: UCX's default, which
+   turns cuda_ipc gets off without NVLink). The transport must be cuda_ipc
+   (want_ipc), or else name the path taken, with a warning that says it is
+   not cuda_ipc: never silently. */
+static void case_ucx_gpu_reads(const char *tls, const char *get, int kind, int dkind, kvx_order order, int ptp, int dtp, int drank, int random, int want_ipc) {
+    char *old = getenv("UCX_TLS") ? strdup(getenv("UCX_TLS")) : NULL;
+    kvx_ctx_desc cd;
+    kvx_ctx *u = NULL;
+    memset(&cd, 0, sizeof cd);
+    cd.backend = KVX_BACKEND_UCX;
+    if (tls) setenv("UCX_TLS", tls, 1);
+    if (get) setenv("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", get, 1);
+    if (kvx_ctx_create(&cd, &u) != KVX_OK) { T_FAILF("ctx: %s", kvx_ctx_error(NULL)); goto out; }
+    switch (ucx_takes_gpu(u)) {
+    case 0: T_SKIP("this UCX takes no GPU memory: %s", kvx_ctx_error(u)); goto out;
+    case 1: break;
+    default: goto out;  /* failed, saying why */
+    }
+    kvx_ctx_destroy(u);
+    u = NULL;
+    dec_backend = KVX_BACKEND_UCX;
+    dec_transport[0] = 0;
+    case_reads(kind, dkind, order, ptp, dtp, drank, random, 0, 0, want_ipc ? "ucx:cuda_ipc" : NULL);
+    dec_backend = KVX_BACKEND_CUDA;
+    printf("    UCX_TLS=%s, UCX_CUDA_IPC_ENABLE_GET_ZCOPY=%s: %s%s%.600s\n", tls ? tls : "(UCX's choice)", get ? get : "(default)",
+           dec_transport, dec_warned[0] ? "; warned: " : "", dec_warned);
+    if (!kvx_t_case_failed) {
+        if (strstr(dec_transport, "cuda_ipc")) T_CHECK(!dec_warned[0] || !strstr(dec_warned, "not cuda_ipc"));
+        else {
+            T_CHECK(!want_ipc);
+            T_HAS(dec_warned, "not cuda_ipc");  /* the fallback is said */
+            T_CHECK(dec_transport[0] != 0);
+        }
+    }
+out:
+    dec_backend = KVX_BACKEND_CUDA;
+    if (u) kvx_ctx_destroy(u);
+    if (old) { setenv("UCX_TLS", old, 1); free(old); } else unsetenv("UCX_TLS");
+    unsetenv("UCX_CUDA_IPC_ENABLE_GET_ZCOPY");
+}
+#endif
 
 static void case_same_process(void) {
     kvx_ctx_desc cd;
@@ -858,6 +932,27 @@ int main(int argc, char **argv) {
     T_CASE("UCX: host reads complete on a stream (progress thread)") case_ucx_stream(0);
     alarm(120);
     T_CASE("failure: a stalled UCX read releases its waiting stream at its deadline") case_ucx_stream(1);
+    alarm(120);
+    T_CASE("UCX GPU: cuMemAlloc -> cuMemAlloc, HND random, UCX's default: cuda_ipc, or the fallback named and warned")
+        case_ucx_gpu_reads(NULL, NULL, KVX_EX_CUMEMALLOC, KVX_EX_CUMEMALLOC, KVX_ORDER_HND, 1, 1, 0, 1, 0);
+    alarm(120);
+    T_CASE("UCX GPU: cuMemAlloc -> cuMemAlloc, HND random, cuda_ipc gets on: over cuda_ipc, checked behind kvx_stream_wait")
+        case_ucx_gpu_reads(NULL, "y", KVX_EX_CUMEMALLOC, KVX_EX_CUMEMALLOC, KVX_ORDER_HND, 1, 1, 0, 1, 1);
+    alarm(120);
+    T_CASE("UCX GPU: TP 2 -> 1, NHD random, cuMemAlloc, cuda_ipc gets on: over cuda_ipc")
+        case_ucx_gpu_reads(NULL, "y", KVX_EX_CUMEMALLOC, KVX_EX_CUMEMALLOC, KVX_ORDER_NHD, 2, 1, 0, 1, 1);
+    alarm(120);
+    T_CASE("UCX GPU: VMM (expandable segments) -> cuMemAlloc, NHD, cuda_ipc gets on: cuda_ipc, or the fallback named and warned")
+        case_ucx_gpu_reads(NULL, "y", KVX_EX_VMM, KVX_EX_CUMEMALLOC, KVX_ORDER_NHD, 1, 1, 0, 1, 0);
+    alarm(120);
+    T_CASE("UCX GPU: pool -> VMM, HND, cuda_ipc gets on: cuda_ipc, or the fallback named and warned")
+        case_ucx_gpu_reads(NULL, "y", KVX_EX_POOL, KVX_EX_VMM, KVX_ORDER_HND, 1, 1, 0, 1, 0);
+    alarm(120);
+    T_CASE("UCX GPU: staged as across hosts (UCX_TLS=tcp,cuda_copy), TP 1 -> 2 (rank 1), HND, named and warned")
+        case_ucx_gpu_reads("tcp,cuda_copy", NULL, KVX_EX_CUMEMALLOC, KVX_EX_CUMEMALLOC, KVX_ORDER_HND, 1, 2, 1, 1, 0);
+    alarm(120);
+    T_CASE("UCX GPU: staged (UCX_TLS=tcp,cuda_copy), VMM -> pool, NHD consecutive")
+        case_ucx_gpu_reads("tcp,cuda_copy", NULL, KVX_EX_VMM, KVX_EX_POOL, KVX_ORDER_NHD, 1, 1, 0, 0, 0);
 #endif
     alarm(120);
     T_CASE("two GPUs: cuMemAlloc, VMM and pool on GPU 0 -> GPU 1, TP 1->2 and 2->1, checked behind kvx_stream_wait") {

@@ -602,6 +602,33 @@ int main(void) {
     }
 #endif
 
+#if defined(KVX_UCX)
+    T_CASE("a GPU cache over a UCX that takes no GPU memory is refused at registration, saying what to install") {
+        kvx_stats s;
+        kvx_stats(B, &s);
+        if (strcmp(s.backend, "ucx")) T_SKIP("not the UCX backend");
+        else {
+            /* Debian's UCX has no CUDA; the wheel's finds no driver here. The
+               refusal comes before UCX could touch the memory. */
+            static uint8_t mem[4096];
+            kvx_layout l = lay_of(1, 1, 2, KVX_ORDER_HND);
+            kvx_cache_desc gd;
+            kvx_cache *gc = NULL;
+            kvx_status st;
+            memset(&gd, 0, sizeof gd);
+            gd.layout = l; gd.mem = KVX_MEM_CUDA; gd.pool = mem; gd.layer_stride = sizeof mem; gd.plane_stride = sizeof mem / 2;
+            st = kvx_cache_register(B, &gd, &gc);
+            if (st == KVX_OK) { T_SKIP("this UCX takes GPU memory"); kvx_cache_deregister(gc); }
+            else {
+                T_ST(st, KVX_ERR_UNSUPPORTED);
+                T_HAS(kvx_ctx_error(B), "without CUDA support");
+                T_HAS(kvx_ctx_error(B), "libucx-cu12");
+                printf("  %s\n", kvx_ctx_error(B));
+            }
+        }
+    }
+#endif
+
     T_CASE("NULL arguments") {
         kvx_stats s;
         T_ST(kvx_ctx_create(NULL, NULL), KVX_ERR_ARG);
