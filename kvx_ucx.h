@@ -384,11 +384,12 @@ KVX__PRIV ucs_status_t kvx__ucx_probe(kvx_ctx *ctx, kvx_peer *p) {
 
 /* The transports named in UCX's description of a request (1.22: "get into
    host memory length 65536 zero-copy cma/memory ..." or "... software
-   emulation tcp/lo"): each "tl/device" word, joined by '+'; *one_sided when
+   emulation tcp/lo"): each "tl/device" word after the length, joined by '+'; *one_sided when
    one of them moves a get without the owner's CPU. 0 if none is named. */
 KVX__PRIV int kvx__ucx_info_tls(const char *info, char *tls, size_t cap, int *one_sided) {
-    const char *w = info;
+    const char *w = strstr(info, " length ");  /* what comes before names the memory ("into cuda/GPU0") */
     size_t used = 0;
+    w = w ? w + 8 : info;
     *one_sided = 0;
     tls[0] = 0;
     while (*w) {
@@ -412,6 +413,12 @@ KVX__PRIV int kvx__ucx_info_tls(const char *info, char *tls, size_t cap, int *on
     }
     if (strstr(info, "emulation")) *one_sided = 0;
     return used != 0;
+}
+
+/* A UCX yes/no setting from the environment, set to yes. */
+KVX__PRIV int kvx__ucx_env_on(const char *name) {
+    const char *v = getenv(name);
+    return v && (!strcmp(v, "y") || !strcmp(v, "yes") || !strcmp(v, "on") || !strcmp(v, "1"));
 }
 
 #if defined(UCP_API_VERSION) && UCP_API_VERSION >= UCP_VERSION(1, 14)
@@ -512,11 +519,14 @@ KVX__PRIV ucs_status_t kvx__ucx_paths(kvx_ctx *ctx, kvx_peer *p) {
         if (rc->mem == KVX_MEM_CUDA && !strstr(tls, "cuda_ipc"))
             KVX__LOG(ctx, KVX_LOG_WARN, "ucx %s: GPU cache %u of %s/%d is read over %s, not cuda_ipc: %s; UCX: \"%s\"",
                      ucp_get_version_string(), c, p->name, p->rank, path,
-                     kvx__ucx_ep_has((ucp_ep_h)p->be, "cuda_ipc")
-                         ? "this endpoint has cuda_ipc, but UCX did not take it for this read: UCX turns cuda_ipc gets off "
+                     !kvx__ucx_ep_has((ucp_ep_h)p->be, "cuda_ipc")
+                         ? "no cuda_ipc to this peer (another host, a GPU it cannot map, or UCX_TLS)"
+                         : kvx__ucx_env_on("UCX_CUDA_IPC_ENABLE_GET_ZCOPY")
+                         ? "this endpoint has cuda_ipc with gets on, but UCX's cuda_ipc could not map this memory "
+                           "(VMM or pool memory it cannot export, as PyTorch's expandable segments make); kvx's CUDA backend reads it"
+                         : "this endpoint has cuda_ipc, but UCX did not take it for this read: UCX turns cuda_ipc gets off "
                            "where it sees no NVLink (UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y turns them on), and cannot map memory "
-                           "it cannot export (VMM without a shareable handle, some pools); kvx's CUDA backend reads both"
-                         : "no cuda_ipc to this peer (another host, a GPU it cannot map, or UCX_TLS)",
+                           "it cannot export (VMM or some pools); kvx's CUDA backend reads both",
                      info);
     }
     return UCS_OK;
