@@ -116,7 +116,8 @@ UCX122_LIBS = -L$(UCX122)/lib -Wl,-rpath,$(abspath $(UCX122))/lib -lucp -luct -l
 UCX122_SELF = test_unit test_verify test_reader_failures test_stress
 UCX122_LINKED = test_owner_failures test_hostile_input kvx_bench
 UCX122_TESTS = $(UCX122_SELF:%=$(BUILD)/ucx122/%) $(UCX122_LINKED:%=$(BUILD)/ucx122/%) \
-               $(BUILD)/ucx122/test_unit.asan $(BUILD)/ucx122/test_owner_failures.asan
+               $(BUILD)/ucx122/test_unit.asan $(BUILD)/ucx122/test_verify.asan $(BUILD)/ucx122/test_reader_failures.asan \
+               $(UCX122_LINKED:%=$(BUILD)/ucx122/%.asan)
 
 $(BUILD)/ucx122/prefix:
 	@mkdir -p $(BUILD)/ucx122
@@ -131,9 +132,9 @@ $(UCX122_SELF:%=$(BUILD)/ucx122/%): $(BUILD)/ucx122/%: %.c $(BUILD)/ucx122/prefi
 	$(CC) $(CFLAGS) $(UCX122_FLAGS) $< -o $@ $(UCX122_LIBS)
 $(UCX122_LINKED:%=$(BUILD)/ucx122/%): $(BUILD)/ucx122/%: %.c $(BUILD)/ucx122/impl.o $(DEPS)
 	$(CC) $(CFLAGS) $(UCX122_FLAGS) $< $(BUILD)/ucx122/impl.o -o $@ $(UCX122_LIBS)
-$(BUILD)/ucx122/test_unit.asan: tests/unit/test_unit.c $(BUILD)/ucx122/prefix $(DEPS)
+$(UCX122_SELF:%=$(BUILD)/ucx122/%.asan): $(BUILD)/ucx122/%.asan: %.c $(BUILD)/ucx122/prefix $(DEPS)
 	$(CC) $(SAN) $(UCX122_FLAGS) $< -o $@ $(UCX122_LIBS)
-$(BUILD)/ucx122/test_owner_failures.asan: tests/faults/test_owner_failures.c $(BUILD)/ucx122/impl.asan.o $(DEPS)
+$(UCX122_LINKED:%=$(BUILD)/ucx122/%.asan): $(BUILD)/ucx122/%.asan: %.c $(BUILD)/ucx122/impl.asan.o $(DEPS)
 	$(CC) $(SAN) $(UCX122_FLAGS) $< $(BUILD)/ucx122/impl.asan.o -o $@ $(UCX122_LIBS)
 
 $(BUILD)/fi_read_ref: bench/fi_read_ref.c | $(BUILD)

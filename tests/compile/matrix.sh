@@ -7,7 +7,7 @@ set -u
 cd "$(dirname "$0")/../.."
 defs=${KVX_BACKEND_DEFS:--DKVX_UCX}
 # a folder per backend set, so that two matrices can run at once
-out=build/compile/$(echo $defs | sed 's/-DKVX_//g; s/ /-/g' | tr 'A-Z' 'a-z')
+out=${KVX_COMPILE_OUT:-build/compile/$(echo $defs | sed 's/-DKVX_//g; s/ /-/g' | tr 'A-Z' 'a-z')}
 mkdir -p "$out"
 libs=${KVX_BACKEND_LIBS:-$(pkg-config --libs ucx) -lpthread}
 W="-Wall -Wextra -pedantic -Werror"

@@ -8,7 +8,10 @@
 #       other counts as one case, passing on exit 0 (77: skipped)
 #   expect_fail NAME TIMEOUT_S PATTERN COMMAND...
 #       passes when the command exits non-zero and prints PATTERN (checks
-#       that a check can fail)
+#       that a check can fail, or that a known failure of a library is
+#       still there)
+#   expect_out NAME TIMEOUT_S PATTERN COMMAND...
+#       passes when the command exits 0 and prints PATTERN
 #   runner_end                  waits for all, prints "N passed, M failed"
 #                               last; returns non-zero if any failed
 #
@@ -38,6 +41,7 @@ _r_interrupt() {
 section() { _r_add say "== $*"; }
 entry() { _r_add entry "$@"; }
 expect_fail() { _r_add expect "$@"; }
+expect_out() { _r_add expect_out "$@"; }
 
 _r_add() {  # kind, then the entry's arguments
   local kind=$1 i=$_r_n name="" limit pat=""
@@ -45,7 +49,7 @@ _r_add() {  # kind, then the entry's arguments
   _r_kind[i]=$kind
   if [ "$kind" = say ]; then _r_name[i]=$1; _r_n=$((i + 1)); _r_flush; return; fi
   name=$1 limit=$2; shift 2
-  if [ "$kind" = expect ]; then pat=$1; shift; fi
+  if [ "$kind" = expect ] || [ "$kind" = expect_out ]; then pat=$1; shift; fi
   if [ -n "${KVX_TEST_FILTER:-}" ] && ! [[ "$name" =~ $KVX_TEST_FILTER ]]; then return; fi
   _r_name[i]=$name _r_pat[i]=$pat _r_cmd[i]="$*"
   _r_log[i]="$_r_logdir/$(echo "$name" | tr -c 'A-Za-z0-9_.-' '_').log"
@@ -84,8 +88,11 @@ _r_flush() {
       [ -f "$_r_tmp/$i.rc" ] || return 0
       local rc dt
       read -r rc dt < "$_r_tmp/$i.rc"
-      if [ "${_r_kind[i]}" = entry ]; then _r_report "${_r_name[i]}" "${_r_log[i]}" "$rc" "$dt" "${_r_cmd[i]}"
-      else _r_report_fail "${_r_name[i]}" "${_r_log[i]}" "$rc" "${_r_pat[i]}"; fi
+      case ${_r_kind[i]} in
+        entry) _r_report "${_r_name[i]}" "${_r_log[i]}" "$rc" "$dt" "${_r_cmd[i]}" ;;
+        expect) _r_report_fail "${_r_name[i]}" "${_r_log[i]}" "$rc" "${_r_pat[i]}" ;;
+        *) _r_report_out "${_r_name[i]}" "${_r_log[i]}" "$rc" "${_r_pat[i]}" ;;
+      esac
     fi
     _r_next=$((i + 1))
   done
@@ -124,6 +131,16 @@ _r_report_fail() {  # name, log, rc, pattern
   else
     _r_fail=$((_r_fail + 1)); _r_failed+=("$name")
     echo "FAIL $name (exit $rc, wanted a failure naming '$pat')"; tail -8 "$log" | sed 's/^/    | /'
+  fi
+}
+
+_r_report_out() {  # name, log, rc, pattern
+  local name=$1 log=$2 rc=$3 pat=$4
+  if [ "$rc" -eq 0 ] && grep -q -- "$pat" "$log"; then
+    _r_pass=$((_r_pass + 1)); echo "ok   $name: $(grep -m1 -- "$pat" "$log" | sed 's/^ *//' | cut -c1-160)"
+  else
+    _r_fail=$((_r_fail + 1)); _r_failed+=("$name")
+    echo "FAIL $name (exit $rc, wanted success naming '$pat')"; tail -8 "$log" | sed 's/^/    | /'
   fi
 }
 
