@@ -167,7 +167,8 @@ test: deps deps-test
 	@KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/run.sh
 
 bench: deps deps-bench
-	@$(MAKE) --no-print-directory $(PROGRAMS) $(BUILD)/bench_post $(BUILD)/fi_read_ref
+	@$(MAKE) --no-print-directory $(BUILD)/ucx122/prefix
+	@$(MAKE) --no-print-directory $(PROGRAMS) $(BUILD)/bench_post $(BUILD)/fi_read_ref $(BUILD)/ucx122/kvx_bench
 	@bash bench/bench.sh
 
 $(BUILD)/bench_post: bench/bench_post.c $(DEPS)

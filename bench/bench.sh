@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
 # make bench: kvx_bench over a sweep of block sizes (bytes per block, per
 # layer and K/V), in pack (this host) and spread (two network namespaces),
-# each beside a reference taken in the same run over the same transport:
-# ucx_perftest -t ucp_get for UCX, a raw fi_read loop (fi_read_ref) for
-# libfabric over tcp;ofi_rxm and shm, with the same message size and as many
-# reads outstanding as kvx keeps (-O = kvx's max_ops). Random blocks, so every block
-# is its own descriptor and the message sizes match. Prints a table, writes
-# build/bench/results.tsv and plots build/bench/bench.png (gnuplot).
+# each beside references taken in the same run over the same transport, with
+# the same message size and as many reads outstanding as kvx keeps (-O =
+# kvx's max_ops):
+#   UCX: kvx built against Debian's UCX 1.13 (build/kvx_bench, backend
+#     ucx1.13) and, when make test has built it, against UCX 1.22 from the
+#     libucx-cu12 wheel (build/ucx122/kvx_bench, backend ucx1.22), each beside
+#     the ucx_perftest of the SAME UCX: -t ucp_get (what an engine would call)
+#     and -t ucp_am_bw (the active messages kvx's own get rides over TCP, where
+#     UCX serves gets in software), both with -e (endpoints with peer failure
+#     handling, as kvx makes them, so the same transports are picked);
+#     ucx1.22-sm: UCX_TLS=sm, where kvx reads by ucp_get over cma without
+#     failure handling, beside ucp_get without -e (sm transports have none).
+#   libfabric over tcp;ofi_rxm and shm: a raw fi_read loop (fi_read_ref).
+# Random blocks, so every block is its own descriptor and the message sizes
+# match. Prints a table (one row per reference), writes build/bench/results.tsv
+# and plots build/bench/bench.png (gnuplot).
 #   KVX_BENCH_SIZES="4096 65536"  KVX_BENCH_MODES="pack"  to narrow it.
 set -u
 cd "$(dirname "$0")/.."
 B=build
 out=$B/bench
 mkdir -p "$out"
+rm -f "$out"/*.json "$out"/*.log "$out"/*.srv "$out"/*.cmd  # no result of an earlier run read as this one's
 sizes=${KVX_BENCH_SIZES:-4096 16384 65536 262144 1048576}
 modes=${KVX_BENCH_MODES:-pack spread}
 ops=${KVX_BENCH_OPS:-64}          # reads kvx keeps in flight (kvx_queue_desc.max_ops default)
@@ -22,9 +33,31 @@ tsv=$out/results.tsv
 echo -e "mode\tbackend\tblock_bytes\tkvx_gbps\tref_gbps\tratio\tref" > "$tsv"
 
 # GB/s (1e9 bytes/s) from ucx_perftest's "Final:" line (its MB are 2^20 bytes).
-perftest_gbps() { awk '/^Final:/ {printf "%.3f", $6 * 1048576 / 1e9}' "$1"; }
-json_gbps() { sed -n 's/.*"gbps":\([0-9.]*\),"latency.*/\1/p' "$1"; }
-ref_gbps() { sed -n 's/.*"gbps":\([0-9.]*\),"wrong.*/\1/p' "$1"; }
+perftest_gbps() { awk '/^Final:/ {printf "%.3f", $6 * 1048576 / 1e9}' "$1" 2>/dev/null; }
+json_gbps() { sed -n 's/.*"gbps":\([0-9.]*\),"latency.*/\1/p' "$1" 2>/dev/null; }
+ref_gbps() { sed -n 's/.*"gbps":\([0-9.]*\),"wrong.*/\1/p' "$1" 2>/dev/null; }
+json_transport() { sed -n 's/.*"transport":"\([^"]*\)".*/\1/p' "$1" 2>/dev/null; }
+
+# UCX 1.22 (make test builds build/ucx122/kvx_bench; the wheel's prefix is in
+# build/ucx122/prefix). Its ucx_perftest loads Debian's libucp 1.13 unless
+# LD_LIBRARY_PATH names the wheel's lib/; Debian's never gets LD_LIBRARY_PATH.
+v113=$(env -u LD_LIBRARY_PATH timeout 20 ucx_info -v 2>/dev/null | sed -n 's/^# \(Library \)*[Vv]ersion:* //p')
+ucx_vers="1.13"
+P122=$(cat $B/ucx122/prefix 2>/dev/null)
+if [ ! -x $B/ucx122/kvx_bench ]; then
+  echo "(UCX 1.22 rows skipped: $B/ucx122/kvx_bench is missing; make test builds it, or: make $B/ucx122/kvx_bench)"
+elif [ -z "$P122" ] || [ ! -x "$P122/bin/ucx_perftest" ]; then
+  echo "(UCX 1.22 rows skipped: no ucx_perftest in the wheel's prefix ${P122:-(no $B/ucx122/prefix)})"
+else
+  ucx_vers="1.13 1.22"
+  v122=$(LD_LIBRARY_PATH=$P122/lib timeout 20 "$P122/bin/ucx_info" -v 2>/dev/null | sed -n 's/^# \(Library \)*[Vv]ersion:* //p')
+  for f in kvx*.h bench/kvx_bench.c tests/lib/kvx_impl.c; do
+    [ "$f" -nt $B/ucx122/kvx_bench ] && { echo "(warning: $B/ucx122/kvx_bench is older than $f; rebuild it with make $B/ucx122/kvx_bench)"; break; }
+  done
+fi
+kvx_bin() { [ "$1" = 1.22 ] && echo $B/ucx122/kvx_bench || echo $B/kvx_bench; }
+ucx_env() { [ "$1" = 1.22 ] && echo "LD_LIBRARY_PATH=$P122/lib" || echo "-u LD_LIBRARY_PATH"; }
+perftest_bin() { [ "$1" = 1.22 ] && echo "$P122/bin/ucx_perftest" || echo ucx_perftest; }
 
 ns_setup() {
   tag=$$; A=kvxbA$tag; Bn=kvxbB$tag; VA=kba$tag; VB=kbb$tag; IPA=10.212.$((tag % 250)).1; IPB=10.212.$((tag % 250)).2
@@ -36,15 +69,86 @@ ns_setup() {
 ns_cleanup() { ip netns del ${A:-none} 2>/dev/null; ip netns del ${Bn:-none} 2>/dev/null; true; }
 trap ns_cleanup EXIT INT TERM
 
+# Each listener of the run gets a port of its own.
+port=$((13400 + RANDOM % 1000))
+newport() { port=$((port + 1)); }
+# Waits (10 s at most) until a server started in the background listens on
+# $port ($1: the ip netns exec prefix, or empty); fails if it exited first.
+wait_listen() {
+  local i
+  for i in $(seq 50); do
+    $1 ss -Hltn "sport = :$port" 2>/dev/null | grep -q . && return 0
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 0.2
+  done
+  return 1
+}
+# Gives a background server 10 s to finish after its client, then ends it.
+reap() {
+  local i
+  for i in $(seq 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.2; done
+  kill "$1" 2>/dev/null; wait "$1" 2>/dev/null; true
+}
+
+# ucx_ref VER WHERE TLS TEST SIZE ITERS FLAGS OUT: ucx_perftest of UCX VER,
+# server and client, on lo (pack) or across the namespaces (spread); the
+# client's log is OUT.log, the server's OUT.srv, both command lines OUT.cmd.
+ucx_ref() {
+  local ver=$1 where=$2 tls=$3 test=$4 size=$5 n=$6 flags=$7 f=$8
+  local bin lib sns="" cns="" sdev=lo cdev=lo host=127.0.0.1 spid rc
+  bin=$(perftest_bin $ver); lib=$(ucx_env $ver)
+  if [ "$where" = spread ]; then sns="ip netns exec $A"; cns="ip netns exec $Bn"; sdev=$VA; cdev=$VB; host=$IPA; fi
+  newport
+  local scmd="$sns env $lib UCX_TLS=$tls UCX_NET_DEVICES=$sdev timeout 120 $bin -t $test -s $size -O $ops -n $n -p $port $flags"
+  local ccmd="$cns env $lib UCX_TLS=$tls UCX_NET_DEVICES=$cdev timeout 120 $bin $host -t $test -s $size -O $ops -n $n -p $port $flags"
+  printf 'server: %s\nclient: %s\n' "${scmd# }" "${ccmd# }" > "$f.cmd"
+  $scmd > "$f.srv" 2>&1 &
+  spid=$!
+  if wait_listen "$sns" $spid; then
+    $ccmd > "$f.log" 2>&1; rc=$?
+  else
+    echo "(server did not listen on $port)" > "$f.log"; rc=1
+  fi
+  reap $spid
+  if [ -z "$(perftest_gbps "$f.log")" ]; then
+    echo "ucx_perftest $ver $test ($where, $tls, $size bytes) gave no result (rc $rc):"
+    grep -h -m1 "incompatible" "$f.log" "$f.srv"
+    tail -n 2 "$f.log" | sed 's/^/  client: /'; tail -n 2 "$f.srv" | sed 's/^/  server: /'
+  fi
+}
+
+# kvx_ucx VER WHERE TLS OUT: kvx_bench built against UCX VER (the args of
+# this size), pack on lo or spread across the namespaces; OUT.json, OUT.log.
+declare -A seen_transport
+kvx_ucx() {
+  local ver=$1 where=$2 tls=$3 f=$4 bin lib
+  bin=$(kvx_bin $ver); lib=$(ucx_env $ver)
+  if [ "$where" = pack ]; then
+    env $lib UCX_TLS=$tls UCX_NET_DEVICES=lo timeout 300 $bin --strategy pack $args --json "$f.json" > "$f.log" 2>&1
+  else
+    newport
+    ip netns exec $A env $lib UCX_TLS=$tls UCX_NET_DEVICES=$VA KVX_HOST_ID=bench-a timeout 300 $bin --role prefill --listen $IPA:$port $args > "$f.srv" 2>&1 &
+    ip netns exec $Bn env $lib UCX_TLS=$tls UCX_NET_DEVICES=$VB KVX_HOST_ID=bench-b timeout 300 $bin --role decode --connect $IPA:$port $args \
+      --json "$f.json" > "$f.log" 2>&1
+    wait
+  fi
+  grep -q "TEST PASSED" "$f.log" || { echo "kvx_bench (UCX $ver, $where, UCX_TLS=$tls, $size bytes) did not pass:"; tail -5 "$f.log"; }
+  local t; t=$(json_transport "$f.json")
+  [ -n "$t" ] && seen_transport["$where ucx$ver$([ $tls = sm ] && echo -sm)"]=$t
+}
+
+fmt() { awk -v v="$1" 'BEGIN { if (v ~ /^[0-9.]+$/) printf "%.3f", v; else print "-" }'; }
+line() { printf "%-7s %-10s %9s %10s %10s %7s   %s\n" "$@"; }
 row() {  # mode backend size kvx ref refname
   local ratio
-  ratio=$(awk -v a="$4" -v b="$5" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
-  printf "%-7s %-6s %9s %10s %10s %7s   %s\n" "$1" "$2" "$3" "$4" "$5" "$ratio" "$6"
-  echo -e "$1\t$2\t$3\t$4\t$5\t$ratio\t$6" >> "$tsv"
+  ratio=$(awk -v a="$4" -v b="$5" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else print "-" }')
+  line "$1" "$2" "$3" "$(fmt "$4")" "$(fmt "$5")" "$ratio" "$6"
+  echo -e "$1\t$2\t$3\t${4:--}\t${5:--}\t$ratio\t$6" >> "$tsv"
 }
 
 echo "kvx bench: random blocks, $layers layers x K/V, ~$((target >> 20)) MiB per request, $ops reads in flight"
-printf "%-7s %-6s %9s %10s %10s %7s   %s\n" mode backend block kvx_GB/s ref_GB/s ratio reference
+echo "UCX: ucx1.13 = Debian's UCX ${v113:-?}$([ -n "${v122:-}" ] && echo ", ucx1.22 = UCX $v122 (libucx-cu12 wheel)"); each beside the ucx_perftest of the same UCX"
+line mode backend block kvx_GB/s ref_GB/s ratio reference
 for mode in $modes; do
   if [ "$mode" = spread ]; then
     if [ "$(id -u)" != 0 ]; then echo "(spread skipped: needs root for network namespaces)"; continue; fi
@@ -55,25 +159,25 @@ for mode in $modes; do
     blocks=$((target / (size * layers * 2))); [ $blocks -lt 8 ] && blocks=8
     nb=$((blocks * 2))
     args="--num-blocks $nb --blocks $blocks --num-layers $layers --block-tokens $tokens --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 5 --max-ops $ops"
-    port=$((13400 + RANDOM % 1000))
     iters=$((blocks * layers * 2 * 5)); [ $iters -gt 200000 ] && iters=200000
-    if [ "$mode" = pack ]; then
-      UCX_TLS=tcp UCX_NET_DEVICES=lo timeout 300 $B/kvx_bench --strategy pack $args --json "$out/kvx_${mode}_$size.json" > "$out/kvx_${mode}_$size.log" 2>&1
-      (UCX_TLS=tcp UCX_NET_DEVICES=lo timeout 120 ucx_perftest -t ucp_get -s $size -O $ops -n $iters -p $port > "$out/perf_${mode}_$size.srv" 2>&1 &)
-      sleep 0.5
-      UCX_TLS=tcp UCX_NET_DEVICES=lo timeout 120 ucx_perftest 127.0.0.1 -t ucp_get -s $size -O $ops -n $iters -p $port > "$out/perf_${mode}_$size.log" 2>&1
-    else
-      ip netns exec $A env UCX_TLS=tcp UCX_NET_DEVICES=$VA KVX_HOST_ID=bench-a timeout 300 $B/kvx_bench --role prefill --listen $IPA:$port $args > "$out/kvx_${mode}_$size.srv" 2>&1 &
-      ip netns exec $Bn env UCX_TLS=tcp UCX_NET_DEVICES=$VB KVX_HOST_ID=bench-b timeout 300 $B/kvx_bench --role decode --connect $IPA:$port $args \
-        --json "$out/kvx_${mode}_$size.json" > "$out/kvx_${mode}_$size.log" 2>&1
-      wait
-      (ip netns exec $A env UCX_TLS=tcp UCX_NET_DEVICES=$VA timeout 120 ucx_perftest -t ucp_get -s $size -O $ops -n $iters -p $((port + 1)) > "$out/perf_${mode}_$size.srv" 2>&1 &)
-      sleep 0.5
-      ip netns exec $Bn env UCX_TLS=tcp UCX_NET_DEVICES=$VB timeout 120 ucx_perftest $IPA -t ucp_get -s $size -O $ops -n $iters -p $((port + 1)) \
-        > "$out/perf_${mode}_$size.log" 2>&1
+    # UCX over TCP, each version beside its own ucp_get and ucp_am_bw (-e)
+    for ver in $ucx_vers; do
+      k="$out/kvx_${mode}_ucx${ver}_$size"
+      kvx_ucx $ver $mode tcp "$k"
+      for t in ucp_get ucp_am_bw; do
+        r="$out/perf_${mode}_ucx${ver}_${t}_$size"
+        ucx_ref $ver $mode tcp $t $size $iters -e "$r"
+        row "$mode" "ucx$ver" "$size" "$(json_gbps "$k.json")" "$(perftest_gbps "$r.log")" "ucx_perftest $ver $t -e -O $ops"
+      done
+    done
+    # UCX 1.22 over shared memory (pack): kvx over cma without failure
+    # handling, beside ucp_get without -e (no sm transport has it).
+    if [ "$mode" = pack ] && [[ " $ucx_vers " == *" 1.22 "* ]]; then
+      k="$out/kvx_pack_ucx1.22-sm_$size"; r="$out/perf_pack_ucx1.22-sm_ucp_get_$size"
+      kvx_ucx 1.22 pack sm "$k"
+      ucx_ref 1.22 pack sm ucp_get $size $iters "" "$r"
+      row "$mode" "ucx1.22-sm" "$size" "$(json_gbps "$k.json")" "$(perftest_gbps "$r.log")" "ucx_perftest 1.22 ucp_get -O $ops, UCX_TLS=sm (no -e)"
     fi
-    grep -q "TEST PASSED" "$out/kvx_${mode}_$size.log" || { echo "kvx_bench $mode $size did not pass:"; tail -5 "$out/kvx_${mode}_$size.log"; }
-    row "$mode" ucx "$size" "$(json_gbps "$out/kvx_${mode}_$size.json")" "$(perftest_gbps "$out/perf_${mode}_$size.log")" "ucx_perftest ucp_get -O $ops"
     # libfabric, beside a raw fi_read loop with the same size and reads outstanding
     total=$((blocks * layers * 2 * size * 5))
     if [ "$mode" = pack ]; then
@@ -84,13 +188,15 @@ for mode in $modes; do
         row "$mode" "ofi-$p" "$size" "$(json_gbps "$out/ofi_${p}_$size.json")" "$(ref_gbps "$out/ref_${p}_$size.json")" "fi_read_ref $p -O $ops"
       done
     else
-      ip netns exec $A env FI_PROVIDER=tcp FI_TCP_IFACE=$VA KVX_HOST_ID=bench-a timeout 300 $B/kvx_bench --role prefill --listen $IPA:$((port + 2)) --backends LIBFABRIC $args > "$out/ofi_spread_$size.srv" 2>&1 &
-      ip netns exec $Bn env FI_PROVIDER=tcp FI_TCP_IFACE=$VB KVX_HOST_ID=bench-b timeout 300 $B/kvx_bench --role decode --connect $IPA:$((port + 2)) --backends LIBFABRIC $args \
+      newport
+      ip netns exec $A env FI_PROVIDER=tcp FI_TCP_IFACE=$VA KVX_HOST_ID=bench-a timeout 300 $B/kvx_bench --role prefill --listen $IPA:$port --backends LIBFABRIC $args > "$out/ofi_spread_$size.srv" 2>&1 &
+      ip netns exec $Bn env FI_PROVIDER=tcp FI_TCP_IFACE=$VB KVX_HOST_ID=bench-b timeout 300 $B/kvx_bench --role decode --connect $IPA:$port --backends LIBFABRIC $args \
         --json "$out/ofi_spread_$size.json" > "$out/ofi_spread_$size.log" 2>&1
       wait
-      ip netns exec $A env FI_TCP_IFACE=$VA timeout 120 $B/fi_read_ref --provider tcp --size $size --outstanding $ops --total $total --listen $IPA:$((port + 3)) > "$out/ref_spread_$size.srv" 2>&1 &
+      newport
+      ip netns exec $A env FI_TCP_IFACE=$VA timeout 120 $B/fi_read_ref --provider tcp --size $size --outstanding $ops --total $total --listen $IPA:$port > "$out/ref_spread_$size.srv" 2>&1 &
       sleep 0.5
-      ip netns exec $Bn env FI_TCP_IFACE=$VB timeout 120 $B/fi_read_ref --provider tcp --size $size --outstanding $ops --total $total --connect $IPA:$((port + 3)) \
+      ip netns exec $Bn env FI_TCP_IFACE=$VB timeout 120 $B/fi_read_ref --provider tcp --size $size --outstanding $ops --total $total --connect $IPA:$port \
         --json "$out/ref_spread_$size.json" > "$out/ref_spread_$size.log" 2>&1
       wait
       grep -q "TEST PASSED" "$out/ofi_spread_$size.log" || { echo "kvx_bench LIBFABRIC spread $size did not pass:"; tail -3 "$out/ofi_spread_$size.log"; }
@@ -100,16 +206,15 @@ for mode in $modes; do
   [ "$mode" = spread ] && ns_cleanup
 done
 
-# The make-demo transfer (128 random 32 KiB blocks x 32 layers x K/V) beside
-# ucx_perftest at 32 KiB with the same reads outstanding.
+# The make-demo transfer (128 random 32 KiB blocks x 32 layers x K/V, Debian's
+# UCX) beside ucx_perftest at 32 KiB with the same reads outstanding.
 if [[ " $modes " == *" pack "* ]] && [ -x $B/kvx_demo ]; then
-  UCX_NET_DEVICES=lo $B/kvx_demo > "$out/demo.log" 2>&1
-  port=$((14500 + RANDOM % 1000))
-  (UCX_TLS=tcp UCX_NET_DEVICES=lo timeout 120 ucx_perftest -t ucp_get -s 32768 -O $ops -n 20000 -p $port > "$out/perf_demo.srv" 2>&1 &)
-  sleep 0.5
-  UCX_TLS=tcp UCX_NET_DEVICES=lo timeout 120 ucx_perftest 127.0.0.1 -t ucp_get -s 32768 -O $ops -n 20000 -p $port > "$out/perf_demo.log" 2>&1
+  env -u LD_LIBRARY_PATH UCX_NET_DEVICES=lo timeout 300 $B/kvx_demo > "$out/demo.log" 2>&1
   grep -q "TEST PASSED" "$out/demo.log" || { echo "kvx_demo did not pass:"; tail -3 "$out/demo.log"; }
-  row demo ucx 32768 "$(sed -n 's/.*, \([0-9.]*\) GB\/s/\1/p' "$out/demo.log")" "$(perftest_gbps "$out/perf_demo.log")" "ucx_perftest ucp_get -O $ops (make demo's transfer)"
+  for t in ucp_get ucp_am_bw; do
+    ucx_ref 1.13 pack tcp $t 32768 20000 -e "$out/perf_demo_$t"
+    row demo ucx1.13 32768 "$(sed -n 's/.*, \([0-9.]*\) GB\/s/\1/p' "$out/demo.log")" "$(perftest_gbps "$out/perf_demo_$t.log")" "ucx_perftest 1.13 $t -e -O $ops (make demo's transfer)"
+  done
 fi
 
 # What verify mode costs: the same 64 KiB transfer unverified, checking one
@@ -117,18 +222,24 @@ fi
 if [[ " $modes " == *" pack "* ]]; then
   vargs="--num-blocks 1024 --blocks 128 --num-layers 8 --block-tokens 256 --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 5"
   for v in 0 64 1; do
-    UCX_TLS=tcp UCX_NET_DEVICES=lo timeout 300 $B/kvx_bench --strategy pack $vargs --verify $v --json "$out/verify_$v.json" > "$out/verify_$v.log" 2>&1
+    env -u LD_LIBRARY_PATH UCX_TLS=tcp UCX_NET_DEVICES=lo timeout 300 $B/kvx_bench --strategy pack $vargs --verify $v --json "$out/verify_$v.json" > "$out/verify_$v.log" 2>&1
     grep -q "TEST PASSED" "$out/verify_$v.log" || { echo "kvx_bench --verify $v did not pass:"; tail -3 "$out/verify_$v.log"; }
   done
   base=$(json_gbps "$out/verify_0.json")
   for v in 64 1; do
-    row "verify" ucx 65536 "$(json_gbps "$out/verify_$v.json")" "$base" "kvx unverified, same run (--verify $v: $([ $v = 1 ] && echo 'every block' || echo "1 block in $v"))"
+    row "verify" ucx1.13 65536 "$(json_gbps "$out/verify_$v.json")" "$base" "kvx unverified, same run (--verify $v: $([ $v = 1 ] && echo 'every block' || echo "1 block in $v"))"
   done
 fi
 
 if [ -x $B/bench_post ]; then
   echo
-  UCX_NET_DEVICES=lo $B/bench_post | tee "$out/post_cost.txt"
+  env -u LD_LIBRARY_PATH UCX_NET_DEVICES=lo timeout 300 $B/bench_post | tee "$out/post_cost.txt"
+fi
+
+if [ ${#seen_transport[@]} -gt 0 ]; then
+  echo
+  echo "kvx's UCX transports:"
+  for k in "${!seen_transport[@]}"; do echo "  $k: ${seen_transport[$k]}"; done | sort
 fi
 
 bash bench/bench_plot.sh "$tsv" "$out/bench.png" "$ops"

@@ -1,29 +1,52 @@
 #!/usr/bin/env bash
 # Plots make bench's table (results.tsv) into a PNG with gnuplot: GB/s against
-# block size, kvx beside its reference, one line per transport and mode.
+# block size, one panel per mode (pack, spread); per backend (UCX version or
+# libfabric provider) one colour: kvx solid, its references dashed
+# (ucp_get, fi_read) and dotted (ucp_am_bw).
 #   bench/bench_plot.sh build/bench/results.tsv build/bench/bench.png 64
 set -u
 tsv=$1 png=$2 ops=${3:-64}
 command -v gnuplot >/dev/null || { echo "(no plot: gnuplot is not installed)"; exit 0; }
-dir=$(dirname "$png")
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-plots=()
-for key in "pack ucx" "spread ucx" "pack ofi-tcp" "pack ofi-shm" "spread ofi-tcp"; do
-  set -- $key
-  f="$tmp/$1_$2.tsv"
-  awk -F'\t' -v m="$1" -v b="$2" '$1 == m && $2 == b { print $3 "\t" $4 "\t" $5 }' "$tsv" > "$f"
-  [ -s "$f" ] || continue
-  ref=$([ "$2" = ucx ] && echo "ucx_perftest" || echo "raw fi_read")
-  plots+=("\"$f\" using 1:2 with linespoints lw 2 title \"kvx $2 $1\"")
-  plots+=("\"$f\" using 1:3 with linespoints dt 2 lw 2 title \"$ref $2 $1\"")
+colour() {
+  case $1 in
+    ucx1.13) echo "#1f77b4" ;; ucx1.22) echo "#d62728" ;; ucx1.22-sm) echo "#9467bd" ;;
+    ofi-tcp) echo "#2ca02c" ;; ofi-shm) echo "#ff7f0e" ;; *) echo "#7f7f7f" ;;
+  esac
+}
+# size, kvx GB/s and reference GB/s of the rows of one mode, backend and reference
+pick() { awk -F'\t' -v m="$1" -v b="$2" -v r="$3" '$1 == m && $2 == b && index($7, r) && $5 != "-" { print $3 "\t" $4 "\t" $5 }' "$tsv"; }
+panels=()
+for mode in pack spread; do
+  plots=()
+  for be in ucx1.13 ucx1.22 ucx1.22-sm ofi-tcp ofi-shm; do
+    c=$(colour $be)
+    case $be in ucx*) refs="ucp_get ucp_am_bw" ;; *) refs="fi_read_ref" ;; esac
+    kvx_done=0
+    for r in $refs; do
+      f="$tmp/${mode}_${be}_$r.tsv"
+      pick $mode $be $r > "$f"
+      [ -s "$f" ] || continue
+      if [ $kvx_done = 0 ]; then
+        plots+=("\"$f\" using 1:2 with linespoints lw 2 pt 7 lc rgb \"$c\" title \"kvx $be\"")
+        kvx_done=1
+      fi
+      dt=2; [ $r = ucp_am_bw ] && dt=3
+      name=$r; [ $r = fi_read_ref ] && name="raw fi_read"; [ ${be#ucx} != $be ] && name="perftest $r$([ $be = ucx1.22-sm ] || echo ' -e')"
+      plots+=("\"$f\" using 1:3 with linespoints dt $dt lw 2 pt 6 lc rgb \"$c\" title \"$name $be\"")
+    done
+  done
+  [ ${#plots[@]} -gt 0 ] || continue
+  list=$(printf '%s, ' "${plots[@]}")
+  panels+=("set title \"$mode\"
+plot ${list%, }")
 done
-[ ${#plots[@]} -gt 0 ] || exit 0
-list=$(printf '%s, ' "${plots[@]}")
-gnuplot 2>/dev/null <<PLOT && echo "plot: $png"
-set terminal pngcairo size 1000,620 noenhanced
+[ ${#panels[@]} -gt 0 ] || exit 0
+timeout 60 gnuplot 2>/dev/null <<PLOT && echo "plot: $png"
+set terminal pngcairo size 1100,$((430 * ${#panels[@]} + 40)) noenhanced
 set output "$png"
-set title "kvx reads vs the transport's own reference (random blocks, $ops in flight, same run)"
+set multiplot layout ${#panels[@]},1 title "kvx reads vs the transport's own references (random blocks, $ops in flight, same run)"
 set xlabel "block size (bytes per layer and K/V)"
 set ylabel "GB/s"
 set logscale x 2
@@ -31,5 +54,6 @@ set xtics ("4K" 4096, "16K" 16384, "64K" 65536, "256K" 262144, "1M" 1048576)
 set yrange [0:*]
 set key outside right
 set grid
-plot ${list%, }
+$(printf '%s\n' "${panels[@]}")
+unset multiplot
 PLOT
