@@ -10,11 +10,16 @@
     Notifications are 16-byte active messages. The progress thread sleeps on
     the worker's event fd (ucp_worker_get_efd + ucp_worker_arm).
 
-    Over TCP, and over shared memory for ordinary (not ucp-allocated) memory,
-    UCX has no one-sided get: the owner serves reads in software, so the owner
-    must progress, and kvx_peer_transport() says "(sw)". Such peers are read
-    by kvx's own get over active messages (kvx_ucx_get.h), not ucp_get_nbx, whose
-    software path aborts the owner on UCX 1.13 when a reader dies mid-read.
+    Over TCP UCX has no one-sided get: the owner serves reads in software, so
+    the owner must progress, and kvx_peer_transport() says "(sw)". Host caches
+    served that way are read by kvx's own get over active messages
+    (kvx_ucx_get.h), not ucp_get_nbx, whose replies kvx cannot see: a cache
+    deregistered under a stopped reader would hand it the memory's next bytes
+    (UCX 1.13 and 1.22 alike). GPU caches, where UCX is built with CUDA, are
+    read with ucp_get_nbx over whatever path UCX takes (cuda_ipc, or staged
+    through the host), and a path that is not cuda_ipc is said in a warning.
+    From UCX 1.22 each cache's path is what UCX says of a first read of it
+    (ucp_request_query); before, the endpoint's lanes decide for every cache.
 */
 #ifndef KVX_UCX_INCLUDED
 #define KVX_UCX_INCLUDED

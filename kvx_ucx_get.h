@@ -6,11 +6,11 @@
     memory is deregistered. Part of the UCX backend (kvx_ucx.h includes it);
     do not include it yourself. Its headers on the wire are in kvx_wire.h.
 
-    Where UCX has no one-sided get (TCP, or shared memory for memory it did
-    not allocate), ucp_get_nbx is served in software by the owner's worker,
-    and UCX 1.13 aborts the owner (ucs_fatal in ucp_get_req_handler) when the
-    reader dies while replies are going out. kvx's own get puts the owner's
-    side in kvx's hands: a request names a range of the owner's registered
+    Where UCX has no one-sided get (TCP), ucp_get_nbx is served in software
+    by the owner's worker, with replies kvx cannot see or wait for: memory
+    deregistered and reused under a stopped reader reaches it as a read that
+    succeeds (UCX 1.13 and 1.22). kvx's own get puts the owner's side in
+    kvx's hands: a request names a range of the owner's registered
     memory, the owner checks it and sends the bytes back eagerly, and a
     reply that cannot go (the reader died) is just released. A request can
     name a block's pieces at a stride (the tokens of an NHD read of part of
