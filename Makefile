@@ -4,6 +4,7 @@
 #   make demo            a pack transfer on this host (installs libucx-dev if missing)
 #   make test            every test; ends with "N passed, M failed"
 #   make bench           kvx_bench sweeps beside ucx_perftest; table and plot in build/bench/
+#   make python          the Python package (python/) into build/venv, with numpy, pytest, torch (CPU)
 #   make install PREFIX=/usr/local
 PREFIX ?= /usr/local
 CC ?= cc
@@ -42,7 +43,7 @@ FUZZ_CC ?= clang
 # make test builds with this many jobs
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: all demo test bench fuzz soak install deps deps-test deps-bench clean compile-check gpu-build test-gpu bench-gpu ptx-check
+.PHONY: all demo test bench fuzz soak install deps deps-test deps-bench clean compile-check gpu-build test-gpu bench-gpu ptx-check python
 
 all: deps $(PROGRAMS) $(TESTS)
 
@@ -161,8 +162,20 @@ demo: deps $(BUILD)/kvx_demo
 compile-check: deps
 	KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/compile/matrix.sh
 
+# Python: the package in python/ (ctypes over libkvx.so, built from the
+# headers by pip) in the build's virtual environment, with numpy, pytest and
+# a CPU build of torch (torch==2.13.0, which this machine's pip serves from
+# its own files).
+PY_PIP = $(UCX122_VENV)/bin/pip
+TORCH_PIN ?= torch==2.13.0
+python: deps
+	@[ -x $(PY_PIP) ] || python3 -m venv $(UCX122_VENV)
+	$(PY_PIP) install -q numpy pytest $(TORCH_PIN)
+	$(PY_PIP) install -q ./python
+
 test: deps deps-test
 	@$(MAKE) --no-print-directory $(BUILD)/ucx122/prefix
+	@$(MAKE) --no-print-directory python
 	@$(MAKE) --no-print-directory -j$(JOBS) $(PROGRAMS) $(TESTS) $(UCX122_TESTS)
 	@KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/run.sh
 

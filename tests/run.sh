@@ -58,6 +58,12 @@ entry "valgrind: kvx_bench pack 1->1, every process (ucx $vdeb tcp)" 300 env UCX
 entry "compile matrix" 300 bash tests/compile/matrix.sh
 entry "compile matrix with KVX_CUDA (stub libcuda)" 600 bash tests/compile/matrix_cuda.sh
 entry "PTX check (ptxas sm_80, sm_90, sm_100)" 120 bash tools/ptx_check.sh
+if [ -x $B/venv/bin/python ] && $B/venv/bin/python -c 'import kvx' 2>/dev/null; then
+  entry "python: the kvx package (ctypes), reads between processes, numpy and torch CPU (ucx $vdeb tcp)" 300 \
+    env UCX_TLS=tcp $B/venv/bin/python -m pytest -q -p no:cacheprovider tests/python
+else
+  entry "python: the kvx package is installed (make python)" 10 $B/venv/bin/python -c 'import kvx'
+fi
 if [ -x $B/fuzz_metadata ]; then
   rm -rf $B/fuzz-corpus && mkdir -p $B/fuzz-corpus && $B/make_seeds $B/fuzz-corpus >/dev/null
   entry "metadata fuzzer, 30 s (libFuzzer, asan+ubsan)" 120 $B/fuzz_metadata -max_total_time=30 -print_final_stats=1 -artifact_prefix=$B/ $B/fuzz-corpus

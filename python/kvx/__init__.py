@@ -1,0 +1,673 @@
+"""kvx from Python: ctypes bindings over libkvx.so, built from kvx's C headers.
+
+    import kvx
+    with kvx.Context(name="decode", tp_rank=0, tp_size=1) as ctx:
+        cache = ctx.register_cache(kv_caches, layout="NHD")   # one tensor/array per layer
+        peer = ctx.add_peer(metadata_bytes_from_the_owner)
+        q = ctx.queue()
+        t = q.read(peer, local_blocks, remote_blocks, notify_id=7)
+        t.wait(timeout_ms=5000)
+
+Layouts (vLLM's): "NHD" is [2, num_blocks, block_size, num_kv_heads,
+head_size] (FlashAttention), "HND" is [2, num_blocks, num_kv_heads,
+block_size, head_size], "MLA" is [num_blocks, block_size, latent_dim].
+Tensors are torch tensors or numpy arrays, contiguous; a registered cache
+holds references to them until it is deregistered (its context closed).
+
+Every kvx status other than success is raised as a subclass of kvx.Error,
+carrying kvx's own message.
+"""
+from __future__ import annotations
+
+import ctypes as C
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+__all__ = [
+    "Context", "Cache", "Peer", "Queue", "Ticket", "Completion", "Notification",
+    "Error", "ArgumentError", "NoMemoryError", "UnsupportedError", "MismatchError", "BackendError",
+    "PeerError", "TimeoutError", "CorruptError", "CanceledError", "backends", "library_path",
+]
+
+# --- errors -------------------------------------------------------------------
+
+
+class Error(Exception):
+    """A kvx status other than success; ``status`` is kvx's code, str() its message."""
+
+    status: int = 0
+
+    def __init__(self, message: str, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class ArgumentError(Error, ValueError):
+    status = -1
+
+
+class NoMemoryError(Error, MemoryError):
+    status = -2
+
+
+class UnsupportedError(Error):
+    status = -3
+
+
+class MismatchError(Error):
+    status = -4
+
+
+class BackendError(Error):
+    status = -5
+
+
+class PeerError(Error):
+    status = -6
+
+
+class TimeoutError(Error):  # noqa: A001 (kvx's own, as DESIGN names it)
+    status = -7
+
+
+class CorruptError(Error):
+    status = -8
+
+
+class CanceledError(Error):
+    status = -9
+
+
+_ERRORS = {c.status: c for c in (ArgumentError, NoMemoryError, UnsupportedError, MismatchError, BackendError,
+                                  PeerError, TimeoutError, CorruptError, CanceledError)}
+_OK, _PENDING = 0, 1
+
+# --- the library ----------------------------------------------------------------
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def library_path() -> str:
+    """libkvx.so: $KVX_LIBRARY, else the one built beside this file."""
+    return os.environ.get("KVX_LIBRARY") or os.path.join(_HERE, "libkvx.so")
+
+
+def backends() -> List[str]:
+    """The backends libkvx.so was built with ("ucx", "ofi", "local", ...)."""
+    try:
+        with open(os.path.join(os.path.dirname(library_path()), "build_info.json")) as f:
+            return list(json.load(f)["backends"])
+    except (OSError, ValueError, KeyError):
+        return ["local"]
+
+
+class _OfiDesc(C.Structure):
+    _fields_ = [("provider", C.c_char_p), ("extra_caps", C.c_uint64), ("hmem", C.c_int),
+                ("max_msg", C.c_uint64), ("tick_us", C.c_uint32)]
+
+
+class _CudaDesc(C.Structure):
+    _fields_ = [("max_blocks", C.c_uint32), ("socket_dir", C.c_char_p)]
+
+
+class _CtxDesc(C.Structure):
+    _fields_ = [("name", C.c_char_p), ("tp_rank", C.c_int), ("tp_size", C.c_int), ("backend", C.c_int),
+                ("timeout_ms", C.c_uint32), ("progress_thread", C.c_int), ("host_id", C.c_char_p),
+                ("log_level", C.c_int), ("log_fn", C.c_void_p), ("log_user", C.c_void_p),
+                ("ofi", _OfiDesc), ("cuda", _CudaDesc)]
+
+
+class _Layout(C.Structure):
+    _fields_ = [("num_layers", C.c_uint32), ("num_blocks", C.c_uint32), ("block_tokens", C.c_uint32),
+                ("num_heads", C.c_uint32), ("head_dim", C.c_uint32), ("elem_bytes", C.c_uint32),
+                ("order", C.c_int), ("total_heads", C.c_uint32), ("kv_planes", C.c_uint32)]
+
+
+class _CacheDesc(C.Structure):
+    _fields_ = [("layout", _Layout), ("mem", C.c_int), ("device", C.c_int), ("bases", C.POINTER(C.c_void_p)),
+                ("pool", C.c_void_p), ("layer_stride", C.c_uint64), ("plane_stride", C.c_uint64),
+                ("block_stride", C.c_uint64), ("checksums", C.c_int)]
+
+
+class _QueueCuda(C.Structure):
+    _fields_ = [("stream", C.c_void_p)]
+
+
+class _QueueDesc(C.Structure):
+    _fields_ = [("depth", C.c_uint32), ("max_ops", C.c_uint32), ("max_runs", C.c_uint32), ("cuda", _QueueCuda)]
+
+
+class _Read(C.Structure):
+    _fields_ = [("peer", C.c_void_p), ("cache", C.c_void_p), ("remote_cache", C.c_uint32),
+                ("local_blocks", C.POINTER(C.c_uint32)), ("remote_blocks", C.POINTER(C.c_uint32)),
+                ("num_blocks", C.c_uint32), ("layer_begin", C.c_uint32), ("layer_count", C.c_uint32),
+                ("notify", C.c_int), ("notify_id", C.c_uint64), ("user_tag", C.c_uint64),
+                ("timeout_ms", C.c_uint32), ("verify", C.c_uint32)]
+
+
+class _Completion(C.Structure):
+    _fields_ = [("ticket", C.c_uint64), ("user_tag", C.c_uint64), ("status", C.c_int), ("bytes", C.c_uint64)]
+
+
+class _Notification(C.Structure):
+    _fields_ = [("id", C.c_uint64), ("status", C.c_int), ("peer_rank", C.c_int)]
+
+
+class _Stats(C.Structure):
+    _fields_ = [("backend", C.c_char_p)] + [(n, C.c_uint64) for n in (
+        "bytes_read", "reads_posted", "reads_completed", "reads_failed", "descs_posted", "descs_completed",
+        "blocks_posted", "notifications_sent", "notifications_received", "errors")]
+
+
+_MIRRORS = (_CtxDesc, _Layout, _CacheDesc, _QueueDesc, _Read, _Completion, _Notification, _Stats)
+_lib: Optional[C.CDLL] = None
+
+
+def _load() -> C.CDLL:
+    global _lib
+    if _lib is not None:
+        return _lib
+    path = library_path()
+    if not os.path.exists(path):
+        raise ImportError("kvx: %s is missing: install the package with pip (it builds the library), "
+                          "or run python -m kvx._build %s" % (path, os.path.dirname(path)))
+    lib = C.CDLL(path)
+    lib.kvx_py_sizeof.restype = C.c_size_t
+    lib.kvx_py_sizeof.argtypes = [C.c_int]
+    for i, m in enumerate(_MIRRORS):  # the bindings and the headers must agree, or nothing works
+        if lib.kvx_py_sizeof(i) != C.sizeof(m):
+            raise ImportError("kvx: %s is %d bytes in libkvx.so and %d in these bindings: rebuild the package"
+                              % (m.__name__, lib.kvx_py_sizeof(i), C.sizeof(m)))
+    P, U32, U64, I = C.c_void_p, C.c_uint32, C.c_uint64, C.c_int
+    sigs = {
+        "kvx_ctx_create": (I, [C.POINTER(_CtxDesc), C.POINTER(P)]),
+        "kvx_ctx_destroy": (None, [P]),
+        "kvx_ctx_error": (C.c_char_p, [P]),
+        "kvx_status_name": (C.c_char_p, [I]),
+        "kvx_cache_register": (I, [P, C.POINTER(_CacheDesc), C.POINTER(P)]),
+        "kvx_cache_deregister": (None, [P]),
+        "kvx_cache_seal": (I, [P, C.POINTER(U32), U32]),
+        "kvx_metadata": (I, [P, P, C.POINTER(C.c_size_t)]),
+        "kvx_peer_add": (I, [P, C.c_char_p, C.c_size_t, C.POINTER(P)]),
+        "kvx_peer_remove": (None, [P]),
+        "kvx_peer_transport": (C.c_char_p, [P]),
+        "kvx_peer_name": (C.c_char_p, [P]),
+        "kvx_peer_rank": (I, [P]),
+        "kvx_peer_heads": (I, [P, P, U32, C.POINTER(U32), C.POINTER(U32)]),
+        "kvx_queue_create": (I, [P, C.POINTER(_QueueDesc), C.POINTER(P)]),
+        "kvx_queue_destroy": (None, [P]),
+        "kvx_post": (I, [P, C.POINTER(_Read), C.POINTER(U64)]),
+        "kvx_test": (I, [P, U64]),
+        "kvx_wait": (I, [P, U64, U32]),
+        "kvx_poll": (I, [P, C.POINTER(_Completion), I]),
+        "kvx_stream_wait": (I, [P, U64, P]),
+        "kvx_notify_expect": (I, [P, U64, U32]),
+        "kvx_notifications": (I, [P, C.POINTER(_Notification), I]),
+        "kvx_progress": (I, [P]),
+        "kvx_stats_get": (None, [P, C.POINTER(_Stats)]),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    _lib = lib
+    return lib
+
+
+def _raise(status: int, ctx: Optional[int], what: str = "") -> None:
+    lib = _load()
+    msg = lib.kvx_ctx_error(ctx).decode(errors="replace") if ctx is not None else ""
+    name = lib.kvx_status_name(status).decode()
+    text = "%s: %s" % (name, msg) if msg else name
+    if what:
+        text = "%s: %s" % (what, text)
+    raise _ERRORS.get(status, Error)(text, status)
+
+
+def _check(status: int, ctx: Optional[int], what: str = "") -> None:
+    if status != _OK:
+        _raise(status, ctx, what)
+
+
+_BACKENDS = {None: 0, "default": 0, "ucx": 1, "ofi": 2, "libfabric": 2, "cuda": 3, "local": 4}
+_LAYOUTS = {"HND": 0, "NHD": 1, "MLA": 0}
+
+# --- tensors --------------------------------------------------------------------
+
+
+class _TensorInfo:
+    """What kvx needs of one layer's tensor or array."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+        mod = type(obj).__module__
+        if mod.startswith("torch"):
+            self.kind = "torch"
+            self.shape = tuple(int(s) for s in obj.shape)
+            self.itemsize = int(obj.element_size())
+            self.strides = tuple(int(s) * self.itemsize for s in obj.stride())
+            self.ptr = int(obj.data_ptr())
+            self.contiguous = bool(obj.is_contiguous())
+            self.dtype = str(obj.dtype)
+            self.cuda = bool(obj.is_cuda)
+            self.device = int(obj.device.index) if self.cuda and obj.device.index is not None else (0 if self.cuda else -1)
+            self.nbytes = int(obj.numel()) * self.itemsize
+        elif hasattr(obj, "__array_interface__") and hasattr(obj, "ctypes"):
+            self.kind = "numpy"
+            self.shape = tuple(int(s) for s in obj.shape)
+            self.itemsize = int(obj.itemsize)
+            self.strides = tuple(int(s) for s in obj.strides)
+            self.ptr = int(obj.ctypes.data)
+            self.contiguous = bool(obj.flags["C_CONTIGUOUS"])
+            self.dtype = str(obj.dtype)
+            self.cuda = False
+            self.device = -1
+            self.nbytes = int(obj.nbytes)
+            if not obj.flags["WRITEABLE"]:
+                raise ArgumentError("register_cache: a read-only array cannot receive blocks", -1)
+        else:
+            raise ArgumentError("register_cache: %s is neither a torch tensor nor a numpy array" % type(obj).__name__, -1)
+
+
+def _layout_of(tensors: Sequence[_TensorInfo], layout: str) -> Tuple[_Layout, int]:
+    """kvx's layout of one tensor per layer; and the bytes from block b to b+1."""
+    if layout not in _LAYOUTS:
+        raise ArgumentError("register_cache: layout %r: use 'NHD', 'HND' or 'MLA'" % (layout,), -1)
+    first = tensors[0]
+    want = 3 if layout == "MLA" else 5
+    for i, t in enumerate(tensors):
+        if len(t.shape) != want:
+            shape = "[num_blocks, block_size, latent_dim]" if layout == "MLA" else (
+                "[2, num_blocks, block_size, num_kv_heads, head_size]" if layout == "NHD"
+                else "[2, num_blocks, num_kv_heads, block_size, head_size]")
+            raise ArgumentError("register_cache: layer %d has shape %s; layout %s is %s" % (i, list(t.shape), layout, shape), -1)
+        if not t.contiguous:
+            raise ArgumentError("register_cache: layer %d is not contiguous (strides %s): kvx reads whole blocks "
+                                "in place; pass .contiguous() memory the engine keeps" % (i, list(t.strides)), -1)
+        if t.shape != first.shape or t.dtype != first.dtype:
+            raise ArgumentError("register_cache: layer %d is %s %s, layer 0 is %s %s: every layer must match"
+                                % (i, list(t.shape), t.dtype, list(first.shape), first.dtype), -1)
+        if (t.kind, t.cuda, t.device) != (first.kind, first.cuda, first.device):
+            raise ArgumentError("register_cache: layer %d is on %s, layer 0 on %s: every layer must be on one device"
+                                % (i, "cuda:%d" % t.device if t.cuda else "cpu", "cuda:%d" % first.device if first.cuda else "cpu"), -1)
+    lay = _Layout()
+    lay.num_layers = len(tensors)
+    lay.elem_bytes = first.itemsize
+    if layout == "MLA":
+        lay.num_blocks, lay.block_tokens, lay.head_dim = first.shape
+        lay.num_heads, lay.total_heads, lay.kv_planes, lay.order = 1, 1, 1, 0
+        block_stride = first.strides[0]
+    else:
+        if first.shape[0] != 2:
+            raise ArgumentError("register_cache: dimension 0 is %d, not 2 (K and V)" % first.shape[0], -1)
+        lay.num_blocks = first.shape[1]
+        if layout == "NHD":
+            lay.block_tokens, lay.num_heads = first.shape[2], first.shape[3]
+        else:
+            lay.num_heads, lay.block_tokens = first.shape[2], first.shape[3]
+        lay.head_dim = first.shape[4]
+        lay.order = _LAYOUTS[layout]
+        lay.kv_planes = 2
+        block_stride = first.strides[1]
+    return lay, block_stride
+
+
+# --- objects ----------------------------------------------------------------------
+
+
+class Cache:
+    """A registered KV cache: one tensor or array per layer. Holds references
+    to them while registered, so they cannot be freed under kvx."""
+
+    def __init__(self, ctx: "Context", handle: int, tensors: List[Any], layout: str, lay: _Layout, index: int) -> None:
+        self._ctx = ctx
+        self._h: Optional[int] = handle
+        self.tensors = tensors
+        self.layout = layout
+        self.index = index
+        self.num_blocks = int(lay.num_blocks)
+        self.num_layers = int(lay.num_layers)
+        self.num_heads = int(lay.num_heads)
+
+    @property
+    def handle(self) -> int:
+        if self._h is None:
+            raise ArgumentError("the cache is deregistered", -1)
+        return self._h
+
+    def seal(self, blocks: Sequence[int]) -> None:
+        """Record the checksums of these blocks (caches registered with checksums=True)."""
+        arr, n = _u32_array(blocks)
+        _check(_load().kvx_cache_seal(self.handle, arr, n), self._ctx._handle, "seal")
+
+    def deregister(self) -> None:
+        """Give the memory back to the engine; drops the references."""
+        if self._h is not None and self._ctx._h is not None:
+            _load().kvx_cache_deregister(self._h)
+        self._h = None
+        self.tensors = []
+
+
+class Peer:
+    """An imported context: ``transport`` says what kvx chose to read it over."""
+
+    def __init__(self, ctx: "Context", handle: int) -> None:
+        lib = _load()
+        self._ctx = ctx
+        self._h: Optional[int] = handle
+        self.name: str = lib.kvx_peer_name(handle).decode()
+        self.rank: int = lib.kvx_peer_rank(handle)
+        self.transport: str = lib.kvx_peer_transport(handle).decode()
+
+    @property
+    def handle(self) -> int:
+        if self._h is None:
+            raise ArgumentError("the peer is removed", -1)
+        return self._h
+
+    def heads(self, cache: Cache, remote_cache: int = 0) -> Tuple[int, int]:
+        """(first, count) of the global heads a read of this peer's cache into ``cache`` takes."""
+        first, count = C.c_uint32(), C.c_uint32()
+        _check(_load().kvx_peer_heads(self.handle, cache.handle, remote_cache, C.byref(first), C.byref(count)),
+               self._ctx._handle, "heads")
+        return int(first.value), int(count.value)
+
+    def remove(self) -> None:
+        if self._h is not None and self._ctx._h is not None:
+            _load().kvx_peer_remove(self._h)
+        self._h = None
+
+    def __repr__(self) -> str:
+        return "kvx.Peer(%s/%d, %s)" % (self.name, self.rank, self.transport)
+
+
+class Completion:
+    """One reported read: ticket, the caller's tag, kvx status, bytes."""
+
+    __slots__ = ("ticket", "tag", "status", "bytes")
+
+    def __init__(self, ticket: int, tag: int, status: int, nbytes: int) -> None:
+        self.ticket, self.tag, self.status, self.bytes = ticket, tag, status, nbytes
+
+    def __repr__(self) -> str:
+        return "kvx.Completion(ticket=%d, tag=%d, status=%d, bytes=%d)" % (self.ticket, self.tag, self.status, self.bytes)
+
+
+class Notification:
+    """A reader's notification (status 0), or an expectation that expired (status -7, reader_rank -1)."""
+
+    __slots__ = ("id", "status", "reader_rank")
+
+    def __init__(self, nid: int, status: int, reader_rank: int) -> None:
+        self.id, self.status, self.reader_rank = nid, status, reader_rank
+
+    @property
+    def done(self) -> bool:
+        return self.status == _OK
+
+    def __repr__(self) -> str:
+        return "kvx.Notification(id=%d, status=%d, reader_rank=%d)" % (self.id, self.status, self.reader_rank)
+
+
+class Ticket:
+    """A posted read. ``wait`` raises its error; ``done`` tests without blocking."""
+
+    def __init__(self, queue: "Queue", ticket: int) -> None:
+        self.queue = queue
+        self.ticket = ticket
+        self._final: Optional[Error] = None  # kvx reports a read once: its outcome is kept here
+        self._ended = False
+
+    def _end(self, st: int) -> None:
+        if not self._ended:
+            self._ended = True
+            if st != _OK:
+                try:
+                    _raise(st, self.queue._ctx._handle, "read %d" % self.ticket)
+                except Error as e:
+                    self._final = e
+        if self._final is not None:
+            raise self._final
+
+    def done(self) -> bool:
+        """True once the read succeeded; raises its error if it failed."""
+        if not self._ended:
+            st = _load().kvx_test(self.queue.handle, self.ticket)
+            if st == _PENDING:
+                return False
+            self._end(st)
+        self._end(_OK)
+        return True
+
+    def wait(self, timeout_ms: int = 30000) -> None:
+        """Block until the read completes (raises its error), or raise
+        kvx.TimeoutError if it is still running after timeout_ms."""
+        if not self._ended:
+            st = _load().kvx_wait(self.queue.handle, self.ticket, int(timeout_ms))
+            if st == _PENDING:
+                raise TimeoutError("read %d still running after %d ms (its own deadline has not passed)" % (self.ticket, timeout_ms), -7)
+            self._end(st)
+        self._end(_OK)
+
+    def __repr__(self) -> str:
+        return "kvx.Ticket(%d)" % self.ticket
+
+
+def _u32_array(ids: Any) -> Tuple[Any, int]:
+    """A uint32 C array of block ids (list, numpy array or torch tensor)."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    ids = list(ids)
+    for i in ids:
+        if not isinstance(i, int) or i < 0 or i > 0xFFFFFFFF:
+            raise ArgumentError("block id %r is not an integer in [0, 2^32)" % (i,), -1)
+    return (C.c_uint32 * len(ids))(*ids), len(ids)
+
+
+class Queue:
+    """An async read queue: ``read`` posts and returns a Ticket at once."""
+
+    def __init__(self, ctx: "Context", handle: int) -> None:
+        self._ctx = ctx
+        self._h: Optional[int] = handle
+
+    @property
+    def handle(self) -> int:
+        if self._h is None:
+            raise ArgumentError("the queue is destroyed", -1)
+        return self._h
+
+    def read(self, peer: Peer, local_blocks: Any, remote_blocks: Any, cache: Optional[Cache] = None,
+             remote_cache: int = 0, layers: Optional[Tuple[int, int]] = None, notify_id: Optional[int] = None,
+             timeout_ms: Optional[int] = None, verify: int = 0, tag: int = 0) -> Ticket:
+        """Post a read of remote_blocks of peer's cache into local_blocks of
+        cache (default: the context's first). layers: (first, count). Every id
+        is checked against both layouts before anything is posted."""
+        la, n = _u32_array(local_blocks)
+        ra, m = _u32_array(remote_blocks)
+        if n != m:
+            raise ArgumentError("read: %d local blocks but %d remote blocks" % (n, m), -1)
+        cache = cache or (self._ctx.caches[0] if self._ctx.caches else None)
+        if cache is None:
+            raise ArgumentError("read: this context has no cache registered", -1)
+        rd = _Read()
+        rd.peer = peer.handle
+        rd.cache = cache.handle
+        rd.remote_cache = remote_cache
+        rd.local_blocks = la
+        rd.remote_blocks = ra
+        rd.num_blocks = n
+        if layers is not None:
+            rd.layer_begin, rd.layer_count = int(layers[0]), int(layers[1])
+        if notify_id is not None:
+            rd.notify, rd.notify_id = 1, int(notify_id)
+        rd.user_tag = int(tag)
+        rd.timeout_ms = int(timeout_ms or 0)
+        rd.verify = int(verify)
+        t = C.c_uint64()
+        _check(_load().kvx_post(self.handle, C.byref(rd), C.byref(t)), self._ctx._handle, "read")
+        return Ticket(self, int(t.value))
+
+    def poll(self, max_completions: int = 64) -> List[Completion]:
+        """Completions reported since the last poll (each read exactly once)."""
+        out = (_Completion * max_completions)()
+        n = _load().kvx_poll(self.handle, out, max_completions)
+        return [Completion(int(c.ticket), int(c.user_tag), int(c.status), int(c.bytes)) for c in out[:max(n, 0)]]
+
+    def stream_wait(self, ticket: Ticket, stream: Any) -> None:
+        """Make later work on a CUDA stream (torch.cuda.Stream or its handle) wait for the read."""
+        handle = getattr(stream, "cuda_stream", stream)
+        _check(_load().kvx_stream_wait(self.handle, ticket.ticket, C.c_void_p(int(handle or 0))), self._ctx._handle, "stream_wait")
+
+    def destroy(self) -> None:
+        if self._h is not None and self._ctx._h is not None:
+            _load().kvx_queue_destroy(self._h)
+        self._h = None
+
+
+class Context:
+    """One per engine rank: its name, tensor-parallel rank and size, backend
+    ("ucx", "ofi", "cuda", "local"; None: the first built in), and the default
+    deadline of its reads. A context manager; close() releases everything it made."""
+
+    def __init__(self, name: str = "kvx", tp_rank: int = 0, tp_size: int = 1, backend: Optional[str] = None,
+                 progress_thread: bool = True, timeout_ms: int = 30000, host_id: Optional[str] = None) -> None:
+        lib = _load()
+        if backend not in _BACKENDS:
+            raise ArgumentError("backend %r: use one of ucx, ofi, cuda, local (or None)" % (backend,), -1)
+        d = _CtxDesc()
+        self._name = name.encode()
+        self._host = host_id.encode() if host_id else None
+        d.name = self._name
+        d.tp_rank, d.tp_size = int(tp_rank), int(tp_size)
+        d.backend = _BACKENDS[backend]
+        d.timeout_ms = int(timeout_ms)
+        d.progress_thread = 1 if progress_thread else 0
+        d.host_id = self._host
+        h = C.c_void_p()
+        st = lib.kvx_ctx_create(C.byref(d), C.byref(h))
+        if st != _OK:
+            _raise(st, None, "Context: " + lib.kvx_ctx_error(None).decode(errors="replace"))
+        self._h: Optional[int] = h.value
+        self.name, self.tp_rank, self.tp_size = name, tp_rank, tp_size
+        self.caches: List[Cache] = []
+        self.peers: List[Peer] = []
+        self.queues: List[Queue] = []
+
+    @property
+    def _handle(self) -> Optional[int]:
+        return self._h
+
+    @property
+    def handle(self) -> int:
+        if self._h is None:
+            raise ArgumentError("the context is closed", -1)
+        return self._h
+
+    def register_cache(self, kv_caches: Any, layout: str = "NHD", total_heads: Optional[int] = None,
+                       checksums: bool = False) -> Cache:
+        """Register one tensor or array per layer (a list; a single one is one
+        layer) in vLLM's layout "NHD", "HND" or "MLA". total_heads: the
+        model's KV heads, when fewer than tp_size (replicated heads)."""
+        items = list(kv_caches) if isinstance(kv_caches, (list, tuple)) else [kv_caches]
+        if not items:
+            raise ArgumentError("register_cache: no tensors", -1)
+        infos = [_TensorInfo(t) for t in items]
+        lay, block_stride = _layout_of(infos, layout)
+        if total_heads is not None and layout != "MLA":
+            lay.total_heads = int(total_heads)
+        planes = int(lay.kv_planes)
+        bases = (C.c_void_p * (len(infos) * planes))()
+        for i, t in enumerate(infos):
+            for p in range(planes):
+                bases[i * planes + p] = t.ptr + (p * t.strides[0] if layout != "MLA" else 0)
+        d = _CacheDesc()
+        d.layout = lay
+        d.mem = 1 if infos[0].cuda else 0
+        d.device = max(infos[0].device, 0)
+        d.bases = bases
+        d.block_stride = block_stride
+        d.checksums = 1 if checksums else 0
+        h = C.c_void_p()
+        _check(_load().kvx_cache_register(self.handle, C.byref(d), C.byref(h)), self._h, "register_cache")
+        c = Cache(self, int(h.value), items, layout, lay, len(self.caches))
+        self.caches.append(c)
+        return c
+
+    def metadata(self) -> bytes:
+        """This context's metadata: ship it to readers, who pass it to add_peer."""
+        lib = _load()
+        n = C.c_size_t(0)
+        _check(lib.kvx_metadata(self.handle, None, C.byref(n)), self._h, "metadata")
+        buf = C.create_string_buffer(n.value)
+        _check(lib.kvx_metadata(self.handle, buf, C.byref(n)), self._h, "metadata")
+        return buf.raw[:n.value]
+
+    def add_peer(self, metadata: bytes) -> Peer:
+        """Import another context's metadata and connect to it."""
+        if not isinstance(metadata, (bytes, bytearray)):
+            raise ArgumentError("add_peer: metadata must be bytes, not %s" % type(metadata).__name__, -1)
+        h = C.c_void_p()
+        _check(_load().kvx_peer_add(self.handle, bytes(metadata), len(metadata), C.byref(h)), self._h, "add_peer")
+        p = Peer(self, int(h.value))
+        self.peers.append(p)
+        return p
+
+    def queue(self, depth: int = 0, max_ops: int = 0, cuda_stream: Any = None) -> Queue:
+        """An async read queue (depth: reads in flight; max_ops: transport operations)."""
+        d = _QueueDesc()
+        d.depth, d.max_ops = int(depth), int(max_ops)
+        if cuda_stream is not None:
+            d.cuda.stream = int(getattr(cuda_stream, "cuda_stream", cuda_stream))
+        h = C.c_void_p()
+        _check(_load().kvx_queue_create(self.handle, C.byref(d), C.byref(h)), self._h, "queue")
+        q = Queue(self, int(h.value))
+        self.queues.append(q)
+        return q
+
+    def expect(self, notify_id: int, timeout_ms: int) -> None:
+        """Owner side: notify_id should arrive within timeout_ms, else an expired notification comes."""
+        _check(_load().kvx_notify_expect(self.handle, int(notify_id), int(timeout_ms)), self._h, "expect")
+
+    def notifications(self, max_notifications: int = 256) -> List[Notification]:
+        out = (_Notification * max_notifications)()
+        n = _load().kvx_notifications(self.handle, out, max_notifications)
+        return [Notification(int(x.id), int(x.status), int(x.peer_rank)) for x in out[:max(n, 0)]]
+
+    def progress(self) -> int:
+        return int(_load().kvx_progress(self.handle))
+
+    def stats(self) -> Dict[str, Any]:
+        s = _Stats()
+        _load().kvx_stats_get(self.handle, C.byref(s))
+        out: Dict[str, Any] = {name: int(getattr(s, name)) for name, _ in _Stats._fields_[1:]}
+        out["backend"] = s.backend.decode() if s.backend else ""
+        return out
+
+    def close(self) -> None:
+        """Destroy the context: its queues, peers and caches, in that order;
+        the caches then let go of their tensors."""
+        if self._h is None:
+            return
+        lib = _load()
+        for q in self.queues:
+            q.destroy()
+        for p in self.peers:
+            p.remove()
+        for c in reversed(self.caches):
+            c.deregister()
+        lib.kvx_ctx_destroy(self._h)
+        self._h = None
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,117 @@
+"""Builds libkvx.so from kvx's headers with the backends this machine has.
+
+Run by setup.py (``pip install ./python``) and by ``python -m kvx._build OUT``.
+Nothing here is compiled against Python: the library is plain C, bound with
+ctypes, so one build serves every CPython and every torch.
+
+Backends:
+  UCX        ``pkg-config ucx``, or the prefix in ``$KVX_UCX_PREFIX`` (a UCX
+             install or the ``libucx`` wheel's package directory: include/, lib/)
+  libfabric  ``pkg-config libfabric``
+``KVX_PY_BACKENDS=ucx,ofi`` (or ``none``) narrows the choice; the local
+backend (memcpy between contexts of one process) is always there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional
+
+# The C file of the library: kvx's implementation, and the sizes of the
+# structs the bindings mirror, so that a mismatch is refused at load.
+_SOURCE = r"""
+#define KVX_IMPLEMENTATION
+#include "kvx.h"
+
+size_t kvx_py_sizeof(int which);
+size_t kvx_py_sizeof(int which) {
+    switch (which) {
+    case 0: return sizeof(kvx_ctx_desc);
+    case 1: return sizeof(kvx_layout);
+    case 2: return sizeof(kvx_cache_desc);
+    case 3: return sizeof(kvx_queue_desc);
+    case 4: return sizeof(kvx_read);
+    case 5: return sizeof(kvx_completion);
+    case 6: return sizeof(kvx_notification);
+    case 7: return sizeof(kvx_stats);
+    default: return 0;
+    }
+}
+"""
+
+
+def _run(cmd: List[str]) -> Optional[str]:
+    try:
+        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def headers_dir() -> str:
+    """The repository root that holds kvx.h ($KVX_HEADERS overrides)."""
+    env = os.environ.get("KVX_HEADERS")
+    if env:
+        return env
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cand in (os.path.join(here, "..", ".."), os.path.join(here, "include")):
+        if os.path.exists(os.path.join(cand, "kvx.h")):
+            return os.path.abspath(cand)
+    raise RuntimeError("kvx: cannot find kvx.h (set KVX_HEADERS to the directory that holds it)")
+
+
+def find_backends() -> Dict[str, Dict[str, List[str]]]:
+    """Each backend found: its -D, compile and link flags."""
+    want = os.environ.get("KVX_PY_BACKENDS", "ucx,ofi")
+    wanted = set() if want == "none" else {w.strip() for w in want.split(",") if w.strip()}
+    found: Dict[str, Dict[str, List[str]]] = {}
+    if "ucx" in wanted:
+        prefix = os.environ.get("KVX_UCX_PREFIX")
+        if prefix:
+            lib = os.path.join(prefix, "lib")
+            found["ucx"] = {"defs": ["-DKVX_UCX"], "cflags": ["-I" + os.path.join(prefix, "include")],
+                            "libs": ["-L" + lib, "-Wl,-rpath," + lib, "-lucp", "-luct", "-lucs", "-lucm"]}
+        else:
+            cflags, libs = _run(["pkg-config", "--cflags", "ucx"]), _run(["pkg-config", "--libs", "ucx"])
+            if libs is not None:
+                found["ucx"] = {"defs": ["-DKVX_UCX"], "cflags": shlex.split(cflags or ""), "libs": shlex.split(libs)}
+    if "ofi" in wanted:
+        cflags, libs = _run(["pkg-config", "--cflags", "libfabric"]), _run(["pkg-config", "--libs", "libfabric"])
+        if libs is not None:
+            found["ofi"] = {"defs": ["-DKVX_OFI"], "cflags": shlex.split(cflags or ""), "libs": shlex.split(libs)}
+    return found
+
+
+def build(out_dir: str, cc: Optional[str] = None) -> str:
+    """Compiles libkvx.so into out_dir; returns its path. Raises on failure,
+    with the compiler's output."""
+    cc = cc or os.environ.get("CC", "cc")
+    hdr = headers_dir()
+    backends = find_backends()
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, "libkvx.so")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kvx_py.c")
+        with open(src, "w") as f:
+            f.write(_SOURCE)
+        cmd = [cc, "-std=c99", "-D_GNU_SOURCE", "-O2", "-g", "-fPIC", "-shared",
+               "-Wall", "-Wextra", "-pedantic", "-Werror", "-I" + hdr]
+        for b in backends.values():
+            cmd += b["defs"] + b["cflags"]
+        cmd += [src, "-o", out]
+        for b in backends.values():
+            cmd += b["libs"]
+        cmd += ["-lpthread"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError("kvx: building libkvx.so failed:\n" + " ".join(cmd) + "\n" + r.stdout + r.stderr)
+    with open(os.path.join(out_dir, "build_info.json"), "w") as f:
+        json.dump({"backends": sorted(backends) + ["local"], "headers": hdr, "command": cmd}, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    print(build(sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))))

@@ -1,0 +1,295 @@
+"""kvx from Python: byte-verified reads between processes (multiprocessing,
+spawn) over the default backend (UCX over TCP on loopback in make test), in
+vLLM's layouts, with TP splits, notifications, deadlines, a killed owner, and
+the bad inputs refused before anything is posted. Run by make test."""
+import multiprocessing as mp
+import os
+import signal
+import time
+import weakref
+
+import numpy as np
+import pytest
+
+import kvx
+
+try:
+    import torch
+except ImportError:  # torch is optional for the package; make test installs it
+    torch = None
+
+NB, BS, HEADS, DIM, LAYERS = 32, 4, 4, 8, 3
+SPAWN = mp.get_context("spawn")
+
+
+def global_cache(layout, layer, seed, dtype, heads=HEADS):
+    """The model's whole layer (every KV head), as the producer fills it."""
+    rng = np.random.default_rng(seed * 1000 + layer)
+    if layout == "MLA":
+        shape = (NB, BS, DIM * 4)
+    elif layout == "NHD":
+        shape = (2, NB, BS, heads, DIM)
+    else:
+        shape = (2, NB, heads, BS, DIM)
+    return rng.integers(0, 255, size=shape, dtype=np.uint8).view(np.uint8).astype(dtype)
+
+
+def head_axis(layout):
+    return {"NHD": 3, "HND": 2}.get(layout)
+
+
+def rank_slice(layout, arr, rank, tp, total_heads=HEADS):
+    """What TP rank `rank` of `tp` holds of a global layer."""
+    ax = head_axis(layout)
+    if ax is None:
+        return np.ascontiguousarray(arr)
+    h = max(total_heads // tp, 1)
+    first = (rank * total_heads // tp) if total_heads >= tp else rank * total_heads // tp
+    idx = [slice(None)] * arr.ndim
+    idx[ax] = slice(first, first + h)
+    return np.ascontiguousarray(arr[tuple(idx)])
+
+
+def owner(conn, layout, rank, tp, seed, dtype, total_heads, expect, use_torch):
+    """A producer process: registers its cache, sends its metadata, reports
+    the notifications it gets, stays until told to go."""
+    tensors = [rank_slice(layout, global_cache(layout, l, seed, dtype, total_heads), rank, tp, total_heads) for l in range(LAYERS)]
+    if use_torch:
+        tensors = [torch.from_numpy(t) for t in tensors]
+    with kvx.Context("prefill", tp_rank=rank, tp_size=tp, timeout_ms=5000) as ctx:
+        ctx.register_cache(tensors, layout=layout, total_heads=total_heads if total_heads != HEADS * 1 else None)
+        for nid, ms in expect:
+            ctx.expect(nid, ms)
+        conn.send(ctx.metadata())
+        got = []
+        while True:
+            if conn.poll(0.05):
+                msg = conn.recv()
+                if msg == "notes":
+                    conn.send([(n.id, n.status, n.reader_rank) for n in got])
+                    continue
+                break
+            got += ctx.notifications()
+
+
+class Owner:
+    def __init__(self, layout="NHD", rank=0, tp=1, seed=1, dtype=np.uint16, total_heads=HEADS, expect=(), use_torch=False):
+        self.conn, child = SPAWN.Pipe()
+        self.proc = SPAWN.Process(target=owner, args=(child, layout, rank, tp, seed, dtype, total_heads, list(expect), use_torch))
+        self.proc.start()
+        if not self.conn.poll(60):
+            self.proc.kill()
+            raise RuntimeError("owner did not send its metadata")
+        self.md = self.conn.recv()
+
+    def notes(self, settle=0.3):
+        time.sleep(settle)
+        self.conn.send("notes")
+        return self.conn.recv() if self.conn.poll(10) else None
+
+    def stop(self):
+        if self.proc.is_alive():
+            try:
+                self.conn.send("bye")
+            except OSError:
+                pass
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.proc.kill()
+        self.proc.join(5)
+
+
+@pytest.fixture(autouse=True)
+def loopback(monkeypatch):
+    monkeypatch.setenv("UCX_NET_DEVICES", os.environ.get("UCX_NET_DEVICES", "lo"))
+    monkeypatch.setenv("UCX_TLS", os.environ.get("UCX_TLS", "tcp"))
+
+
+def reader_cache(layout, rank, tp, dtype, total_heads=HEADS, use_torch=False):
+    zeros = [np.zeros_like(rank_slice(layout, global_cache(layout, 0, 0, dtype, total_heads), rank, tp, total_heads)) for _ in range(LAYERS)]
+    return [torch.from_numpy(z) for z in zeros] if use_torch else zeros
+
+
+def check(layout, local, seed, dtype, rank, tp, dst, src, total_heads=HEADS):
+    """Every byte of the read blocks, and the blocks not read still zero."""
+    for l, t in enumerate(local):
+        got = t.numpy() if hasattr(t, "numpy") else t
+        want = rank_slice(layout, global_cache(layout, l, seed, dtype, total_heads), rank, tp, total_heads)
+        ax = 0 if layout == "MLA" else 1
+        for d, s in zip(dst, src):
+            g, w = np.take(got, d, axis=ax), np.take(want, s, axis=ax)
+            assert g.tobytes() == w.tobytes(), "layer %d, local block %d <- remote block %d differs" % (l, d, s)
+        untouched = sorted(set(range(NB)) - set(dst))
+        assert not np.take(got, untouched, axis=ax).any(), "a block not read was written"
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_read_tp1(layout, dtype):
+    o = Owner(layout=layout, seed=3, dtype=dtype, expect=[(7, 10000)])
+    try:
+        with kvx.Context("decode") as ctx:
+            local = reader_cache(layout, 0, 1, dtype)
+            ctx.register_cache(local, layout=layout)
+            peer = ctx.add_peer(o.md)
+            assert peer.name == "prefill" and peer.rank == 0 and ":" in peer.transport
+            q = ctx.queue()
+            src, dst = [5, 17, 2, 30, 9], [0, 1, 2, 3, 31]
+            t = q.read(peer, dst, src, notify_id=7, tag=11)
+            done, t0 = [], time.monotonic()
+            while not done and time.monotonic() - t0 < 10:  # reported once, by poll
+                done = q.poll()
+                time.sleep(0.005)
+            assert [(c.ticket, c.tag, c.status) for c in done] == [(t.ticket, 11, 0)]
+            t2 = q.read(peer, [4], [4])
+            t2.wait(10000)
+            assert t2.done()  # after wait, the outcome is kept
+            check(layout, local, 3, dtype, 0, 1, dst + [4], src + [4])
+            assert o.notes() == [(7, 0, 0)]
+            assert ctx.stats()["reads_completed"] == 2
+    finally:
+        o.stop()
+
+
+def test_tp_1_to_2_torch():
+    if torch is None:
+        pytest.skip("torch is not installed")
+    o = Owner(layout="NHD", seed=4, use_torch=True)
+    try:
+        with kvx.Context("decode", tp_rank=1, tp_size=2) as ctx:
+            local = reader_cache("NHD", 1, 2, np.uint16, use_torch=True)
+            ctx.register_cache(local, layout="NHD")
+            peer = ctx.add_peer(o.md)
+            assert peer.heads(ctx.caches[0]) == (2, 2)
+            src, dst = list(range(8)), list(range(10, 18))
+            ctx.queue().read(peer, dst, src).wait(10000)
+            check("NHD", local, 4, np.uint16, 1, 2, dst, src)
+    finally:
+        o.stop()
+
+
+@pytest.mark.parametrize("layout,tp_owner,tp_reader,rank", [("HND", 2, 1, 0), ("NHD", 2, 4, 3)])
+def test_tp_splits(layout, tp_owner, tp_reader, rank):
+    owners = [Owner(layout=layout, rank=r, tp=tp_owner, seed=5) for r in range(tp_owner)]
+    try:
+        with kvx.Context("decode", tp_rank=rank, tp_size=tp_reader) as ctx:
+            local = reader_cache(layout, rank, tp_reader, np.uint16)
+            cache = ctx.register_cache(local, layout=layout)
+            peers = [ctx.add_peer(o.md) for o in owners]
+            sources = [p for p in peers if p.heads(cache)[1] > 0]
+            assert len(sources) == (tp_owner // tp_reader if tp_owner > tp_reader else 1)
+            q = ctx.queue()
+            src, dst = [3, 1, 4, 15, 9, 26], [2, 7, 1, 8, 28, 18]
+            for t in [q.read(p, dst, src) for p in sources]:
+                t.wait(10000)
+            check(layout, local, 5, np.uint16, rank, tp_reader, dst, src)
+    finally:
+        for o in owners:
+            o.stop()
+
+
+@pytest.mark.parametrize("layout,total_heads", [("HND", 1), ("MLA", HEADS)])
+def test_replicated_heads_and_mla(layout, total_heads):
+    # one KV head over TP 2 readers, and an MLA latent: each reader holds it whole
+    o = Owner(layout=layout, seed=6, total_heads=total_heads)
+    try:
+        with kvx.Context("decode", tp_rank=1, tp_size=2) as ctx:
+            local = reader_cache(layout, 1, 2, np.uint16, total_heads=total_heads)
+            c = ctx.register_cache(local, layout=layout, total_heads=total_heads if layout != "MLA" else None)
+            p = ctx.add_peer(o.md)
+            ctx.queue().read(p, [1, 2, 5], [30, 31, 7], cache=c).wait(10000)
+            check(layout, local, 6, np.uint16, 1, 2, [1, 2, 5], [30, 31, 7], total_heads=total_heads)
+    finally:
+        o.stop()
+
+
+def test_notifications_expire_and_deadlines():
+    o = Owner(seed=8, expect=[(1, 10000), (2, 800)])
+    try:
+        with kvx.Context("decode", timeout_ms=3000) as ctx:
+            ctx.register_cache(reader_cache("NHD", 0, 1, np.uint16), layout="NHD")
+            peer = ctx.add_peer(o.md)
+            ctx.queue().read(peer, [0], [0], notify_id=1).wait(10000)
+            notes = sorted(o.notes(settle=1.5))
+            assert notes == [(1, 0, 0), (2, -7, -1)], notes  # id 2 was never read: it expired
+            # a stopped owner serves nothing over TCP: the read fails at its deadline
+            os.kill(o.proc.pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                with pytest.raises((kvx.TimeoutError, kvx.PeerError)):
+                    ctx.queue().read(peer, [1], [1], timeout_ms=700).wait(10000)
+                assert time.monotonic() - t0 < 8
+            finally:
+                os.kill(o.proc.pid, signal.SIGCONT)
+    finally:
+        o.stop()
+
+
+def test_killed_owner():
+    o = Owner(seed=9)
+    try:
+        with kvx.Context("decode", timeout_ms=3000) as ctx:
+            local = reader_cache("NHD", 0, 1, np.uint16)
+            ctx.register_cache(local, layout="NHD")
+            peer = ctx.add_peer(o.md)
+            ctx.queue().read(peer, [0], [0]).wait(10000)
+            o.proc.kill()
+            o.proc.join(5)
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            with pytest.raises((kvx.PeerError, kvx.TimeoutError)) as e:
+                ctx.queue().read(peer, list(range(8)), list(range(8))).wait(10000)
+            assert time.monotonic() - t0 < 8
+            assert "prefill" in str(e.value) or "peer" in str(e.value).lower()
+    finally:
+        o.stop()
+
+
+def test_bad_inputs_refused_before_posting():
+    with kvx.Context("decode", backend="local") as ctx:
+        good = [np.zeros((2, NB, BS, HEADS, DIM), np.uint16) for _ in range(LAYERS)]
+        with pytest.raises(kvx.ArgumentError, match="not contiguous"):
+            ctx.register_cache([g[:, :, :, :2] for g in good], layout="NHD")
+        with pytest.raises(kvx.ArgumentError, match="shape"):
+            ctx.register_cache([np.zeros((NB, BS, HEADS, DIM), np.uint16)], layout="NHD")
+        with pytest.raises(kvx.ArgumentError, match="not 2"):
+            ctx.register_cache([np.zeros((3, NB, BS, HEADS, DIM), np.uint16)], layout="NHD")
+        with pytest.raises(kvx.ArgumentError, match="every layer must match"):
+            ctx.register_cache([good[0], np.zeros((2, NB, BS, HEADS, DIM), np.float32)], layout="NHD")
+        with pytest.raises(kvx.ArgumentError, match="every layer must match"):
+            ctx.register_cache([good[0], np.zeros((2, NB + 1, BS, HEADS, DIM), np.uint16)], layout="NHD")
+        with pytest.raises(kvx.ArgumentError, match="layout"):
+            ctx.register_cache(good, layout="BHND")
+        ro = np.zeros((2, NB, BS, HEADS, DIM), np.uint16)
+        ro.setflags(write=False)
+        with pytest.raises(kvx.ArgumentError, match="read-only"):
+            ctx.register_cache([ro], layout="NHD")
+        with pytest.raises(kvx.ArgumentError, match="neither"):
+            ctx.register_cache([[1, 2, 3]], layout="NHD")
+        # the cache holds its tensors: they live while registered
+        t = np.zeros((2, NB, BS, HEADS, DIM), np.uint16)
+        ref = weakref.ref(t)
+        cache = ctx.register_cache([t], layout="NHD")
+        del t
+        assert ref() is not None and cache.tensors[0] is ref()
+        with kvx.Context("prefill", backend="local") as own:
+            own.register_cache([np.ones((2, NB, BS, HEADS, DIM), np.uint16)], layout="NHD")
+            peer = ctx.add_peer(own.metadata())
+            q = ctx.queue()
+            with pytest.raises(kvx.ArgumentError, match="past the cache"):
+                q.read(peer, [NB], [0])
+            with pytest.raises(kvx.ArgumentError, match="past"):
+                q.read(peer, [0], [NB + 5])
+            with pytest.raises(kvx.ArgumentError, match="2 local blocks but 1 remote"):
+                q.read(peer, [0, 1], [0])
+            with pytest.raises(kvx.ArgumentError, match="integer"):
+                q.read(peer, [-1], [0])
+            assert ctx.stats()["reads_posted"] == 0  # nothing was posted
+            q.read(peer, [3], [4]).wait(5000)
+            assert (cache.tensors[0][:, 3] == 1).all() and not cache.tensors[0][:, 4].any()
+        with pytest.raises(kvx.ArgumentError, match="magic"):
+            ctx.add_peer(b"kvx" + bytes(60))  # untrusted metadata
+    ctx.close()
+    assert cache.tensors == []  # released with the context
+    with pytest.raises(kvx.ArgumentError):
+        kvx.Context("x", tp_rank=2, tp_size=2)
