@@ -69,6 +69,18 @@ KVX__PRIV kvx__ucx *kvx__ucx_of(kvx_ctx *ctx) { return (kvx__ucx *)ctx->be; }
 KVX__PRIV kvx__ucx_getter *kvx__ucx_getter_of(kvx_ctx *ctx) { return &kvx__ucx_of(ctx)->get; }
 KVX__PRIV ucp_worker_h kvx__ucx_worker(kvx_ctx *ctx) { return kvx__ucx_of(ctx)->worker; }
 
+/* What a read op that UCX ended with s reports, the same whether UCX says so
+   at once or in the op's callback: a dead or unreachable peer is the peer's
+   failure, not kvx's or UCX's. */
+KVX__PRIV kvx_status kvx__ucx_op_status(ucs_status_t s) {
+    return s == UCS_OK ? KVX_OK : s == UCS_ERR_CANCELED ? KVX_ERR_CANCELED : s == UCS_ERR_NO_MEMORY ? KVX_ERR_NOMEM : KVX_ERR_PEER;
+}
+
+/* An op UCX refused at once: its status as kvx__ucx_op_status says, UCX's text. */
+KVX__PRIV kvx_status kvx__ucx_op_fail(kvx_ctx *ctx, const kvx_peer *p, const char *what, ucs_status_t s) {
+    return kvx__fail(ctx, kvx__ucx_op_status(s), "ucx %s: %s to %s/%d: %s", ucp_get_version_string(), what, p->name, p->rank, ucs_status_string(s));
+}
+
 KVX__PRIV kvx_status kvx__ucx_fail(kvx_ctx *ctx, const char *what, ucs_status_t s) {
     return kvx__fail(ctx, KVX_ERR_BACKEND, "ucx %s: %s: %s", ucp_get_version_string(), what, ucs_status_string(s));
 }
@@ -206,29 +218,47 @@ KVX__PRIV int kvx__ucx_one_sided(const char *tl) {
 }
 
 #if defined(UCP_API_VERSION) && UCP_API_VERSION >= UCP_VERSION(1, 14)
-/* UCX 1.14 and later say which transports an endpoint uses: prefer a one-sided
-   one, else the first, and mark the software-served ones. */
-KVX__PRIV void kvx__ucx_transport(kvx_peer *p, ucp_ep_h ep) {
-    ucp_transport_entry_t tl[16];
+#define KVX__UCX_MAX_TLS 16u
+/* UCX 1.14 and later say which transports an endpoint uses: how many, in tl
+   (KVX__UCX_MAX_TLS entries); 0 if UCX did not say. */
+KVX__PRIV unsigned kvx__ucx_ep_transports(ucp_ep_h ep, ucp_transport_entry_t *tl) {
     ucp_ep_attr_t attr;
-    const char *pick = NULL;
-    unsigned i;
     memset(&attr, 0, sizeof attr);
-    memset(tl, 0, sizeof tl);
+    memset(tl, 0, KVX__UCX_MAX_TLS * sizeof *tl);
     attr.field_mask = UCP_EP_ATTR_FIELD_TRANSPORTS;
     attr.transports.entries = tl;
-    attr.transports.num_entries = 16;
-    attr.transports.entry_size = sizeof tl[0];
-    if (ucp_ep_query(ep, &attr) != UCS_OK || !attr.transports.num_entries) {
+    attr.transports.num_entries = KVX__UCX_MAX_TLS;
+    attr.transports.entry_size = sizeof *tl;
+    if (ucp_ep_query(ep, &attr) != UCS_OK) return 0;
+    return attr.transports.num_entries < KVX__UCX_MAX_TLS ? attr.transports.num_entries : KVX__UCX_MAX_TLS;
+}
+
+KVX__PRIV int kvx__ucx_ep_has(ucp_ep_h ep, const char *name) {
+    ucp_transport_entry_t tl[KVX__UCX_MAX_TLS];
+    unsigned i, n = kvx__ucx_ep_transports(ep, tl);
+    for (i = 0; i < n; i++)
+        if (tl[i].transport_name && !strcmp(tl[i].transport_name, name)) return 1;
+    return 0;
+}
+
+/* Prefer a one-sided transport, else the first, and mark the software-served ones. */
+KVX__PRIV void kvx__ucx_transport(kvx_peer *p, ucp_ep_h ep) {
+    ucp_transport_entry_t tl[KVX__UCX_MAX_TLS];
+    const char *pick = NULL;
+    unsigned i, n = kvx__ucx_ep_transports(ep, tl);
+    if (!n) {
         kvx__strlcpy(p->transport, "ucx:unknown", sizeof p->transport);
         return;
     }
-    for (i = 0; i < attr.transports.num_entries && i < 16; i++)
+    for (i = 0; i < n; i++)
         if (tl[i].transport_name && kvx__ucx_one_sided(tl[i].transport_name)) { pick = tl[i].transport_name; break; }
     if (pick) snprintf(p->transport, sizeof p->transport, "ucx:%s", pick);
     else snprintf(p->transport, sizeof p->transport, "ucx:%s (sw)", tl[0].transport_name ? tl[0].transport_name : "unknown");
 }
 #else
+/* Before 1.14 no endpoint says its transports (only ucp_ep_print_info). */
+KVX__PRIV int kvx__ucx_ep_has(ucp_ep_h ep, const char *name) { (void)ep; (void)name; return 0; }
+
 /* UCX 1.13 has no transport query: ucp_ep_print_info lists each lane as
    "N:tl/dev ... rma_bw#k ...", read from an open_memstream. A lane list with
    no rma lane means gets are emulated over active messages. */
@@ -426,25 +456,15 @@ KVX__PRIV int kvx__ucx_env_on(const char *name) {
     return v && (!strcmp(v, "y") || !strcmp(v, "yes") || !strcmp(v, "on") || !strcmp(v, "1"));
 }
 
-#if defined(UCP_API_VERSION) && UCP_API_VERSION >= UCP_VERSION(1, 14)
-KVX__PRIV int kvx__ucx_ep_has(ucp_ep_h ep, const char *name) {
-    ucp_transport_entry_t tl[16];
-    ucp_ep_attr_t attr;
-    unsigned i;
-    memset(&attr, 0, sizeof attr);
-    memset(tl, 0, sizeof tl);
-    attr.field_mask = UCP_EP_ATTR_FIELD_TRANSPORTS;
-    attr.transports.entries = tl;
-    attr.transports.num_entries = 16;
-    attr.transports.entry_size = sizeof tl[0];
-    if (ucp_ep_query(ep, &attr) != UCS_OK) return 0;
-    for (i = 0; i < attr.transports.num_entries && i < 16; i++)
-        if (tl[i].transport_name && !strcmp(tl[i].transport_name, name)) return 1;
-    return 0;
+
+/* How a peer's cache is read: host memory UCX serves in software by kvx's
+   own get (the owner then sends a block's pieces, NHD tokens, as one
+   reply), anything else by ucp_get_nbx. */
+KVX__PRIV void kvx__ucx_cache_path(kvx_peer *p, kvx__cache_info *rc, int served_in_sw) {
+    rc->be_flags = served_in_sw && rc->mem == KVX_MEM_HOST && !KVX_TEST_HOOK_UCX_NATIVE_GET ? KVX__UCX_BY_KVX_GET : 0u;
+    rc->gather = (rc->be_flags & KVX__UCX_BY_KVX_GET) != 0;
+    p->be_flags |= rc->be_flags;
 }
-#else
-KVX__PRIV int kvx__ucx_ep_has(ucp_ep_h ep, const char *name) { (void)ep; (void)name; return 0; }
-#endif
 
 /* GPU memory of UCX's own, where a GPU cache's first read lands (so UCX
    picks the path a GPU-to-GPU read takes). NULL where UCX cannot allocate it. */
@@ -511,9 +531,7 @@ KVX__PRIV ucs_status_t kvx__ucx_paths(kvx_ctx *ctx, kvx_peer *p) {
         if (s != UCS_OK) return s;
         if (!kvx__ucx_info_tls(info, tls, sizeof tls, &one_sided)) { kvx__strlcpy(tls, "unknown", sizeof tls); one_sided = 0; }
         snprintf(path, sizeof path, "%s%s", tls, one_sided ? "" : " (sw)");
-        rc->be_flags = !one_sided && rc->mem == KVX_MEM_HOST && !KVX_TEST_HOOK_UCX_NATIVE_GET ? KVX__UCX_BY_KVX_GET : 0u;
-        rc->gather = (rc->be_flags & KVX__UCX_BY_KVX_GET) != 0;  /* the owner sends a block's pieces (NHD tokens) as one reply */
-        p->be_flags |= rc->be_flags;
+        kvx__ucx_cache_path(p, rc, !one_sided);
         if (c == 0) {
             kvx__strlcpy(first, path, sizeof first);
             snprintf(p->transport, sizeof p->transport, "ucx:%s", path);
@@ -598,12 +616,7 @@ KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
         /* Before 1.22 (and on 1.13, whose requests do not describe themselves)
            the endpoint's lanes decide for every cache: served in software
            means by kvx's own get. Then the first read completes the wireup. */
-        int sw = strstr(p->transport, "(sw)") && !KVX_TEST_HOOK_UCX_NATIVE_GET;
-        for (c = 0; c < p->ncaches; c++) {
-            p->caches[c].be_flags = sw && p->caches[c].mem == KVX_MEM_HOST ? KVX__UCX_BY_KVX_GET : 0u;
-            p->caches[c].gather = (p->caches[c].be_flags & KVX__UCX_BY_KVX_GET) != 0;
-            p->be_flags |= p->caches[c].be_flags;
-        }
+        for (c = 0; c < p->ncaches; c++) kvx__ucx_cache_path(p, &p->caches[c], strstr(p->transport, "(sw)") != NULL);
         s = kvx__ucx_probe(ctx, p);
     }
     if (s != UCS_OK) {
@@ -640,7 +653,7 @@ KVX__PRIV kvx_status kvx__ucx_can_read(kvx_ctx *ctx, const kvx__cache_info *lc, 
 }
 
 KVX__PRIV void kvx__ucx_get_cb(void *req, ucs_status_t status, void *user) {
-    kvx__op_done((kvx__read *)user, status == UCS_OK ? KVX_OK : status == UCS_ERR_CANCELED ? KVX_ERR_CANCELED : KVX_ERR_PEER,
+    kvx__op_done((kvx__read *)user, kvx__ucx_op_status(status),
                  ucs_status_string(status));
     ucp_request_free(req);
 }
@@ -661,7 +674,7 @@ KVX__PRIV kvx_status kvx__ucx_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *o
         kvx__op_done(rd, KVX_OK, NULL);
         return KVX_OK;
     }
-    if (UCS_PTR_IS_ERR(sp)) return kvx__ucx_fail(ctx, "ucp_get_nbx", UCS_PTR_STATUS(sp));
+    if (UCS_PTR_IS_ERR(sp)) return kvx__ucx_op_fail(ctx, rd->peer, "ucp_get_nbx", UCS_PTR_STATUS(sp));
     return KVX_OK;
 }
 

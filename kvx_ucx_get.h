@@ -63,11 +63,12 @@ struct kvx__ucx_msg {
 };
 
 /* What it takes from the UCX backend (kvx_ucx.h): its state in the
-   context, the worker, a bounded wait step and UCX's error text. */
+   context, the worker, a bounded wait step and what a failed op reports. */
 KVX__PRIV kvx__ucx_getter *kvx__ucx_getter_of(kvx_ctx *ctx);
 KVX__PRIV ucp_worker_h kvx__ucx_worker(kvx_ctx *ctx);
 KVX__PRIV int kvx__ucx_wait_step(kvx_ctx *ctx, uint64_t until);
-KVX__PRIV kvx_status kvx__ucx_fail(kvx_ctx *ctx, const char *what, ucs_status_t s);
+KVX__PRIV kvx_status kvx__ucx_op_status(ucs_status_t s);
+KVX__PRIV kvx_status kvx__ucx_op_fail(kvx_ctx *ctx, const kvx_peer *p, const char *what, ucs_status_t s);
 
 
 KVX__PRIV kvx__ucx_get *kvx__ucx_get_find(kvx__ucx_getter *u, uint64_t id) {
@@ -125,7 +126,7 @@ KVX__PRIV void kvx__ucx_msg_sent(void *req, ucs_status_t status, void *user) {
     kvx_ctx *ctx = m->ctx;
     if (status != UCS_OK && m->req_id) {  /* a request that never left */
         kvx__ucx_get *g = kvx__ucx_get_find(kvx__ucx_getter_of(ctx), m->req_id);
-        if (g) kvx__ucx_get_end(ctx, g, status == UCS_ERR_CANCELED ? KVX_ERR_CANCELED : KVX_ERR_PEER, status, ucs_status_string(status));
+        if (g) kvx__ucx_get_end(ctx, g, kvx__ucx_op_status(status), status, ucs_status_string(status));
     }
     KVX_FREE(m);
     ucp_request_free(req);
@@ -204,7 +205,7 @@ KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p,
             if (off == 0) {  /* nothing went: the caller sees the error, the op never counted */
                 g->rd = NULL; g->probe = NULL;
                 kvx__ucx_get_end(ctx, g, KVX_OK, e, NULL);
-                return kvx__ucx_fail(ctx, "ucp_am_send_nbx (get request)", e);
+                return kvx__ucx_op_fail(ctx, p, "ucp_am_send_nbx (get request)", e);
             }
             kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, e, ucs_status_string(e));
             return KVX_OK;
