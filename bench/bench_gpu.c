@@ -113,21 +113,13 @@ static int ucx_takes_gpu(void) {
 #if defined(KVX_UCX)
     kvx_ctx_desc cd;
     kvx_ctx *u;
-    kvx_ex_gpu g;
-    kvx_cache_desc c;
-    kvx_cache *cache;
-    kvx_layout l = layout(4, 1, 4, KVX_ORDER_HND);
-    int ok = 0;
+    int ok;
     memset(&cd, 0, sizeof cd);
     cd.backend = KVX_BACKEND_UCX;
     cd.log_level = KVX_LOG_ERROR;
     cuCtxSetCurrent(ctx_dec);
     if (kvx_ctx_create(&cd, &u) != KVX_OK) return 0;
-    if (!kvx_ex_gpu_alloc(&g, &l, 0, 1, dev_dec, KVX_EX_CUMEMALLOC)) {
-        c = kvx_ex_gpu_desc(&g);
-        ok = kvx_cache_register(u, &c, &cache) == KVX_OK;
-        kvx_ex_gpu_free(&g);
-    }
+    ok = kvx_tc_try_gpu_cache(u, dev_dec) == KVX_OK;
     kvx_ctx_destroy(u);
     return ok;
 #else

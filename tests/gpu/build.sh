@@ -12,22 +12,29 @@ out=build/gpu
 mkdir -p "$out"
 CC=${CC:-cc}
 W="-Wall -Wextra -pedantic -Werror"
-flags="-std=c99 -D_GNU_SOURCE -O2 -g $W -DKVX_UCX -DKVX_CUDA -isystem $CUDA/include $(pkg-config --cflags ucx)"
+base="-std=c99 -D_GNU_SOURCE -O2 -g $W -DKVX_UCX -DKVX_CUDA -isystem $CUDA/include"
 stubs=$(tools/cuda_stub.sh)
-libs="-L$stubs -L$CUDA/lib64 -lcuda $(pkg-config --libs ucx) -lpthread"
-# kvx's implementation once, for the programs that do not hold it (test_cuda
-# sets a test hook before it; the demo is one self-contained file).
-$CC $flags -c tests/lib/kvx_impl.c -o "$out/kvx_impl.o"
-for p in bench/kvx_bench.c bench/bench_gpu.c tests/gpu/test_cuda.c examples/kvx_demo_gpu.c; do
-  n=$(basename "$p" .c)
-  impl=$(grep -q '^#define KVX_IMPLEMENTATION' "$p" || echo "$out/kvx_impl.o")
-  $CC $flags "$p" $impl -o "$out/$n" $libs
-  echo "built $out/$n"
-done
+cuda_libs="-L$stubs -L$CUDA/lib64 -lcuda"
+# build_set DIR "CFLAGS" "LIBS" PROGRAM.c...: kvx's implementation once into
+# DIR, for the programs that do not hold it (test_cuda sets a test hook
+# before it; the demo is one self-contained file), then each program.
+build_set() {
+  local dir=$1 flags=$2 libs=$3 p n impl
+  shift 3
+  $CC $flags -c tests/lib/kvx_impl.c -o "$dir/kvx_impl.o"
+  for p in "$@"; do
+    n=$(basename "$p" .c)
+    impl=$(grep -q '^#define KVX_IMPLEMENTATION' "$p" || echo "$dir/kvx_impl.o")
+    $CC $flags "$p" $impl -o "$dir/$n" $libs
+    echo "built $dir/$n"
+  done
+}
+build_set "$out" "$base $(pkg-config --cflags ucx)" "$cuda_libs $(pkg-config --libs ucx) -lpthread" \
+  bench/kvx_bench.c bench/bench_gpu.c tests/gpu/test_cuda.c examples/kvx_demo_gpu.c
 
 # The same programs against UCX 1.22 from the libucx wheel, which is built
 # with CUDA (make builds build/ucx122/prefix), into build/gpu/ucx122 with the
-# UCX libraries they load beside them (stripped: about 16 MB to carry) and an
+# UCX libraries they load beside them (stripped: about 10 MB to carry) and an
 # rpath to them, so the GPU machine's own UCX is not used.
 ucx=$(cat build/ucx122/prefix 2>/dev/null || true)
 if [ -n "$ucx" ] && [ -f "$ucx/include/ucp/api/ucp.h" ]; then
@@ -39,15 +46,9 @@ if [ -n "$ucx" ] && [ -f "$ucx/include/ucp/api/ucp.h" ]; then
   for f in libuct_cma libuct_cuda libucm_cuda; do cp -L "$ucx/lib/ucx/$f.so.0" "$o2/libucx/lib/ucx/"; done
   for d in "$ucx"/../libucx_cu*.libs; do [ -d "$d" ] && cp -r "$d" "$o2/"; done
   strip --strip-debug "$o2"/libucx/lib/*.so.0 "$o2"/libucx/lib/ucx/*.so.0
-  f2="-std=c99 -D_GNU_SOURCE -O2 -g $W -DKVX_UCX -DKVX_CUDA -isystem $CUDA/include -I$ucx/include"
-  l2="-L$stubs -L$CUDA/lib64 -lcuda -L$ucx/lib -Wl,-rpath,\$ORIGIN/libucx/lib -lucp -luct -lucs -lucm -lpthread"
-  $CC $f2 -c tests/lib/kvx_impl.c -o "$o2/kvx_impl.o"
-  for p in bench/kvx_bench.c bench/bench_gpu.c tests/gpu/test_cuda.c; do
-    n=$(basename "$p" .c)
-    impl=$(grep -q '^#define KVX_IMPLEMENTATION' "$p" || echo "$o2/kvx_impl.o")
-    $CC $f2 "$p" $impl -o "$o2/$n" $l2
-    echo "built $o2/$n (UCX $(sed -n 's/^#define UCP_API_MINOR *\([0-9]*\).*/1.\1/p' "$ucx/include/ucp/api/ucp_version.h"))"
-  done
+  echo "UCX $(sed -n 's/^#define UCP_API_MINOR *\([0-9]*\).*/1.\1/p' "$ucx/include/ucp/api/ucp_version.h") in $o2:"
+  build_set "$o2" "$base -I$ucx/include" "$cuda_libs -L$ucx/lib -Wl,-rpath,\$ORIGIN/libucx/lib -lucp -luct -lucs -lucm -lpthread" \
+    bench/kvx_bench.c bench/bench_gpu.c tests/gpu/test_cuda.c
 else
   echo "no UCX 1.22 here (make builds it: make build/ucx122/prefix): build/gpu/ucx122 not built"
 fi

@@ -240,42 +240,29 @@ out:
 /* Does this UCX take GPU memory (built with CUDA)? 1 yes, 0 no (refused as
    kvx refuses a UCX without CUDA), -1 failed otherwise (the case fails). */
 static int ucx_takes_gpu(kvx_ctx *u) {
-    kvx_ex_gpu g;
-    kvx_cache_desc c;
-    kvx_cache *cache;
-    kvx_layout l = lay_of(1, KVX_ORDER_HND);
-    int ok;
-    if (kvx_ex_gpu_alloc(&g, &l, 0, 1, 0, KVX_EX_CUMEMALLOC)) return 0;
-    c = kvx_ex_gpu_desc(&g);
-    ok = kvx_cache_register(u, &c, &cache) == KVX_OK;
-    if (ok) kvx_cache_deregister(cache);
-    else if (!strstr(kvx_ctx_error(u), "without CUDA support")) { T_FAILF("a GPU cache over UCX: %s", kvx_ctx_error(u)); ok = -1; }
-    kvx_ex_gpu_free(&g);
-    return ok;
+    kvx_status st = kvx_tc_try_gpu_cache(u, 0);
+    if (st == KVX_OK) return 1;
+    if (st != KVX_ERR_NOMEM && strstr(kvx_ctx_error(u), "without CUDA support")) return 0;
+    T_FAILF("a GPU cache over UCX: %s", st == KVX_ERR_NOMEM ? kvx_ex_gpu_err : kvx_ctx_error(u));
+    return -1;
 }
 
 static void case_ucx_gpu(void) {
     kvx_ctx_desc cd;
     kvx_ctx *u = NULL;
-    kvx_ex_gpu g;
-    kvx_cache_desc c;
-    kvx_cache *cache;
     kvx_status st;
-    kvx_layout l = lay_of(1, KVX_ORDER_HND);
     memset(&cd, 0, sizeof cd);
     cd.backend = KVX_BACKEND_UCX;
     if (kvx_ctx_create(&cd, &u) != KVX_OK) { T_FAILF("ctx: %s", kvx_ctx_error(NULL)); return; }
-    if (kvx_ex_gpu_alloc(&g, &l, 0, 1, 0, KVX_EX_CUMEMALLOC)) { T_FAILF("alloc: %s", kvx_ex_gpu_err); kvx_ctx_destroy(u); return; }
-    c = kvx_ex_gpu_desc(&g);
-    st = kvx_cache_register(u, &c, &cache);
+    st = kvx_tc_try_gpu_cache(u, 0);
     if (st == KVX_OK) printf("    this UCX takes GPU memory (built with CUDA): nothing to refuse\n");
+    else if (st == KVX_ERR_NOMEM) T_FAILF("alloc: %s", kvx_ex_gpu_err);
     else {
         T_EQ(st, KVX_ERR_UNSUPPORTED);
         T_HAS(kvx_ctx_error(u), "without CUDA support");
         printf("    refused: %.200s\n", kvx_ctx_error(u));
     }
     kvx_ctx_destroy(u);
-    kvx_ex_gpu_free(&g);
 }
 #endif
 

@@ -243,17 +243,7 @@ static inline int kvx_tc_sync(CUstream s, int ms) {
    pattern of the remote blocks), written into the local staging copy c. */
 static inline void kvx_tc_expect(const kvx_ex_cache *c, uint64_t seed, const uint32_t *local, const uint32_t *remote, uint32_t n,
                                  uint32_t layer_begin, uint32_t layer_end, uint32_t a, uint32_t bh) {
-    uint64_t hb = (uint64_t)c->lay.head_dim * c->lay.elem_bytes, x;
-    uint32_t i, l, p, g, t;
-    for (i = 0; i < n; i++)
-        for (l = layer_begin; l < layer_end; l++)
-            for (p = 0; p < c->lay.kv_planes; p++)
-                for (g = a; g < bh; g++)
-                    for (t = 0; t < c->lay.block_tokens; t++) {
-                        uint64_t w = kvx_ex_word(seed, l, p, remote[i], g, t);
-                        uint8_t *d = kvx_ex_block(c, l, p, local[i]) + kvx_ex_offset(c, g - c->head_first, t);
-                        for (x = 0; x < hb; x++) d[x] = kvx_ex_byte(w, x);
-                    }
+    kvx_ex_stamp(c, seed, local, remote, n, layer_begin, layer_end, a, bh, 0);
 }
 
 /*--- owner processes ----------------------------------------------------------*/
@@ -410,6 +400,25 @@ static inline int kvx_tc_serve(const char *hex, int fd) {
     if (a.gpu) kvx_ex_gpu_free(&g); else kvx_ex_cache_free(&h);
     free(md); free(ids);
     return 0;
+}
+
+/* Register, then deregister, a small cuMemAlloc cache on device dev with ctx:
+   KVX_OK where its backend takes GPU memory (a UCX built with CUDA), else
+   kvx's refusal (kvx_ctx_error says why); KVX_ERR_NOMEM if the GPU memory
+   itself could not be had (kvx_ex_gpu_err). */
+static inline kvx_status kvx_tc_try_gpu_cache(kvx_ctx *ctx, int dev) {
+    kvx_layout l;
+    kvx_ex_gpu g;
+    kvx_cache_desc c;
+    kvx_cache *cache;
+    kvx_status st;
+    memset(&l, 0, sizeof l);
+    l.num_layers = 1; l.num_blocks = 4; l.block_tokens = 16; l.num_heads = 1; l.head_dim = 64; l.elem_bytes = 2;
+    if (kvx_ex_gpu_alloc(&g, &l, 0, 1, dev, KVX_EX_CUMEMALLOC)) return KVX_ERR_NOMEM;
+    c = kvx_ex_gpu_desc(&g);
+    if ((st = kvx_cache_register(ctx, &c, &cache)) == KVX_OK) kvx_cache_deregister(cache);
+    kvx_ex_gpu_free(&g);
+    return st;
 }
 
 #endif

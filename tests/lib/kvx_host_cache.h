@@ -98,27 +98,10 @@ static inline uint8_t *kvx_ex_block(const kvx_ex_cache *c, uint32_t layer, uint3
     return (uint8_t *)c->bases[layer * c->lay.kv_planes + plane] + (uint64_t)block * c->block_stride;
 }
 
-/* Write the pattern into the given blocks (prefill side), all layers. */
-static inline void kvx_ex_fill(const kvx_ex_cache *c, uint64_t seed, const uint32_t *blocks, uint32_t n) {
-    uint64_t hb = (uint64_t)c->lay.head_dim * c->lay.elem_bytes, b;
-    uint32_t i, l, p, h, t;
-    for (i = 0; i < n; i++)
-        for (l = 0; l < c->lay.num_layers; l++)
-            for (p = 0; p < c->lay.kv_planes; p++) {
-                uint8_t *blk = kvx_ex_block(c, l, p, blocks[i]);
-                for (h = 0; h < c->lay.num_heads; h++)
-                    for (t = 0; t < c->lay.block_tokens; t++) {
-                        uint64_t w = kvx_ex_word(seed, l, p, blocks[i], c->head_first + h, t);
-                        uint8_t *d = blk + kvx_ex_offset(c, h, t);
-                        for (b = 0; b < hb; b++) d[b] = kvx_ex_byte(w, b);
-                    }
-            }
-}
-
-/* Before a read: fill the destination heads [a, b) with the complement of
-   what should arrive, so that a byte never written cannot pass. */
-static inline void kvx_ex_poison(const kvx_ex_cache *c, uint64_t seed, const uint32_t *local, const uint32_t *remote, uint32_t n,
-                          uint32_t layer_begin, uint32_t layer_end, uint32_t a, uint32_t bh) {
+/* Write into heads [a, b) of the local blocks the pattern of the remote
+   blocks they are read from, each byte xor flip. */
+static inline void kvx_ex_stamp(const kvx_ex_cache *c, uint64_t seed, const uint32_t *local, const uint32_t *remote, uint32_t n,
+                                uint32_t layer_begin, uint32_t layer_end, uint32_t a, uint32_t bh, uint8_t flip) {
     uint64_t hb = (uint64_t)c->lay.head_dim * c->lay.elem_bytes, b;
     uint32_t i, l, p, g, t;
     for (i = 0; i < n; i++)
@@ -128,8 +111,20 @@ static inline void kvx_ex_poison(const kvx_ex_cache *c, uint64_t seed, const uin
                     for (t = 0; t < c->lay.block_tokens; t++) {
                         uint64_t w = kvx_ex_word(seed, l, p, remote[i], g, t);
                         uint8_t *d = kvx_ex_block(c, l, p, local[i]) + kvx_ex_offset(c, g - c->head_first, t);
-                        for (b = 0; b < hb; b++) d[b] = (uint8_t)~kvx_ex_byte(w, b);
+                        for (b = 0; b < hb; b++) d[b] = (uint8_t)(kvx_ex_byte(w, b) ^ flip);
                     }
+}
+
+/* Write the pattern into the given blocks (prefill side), all layers. */
+static inline void kvx_ex_fill(const kvx_ex_cache *c, uint64_t seed, const uint32_t *blocks, uint32_t n) {
+    kvx_ex_stamp(c, seed, blocks, blocks, n, 0, c->lay.num_layers, c->head_first, c->head_first + c->lay.num_heads, 0);
+}
+
+/* Before a read: fill the destination heads [a, b) with the complement of
+   what should arrive, so that a byte never written cannot pass. */
+static inline void kvx_ex_poison(const kvx_ex_cache *c, uint64_t seed, const uint32_t *local, const uint32_t *remote, uint32_t n,
+                          uint32_t layer_begin, uint32_t layer_end, uint32_t a, uint32_t bh) {
+    kvx_ex_stamp(c, seed, local, remote, n, layer_begin, layer_end, a, bh, 0xFF);
 }
 
 /* Check every byte of heads [a, b) of the read blocks; 0 if all match, else
