@@ -215,14 +215,19 @@ def _load() -> C.CDLL:
     return lib
 
 
-def _raise(status: int, ctx: Optional[int], what: str = "") -> None:
+def _error(status: int, ctx: Optional[int], what: str = "") -> Error:
+    """The exception of a kvx status, with the context's message."""
     lib = _load()
     msg = lib.kvx_ctx_error(ctx).decode(errors="replace") if ctx is not None else ""
     name = lib.kvx_status_name(status).decode()
     text = "%s: %s" % (name, msg) if msg else name
     if what:
         text = "%s: %s" % (what, text)
-    raise _ERRORS.get(status, Error)(text, status)
+    return _ERRORS.get(status, Error)(text, status)
+
+
+def _raise(status: int, ctx: Optional[int], what: str = "") -> None:
+    raise _error(status, ctx, what)
 
 
 def _check(status: int, ctx: Optional[int], what: str = "") -> None:
@@ -410,45 +415,44 @@ class Notification:
         return "kvx.Notification(id=%d, status=%d, reader_rank=%d)" % (self.id, self.status, self.reader_rank)
 
 
+_SUCCEEDED = object()
+
+
 class Ticket:
     """A posted read. ``wait`` raises its error; ``done`` tests without blocking."""
 
     def __init__(self, queue: "Queue", ticket: int) -> None:
         self.queue = queue
         self.ticket = ticket
-        self._final: Optional[Error] = None  # kvx reports a read once: its outcome is kept here
-        self._ended = False
+        # kvx reports a read once; its outcome is kept: None until then, then
+        # the read's exception, or _SUCCEEDED
+        self._outcome: Any = None
 
-    def _end(self, st: int) -> None:
-        if not self._ended:
-            self._ended = True
-            if st != _OK:
-                try:
-                    _raise(st, self.queue._ctx._handle, "read %d" % self.ticket)
-                except Error as e:
-                    self._final = e
-        if self._final is not None:
-            raise self._final
+    def _report(self, st: int) -> None:
+        if self._outcome is None:
+            self._outcome = _SUCCEEDED if st == _OK else _error(st, self.queue._ctx._handle, "read %d" % self.ticket)
+        if self._outcome is not _SUCCEEDED:
+            raise self._outcome
 
     def done(self) -> bool:
         """True once the read succeeded; raises its error if it failed."""
-        if not self._ended:
+        st = _OK
+        if self._outcome is None:
             st = _load().kvx_test(self.queue.handle, self.ticket)
             if st == _PENDING:
                 return False
-            self._end(st)
-        self._end(_OK)
+        self._report(st)
         return True
 
     def wait(self, timeout_ms: int = 30000) -> None:
         """Block until the read completes (raises its error), or raise
         kvx.TimeoutError if it is still running after timeout_ms."""
-        if not self._ended:
+        st = _OK
+        if self._outcome is None:
             st = _load().kvx_wait(self.queue.handle, self.ticket, int(timeout_ms))
             if st == _PENDING:
                 raise TimeoutError("read %d still running after %d ms (its own deadline has not passed)" % (self.ticket, timeout_ms), -7)
-            self._end(st)
-        self._end(_OK)
+        self._report(st)
 
     def __repr__(self) -> str:
         return "kvx.Ticket(%d)" % self.ticket

@@ -44,7 +44,7 @@ def rank_slice(layout, arr, rank, tp, total_heads=HEADS):
     if ax is None:
         return np.ascontiguousarray(arr)
     h = max(total_heads // tp, 1)
-    first = (rank * total_heads // tp) if total_heads >= tp else rank * total_heads // tp
+    first = rank * total_heads // tp  # replicated heads (fewer than tp): every rank holds one whole
     idx = [slice(None)] * arr.ndim
     idx[ax] = slice(first, first + h)
     return np.ascontiguousarray(arr[tuple(idx)])
@@ -57,7 +57,7 @@ def owner(conn, layout, rank, tp, seed, dtype, total_heads, expect, use_torch):
     if use_torch:
         tensors = [torch.from_numpy(t) for t in tensors]
     with kvx.Context("prefill", tp_rank=rank, tp_size=tp, timeout_ms=5000) as ctx:
-        ctx.register_cache(tensors, layout=layout, total_heads=total_heads if total_heads != HEADS * 1 else None)
+        ctx.register_cache(tensors, layout=layout, total_heads=total_heads if total_heads != HEADS else None)
         for nid, ms in expect:
             ctx.expect(nid, ms)
         conn.send(ctx.metadata())
@@ -203,6 +203,17 @@ def test_replicated_heads_and_mla(layout, total_heads):
         o.stop()
 
 
+def stopped(pid, secs=5.0):
+    """Wait until pid is really stopped: SIGSTOP lands a moment after kill() returns."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < secs:
+        with open("/proc/%d/stat" % pid) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                return
+        time.sleep(0.01)
+    raise RuntimeError("process %d did not stop" % pid)
+
+
 def test_notifications_expire_and_deadlines():
     o = Owner(seed=8, expect=[(1, 10000), (2, 800)])
     try:
@@ -214,6 +225,7 @@ def test_notifications_expire_and_deadlines():
             assert notes == [(1, 0, 0), (2, -7, -1)], notes  # id 2 was never read: it expired
             # a stopped owner serves nothing over TCP: the read fails at its deadline
             os.kill(o.proc.pid, signal.SIGSTOP)
+            stopped(o.proc.pid)
             try:
                 t0 = time.monotonic()
                 with pytest.raises((kvx.TimeoutError, kvx.PeerError)):
