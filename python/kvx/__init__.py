@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 __all__ = [
     "Context", "Cache", "Peer", "Queue", "Ticket", "Completion", "Notification",
     "Error", "ArgumentError", "NoMemoryError", "UnsupportedError", "MismatchError", "BackendError",
-    "PeerError", "TimeoutError", "CorruptError", "CanceledError", "backends", "library_path",
+    "PeerError", "TimeoutError", "CorruptError", "CanceledError", "backends", "cuda_available", "library_path",
 ]
 
 # --- errors -------------------------------------------------------------------
@@ -89,18 +89,66 @@ _OK, _PENDING = 0, 1
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+_CUDA_WHY = ""  # why libkvx_cuda.so was not chosen, for errors about CUDA tensors
+_chosen: Optional[str] = None
+_backends: Optional[List[str]] = None
+
+
+def _build_info(path: str) -> Dict[str, Any]:
+    try:
+        with open(os.path.join(os.path.dirname(path), "build_info.json")) as f:
+            return dict(json.load(f)["libraries"][os.path.basename(path)])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _open_cuda_driver() -> str:
+    """Opens libcuda.so.1 into the global namespace (libkvx_cuda.so's cu*
+    calls bind to it); returns "" or why it cannot be opened."""
+    try:
+        C.CDLL("libcuda.so.1", mode=C.RTLD_GLOBAL)
+        return ""
+    except OSError as e:
+        return "libcuda.so.1 cannot be opened (%s): no GPU driver here" % e
+
+
 def library_path() -> str:
-    """libkvx.so: $KVX_LIBRARY, else the one built beside this file."""
-    return os.environ.get("KVX_LIBRARY") or os.path.join(_HERE, "libkvx.so")
+    """The library kvx loads: $KVX_LIBRARY; else libkvx_cuda.so beside this
+    file where it was built and the GPU driver's libcuda.so.1 opens (unless
+    KVX_PY_CUDA=0), else libkvx.so. Chosen once per process."""
+    global _CUDA_WHY, _chosen
+    if _chosen is not None:
+        return _chosen
+    env = os.environ.get("KVX_LIBRARY")
+    cuda = os.path.join(_HERE, "libkvx_cuda.so")
+    if env:
+        _chosen = env
+    elif os.environ.get("KVX_PY_CUDA", "1") == "0":
+        _CUDA_WHY = "KVX_PY_CUDA=0 is set"
+    elif not os.path.exists(cuda):
+        _CUDA_WHY = "the package was built without CUDA (no cuda.h under $CUDA_HOME or /usr/local/cuda)"
+    else:
+        _CUDA_WHY = _open_cuda_driver()
+        if not _CUDA_WHY:
+            _chosen = cuda
+    if _chosen is None:
+        _chosen = os.path.join(_HERE, "libkvx.so")
+    return _chosen
 
 
 def backends() -> List[str]:
-    """The backends libkvx.so was built with ("ucx", "ofi", "local", ...)."""
-    try:
-        with open(os.path.join(os.path.dirname(library_path()), "build_info.json")) as f:
-            return list(json.load(f)["backends"])
-    except (OSError, ValueError, KeyError):
-        return ["local"]
+    """The backends of the library kvx loads ("ucx", "ofi", "cuda", "local")."""
+    global _backends
+    if _backends is None:
+        _backends = list(_build_info(library_path()).get("backends", ["local"]))
+        if "cuda" not in _backends and not _CUDA_WHY:
+            globals()["_CUDA_WHY"] = "%s was built without CUDA" % library_path()
+    return list(_backends)
+
+
+def cuda_available() -> bool:
+    """True when the loaded library has CUDA: GPU caches, backend "cuda", stream_wait."""
+    return "cuda" in (_backends if _backends is not None else backends())
 
 
 class _OfiDesc(C.Structure):
@@ -173,6 +221,10 @@ def _load() -> C.CDLL:
     if not os.path.exists(path):
         raise ImportError("kvx: %s is missing: install the package with pip (it builds the library), "
                           "or run python -m kvx._build %s" % (path, os.path.dirname(path)))
+    if "cuda" in _build_info(path).get("backends", []):
+        why = _open_cuda_driver()
+        if why:
+            raise ImportError("kvx: %s is built with CUDA but %s" % (path, why))
     lib = C.CDLL(path)
     lib.kvx_py_sizeof.restype = C.c_size_t
     lib.kvx_py_sizeof.argtypes = [C.c_int]
@@ -203,6 +255,7 @@ def _load() -> C.CDLL:
         "kvx_wait": (I, [P, U64, U32]),
         "kvx_poll": (I, [P, C.POINTER(_Completion), I]),
         "kvx_stream_wait": (I, [P, U64, P]),
+        "kvx_stream_status_ptr": (P, [P, U64]),
         "kvx_notify_expect": (I, [P, U64, U32]),
         "kvx_notifications": (I, [P, C.POINTER(_Notification), I]),
         "kvx_progress": (I, [P]),
@@ -215,10 +268,12 @@ def _load() -> C.CDLL:
     return lib
 
 
-def _error(status: int, ctx: Optional[int], what: str = "") -> Error:
-    """The exception of a kvx status, with the context's message."""
+def _error(status: int, ctx: Optional[int], what: str = "", msg: Optional[str] = None) -> Error:
+    """The exception of a kvx status: "what: KVX_ERR_...: kvx's message"
+    (the context's last error, or msg)."""
     lib = _load()
-    msg = lib.kvx_ctx_error(ctx).decode(errors="replace") if ctx is not None else ""
+    if msg is None:
+        msg = lib.kvx_ctx_error(ctx).decode(errors="replace") if ctx is not None else ""
     name = lib.kvx_status_name(status).decode()
     text = "%s: %s" % (name, msg) if msg else name
     if what:
@@ -226,8 +281,8 @@ def _error(status: int, ctx: Optional[int], what: str = "") -> Error:
     return _ERRORS.get(status, Error)(text, status)
 
 
-def _raise(status: int, ctx: Optional[int], what: str = "") -> None:
-    raise _error(status, ctx, what)
+def _raise(status: int, ctx: Optional[int], what: str = "", msg: Optional[str] = None) -> None:
+    raise _error(status, ctx, what, msg)
 
 
 def _check(status: int, ctx: Optional[int], what: str = "") -> None:
@@ -520,9 +575,35 @@ class Queue:
         return [Completion(int(c.ticket), int(c.user_tag), int(c.status), int(c.bytes)) for c in out[:max(n, 0)]]
 
     def stream_wait(self, ticket: Ticket, stream: Any) -> None:
-        """Make later work on a CUDA stream (torch.cuda.Stream or its handle) wait for the read."""
+        """Make later work on a CUDA stream wait for the read, without
+        blocking the host (kvx_stream_wait). stream: a torch.cuda.Stream (or
+        anything with .cuda_stream) or a CUstream handle as an int. Works
+        under torch.cuda.graph capture: the captured wait waits, at each
+        replay, for the read that holds the ticket's slot (ticket % depth)."""
         handle = getattr(stream, "cuda_stream", stream)
+        if not cuda_available():
+            raise UnsupportedError("stream_wait: the loaded library has no CUDA: %s" % (_CUDA_WHY or library_path()), -3)
         _check(_load().kvx_stream_wait(self.handle, ticket.ticket, C.c_void_p(int(handle or 0))), self._ctx._handle, "stream_wait")
+
+    def stream_status_ptr(self, ticket: Ticket) -> int:
+        """The device-visible address of the completion word of the ticket's
+        slot: (ticket << 2) | state, state 1 done, 2 failed. Kernels that
+        follow a stream_wait check it (see stream_status_tensor)."""
+        p = _load().kvx_stream_status_ptr(self.handle, ticket.ticket)
+        if not p:
+            _raise(-1, self._ctx._handle, "stream_status_ptr")
+        return int(p)
+
+    def stream_status_tensor(self, ticket: Ticket) -> Any:
+        """The completion word of the ticket's slot as a one-element int64
+        torch CUDA tensor (a view, no copy), for torch code that checks on
+        the GPU, behind stream_wait, that the read it waited for succeeded."""
+        import torch  # only where torch with CUDA is what the caller uses
+
+        class _Word:
+            __cuda_array_interface__ = {"shape": (1,), "typestr": "<i8", "data": (self.stream_status_ptr(ticket), False),
+                                        "version": 2}
+        return torch.as_tensor(_Word(), device="cuda")
 
     def destroy(self) -> None:
         if self._h is not None and self._ctx._h is not None:
@@ -552,7 +633,7 @@ class Context:
         h = C.c_void_p()
         st = lib.kvx_ctx_create(C.byref(d), C.byref(h))
         if st != _OK:
-            _raise(st, None, "Context: " + lib.kvx_ctx_error(None).decode(errors="replace"))
+            _raise(st, None, "Context", lib.kvx_ctx_error(None).decode(errors="replace"))
         self._h: Optional[int] = h.value
         self.name, self.tp_rank, self.tp_size = name, tp_rank, tp_size
         self.caches: List[Cache] = []
@@ -579,6 +660,9 @@ class Context:
             raise ArgumentError("register_cache: no tensors", -1)
         infos = [_TensorInfo(t) for t in items]
         lay, block_stride = _layout_of(infos, layout)
+        if infos[0].cuda and not cuda_available():
+            raise UnsupportedError("register_cache: CUDA tensors need kvx with CUDA, and %s loaded %s: %s"
+                                   % (__name__, os.path.basename(library_path()), _CUDA_WHY or "it has no CUDA"), -3)
         if total_heads is not None and layout != "MLA":
             lay.total_heads = int(total_heads)
         planes = int(lay.kv_planes)

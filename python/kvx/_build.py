@@ -8,8 +8,17 @@ Backends:
   UCX        ``pkg-config ucx``, or the prefix in ``$KVX_UCX_PREFIX`` (a UCX
              install or the ``libucx`` wheel's package directory: include/, lib/)
   libfabric  ``pkg-config libfabric``
-``KVX_PY_BACKENDS=ucx,ofi`` (or ``none``) narrows the choice; the local
+  CUDA       ``$CUDA_HOME`` or /usr/local/cuda (include/cuda.h): a second
+             library, libkvx_cuda.so, the same backends plus KVX_CUDA (GPU
+             caches, the CUDA IPC backend, stream-ordered completion)
+``KVX_PY_BACKENDS=ucx,ofi,cuda`` (or ``none``) narrows the choice; the local
 backend (memcpy between contexts of one process) is always there.
+
+libkvx_cuda.so is not linked against libcuda: the driver's library exists
+only where a GPU driver is installed, and the package must import
+everywhere. The loader (kvx/__init__.py) opens libcuda.so.1 into the global
+namespace first and only then this library, whose cu* calls bind to it; where
+libcuda.so.1 cannot be opened it loads libkvx.so, without CUDA.
 """
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 # The C file of the library: kvx's implementation, and the sizes of the
 # structs the bindings mirror, so that a mismatch is refused at load.
@@ -65,7 +74,7 @@ def headers_dir() -> str:
 
 def find_backends() -> Dict[str, Dict[str, List[str]]]:
     """Each backend found: its -D, compile and link flags."""
-    want = os.environ.get("KVX_PY_BACKENDS", "ucx,ofi")
+    want = os.environ.get("KVX_PY_BACKENDS", "ucx,ofi,cuda")
     wanted = set() if want == "none" else {w.strip() for w in want.split(",") if w.strip()}
     found: Dict[str, Dict[str, List[str]]] = {}
     if "ucx" in wanted:
@@ -82,17 +91,15 @@ def find_backends() -> Dict[str, Dict[str, List[str]]]:
         cflags, libs = _run(["pkg-config", "--cflags", "libfabric"]), _run(["pkg-config", "--libs", "libfabric"])
         if libs is not None:
             found["ofi"] = {"defs": ["-DKVX_OFI"], "cflags": shlex.split(cflags or ""), "libs": shlex.split(libs)}
+    cuda = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    if "cuda" in wanted and os.path.exists(os.path.join(cuda, "include", "cuda.h")):
+        # -isystem: cuda.h has unnamed unions that -pedantic refuses in C99
+        found["cuda"] = {"defs": ["-DKVX_CUDA"], "cflags": ["-isystem", os.path.join(cuda, "include")], "libs": []}
     return found
 
 
-def build(out_dir: str, cc: Optional[str] = None) -> str:
-    """Compiles libkvx.so into out_dir; returns its path. Raises on failure,
-    with the compiler's output."""
-    cc = cc or os.environ.get("CC", "cc")
-    hdr = headers_dir()
-    backends = find_backends()
-    os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, "libkvx.so")
+def _compile(cc: str, hdr: str, backends: Dict[str, Dict[str, List[str]]], out: str) -> List[str]:
+    """One shared library with these backends; returns the command."""
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kvx_py.c")
         with open(src, "w") as f:
@@ -107,9 +114,30 @@ def build(out_dir: str, cc: Optional[str] = None) -> str:
         cmd += ["-lpthread"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError("kvx: building libkvx.so failed:\n" + " ".join(cmd) + "\n" + r.stdout + r.stderr)
+            raise RuntimeError("kvx: building %s failed:\n%s\n%s%s" % (os.path.basename(out), " ".join(cmd), r.stdout, r.stderr))
+    return cmd
+
+
+def build(out_dir: str, cc: Optional[str] = None) -> str:
+    """Compiles libkvx.so (and libkvx_cuda.so where CUDA's headers are) into
+    out_dir; returns the path of libkvx.so. Raises on failure, with the
+    compiler's output."""
+    cc = cc or os.environ.get("CC", "cc")
+    hdr = headers_dir()
+    backends = find_backends()
+    os.makedirs(out_dir, exist_ok=True)
+    host = {k: v for k, v in backends.items() if k != "cuda"}
+    info = {"headers": hdr, "libraries": {}}  # type: Dict[str, Any]
+    out = os.path.join(out_dir, "libkvx.so")
+    info["libraries"]["libkvx.so"] = {"backends": sorted(host) + ["local"], "command": _compile(cc, hdr, host, out)}
+    cuda_lib = os.path.join(out_dir, "libkvx_cuda.so")
+    if "cuda" in backends:
+        info["libraries"]["libkvx_cuda.so"] = {"backends": sorted(backends) + ["local"],
+                                               "command": _compile(cc, hdr, backends, cuda_lib)}
+    elif os.path.exists(cuda_lib):
+        os.remove(cuda_lib)  # a stale one from an earlier build would be loaded
     with open(os.path.join(out_dir, "build_info.json"), "w") as f:
-        json.dump({"backends": sorted(backends) + ["local"], "headers": hdr, "command": cmd}, f, indent=1)
+        json.dump(info, f, indent=1)
     return out
 
 
