@@ -19,6 +19,17 @@ rc=0
 echo "== one GPU (GPU ${KVX_GPU:-0}), two processes"
 CUDA_VISIBLE_DEVICES=${KVX_GPU:-0} timeout -k 5 ${KVX_BENCH_TIMEOUT:-400} $prog "$@" 2>&1 | tee "$out/one_gpu.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+# What Python costs (bench/py_overhead.py with the package of build/gpu/python):
+# posts and completions against the C calls, and a CUDA read's post to the
+# resume of a stream that waits for it.
+if [ -f $B/python/kvx/libkvx_cuda.so ] && python3 -c 'import torch' 2>/dev/null; then
+  for be in local cuda; do
+    echo "== Python vs C, backend $be"
+    CUDA_VISIBLE_DEVICES=${KVX_GPU:-0} PYTHONPATH=$B/python timeout -k 5 300 python3 bench/py_overhead.py --backend $be --iters 2000 \
+      --json "$out/py_overhead_$be.json" 2>&1 | tee "$out/py_overhead_$be.txt"
+    [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  done
+fi
 if [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -ge 2 ]; then
   echo "== two GPUs: owner on GPU 0, reader on GPU 1"
   CUDA_VISIBLE_DEVICES=0,1 timeout -k 5 ${KVX_BENCH_TIMEOUT:-400} $prog --two-gpu "$@" 2>&1 | tee "$out/two_gpu.txt"

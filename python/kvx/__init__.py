@@ -19,6 +19,7 @@ carrying kvx's own message.
 """
 from __future__ import annotations
 
+import array as _array
 import ctypes as C
 import json
 import os
@@ -189,7 +190,8 @@ class _QueueDesc(C.Structure):
 
 class _Read(C.Structure):
     _fields_ = [("peer", C.c_void_p), ("cache", C.c_void_p), ("remote_cache", C.c_uint32),
-                ("local_blocks", C.POINTER(C.c_uint32)), ("remote_blocks", C.POINTER(C.c_uint32)),
+                # const uint32_t * in kvx.h; addresses here, so ids are passed without a ctypes cast
+                ("local_blocks", C.c_void_p), ("remote_blocks", C.c_void_p),
                 ("num_blocks", C.c_uint32), ("layer_begin", C.c_uint32), ("layer_count", C.c_uint32),
                 ("notify", C.c_int), ("notify_id", C.c_uint64), ("user_tag", C.c_uint64),
                 ("timeout_ms", C.c_uint32), ("verify", C.c_uint32)]
@@ -513,15 +515,40 @@ class Ticket:
         return "kvx.Ticket(%d)" % self.ticket
 
 
+def _u32_ids(ids: Any) -> Tuple[Any, int, int]:
+    """Block ids as uint32 memory kvx can read: (the object that holds it,
+    which the caller keeps alive while kvx_post runs; its address; the
+    count). Lists, tuples and numpy arrays go through array.array, torch
+    tensors through numpy. The range checks run in C: a per-id Python loop would cost more
+    than kvx's whole post of a 128-block read."""
+    if isinstance(ids, (list, tuple, range)):
+        try:
+            arr = _array.array("I", ids)
+        except (TypeError, OverflowError, ValueError) as e:
+            raise ArgumentError("block ids must be integers in [0, 2^32): %s" % e, -1) from None
+        return arr, arr.buffer_info()[0], len(arr)
+    if type(ids).__module__.startswith("torch"):
+        ids = ids.detach().cpu().numpy()
+    if not hasattr(ids, "dtype"):  # (not __array_interface__: numpy builds a dict for that)
+        return _u32_ids(list(ids))
+    if ids.ndim != 1:
+        raise ArgumentError("block ids: a 1-d array, not shape %s" % (list(ids.shape),), -1)
+    if ids.dtype.kind not in "ui":
+        raise ArgumentError("block ids: integers, not %s" % ids.dtype, -1)
+    if ids.dtype.char != "I" or not ids.flags.c_contiguous:
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) > 0xFFFFFFFF):
+            raise ArgumentError("block ids: %d..%d is not within [0, 2^32)" % (int(ids.min()), int(ids.max())), -1)
+        ids = ids.astype("uint32", order="C")
+    # a copy into an array.array costs less than asking numpy for the address
+    arr = _array.array("I")
+    arr.frombytes(memoryview(ids).cast("B"))
+    return arr, arr.buffer_info()[0], len(arr)
+
+
 def _u32_array(ids: Any) -> Tuple[Any, int]:
-    """A uint32 C array of block ids (list, numpy array or torch tensor)."""
-    if hasattr(ids, "tolist"):
-        ids = ids.tolist()
-    ids = list(ids)
-    for i in ids:
-        if not isinstance(i, int) or i < 0 or i > 0xFFFFFFFF:
-            raise ArgumentError("block id %r is not an integer in [0, 2^32)" % (i,), -1)
-    return (C.c_uint32 * len(ids))(*ids), len(ids)
+    """A uint32 C array of block ids, for calls that take one as a pointer argument."""
+    _, addr, n = _u32_ids(ids)
+    return (C.c_uint32 * n).from_address(addr) if n else (C.c_uint32 * 0)(), n
 
 
 class Queue:
@@ -530,6 +557,8 @@ class Queue:
     def __init__(self, ctx: "Context", handle: int) -> None:
         self._ctx = ctx
         self._h: Optional[int] = handle
+        self._out = (_Completion * 64)()  # poll's buffer, made once
+        self._ticket = C.byref(C.c_uint64())  # read's out-parameter, made once
 
     @property
     def handle(self) -> int:
@@ -543,36 +572,41 @@ class Queue:
         """Post a read of remote_blocks of peer's cache into local_blocks of
         cache (default: the context's first). layers: (first, count). Every id
         is checked against both layouts before anything is posted."""
-        la, n = _u32_array(local_blocks)
-        ra, m = _u32_array(remote_blocks)
+        la, laddr, n = _u32_ids(local_blocks)
+        ra, raddr, m = _u32_ids(remote_blocks)  # la and ra live until kvx_post returns: it copies the table
         if n != m:
             raise ArgumentError("read: %d local blocks but %d remote blocks" % (n, m), -1)
-        cache = cache or (self._ctx.caches[0] if self._ctx.caches else None)
         if cache is None:
-            raise ArgumentError("read: this context has no cache registered", -1)
-        rd = _Read()
-        rd.peer = peer.handle
-        rd.cache = cache.handle
-        rd.remote_cache = remote_cache
-        rd.local_blocks = la
-        rd.remote_blocks = ra
-        rd.num_blocks = n
+            if not self._ctx.caches:
+                raise ArgumentError("read: this context has no cache registered", -1)
+            cache = self._ctx.caches[0]
+        rd = _Read(peer.handle, cache.handle, remote_cache, laddr, raddr, n)
         if layers is not None:
-            rd.layer_begin, rd.layer_count = int(layers[0]), int(layers[1])
+            rd.layer_begin, rd.layer_count = layers
         if notify_id is not None:
-            rd.notify, rd.notify_id = 1, int(notify_id)
-        rd.user_tag = int(tag)
-        rd.timeout_ms = int(timeout_ms or 0)
-        rd.verify = int(verify)
-        t = C.c_uint64()
-        _check(_load().kvx_post(self.handle, C.byref(rd), C.byref(t)), self._ctx._handle, "read")
-        return Ticket(self, int(t.value))
+            rd.notify, rd.notify_id = 1, notify_id
+        if tag:
+            rd.user_tag = tag
+        if timeout_ms:
+            rd.timeout_ms = timeout_ms
+        if verify:
+            rd.verify = verify
+        t = self._ticket
+        st = _load().kvx_post(self.handle, rd, t)
+        if st:
+            _raise(st, self._ctx._handle, "read")
+        return Ticket(self, t._obj.value)
 
     def poll(self, max_completions: int = 64) -> List[Completion]:
         """Completions reported since the last poll (each read exactly once)."""
-        out = (_Completion * max_completions)()
+        out = self._out if len(self._out) >= max_completions else (_Completion * max_completions)()
+        self._out = out
         n = _load().kvx_poll(self.handle, out, max_completions)
-        return [Completion(int(c.ticket), int(c.user_tag), int(c.status), int(c.bytes)) for c in out[:max(n, 0)]]
+        res = []
+        for i in range(n):
+            c = out[i]
+            res.append(Completion(c.ticket, c.user_tag, c.status, c.bytes))
+        return res
 
     def stream_wait(self, ticket: Ticket, stream: Any) -> None:
         """Make later work on a CUDA stream wait for the read, without

@@ -52,3 +52,20 @@ if [ -n "$ucx" ] && [ -f "$ucx/include/ucp/api/ucp.h" ]; then
 else
   echo "no UCX 1.22 here (make builds it: make build/ucx122/prefix): build/gpu/ucx122 not built"
 fi
+
+# The Python package as the GPU machine's own Python imports it
+# (PYTHONPATH=build/gpu/python:build/gpu/pylib): its modules, libkvx.so and
+# libkvx_cuda.so built here (against Debian's UCX; the runtime there serves
+# host caches), the C side of bench/py_overhead.py, and pytest (pure Python)
+# for tests/python, since that machine installs nothing.
+py=$out/python
+rm -rf "$py" && mkdir -p "$py/kvx"
+cp python/kvx/*.py python/kvx/py.typed "$py/kvx/"
+PY=${PYTHON:-python3}
+[ -x build/venv/bin/python ] && PY=build/venv/bin/python
+"$PY" python/kvx/_build.py "$py/kvx"
+$CC -std=c99 -D_GNU_SOURCE -O2 $W -fPIC -shared bench/py_overhead.c -o "$py/py_overhead.so"
+echo "built $py (kvx package: $(cd "$py/kvx" && ls lib*.so | tr '\n' ' '))"
+if [ ! -d $out/pylib/pytest ] && [ -x build/venv/bin/pip ]; then
+  build/venv/bin/pip install -q --target $out/pylib pytest && echo "pytest into $out/pylib"
+fi

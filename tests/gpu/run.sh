@@ -15,6 +15,9 @@
 #     (cuda_ipc, and staged through the host as across hosts), byte-verified,
 #     checked behind kvx_stream_wait; the transport chosen for cuMemAlloc,
 #     VMM and pool memory, and the warning where it is not cuda_ipc
+#   - the Python package on the machine's own Python and torch: CUDA
+#     tensors from the default allocator and expandable segments, stream_wait
+#     with a torch check behind it, torch.cuda.graph replays; the CPU suite
 #   - with two GPUs visible (nvidia-smi): owner on GPU 0, reader on GPU 1
 # Ends with "N passed, M failed". KVX_TEST_FILTER=regex runs matching entries.
 set -u
@@ -83,6 +86,18 @@ if [ -x $U/test_cuda ]; then
   expect_fail "UCX GPU a planted wrong byte fails the run (ucx 1.22)" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 KVX_BENCH_CUDA_MEM=malloc $ubench $small --random-blocks
 else
   entry "UCX 1.22 GPU programs are built (tests/gpu/build.sh with build/ucx122/prefix)" 10 test -x $U/test_cuda
+fi
+# The Python package on this machine's own Python and torch (build/gpu/python
+# and build/gpu/pylib from tests/gpu/build.sh: nothing is installed here).
+PYP="env PYTHONPATH=$PWD/$B/python:$PWD/$B/pylib"
+if [ -f $B/python/kvx/libkvx_cuda.so ] && python3 -c 'import torch' 2>/dev/null; then
+  section "Python: the kvx package on $(python3 -c 'import sys, torch; print("Python %d.%d, torch %s" % (sys.version_info[:2] + (torch.__version__,)))') (GPU $gpu)"
+  entry "python: torch CUDA tensors between processes (default allocator, expandable segments), stream_wait + a torch check, torch.cuda.graph 24 replays" 600 \
+    $PYP $one python3 -m pytest -q -p no:cacheprovider tests/python/test_gpu.py
+  entry "python: the CPU suite on this Python (numpy and torch CPU tensors over UCX tcp)" 300 \
+    $PYP $one env UCX_TLS=tcp python3 -m pytest -q -p no:cacheprovider tests/python/test_kvx.py
+else
+  entry "python: build/gpu/python is built and python3 has torch" 10 test -f $B/python/kvx/libkvx_cuda.so -a -n "$(python3 -c 'import torch' 2>&1 && echo y)"
 fi
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 if [ "${ngpu:-0}" -ge 2 ]; then

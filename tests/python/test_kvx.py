@@ -296,12 +296,63 @@ def test_bad_inputs_refused_before_posting():
                 q.read(peer, [0, 1], [0])
             with pytest.raises(kvx.ArgumentError, match="integer"):
                 q.read(peer, [-1], [0])
+            with pytest.raises(kvx.ArgumentError, match="integer"):
+                q.read(peer, [1.5], [0])
+            with pytest.raises(kvx.ArgumentError, match=r"within \[0, 2\^32\)"):
+                q.read(peer, np.array([1, -2]), np.array([0, 1]))
+            with pytest.raises(kvx.ArgumentError, match="1-d"):
+                q.read(peer, np.zeros((1, 1), np.uint32), [0])
+            with pytest.raises(kvx.ArgumentError, match="integers, not float"):
+                q.read(peer, np.zeros(1), [0])
             assert ctx.stats()["reads_posted"] == 0  # nothing was posted
             q.read(peer, [3], [4]).wait(5000)
             assert (cache.tensors[0][:, 3] == 1).all() and not cache.tensors[0][:, 4].any()
+            # ids as numpy (any integer type, any strides) and torch tensors land where they say
+            ids = np.array([9, 7, 5, 11], dtype=np.int64)[::2]
+            q.read(peer, ids, ids.astype(np.uint32)).wait(5000)
+            if torch is not None:
+                q.read(peer, torch.tensor([13]), torch.tensor([14], dtype=torch.int32)).wait(5000)
+                assert (cache.tensors[0][:, 13] == 1).all()
+            assert (cache.tensors[0][:, 9] == 1).all() and (cache.tensors[0][:, 5] == 1).all() and not cache.tensors[0][:, 7].any()
         with pytest.raises(kvx.ArgumentError, match="magic"):
             ctx.add_peer(b"kvx" + bytes(60))  # untrusted metadata
     ctx.close()
     assert cache.tensors == []  # released with the context
     with pytest.raises(kvx.ArgumentError):
         kvx.Context("x", tp_rank=2, tp_size=2)
+
+
+def test_cuda_library_without_a_gpu():
+    """libkvx_cuda.so where no GPU driver is: with a stand-in libcuda.so.1
+    (every call fails) it loads and works for host caches, and a CUDA
+    context is refused with the driver's reason; without libcuda.so.1 the
+    package loads libkvx.so and says why it has no CUDA."""
+    import subprocess
+    import sys
+    lib = os.path.join(os.path.dirname(kvx.__file__), "libkvx_cuda.so")
+    if not os.path.exists(lib):
+        pytest.skip("the package was built without CUDA's headers")
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    stub = subprocess.run(["bash", os.path.join(root, "tools", "cuda_stub.sh")], capture_output=True, text=True, cwd=root)
+    assert stub.returncode == 0, stub.stderr
+    probe = (
+        "import kvx, numpy as np\n"
+        "print(kvx.library_path().rsplit('/', 1)[1], kvx.cuda_available())\n"
+        "with kvx.Context('o', backend='local') as o, kvx.Context('r', backend='local') as r:\n"
+        "    o.register_cache([np.full((2, 8, 2, 1, 4), 3, np.uint16)])\n"
+        "    c = r.register_cache([np.zeros((2, 8, 2, 1, 4), np.uint16)])\n"
+        "    r.queue().read(r.add_peer(o.metadata()), [1], [2]).wait(5000)\n"
+        "    print('read', int(c.tensors[0][:, 1].min()))\n"
+        "try:\n"
+        "    kvx.Context('g', backend='cuda')\n"
+        "except kvx.UnsupportedError as e:\n"
+        "    print('refused:', e)\n")
+    env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(root, stub.stdout.strip()))
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "libkvx_cuda.so True" in out.stdout and "read 3" in out.stdout, out.stdout
+    assert "refused: Context: KVX_ERR_UNSUPPORTED: cuda: cuInit failed" in out.stdout, out.stdout
+    env = dict(os.environ, LD_LIBRARY_PATH="", KVX_PY_CUDA="0")
+    out = subprocess.run([sys.executable, "-c", "import kvx; print(kvx.library_path().rsplit('/', 1)[1], kvx.cuda_available())"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.strip() == "libkvx.so False", out.stdout + out.stderr
