@@ -5,6 +5,7 @@
 #   make test            every test; ends with "N passed, M failed"
 #   make bench           kvx_bench sweeps beside ucx_perftest; table and plot in build/bench/
 #   make python          the Python package (python/) into build/venv, with numpy, pytest, torch (CPU)
+#   make bench-python    what Python costs per read post and completion, against the C calls
 #   make install PREFIX=/usr/local
 PREFIX ?= /usr/local
 CC ?= cc
@@ -43,7 +44,7 @@ FUZZ_CC ?= clang
 # make test builds with this many jobs
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: all demo test bench fuzz soak install deps deps-test deps-bench clean compile-check gpu-build test-gpu bench-gpu ptx-check python
+.PHONY: all demo test bench bench-python fuzz soak install deps deps-test deps-bench clean compile-check gpu-build test-gpu bench-gpu ptx-check python
 
 all: deps $(PROGRAMS) $(TESTS)
 
@@ -183,6 +184,15 @@ bench: deps deps-bench
 	@$(MAKE) --no-print-directory $(BUILD)/ucx122/prefix
 	@$(MAKE) --no-print-directory $(PROGRAMS) $(BUILD)/bench_post $(BUILD)/fi_read_ref $(BUILD)/ucx122/kvx_bench
 	@bash bench/bench.sh
+	@$(MAKE) --no-print-directory bench-python
+
+# Python against C in one process (bench/py_overhead.py): the local backend
+# (kvx's own cost), then UCX over TCP on loopback.
+$(BUILD)/py_overhead.so: bench/py_overhead.c kvx.h
+	$(CC) -std=c99 -D_GNU_SOURCE -O2 $(WARN) -fPIC -shared $< -o $@
+bench-python: python $(BUILD)/py_overhead.so
+	$(UCX122_VENV)/bin/python bench/py_overhead.py --backend local --helper $(BUILD)/py_overhead.so --json $(BUILD)/py_overhead_local.json
+	env UCX_TLS=tcp UCX_NET_DEVICES=lo $(UCX122_VENV)/bin/python bench/py_overhead.py --backend ucx --helper $(BUILD)/py_overhead.so --json $(BUILD)/py_overhead_ucx.json
 
 $(BUILD)/bench_post: bench/bench_post.c $(DEPS)
 	$(CC) -O2 -g $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)

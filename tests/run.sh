@@ -61,6 +61,10 @@ entry "PTX check (ptxas sm_80, sm_90, sm_100)" 120 bash tools/ptx_check.sh
 if [ -x $B/venv/bin/python ] && $B/venv/bin/python -c 'import kvx' 2>/dev/null; then
   entry "python: the kvx package (ctypes), reads between processes, numpy and torch CPU (ucx $vdeb tcp)" 300 \
     env UCX_TLS=tcp $B/venv/bin/python -m pytest -q -p no:cacheprovider tests/python
+  entry "python example: prefill server and decode client, prefill TP 2 -> decode TP 1, 2 abandoned (ucx $vdeb tcp)" 180 \
+    env UCX_TLS=tcp UCX_NET_DEVICES=lo $B/venv/bin/python examples/python/run_example.py --prefill-tp 2 --decode-tp 1 --abandon 2 --lease-ms 5000
+  entry "python example: prefill server and decode client, prefill TP 1 -> decode TP 2, HND, 2 abandoned (ucx $vdeb tcp)" 180 \
+    env UCX_TLS=tcp UCX_NET_DEVICES=lo $B/venv/bin/python examples/python/run_example.py --prefill-tp 1 --decode-tp 2 --layout HND --abandon 2 --lease-ms 5000
 else
   entry "python: the kvx package is installed (make python)" 10 $B/venv/bin/python -c 'import kvx'
 fi

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 __all__ = [
     "Context", "Cache", "Peer", "Queue", "Ticket", "Completion", "Notification",
     "Error", "ArgumentError", "NoMemoryError", "UnsupportedError", "MismatchError", "BackendError",
-    "PeerError", "TimeoutError", "CorruptError", "CanceledError", "backends", "cuda_available", "library_path",
+    "PeerError", "TimeoutError", "CorruptError", "CanceledError", "QueueFullError", "backends", "cuda_available", "library_path",
 ]
 
 # --- errors -------------------------------------------------------------------
@@ -81,8 +81,14 @@ class CanceledError(Error):
     status = -9
 
 
+class QueueFullError(Error):
+    """kvx_post's KVX_PENDING: the queue holds depth reads not yet reported;
+    poll (or wait) some, then post again."""
+    status = 1
+
+
 _ERRORS = {c.status: c for c in (ArgumentError, NoMemoryError, UnsupportedError, MismatchError, BackendError,
-                                  PeerError, TimeoutError, CorruptError, CanceledError)}
+                                  PeerError, TimeoutError, CorruptError, CanceledError, QueueFullError)}
 _OK, _PENDING = 0, 1
 
 # --- the library ----------------------------------------------------------------
@@ -287,6 +293,13 @@ def _raise(status: int, ctx: Optional[int], what: str = "", msg: Optional[str] =
     raise _error(status, ctx, what, msg)
 
 
+def _made(h: C.c_void_p) -> int:
+    """The handle a successful create call wrote."""
+    if not h.value:
+        raise Error("kvx returned success without a handle", -5)
+    return int(h.value)
+
+
 def _check(status: int, ctx: Optional[int], what: str = "") -> None:
     if status != _OK:
         _raise(status, ctx, what)
@@ -445,12 +458,24 @@ class Peer:
 
 
 class Completion:
-    """One reported read: ticket, the caller's tag, kvx status, bytes."""
+    """One reported read: ticket, the caller's tag, kvx status, bytes.
+    ``ok`` is status 0; ``error`` the exception of a failed read (its class
+    names the status; kvx logs the failure's details when it happens)."""
 
     __slots__ = ("ticket", "tag", "status", "bytes")
 
     def __init__(self, ticket: int, tag: int, status: int, nbytes: int) -> None:
         self.ticket, self.tag, self.status, self.bytes = ticket, tag, status, nbytes
+
+    @property
+    def ok(self) -> bool:
+        return self.status == _OK
+
+    @property
+    def error(self) -> Optional[Error]:
+        if self.status == _OK:
+            return None
+        return _error(self.status, None, "read %d (tag %d)" % (self.ticket, self.tag))
 
     def __repr__(self) -> str:
         return "kvx.Completion(ticket=%d, tag=%d, status=%d, bytes=%d)" % (self.ticket, self.tag, self.status, self.bytes)
@@ -466,7 +491,13 @@ class Notification:
 
     @property
     def done(self) -> bool:
+        """The reader notified: its read of the blocks completed."""
         return self.status == _OK
+
+    @property
+    def expired(self) -> bool:
+        """The expectation's time ran out before the reader notified."""
+        return self.status == TimeoutError.status
 
     def __repr__(self) -> str:
         return "kvx.Notification(id=%d, status=%d, reader_rank=%d)" % (self.id, self.status, self.reader_rank)
@@ -558,7 +589,8 @@ class Queue:
         self._ctx = ctx
         self._h: Optional[int] = handle
         self._out = (_Completion * 64)()  # poll's buffer, made once
-        self._ticket = C.byref(C.c_uint64())  # read's out-parameter, made once
+        self._ticket = C.c_uint64()  # read's out-parameter, made once
+        self._ticket_ref = C.byref(self._ticket)
 
     @property
     def handle(self) -> int:
@@ -591,11 +623,10 @@ class Queue:
             rd.timeout_ms = timeout_ms
         if verify:
             rd.verify = verify
-        t = self._ticket
-        st = _load().kvx_post(self.handle, rd, t)
+        st = _load().kvx_post(self.handle, rd, self._ticket_ref)
         if st:
             _raise(st, self._ctx._handle, "read")
-        return Ticket(self, t._obj.value)
+        return Ticket(self, self._ticket.value)
 
     def poll(self, max_completions: int = 64) -> List[Completion]:
         """Completions reported since the last poll (each read exactly once)."""
@@ -713,7 +744,7 @@ class Context:
         d.checksums = 1 if checksums else 0
         h = C.c_void_p()
         _check(_load().kvx_cache_register(self.handle, C.byref(d), C.byref(h)), self._h, "register_cache")
-        c = Cache(self, int(h.value), items, layout, lay, len(self.caches))
+        c = Cache(self, _made(h), items, layout, lay, len(self.caches))
         self.caches.append(c)
         return c
 
@@ -732,7 +763,7 @@ class Context:
             raise ArgumentError("add_peer: metadata must be bytes, not %s" % type(metadata).__name__, -1)
         h = C.c_void_p()
         _check(_load().kvx_peer_add(self.handle, bytes(metadata), len(metadata), C.byref(h)), self._h, "add_peer")
-        p = Peer(self, int(h.value))
+        p = Peer(self, _made(h))
         self.peers.append(p)
         return p
 
@@ -744,7 +775,7 @@ class Context:
             d.cuda.stream = int(getattr(cuda_stream, "cuda_stream", cuda_stream))
         h = C.c_void_p()
         _check(_load().kvx_queue_create(self.handle, C.byref(d), C.byref(h)), self._h, "queue")
-        q = Queue(self, int(h.value))
+        q = Queue(self, _made(h))
         self.queues.append(q)
         return q
 
@@ -763,7 +794,7 @@ class Context:
     def stats(self) -> Dict[str, Any]:
         s = _Stats()
         _load().kvx_stats_get(self.handle, C.byref(s))
-        out: Dict[str, Any] = {name: int(getattr(s, name)) for name, _ in _Stats._fields_[1:]}
+        out: Dict[str, Any] = {f[0]: int(getattr(s, f[0])) for f in _Stats._fields_[1:]}
         out["backend"] = s.backend.decode() if s.backend else ""
         return out
 

@@ -94,6 +94,10 @@ if [ -f $B/python/kvx/libkvx_cuda.so ] && python3 -c 'import torch' 2>/dev/null;
   section "Python: the kvx package on $(python3 -c 'import sys, torch; print("Python %d.%d, torch %s" % (sys.version_info[:2] + (torch.__version__,)))') (GPU $gpu)"
   entry "python: torch CUDA tensors between processes (default allocator, expandable segments), stream_wait + a torch check, torch.cuda.graph 24 replays" 600 \
     $PYP $one python3 -m pytest -q -p no:cacheprovider tests/python/test_gpu.py
+  entry "python example on the GPU: prefill server and decode client, prefill TP 2 -> decode TP 1, torch CUDA tensors, 2 abandoned" 180 \
+    $PYP $one python3 examples/python/run_example.py --device cuda --prefill-tp 2 --decode-tp 1 --abandon 2 --lease-ms 5000
+  entry "python example on the GPU: prefill TP 1 -> decode TP 2, HND, bfloat16" 180 \
+    $PYP $one python3 examples/python/run_example.py --device cuda --prefill-tp 1 --decode-tp 2 --layout HND --dtype bfloat16
   entry "python: the CPU suite on this Python (numpy and torch CPU tensors over UCX tcp)" 300 \
     $PYP $one env UCX_TLS=tcp python3 -m pytest -q -p no:cacheprovider tests/python/test_kvx.py
 else
