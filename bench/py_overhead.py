@@ -129,7 +129,7 @@ def main() -> int:
             outs = (kvx._Completion * 16)()
             clock = time.perf_counter_ns
             cal = sorted(-(clock() - clock()) for _ in range(2000))[1000]  # a timer pair's own cost
-            times: Dict[str, List[int]] = {k: [] for k in ("py_post_list", "py_post_numpy", "c_post", "py_poll", "c_poll",
+            times: Dict[str, List[int]] = {k: [] for k in ("py_post_list", "py_post_numpy", "c_post", "c_post_ffi", "py_poll", "c_poll",
                                                             "py_wait", "c_wait")}
             done = 0
             BATCH = 8  # reads posted back to back, then reported: how an engine's step runs
@@ -142,7 +142,10 @@ def main() -> int:
                     tk = q.read(peer, ids[0], ids[1])
                     times[key].append(clock() - t0 - cal)
                     return tk.ticket
-                times["c_post"].append(h.kvxb_post(fn(lib.kvx_post), C.c_void_p(q.handle), C.byref(creads[k]), C.byref(t), C.byref(st)))
+                t0 = clock()
+                ns = h.kvxb_post(fn(lib.kvx_post), C.c_void_p(q.handle), C.byref(creads[k]), C.byref(t), C.byref(st))
+                times["c_post_ffi"].append(clock() - t0 - cal)  # the same, seen from Python: one ctypes call around it
+                times["c_post"].append(ns)
                 if st.value != 0:
                     raise RuntimeError("kvx_post: %s" % lib.kvx_ctx_error(ctx.handle).decode())
                 return int(t.value)
@@ -179,6 +182,7 @@ def main() -> int:
             res["overhead_us"] = {
                 "post (list ids)": c["py_post_list"]["median_us"] - c["c_post"]["median_us"],
                 "post (numpy ids)": c["py_post_numpy"]["median_us"] - c["c_post"]["median_us"],
+                "post: one ctypes call alone": c["c_post_ffi"]["median_us"] - c["c_post"]["median_us"],
                 "completion (poll)": c["py_poll"]["median_us"] - c["c_poll"]["median_us"],
                 "completion (wait)": c["py_wait"]["median_us"] - c["c_wait"]["median_us"],
             }
@@ -222,7 +226,7 @@ def main() -> int:
         print("  %-22s %12.2f %12.2f" % (k, v["median_us"], v["p99_us"]))
     for k, v in res.get("post_to_stream_resume", {}).items():
         print("  %-22s %12.2f %12.2f" % ("resume " + k, v["median_us"], v["p99_us"]))
-    worst = max(res["overhead_us"].values())
+    worst = max(v for k, v in res["overhead_us"].items() if "alone" not in k)
     for k, v in res["overhead_us"].items():
         print("  Python overhead, %-34s %7.2f us" % (k + ":", v))
     print("  target under 10 us per call: %s (worst %.2f us)" % ("met" if worst < 10 else "NOT met", worst))

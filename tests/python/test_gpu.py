@@ -7,6 +7,7 @@ each replay behind its own read. Every byte of every layer is compared.
 Skipped where torch has no CUDA or kvx was built without it."""
 import multiprocessing as mp
 import os
+import time
 import traceback
 
 import pytest
@@ -115,22 +116,35 @@ def gpu_reader(conn, md, layout, mode, seed):
                 # would synchronize the host with the streams below
                 dst_t, src_t = torch.tensor(dst, device="cuda"), torch.tensor(src, device="cuda")
                 ws, free = torch.cuda.Stream(), torch.cuda.Stream()
-                with torch.cuda.stream(qs):
-                    torch.cuda._sleep(HOLD_CYCLES)  # the read is launched behind this
-                t = q.read(peer, dst, src)
-                q.stream_wait(t, ws)
 
                 def mismatches():
                     return torch.stack([(local_u8[l].index_select(1, dst_t) != want[l].index_select(1, src_t)).sum()
                                         for l in range(LAYERS)]).sum()
+                # once on each stream first: the allocator then has memory
+                # cached for both, and allocating it fresh (cudaMalloc, or
+                # mapping more of an expandable segment) may wait for the
+                # device, which would hold the host until the read is done
+                for st_ in (ws, free):
+                    with torch.cuda.stream(st_):
+                        mismatches()
+                torch.cuda.synchronize()
+                with torch.cuda.stream(qs):
+                    torch.cuda._sleep(HOLD_CYCLES)  # the read is launched behind this
+                t0 = time.monotonic()
+                t = q.read(peer, dst, src)
+                q.stream_wait(t, ws)
+                word_view = q.stream_status_tensor(t)
                 with torch.cuda.stream(ws):  # waits for the read, then checks on the GPU
                     bad = mismatches()
-                    word = q.stream_status_tensor(t).clone()
+                    word = word_view.clone()
                 with torch.cuda.stream(free):  # the control: the same check without the wait
                     bad_free = mismatches()
+                    word_free = word_view.clone()
+                host_ms = (time.monotonic() - t0) * 1e3
                 torch.cuda.synchronize()
                 t.wait(10000)
-                facts.update(bad=int(bad), word=int(word), expect_word=(t.ticket << 2) | 1, bad_free=int(bad_free))
+                facts.update(bad=int(bad), word=int(word), expect_word=(t.ticket << 2) | 1, bad_free=int(bad_free),
+                             word_free=int(word_free), host_ms=host_ms)
                 why = check_all(local_u8, want, dst, src)
                 if why:
                     conn.send(("fail", why))
@@ -231,7 +245,9 @@ def test_stream_wait_then_torch_check(monkeypatch, alloc):
     assert f["word"] == f["expect_word"], "completion word 0x%x, want 0x%x" % (f["word"], f["expect_word"])
     # without the wait the same check ran during the hold and saw poison:
     # the wait, not luck, ordered the check after the read
-    assert f["bad_free"] > 0, "the control saw the data without waiting: the hold did not hold"
+    assert f["bad_free"] > 0 and f["word_free"] == f["expect_word"] - 1, \
+        "the control, not waiting, saw %d wrong bytes and word 0x%x: the hold did not hold (the host spent %.1f ms posting)" % (
+            f["bad_free"], f["word_free"], f["host_ms"])
 
 
 @pytest.mark.parametrize("alloc", ["default", "expandable"])
