@@ -1,0 +1,220 @@
+"""make bench-peers: kvx, NIXL and Mooncake on the same KV workload
+(bench/peers/workload.py), in one run, every byte checked.
+
+For each cell (block size x owner TP x random/consecutive blocks) and each
+library row, the owner processes (one per owner rank) and the reader start
+fresh, meet through files in a temporary directory, and report JSON: GB/s,
+request latency p50/p99, CPU seconds per GB on the owner and the reader,
+peak RSS of each process, and the transport each library chose. A row that
+cannot run (refused, crashed, hung past its deadline, wrong bytes) says why,
+with the command, and the run goes on.
+
+    build/peers/bin/python bench/peers/bench_peers.py [--rows kvx-ucx1.13,nixl,...] [--sizes 4096,65536]
+Writes build/bench-peers/results.jsonl, results.tsv, table.md and peers.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
+OUT = os.path.join(ROOT, "build", "bench-peers")
+
+UCX_TCP = {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"}
+# label: (runner, --backend, environment)
+ROWS: Dict[str, Tuple[str, str, Dict[str, str]]] = {
+    "kvx ucx1.13": ("lib_kvx.py", "ucx", dict(UCX_TCP)),
+    "kvx ucx1.22": ("lib_kvx.py", "ucx", dict(UCX_TCP, KVX_LIBRARY=os.path.join(ROOT, "build", "peers", "kvx122", "libkvx.so"))),
+    "kvx ofi-tcp": ("lib_kvx.py", "ofi", {"FI_PROVIDER": "tcp", "FI_TCP_IFACE": "lo"}),
+    "nixl": ("lib_nixl.py", "ucx", dict(UCX_TCP)),
+    "mooncake": ("lib_mooncake.py", "tcp", {}),
+}
+
+
+def blocks_per_request(block_bytes: int, layers: int) -> int:
+    """32 blocks, fewer for large ones: about 8 MiB per request and owner rank."""
+    return max(2, min(32, (8 << 20) // (layers * 2 * block_bytes)))
+
+
+def run_cell(label: str, cell: Dict[str, Any], deadline_s: float, logdir: str) -> Dict[str, Any]:
+    runner, backend, env_add = ROWS[label]
+    rdv = tempfile.mkdtemp(prefix="kvx-peers-")
+    args = ["--library", label.split()[0], "--backend", backend, "--rdv", rdv, "--deadline-s", str(deadline_s)]
+    for k, v in cell.items():
+        args += ["--" + k.replace("_", "-"), str(v).lower() if isinstance(v, bool) else str(v)]
+    env = dict(os.environ, **env_add)
+    py = sys.executable
+    script = os.path.join(HERE, runner)
+    name = "%s_%s_tp%d_%d_%s" % (label.replace(" ", "-"), "rand" if cell["random_blocks"] else "cons", cell["owner_tp"],
+                                 cell["block_bytes"], "pack")
+    cmd_reader = [py, script, "--role", "reader"] + args
+    shown = " ".join("%s=%s" % kv for kv in env_add.items()) + " " + " ".join(shlex.quote(c) for c in cmd_reader)
+    row: Dict[str, Any] = {"library": label, **cell, "ok": False, "error": "", "command": shown.strip()}
+    procs: List[subprocess.Popen] = []
+    logs = []
+    try:
+        for r in range(cell["owner_tp"]):
+            lf = open(os.path.join(logdir, name + "_owner%d.log" % r), "w")
+            logs.append(lf)
+            procs.append(subprocess.Popen([py, script, "--role", "owner", "--rank", str(r)] + args, env=env, stdout=lf,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+        lf = open(os.path.join(logdir, name + "_reader.log"), "w")
+        logs.append(lf)
+        reader = subprocess.Popen(cmd_reader, env=env, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(reader)
+        try:
+            rc = reader.wait(deadline_s + 30)
+        except subprocess.TimeoutExpired:
+            rc = None
+        until = time.monotonic() + 15
+        for p in procs[:-1]:
+            try:
+                p.wait(max(0.1, until - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        reports = {}
+        for f in os.listdir(rdv):
+            if f.endswith(".json") and not f.startswith("."):
+                with open(os.path.join(rdv, f)) as fh:
+                    reports[f[:-5]] = json.load(fh)
+        rd = reports.get("reader0")
+        if rc is None:
+            row["error"] = "hung: the reader was still running %.0f s after its deadline (killed)" % 30
+        elif rd is None:
+            row["error"] = "the reader exited %s without a report (crash?): see %s" % (rc, os.path.join(logdir, name + "_reader.log"))
+        else:
+            row.update({k: rd[k] for k in ("ok", "error", "transport", "version", "gbps", "lat_p50_ms", "lat_p99_ms", "bytes")})
+            row["reader_cpu_s_per_gb"] = rd["cpu_s_per_gb"]
+            row["reader_rss_mb"] = rd["max_rss_mb"]
+            owners = [reports[k] for k in sorted(reports) if k.startswith("owner")]
+            if rd["bytes"] and owners:
+                row["owner_cpu_s_per_gb"] = sum(o["cpu_s"] for o in owners) / (rd["bytes"] / 1e9)
+                row["owner_rss_mb"] = max(o["max_rss_mb"] for o in owners)
+            if len(owners) < cell["owner_tp"]:
+                row["error"] = (row["error"] + "; " if row["error"] else "") + "%d of %d owners reported" % (len(owners), cell["owner_tp"])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                p.wait()
+        for lf in logs:
+            lf.close()
+        shutil.rmtree(rdv, ignore_errors=True)
+    return row
+
+
+def table(rows: List[Dict[str, Any]]) -> str:
+    """Markdown: one line per cell and library, and kvx / NIXL for kvx's rows."""
+    nixl = {(r["owner_tp"], r["random_blocks"], r["block_bytes"]): r for r in rows if r["library"] == "nixl" and r["ok"]}
+    out = ["| TP | blocks | block | library | GB/s | kvx/NIXL | p50 ms | p99 ms | owner CPU s/GB | reader CPU s/GB | owner RSS MB | reader RSS MB | transport |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        key = (r["owner_tp"], r["random_blocks"], r["block_bytes"])
+        size = "%d KiB" % (r["block_bytes"] >> 10)
+        kind = "random" if r["random_blocks"] else "consecutive"
+        if not r["ok"]:
+            out.append("| %d->1 | %s | %s | %s | FAILED: %s | | | | | | | | `%s` |" % (r["owner_tp"], kind, size, r["library"],
+                                                                               r["error"].replace("|", "/")[:300], r["command"]))
+            continue
+        ratio = ""
+        if r["library"].startswith("kvx") and key in nixl and nixl[key]["gbps"]:
+            ratio = "%.2f" % (r["gbps"] / nixl[key]["gbps"])
+        out.append("| %d->1 | %s | %s | %s | %.3f | %s | %.2f | %.2f | %.2f | %.2f | %.0f | %.0f | %s |" % (
+            r["owner_tp"], kind, size, r["library"], r["gbps"], ratio, r["lat_p50_ms"], r["lat_p99_ms"],
+            r.get("owner_cpu_s_per_gb", 0.0), r["reader_cpu_s_per_gb"], r.get("owner_rss_mb", 0.0), r["reader_rss_mb"],
+            r["transport"]))
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: List[Dict[str, Any]], png: str) -> Optional[str]:
+    """One panel per (TP, random/consecutive), a line per library, GB/s over the block size."""
+    if not shutil.which("gnuplot"):
+        return "gnuplot is not installed: no plot"
+    libs = sorted({r["library"] for r in rows})
+    panels = sorted({(r["owner_tp"], r["random_blocks"]) for r in rows})
+    tmp = tempfile.mkdtemp(prefix="kvx-peers-plot-")
+    script = ["set terminal pngcairo size 1400,%d" % (450 * ((len(panels) + 1) // 2)),
+              "set output '%s'" % png, "set multiplot layout %d,2" % ((len(panels) + 1) // 2),
+              "set logscale x 2", "set xlabel 'block bytes (per layer, K or V, owner rank)'", "set ylabel 'GB/s'",
+              "set key top left", "set grid"]
+    for tp, rnd in panels:
+        plots = []
+        for lib in libs:
+            pts = sorted((r["block_bytes"], r["gbps"]) for r in rows
+                         if r["library"] == lib and r["owner_tp"] == tp and r["random_blocks"] == rnd and r["ok"])
+            if not pts:
+                continue
+            f = os.path.join(tmp, "%s_%d_%d.dat" % (lib.replace(" ", "_"), tp, rnd))
+            with open(f, "w") as fh:
+                fh.write("\n".join("%d %f" % p for p in pts) + "\n")
+            plots.append("'%s' using 1:2 with linespoints title '%s'" % (f, lib))
+        script.append("set title 'TP %d->1, %s blocks'" % (tp, "random" if rnd else "consecutive"))
+        script.append("plot " + ", ".join(plots) if plots else "plot 0 title 'no row ran'")
+    script.append("unset multiplot")
+    r = subprocess.run(["gnuplot"], input="\n".join(script), text=True, capture_output=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return None if r.returncode == 0 else "gnuplot: " + r.stderr.strip()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated labels of " + ", ".join(ROWS))
+    ap.add_argument("--sizes", default="4096,16384,65536,262144,1048576")
+    ap.add_argument("--tp", default="1,2")
+    ap.add_argument("--patterns", default="random,consecutive")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--request-bytes", type=int, default=128 << 20, help="bytes each row moves per cell (about)")
+    ap.add_argument("--inflight", type=int, default=8)
+    ap.add_argument("--deadline-s", type=float, default=120)
+    ap.add_argument("--out", default=OUT)
+    a = ap.parse_args()
+    labels = [r.strip() for r in a.rows.split(",") if r.strip()]
+    for lab in labels:
+        if lab not in ROWS:
+            print("unknown row %r: %s" % (lab, ", ".join(ROWS)))
+            return 2
+    os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
+    rows: List[Dict[str, Any]] = []
+    jl = open(os.path.join(a.out, "results.jsonl"), "w")
+    for tp in [int(x) for x in a.tp.split(",")]:
+        for pat in a.patterns.split(","):
+            for bb in [int(x) for x in a.sizes.split(",")]:
+                b = blocks_per_request(bb, a.layers)
+                per_req = b * a.layers * 2 * bb * tp
+                cell = {"block_bytes": bb, "num_layers": a.layers, "blocks_per_request": b, "owner_tp": tp,
+                        "random_blocks": pat == "random", "inflight": a.inflight,
+                        "requests": max(8, min(512, a.request_bytes // per_req))}
+                for lab in labels:
+                    t0 = time.monotonic()
+                    row = run_cell(lab, cell, a.deadline_s, os.path.join(a.out, "logs"))
+                    row["wall_s"] = time.monotonic() - t0
+                    rows.append(row)
+                    jl.write(json.dumps(row) + "\n")
+                    jl.flush()
+                    print("%-12s TP %d->1 %-11s %7d B: %s" % (lab, tp, pat, bb, "%.3f GB/s, p50 %.2f ms, %s" % (
+                        row["gbps"], row["lat_p50_ms"], row["transport"]) if row["ok"] else "FAILED: " + row["error"]), flush=True)
+    jl.close()
+    md = table(rows)
+    with open(os.path.join(a.out, "table.md"), "w") as f:
+        f.write(md)
+    print(md)
+    why = plot(rows, os.path.join(a.out, "peers.png"))
+    print(why or "plot: %s" % os.path.join(a.out, "peers.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""The workload every library runs in make bench-peers, and what each run
+reports. One module, so that kvx, NIXL and Mooncake move the same bytes,
+are checked the same way and are measured the same way.
+
+The caches (HND, per layer): each owner rank (a prefill TP rank) holds, for
+each of L layers, one region [2 (K, V)][N blocks][block_bytes]. The reader
+(the decode side, TP 1) holds all heads: per layer one region
+[2][N][tp * block_bytes], and owner rank r's block is the r-th
+block_bytes-long piece of the reader's block (HND keeps a rank's heads
+contiguous), so one block of one layer and plane from one owner rank is one
+contiguous copy of block_bytes.
+
+A request is B block ids of the owner (random, or consecutive) read into B
+free local blocks, every layer, K and V, from every owner rank. Requests go
+in flight up to a window; each one's local blocks are checked (every byte)
+when it completes, then poisoned and given back.
+
+The pattern: 8-byte word i of owner rank r, layer l, plane p, block b is
+tag(r, l, p, b) ^ (i * GOLDEN), so a reader can check a block without
+holding the owner's cache, and a block from the wrong rank, layer, plane or
+block id, or stale bytes, cannot pass.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+POISON = 0xA5
+
+
+@dataclass
+class Config:
+    library: str = "kvx"          # kvx | nixl | mooncake
+    backend: str = ""             # library-specific: "ucx", "ofi", "tcp", ...
+    block_bytes: int = 16384      # one owner rank's block, one layer, one plane
+    num_layers: int = 4
+    num_blocks: int = 0           # N; 0: from cache_bytes
+    cache_bytes: int = 256 << 20  # per owner rank, when num_blocks is 0
+    blocks_per_request: int = 32  # B
+    requests: int = 64
+    inflight: int = 8
+    random_blocks: bool = True
+    owner_tp: int = 1
+    seed: int = 1
+    device: str = "cpu"           # cpu | cuda
+    deadline_s: float = 120.0
+    rdv: str = ""                 # the rendezvous directory
+
+    def blocks(self) -> int:
+        if self.num_blocks:
+            return self.num_blocks
+        n = self.cache_bytes // (self.num_layers * 2 * self.block_bytes)
+        return int(max(2 * self.blocks_per_request, min(n, 4096)))
+
+    def request_bytes(self) -> int:
+        return self.blocks_per_request * self.num_layers * 2 * self.block_bytes * self.owner_tp
+
+
+def parse(argv: Optional[Sequence[str]] = None) -> Tuple[Config, argparse.Namespace]:
+    p = argparse.ArgumentParser()
+    for f in Config.__dataclass_fields__.values():
+        t = {"bool": lambda s: s in ("1", "true", "yes"), "int": int, "float": float}.get(str(f.type), str)
+        p.add_argument("--" + f.name.replace("_", "-"), type=t, default=f.default)
+    p.add_argument("--role", choices=["owner", "reader"], required=True)
+    p.add_argument("--rank", type=int, default=0)
+    a = p.parse_args(argv)
+    cfg = Config(**{k: getattr(a, k) for k in Config.__dataclass_fields__})
+    return cfg, a
+
+
+# --- regions and the pattern ----------------------------------------------------
+
+
+def tag(rank: int, layer: int, plane: int, block: int) -> np.uint64:
+    return np.uint64((0x6B7678 << 40) | (rank << 32) | (layer << 24) | (plane << 23) | block)
+
+
+class Pattern:
+    """Word indexes times GOLDEN, computed once per block size."""
+
+    def __init__(self, block_bytes: int) -> None:
+        assert block_bytes % 8 == 0
+        self.base = np.arange(block_bytes // 8, dtype=np.uint64) * GOLDEN
+
+    def block(self, rank: int, layer: int, plane: int, block: int) -> np.ndarray:
+        return self.base ^ tag(rank, layer, plane, block)
+
+
+def owner_regions(cfg: Config, rank: int) -> List[Any]:
+    """One region per layer, filled with the pattern: numpy (host) or torch (GPU) uint8, 1-d."""
+    n, bb = cfg.blocks(), cfg.block_bytes
+    pat = Pattern(bb)
+    out = []
+    for layer in range(cfg.num_layers):
+        r = np.empty(2 * n * bb, dtype=np.uint8)
+        words = r.view(np.uint64).reshape(2, n, bb // 8)
+        for plane in range(2):
+            tags = np.array([tag(rank, layer, plane, b) for b in range(n)], dtype=np.uint64)
+            words[plane] = pat.base[None, :] ^ tags[:, None]
+        out.append(to_device(cfg, r))
+    return out
+
+
+def reader_regions(cfg: Config) -> List[Any]:
+    n, bb = cfg.blocks(), cfg.block_bytes * cfg.owner_tp
+    return [to_device(cfg, np.full(2 * n * bb, POISON, dtype=np.uint8)) for _ in range(cfg.num_layers)]
+
+
+def to_device(cfg: Config, arr: np.ndarray) -> Any:
+    if cfg.device == "cuda":
+        import torch
+        return torch.from_numpy(arr).cuda()
+    return arr
+
+
+def addr(region: Any) -> int:
+    """The address of a region (numpy array or torch tensor)."""
+    return int(region.data_ptr()) if hasattr(region, "data_ptr") else int(region.ctypes.data)
+
+
+def nbytes(region: Any) -> int:
+    return int(region.numel()) if hasattr(region, "numel") else int(region.nbytes)
+
+
+def remote_offset(cfg: Config, plane: int, block: int) -> int:
+    """Byte offset of (plane, block) in an owner rank's layer region."""
+    return (plane * cfg.blocks() + block) * cfg.block_bytes
+
+
+def local_offset(cfg: Config, plane: int, block: int, rank: int) -> int:
+    """Byte offset of owner rank `rank`'s piece of (plane, block) in the reader's layer region."""
+    return ((plane * cfg.blocks() + block) * cfg.owner_tp + rank) * cfg.block_bytes
+
+
+def copies(cfg: Config, local: Sequence[int], remote: Sequence[int]) -> List[Tuple[int, int, int, int, int]]:
+    """Every contiguous copy of a request, as (rank, layer, local offset,
+    remote offset, bytes), one per (rank, layer, plane, block): what a
+    library without a layout model must be told. Libraries merge runs as
+    they can."""
+    out = []
+    for r in range(cfg.owner_tp):
+        for layer in range(cfg.num_layers):
+            for plane in range(2):
+                for lb, rb in zip(local, remote):
+                    out.append((r, layer, local_offset(cfg, plane, lb, r), remote_offset(cfg, plane, rb), cfg.block_bytes))
+    return out
+
+
+class Checker:
+    """Checks a completed request's local blocks, every byte, then poisons them."""
+
+    def __init__(self, cfg: Config, regions: List[Any]) -> None:
+        self.cfg = cfg
+        self.regions = regions
+        self.pat = Pattern(cfg.block_bytes)
+        self.gpu = cfg.device == "cuda"
+        if self.gpu:
+            import torch
+            self.torch = torch
+            self.base_t = torch.from_numpy(self.pat.base.view(np.int64)).cuda()
+
+    def check(self, local: Sequence[int], remote: Sequence[int]) -> Optional[str]:
+        cfg, bb = self.cfg, self.cfg.block_bytes
+        for layer, region in enumerate(self.regions):
+            for plane in range(2):
+                for lb, rb in zip(local, remote):
+                    for r in range(cfg.owner_tp):
+                        off = local_offset(cfg, plane, lb, r)
+                        want_tag = tag(r, layer, plane, rb)
+                        if self.gpu:
+                            got = region[off:off + bb].view(self.torch.int64)
+                            bad = int(((got ^ self.base_t) != int(want_tag.view(np.int64))).sum())
+                        else:
+                            got = region[off:off + bb].view(np.uint64)
+                            bad = int(np.count_nonzero((got ^ self.pat.base) != want_tag))
+                        if bad:
+                            return self.describe(layer, plane, lb, rb, r)
+                        region[off:off + bb] = POISON  # a stale copy cannot pass later
+        return None
+
+    def describe(self, layer: int, plane: int, lb: int, rb: int, r: int) -> str:
+        cfg, bb = self.cfg, self.cfg.block_bytes
+        off = local_offset(cfg, plane, lb, r)
+        got = bytes(self.regions[layer][off:off + bb].cpu().numpy() if self.gpu else self.regions[layer][off:off + bb])
+        want = self.pat.block(r, layer, plane, rb).tobytes()
+        i = next(i for i in range(bb) if got[i] != want[i])
+        return ("wrong bytes: owner rank %d, layer %d, %s, remote block %d -> local block %d: first at byte %d, "
+                "want 0x%02x, got 0x%02x (%d of %d bytes differ)" % (r, layer, "KV"[plane], rb, lb, i, want[i], got[i],
+                                                                     sum(1 for a, b in zip(got, want) if a != b), bb))
+
+
+class Requests:
+    """The reader's request stream: remote ids (random or consecutive), local
+    ids from a free list, latency per request."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed)
+        n = cfg.blocks()
+        self.free = list(range(n))
+        self.rng.shuffle(self.free)
+        self.lat: List[float] = []
+
+    def next(self) -> Optional[Tuple[List[int], List[int]]]:
+        cfg, n, b = self.cfg, self.cfg.blocks(), self.cfg.blocks_per_request
+        if len(self.free) < b:
+            return None
+        local = [self.free.pop() for _ in range(b)]
+        if cfg.random_blocks:
+            remote = self.rng.sample(range(n), b)
+        else:
+            s = self.rng.randrange(0, n - b + 1)
+            remote = list(range(s, s + b))
+        return local, remote
+
+    def give_back(self, local: Sequence[int]) -> None:
+        self.free.extend(local)
+
+
+# --- what a process reports -------------------------------------------------------
+
+
+@dataclass
+class Report:
+    role: str
+    library: str
+    rank: int = 0
+    ok: bool = True
+    error: str = ""
+    transport: str = ""
+    version: str = ""
+    bytes: int = 0
+    seconds: float = 0.0
+    gbps: float = 0.0
+    lat_p50_ms: float = 0.0
+    lat_p99_ms: float = 0.0
+    cpu_s: float = 0.0
+    cpu_s_per_gb: float = 0.0
+    max_rss_mb: float = 0.0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class Meter:
+    """CPU seconds and wall time of this process from start(), and peak RSS."""
+
+    def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        t = os.times()
+        self.cpu0, self.wall0 = t.user + t.system, time.monotonic()
+
+    def finish(self, rep: Report, nbytes: int = 0) -> Report:
+        t = os.times()
+        rep.cpu_s = t.user + t.system - self.cpu0
+        rep.seconds = time.monotonic() - self.wall0
+        rep.max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        if nbytes:
+            rep.bytes = nbytes
+            rep.gbps = nbytes / rep.seconds / 1e9 if rep.seconds > 0 else 0.0
+            rep.cpu_s_per_gb = rep.cpu_s / (nbytes / 1e9)
+        return rep
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    if not xs:
+        return 0.0
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+# --- rendezvous through files in cfg.rdv -----------------------------------------------
+
+
+def put(cfg: Config, name: str, data: bytes) -> None:
+    tmp = os.path.join(cfg.rdv, "." + name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.rename(tmp, os.path.join(cfg.rdv, name))
+
+
+def get(cfg: Config, name: str, deadline: float) -> bytes:
+    path = os.path.join(cfg.rdv, name)
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError("no %s in %s before the deadline" % (name, cfg.rdv))
+        time.sleep(0.01)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def exists(cfg: Config, name: str) -> bool:
+    return os.path.exists(os.path.join(cfg.rdv, name))
+
+
+def write_report(cfg: Config, rep: Report) -> None:
+    put(cfg, "%s%d.json" % (rep.role, rep.rank), json.dumps(asdict(rep)).encode())
+
+
+def serve_owner(cfg: Config, rank: int, library: str, metadata: bytes, meter: Meter, transport: str = "",
+                version: str = "", progress: Optional[Any] = None) -> None:
+    """The owner's part after registering: publish metadata, serve (the
+    library's own threads, or `progress()` called in between) until the
+    reader says it is done or the deadline passes, then report."""
+    put(cfg, "owner%d.md" % rank, metadata)
+    meter.start()
+    deadline = time.monotonic() + cfg.deadline_s
+    while not exists(cfg, "reader.done") and time.monotonic() < deadline:
+        if progress is not None:
+            progress()
+        else:
+            time.sleep(0.01)
+    rep = Report("owner", library, rank, transport=transport, version=version)
+    write_report(cfg, meter.finish(rep))
+
+
+def run_reader(cfg: Config, make_reader: Any) -> int:
+    """The reader's whole run, the same for every library: regions, the
+    owners' metadata, make_reader(cfg, regions, [metadata per owner rank])
+    -> an object with .transport, .version, post(req_id, local, remote) and
+    completed() -> [(req_id, error or None)] (which may sleep a little, never
+    long), close(). One request first, checked and not counted (connection
+    set-up); then cfg.requests with cfg.inflight in flight, each checked as
+    it completes. Writes reader0.json and reader.done; exit status 0 or 1."""
+    rep = Report("reader", cfg.library)
+    deadline = time.monotonic() + cfg.deadline_s
+    reader = None
+    try:
+        regions = reader_regions(cfg)
+        mds = [get(cfg, "owner%d.md" % r, deadline) for r in range(cfg.owner_tp)]
+        reader = make_reader(cfg, regions, mds)
+        rep.transport, rep.version = reader.transport, reader.version
+        checker = Checker(cfg, regions)
+        reqs = Requests(cfg)
+
+        def one_pass(count: int, measure: bool) -> None:
+            posted: Dict[int, Tuple[List[int], List[int], float]] = {}
+            sent = done = 0
+            while done < count:
+                while sent < count and len(posted) < cfg.inflight:
+                    nxt = reqs.next()
+                    if nxt is None:
+                        break
+                    posted[sent] = (nxt[0], nxt[1], time.monotonic())
+                    reader.post(sent, nxt[0], nxt[1])
+                    sent += 1
+                for rid, err in reader.completed():
+                    local, remote, t0 = posted.pop(rid)
+                    if measure:
+                        reqs.lat.append(time.monotonic() - t0)
+                    if err:
+                        raise RuntimeError("request %d failed: %s" % (rid, err))
+                    bad = checker.check(local, remote)
+                    if bad:
+                        raise RuntimeError("request %d: %s" % (rid, bad))
+                    reqs.give_back(local)
+                    done += 1
+                if time.monotonic() > deadline:
+                    raise TimeoutError("%d of %d requests done when the deadline (%.0f s) passed" % (done, count, cfg.deadline_s))
+
+        one_pass(1, False)
+        meter = Meter()
+        one_pass(cfg.requests, True)
+        meter.finish(rep, cfg.requests * cfg.request_bytes())
+        rep.lat_p50_ms = percentile(reqs.lat, 0.5) * 1e3
+        rep.lat_p99_ms = percentile(reqs.lat, 0.99) * 1e3
+    except Exception as e:  # the row says why; the run goes on
+        rep.ok, rep.error = False, "%s: %s" % (type(e).__name__, e)
+    finally:
+        try:
+            if reader is not None:
+                reader.close()
+        except Exception as e:
+            rep.extra["close_error"] = str(e)
+        write_report(cfg, rep)
+        put(cfg, "reader.done", b"")
+    return 0 if rep.ok else 1
