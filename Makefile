@@ -6,6 +6,7 @@
 #   make bench           kvx_bench sweeps beside ucx_perftest; table and plot in build/bench/
 #   make python          the Python package (python/) into build/venv, with numpy, pytest, torch (CPU)
 #   make bench-python    what Python costs per read post and completion, against the C calls
+#   make bench-peers     kvx beside NIXL and Mooncake on the same KV workload; table and plot in build/bench-peers/
 #   make install PREFIX=/usr/local
 PREFIX ?= /usr/local
 CC ?= cc
@@ -44,7 +45,7 @@ FUZZ_CC ?= clang
 # make test builds with this many jobs
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: all demo test bench bench-python fuzz soak install deps deps-test deps-bench clean compile-check gpu-build test-gpu bench-gpu ptx-check python
+.PHONY: all demo test bench bench-python bench-peers fuzz soak install deps deps-test deps-bench clean compile-check gpu-build test-gpu bench-gpu ptx-check python
 
 all: deps $(PROGRAMS) $(TESTS)
 
@@ -196,6 +197,25 @@ bench-python: python $(BUILD)/py_overhead.so
 
 $(BUILD)/bench_post: bench/bench_post.c $(DEPS)
 	$(CC) -O2 -g $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
+
+# kvx, NIXL and Mooncake on the same work (bench/peers): their own virtual
+# environment, torch first (the CPU build this machine serves) so that nixl's
+# dependency on torch pulls nothing bigger; kvx's package, and its library
+# built against UCX 1.22 for the "kvx ucx1.22" row.
+PEERS = $(BUILD)/peers
+NIXL_PIN ?= nixl-cu12==1.5.*
+MOONCAKE_PIN ?= mooncake-transfer-engine
+$(PEERS)/ready: python/pyproject.toml python/kvx/_build.py | $(BUILD)/ucx122/prefix
+	@[ -x $(PEERS)/bin/pip ] || python3 -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q $(TORCH_PIN) numpy
+	$(PEERS)/bin/pip install -q "$(NIXL_PIN)" "$(MOONCAKE_PIN)"
+	$(PEERS)/bin/pip install -q ./python
+	KVX_UCX_PREFIX=$$(cat $(BUILD)/ucx122/prefix) KVX_PY_BACKENDS=ucx $(PEERS)/bin/python python/kvx/_build.py $(PEERS)/kvx122
+	touch $@
+bench-peers: deps deps-bench $(BUILD)/ucx122/prefix
+	@$(MAKE) --no-print-directory $(PEERS)/ready
+	$(PEERS)/bin/pip install -q ./python
+	$(PEERS)/bin/python bench/peers/bench_peers.py
 
 # GPU: build where UCX's and CUDA's headers are (here), carry build/gpu to the
 # GPU machine, run there. CI (no GPU) compiles the CUDA paths and checks the

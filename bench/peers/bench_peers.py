@@ -41,36 +41,81 @@ ROWS: Dict[str, Tuple[str, str, Dict[str, str]]] = {
 }
 
 
+class TwoHosts:
+    """Two network namespaces joined by a veth pair (spread): owners in one,
+    the reader in the other, each bound to its own veth address. Removed on
+    exit, also on failure."""
+
+    def __init__(self) -> None:
+        tag = os.getpid()
+        self.a, self.b = "kvxpA%d" % tag, "kvxpB%d" % tag
+        self.va, self.vb = "kpa%d" % tag, "kpb%d" % tag
+        self.ipa, self.ipb = "10.212.%d.1" % (tag % 250), "10.212.%d.2" % (tag % 250)
+        cmds = [["ip", "netns", "add", self.a], ["ip", "netns", "add", self.b],
+                ["ip", "link", "add", self.va, "type", "veth", "peer", "name", self.vb],
+                ["ip", "link", "set", self.va, "netns", self.a], ["ip", "link", "set", self.vb, "netns", self.b],
+                ["ip", "-n", self.a, "addr", "add", self.ipa + "/24", "dev", self.va],
+                ["ip", "-n", self.b, "addr", "add", self.ipb + "/24", "dev", self.vb],
+                ["ip", "-n", self.a, "link", "set", self.va, "up"], ["ip", "-n", self.b, "link", "set", self.vb, "up"],
+                ["ip", "-n", self.a, "link", "set", "lo", "up"], ["ip", "-n", self.b, "link", "set", "lo", "up"]]
+        for c in cmds:
+            r = subprocess.run(c, capture_output=True, text=True)
+            if r.returncode != 0:
+                self.close()
+                raise RuntimeError("cannot make two namespaces (%s): %s" % (" ".join(c), r.stderr.strip()))
+
+    def side(self, owner: bool) -> Tuple[List[str], Dict[str, str]]:
+        """The command prefix and environment of one side."""
+        ns, dev, ip, host = (self.a, self.va, self.ipa, "kvx-host-a") if owner else (self.b, self.vb, self.ipb, "kvx-host-b")
+        return ["ip", "netns", "exec", ns], {"UCX_NET_DEVICES": dev, "FI_TCP_IFACE": dev, "KVX_HOST_ID": host,
+                                             "KVX_PEERS_HOST": ip}
+
+    def close(self) -> None:
+        for ns in (self.a, self.b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.va], capture_output=True)
+
+
 def blocks_per_request(block_bytes: int, layers: int) -> int:
     """32 blocks, fewer for large ones: about 8 MiB per request and owner rank."""
     return max(2, min(32, (8 << 20) // (layers * 2 * block_bytes)))
 
 
-def run_cell(label: str, cell: Dict[str, Any], deadline_s: float, logdir: str) -> Dict[str, Any]:
+def run_cell(label: str, cell: Dict[str, Any], deadline_s: float, logdir: str,
+             hosts: Optional[TwoHosts] = None) -> Dict[str, Any]:
+    """One library on one cell: pack (this host, loopback) when hosts is None, else spread."""
     runner, backend, env_add = ROWS[label]
+    env_add = dict(env_add, KVX_PEERS_HOST="127.0.0.1")
+    pre_o: List[str] = []
+    pre_r: List[str] = []
+    env_o = env_r = env_add
+    if hosts is not None:
+        pre_o, eo = hosts.side(True)
+        pre_r, er = hosts.side(False)
+        env_o, env_r = dict(env_add, **eo), dict(env_add, **er)
     rdv = tempfile.mkdtemp(prefix="kvx-peers-")
     args = ["--library", label.split()[0], "--backend", backend, "--rdv", rdv, "--deadline-s", str(deadline_s)]
     for k, v in cell.items():
         args += ["--" + k.replace("_", "-"), str(v).lower() if isinstance(v, bool) else str(v)]
-    env = dict(os.environ, **env_add)
     py = sys.executable
     script = os.path.join(HERE, runner)
+    mode = "pack" if hosts is None else "spread"
     name = "%s_%s_tp%d_%d_%s" % (label.replace(" ", "-"), "rand" if cell["random_blocks"] else "cons", cell["owner_tp"],
-                                 cell["block_bytes"], "pack")
-    cmd_reader = [py, script, "--role", "reader"] + args
-    shown = " ".join("%s=%s" % kv for kv in env_add.items()) + " " + " ".join(shlex.quote(c) for c in cmd_reader)
-    row: Dict[str, Any] = {"library": label, **cell, "ok": False, "error": "", "command": shown.strip()}
+                                 cell["block_bytes"], mode)
+    cmd_reader = pre_r + ["env"] + ["%s=%s" % kv for kv in env_r.items()] + [py, script, "--role", "reader"] + args
+    shown = " ".join(shlex.quote(c) for c in cmd_reader)
+    row: Dict[str, Any] = {"library": label, "mode": mode, **cell, "ok": False, "error": "", "command": shown}
     procs: List[subprocess.Popen] = []
     logs = []
     try:
         for r in range(cell["owner_tp"]):
             lf = open(os.path.join(logdir, name + "_owner%d.log" % r), "w")
             logs.append(lf)
-            procs.append(subprocess.Popen([py, script, "--role", "owner", "--rank", str(r)] + args, env=env, stdout=lf,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+            cmd = pre_o + ["env"] + ["%s=%s" % kv for kv in env_o.items()] + [py, script, "--role", "owner", "--rank", str(r)] + args
+            procs.append(subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True))
         lf = open(os.path.join(logdir, name + "_reader.log"), "w")
         logs.append(lf)
-        reader = subprocess.Popen(cmd_reader, env=env, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+        reader = subprocess.Popen(cmd_reader, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(reader)
         try:
             rc = reader.wait(deadline_s + 30)
@@ -118,24 +163,24 @@ def run_cell(label: str, cell: Dict[str, Any], deadline_s: float, logdir: str) -
 
 def table(rows: List[Dict[str, Any]]) -> str:
     """Markdown: one line per cell and library, and kvx / NIXL for kvx's rows."""
-    nixl = {(r["owner_tp"], r["random_blocks"], r["block_bytes"]): r for r in rows if r["library"] == "nixl" and r["ok"]}
-    out = ["| TP | blocks | block | library | GB/s | kvx/NIXL | p50 ms | p99 ms | owner CPU s/GB | reader CPU s/GB | owner RSS MB | reader RSS MB | transport |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    nixl = {(r["mode"], r["owner_tp"], r["random_blocks"], r["block_bytes"]): r for r in rows if r["library"] == "nixl" and r["ok"]}
+    out = ["| mode | TP | blocks | block | library | GB/s | kvx/NIXL | p50 ms | p99 ms | owner CPU s/GB | reader CPU s/GB | owner RSS MB | reader RSS MB | transport | version |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        key = (r["owner_tp"], r["random_blocks"], r["block_bytes"])
+        key = (r["mode"], r["owner_tp"], r["random_blocks"], r["block_bytes"])
         size = "%d KiB" % (r["block_bytes"] >> 10)
         kind = "random" if r["random_blocks"] else "consecutive"
         if not r["ok"]:
-            out.append("| %d->1 | %s | %s | %s | FAILED: %s | | | | | | | | `%s` |" % (r["owner_tp"], kind, size, r["library"],
-                                                                               r["error"].replace("|", "/")[:300], r["command"]))
+            out.append("| %s | %d->1 | %s | %s | %s | FAILED: %s | | | | | | | | `%s` | |" % (
+                r["mode"], r["owner_tp"], kind, size, r["library"], r["error"].replace("|", "/")[:300], r["command"]))
             continue
         ratio = ""
         if r["library"].startswith("kvx") and key in nixl and nixl[key]["gbps"]:
             ratio = "%.2f" % (r["gbps"] / nixl[key]["gbps"])
-        out.append("| %d->1 | %s | %s | %s | %.3f | %s | %.2f | %.2f | %.2f | %.2f | %.0f | %.0f | %s |" % (
-            r["owner_tp"], kind, size, r["library"], r["gbps"], ratio, r["lat_p50_ms"], r["lat_p99_ms"],
+        out.append("| %s | %d->1 | %s | %s | %s | %.3f | %s | %.2f | %.2f | %.2f | %.2f | %.0f | %.0f | %s | %s |" % (
+            r["mode"], r["owner_tp"], kind, size, r["library"], r["gbps"], ratio, r["lat_p50_ms"], r["lat_p99_ms"],
             r.get("owner_cpu_s_per_gb", 0.0), r["reader_cpu_s_per_gb"], r.get("owner_rss_mb", 0.0), r["reader_rss_mb"],
-            r["transport"]))
+            r["transport"], r.get("version", "")))
     return "\n".join(out) + "\n"
 
 
@@ -144,24 +189,24 @@ def plot(rows: List[Dict[str, Any]], png: str) -> Optional[str]:
     if not shutil.which("gnuplot"):
         return "gnuplot is not installed: no plot"
     libs = sorted({r["library"] for r in rows})
-    panels = sorted({(r["owner_tp"], r["random_blocks"]) for r in rows})
+    panels = sorted({(r["mode"], r["owner_tp"], r["random_blocks"]) for r in rows})
     tmp = tempfile.mkdtemp(prefix="kvx-peers-plot-")
     script = ["set terminal pngcairo size 1400,%d" % (450 * ((len(panels) + 1) // 2)),
               "set output '%s'" % png, "set multiplot layout %d,2" % ((len(panels) + 1) // 2),
               "set logscale x 2", "set xlabel 'block bytes (per layer, K or V, owner rank)'", "set ylabel 'GB/s'",
               "set key top left", "set grid"]
-    for tp, rnd in panels:
+    for mode, tp, rnd in panels:
         plots = []
         for lib in libs:
             pts = sorted((r["block_bytes"], r["gbps"]) for r in rows
-                         if r["library"] == lib and r["owner_tp"] == tp and r["random_blocks"] == rnd and r["ok"])
+                         if r["library"] == lib and r["mode"] == mode and r["owner_tp"] == tp and r["random_blocks"] == rnd and r["ok"])
             if not pts:
                 continue
-            f = os.path.join(tmp, "%s_%d_%d.dat" % (lib.replace(" ", "_"), tp, rnd))
+            f = os.path.join(tmp, "%s_%s_%d_%d.dat" % (lib.replace(" ", "_"), mode, tp, rnd))
             with open(f, "w") as fh:
                 fh.write("\n".join("%d %f" % p for p in pts) + "\n")
             plots.append("'%s' using 1:2 with linespoints title '%s'" % (f, lib))
-        script.append("set title 'TP %d->1, %s blocks'" % (tp, "random" if rnd else "consecutive"))
+        script.append("set title '%s, TP %d->1, %s blocks'" % (mode, tp, "random" if rnd else "consecutive"))
         script.append("plot " + ", ".join(plots) if plots else "plot 0 title 'no row ran'")
     script.append("unset multiplot")
     r = subprocess.run(["gnuplot"], input="\n".join(script), text=True, capture_output=True)
@@ -175,6 +220,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="4096,16384,65536,262144,1048576")
     ap.add_argument("--tp", default="1,2")
     ap.add_argument("--patterns", default="random,consecutive")
+    ap.add_argument("--modes", default="pack,spread", help="pack: this host over loopback; spread: two network namespaces")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--request-bytes", type=int, default=128 << 20, help="bytes each row moves per cell (about)")
     ap.add_argument("--inflight", type=int, default=8)
@@ -189,23 +235,35 @@ def main() -> int:
     os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
     rows: List[Dict[str, Any]] = []
     jl = open(os.path.join(a.out, "results.jsonl"), "w")
-    for tp in [int(x) for x in a.tp.split(",")]:
-        for pat in a.patterns.split(","):
-            for bb in [int(x) for x in a.sizes.split(",")]:
-                b = blocks_per_request(bb, a.layers)
-                per_req = b * a.layers * 2 * bb * tp
-                cell = {"block_bytes": bb, "num_layers": a.layers, "blocks_per_request": b, "owner_tp": tp,
-                        "random_blocks": pat == "random", "inflight": a.inflight,
-                        "requests": max(8, min(512, a.request_bytes // per_req))}
-                for lab in labels:
-                    t0 = time.monotonic()
-                    row = run_cell(lab, cell, a.deadline_s, os.path.join(a.out, "logs"))
-                    row["wall_s"] = time.monotonic() - t0
-                    rows.append(row)
-                    jl.write(json.dumps(row) + "\n")
-                    jl.flush()
-                    print("%-12s TP %d->1 %-11s %7d B: %s" % (lab, tp, pat, bb, "%.3f GB/s, p50 %.2f ms, %s" % (
-                        row["gbps"], row["lat_p50_ms"], row["transport"]) if row["ok"] else "FAILED: " + row["error"]), flush=True)
+    hosts: Optional[TwoHosts] = None
+    try:
+        for mode in a.modes.split(","):
+            if mode == "spread":
+                try:
+                    hosts = TwoHosts()
+                except RuntimeError as e:
+                    print("spread rows skipped: %s" % e)
+                    continue
+            for tp in [int(x) for x in a.tp.split(",")]:
+                for pat in a.patterns.split(","):
+                    for bb in [int(x) for x in a.sizes.split(",")]:
+                        b = blocks_per_request(bb, a.layers)
+                        per_req = b * a.layers * 2 * bb * tp
+                        cell = {"block_bytes": bb, "num_layers": a.layers, "blocks_per_request": b, "owner_tp": tp,
+                                "random_blocks": pat == "random", "inflight": a.inflight,
+                                "requests": max(8, min(512, a.request_bytes // per_req))}
+                        for lab in labels:
+                            t0 = time.monotonic()
+                            row = run_cell(lab, cell, a.deadline_s, os.path.join(a.out, "logs"), hosts if mode == "spread" else None)
+                            row["wall_s"] = time.monotonic() - t0
+                            rows.append(row)
+                            jl.write(json.dumps(row) + "\n")
+                            jl.flush()
+                            print("%-6s %-12s TP %d->1 %-11s %7d B: %s" % (mode, lab, tp, pat, bb, "%.3f GB/s, p50 %.2f ms, %s" % (
+                                row["gbps"], row["lat_p50_ms"], row["transport"]) if row["ok"] else "FAILED: " + row["error"]), flush=True)
+    finally:
+        if hosts is not None:
+            hosts.close()
     jl.close()
     md = table(rows)
     with open(os.path.join(a.out, "table.md"), "w") as f:

@@ -20,8 +20,21 @@ def layers_of(cfg: W.Config, regions: Sequence[Any], heads: int) -> List[Any]:
     return [r.reshape(2, cfg.blocks(), heads, 1, cfg.block_bytes) for r in regions]
 
 
-def version() -> str:
-    return "kvx 0.2 (%s)" % kvx.library_path().rsplit("/", 2)[-2]
+def version(backend: str) -> str:
+    """kvx's version and the transport library's, as loaded in this process."""
+    import ctypes as C
+    v = "kvx 0.2"
+    try:
+        if backend == "ofi":
+            fi = C.CDLL("libfabric.so.1").fi_version()
+            v += ", libfabric %d.%d" % (fi >> 16, fi & 0xFFFF)
+        else:
+            a, b, c = C.c_uint(), C.c_uint(), C.c_uint()
+            C.CDLL("libucp.so.0").ucp_get_version(C.byref(a), C.byref(b), C.byref(c))
+            v += ", UCX %d.%d.%d" % (a.value, b.value, c.value)
+    except (OSError, AttributeError):
+        pass
+    return v
 
 
 class Reader:
@@ -31,7 +44,7 @@ class Reader:
         self.cache = self.ctx.register_cache(layers_of(cfg, regions, cfg.owner_tp), layout="HND", total_heads=cfg.owner_tp)
         self.peers = [self.ctx.add_peer(md) for md in mds]
         self.transport = "; ".join(sorted({p.transport for p in self.peers}))
-        self.version = version()
+        self.version = version(cfg.backend)
         self.q = self.ctx.queue(depth=max(64, 2 * cfg.inflight * cfg.owner_tp))
         self.left: Dict[int, int] = {}
         self.tickets: Dict[int, Tuple[int, kvx.Ticket]] = {}
@@ -76,7 +89,7 @@ def owner(cfg: W.Config, rank: int) -> int:
     regions = W.owner_regions(cfg, rank)
     with kvx.Context("prefill", tp_rank=rank, tp_size=cfg.owner_tp, backend=cfg.backend or None) as ctx:
         ctx.register_cache(layers_of(cfg, regions, 1), layout="HND", total_heads=cfg.owner_tp)
-        W.serve_owner(cfg, rank, "kvx", ctx.metadata(), meter, version=version())
+        W.serve_owner(cfg, rank, "kvx", ctx.metadata(), meter, version=version(cfg.backend))
     return 0
 
 
