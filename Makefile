@@ -200,11 +200,12 @@ $(BUILD)/bench_post: bench/bench_post.c $(DEPS)
 
 # kvx, NIXL and Mooncake on the same work (bench/peers): their own virtual
 # environment, torch first (the CPU build this machine serves) so that nixl's
-# dependency on torch pulls nothing bigger; kvx's package, and its library
-# built against UCX 1.22 for the "kvx ucx1.22" row.
+# dependency on torch pulls nothing bigger; Mooncake's build without CUDA
+# (the CUDA one needs libcudart.so.12 and libcuda.so.1 even for host memory);
+# kvx's package, and its library built against UCX 1.22 for the "kvx ucx1.22" row.
 PEERS = $(BUILD)/peers
 NIXL_PIN ?= nixl-cu12==1.5.*
-MOONCAKE_PIN ?= mooncake-transfer-engine
+MOONCAKE_PIN ?= mooncake-transfer-engine-non-cuda
 $(PEERS)/ready: python/pyproject.toml python/kvx/_build.py | $(BUILD)/ucx122/prefix
 	@[ -x $(PEERS)/bin/pip ] || python3 -m venv $(PEERS)
 	$(PEERS)/bin/pip install -q $(TORCH_PIN) numpy

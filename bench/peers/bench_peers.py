@@ -37,6 +37,9 @@ ROWS: Dict[str, Tuple[str, str, Dict[str, str]]] = {
     "kvx ucx1.22": ("lib_kvx.py", "ucx", dict(UCX_TCP, KVX_LIBRARY=os.path.join(ROOT, "build", "peers", "kvx122", "libkvx.so"))),
     "kvx ofi-tcp": ("lib_kvx.py", "ofi", {"FI_PROVIDER": "tcp", "FI_TCP_IFACE": "lo"}),
     "nixl": ("lib_nixl.py", "ucx", dict(UCX_TCP)),
+    # NIXL's progress thread polls with a zero timeout (a core per process):
+    # the same without it, the owner progressing from its serve loop
+    "nixl-noprog": ("lib_nixl.py", "ucx,progress=0,threads=0", dict(UCX_TCP)),
     "mooncake": ("lib_mooncake.py", "tcp", {}),
 }
 

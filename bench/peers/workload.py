@@ -307,10 +307,11 @@ def write_report(cfg: Config, rep: Report) -> None:
 
 
 def serve_owner(cfg: Config, rank: int, library: str, metadata: bytes, meter: Meter, transport: str = "",
-                version: str = "", progress: Optional[Any] = None) -> None:
+                version: str = "", progress: Optional[Any] = None, on_report: Optional[Any] = None) -> None:
     """The owner's part after registering: publish metadata, serve (the
     library's own threads, or `progress()` called in between) until the
-    reader says it is done or the deadline passes, then report."""
+    reader says it is done or the deadline passes, then report
+    (`on_report(report)` may add what is known only then)."""
     put(cfg, "owner%d.md" % rank, metadata)
     meter.start()
     deadline = time.monotonic() + cfg.deadline_s
@@ -320,6 +321,8 @@ def serve_owner(cfg: Config, rank: int, library: str, metadata: bytes, meter: Me
         else:
             time.sleep(0.01)
     rep = Report("owner", library, rank, transport=transport, version=version)
+    if on_report is not None:
+        on_report(rep)
     write_report(cfg, meter.finish(rep))
 
 
