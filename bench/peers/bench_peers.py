@@ -196,7 +196,7 @@ def plot(rows: List[Dict[str, Any]], png: str) -> Optional[str]:
     tmp = tempfile.mkdtemp(prefix="kvx-peers-plot-")
     script = ["set terminal pngcairo size 1400,%d" % (450 * ((len(panels) + 1) // 2)),
               "set output '%s'" % png, "set multiplot layout %d,2" % ((len(panels) + 1) // 2),
-              "set logscale x 2", "set xlabel 'block bytes (per layer, K or V, owner rank)'", "set ylabel 'GB/s'",
+              "set logscale x 2", "set format x '%.0b %BB'", "set xlabel 'block (per layer, K or V, owner rank)'", "set ylabel 'GB/s'",
               "set key top left", "set grid"]
     for mode, tp, rnd in panels:
         plots = []
@@ -229,18 +229,25 @@ def main() -> int:
     ap.add_argument("--inflight", type=int, default=8)
     ap.add_argument("--deadline-s", type=float, default=120)
     ap.add_argument("--out", default=OUT)
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a row failed (for tests)")
+    ap.add_argument("--replot", action="store_true", help="only the table and plot, from OUT/results.jsonl")
     a = ap.parse_args()
     labels = [r.strip() for r in a.rows.split(",") if r.strip()]
+    labels = [lab if lab in ROWS else lab.replace("-", " ", 1) for lab in labels]  # kvx-ucx1.13: no quoting needed
     for lab in labels:
         if lab not in ROWS:
             print("unknown row %r: %s" % (lab, ", ".join(ROWS)))
             return 2
     os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
     rows: List[Dict[str, Any]] = []
-    jl = open(os.path.join(a.out, "results.jsonl"), "w")
+    if a.replot:
+        with open(os.path.join(a.out, "results.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        labels = []
+    jl = open(os.path.join(a.out, "results.jsonl"), "a" if a.replot else "w")
     hosts: Optional[TwoHosts] = None
     try:
-        for mode in a.modes.split(","):
+        for mode in a.modes.split(",") if labels else []:
             if mode == "spread":
                 try:
                     hosts = TwoHosts()
@@ -274,7 +281,9 @@ def main() -> int:
     print(md)
     why = plot(rows, os.path.join(a.out, "peers.png"))
     print(why or "plot: %s" % os.path.join(a.out, "peers.png"))
-    return 0
+    failed = [r for r in rows if not r["ok"]]
+    print("%d rows, %d failed" % (len(rows), len(failed)))
+    return 1 if a.strict and failed else 0
 
 
 if __name__ == "__main__":

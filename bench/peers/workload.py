@@ -106,6 +106,8 @@ def owner_regions(cfg: Config, rank: int) -> List[Any]:
         for plane in range(2):
             tags = np.array([tag(rank, layer, plane, b) for b in range(n)], dtype=np.uint64)
             words[plane] = pat.base[None, :] ^ tags[:, None]
+        if os.environ.get("KVX_PEERS_FLIP_BYTE"):  # a planted wrong byte per block: every row must fail
+            words[:, :, 0] ^= np.uint64(1)
         out.append(to_device(cfg, r))
     return out
 
