@@ -41,7 +41,30 @@ ROWS: Dict[str, Tuple[str, str, Dict[str, str]]] = {
     # the same without it, the owner progressing from its serve loop
     "nixl-noprog": ("lib_nixl.py", "ucx,progress=0,threads=0", dict(UCX_TCP)),
     "mooncake": ("lib_mooncake.py", "tcp", {}),
+    # GPU memory (--device cuda): kvx's CUDA backend; NIXL and kvx over UCX
+    # pick their transports themselves there (NIXL refuses UCX_TLS=tcp on a
+    # host with GPUs)
+    "kvx cuda": ("lib_kvx.py", "cuda", {}),
 }
+GPU_ENV_DROP = ("UCX_TLS", "UCX_NET_DEVICES")
+
+
+def device_copy_gbps(nbytes: int) -> float:
+    """The reference on the GPU: one large device-to-device copy, GB/s (read + write of nbytes counted once)."""
+    import torch
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    best = 0.0
+    for _ in range(5):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        best = max(best, nbytes / (s.elapsed_time(e) / 1e3) / 1e9)
+    return best
 
 
 class TwoHosts:
@@ -89,6 +112,8 @@ def run_cell(label: str, cell: Dict[str, Any], deadline_s: float, logdir: str,
     """One library on one cell: pack (this host, loopback) when hosts is None, else spread."""
     runner, backend, env_add = ROWS[label]
     env_add = dict(env_add, KVX_PEERS_HOST="127.0.0.1")
+    if cell.get("device") == "cuda":
+        env_add = {k: v for k, v in env_add.items() if k not in GPU_ENV_DROP}
     pre_o: List[str] = []
     pre_r: List[str] = []
     env_o = env_r = env_add
@@ -219,7 +244,8 @@ def plot(rows: List[Dict[str, Any]], png: str) -> Optional[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated labels of " + ", ".join(ROWS))
+    ap.add_argument("--rows", default=None, help="comma-separated labels of " + ", ".join(ROWS)
+                    + " (default: all host rows; with --device cuda: kvx cuda, nixl)")
     ap.add_argument("--sizes", default="4096,16384,65536,262144,1048576")
     ap.add_argument("--tp", default="1,2")
     ap.add_argument("--patterns", default="random,consecutive")
@@ -228,10 +254,15 @@ def main() -> int:
     ap.add_argument("--request-bytes", type=int, default=128 << 20, help="bytes each row moves per cell (about)")
     ap.add_argument("--inflight", type=int, default=8)
     ap.add_argument("--deadline-s", type=float, default=120)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the caches in GPU memory (pack only)")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--strict", action="store_true", help="exit 1 when a row failed (for tests)")
     ap.add_argument("--replot", action="store_true", help="only the table and plot, from OUT/results.jsonl")
     a = ap.parse_args()
+    if a.rows is None:
+        a.rows = "kvx cuda,nixl" if a.device == "cuda" else ",".join(k for k in ROWS if k != "kvx cuda")
+    if a.device == "cuda":
+        a.modes = "pack"
     labels = [r.strip() for r in a.rows.split(",") if r.strip()]
     labels = [lab if lab in ROWS else lab.replace("-", " ", 1) for lab in labels]  # kvx-ucx1.13: no quoting needed
     for lab in labels:
@@ -260,7 +291,7 @@ def main() -> int:
                         b = blocks_per_request(bb, a.layers)
                         per_req = b * a.layers * 2 * bb * tp
                         cell = {"block_bytes": bb, "num_layers": a.layers, "blocks_per_request": b, "owner_tp": tp,
-                                "random_blocks": pat == "random", "inflight": a.inflight,
+                                "random_blocks": pat == "random", "inflight": a.inflight, "device": a.device,
                                 "requests": max(8, min(512, a.request_bytes // per_req))}
                         for lab in labels:
                             t0 = time.monotonic()
@@ -275,6 +306,11 @@ def main() -> int:
         if hosts is not None:
             hosts.close()
     jl.close()
+    if a.device == "cuda" and not a.replot:
+        ref = device_copy_gbps(a.request_bytes)
+        print("reference: one %d MiB device-to-device copy: %.1f GB/s" % (a.request_bytes >> 20, ref))
+        with open(os.path.join(a.out, "reference.json"), "w") as f:
+            json.dump({"device_copy_gbps": ref, "bytes": a.request_bytes}, f)
     md = table(rows)
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(md)

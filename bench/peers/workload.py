@@ -171,28 +171,47 @@ class Checker:
             self.base_t = torch.from_numpy(self.pat.base.view(np.int64)).cuda()
 
     def check(self, local: Sequence[int], remote: Sequence[int]) -> Optional[str]:
-        cfg, bb = self.cfg, self.cfg.block_bytes
+        """All of a request at once per layer and plane (one device sync per
+        request on the GPU): the words of every local block piece against
+        the tags of the remote blocks they should hold."""
+        cfg, n, w = self.cfg, self.cfg.blocks(), self.cfg.block_bytes // 8
+        poison = np.uint64(int.from_bytes(bytes([POISON]) * 8, "little"))
+        bad_at = []
         for layer, region in enumerate(self.regions):
+            if self.gpu:
+                rv = region.view(self.torch.int64).view(2, n, cfg.owner_tp, w)
+                li = self.torch.tensor(list(local), device=region.device)
+            else:
+                rv = region.view(np.uint64).reshape(2, n, cfg.owner_tp, w)
+                li = np.asarray(local)
             for plane in range(2):
-                for lb, rb in zip(local, remote):
-                    for r in range(cfg.owner_tp):
-                        off = local_offset(cfg, plane, lb, r)
-                        want_tag = tag(r, layer, plane, rb)
-                        if self.gpu:
-                            got = region[off:off + bb].view(self.torch.int64)
-                            bad = int(((got ^ self.base_t) != int(want_tag.view(np.int64))).sum())
-                        else:
-                            got = region[off:off + bb].view(np.uint64)
-                            bad = int(np.count_nonzero((got ^ self.pat.base) != want_tag))
-                        if bad:
-                            return self.describe(layer, plane, lb, rb, r)
-                        region[off:off + bb] = POISON  # a stale copy cannot pass later
+                for r in range(cfg.owner_tp):
+                    tags = np.array([tag(r, layer, plane, rb) for rb in remote], dtype=np.uint64)
+                    if self.gpu:
+                        got = rv[plane].index_select(0, li)[:, r]
+                        want = self.torch.from_numpy(tags.view(np.int64)).to(region.device)
+                        bad_at.append(((got ^ self.base_t[None, :]) != want[:, None]).sum(dim=1))
+                    else:
+                        got = rv[plane, li, r]
+                        bad = np.count_nonzero((got ^ self.pat.base[None, :]) != tags[:, None], axis=1)
+                        bad_at.append(bad)
+        flat = (self.torch.stack(bad_at).cpu().numpy() if self.gpu else np.stack(bad_at)).reshape(cfg.num_layers, 2, cfg.owner_tp, -1)
+        if flat.any():
+            layer, plane, r, j = (int(x) for x in np.argwhere(flat)[0])
+            return self.describe(layer, plane, local[j], remote[j], r)
+        for region in self.regions:  # a stale copy cannot pass later
+            if self.gpu:
+                rv = region.view(self.torch.int64).view(2, n, cfg.owner_tp, w)
+                rv[:, self.torch.tensor(list(local), device=region.device)] = int(poison.view(np.int64))
+            else:
+                region.view(np.uint64).reshape(2, n, cfg.owner_tp, w)[:, np.asarray(local)] = poison
         return None
 
     def describe(self, layer: int, plane: int, lb: int, rb: int, r: int) -> str:
         cfg, bb = self.cfg, self.cfg.block_bytes
         off = local_offset(cfg, plane, lb, r)
-        got = bytes(self.regions[layer][off:off + bb].cpu().numpy() if self.gpu else self.regions[layer][off:off + bb])
+        piece = self.regions[layer][off:off + bb]
+        got = bytes(piece.cpu().numpy() if self.gpu else piece)
         want = self.pat.block(r, layer, plane, rb).tobytes()
         i = next(i for i in range(bb) if got[i] != want[i])
         return ("wrong bytes: owner rank %d, layer %d, %s, remote block %d -> local block %d: first at byte %d, "
