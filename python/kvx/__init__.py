@@ -145,11 +145,11 @@ def library_path() -> str:
 
 def backends() -> List[str]:
     """The backends of the library kvx loads ("ucx", "ofi", "cuda", "local")."""
-    global _backends
+    global _backends, _CUDA_WHY
     if _backends is None:
         _backends = list(_build_info(library_path()).get("backends", ["local"]))
         if "cuda" not in _backends and not _CUDA_WHY:
-            globals()["_CUDA_WHY"] = "%s was built without CUDA" % library_path()
+            _CUDA_WHY = "%s was built without CUDA" % library_path()
     return list(_backends)
 
 
@@ -550,8 +550,8 @@ def _u32_ids(ids: Any) -> Tuple[Any, int, int]:
     """Block ids as uint32 memory kvx can read: (the object that holds it,
     which the caller keeps alive while kvx_post runs; its address; the
     count). Lists, tuples and numpy arrays go through array.array, torch
-    tensors through numpy. The range checks run in C: a per-id Python loop would cost more
-    than kvx's whole post of a 128-block read."""
+    tensors through numpy. The range checks run in C: a per-id Python loop
+    would cost more than kvx's whole post of a 128-block read."""
     if isinstance(ids, (list, tuple, range)):
         try:
             arr = _array.array("I", ids)
