@@ -219,7 +219,7 @@ def plot(rows: List[Dict[str, Any]], png: str) -> Optional[str]:
     libs = sorted({r["library"] for r in rows})
     panels = sorted({(r["mode"], r["owner_tp"], r["random_blocks"]) for r in rows})
     tmp = tempfile.mkdtemp(prefix="kvx-peers-plot-")
-    script = ["set terminal pngcairo size 1400,%d" % (450 * ((len(panels) + 1) // 2)),
+    script = ["set terminal pngcairo noenhanced size 1400,%d" % (450 * ((len(panels) + 1) // 2)),
               "set output '%s'" % png, "set multiplot layout %d,2" % ((len(panels) + 1) // 2),
               "set logscale x 2", "set format x '%.0b %BB'", "set xlabel 'block (per layer, K or V, owner rank)'", "set ylabel 'GB/s'",
               "set key top left", "set grid"]
