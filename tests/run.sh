@@ -23,22 +23,30 @@ bench=$B/kvx_bench
 # Result lines name the UCX they ran against: Debian's (pkg-config) here, the wheel's below.
 vdeb=$(pkg-config --modversion ucx 2>/dev/null | cut -d. -f1,2)
 small="--num-blocks 200 --blocks 24 --num-layers 3 --iters 3"
+# The UCX unit, fault and verify suites of one build: ucx_suites DIR VERSION
+# (Debian's in build/, the wheel's in build/ucx122/).
+ucx_suites() {
+  local d=$1 v=$2
+  entry "unit (ucx $v default)" 120 $d/test_unit
+  entry "unit (ucx $v tcp)" 120 env UCX_TLS=tcp $d/test_unit
+  entry "unit (ucx $v, asan+ubsan)" 300 $d/test_unit.asan
+  entry "owner failures (ucx $v default)" 180 $d/test_owner_failures
+  entry "owner failures (ucx $v tcp)" 180 env UCX_TLS=tcp $d/test_owner_failures
+  entry "owner failures (ucx $v tcp, asan+ubsan)" 300 env UCX_TLS=tcp $d/test_owner_failures.asan
+  entry "reader failures (ucx $v tcp)" 180 env UCX_TLS=tcp $d/test_reader_failures
+  entry "reader failures (ucx $v tcp, asan+ubsan)" 300 env UCX_TLS=tcp $d/test_reader_failures.asan
+  entry "hostile input (ucx $v tcp)" 180 env UCX_TLS=tcp $d/test_hostile_input
+  entry "hostile input (ucx $v tcp, asan+ubsan)" 300 env UCX_TLS=tcp $d/test_hostile_input.asan
+  entry "verify mode (ucx $v default)" 120 $d/test_verify
+  entry "verify mode (ucx $v, asan+ubsan)" 300 $d/test_verify.asan
+}
 
 section "unit, fault and compile tests"
 entry "local backend, no network library" 120 $B/test_local
 entry "local backend (asan+ubsan)" 300 $B/test_local.asan
 entry "valgrind: local backend" 300 valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $B/test_local
-entry "unit (ucx $vdeb default)" 120 $B/test_unit
-entry "unit (ucx $vdeb tcp)" 120 env UCX_TLS=tcp $B/test_unit
-entry "unit (ucx $vdeb, asan+ubsan)" 300 $B/test_unit.asan
-entry "owner failures (ucx $vdeb default)" 180 $B/test_owner_failures
+ucx_suites $B "$vdeb"
 entry "owner failures (ucx $vdeb, asan+ubsan)" 300 $B/test_owner_failures.asan
-entry "owner failures (ucx $vdeb tcp)" 180 env UCX_TLS=tcp $B/test_owner_failures
-entry "owner failures (ucx $vdeb tcp, asan+ubsan)" 300 env UCX_TLS=tcp $B/test_owner_failures.asan
-entry "reader failures (ucx $vdeb tcp)" 180 env UCX_TLS=tcp $B/test_reader_failures
-entry "reader failures (ucx $vdeb tcp, asan+ubsan)" 300 env UCX_TLS=tcp $B/test_reader_failures.asan
-entry "hostile input (ucx $vdeb tcp)" 180 env UCX_TLS=tcp $B/test_hostile_input
-entry "hostile input (ucx $vdeb tcp, asan+ubsan)" 300 env UCX_TLS=tcp $B/test_hostile_input.asan
 # What kvx's UCX workarounds are for, shown on this version with each one
 # taken away (the README's table of UCX versions; seams in kvx.h).
 R="env UCX_TLS=tcp $B/test_reader_failures"
@@ -49,8 +57,6 @@ expect_fail "ucx $vdeb, UCX's own get: a cache deregistered under a stopped read
 entry "ucx $vdeb, UCX's own get: readers killed at 16 points of their reads, the owner survives" 180 env KVX_TEST_UCX_NATIVE_GET=1 KVX_TEST_ONLY="16 points" $R
 expect_out "ucx $vdeb, same host with cma allowed: no shared memory under peer failure handling, read over tcp and said" 120 "transport ucx:tcp (sw)" \
   env UCX_TLS=tcp,cma $bench $small --random-blocks
-entry "verify mode (ucx $vdeb default)" 120 $B/test_verify
-entry "verify mode (ucx $vdeb, asan+ubsan)" 300 $B/test_verify.asan
 entry "stress: 8 peers, 4 queues, 20000 reads (ucx $vdeb tcp)" 300 env UCX_TLS=tcp $B/test_stress
 entry "valgrind: unit (ucx $vdeb tcp)" 300 env UCX_TLS=tcp valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $B/test_unit
 entry "valgrind: kvx_bench pack 1->1, every process (ucx $vdeb tcp)" 300 env UCX_TLS=tcp valgrind -q --trace-children=yes --error-exitcode=99 \
@@ -143,18 +149,7 @@ U=$B/ucx122
 if [ -x $U/test_unit ]; then
   v=$(sed -n 's/^#define UCP_API_MINOR *\([0-9]*\).*/1.\1/p' "$(cat $U/prefix)/include/ucp/api/ucp_version.h")
   section "UCX $v (the libucx wheel): unit, faults, verify, stress, kvx_bench pack and spread"
-  entry "unit (ucx $v default)" 120 $U/test_unit
-  entry "unit (ucx $v tcp)" 120 env UCX_TLS=tcp $U/test_unit
-  entry "unit (ucx $v, asan+ubsan)" 300 $U/test_unit.asan
-  entry "owner failures (ucx $v default)" 180 $U/test_owner_failures
-  entry "owner failures (ucx $v tcp)" 180 env UCX_TLS=tcp $U/test_owner_failures
-  entry "owner failures (ucx $v tcp, asan+ubsan)" 300 env UCX_TLS=tcp $U/test_owner_failures.asan
-  entry "reader failures (ucx $v tcp)" 180 env UCX_TLS=tcp $U/test_reader_failures
-  entry "reader failures (ucx $v tcp, asan+ubsan)" 300 env UCX_TLS=tcp $U/test_reader_failures.asan
-  entry "hostile input (ucx $v tcp)" 180 env UCX_TLS=tcp $U/test_hostile_input
-  entry "hostile input (ucx $v tcp, asan+ubsan)" 300 env UCX_TLS=tcp $U/test_hostile_input.asan
-  entry "verify mode (ucx $v default)" 120 $U/test_verify
-  entry "verify mode (ucx $v, asan+ubsan)" 300 $U/test_verify.asan
+  ucx_suites $U "$v"
   # The workarounds taken away on this version (see the 1.13 entries above)
   R="env UCX_TLS=tcp $U/test_reader_failures"
   entry "ucx $v, no first read at connect: readers dying at every point, the owner survives (kvx skips it from 1.22)" 180 env KVX_TEST_UCX_NO_PROBE=1 $R
