@@ -206,16 +206,16 @@ $(BUILD)/bench_post: bench/bench_post.c $(DEPS)
 PEERS = $(BUILD)/peers
 NIXL_PIN ?= nixl-cu12==1.5.*
 MOONCAKE_PIN ?= mooncake-transfer-engine-non-cuda
-$(PEERS)/ready: python/pyproject.toml python/kvx/_build.py | $(BUILD)/ucx122/prefix
+$(PEERS)/ready:
 	@[ -x $(PEERS)/bin/pip ] || python3 -m venv $(PEERS)
 	$(PEERS)/bin/pip install -q $(TORCH_PIN) numpy
 	$(PEERS)/bin/pip install -q "$(NIXL_PIN)" "$(MOONCAKE_PIN)"
-	$(PEERS)/bin/pip install -q ./python
-	KVX_UCX_PREFIX=$$(cat $(BUILD)/ucx122/prefix) KVX_PY_BACKENDS=ucx $(PEERS)/bin/python python/kvx/_build.py $(PEERS)/kvx122
 	touch $@
+# kvx is installed and its UCX 1.22 library built on every run: they follow the headers.
 bench-peers: deps deps-bench $(BUILD)/ucx122/prefix
 	@$(MAKE) --no-print-directory $(PEERS)/ready
 	$(PEERS)/bin/pip install -q ./python
+	KVX_UCX_PREFIX=$$(cat $(BUILD)/ucx122/prefix) KVX_PY_BACKENDS=ucx $(PEERS)/bin/python python/kvx/_build.py $(PEERS)/kvx122
 	$(PEERS)/bin/python bench/peers/bench_peers.py
 
 # GPU: build where UCX's and CUDA's headers are (here), carry build/gpu to the

@@ -165,25 +165,29 @@ class Checker:
         self.regions = regions
         self.pat = Pattern(cfg.block_bytes)
         self.gpu = cfg.device == "cuda"
+        self.poison = np.uint64(int.from_bytes(bytes([POISON]) * 8, "little"))  # a word of POISON bytes
         if self.gpu:
             import torch
             self.torch = torch
             self.base_t = torch.from_numpy(self.pat.base.view(np.int64)).cuda()
 
+    def words(self, region: Any) -> Any:
+        """A layer region as [K/V][block][owner rank][word]."""
+        cfg = self.cfg
+        if self.gpu:
+            return region.view(self.torch.int64).view(2, cfg.blocks(), cfg.owner_tp, cfg.block_bytes // 8)
+        return region.view(np.uint64).reshape(2, cfg.blocks(), cfg.owner_tp, cfg.block_bytes // 8)
+
     def check(self, local: Sequence[int], remote: Sequence[int]) -> Optional[str]:
         """All of a request at once per layer and plane (one device sync per
         request on the GPU): the words of every local block piece against
         the tags of the remote blocks they should hold."""
-        cfg, n, w = self.cfg, self.cfg.blocks(), self.cfg.block_bytes // 8
-        poison = np.uint64(int.from_bytes(bytes([POISON]) * 8, "little"))
+        cfg = self.cfg
+        # the local block ids once per request (on the GPU: one small copy)
+        li = self.torch.tensor(list(local), device=self.regions[0].device) if self.gpu else np.asarray(local)
         bad_at = []
         for layer, region in enumerate(self.regions):
-            if self.gpu:
-                rv = region.view(self.torch.int64).view(2, n, cfg.owner_tp, w)
-                li = self.torch.tensor(list(local), device=region.device)
-            else:
-                rv = region.view(np.uint64).reshape(2, n, cfg.owner_tp, w)
-                li = np.asarray(local)
+            rv = self.words(region)
             for plane in range(2):
                 for r in range(cfg.owner_tp):
                     tags = np.array([tag(r, layer, plane, rb) for rb in remote], dtype=np.uint64)
@@ -193,18 +197,14 @@ class Checker:
                         bad_at.append(((got ^ self.base_t[None, :]) != want[:, None]).sum(dim=1))
                     else:
                         got = rv[plane, li, r]
-                        bad = np.count_nonzero((got ^ self.pat.base[None, :]) != tags[:, None], axis=1)
-                        bad_at.append(bad)
+                        bad_at.append(np.count_nonzero((got ^ self.pat.base[None, :]) != tags[:, None], axis=1))
         flat = (self.torch.stack(bad_at).cpu().numpy() if self.gpu else np.stack(bad_at)).reshape(cfg.num_layers, 2, cfg.owner_tp, -1)
         if flat.any():
             layer, plane, r, j = (int(x) for x in np.argwhere(flat)[0])
             return self.describe(layer, plane, local[j], remote[j], r)
+        poison = int(self.poison.view(np.int64)) if self.gpu else self.poison
         for region in self.regions:  # a stale copy cannot pass later
-            if self.gpu:
-                rv = region.view(self.torch.int64).view(2, n, cfg.owner_tp, w)
-                rv[:, self.torch.tensor(list(local), device=region.device)] = int(poison.view(np.int64))
-            else:
-                region.view(np.uint64).reshape(2, n, cfg.owner_tp, w)[:, np.asarray(local)] = poison
+            self.words(region)[:, li] = poison
         return None
 
     def describe(self, layer: int, plane: int, lb: int, rb: int, r: int) -> str:
