@@ -114,6 +114,9 @@ def main() -> int:
             res["transport"] = peer.transport
             stream = torch.cuda.Stream() if torch else None
             q = ctx.queue(depth=16, cuda_stream=stream)
+            # the C side's arguments, made once: none of this belongs in a timed call
+            qh = C.c_void_p(q.handle)
+            c_post, c_poll, c_wait, c_stream_wait = (fn(f) for f in (lib.kvx_post, lib.kvx_poll, lib.kvx_wait, lib.kvx_stream_wait))
             tables = [(rng.sample(range(NB), a.blocks), rng.sample(range(NB), a.blocks)) for _ in range(64)]
             arrays = [(np.array(l, dtype=np.uint32), np.array(r, dtype=np.uint32)) for l, r in tables]
             # the C side's reads: kvx_read structs prepared once, as a C engine would
@@ -143,7 +146,7 @@ def main() -> int:
                     times[key].append(clock() - t0 - cal)
                     return tk.ticket
                 t0 = clock()
-                ns = h.kvxb_post(fn(lib.kvx_post), C.c_void_p(q.handle), C.byref(creads[k]), C.byref(t), C.byref(st))
+                ns = h.kvxb_post(c_post, qh, C.byref(creads[k]), C.byref(t), C.byref(st))
                 times["c_post_ffi"].append(clock() - t0 - cal)  # the same, seen from Python: one ctypes call around it
                 times["c_post"].append(ns)
                 if st.value != 0:
@@ -162,7 +165,7 @@ def main() -> int:
                         times["py_poll"].append((clock() - t0 - cal) // BATCH)
                         assert sorted(c.ticket for c in got) == sorted(tids) and all(c.status == 0 for c in got), got
                     else:
-                        times["c_poll"].append(h.kvxb_poll(fn(lib.kvx_poll), C.c_void_p(q.handle), outs, 16, C.byref(n)) // BATCH)
+                        times["c_poll"].append(h.kvxb_poll(c_poll, qh, outs, 16, C.byref(n)) // BATCH)
                         assert n.value == BATCH and all(outs[j].status == 0 for j in range(BATCH))
                     # posts reported one by one by wait (on reads already finished)
                     tids = [post(side, rnd * BATCH + j + 1, rnd) for j in range(BATCH)]
@@ -175,7 +178,7 @@ def main() -> int:
                             tk.wait(10000)
                             times["py_wait"].append(clock() - t0 - cal)
                         else:
-                            times["c_wait"].append(h.kvxb_wait(fn(lib.kvx_wait), C.c_void_p(q.handle), C.c_uint64(tid), C.byref(st)))
+                            times["c_wait"].append(h.kvxb_wait(c_wait, qh, C.c_uint64(tid), C.byref(st)))
                             assert st.value == 0
             res["calls"] = {k: summary(v) for k, v in times.items()}
             c = res["calls"]
@@ -198,7 +201,7 @@ def main() -> int:
                         tk = q.read(peer, arrays[k][0], arrays[k][1])
                         q.stream_wait(tk, ws)
                     elif style == 1:
-                        h.kvxb_post_stream(fn(lib.kvx_post), fn(lib.kvx_stream_wait), C.c_void_p(q.handle), C.byref(creads[k]),
+                        h.kvxb_post_stream(c_post, c_stream_wait, qh, C.byref(creads[k]),
                                            C.c_void_p(ws.cuda_stream), C.byref(t), C.byref(st))
                         if st.value != 0:
                             raise RuntimeError("post + stream wait: %s" % lib.kvx_ctx_error(ctx.handle).decode())
