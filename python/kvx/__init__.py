@@ -577,9 +577,10 @@ def _u32_ids(ids: Any) -> Tuple[Any, int, int]:
 
 
 def _u32_array(ids: Any) -> Tuple[Any, int]:
-    """A uint32 C array of block ids, for calls that take one as a pointer argument."""
-    _, addr, n = _u32_ids(ids)
-    return (C.c_uint32 * n).from_address(addr) if n else (C.c_uint32 * 0)(), n
+    """A uint32 C array of block ids, for calls that take one as a pointer
+    argument. from_buffer keeps the ids' memory alive with the array."""
+    arr, _, n = _u32_ids(ids)
+    return (C.c_uint32 * n).from_buffer(arr), n
 
 
 class Queue:

@@ -362,3 +362,21 @@ def test_cuda_library_without_a_gpu():
     out = subprocess.run([sys.executable, "-c", "import kvx; print(kvx.library_path().rsplit('/', 1)[1], kvx.cuda_available())"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert out.stdout.strip() == "libkvx.so False", out.stdout + out.stderr
+
+
+def test_verify_mode_sealed_blocks():
+    """seal() records the owner's checksums; a read with verify=1 checks every
+    block against them: sealed bytes pass, a block changed after sealing is
+    kvx.CorruptError."""
+    with kvx.Context("prefill", backend="local") as own, kvx.Context("decode", backend="local") as ctx:
+        src = np.random.default_rng(3).integers(0, 65535, size=(2, NB, BS, HEADS, DIM), dtype=np.uint16)
+        oc = own.register_cache([src], layout="NHD", checksums=True)
+        oc.seal(list(range(NB)))
+        dst = ctx.register_cache([np.zeros_like(src)], layout="NHD", checksums=True)
+        q = ctx.queue()
+        peer = ctx.add_peer(own.metadata())
+        q.read(peer, [1, 2], [5, 9], verify=1).wait(5000)
+        assert (dst.tensors[0][:, [1, 2]] == src[:, [5, 9]]).all()
+        src[1, 7, 0, 0, 0] ^= 1  # changed after sealing
+        with pytest.raises(kvx.CorruptError):
+            q.read(peer, [3], [7], verify=1).wait(5000)
