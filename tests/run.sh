@@ -74,9 +74,10 @@ if [ -x $B/venv/bin/python ] && $B/venv/bin/python -c 'import kvx' 2>/dev/null; 
   # make bench-peers' workload and driver, on kvx alone (NIXL and Mooncake
   # are installed by make bench-peers only): the rows run and check every byte
   P="$B/venv/bin/python bench/peers/bench_peers.py --rows kvx-ucx1.13 --sizes 16384 --tp 2 --patterns random --request-bytes 8388608 --strict"
-  entry "bench-peers driver: kvx, pack and spread, TP 2->1, every byte checked (ucx $vdeb tcp)" 180 $P --out $B/bench-peers-test
+  entry "bench-peers driver: kvx, pack and spread, HND and NHD, TP 2->1, every byte checked (ucx $vdeb tcp)" 240 $P --layouts HND,NHD --out $B/bench-peers-test
+  # the batched check (the GPU's default) on the host, NHD: it must fail too
   expect_fail "bench-peers driver: a planted wrong byte fails the row and says where (ucx $vdeb tcp)" 180 "FAILED: RuntimeError: request 0: wrong bytes: owner rank 0, layer 0, K" \
-    env KVX_PEERS_FLIP_BYTE=1 $P --modes pack --out $B/bench-peers-test
+    env KVX_PEERS_FLIP_BYTE=1 $P --modes pack --layouts NHD --check batch --out $B/bench-peers-test
 else
   entry "python: the kvx package is installed (make python)" 10 $B/venv/bin/python -c 'import kvx'
 fi

@@ -41,12 +41,36 @@ ROWS: Dict[str, Tuple[str, str, Dict[str, str]]] = {
     # the same without it, the owner progressing from its serve loop
     "nixl-noprog": ("lib_nixl.py", "ucx,progress=0,threads=0", dict(UCX_TCP)),
     "mooncake": ("lib_mooncake.py", "tcp", {}),
-    # GPU memory (--device cuda): kvx's CUDA backend; NIXL and kvx over UCX
-    # pick their transports themselves there (NIXL refuses UCX_TLS=tcp on a
-    # host with GPUs)
-    "kvx cuda": ("lib_kvx.py", "cuda", {}),
 }
-GPU_ENV_DROP = ("UCX_TLS", "UCX_NET_DEVICES")
+# GPU memory (--device cuda), two processes on one GPU: each library picks
+# its transports itself (NIXL refuses UCX_TLS=tcp on a host with GPUs).
+# UCX leaves cuda_ipc gets off where GPUs are not joined by NVLink (one GPU
+# included): "ipc-get" rows turn them on, as an engine on such a host would.
+UCX122_GPU = os.path.join(ROOT, "build", "gpu", "ucx122")
+IPC_GET = {"UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "y"}
+GPU_ROWS: Dict[str, Tuple[str, str, Dict[str, str]]] = {
+    "kvx cuda": ("lib_kvx.py", "cuda", {}),
+    "kvx ucx1.22": ("lib_kvx.py", "ucx", {"KVX_LIBRARY": os.path.join(UCX122_GPU, "python", "libkvx_cuda.so"),
+                                          "LD_LIBRARY_PATH+": os.path.join(UCX122_GPU, "libucx", "lib")}),
+    "kvx ucx1.22 ipc-get": ("lib_kvx.py", "ucx", dict(IPC_GET, KVX_LIBRARY=os.path.join(UCX122_GPU, "python", "libkvx_cuda.so"),
+                                                      **{"LD_LIBRARY_PATH+": os.path.join(UCX122_GPU, "libucx", "lib")})),
+    "nixl": ("lib_nixl.py", "ucx", {}),
+    "nixl ipc-get": ("lib_nixl.py", "ucx", dict(IPC_GET)),
+    "mooncake": ("lib_mooncake.py", "tcp", {}),
+    "mooncake nvlink": ("lib_mooncake.py", "nvlink_intra", {}),
+}
+
+
+def row_of(label: str, device: str) -> Tuple[str, str, Dict[str, str]]:
+    """A row's runner, backend and environment; "NAME+" entries are prepended to $NAME."""
+    runner, backend, env = (GPU_ROWS if device == "cuda" else ROWS)[label]
+    out = {}
+    for k, v in env.items():
+        if k.endswith("+"):
+            k = k[:-1]
+            v = v + (":" + os.environ[k] if os.environ.get(k) else "")
+        out[k] = v
+    return runner, backend, out
 
 
 def device_copy_gbps(nbytes: int) -> float:
@@ -110,10 +134,8 @@ def blocks_per_request(block_bytes: int, layers: int) -> int:
 def run_cell(label: str, cell: Dict[str, Any], deadline_s: float, logdir: str,
              hosts: Optional[TwoHosts] = None) -> Dict[str, Any]:
     """One library on one cell: pack (this host, loopback) when hosts is None, else spread."""
-    runner, backend, env_add = ROWS[label]
+    runner, backend, env_add = row_of(label, cell.get("device", "cpu"))
     env_add = dict(env_add, KVX_PEERS_HOST="127.0.0.1")
-    if cell.get("device") == "cuda":
-        env_add = {k: v for k, v in env_add.items() if k not in GPU_ENV_DROP}
     pre_o: List[str] = []
     pre_r: List[str] = []
     env_o = env_r = env_add
@@ -128,8 +150,8 @@ def run_cell(label: str, cell: Dict[str, Any], deadline_s: float, logdir: str,
     py = sys.executable
     script = os.path.join(HERE, runner)
     mode = "pack" if hosts is None else "spread"
-    name = "%s_%s_tp%d_%d_%s" % (label.replace(" ", "-"), "rand" if cell["random_blocks"] else "cons", cell["owner_tp"],
-                                 cell["block_bytes"], mode)
+    name = "%s_%s_%s_tp%d_%d_%s" % (label.replace(" ", "-"), cell.get("layout", "HND"), "rand" if cell["random_blocks"] else "cons",
+                                    cell["owner_tp"], cell["block_bytes"], mode)
     cmd_reader = pre_r + ["env"] + ["%s=%s" % kv for kv in env_r.items()] + [py, script, "--role", "reader"] + args
     shown = " ".join(shlex.quote(c) for c in cmd_reader)
     row: Dict[str, Any] = {"library": label, "mode": mode, **cell, "ok": False, "error": "", "command": shown}
@@ -191,22 +213,24 @@ def run_cell(label: str, cell: Dict[str, Any], deadline_s: float, logdir: str,
 
 def table(rows: List[Dict[str, Any]]) -> str:
     """Markdown: one line per cell and library, and kvx / NIXL for kvx's rows."""
-    nixl = {(r["mode"], r["owner_tp"], r["random_blocks"], r["block_bytes"]): r for r in rows if r["library"] == "nixl" and r["ok"]}
-    out = ["| mode | TP | blocks | block | library | GB/s | kvx/NIXL | p50 ms | p99 ms | owner CPU s/GB | reader CPU s/GB | owner RSS MB | reader RSS MB | transport | version |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def key(r: Dict[str, Any]) -> Tuple[Any, ...]:
+        return (r["mode"], r.get("layout", "HND"), r["owner_tp"], r["random_blocks"], r["block_bytes"])
+    nixl = {key(r): r for r in rows if r["library"] == "nixl" and r["ok"]}
+    out = ["| mode | layout | TP | blocks | block | library | GB/s | kvx/NIXL | p50 ms | p99 ms | owner CPU s/GB | reader CPU s/GB | owner RSS MB | reader RSS MB | transport | version |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        key = (r["mode"], r["owner_tp"], r["random_blocks"], r["block_bytes"])
+        lay = r.get("layout", "HND")
         size = "%d KiB" % (r["block_bytes"] >> 10)
         kind = "random" if r["random_blocks"] else "consecutive"
         if not r["ok"]:
-            out.append("| %s | %d->1 | %s | %s | %s | FAILED: %s | | | | | | | | `%s` | |" % (
-                r["mode"], r["owner_tp"], kind, size, r["library"], r["error"].replace("|", "/")[:300], r["command"]))
+            out.append("| %s | %s | %d->1 | %s | %s | %s | FAILED: %s | | | | | | | | `%s` | |" % (
+                r["mode"], lay, r["owner_tp"], kind, size, r["library"], r["error"].replace("|", "/")[:300], r["command"]))
             continue
         ratio = ""
-        if r["library"].startswith("kvx") and key in nixl and nixl[key]["gbps"]:
-            ratio = "%.2f" % (r["gbps"] / nixl[key]["gbps"])
-        out.append("| %s | %d->1 | %s | %s | %s | %.3f | %s | %.2f | %.2f | %.2f | %.2f | %.0f | %.0f | %s | %s |" % (
-            r["mode"], r["owner_tp"], kind, size, r["library"], r["gbps"], ratio, r["lat_p50_ms"], r["lat_p99_ms"],
+        if r["library"].startswith("kvx") and key(r) in nixl and nixl[key(r)]["gbps"]:
+            ratio = "%.2f" % (r["gbps"] / nixl[key(r)]["gbps"])
+        out.append("| %s | %s | %d->1 | %s | %s | %s | %.3f | %s | %.2f | %.2f | %.2f | %.2f | %.0f | %.0f | %s | %s |" % (
+            r["mode"], lay, r["owner_tp"], kind, size, r["library"], r["gbps"], ratio, r["lat_p50_ms"], r["lat_p99_ms"],
             r.get("owner_cpu_s_per_gb", 0.0), r["reader_cpu_s_per_gb"], r.get("owner_rss_mb", 0.0), r["reader_rss_mb"],
             r["transport"], r.get("version", "")))
     return "\n".join(out) + "\n"
@@ -217,24 +241,25 @@ def plot(rows: List[Dict[str, Any]], png: str) -> Optional[str]:
     if not shutil.which("gnuplot"):
         return "gnuplot is not installed: no plot"
     libs = sorted({r["library"] for r in rows})
-    panels = sorted({(r["mode"], r["owner_tp"], r["random_blocks"]) for r in rows})
+    panels = sorted({(r["mode"], r.get("layout", "HND"), r["owner_tp"], r["random_blocks"]) for r in rows})
     tmp = tempfile.mkdtemp(prefix="kvx-peers-plot-")
     script = ["set terminal pngcairo noenhanced size 1400,%d" % (450 * ((len(panels) + 1) // 2)),
               "set output '%s'" % png, "set multiplot layout %d,2" % ((len(panels) + 1) // 2),
               "set logscale x 2", "set format x '%.0b %BB'", "set xlabel 'block (per layer, K or V, owner rank)'", "set ylabel 'GB/s'",
               "set key top left", "set grid"]
-    for mode, tp, rnd in panels:
+    for mode, lay, tp, rnd in panels:
         plots = []
         for lib in libs:
             pts = sorted((r["block_bytes"], r["gbps"]) for r in rows
-                         if r["library"] == lib and r["mode"] == mode and r["owner_tp"] == tp and r["random_blocks"] == rnd and r["ok"])
+                         if r["library"] == lib and r["mode"] == mode and r.get("layout", "HND") == lay and r["owner_tp"] == tp
+                         and r["random_blocks"] == rnd and r["ok"])
             if not pts:
                 continue
-            f = os.path.join(tmp, "%s_%s_%d_%d.dat" % (lib.replace(" ", "_"), mode, tp, rnd))
+            f = os.path.join(tmp, "%s_%s_%s_%d_%d.dat" % (lib.replace(" ", "_"), mode, lay, tp, rnd))
             with open(f, "w") as fh:
                 fh.write("\n".join("%d %f" % p for p in pts) + "\n")
             plots.append("'%s' using 1:2 with linespoints title '%s'" % (f, lib))
-        script.append("set title '%s, TP %d->1, %s blocks'" % (mode, tp, "random" if rnd else "consecutive"))
+        script.append("set title '%s, %s, TP %d->1, %s blocks'" % (mode, lay, tp, "random" if rnd else "consecutive"))
         script.append("plot " + ", ".join(plots) if plots else "plot 0 title 'no row ran'")
     script.append("unset multiplot")
     r = subprocess.run(["gnuplot"], input="\n".join(script), text=True, capture_output=True)
@@ -245,10 +270,12 @@ def plot(rows: List[Dict[str, Any]], png: str) -> Optional[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default=None, help="comma-separated labels of " + ", ".join(ROWS)
-                    + " (default: all host rows; with --device cuda: kvx cuda, nixl)")
+                    + " (default: all of them); with --device cuda: of " + ", ".join(GPU_ROWS))
     ap.add_argument("--sizes", default="4096,16384,65536,262144,1048576")
     ap.add_argument("--tp", default="1,2")
     ap.add_argument("--patterns", default="random,consecutive")
+    ap.add_argument("--layouts", default="HND", help="HND, NHD: the reader's layout (in NHD an owner rank's block lands as a piece per token)")
+    ap.add_argument("--check", default="", help="each | batch (default: batch on the GPU, each on the host): see workload.py")
     ap.add_argument("--modes", default="pack,spread", help="pack: this host over loopback; spread: two network namespaces")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--request-bytes", type=int, default=128 << 20, help="bytes each row moves per cell (about)")
@@ -259,15 +286,17 @@ def main() -> int:
     ap.add_argument("--strict", action="store_true", help="exit 1 when a row failed (for tests)")
     ap.add_argument("--replot", action="store_true", help="only the table and plot, from OUT/results.jsonl")
     a = ap.parse_args()
+    table_rows = GPU_ROWS if a.device == "cuda" else ROWS
     if a.rows is None:
-        a.rows = "kvx cuda,nixl" if a.device == "cuda" else ",".join(k for k in ROWS if k != "kvx cuda")
+        a.rows = ",".join(table_rows)
     if a.device == "cuda":
         a.modes = "pack"
     labels = [r.strip() for r in a.rows.split(",") if r.strip()]
-    labels = [lab if lab in ROWS else lab.replace("-", " ", 1) for lab in labels]  # kvx-ucx1.13: no quoting needed
+    dashed = {k.replace(" ", "-"): k for k in table_rows}  # kvx-ucx1.13: no quoting needed
+    labels = [dashed.get(lab, lab) for lab in labels]
     for lab in labels:
-        if lab not in ROWS:
-            print("unknown row %r: %s" % (lab, ", ".join(ROWS)))
+        if lab not in table_rows:
+            print("unknown row %r: %s" % (lab, ", ".join(table_rows)))
             return 2
     os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
     rows: List[Dict[str, Any]] = []
@@ -285,23 +314,22 @@ def main() -> int:
                 except RuntimeError as e:
                     print("spread rows skipped: %s" % e)
                     continue
-            for tp in [int(x) for x in a.tp.split(",")]:
-                for pat in a.patterns.split(","):
-                    for bb in [int(x) for x in a.sizes.split(",")]:
-                        b = blocks_per_request(bb, a.layers)
-                        per_req = b * a.layers * 2 * bb * tp
-                        cell = {"block_bytes": bb, "num_layers": a.layers, "blocks_per_request": b, "owner_tp": tp,
-                                "random_blocks": pat == "random", "inflight": a.inflight, "device": a.device,
-                                "requests": max(8, min(512, a.request_bytes // per_req))}
-                        for lab in labels:
-                            t0 = time.monotonic()
-                            row = run_cell(lab, cell, a.deadline_s, os.path.join(a.out, "logs"), hosts if mode == "spread" else None)
-                            row["wall_s"] = time.monotonic() - t0
-                            rows.append(row)
-                            jl.write(json.dumps(row) + "\n")
-                            jl.flush()
-                            print("%-6s %-12s TP %d->1 %-11s %7d B: %s" % (mode, lab, tp, pat, bb, "%.3f GB/s, p50 %.2f ms, %s" % (
-                                row["gbps"], row["lat_p50_ms"], row["transport"]) if row["ok"] else "FAILED: " + row["error"]), flush=True)
+            for lay, tp, pat, bb in [(lay, int(tp), pat, int(bb)) for lay in a.layouts.split(",") for tp in a.tp.split(",")
+                                     for pat in a.patterns.split(",") for bb in a.sizes.split(",")]:
+                b = blocks_per_request(bb, a.layers)
+                per_req = b * a.layers * 2 * bb * tp
+                cell = {"block_bytes": bb, "num_layers": a.layers, "blocks_per_request": b, "owner_tp": tp,
+                        "random_blocks": pat == "random", "inflight": a.inflight, "device": a.device,
+                        "layout": lay, "check": a.check, "requests": max(8, min(512, a.request_bytes // per_req))}
+                for lab in labels:
+                    t0 = time.monotonic()
+                    row = run_cell(lab, cell, a.deadline_s, os.path.join(a.out, "logs"), hosts if mode == "spread" else None)
+                    row["wall_s"] = time.monotonic() - t0
+                    rows.append(row)
+                    jl.write(json.dumps(row) + "\n")
+                    jl.flush()
+                    print("%-6s %-3s %-12s TP %d->1 %-11s %7d B: %s" % (mode, lay, lab, tp, pat, bb, "%.3f GB/s, p50 %.2f ms, %s" % (
+                        row["gbps"], row["lat_p50_ms"], row["transport"]) if row["ok"] else "FAILED: " + row["error"]), flush=True)
     finally:
         if hosts is not None:
             hosts.close()

@@ -1,8 +1,8 @@
-"""kvx in make bench-peers: each layer region registered as one layer of an
-HND cache whose "head" is one owner rank's block piece (heads: 1 per owner
-rank, the reader holding all of them), so kvx's own TP split places each
-owner rank's piece; one Queue.read per request per owner rank, all layers,
-K and V. Completions by poll, sleeping in Ticket.wait between them. The
+"""kvx in make bench-peers: each layer region registered as one layer of a
+cache whose "head" is one owner rank's share of a token (heads: 1 per owner
+rank, the reader holding all of them), in the reader's layout, so kvx's own
+TP split places each owner rank's block (HND: one piece; NHD: a piece per
+token); one Queue.read per request per owner rank, all layers, K and V. Completions by poll, sleeping in Ticket.wait between them. The
 backend is --backend (ucx, ofi); which UCX is whichever libkvx.so the
 package loads ($KVX_LIBRARY picks a build against UCX 1.22)."""
 from __future__ import annotations
@@ -16,8 +16,12 @@ import kvx
 
 
 def layers_of(cfg: W.Config, regions: Sequence[Any], heads: int) -> List[Any]:
-    """The regions as HND layers: [2, N, heads, 1 token, block_bytes] of uint8."""
-    return [r.reshape(2, cfg.blocks(), heads, 1, cfg.block_bytes) for r in regions]
+    """The regions as layers of uint8 in cfg.layout: HND [2, N, heads, tokens,
+    bytes per token and head], NHD [2, N, tokens, heads, the same]."""
+    t = cfg.block_tokens
+    shape = (2, cfg.blocks(), heads, t, cfg.block_bytes // t) if cfg.layout == "HND" else \
+        (2, cfg.blocks(), t, heads, cfg.block_bytes // t)
+    return [r.reshape(*shape) for r in regions]
 
 
 def version(backend: str) -> str:
@@ -41,7 +45,7 @@ class Reader:
     def __init__(self, cfg: W.Config, regions: List[Any], mds: List[bytes]) -> None:
         self.cfg = cfg
         self.ctx = kvx.Context("decode", tp_rank=0, tp_size=1, backend=cfg.backend or None, timeout_ms=int(cfg.deadline_s * 1000))
-        self.cache = self.ctx.register_cache(layers_of(cfg, regions, cfg.owner_tp), layout="HND", total_heads=cfg.owner_tp)
+        self.cache = self.ctx.register_cache(layers_of(cfg, regions, cfg.owner_tp), layout=cfg.layout, total_heads=cfg.owner_tp)
         self.peers = [self.ctx.add_peer(md) for md in mds]
         self.transport = "; ".join(sorted({p.transport for p in self.peers}))
         self.version = version(cfg.backend)
@@ -88,7 +92,7 @@ def owner(cfg: W.Config, rank: int) -> int:
     meter = W.Meter()
     regions = W.owner_regions(cfg, rank)
     with kvx.Context("prefill", tp_rank=rank, tp_size=cfg.owner_tp, backend=cfg.backend or None) as ctx:
-        ctx.register_cache(layers_of(cfg, regions, 1), layout="HND", total_heads=cfg.owner_tp)
+        ctx.register_cache(layers_of(cfg, regions, 1), layout=cfg.layout, total_heads=cfg.owner_tp)
         W.serve_owner(cfg, rank, "kvx", ctx.metadata(), meter, version=version(cfg.backend))
     return 0
 

@@ -1,5 +1,6 @@
 """Mooncake's transfer engine in make bench-peers: the classic engine over
-protocol "tcp", peers found by the P2P handshake (metadata server
+the protocol given as --backend ("tcp", the default; on GPU memory also
+"nvlink_intra", its same-host CUDA IPC path), peers found by the P2P handshake (metadata server
 "P2PHANDSHAKE", no etcd). Each owner rank registers its layer regions and
 publishes its session name (host:rpc_port) and the regions' addresses. The
 reader registers its regions and, per request and owner rank, submits one
@@ -24,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import workload as W
 
-PROTOCOL = "tcp"
+PROTOCOL = "tcp"  # set from --backend
 ENGINE_IN_USE = False  # a thread is still inside the engine: exit without destroying it
 # The INFO log prints a line per finished batch ("Batch Transfer completed!").
 os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
@@ -91,7 +92,7 @@ def size_queue(cfg: W.Config) -> int:
     """The TCP transport rejects a peer's transfers beyond 1024 queued plus
     1024 waiting for admission (the batch then fails); size the queue to the
     window: inflight requests of B x L x 2 entries each per owner rank."""
-    want = cfg.inflight * cfg.blocks_per_request * cfg.num_layers * 2
+    want = cfg.inflight * cfg.blocks_per_request * cfg.num_layers * 2 * len(cfg.pieces())
     os.environ.setdefault("MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER", str(min(65535, max(1024, want))))
     return int(os.environ["MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER"])
 
@@ -197,6 +198,9 @@ def unusable(cfg: W.Config, role: str, rank: int, error: str) -> int:
 
 if __name__ == "__main__":
     c, a = W.parse()
+    PROTOCOL = c.backend or PROTOCOL
+    if PROTOCOL.startswith("nvlink"):
+        os.environ.setdefault("MC_INTRANODE_NVLINK", "1")  # the engine picks its intra-node NVLink transport by this
     if IMPORT_ERROR:
         sys.exit(unusable(c, a.role, a.rank, IMPORT_ERROR))
     rc = owner(c, a.rank) if a.role == "owner" else W.run_reader(c, Reader)

@@ -141,40 +141,44 @@ def register(agent: Any, cfg: W.Config, regions: Sequence[Any]) -> Any:
 
 
 # --- descriptor indexes --------------------------------------------------------------
+# One descriptor per contiguous piece: per block in HND (or TP 1), per token
+# in NHD, where an owner rank's block lands strided among the others'.
 
 
-def remote_index(cfg: W.Config, layer: int, plane: int, block: int) -> int:
-    """Where (layer, plane, block) sits in an owner's descriptor list."""
-    return (layer * 2 + plane) * cfg.blocks() + block
+def remote_index(cfg: W.Config, layer: int, plane: int, block: int, piece: int = 0) -> int:
+    """Where (layer, plane, block, piece) sits in an owner's descriptor list."""
+    return ((layer * 2 + plane) * cfg.blocks() + block) * len(cfg.pieces()) + piece
 
 
-def local_index(cfg: W.Config, layer: int, plane: int, block: int, rank: int) -> int:
+def local_index(cfg: W.Config, layer: int, plane: int, block: int, rank: int, piece: int = 0) -> int:
     """Where owner rank `rank`'s piece of (layer, plane, block) sits in the reader's descriptor list."""
-    return ((layer * 2 + plane) * cfg.blocks() + block) * cfg.owner_tp + rank
+    return (((layer * 2 + plane) * cfg.blocks() + block) * cfg.owner_tp + rank) * len(cfg.pieces()) + piece
 
 
 def owner_descs(cfg: W.Config, regions: Sequence[Any]) -> np.ndarray:
-    """(addr, len, device) per (layer, plane, block), in remote_index order."""
-    n, bb = cfg.blocks(), cfg.block_bytes
-    out = np.zeros((cfg.num_layers * 2 * n, 3), dtype=np.uint64)
+    """(addr, len, device) per (layer, plane, block, piece), in remote_index order."""
+    n, pieces = cfg.blocks(), cfg.pieces()
+    out = np.zeros((cfg.num_layers * 2 * n * len(pieces), 3), dtype=np.uint64)
     for layer, region in enumerate(regions):
         base, dev = W.addr(region), device_id(region)
         for plane in range(2):
             for b in range(n):
-                out[remote_index(cfg, layer, plane, b)] = (base + W.remote_offset(cfg, plane, b), bb, dev)
+                for i, (_, off, size) in enumerate(pieces):
+                    out[remote_index(cfg, layer, plane, b, i)] = (base + W.remote_offset(cfg, plane, b) + off, size, dev)
     return out
 
 
 def reader_descs(cfg: W.Config, regions: Sequence[Any]) -> np.ndarray:
-    """(addr, len, device) per (layer, plane, block, owner rank), in local_index order."""
-    n, bb = cfg.blocks(), cfg.block_bytes
-    out = np.zeros((cfg.num_layers * 2 * n * cfg.owner_tp, 3), dtype=np.uint64)
+    """(addr, len, device) per (layer, plane, block, owner rank, piece), in local_index order."""
+    n, pieces = cfg.blocks(), cfg.pieces()
+    out = np.zeros((cfg.num_layers * 2 * n * cfg.owner_tp * len(pieces), 3), dtype=np.uint64)
     for layer, region in enumerate(regions):
         base, dev = W.addr(region), device_id(region)
         for plane in range(2):
             for b in range(n):
                 for r in range(cfg.owner_tp):
-                    out[local_index(cfg, layer, plane, b, r)] = (base + W.local_offset(cfg, plane, b, r), bb, dev)
+                    for i, (off, _, size) in enumerate(pieces):
+                        out[local_index(cfg, layer, plane, b, r, i)] = (base + W.local_offset(cfg, plane, b, r) + off, size, dev)
     return out
 
 
@@ -193,6 +197,8 @@ class Reader:
         self.names = [self.agent.add_remote_agent(o["agent"]) for o in owners]
         self.names = [n.decode() if isinstance(n, bytes) else n for n in self.names]
         for o in owners:
+            if o.get("pieces") != len(cfg.pieces()):
+                raise ValueError("owner rank %d describes %s pieces per block, the reader %d" % (o["rank"], o.get("pieces"), len(cfg.pieces())))
             if o["blocks"] != cfg.blocks() or o["block_bytes"] != cfg.block_bytes or o["layers"] != cfg.num_layers:
                 raise ValueError("owner rank %d has %d blocks x %d bytes x %d layers, the reader %d x %d x %d" % (
                     o["rank"], o["blocks"], o["block_bytes"], o["layers"], cfg.blocks(), cfg.block_bytes, cfg.num_layers))
@@ -221,11 +227,13 @@ class Reader:
     def indices(self, local: Sequence[int], remote: Sequence[int], rank: int) -> Tuple[np.ndarray, np.ndarray]:
         cfg = self.cfg
         li, ri = [], []
+        npieces = len(cfg.pieces())
         for layer in range(cfg.num_layers):
             for plane in range(2):
                 for lb, rb in zip(local, remote):
-                    li.append(local_index(cfg, layer, plane, lb, rank))
-                    ri.append(remote_index(cfg, layer, plane, rb))
+                    for i in range(npieces):
+                        li.append(local_index(cfg, layer, plane, lb, rank, i))
+                        ri.append(remote_index(cfg, layer, plane, rb, i))
         return np.array(li, dtype=np.int32), np.array(ri, dtype=np.int32)
 
     def post(self, rid: int, local: List[int], remote: List[int]) -> None:
@@ -324,7 +332,8 @@ def owner(cfg: W.Config, rank: int) -> int:
     reg = register(agent, cfg, regions)
     ver = version(opt)
     md = pickle.dumps({"agent": agent.get_agent_metadata(), "rank": rank, "version": ver, "blocks": cfg.blocks(),
-                       "block_bytes": cfg.block_bytes, "layers": cfg.num_layers, "descs": owner_descs(cfg, regions)})
+                       "block_bytes": cfg.block_bytes, "layers": cfg.num_layers, "pieces": len(cfg.pieces()),
+                       "descs": owner_descs(cfg, regions)})
     notifs = {"count": 0, "others": 0}
 
     def progress() -> None:

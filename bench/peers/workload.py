@@ -2,18 +2,23 @@
 reports. One module, so that kvx, NIXL and Mooncake move the same bytes,
 are checked the same way and are measured the same way.
 
-The caches (HND, per layer): each owner rank (a prefill TP rank) holds, for
-each of L layers, one region [2 (K, V)][N blocks][block_bytes]. The reader
-(the decode side, TP 1) holds all heads: per layer one region
-[2][N][tp * block_bytes], and owner rank r's block is the r-th
-block_bytes-long piece of the reader's block (HND keeps a rank's heads
-contiguous), so one block of one layer and plane from one owner rank is one
-contiguous copy of block_bytes.
+The caches (per layer): each owner rank (a prefill TP rank) holds, for each
+of L layers, one region [2 (K, V)][N blocks][block_bytes], its block being
+[tokens][its heads] either way. The reader (the decode side, TP 1) holds all
+heads: per layer one region [2][N][tp * block_bytes]. In HND the reader's
+block is [heads][tokens], so owner rank r's block is the r-th
+block_bytes-long piece of it: one contiguous copy. In NHD it is
+[tokens][heads], so owner rank r's block lands as one piece per token,
+block_bytes / tokens long, strided by tp of them (with TP 1 the pieces
+join into one copy again).
 
 A request is B block ids of the owner (random, or consecutive) read into B
 free local blocks, every layer, K and V, from every owner rank. Requests go
-in flight up to a window; each one's local blocks are checked (every byte)
-when it completes, then poisoned and given back.
+in flight up to a window; every byte of each one's local blocks is checked
+before those blocks are used again, then poisoned. On the host each request
+is checked when it completes; on the GPU (check "batch") completed requests
+are checked together when the free blocks run out and at the end, so that
+the check (a device sync, a few kernels per layer) does not set the pace.
 
 The pattern: 8-byte word i of owner rank r, layer l, plane p, block b is
 tag(r, l, p, b) ^ (i * GOLDEN), so a reader can check a block without
@@ -52,6 +57,9 @@ class Config:
     owner_tp: int = 1
     seed: int = 1
     device: str = "cpu"           # cpu | cuda
+    layout: str = "HND"           # the reader's: HND | NHD
+    block_tokens: int = 16        # tokens per block (NHD: pieces per owner block)
+    check: str = ""               # each | batch; "": batch on the GPU, each on the host
     deadline_s: float = 120.0
     rdv: str = ""                 # the rendezvous directory
 
@@ -63,6 +71,26 @@ class Config:
 
     def request_bytes(self) -> int:
         return self.blocks_per_request * self.num_layers * 2 * self.block_bytes * self.owner_tp
+
+    def batch_check(self) -> bool:
+        return self.check == "batch" or (not self.check and self.device == "cuda")
+
+    def pieces(self) -> List[Tuple[int, int, int]]:
+        """Owner rank r's block in the reader's block, for every r alike up to
+        r * step: (offset in the reader's block at r = 0, offset in the
+        owner's block, bytes). HND (or TP 1): one piece; NHD: one per token."""
+        bb, tp, t = self.block_bytes, self.owner_tp, self.block_tokens
+        if self.layout == "HND" or tp == 1:
+            return [(0, 0, bb)]
+        if self.layout != "NHD" or bb % (8 * t):
+            raise ValueError("layout %s with %d-byte blocks of %d tokens: HND, or NHD with whole words per token" % (
+                self.layout, bb, t))
+        piece = bb // t
+        return [(i * tp * piece, i * piece, piece) for i in range(t)]
+
+    def piece_step(self) -> int:
+        """How far owner rank r + 1's pieces sit from rank r's in the reader's block."""
+        return self.block_bytes if self.layout == "HND" or self.owner_tp == 1 else self.block_bytes // self.block_tokens
 
 
 def parse(argv: Optional[Sequence[str]] = None) -> Tuple[Config, argparse.Namespace]:
@@ -82,6 +110,11 @@ def parse(argv: Optional[Sequence[str]] = None) -> Tuple[Config, argparse.Namesp
 
 def tag(rank: int, layer: int, plane: int, block: int) -> np.uint64:
     return np.uint64((0x6B7678 << 40) | (rank << 32) | (layer << 24) | (plane << 23) | block)
+
+
+def tags(rank: int, layer: int, plane: int, blocks: Any) -> np.ndarray:
+    """tag() of many blocks at once."""
+    return np.asarray(blocks, dtype=np.uint64) | tag(rank, layer, plane, 0)
 
 
 class Pattern:
@@ -104,8 +137,7 @@ def owner_regions(cfg: Config, rank: int) -> List[Any]:
         r = np.empty(2 * n * bb, dtype=np.uint8)
         words = r.view(np.uint64).reshape(2, n, bb // 8)
         for plane in range(2):
-            tags = np.array([tag(rank, layer, plane, b) for b in range(n)], dtype=np.uint64)
-            words[plane] = pat.base[None, :] ^ tags[:, None]
+            words[plane] = pat.base[None, :] ^ tags(rank, layer, plane, np.arange(n))[:, None]
         if os.environ.get("KVX_PEERS_FLIP_BYTE"):  # a planted wrong byte per block: every row must fail
             words[:, :, 0] ^= np.uint64(1)
         out.append(to_device(cfg, r))
@@ -139,26 +171,29 @@ def remote_offset(cfg: Config, plane: int, block: int) -> int:
 
 
 def local_offset(cfg: Config, plane: int, block: int, rank: int) -> int:
-    """Byte offset of owner rank `rank`'s piece of (plane, block) in the reader's layer region."""
-    return ((plane * cfg.blocks() + block) * cfg.owner_tp + rank) * cfg.block_bytes
+    """Byte offset of owner rank `rank`'s first piece of (plane, block) in the reader's layer region."""
+    return (plane * cfg.blocks() + block) * cfg.owner_tp * cfg.block_bytes + rank * cfg.piece_step()
 
 
 def copies(cfg: Config, local: Sequence[int], remote: Sequence[int]) -> List[Tuple[int, int, int, int, int]]:
     """Every contiguous copy of a request, as (rank, layer, local offset,
-    remote offset, bytes), one per (rank, layer, plane, block): what a
-    library without a layout model must be told. Libraries merge runs as
+    remote offset, bytes), one per (rank, layer, plane, block, piece): what
+    a library without a layout model must be told. Libraries merge runs as
     they can."""
     out = []
+    pieces = cfg.pieces()
     for r in range(cfg.owner_tp):
         for layer in range(cfg.num_layers):
             for plane in range(2):
                 for lb, rb in zip(local, remote):
-                    out.append((r, layer, local_offset(cfg, plane, lb, r), remote_offset(cfg, plane, rb), cfg.block_bytes))
+                    lo, ro = local_offset(cfg, plane, lb, r), remote_offset(cfg, plane, rb)
+                    for pl, pr, n in pieces:
+                        out.append((r, layer, lo + pl, ro + pr, n))
     return out
 
 
 class Checker:
-    """Checks a completed request's local blocks, every byte, then poisons them."""
+    """Checks completed requests' local blocks, every byte, then poisons them."""
 
     def __init__(self, cfg: Config, regions: List[Any]) -> None:
         self.cfg = cfg
@@ -166,57 +201,96 @@ class Checker:
         self.pat = Pattern(cfg.block_bytes)
         self.gpu = cfg.device == "cuda"
         self.poison = np.uint64(int.from_bytes(bytes([POISON]) * 8, "little"))  # a word of POISON bytes
+        self.pending: List[Tuple[int, List[int], List[int]]] = []  # batch check: (request, local, remote)
         if self.gpu:
             import torch
             self.torch = torch
             self.base_t = torch.from_numpy(self.pat.base.view(np.int64)).cuda()
 
     def words(self, region: Any) -> Any:
-        """A layer region as [K/V][block][owner rank][word]."""
+        """A layer region as words, the block index second: [K/V][block][owner
+        rank][word] in HND, [K/V][block][token][owner rank][word] in NHD."""
+        cfg = self.cfg
+        shape: Tuple[int, ...] = (2, cfg.blocks(), cfg.owner_tp, cfg.block_bytes // 8)
+        if len(cfg.pieces()) > 1:
+            shape = (2, cfg.blocks(), cfg.block_tokens, cfg.owner_tp, cfg.block_bytes // 8 // cfg.block_tokens)
+        if self.gpu:
+            return region.view(self.torch.int64).view(*shape)
+        return region.view(np.uint64).reshape(shape)
+
+    def rank_words(self, rv: Any, plane: int, li: Any, r: int) -> Any:
+        """Owner rank r's words of the local blocks li, as [block][word] in the owner's order."""
+        if self.gpu:
+            sel = rv[plane].index_select(0, li)
+        else:
+            sel = rv[plane, li]
+        if sel.ndim == 3:
+            return sel[:, r]
+        return sel[:, :, r].reshape(sel.shape[0], -1)
+
+    def add(self, rid: int, local: Sequence[int], remote: Sequence[int]) -> None:
+        """A completed request, checked at the next flush()."""
+        self.pending.append((rid, list(local), list(remote)))
+
+    def flush(self) -> Tuple[List[int], Optional[str]]:
+        """Checks every pending request at once: (their local blocks, now
+        free, and None) or the first wrong byte."""
+        local = [b for _, lo, _ in self.pending for b in lo]
+        remote = [b for _, _, ro in self.pending for b in ro]
+        bad = self.check(local, remote) if local else None
+        if bad:
+            at = next(rid for rid, lo, _ in self.pending if bad[1] in lo)
+            return [], "request %d: %s" % (at, bad[0])
+        self.pending.clear()
+        return local, None
+
+    def check(self, local: Sequence[int], remote: Sequence[int]) -> Optional[Tuple[str, int]]:
+        """All of the given blocks at once per layer, plane and owner rank (one
+        device sync on the GPU): each local block's words against the tags of
+        the remote block it should hold. None, or (what is wrong, which local
+        block). Poisons the blocks after a pass."""
         cfg = self.cfg
         if self.gpu:
-            return region.view(self.torch.int64).view(2, cfg.blocks(), cfg.owner_tp, cfg.block_bytes // 8)
-        return region.view(np.uint64).reshape(2, cfg.blocks(), cfg.owner_tp, cfg.block_bytes // 8)
-
-    def check(self, local: Sequence[int], remote: Sequence[int]) -> Optional[str]:
-        """All of a request at once per layer and plane (one device sync per
-        request on the GPU): the words of every local block piece against
-        the tags of the remote blocks they should hold."""
-        cfg = self.cfg
-        # the local block ids once per request (on the GPU: one small copy)
-        li = self.torch.tensor(list(local), device=self.regions[0].device) if self.gpu else np.asarray(local)
+            li = self.torch.tensor(list(local), device=self.regions[0].device)
+            rem = np.asarray(remote, dtype=np.uint64)
+        else:
+            li = np.asarray(local)
+            rem = np.asarray(remote, dtype=np.uint64)
         bad_at = []
         for layer, region in enumerate(self.regions):
             rv = self.words(region)
             for plane in range(2):
                 for r in range(cfg.owner_tp):
-                    tags = np.array([tag(r, layer, plane, rb) for rb in remote], dtype=np.uint64)
+                    want = tags(r, layer, plane, rem)
+                    got = self.rank_words(rv, plane, li, r)
                     if self.gpu:
-                        got = rv[plane].index_select(0, li)[:, r]
-                        want = self.torch.from_numpy(tags.view(np.int64)).to(region.device)
-                        bad_at.append(((got ^ self.base_t[None, :]) != want[:, None]).sum(dim=1))
+                        want_t = self.torch.from_numpy(want.view(np.int64)).to(region.device)
+                        bad_at.append(((got ^ self.base_t[None, :]) != want_t[:, None]).sum(dim=1))
                     else:
-                        got = rv[plane, li, r]
-                        bad_at.append(np.count_nonzero((got ^ self.pat.base[None, :]) != tags[:, None], axis=1))
+                        bad_at.append(np.count_nonzero((got ^ self.pat.base[None, :]) != want[:, None], axis=1))
         flat = (self.torch.stack(bad_at).cpu().numpy() if self.gpu else np.stack(bad_at)).reshape(cfg.num_layers, 2, cfg.owner_tp, -1)
         if flat.any():
             layer, plane, r, j = (int(x) for x in np.argwhere(flat)[0])
-            return self.describe(layer, plane, local[j], remote[j], r)
+            return self.describe(layer, plane, local[j], remote[j], r), local[j]
         poison = int(self.poison.view(np.int64)) if self.gpu else self.poison
         for region in self.regions:  # a stale copy cannot pass later
             self.words(region)[:, li] = poison
+        if self.gpu:
+            # the next read into these blocks comes from another stream (or process): poisoned first
+            self.torch.cuda.current_stream().synchronize()
         return None
 
     def describe(self, layer: int, plane: int, lb: int, rb: int, r: int) -> str:
         cfg, bb = self.cfg, self.cfg.block_bytes
-        off = local_offset(cfg, plane, lb, r)
-        piece = self.regions[layer][off:off + bb]
-        got = bytes(piece.cpu().numpy() if self.gpu else piece)
+        rv = self.words(self.regions[layer])
+        li = self.torch.tensor([lb], device=self.regions[0].device) if self.gpu else np.asarray([lb])
+        piece = self.rank_words(rv, plane, li, r)[0]
+        got = (piece.cpu().numpy() if self.gpu else piece).tobytes()
         want = self.pat.block(r, layer, plane, rb).tobytes()
         i = next(i for i in range(bb) if got[i] != want[i])
-        return ("wrong bytes: owner rank %d, layer %d, %s, remote block %d -> local block %d: first at byte %d, "
-                "want 0x%02x, got 0x%02x (%d of %d bytes differ)" % (r, layer, "KV"[plane], rb, lb, i, want[i], got[i],
-                                                                     sum(1 for a, b in zip(got, want) if a != b), bb))
+        return ("wrong bytes: owner rank %d, layer %d, %s, remote block %d -> local block %d: first at byte %d of the "
+                "owner's block, want 0x%02x, got 0x%02x (%d of %d bytes differ)" % (
+                    r, layer, "KV"[plane], rb, lb, i, want[i], got[i], sum(1 for a, b in zip(got, want) if a != b), bb))
 
 
 class Requests:
@@ -372,6 +446,9 @@ def run_reader(cfg: Config, make_reader: Any) -> int:
             while done < count:
                 while sent < count and len(posted) < cfg.inflight:
                     nxt = reqs.next()
+                    if nxt is None and checker.pending:
+                        settle()
+                        nxt = reqs.next()
                     if nxt is None:
                         break
                     posted[sent] = (nxt[0], nxt[1], time.monotonic())
@@ -383,13 +460,23 @@ def run_reader(cfg: Config, make_reader: Any) -> int:
                         reqs.lat.append(time.monotonic() - t0)
                     if err:
                         raise RuntimeError("request %d failed: %s" % (rid, err))
-                    bad = checker.check(local, remote)
-                    if bad:
-                        raise RuntimeError("request %d: %s" % (rid, bad))
-                    reqs.give_back(local)
+                    if cfg.batch_check():
+                        checker.add(rid, local, remote)
+                    else:
+                        bad = checker.check(local, remote)
+                        if bad:
+                            raise RuntimeError("request %d: %s" % (rid, bad[0]))
+                        reqs.give_back(local)
                     done += 1
                 if time.monotonic() > deadline:
                     raise TimeoutError("%d of %d requests done when the deadline (%.0f s) passed" % (done, count, cfg.deadline_s))
+            settle()
+
+        def settle() -> None:
+            free, bad = checker.flush()
+            if bad:
+                raise RuntimeError(bad)
+            reqs.give_back(free)
 
         one_pass(1, False)
         meter = Meter()

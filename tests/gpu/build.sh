@@ -49,6 +49,12 @@ if [ -n "$ucx" ] && [ -f "$ucx/include/ucp/api/ucp.h" ]; then
   echo "UCX $(sed -n 's/^#define UCP_API_MINOR *\([0-9]*\).*/1.\1/p' "$ucx/include/ucp/api/ucp_version.h") in $o2:"
   build_set "$o2" "$base -I$ucx/include" "$cuda_libs -L$ucx/lib -Wl,-rpath,\$ORIGIN/libucx/lib -lucp -luct -lucs -lucm -lpthread" \
     bench/kvx_bench.c bench/bench_gpu.c tests/gpu/test_cuda.c
+  # The Python package's library against this UCX, for GPU caches read over
+  # UCX from Python (bench/peers' "kvx ucx1.22" row: KVX_LIBRARY and
+  # LD_LIBRARY_PATH=$o2/libucx/lib there).
+  PY=${PYTHON:-python3}
+  [ -x build/venv/bin/python ] && PY=build/venv/bin/python
+  KVX_UCX_PREFIX=$ucx KVX_PY_BACKENDS=ucx,cuda "$PY" python/kvx/_build.py "$o2/python"
 else
   echo "no UCX 1.22 here (make builds it: make build/ucx122/prefix): build/gpu/ucx122 not built"
 fi
