@@ -5,6 +5,8 @@
 #   make test            every test; ends with "N passed, M failed"
 #   make bench           kvx_bench sweeps beside ucx_perftest; table and plot in build/bench/
 #   make python          the Python package (python/) into build/venv, with numpy, pytest, torch (CPU)
+#   make ray             Ray from PyPI into build/venv (make test installs it)
+#   make test-ray        kvx on a two-node Ray cluster: the TP matrix, pack and spread, UCX and libfabric, the faults (root)
 #   make bench-python    what Python costs per read post and completion, against the C calls
 #   make bench-peers     kvx beside NIXL and Mooncake on the same KV workload; table and plot in build/bench-peers/
 #   make install PREFIX=/usr/local
@@ -175,9 +177,18 @@ python: deps
 	$(PY_PIP) install -q numpy pytest $(TORCH_PIN)
 	$(PY_PIP) install -q ./python
 
+# Ray (plain, from PyPI) beside the package, for tests/ray: kvx_bench's
+# pack/spread test with Ray actors on two nodes, each in a network namespace.
+RAY_PIN ?= ray==2.60.0
+.PHONY: ray test-ray
+ray: python
+	$(PY_PIP) install -q "$(RAY_PIN)"
+test-ray: ray
+	bash tests/ray/two_nodes.sh --suite matrix
+
 test: deps deps-test
 	@$(MAKE) --no-print-directory $(BUILD)/ucx122/prefix
-	@$(MAKE) --no-print-directory python
+	@$(MAKE) --no-print-directory ray
 	@$(MAKE) --no-print-directory -j$(JOBS) $(PROGRAMS) $(TESTS) $(UCX122_TESTS)
 	@KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/run.sh
 
