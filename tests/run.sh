@@ -182,4 +182,10 @@ else
   entry "UCX 1.22 (the libucx wheel) is built" 10 test -x $U/test_unit
 fi
 
+# kvx_bench's test with Ray actors (tests/ray; make ray installs Ray): one
+# cluster of two nodes for its cases, about 30 s alone (make test-ray: the whole matrix).
+section "Ray: two nodes in network namespaces joined by a veth pair, prefill and decode actors placed by pack and spread groups"
+entry "ray: spread ucx 2->1, pack libfabric 1->2, a planted wrong byte, a killed prefill and decode actor, a wrong rank, spread on one node (ucx $vdeb tcp)" 300 \
+  bash tests/ray/two_nodes.sh --suite make-test
+
 runner_end
