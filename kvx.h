@@ -624,6 +624,11 @@ struct kvx__backend {
     /* Reads finish on the GPU in stream order (their completion words are
        written by the device): no host flush of network writes is needed. */
     int completes_on_gpu;
+    /* One registration of GPU memory may span several device allocations
+       (the CUDA backend exports each one it finds). Elsewhere a transport's
+       key names one allocation, so GPU planes that merely touch (separate
+       allocations can be adjacent) stay separate registrations. */
+    int gpu_region_spans_allocations;
 
     /*-- context */
     kvx_status (*open)(kvx_ctx *ctx, const kvx_ctx_desc *desc);   /* without the lock */
@@ -1190,6 +1195,7 @@ KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx
     kvx_status st;
     uint64_t span;
     uint32_t p, n, i;
+    int touch;
     if (!ctx) return KVX_ERR_ARG;
     if (!d || !out) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_register: desc and out must not be NULL");
     *out = NULL;
@@ -1229,10 +1235,13 @@ KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx
         sp[p].a = b;
         sp[p].b = b + span;
     }
-    /* Few, large registrations: planes that touch or overlap share one. */
+    /* Few, large registrations: planes that overlap share one, and so do
+       planes that touch, unless they are GPU memory a transport registers
+       per allocation (see gpu_region_spans_allocations). */
+    touch = ci->mem == KVX_MEM_HOST || ctx->be_ops->gpu_region_spans_allocations;
     qsort(sp, ci->nplanes, sizeof *sp, kvx__span_cmp);
     for (n = 0, p = 0; p < ci->nplanes; p++) {
-        if (n && sp[p].a <= sp[n - 1].b) { if (sp[p].b > sp[n - 1].b) sp[n - 1].b = sp[p].b; }
+        if (n && (sp[p].a < sp[n - 1].b || (touch && sp[p].a == sp[n - 1].b))) { if (sp[p].b > sp[n - 1].b) sp[n - 1].b = sp[p].b; }
         else sp[n++] = sp[p];
     }
     if (n > KVX__MAX_REGIONS) { st = kvx__fail(ctx, KVX_ERR_ARG, "cache spans %u separate ranges, at most %u", n, KVX__MAX_REGIONS); goto fail; }

@@ -1415,6 +1415,7 @@ KVX__PRIV const kvx__backend kvx__ofi_backend = {
     KVX__F(name) "ofi",
     KVX__F(kind) KVX_BACKEND_OFI,
     KVX__F(completes_on_gpu) 0,
+    KVX__F(gpu_region_spans_allocations) 0,
     KVX__F(open) kvx__ofi_open,
     KVX__F(close) kvx__ofi_close,
     KVX__F(query) kvx__ofi_query,

@@ -721,6 +721,7 @@ KVX__PRIV const kvx__backend kvx__ucx_backend = {
     KVX__F(name) "ucx",
     KVX__F(kind) KVX_BACKEND_UCX,
     KVX__F(completes_on_gpu) 0,
+    KVX__F(gpu_region_spans_allocations) 0,
     KVX__F(open) kvx__ucx_open,
     KVX__F(close) kvx__ucx_close,
     KVX__F(query) NULL,

@@ -13,6 +13,7 @@
 #     VMM and pool caches, verify mode, every kvx_bench option
 #   - UCX 1.22 with CUDA (build/gpu/ucx122): GPU caches read over UCX
 #     (cuda_ipc, and staged through the host as across hosts), byte-verified,
+#     also from Python with torch's allocation per layer,
 #     checked behind kvx_stream_wait; the transport chosen for cuMemAlloc,
 #     VMM and pool memory, and the warning where it is not cuda_ipc
 #   - the Python package on the machine's own Python and torch: CUDA
@@ -84,6 +85,15 @@ if [ -x $U/test_cuda ]; then
   entry "UCX GPU pack 1->1 HND random, staged (UCX_TLS=tcp,cuda_copy) (ucx 1.22)" 120 env UCX_TLS=tcp,cuda_copy KVX_BENCH_CUDA_MEM=malloc $ubench $small --random-blocks
   entry "UCX GPU pack 2->1 NHD random, VMM, staged (UCX_TLS=tcp,cuda_copy) (ucx 1.22)" 120 env UCX_TLS=tcp,cuda_copy KVX_BENCH_CUDA_MEM=vmm $ubench $small --random-blocks --prefill-tp 2 --layout NHD
   expect_fail "UCX GPU a planted wrong byte fails the run (ucx 1.22)" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 KVX_BENCH_CUDA_MEM=malloc $ubench $small --random-blocks
+  # kvx_bench's caches are one allocation each; torch gives each layer its
+  # own, often adjacent to the next: one UCX registration must not span two
+  # (cuda_ipc's key names one allocation; the other layers' reads then land
+  # another layer's bytes)
+  if [ -f $U/python/libkvx_cuda.so ] && python3 -c 'import torch' 2>/dev/null; then
+    entry "UCX GPU from Python: torch tensors, an allocation per layer, cuda_ipc gets on, HND and NHD, TP 1->1 and 2->1 (ucx 1.22)" 300 \
+      env PYTHONPATH=$PWD/$B/python $one python3 bench/peers/bench_peers.py --device cuda --rows kvx-ucx1.22-ipc-get --sizes 65536 \
+      --tp 1,2 --patterns random --layouts HND,NHD --request-bytes 8388608 --deadline-s 60 --strict --out $logdir/peers-ucx122
+  fi
 else
   entry "UCX 1.22 GPU programs are built (tests/gpu/build.sh with build/ucx122/prefix)" 10 test -x $U/test_cuda
 fi
