@@ -29,7 +29,11 @@ def version(backend: str) -> str:
     import ctypes as C
     v = "kvx 0.2"
     try:
-        if backend == "ofi":
+        if backend == "cuda":
+            d = C.c_int()
+            C.CDLL("libcuda.so.1").cuDriverGetVersion(C.byref(d))
+            v += " (CUDA backend), CUDA driver API %d.%d" % (d.value // 1000, d.value % 1000 // 10)
+        elif backend == "ofi":
             fi = C.CDLL("libfabric.so.1").fi_version()
             v += ", libfabric %d.%d" % (fi >> 16, fi & 0xFFFF)
         else:
