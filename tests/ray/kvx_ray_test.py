@@ -53,7 +53,7 @@ import kvx
 
 PROG = "kvx_ray_test"
 BACKENDS = {"UCX": "ucx", "LIBFABRIC": "ofi"}
-FAULTS = ("none", "kill-prefill", "kill-decode", "wrong-rank")
+FAULTS = ("none", "kill-prefill", "kill-decode", "wrong-rank", "duplicate-rank")
 # The environment that puts kvx on a node's own network path (two_nodes.sh sets it per node).
 NODE_ENV = ("KVX_HOST_ID", "UCX_TLS", "UCX_NET_DEVICES", "FI_PROVIDER", "FI_TCP_IFACE")
 NOTIFY_STRIDE = 1 << 16  # a notify id is request * NOTIFY_STRIDE + decode rank
@@ -797,6 +797,26 @@ class Run:
             raise RunFailed("wrong-rank: " + "; ".join(fails))
         return "wrong-rank: refused at once with its reason, on the prefill side and on the decode side"
 
+    def duplicate_rank(self) -> str:
+        """The last prefill rank claims rank 0, which rank 0 holds. kvx has no
+        check for two live contexts with one rank (a newer one is taken for a
+        restart of the older); the decode actors' own head check refuses it."""
+        o = self.o
+        self.place()
+        pc = list(range(o.prefill_tp))
+        pc[-1] = 0
+        self.pinfo = self.start_prefill(pc)
+        if any("refused" in i for i in self.pinfo):
+            raise RunFailed("duplicate-rank: a prefill context was refused: %s" % [i.get("refused") for i in self.pinfo])
+        say("  prefill actors %s claim ranks %s of TP %d: kvx accepts each (no context knows of the others)" % (list(range(o.prefill_tp)), pc, o.prefill_tp))
+        t0 = time.monotonic()
+        try:
+            self.dinfo = self.start_decode()
+        except RunFailed as e:
+            say("  the decode actors refused it in %.2f s: %s" % (time.monotonic() - t0, e))
+            return "duplicate-rank: refused when the decode side added the prefill peers (by kvx as stale keys, or by this test's head check)"
+        raise RunFailed("duplicate-rank: the decode actors accepted two prefill ranks 0")
+
     def refusal(self, side: str, infos: List[Dict[str, Any]], claimed: List[int], tp: int, dt: float) -> List[str]:
         fails = []
         for r, i in enumerate(infos):
@@ -846,6 +866,8 @@ def run(o: Opts) -> Tuple[int, str]:
     try:
         if o.fault == "wrong-rank":
             verdict = "TEST PASSED: " + r.wrong_rank()
+        elif o.fault == "duplicate-rank":
+            verdict = "TEST PASSED: " + r.duplicate_rank()
         else:
             r.setup()
             total, failures = r.iterations()
@@ -930,6 +952,8 @@ def bad_options(o: Opts) -> Optional[str]:
             return "%d KV heads do not divide over TP %d (heads must be a multiple of TP, or TP a multiple of heads)" % (o.heads, tp)
     if o.decode_tp >= NOTIFY_STRIDE:
         return "--decode-tp must be below %d" % NOTIFY_STRIDE
+    if o.fault == "duplicate-rank" and o.prefill_tp < 2:
+        return "duplicate-rank needs --prefill-tp 2 or more"
     if o.lease_ms < 100 or o.read_timeout_ms < 100:
         return "--lease-ms and --read-timeout-ms must be at least 100"
     return None
@@ -990,6 +1014,8 @@ def matrix_cases() -> List[Case]:
              "TEST PASSED"),
             ("fault %s: decode rank 0 killed (spread 1->2)" % backend.lower(), b + ["--fault", "kill-decode", "--decode-tp", "2"] + FAULT, "TEST PASSED"),
             ("fault %s: rank N of TP N (spread 2->2)" % backend.lower(), b + ["--fault", "wrong-rank", "--prefill-tp", "2", "--decode-tp", "2"] + FAULT,
+             "TEST PASSED"),
+            ("fault %s: two prefill ranks 0 (spread 2->1)" % backend.lower(), b + ["--fault", "duplicate-rank", "--prefill-tp", "2"] + FAULT,
              "TEST PASSED"),
             ("a planted wrong byte fails the run (spread %s 2->1 NHD)" % backend.lower(), b + ["--flip-byte", "--prefill-tp", "2", "--layout", "NHD"] + SMALL,
              "TEST FAILED: decode rank 0, iteration 2: 1 wrong bytes; first: prefill rank 0"),
