@@ -428,6 +428,9 @@ class DecodeRank:
 # --- the driver ------------------------------------------------------------------
 
 
+_ACTOR_CLASSES: Dict[type, Any] = {}
+
+
 class RunFailed(Exception):
     """The run could not go on: TEST FAILED (code 1) or could not start (2)."""
 
@@ -492,10 +495,12 @@ class Run:
         o = self.o
         assert self.pg is not None
         strat = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=bundle)
+        if cls not in _ACTOR_CLASSES:  # exported to the cluster once
+            _ACTOR_CLASSES[cls] = ray.remote(cls)
         # decode actors answer rounds() while read_loop runs
         conc = 2 if cls is DecodeRank else 1
-        return ray.remote(cls).options(num_cpus=1, max_concurrency=conc, scheduling_strategy=strat,
-                                       name=None, max_restarts=0).remote(asdict(o), rank, claimed)
+        return _ACTOR_CLASSES[cls].options(num_cpus=1, max_concurrency=conc, scheduling_strategy=strat,
+                                           max_restarts=0).remote(asdict(o), rank, claimed)
 
     def start_prefill(self, claimed: Optional[List[int]] = None) -> List[Dict[str, Any]]:
         o = self.o
