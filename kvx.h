@@ -153,7 +153,7 @@ extern "C" {
 
 #define KVX_VERSION_MAJOR 0
 #define KVX_VERSION_MINOR 2
-#define KVX_METADATA_VERSION 1
+#define KVX_METADATA_VERSION 2
 
 typedef enum kvx_status {
     KVX_OK = 0,
@@ -166,7 +166,8 @@ typedef enum kvx_status {
     KVX_ERR_PEER = -6,          /* the peer died or closed */
     KVX_ERR_TIMEOUT = -7,       /* a deadline passed */
     KVX_ERR_CORRUPT = -8,       /* metadata checksum or verified data wrong */
-    KVX_ERR_CANCELED = -9       /* the queue or peer was destroyed with the read in flight */
+    KVX_ERR_CANCELED = -9,      /* the queue or peer was destroyed with the read in flight */
+    KVX_ERR_STALE = -10         /* the owner retired a block the read expected (block generations) */
 } kvx_status;
 
 typedef enum kvx_backend {
@@ -262,6 +263,9 @@ typedef struct kvx_cache_desc {
     int checksums;              /* 1: keep a checksum per block, layer, K/V and head (kvx_cache_seal),
                                    published to peers; needed on both sides of a verified read.
                                    GPU caches: the CUDA backend only; the table lives on the GPU */
+    int generations;            /* 1: keep a generation per block (kvx_blocks_retire), published to
+                                   peers; needed on both sides of a read that carries generations.
+                                   The table is host memory; UCX, libfabric and local backends */
 } kvx_cache_desc;
 
 typedef struct kvx_queue_desc {
@@ -288,6 +292,11 @@ typedef struct kvx_read {
     uint32_t timeout_ms;        /* 0: the context's */
     uint32_t verify;            /* 0: off; N: after the read, check one block in N (1: all) against
                                    the producer's sealed checksums; a mismatch is KVX_ERR_CORRUPT */
+    const uint64_t *remote_generations; /* NULL: none; else one per remote block, as the owner's
+                                   kvx_block_generation gave them: after the data has landed the
+                                   read fetches the owner's current ones (into the local cache's
+                                   generation words of the local blocks) and any difference is
+                                   KVX_ERR_STALE. Copied at kvx_post. */
 } kvx_read;
 
 typedef struct kvx_completion {
@@ -339,6 +348,15 @@ KVX_API void        kvx_cache_deregister(kvx_cache *cache);
    cache is summed by a kernel on a stream of kvx's own: synchronize the
    streams that wrote the blocks first. */
 KVX_API kvx_status  kvx_cache_seal(kvx_cache *cache, const uint32_t *blocks, uint32_t n);
+/* Owner side, with kvx_cache_desc.generations: advance the generation of
+   blocks the engine frees or gives to another request. Call it before the
+   blocks are written again: a read that expected the old generation and
+   has not fetched the generations yet then fails with KVX_ERR_STALE, never
+   passes with the new bytes. */
+KVX_API kvx_status  kvx_blocks_retire(kvx_cache *cache, const uint32_t *ids, uint32_t n);
+/* A block's current generation (0 until first retired), to send with its id
+   in a request; UINT64_MAX for a cache without generations or an id past it. */
+KVX_API uint64_t    kvx_block_generation(const kvx_cache *cache, uint32_t id);
 
 /* buf NULL: *len gets the size. Else *len is buf's size on entry, the blob's on exit. */
 KVX_API kvx_status  kvx_metadata(kvx_ctx *ctx, void *buf, size_t *len);
@@ -368,6 +386,11 @@ KVX_API const volatile uint64_t *kvx_stream_status_ptr(kvx_queue *q, kvx_ticket 
 /* Owner side: declare that a notify id should arrive within timeout_ms; if it
    does not, an expired notification is delivered instead (exactly one of the two). */
 KVX_API kvx_status  kvx_notify_expect(kvx_ctx *ctx, uint64_t id, uint32_t timeout_ms);
+/* The same, and if it expires (the reader never said it is done), the lease's
+   blocks of cache are retired (kvx_blocks_retire): a reader that comes late
+   gets KVX_ERR_STALE, never the next request's bytes. */
+KVX_API kvx_status  kvx_notify_expect_retire(kvx_ctx *ctx, uint64_t id, uint32_t timeout_ms,
+                                             kvx_cache *cache, const uint32_t *ids, uint32_t n);
 KVX_API int         kvx_notifications(kvx_ctx *ctx, kvx_notification *out, int max);
 KVX_API int         kvx_progress(kvx_ctx *ctx);
 KVX_API void        kvx_stats_get(const kvx_ctx *ctx, kvx_stats *out);
@@ -474,8 +497,10 @@ typedef struct kvx__cache_info {
     uint16_t *plane_region;     /* nplanes */
     uint32_t nregions;
     kvx__region *regions;
-    uint32_t csum_region;       /* the checksum table's region (the last), or KVX__NO_CSUM */
+    uint32_t csum_region;       /* the checksum table's region (after the data's), or KVX__NO_CSUM */
     uint32_t *csum;             /* local host caches: the table, [layer][plane][block][head] */
+    uint32_t gen_region;        /* the generation table's region (the last), or KVX__NO_CSUM */
+    volatile uint64_t *gen;     /* local caches: the table, a word per block, in host memory */
     uint64_t csum_dev;          /* local GPU caches: the same table in device memory (kvx_cuda.h) */
     /* a peer's cache: how the backend reads it, set at connect */
     uint32_t be_flags;          /* the backend's own */
@@ -544,6 +569,10 @@ struct kvx__read {
     int gather;                 /* a block's pieces go as one op (the peer gathers; fixed at post) */
     int whole;                  /* went as one backend operation (post_read): its completion stands for all ops */
     uint32_t v_plane, v_run, v_blk, v_idx;
+    /* reads with generations: phase 1 once the data has landed, then a
+       cursor over runs; the expected words in the queue's ring */
+    int gen, gen_phase;
+    uint32_t g_run, g0, ngen;
     uint64_t ops_total, ops_issued, ops_done;
     uint32_t ops_out;
     uint64_t bytes, bytes_done;
@@ -567,6 +596,8 @@ struct kvx_queue {
     kvx_ticket run_tail;                /* oldest read still holding runs; reads not fully issued are >= it */
     kvx__run *runs;
     uint32_t run_head, run_used;        /* ring of merged runs, released in ticket order */
+    uint64_t *gens;                     /* expected generations (max_runs of them), released with the runs */
+    uint32_t gen_head, gen_used;
     kvx_ticket *done_fifo;
     uint32_t done_head, done_count;
     uint32_t ops_out;
@@ -577,7 +608,11 @@ struct kvx_queue {
 };
 
 typedef struct kvx__backend kvx__backend;
-typedef struct kvx__expect { uint64_t id, deadline_ns; } kvx__expect;
+typedef struct kvx__expect {
+    uint64_t id, deadline_ns;
+    kvx_cache *retire;          /* kvx_notify_expect_retire: its blocks, retired at expiry */
+    uint32_t *ids, nids;
+} kvx__expect;
 
 struct kvx_ctx {
     char name[KVX__MAX_NAME];
@@ -797,6 +832,7 @@ KVX_API const char *kvx_status_name(kvx_status s) {
     case KVX_ERR_TIMEOUT: return "KVX_ERR_TIMEOUT";
     case KVX_ERR_CORRUPT: return "KVX_ERR_CORRUPT";
     case KVX_ERR_CANCELED: return "KVX_ERR_CANCELED";
+    case KVX_ERR_STALE: return "KVX_ERR_STALE";
     }
     return "KVX_ERR_UNKNOWN";
 }
@@ -948,6 +984,7 @@ KVX__PRIV void kvx__cache_info_free(kvx_ctx *ctx, kvx__cache_info *c) {
     KVX_FREE(c->plane_base);
     KVX_FREE(c->plane_region);
     KVX_FREE(c->csum);
+    KVX_FREE((void *)(uintptr_t)c->gen);
     if (c->csum_dev) ctx->be_ops->csum_free(c);
     memset(c, 0, sizeof *c);
 }
@@ -1149,6 +1186,7 @@ KVX_API void kvx_ctx_destroy(kvx_ctx *ctx) {
     if (ctx->be_ops) ctx->be_ops->close(ctx);
     if (ctx->wake_pipe[0] >= 0) { close(ctx->wake_pipe[0]); close(ctx->wake_pipe[1]); }
     pthread_mutex_destroy(&ctx->lock);
+    while (ctx->nexpect) KVX_FREE(ctx->expect[--ctx->nexpect].ids);
     KVX_FREE(ctx->expect);
     KVX_FREE(ctx);
 }
@@ -1185,6 +1223,28 @@ KVX__PRIV kvx_status kvx__csum_table_add(kvx_ctx *ctx, kvx__cache_info *ci, uint
     if ((st = ctx->be_ops->mem_register(ctx, &table, &ci->regions[n])) != KVX_OK) return st;
     ci->nregions = n + 1;
     ci->csum_region = n;
+    return KVX_OK;
+}
+
+/* The generation table of a cache with generations: a word per block in host
+   memory whatever the cache's (the owner's CPU advances it, a reader's
+   transport fetches it), registered as host memory and published as the
+   cache's last region, n. */
+KVX__PRIV kvx_status kvx__gen_table_add(kvx_ctx *ctx, kvx__cache_info *ci, uint32_t n) {
+    uint64_t tb = (uint64_t)ci->lay.num_blocks * 8u;
+    kvx__cache_info table = *ci;
+    kvx_status st;
+    if (ctx->be_ops->kind == KVX_BACKEND_CUDA)
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "kvx_cache_register: block generations are read over UCX, libfabric or the local backend; "
+                         "the CUDA backend does not fetch them yet (turn generations off, or use a UCX context for these caches)");
+    if (!(ci->gen = (volatile uint64_t *)kvx__calloc(ci->lay.num_blocks, 8u)))
+        return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: no memory for a %llu-byte generation table", (unsigned long long)tb);
+    table.mem = KVX_MEM_HOST;
+    ci->regions[n].addr = (uint64_t)(uintptr_t)ci->gen;
+    ci->regions[n].len = tb;
+    if ((st = ctx->be_ops->mem_register(ctx, &table, &ci->regions[n])) != KVX_OK) return st;
+    ci->nregions = n + 1;
+    ci->gen_region = n;
     return KVX_OK;
 }
 
@@ -1245,8 +1305,8 @@ KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx
         else sp[n++] = sp[p];
     }
     if (n > KVX__MAX_REGIONS) { st = kvx__fail(ctx, KVX_ERR_ARG, "cache spans %u separate ranges, at most %u", n, KVX__MAX_REGIONS); goto fail; }
-    ci->csum_region = KVX__NO_CSUM;
-    ci->regions = (kvx__region *)kvx__calloc(n + (d->checksums ? 1u : 0u), sizeof *ci->regions);
+    ci->csum_region = ci->gen_region = KVX__NO_CSUM;
+    ci->regions = (kvx__region *)kvx__calloc(n + (d->checksums ? 1u : 0u) + (d->generations ? 1u : 0u), sizeof *ci->regions);
     if (!ci->regions) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: out of memory"); goto fail; }
     for (i = 0; i < n; i++) {
         ci->regions[i].addr = sp[i].a;
@@ -1256,6 +1316,7 @@ KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx
         ci->nregions = i + 1;
     }
     if (d->checksums && (st = kvx__csum_table_add(ctx, ci, n)) != KVX_OK) goto fail;
+    if (d->generations && (st = kvx__gen_table_add(ctx, ci, ci->nregions)) != KVX_OK) goto fail;
     if ((st = kvx__planes_locate(ctx, ci, "kvx_cache_register")) != KVX_OK) goto fail;
     ctx->caches[ctx->ncaches++] = c;
     KVX__LOG(ctx, KVX_LOG_INFO, "cache %u: %u layers x %u planes x %u blocks of %llu bytes, %u registration(s)", ci->id,
@@ -1288,6 +1349,8 @@ KVX_API void kvx_cache_deregister(kvx_cache *c) {
             ctx->ncaches--;
             break;
         }
+    for (i = 0; i < ctx->nexpect; i++)  /* leases on its blocks expire without retiring them */
+        if (ctx->expect[i].retire == c) ctx->expect[i].retire = NULL;
     for (i = 0; i < c->info.nregions; i++) ctx->be_ops->mem_deregister(ctx, &c->info.regions[i]);
     pthread_mutex_unlock(&ctx->lock);
     kvx__cache_info_free(ctx, &c->info);
@@ -1359,6 +1422,7 @@ KVX__PRIV void kvx__peer_free(kvx_peer *p) {
 KVX__PRIV void kvx__read_finish(kvx__read *rd);
 KVX__PRIV void kvx__runs_release(kvx_queue *q);
 KVX__PRIV kvx_status kvx__verify(kvx__read *rd);
+KVX__PRIV kvx_status kvx__gen_check(kvx__read *rd);
 
 /* Fail every read of peer p that is still live, after closing p by force.
    Returns how many reads the transport still holds (0 unless it broke its
@@ -1498,9 +1562,12 @@ KVX__PRIV void kvx__runs_release(kvx_queue *q) {
     while (q->run_tail < q->next_ticket) {
         kvx__read *rd = kvx__slot(q, q->run_tail);
         KVX_ASSERT(rd->ticket == q->run_tail);
-        if (!rd->issuing_done || (rd->verify && !rd->done)) break;  /* verification walks the runs */
+        /* verification and the generation check walk the runs */
+        if (!rd->issuing_done || ((rd->verify || rd->gen) && !rd->done)) break;
         q->run_used -= rd->nruns;
         rd->nruns = 0;
+        q->gen_used -= rd->ngen;
+        rd->ngen = 0;
         q->run_tail++;
         kvx__retire(q, rd);
     }
@@ -1525,6 +1592,16 @@ KVX__PRIV void kvx__read_finish(kvx__read *rd) {
     kvx_queue *q = rd->q;
     kvx_ctx *ctx = q->ctx;
     if (rd->done || !rd->issuing_done || rd->ops_out) return;
+    if (rd->gen && rd->status == KVX_PENDING) {
+        if (!rd->gen_phase) {
+            /* The data has landed: only now fetch the owner's generations, so
+               that a retire before or during the data's reads cannot pass. */
+            rd->gen_phase = 1;
+            rd->issuing_done = 0;
+            return;
+        }
+        rd->status = kvx__gen_check(rd);
+    }
     if (rd->status == KVX_PENDING) rd->status = rd->verify ? kvx__verify(rd) : KVX_OK;
     rd->done = 1;
     if (rd->status == KVX_OK) {
@@ -1576,10 +1653,47 @@ KVX__PRIV void kvx__op_done(kvx__read *rd, kvx_status st, const char *why) {
 }
 
 /* The op at the read's cursor; 0 when every op has been issued. */
+/* The generation fetch: one op per run of blocks, the owner's words of the
+   remote blocks into our words of the local ones. */
+KVX__PRIV int kvx__gcursor_op(kvx__read *rd, const kvx__run *runs, uint32_t cap, kvx__op *op) {
+    const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
+    const kvx__run *run;
+    if (rd->g_run >= rd->nruns) return 0;
+    run = &runs[(rd->run0 + rd->g_run) % cap];
+    op->count = 1;
+    op->lstride = op->rstride = 0;
+    op->lreg = lc->gen_region;
+    op->rreg = rc->gen_region;
+    op->laddr = lc->regions[lc->gen_region].addr + 8u * (uint64_t)run->l;
+    op->raddr = rc->regions[rc->gen_region].addr + 8u * (uint64_t)run->r;
+    op->len = 8u * (uint64_t)run->n;
+    return 1;
+}
+
+/* After the fetch: every local block's word against what the read expected. */
+KVX__PRIV kvx_status kvx__gen_check(kvx__read *rd) {
+    kvx_queue *q = rd->q;
+    const kvx__cache_info *lc = rd->lc;
+    uint32_t r, b, idx = 0;
+    for (r = 0; r < rd->nruns; r++) {
+        const kvx__run *run = &q->runs[(rd->run0 + r) % q->max_runs];
+        for (b = 0; b < run->n; b++, idx++) {
+            uint64_t want = q->gens[(rd->g0 + idx) % q->max_runs], got = lc->gen[run->l + b];
+            if (got != want)
+                return kvx__fail(q->ctx, KVX_ERR_STALE, "read %llu from %s/%d over %s: remote block %u (local %u, layers %u-%u): generation %llu "
+                                 "expected, %llu found: the owner retired it (kvx_blocks_retire) before or during the read, so what landed may be "
+                                 "another request's", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, rd->peer->transport,
+                                 run->r + b, run->l + b, rd->layer_begin, rd->layer_end - 1, (unsigned long long)want, (unsigned long long)got);
+        }
+    }
+    return KVX_PENDING;
+}
+
 KVX__PRIV int kvx__cursor_op(kvx__read *rd, const kvx__run *runs, uint32_t cap, kvx__op *op) {
     const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
     const kvx__run *run;
     uint32_t p = rd->c_plane;
+    if (rd->gen_phase) return kvx__gcursor_op(rd, runs, cap, op);
     if (p >= rd->layer_end * lc->lay.kv_planes) return rd->verify ? kvx__vcursor_op(rd, runs, cap, op) : 0;
     run = &runs[(rd->run0 + rd->c_run) % cap];
     op->lreg = lc->plane_region[p];
@@ -1604,6 +1718,7 @@ KVX__PRIV int kvx__cursor_op(kvx__read *rd, const kvx__run *runs, uint32_t cap, 
 }
 
 KVX__PRIV void kvx__cursor_next(kvx__read *rd, const kvx__run *runs, uint32_t cap) {
+    if (rd->gen_phase) { rd->g_run++; return; }
     if (rd->c_plane >= rd->layer_end * rd->lc->lay.kv_planes) { kvx__vcursor_next(rd, runs, cap); return; }
     if (!rd->g.run_merge) {
         if (!rd->gather && ++rd->c_piece < rd->g.npieces) return;
@@ -1631,6 +1746,42 @@ KVX_API kvx_status kvx_cache_seal(kvx_cache *cache, const uint32_t *blocks, uint
     if (ci->csum_dev) return n ? ctx->be_ops->csum_seal(ctx, ci, blocks, n) : KVX_OK;
     kvx__seal_host(ci, blocks, n);
     return KVX_OK;
+}
+
+/* Every id checked before any word moves: a bad id retires nothing. */
+KVX__PRIV kvx_status kvx__retire_check(kvx_ctx *ctx, const kvx__cache_info *ci, const uint32_t *ids, uint32_t n, const char *who) {
+    uint32_t i;
+    if (!ci->gen) return kvx__fail(ctx, KVX_ERR_ARG, "%s: cache %u was registered without generations", who, ci->id);
+    if (n && !ids) return kvx__fail(ctx, KVX_ERR_ARG, "%s: %u blocks and a NULL table", who, n);
+    for (i = 0; i < n; i++)
+        if (ids[i] >= ci->lay.num_blocks)
+            return kvx__fail(ctx, KVX_ERR_ARG, "%s: block id %u at index %u is past the cache's %u blocks", who, ids[i], i, ci->lay.num_blocks);
+    return KVX_OK;
+}
+
+KVX__PRIV void kvx__retire_blocks(kvx__cache_info *ci, const uint32_t *ids, uint32_t n) {
+    uint32_t i;
+    for (i = 0; i < n; i++) ci->gen[ids[i]] = ci->gen[ids[i]] + 1u;
+    /* The new words before any write the engine makes to the blocks next. */
+#if defined(__GNUC__) || defined(__clang__)
+    __sync_synchronize();
+#endif
+}
+
+KVX_API kvx_status kvx_blocks_retire(kvx_cache *cache, const uint32_t *ids, uint32_t n) {
+    kvx_ctx *ctx;
+    kvx_status st;
+    if (!cache) return KVX_ERR_ARG;
+    ctx = cache->ctx;
+    pthread_mutex_lock(&ctx->lock);  /* one writer of the words: this and lease expiry */
+    if ((st = kvx__retire_check(ctx, &cache->info, ids, n, "kvx_blocks_retire")) == KVX_OK) kvx__retire_blocks(&cache->info, ids, n);
+    pthread_mutex_unlock(&ctx->lock);
+    return st;
+}
+
+KVX_API uint64_t kvx_block_generation(const kvx_cache *cache, uint32_t id) {
+    if (!cache || !cache->info.gen || id >= cache->info.lay.num_blocks) return UINT64_MAX;
+    return cache->info.gen[id];
 }
 
 /* After a verified read: host caches are checked here, others by the
@@ -1775,11 +1926,15 @@ KVX__PRIV kvx_status kvx__post_check(kvx_queue *q, const kvx_read *r, kvx__read 
             return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: a verified read needs checksums on both caches (kvx_cache_desc.checksums): ours %s, peer %s/%d's %s",
                              lc->csum || lc->csum_dev ? "on" : "off", p->name, p->rank, rc->csum_region == KVX__NO_CSUM ? "off" : "on");
     }
+    if (r->remote_generations && (!lc->gen || rc->gen_region == KVX__NO_CSUM))
+        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: a read that carries generations needs them on both caches (kvx_cache_desc.generations): "
+                         "ours %s, peer %s/%d's %s", lc->gen ? "on" : "off", p->name, p->rank, rc->gen_region == KVX__NO_CSUM ? "off" : "on");
     memset(rd, 0, sizeof *rd);
     rd->peer = p;
     rd->lc = lc;
     rd->rc = rc;
     rd->verify = r->verify;
+    rd->gen = r->remote_generations != NULL;
     rd->h_a = a; rd->h_b = b; rd->h_l0 = l0; rd->h_r0 = r0;
     kvx__geom_make(lc, l0, rc, r0, a, b, &rd->g);
     rd->layer_begin = r->layer_begin;
@@ -1811,6 +1966,21 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
         kvx__fail(ctx, KVX_PENDING, "kvx_post: queue full: %u of %u run slots held by reads in flight", q->run_used, q->max_runs);
         goto out;
     }
+    if (tmp.gen) {
+        if (r->num_blocks > q->max_runs) {
+            st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: %u blocks with generations, the queue holds %u (kvx_queue_desc.max_runs)", r->num_blocks, q->max_runs);
+            goto out;
+        }
+        if (!q->gens && !(q->gens = (uint64_t *)kvx__calloc(q->max_runs, sizeof *q->gens))) {  /* once per queue */
+            st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_post: no memory for the queue's expected generations");
+            goto out;
+        }
+        if (q->max_runs - q->gen_used < r->num_blocks) {
+            st = KVX_PENDING;
+            kvx__fail(ctx, KVX_PENDING, "kvx_post: queue full: %u of %u generation slots held by reads in flight", q->gen_used, q->max_runs);
+            goto out;
+        }
+    }
     *rd = tmp;
     rd->q = q;
     rd->ticket = q->next_ticket++;
@@ -1827,10 +1997,17 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
     }
     q->run_head = (q->run_head + nruns) % q->max_runs;
     q->run_used += nruns;
+    if (rd->gen) {
+        rd->g0 = q->gen_head;
+        rd->ngen = r->num_blocks;
+        for (i = 0; i < r->num_blocks; i++) q->gens[(rd->g0 + i) % q->max_runs] = r->remote_generations[i];
+        q->gen_head = (q->gen_head + r->num_blocks) % q->max_runs;
+        q->gen_used += r->num_blocks;
+    }
     planes = (rd->layer_end - rd->layer_begin) * rd->lc->lay.kv_planes;
     rd->gather = rd->rc->gather && !rd->g.run_merge && rd->g.npieces > 1;
     per_plane_ops = rd->g.run_merge ? nruns : (uint64_t)r->num_blocks * (rd->gather ? 1u : rd->g.npieces);
-    rd->ops_total = per_plane_ops * planes;
+    rd->ops_total = per_plane_ops * planes + (rd->gen ? nruns : 0u);
     if (rd->verify) {  /* one small read of checksums per sampled block and plane */
         rd->ops_total += (uint64_t)kvx__sample_count(rd, r->num_blocks) * planes;
         rd->v_plane = rd->layer_begin * rd->lc->lay.kv_planes;
@@ -1895,7 +2072,7 @@ KVX__PRIV void kvx__notify_arrived(kvx_ctx *ctx, const uint8_t *m, size_t len) {
     if (!kvx__notify_msg_read(m, &id, &rank)) { KVX__LOG(ctx, KVX_LOG_WARN, "notification with a bad magic dropped"); return; }
     ctx->st.notifications_received++;
     for (i = 0; i < ctx->nexpect; i++)
-        if (ctx->expect[i].id == id) { ctx->expect[i] = ctx->expect[--ctx->nexpect]; break; }
+        if (ctx->expect[i].id == id) { KVX_FREE(ctx->expect[i].ids); ctx->expect[i] = ctx->expect[--ctx->nexpect]; break; }
     if (i == ctx->nexpect) {
         /* Not expected: unless it already expired, in which case it is late and
            the owner has had its one notification. */
@@ -1905,21 +2082,40 @@ KVX__PRIV void kvx__notify_arrived(kvx_ctx *ctx, const uint8_t *m, size_t len) {
     kvx__notify_push(ctx, id, KVX_OK, (int)rank);
 }
 
-KVX_API kvx_status kvx_notify_expect(kvx_ctx *ctx, uint64_t id, uint32_t timeout_ms) {
+KVX_API kvx_status kvx_notify_expect_retire(kvx_ctx *ctx, uint64_t id, uint32_t timeout_ms,
+                                            kvx_cache *cache, const uint32_t *ids, uint32_t n) {
+    const char *who = cache ? "kvx_notify_expect_retire" : "kvx_notify_expect";
+    uint32_t *copy = NULL, i;
+    kvx_status st = KVX_OK;
     if (!ctx) return KVX_ERR_ARG;
     pthread_mutex_lock(&ctx->lock);
+    if (cache) {
+        for (i = 0; i < ctx->ncaches && ctx->caches[i] != cache; i++) {}
+        if (i == ctx->ncaches) { st = kvx__fail(ctx, KVX_ERR_ARG, "%s: cache is not registered with this context", who); goto out; }
+        if ((st = kvx__retire_check(ctx, &cache->info, ids, n, who)) != KVX_OK) goto out;
+        if (n && !(copy = (uint32_t *)KVX_MALLOC((size_t)n * sizeof *copy))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", who); goto out; }
+        if (n) memcpy(copy, ids, (size_t)n * sizeof *copy);
+    }
     if (ctx->nexpect == ctx->expect_cap) {
         uint32_t cap = ctx->expect_cap ? ctx->expect_cap * 2 : 64;
-        void *n = KVX_REALLOC(ctx->expect, (size_t)cap * sizeof *ctx->expect);
-        if (!n) { pthread_mutex_unlock(&ctx->lock); return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_notify_expect: out of memory"); }
-        ctx->expect = (kvx__expect *)n;
+        void *nx = KVX_REALLOC(ctx->expect, (size_t)cap * sizeof *ctx->expect);
+        if (!nx) { KVX_FREE(copy); st = kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", who); goto out; }
+        ctx->expect = (kvx__expect *)nx;
         ctx->expect_cap = cap;
     }
     ctx->expect[ctx->nexpect].id = id;
     ctx->expect[ctx->nexpect].deadline_ns = kvx__now_ns() + (uint64_t)(timeout_ms ? timeout_ms : ctx->timeout_ms) * 1000000ull;
+    ctx->expect[ctx->nexpect].retire = cache;
+    ctx->expect[ctx->nexpect].ids = copy;
+    ctx->expect[ctx->nexpect].nids = cache ? n : 0;
     ctx->nexpect++;
+out:
     pthread_mutex_unlock(&ctx->lock);
-    return KVX_OK;
+    return st;
+}
+
+KVX_API kvx_status kvx_notify_expect(kvx_ctx *ctx, uint64_t id, uint32_t timeout_ms) {
+    return kvx_notify_expect_retire(ctx, id, timeout_ms, NULL, NULL, 0);
 }
 
 /* One pass: transport progress, failed peers, deadlines, issuing, expiries.
@@ -1946,8 +2142,12 @@ KVX__PRIV uint64_t kvx__progress_locked(kvx_ctx *ctx, int *events) {
     }
     for (i = 0; i < ctx->nexpect;) {
         if (now >= ctx->expect[i].deadline_ns) {
-            ctx->expired[ctx->expired_head++ % KVX__EXPIRED_MEMORY] = ctx->expect[i].id + 1;
-            kvx__notify_push(ctx, ctx->expect[i].id, KVX_ERR_TIMEOUT, -1);
+            kvx__expect *e = &ctx->expect[i];
+            ctx->expired[ctx->expired_head++ % KVX__EXPIRED_MEMORY] = e->id + 1;
+            /* before the owner hears of it, so it cannot reuse the blocks first */
+            if (e->retire) kvx__retire_blocks(&e->retire->info, e->ids, e->nids);
+            kvx__notify_push(ctx, e->id, KVX_ERR_TIMEOUT, -1);
+            KVX_FREE(e->ids);
             ctx->expect[i] = ctx->expect[--ctx->nexpect];
         } else {
             if (!next || ctx->expect[i].deadline_ns < next) next = ctx->expect[i].deadline_ns;
@@ -2152,6 +2352,7 @@ KVX_API void kvx_queue_destroy(kvx_queue *q) {
     pthread_cond_destroy(&q->cond);
     KVX_FREE(q->slots);
     KVX_FREE(q->runs);
+    KVX_FREE(q->gens);
     KVX_FREE(q->done_fifo);
     KVX_FREE(q);
 }

@@ -92,7 +92,8 @@ KVX__PRIV void kvx__put_cache(kvx__wbuf *w, const kvx__cache_info *c) {
     kvx__put_u(w, l->num_heads, 4); kvx__put_u(w, l->head_dim, 4); kvx__put_u(w, l->elem_bytes, 4);
     kvx__put_u(w, l->total_heads, 4);
     kvx__put_u(w, (uint64_t)l->order, 1); kvx__put_u(w, l->kv_planes, 1);
-    kvx__put_u(w, (uint64_t)c->mem, 1); kvx__put_u(w, c->csum_region != KVX__NO_CSUM, 1);
+    kvx__put_u(w, (uint64_t)c->mem, 1);
+    kvx__put_u(w, (c->csum_region != KVX__NO_CSUM ? 1u : 0u) | (c->gen_region != KVX__NO_CSUM ? 2u : 0u), 1);
     kvx__put_u(w, (uint64_t)(uint32_t)c->device, 4);
     kvx__put_u(w, c->block_stride, 8);
     kvx__put_u(w, c->nregions, 4);
@@ -106,7 +107,7 @@ KVX__PRIV void kvx__put_cache(kvx__wbuf *w, const kvx__cache_info *c) {
 
 KVX__PRIV kvx_status kvx__get_cache(kvx_ctx *ctx, kvx__rbuf *r, kvx__cache_info *c, int tp_size, const char *who) {
     kvx_layout *l = &c->lay;
-    uint32_t i, n;
+    uint32_t i, n, tables;
     kvx_status st;
     char what[160];
     c->id = (uint32_t)kvx__get_u(r, 4);
@@ -116,7 +117,8 @@ KVX__PRIV kvx_status kvx__get_cache(kvx_ctx *ctx, kvx__rbuf *r, kvx__cache_info 
     l->total_heads = (uint32_t)kvx__get_u(r, 4);
     l->order = (kvx_order)kvx__get_u(r, 1); l->kv_planes = (uint32_t)kvx__get_u(r, 1);
     c->mem = (kvx_mem)kvx__get_u(r, 1);
-    c->csum_region = kvx__get_u(r, 1) ? 0 : KVX__NO_CSUM;  /* the last region, once the count is known */
+    tables = (uint32_t)kvx__get_u(r, 1);  /* bit 0: checksums, bit 1: generations; the last regions */
+    c->csum_region = c->gen_region = KVX__NO_CSUM;
     c->device = (int)(uint32_t)kvx__get_u(r, 4);
     c->block_stride = kvx__get_u(r, 8);
     c->nregions = (uint32_t)kvx__get_u(r, 4);
@@ -157,12 +159,24 @@ KVX__PRIV kvx_status kvx__get_cache(kvx_ctx *ctx, kvx__rbuf *r, kvx__cache_info 
     }
     for (i = 0; i < c->nplanes; i++) c->plane_base[i] = kvx__get_u(r, 8);
     if (r->bad) return kvx__fail(ctx, KVX_ERR_ARG, "%s: truncated in plane table", what);
-    if (c->csum_region != KVX__NO_CSUM) {
+    if (tables & ~3u) return kvx__fail(ctx, KVX_ERR_ARG, "%s: unknown table flags 0x%x", what, tables);
+    n = c->nregions;
+    if (n < 1u + (tables & 1u) + (tables >> 1))
+        return kvx__fail(ctx, KVX_ERR_ARG, "%s: %u regions cannot hold the data and its %s", what, n,
+                         tables == 3 ? "checksum and generation tables" : tables == 1 ? "checksum table" : "generation table");
+    if (tables & 2u) {
+        uint64_t need = (uint64_t)l->num_blocks * 8u;
+        c->gen_region = --n;
+        if (c->regions[c->gen_region].len < need)
+            return kvx__fail(ctx, KVX_ERR_ARG, "%s: generation table of %llu bytes where %llu are needed", what,
+                             (unsigned long long)c->regions[c->gen_region].len, (unsigned long long)need);
+    }
+    if (tables & 1u) {
         uint64_t need = (uint64_t)c->nplanes * l->num_blocks * l->num_heads * 4u;
-        c->csum_region = c->nregions - 1;
-        if (c->nregions < 2 || c->regions[c->csum_region].len < need)
+        c->csum_region = --n;
+        if (c->regions[c->csum_region].len < need)
             return kvx__fail(ctx, KVX_ERR_ARG, "%s: checksum table of %llu bytes where %llu are needed", what,
-                             (unsigned long long)(c->nregions < 2 ? 0 : c->regions[c->csum_region].len), (unsigned long long)need);
+                             (unsigned long long)c->regions[c->csum_region].len, (unsigned long long)need);
     }
     return kvx__planes_locate(ctx, c, what);
 }

@@ -81,6 +81,12 @@ class CanceledError(Error):
     status = -9
 
 
+class StaleError(Error):
+    """KVX_ERR_STALE: the owner retired a block the read expected (block
+    generations): what landed may be another request's."""
+    status = -10
+
+
 class QueueFullError(Error):
     """kvx_post's KVX_PENDING: the queue holds depth reads not yet reported;
     poll (or wait) some, then post again."""
@@ -88,7 +94,7 @@ class QueueFullError(Error):
 
 
 _ERRORS = {c.status: c for c in (ArgumentError, NoMemoryError, UnsupportedError, MismatchError, BackendError,
-                                  PeerError, TimeoutError, CorruptError, CanceledError, QueueFullError)}
+                                  PeerError, TimeoutError, CorruptError, CanceledError, StaleError, QueueFullError)}
 _OK, _PENDING = 0, 1
 
 # --- the library ----------------------------------------------------------------
@@ -183,7 +189,7 @@ class _Layout(C.Structure):
 class _CacheDesc(C.Structure):
     _fields_ = [("layout", _Layout), ("mem", C.c_int), ("device", C.c_int), ("bases", C.POINTER(C.c_void_p)),
                 ("pool", C.c_void_p), ("layer_stride", C.c_uint64), ("plane_stride", C.c_uint64),
-                ("block_stride", C.c_uint64), ("checksums", C.c_int)]
+                ("block_stride", C.c_uint64), ("checksums", C.c_int), ("generations", C.c_int)]
 
 
 class _QueueCuda(C.Structure):
@@ -200,7 +206,7 @@ class _Read(C.Structure):
                 ("local_blocks", C.c_void_p), ("remote_blocks", C.c_void_p),
                 ("num_blocks", C.c_uint32), ("layer_begin", C.c_uint32), ("layer_count", C.c_uint32),
                 ("notify", C.c_int), ("notify_id", C.c_uint64), ("user_tag", C.c_uint64),
-                ("timeout_ms", C.c_uint32), ("verify", C.c_uint32)]
+                ("timeout_ms", C.c_uint32), ("verify", C.c_uint32), ("remote_generations", C.c_void_p)]
 
 
 class _Completion(C.Structure):
@@ -249,6 +255,8 @@ def _load() -> C.CDLL:
         "kvx_cache_register": (I, [P, C.POINTER(_CacheDesc), C.POINTER(P)]),
         "kvx_cache_deregister": (None, [P]),
         "kvx_cache_seal": (I, [P, C.POINTER(U32), U32]),
+        "kvx_blocks_retire": (I, [P, C.POINTER(U32), U32]),
+        "kvx_block_generation": (U64, [P, U32]),
         "kvx_metadata": (I, [P, P, C.POINTER(C.c_size_t)]),
         "kvx_peer_add": (I, [P, C.c_char_p, C.c_size_t, C.POINTER(P)]),
         "kvx_peer_remove": (None, [P]),
@@ -265,6 +273,7 @@ def _load() -> C.CDLL:
         "kvx_stream_wait": (I, [P, U64, P]),
         "kvx_stream_status_ptr": (P, [P, U64]),
         "kvx_notify_expect": (I, [P, U64, U32]),
+        "kvx_notify_expect_retire": (I, [P, U64, U32, P, C.POINTER(U32), U32]),
         "kvx_notifications": (I, [P, C.POINTER(_Notification), I]),
         "kvx_progress": (I, [P]),
         "kvx_stats_get": (None, [P, C.POINTER(_Stats)]),
@@ -415,6 +424,24 @@ class Cache:
         """Record the checksums of these blocks (caches registered with checksums=True)."""
         arr, n = _u32_array(blocks)
         _check(_load().kvx_cache_seal(self.handle, arr, n), self._ctx._handle, "seal")
+
+    def retire(self, blocks: Sequence[int]) -> None:
+        """Advance the generation of blocks being freed or given to another
+        request (caches registered with generations=True), before they are
+        written again: a read that expected the old one fails with StaleError."""
+        arr, n = _u32_array(blocks)
+        _check(_load().kvx_blocks_retire(self.handle, arr, n), self._ctx._handle, "retire")
+
+    def generation(self, block: int) -> int:
+        """A block's current generation, to send with its id in a request."""
+        g = int(_load().kvx_block_generation(self.handle, int(block)))
+        if g == (1 << 64) - 1:
+            raise ArgumentError("generation: block %r is past the cache's %d blocks, or the cache has no generations"
+                                % (block, self.num_blocks), -1)
+        return g
+
+    def generations(self, blocks: Sequence[int]) -> List[int]:
+        return [self.generation(b) for b in blocks]
 
     def deregister(self) -> None:
         """Give the memory back to the engine; drops the references."""
@@ -601,10 +628,13 @@ class Queue:
 
     def read(self, peer: Peer, local_blocks: Any, remote_blocks: Any, cache: Optional[Cache] = None,
              remote_cache: int = 0, layers: Optional[Tuple[int, int]] = None, notify_id: Optional[int] = None,
-             timeout_ms: Optional[int] = None, verify: int = 0, tag: int = 0) -> Ticket:
+             timeout_ms: Optional[int] = None, verify: int = 0, tag: int = 0,
+             remote_generations: Optional[Sequence[int]] = None) -> Ticket:
         """Post a read of remote_blocks of peer's cache into local_blocks of
         cache (default: the context's first). layers: (first, count). Every id
-        is checked against both layouts before anything is posted."""
+        is checked against both layouts before anything is posted.
+        remote_generations: the owner's generation of each remote block, as it
+        sent them; a block retired since fails the read with StaleError."""
         la, laddr, n = _u32_ids(local_blocks)
         ra, raddr, m = _u32_ids(remote_blocks)  # la and ra live until kvx_post returns: it copies the table
         if n != m:
@@ -624,6 +654,13 @@ class Queue:
             rd.timeout_ms = timeout_ms
         if verify:
             rd.verify = verify
+        gens = None
+        if remote_generations is not None:
+            gl = [int(g) for g in remote_generations]
+            if len(gl) != n or any(g < 0 or g >= 1 << 64 for g in gl):
+                raise ArgumentError("read: %d remote generations (each in [0, 2**64)) for %d blocks" % (len(gl), n), -1)
+            gens = (C.c_uint64 * max(n, 1))(*gl)  # lives until kvx_post returns: it copies them
+            rd.remote_generations = C.addressof(gens)
         st = _load().kvx_post(self.handle, rd, self._ticket_ref)
         if st:
             _raise(st, self._ctx._handle, "read")
@@ -717,7 +754,7 @@ class Context:
         return self._h
 
     def register_cache(self, kv_caches: Any, layout: str = "NHD", total_heads: Optional[int] = None,
-                       checksums: bool = False) -> Cache:
+                       checksums: bool = False, generations: bool = False) -> Cache:
         """Register one tensor or array per layer (a list; a single one is one
         layer) in vLLM's layout "NHD", "HND" or "MLA". total_heads: the
         model's KV heads, when fewer than tp_size (replicated heads)."""
@@ -743,6 +780,7 @@ class Context:
         d.bases = bases
         d.block_stride = block_stride
         d.checksums = 1 if checksums else 0
+        d.generations = 1 if generations else 0
         h = C.c_void_p()
         _check(_load().kvx_cache_register(self.handle, C.byref(d), C.byref(h)), self._h, "register_cache")
         c = Cache(self, _made(h), items, layout, lay, len(self.caches))
@@ -780,9 +818,17 @@ class Context:
         self.queues.append(q)
         return q
 
-    def expect(self, notify_id: int, timeout_ms: int) -> None:
-        """Owner side: notify_id should arrive within timeout_ms, else an expired notification comes."""
-        _check(_load().kvx_notify_expect(self.handle, int(notify_id), int(timeout_ms)), self._h, "expect")
+    def expect(self, notify_id: int, timeout_ms: int, retire: Optional[Tuple[Cache, Sequence[int]]] = None) -> None:
+        """Owner side: notify_id should arrive within timeout_ms, else an
+        expired notification comes. retire=(cache, blocks): at expiry those
+        blocks are retired too, so a late reader gets StaleError."""
+        if retire is None:
+            _check(_load().kvx_notify_expect(self.handle, int(notify_id), int(timeout_ms)), self._h, "expect")
+            return
+        cache, blocks = retire
+        arr, n = _u32_array(blocks)
+        _check(_load().kvx_notify_expect_retire(self.handle, int(notify_id), int(timeout_ms), cache.handle, arr, n),
+               self._h, "expect")
 
     def notifications(self, max_notifications: int = 256) -> List[Notification]:
         out = (_Notification * max_notifications)()

@@ -1,5 +1,6 @@
 /* Writes real metadata blobs of every compiled backend into a folder: the
-   fuzzer's seed corpus. Several layouts, TP ranks and cache counts. */
+   fuzzer's seed corpus. Several layouts, TP ranks and cache counts, with
+   and without checksum and generation tables. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -31,7 +32,12 @@ int main(int argc, char **argv) {
                 cd.layout.num_heads = v == 3 ? 1 : 2; cd.layout.total_heads = v == 3 ? 1 : 0;
                 cd.layout.head_dim = 16; cd.layout.elem_bytes = 2; cd.layout.order = v & 2 ? KVX_ORDER_NHD : KVX_ORDER_HND;
                 cd.pool = mem[k]; cd.layer_stride = 4096; cd.plane_stride = 2048;
-                kvx_cache_register(ctx, &cd, &c);
+                /* the tables after the data's regions: checksums, generations, both */
+                cd.checksums = v == 2 || v == 3; cd.generations = v & 1;
+                if (kvx_cache_register(ctx, &cd, &c) != KVX_OK) {   /* a backend without them */
+                    cd.checksums = cd.generations = 0;
+                    kvx_cache_register(ctx, &cd, &c);
+                }
             }
             kvx_metadata(ctx, NULL, &len);
             md = malloc(len);

@@ -380,3 +380,85 @@ def test_verify_mode_sealed_blocks():
         src[1, 7, 0, 0, 0] ^= 1  # changed after sealing
         with pytest.raises(kvx.CorruptError):
             q.read(peer, [3], [7], verify=1).wait(5000)
+
+
+def gen_owner(conn, backend):
+    """A producer with block generations: answers ("gens", ids), ("retire",
+    ids) and ("lease", id, ms, ids) until told to go."""
+    src = global_cache("NHD", 0, 4, np.uint16)
+    with kvx.Context("prefill", backend=backend, timeout_ms=5000) as ctx:
+        cache = ctx.register_cache([src], layout="NHD", generations=True)
+        conn.send(ctx.metadata())
+        while True:
+            if not conn.poll(0.05):
+                ctx.notifications()
+                continue
+            msg = conn.recv()
+            if msg[0] == "gens":
+                conn.send(cache.generations(msg[1]))
+            elif msg[0] == "retire":
+                cache.retire(msg[1])
+                conn.send("ok")
+            elif msg[0] == "lease":
+                ctx.expect(msg[1], msg[2], retire=(cache, msg[3]))
+                conn.send("ok")
+            else:
+                break
+
+
+@pytest.mark.parametrize("backend", ["ucx", "ofi"])
+def test_block_generations(backend, monkeypatch):
+    """Reads that carry the owner's block generations, between processes:
+    current ones pass, every byte checked; a block retired since is
+    kvx.StaleError naming it; a lease that expires retires its blocks, so a
+    late reader is stale too."""
+    if backend not in kvx.backends():
+        pytest.skip("this kvx library has no %s backend" % backend)
+    monkeypatch.setenv("FI_PROVIDER", "tcp")
+    monkeypatch.setenv("FI_TCP_IFACE", "lo")
+    conn, child = SPAWN.Pipe()
+    proc = SPAWN.Process(target=gen_owner, args=(child, backend))
+    proc.start()
+    try:
+        assert conn.poll(60), "owner did not send its metadata"
+        md = conn.recv()
+
+        def ask(*msg):
+            conn.send(msg)
+            assert conn.poll(10), "owner did not answer %r" % (msg,)
+            return conn.recv()
+
+        want = global_cache("NHD", 0, 4, np.uint16)
+        with kvx.Context("decode", backend=backend, timeout_ms=5000) as ctx:
+            dst = ctx.register_cache([np.zeros_like(want)], layout="NHD", generations=True)
+            q = ctx.queue()
+            peer = ctx.add_peer(md)
+            local, remote = [1, 2, 3, 9], [7, 8, 20, 5]
+            ask("retire", [8])
+            gens = ask("gens", remote)
+            assert gens == [0, 1, 0, 0]
+            q.read(peer, local, remote, remote_generations=gens).wait(5000)
+            assert (dst.tensors[0][:, local] == want[:, remote]).all()
+            assert dst.generations(local) == gens  # what landed carries its generation
+            ask("retire", [20])
+            with pytest.raises(kvx.StaleError, match="remote block 20 .*generation 0 expected, 1 found"):
+                q.read(peer, local, remote, remote_generations=gens).wait(5000)
+            gens = ask("gens", remote)
+            q.read(peer, local, remote, remote_generations=gens).wait(5000)
+            ask("lease", 5, 200, remote)
+            time.sleep(0.6)  # the reader comes late: the lease has expired and retired them
+            with pytest.raises(kvx.StaleError):
+                q.read(peer, local, remote, remote_generations=gens).wait(5000)
+            with pytest.raises(kvx.ArgumentError):
+                q.read(peer, local, remote, remote_generations=gens[:2])
+            plain = ctx.register_cache([np.zeros_like(want)], layout="NHD")
+            with pytest.raises(kvx.ArgumentError, match="both caches"):
+                q.read(peer, local, remote, cache=plain, remote_generations=gens)
+    finally:
+        try:
+            conn.send(("bye",))
+        except OSError:
+            pass
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()

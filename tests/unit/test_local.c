@@ -3,7 +3,8 @@
     process reading each other's host caches by memcpy, with the whole
     contract: every byte checked, TP splits, notifications and expiry, a
     stalled owner's deadline (nothing lands after it), a destroyed owner,
-    verify mode, a peer in another process refused, and the settings query.
+    verify mode, block generations and leases that retire, a peer in another
+    process refused, and the settings query.
 */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -235,6 +236,88 @@ int main(void) {
         T_HAS(kvx_ctx_error(D), "layer 1 V block");
         kvx_queue_destroy(q); kvx_peer_remove(p);
         kvx_cache_deregister(dc); kvx_cache_deregister(pc);
+        kvx_ctx_destroy(D); kvx_ctx_destroy(P);
+        kvx_ex_cache_free(&pm); kvx_ex_cache_free(&dm);
+    }
+
+    T_CASE("local: block generations: current ones pass; a retire before or during the read is KVX_ERR_STALE, never the new bytes; leases retire at expiry") {
+        kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D = local_ctx("decode", 0, 1, 0);
+        kvx_ex_cache pm, dm;
+        kvx_layout l;
+        kvx_cache_desc cd;
+        kvx_cache *pc, *dc, *plain;
+        kvx_peer *p;
+        kvx_queue *q;
+        kvx_read rd;
+        kvx_notification n[4];
+        uint64_t gens[32], old[32];
+        uint32_t canary = 127, i, bad = 200;
+        int expired = 0;
+        double t0;
+        layout(&l, KVX_ORDER_HND, 2);
+        kvx_ex_cache_alloc(&pm, &l, 0, 1); kvx_ex_cache_alloc(&dm, &l, 0, 1);
+        kvx_ex_fill(&pm, 3, src, 32);
+        cd = kvx_ex_cache_desc(&pm); cd.generations = 1; T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
+        cd = kvx_ex_cache_desc(&dm); cd.generations = 1; T_ST(kvx_cache_register(D, &cd, &dc), KVX_OK);
+        for (i = 0; i < 32; i++)
+            if (dst[i] == canary) { canary--; i = (uint32_t)-1; }   /* a block no read here touches */
+        memset(kvx_ex_block(&dm, 0, 0, canary), 0x5C, (size_t)dm.block_bytes);
+        p = add(D, P);
+        T_ST(kvx_queue_create(D, NULL, &q), KVX_OK);
+        memset(&rd, 0, sizeof rd);
+        rd.peer = p; rd.cache = dc; rd.local_blocks = dst; rd.remote_blocks = src; rd.num_blocks = 32;
+        T_ST(kvx_blocks_retire(pc, src + 8, 4), KVX_OK);    /* some blocks retired once before the request */
+        for (i = 0; i < 32; i++) gens[i] = old[i] = kvx_block_generation(pc, src[i]);
+        T_EQ(gens[8], 1); T_EQ(gens[0], 0);
+        rd.remote_generations = gens;
+        T_ST(kvx_post(q, &rd, &t), KVX_OK);
+        T_ST(kvx_wait(q, t, 5000), KVX_OK);
+        T_EQ(kvx_ex_verify(&dm, 3, dst, src, 32, 0, 3, 0, 2, NULL), 0);
+        T_EQ(kvx_block_generation(dc, dst[8]), 1);           /* what landed carries its generation */
+        /* During: the data lands inside kvx_post (a memcpy); the generations
+           are fetched at the reader's next progress, after this retire. */
+        T_ST(kvx_post(q, &rd, &t), KVX_OK);
+        T_ST(kvx_blocks_retire(pc, src + 5, 1), KVX_OK);
+        T_ST(kvx_wait(q, t, 5000), KVX_ERR_STALE);
+        T_HAS(kvx_ctx_error(D), "remote block");
+        T_HAS(kvx_ctx_error(D), "generation 0 expected, 1 found");
+        /* Before, then reused with new bytes: stale, never a pass with them. */
+        T_ST(kvx_blocks_retire(pc, src, 32), KVX_OK);
+        kvx_ex_fill(&pm, 9, src, 32);
+        T_ST(kvx_post(q, &rd, &t), KVX_OK);
+        T_ST(kvx_wait(q, t, 5000), KVX_ERR_STALE);
+        for (i = 0; i < 32; i++) gens[i] = kvx_block_generation(pc, src[i]);   /* the new request's */
+        T_ST(kvx_post(q, &rd, &t), KVX_OK);
+        T_ST(kvx_wait(q, t, 5000), KVX_OK);
+        T_EQ(kvx_ex_verify(&dm, 9, dst, src, 32, 0, 3, 0, 2, NULL), 0);
+        for (i = 0; i < dm.block_bytes; i++)
+            if (kvx_ex_block(&dm, 0, 0, canary)[i] != 0x5C) { T_FAILF("canary block changed at byte %u", i); break; }
+        /* A lease that expires retires its blocks: the late reader is stale. */
+        for (i = 0; i < 32; i++) old[i] = gens[i];
+        T_ST(kvx_notify_expect_retire(P, 77, 200, pc, src, 32), KVX_OK);
+        t0 = kvx_t_now();
+        while (!expired && kvx_t_now() - t0 < 5) {
+            int k = kvx_notifications(P, n, 4), j;
+            for (j = 0; j < k; j++) expired += n[j].id == 77 && n[j].status == KVX_ERR_TIMEOUT;
+            if (!expired) usleep(10000);
+        }
+        T_EQ(expired, 1);
+        T_EQ(kvx_block_generation(pc, src[0]), old[0] + 1);
+        T_ST(kvx_post(q, &rd, &t), KVX_OK);
+        T_ST(kvx_wait(q, t, 5000), KVX_ERR_STALE);
+        /* Refusals, each with a message, nothing posted or retired. */
+        T_ST(kvx_blocks_retire(pc, &bad, 1), KVX_ERR_ARG);
+        T_HAS(kvx_ctx_error(P), "past the cache's 128 blocks");
+        T_EQ(kvx_block_generation(pc, 128), UINT64_MAX);
+        T_ST(kvx_notify_expect_retire(P, 78, 200, pc, &bad, 1), KVX_ERR_ARG);
+        cd = kvx_ex_cache_desc(&dm); T_ST(kvx_cache_register(D, &cd, &plain), KVX_OK);
+        rd.cache = plain;
+        T_ST(kvx_post(q, &rd, &t), KVX_ERR_ARG);
+        T_HAS(kvx_ctx_error(D), "needs them on both caches");
+        T_ST(kvx_blocks_retire(plain, src, 1), KVX_ERR_ARG);
+        T_EQ(kvx_block_generation(plain, 0), UINT64_MAX);
+        kvx_queue_destroy(q); kvx_peer_remove(p);
+        kvx_cache_deregister(plain); kvx_cache_deregister(dc); kvx_cache_deregister(pc);
         kvx_ctx_destroy(D); kvx_ctx_destroy(P);
         kvx_ex_cache_free(&pm); kvx_ex_cache_free(&dm);
     }
