@@ -231,6 +231,22 @@ if [[ " $modes " == *" pack "* ]]; then
   done
 fi
 
+# What block generations cost: reads of 64 random blocks that carry them
+# (the generation words fetched after the data, one op per run) against the
+# same reads without them, same run, over UCX 1.13 and libfabric tcp.
+if [[ " $modes " == *" pack "* ]]; then
+  gargs="--num-blocks 1024 --blocks 64 --num-layers 8 --block-tokens 256 --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 5"
+  for be in UCX LIBFABRIC; do
+    for g in "" --generations; do
+      n=gen_${be}${g:+_on}
+      env -u LD_LIBRARY_PATH UCX_TLS=tcp UCX_NET_DEVICES=lo FI_PROVIDER=tcp FI_TCP_IFACE=lo timeout 300 $B/kvx_bench --strategy pack --backends $be $gargs $g --json "$out/$n.json" > "$out/$n.log" 2>&1
+      grep -q "TEST PASSED" "$out/$n.log" || { echo "kvx_bench --backends $be $g did not pass:"; tail -3 "$out/$n.log"; }
+    done
+    row "generations" "$([ $be = UCX ] && echo ucx1.13 || echo ofi-tcp)" 65536 "$(json_gbps "$out/gen_${be}_on.json")" "$(json_gbps "$out/gen_${be}.json")" \
+      "kvx without generations, same run (64 random blocks per read, 8 layers)"
+  done
+fi
+
 if [ -x $B/bench_post ]; then
   echo
   env -u LD_LIBRARY_PATH UCX_NET_DEVICES=lo timeout 300 $B/bench_post | tee "$out/post_cost.txt"

@@ -50,6 +50,7 @@ typedef struct opts {
     uint64_t seed;
     uint32_t max_ops;
     uint32_t verify;              /* --verify N: kvx checks one block in N against sealed checksums */
+    int generations;              /* --generations: both caches keep block generations, every read carries them */
     /* internal: a rank process */
     int rank, ctl_fd;
 } opts;
@@ -78,7 +79,7 @@ static void usage(void) {
             "                 [--role prefill --listen ADDR:PORT | --role decode --connect ADDR:PORT]\n"
             "                 [--blocks N] [--num-blocks N] [--num-layers N] [--block-tokens N] [--heads N]\n"
             "                 [--head-dim N] [--dtype-bytes N] [--random-blocks] [--seed N] [--iters N]\n"
-            "                 [--prefill-tp N] [--decode-tp N] [--layout HND|NHD] [--max-ops N] [--verify N] [--verbose] [--json FILE]\n"
+            "                 [--prefill-tp N] [--decode-tp N] [--layout HND|NHD] [--max-ops N] [--verify N] [--generations] [--verbose] [--json FILE]\n"
             "  --heads is the model's KV heads; each rank holds heads/tp of them (1, replicated, when fewer).\n");
 }
 
@@ -103,6 +104,7 @@ static int parse(int argc, char **argv, opts *o) {
         int used = 1;
         if (!strcmp(a, "--random-blocks")) { o->random_blocks = 1; used = 0; }
         else if (!strcmp(a, "--verbose")) { o->verbose = 1; used = 0; }
+        else if (!strcmp(a, "--generations")) { o->generations = 1; used = 0; }
         else if (!strcmp(a, "--strategy")) o->strategy = v;
         else if (!strcmp(a, "--backends")) o->backend = v;
         else if (!strcmp(a, "--role")) o->role = v;
@@ -310,6 +312,7 @@ static int prefill_rank(const opts *o) {
     if (mem_sync(&mem, 1)) return 2;
     cd = mem_desc(&mem);
     cd.checksums = o->verify != 0;
+    cd.generations = o->generations;
     if ((st = kvx_cache_register(ctx, &cd, &cache)) != KVX_OK) {
         fprintf(stderr, "kvx_bench: prefill %d: %s: %s\n", o->rank, kvx_status_name(st), kvx_ctx_error(ctx));
         return 2;
@@ -346,12 +349,14 @@ static int decode_rank(const opts *o) {
     int np = 0, k;
     rank_hello hello;
     uint32_t it, *src, *dst, len, off, n;
+    uint64_t *gens;
     uint8_t *all;
     void *go;
     if (mem_alloc(&mem, o, &lay, o->decode_tp, "decode")) return 2;
     if (!(ctx = make_ctx(o, "decode", o->rank, o->decode_tp, 0))) return 2;
     cd = mem_desc(&mem);
     cd.checksums = o->verify != 0;
+    cd.generations = o->generations;
     if ((st = kvx_cache_register(ctx, &cd, &cache)) != KVX_OK) { fprintf(stderr, "kvx_bench: decode %d: %s\n", o->rank, kvx_ctx_error(ctx)); return 2; }
     memset(&qd, 0, sizeof qd);
     qd.max_ops = o->max_ops;
@@ -382,6 +387,7 @@ static int decode_rank(const opts *o) {
     if (kvx_rdv_send(o->ctl_fd, F_READY, &hello, sizeof hello, RDV_TIMEOUT_MS)) return 2;
     src = (uint32_t *)malloc(o->blocks * sizeof *src);
     dst = (uint32_t *)malloc(o->blocks * sizeof *dst);
+    gens = (uint64_t *)calloc(o->blocks ? o->blocks : 1, sizeof *gens);
     for (it = 0; it < o->iters; it++) {
         iter_report r;
         kvx_ticket t[MAX_TP];
@@ -407,6 +413,7 @@ static int decode_rank(const opts *o) {
             rd.num_blocks = o->blocks;
             rd.user_tag = it;
             rd.verify = o->verify;
+            rd.remote_generations = o->generations ? gens : NULL;  /* the owner retires none: all 0 */
             if ((st = kvx_post(q, &rd, &t[k])) != KVX_OK) { r.status = st; t[k] = 0; }
         }
         for (k = 0; k < np; k++)
@@ -433,7 +440,7 @@ static int decode_rank(const opts *o) {
     kvx_queue_destroy(q);
     kvx_ctx_destroy(ctx);
     mem_free(&mem);
-    free(src); free(dst);
+    free(src); free(dst); free(gens);
     return 0;
 }
 
