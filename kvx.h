@@ -234,6 +234,14 @@ typedef struct kvx_ctx_desc {
     kvx_ofi_desc ofi;           /* KVX_OFI */
     kvx_cuda_desc cuda;         /* KVX_CUDA */
     /* UCX takes its settings from its own UCX_* environment variables. */
+    /* Which transports kvx_peer_add accepts; NULL: $KVX_TRANSPORT_POLICY, else any.
+       Comma-separated terms: "!term" refuses the transports it matches; the
+       other terms are alternatives, one of which must match. A term is a
+       pattern over kvx_peer_transport's text ('*' for any characters) or a
+       class: "sw" (served in software by the owner's CPU), "ipc" (CUDA IPC,
+       kvx's or UCX's), "nvlink", "rdma" (UCX rc/dc, libfabric verbs or efa).
+       E.g. "!sw" refuses every software-served path; "ipc,rdma" demands one. */
+    const char *transport_policy;
 } kvx_ctx_desc;
 
 typedef struct kvx_layout {
@@ -409,6 +417,7 @@ KVX_API void        kvx_stats_get(const kvx_ctx *ctx, kvx_stats *out);
 
 
 #include <errno.h>
+#include <fnmatch.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -547,6 +556,7 @@ struct kvx_peer {
     uint32_t ncaches;
     kvx__cache_info *caches;
     char transport[160];
+    char why[256];              /* why the transport library chose it, where the backend can tell */
     int connected;
     int failed;                 /* the transport reported the peer dead */
     uint32_t ops_out;           /* transport operations outstanding to this peer */
@@ -615,6 +625,7 @@ typedef struct kvx__expect {
 } kvx__expect;
 
 struct kvx_ctx {
+    char policy[256];           /* kvx_ctx_desc.transport_policy as in effect ("" : any) */
     char name[KVX__MAX_NAME];
     char host[KVX__MAX_HOST];
     int rank, tp_size;
@@ -1114,6 +1125,8 @@ KVX_API kvx_status kvx_ctx_create(const kvx_ctx_desc *desc_in, kvx_ctx **out) {
     ctx->log_user = desc.log_user;
     ctx->epoch = kvx__new_epoch();
     kvx__host_identity(ctx->host, sizeof ctx->host, desc.host_id);
+    kvx__strlcpy(ctx->policy, desc.transport_policy ? desc.transport_policy
+                              : getenv("KVX_TRANSPORT_POLICY") ? getenv("KVX_TRANSPORT_POLICY") : "", sizeof ctx->policy);
     pthread_mutex_init(&ctx->lock, NULL);
     st = KVX_OK;
     if (ctx->tp_size < 1 || ctx->tp_size > 65536)
@@ -1162,6 +1175,7 @@ KVX_API kvx_ctx_desc kvx_ctx_query_desc(const kvx_ctx *ctx) {
     d.timeout_ms = ctx->timeout_ms;
     d.progress_thread = ctx->pt_on;
     d.host_id = ctx->host;
+    d.transport_policy = ctx->policy;
     d.log_level = ctx->log_level;
     d.log_fn = ctx->log_fn;
     d.log_user = ctx->log_user;
@@ -1360,6 +1374,8 @@ KVX_API void kvx_cache_deregister(kvx_cache *c) {
 
 /*--- peers ---------------------------------------------------------------*/
 
+KVX__PRIV kvx_status kvx__policy_check(kvx_ctx *ctx, const kvx_peer *p);
+
 KVX_API kvx_status kvx_peer_add(kvx_ctx *ctx, const void *md, size_t len, kvx_peer **out) {
     kvx_peer *p, *q;
     kvx_status st;
@@ -1397,6 +1413,10 @@ KVX_API kvx_status kvx_peer_add(kvx_ctx *ctx, const void *md, size_t len, kvx_pe
     for (i = 0; i < p->ncaches && i < ctx->ncaches; i++)
         if ((st = kvx__compat(ctx, &ctx->caches[i]->info, p, &p->caches[i])) != KVX_OK) goto fail;
     if ((st = ctx->be_ops->connect(ctx, p)) != KVX_OK) goto fail;
+    if ((st = kvx__policy_check(ctx, p)) != KVX_OK) {
+        ctx->be_ops->disconnect(ctx, p);
+        goto fail;
+    }
     p->connected = 1;
     p->next = ctx->peers;
     ctx->peers = p;
@@ -1408,6 +1428,60 @@ fail:
     pthread_mutex_unlock(&ctx->lock);
     kvx__peer_free(p);
     return st;
+}
+
+/* Does transport t match one policy term (n bytes at term)? */
+KVX__PRIV int kvx__policy_term(const char *term, size_t n, const char *t) {
+    static const char *const cls[][5] = {
+        {"sw", "*(sw)*", NULL},
+        {"ipc", "cuda:ipc*", "ucx:*cuda_ipc*", NULL},
+        {"nvlink", "*nvlink*", NULL},
+        {"rdma", "ucx:rc*", "ucx:dc*", "ofi:verbs*", "ofi:efa*"},
+    };
+    char pat[128];
+    size_t i, j;
+    if (!n || n >= sizeof pat) return 0;
+    memcpy(pat, term, n);
+    pat[n] = 0;
+    for (i = 0; i < sizeof cls / sizeof cls[0]; i++)
+        if (!strcmp(pat, cls[i][0])) {
+            for (j = 1; j < 5 && cls[i][j]; j++)
+                if (!fnmatch(cls[i][j], t, 0)) return 1;
+            return 0;
+        }
+    return !fnmatch(pat, t, 0);
+}
+
+/* KVX_OK, or KVX_ERR_UNSUPPORTED saying what was chosen, what the policy
+   asks and why the transport library chose what it did. */
+KVX__PRIV kvx_status kvx__policy_check(kvx_ctx *ctx, const kvx_peer *p) {
+    const char *s = ctx->policy, *e;
+    int wanted = 0, matched = 0;
+    if (!*s) return KVX_OK;
+    for (; *s; s = *e ? e + 1 : e) {
+        size_t n;
+        int refuse;
+        while (*s == ' ') s++;
+        e = strchr(s, ',');
+        if (!e) e = s + strlen(s);
+        n = (size_t)(e - s);
+        while (n && s[n - 1] == ' ') n--;
+        refuse = n && *s == '!';
+        if (refuse) {
+            if (kvx__policy_term(s + 1, n - 1, p->transport))
+                return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "kvx_peer_add: %s/%d would be read over %s, which the transport policy \"%s\" refuses "
+                                 "(\"%.*s\"); why that transport: %s", p->name, p->rank, p->transport, ctx->policy, (int)n, s,
+                                 p->why[0] ? p->why : "the transport library chose it");
+        } else if (n) {
+            wanted = 1;
+            matched |= kvx__policy_term(s, n, p->transport);
+        }
+    }
+    if (wanted && !matched)
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "kvx_peer_add: %s/%d would be read over %s, and the transport policy \"%s\" requires "
+                         "one of its other terms; why that transport: %s", p->name, p->rank, p->transport, ctx->policy,
+                         p->why[0] ? p->why : "the transport library chose it");
+    return KVX_OK;
 }
 
 KVX__PRIV void kvx__peer_free(kvx_peer *p) {

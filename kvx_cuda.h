@@ -1009,10 +1009,13 @@ KVX__PRIV kvx_status kvx__cuda_connect(kvx_ctx *ctx, kvx_peer *p) {
     }
     if (cp->pord < 0 || cp->pord == c->ord) {
         snprintf(p->transport, sizeof p->transport, "cuda:ipc same-gpu (GPU %d%s)", c->ord, cp->same_process ? ", same process" : "");
+        snprintf(p->why, sizeof p->why, "owner and reader use the same GPU (%d): copies within its memory", c->ord);
     } else {
         int atom = 0;
         cuDeviceGetP2PAttribute(&atom, CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED, c->d->dev, (CUdevice)cp->pord);
         snprintf(p->transport, sizeof p->transport, "cuda:ipc %s (GPU %d -> %d)", atom ? "nvlink" : "pcie", cp->pord, c->ord);
+        snprintf(p->why, sizeof p->why, "the CUDA driver reports peer access from GPU %d to GPU %d %s native atomics, which only NVLink gives",
+                 c->ord, cp->pord, atom ? "with" : "without");
     }
     return KVX_OK;
 }

@@ -229,6 +229,7 @@ KVX__PRIV kvx_status kvx__local_connect(kvx_ctx *ctx, kvx_peer *p) {
     if (!alive) return kvx__fail(ctx, KVX_ERR_PEER, "local: peer %s/%d: its context was destroyed", p->name, p->rank);
     p->be = (void *)(uintptr_t)id;
     kvx__strlcpy(p->transport, "local:memcpy", sizeof p->transport);
+    kvx__strlcpy(p->why, "the local backend: both contexts are in this process", sizeof p->why);
     return KVX_OK;
 }
 

@@ -1113,6 +1113,8 @@ KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
         sw = !(cma && (o->mr_mode & FI_MR_VIRT_ADDR) && !o->hmem && kvx__ofi_cma_ok(p));
     }
     snprintf(p->transport, sizeof p->transport, "ofi:%s%s", o->prov, sw ? " (sw)" : "");
+    snprintf(p->why, sizeof p->why, "libfabric %s is the provider %s (kvx_ofi_desc.provider or FI_PROVIDER, else the first that fits)%s",
+             o->prov, "in use", sw ? "; it emulates RMA in software, so reads are served by the owner's progress" : "");
     return KVX_OK;
 fail:
     kvx__ofi_pep_free(ctx, pe, "the connection failed");

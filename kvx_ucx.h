@@ -217,6 +217,18 @@ KVX__PRIV int kvx__ucx_one_sided(const char *tl) {
     return 0;
 }
 
+/* Why UCX's choice is what it is, for kvx_peer_add's policy refusals. */
+KVX__PRIV void kvx__ucx_why(kvx_peer *p, int one_sided) {
+    const char *tls = getenv("UCX_TLS"), *dev = getenv("UCX_NET_DEVICES");
+    if (one_sided)
+        snprintf(p->why, sizeof p->why, "UCX %s picked a one-sided lane to this peer (UCX_TLS=%s, UCX_NET_DEVICES=%s)",
+                 ucp_get_version_string(), tls ? tls : "unset", dev ? dev : "unset");
+    else
+        snprintf(p->why, sizeof p->why, "UCX %s found no one-sided transport to this peer among those it may use (UCX_TLS=%s, "
+                 "UCX_NET_DEVICES=%s; on one host kvx leaves out shared memory, which cannot handle peer failure): "
+                 "its gets are served by the owner's CPU", ucp_get_version_string(), tls ? tls : "unset", dev ? dev : "unset");
+}
+
 #if defined(UCP_API_VERSION) && UCP_API_VERSION >= UCP_VERSION(1, 14)
 #define KVX__UCX_MAX_TLS 16u
 /* UCX 1.14 and later say which transports an endpoint uses: how many, in tl
@@ -254,6 +266,7 @@ KVX__PRIV void kvx__ucx_transport(kvx_peer *p, ucp_ep_h ep) {
         if (tl[i].transport_name && kvx__ucx_one_sided(tl[i].transport_name)) { pick = tl[i].transport_name; break; }
     if (pick) snprintf(p->transport, sizeof p->transport, "ucx:%s", pick);
     else snprintf(p->transport, sizeof p->transport, "ucx:%s (sw)", tl[0].transport_name ? tl[0].transport_name : "unknown");
+    kvx__ucx_why(p, pick != NULL);
 }
 #else
 /* Before 1.14 no endpoint says its transports (only ucp_ep_print_info). */
@@ -294,6 +307,7 @@ KVX__PRIV void kvx__ucx_transport(kvx_peer *p, ucp_ep_h ep) {
         snprintf(p->transport, sizeof p->transport, "ucx:%s (sw)", rma);
     else
         snprintf(p->transport, sizeof p->transport, "ucx:%s (sw)", am[0] ? am : "unknown");
+    kvx__ucx_why(p, rma[0] && kvx__ucx_one_sided(rma));
 }
 #endif
 
@@ -539,6 +553,11 @@ KVX__PRIV ucs_status_t kvx__ucx_paths(kvx_ctx *ctx, kvx_peer *p) {
             size_t n = strlen(p->transport);
             snprintf(p->transport + n, sizeof p->transport - n, ", cache %u: %s", c, path);
         }
+        if (rc->mem == KVX_MEM_CUDA && !strstr(tls, "cuda_ipc"))
+            snprintf(p->why, sizeof p->why, "UCX %s read GPU cache %u over %s, not cuda_ipc (%s)", ucp_get_version_string(), c, path,
+                     !kvx__ucx_ep_has((ucp_ep_h)p->be, "cuda_ipc") ? "no cuda_ipc to this peer" :
+                     kvx__ucx_env_on("UCX_CUDA_IPC_ENABLE_GET_ZCOPY") ? "cuda_ipc could not map this memory"
+                     : "UCX turns cuda_ipc gets off without NVLink; UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y turns them on");
         if (rc->mem == KVX_MEM_CUDA && !strstr(tls, "cuda_ipc"))
             KVX__LOG(ctx, KVX_LOG_WARN, "ucx %s: GPU cache %u of %s/%d is read over %s, not cuda_ipc: %s; UCX: \"%s\"",
                      ucp_get_version_string(), c, p->name, p->rank, path,

@@ -51,6 +51,7 @@ typedef struct opts {
     uint32_t max_ops;
     uint32_t verify;              /* --verify N: kvx checks one block in N against sealed checksums */
     int generations;              /* --generations: both caches keep block generations, every read carries them */
+    const char *policy;           /* --transport-policy: kvx_ctx_desc.transport_policy (NULL: $KVX_TRANSPORT_POLICY) */
     /* internal: a rank process */
     int rank, ctl_fd;
 } opts;
@@ -79,7 +80,7 @@ static void usage(void) {
             "                 [--role prefill --listen ADDR:PORT | --role decode --connect ADDR:PORT]\n"
             "                 [--blocks N] [--num-blocks N] [--num-layers N] [--block-tokens N] [--heads N]\n"
             "                 [--head-dim N] [--dtype-bytes N] [--random-blocks] [--seed N] [--iters N]\n"
-            "                 [--prefill-tp N] [--decode-tp N] [--layout HND|NHD] [--max-ops N] [--verify N] [--generations] [--verbose] [--json FILE]\n"
+            "                 [--prefill-tp N] [--decode-tp N] [--layout HND|NHD] [--max-ops N] [--verify N] [--generations] [--transport-policy P] [--verbose] [--json FILE]\n"
             "  --heads is the model's KV heads; each rank holds heads/tp of them (1, replicated, when fewer).\n");
 }
 
@@ -111,6 +112,7 @@ static int parse(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--listen")) o->listen = v;
         else if (!strcmp(a, "--connect")) o->connect = v;
         else if (!strcmp(a, "--json")) o->json = v;
+        else if (!strcmp(a, "--transport-policy")) o->policy = v;
         else if (!strcmp(a, "--layout")) {
             if (!v || (strcmp(v, "HND") && strcmp(v, "NHD"))) { fprintf(stderr, "kvx_bench: --layout is HND or NHD\n"); return -1; }
             o->nhd = !strcmp(v, "NHD");
@@ -204,6 +206,7 @@ static kvx_ctx *make_ctx(const opts *o, const char *name, int rank, int tp, int 
     d.backend = backend_of(o->backend);
     d.progress_thread = progress_thread;
     d.log_level = o->verbose ? KVX_LOG_INFO : KVX_LOG_DEFAULT;
+    d.transport_policy = o->policy;
     if ((st = kvx_ctx_create(&d, &ctx)) != KVX_OK) {
         fprintf(stderr, "kvx_bench: %s rank %d: %s: %s\n", name, rank, kvx_status_name(st), kvx_ctx_error(NULL));
         return NULL;

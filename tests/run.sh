@@ -113,6 +113,8 @@ entry "pack ofi tcp 2->1 HND, reads split at 1000 bytes" 120 env KVX_OFI_MAX_MSG
 entry "pack ofi shm 2->4 NHD, kvx verifies every block" 120 $S $bench --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1
 entry "pack ofi tcp 4->2 NHD random, every read carries block generations, verified" 120 $T $bench --backends LIBFABRIC $small --random-blocks --prefill-tp 4 --decode-tp 2 --layout NHD --verify 1 --generations
 entry "pack ofi tcp 1->2 HND consecutive, block generations" 120 $T $bench --backends LIBFABRIC $small --prefill-tp 1 --decode-tp 2 --generations
+expect_fail "a transport policy that demands RDMA refuses libfabric tcp at kvx_peer_add, saying why (ofi tcp)" 60 "requires one of its other terms; why that transport: libfabric tcp" \
+  $T $bench --backends LIBFABRIC $small --transport-policy rdma
 entry "fi_read_ref tcp 64 KiB x 64" 120 env FI_TCP_IFACE=lo $B/fi_read_ref --provider tcp --size 64k --outstanding 64 --total 256m
 entry "fi_read_ref shm 64 KiB x 64" 120 $B/fi_read_ref --provider shm --size 64k --outstanding 64 --total 256m
 entry "spread ofi tcp 1->1 HND random" 180 env FI_PROVIDER=tcp bash tests/lib/two_hosts.sh --backends LIBFABRIC $small --random-blocks
@@ -138,6 +140,9 @@ entry "pack ucx $vdeb 3750 blocks x 50 layers x 128, 4 KiB blocks (1.5 GB caches
 entry "pack ucx $vdeb 2->4 NHD random, kvx verifies every block" 120 $bench $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1
 entry "pack ucx $vdeb 2->4 NHD random, every read carries block generations, verified" 120 $bench $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1 --generations
 entry "pack ucx $vdeb 2->1 HND consecutive, block generations, replicated head" 120 $bench $small --heads 1 --prefill-tp 2 --decode-tp 1 --generations
+expect_fail "a transport policy that refuses software-served paths refuses ucx:tcp at kvx_peer_add, saying why (ucx $vdeb)" 60 \
+  "which the transport policy \"!sw\" refuses (\"!sw\"); why that transport: UCX" $bench $small --transport-policy '!sw'
+entry "a transport policy from the environment that accepts ucx:tcp passes (ucx $vdeb)" 60 env KVX_TRANSPORT_POLICY='!ucx:ud*,ucx:tcp*' $bench $small
 entry "pack ucx $vdeb 1->2 under asan+ubsan" 300 env KVX_BENCH=1 $B/kvx_bench.asan $small --random-blocks --prefill-tp 1 --decode-tp 2
 expect_fail "a planted wrong byte fails the run (ucx $vdeb)" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $bench $small --random-blocks
 expect_fail "mismatched TP options are refused (ucx $vdeb)" 60 "do not divide" $bench --heads 6 --decode-tp 4

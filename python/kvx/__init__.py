@@ -177,7 +177,7 @@ class _CtxDesc(C.Structure):
     _fields_ = [("name", C.c_char_p), ("tp_rank", C.c_int), ("tp_size", C.c_int), ("backend", C.c_int),
                 ("timeout_ms", C.c_uint32), ("progress_thread", C.c_int), ("host_id", C.c_char_p),
                 ("log_level", C.c_int), ("log_fn", C.c_void_p), ("log_user", C.c_void_p),
-                ("ofi", _OfiDesc), ("cuda", _CudaDesc)]
+                ("ofi", _OfiDesc), ("cuda", _CudaDesc), ("transport_policy", C.c_char_p)]
 
 
 class _Layout(C.Structure):
@@ -720,7 +720,11 @@ class Context:
     deadline of its reads. A context manager; close() releases everything it made."""
 
     def __init__(self, name: str = "kvx", tp_rank: int = 0, tp_size: int = 1, backend: Optional[str] = None,
-                 progress_thread: bool = True, timeout_ms: int = 30000, host_id: Optional[str] = None) -> None:
+                 progress_thread: bool = True, timeout_ms: int = 30000, host_id: Optional[str] = None,
+                 transport_policy: Optional[str] = None) -> None:
+        """transport_policy: which transports add_peer accepts ("!sw" refuses
+        software-served paths, "ipc,rdma" demands one of those; see kvx.h's
+        kvx_ctx_desc); None: $KVX_TRANSPORT_POLICY, else any."""
         lib = _load()
         if backend not in _BACKENDS:
             raise ArgumentError("backend %r: use one of ucx, ofi, cuda, local (or None)" % (backend,), -1)
@@ -733,6 +737,8 @@ class Context:
         d.timeout_ms = int(timeout_ms)
         d.progress_thread = 1 if progress_thread else 0
         d.host_id = self._host
+        self._policy = transport_policy.encode() if transport_policy is not None else None
+        d.transport_policy = self._policy
         h = C.c_void_p()
         st = lib.kvx_ctx_create(C.byref(d), C.byref(h))
         if st != _OK:

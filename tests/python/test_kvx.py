@@ -446,7 +446,10 @@ def test_block_generations(backend, monkeypatch):
             gens = ask("gens", remote)
             q.read(peer, local, remote, remote_generations=gens).wait(5000)
             ask("lease", 5, 200, remote)
-            time.sleep(0.6)  # the reader comes late: the lease has expired and retired them
+            t0 = time.monotonic()  # the reader comes late: the lease expires and retires them
+            while ask("gens", remote) == gens and time.monotonic() - t0 < 10:
+                time.sleep(0.05)
+            assert ask("gens", remote) == [g + 1 for g in gens], "the expired lease did not retire its blocks"
             with pytest.raises(kvx.StaleError):
                 q.read(peer, local, remote, remote_generations=gens).wait(5000)
             with pytest.raises(kvx.ArgumentError):
@@ -462,3 +465,19 @@ def test_block_generations(backend, monkeypatch):
         proc.join(10)
         if proc.is_alive():
             proc.kill()
+
+
+def test_transport_policy():
+    """A context's transport policy refuses a peer at add_peer with
+    UnsupportedError naming what was chosen, the policy and why; one the
+    transport passes adds the peer."""
+    src = np.zeros((2, NB, BS, HEADS, DIM), dtype=np.uint16)
+    with kvx.Context("prefill", backend="local") as own:
+        own.register_cache([src], layout="NHD")
+        md = own.metadata()
+        with kvx.Context("decode", backend="local", transport_policy="!local:*") as ctx:
+            with pytest.raises(kvx.UnsupportedError, match=r'local:memcpy.*"!local:\*" refuses.*why that transport'):
+                ctx.add_peer(md)
+            assert not ctx.peers
+        with kvx.Context("decode", backend="local", transport_policy="!sw,local:*") as ctx:
+            assert ctx.add_peer(md).transport == "local:memcpy"

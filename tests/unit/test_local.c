@@ -322,6 +322,53 @@ int main(void) {
         kvx_ex_cache_free(&pm); kvx_ex_cache_free(&dm);
     }
 
+    T_CASE("local: a transport policy refuses a peer at kvx_peer_add, saying what was chosen, what was required and why") {
+        static const char *const refuse[] = {"!local:*", "!local:memcpy", "sw", "ipc,rdma", "!sw, cuda:*"};
+        static const char *const accept[] = {"", "!sw", "local:*", "!sw,local:memcpy", "ipc,local:*"};
+        kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D;
+        kvx_ex_cache pm;
+        kvx_layout l;
+        kvx_cache_desc cd;
+        kvx_cache *pc;
+        kvx_peer *p;
+        kvx_ctx_desc d, got;
+        size_t len;
+        void *md;
+        unsigned i;
+        layout(&l, KVX_ORDER_HND, 2);
+        kvx_ex_cache_alloc(&pm, &l, 0, 1);
+        cd = kvx_ex_cache_desc(&pm); T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
+        md = kvx_t_metadata(P, &len);
+        for (i = 0; i < 10; i++) {
+            const char *pol = i < 5 ? refuse[i] : accept[i - 5];
+            memset(&d, 0, sizeof d);
+            d.name = "decode"; d.backend = KVX_BACKEND_LOCAL; d.log_level = KVX_LOG_OFF; d.transport_policy = pol;
+            T_ST(kvx_ctx_create(&d, &D), KVX_OK);
+            got = kvx_ctx_query_desc(D);
+            T_HAS(got.transport_policy, pol);
+            p = NULL;
+            T_ST(kvx_peer_add(D, md, len, &p), i < 5 ? KVX_ERR_UNSUPPORTED : KVX_OK);
+            if (i < 5) {
+                T_CHECK(p == NULL);
+                T_HAS(kvx_ctx_error(D), "local:memcpy");
+                T_HAS(kvx_ctx_error(D), pol);
+                T_HAS(kvx_ctx_error(D), "why that transport");
+            }
+            kvx_ctx_destroy(D);
+        }
+        setenv("KVX_TRANSPORT_POLICY", "!local:*", 1);  /* the environment, where the desc says nothing */
+        memset(&d, 0, sizeof d);
+        d.name = "decode"; d.backend = KVX_BACKEND_LOCAL; d.log_level = KVX_LOG_OFF;
+        T_ST(kvx_ctx_create(&d, &D), KVX_OK);
+        unsetenv("KVX_TRANSPORT_POLICY");
+        T_ST(kvx_peer_add(D, md, len, &p), KVX_ERR_UNSUPPORTED);
+        kvx_ctx_destroy(D);
+        free(md);
+        kvx_cache_deregister(pc);
+        kvx_ctx_destroy(P);
+        kvx_ex_cache_free(&pm);
+    }
+
     T_CASE("local: a peer of another process is refused; the settings in effect are reported") {
         kvx_ctx *P = local_ctx("prefill", 0, 1, 0), *D = local_ctx("decode", 0, 1, 0);
         kvx_ctx_desc q = kvx_ctx_query_desc(D);
