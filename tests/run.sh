@@ -87,6 +87,14 @@ if [ -x $B/fuzz_metadata ]; then
 fi
 
 ofi=$B/ofi
+# libfabric's shm provider names its regions /dev/shm/PID:N:N; a process
+# killed by a fault test leaves its own behind, and a later process given the
+# same pid can then fail to open its endpoint (EBUSY, seen in the shm
+# entries). Regions of processes no longer alive are removed first.
+for f in /dev/shm/*:*:*; do
+  n=${f##*/} pid=${n%%:*}
+  [[ "$n" =~ ^[0-9]+:[0-9]+:[0-9]+$ ]] && ! [ -d "/proc/$pid" ] && rm -f "$f"
+done
 section "libfabric: tcp;ofi_rxm on loopback, shm (tests built with libfabric alone)"
 T="env FI_PROVIDER=tcp FI_TCP_IFACE=lo" S="env FI_PROVIDER=shm"
 entry "unit (ofi tcp)" 120 $T $ofi/test_unit
