@@ -509,7 +509,9 @@ typedef struct kvx__cache_info {
     uint32_t csum_region;       /* the checksum table's region (after the data's), or KVX__NO_CSUM */
     uint32_t *csum;             /* local host caches: the table, [layer][plane][block][head] */
     uint32_t gen_region;        /* the generation table's region (the last), or KVX__NO_CSUM */
-    volatile uint64_t *gen;     /* local caches: the table, a word per block, in host memory */
+    volatile uint64_t *gen;     /* local caches: the table, a word per block, in host memory
+                                   (with gen_alloc: its host shadow, the table at gen_dev) */
+    uint64_t gen_dev;
     uint64_t csum_dev;          /* local GPU caches: the same table in device memory (kvx_cuda.h) */
     /* a peer's cache: how the backend reads it, set at connect */
     uint32_t be_flags;          /* the backend's own */
@@ -736,6 +738,17 @@ struct kvx__backend {
     void (*csum_free)(kvx__cache_info *ci);
     kvx_status (*csum_seal)(kvx_ctx *ctx, const kvx__cache_info *ci, const uint32_t *blocks, uint32_t n);
     kvx_status (*csum_verify)(kvx__read *rd);
+
+    /*-- block generations in memory the transport reads as the cache's kind
+       (optional; NULL: a host table that the backend reads with its ops) */
+    /* Allocate the table (bytes, zeroed) in the cache's memory: ci->gen_dev. */
+    kvx_status (*gen_alloc)(kvx_ctx *ctx, kvx__cache_info *ci, uint64_t bytes);
+    void (*gen_free)(kvx__cache_info *ci);
+    /* Copy words [first, first + n) of the host shadow ci->gen to the table. */
+    kvx_status (*gen_store)(kvx_ctx *ctx, const kvx__cache_info *ci, uint32_t first, uint32_t n);
+    /* After a read's data has landed: the owner's words of its remote blocks
+       into rd->lc's shadow (and table) at the local blocks. */
+    kvx_status (*gen_fetch)(kvx__read *rd);
 };
 
 /* Stream-ordered completion: a service beside every backend (kvx_gpu.h,
@@ -997,6 +1010,7 @@ KVX__PRIV void kvx__cache_info_free(kvx_ctx *ctx, kvx__cache_info *c) {
     KVX_FREE(c->csum);
     KVX_FREE((void *)(uintptr_t)c->gen);
     if (c->csum_dev) ctx->be_ops->csum_free(c);
+    if (c->gen_dev) ctx->be_ops->gen_free(c);
     memset(c, 0, sizeof *c);
 }
 
@@ -1240,21 +1254,24 @@ KVX__PRIV kvx_status kvx__csum_table_add(kvx_ctx *ctx, kvx__cache_info *ci, uint
     return KVX_OK;
 }
 
-/* The generation table of a cache with generations: a word per block in host
-   memory whatever the cache's (the owner's CPU advances it, a reader's
-   transport fetches it), registered as host memory and published as the
-   cache's last region, n. */
+/* The generation table of a cache with generations: a word per block, the
+   owner's CPU advancing it and a reader's transport fetching it. In host
+   memory, registered as such, where the backend reads host memory; else
+   (the CUDA backend) in the cache's memory with a host shadow. Published as
+   the cache's last region, n. */
 KVX__PRIV kvx_status kvx__gen_table_add(kvx_ctx *ctx, kvx__cache_info *ci, uint32_t n) {
     uint64_t tb = (uint64_t)ci->lay.num_blocks * 8u;
     kvx__cache_info table = *ci;
     kvx_status st;
-    if (ctx->be_ops->kind == KVX_BACKEND_CUDA)
-        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "kvx_cache_register: block generations are read over UCX, libfabric or the local backend; "
-                         "the CUDA backend does not fetch them yet (turn generations off, or use a UCX context for these caches)");
     if (!(ci->gen = (volatile uint64_t *)kvx__calloc(ci->lay.num_blocks, 8u)))
         return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: no memory for a %llu-byte generation table", (unsigned long long)tb);
-    table.mem = KVX_MEM_HOST;
-    ci->regions[n].addr = (uint64_t)(uintptr_t)ci->gen;
+    if (ctx->be_ops->gen_alloc) {
+        if ((st = ctx->be_ops->gen_alloc(ctx, ci, tb)) != KVX_OK) return st;
+        ci->regions[n].addr = ci->gen_dev;
+    } else {
+        table.mem = KVX_MEM_HOST;
+        ci->regions[n].addr = (uint64_t)(uintptr_t)ci->gen;
+    }
     ci->regions[n].len = tb;
     if ((st = ctx->be_ops->mem_register(ctx, &table, &ci->regions[n])) != KVX_OK) return st;
     ci->nregions = n + 1;
@@ -1667,14 +1684,19 @@ KVX__PRIV void kvx__read_finish(kvx__read *rd) {
     kvx_ctx *ctx = q->ctx;
     if (rd->done || !rd->issuing_done || rd->ops_out) return;
     if (rd->gen && rd->status == KVX_PENDING) {
-        if (!rd->gen_phase) {
-            /* The data has landed: only now fetch the owner's generations, so
-               that a retire before or during the data's reads cannot pass. */
-            rd->gen_phase = 1;
+        /* The data has landed: only now fetch the owner's generations, so
+           that a retire before or during the data's reads cannot pass. */
+        if (!rd->gen_phase && !ctx->be_ops->gen_fetch) {
+            rd->gen_phase = 1;  /* as ops of the read, issued by the next pump */
             rd->issuing_done = 0;
             return;
         }
-        rd->status = kvx__gen_check(rd);
+        if (!rd->gen_phase) {
+            rd->gen_phase = 1;
+            rd->status = ctx->be_ops->gen_fetch(rd);
+            if (rd->status == KVX_OK) rd->status = KVX_PENDING;
+        }
+        if (rd->status == KVX_PENDING) rd->status = kvx__gen_check(rd);
     }
     if (rd->status == KVX_PENDING) rd->status = rd->verify ? kvx__verify(rd) : KVX_OK;
     rd->done = 1;
@@ -1833,13 +1855,19 @@ KVX__PRIV kvx_status kvx__retire_check(kvx_ctx *ctx, const kvx__cache_info *ci, 
     return KVX_OK;
 }
 
-KVX__PRIV void kvx__retire_blocks(kvx__cache_info *ci, const uint32_t *ids, uint32_t n) {
-    uint32_t i;
-    for (i = 0; i < n; i++) ci->gen[ids[i]] = ci->gen[ids[i]] + 1u;
-    /* The new words before any write the engine makes to the blocks next. */
+KVX__PRIV kvx_status kvx__retire_blocks(kvx_ctx *ctx, kvx__cache_info *ci, const uint32_t *ids, uint32_t n) {
+    uint32_t i, lo = UINT32_MAX, hi = 0;
+    for (i = 0; i < n; i++) {
+        ci->gen[ids[i]] = ci->gen[ids[i]] + 1u;
+        if (ids[i] < lo) lo = ids[i];
+        if (ids[i] > hi) hi = ids[i];
+    }
+    /* The new words before any write the engine makes to the blocks next:
+       a table the backend keeps elsewhere gets them before this returns. */
 #if defined(__GNUC__) || defined(__clang__)
     __sync_synchronize();
 #endif
+    return n && ci->gen_dev ? ctx->be_ops->gen_store(ctx, ci, lo, hi - lo + 1u) : KVX_OK;
 }
 
 KVX_API kvx_status kvx_blocks_retire(kvx_cache *cache, const uint32_t *ids, uint32_t n) {
@@ -1848,7 +1876,7 @@ KVX_API kvx_status kvx_blocks_retire(kvx_cache *cache, const uint32_t *ids, uint
     if (!cache) return KVX_ERR_ARG;
     ctx = cache->ctx;
     pthread_mutex_lock(&ctx->lock);  /* one writer of the words: this and lease expiry */
-    if ((st = kvx__retire_check(ctx, &cache->info, ids, n, "kvx_blocks_retire")) == KVX_OK) kvx__retire_blocks(&cache->info, ids, n);
+    if ((st = kvx__retire_check(ctx, &cache->info, ids, n, "kvx_blocks_retire")) == KVX_OK) st = kvx__retire_blocks(ctx, &cache->info, ids, n);
     pthread_mutex_unlock(&ctx->lock);
     return st;
 }
@@ -2081,7 +2109,7 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
     planes = (rd->layer_end - rd->layer_begin) * rd->lc->lay.kv_planes;
     rd->gather = rd->rc->gather && !rd->g.run_merge && rd->g.npieces > 1;
     per_plane_ops = rd->g.run_merge ? nruns : (uint64_t)r->num_blocks * (rd->gather ? 1u : rd->g.npieces);
-    rd->ops_total = per_plane_ops * planes + (rd->gen ? nruns : 0u);
+    rd->ops_total = per_plane_ops * planes + (rd->gen && !ctx->be_ops->gen_fetch ? nruns : 0u);
     if (rd->verify) {  /* one small read of checksums per sampled block and plane */
         rd->ops_total += (uint64_t)kvx__sample_count(rd, r->num_blocks) * planes;
         rd->v_plane = rd->layer_begin * rd->lc->lay.kv_planes;
@@ -2219,7 +2247,8 @@ KVX__PRIV uint64_t kvx__progress_locked(kvx_ctx *ctx, int *events) {
             kvx__expect *e = &ctx->expect[i];
             ctx->expired[ctx->expired_head++ % KVX__EXPIRED_MEMORY] = e->id + 1;
             /* before the owner hears of it, so it cannot reuse the blocks first */
-            if (e->retire) kvx__retire_blocks(&e->retire->info, e->ids, e->nids);
+            if (e->retire && kvx__retire_blocks(ctx, &e->retire->info, e->ids, e->nids) != KVX_OK)
+                KVX__LOG(ctx, KVX_LOG_ERROR, "notify id %llu expired, but its blocks could not be retired: %s", (unsigned long long)e->id, ctx->err);
             kvx__notify_push(ctx, e->id, KVX_ERR_TIMEOUT, -1);
             KVX_FREE(e->ids);
             ctx->expect[i] = ctx->expect[--ctx->nexpect];

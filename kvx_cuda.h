@@ -228,6 +228,7 @@ typedef struct kvx__cuda_q {
     uint32_t *vres;
     CUdeviceptr vres_dev;
     CUstream vs;                /* the checks, so the next batch's copy runs beside them */
+    CUstream gs;                /* block generations: fetched after a read's copy (made at the first) */
 } kvx__cuda_q;
 
 KVX__PRIV kvx__cuda *kvx__cuda_of(kvx_ctx *ctx) { return (kvx__cuda *)ctx->be; }
@@ -1185,7 +1186,7 @@ KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
         uint32_t k = 0;
         for (i = 0; i < b->nreads; i++) {
             kvx__read *rd = b->reads[i];
-            if (!rd->verify) {  /* a verified read's word is written once its result is read (kvx__stream_read_final) */
+            if (!rd->verify && !rd->gen) {  /* a verified read's word (or one with generations) is written once its result is known (kvx__stream_read_final) */
                 memset(&ops[k], 0, sizeof ops[k]);
                 ops[k].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_64;
                 ops[k].writeValue.address = sq->dwords + (rd->ticket % q->depth) * 8u;
@@ -1474,6 +1475,7 @@ KVX__PRIV void kvx__cuda_q_fini(kvx_queue *q) {
         if (cq->vres) cuMemFreeHost(cq->vres);
         if (cq->vres_dev) cuMemFree(cq->vres_dev);
         if (cq->vs) cuStreamDestroy(cq->vs);
+        if (cq->gs) cuStreamDestroy(cq->gs);
         cuCtxPopCurrent(&prev);
     }
     kvx__gpu_dev_put(cq->d);
@@ -1578,7 +1580,9 @@ KVX__PRIV unsigned kvx__cuda_sum_grid(const kvx__gpu_dev *d, const kvx__cuda_sum
     return g ? (unsigned)g : 1u;
 }
 
-KVX__PRIV kvx_status kvx__cuda_csum_alloc(kvx_ctx *ctx, kvx__cache_info *ci, uint64_t bytes) {
+/* A zeroed table on the cache's device (checksums, block generations); it
+   holds the device's reference until kvx__cuda_table_free. */
+KVX__PRIV kvx_status kvx__cuda_table_alloc(kvx_ctx *ctx, const kvx__cache_info *ci, uint64_t bytes, uint64_t *out, const char *what) {
     kvx__gpu_dev *d;
     CUdeviceptr p = 0;
     CUcontext prev;
@@ -1589,20 +1593,78 @@ KVX__PRIV kvx_status kvx__cuda_csum_alloc(kvx_ctx *ctx, kvx__cache_info *ci, uin
     if ((rc = cuMemAlloc(&p, (size_t)bytes)) == CUDA_SUCCESS && (rc = cuMemsetD8(p, 0, (size_t)bytes)) == CUDA_SUCCESS) rc = cuCtxSynchronize();
     if (rc != CUDA_SUCCESS && p) cuMemFree(p);
     cuCtxPopCurrent(&prev);
-    if (rc != CUDA_SUCCESS) { kvx__gpu_dev_put(d); return kvx__gpu_err(ctx, rc, "cuMemAlloc (checksum table)"); }
-    ci->csum_dev = (uint64_t)p;  /* holds the device's reference until kvx__cuda_csum_free */
+    if (rc != CUDA_SUCCESS) { kvx__gpu_dev_put(d); return kvx__gpu_err(ctx, rc, what); }
+    *out = (uint64_t)p;
     return KVX_OK;
 }
 
-KVX__PRIV void kvx__cuda_csum_free(kvx__cache_info *ci) {
+KVX__PRIV void kvx__cuda_table_free(const kvx__cache_info *ci, uint64_t *table) {
     kvx__gpu_dev *d = &kvx__gpu_devs[ci->device];
     CUcontext prev;
     if (cuCtxPushCurrent(d->pctx) == CUDA_SUCCESS) {
-        cuMemFree((CUdeviceptr)ci->csum_dev);
+        cuMemFree((CUdeviceptr)*table);
         cuCtxPopCurrent(&prev);
     }
-    ci->csum_dev = 0;
+    *table = 0;
     kvx__gpu_dev_put(d);
+}
+
+KVX__PRIV kvx_status kvx__cuda_csum_alloc(kvx_ctx *ctx, kvx__cache_info *ci, uint64_t bytes) {
+    return kvx__cuda_table_alloc(ctx, ci, bytes, &ci->csum_dev, "cuMemAlloc (checksum table)");
+}
+KVX__PRIV void kvx__cuda_csum_free(kvx__cache_info *ci) { kvx__cuda_table_free(ci, &ci->csum_dev); }
+
+/*--- block generations of GPU caches ----------------------------------------
+   The table lives on the cache's GPU, exported like the cache, so a reader
+   maps it over CUDA IPC; its host shadow (ci->gen) is what the owner's CPU
+   advances. A retire copies the changed words over and waits for them; a
+   read with generations fetches the owner's words once its copy is done
+   (before its completion word is written), into the reader's shadow and
+   table at the local blocks, and the core compares them. */
+KVX__PRIV kvx_status kvx__cuda_gen_alloc(kvx_ctx *ctx, kvx__cache_info *ci, uint64_t bytes) {
+    return kvx__cuda_table_alloc(ctx, ci, bytes, &ci->gen_dev, "cuMemAlloc (generation table)");
+}
+KVX__PRIV void kvx__cuda_gen_free(kvx__cache_info *ci) { kvx__cuda_table_free(ci, &ci->gen_dev); }
+
+KVX__PRIV kvx_status kvx__cuda_gen_store(kvx_ctx *ctx, const kvx__cache_info *ci, uint32_t first, uint32_t n) {
+    kvx__gpu_dev *d = &kvx__gpu_devs[ci->device];
+    CUcontext prev;
+    CUstream s = NULL;
+    CUresult rc;
+    if ((rc = cuCtxPushCurrent(d->pctx)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "kvx_blocks_retire: cuCtxPushCurrent");
+    /* a stream of its own: the legacy stream would wait for the engine's */
+    if ((rc = cuStreamCreate(&s, CU_STREAM_NON_BLOCKING)) == CUDA_SUCCESS &&
+        (rc = cuMemcpyHtoDAsync((CUdeviceptr)(ci->gen_dev + 8u * (uint64_t)first), (const void *)(uintptr_t)(ci->gen + first), (size_t)n * 8u, s)) == CUDA_SUCCESS)
+        rc = cuStreamSynchronize(s);
+    if (s) cuStreamDestroy(s);
+    cuCtxPopCurrent(&prev);
+    return rc == CUDA_SUCCESS ? KVX_OK : kvx__gpu_err(ctx, rc, "kvx_blocks_retire: copying the generations to the GPU");
+}
+
+KVX__PRIV kvx_status kvx__cuda_gen_fetch(kvx__read *rd) {
+    kvx_queue *q = rd->q;
+    kvx__cuda_q *cq = kvx__cuda_q_of(q);
+    const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
+    kvx__cuda_peer *cp = (kvx__cuda_peer *)rd->peer->be;
+    kvx__cuda_imp *m;
+    uint64_t raddr = rc->regions[rc->gen_region].addr;
+    CUcontext prev;
+    CUresult r = CUDA_SUCCESS;
+    uint32_t i;
+    if (!cq || !cp || !(m = kvx__cuda_imp_find(cp, raddr)))
+        return kvx__fail(q->ctx, KVX_ERR_PEER, "read %llu: the generation table of %s/%d is not mapped", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank);
+    if ((r = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) return kvx__gpu_err(q->ctx, r, "generations: cuCtxPushCurrent");
+    if (!cq->gs) r = cuStreamCreate(&cq->gs, CU_STREAM_NON_BLOCKING);
+    for (i = 0; i < rd->nruns && r == CUDA_SUCCESS; i++) {
+        const kvx__run *run = &q->runs[(rd->run0 + i) % q->max_runs];
+        void *shadow = (void *)(uintptr_t)(lc->gen + run->l);
+        r = cuMemcpyDtoHAsync(shadow, m->lbase + (raddr - m->rbase) + 8u * (uint64_t)run->r, (size_t)run->n * 8u, cq->gs);
+        if (r == CUDA_SUCCESS && lc->gen_dev)
+            r = cuMemcpyHtoDAsync((CUdeviceptr)(lc->gen_dev + 8u * (uint64_t)run->l), shadow, (size_t)run->n * 8u, cq->gs);
+    }
+    if (r == CUDA_SUCCESS) r = cuStreamSynchronize(cq->gs);
+    cuCtxPopCurrent(&prev);
+    return r == CUDA_SUCCESS ? KVX_OK : kvx__gpu_err(q->ctx, r, "generations: fetching the owner's words");
 }
 
 /* Seal: blocks' checksums into the cache's table, by a kernel on a stream of
@@ -1819,6 +1881,10 @@ KVX__PRIV const kvx__backend kvx__cuda_backend = {
     KVX__F(csum_free) kvx__cuda_csum_free,
     KVX__F(csum_seal) kvx__cuda_seal,
     KVX__F(csum_verify) kvx__cuda_verify,
+    KVX__F(gen_alloc) kvx__cuda_gen_alloc,
+    KVX__F(gen_free) kvx__cuda_gen_free,
+    KVX__F(gen_store) kvx__cuda_gen_store,
+    KVX__F(gen_fetch) kvx__cuda_gen_fetch,
 };
 
 #endif /* KVX_CUDA_INCLUDED */

@@ -422,6 +422,10 @@ KVX__PRIV const kvx__backend kvx__local_backend = {
     KVX__F(csum_free) NULL,
     KVX__F(csum_seal) NULL,
     KVX__F(csum_verify) NULL,
+    KVX__F(gen_alloc) NULL,
+    KVX__F(gen_free) NULL,
+    KVX__F(gen_store) NULL,
+    KVX__F(gen_fetch) NULL,
 };
 
 #endif /* KVX_LOCAL_INCLUDED */

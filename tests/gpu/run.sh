@@ -10,7 +10,8 @@
 #   - kvx_demo_gpu, the GPU example
 #   - kvx_bench --backends CUDA, pack: the TP matrix with several processes
 #     on the one GPU, random and consecutive blocks, HND and NHD, cuMemAlloc,
-#     VMM and pool caches, verify mode, every kvx_bench option
+#     VMM and pool caches, verify mode, block generations, a transport
+#     policy, every kvx_bench option
 #   - UCX 1.22 with CUDA (build/gpu/ucx122): GPU caches read over UCX
 #     (cuda_ipc, and staged through the host as across hosts), byte-verified,
 #     also from Python with torch's allocation per layer,
@@ -63,6 +64,11 @@ entry "CUDA pack 3750 blocks x 50 layers x 128, 4 KiB blocks" 300 \
 entry "CUDA pack 3750 blocks x 50 layers x 128, verify mode, every block (heads summed a thread each)" 300 \
   $bench --num-blocks 3750 --num-layers 50 --blocks 128 --block-tokens 16 --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 2 --verify 1
 expect_fail "CUDA a planted wrong byte fails the run" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $bench $small --random-blocks
+entry "CUDA pack 2->4 NHD random, block generations on every read, verify mode" 120 $bench $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1 --generations
+entry "CUDA pack 1->2 HND consecutive, block generations, VMM caches" 120 env KVX_BENCH_CUDA_MEM=vmm $bench $small --prefill-tp 1 --decode-tp 2 --generations
+expect_fail "CUDA a transport policy that refuses CUDA IPC refuses the peer, saying why" 60 "refuses (\"!ipc\"); why that transport: owner and reader use the same GPU" \
+  $bench $small --transport-policy '!ipc'
+entry "CUDA a transport policy that demands CUDA IPC or RDMA passes" 60 $bench $small --transport-policy 'ipc,rdma'
 if [ "$(id -u)" = 0 ] && command -v ip >/dev/null; then
   expect_fail "CUDA spread across two hosts is refused" 120 "within one host" env KVX_BENCH=$B/kvx_bench CUDA_VISIBLE_DEVICES=$gpu bash tests/lib/two_hosts.sh --backends CUDA $small
 fi

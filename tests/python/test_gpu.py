@@ -254,3 +254,88 @@ def test_stream_wait_then_torch_check(monkeypatch, alloc):
 def test_stream_wait_in_cuda_graph(monkeypatch, alloc):
     f = run_pair(monkeypatch, "HND", alloc, "graph")
     assert f["replays"] == 24
+
+
+def gen_gpu_owner(conn, backend):
+    """A GPU producer with block generations: answers ("gens", ids) and
+    ("retire", ids) until told to go."""
+    try:
+        torch.cuda.set_device(0)
+        layers = [pattern("HND", l, 5).view(torch.float16) for l in range(LAYERS)]
+        with kvx.Context("prefill", backend=backend, timeout_ms=10000) as ctx:
+            cache = ctx.register_cache(layers, layout="HND", generations=True)
+            conn.send(("md", ctx.metadata()))
+            while conn.poll(60):
+                msg = conn.recv()
+                if msg[0] == "gens":
+                    conn.send(cache.generations(msg[1]))
+                elif msg[0] == "retire":
+                    cache.retire(msg[1])
+                    conn.send("ok")
+                else:
+                    break
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+
+
+@pytest.mark.parametrize("backend", ["cuda"])
+def test_block_generations_on_gpu(backend):
+    """GPU caches with block generations between two processes: current
+    generations pass, every byte checked; a block retired since is
+    StaleError, and a stream waiting on that read is released with the
+    failure in its completion word (state 2), not left waiting."""
+    conn, child = SPAWN.Pipe()
+    proc = SPAWN.Process(target=gen_gpu_owner, args=(child, backend))
+    proc.start()
+    try:
+        assert conn.poll(120), "owner did not start"
+        kind, md = conn.recv()
+        assert kind == "md", md
+
+        def ask(*msg):
+            conn.send(msg)
+            assert conn.poll(30), "owner did not answer %r" % (msg,)
+            return conn.recv()
+
+        torch.cuda.set_device(0)
+        want = [pattern("HND", l, 5) for l in range(LAYERS)]
+        local = [torch.full_like(w, POISON).view(torch.float16) for w in want]
+        with kvx.Context("decode", backend=backend, timeout_ms=10000) as ctx:
+            cache = ctx.register_cache(local, layout="HND", generations=True)
+            stream = torch.cuda.Stream()
+            q = ctx.queue(cuda_stream=stream)
+            peer = ctx.add_peer(md)
+            dst, src = [3, 4, 5, 40], [10, 11, 12, 7]
+            ask("retire", [11])
+            gens = ask("gens", src)
+            assert gens == [0, 1, 0, 0]
+            q.read(peer, dst, src, remote_generations=gens).wait(10000)
+            bad = check_all([t.view(torch.uint8) for t in local], want, dst, src)
+            assert bad is None, bad
+            assert cache.generations(dst) == gens
+            ask("retire", [12])
+            t = q.read(peer, dst, src, remote_generations=gens)
+            waiter = torch.cuda.Stream()
+            q.stream_wait(t, waiter)
+            with pytest.raises(kvx.StaleError, match="remote block 12 .*generation 0 expected, 1 found"):
+                t.wait(10000)
+            word = q.stream_status_tensor(t)
+            released = torch.cuda.Event()
+            released.record(waiter)
+            t0 = time.monotonic()
+            while not released.query() and time.monotonic() - t0 < 10:  # released, not left waiting
+                time.sleep(0.01)
+            assert released.query(), "the stream waiting on a stale read was not released within 10 s"
+            assert int(word.item()) & 3 == 2, "the waiting stream's word does not say the read failed: %#x" % int(word.item())
+            gens = ask("gens", src)
+            q.read(peer, dst, src, remote_generations=gens).wait(10000)
+            bad = check_all([t.view(torch.uint8) for t in local], want, dst, src)
+            assert bad is None, bad
+    finally:
+        try:
+            conn.send(("bye",))
+        except OSError:
+            pass
+        proc.join(20)
+        if proc.is_alive():
+            proc.kill()
