@@ -229,6 +229,8 @@ typedef struct kvx__cuda_q {
     CUdeviceptr vres_dev;
     CUstream vs;                /* the checks, so the next batch's copy runs beside them */
     CUstream gs;                /* block generations: fetched after a read's copy (made at the first) */
+    uint64_t *gbuf;             /* pinned: the owner's words of a read's span of remote blocks */
+    uint32_t gcap;              /* words gbuf holds */
 } kvx__cuda_q;
 
 KVX__PRIV kvx__cuda *kvx__cuda_of(kvx_ctx *ctx) { return (kvx__cuda *)ctx->be; }
@@ -1476,6 +1478,7 @@ KVX__PRIV void kvx__cuda_q_fini(kvx_queue *q) {
         if (cq->vres_dev) cuMemFree(cq->vres_dev);
         if (cq->vs) cuStreamDestroy(cq->vs);
         if (cq->gs) cuStreamDestroy(cq->gs);
+        if (cq->gbuf) cuMemFreeHost(cq->gbuf);
         cuCtxPopCurrent(&prev);
     }
     kvx__gpu_dev_put(cq->d);
@@ -1648,21 +1651,42 @@ KVX__PRIV kvx_status kvx__cuda_gen_fetch(kvx__read *rd) {
     kvx__cuda_peer *cp = (kvx__cuda_peer *)rd->peer->be;
     kvx__cuda_imp *m;
     uint64_t raddr = rc->regions[rc->gen_region].addr;
+    uint32_t i, b, rlo = UINT32_MAX, rhi = 0, llo = UINT32_MAX, lhi = 0;
     CUcontext prev;
     CUresult r = CUDA_SUCCESS;
-    uint32_t i;
     if (!cq || !cp || !(m = kvx__cuda_imp_find(cp, raddr)))
         return kvx__fail(q->ctx, KVX_ERR_PEER, "read %llu: the generation table of %s/%d is not mapped", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank);
+    for (i = 0; i < rd->nruns; i++) {
+        const kvx__run *run = &q->runs[(rd->run0 + i) % q->max_runs];
+        if (run->r < rlo) rlo = run->r;
+        if (run->r + run->n - 1 > rhi) rhi = run->r + run->n - 1;
+        if (run->l < llo) llo = run->l;
+        if (run->l + run->n - 1 > lhi) lhi = run->l + run->n - 1;
+    }
+    if (rlo > rhi) return KVX_OK;
     if ((r = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) return kvx__gpu_err(q->ctx, r, "generations: cuCtxPushCurrent");
     if (!cq->gs) r = cuStreamCreate(&cq->gs, CU_STREAM_NON_BLOCKING);
-    for (i = 0; i < rd->nruns && r == CUDA_SUCCESS; i++) {
-        const kvx__run *run = &q->runs[(rd->run0 + i) % q->max_runs];
-        void *shadow = (void *)(uintptr_t)(lc->gen + run->l);
-        r = cuMemcpyDtoHAsync(shadow, m->lbase + (raddr - m->rbase) + 8u * (uint64_t)run->r, (size_t)run->n * 8u, cq->gs);
-        if (r == CUDA_SUCCESS && lc->gen_dev)
-            r = cuMemcpyHtoDAsync((CUdeviceptr)(lc->gen_dev + 8u * (uint64_t)run->l), shadow, (size_t)run->n * 8u, cq->gs);
+    if (r == CUDA_SUCCESS && cq->gcap < rc->lay.num_blocks) {  /* one span copy per read, not one per run */
+        if (cq->gbuf) cuMemFreeHost(cq->gbuf);
+        cq->gbuf = NULL;
+        cq->gcap = 0;
+        if ((r = cuMemAllocHost((void **)&cq->gbuf, (size_t)rc->lay.num_blocks * 8u)) == CUDA_SUCCESS) cq->gcap = rc->lay.num_blocks;
     }
+    if (r == CUDA_SUCCESS)
+        r = cuMemcpyDtoHAsync(cq->gbuf, m->lbase + (raddr - m->rbase) + 8u * (uint64_t)rlo, (size_t)(rhi - rlo + 1u) * 8u, cq->gs);
     if (r == CUDA_SUCCESS) r = cuStreamSynchronize(cq->gs);
+    if (r == CUDA_SUCCESS) {
+        for (i = 0; i < rd->nruns; i++) {
+            const kvx__run *run = &q->runs[(rd->run0 + i) % q->max_runs];
+            for (b = 0; b < run->n; b++) lc->gen[run->l + b] = cq->gbuf[run->r + b - rlo];
+        }
+        /* Our table says what our blocks now hold, for readers of them. From
+           pageable memory the copy takes the words before it returns; it
+           lands in stream order, before this stream's next fetch. */
+        if (lc->gen_dev)
+            r = cuMemcpyHtoDAsync((CUdeviceptr)(lc->gen_dev + 8u * (uint64_t)llo), (const void *)(uintptr_t)(lc->gen + llo),
+                                  (size_t)(lhi - llo + 1u) * 8u, cq->gs);
+    }
     cuCtxPopCurrent(&prev);
     return r == CUDA_SUCCESS ? KVX_OK : kvx__gpu_err(q->ctx, r, "generations: fetching the owner's words");
 }
