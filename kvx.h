@@ -273,7 +273,7 @@ typedef struct kvx_cache_desc {
                                    GPU caches: the CUDA backend only; the table lives on the GPU */
     int generations;            /* 1: keep a generation per block (kvx_blocks_retire), published to
                                    peers; needed on both sides of a read that carries generations.
-                                   The table is host memory; UCX, libfabric and local backends */
+                                   Host memory; with the CUDA backend the GPU, with a host shadow */
 } kvx_cache_desc;
 
 typedef struct kvx_queue_desc {
