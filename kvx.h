@@ -272,7 +272,7 @@ typedef struct kvx_cache_desc {
                                    published to peers; needed on both sides of a verified read.
                                    GPU caches: the CUDA backend only; the table lives on the GPU */
     int generations;            /* 1: keep a generation per block (kvx_blocks_retire), published to
-                                   peers; needed on both sides of a read that carries generations.
+                                   peers; an owner's cache needs it for reads that carry generations.
                                    Host memory; with the CUDA backend the GPU, with a host shadow */
 } kvx_cache_desc;
 
@@ -302,9 +302,9 @@ typedef struct kvx_read {
                                    the producer's sealed checksums; a mismatch is KVX_ERR_CORRUPT */
     const uint64_t *remote_generations; /* NULL: none; else one per remote block, as the owner's
                                    kvx_block_generation gave them: after the data has landed the
-                                   read fetches the owner's current ones (into the local cache's
-                                   generation words of the local blocks) and any difference is
-                                   KVX_ERR_STALE. Copied at kvx_post. */
+                                   read fetches the owner's current ones and any difference is
+                                   KVX_ERR_STALE. The peer's cache needs generations. Copied at
+                                   kvx_post. */
 } kvx_read;
 
 typedef struct kvx_completion {
@@ -483,6 +483,7 @@ KVX_API void        kvx_stats_get(const kvx_ctx *ctx, kvx_stats *out);
 #define KVX__EXPIRED_MEMORY 1024u
 #define KVX__CANCEL_GRACE_MS 1000u
 #define KVX__NO_CSUM 0xFFFFFFFFu
+#define KVX__LREG_GEN 0xFFFFFFFEu  /* kvx__op.lreg: the queue's fetched-generation words */
 
 /*--- internal types ------------------------------------------------------*/
 
@@ -543,6 +544,9 @@ typedef struct kvx__geom {
 
 typedef struct kvx__run { uint32_t l, r, n; } kvx__run;
 
+/* The registered region an op lands in (backends use it for its key). */
+#define KVX__OP_LREGION(rd, op) ((op)->lreg == KVX__LREG_GEN ? &(rd)->q->gland_reg : &(rd)->lc->regions[(op)->lreg])
+
 typedef struct kvx__read kvx__read;
 
 struct kvx_peer {
@@ -584,7 +588,8 @@ struct kvx__read {
     /* reads with generations: phase 1 once the data has landed, then a
        cursor over runs; the expected words in the queue's ring */
     int gen, gen_phase;
-    uint32_t g_run, g0, ngen;
+    uint32_t g_run, g_idx;      /* the fetch's cursor: run, and blocks before it */
+    uint32_t g0, ngen;          /* its words in the queue's rings; ngen counts a skipped tail too */
     uint64_t ops_total, ops_issued, ops_done;
     uint32_t ops_out;
     uint64_t bytes, bytes_done;
@@ -608,7 +613,12 @@ struct kvx_queue {
     kvx_ticket run_tail;                /* oldest read still holding runs; reads not fully issued are >= it */
     kvx__run *runs;
     uint32_t run_head, run_used;        /* ring of merged runs, released in ticket order */
-    uint64_t *gens;                     /* expected generations (max_runs of them), released with the runs */
+    /* Block generations: the words each read expects and, beside them, the
+       owner's as fetched (registered: a read's own landing place, so reads
+       of one block from several owners cannot mix), max_runs of each,
+       taken contiguously per read and released with the runs. */
+    uint64_t *gens, *gland;
+    kvx__region gland_reg;
     uint32_t gen_head, gen_used;
     kvx_ticket *done_fifo;
     uint32_t done_head, done_count;
@@ -747,7 +757,7 @@ struct kvx__backend {
     /* Copy words [first, first + n) of the host shadow ci->gen to the table. */
     kvx_status (*gen_store)(kvx_ctx *ctx, const kvx__cache_info *ci, uint32_t first, uint32_t n);
     /* After a read's data has landed: the owner's words of its remote blocks
-       into rd->lc's shadow (and table) at the local blocks. */
+       into the read's words of the queue's landing ring (q->gland + rd->g0). */
     kvx_status (*gen_fetch)(kvx__read *rd);
 };
 
@@ -1750,31 +1760,30 @@ KVX__PRIV void kvx__op_done(kvx__read *rd, kvx_status st, const char *why) {
 
 /* The op at the read's cursor; 0 when every op has been issued. */
 /* The generation fetch: one op per run of blocks, the owner's words of the
-   remote blocks into our words of the local ones. */
+   remote blocks into the read's own words in the queue's landing ring. */
 KVX__PRIV int kvx__gcursor_op(kvx__read *rd, const kvx__run *runs, uint32_t cap, kvx__op *op) {
-    const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
+    const kvx__cache_info *rc = rd->rc;
     const kvx__run *run;
     if (rd->g_run >= rd->nruns) return 0;
     run = &runs[(rd->run0 + rd->g_run) % cap];
     op->count = 1;
     op->lstride = op->rstride = 0;
-    op->lreg = lc->gen_region;
+    op->lreg = KVX__LREG_GEN;
     op->rreg = rc->gen_region;
-    op->laddr = lc->regions[lc->gen_region].addr + 8u * (uint64_t)run->l;
+    op->laddr = rd->q->gland_reg.addr + 8u * (uint64_t)(rd->g0 + rd->g_idx);
     op->raddr = rc->regions[rc->gen_region].addr + 8u * (uint64_t)run->r;
     op->len = 8u * (uint64_t)run->n;
     return 1;
 }
 
-/* After the fetch: every local block's word against what the read expected. */
+/* After the fetch: every block's fetched word against what the read expected. */
 KVX__PRIV kvx_status kvx__gen_check(kvx__read *rd) {
     kvx_queue *q = rd->q;
-    const kvx__cache_info *lc = rd->lc;
     uint32_t r, b, idx = 0;
     for (r = 0; r < rd->nruns; r++) {
         const kvx__run *run = &q->runs[(rd->run0 + r) % q->max_runs];
         for (b = 0; b < run->n; b++, idx++) {
-            uint64_t want = q->gens[(rd->g0 + idx) % q->max_runs], got = lc->gen[run->l + b];
+            uint64_t want = q->gens[rd->g0 + idx], got = q->gland[rd->g0 + idx];
             if (got != want)
                 return kvx__fail(q->ctx, KVX_ERR_STALE, "read %llu from %s/%d over %s: remote block %u (local %u, layers %u-%u): generation %llu "
                                  "expected, %llu found: the owner retired it (kvx_blocks_retire) before or during the read, so what landed may be "
@@ -1814,7 +1823,7 @@ KVX__PRIV int kvx__cursor_op(kvx__read *rd, const kvx__run *runs, uint32_t cap, 
 }
 
 KVX__PRIV void kvx__cursor_next(kvx__read *rd, const kvx__run *runs, uint32_t cap) {
-    if (rd->gen_phase) { rd->g_run++; return; }
+    if (rd->gen_phase) { rd->g_idx += runs[(rd->run0 + rd->g_run) % cap].n; rd->g_run++; return; }
     if (rd->c_plane >= rd->layer_end * rd->lc->lay.kv_planes) { kvx__vcursor_next(rd, runs, cap); return; }
     if (!rd->g.run_merge) {
         if (!rd->gather && ++rd->c_piece < rd->g.npieces) return;
@@ -2028,9 +2037,9 @@ KVX__PRIV kvx_status kvx__post_check(kvx_queue *q, const kvx_read *r, kvx__read 
             return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: a verified read needs checksums on both caches (kvx_cache_desc.checksums): ours %s, peer %s/%d's %s",
                              lc->csum || lc->csum_dev ? "on" : "off", p->name, p->rank, rc->csum_region == KVX__NO_CSUM ? "off" : "on");
     }
-    if (r->remote_generations && (!lc->gen || rc->gen_region == KVX__NO_CSUM))
-        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: a read that carries generations needs them on both caches (kvx_cache_desc.generations): "
-                         "ours %s, peer %s/%d's %s", lc->gen ? "on" : "off", p->name, p->rank, rc->gen_region == KVX__NO_CSUM ? "off" : "on");
+    if (r->remote_generations && rc->gen_region == KVX__NO_CSUM)
+        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: the read carries generations, but peer %s/%d's cache %u keeps none "
+                         "(kvx_cache_desc.generations on the owner's side)", p->name, p->rank, r->remote_cache);
     memset(rd, 0, sizeof *rd);
     rd->peer = p;
     rd->lc = lc;
@@ -2045,11 +2054,35 @@ KVX__PRIV kvx_status kvx__post_check(kvx_queue *q, const kvx_read *r, kvx__read 
     return KVX_OK;
 }
 
+/* A queue's generation rings, at its first read with generations; the
+   landing ring registered (as host memory) where the backend's ops land
+   there, not where the backend fetches the words itself. */
+KVX__PRIV kvx_status kvx__gen_rings(kvx_queue *q, const kvx__cache_info *lc) {
+    kvx_ctx *ctx = q->ctx;
+    kvx__cache_info host = *lc;
+    kvx_status st;
+    q->gens = (uint64_t *)kvx__calloc(q->max_runs, sizeof *q->gens);
+    q->gland = (uint64_t *)kvx__calloc(q->max_runs, sizeof *q->gland);
+    if (!q->gens || !q->gland) st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_post: no memory for the queue's generation words");
+    else {
+        q->gland_reg.addr = (uint64_t)(uintptr_t)q->gland;
+        q->gland_reg.len = (uint64_t)q->max_runs * 8u;
+        host.mem = KVX_MEM_HOST;
+        st = ctx->be_ops->gen_fetch ? KVX_OK : ctx->be_ops->mem_register(ctx, &host, &q->gland_reg);
+    }
+    if (st != KVX_OK) {
+        KVX_FREE(q->gens); KVX_FREE(q->gland); KVX_FREE(q->gland_reg.rkey);
+        q->gens = q->gland = NULL;
+        memset(&q->gland_reg, 0, sizeof q->gland_reg);
+    }
+    return st;
+}
+
 KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
     kvx_ctx *ctx;
     kvx__read tmp, *rd;
     kvx_status st;
-    uint32_t nruns = 0, i, k, planes;
+    uint32_t nruns = 0, i, k, planes, gpad = 0;
     uint64_t per_plane_ops;
     if (!q) return KVX_ERR_ARG;
     ctx = q->ctx;
@@ -2069,15 +2102,14 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
         goto out;
     }
     if (tmp.gen) {
+        /* a read's words are contiguous: a tail too short for them is skipped */
+        gpad = q->gen_head + r->num_blocks > q->max_runs ? q->max_runs - q->gen_head : 0u;
         if (r->num_blocks > q->max_runs) {
             st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: %u blocks with generations, the queue holds %u (kvx_queue_desc.max_runs)", r->num_blocks, q->max_runs);
             goto out;
         }
-        if (!q->gens && !(q->gens = (uint64_t *)kvx__calloc(q->max_runs, sizeof *q->gens))) {  /* once per queue */
-            st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_post: no memory for the queue's expected generations");
-            goto out;
-        }
-        if (q->max_runs - q->gen_used < r->num_blocks) {
+        if (!q->gens && (st = kvx__gen_rings(q, tmp.lc)) != KVX_OK) goto out;  /* once per queue */
+        if (q->max_runs - q->gen_used < gpad + r->num_blocks) {
             st = KVX_PENDING;
             kvx__fail(ctx, KVX_PENDING, "kvx_post: queue full: %u of %u generation slots held by reads in flight", q->gen_used, q->max_runs);
             goto out;
@@ -2100,11 +2132,11 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
     q->run_head = (q->run_head + nruns) % q->max_runs;
     q->run_used += nruns;
     if (rd->gen) {
-        rd->g0 = q->gen_head;
-        rd->ngen = r->num_blocks;
-        for (i = 0; i < r->num_blocks; i++) q->gens[(rd->g0 + i) % q->max_runs] = r->remote_generations[i];
-        q->gen_head = (q->gen_head + r->num_blocks) % q->max_runs;
-        q->gen_used += r->num_blocks;
+        rd->g0 = gpad ? 0u : q->gen_head;
+        rd->ngen = gpad + r->num_blocks;
+        for (i = 0; i < r->num_blocks; i++) q->gens[rd->g0 + i] = r->remote_generations[i];
+        q->gen_head = (rd->g0 + r->num_blocks) % q->max_runs;
+        q->gen_used += rd->ngen;
     }
     planes = (rd->layer_end - rd->layer_begin) * rd->lc->lay.kv_planes;
     rd->gather = rd->rc->gather && !rd->g.run_merge && rd->g.npieces > 1;
@@ -2452,10 +2484,13 @@ KVX_API void kvx_queue_destroy(kvx_queue *q) {
         if (*pp == q) { *pp = q->next; break; }
     pthread_mutex_unlock(&ctx->lock);
     kvx__queue_close(q);
+    if (q->gens && !ctx->be_ops->gen_fetch) ctx->be_ops->mem_deregister(ctx, &q->gland_reg);
+    KVX_FREE(q->gland_reg.rkey);
     pthread_cond_destroy(&q->cond);
     KVX_FREE(q->slots);
     KVX_FREE(q->runs);
     KVX_FREE(q->gens);
+    KVX_FREE(q->gland);
     KVX_FREE(q->done_fifo);
     KVX_FREE(q);
 }

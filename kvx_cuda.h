@@ -1622,8 +1622,9 @@ KVX__PRIV void kvx__cuda_csum_free(kvx__cache_info *ci) { kvx__cuda_table_free(c
    maps it over CUDA IPC; its host shadow (ci->gen) is what the owner's CPU
    advances. A retire copies the changed words over and waits for them; a
    read with generations fetches the owner's words once its copy is done
-   (before its completion word is written), into the reader's shadow and
-   table at the local blocks, and the core compares them. */
+   (before its completion word is written) with one copy of the span they
+   cover, into the read's words in the queue's landing ring, and the core
+   compares them. */
 KVX__PRIV kvx_status kvx__cuda_gen_alloc(kvx_ctx *ctx, kvx__cache_info *ci, uint64_t bytes) {
     return kvx__cuda_table_alloc(ctx, ci, bytes, &ci->gen_dev, "cuMemAlloc (generation table)");
 }
@@ -1647,11 +1648,11 @@ KVX__PRIV kvx_status kvx__cuda_gen_store(kvx_ctx *ctx, const kvx__cache_info *ci
 KVX__PRIV kvx_status kvx__cuda_gen_fetch(kvx__read *rd) {
     kvx_queue *q = rd->q;
     kvx__cuda_q *cq = kvx__cuda_q_of(q);
-    const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
+    const kvx__cache_info *rc = rd->rc;
     kvx__cuda_peer *cp = (kvx__cuda_peer *)rd->peer->be;
     kvx__cuda_imp *m;
     uint64_t raddr = rc->regions[rc->gen_region].addr;
-    uint32_t i, b, rlo = UINT32_MAX, rhi = 0, llo = UINT32_MAX, lhi = 0;
+    uint32_t i, b, idx = 0, rlo = UINT32_MAX, rhi = 0;
     CUcontext prev;
     CUresult r = CUDA_SUCCESS;
     if (!cq || !cp || !(m = kvx__cuda_imp_find(cp, raddr)))
@@ -1660,8 +1661,6 @@ KVX__PRIV kvx_status kvx__cuda_gen_fetch(kvx__read *rd) {
         const kvx__run *run = &q->runs[(rd->run0 + i) % q->max_runs];
         if (run->r < rlo) rlo = run->r;
         if (run->r + run->n - 1 > rhi) rhi = run->r + run->n - 1;
-        if (run->l < llo) llo = run->l;
-        if (run->l + run->n - 1 > lhi) lhi = run->l + run->n - 1;
     }
     if (rlo > rhi) return KVX_OK;
     if ((r = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) return kvx__gpu_err(q->ctx, r, "generations: cuCtxPushCurrent");
@@ -1675,18 +1674,11 @@ KVX__PRIV kvx_status kvx__cuda_gen_fetch(kvx__read *rd) {
     if (r == CUDA_SUCCESS)
         r = cuMemcpyDtoHAsync(cq->gbuf, m->lbase + (raddr - m->rbase) + 8u * (uint64_t)rlo, (size_t)(rhi - rlo + 1u) * 8u, cq->gs);
     if (r == CUDA_SUCCESS) r = cuStreamSynchronize(cq->gs);
-    if (r == CUDA_SUCCESS) {
+    if (r == CUDA_SUCCESS)  /* into the read's own words in the queue's landing ring */
         for (i = 0; i < rd->nruns; i++) {
             const kvx__run *run = &q->runs[(rd->run0 + i) % q->max_runs];
-            for (b = 0; b < run->n; b++) lc->gen[run->l + b] = cq->gbuf[run->r + b - rlo];
+            for (b = 0; b < run->n; b++, idx++) q->gland[rd->g0 + idx] = cq->gbuf[run->r + b - rlo];
         }
-        /* Our table says what our blocks now hold, for readers of them. From
-           pageable memory the copy takes the words before it returns; it
-           lands in stream order, before this stream's next fetch. */
-        if (lc->gen_dev)
-            r = cuMemcpyHtoDAsync((CUdeviceptr)(lc->gen_dev + 8u * (uint64_t)llo), (const void *)(uintptr_t)(lc->gen + llo),
-                                  (size_t)(lhi - llo + 1u) * 8u, cq->gs);
-    }
     cuCtxPopCurrent(&prev);
     return r == CUDA_SUCCESS ? KVX_OK : kvx__gpu_err(q->ctx, r, "generations: fetching the owner's words");
 }

@@ -1169,7 +1169,7 @@ KVX__PRIV void kvx__ofi_op_finish(kvx__ofi_pep *pe, kvx__ofi_op *x) {
 KVX__PRIV kvx_status kvx__ofi_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op) {
     kvx__ofi *o = kvx__ofi_of(ctx);
     kvx__ofi_pep *pe = (kvx__ofi_pep *)rd->peer->be;
-    const kvx__ofi_lmr *lm = (const kvx__ofi_lmr *)rd->lc->regions[op->lreg].be;
+    const kvx__ofi_lmr *lm = (const kvx__ofi_lmr *)KVX__OP_LREGION(rd, op)->be;
     const kvx__ofi_rkey *rk = (const kvx__ofi_rkey *)rd->rc->regions[op->rreg].be;
     kvx__ofi_op *x;
     int ret;

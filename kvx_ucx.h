@@ -686,7 +686,7 @@ KVX__PRIV kvx_status kvx__ucx_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *o
     prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMH;
     prm.cb.send = kvx__ucx_get_cb;
     prm.user_data = rd;
-    prm.memh = (ucp_mem_h)rd->lc->regions[op->lreg].be;
+    prm.memh = (ucp_mem_h)KVX__OP_LREGION(rd, op)->be;
     sp = ucp_get_nbx((ucp_ep_h)rd->peer->be, (void *)(uintptr_t)op->laddr, (size_t)op->len, op->raddr,
                      (ucp_rkey_h)rd->rc->regions[op->rreg].be, &prm);
     if (sp == NULL) {

@@ -312,7 +312,6 @@ def test_block_generations_on_gpu(backend):
             q.read(peer, dst, src, remote_generations=gens).wait(10000)
             bad = check_all([t.view(torch.uint8) for t in local], want, dst, src)
             assert bad is None, bad
-            assert cache.generations(dst) == gens
             ask("retire", [12])
             t = q.read(peer, dst, src, remote_generations=gens)
             waiter = torch.cuda.Stream()
