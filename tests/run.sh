@@ -67,10 +67,10 @@ entry "PTX check (ptxas sm_80, sm_90, sm_100)" 120 bash tools/ptx_check.sh
 if [ -x $B/venv/bin/python ] && $B/venv/bin/python -c 'import kvx' 2>/dev/null; then
   entry "python: the kvx package (ctypes), reads between processes, numpy and torch CPU (ucx $vdeb tcp)" 300 \
     env UCX_TLS=tcp $B/venv/bin/python -m pytest -q -p no:cacheprovider tests/python
-  entry "python example: prefill server and decode client, prefill TP 2 -> decode TP 1, 2 abandoned (ucx $vdeb tcp)" 180 \
-    env UCX_TLS=tcp UCX_NET_DEVICES=lo $B/venv/bin/python examples/python/run_example.py --prefill-tp 2 --decode-tp 1 --abandon 2 --lease-ms 5000
-  entry "python example: prefill server and decode client, prefill TP 1 -> decode TP 2, HND, 2 abandoned (ucx $vdeb tcp)" 180 \
-    env UCX_TLS=tcp UCX_NET_DEVICES=lo $B/venv/bin/python examples/python/run_example.py --prefill-tp 1 --decode-tp 2 --layout HND --abandon 2 --lease-ms 5000
+  entry "python example: prefill server and decode client, prefill TP 2 -> decode TP 1, 2 abandoned, 1 read after its lease (stale) (ucx $vdeb tcp)" 180 \
+    env UCX_TLS=tcp UCX_NET_DEVICES=lo $B/venv/bin/python examples/python/run_example.py --prefill-tp 2 --decode-tp 1 --abandon 2 --late 1 --lease-ms 5000
+  entry "python example: prefill server and decode client, prefill TP 1 -> decode TP 2, HND, 2 abandoned, 1 read after its lease (stale) (ucx $vdeb tcp)" 180 \
+    env UCX_TLS=tcp UCX_NET_DEVICES=lo $B/venv/bin/python examples/python/run_example.py --prefill-tp 1 --decode-tp 2 --layout HND --abandon 2 --late 1 --lease-ms 5000
   # make bench-peers' workload and driver, on kvx alone (NIXL and Mooncake
   # are installed by make bench-peers only): the rows run and check every byte
   P="$B/venv/bin/python bench/peers/bench_peers.py --rows kvx-ucx1.13 --sizes 16384 --tp 2 --patterns random --request-bytes 8388608 --strict"

@@ -30,12 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inflight", type=int, default=4, help="requests in flight at once")
     p.add_argument("--abandon", type=int, default=0,
                    help="requests given blocks by the prefill side and never read (freed there by lease expiry)")
+    p.add_argument("--late", type=int, default=0,
+                   help="requests read only after their lease ran out: each must fail with kvx's KVX_ERR_STALE "
+                        "(the prefill side retired the blocks), never pass with what the blocks hold next")
     p.add_argument("--timeout-s", type=float, default=120.0, help="the whole run's deadline")
     p.add_argument("--keep-server", action="store_true", help="do not send the server 'shutdown' at the end")
     return p
 
 
-CLIENT_FLAGS = ("requests", "tokens", "inflight", "abandon", "timeout_s", "keep_server")
+CLIENT_FLAGS = ("requests", "tokens", "inflight", "abandon", "late", "timeout_s", "keep_server")
 
 
 def parse_tokens(text: str) -> Tuple[int, int]:
@@ -76,8 +79,8 @@ def check_args(args: argparse.Namespace) -> List[str]:
     except ValueError as e:
         bad.append(str(e))
         tok_hi = 1
-    if args.requests < 1 or args.inflight < 1 or not 0 <= args.abandon <= args.requests:
-        bad.append("want --requests >= 1, --inflight >= 1, 0 <= --abandon <= --requests")
+    if args.requests < 1 or args.inflight < 1 or not 0 <= args.abandon or not 0 <= args.late or args.abandon + args.late > args.requests:
+        bad.append("want --requests >= 1, --inflight >= 1, --abandon and --late >= 0, and --abandon + --late <= --requests")
     need = math.ceil(tok_hi / max(args.block_size, 1))
     if need > args.num_blocks:
         bad.append("--tokens up to %d need %d blocks, --num-blocks is %d" % (tok_hi, need, args.num_blocks))
@@ -153,7 +156,9 @@ def drive(args: argparse.Namespace, cfg: kc.ModelConfig, tokens: Tuple[int, int]
 
         rng = random.Random(args.seed)
         plan = [(i + 1, rng.randint(*tokens)) for i in range(args.requests)]
-        abandoned_ids = {plan[i][0] for i in rng.sample(range(args.requests), args.abandon)}
+        picked = rng.sample(range(args.requests), args.abandon + args.late)
+        abandoned_ids = {plan[i][0] for i in picked[:args.abandon]}
+        late_ids = {plan[i][0] for i in picked[args.abandon:]}
         pool = kc.BlockPool(args.num_blocks, args.seed + 1000)
         # a request that is not done by then has failed (the lease, the read deadline and a margin)
         sched = kc.DecodeScheduler(cfg, pool, server, workers, request_timeout_s=lease_ms / 1000.0 + 30.0)
@@ -165,7 +170,7 @@ def drive(args: argparse.Namespace, cfg: kc.ModelConfig, tokens: Tuple[int, int]
                                    % (args.timeout_s, len(finished), len(plan)))
             while nxt < len(plan) and sched.in_flight < args.inflight:
                 req_id, ntok = plan[nxt]
-                if not sched.submit(req_id, ntok, req_id in abandoned_ids):
+                if not sched.submit(req_id, ntok, req_id in abandoned_ids, req_id in late_ids):
                     break  # local blocks come back as requests finish
                 nxt += 1
             for r in sched.step(0.02):
@@ -173,14 +178,16 @@ def drive(args: argparse.Namespace, cfg: kc.ModelConfig, tokens: Tuple[int, int]
                 kc.say(request_line(r))
                 if r.state == "failed":
                     run.problem("request %d: %s" % (r.req_id, r.error))
-        read = [r for r in finished if r.state != "abandoned"]
+        # a late request reads nothing and notifies nobody: to the prefill side it is abandoned
+        read = [r for r in finished if r.state not in ("abandoned", "stale")]
 
         # the prefill side settles: abandoned requests expire one lease after they were prefilled
         stats = settle(server, lease_ms)
         c = stats["counters"]
         n_read, n_abandoned = len(read), len(finished) - len(read)
         blocks_read = sum(r.num_blocks for r in read)
-        blocks_abandoned = sum(r.num_blocks for r in finished if r.state == "abandoned")
+        blocks_abandoned = sum(r.num_blocks for r in finished if r.state in ("abandoned", "stale"))
+        run.expect("late requests refused as stale", sum(1 for r in finished if r.state == "stale"), args.late)
         run.expect("prefill notifications from readers", c["notes_ok"], n_read * pairs)
         run.expect("prefill notifications expired", c["notes_expired"], n_abandoned * pairs)
         run.expect("prefill requests freed by notification", c["requests_freed_by_notification"], n_read)
@@ -201,7 +208,8 @@ def drive(args: argparse.Namespace, cfg: kc.ModelConfig, tokens: Tuple[int, int]
                 continue
             st = bye["stats"]
             run.expect("decode rank %d reads still in flight" % rank, bye["in_flight"], 0)
-            run.expect("decode rank %d kvx reads failed" % rank, st["reads_failed"], 0)
+            # each late request's reads, one per prefill rank read from, end KVX_ERR_STALE
+            run.expect("decode rank %d kvx reads failed" % rank, st["reads_failed"], args.late * len(sources[rank]))
             run.expect("decode rank %d kvx reads completed" % rank, st["reads_completed"], n_read * len(sources[rank]))
         if not args.keep_server:
             kc.call(server, {"op": "shutdown"}, "bye", timeout_s=30)
@@ -234,6 +242,8 @@ def request_line(r: kc.DecodeRequest) -> str:
     head = "req %d: %d block%s" % (r.req_id, r.num_blocks, "" if r.num_blocks == 1 else "s")
     if r.state == "abandoned":
         return head + ", abandoned (never read: the prefill lease frees it)"
+    if r.state == "stale":
+        return head + ", read after its lease ran out: refused as stale, as it must be (%s)" % (r.error or "")[-160:]
     if r.state == "ok":
         return head + ", %d reads, %.2f ms (read %.2f ms), ok" % (r.reads, r.latency_ms, r.read_ms)
     return head + ", %d reads, %.2f ms, FAILED: %s" % (r.reads, r.latency_ms, r.error)

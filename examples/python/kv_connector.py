@@ -470,7 +470,9 @@ def prefill_worker_main(conn: Connection, rank: int, tp: int, cfg: ModelConfig, 
         caches = make_caches(cfg, num_blocks, head_count, device)
         # progress_thread (the default): over TCP, the owner's progress serves the reads
         with kvx.Context("prefill", tp_rank=rank, tp_size=tp, backend=kvx_backend(cfg.device)) as ctx:
-            ctx.register_cache(caches, layout=cfg.layout, total_heads=cfg.num_kv_heads)
+            # block generations: a read that expects a block's old generation
+            # fails (StaleError) instead of returning the next request's KV
+            cache = ctx.register_cache(caches, layout=cfg.layout, total_heads=cfg.num_kv_heads, generations=True)
             conn.send({"op": "up", "rank": rank, "metadata": ctx.metadata(), "heads": (head_first, head_count)})
             while True:
                 if conn.poll(0.005):
@@ -480,14 +482,19 @@ def prefill_worker_main(conn: Connection, rank: int, tp: int, cfg: ModelConfig, 
                             conn.send({"op": "bye", "rank": rank, "stats": ctx.stats()})
                             return
                         if msg["op"] == "prefill":
+                            # the blocks go to a new request: retired before they are written
+                            cache.retire(msg["blocks"])
                             write_request(cfg, caches, msg["req_id"], msg["blocks"], head_first, head_count)
                             if device.type == "cuda":
                                 # the blocks must hold the KV before any reader may see them
                                 torch.cuda.synchronize(device)
-                            # the lease: each reader's notification, or an expiry, comes exactly once
+                            # the lease: each reader's notification, or an expiry, comes
+                            # exactly once; an expiry retires the blocks, so a reader that
+                            # comes later is refused, never served what they hold next
                             for nid in msg["notify_ids"]:
-                                ctx.expect(nid, msg["lease_ms"])
-                            conn.send({"op": "ready", "rank": rank, "req_id": msg["req_id"]})
+                                ctx.expect(nid, msg["lease_ms"], retire=(cache, msg["blocks"]))
+                            conn.send({"op": "ready", "rank": rank, "req_id": msg["req_id"],
+                                       "generations": cache.generations(msg["blocks"])})
                 notes = ctx.notifications()
                 if notes:
                     conn.send({"op": "notes", "rank": rank, "notes": [(n.id, n.status, n.reader_rank) for n in notes]})
@@ -508,6 +515,7 @@ class PrefillRequest:
     blocks: List[int]
     client: Connection
     waiting_ready: Set[int]  # prefill ranks still running the model
+    generations: Dict[int, List[int]]  # prefill rank -> its generation of each block, sent with the ids
     expected: Set[Tuple[int, int]]  # (prefill rank, notify id) not yet notified nor expired
     expired: int = 0
 
@@ -631,7 +639,7 @@ class PrefillScheduler:
                 return  # blocks come back by notification or lease
             self.waiting.popleft()
             expected = {(p, notify_id(req_id, d)) for p, ds in self.readers.items() for d in ds}
-            self.active[req_id] = PrefillRequest(req_id, num_tokens, blocks, conn, set(range(self.prefill_tp)), expected)
+            self.active[req_id] = PrefillRequest(req_id, num_tokens, blocks, conn, set(range(self.prefill_tp)), {}, expected)
             self.counters.requests_admitted += 1
             for p, wconn in enumerate(self.workers.conns):
                 wconn.send({"op": "prefill", "req_id": req_id, "num_tokens": num_tokens, "blocks": blocks,
@@ -646,10 +654,11 @@ class PrefillScheduler:
             if req is None:
                 return
             req.waiting_ready.discard(rank)
+            req.generations[rank] = list(msg["generations"])
             if not req.waiting_ready:
                 # every rank holds the KV and expects its readers: hand out the blocks
                 self._reply(req.client, {"op": "prefilled", "req_id": req.req_id, "blocks": req.blocks,
-                                         "lease_ms": self.lease_ms})
+                                         "generations": req.generations, "lease_ms": self.lease_ms})
                 self._maybe_free(req)
         elif op == "notes":
             for nid, status, reader_rank in msg["notes"]:
@@ -726,6 +735,7 @@ class _InFlight:
     req_id: int
     local: List[int]
     remote: List[int]
+    generations: Dict[int, List[int]]  # prefill rank -> the generations it sent for remote
     first_post: float
     left: int = 0  # reads posted and not yet reported
     reads: int = 0
@@ -773,12 +783,12 @@ def decode_worker_main(conn: Connection, rank: int, tp: int, cfg: ModelConfig, n
                             conn.send({"op": "bye", "rank": rank, "stats": ctx.stats(), "in_flight": len(inflight)})
                             return
                         if msg["op"] == "read":
-                            f = _InFlight(msg["req_id"], msg["local"], msg["remote"], time.monotonic())
+                            f = _InFlight(msg["req_id"], msg["local"], msg["remote"], msg["generations"], time.monotonic())
                             inflight[f.req_id] = f
                             for p in sources:
                                 try:
                                     q.read(p, f.local, f.remote, notify_id=notify_id(f.req_id, rank), tag=f.req_id,
-                                           timeout_ms=read_timeout_ms)
+                                           timeout_ms=read_timeout_ms, remote_generations=f.generations[p.rank])
                                 except kvx.Error as e:
                                     f.error = "posting the read from prefill rank %d: %s" % (p.rank, e)
                                     break
@@ -821,6 +831,7 @@ class DecodeRequest:
     local_blocks: List[int]
     sent_at: float
     remote_blocks: List[int] = field(default_factory=list)
+    generations: Dict[int, List[int]] = field(default_factory=dict)  # per prefill rank, for remote_blocks
     waiting: Set[int] = field(default_factory=set)  # decode ranks still reading
     reads: int = 0
     nbytes: int = 0
@@ -828,7 +839,9 @@ class DecodeRequest:
     read_end: float = 0.0
     done_at: float = 0.0
     error: Optional[str] = None
-    state: str = "prefill"  # prefill -> reading -> ok | failed | abandoned
+    state: str = "prefill"  # prefill -> [late ->] reading -> ok | failed | abandoned | stale
+    late: bool = False  # read only after the prefill lease ran out: must fail as stale
+    read_after: float = 0.0
 
     @property
     def latency_ms(self) -> float:
@@ -857,7 +870,7 @@ class DecodeScheduler:
     def in_flight(self) -> int:
         return len(self.requests)
 
-    def submit(self, req_id: int, num_tokens: int, abandon: bool) -> bool:
+    def submit(self, req_id: int, num_tokens: int, abandon: bool, late: bool = False) -> bool:
         """Send a request to the prefill side; False while local blocks are short."""
         n = self.cfg.blocks_for(num_tokens)
         # local blocks first: once the prefill side holds blocks, its lease runs,
@@ -865,7 +878,7 @@ class DecodeScheduler:
         local = self.pool.allocate(n)
         if local is None:
             return False
-        self.requests[req_id] = DecodeRequest(req_id, num_tokens, n, abandon, local, time.monotonic())
+        self.requests[req_id] = DecodeRequest(req_id, num_tokens, n, abandon, local, time.monotonic(), late=late)
         self.server.send({"op": "prefill", "req_id": req_id, "num_tokens": num_tokens})
         return True
 
@@ -890,6 +903,8 @@ class DecodeScheduler:
             else:
                 done += self._on_worker(self.workers.rank_of(conn), self.workers.recv(conn))
         now = time.monotonic()
+        for req in [r for r in self.requests.values() if r.state == "late" and now >= r.read_after]:
+            self._send_reads(req)
         for req in [r for r in self.requests.values() if now - r.sent_at > self.request_timeout_s]:
             # blocks a read may still land in are not given back: the leak check reports them
             done.append(self._finish(req, "failed", "no answer within %.0f s (state %s, waiting for decode ranks %s)"
@@ -905,17 +920,27 @@ class DecodeScheduler:
         if msg.get("op") != "prefilled" or req is None:
             raise RuntimeError("unexpected message from the prefill server: %r" % (msg,))
         req.remote_blocks = list(msg["blocks"])
+        req.generations = {int(r): list(g) for r, g in msg["generations"].items()}
         if len(req.remote_blocks) != req.num_blocks:
             return [self._finish(req, "failed", "the prefill server gave %d blocks for %d" % (len(req.remote_blocks), req.num_blocks))]
         if req.abandon:
             # a decode that went away: never read, never notified; the
             # prefill side gets its blocks back when the lease runs out
             return [self._finish(req, "abandoned")]
+        if req.late:
+            # a decode that comes back after the lease ran out: the prefill side
+            # has retired the blocks (and may have given them to another request)
+            req.state, req.read_after = "late", time.monotonic() + msg["lease_ms"] / 1000.0 + 1.0
+            return []
+        self._send_reads(req)
+        return []
+
+    def _send_reads(self, req: DecodeRequest) -> None:
         req.state = "reading"
         req.waiting = set(range(len(self.workers.conns)))
         for wconn in self.workers.conns:
-            wconn.send({"op": "read", "req_id": req.req_id, "local": req.local_blocks, "remote": req.remote_blocks})
-        return []
+            wconn.send({"op": "read", "req_id": req.req_id, "local": req.local_blocks, "remote": req.remote_blocks,
+                        "generations": req.generations})
 
     def _on_worker(self, rank: int, msg: Dict[str, Any]) -> List[DecodeRequest]:
         if msg.get("op") != "done":
@@ -934,6 +959,10 @@ class DecodeScheduler:
             req.error = "decode rank %d: %s" % (rank, msg["error"])
         if req.waiting:
             return []
+        if req.late:  # refused as stale is right; anything else is not
+            if req.error and "KVX_ERR_STALE" in req.error:
+                return [self._finish(req, "stale")]
+            return [self._finish(req, "failed", None if req.error else "a read after the lease ran out passed: it must fail as stale")]
         return [self._finish(req, "failed" if req.error else "ok")]
 
 
