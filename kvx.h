@@ -419,6 +419,7 @@ KVX_API void        kvx_stats_get(const kvx_ctx *ctx, kvx_stats *out);
 #include <errno.h>
 #include <fnmatch.h>
 #include <poll.h>
+#include <signal.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -1403,6 +1404,23 @@ KVX_API void kvx_cache_deregister(kvx_cache *c) {
 
 KVX__PRIV kvx_status kvx__policy_check(kvx_ctx *ctx, const kvx_peer *p);
 
+/* A process of this host's pid namespace that can still serve: it exists
+   (signal 0 sends nothing) and is neither a zombie nor stopped (a stopped
+   one, hung in a debugger or by SIGSTOP, is what a restart replaces). */
+KVX__PRIV int kvx__pid_alive(uint32_t pid) {
+    char path[40], buf[512], *rp;
+    FILE *f;
+    size_t n;
+    if (!pid || (kill((pid_t)pid, 0) != 0 && errno != EPERM)) return 0;
+    snprintf(path, sizeof path, "/proc/%u/stat", pid);
+    if (!(f = fopen(path, "r"))) return 1;
+    n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    if (!(rp = strrchr(buf, ')')) || rp[1] != ' ') return 1;  /* "pid (comm) S ...": comm may hold anything */
+    return !strchr("ZXTt", rp[2]);
+}
+
 KVX_API kvx_status kvx_peer_add(kvx_ctx *ctx, const void *md, size_t len, kvx_peer **out) {
     kvx_peer *p, *q;
     kvx_status st;
@@ -1425,6 +1443,16 @@ KVX_API kvx_status kvx_peer_add(kvx_ctx *ctx, const void *md, size_t len, kvx_pe
     }
     for (q = ctx->peers; q; q = q->next) {
         if (strcmp(q->name, p->name) || q->rank != p->rank) continue;
+        /* Two live processes of one host claiming one rank is a rank set
+           wrong, not a restart: refused, whichever metadata came first.
+           (Across hosts, or within one process, kvx cannot tell; there a
+           newer epoch is taken for a restart.) */
+        if (!q->failed && q->pid != p->pid && !strcmp(q->host, ctx->host) && !strcmp(p->host, ctx->host) &&
+            kvx__pid_alive(q->pid) && kvx__pid_alive(p->pid)) {
+            st = kvx__fail(ctx, KVX_ERR_MISMATCH, "two live processes claim rank %d of %s on this host: pid %u (added) and pid %u (this "
+                           "metadata); a tp_rank set wrong? (a restarted peer's old process would be gone)", p->rank, p->name, q->pid, p->pid);
+            goto fail;
+        }
         if (p->epoch < q->epoch) {
             st = kvx__fail(ctx, KVX_ERR_MISMATCH, "metadata of %s/%d has epoch %llu, older than the %llu already added: a restarted peer's stale keys",
                            p->name, p->rank, (unsigned long long)p->epoch, (unsigned long long)q->epoch);

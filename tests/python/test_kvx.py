@@ -481,3 +481,27 @@ def test_transport_policy():
             assert not ctx.peers
         with kvx.Context("decode", backend="local", transport_policy="!sw,local:*") as ctx:
             assert ctx.add_peer(md).transport == "local:memcpy"
+
+
+def test_two_live_owners_claiming_one_rank():
+    """Two live processes of this host that claim the same prefill rank (a
+    tp_rank set wrong) are refused at add_peer, whichever comes first, with
+    MismatchError naming both pids; once one of them is gone, the other's
+    metadata is taken as a restart."""
+    a, b = Owner("NHD", rank=0, tp=2, seed=1), Owner("NHD", rank=0, tp=2, seed=2)
+    try:
+        for first, second in ((a, b), (b, a)):
+            with kvx.Context("decode", tp_rank=0, tp_size=1) as ctx:
+                ctx.register_cache(reader_cache("NHD", 0, 1, np.uint16))
+                ctx.add_peer(first.md)
+                with pytest.raises(kvx.MismatchError, match=r"two live processes claim rank 0 of prefill .*pid %d .*pid %d"
+                                   % (first.proc.pid, second.proc.pid)):
+                    ctx.add_peer(second.md)
+        with kvx.Context("decode", tp_rank=0, tp_size=1) as ctx:
+            ctx.register_cache(reader_cache("NHD", 0, 1, np.uint16))
+            ctx.add_peer(a.md)
+            a.stop()
+            ctx.add_peer(b.md)  # a is gone: b's newer metadata is a restart of rank 0
+    finally:
+        a.stop()
+        b.stop()
