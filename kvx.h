@@ -1239,6 +1239,18 @@ KVX__PRIV int kvx__span_cmp(const void *x, const void *y) {
     return p->a < q->a ? -1 : p->a > q->a;
 }
 
+/* A table of a cache (checksums, generations) at ci->regions[n].addr, len
+   bytes: registered as table says (its memory kind), published as region n,
+   the cache's last so far; *index records which. */
+KVX__PRIV kvx_status kvx__table_publish(kvx_ctx *ctx, kvx__cache_info *ci, const kvx__cache_info *table, uint32_t n, uint64_t len, uint32_t *index) {
+    kvx_status st;
+    ci->regions[n].len = len;
+    if ((st = ctx->be_ops->mem_register(ctx, table, &ci->regions[n])) != KVX_OK) return st;
+    ci->nregions = n + 1;
+    *index = n;
+    return KVX_OK;
+}
+
 /* The checksum table of a cache with checksums: host memory for a host
    cache (the CPU seals and checks it), the backend's for others (the CUDA
    backend's kernels do). Registered like the cache, in its memory kind, so a
@@ -1258,11 +1270,7 @@ KVX__PRIV kvx_status kvx__csum_table_add(kvx_ctx *ctx, kvx__cache_info *ci, uint
             return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: no memory for a %llu-byte checksum table", (unsigned long long)tb);
         ci->regions[n].addr = (uint64_t)(uintptr_t)ci->csum;
     }
-    ci->regions[n].len = tb;
-    if ((st = ctx->be_ops->mem_register(ctx, &table, &ci->regions[n])) != KVX_OK) return st;
-    ci->nregions = n + 1;
-    ci->csum_region = n;
-    return KVX_OK;
+    return kvx__table_publish(ctx, ci, &table, n, tb, &ci->csum_region);
 }
 
 /* The generation table of a cache with generations: a word per block, the
@@ -1283,11 +1291,7 @@ KVX__PRIV kvx_status kvx__gen_table_add(kvx_ctx *ctx, kvx__cache_info *ci, uint3
         table.mem = KVX_MEM_HOST;
         ci->regions[n].addr = (uint64_t)(uintptr_t)ci->gen;
     }
-    ci->regions[n].len = tb;
-    if ((st = ctx->be_ops->mem_register(ctx, &table, &ci->regions[n])) != KVX_OK) return st;
-    ci->nregions = n + 1;
-    ci->gen_region = n;
-    return KVX_OK;
+    return kvx__table_publish(ctx, ci, &table, n, tb, &ci->gen_region);
 }
 
 KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx_cache **out) {
@@ -1864,18 +1868,26 @@ KVX__PRIV void kvx__cursor_next(kvx__read *rd, const kvx__run *runs, uint32_t ca
     rd->c_plane++;
 }
 
+/* A table of a cache's own block ids (seal, retire, a lease's blocks):
+   every id checked before anything is done with any. */
+KVX__PRIV kvx_status kvx__ids_check(kvx_ctx *ctx, const kvx__cache_info *ci, const uint32_t *ids, uint32_t n, const char *who) {
+    uint32_t i;
+    if (n && !ids) return kvx__fail(ctx, KVX_ERR_ARG, "%s: %u blocks and a NULL table", who, n);
+    for (i = 0; i < n; i++)
+        if (ids[i] >= ci->lay.num_blocks)
+            return kvx__fail(ctx, KVX_ERR_ARG, "%s: block id %u at index %u is past the cache's %u blocks", who, ids[i], i, ci->lay.num_blocks);
+    return KVX_OK;
+}
+
 KVX_API kvx_status kvx_cache_seal(kvx_cache *cache, const uint32_t *blocks, uint32_t n) {
     kvx_ctx *ctx;
     kvx__cache_info *ci;
-    uint32_t i;
+    kvx_status st;
     if (!cache) return KVX_ERR_ARG;
     ctx = cache->ctx;
     ci = &cache->info;
     if (!ci->csum && !ci->csum_dev) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_seal: cache %u was registered without checksums", ci->id);
-    if (n && !blocks) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_seal: %u blocks and a NULL table", n);
-    for (i = 0; i < n; i++)
-        if (blocks[i] >= ci->lay.num_blocks)
-            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_seal: block id %u at index %u is past the cache's %u blocks", blocks[i], i, ci->lay.num_blocks);
+    if ((st = kvx__ids_check(ctx, ci, blocks, n, "kvx_cache_seal")) != KVX_OK) return st;
     if (ci->csum_dev) return n ? ctx->be_ops->csum_seal(ctx, ci, blocks, n) : KVX_OK;
     kvx__seal_host(ci, blocks, n);
     return KVX_OK;
@@ -1883,13 +1895,8 @@ KVX_API kvx_status kvx_cache_seal(kvx_cache *cache, const uint32_t *blocks, uint
 
 /* Every id checked before any word moves: a bad id retires nothing. */
 KVX__PRIV kvx_status kvx__retire_check(kvx_ctx *ctx, const kvx__cache_info *ci, const uint32_t *ids, uint32_t n, const char *who) {
-    uint32_t i;
     if (!ci->gen) return kvx__fail(ctx, KVX_ERR_ARG, "%s: cache %u was registered without generations", who, ci->id);
-    if (n && !ids) return kvx__fail(ctx, KVX_ERR_ARG, "%s: %u blocks and a NULL table", who, n);
-    for (i = 0; i < n; i++)
-        if (ids[i] >= ci->lay.num_blocks)
-            return kvx__fail(ctx, KVX_ERR_ARG, "%s: block id %u at index %u is past the cache's %u blocks", who, ids[i], i, ci->lay.num_blocks);
-    return KVX_OK;
+    return kvx__ids_check(ctx, ci, ids, n, who);
 }
 
 KVX__PRIV kvx_status kvx__retire_blocks(kvx_ctx *ctx, kvx__cache_info *ci, const uint32_t *ids, uint32_t n) {
