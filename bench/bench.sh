@@ -59,14 +59,12 @@ kvx_bin() { [ "$1" = 1.22 ] && echo $B/ucx122/kvx_bench || echo $B/kvx_bench; }
 ucx_env() { [ "$1" = 1.22 ] && echo "LD_LIBRARY_PATH=$P122/lib" || echo "-u LD_LIBRARY_PATH"; }
 perftest_bin() { [ "$1" = 1.22 ] && echo "$P122/bin/ucx_perftest" || echo ucx_perftest; }
 
+. tests/lib/netns_pair.sh
 ns_setup() {
   tag=$$; A=kvxbA$tag; Bn=kvxbB$tag; VA=kba$tag; VB=kbb$tag; IPA=10.212.$((tag % 250)).1; IPB=10.212.$((tag % 250)).2
-  ip netns add $A && ip netns add $Bn && ip link add $VA type veth peer name $VB &&
-  ip link set $VA netns $A && ip link set $VB netns $Bn &&
-  ip -n $A addr add $IPA/24 dev $VA && ip -n $Bn addr add $IPB/24 dev $VB &&
-  ip -n $A link set $VA up && ip -n $Bn link set $VB up && ip -n $A link set lo up && ip -n $Bn link set lo up
+  netns_pair_up $A $Bn $VA $VB $IPA $IPB
 }
-ns_cleanup() { ip netns del ${A:-none} 2>/dev/null; ip netns del ${Bn:-none} 2>/dev/null; true; }
+ns_cleanup() { netns_pair_down "${A:-none}" "${Bn:-none}" "${VA:-none}"; }
 trap ns_cleanup EXIT INT TERM
 
 # Each listener of the run gets a port of its own.

@@ -15,6 +15,7 @@ bench=${KVX_BENCH:-$here/build/kvx_bench}
 if [ "$(id -u)" != 0 ]; then echo "two_hosts: skipped: needs root to make network namespaces"; exit 77; fi
 command -v ip >/dev/null || { echo "two_hosts: skipped: no 'ip' (apt-get install iproute2)"; exit 77; }
 [ -x "$bench" ] || { echo "two_hosts: $bench is not built (make)"; exit 2; }
+. "$here/tests/lib/netns_pair.sh"
 
 tag=$$
 A=kvxA$tag B=kvxB$tag VA=kva$tag VB=kvb$tag
@@ -23,18 +24,11 @@ port=$((20000 + tag % 20000))
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
-  ip netns del "$A" 2>/dev/null; ip netns del "$B" 2>/dev/null
-  ip link del "$VA" 2>/dev/null
-  true
+  netns_pair_down "$A" "$B" "$VA"
 }
 trap cleanup EXIT INT TERM
 
-ip netns add "$A" && ip netns add "$B" &&
-ip link add "$VA" type veth peer name "$VB" &&
-ip link set "$VA" netns "$A" && ip link set "$VB" netns "$B" &&
-ip -n "$A" addr add "$IPA/24" dev "$VA" && ip -n "$B" addr add "$IPB/24" dev "$VB" &&
-ip -n "$A" link set "$VA" up && ip -n "$B" link set "$VB" up &&
-ip -n "$A" link set lo up && ip -n "$B" link set lo up || { echo "two_hosts: cannot set up the namespaces"; exit 2; }
+netns_pair_up "$A" "$B" "$VA" "$VB" "$IPA" "$IPB" || { echo "two_hosts: cannot set up the namespaces"; exit 2; }
 
 limit=${KVX_TWO_HOSTS_TIMEOUT:-600}
 ip netns exec "$A" env UCX_TLS=tcp UCX_NET_DEVICES="$VA" FI_TCP_IFACE="$VA" KVX_HOST_ID=kvx-host-a \

@@ -22,6 +22,7 @@ py=$venv/bin/python ray=$venv/bin/ray
 if [ "$(id -u)" != 0 ]; then echo "two_nodes: skipped: needs root to make network namespaces"; exit 77; fi
 command -v ip >/dev/null || { echo "two_nodes: skipped: no 'ip' (apt-get install iproute2)"; exit 77; }
 "$py" -c 'import ray, kvx' 2>/dev/null || { echo "two_nodes: $venv lacks ray or kvx (make ray)"; exit 2; }
+. "$here/tests/lib/netns_pair.sh"
 
 tag=$$
 A=krayA$tag B=krayB$tag VA=kra$tag VB=krb$tag
@@ -61,8 +62,7 @@ cleanup() {
   [ -n "$driver" ] && exec 2>/dev/null  # not bash's notice of the driver it ends
   [ -n "$driver" ] && kill "$driver" 2>/dev/null
   stop_nodes
-  ip netns del "$A" 2>/dev/null; ip netns del "$B" 2>/dev/null
-  ip link del "$VA" 2>/dev/null
+  netns_pair_down "$A" "$B" "$VA"
   rm -f "$TA.start.log" "$TB.start.log"
   [ -n "${KVX_RAY_KEEP:-}" ] && echo "two_nodes: Ray's logs kept in $TA and $TB" || rm -rf "$TA" "$TB"
   true
@@ -70,12 +70,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-ip netns add "$A" && ip netns add "$B" &&
-ip link add "$VA" type veth peer name "$VB" &&
-ip link set "$VA" netns "$A" && ip link set "$VB" netns "$B" &&
-ip -n "$A" addr add "$IPA/24" dev "$VA" && ip -n "$B" addr add "$IPB/24" dev "$VB" &&
-ip -n "$A" link set "$VA" up && ip -n "$B" link set "$VB" up &&
-ip -n "$A" link set lo up && ip -n "$B" link set lo up || { echo "two_nodes: cannot set up the namespaces"; exit 2; }
+netns_pair_up "$A" "$B" "$VA" "$VB" "$IPA" "$IPB" || { echo "two_nodes: cannot set up the namespaces"; exit 2; }
 
 # The environment of each node: kvx on the node's veth, Ray quiet.
 env_of() {  # VETH HOST_ID
