@@ -235,6 +235,21 @@ def kvx_error(e: BaseException) -> Dict[str, str]:
     return {"class": "kvx." + type(e).__name__ if isinstance(e, kvx.Error) else type(e).__name__, "text": str(e)}
 
 
+def open_context(o: Opts, role: str, claimed: int, tp: int, progress_thread: bool,
+                 info: Dict[str, Any]) -> Optional[kvx.Context]:
+    """A rank's context; None with info["refused"] (kvx's error and how long it
+    took) where kvx refuses it. kvx checks the rank first: a wrong one never
+    gets to the network."""
+    kvx._load()  # the library's load is not part of the time below
+    t0 = time.perf_counter()
+    try:
+        return kvx.Context(role, tp_rank=claimed, tp_size=tp, backend=BACKENDS[o.backend],
+                           progress_thread=progress_thread, timeout_ms=o.read_timeout_ms)
+    except kvx.Error as e:
+        info["refused"] = dict(kvx_error(e), seconds=time.perf_counter() - t0)
+        return None
+
+
 # --- the actors --------------------------------------------------------------------
 
 
@@ -252,14 +267,8 @@ class PrefillRank:
     def setup(self) -> Dict[str, Any]:
         o = self.o
         info = node_info()
-        kvx._load()  # the library's load is not part of the time below
-        t0 = time.perf_counter()
-        try:
-            # kvx checks the rank first: a wrong one never gets to the network
-            self.ctx = kvx.Context("prefill", tp_rank=self.claimed, tp_size=o.prefill_tp, backend=BACKENDS[o.backend],
-                                   progress_thread=True, timeout_ms=o.read_timeout_ms)
-        except kvx.Error as e:
-            info["refused"] = dict(kvx_error(e), seconds=time.perf_counter() - t0)
+        self.ctx = open_context(o, "prefill", self.claimed, o.prefill_tp, True, info)
+        if self.ctx is None:
             return info
         self.cache = HostCache(o, self.rank, o.prefill_tp)
         filled: List[int] = []
@@ -315,14 +324,9 @@ class DecodeRank:
     def setup(self, md_refs: List[Any]) -> Dict[str, Any]:
         o = self.o
         info = node_info()
-        kvx._load()
-        t0 = time.perf_counter()
-        try:
-            # no progress thread: waits progress, as kvx_bench's decode ranks do
-            self.ctx = kvx.Context("decode", tp_rank=self.claimed, tp_size=o.decode_tp, backend=BACKENDS[o.backend],
-                                   progress_thread=False, timeout_ms=o.read_timeout_ms)
-        except kvx.Error as e:
-            info["refused"] = dict(kvx_error(e), seconds=time.perf_counter() - t0)
+        # no progress thread: waits progress, as kvx_bench's decode ranks do
+        self.ctx = open_context(o, "decode", self.claimed, o.decode_tp, False, info)
+        if self.ctx is None:
             return info
         self.cache = HostCache(o, self.rank, o.decode_tp)
         self.kcache = self.ctx.register_cache(self.cache.layers, layout=o.layout, total_heads=o.heads, checksums=o.verify != 0)
