@@ -14,6 +14,8 @@ import pytest
 
 import kvx
 
+import generation_owner
+
 try:
     import torch
 except ImportError:
@@ -257,25 +259,11 @@ def test_stream_wait_in_cuda_graph(monkeypatch, alloc):
 
 
 def gen_gpu_owner(conn, backend):
-    """A GPU producer with block generations: answers ("gens", ids) and
-    ("retire", ids) until told to go."""
-    try:
-        torch.cuda.set_device(0)
-        layers = [pattern("HND", l, 5).view(torch.float16) for l in range(LAYERS)]
-        with kvx.Context("prefill", backend=backend, timeout_ms=10000) as ctx:
-            cache = ctx.register_cache(layers, layout="HND", generations=True)
-            conn.send(("md", ctx.metadata()))
-            while conn.poll(60):
-                msg = conn.recv()
-                if msg[0] == "gens":
-                    conn.send(cache.generations(msg[1]))
-                elif msg[0] == "retire":
-                    cache.retire(msg[1])
-                    conn.send("ok")
-                else:
-                    break
-    except Exception:
-        conn.send(("error", traceback.format_exc()))
+    """A GPU producer with block generations (generation_owner.serve)."""
+    torch.cuda.set_device(0)
+    layers = [pattern("HND", l, 5).view(torch.float16) for l in range(LAYERS)]
+    with kvx.Context("prefill", backend=backend, timeout_ms=10000) as ctx:
+        generation_owner.serve(conn, ctx, ctx.register_cache(layers, layout="HND", generations=True))
 
 
 @pytest.mark.parametrize("backend", ["cuda"])
@@ -284,19 +272,8 @@ def test_block_generations_on_gpu(backend):
     generations pass, every byte checked; a block retired since is
     StaleError, and a stream waiting on that read is released with the
     failure in its completion word (state 2), not left waiting."""
-    conn, child = SPAWN.Pipe()
-    proc = SPAWN.Process(target=gen_gpu_owner, args=(child, backend))
-    proc.start()
-    try:
-        assert conn.poll(120), "owner did not start"
-        kind, md = conn.recv()
-        assert kind == "md", md
-
-        def ask(*msg):
-            conn.send(msg)
-            assert conn.poll(30), "owner did not answer %r" % (msg,)
-            return conn.recv()
-
+    with generation_owner.GenerationOwner(gen_gpu_owner, (backend,), start_s=120, ask_s=30, join_s=20) as owner:
+        md, ask = owner.md, owner.ask
         torch.cuda.set_device(0)
         want = [pattern("HND", l, 5) for l in range(LAYERS)]
         local = [torch.full_like(w, POISON).view(torch.float16) for w in want]
@@ -330,11 +307,3 @@ def test_block_generations_on_gpu(backend):
             q.read(peer, dst, src, remote_generations=gens).wait(10000)
             bad = check_all([t.view(torch.uint8) for t in local], want, dst, src)
             assert bad is None, bad
-    finally:
-        try:
-            conn.send(("bye",))
-        except OSError:
-            pass
-        proc.join(20)
-        if proc.is_alive():
-            proc.kill()

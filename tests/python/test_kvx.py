@@ -13,6 +13,8 @@ import pytest
 
 import kvx
 
+import generation_owner
+
 try:
     import torch
 except ImportError:  # torch is optional for the package; make test installs it
@@ -383,27 +385,10 @@ def test_verify_mode_sealed_blocks():
 
 
 def gen_owner(conn, backend):
-    """A producer with block generations: answers ("gens", ids), ("retire",
-    ids) and ("lease", id, ms, ids) until told to go."""
+    """A producer with block generations (generation_owner.serve)."""
     src = global_cache("NHD", 0, 4, np.uint16)
     with kvx.Context("prefill", backend=backend, timeout_ms=5000) as ctx:
-        cache = ctx.register_cache([src], layout="NHD", generations=True)
-        conn.send(ctx.metadata())
-        while True:
-            if not conn.poll(0.05):
-                ctx.notifications()
-                continue
-            msg = conn.recv()
-            if msg[0] == "gens":
-                conn.send(cache.generations(msg[1]))
-            elif msg[0] == "retire":
-                cache.retire(msg[1])
-                conn.send("ok")
-            elif msg[0] == "lease":
-                ctx.expect(msg[1], msg[2], retire=(cache, msg[3]))
-                conn.send("ok")
-            else:
-                break
+        generation_owner.serve(conn, ctx, ctx.register_cache([src], layout="NHD", generations=True))
 
 
 @pytest.mark.parametrize("backend", ["ucx", "ofi"])
@@ -416,18 +401,8 @@ def test_block_generations(backend, monkeypatch):
         pytest.skip("this kvx library has no %s backend" % backend)
     monkeypatch.setenv("FI_PROVIDER", "tcp")
     monkeypatch.setenv("FI_TCP_IFACE", "lo")
-    conn, child = SPAWN.Pipe()
-    proc = SPAWN.Process(target=gen_owner, args=(child, backend))
-    proc.start()
-    try:
-        assert conn.poll(60), "owner did not send its metadata"
-        md = conn.recv()
-
-        def ask(*msg):
-            conn.send(msg)
-            assert conn.poll(10), "owner did not answer %r" % (msg,)
-            return conn.recv()
-
+    with generation_owner.GenerationOwner(gen_owner, (backend,)) as owner:
+        md, ask = owner.md, owner.ask
         want = global_cache("NHD", 0, 4, np.uint16)
         with kvx.Context("decode", backend=backend, timeout_ms=5000) as ctx:
             dst = ctx.register_cache([np.zeros_like(want)], layout="NHD", generations=True)
@@ -457,14 +432,6 @@ def test_block_generations(backend, monkeypatch):
             gens = ask("gens", remote)
             q.read(peer, local, remote, cache=plain, remote_generations=gens).wait(5000)
             assert (plain.tensors[0][:, local] == want[:, remote]).all()
-    finally:
-        try:
-            conn.send(("bye",))
-        except OSError:
-            pass
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
 
 
 def test_transport_policy():
