@@ -757,8 +757,9 @@ struct kvx__backend {
     void (*gen_free)(kvx__cache_info *ci);
     /* Copy words [first, first + n) of the host shadow ci->gen to the table. */
     kvx_status (*gen_store)(kvx_ctx *ctx, const kvx__cache_info *ci, uint32_t first, uint32_t n);
-    /* After a read's data has landed: the owner's words of its remote blocks
-       into the read's words of the queue's landing ring (q->gland + rd->g0). */
+    /* Once a read's data has landed: the owner's words of its remote blocks,
+       read after the data by the backend itself, into the read's words of
+       the queue's landing ring (q->gland + rd->g0). */
     kvx_status (*gen_fetch)(kvx__read *rd);
 };
 

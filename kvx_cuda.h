@@ -116,17 +116,20 @@
 #define KVX__CUDA_RING (8u << 20)        /* staging bytes per queue (block id pairs) */
 #define KVX__CUDA_BATCHES 32u            /* launches in flight per queue */
 #define KVX__CUDA_BATCH_READS 256u       /* reads per launch */
+#ifndef KVX__CUDA_SMALL
 #define KVX__CUDA_SMALL 4096u            /* batches this small, with few tasks, are read from pinned memory */
+#endif
 /* The address, remote key and socket messages are kvx_wire.h's
    (KVX__CUDA_ADDR_*, KVX__CUDA_RKEY_*, KVX__CUDA_MSG_*), as are the kinds of
    allocation KVX__CUDA_LEGACY, KVX__CUDA_VMM, KVX__CUDA_POOL. */
 enum { KVX__CUDA_FD_LISTEN = 1, KVX__CUDA_FD_WAKE = 2, KVX__CUDA_FD_OWNER = 3, KVX__CUDA_FD_PEER = 4 };
 
 /* What one launch knows of one read: the layout of kvx_rd in
-   kernels/kvx_cuda_copy.cu, 128 bytes. */
+   kernels/kvx_cuda_copy.cu, 176 bytes. */
 typedef struct kvx__cuda_rd {
     uint64_t lplanes, rplanes, pairs;
-    uint64_t lbstride, rbstride, loff, roff, piece, lpstride, rpstride, cbytes, pad;
+    uint64_t lbstride, rbstride, loff, roff, piece, lpstride, rpstride, cbytes;
+    uint64_t gcount, gwant, gtable, gres, gfound, gword, gticket;  /* block generations (gcount 0: none) */
     uint32_t plane0, nblocks, cpb, npieces;
     uint32_t ppc, task0, ntasks, pad2;
 } kvx__cuda_rd;
@@ -228,9 +231,15 @@ typedef struct kvx__cuda_q {
     uint32_t *vres;
     CUdeviceptr vres_dev;
     CUstream vs;                /* the checks, so the next batch's copy runs beside them */
-    CUstream gs;                /* block generations: fetched after a read's copy (made at the first) */
-    uint64_t *gbuf;             /* pinned: the owner's words of a read's span of remote blocks */
-    uint32_t gcap;              /* words gbuf holds */
+    /* Block generations, made at the queue's first read with them: a task
+       count per header slot (device, zeroed; the kernel leaves each at 0);
+       pinned and mapped, each read's result by ticket % depth, and the
+       words the kernel found where a read failed, where the core keeps them
+       (from rd->g0 on). */
+    CUdeviceptr gcount;
+    uint32_t *gres;
+    uint64_t *gfound;
+    CUdeviceptr gres_map, gfound_map;
 } kvx__cuda_q;
 
 KVX__PRIV kvx__cuda *kvx__cuda_of(kvx_ctx *ctx) { return (kvx__cuda *)ctx->be; }
@@ -932,6 +941,7 @@ KVX__PRIV void kvx__cuda_complete(kvx_ctx *ctx, int wait);
 KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q);
 KVX__PRIV kvx_status kvx__cuda_check_prepare(kvx_queue *q, kvx__read *rd, uint32_t nblocks);
 KVX__PRIV CUresult kvx__cuda_check_launch(kvx_queue *q, kvx__read *rd, const kvx__cuda_rd *h, const char **what);
+KVX__PRIV kvx_status kvx__cuda_gen_prepare(kvx_queue *q, const kvx__read *rd, CUdeviceptr *table);
 
 KVX__PRIV void kvx__cuda_disconnect(kvx_ctx *ctx, kvx_peer *p) {
     kvx_queue *q;
@@ -1144,7 +1154,10 @@ KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
         pairs = cq->ring_dev + b->start;
         hptr = cq->hdr_dev + hoff;
     }
-    for (i = 0; i < b->nreads; i++) { hdr[i].pairs += pairs; hdr[i].lplanes += pairs; hdr[i].rplanes += pairs; }  /* offsets until now */
+    for (i = 0; i < b->nreads; i++) {  /* offsets until now */
+        hdr[i].pairs += pairs; hdr[i].lplanes += pairs; hdr[i].rplanes += pairs;
+        if (hdr[i].gcount) hdr[i].gwant += pairs;
+    }
     if (!mapped) {
         /* On the copy stream: they run while the kernel of an earlier batch
            does (16 us per batch on an H200 when they were in line), and the
@@ -1188,7 +1201,7 @@ KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
         uint32_t k = 0;
         for (i = 0; i < b->nreads; i++) {
             kvx__read *rd = b->reads[i];
-            if (!rd->verify && !rd->gen) {  /* a verified read's word (or one with generations) is written once its result is known (kvx__stream_read_final) */
+            if (!rd->verify && !rd->gen) {  /* a verified read's word is written once its check is (kvx__stream_read_final); one with generations, by the kernel */
                 memset(&ops[k], 0, sizeof ops[k]);
                 ops[k].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_64;
                 ops[k].writeValue.address = sq->dwords + (rd->ticket % q->depth) * 8u;
@@ -1282,6 +1295,7 @@ KVX__PRIV kvx_status kvx__cuda_post_read(kvx_ctx *ctx, kvx__read *rd) {
     kvx__cuda_rd *h;
     uint32_t nblocks = 0, i, j, off, bytes, tbytes, nplanes, p0, *pairs;
     uint64_t tasks;
+    CUdeviceptr gtable = 0;
     const uint64_t *rplanes;
     if (!cq || !lg || !cp) return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: internal: read %llu: queue, cache or peer without the backend's state", (unsigned long long)rd->ticket);
     rplanes = cp->planes[rc - rd->peer->caches];
@@ -1300,14 +1314,19 @@ KVX__PRIV kvx_status kvx__cuda_post_read(kvx_ctx *ctx, kvx__read *rd) {
     for (i = 0; i < rd->nruns; i++) nblocks += q->runs[(rd->run0 + i) % q->max_runs].n;
     nplanes = (rd->layer_end - rd->layer_begin) * lc->lay.kv_planes;
     p0 = rd->layer_begin * lc->lay.kv_planes;
-    /* Staged: the (local, remote) id pairs, then both plane tables of the read's planes. */
+    /* Staged: the (local, remote) id pairs, both plane tables of the read's
+       planes, then the generations it expects, if it has them. */
     tbytes = (nblocks * 8u + 15u) & ~15u;
-    bytes = tbytes + nplanes * 16u;
-    if ((uint64_t)nblocks * 8u + 16u + (uint64_t)nplanes * 16u > KVX__CUDA_RING / 2)
+    bytes = tbytes + nplanes * 16u + (rd->gen ? nblocks * 8u : 0u);
+    if ((uint64_t)nblocks * 16u + 16u + (uint64_t)nplanes * 16u > KVX__CUDA_RING / 2)
         return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: %u blocks of %u planes in one read is more than the CUDA backend stages (%u bytes): split the read",
                          nblocks, nplanes, KVX__CUDA_RING / 2);
     if (rd->verify) {
         kvx_status st = kvx__cuda_check_prepare(q, rd, nblocks);
+        if (st != KVX_OK) return st;
+    }
+    if (rd->gen) {
+        kvx_status st = kvx__cuda_gen_prepare(q, rd, &gtable);
         if (st != KVX_OK) return st;
     }
     if (b->nreads == KVX__CUDA_BATCH_READS) {
@@ -1329,6 +1348,19 @@ KVX__PRIV kvx_status kvx__cuda_post_read(kvx_ctx *ctx, kvx__read *rd) {
     memcpy(cq->ring + off + tbytes, lc->plane_base + p0, (size_t)nplanes * 8u);
     memcpy(cq->ring + off + tbytes + nplanes * 8u, rplanes + p0, (size_t)nplanes * 8u);
     h = cq->hdr + (size_t)((b - cq->b)) * KVX__CUDA_BATCH_READS + b->nreads;
+    h->gcount = h->gwant = h->gtable = h->gres = h->gfound = h->gword = h->gticket = 0;
+    if (rd->gen) {
+        kvx__stream_q *sq = kvx__stream_of(q);
+        memcpy(cq->ring + off + tbytes + nplanes * 16u, q->gens + rd->g0, (size_t)nblocks * 8u);
+        cq->gres[rd->ticket % q->depth] = 0;  /* not checked (yet) */
+        h->gcount = cq->gcount + 4u * (uint64_t)(h - cq->hdr);
+        h->gwant = off - b->start + tbytes + nplanes * 16u;
+        h->gtable = gtable;
+        h->gres = cq->gres_map + 4u * (rd->ticket % q->depth);
+        h->gfound = cq->gfound_map + 8u * (uint64_t)rd->g0;
+        h->gword = sq && sq->words && !rd->verify ? sq->dwords + (rd->ticket % q->depth) * 8u : 0u;  /* a verified read's word waits for its check */
+        h->gticket = rd->ticket << 2;
+    }
     h->pairs = off - b->start;  /* offsets into the batch: made addresses at launch */
     h->lplanes = h->pairs + tbytes;
     h->rplanes = h->lplanes + nplanes * 8u;
@@ -1477,8 +1509,9 @@ KVX__PRIV void kvx__cuda_q_fini(kvx_queue *q) {
         if (cq->vres) cuMemFreeHost(cq->vres);
         if (cq->vres_dev) cuMemFree(cq->vres_dev);
         if (cq->vs) cuStreamDestroy(cq->vs);
-        if (cq->gs) cuStreamDestroy(cq->gs);
-        if (cq->gbuf) cuMemFreeHost(cq->gbuf);
+        if (cq->gcount) cuMemFree(cq->gcount);
+        if (cq->gres) cuMemFreeHost(cq->gres);
+        if (cq->gfound) cuMemFreeHost(cq->gfound);
         cuCtxPopCurrent(&prev);
     }
     kvx__gpu_dev_put(cq->d);
@@ -1620,11 +1653,13 @@ KVX__PRIV void kvx__cuda_csum_free(kvx__cache_info *ci) { kvx__cuda_table_free(c
 /*--- block generations of GPU caches ----------------------------------------
    The table lives on the cache's GPU, exported like the cache, so a reader
    maps it over CUDA IPC; its host shadow (ci->gen) is what the owner's CPU
-   advances. A retire copies the changed words over and waits for them; a
-   read with generations fetches the owner's words once its copy is done
-   (before its completion word is written) with one copy of the span they
-   cover, into the read's words in the queue's landing ring, and the core
-   compares them. */
+   advances. A retire copies the changed words over and waits for them. A
+   read with generations is checked inside its copy kernel: the warp that
+   finishes the read's last task loads the owner's words (kvx_copy's
+   gen_arrive), compares them with the staged expected ones, writes the read's
+   completion word with the result and the words it found for the core,
+   which names what differs (kvx__gen_check). No round trip through the
+   host: a stream waiting on the read is released as soon as it is checked. */
 KVX__PRIV kvx_status kvx__cuda_gen_alloc(kvx_ctx *ctx, kvx__cache_info *ci, uint64_t bytes) {
     return kvx__cuda_table_alloc(ctx, ci, bytes, &ci->gen_dev, "cuMemAlloc (generation table)");
 }
@@ -1645,42 +1680,55 @@ KVX__PRIV kvx_status kvx__cuda_gen_store(kvx_ctx *ctx, const kvx__cache_info *ci
     return rc == CUDA_SUCCESS ? KVX_OK : kvx__gpu_err(ctx, rc, "kvx_blocks_retire: copying the generations to the GPU");
 }
 
-KVX__PRIV kvx_status kvx__cuda_gen_fetch(kvx__read *rd) {
-    kvx_queue *q = rd->q;
+/* At post: the owner's table as mapped here, and the queue's counts and
+   found words (at its first read with generations), or a clear error
+   before anything is staged. */
+KVX__PRIV kvx_status kvx__cuda_gen_prepare(kvx_queue *q, const kvx__read *rd, CUdeviceptr *table) {
     kvx__cuda_q *cq = kvx__cuda_q_of(q);
     const kvx__cache_info *rc = rd->rc;
     kvx__cuda_peer *cp = (kvx__cuda_peer *)rd->peer->be;
-    kvx__cuda_imp *m;
     uint64_t raddr = rc->regions[rc->gen_region].addr;
-    uint32_t i, b, idx = 0, rlo = UINT32_MAX, rhi = 0;
+    kvx__cuda_imp *m = kvx__cuda_imp_find(cp, raddr);
     CUcontext prev;
-    CUresult r = CUDA_SUCCESS;
-    if (!cq || !cp || !(m = kvx__cuda_imp_find(cp, raddr)))
-        return kvx__fail(q->ctx, KVX_ERR_PEER, "read %llu: the generation table of %s/%d is not mapped", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank);
-    for (i = 0; i < rd->nruns; i++) {
-        const kvx__run *run = &q->runs[(rd->run0 + i) % q->max_runs];
-        if (run->r < rlo) rlo = run->r;
-        if (run->r + run->n - 1 > rhi) rhi = run->r + run->n - 1;
-    }
-    if (rlo > rhi) return KVX_OK;
+    CUresult r;
+    if (!m)
+        return kvx__fail(q->ctx, KVX_ERR_PEER, "read %llu: the generation table of %s/%d cache %u is not mapped here", (unsigned long long)rd->ticket,
+                         rd->peer->name, rd->peer->rank, rc->id);
+    *table = m->lbase + (raddr - m->rbase);
+    if (cq->gcount) return KVX_OK;
     if ((r = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) return kvx__gpu_err(q->ctx, r, "generations: cuCtxPushCurrent");
-    if (!cq->gs) r = cuStreamCreate(&cq->gs, CU_STREAM_NON_BLOCKING);
-    if (r == CUDA_SUCCESS && cq->gcap < rc->lay.num_blocks) {  /* one span copy per read, not one per run */
-        if (cq->gbuf) cuMemFreeHost(cq->gbuf);
-        cq->gbuf = NULL;
-        cq->gcap = 0;
-        if ((r = cuMemAllocHost((void **)&cq->gbuf, (size_t)rc->lay.num_blocks * 8u)) == CUDA_SUCCESS) cq->gcap = rc->lay.num_blocks;
+    if ((r = cuMemAlloc(&cq->gcount, (size_t)KVX__CUDA_BATCHES * KVX__CUDA_BATCH_READS * 4u)) == CUDA_SUCCESS &&
+        (r = cuMemsetD32Async(cq->gcount, 0, (size_t)KVX__CUDA_BATCHES * KVX__CUDA_BATCH_READS, cq->s)) == CUDA_SUCCESS &&  /* before any launch that counts */
+        (r = cuMemHostAlloc((void **)&cq->gres, (size_t)q->depth * 4u, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP)) == CUDA_SUCCESS &&
+        (r = cuMemHostGetDevicePointer(&cq->gres_map, cq->gres, 0)) == CUDA_SUCCESS &&
+        (r = cuMemHostAlloc((void **)&cq->gfound, (size_t)q->max_runs * 8u, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP)) == CUDA_SUCCESS)
+        r = cuMemHostGetDevicePointer(&cq->gfound_map, cq->gfound, 0);
+    if (r != CUDA_SUCCESS) {
+        if (cq->gfound) cuMemFreeHost(cq->gfound);
+        if (cq->gres) cuMemFreeHost(cq->gres);
+        if (cq->gcount) cuMemFree(cq->gcount);
+        cq->gfound = NULL;
+        cq->gres = NULL;
+        cq->gcount = 0;
     }
-    if (r == CUDA_SUCCESS)
-        r = cuMemcpyDtoHAsync(cq->gbuf, m->lbase + (raddr - m->rbase) + 8u * (uint64_t)rlo, (size_t)(rhi - rlo + 1u) * 8u, cq->gs);
-    if (r == CUDA_SUCCESS) r = cuStreamSynchronize(cq->gs);
-    if (r == CUDA_SUCCESS)  /* into the read's own words in the queue's landing ring */
-        for (i = 0; i < rd->nruns; i++) {
-            const kvx__run *run = &q->runs[(rd->run0 + i) % q->max_runs];
-            for (b = 0; b < run->n; b++, idx++) q->gland[rd->g0 + idx] = cq->gbuf[run->r + b - rlo];
-        }
     cuCtxPopCurrent(&prev);
-    return r == CUDA_SUCCESS ? KVX_OK : kvx__gpu_err(q->ctx, r, "generations: fetching the owner's words");
+    return r == CUDA_SUCCESS ? KVX_OK : kvx__gpu_err(q->ctx, r, "generations: the queue's task counts and found words");
+}
+
+/* Once the read's batch is done, for the core's check: the expected words
+   where its kernel found them all current, else the words it found. */
+KVX__PRIV kvx_status kvx__cuda_gen_fetch(kvx__read *rd) {
+    kvx_queue *q = rd->q;
+    kvx__cuda_q *cq = kvx__cuda_q_of(q);
+    uint32_t i, n = 0, res;
+    if (!cq || !cq->gres) return kvx__fail(q->ctx, KVX_ERR_BACKEND, "read %llu: generations: internal: no result", (unsigned long long)rd->ticket);
+    for (i = 0; i < rd->nruns; i++) n += q->runs[(rd->run0 + i) % q->max_runs].n;
+    res = cq->gres[rd->ticket % q->depth];
+    if (res != 1u && res != 2u)
+        return kvx__fail(q->ctx, KVX_ERR_BACKEND, "read %llu from %s/%d: the copy kernel did not check its block generations (result %u)",
+                         (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, res);
+    memcpy(q->gland + rd->g0, (res == 1u ? q->gens : cq->gfound) + rd->g0, (size_t)n * 8u);
+    return KVX_OK;
 }
 
 /* Seal: blocks' checksums into the cache's table, by a kernel on a stream of

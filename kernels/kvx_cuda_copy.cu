@@ -10,7 +10,9 @@
     (local, remote) block id pairs, the plane bases of both caches (the
     remote ones as mapped in this process), and the piece geometry of the
     head-range intersection. A task is (plane, block, chunk): at most 16 KiB
-    of one block, one warp per task, tasks numbered across the batch.
+    of one block, one warp per task, tasks numbered across the batch. A read
+    with block generations is checked by the warp that finishes its last
+    task (gen_arrive).
 */
 typedef unsigned long long u64;
 typedef unsigned int u32;
@@ -23,7 +25,10 @@ struct kvx_rd {
     u64 piece;                  /* bytes per piece */
     u64 lpstride, rpstride;     /* piece to piece (NHD: token to token) */
     u64 cbytes;                 /* one piece per block: bytes per chunk */
-    u64 pad;
+    u64 gcount;                 /* block generations: u32 count of the read's tasks done (device, left 0); 0: none */
+    u64 gwant, gtable;          /* u64[nblocks] expected (staged), the owner's table (mapped here) */
+    u64 gres, gfound;           /* host, mapped: u32 result (1 passed, 2 failed), u64[nblocks] found (written when failed) */
+    u64 gword, gticket;         /* the read's completion word (0: the host writes it), its ticket << 2 */
     u32 plane0, nblocks, cpb, npieces;     /* plane0: unused (the tables start at the read's first plane) */
     u32 ppc, task0, ntasks, pad2;
 };
@@ -93,6 +98,58 @@ __device__ __noinline__ void copy1(char *dst, const char *src, u64 len, u32 coun
     }
 }
 
+/* Block generations: this warp is done with its tasks of read d (task
+   numbers w, w + nw, ... that fall in the read's; counted, not tracked, so
+   the copy loop keeps its registers). Each warp's data stores are fenced
+   before it counts them, so the warp that brings the count to the read's
+   task total loads the owner's generation words after every byte of the
+   read was loaded and has landed. It writes the completion word: bit 1
+   (done) or 2 (failed: a block was retired) over the ticket, as the host
+   would; then the result for the host, and where a block differs every word
+   it found, for the message. The count goes back to 0 for the next launch of
+   the slot. The header's fields are loaded together: where a
+   small batch's headers are read in place from host memory, each dependent
+   load would be a round trip over the bus at the end of the read. */
+__device__ __noinline__ void gen_arrive(const kvx_rd *d, u32 lane) {
+    const u32 task0 = d->task0, nt = d->ntasks, n = d->nblocks;
+    u32 *const count = (u32 *)d->gcount;
+    const uint2 *const pairs = (const uint2 *)d->pairs;
+    const u64 *const want = (const u64 *)d->gwant;
+    const volatile u64 *const table = (const volatile u64 *)d->gtable;
+    u32 *const res = (u32 *)d->gres;
+    u64 *const found = (u64 *)d->gfound;
+    volatile u64 *const word = (volatile u64 *)d->gword;
+    const u64 ticket = d->gticket;
+    const u32 nw = (gridDim.x * blockDim.x) >> 5, w = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const u32 first = w >= task0 ? w : w + (task0 - w + nw - 1u) / nw * nw, end = task0 + nt;
+    u32 last = 0, bad = 0, i;
+    if (first >= end) return;
+    __threadfence();
+    __syncwarp();
+    if (!lane) {
+        u32 k = (end - first + nw - 1u) / nw;
+        last = atomicAdd(count, k) + k == nt;
+    }
+    if (!__shfl_sync(0xffffffffu, last, 0)) return;
+    __threadfence();
+    for (i = lane; i < n; i += 32u) {
+        const u32 id = pairs[i].y;
+        const u64 x = want[i];  /* beside the id: both come over the bus when mapped */
+        bad |= table[id] != x;
+    }
+    bad = __any_sync(0xffffffffu, bad);
+    if (bad)  /* again, for the host's message: a retire since shows too, and fails the same */
+        for (i = lane; i < n; i += 32u) found[i] = table[pairs[i].y];
+    if (!lane) {
+        *count = 0;
+        if (word) {
+            __threadfence_system();
+            *word = ticket | (bad ? 2u : 1u);
+        }
+        *res = bad ? 2u : 1u;
+    }
+}
+
 /* The plane tables of a read travel with it: lplanes/rplanes point into the
    batch's staging copy, like pairs. */
 __device__ __forceinline__ void body(const kvx_rd *__restrict__ rds, u32 nreads, u32 ntasks) {
@@ -110,6 +167,7 @@ __device__ __forceinline__ void body(const kvx_rd *__restrict__ rds, u32 nreads,
         while (r + 1 < nreads && g >= rds[r + 1].task0) r++;
         if (r != cur) {
             const kvx_rd *d = &rds[r];
+            if (cur != 0xffffffffu && rds[cur].gcount) gen_arrive(&rds[cur], lane);
             lplanes = d->lplanes; rplanes = d->rplanes; pairs = d->pairs;
             lbstride = d->lbstride; rbstride = d->rbstride; loff = d->loff; roff = d->roff;
             piece = d->piece; lps = d->lpstride; rps = d->rpstride; cbytes = d->cbytes;
@@ -146,6 +204,7 @@ __device__ __forceinline__ void body(const kvx_rd *__restrict__ rds, u32 nreads,
         else
             copy1((char *)lb, (const char *)rb, len, count, ds, ss, lane);
     }
+    if (cur != 0xffffffffu && rds[cur].gcount) gen_arrive(&rds[cur], lane);
 }
 
 /* 256 threads a block; 80 registers on sm_90, so up to 3 blocks share an SM

@@ -66,6 +66,9 @@ entry "CUDA pack 3750 blocks x 50 layers x 128, verify mode, every block (heads 
 expect_fail "CUDA a planted wrong byte fails the run" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $bench $small --random-blocks
 entry "CUDA pack 2->4 NHD random, block generations on every read, verify mode" 120 $bench $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1 --generations
 entry "CUDA pack 1->2 HND consecutive, block generations, VMM caches" 120 env KVX_BENCH_CUDA_MEM=vmm $bench $small --prefill-tp 1 --decode-tp 2 --generations
+entry "CUDA pack 4->1 HND random, block generations (a decode rank reads four owners)" 180 $bench $small --random-blocks --prefill-tp 4 --decode-tp 1 --generations
+entry "CUDA pack 3750 blocks x 50 layers x 128, block generations (a read's check after thousands of tasks)" 300 \
+  $bench --num-blocks 3750 --num-layers 50 --blocks 128 --block-tokens 16 --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 2 --generations
 expect_fail "CUDA a transport policy that refuses CUDA IPC refuses the peer, saying why" 60 "refuses (\"!ipc\"); why that transport: owner and reader use the same GPU" \
   $bench $small --transport-policy '!ipc'
 entry "CUDA a transport policy that demands CUDA IPC or RDMA passes" 60 $bench $small --transport-policy 'ipc,rdma'

@@ -483,8 +483,9 @@ static void sw_close(sw *w) {
     memset(w, 0, sizeof *w);
 }
 
-static int sw_open(sw *w, uint32_t depth, uint32_t max_ops) {
-    kvx_tc_owner_args a = owner_args(KVX_BACKEND_CUDA, 1, 0, KVX_EX_CUMEMALLOC, 0, 1, KVX_ORDER_HND);
+/* oa: the owner's arguments; NULL: a cuMemAlloc HND cache, TP 1. */
+static int sw_open(sw *w, const kvx_tc_owner_args *oa, uint32_t depth, uint32_t max_ops) {
+    kvx_tc_owner_args a = oa ? *oa : owner_args(KVX_BACKEND_CUDA, 1, 0, KVX_EX_CUMEMALLOC, 0, 1, KVX_ORDER_HND);
     kvx_queue_desc qd;
     void *md;
     uint32_t len;
@@ -630,7 +631,7 @@ static void case_stream_gate(void) {
     uint64_t v[2];
     const volatile uint64_t *word;
     uint64_t nwords;
-    if (sw_open(&w, 0, 0)) { sw_close(&w); return; }
+    if (sw_open(&w, NULL, 0, 0)) { sw_close(&w); return; }
     nwords = w.d.g.bytes / 4;
     kvx_ex_block_table(src, 48, NB, 1, 21, 0);
     kvx_ex_block_table(dst, 48, NB, 1, 22, 0);
@@ -662,6 +663,64 @@ static void case_stream_gate(void) {
     sw_close(&w);
 }
 
+/* Block generations on the GPU: the owner retired blocks [0, 8) once (their
+   generation is 1). Two gated reads of the same blocks carry generations:
+   the current ones, then the same but 0 for one retired block. The copy
+   kernel checks each read and writes its completion word, so both waiting
+   streams are released by the GPU alone, before the host looks (no progress
+   thread, no kvx_test): the first stream sees every byte and state 1, the
+   second state 2. Then the host reports the second KVX_ERR_STALE, naming the
+   block. */
+static void case_stream_generations(void) {
+    kvx_tc_owner_args a = owner_args(KVX_BACKEND_CUDA, 1, 0, KVX_EX_CUMEMALLOC, 0, 1, KVX_ORDER_HND);
+    sw w;
+    uint32_t src[48], dst[48], i, stale = 48;
+    uint64_t gens[48], v[2], nwords;
+    kvx_ticket t[2];
+    kvx_read r;
+    int k;
+    a.generations = 1;
+    a.retired = 8;
+    if (sw_open(&w, &a, 0, 0)) { sw_close(&w); return; }
+    nwords = w.d.g.bytes / 4;
+    kvx_ex_block_table(src, 48, NB, 1, 61, 0);
+    kvx_ex_block_table(dst, 48, NB, 1, 62, 0);
+    for (i = 0; i < 48; i++) {
+        gens[i] = src[i] < 8 ? 1u : 0u;
+        if (src[i] < 8 && stale == 48) stale = i;
+    }
+    if (stale == 48) { T_FAILF("the block table has no retired block"); sw_close(&w); return; }
+    if (sw_prepare(&w, dst, src, 48, w.e[0])) { T_FAILF("%s", kvx_ex_gpu_err); sw_close(&w); return; }
+    cuMemsetD8(w.out[0], 0, 16);
+    cuMemsetD8(w.out[1], 0, 16);
+    if (kvx_ex_cu(cuStreamWaitValue32(w.s1, w.gate_d, 1, CU_STREAM_WAIT_VALUE_GEQ), "gate")) { T_FAILF("%s", kvx_ex_gpu_err); sw_close(&w); return; }
+    r = read_of(w.peer, w.d.cache, dst, src, 48);
+    r.remote_generations = gens;
+    for (k = 0; k < 2; k++) {  /* the second lands the same bytes: the first's check may run beside it */
+        if (k) gens[stale] = 0;
+        if (kvx_post(w.d.q, &r, &t[k]) != KVX_OK) { T_FAILF("post: %s", kvx_ctx_error(w.d.ctx)); sw_close(&w); return; }
+        T_ST(kvx_stream_wait(w.d.q, t[k], k ? w.s3 : w.s2), KVX_OK);
+        kvx_tc_check(&K, k ? w.s3 : w.s2, w.d.g.mem, w.e[0], nwords, (CUdeviceptr)(uintptr_t)kvx_stream_status_ptr(w.d.q, t[k]), w.out[k]);
+    }
+    T_EQ(cuStreamQuery(w.s2), CUDA_ERROR_NOT_READY);
+    gate_open(&w, 1);
+    if (kvx_tc_sync(w.s2, 10000) || out_read(w.out[0], v)) { T_FAILF("the first waiting stream: %s", kvx_ex_gpu_err); sw_close(&w); return; }
+    T_EQ(v[0], 0);
+    T_EQ(v[1], (t[0] << 2) | 1u);
+    if (kvx_tc_sync(w.s3, 10000) || out_read(w.out[1], v)) { T_FAILF("the second waiting stream: %s", kvx_ex_gpu_err); sw_close(&w); return; }
+    T_EQ(v[1], (t[1] << 2) | 2u);
+    printf("    released by the GPU: words 0x%llx (state 1), 0x%llx (state 2)\n", (unsigned long long)((t[0] << 2) | 1u), (unsigned long long)v[1]);
+    T_ST(kvx_wait(w.d.q, t[0], 10000), KVX_OK);
+    T_ST(kvx_wait(w.d.q, t[1], 10000), KVX_ERR_STALE);
+    {
+        char want[64];
+        snprintf(want, sizeof want, "remote block %u (local %u", src[stale], dst[stale]);
+        T_HAS(kvx_ctx_error(w.d.ctx), want);
+        T_HAS(kvx_ctx_error(w.d.ctx), "generation 0 expected, 1 found");
+    }
+    sw_close(&w);
+}
+
 /* depth graphs, one per slot, each captured once; 24 reads, each behind a
    closed gate, each replay checks every byte and which ticket it saw. */
 static void case_graphs(uint32_t depth) {
@@ -675,7 +734,7 @@ static void case_graphs(uint32_t depth) {
     kvx_read r;
     memset(gr, 0, sizeof gr);
     memset(ex, 0, sizeof ex);
-    if (sw_open(&w, depth, 0)) { sw_close(&w); return; }
+    if (sw_open(&w, NULL, depth, 0)) { sw_close(&w); return; }
     nwords = w.d.g.bytes / 4;
     if (kvx_ex_cu(cuStreamCreate(&g, CU_STREAM_NON_BLOCKING), "stream")) { T_FAILF("%s", kvx_ex_gpu_err); sw_close(&w); return; }
     /* distinct local blocks per slot: slot s takes the blocks congruent to s mod depth */
@@ -740,7 +799,7 @@ static void case_fail_cuda(void) {
     kvx_read r;
     uint64_t v[2];
     kvx_status st;
-    if (sw_open(&w, 0, 1)) { sw_close(&w); return; }  /* max_ops 1: a second read waits for the first */
+    if (sw_open(&w, NULL, 0, 1)) { sw_close(&w); return; }  /* max_ops 1: a second read waits for the first */
     kvx_ex_block_table(src, 16, NB, 1, 41, 0);
     kvx_ex_block_table(dst, 16, NB, 1, 42, 0);
     kvx_ex_block_table(src2, 16, NB, 1, 43, 0);
@@ -908,6 +967,9 @@ int main(int argc, char **argv) {
     alarm(120);
     T_CASE("stream wait: a checking kernel waits for a gated copy; without the wait it sees poison") case_stream_gate();
     T_CASE("verify mode on GPU caches: sealed and checked by kernels; a planted byte, an unsealed block, a waiting stream") case_verify();
+    alarm(120);
+    T_CASE("block generations: the copy kernel checks them and releases waiting streams itself; a retired block is state 2, then KVX_ERR_STALE")
+        case_stream_generations();
     alarm(120);
     T_CASE("graph: one graph, depth-1 queue, 24 replays, each its own read") case_graphs(1);
     alarm(120);

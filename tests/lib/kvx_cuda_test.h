@@ -261,6 +261,8 @@ typedef struct kvx_tc_owner_args {
     uint32_t fill_blocks;       /* blocks [0, fill_blocks) get the pattern; 0: all */
     uint32_t max_blocks;        /* kvx_ctx_desc.cuda.max_blocks */
     int checksums;              /* 1: register with checksums and seal the filled blocks */
+    int generations;            /* 1: register with block generations ... */
+    uint32_t retired;           /* ... and retire blocks [0, retired) once: their generation is 1 */
     kvx_layout lay;
 } kvx_tc_owner_args;
 
@@ -366,7 +368,12 @@ static inline int kvx_tc_serve(const char *hex, int fd) {
     if ((st = kvx_ctx_create(&cd, &ctx)) != KVX_OK) { fprintf(stderr, "owner: %s\n", kvx_ctx_error(NULL)); return 2; }
     d = a.gpu ? kvx_ex_gpu_desc(&g) : kvx_ex_cache_desc(&h);
     d.checksums = a.checksums;
+    d.generations = a.generations;
     if ((st = kvx_cache_register(ctx, &d, &cache)) != KVX_OK) { fprintf(stderr, "owner: register: %s\n", kvx_ctx_error(ctx)); return 2; }
+    if (a.retired && (st = kvx_blocks_retire(cache, ids, a.retired < a.lay.num_blocks ? a.retired : a.lay.num_blocks)) != KVX_OK) {
+        fprintf(stderr, "owner: retire: %s\n", kvx_ctx_error(ctx));
+        return 2;
+    }
     if (a.checksums && (st = kvx_cache_seal(cache, ids, a.fill_blocks && a.fill_blocks < a.lay.num_blocks ? a.fill_blocks : a.lay.num_blocks)) != KVX_OK) {
         fprintf(stderr, "owner: seal: %s\n", kvx_ctx_error(ctx));
         return 2;
