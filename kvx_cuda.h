@@ -116,9 +116,7 @@
 #define KVX__CUDA_RING (8u << 20)        /* staging bytes per queue (block id pairs) */
 #define KVX__CUDA_BATCHES 32u            /* launches in flight per queue */
 #define KVX__CUDA_BATCH_READS 256u       /* reads per launch */
-#ifndef KVX__CUDA_SMALL
 #define KVX__CUDA_SMALL 4096u            /* batches this small, with few tasks, are read from pinned memory */
-#endif
 /* The address, remote key and socket messages are kvx_wire.h's
    (KVX__CUDA_ADDR_*, KVX__CUDA_RKEY_*, KVX__CUDA_MSG_*), as are the kinds of
    allocation KVX__CUDA_LEGACY, KVX__CUDA_VMM, KVX__CUDA_POOL. */

@@ -16,9 +16,12 @@
        while copies run beside it, per cap, and what the copies get.
     5. What verify mode costs (kvx_read.verify): the same reads unverified,
        checking one block in 64, and checking every block.
+    6. What block generations cost (kvx_read.remote_generations): reads of
+       64 random blocks with and without them, alternating, in throughput
+       (as in 1) and in latency (as in 2).
 
-    Usage: bench_gpu [--two-gpu] [--quick]   (--two-gpu: owner on GPU 0,
-    reader on GPU 1). Every read of the table is byte-checked once at the end
+    Usage: bench_gpu [--two-gpu] [--quick] [--only N]   (--two-gpu: owner on
+    GPU 0, reader on GPU 1; --only N: section N alone). Every read of the table is byte-checked once at the end
     of its row (blocks the owner filled). kvx's implementation is linked in
     from tests/lib/kvx_impl.c (tests/gpu/build.sh).
 */
@@ -36,6 +39,8 @@ static kvx_tc_kernels K;
 static int dev_own, dev_dec, quick, ucx_gpu;
 static int side_checksums;     /* the reader's cache keeps checksums (section 5) */
 static uint32_t read_verify;   /* kvx_read.verify of every post */
+static const uint64_t *read_generations;  /* kvx_read.remote_generations of every post (section 6) */
+static int owner_generations;  /* spawn_owner: the owner keeps generations and retires every block once (section 6) */
 static CUcontext ctx_dec, ctx_own;
 
 static kvx_layout layout(uint32_t heads, int tp, uint32_t nb, kvx_order order) {
@@ -133,6 +138,7 @@ static kvx_ticket post(side *d, const uint32_t *dst, const uint32_t *src, uint32
     memset(&r, 0, sizeof r);
     r.peer = d->peer; r.cache = d->cache; r.local_blocks = dst; r.remote_blocks = src; r.num_blocks = n;
     r.verify = read_verify;
+    r.remote_generations = read_generations;
     if (kvx_post(d->q, &r, &t) != KVX_OK) die(kvx_ctx_error(d->ctx));
     return t;
 }
@@ -278,6 +284,8 @@ static kvx_tc_owner spawn_owner(int backend, int gpu, const kvx_layout *l, int t
     a.backend = backend; a.gpu = gpu; a.device = dev_own; a.kind = KVX_EX_CUMEMALLOC;
     a.rank = 0; a.tp = tp; a.progress = 1; a.seed = SEED; a.fill_blocks = checksums ? 0 : FILLED; a.max_blocks = max_blocks;
     a.checksums = checksums;
+    a.generations = owner_generations;
+    a.retired = owner_generations ? l->num_blocks : 0u;
     a.lay = *l;
     o = kvx_tc_spawn(&a, md, len);
     if (o.pid < 0) die("owner process did not start");
@@ -326,13 +334,14 @@ static void latency(side *d, uint32_t nb, int nsamples, double *p50, double *p99
 int main(int argc, char **argv) {
     static const uint32_t kib[4] = {4, 16, 64, 256};
     char name[128] = "";
-    int i, two = 0, sms = 0, ndev = 0, bad = 0;
+    int i, two = 0, sms = 0, ndev = 0, bad = 0, only = 0;
     CUdevice dev;
     if (argc == 4 && !strcmp(argv[1], "--serve")) return kvx_tc_serve(argv[2], atoi(argv[3]));
     for (i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--two-gpu")) two = 1;
         else if (!strcmp(argv[i], "--quick")) quick = 1;
-        else { printf("usage: bench_gpu [--two-gpu] [--quick]\n"); return 2; }
+        else if (!strcmp(argv[i], "--only") && i + 1 < argc) only = atoi(argv[++i]);
+        else { printf("usage: bench_gpu [--two-gpu] [--quick] [--only N]\n"); return 2; }
     }
     signal(SIGPIPE, SIG_IGN);
     if (kvx_ex_gpu_init(0, &ctx_own) || cuDeviceGetCount(&ndev) != CUDA_SUCCESS) { printf("skip: no GPU: %s\n", kvx_ex_gpu_err); return 77; }
@@ -359,10 +368,10 @@ int main(int argc, char **argv) {
     /* 1. throughput; where UCX takes GPU memory, kvx over UCX too (1/16 of
        the bytes per read: it posts a UCX get per piece) */
     ucx_gpu = ucx_takes_gpu();
-    printf("\n| block | layout | kvx GB/s | one %s copy GB/s | kvx / copy | cuMemcpyAsync per block GB/s | kvx GB/s, consecutive blocks | transport |%s\n",
+    if (!only || only == 1) printf("\n| block | layout | kvx GB/s | one %s copy GB/s | kvx / copy | cuMemcpyAsync per block GB/s | kvx GB/s, consecutive blocks | transport |%s\n",
            two ? "cuMemcpyPeerAsync" : "D2D", ucx_gpu ? " kvx over UCX GB/s | UCX / copy | UCX transport |" : "");
-    printf("|---|---|---|---|---|---|---|---|%s\n", ucx_gpu ? "---|---|---|" : "");
-    for (i = 0; i < 8; i++) {
+    if (!only || only == 1) printf("|---|---|---|---|---|---|---|---|%s\n", ucx_gpu ? "---|---|---|" : "");
+    for (i = 0; i < 8 && (!only || only == 1); i++) {
         uint32_t k = kib[i % 4], heads = k / 4u, nb;
         kvx_order order = i < 4 ? KVX_ORDER_HND : KVX_ORDER_NHD;
         int dtp = order == KVX_ORDER_HND ? 1 : 2;  /* NHD: half the heads, a piece per token */
@@ -412,7 +421,7 @@ int main(int argc, char **argv) {
     }
 
     /* 2. latency */
-    {
+    if (!only || only == 2) {
         kvx_layout l = layout(4, 1, 256, KVX_ORDER_HND);  /* 16 KiB blocks */
         kvx_tc_owner o;
         side d;
@@ -443,7 +452,7 @@ int main(int argc, char **argv) {
     }
 
     /* 3. the thread-block cap: copy speed alone */
-    {
+    if (!only || only == 3) {
         uint32_t caps[4], c, z;
         caps[0] = (uint32_t)sms / 4; caps[1] = (uint32_t)sms / 2; caps[2] = (uint32_t)sms; caps[3] = 0;
         printf("\nthread-block cap (kvx_ctx_desc.cuda.max_blocks, 256 threads each; at most 2 fit an SM), kvx GB/s, HND random, 1 GiB reads, 4 in flight:\n");
@@ -471,7 +480,7 @@ int main(int argc, char **argv) {
 
     /* 4. a compute stream beside the copies: many short kernels, as a decode
        step has, so that the two share the SMs as they come free */
-    {
+    if (!only || only == 4) {
         uint32_t caps[5], ncap = 0, c, fgrid = (uint32_t)sms * 8u, iters = 2000, nk = 40, j;
         kvx_layout l = layout(4, 1, 2048, KVX_ORDER_HND);  /* 16 KiB blocks */
         uint32_t n = 2048 / 2;
@@ -545,7 +554,7 @@ int main(int argc, char **argv) {
     /* 5. verify mode: 256 MiB reads of 16 KiB blocks, unverified, one block
        in 64 checked, every block checked (all blocks sealed; the four reads
        in flight fill the reader's cache) */
-    {
+    if (!only || only == 5) {
         static const uint32_t every[3] = {0, 64, 1};
         uint32_t nb = 1024, n = 256, v;
         int o2;
@@ -578,6 +587,46 @@ int main(int argc, char **argv) {
             side_close(&d);
             kvx_tc_stop(&o);
         }
+    }
+
+    /* 6. block generations: the owner keeps them and retired every block
+       once (each is at 1), so every read expects 1s; 64 random 16 KiB
+       blocks of 32 layers per read (64 MiB), without and with, in turn. */
+    if (!only || only == 6) {
+        uint32_t nb = 1024, n = 64, a, b, k;
+        uint64_t *ones = (uint64_t *)malloc((size_t)nb * sizeof *ones);
+        kvx_layout l = layout(4, 1, nb, KVX_ORDER_HND);
+        double rate[2] = {0, 0}, p50[2] = {0, 0}, p99[2] = {0, 0};
+        kvx_tc_owner o;
+        side d;
+        void *md;
+        uint32_t len;
+        for (k = 0; k < nb; k++) ones[k] = 1;
+        owner_generations = 1;
+        o = spawn_owner(KVX_BACKEND_CUDA, 1, &l, 1, 0, 0, &md, &len);
+        owner_generations = 0;
+        side_open(&d, KVX_BACKEND_CUDA, &l, 0, 1, 0, NULL, md, len);
+        free(md);
+        printf("\nblock generations (kvx_read.remote_generations), HND, 16 KiB blocks, 64 random blocks x 32 layers per read (64 MiB):\n");
+        for (k = 0; k < (quick ? 6u : 20u); k++) {  /* without, with, in turn: the best of each */
+            double r, q50, q99;
+            read_generations = k % 2 ? ones : NULL;
+            r = kvx_rate(&d, n, nb, (uint64_t)n * 2u * LAYERS * (16u << 10), 1);
+            latency(&d, nb, quick ? 100 : 300, &q50, &q99);
+            if (r > rate[k % 2]) rate[k % 2] = r;
+            if (!p50[k % 2] || q50 < p50[k % 2]) { p50[k % 2] = q50; p99[k % 2] = q99; }
+        }
+        printf("| | without | with | with / without |\n|---|---|---|---|\n");
+        printf("| throughput GB/s (16 reads, 4 in flight) | %.1f | %.1f | %.3f |\n", rate[0], rate[1], rate[1] / rate[0]);
+        printf("| kvx_post to the waiting stream resuming, one block, p50 us (p99) | %.1f (%.1f) | %.1f (%.1f) | %.3f |\n",
+               p50[0], p99[0], p50[1], p99[1], p50[1] / p50[0]);
+        read_generations = ones;
+        kvx_peer_heads(d.peer, d.cache, 0, &a, &b);
+        if (verify(&d, a, a + b)) bad = 1;  /* reads with generations, byte-checked */
+        read_generations = NULL;
+        side_close(&d);
+        kvx_tc_stop(&o);
+        free(ones);
     }
 
     printf("\n%s\n", bad ? "BENCH FAILED: a verified read was wrong" : "every verified read matched");

@@ -19,16 +19,6 @@ rc=0
 echo "== one GPU (GPU ${KVX_GPU:-0}), two processes"
 CUDA_VISIBLE_DEVICES=${KVX_GPU:-0} timeout -k 5 ${KVX_BENCH_TIMEOUT:-400} $prog "$@" 2>&1 | tee "$out/one_gpu.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || rc=1
-# What block generations cost: kvx_bench over the CUDA backend, reads of 64
-# random 16 KiB blocks with and without them, alternating, 3 runs each.
-echo "== block generations: 64 random blocks per read, with (the words fetched after the copy) and without"
-gargs="--backends CUDA --num-blocks 2048 --blocks 64 --num-layers 8 --block-tokens 128 --heads 1 --head-dim 64 --dtype-bytes 2 --random-blocks --iters 40"
-for k in 1 2 3; do
-  for g in "" --generations; do
-    CUDA_VISIBLE_DEVICES=${KVX_GPU:-0} timeout -k 5 120 $B/kvx_bench $gargs $g --json "$out/gen${g:+_on}_$k.json" > "$out/gen${g:+_on}_$k.log" 2>&1 || rc=1
-    echo "  ${g:-without}: $(grep -o '[0-9.]* GB/s, request latency p50 [0-9.]* ms' "$out/gen${g:+_on}_$k.log" | tail -1)"
-  done
-done
 # What Python costs (bench/py_overhead.py with the package of build/gpu/python):
 # posts and completions against the C calls, and a CUDA read's post to the
 # resume of a stream that waits for it.
