@@ -71,9 +71,12 @@
         all reads staged since the last launch: table and read headers go to
         the GPU, then the kernel, then a write of each read's completion
         word. Nothing waits on the host, and no device memory is allocated on
-        any read's path (verify mode's check aside). A task is at most
-        16 KiB of one block, one warp each, 16-byte accesses with 4 loads in
-        flight per lane (bytes where a layout is not 16-byte aligned). A
+        any read's path (verify mode's check, and a queue's first read with
+        block generations, aside). A read with generations is checked by the
+        kernel itself, by the warp that finishes its last task, which also
+        writes its completion word (below, "block generations"). A task is
+        at most 16 KiB of one block, one warp each, 16-byte accesses with 4
+        loads in flight per lane (bytes where a layout is not 16-byte aligned). A
         batch of few tasks reads its table in place from pinned memory; larger
         ones copy it on a second stream, so the copy overlaps the kernel of
         the batch before.
