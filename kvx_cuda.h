@@ -1038,6 +1038,13 @@ KVX__PRIV kvx_status kvx__cuda_connect(kvx_ctx *ctx, kvx_peer *p) {
 
 KVX__PRIV kvx__cuda_q *kvx__cuda_q_of(kvx_queue *q) { return (kvx__cuda_q *)q->be; }
 
+/* The blocks of a read: its runs' lengths. */
+KVX__PRIV uint32_t kvx__cuda_read_blocks(const kvx__read *rd) {
+    uint32_t i, n = 0;
+    for (i = 0; i < rd->nruns; i++) n += rd->q->runs[(rd->run0 + i) % rd->q->max_runs].n;
+    return n;
+}
+
 /* The waiter thread of a queue. Events are blocking-sync, so
    cuEventSynchronize sleeps in the driver until the GPU signals. A slot's
    event may be recorded again for a newer batch before the waiter reaches
@@ -1312,7 +1319,7 @@ KVX__PRIV kvx_status kvx__cuda_post_read(kvx_ctx *ctx, kvx__read *rd) {
                              "and capture kvx_stream_wait instead");
         cq->capture_checked = 1;
     }
-    for (i = 0; i < rd->nruns; i++) nblocks += q->runs[(rd->run0 + i) % q->max_runs].n;
+    nblocks = kvx__cuda_read_blocks(rd);
     nplanes = (rd->layer_end - rd->layer_begin) * lc->lay.kv_planes;
     p0 = rd->layer_begin * lc->lay.kv_planes;
     /* Staged: the (local, remote) id pairs, both plane tables of the read's
@@ -1657,10 +1664,11 @@ KVX__PRIV void kvx__cuda_csum_free(kvx__cache_info *ci) { kvx__cuda_table_free(c
    advances. A retire copies the changed words over and waits for them. A
    read with generations is checked inside its copy kernel: the warp that
    finishes the read's last task loads the owner's words (kvx_copy's
-   gen_arrive), compares them with the staged expected ones, writes the read's
-   completion word with the result and the words it found for the core,
-   which names what differs (kvx__gen_check). No round trip through the
-   host: a stream waiting on the read is released as soon as it is checked. */
+   gen_arrive), compares them with the staged expected ones, and writes the
+   read's completion word and its result, and where a block differs the
+   words it found, for the core to name it (kvx__gen_check). No round trip
+   through the host: a stream waiting on the read is released as soon as it
+   is checked. */
 KVX__PRIV kvx_status kvx__cuda_gen_alloc(kvx_ctx *ctx, kvx__cache_info *ci, uint64_t bytes) {
     return kvx__cuda_table_alloc(ctx, ci, bytes, &ci->gen_dev, "cuMemAlloc (generation table)");
 }
@@ -1721,14 +1729,13 @@ KVX__PRIV kvx_status kvx__cuda_gen_prepare(kvx_queue *q, const kvx__read *rd, CU
 KVX__PRIV kvx_status kvx__cuda_gen_fetch(kvx__read *rd) {
     kvx_queue *q = rd->q;
     kvx__cuda_q *cq = kvx__cuda_q_of(q);
-    uint32_t i, n = 0, res;
+    uint32_t res;
     if (!cq || !cq->gres) return kvx__fail(q->ctx, KVX_ERR_BACKEND, "read %llu: generations: internal: no result", (unsigned long long)rd->ticket);
-    for (i = 0; i < rd->nruns; i++) n += q->runs[(rd->run0 + i) % q->max_runs].n;
     res = cq->gres[rd->ticket % q->depth];
     if (res != 1u && res != 2u)
         return kvx__fail(q->ctx, KVX_ERR_BACKEND, "read %llu from %s/%d: the copy kernel did not check its block generations (result %u)",
                          (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, res);
-    memcpy(q->gland + rd->g0, (res == 1u ? q->gens : cq->gfound) + rd->g0, (size_t)n * 8u);
+    memcpy(q->gland + rd->g0, (res == 1u ? q->gens : cq->gfound) + rd->g0, (size_t)kvx__cuda_read_blocks(rd) * 8u);
     return KVX_OK;
 }
 
@@ -1867,13 +1874,13 @@ KVX__PRIV kvx_status kvx__cuda_verify(kvx__read *rd) {
     kvx__cuda_q *cq = kvx__cuda_q_of(q);
     const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
     uint32_t slot = (uint32_t)(rd->ticket % q->depth), nh = rd->h_b - rd->h_a, nplanes = (rd->layer_end - rd->layer_begin) * lc->lay.kv_planes;
-    uint32_t nblocks = 0, ns, res0, res1, item, plane, lb, rb, h, want = 0, got = 0, i;
+    uint32_t nblocks = 0, ns, res0, res1, item, plane, lb, rb, h, want = 0, got = 0;
     uint8_t *blk;
     kvx__gpu_dev *d;
     CUcontext prev;
     CUstream s;
     if (!cq || !cq->vres) return kvx__fail(q->ctx, KVX_ERR_BACKEND, "read %llu: verify: internal: no check result", (unsigned long long)rd->ticket);
-    for (i = 0; i < rd->nruns; i++) nblocks += q->runs[(rd->run0 + i) % q->max_runs].n;
+    nblocks = kvx__cuda_read_blocks(rd);
     ns = kvx__sample_count(rd, nblocks);
     res0 = cq->vres[2 * slot];
     res1 = cq->vres[2 * slot + 1];
