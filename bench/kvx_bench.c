@@ -403,6 +403,7 @@ static int decode_rank(const opts *o) {
         if (mem_sync(&mem, 1)) return 2;
         if (kvx_rdv_recv(o->ctl_fd, F_GO, &go, &len, RDV_TIMEOUT_MS)) return 2;   /* barrier */
         free(go);
+        if (len) break;  /* the launcher stops the run: a read failed */
         kvx_stats(ctx, &s0);
         t0 = now_s();
         r.status = KVX_OK;
@@ -550,7 +551,7 @@ static int decode_role(int argc, char **argv, const opts *o, const char *connect
     double *lat = NULL, total_s = 0;
     uint64_t total_bytes = 0, total_before = 0, total_after = 0, bad = 0;
     int k, fd = -1, rc = 0, failed_status = 0;
-    uint32_t it, n, alen;
+    uint32_t it, n, alen, nit;
     uint8_t *all = NULL;
     void *b;
     FILE *js = NULL;
@@ -629,10 +630,19 @@ static int decode_role(int argc, char **argv, const opts *o, const char *connect
         printf("  iter %u: %llu bytes, %llu descriptors -> %llu after merging, %.3f ms, %.3f GB/s\n", it, (unsigned long long)bytes,
                (unsigned long long)before, (unsigned long long)after, worst * 1e3, worst > 0 ? (double)bytes / worst / 1e9 : 0.0);
         fflush(stdout);
+        if (failed_status && it + 1 < o->iters) {
+            /* A failed read fails the run: the rest would fail alike (a dead
+               peer fails every later post), so stop the ranks now. */
+            printf("  stopped after iteration %u of %u: a read failed\n", it, o->iters);
+            for (k = 0; k < o->decode_tp; k++) kvx_rdv_send(rp[k].fd, F_GO, "S", 1, RDV_TIMEOUT_MS);
+            it++;
+            break;
+        }
     }
-    qsort(lat, o->iters, sizeof *lat, cmp_double);
+    nit = it;
+    qsort(lat, nit, sizeof *lat, cmp_double);
     {
-        double p50 = lat[(o->iters - 1) / 2], p99 = lat[(size_t)((o->iters - 1) * 0.99 + 0.5)];
+        double p50 = lat[(nit - 1) / 2], p99 = lat[(size_t)((nit - 1) * 0.99 + 0.5)];
         double gbps = total_s > 0 ? (double)total_bytes / total_s / 1e9 : 0;
         printf("  total: %llu bytes, %llu descriptors -> %llu after merging, %.3f GB/s, request latency p50 %.3f ms, p99 %.3f ms\n",
                (unsigned long long)total_bytes, (unsigned long long)total_before, (unsigned long long)total_after, gbps, p50 * 1e3, p99 * 1e3);
@@ -650,7 +660,7 @@ static int decode_role(int argc, char **argv, const opts *o, const char *connect
                 for (j = 0; j < hello[k].npeers; j++)
                     fprintf(js, "%s{\"decode_rank\":%d,\"prefill_rank\":%d,\"transport\":\"%s\"}", k || j ? "," : "", k, hello[k].peer_rank[j], hello[k].transport[j]);
             fprintf(js, "],\"iterations\":[");
-            for (it = 0; it < o->iters; it++) {
+            for (it = 0; it < nit; it++) {
                 uint64_t by = 0, bf = 0, af = 0;
                 double w = 0;
                 for (k = 0; k < o->decode_tp; k++) {

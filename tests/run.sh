@@ -154,6 +154,12 @@ entry "a transport policy from the environment that accepts ucx:tcp passes (ucx 
 entry "pack ucx $vdeb 1->2 under asan+ubsan" 300 env KVX_BENCH=1 $B/kvx_bench.asan $small --random-blocks --prefill-tp 1 --decode-tp 2
 expect_fail "a planted wrong byte fails the run (ucx $vdeb)" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $bench $small --random-blocks
 expect_fail "mismatched TP options are refused (ucx $vdeb)" 60 "do not divide" $bench --heads 6 --decode-tp 4
+# A rank killed from outside ends the run at once, named, not after every
+# remaining iteration has failed alike.
+expect_fail "a prefill rank killed mid-run stops the run after the iteration that failed (ucx $vdeb)" 120 "stopped after iteration [0-9]* of 500: a read failed" \
+  bash tests/lib/kill_rank.sh prefill 1 3 $bench $small --iters 500 --prefill-tp 2 --decode-tp 1
+expect_fail "a decode rank killed mid-run ends the run, naming it (ucx $vdeb)" 120 "decode rank 1 exited with status 0x9" \
+  bash tests/lib/kill_rank.sh decode 1 3 $bench $small --iters 500 --prefill-tp 1 --decode-tp 2
 
 section "kvx_bench, spread (two network namespaces, UCX $vdeb over TCP on a veth)"
 entry "spread ucx $vdeb 1->1 HND random" 180 bash tests/lib/two_hosts.sh $small --random-blocks
