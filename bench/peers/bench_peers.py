@@ -101,18 +101,16 @@ class TwoHosts:
         self.a, self.b = "kvxpA%d" % tag, "kvxpB%d" % tag
         self.va, self.vb = "kpa%d" % tag, "kpb%d" % tag
         self.ipa, self.ipb = "10.212.%d.1" % (tag % 250), "10.212.%d.2" % (tag % 250)
-        cmds = [["ip", "netns", "add", self.a], ["ip", "netns", "add", self.b],
-                ["ip", "link", "add", self.va, "type", "veth", "peer", "name", self.vb],
-                ["ip", "link", "set", self.va, "netns", self.a], ["ip", "link", "set", self.vb, "netns", self.b],
-                ["ip", "-n", self.a, "addr", "add", self.ipa + "/24", "dev", self.va],
-                ["ip", "-n", self.b, "addr", "add", self.ipb + "/24", "dev", self.vb],
-                ["ip", "-n", self.a, "link", "set", self.va, "up"], ["ip", "-n", self.b, "link", "set", self.vb, "up"],
-                ["ip", "-n", self.a, "link", "set", "lo", "up"], ["ip", "-n", self.b, "link", "set", "lo", "up"]]
-        for c in cmds:
-            r = subprocess.run(c, capture_output=True, text=True)
-            if r.returncode != 0:
-                self.close()
-                raise RuntimeError("cannot make two namespaces (%s): %s" % (" ".join(c), r.stderr.strip()))
+        r = self._pair("up", self.a, self.b, self.va, self.vb, self.ipa, self.ipb)
+        if r.returncode != 0:
+            self.close()
+            raise RuntimeError("cannot make two namespaces: %s" % r.stderr.strip())
+
+    @staticmethod
+    def _pair(what: str, *args: str) -> "subprocess.CompletedProcess[str]":
+        """netns_pair_up / netns_pair_down of tests/lib/netns_pair.sh, which the shell scripts share."""
+        return subprocess.run(["bash", "-c", '. "$0" && netns_pair_%s "$@"' % what, os.path.join(ROOT, "tests", "lib", "netns_pair.sh")] + list(args),
+                              capture_output=True, text=True)
 
     def side(self, owner: bool) -> Tuple[List[str], Dict[str, str]]:
         """The command prefix and environment of one side."""
@@ -121,9 +119,7 @@ class TwoHosts:
                                              "KVX_PEERS_HOST": ip}
 
     def close(self) -> None:
-        for ns in (self.a, self.b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        subprocess.run(["ip", "link", "del", self.va], capture_output=True)
+        self._pair("down", self.a, self.b, self.va)
 
 
 def blocks_per_request(block_bytes: int, layers: int) -> int:

@@ -1,7 +1,8 @@
 # Two network namespaces joined by a veth pair, each end given an address
 # (/24) and brought up with its namespace's loopback: what the scripts that
 # play two hosts on one machine share (tests/lib/two_hosts.sh,
-# tests/ray/two_nodes.sh, bench/bench.sh). Source it, then:
+# tests/ray/two_nodes.sh, bench/bench.sh, bench/peers/bench_peers.py). Source
+# it, then:
 #   netns_pair_up NS_A NS_B VETH_A VETH_B IP_A IP_B    (fails if a step fails)
 #   netns_pair_down NS_A NS_B VETH_A                   (quiet; for traps)
 netns_pair_up() {
