@@ -421,7 +421,7 @@ static int decode_rank(const opts *o) {
             if ((st = kvx_post(q, &rd, &t[k])) != KVX_OK) { r.status = st; t[k] = 0; }
         }
         for (k = 0; k < np; k++)
-            if (t[k] && (st = kvx_wait(q, t[k], 600000)) != KVX_OK) r.status = st;
+            if (t[k] && (st = kvx_wait(q, t[k], 600000)) != KVX_OK) { r.status = st; t[k] = 0; }
         r.seconds = now_s() - t0;
         kvx_stats(ctx, &s1);
         r.bytes = s1.bytes_read - s0.bytes_read;
@@ -435,7 +435,9 @@ static int decode_rank(const opts *o) {
         }
         for (k = 0; k < np; k++) {
             kvx_ex_mismatch mm;
-            uint64_t bad = kvx_ex_verify(mem.c, o->seed, dst, src, o->blocks, 0, lay.num_layers, pf[k], pf[k] + pc[k], &mm);
+            uint64_t bad;
+            if (!t[k]) continue;  /* a read that failed is reported as such, not as its blocks' poison */
+            bad = kvx_ex_verify(mem.c, o->seed, dst, src, o->blocks, 0, lay.num_layers, pf[k], pf[k] + pc[k], &mm);
             if (bad && !r.bad_bytes) { r.mm = mm; r.mm_src_rank = hello.peer_rank[k]; }
             r.bad_bytes += bad;
         }
