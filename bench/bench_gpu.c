@@ -21,9 +21,10 @@
        (as in 1) and in latency (as in 2).
 
     Usage: bench_gpu [--two-gpu] [--quick] [--only N]   (--two-gpu: owner on
-    GPU 0, reader on GPU 1; --only N: section N alone). Every read of the table is byte-checked once at the end
-    of its row (blocks the owner filled). kvx's implementation is linked in
-    from tests/lib/kvx_impl.c (tests/gpu/build.sh).
+    GPU 0, reader on GPU 1; --only N: section N alone). Every read of the
+    table is byte-checked once at the end of its row (blocks the owner
+    filled). kvx's implementation is linked in from tests/lib/kvx_impl.c
+    (tests/gpu/build.sh).
 */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
