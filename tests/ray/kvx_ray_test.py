@@ -253,14 +253,27 @@ def open_context(o: Opts, role: str, claimed: int, tp: int, progress_thread: boo
 # --- the actors --------------------------------------------------------------------
 
 
-class PrefillRank:
-    """One prefill TP rank: fills the blocks every iteration reads, registers
-    them, serves reads from kvx's progress thread, expects notifications."""
+class RankActor:
+    """What both roles' actors hold: the options, the TP rank, the rank the
+    context claims (another one where a test sets a wrong rank), the context."""
 
     def __init__(self, o: Dict[str, Any], rank: int, claimed_rank: int) -> None:
         self.o = Opts(**o)
         self.rank, self.claimed = rank, claimed_rank
         self.ctx: Optional[kvx.Context] = None
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self.ctx.close()
+            self.ctx = None
+
+
+class PrefillRank(RankActor):
+    """One prefill TP rank: fills the blocks every iteration reads, registers
+    them, serves reads from kvx's progress thread, expects notifications."""
+
+    def __init__(self, o: Dict[str, Any], rank: int, claimed_rank: int) -> None:
+        super().__init__(o, rank, claimed_rank)
         self.notes: List[Dict[str, Any]] = []
         self.expected_at: Dict[int, float] = {}
 
@@ -305,20 +318,13 @@ class PrefillRank:
                 return list(self.notes)
             time.sleep(0.01)
 
-    def close(self) -> None:
-        if self.ctx is not None:
-            self.ctx.close()
-            self.ctx = None
 
-
-class DecodeRank:
+class DecodeRank(RankActor):
     """One decode TP rank: adds every prefill rank as a peer, reads from the
     ranks that hold its heads, checks every byte."""
 
     def __init__(self, o: Dict[str, Any], rank: int, claimed_rank: int) -> None:
-        self.o = Opts(**o)
-        self.rank, self.claimed = rank, claimed_rank
-        self.ctx: Optional[kvx.Context] = None
+        super().__init__(o, rank, claimed_rank)
         self._rounds = 0
 
     def setup(self, md_refs: List[Any]) -> Dict[str, Any]:
@@ -422,11 +428,6 @@ class DecodeRank:
 
     def rounds(self) -> int:
         return self._rounds
-
-    def close(self) -> None:
-        if self.ctx is not None:
-            self.ctx.close()
-            self.ctx = None
 
 
 # --- the driver ------------------------------------------------------------------
