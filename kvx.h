@@ -153,7 +153,7 @@ extern "C" {
 
 #define KVX_VERSION_MAJOR 0
 #define KVX_VERSION_MINOR 2
-#define KVX_METADATA_VERSION 2
+#define KVX_METADATA_VERSION 3
 
 typedef enum kvx_status {
     KVX_OK = 0,
@@ -215,6 +215,19 @@ typedef struct kvx_ofi_desc {
     uint32_t tick_us;           /* progress tick where the provider has no wait fd; 0: $KVX_OFI_TICK_US, else 1000 */
 } kvx_ofi_desc;
 
+typedef struct kvx_ucx_desc {
+    /* Network devices of the worker that peers reach, in UCX_NET_DEVICES
+       syntax ("eth1", "mlx5_0:1,eth0", "lo"). NULL: $UCX_NET_DEVICES, else the
+       device of this host's default route, else lo: never every interface. */
+    const char *net_devices;
+    /* 1: also enable UCX's one-sided get and put over transports UCX serves
+       in software (TCP). UNSAFE: any process that can reach such a port then
+       reads and writes all of this process's memory, registered or not. For
+       GPU caches across hosts without RDMA on a trusted network; 0 (the
+       default): $KVX_UCX_SOFTWARE_RMA, else off. */
+    int software_rma;
+} kvx_ucx_desc;
+
 typedef struct kvx_cuda_desc {
     uint32_t max_blocks;        /* cap on the copy kernel's thread blocks; 0: the default */
     const char *socket_dir;     /* where owners listen for readers; NULL: $KVX_CUDA_SOCKET_DIR, else /tmp/kvx-cuda-UID */
@@ -233,7 +246,7 @@ typedef struct kvx_ctx_desc {
     void *log_user;
     kvx_ofi_desc ofi;           /* KVX_OFI */
     kvx_cuda_desc cuda;         /* KVX_CUDA */
-    /* UCX takes its settings from its own UCX_* environment variables. */
+    /* UCX takes the rest of its settings from its own UCX_* environment variables. */
     /* Which transports kvx_peer_add accepts; NULL: $KVX_TRANSPORT_POLICY, else any.
        Comma-separated terms: "!term" refuses the transports it matches; the
        other terms are alternatives, one of which must match. A term is a
@@ -242,6 +255,13 @@ typedef struct kvx_ctx_desc {
        kvx's or UCX's), "nvlink", "rdma" (UCX rc/dc, libfabric verbs or efa).
        E.g. "!sw" refuses every software-served path; "ipc,rdma" demands one. */
     const char *transport_policy;
+    kvx_ucx_desc ucx;           /* KVX_UCX */
+    /* A deployment key: metadata this context exports is signed with it
+       (HMAC-SHA-256) and metadata it imports must be, by the same key.
+       NULL: the contents of the file $KVX_METADATA_KEY_FILE names, else no
+       key (metadata unsigned, and signed metadata refused). 16 bytes or more. */
+    const void *metadata_key;
+    uint32_t metadata_key_len;
 } kvx_ctx_desc;
 
 typedef struct kvx_layout {
@@ -332,6 +352,9 @@ typedef struct kvx_stats {
     uint64_t notifications_sent;
     uint64_t notifications_received;
     uint64_t errors;
+    uint64_t messages_dropped;  /* from the network, dropped unanswered: without this context's secret,
+                                   malformed, or past a bound on what a peer may make it hold */
+    uint64_t notifications_dropped; /* authentic, but neither expected nor room for them (kvx_notifications) */
 } kvx_stats;
 
 KVX_API kvx_status  kvx_ctx_create(const kvx_ctx_desc *desc, kvx_ctx **out);
@@ -345,6 +368,12 @@ KVX_API const char *kvx_backend_name(kvx_backend b);
    backend's own settings (provider, caps, message size, ...). Strings point
    into the context and live as long as it. */
 KVX_API kvx_ctx_desc kvx_ctx_query_desc(const kvx_ctx *ctx);
+/* A new epoch and secret, and every cache registered again (new remote keys
+   where the transport has them): metadata exported before no longer reads
+   this context, so every reader that had it is cut off (its reads fail or
+   time out) until it adds the metadata exported after. What it does not
+   reach: CUDA IPC handles and cma, which name memory, not a registration. */
+KVX_API kvx_status  kvx_ctx_rotate(kvx_ctx *ctx);
 
 KVX_API kvx_status  kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *desc, kvx_cache **out);
 /* Once it returns the memory is the engine's again. With UCX's software-served
@@ -481,12 +510,20 @@ KVX_API void        kvx_stats_get(const kvx_ctx *ctx, kvx_stats *out);
 #define KVX__MAX_REGIONS 4096u
 #define KVX__MAX_LAYERS 65536u
 #define KVX__NOTIFY_RING 4096u
+#define KVX__LEASE_ARRIVED 1
+#define KVX__LEASE_EXPIRED 2
+#define KVX__NOTIFY_MSG_BYTES 104u     /* kvx_wire.h: a notification */
+#define KVX__EPOCH_AHEAD_NS (600ull * 1000000000ull)  /* metadata this far ahead of the clock is refused */
 #define KVX__EXPIRED_MEMORY 1024u
 #define KVX__CANCEL_GRACE_MS 1000u
 #define KVX__NO_CSUM 0xFFFFFFFFu
 #define KVX__LREG_GEN 0xFFFFFFFEu  /* kvx__op.lreg: the queue's fetched-generation words */
 
 /*--- internal types ------------------------------------------------------*/
+
+/* Warnings about refused input: at most one line a second per limiter, the
+   next line saying how many were held back (kvx__limit). */
+typedef struct kvx__limiter { uint64_t last_ns, quiet; } kvx__limiter;
 
 /* One registered (or, on a peer, remotely registered) memory range. */
 typedef struct kvx__region {
@@ -558,12 +595,13 @@ struct kvx_peer {
     int rank, tp_size;
     uint32_t pid;
     uint64_t epoch;
+    uint8_t secret[16];         /* the peer's: what every request and notification to it carries */
     uint8_t *addr;              /* backend address */
     uint32_t addr_len;
     uint32_t ncaches;
     kvx__cache_info *caches;
     char transport[160];
-    char why[256];              /* why the transport library chose it, where the backend can tell */
+    char why[384];              /* why the transport library chose it, where the backend can tell */
     int connected;
     int failed;                 /* the transport reported the peer dead */
     uint32_t ops_out;           /* transport operations outstanding to this peer */
@@ -601,7 +639,7 @@ struct kvx__read {
     int notify;
     int notify_inflight;
     uint64_t notify_id, user_tag;
-    uint8_t notify_msg[16];
+    uint8_t notify_msg[KVX__NOTIFY_MSG_BYTES];
     void *be;                   /* backend per-read scratch */
 };
 
@@ -633,6 +671,7 @@ struct kvx_queue {
 typedef struct kvx__backend kvx__backend;
 typedef struct kvx__expect {
     uint64_t id, deadline_ns;
+    int arrived, rank;          /* KVX__LEASE_*: arrived or expired while the ring was full, delivered when there is room */
     kvx_cache *retire;          /* kvx_notify_expect_retire: its blocks, retired at expiry */
     uint32_t *ids, nids;
 } kvx__expect;
@@ -643,6 +682,11 @@ struct kvx_ctx {
     char host[KVX__MAX_HOST];
     int rank, tp_size;
     uint64_t epoch;
+    uint8_t secret[16];         /* with the epoch: holding it is what entitles a peer to read */
+    uint8_t *md_key;            /* the deployment key (kvx_ctx_desc.metadata_key), or NULL */
+    uint32_t md_key_len;
+    char md_key_from[160];      /* where the key came from, for messages */
+    kvx__limiter lim_dropped, lim_late;   /* warnings about refused input, at most one a second */
     uint32_t timeout_ms;
     kvx_log_level log_level;
     kvx_log_fn log_fn;
@@ -688,6 +732,9 @@ struct kvx__backend {
        key names one allocation, so GPU planes that merely touch (separate
        allocations can be adjacent) stay separate registrations. */
     int gpu_region_spans_allocations;
+    /* A registration's remote key is what peers read it by, so registering
+       the memory again (kvx_ctx_rotate) revokes what old metadata held. */
+    int keys_per_registration;
 
     /*-- context */
     kvx_status (*open)(kvx_ctx *ctx, const kvx_ctx_desc *desc);   /* without the lock */
@@ -793,6 +840,19 @@ KVX__PRIV void kvx__log(kvx_ctx *ctx, kvx_log_level lvl, const char *fmt, ...)
     ;
 /* One branch when the level is off: nothing is formatted. */
 #define KVX__LOG(ctx, lvl, ...) do { if ((int)(lvl) <= (int)(ctx)->log_level) kvx__log((ctx), (lvl), __VA_ARGS__); } while (0)
+KVX__PRIV void kvx__log_held(kvx_ctx *ctx, uint64_t held, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+/* A message from the network dropped unanswered: counted, and said at most
+   once a second (the line after a quiet spell says how many were held back),
+   so that a flood costs a counter, not a log; KVX__WARN_HELD says refused
+   input the same way without counting it. Called with ctx->lock held. */
+#define KVX__WARN_HELD(ctx, ...) do { uint64_t held_; \
+    if ((int)KVX_LOG_WARN <= (int)(ctx)->log_level && kvx__limit(&(ctx)->lim_dropped, kvx__now_ns(), &held_)) \
+        kvx__log_held((ctx), held_, __VA_ARGS__); } while (0)
+#define KVX__DROP(ctx, ...) do { (ctx)->st.messages_dropped++; KVX__WARN_HELD(ctx, __VA_ARGS__); } while (0)
 
 /*--- small utilities -----------------------------------------------------*/
 
@@ -800,6 +860,15 @@ KVX__PRIV uint64_t kvx__now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* 1: log now, *quiet lines were held back since the last; 0: hold this one back. */
+KVX__PRIV int kvx__limit(kvx__limiter *l, uint64_t now_ns, uint64_t *quiet) {
+    if (l->last_ns && now_ns - l->last_ns < 1000000000ull) { l->quiet++; return 0; }
+    l->last_ns = now_ns ? now_ns : 1;
+    *quiet = l->quiet;
+    l->quiet = 0;
+    return 1;
 }
 
 KVX__PRIV void *kvx__calloc(size_t n, size_t sz) {
@@ -838,6 +907,16 @@ KVX__PRIV void kvx__log(kvx_ctx *ctx, kvx_log_level lvl, const char *fmt, ...) {
     va_end(ap);
     if (ctx->log_fn) ctx->log_fn(lvl, msg, ctx->log_user);
     else fprintf(stderr, "kvx[%s/%d] %s: %s\n", ctx->name, ctx->rank, names[lvl], msg);
+}
+
+KVX__PRIV void kvx__log_held(kvx_ctx *ctx, uint64_t held, const char *fmt, ...) {
+    char msg[640];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (held) kvx__log(ctx, KVX_LOG_WARN, "%s (and %llu more like it dropped since the last such line)", msg, (unsigned long long)held);
+    else kvx__log(ctx, KVX_LOG_WARN, "%s", msg);
 }
 
 KVX__PRIV kvx_status kvx__fail(kvx_ctx *ctx, kvx_status st, const char *fmt, ...) {
@@ -888,6 +967,7 @@ KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx) {
     return ctx ? ctx->err : kvx__create_err;
 }
 
+#include "kvx_auth.h"
 #include "kvx_wire.h"
 #include "kvx_verify.h"
 
@@ -1126,6 +1206,36 @@ KVX__PRIV uint64_t kvx__new_epoch(void) {
     return e;
 }
 
+/* The deployment key: the desc's bytes, else the file $KVX_METADATA_KEY_FILE
+   names (its trailing newline left out), else none. */
+KVX__PRIV kvx_status kvx__md_key_load(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
+    const char *path = getenv("KVX_METADATA_KEY_FILE");
+    uint8_t buf[1025];
+    size_t n = 0;
+    if (desc->metadata_key) {
+        if (desc->metadata_key_len < 16)
+            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_ctx_desc.metadata_key: %u bytes, at least 16 are needed", desc->metadata_key_len);
+        n = desc->metadata_key_len;
+        snprintf(ctx->md_key_from, sizeof ctx->md_key_from, "kvx_ctx_desc.metadata_key, %zu bytes", n);
+    } else if (path && *path) {
+        FILE *f = fopen(path, "rb");
+        if (!f) return kvx__fail(ctx, KVX_ERR_ARG, "KVX_METADATA_KEY_FILE=%s: %s", path, strerror(errno));
+        n = fread(buf, 1, sizeof buf, f);
+        fclose(f);
+        while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r')) n--;
+        if (n < 16 || n > 1024)
+            return kvx__fail(ctx, KVX_ERR_ARG, "KVX_METADATA_KEY_FILE=%s: %zu bytes of key, 16 to 1024 are needed", path, n);
+        snprintf(ctx->md_key_from, sizeof ctx->md_key_from, "the file %.100s, %zu bytes", path, n);
+    } else {
+        return KVX_OK;
+    }
+    if (!(ctx->md_key = (uint8_t *)KVX_MALLOC(n))) return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_ctx_create: out of memory");
+    memcpy(ctx->md_key, desc->metadata_key ? (const uint8_t *)desc->metadata_key : buf, n);
+    ctx->md_key_len = (uint32_t)n;
+    memset(buf, 0, sizeof buf);
+    return KVX_OK;
+}
+
 KVX__PRIV void *kvx__progress_main(void *arg);
 KVX__PRIV void kvx__queue_teardown(kvx_queue *q);
 KVX__PRIV void kvx__peer_free(kvx_peer *p);
@@ -1155,7 +1265,10 @@ KVX_API kvx_status kvx_ctx_create(const kvx_ctx_desc *desc_in, kvx_ctx **out) {
                               : getenv("KVX_TRANSPORT_POLICY") ? getenv("KVX_TRANSPORT_POLICY") : "", sizeof ctx->policy);
     pthread_mutex_init(&ctx->lock, NULL);
     st = KVX_OK;
-    if (ctx->tp_size < 1 || ctx->tp_size > 65536)
+    if (kvx__random(ctx->secret, sizeof ctx->secret) != 0)
+        st = kvx__fail(ctx, KVX_ERR_BACKEND, "kvx_ctx_create: no random bytes from the kernel (getrandom, /dev/urandom): %s", strerror(errno));
+    else if ((st = kvx__md_key_load(ctx, &desc)) != KVX_OK) {}
+    else if (ctx->tp_size < 1 || ctx->tp_size > 65536)
         st = kvx__fail(ctx, KVX_ERR_ARG, "tp_size %d must be in [1, 65536]", ctx->tp_size);
     else if (ctx->rank < 0 || ctx->rank >= ctx->tp_size)
         st = kvx__fail(ctx, KVX_ERR_ARG, "tp_rank %d is outside [0, tp_size %d)", ctx->rank, ctx->tp_size);
@@ -1205,6 +1318,8 @@ KVX_API kvx_ctx_desc kvx_ctx_query_desc(const kvx_ctx *ctx) {
     d.log_level = ctx->log_level;
     d.log_fn = ctx->log_fn;
     d.log_user = ctx->log_user;
+    d.metadata_key = ctx->md_key;
+    d.metadata_key_len = ctx->md_key_len;
     if (ctx->be_ops->query) ctx->be_ops->query(ctx, &d);
     return d;
 }
@@ -1226,6 +1341,7 @@ KVX_API void kvx_ctx_destroy(kvx_ctx *ctx) {
     if (ctx->be_ops) ctx->be_ops->close(ctx);
     if (ctx->wake_pipe[0] >= 0) { close(ctx->wake_pipe[0]); close(ctx->wake_pipe[1]); }
     pthread_mutex_destroy(&ctx->lock);
+    if (ctx->md_key) { memset(ctx->md_key, 0, ctx->md_key_len); KVX_FREE(ctx->md_key); }
     while (ctx->nexpect) KVX_FREE(ctx->expect[--ctx->nexpect].ids);
     KVX_FREE(ctx->expect);
     KVX_FREE(ctx);
@@ -1403,6 +1519,45 @@ KVX_API void kvx_cache_deregister(kvx_cache *c) {
     kvx__cache_info_free(ctx, &c->info);
     KVX_FREE(c->seen);
     KVX_FREE(c);
+}
+
+/* A new epoch and secret first (from then on every message under the old
+   secret is dropped), then each region registered anew before its old
+   registration goes, so a failure half-way leaves every region readable. */
+KVX_API kvx_status kvx_ctx_rotate(kvx_ctx *ctx) {
+    uint8_t secret[KVX__SECRET_BYTES];
+    char why[sizeof ctx->err];
+    kvx_status st = KVX_OK;
+    uint32_t c, i = 0;
+    if (!ctx) return KVX_ERR_ARG;
+    if (kvx__random(secret, sizeof secret) != 0)
+        return kvx__fail(ctx, KVX_ERR_BACKEND, "kvx_ctx_rotate: no random bytes from the kernel: %s", strerror(errno));
+    pthread_mutex_lock(&ctx->lock);
+    ctx->epoch = kvx__new_epoch();
+    memcpy(ctx->secret, secret, sizeof secret);
+    for (c = 0; c < ctx->ncaches && ctx->be_ops->keys_per_registration; c++) {
+        kvx__cache_info *ci = &ctx->caches[c]->info;
+        for (i = 0; i < ci->nregions; i++) {
+            kvx__cache_info kind = *ci;
+            kvx__region fresh;
+            if (i == ci->gen_region && !ctx->be_ops->gen_alloc) kind.mem = KVX_MEM_HOST;  /* as kvx__gen_table_add registered it */
+            memset(&fresh, 0, sizeof fresh);
+            fresh.addr = ci->regions[i].addr;
+            fresh.len = ci->regions[i].len;
+            if ((st = ctx->be_ops->mem_register(ctx, &kind, &fresh)) != KVX_OK) break;
+            ctx->be_ops->mem_deregister(ctx, &ci->regions[i]);
+            KVX_FREE(ci->regions[i].rkey);
+            ci->regions[i] = fresh;
+        }
+        if (st != KVX_OK) break;
+    }
+    if (st == KVX_OK) KVX__LOG(ctx, KVX_LOG_INFO, "rotated: epoch %llu; metadata exported before reads nothing here", (unsigned long long)ctx->epoch);
+    else {
+        kvx__strlcpy(why, ctx->err, sizeof why);
+        kvx__fail(ctx, st, "kvx_ctx_rotate: the new epoch and secret hold, but cache %u region %u kept its old registration: %s", c, i, why);
+    }
+    pthread_mutex_unlock(&ctx->lock);
+    return st;
 }
 
 /*--- peers ---------------------------------------------------------------*/
@@ -1749,7 +1904,13 @@ KVX__PRIV void kvx__read_finish(kvx__read *rd) {
         ctx->st.bytes_read += rd->bytes;
         ctx->st.reads_completed++;
         if (rd->notify) {
-            kvx__notify_msg_write(rd->notify_msg, rd->notify_id, (uint32_t)ctx->rank);
+            kvx__notify_msg m;
+            memcpy(m.secret, rd->peer->secret, KVX__SECRET_BYTES);
+            m.id = rd->notify_id;
+            m.rank = (uint32_t)ctx->rank;
+            m.tp_size = (uint32_t)ctx->tp_size;
+            kvx__strlcpy(m.name, ctx->name, sizeof m.name);
+            kvx__notify_msg_write(rd->notify_msg, &m);
             rd->notify_inflight = 1;
             if (ctx->be_ops->notify(ctx, rd) != KVX_OK) rd->notify_inflight = 0;
             else ctx->st.notifications_sent++;
@@ -2223,33 +2384,72 @@ KVX__PRIV void kvx__read_timeout(kvx__read *rd) {
     kvx__read_finish(rd);
 }
 
-KVX__PRIV void kvx__notify_push(kvx_ctx *ctx, uint64_t id, kvx_status st, int rank) {
+/* 0 when the ring is full. */
+KVX__PRIV int kvx__notify_push(kvx_ctx *ctx, uint64_t id, kvx_status st, int rank) {
     kvx_notification *n;
-    if (ctx->note_count == KVX__NOTIFY_RING) {
-        if (!ctx->notes_dropped++) KVX__LOG(ctx, KVX_LOG_ERROR, "notification ring full (%u): call kvx_notifications more often", KVX__NOTIFY_RING);
-        return;
-    }
+    if (ctx->note_count == KVX__NOTIFY_RING) return 0;
     n = &ctx->notes[(ctx->note_head + ctx->note_count++) % KVX__NOTIFY_RING];
     n->id = id;
     n->status = st;
     n->peer_rank = rank;
+    return 1;
 }
 
-KVX__PRIV void kvx__notify_arrived(kvx_ctx *ctx, const uint8_t *m, size_t len) {
-    uint64_t id;
-    uint32_t rank, i;
-    if (len != KVX__NOTIFY_BYTES) { KVX__LOG(ctx, KVX_LOG_WARN, "notification of %zu bytes dropped", len); return; }
-    if (!kvx__notify_msg_read(m, &id, &rank)) { KVX__LOG(ctx, KVX_LOG_WARN, "notification with a bad magic dropped"); return; }
+/* An owner's lease outlives a full ring: its notification waits in the
+   lease (found arrived) until kvx_notifications makes room. Others that
+   find the ring full are dropped, counted, said once a second. */
+KVX__PRIV void kvx__notify_full(kvx_ctx *ctx, uint64_t id) {
+    uint64_t held;
+    ctx->st.notifications_dropped++;
+    if ((int)KVX_LOG_ERROR <= (int)ctx->log_level && kvx__limit(&ctx->lim_late, kvx__now_ns(), &held))
+        kvx__log(ctx, KVX_LOG_ERROR, "notification %llu dropped: the ring of %u is full and nothing expects it (kvx_notify_expect); "
+                 "call kvx_notifications more often (%llu more dropped since the last such line)", (unsigned long long)id,
+                 KVX__NOTIFY_RING, (unsigned long long)held);
+}
+
+/* A notification from the network: taken only with this context's secret
+   (anything else is dropped unanswered and counted); rank and name as the
+   reader sent them, checked for sense. */
+KVX__PRIV void kvx__notify_arrived(kvx_ctx *ctx, const uint8_t *buf, size_t len) {
+    kvx__notify_msg m;
+    uint32_t ver = 0, i;
+    int e = kvx__notify_msg_read(buf, len, &m, &ver);
+    if (e != KVX__WIRE_OK) {
+        if (e == KVX__WIRE_VERSION)
+            KVX__DROP(ctx, "a notification of version %u dropped: this kvx speaks version %u (upgrade both sides)", ver, KVX__NOTIFY_VERSION);
+        else
+            KVX__DROP(ctx, "a notification of %zu bytes dropped: %s", len, kvx__wire_why(e));
+        return;
+    }
+    if (!kvx__ct_equal(m.secret, ctx->secret, KVX__SECRET_BYTES)) {
+        KVX__DROP(ctx, "a notification without this context's secret dropped (id %llu, claiming %s/%u): a process without "
+                  "its current metadata, or of an epoch before kvx_ctx_rotate", (unsigned long long)m.id, m.name, m.rank);
+        return;
+    }
     ctx->st.notifications_received++;
     for (i = 0; i < ctx->nexpect; i++)
-        if (ctx->expect[i].id == id) { KVX_FREE(ctx->expect[i].ids); ctx->expect[i] = ctx->expect[--ctx->nexpect]; break; }
-    if (i == ctx->nexpect) {
-        /* Not expected: unless it already expired, in which case it is late and
-           the owner has had its one notification. */
-        for (i = 0; i < KVX__EXPIRED_MEMORY; i++)
-            if (ctx->expired[i] == id + 1) { KVX__LOG(ctx, KVX_LOG_WARN, "notify id %llu arrived after it expired", (unsigned long long)id); return; }
+        if (ctx->expect[i].id == m.id && !ctx->expect[i].arrived) break;
+    if (i < ctx->nexpect) {
+        if (!kvx__notify_push(ctx, m.id, KVX_OK, (int)m.rank)) {
+            ctx->expect[i].arrived = KVX__LEASE_ARRIVED;  /* kept, and delivered once there is room */
+            ctx->expect[i].rank = (int)m.rank;
+            return;
+        }
+        KVX_FREE(ctx->expect[i].ids);
+        ctx->expect[i] = ctx->expect[--ctx->nexpect];
+        return;
     }
-    kvx__notify_push(ctx, id, KVX_OK, (int)rank);
+    /* Not expected: unless it already expired, in which case it is late and
+       the owner has had its one notification. */
+    for (i = 0; i < KVX__EXPIRED_MEMORY; i++)
+        if (ctx->expired[i] == m.id + 1) {
+            uint64_t held;
+            if ((int)KVX_LOG_WARN <= (int)ctx->log_level && kvx__limit(&ctx->lim_late, kvx__now_ns(), &held))
+                kvx__log(ctx, KVX_LOG_WARN, "notify id %llu from %s/%u arrived after it expired (%llu more late since the last such line)",
+                         (unsigned long long)m.id, m.name, m.rank, (unsigned long long)held);
+            return;
+        }
+    if (!kvx__notify_push(ctx, m.id, KVX_OK, (int)m.rank)) kvx__notify_full(ctx, m.id);
 }
 
 KVX_API kvx_status kvx_notify_expect_retire(kvx_ctx *ctx, uint64_t id, uint32_t timeout_ms,
@@ -2278,6 +2478,8 @@ KVX_API kvx_status kvx_notify_expect_retire(kvx_ctx *ctx, uint64_t id, uint32_t 
     ctx->expect[ctx->nexpect].retire = cache;
     ctx->expect[ctx->nexpect].ids = copy;
     ctx->expect[ctx->nexpect].nids = cache ? n : 0;
+    ctx->expect[ctx->nexpect].arrived = 0;
+    ctx->expect[ctx->nexpect].rank = -1;
     ctx->nexpect++;
 out:
     pthread_mutex_unlock(&ctx->lock);
@@ -2311,17 +2513,21 @@ KVX__PRIV uint64_t kvx__progress_locked(kvx_ctx *ctx, int *events) {
         kvx__pump(q);
     }
     for (i = 0; i < ctx->nexpect;) {
-        if (now >= ctx->expect[i].deadline_ns) {
-            kvx__expect *e = &ctx->expect[i];
+        kvx__expect *e = &ctx->expect[i];
+        if (!e->arrived && now >= e->deadline_ns) {
             ctx->expired[ctx->expired_head++ % KVX__EXPIRED_MEMORY] = e->id + 1;
             /* before the owner hears of it, so it cannot reuse the blocks first */
             if (e->retire && kvx__retire_blocks(ctx, &e->retire->info, e->ids, e->nids) != KVX_OK)
                 KVX__LOG(ctx, KVX_LOG_ERROR, "notify id %llu expired, but its blocks could not be retired: %s", (unsigned long long)e->id, ctx->err);
-            kvx__notify_push(ctx, e->id, KVX_ERR_TIMEOUT, -1);
+            e->arrived = KVX__LEASE_EXPIRED;
+            e->rank = -1;
+        }
+        if (e->arrived) {  /* arrived or expired: delivered as soon as the ring has room */
+            if (!kvx__notify_push(ctx, e->id, e->arrived == KVX__LEASE_EXPIRED ? KVX_ERR_TIMEOUT : KVX_OK, e->rank)) { i++; continue; }
             KVX_FREE(e->ids);
             ctx->expect[i] = ctx->expect[--ctx->nexpect];
         } else {
-            if (!next || ctx->expect[i].deadline_ns < next) next = ctx->expect[i].deadline_ns;
+            if (!next || e->deadline_ns < next) next = e->deadline_ns;
             i++;
         }
     }

@@ -398,6 +398,7 @@ KVX__PRIV const kvx__backend kvx__local_backend = {
     KVX__F(kind) KVX_BACKEND_LOCAL,
     KVX__F(completes_on_gpu) 0,
     KVX__F(gpu_region_spans_allocations) 0,
+    KVX__F(keys_per_registration) 0,
     KVX__F(open) kvx__local_open,
     KVX__F(close) kvx__local_close,
     KVX__F(query) NULL,

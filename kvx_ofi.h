@@ -10,7 +10,7 @@
     libfabric's own $FI_PROVIDER filter applies as always; otherwise the
     first provider fi_getinfo offers wins. kvx asks for FI_EP_RDM with FI_RMA,
     FI_READ and FI_REMOTE_READ, and FI_MSG, FI_SEND, FI_RECV for
-    notifications (16-byte messages: no remote CQ data is needed), plus
+    notifications (104-byte messages: no remote CQ data is needed), plus
     kvx_ctx_desc.ofi.extra_caps. A provider without them is refused by
     kvx_ctx_create, never at the first read, and the message names the
     missing capability ("provider tcp lacks FI_MULTICAST ..."), or the
@@ -39,7 +39,8 @@
                          owner packs which one into its remote key.
         FI_MR_ALLOCATED  kvx registers memory the engine allocated: nothing to do.
         FI_MR_PROV_KEY   keys come from fi_mr_key; otherwise kvx requests keys
-                         unique in its domain (pid and a counter).
+                         from the kernel's random source, as wide as the
+                         provider's mr_key_size (8 bytes on tcp and shm).
         FI_MR_ENDPOINT   registrations are bound to the serving endpoint and
                          enabled; with FI_MR_LOCAL (or FI_MR_HMEM) too, every
                          peer endpoint gets its own local registrations.
@@ -161,7 +162,7 @@
 #define KVX__OFI_CAPS (FI_MSG | FI_SEND | FI_RECV | FI_RMA | FI_READ | FI_REMOTE_READ)
 #define KVX__OFI_MR_MODES (FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY | FI_MR_ENDPOINT | FI_MR_RAW | FI_MR_HMEM)
 #define KVX__OFI_NRECV 64u          /* notification receives kept posted */
-#define KVX__OFI_RECV_BYTES 64u     /* more than 16, so a wrong-sized message is seen, not truncated */
+#define KVX__OFI_RECV_BYTES 128u    /* more than a notification's 104, so a wrong-sized message is seen, not truncated */
 #define KVX__OFI_MAX_CTX 1024u      /* op/part contexts per peer endpoint, at most */
 
 /* Test seam (kvx.h, TEST SEAMS): mr_mode bits to behave as if the provider
@@ -207,13 +208,13 @@ struct kvx__ofi_op {
 
 typedef struct kvx__ofi_send {  /* a notification on its way (registered memory) */
     kvx__ofi_ctx c;
-    uint8_t msg[16];
+    uint8_t msg[KVX__NOTIFY_MSG_BYTES];
     int busy;
     kvx_queue *q;
     kvx_ticket ticket;
 } kvx__ofi_send;
 
-typedef struct kvx__ofi_note { kvx_queue *q; kvx_ticket ticket; uint8_t msg[16]; } kvx__ofi_note;
+typedef struct kvx__ofi_note { kvx_queue *q; kvx_ticket ticket; uint8_t msg[KVX__NOTIFY_MSG_BYTES]; } kvx__ofi_note;
 
 typedef struct kvx__ofi_recv {  /* a posted notification receive (registered memory) */
     kvx__ofi_ctx c;
@@ -271,7 +272,8 @@ typedef struct kvx__ofi {
     int epfd, evfd, tfd, cq_fd;
     int ticking, blocked;       /* the tick is armed; a post met -FI_EAGAIN since the last progress */
     uint64_t tick_ns;
-    uint64_t mr_mode, max_msg, key_mask, next_key;
+    uint64_t mr_mode, max_msg, key_mask;
+    kvx__nonces keys;
     size_t tx_size;
     int hmem, sw, shm;
     uint64_t extra_caps;        /* kvx_ctx_desc.ofi.extra_caps */
@@ -328,9 +330,17 @@ KVX__PRIV kvx_status kvx__ofi_status_of(int err) {
 
 /*--- registration ----------------------------------------------------------*/
 
+/* A key kvx chooses (the provider lets it, without FI_MR_PROV_KEY): from
+   the kernel's random source, as wide as the provider's keys, so that a
+   process without the metadata cannot guess one (a pid and a counter, once,
+   took 902 guesses). 0 is never used. */
 KVX__PRIV uint64_t kvx__ofi_new_key(kvx__ofi *o) {
-    uint64_t k = ((uint64_t)(uint32_t)getpid() << 24) | (++o->next_key & 0xffffffu);
-    return k & o->key_mask;
+    uint64_t k = 0;
+    while (!k) {
+        if (kvx__random(&k, sizeof k) != 0) k = kvx__nonce(&o->keys);  /* no kernel source: the nonce stream, seeded once */
+        k &= o->key_mask;
+    }
+    return k;
 }
 
 /* Register [addr, addr+len); FI_MR_ENDPOINT: bind to ep and enable. */
@@ -338,7 +348,7 @@ KVX__PRIV int kvx__ofi_reg(kvx__ofi *o, uint64_t addr, uint64_t len, uint64_t ac
                            int cuda, int device, struct fid_mr **mr) {
     struct fi_mr_attr a;
     struct iovec iov;
-    int ret;
+    int ret, tries;
     memset(&a, 0, sizeof a);
     iov.iov_base = (void *)(uintptr_t)addr;
     iov.iov_len = (size_t)len;
@@ -349,7 +359,10 @@ KVX__PRIV int kvx__ofi_reg(kvx__ofi *o, uint64_t addr, uint64_t len, uint64_t ac
     a.iface = cuda ? FI_HMEM_CUDA : FI_HMEM_SYSTEM;
     if (cuda) a.device.cuda = device;
     *mr = NULL;
-    if ((ret = fi_mr_regattr(o->domain, &a, 0, mr)) != 0) { *mr = NULL; return ret; }
+    /* a random key that happens to be taken: another */
+    for (tries = 0; (ret = fi_mr_regattr(o->domain, &a, 0, mr)) == -FI_ENOKEY && !(o->mr_mode & FI_MR_PROV_KEY) && tries < 8; tries++)
+        a.requested_key = kvx__ofi_new_key(o);
+    if (ret != 0) { *mr = NULL; return ret; }
     if (o->mr_mode & FI_MR_ENDPOINT) {
         if ((ret = fi_mr_bind(*mr, &ep->fid, 0)) != 0 || (ret = fi_mr_enable(*mr)) != 0) {
             fi_close(&(*mr)->fid);
@@ -715,6 +728,7 @@ KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     o->hmem = (fi->caps & FI_HMEM) != 0;
     o->mr_mode = (uint64_t)fi->domain_attr->mr_mode | ((uint64_t)(KVX_TEST_HOOK_OFI_MR_MODE) & (FI_MR_LOCAL | FI_MR_RAW));
     o->key_mask = fi->domain_attr->mr_key_size >= 8 || !fi->domain_attr->mr_key_size ? ~0ull : (1ull << (8 * fi->domain_attr->mr_key_size)) - 1;
+    if (kvx__nonces_init(&o->keys) != 0) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_BACKEND, "ofi: no random bytes from the kernel for keys"); }
     o->max_msg = fi->ep_attr->max_msg_size ? (uint64_t)fi->ep_attr->max_msg_size : (1ull << 30);
     /* Reads split smaller than the provider asks (tests use it): the desc, else $KVX_OFI_MAX_MSG. */
     if (desc->ofi.max_msg && desc->ofi.max_msg < o->max_msg) o->max_msg = desc->ofi.max_msg;
@@ -1418,6 +1432,7 @@ KVX__PRIV const kvx__backend kvx__ofi_backend = {
     KVX__F(kind) KVX_BACKEND_OFI,
     KVX__F(completes_on_gpu) 0,
     KVX__F(gpu_region_spans_allocations) 0,
+    KVX__F(keys_per_registration) 1,
     KVX__F(open) kvx__ofi_open,
     KVX__F(close) kvx__ofi_close,
     KVX__F(query) kvx__ofi_query,

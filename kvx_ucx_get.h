@@ -6,16 +6,31 @@
     memory is deregistered. Part of the UCX backend (kvx_ucx.h includes it);
     do not include it yourself. Its headers on the wire are in kvx_wire.h.
 
-    Where UCX has no one-sided get (TCP), ucp_get_nbx is served in software
-    by the owner's worker, with replies kvx cannot see or wait for: memory
-    deregistered and reused under a stopped reader reaches it as a read that
-    succeeds (UCX 1.13 and 1.22). kvx's own get puts the owner's side in
-    kvx's hands: a request names a range of the owner's registered
-    memory, the owner checks it and sends the bytes back eagerly, and a
-    reply that cannot go (the reader died) is just released. A request can
-    name a block's pieces at a stride (the tokens of an NHD read of part of
-    the heads): the owner sends them as one reply from an iov, and the
-    reader puts each where it goes, one message instead of one per token.
+    Where UCX has no one-sided get (TCP), kvx does not let UCX emulate one:
+    UCX's emulation copies from and to any address a request names, for any
+    process that reaches the port (kvx_ucx.h, "WHO MAY READ"). Host caches
+    served that way are read by kvx's own get: a request names a range of
+    the owner's registered memory, the owner checks it and sends the bytes
+    back eagerly, and a reply that cannot go (the reader died) is just
+    released. A request can name a block's pieces at a stride (the tokens of
+    an NHD read of part of the heads): the owner sends them as one reply from
+    an iov, and the reader puts each where it goes.
+
+    WHO IS ANSWERED. A request carries the owner's secret (from its metadata)
+    and a nonce of the reader's; the owner drops, unanswered and counted, any
+    request without the secret, so probing for ranges tells a process without
+    the metadata nothing. A reply carries the secret and repeats the nonce,
+    and a reader takes it only from the endpoint the request went to: no
+    process can make a read land bytes it did not ask that owner for.
+
+    BOUNDS. A reader keeps at most KVX__UCX_WINDOW_PARTS requests (and
+    KVX__UCX_WINDOW_BYTES of replies) outstanding to one peer; the rest of a
+    read is asked for as replies come. An owner holds at most
+    KVX__UCX_EP_REPLIES replies (KVX__UCX_EP_BYTES) queued for one endpoint
+    and KVX__UCX_REPLIES in all; a request past them is dropped and counted
+    (a reader within its window never meets them), and it waits for a reader
+    that stopped taking replies no longer than its own timeout, whatever the
+    request asked.
 */
 #ifndef KVX_UCX_GET_INCLUDED
 #define KVX_UCX_GET_INCLUDED
@@ -25,6 +40,12 @@
 #define KVX__UCX_GET_PART (1u << 20)    /* bytes one request asks for: the owner sends each eagerly */
 #define KVX__UCX_GET_PIECES 4096u       /* pieces one request asks for (the owner's iov for the reply) */
 #define KVX__UCX_BY_KVX_GET 1u          /* be_flags of a peer's cache: read by kvx's get; of a peer: some cache is */
+#define KVX__UCX_WINDOW_PARTS 1024u     /* a reader's requests outstanding to one peer */
+#define KVX__UCX_WINDOW_BYTES (256ull << 20)
+#define KVX__UCX_EP_REPLIES 4096u       /* an owner's replies queued for one endpoint */
+#define KVX__UCX_EP_BYTES (1ull << 30)
+#define KVX__UCX_REPLIES 65536u         /* ... and for all of them */
+#define KVX__UCX_NONE 0xFFFFFFFFu
 
 /* One outstanding get of kvx's own (a read op, or the connect probe). Its id
    is (gen << 32) | index, so a reply or a send completion that comes after
@@ -35,10 +56,23 @@ typedef struct kvx__ucx_get {
     kvx_peer *peer;
     uint64_t laddr, len;        /* len: bytes of all its pieces, in order */
     uint64_t piece, lstride;    /* piece k of piece bytes lands at laddr + k * lstride */
-    uint32_t gen, parts;        /* parts: replies still to come */
-    int live;
+    uint64_t raddr, rstride;    /* ... and is at raddr + k * rstride there */
+    uint64_t per;               /* bytes a request asks for at most (whole pieces, or a slice of one) */
+    uint64_t next;              /* byte of the next part to ask for; len once all are asked */
+    uint64_t nonce;             /* what its replies must repeat */
+    uint64_t until_ns;          /* its deadline: what a request's ttl is counted to */
+    uint64_t asked_bytes;       /* of parts asked and not answered: in the peer's window */
+    uint32_t gen, parts;        /* parts: replies still to come, asked or not */
+    uint32_t asked;
+    uint32_t wait_next;         /* the peer's queue of gets with parts still to ask */
+    int live, waiting;
     ucs_status_t *probe;        /* the probe's result */
 } kvx__ucx_get;
+
+/* An owner's count of what it holds for one endpoint (a reader): entries
+   exist while a reply to it is queued, so an endpoint UCX has let go of is
+   never looked up. */
+typedef struct kvx__ucx_epacct { ucp_ep_h ep; uint32_t replies; uint64_t bytes; } kvx__ucx_epacct;
 
 /* The state of kvx's own get, in the UCX backend's context. */
 typedef struct kvx__ucx_msg kvx__ucx_msg;
@@ -46,7 +80,11 @@ typedef struct kvx__ucx_getter {
     kvx__ucx_get *gets;         /* outstanding gets, by index */
     uint32_t *free_gets, nfree, ngets;
     uint32_t gen;               /* the last get's generation, context-wide: ids never repeat */
+    kvx__nonces nonces;
     kvx__ucx_msg *replies;      /* replies in flight that send registered bytes */
+    uint32_t nreplies;          /* replies queued, all endpoints */
+    kvx__ucx_epacct *acct;      /* open addressing by endpoint, acct_cap a power of two */
+    uint32_t acct_cap, acct_used;
 } kvx__ucx_getter;
 
 /* A header must stay valid until its send completes: each send has one. A
@@ -58,23 +96,29 @@ struct kvx__ucx_msg {
     uint8_t hdr[KVX__GET_REQ_BYTES];    /* the header on the wire (kvx_wire.h) */
     struct kvx__ucx_msg *next, *prev;   /* kvx__ucx.replies */
     int listed;
+    ucp_ep_h ep;                /* a reply: the endpoint it is counted to (kvx__ucx_epacct) */
+    uint64_t charged;           /* ... and its bytes there */
     uint64_t addr, len;         /* the bytes it sends */
     uint64_t until_ns;          /* the reader takes none of them after this */
 };
 
 /* What it takes from the UCX backend (kvx_ucx.h): its state in the
-   context, the worker, a bounded wait step and what a failed op reports. */
+   context, the reader's state of a peer, a bounded wait step and what a
+   failed op reports. */
 KVX__PRIV kvx__ucx_getter *kvx__ucx_getter_of(kvx_ctx *ctx);
-KVX__PRIV ucp_worker_h kvx__ucx_worker(kvx_ctx *ctx);
+KVX__PRIV kvx__ucx_peer *kvx__ucx_peer_of(const kvx_peer *p);
 KVX__PRIV int kvx__ucx_wait_step(kvx_ctx *ctx, uint64_t until);
 KVX__PRIV kvx_status kvx__ucx_op_status(ucs_status_t s);
-KVX__PRIV kvx_status kvx__ucx_op_fail(kvx_ctx *ctx, const kvx_peer *p, const char *what, ucs_status_t s);
 
 
 KVX__PRIV kvx__ucx_get *kvx__ucx_get_find(kvx__ucx_getter *u, uint64_t id) {
     uint32_t i = (uint32_t)id;
     if (i >= u->ngets || !u->gets[i].live || u->gets[i].gen != (uint32_t)(id >> 32)) return NULL;
     return &u->gets[i];
+}
+
+KVX__PRIV uint64_t kvx__ucx_get_id(const kvx__ucx_getter *u, const kvx__ucx_get *g) {
+    return ((uint64_t)g->gen << 32) | (uint64_t)(g - u->gets);
 }
 
 KVX__PRIV uint64_t kvx__ucx_get_new(kvx_ctx *ctx) {
@@ -95,17 +139,42 @@ KVX__PRIV uint64_t kvx__ucx_get_new(kvx_ctx *ctx) {
     }
     i = u->free_gets[--u->nfree];
     g = &u->gets[i];
+    memset(g, 0, sizeof *g);
     g->live = 1;
+    g->wait_next = KVX__UCX_NONE;
+    g->nonce = kvx__nonce(&u->nonces);
     if (!++u->gen) u->gen = 1;  /* id 0 means none */
     g->gen = u->gen;
-    return ((uint64_t)g->gen << 32) | i;
+    return kvx__ucx_get_id(u, g);
 }
 
-/* End a get once: the op completes (or the probe learns), the id dies. */
+/* Out of its peer's queue of gets waiting to ask (the queue is short: a
+   peer's gets with parts still to ask are few, most fit the window at once). */
+KVX__PRIV void kvx__ucx_wait_unlink(kvx__ucx_getter *u, kvx__ucx_peer *pp, kvx__ucx_get *g) {
+    uint32_t me = (uint32_t)(g - u->gets), *at = &pp->wait_head, prev = KVX__UCX_NONE;
+    if (!g->waiting) return;
+    while (*at != KVX__UCX_NONE && *at != me) { prev = *at; at = &u->gets[*at].wait_next; }
+    if (*at == me) {
+        *at = g->wait_next;
+        if (pp->wait_tail == me) pp->wait_tail = prev;
+    }
+    g->waiting = 0;
+    g->wait_next = KVX__UCX_NONE;
+}
+
+/* End a get once: the op completes (or the probe learns), the id dies, and
+   what it held of its peer's window is given back (a reply still coming for
+   it is dropped: its id is dead). */
 KVX__PRIV void kvx__ucx_get_end(kvx_ctx *ctx, kvx__ucx_get *g, kvx_status st, ucs_status_t us, const char *why) {
     kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
+    kvx__ucx_peer *pp = kvx__ucx_peer_of(g->peer);
     kvx__read *rd = g->rd;
     ucs_status_t *probe = g->probe;
+    if (pp) {
+        kvx__ucx_wait_unlink(u, pp, g);
+        pp->asked -= g->asked;
+        pp->asked_bytes -= g->asked_bytes;
+    }
     g->live = 0;
     g->rd = NULL;
     g->probe = NULL;
@@ -132,87 +201,99 @@ KVX__PRIV void kvx__ucx_msg_sent(void *req, ucs_status_t status, void *user) {
     ucp_request_free(req);
 }
 
-KVX__PRIV void kvx__ucx_reply_unlink(kvx__ucx_msg *m) {
-    kvx__ucx_getter *u = kvx__ucx_getter_of(m->ctx);
-    if (!m->listed) return;
-    if (m->prev) m->prev->next = m->next; else u->replies = m->next;
-    if (m->next) m->next->prev = m->prev;
-    m->listed = 0;
-}
-
-KVX__PRIV void kvx__ucx_reply_sent(void *req, ucs_status_t status, void *user) {
-    (void)status;  /* a reader that died: nothing to do but let go */
-    kvx__ucx_reply_unlink((kvx__ucx_msg *)user);
-    KVX_FREE(user);
-    ucp_request_free(req);
-}
-
 /* The bytes a part starting at byte off of an op's pieces (of len) covers:
    per (whole pieces), or a slice of one piece larger than per. */
 KVX__PRIV uint64_t kvx__ucx_part_bytes(uint64_t off, uint64_t len, uint64_t per) {
     return len > per && len - off % len < per ? len - off % len : per;
 }
 
+/* The part of g at g->next: its request on the wire. 0, or the UCX status of
+   a send that failed at once (the get is then ended). */
+KVX__PRIV ucs_status_t kvx__ucx_ask(kvx_ctx *ctx, kvx__ucx_peer *pp, kvx__ucx_get *g) {
+    kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
+    uint64_t off = g->next, len = g->piece, total = g->len, k = len ? off / len : 0, in = len ? off % len : 0;
+    uint64_t now = kvx__now_ns(), id = kvx__ucx_get_id(u, g), part;
+    kvx__ucx_msg *m = (kvx__ucx_msg *)KVX_MALLOC(sizeof *m);
+    kvx__get_req rq;
+    ucp_request_param_t prm;
+    ucs_status_ptr_t sp;
+    if (!m) return UCS_ERR_NO_MEMORY;
+    memset(m, 0, sizeof *m);
+    m->ctx = ctx;
+    m->req_id = id;
+    memset(&rq, 0, sizeof rq);
+    memcpy(rq.secret, g->peer->secret, KVX__SECRET_BYTES);
+    rq.id = id; rq.nonce = g->nonce; rq.off = off;
+    rq.ttl_ns = g->until_ns > now ? g->until_ns - now : 0;
+    rq.raddr = g->raddr + k * g->rstride + in;
+    if (len > g->per) {  /* a slice of one large piece */
+        rq.len = part = kvx__ucx_part_bytes(off, len, g->per);
+        rq.count = 1;
+    } else {             /* whole pieces */
+        rq.len = len;
+        rq.count = !len ? 1u : (total - off) / len < g->per / len ? (total - off) / len : g->per / len;
+        rq.rstride = g->rstride;
+        part = rq.len * rq.count;
+    }
+    kvx__get_req_write(m->hdr, &rq);
+    g->next = off + (part ? part : 1);
+    g->asked++; g->asked_bytes += part;
+    pp->asked++; pp->asked_bytes += part;
+    memset(&prm, 0, sizeof prm);
+    prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+    prm.cb.send = kvx__ucx_msg_sent;
+    prm.user_data = m;
+    prm.flags = UCP_AM_SEND_FLAG_REPLY | UCP_AM_SEND_FLAG_EAGER;
+    sp = ucp_am_send_nbx(pp->am, KVX__UCX_AM_GET, m->hdr, KVX__GET_REQ_BYTES, NULL, 0, &prm);
+    if (sp == NULL) KVX_FREE(m);
+    if (UCS_PTR_IS_ERR(sp)) {
+        KVX_FREE(m);
+        return UCS_PTR_STATUS(sp);
+    }
+    return UCS_OK;
+}
+
+/* Ask for the parts of p's waiting gets, oldest first, while its window has
+   room (and always one, so a get larger than the window moves). */
+KVX__PRIV void kvx__ucx_asks(kvx_ctx *ctx, kvx_peer *p) {
+    kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
+    kvx__ucx_peer *pp = kvx__ucx_peer_of(p);
+    while (pp && pp->am && pp->wait_head != KVX__UCX_NONE) {
+        kvx__ucx_get *g = &u->gets[pp->wait_head];
+        uint64_t id = kvx__ucx_get_id(u, g);
+        ucs_status_t s;
+        if (pp->asked && (pp->asked >= KVX__UCX_WINDOW_PARTS || pp->asked_bytes + g->per > KVX__UCX_WINDOW_BYTES)) return;
+        s = kvx__ucx_ask(ctx, pp, g);
+        if (!(g = kvx__ucx_get_find(u, id))) continue;  /* ended during the send */
+        if (s != UCS_OK) { kvx__ucx_get_end(ctx, g, kvx__ucx_op_status(s), s, ucs_status_string(s)); continue; }
+        if (g->next >= g->len) kvx__ucx_wait_unlink(u, pp, g);
+    }
+}
+
 /* Ask for one op's bytes (count pieces of len), in parts of at most
-   KVX__UCX_GET_PART: whole pieces where they fit, else slices of one. */
+   KVX__UCX_GET_PART: whole pieces where they fit, else slices of one. The
+   parts are asked for as the peer's window allows; the op completes
+   through kvx__op_done (the probe through *probe). */
 KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p, const kvx__op *op, ucs_status_t *probe) {
     kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
-    uint64_t id = kvx__ucx_get_new(ctx), off, now = kvx__now_ns(), len = op->len, count = op->count ? op->count : 1u, total = len * count;
-    uint64_t ttl = !rd ? (uint64_t)ctx->timeout_ms * 1000000ull : rd->deadline_ns > now ? rd->deadline_ns - now : 0;
-    uint64_t per = len && len <= KVX__UCX_GET_PART ? KVX__UCX_GET_PART / len * len : KVX__UCX_GET_PART;  /* bytes per part */
-    if (len && per / len > KVX__UCX_GET_PIECES) per = (uint64_t)KVX__UCX_GET_PIECES * len;
+    kvx__ucx_peer *pp = kvx__ucx_peer_of(p);
+    uint64_t id, off, len = op->len, count = op->count ? op->count : 1u;
     kvx__ucx_get *g;
-    kvx__get_req rq;
-    if (!id) return kvx__fail(ctx, KVX_ERR_NOMEM, "ucx: out of memory for a get");
+    if (!pp || !pp->am) return kvx__fail(ctx, KVX_ERR_PEER, "ucx: peer %s/%d is disconnected", p->name, p->rank);
+    if (!(id = kvx__ucx_get_new(ctx))) return kvx__fail(ctx, KVX_ERR_NOMEM, "ucx: out of memory for a get");
     g = &u->gets[(uint32_t)id];
-    g->rd = rd; g->peer = p; g->laddr = op->laddr; g->len = total; g->probe = probe;
+    g->rd = rd; g->peer = p; g->laddr = op->laddr; g->len = len * count; g->probe = probe;
     g->piece = len; g->lstride = count > 1 ? op->lstride : 0;
-    g->parts = 0;
-    for (off = 0; off == 0 || off < total; off += kvx__ucx_part_bytes(off, len, per)) g->parts++;
-    for (off = 0; off == 0 || off < total;) {
-        uint64_t k = len ? off / len : 0, in = len ? off % len : 0;  /* piece k, from byte in */
-        kvx__ucx_msg *m = (kvx__ucx_msg *)KVX_MALLOC(sizeof *m);
-        ucp_request_param_t prm;
-        ucs_status_ptr_t sp;
-        if (!m) sp = UCS_STATUS_PTR(UCS_ERR_NO_MEMORY);
-        else {
-            memset(m, 0, sizeof *m);
-            m->ctx = ctx;
-            memset(&rq, 0, sizeof rq);
-            rq.id = m->req_id = id; rq.off = off; rq.ttl_ns = ttl;
-            rq.raddr = op->raddr + k * op->rstride + in;
-            if (len > per) {  /* a slice of one large piece */
-                rq.len = kvx__ucx_part_bytes(off, len, per);
-                rq.count = 1;
-            } else {          /* whole pieces */
-                rq.len = len;
-                rq.count = !len ? 1u : (total - off) / len < per / len ? (total - off) / len : per / len;
-                rq.rstride = op->rstride;
-            }
-            kvx__get_req_write(m->hdr, &rq);
-            memset(&prm, 0, sizeof prm);
-            prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
-            prm.cb.send = kvx__ucx_msg_sent;
-            prm.user_data = m;
-            prm.flags = UCP_AM_SEND_FLAG_REPLY | UCP_AM_SEND_FLAG_EAGER;
-            sp = ucp_am_send_nbx((ucp_ep_h)p->be, KVX__UCX_AM_GET, m->hdr, KVX__GET_REQ_BYTES, NULL, 0, &prm);
-            if (sp == NULL) KVX_FREE(m);
-        }
-        if (UCS_PTR_IS_ERR(sp)) {
-            ucs_status_t e = UCS_PTR_STATUS(sp);
-            KVX_FREE(m);
-            if (!(g = kvx__ucx_get_find(u, id))) return KVX_OK;  /* ended already */
-            if (off == 0) {  /* nothing went: the caller sees the error, the op never counted */
-                g->rd = NULL; g->probe = NULL;
-                kvx__ucx_get_end(ctx, g, KVX_OK, e, NULL);
-                return kvx__ucx_op_fail(ctx, p, "ucp_am_send_nbx (get request)", e);
-            }
-            kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, e, ucs_status_string(e));
-            return KVX_OK;
-        }
-        if (!kvx__ucx_get_find(u, id)) return KVX_OK;  /* ended during the send */
-        off += kvx__ucx_part_bytes(off, len, per);
-    }
+    g->raddr = op->raddr; g->rstride = count > 1 ? op->rstride : 0;
+    g->until_ns = rd ? rd->deadline_ns : kvx__now_ns() + (uint64_t)ctx->timeout_ms * 1000000ull;
+    g->per = len && len <= KVX__UCX_GET_PART ? KVX__UCX_GET_PART / len * len : KVX__UCX_GET_PART;  /* bytes per part */
+    if (len && g->per / len > KVX__UCX_GET_PIECES) g->per = (uint64_t)KVX__UCX_GET_PIECES * len;
+    for (off = 0; off == 0 || off < g->len; off += kvx__ucx_part_bytes(off, len, g->per)) g->parts++;
+    g->waiting = 1;
+    if (pp->wait_tail == KVX__UCX_NONE) pp->wait_head = (uint32_t)id;
+    else u->gets[pp->wait_tail].wait_next = (uint32_t)id;
+    pp->wait_tail = (uint32_t)id;
+    kvx__ucx_asks(ctx, p);
     return KVX_OK;
 }
 
@@ -229,43 +310,149 @@ KVX__PRIV int kvx__ucx_owned(kvx_ctx *ctx, uint64_t addr, uint64_t len) {
     return 0;
 }
 
-/* Owner: serve a request. A range outside what kvx registered is refused. */
+/*--- an owner's count of replies, per endpoint -------------------------------*/
+
+KVX__PRIV kvx__ucx_epacct *kvx__ucx_acct_find(kvx__ucx_getter *u, ucp_ep_h ep, int add) {
+    uint32_t i, mask;
+    uintptr_t h = (uintptr_t)ep;
+    if (!u->acct_cap || (add && 2 * (u->acct_used + 1) > u->acct_cap)) {
+        uint32_t cap = u->acct_cap ? 2 * u->acct_cap : 64, k;
+        kvx__ucx_epacct *old = u->acct, *t;
+        if (!add) return NULL;
+        if (!(t = (kvx__ucx_epacct *)kvx__calloc(cap, sizeof *t))) return NULL;
+        u->acct = t;
+        u->acct_cap = cap;
+        u->acct_used = 0;
+        for (k = 0; old && k < cap / 2; k++)
+            if (old[k].ep) *kvx__ucx_acct_find(u, old[k].ep, 1) = old[k];
+        KVX_FREE(old);
+    }
+    mask = u->acct_cap - 1;
+    h ^= h >> 17;
+    for (i = (uint32_t)(h * 0x9E3779B97F4A7C15ull >> 40) & mask;; i = (i + 1) & mask) {
+        if (u->acct[i].ep == ep) return &u->acct[i];
+        if (!u->acct[i].ep) {
+            if (!add) return NULL;
+            u->acct[i].ep = ep;
+            u->acct_used++;
+            return &u->acct[i];
+        }
+    }
+}
+
+/* An endpoint that holds nothing leaves the table (backward-shift deletion
+   keeps the probes of the others whole). */
+KVX__PRIV void kvx__ucx_acct_forget(kvx__ucx_getter *u, kvx__ucx_epacct *a) {
+    uint32_t mask, i, j;
+    if (a->replies) return;
+    mask = u->acct_cap - 1;
+    i = (uint32_t)(a - u->acct);
+    memset(a, 0, sizeof *a);
+    u->acct_used--;
+    for (j = (i + 1) & mask; u->acct[j].ep; j = (j + 1) & mask) {
+        kvx__ucx_epacct e = u->acct[j];
+        memset(&u->acct[j], 0, sizeof e);
+        u->acct_used--;
+        *kvx__ucx_acct_find(u, e.ep, 1) = e;
+    }
+}
+
+/* A reply to m->ep left (or failed): its count goes. */
+KVX__PRIV void kvx__ucx_acct_drop(kvx__ucx_getter *u, kvx__ucx_msg *m) {
+    kvx__ucx_epacct *a = m->ep ? kvx__ucx_acct_find(u, m->ep, 0) : NULL;
+    if (!a) return;
+    a->replies--;
+    a->bytes -= m->charged;
+    u->nreplies--;
+    m->ep = NULL;
+    kvx__ucx_acct_forget(u, a);
+}
+
+KVX__PRIV void kvx__ucx_reply_unlink(kvx__ucx_msg *m) {
+    kvx__ucx_getter *u = kvx__ucx_getter_of(m->ctx);
+    kvx__ucx_acct_drop(u, m);
+    if (!m->listed) return;
+    if (m->prev) m->prev->next = m->next; else u->replies = m->next;
+    if (m->next) m->next->prev = m->prev;
+    m->listed = 0;
+}
+
+KVX__PRIV void kvx__ucx_reply_sent(void *req, ucs_status_t status, void *user) {
+    (void)status;  /* a reader that died: nothing to do but let go */
+    kvx__ucx_reply_unlink((kvx__ucx_msg *)user);
+    KVX_FREE(user);
+    ucp_request_free(req);
+}
+
+/* Owner: serve a request. Without this context's secret it is dropped
+   unanswered; a range outside what kvx registered is refused (an answer:
+   the reader holds the metadata). Bytes asked within the ttl the owner
+   allows (its own timeout at most) are held for deregistration. */
 KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t header_length, void *data, size_t length,
                                          const ucp_am_recv_param_t *param) {
     kvx_ctx *ctx = (kvx_ctx *)arg;
+    kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
     kvx__get_req rq;
     kvx__get_rep rp;
     kvx__ucx_msg *m;
+    kvx__ucx_epacct *a;
     uint32_t ver = 0;
     int e;
     ucp_request_param_t prm;
     ucs_status_ptr_t sp;
+    uint64_t span, ttl, max_ttl = (uint64_t)ctx->timeout_ms * 1000000ull;
     int ok;
     size_t n, i;
-    (void)length;
-    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) ucp_am_data_release(kvx__ucx_worker(ctx), data);  /* a request carries no data */
+    (void)data; (void)length;
+    /* A rendezvous descriptor is UCX's to release when this returns UCS_OK
+       (ucp_am_rndv_process_rts): a request carries no data. */
+    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) { KVX__DROP(ctx, "ucx: a get request with a rendezvous payload dropped"); return UCS_OK; }
     if ((e = kvx__get_req_read((const uint8_t *)header, header_length, &rq, &ver)) != KVX__WIRE_OK || !(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) {
-        if (e == KVX__WIRE_VERSION) KVX__LOG(ctx, KVX_LOG_WARN, "ucx: a get request of version %u dropped: this kvx speaks version %u (upgrade both sides)", ver, KVX__GET_VERSION);
-        else KVX__LOG(ctx, KVX_LOG_WARN, "ucx: a get request dropped (%zu-byte header: %s)", header_length, e ? kvx__wire_why(e) : "no reply endpoint");
+        if (e == KVX__WIRE_VERSION) KVX__DROP(ctx, "ucx: a get request of version %u dropped: this kvx speaks version %u (upgrade both sides)", ver, KVX__GET_VERSION);
+        else KVX__DROP(ctx, "ucx: a get request dropped (%zu-byte header: %s)", header_length, e ? kvx__wire_why(e) : "no reply endpoint");
+        return UCS_OK;
+    }
+    if (!kvx__ct_equal(rq.secret, ctx->secret, KVX__SECRET_BYTES)) {
+        KVX__DROP(ctx, "ucx: a get request without this context's secret dropped: a process without its current metadata, or of an "
+                  "epoch before kvx_ctx_rotate");
         return UCS_OK;
     }
     /* Every piece inside one registered region: the span from the first to the end of the last is. */
+    span = (rq.count - 1) * (rq.count > 1 ? rq.rstride : 0) + rq.len;
     ok = rq.count >= 1 && rq.count <= KVX__UCX_GET_PIECES && rq.len <= KVX__UCX_GET_PART && rq.len * rq.count <= KVX__UCX_GET_PART &&
-         (rq.count == 1 || rq.rstride < (1ull << 40)) && kvx__ucx_owned(ctx, rq.raddr, (rq.count - 1) * (rq.count > 1 ? rq.rstride : 0) + rq.len);
+         (rq.count == 1 || rq.rstride < (1ull << 40)) && kvx__ucx_owned(ctx, rq.raddr, span);
+    a = kvx__ucx_acct_find(u, param->reply_ep, 1);
+    if (!a || u->nreplies >= KVX__UCX_REPLIES || a->replies >= KVX__UCX_EP_REPLIES ||
+        (ok && a->bytes + rq.len * rq.count > KVX__UCX_EP_BYTES)) {
+        if (a) kvx__ucx_acct_forget(u, a);  /* an entry made for this request alone goes again */
+        KVX__DROP(ctx, "ucx: a get request dropped: %s", !a ? "out of memory" : u->nreplies >= KVX__UCX_REPLIES ?
+                  "the owner holds its most replies in all" : "the owner holds its most replies for that reader, which is not taking them");
+        return UCS_OK;
+    }
     if (!ok)
-        KVX__LOG(ctx, KVX_LOG_WARN, "ucx: refused a get of %llu x %llu bytes at 0x%llx: not inside memory this context registered",
-                 (unsigned long long)rq.count, (unsigned long long)rq.len, (unsigned long long)rq.raddr);
+        KVX__WARN_HELD(ctx, "ucx: refused a get of %llu x %llu bytes at 0x%llx: not inside memory this context registered",
+                  (unsigned long long)rq.count, (unsigned long long)rq.len, (unsigned long long)rq.raddr);
     n = ok && rq.count > 1 ? (size_t)rq.count : 0;  /* pieces apart: sent as one, from an iov */
-    if (!(m = (kvx__ucx_msg *)KVX_MALLOC(sizeof *m + n * sizeof(ucp_dt_iov_t)))) return UCS_OK;  /* the reader's deadline ends it */
+    if (!(m = (kvx__ucx_msg *)KVX_MALLOC(sizeof *m + n * sizeof(ucp_dt_iov_t)))) {  /* the reader's deadline ends it */
+        kvx__ucx_acct_forget(u, a);
+        return UCS_OK;
+    }
     memset(m, 0, sizeof *m);
     m->ctx = ctx;
-    rp.id = rq.id; rp.off = rq.off; rp.len = ok ? rq.len * rq.count : 0; rp.status = ok ? 0u : 1u;
+    m->ep = param->reply_ep;
+    m->charged = ok ? rq.len * rq.count : 0;
+    a->replies++;
+    a->bytes += m->charged;
+    u->nreplies++;
+    memcpy(rp.secret, ctx->secret, KVX__SECRET_BYTES);
+    rp.id = rq.id; rp.nonce = rq.nonce; rp.off = rq.off; rp.len = ok ? rq.len * rq.count : 0; rp.status = ok ? 0u : 1u;
     kvx__get_rep_write(m->hdr, &rp);
     memset(&prm, 0, sizeof prm);
     prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
     prm.cb.send = kvx__ucx_reply_sent;
     prm.user_data = m;
-    prm.flags = UCP_AM_SEND_FLAG_EAGER;
+    /* REPLY: the reader learns which endpoint it came from, and takes it only from the one it asked */
+    prm.flags = UCP_AM_SEND_FLAG_EAGER | UCP_AM_SEND_FLAG_REPLY;
     if (n) {
         ucp_dt_iov_t *iov = (ucp_dt_iov_t *)(m + 1);
         for (i = 0; i < n; i++) { iov[i].buffer = (void *)(uintptr_t)(rq.raddr + i * rq.rstride); iov[i].length = (size_t)rq.len; }
@@ -276,11 +463,13 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
         sp = ucp_am_send_nbx(param->reply_ep, KVX__UCX_AM_GET_REPLY, m->hdr, KVX__GET_REP_BYTES,
                              ok ? (void *)(uintptr_t)rq.raddr : NULL, ok ? (size_t)rq.len : 0, &prm);
     }
-    if (sp == NULL || UCS_PTR_IS_ERR(sp)) KVX_FREE(m);
-    else if (ok && rq.len) {  /* still sending from the cache: listed until it completes */
-        kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
-        m->addr = rq.raddr; m->len = (rq.count - 1) * (rq.count > 1 ? rq.rstride : 0) + rq.len;
-        m->until_ns = kvx__now_ns() + (rq.ttl_ns < 3600000000000ull ? rq.ttl_ns : 3600000000000ull);
+    if (sp == NULL || UCS_PTR_IS_ERR(sp)) {
+        kvx__ucx_acct_drop(u, m);
+        KVX_FREE(m);
+    } else if (ok && rq.len) {  /* still sending from the cache: listed until it completes */
+        ttl = rq.ttl_ns < max_ttl ? rq.ttl_ns : max_ttl;  /* what the reader says, within what this owner allows */
+        m->addr = rq.raddr; m->len = span;
+        m->until_ns = kvx__now_ns() + ttl;
         m->prev = NULL; m->next = u->replies;
         if (u->replies) u->replies->prev = m;
         u->replies = m;
@@ -289,26 +478,38 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
     return UCS_OK;
 }
 
-/* Reader: the bytes of one part, or the owner's refusal. */
+/* Reader: the bytes of one part, or the owner's refusal; taken only with the
+   owner's secret and the request's nonce, from the endpoint it was sent on. */
 KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t header_length, void *data, size_t length,
                                          const ucp_am_recv_param_t *param) {
     kvx_ctx *ctx = (kvx_ctx *)arg;
+    kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
     kvx__get_rep rp;
     kvx__ucx_get *g;
+    kvx__ucx_peer *pp;
+    kvx_peer *p;
     uint32_t ver = 0;
-    int e = kvx__get_rep_read((const uint8_t *)header, header_length, &rp, &ver), ok = e == KVX__WIRE_OK;
+    int e = kvx__get_rep_read((const uint8_t *)header, header_length, &rp, &ver);
+    if (e != KVX__WIRE_OK) {
+        if (e == KVX__WIRE_VERSION) KVX__DROP(ctx, "ucx: a get reply of version %u dropped: this kvx speaks version %u (upgrade both sides)", ver, KVX__GET_VERSION);
+        else KVX__DROP(ctx, "ucx: a get reply dropped (%zu-byte header: %s)", header_length, kvx__wire_why(e));
+        return UCS_OK;
+    }
+    if (!(g = kvx__ucx_get_find(u, rp.id))) return UCS_OK;  /* the op ended: drop */
+    p = g->peer;
+    pp = kvx__ucx_peer_of(p);
+    if (rp.nonce != g->nonce || !kvx__ct_equal(rp.secret, p->secret, KVX__SECRET_BYTES) || !pp ||
+        !(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) || param->reply_ep != pp->am) {
+        KVX__DROP(ctx, "ucx: a get reply that is not %s/%d's answer to this read dropped (%s)", p->name, p->rank,
+                  rp.nonce != g->nonce ? "another nonce" : !kvx__ct_equal(rp.secret, p->secret, KVX__SECRET_BYTES) ? "another secret"
+                  : "from another endpoint");
+        return UCS_OK;
+    }
+    /* kvx's replies are eager: a rendezvous one is not as sent (UCX releases it when this returns) */
     if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
-        /* kvx's replies are eager: this one is not kvx's, or not as sent */
-        ucp_am_data_release(kvx__ucx_worker(ctx), data);
-        if (ok && (g = kvx__ucx_get_find(kvx__ucx_getter_of(ctx), rp.id))) kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, UCS_ERR_MESSAGE_TRUNCATED, "a get reply of the wrong kind");
+        kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, UCS_ERR_MESSAGE_TRUNCATED, "a get reply of the wrong kind");
         return UCS_OK;
     }
-    if (!ok) {
-        if (e == KVX__WIRE_VERSION) KVX__LOG(ctx, KVX_LOG_WARN, "ucx: a get reply of version %u dropped: this kvx speaks version %u (upgrade both sides)", ver, KVX__GET_VERSION);
-        else KVX__LOG(ctx, KVX_LOG_WARN, "ucx: a get reply dropped (%zu-byte header: %s)", header_length, kvx__wire_why(e));
-        return UCS_OK;
-    }
-    if (!(g = kvx__ucx_get_find(kvx__ucx_getter_of(ctx), rp.id))) return UCS_OK;  /* the op ended: drop */
     if (rp.status) {
         kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, UCS_ERR_INVALID_ADDR, "the owner refused the range (not inside its registered memory)");
         return UCS_OK;
@@ -330,7 +531,10 @@ KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t 
             src += n; at += n; left -= n;
         }
     }
+    g->asked--; g->asked_bytes -= length;
+    pp->asked--; pp->asked_bytes -= length;
     if (--g->parts == 0) kvx__ucx_get_end(ctx, g, KVX_OK, UCS_OK, NULL);
+    kvx__ucx_asks(ctx, p);
     return UCS_OK;
 }
 
@@ -349,19 +553,22 @@ KVX__PRIV void kvx__ucx_get_cancel(kvx_ctx *ctx, kvx_peer *p) {
    1.13's TCP transport does not always survive.) */
 KVX__PRIV void kvx__ucx_abandon(kvx_ctx *ctx, kvx__read *rd) {
     kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
+    kvx_peer *p = rd->peer;
     uint32_t i;
-    if (!(rd->rc->be_flags & KVX__UCX_BY_KVX_GET)) return;
+    if (!(rd->rc->be_flags & KVX__UCX_BY_KVX_GET) && !rd->gather) return;
     for (i = 0; i < u->ngets; i++)
         if (u->gets[i].live && u->gets[i].rd == rd) kvx__ucx_get_end(ctx, &u->gets[i], KVX_ERR_TIMEOUT, UCS_ERR_TIMED_OUT, "timed out");
+    kvx__ucx_asks(ctx, p);  /* the window it held goes to the peer's other reads */
 }
 
 /* The engine reuses memory once it is deregistered, so no reply may still be
    sending from it while its reader would take the bytes. Replies to live
    readers leave within milliseconds. A reader that stopped taking them
    (stalled, or stopped in a debugger) is waited for until the deadlines of
-   the reads they serve: after that it drops whatever comes, and the replies
-   may send what the memory holds next. UCX 1.13 cannot cancel them: a forced
-   close of the endpoint it made for that reader crashes its TCP progress. */
+   the reads they serve, and never longer than this owner's timeout: after
+   that it drops whatever comes, and the replies may send what the memory
+   holds next. UCX 1.13 cannot cancel them: a forced close of the endpoint
+   it made for that reader crashes its TCP progress. */
 KVX__PRIV int kvx__ucx_reply_in(const kvx__ucx_msg *m, uint64_t addr, uint64_t len) { return m->addr < addr + len && addr < m->addr + m->len; }
 
 KVX__PRIV void kvx__ucx_replies_drain(kvx_ctx *ctx, uint64_t addr, uint64_t len) {
@@ -378,7 +585,12 @@ KVX__PRIV void kvx__ucx_replies_drain(kvx_ctx *ctx, uint64_t addr, uint64_t len)
     }
     for (m = u->replies; m; m = n) {
         n = m->next;
-        if (kvx__ucx_reply_in(m, addr, len)) { kvx__ucx_reply_unlink(m); k++; }
+        if (kvx__ucx_reply_in(m, addr, len)) {  /* off the list; still counted to its endpoint until UCX lets it go */
+            if (m->prev) m->prev->next = m->next; else u->replies = m->next;
+            if (m->next) m->next->prev = m->prev;
+            m->listed = 0;
+            k++;
+        }
     }
     if (kvx__now_ns() - t0 > 100000000ull || k)
         KVX__LOG(ctx, KVX_LOG_WARN, "ucx: deregistering memory at 0x%llx waited %.3f s for replies a reader was not taking; %u still queued, "

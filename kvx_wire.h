@@ -9,24 +9,30 @@
 
         metadata     magic "KVX1", version KVX_METADATA_VERSION, backend
                      kind, total length, CRC-32C; then the context (epoch,
-                     rank, tp size, pid, name, host), the backend's address
-                     and each cache: layout, memory kind, regions with their
-                     remote keys (the backend's bytes) and plane bases.
-        notification 16 bytes: notify id, reader's rank, magic "KVX1".
+                     secret, flags, rank, tp size, pid, name, host), the
+                     backend's address and each cache: layout, memory kind,
+                     regions with their remote keys (the backend's bytes) and
+                     plane bases; where signed (flag 1), an HMAC-SHA-256 tag
+                     of all that as its last 32 bytes.
+        notification magic "XVCN" version 2, 104 bytes: the owner's secret,
+                     notify id, the reader's rank, tp size and name.
+        UCX address  magic "XVCU" version 1: the worker peers reach (active
+                     messages only) and the worker of one-sided reads, if any.
         UCX get      kvx's own get over active messages (kvx_ucx_get.h): a
-                     request and a reply header, each magic + version.
+                     request and a reply header, each magic + version; both
+                     carry the owner's secret, and the request's nonce.
         libfabric    (kvx_ofi.h) the address in the metadata, magic "KOF1"
                      version 2: provider name, endpoint name (fi_getname);
                      a region's remote key, magic "KVOR" version 2: flags
                      (virtual addressing, raw key), key, base, raw key.
-                     Notifications are the 16 bytes above.
+                     Notifications are the 104 bytes above.
         CUDA         (kvx_cuda.h) the address in the metadata, magic "XVCA"
                      version 2: process token, pid, unix socket path; a
                      region's remote key, magic "XVCR" version 2: device
                      uuid and ordinal, then per allocation its kind, base,
                      size and IPC handle or pool id + export data; the
                      messages over the unix socket, magic "XVCM" version 2,
-                     types export request, reply, notification.
+                     types export request, reply, notification (its 104 bytes).
 
     Every backend's bytes begin with magic (4), version (2), type (2). Their
     readers return KVX__WIRE_OK or what was wrong (kvx__wire_why): another
@@ -83,6 +89,9 @@ KVX__PRIV void kvx__get_str(kvx__rbuf *r, char *dst, uint32_t cap) {
     if (p) memcpy(dst, p, n);
     dst[n] = 0;
 }
+
+/* a * b, or UINT64_MAX where that does not fit. */
+KVX__PRIV uint64_t kvx__mul_sat(uint64_t a, uint64_t b) { return a && b > UINT64_MAX / a ? UINT64_MAX : a * b; }
 
 KVX__PRIV void kvx__put_cache(kvx__wbuf *w, const kvx__cache_info *c) {
     const kvx_layout *l = &c->lay;
@@ -172,13 +181,23 @@ KVX__PRIV kvx_status kvx__get_cache(kvx_ctx *ctx, kvx__rbuf *r, kvx__cache_info 
                              (unsigned long long)c->regions[c->gen_region].len, (unsigned long long)need);
     }
     if (tables & 1u) {
-        uint64_t need = (uint64_t)c->nplanes * l->num_blocks * l->num_heads * 4u;
+        uint64_t need = kvx__mul_sat(kvx__mul_sat((uint64_t)c->nplanes * l->num_blocks, l->num_heads), 4u);  /* saturates: no wrap to a small size */
         c->csum_region = --n;
         if (c->regions[c->csum_region].len < need)
             return kvx__fail(ctx, KVX_ERR_ARG, "%s: checksum table of %llu bytes where %llu are needed", what,
                              (unsigned long long)c->regions[c->csum_region].len, (unsigned long long)need);
     }
     return kvx__planes_locate(ctx, c, what);
+}
+
+#define KVX__MD_SIGNED 1u
+/* The tag of a signed blob of len bytes: HMAC-SHA-256 of all of it but the
+   tag (its last 32 bytes), with the checksum field as zeros. */
+KVX__PRIV void kvx__md_tag(const uint8_t *key, uint32_t klen, const uint8_t *blob, size_t len, uint8_t tag[32]) {
+    uint8_t head[KVX__HDR_BYTES];
+    memcpy(head, blob, KVX__HDR_BYTES);
+    memset(head + 12, 0, 4);
+    kvx__hmac_sha256(key, klen, head, KVX__HDR_BYTES, blob + KVX__HDR_BYTES, len - KVX__HDR_BYTES - KVX__TAG_BYTES, tag);
 }
 
 KVX__PRIV kvx_status kvx__md_write(kvx_ctx *ctx, kvx__wbuf *w) {
@@ -192,6 +211,8 @@ KVX__PRIV kvx_status kvx__md_write(kvx_ctx *ctx, kvx__wbuf *w) {
     kvx__put_u(w, 0, 4); /* total length, patched */
     kvx__put_u(w, 0, 4); /* checksum, patched */
     kvx__put_u(w, ctx->epoch, 8);
+    kvx__put(w, ctx->secret, KVX__SECRET_BYTES);
+    kvx__put_u(w, ctx->md_key ? KVX__MD_SIGNED : 0u, 4);
     kvx__put_u(w, (uint64_t)(uint32_t)ctx->rank, 4);
     kvx__put_u(w, (uint64_t)(uint32_t)ctx->tp_size, 4);
     kvx__put_u(w, (uint64_t)(uint32_t)getpid(), 4);
@@ -200,19 +221,56 @@ KVX__PRIV kvx_status kvx__md_write(kvx_ctx *ctx, kvx__wbuf *w) {
     kvx__put_blob(w, addr, alen);
     kvx__put_u(w, ctx->ncaches, 4);
     for (i = 0; i < ctx->ncaches; i++) kvx__put_cache(w, &ctx->caches[i]->info);
+    if (ctx->md_key) {
+        uint8_t zero[KVX__TAG_BYTES];
+        memset(zero, 0, sizeof zero);
+        kvx__put(w, zero, KVX__TAG_BYTES);  /* the tag, written below */
+    }
     if (w->p && w->len <= w->cap) {
         uint8_t *p = w->p;
         for (i = 0; i < 4; i++) p[8 + i] = (uint8_t)(w->len >> (8 * i));
+        if (ctx->md_key) kvx__md_tag(ctx->md_key, ctx->md_key_len, p, w->len, p + w->len - KVX__TAG_BYTES);
         crc = kvx__crc32c(0, p, w->len);
         for (i = 0; i < 4; i++) p[12 + i] = (uint8_t)(crc >> (8 * i));
     }
     return KVX_OK;
 }
 
+/* Signed or not as this context requires, the tag right, the epoch not far
+   ahead of this host's clock (a forged epoch would lock the real owner's
+   restarts out). Before any field past the flags is believed. */
+KVX__PRIV kvx_status kvx__md_auth(kvx_ctx *ctx, const uint8_t *md, size_t len, uint32_t flags, uint64_t epoch) {
+    struct timespec ts;
+    uint64_t now;
+    if (flags & ~KVX__MD_SIGNED) return kvx__fail(ctx, KVX_ERR_ARG, "metadata: unknown flags 0x%x", flags);
+    if (ctx->md_key && !(flags & KVX__MD_SIGNED))
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "metadata: unsigned, and this context takes only metadata signed with its deployment key (%s)",
+                         ctx->md_key_from);
+    if (!ctx->md_key && (flags & KVX__MD_SIGNED))
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "metadata: signed with a deployment key, and this context has none to check it "
+                         "(set kvx_ctx_desc.metadata_key or $KVX_METADATA_KEY_FILE to the key its peers use)");
+    if (flags & KVX__MD_SIGNED) {
+        uint8_t tag[KVX__TAG_BYTES];
+        if (len < KVX__HDR_BYTES + 8u + KVX__SECRET_BYTES + 4u + KVX__TAG_BYTES)
+            return kvx__fail(ctx, KVX_ERR_ARG, "metadata: signed, but %zu bytes cannot hold a tag", len);
+        kvx__md_tag(ctx->md_key, ctx->md_key_len, md, len, tag);
+        if (!kvx__ct_equal(tag, md + len - KVX__TAG_BYTES, KVX__TAG_BYTES))
+            return kvx__fail(ctx, KVX_ERR_CORRUPT, "metadata: the signature does not match: signed with another deployment key, "
+                             "or changed after signing (this context's key: %s)", ctx->md_key_from);
+    }
+    clock_gettime(CLOCK_REALTIME, &ts);
+    now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    if (epoch > now + KVX__EPOCH_AHEAD_NS)
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "metadata: epoch %llu is %.0f s ahead of this host's clock (at most %llu s allowed): "
+                         "a forged blob, or clocks far apart", (unsigned long long)epoch, (double)(epoch - now) / 1e9,
+                         (unsigned long long)(KVX__EPOCH_AHEAD_NS / 1000000000ull));
+    return KVX_OK;
+}
+
 /* Parse and validate a blob into p (fields, caches). Nothing trusted. */
 KVX__PRIV kvx_status kvx__md_parse(kvx_ctx *ctx, const uint8_t *md, size_t len, kvx_peer *p) {
     kvx__rbuf r;
-    uint32_t magic, ver, kind, total, crc, want, i, alen;
+    uint32_t magic, ver, kind, total, crc, want, i, alen, flags;
     const uint8_t *addr;
     uint8_t zero[4] = {0, 0, 0, 0};
     kvx_status st;
@@ -241,6 +299,11 @@ KVX__PRIV kvx_status kvx__md_parse(kvx_ctx *ctx, const uint8_t *md, size_t len, 
                          kvx_backend_name((kvx_backend)kind),
                          (unsigned)ctx->be_ops->kind, ctx->be_ops->name);
     p->epoch = kvx__get_u(&r, 8);
+    if (r.len - r.off >= KVX__SECRET_BYTES) { memcpy(p->secret, md + r.off, KVX__SECRET_BYTES); r.off += KVX__SECRET_BYTES; }
+    else r.bad = 1;
+    flags = (uint32_t)kvx__get_u(&r, 4);
+    if (!r.bad && (st = kvx__md_auth(ctx, md, len, flags, p->epoch)) != KVX_OK) return st;
+    if (flags & KVX__MD_SIGNED) r.len -= KVX__TAG_BYTES;  /* the tag is not fields */
     p->rank = (int)(uint32_t)kvx__get_u(&r, 4);
     p->tp_size = (int)(uint32_t)kvx__get_u(&r, 4);
     p->pid = (uint32_t)kvx__get_u(&r, 4);
@@ -267,25 +330,6 @@ KVX__PRIV kvx_status kvx__md_parse(kvx_ctx *ctx, const uint8_t *md, size_t len, 
     return KVX_OK;
 }
 
-
-/* A notification: who read, what id; the magic tells kvx's own. */
-#define KVX__NOTIFY_BYTES 16u
-KVX__PRIV void kvx__notify_msg_write(uint8_t *m, uint64_t id, uint32_t rank) {
-    kvx__wbuf w;
-    memset(&w, 0, sizeof w);
-    w.p = m; w.cap = KVX__NOTIFY_BYTES;
-    kvx__put_u(&w, id, 8);
-    kvx__put_u(&w, rank, 4);
-    kvx__put_u(&w, KVX__MAGIC, 4);
-}
-KVX__PRIV int kvx__notify_msg_read(const uint8_t *m, uint64_t *id, uint32_t *rank) {
-    kvx__rbuf r;
-    memset(&r, 0, sizeof r);
-    r.p = m; r.len = KVX__NOTIFY_BYTES;
-    *id = kvx__get_u(&r, 8);
-    *rank = (uint32_t)kvx__get_u(&r, 4);
-    return kvx__get_u(&r, 4) == KVX__MAGIC;
-}
 
 /*--- message headers: magic, version, type ----------------------------------*/
 
@@ -362,24 +406,83 @@ KVX__PRIV_MAYBE int kvx__wire_end(const kvx__rbuf *r, int e) {
     return r->off != r->len ? KVX__WIRE_OVERSIZED : KVX__WIRE_OK;
 }
 
+/* A notification, from a reader to the owner of the blocks it read: the
+   owner's secret (without it the owner drops it unanswered), the notify id,
+   and who read: rank of tp_size, name (a length byte, then up to 63 bytes,
+   zero-padded to 64). Fixed size, so one receive buffer takes any. */
+#define KVX__NOTIFY_MAGIC 0x4e435658u  /* "XVCN" */
+#define KVX__NOTIFY_VERSION 2u
+#define KVX__NOTIFY_BYTES KVX__NOTIFY_MSG_BYTES  /* header 8, secret 16, id 8, rank 4, tp size 4, name 64 */
+typedef struct kvx__notify_msg {
+    uint8_t secret[KVX__SECRET_BYTES];
+    uint64_t id;
+    uint32_t rank, tp_size;
+    char name[KVX__MAX_NAME];
+} kvx__notify_msg;
+
+KVX__PRIV void kvx__notify_msg_write(uint8_t *buf, const kvx__notify_msg *m) {
+    kvx__wbuf w;
+    uint8_t name[KVX__MAX_NAME];
+    size_t n = strlen(m->name);
+    if (n > KVX__MAX_NAME - 1) n = KVX__MAX_NAME - 1;
+    memset(name, 0, sizeof name);
+    name[0] = (uint8_t)n;
+    memcpy(name + 1, m->name, n);
+    kvx__wire_hdr_write(&w, buf, KVX__NOTIFY_BYTES, KVX__NOTIFY_MAGIC, KVX__NOTIFY_VERSION, 0);
+    kvx__put(&w, m->secret, KVX__SECRET_BYTES);
+    kvx__put_u(&w, m->id, 8);
+    kvx__put_u(&w, m->rank, 4);
+    kvx__put_u(&w, m->tp_size, 4);
+    kvx__put(&w, name, KVX__MAX_NAME);
+}
+/* KVX__WIRE_FIELD: a rank outside [0, tp_size), a tp size past 65536, or a
+   name that is empty, too long or not printable. */
+KVX__PRIV int kvx__notify_msg_read(const uint8_t *buf, size_t len, kvx__notify_msg *m, uint32_t *ver) {
+    kvx__rbuf r;
+    uint32_t type, i, n;
+    int e = kvx__wire_hdr_read(&r, buf, len, KVX__NOTIFY_MAGIC, KVX__NOTIFY_VERSION, ver, &type);
+    memset(m, 0, sizeof *m);
+    if (e) return e;
+    if (type != 0) return KVX__WIRE_TYPE;
+    if (len != KVX__NOTIFY_BYTES) return len < KVX__NOTIFY_BYTES ? KVX__WIRE_TRUNCATED : KVX__WIRE_OVERSIZED;
+    memcpy(m->secret, buf + r.off, KVX__SECRET_BYTES);
+    r.off += KVX__SECRET_BYTES;
+    m->id = kvx__get_u(&r, 8);
+    m->rank = (uint32_t)kvx__get_u(&r, 4);
+    m->tp_size = (uint32_t)kvx__get_u(&r, 4);
+    n = buf[r.off];
+    if (!m->tp_size || m->tp_size > 65536u || m->rank >= m->tp_size || !n || n > KVX__MAX_NAME - 1) return KVX__WIRE_FIELD;
+    for (i = 0; i < n; i++) {
+        uint8_t c = buf[r.off + 1 + i];
+        if (c < 0x20 || c > 0x7e) return KVX__WIRE_FIELD;
+        m->name[i] = (char)c;
+    }
+    for (i = n + 1; i < KVX__MAX_NAME; i++)
+        if (buf[r.off + i]) return KVX__WIRE_FIELD;
+    return KVX__WIRE_OK;
+}
+
 /* kvx's own get (kvx_ucx_get.h). A request asks for count pieces of len
    bytes, at raddr and every rstride after (the owner sends them as one), at
    byte off of the op's pieces in order; wanted within ttl_ns (what is left
    of the read's deadline: the reader takes no byte after it). The reply
-   carries them, or status != 0 when the owner refused. */
+   carries them, or status != 0 when the owner refused. Both carry the
+   owner's secret, and the request's nonce, which the reply repeats: a
+   reader takes a reply only with both, from the endpoint it asked. */
 #define KVX__GET_MAGIC 0x47435658u     /* "XVCG" */
-#define KVX__GET_VERSION 1u
+#define KVX__GET_VERSION 2u
 #define KVX__GET_REQ 1u
 #define KVX__GET_REP 2u
-#define KVX__GET_REQ_BYTES 64u          /* header 8, then 7 x 8 */
-#define KVX__GET_REP_BYTES 40u          /* header 8, then 3 x 8, status 4, 4 zero */
-typedef struct kvx__get_req { uint64_t id, raddr, len, off, ttl_ns, count, rstride; } kvx__get_req;
-typedef struct kvx__get_rep { uint64_t id, off, len; uint32_t status; } kvx__get_rep;
+#define KVX__GET_REQ_BYTES 88u          /* header 8, secret 16, then 8 x 8 */
+#define KVX__GET_REP_BYTES 64u          /* header 8, secret 16, then 4 x 8, status 4, 4 zero */
+typedef struct kvx__get_req { uint8_t secret[KVX__SECRET_BYTES]; uint64_t id, nonce, raddr, len, off, ttl_ns, count, rstride; } kvx__get_req;
+typedef struct kvx__get_rep { uint8_t secret[KVX__SECRET_BYTES]; uint64_t id, nonce, off, len; uint32_t status; } kvx__get_rep;
 
 KVX__PRIV_MAYBE void kvx__get_req_write(uint8_t *buf, const kvx__get_req *q) {
     kvx__wbuf w;
     kvx__wire_hdr_write(&w, buf, KVX__GET_REQ_BYTES, KVX__GET_MAGIC, KVX__GET_VERSION, KVX__GET_REQ);
-    kvx__put_u(&w, q->id, 8); kvx__put_u(&w, q->raddr, 8); kvx__put_u(&w, q->len, 8); kvx__put_u(&w, q->off, 8);
+    kvx__put(&w, q->secret, KVX__SECRET_BYTES);
+    kvx__put_u(&w, q->id, 8); kvx__put_u(&w, q->nonce, 8); kvx__put_u(&w, q->raddr, 8); kvx__put_u(&w, q->len, 8); kvx__put_u(&w, q->off, 8);
     kvx__put_u(&w, q->ttl_ns, 8); kvx__put_u(&w, q->count, 8); kvx__put_u(&w, q->rstride, 8);
 }
 KVX__PRIV_MAYBE int kvx__get_req_read(const uint8_t *buf, size_t len, kvx__get_req *q, uint32_t *ver) {
@@ -388,14 +491,18 @@ KVX__PRIV_MAYBE int kvx__get_req_read(const uint8_t *buf, size_t len, kvx__get_r
     int e = kvx__wire_hdr_read(&r, buf, len, KVX__GET_MAGIC, KVX__GET_VERSION, ver, &type);
     if (e) return e;
     if (type != KVX__GET_REQ) return KVX__WIRE_TYPE;
-    q->id = kvx__get_u(&r, 8); q->raddr = kvx__get_u(&r, 8); q->len = kvx__get_u(&r, 8); q->off = kvx__get_u(&r, 8);
+    if (len != KVX__GET_REQ_BYTES) return len < KVX__GET_REQ_BYTES ? KVX__WIRE_TRUNCATED : KVX__WIRE_OVERSIZED;
+    memcpy(q->secret, buf + r.off, KVX__SECRET_BYTES);
+    r.off += KVX__SECRET_BYTES;
+    q->id = kvx__get_u(&r, 8); q->nonce = kvx__get_u(&r, 8); q->raddr = kvx__get_u(&r, 8); q->len = kvx__get_u(&r, 8); q->off = kvx__get_u(&r, 8);
     q->ttl_ns = kvx__get_u(&r, 8); q->count = kvx__get_u(&r, 8); q->rstride = kvx__get_u(&r, 8);
     return kvx__wire_end(&r, KVX__WIRE_OK);
 }
 KVX__PRIV_MAYBE void kvx__get_rep_write(uint8_t *buf, const kvx__get_rep *p) {
     kvx__wbuf w;
     kvx__wire_hdr_write(&w, buf, KVX__GET_REP_BYTES, KVX__GET_MAGIC, KVX__GET_VERSION, KVX__GET_REP);
-    kvx__put_u(&w, p->id, 8); kvx__put_u(&w, p->off, 8); kvx__put_u(&w, p->len, 8);
+    kvx__put(&w, p->secret, KVX__SECRET_BYTES);
+    kvx__put_u(&w, p->id, 8); kvx__put_u(&w, p->nonce, 8); kvx__put_u(&w, p->off, 8); kvx__put_u(&w, p->len, 8);
     kvx__put_u(&w, p->status, 4); kvx__put_u(&w, 0, 4);
 }
 KVX__PRIV_MAYBE int kvx__get_rep_read(const uint8_t *buf, size_t len, kvx__get_rep *p, uint32_t *ver) {
@@ -404,13 +511,44 @@ KVX__PRIV_MAYBE int kvx__get_rep_read(const uint8_t *buf, size_t len, kvx__get_r
     int e = kvx__wire_hdr_read(&r, buf, len, KVX__GET_MAGIC, KVX__GET_VERSION, ver, &type);
     if (e) return e;
     if (type != KVX__GET_REP) return KVX__WIRE_TYPE;
-    p->id = kvx__get_u(&r, 8); p->off = kvx__get_u(&r, 8); p->len = kvx__get_u(&r, 8);
+    if (len != KVX__GET_REP_BYTES) return len < KVX__GET_REP_BYTES ? KVX__WIRE_TRUNCATED : KVX__WIRE_OVERSIZED;
+    memcpy(p->secret, buf + r.off, KVX__SECRET_BYTES);
+    r.off += KVX__SECRET_BYTES;
+    p->id = kvx__get_u(&r, 8); p->nonce = kvx__get_u(&r, 8); p->off = kvx__get_u(&r, 8); p->len = kvx__get_u(&r, 8);
     p->status = (uint32_t)kvx__get_u(&r, 4);
     kvx__get_u(&r, 4);
     return kvx__wire_end(&r, KVX__WIRE_OK);
 }
 
 /*--- the backends' bytes ----------------------------------------------------*/
+
+/* UCX address (kvx_ucx.h): the worker that peers reach, which takes active
+   messages only (kvx's get, notifications), and the worker of one-sided
+   reads over transports that enforce keys, empty where there is none. The
+   blobs are UCX's worker addresses; am and rma point into the bytes read. */
+#define KVX__UCX_ADDR_MAGIC 0x55435658u /* "XVCU" */
+#define KVX__UCX_ADDR_VERSION 1u
+typedef struct kvx__ucx_addr_msg { const uint8_t *am, *rma; uint32_t am_len, rma_len; } kvx__ucx_addr_msg;
+
+KVX__PRIV_MAYBE size_t kvx__ucx_addr_write(uint8_t *buf, size_t cap, const kvx__ucx_addr_msg *m) {
+    kvx__wbuf w;
+    kvx__wire_hdr_write(&w, buf, cap, KVX__UCX_ADDR_MAGIC, KVX__UCX_ADDR_VERSION, 0);
+    kvx__put_blob(&w, m->am, m->am_len);
+    kvx__put_blob(&w, m->rma, m->rma_len);
+    return w.len;
+}
+KVX__PRIV_MAYBE int kvx__ucx_addr_read(const uint8_t *buf, size_t len, kvx__ucx_addr_msg *m, uint32_t *ver) {
+    kvx__rbuf r;
+    uint32_t type;
+    int e = kvx__wire_hdr_read(&r, buf, len, KVX__UCX_ADDR_MAGIC, KVX__UCX_ADDR_VERSION, ver, &type);
+    memset(m, 0, sizeof *m);
+    if (e) return e;
+    if (type != 0) return KVX__WIRE_TYPE;
+    m->am = kvx__wire_blob(&r, KVX__MAX_ADDR, &m->am_len, &e);
+    m->rma = kvx__wire_blob(&r, KVX__MAX_ADDR, &m->rma_len, &e);
+    if ((e = kvx__wire_end(&r, e)) != KVX__WIRE_OK) return e;
+    return m->am_len ? KVX__WIRE_OK : KVX__WIRE_FIELD;
+}
 
 /* libfabric address (kvx_ofi.h): the provider's name (both sides must run
    the same) and the serving endpoint's name (fi_getname). name points
@@ -578,7 +716,7 @@ KVX__PRIV_MAYBE int kvx__cuda_rkey_entry_read(kvx__rbuf *r, kvx__cuda_rkey_entry
 #define KVX__CUDA_MSG_EXPORT 1u
 #define KVX__CUDA_MSG_REPLY 2u
 #define KVX__CUDA_MSG_NOTIFY 3u
-#define KVX__CUDA_MSG_MAX 24u           /* the largest: a notification, header 8 + 16 */
+#define KVX__CUDA_MSG_MAX (KVX__WIRE_HDR_BYTES + KVX__NOTIFY_BYTES)  /* the largest: a notification */
 typedef struct kvx__cuda_msg {
     uint32_t type, cache, region, alloc;
     int32_t status;

@@ -48,13 +48,18 @@ entry "valgrind: local backend" 300 valgrind -q --error-exitcode=99 --leak-check
 ucx_suites $B "$vdeb"
 entry "owner failures (ucx $vdeb, asan+ubsan)" 300 $B/test_owner_failures.asan
 # What kvx's UCX workarounds are for, shown on this version with each one
-# taken away (the README's table of UCX versions; seams in kvx.h).
+# taken away (the README's table of UCX versions; seams in kvx.h). UCX's own
+# software get exists only with software RMA on (KVX_UCX_SOFTWARE_RMA=1).
 R="env UCX_TLS=tcp $B/test_reader_failures"
-expect_fail "ucx $vdeb, no first read at connect: a reader dying just after connecting aborts the owner" 180 "got REP message" \
+expect_fail "ucx $vdeb, software RMA on, no first read at connect: a reader dying just after connecting aborts the owner" 180 "got REP message" \
+  env KVX_UCX_SOFTWARE_RMA=1 KVX_TEST_UCX_NO_PROBE=1 KVX_TEST_ONLY=stranded $R
+entry "ucx $vdeb, active messages only, no first read at connect: readers dying at every point, the owner survives" 180 \
   env KVX_TEST_UCX_NO_PROBE=1 KVX_TEST_ONLY=stranded $R
 expect_fail "ucx $vdeb, UCX's own get: a cache deregistered under a stopped reader hands it the memory's next bytes" 180 "FAIL cache deregistered" \
-  env KVX_TEST_UCX_NATIVE_GET=1 KVX_TEST_ONLY=deregistered $R
-entry "ucx $vdeb, UCX's own get: readers killed at 16 points of their reads, the owner survives" 180 env KVX_TEST_UCX_NATIVE_GET=1 KVX_TEST_ONLY="16 points" $R
+  env KVX_UCX_SOFTWARE_RMA=1 KVX_TEST_UCX_NATIVE_GET=1 KVX_TEST_ONLY=deregistered $R
+entry "ucx $vdeb, UCX's own get: readers killed at 16 points of their reads, the owner survives" 180 env KVX_UCX_SOFTWARE_RMA=1 KVX_TEST_UCX_NATIVE_GET=1 KVX_TEST_ONLY="16 points" $R
+expect_fail "a child that dies by a signal fails its test, even where the parent saw all it wanted from it" 120 "died by signal 6" \
+  env KVX_TEST_OWNER_ABORT=1 KVX_TEST_ONLY="another kvx version" $B/test_hostile_input
 expect_out "ucx $vdeb, same host with cma allowed: no shared memory under peer failure handling, read over tcp and said" 120 "transport ucx:tcp (sw)" \
   env UCX_TLS=tcp,cma $bench $small --random-blocks
 entry "stress: 8 peers, 4 queues, 20000 reads (ucx $vdeb tcp)" 300 env UCX_TLS=tcp $B/test_stress
@@ -178,8 +183,8 @@ if [ -x $U/test_unit ]; then
   R="env UCX_TLS=tcp $U/test_reader_failures"
   entry "ucx $v, no first read at connect: readers dying at every point, the owner survives (kvx skips it from 1.22)" 180 env KVX_TEST_UCX_NO_PROBE=1 $R
   expect_fail "ucx $v, UCX's own get: a cache deregistered under a stopped reader hands it the memory's next bytes" 180 "FAIL cache deregistered" \
-    env KVX_TEST_UCX_NATIVE_GET=1 KVX_TEST_ONLY=deregistered $R
-  entry "ucx $v, UCX's own get: readers killed at 16 points of their reads, the owner survives" 180 env KVX_TEST_UCX_NATIVE_GET=1 KVX_TEST_ONLY="16 points" $R
+    env KVX_UCX_SOFTWARE_RMA=1 KVX_TEST_UCX_NATIVE_GET=1 KVX_TEST_ONLY=deregistered $R
+  entry "ucx $v, UCX's own get: readers killed at 16 points of their reads, the owner survives" 180 env KVX_UCX_SOFTWARE_RMA=1 KVX_TEST_UCX_NATIVE_GET=1 KVX_TEST_ONLY="16 points" $R
   expect_out "ucx $v, same host with cma allowed: no cma under peer failure handling, read over tcp and said" 120 "transport ucx:tcp (sw)" \
     env UCX_TLS=tcp,cma $U/kvx_bench $small --random-blocks
   expect_out "ucx $v, shared memory only (UCX_TLS=sm): cma one-sided, without failure handling, and said" 120 "transport ucx:cma (no failure handling)" \

@@ -173,11 +173,16 @@ class _CudaDesc(C.Structure):
     _fields_ = [("max_blocks", C.c_uint32), ("socket_dir", C.c_char_p)]
 
 
+class _UcxDesc(C.Structure):
+    _fields_ = [("net_devices", C.c_char_p), ("software_rma", C.c_int)]
+
+
 class _CtxDesc(C.Structure):
     _fields_ = [("name", C.c_char_p), ("tp_rank", C.c_int), ("tp_size", C.c_int), ("backend", C.c_int),
                 ("timeout_ms", C.c_uint32), ("progress_thread", C.c_int), ("host_id", C.c_char_p),
                 ("log_level", C.c_int), ("log_fn", C.c_void_p), ("log_user", C.c_void_p),
-                ("ofi", _OfiDesc), ("cuda", _CudaDesc), ("transport_policy", C.c_char_p)]
+                ("ofi", _OfiDesc), ("cuda", _CudaDesc), ("transport_policy", C.c_char_p),
+                ("ucx", _UcxDesc), ("metadata_key", C.c_char_p), ("metadata_key_len", C.c_uint32)]
 
 
 class _Layout(C.Structure):
@@ -220,7 +225,8 @@ class _Notification(C.Structure):
 class _Stats(C.Structure):
     _fields_ = [("backend", C.c_char_p)] + [(n, C.c_uint64) for n in (
         "bytes_read", "reads_posted", "reads_completed", "reads_failed", "descs_posted", "descs_completed",
-        "blocks_posted", "notifications_sent", "notifications_received", "errors")]
+        "blocks_posted", "notifications_sent", "notifications_received", "errors", "messages_dropped",
+        "notifications_dropped")]
 
 
 _MIRRORS = (_CtxDesc, _Layout, _CacheDesc, _QueueDesc, _Read, _Completion, _Notification, _Stats)
@@ -250,6 +256,7 @@ def _load() -> C.CDLL:
     sigs = {
         "kvx_ctx_create": (I, [C.POINTER(_CtxDesc), C.POINTER(P)]),
         "kvx_ctx_destroy": (None, [P]),
+        "kvx_ctx_rotate": (I, [P]),
         "kvx_ctx_error": (C.c_char_p, [P]),
         "kvx_status_name": (C.c_char_p, [I]),
         "kvx_cache_register": (I, [P, C.POINTER(_CacheDesc), C.POINTER(P)]),
@@ -721,10 +728,15 @@ class Context:
 
     def __init__(self, name: str = "kvx", tp_rank: int = 0, tp_size: int = 1, backend: Optional[str] = None,
                  progress_thread: bool = True, timeout_ms: int = 30000, host_id: Optional[str] = None,
-                 transport_policy: Optional[str] = None) -> None:
+                 transport_policy: Optional[str] = None, metadata_key: Optional[bytes] = None,
+                 net_devices: Optional[str] = None) -> None:
         """transport_policy: which transports add_peer accepts ("!sw" refuses
         software-served paths, "ipc,rdma" demands one of those; see kvx.h's
-        kvx_ctx_desc); None: $KVX_TRANSPORT_POLICY, else any."""
+        kvx_ctx_desc); None: $KVX_TRANSPORT_POLICY, else any.
+        metadata_key: a deployment key (16 bytes or more): metadata is signed
+        with it and must be signed by it; None: the file $KVX_METADATA_KEY_FILE
+        names, else none. net_devices: UCX's devices that peers reach ("eth1",
+        "lo"); None: $UCX_NET_DEVICES, else the default route's device."""
         lib = _load()
         if backend not in _BACKENDS:
             raise ArgumentError("backend %r: use one of ucx, ofi, cuda, local (or None)" % (backend,), -1)
@@ -739,6 +751,11 @@ class Context:
         d.host_id = self._host
         self._policy = transport_policy.encode() if transport_policy is not None else None
         d.transport_policy = self._policy
+        if metadata_key is not None:
+            self._key = bytes(metadata_key)
+            d.metadata_key, d.metadata_key_len = self._key, len(self._key)
+        self._devices = net_devices.encode() if net_devices is not None else None
+        d.ucx.net_devices = self._devices
         h = C.c_void_p()
         st = lib.kvx_ctx_create(C.byref(d), C.byref(h))
         if st != _OK:
@@ -843,6 +860,11 @@ class Context:
 
     def progress(self) -> int:
         return int(_load().kvx_progress(self.handle))
+
+    def rotate(self) -> None:
+        """A new epoch and secret, and the caches registered anew: every reader
+        of metadata taken before is cut off until it adds the metadata() now."""
+        _check(_load().kvx_ctx_rotate(self.handle), self._h, "rotate")
 
     def stats(self) -> Dict[str, Any]:
         s = _Stats()

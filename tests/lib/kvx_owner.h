@@ -71,12 +71,15 @@ static inline kvx_t_child kvx_t_spawn(const char *role, int a, int b, uint64_t c
 }
 
 /* Done with a child: its pipes closed (an owner stops serving), woken if
-   stopped, reaped. */
+   stopped, reaped. A child that died by a signal other than the SIGKILL a
+   test sends (an abort, a crash) fails the test, even where the parent
+   already had all it wanted from it. */
 static inline void kvx_t_finish(kvx_t_child *ch) {
     int st;
     close(ch->wr); close(ch->rd);
     kill(ch->pid, SIGCONT);
-    waitpid(ch->pid, &st, 0);
+    if (waitpid(ch->pid, &st, 0) == ch->pid && WIFSIGNALED(st) && WTERMSIG(st) != SIGKILL)
+        kvx_t_died((long)ch->pid, WTERMSIG(st), strsignal(WTERMSIG(st)));
 }
 
 static inline void kvx_t_kill(kvx_t_child *ch) {
@@ -142,6 +145,7 @@ static inline int kvx_t_owner_main(char **argv) {
     kvx_ex_cache_free(&m);
     free(ids);
     free(md);
+    if (getenv("KVX_TEST_OWNER_ABORT")) abort();  /* the runner's own check: a child that dies by a signal fails the test */
     return 0;
 }
 

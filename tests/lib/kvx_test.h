@@ -39,6 +39,14 @@ static inline void kvx_t_end(void) {
 #define T_ST(call, want) do { kvx_status _s = (call); if (_s != (want)) T_FAILF("%s returned %s, expected %s", #call, kvx_status_name(_s), kvx_status_name(want)); } while (0)
 #define T_HAS(str, sub) do { const char *_s = (str); if (!_s || !strstr(_s, (sub))) T_FAILF("message \"%s\" does not name \"%s\"", _s ? _s : "(null)", (sub)); } while (0)
 
+/* A child process died by a signal (kvx_owner.h): the case running fails,
+   or, between cases, the run. */
+static inline void kvx_t_died(long pid, int sig, const char *what) {
+    if (kvx_t_case) { T_FAILF("child process %ld died by signal %d (%s)", pid, sig, what); return; }
+    printf("FAIL child process %ld died by signal %d (%s)\n", pid, sig, what);
+    kvx_t_fail++;
+}
+
 static inline int kvx_t_summary(void) {
     if (kvx_t_skip) printf("%d passed, %d failed, %d skipped\n", kvx_t_pass, kvx_t_fail, kvx_t_skip);
     else printf("%d passed, %d failed\n", kvx_t_pass, kvx_t_fail);

@@ -21,6 +21,10 @@
 
 runner_init() {
   _r_logdir=$1 _r_jobs=${2:-1}
+  # libfabric loads libinfinipath (psm), which catches SIGABRT, SIGSEGV and
+  # the like, writes a .btr file and exits with status 1: a test's crash
+  # would read as an ordinary failure, and a child's as nothing at all.
+  export IPATH_NO_BACKTRACE=1
   mkdir -p "$_r_logdir"
   _r_tmp=$(mktemp -d)
   _r_n=0 _r_next=0

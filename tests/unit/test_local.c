@@ -140,6 +140,63 @@ int main(void) {
         kvx_ex_cache_free(&pm); kvx_ex_cache_free(&dm);
     }
 
+    T_CASE("local: a full notification ring keeps leases: what arrives or expires while it is full comes once there is room; the rest is dropped and counted") {
+        kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D = local_ctx("decode", 0, 1, 0);
+        kvx_ex_cache pm, dm;
+        kvx_layout l;
+        kvx_cache_desc cd;
+        kvx_cache *pc, *dc;
+        kvx_peer *p;
+        kvx_queue *q;
+        kvx_notification n[256];
+        kvx_stats st;
+        uint32_t i, extra = 10, full = KVX__NOTIFY_RING;
+        int k, got = 0, expired = 0, others = 0;
+        double t0;
+        layout(&l, KVX_ORDER_HND, 2);
+        kvx_ex_cache_alloc(&pm, &l, 0, 1); kvx_ex_cache_alloc(&dm, &l, 0, 1);
+        cd = kvx_ex_cache_desc(&pm); T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
+        cd = kvx_ex_cache_desc(&dm); T_ST(kvx_cache_register(D, &cd, &dc), KVX_OK);
+        p = add(D, P);
+        T_ST(kvx_queue_create(D, NULL, &q), KVX_OK);
+        T_ST(kvx_notify_expect(P, 1, 10000), KVX_OK);
+        T_ST(kvx_notify_expect(P, 2, 400), KVX_OK);            /* expires while the ring is full */
+        for (i = 0; i < full + extra; i++) {                   /* nobody expects these: they fill the ring, then are dropped */
+            T_ST(read_blocks(q, p, dc, dst, src, 1, 0, 1000 + i, 0, &t), KVX_OK);
+            T_ST(kvx_wait(q, t, 5000), KVX_OK);
+        }
+        t0 = kvx_t_now();
+        do { kvx_progress(D); kvx_stats(P, &st); if (st.notifications_received < full + extra) usleep(2000); }
+        while (st.notifications_received < full + extra && kvx_t_now() - t0 < 10);
+        T_EQ(st.notifications_dropped, extra);
+        T_ST(read_blocks(q, p, dc, dst, src, 1, 0, 1, 0, &t), KVX_OK);   /* lease 1 comes while the ring is full */
+        T_ST(kvx_wait(q, t, 5000), KVX_OK);
+        t0 = kvx_t_now();
+        do { kvx_progress(D); kvx_stats(P, &st); usleep(2000); } while (st.notifications_received < full + extra + 1 && kvx_t_now() - t0 < 10);
+        usleep(600000);                                        /* lease 2's deadline passes, the ring still full */
+        kvx_stats(P, &st);
+        T_EQ(st.notifications_dropped, extra);                 /* neither lease was dropped */
+        t0 = kvx_t_now();
+        while ((got < 1 || expired < 1) && kvx_t_now() - t0 < 10) {
+            k = kvx_notifications(P, n, 256);
+            for (i = 0; i < (uint32_t)k; i++) {
+                if (n[i].id == 1) { got++; T_ST(n[i].status, KVX_OK); T_EQ(n[i].peer_rank, 0); }
+                else if (n[i].id == 2) { expired++; T_ST(n[i].status, KVX_ERR_TIMEOUT); }
+                else others++;
+            }
+            if (!k) usleep(5000);
+        }
+        T_EQ(got, 1);
+        T_EQ(expired, 1);
+        T_EQ(others, full);
+        usleep(50000);
+        T_EQ(kvx_notifications(P, n, 256), 0);
+        kvx_queue_destroy(q); kvx_peer_remove(p);
+        kvx_cache_deregister(dc); kvx_cache_deregister(pc);
+        kvx_ctx_destroy(D); kvx_ctx_destroy(P);
+        kvx_ex_cache_free(&pm); kvx_ex_cache_free(&dm);
+    }
+
     T_CASE("local: an owner that never progresses: KVX_ERR_TIMEOUT at the deadline, and nothing lands after") {
         kvx_ctx *P = local_ctx("prefill", 0, 1, 0), *D = local_ctx("decode", 0, 1, 0);
         kvx_ex_cache pm, dm;
@@ -409,7 +466,7 @@ int main(void) {
             kvx_ctx *E = local_ctx("other", 0, 1, 0);
             uint32_t hl, off, crc;
             uint8_t zero[4] = {0, 0, 0, 0};
-            off = 16 + 8 + 4 + 4 + 4 + 4 + 7;                  /* header, epoch, rank, tp, pid, "prefill" */
+            off = 16 + 8 + 16 + 4 + 4 + 4 + 4 + 4 + 7;         /* header, epoch, secret, flags, rank, tp, pid, "prefill" */
             memcpy(&hl, md + off, 4);                          /* the host string's length (little-endian here) */
             off += 4 + hl + 4;                                 /* the backend address: process id first */
             md[off] ^= 0xff;

@@ -285,6 +285,7 @@ int main(int argc, char **argv) {
             total += n;
             free(ids);
             waitpid(pid[k], &st2, 0);
+            if (WIFSIGNALED(st2)) T_FAILF("owner process %ld died by signal %d (%s)", (long)pid[k], WTERMSIG(st2), strsignal(WTERMSIG(st2)));
         }
         for (i = 0; i < done; i++) if (!seen[done_ids[i]]) missing++;
         printf("  %llu notifications for %llu reads: %llu missing, %llu duplicated or unknown\n",

@@ -80,6 +80,45 @@ static void reseal(uint8_t *md, size_t len) {
     put_u32(md + 12, crc);
 }
 
+/* Bytes from a hex string (test vectors). */
+static size_t unhex(const char *h, uint8_t *out) {
+    size_t n = 0;
+    while (h[0] && h[1]) {
+        unsigned v;
+        sscanf(h, "%2x", &v);
+        out[n++] = (uint8_t)v;
+        h += 2;
+    }
+    return n;
+}
+
+static int tag_is(const uint8_t *got, const char *hex) {
+    uint8_t want[64];
+    size_t n = unhex(hex, want);
+    return !memcmp(got, want, n);
+}
+
+/* A context with a deployment key (NULL: none), quiet, no progress thread. */
+static kvx_ctx *keyed_ctx(const char *name, const char *key) {
+    kvx_ctx_desc d;
+    kvx_ctx *c = NULL;
+    memset(&d, 0, sizeof d);
+    d.name = name; d.tp_size = 1; d.log_level = KVX_LOG_OFF;
+    if (key) { d.metadata_key = key; d.metadata_key_len = (uint32_t)strlen(key); }
+    if (kvx_ctx_create(&d, &c) != KVX_OK) { printf("cannot create context: %s\n", kvx_ctx_error(NULL)); exit(3); }
+    return c;
+}
+
+/* What kvx_peer_add makes of a blob, short of connecting: KVX_OK or the refusal. */
+static kvx_status parse_only(kvx_ctx *ctx, const void *md, size_t len) {
+    kvx_peer *p = (kvx_peer *)kvx__calloc(1, sizeof *p);
+    kvx_status st;
+    p->ctx = ctx;
+    st = kvx__md_parse(ctx, (const uint8_t *)md, len, p);
+    kvx__peer_free(p);
+    return st;
+}
+
 int main(void) {
     kvx_ctx *A, *B;
     kvx_ex_cache am, bm;
@@ -158,6 +197,91 @@ int main(void) {
         rc.block_stride = 2 * rc.block_bytes;            /* padded blocks: no merging across blocks */
         kvx__geom_make(&lc, 0, &rc, 0, 0, 2, &g);
         T_EQ(g.run_merge, 0);
+    }
+
+    T_CASE("auth: SHA-256, HMAC-SHA-256 and SipHash-2-4 give their published vectors") {
+        kvx__sha256 h;
+        uint8_t out[32], key[140], msg[64];
+        char *mil = (char *)malloc(1000000);
+        size_t n;
+        kvx__sha256_init(&h); kvx__sha256_add(&h, "abc", 3); kvx__sha256_end(&h, out);              /* FIPS 180-4 */
+        T_CHECK(tag_is(out, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"));
+        kvx__sha256_init(&h); kvx__sha256_end(&h, out);
+        T_CHECK(tag_is(out, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"));
+        kvx__sha256_init(&h); kvx__sha256_add(&h, "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq", 56); kvx__sha256_end(&h, out);
+        T_CHECK(tag_is(out, "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"));
+        memset(mil, 'a', 1000000);
+        kvx__sha256_init(&h); kvx__sha256_add(&h, mil, 1000000); kvx__sha256_end(&h, out);
+        T_CHECK(tag_is(out, "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0"));
+        free(mil);
+        memset(key, 0x0b, 20);                                                                         /* RFC 4231, 1 */
+        kvx__hmac_sha256(key, 20, (const uint8_t *)"Hi ", 3, (const uint8_t *)"There", 5, out);
+        T_CHECK(tag_is(out, "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"));
+        kvx__hmac_sha256((const uint8_t *)"Jefe", 4, (const uint8_t *)"what do ya want for nothing?", 28, NULL, 0, out);  /* 2 */
+        T_CHECK(tag_is(out, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"));
+        memset(key, 0xaa, 131);                                                                        /* 6: a key longer than a block */
+        kvx__hmac_sha256(key, 131, (const uint8_t *)"Test Using Larger Than Block-Size Key - Hash Key First", 54, NULL, 0, out);
+        T_CHECK(tag_is(out, "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"));
+        for (n = 0; n < 16; n++) key[n] = (uint8_t)n;                                                  /* SipHash paper, appendix A */
+        for (n = 0; n < 15; n++) msg[n] = (uint8_t)n;
+        T_EQ(kvx__siphash(key, msg, 15), 0xa129ca6149be45e5ull);
+        T_EQ(kvx__siphash(key, msg, 0), 0x726fdb47dd0e0e31ull);
+        T_CHECK(kvx__ct_equal(key, key, 16) && !kvx__ct_equal(key, msg, 16));
+    }
+
+    T_CASE("metadata: signed with a deployment key; unsigned, wrongly signed and far-ahead epochs refused") {
+        const char *k1 = "deployment-key-one-0123456789", *k2 = "deployment-key-two-0123456789";
+        kvx_ctx *S = keyed_ctx("signer", k1), *V = keyed_ctx("verifier", k1), *W = keyed_ctx("wrongkey", k2), *U = keyed_ctx("plain", NULL);
+        size_t sl, ul;
+        uint8_t *sm = (uint8_t *)kvx_t_metadata(S, &sl), *um = (uint8_t *)kvx_t_metadata(U, &ul), *m;
+        kvx_ctx_desc q = kvx_ctx_query_desc(S);
+        T_EQ(q.metadata_key_len, strlen(k1));
+        T_ST(parse_only(V, sm, sl), KVX_OK);                   /* signed by the key it holds */
+        T_ST(parse_only(W, sm, sl), KVX_ERR_CORRUPT);          /* another key */
+        T_HAS(kvx_ctx_error(W), "signature does not match");
+        T_ST(parse_only(U, sm, sl), KVX_ERR_MISMATCH);         /* signed, and no key to check it */
+        T_HAS(kvx_ctx_error(U), "has none to check it");
+        T_ST(parse_only(V, um, ul), KVX_ERR_MISMATCH);         /* unsigned, where a key is required */
+        T_HAS(kvx_ctx_error(V), "unsigned");
+        m = (uint8_t *)malloc(sl);
+        memcpy(m, sm, sl); m[50] ^= 1; reseal(m, sl);          /* a field changed after signing, the CRC made anew */
+        T_ST(parse_only(V, m, sl), KVX_ERR_CORRUPT);
+        T_HAS(kvx_ctx_error(V), "changed after signing");
+        memcpy(m, sm, sl); put_u32(m + 40, 0); reseal(m, sl);  /* the signed flag cleared: tag bytes left as trailing junk */
+        T_CHECK(parse_only(V, m, sl) != KVX_OK);
+        free(m);
+        m = (uint8_t *)malloc(ul);                             /* epoch 2^64-1 with the real name and rank, resealed */
+        memcpy(m, um, ul); memset(m + 16, 0xff, 8); reseal(m, ul);
+        T_ST(parse_only(U, m, ul), KVX_ERR_MISMATCH);
+        T_HAS(kvx_ctx_error(U), "ahead of this host's clock");
+        free(m);
+        {   /* the key from a file, as $KVX_METADATA_KEY_FILE names it (its newline left out) */
+            char path[] = "/tmp/kvx-key-XXXXXX";
+            int fd = mkstemp(path);
+            kvx_ctx *F;
+            T_CHECK(fd >= 0 && write(fd, k1, strlen(k1)) == (ssize_t)strlen(k1) && write(fd, "\n", 1) == 1);
+            close(fd);
+            setenv("KVX_METADATA_KEY_FILE", path, 1);
+            F = keyed_ctx("fromfile", NULL);
+            T_ST(parse_only(F, sm, sl), KVX_OK);
+            T_HAS(kvx_ctx_query_desc(F).metadata_key ? "key" : "", "key");
+            kvx_ctx_destroy(F);
+            unlink(path);
+            setenv("KVX_METADATA_KEY_FILE", "/nonexistent/kvx-key", 1);
+            T_CHECK(kvx_ctx_create(NULL, &F) == KVX_ERR_ARG);
+            T_HAS(kvx_ctx_error(NULL), "KVX_METADATA_KEY_FILE=/nonexistent/kvx-key");
+            unsetenv("KVX_METADATA_KEY_FILE");
+        }
+        {   /* a key shorter than 16 bytes is refused */
+            kvx_ctx_desc d;
+            kvx_ctx *c;
+            memset(&d, 0, sizeof d);
+            d.metadata_key = "short"; d.metadata_key_len = 5;
+            T_ST(kvx_ctx_create(&d, &c), KVX_ERR_ARG);
+            T_HAS(kvx_ctx_error(NULL), "at least 16");
+        }
+        free(sm); free(um);
+        kvx_ctx_destroy(S); kvx_ctx_destroy(V); kvx_ctx_destroy(W); kvx_ctx_destroy(U);
     }
 
     T_CASE("rank outside [0, tp_size) refused at kvx_ctx_create") {
@@ -244,7 +368,7 @@ int main(void) {
         memcpy(m, md, len); m[0] = 'X'; reseal(m, len);
         T_ST(kvx_peer_add(B, m, len, &p), KVX_ERR_ARG);
         T_HAS(kvx_ctx_error(B), "magic");
-        memcpy(m, md, len); put_u32(m + 24, 5); reseal(m, len);   /* rank 5 of tp_size 1 */
+        memcpy(m, md, len); put_u32(m + 44, 5); reseal(m, len);   /* rank 5 of tp_size 1 (after epoch, secret and flags) */
         T_ST(kvx_peer_add(B, m, len, &p), KVX_ERR_ARG);
         T_HAS(kvx_ctx_error(B), "rank 5 outside");
         T_CHECK(p == NULL);
@@ -253,29 +377,48 @@ int main(void) {
 
     T_CASE("wire: get messages and notifications round-trip; another version, type or size is refused") {
         uint8_t req[KVX__GET_REQ_BYTES], rep[KVX__GET_REP_BYTES], note[KVX__NOTIFY_BYTES];
-        kvx__get_req q = {7, 0x1000, 64, 128, 5000, 3, 256}, q2 = {0, 0, 0, 0, 0, 0, 0};
-        kvx__get_rep p = {9, 64, 192, 1}, p2 = {0, 0, 0, 0};
-        uint32_t ver = 0, rank = 0;
-        uint64_t id = 0;
+        kvx__get_req q, q2;
+        kvx__get_rep p, p2;
+        kvx__notify_msg n, n2;
+        uint32_t ver = 0, i;
+        memset(&q, 0, sizeof q); memset(&p, 0, sizeof p); memset(&n, 0, sizeof n);
+        for (i = 0; i < KVX__SECRET_BYTES; i++) q.secret[i] = p.secret[i] = n.secret[i] = (uint8_t)(i * 7 + 1);
+        q.id = 7; q.nonce = 0xabcdef0123456789ull; q.raddr = 0x1000; q.len = 64; q.off = 128; q.ttl_ns = 5000; q.count = 3; q.rstride = 256;
+        p.id = 9; p.nonce = 0x1122; p.off = 64; p.len = 192; p.status = 1;
         kvx__get_req_write(req, &q);
         kvx__get_rep_write(rep, &p);
         T_EQ(kvx__get_req_read(req, sizeof req, &q2, &ver), KVX__WIRE_OK);
         T_CHECK(!memcmp(&q, &q2, sizeof q));
         T_EQ(kvx__get_rep_read(rep, sizeof rep, &p2, &ver), KVX__WIRE_OK);
-        T_CHECK(p2.id == 9 && p2.off == 64 && p2.len == 192 && p2.status == 1);
+        T_CHECK(p2.id == 9 && p2.nonce == 0x1122 && p2.off == 64 && p2.len == 192 && p2.status == 1 && !memcmp(p2.secret, p.secret, sizeof p.secret));
         T_EQ(kvx__get_req_read(req, sizeof req - 1, &q2, &ver), KVX__WIRE_TRUNCATED);
         T_EQ(kvx__get_req_read(rep, sizeof rep, &q2, &ver), KVX__WIRE_TYPE);   /* a reply is no request */
-        req[4] = 2;                                                        /* version 2 */
+        req[4] = 1;                                                        /* the version before secrets */
         ver = 0;
         T_EQ(kvx__get_req_read(req, sizeof req, &q2, &ver), KVX__WIRE_VERSION);
-        T_EQ(ver, 2);
+        T_EQ(ver, 1);
         req[0] ^= 0xff;                                                    /* not kvx's magic */
         T_EQ(kvx__get_req_read(req, sizeof req, &q2, &ver), KVX__WIRE_MAGIC);
-        kvx__notify_msg_write(note, 0x1122334455667788ull, 3);
-        T_CHECK(kvx__notify_msg_read(note, &id, &rank));
-        T_CHECK(id == 0x1122334455667788ull && rank == 3);
-        note[15] ^= 1;
-        T_CHECK(!kvx__notify_msg_read(note, &id, &rank));
+        n.id = 0x1122334455667788ull; n.rank = 3; n.tp_size = 4; strcpy(n.name, "decode");
+        kvx__notify_msg_write(note, &n);
+        T_EQ(kvx__notify_msg_read(note, sizeof note, &n2, &ver), KVX__WIRE_OK);
+        T_CHECK(n2.id == n.id && n2.rank == 3 && n2.tp_size == 4 && !strcmp(n2.name, "decode") && !memcmp(n2.secret, n.secret, sizeof n.secret));
+        T_EQ(kvx__notify_msg_read(note, sizeof note - 1, &n2, &ver), KVX__WIRE_TRUNCATED);
+        n.rank = 4;                                                        /* rank 4 of tp size 4 */
+        kvx__notify_msg_write(note, &n);
+        T_EQ(kvx__notify_msg_read(note, sizeof note, &n2, &ver), KVX__WIRE_FIELD);
+        n.rank = 0; n.name[2] = '\n';                                      /* not printable */
+        kvx__notify_msg_write(note, &n);
+        T_EQ(kvx__notify_msg_read(note, sizeof note, &n2, &ver), KVX__WIRE_FIELD);
+        n.name[0] = 0;                                                     /* no name */
+        kvx__notify_msg_write(note, &n);
+        T_EQ(kvx__notify_msg_read(note, sizeof note, &n2, &ver), KVX__WIRE_FIELD);
+        strcpy(n.name, "decode");
+        kvx__notify_msg_write(note, &n);
+        note[KVX__NOTIFY_BYTES - 1] = 1;                                   /* bytes past the name */
+        T_EQ(kvx__notify_msg_read(note, sizeof note, &n2, &ver), KVX__WIRE_FIELD);
+        note[4] = 1;
+        T_EQ(kvx__notify_msg_read(note, sizeof note, &n2, &ver), KVX__WIRE_VERSION);
     }
     T_CASE("wire: backend addresses, remote keys and CUDA socket messages round-trip; another version, truncation or excess is refused") {
         uint8_t buf[512], big[600];
@@ -632,6 +775,54 @@ int main(void) {
         }
     }
 #endif
+
+    T_CASE("rotation: the readers of the metadata before are cut off; the metadata after reads") {
+        kvx_ctx *O = kvx_t_ctx("rotating", 0, 1, 1);
+        kvx_ex_cache om;
+        kvx_cache *oc;
+        kvx_cache_desc od;
+        kvx_peer *p1 = NULL, *p2 = NULL;
+        kvx_read rd;
+        kvx_ticket t;
+        kvx_stats s0, s1;
+        void *m1, *m2;
+        size_t n1, n2;
+        uint32_t ids[4] = {3, 4, 5, 6};
+        kvx_ex_cache_alloc(&om, &L, 0, 1);
+        kvx_ex_fill(&om, 77, all, 64);
+        od = kvx_ex_cache_desc(&om);
+        T_ST(kvx_cache_register(O, &od, &oc), KVX_OK);
+        m1 = kvx_t_metadata(O, &n1);
+        T_ST(kvx_peer_add(B, m1, n1, &p1), KVX_OK);
+        T_ST(read_blocks(q, p1, bc, ids, ids, 4, 0, 0), KVX_OK);
+        T_EQ(kvx_ex_verify(&bm, 77, ids, ids, 4, 0, 3, 0, 2, NULL), 0);
+        kvx_stats(O, &s0);
+        T_ST(kvx_ctx_rotate(O), KVX_OK);
+        m2 = kvx_t_metadata(O, &n2);
+        memset(&rd, 0, sizeof rd);
+        rd.peer = p1; rd.cache = bc; rd.local_blocks = ids; rd.remote_blocks = ids; rd.num_blocks = 4; rd.timeout_ms = 600;
+        T_ST(kvx_post(q, &rd, &t), KVX_OK);
+        kvx_stats(O, &s1);
+        if (strstr(kvx_peer_transport(p1), "cma") || (strstr(kvx_peer_transport(p1), "ofi:shm") && !strstr(kvx_peer_transport(p1), "(sw)"))) {
+            /* the reader reads the owner's memory itself (process_vm_readv): no key is asked, so none can be revoked */
+            T_ST(kvx_wait(q, t, 5000), KVX_OK);
+            printf("  over %s a read of the old metadata still reads: cma asks for no key\n", kvx_peer_transport(p1));
+        } else {
+            T_CHECK(kvx_wait(q, t, 5000) != KVX_OK);           /* the old secret is dropped (UCX), the old keys refused (libfabric) */
+            kvx_stats(O, &s1);
+            printf("  a read of the old metadata over %s: %s; the owner dropped %llu messages\n", kvx_peer_transport(p1), kvx_ctx_error(B),
+                   (unsigned long long)(s1.messages_dropped - s0.messages_dropped));
+        }
+        T_ST(kvx_peer_add(B, m2, n2, &p2), KVX_OK);            /* newer epoch: takes the old peer's place */
+        kvx_ex_fill(&om, 78, all, 64);
+        T_ST(read_blocks(q, p2, bc, ids, ids, 4, 0, 0), KVX_OK);
+        T_EQ(kvx_ex_verify(&bm, 78, ids, ids, 4, 0, 3, 0, 2, NULL), 0);
+        kvx_peer_remove(p2);
+        kvx_peer_remove(p1);
+        free(m1); free(m2);
+        kvx_ctx_destroy(O);
+        kvx_ex_cache_free(&om);
+    }
 
     T_CASE("NULL arguments") {
         kvx_stats s;
