@@ -35,11 +35,14 @@ SAN = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-
 HEADERS = $(wildcard kvx*.h)
 FIXTURES = $(wildcard tests/lib/*.h) examples/kvx_rdv.h
 DEPS = $(HEADERS) $(FIXTURES) | $(BUILD)/impl $(BUILD)/ofi
-vpath %.c tests/unit tests/faults tests/ofi bench
+vpath %.c tests/unit tests/faults tests/ofi tests/security bench
 PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
 TESTS = $(BUILD)/test_local $(BUILD)/test_local.asan $(BUILD)/test_unit $(BUILD)/test_unit.asan $(BUILD)/test_verify $(BUILD)/test_verify.asan $(BUILD)/test_stress \
         $(FAULT_TESTS) $(FAULT_TESTS:%=%.asan) $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds \
-        $(OFI_TESTS) $(BUILD)/fi_read_ref
+        $(OFI_TESTS) $(BUILD)/fi_read_ref $(SECURITY_TESTS)
+# A hostile process against kvx (tests/security): raw UCX and libfabric calls,
+# and the owner and real reader beside it (test_rogue, built per transport).
+SECURITY_TESTS = $(BUILD)/test_rogue $(BUILD)/rogue_ucx $(BUILD)/ofi/test_rogue $(BUILD)/rogue_ofi
 FAULT_TESTS = $(BUILD)/test_owner_failures $(BUILD)/test_reader_failures $(BUILD)/test_hostile_input
 OFI_TESTS = $(BUILD)/ofi/test_unit $(BUILD)/ofi/test_owner_failures $(BUILD)/ofi/test_ofi $(BUILD)/ofi/test_verify $(BUILD)/ofi/test_stress \
             $(BUILD)/ofi/test_unit.asan $(BUILD)/ofi/test_owner_failures.asan $(BUILD)/ofi/test_ofi.asan
@@ -72,7 +75,7 @@ $(BUILD) $(BUILD)/impl $(BUILD)/ofi:
 # counts kvx's heap through KVX_MALLOC/KVX_FREE; kvx_demo and kvx_demo_gpu
 # are examples, one self-contained file each.
 LINKED = test_owner_failures test_hostile_input
-SELF = test_unit test_verify test_stress test_reader_failures test_ofi
+SELF = test_unit test_verify test_stress test_reader_failures test_ofi test_rogue
 
 $(BUILD)/impl/kvx.o: tests/lib/kvx_impl.c $(DEPS)
 	$(CC) $(CFLAGS) $(KVX_CFLAGS) -c $< -o $@
@@ -118,11 +121,11 @@ UCX122_VENV = $(BUILD)/venv
 UCX122 = $(shell cat $(BUILD)/ucx122/prefix 2>/dev/null)
 UCX122_FLAGS = -std=c99 -D_GNU_SOURCE $(WARN) -DKVX_UCX -I$(UCX122)/include
 UCX122_LIBS = -L$(UCX122)/lib -Wl,-rpath,$(abspath $(UCX122))/lib -lucp -luct -lucs -lucm -lpthread
-UCX122_SELF = test_unit test_verify test_reader_failures test_stress
+UCX122_SELF = test_unit test_verify test_reader_failures test_stress test_rogue
 UCX122_LINKED = test_owner_failures test_hostile_input kvx_bench
 UCX122_TESTS = $(UCX122_SELF:%=$(BUILD)/ucx122/%) $(UCX122_LINKED:%=$(BUILD)/ucx122/%) \
                $(BUILD)/ucx122/test_unit.asan $(BUILD)/ucx122/test_verify.asan $(BUILD)/ucx122/test_reader_failures.asan \
-               $(UCX122_LINKED:%=$(BUILD)/ucx122/%.asan)
+               $(UCX122_LINKED:%=$(BUILD)/ucx122/%.asan) $(BUILD)/ucx122/rogue_ucx
 
 $(BUILD)/ucx122/prefix:
 	@mkdir -p $(BUILD)/ucx122
@@ -141,6 +144,14 @@ $(UCX122_SELF:%=$(BUILD)/ucx122/%.asan): $(BUILD)/ucx122/%.asan: %.c $(BUILD)/uc
 	$(CC) $(SAN) $(UCX122_FLAGS) $< -o $@ $(UCX122_LIBS)
 $(UCX122_LINKED:%=$(BUILD)/ucx122/%.asan): $(BUILD)/ucx122/%.asan: %.c $(BUILD)/ucx122/impl.asan.o $(DEPS)
 	$(CC) $(SAN) $(UCX122_FLAGS) $< $(BUILD)/ucx122/impl.asan.o -o $@ $(UCX122_LIBS)
+
+# The rogues link their transport alone, not kvx.
+$(BUILD)/rogue_ucx: tests/security/rogue_ucx.c | $(BUILD)
+	$(CC) -O1 -g -std=c99 -D_GNU_SOURCE $(WARN) $(UCX_CFLAGS) $< -o $@ $(UCX_LIBS)
+$(BUILD)/ucx122/rogue_ucx: tests/security/rogue_ucx.c $(BUILD)/ucx122/prefix
+	$(CC) -O1 -g -std=c99 -D_GNU_SOURCE $(WARN) -I$(UCX122)/include $< -o $@ $(UCX122_LIBS)
+$(BUILD)/rogue_ofi: tests/security/rogue_ofi.c | $(BUILD)
+	$(CC) -O1 -g -std=c99 -D_GNU_SOURCE $(WARN) $(OFI_CFLAGS) $< -o $@ $(OFI_LIBS)
 
 $(BUILD)/fi_read_ref: bench/fi_read_ref.c | $(BUILD)
 	$(CC) -O2 -g -std=c99 -D_GNU_SOURCE $(WARN) $(OFI_CFLAGS) $< -o $@ $(OFI_LIBS)

@@ -495,7 +495,10 @@ KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t 
         else KVX__DROP(ctx, "ucx: a get reply dropped (%zu-byte header: %s)", header_length, kvx__wire_why(e));
         return UCS_OK;
     }
-    if (!(g = kvx__ucx_get_find(u, rp.id))) return UCS_OK;  /* the op ended: drop */
+    if (!(g = kvx__ucx_get_find(u, rp.id))) {  /* the op ended (a late reply), or never was */
+        if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) KVX__DROP(ctx, "ucx: a get reply with a rendezvous payload dropped");
+        return UCS_OK;
+    }
     p = g->peer;
     pp = kvx__ucx_peer_of(p);
     if (rp.nonce != g->nonce || !kvx__ct_equal(rp.secret, p->secret, KVX__SECRET_BYTES) || !pp ||

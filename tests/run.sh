@@ -134,6 +134,17 @@ entry "spread ofi tcp 1->1 HND random" 180 env FI_PROVIDER=tcp bash tests/lib/tw
 entry "spread ofi tcp 2->4 NHD random" 180 env FI_PROVIDER=tcp bash tests/lib/two_hosts.sh --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
 entry "spread ofi tcp 4->2 HND consecutive" 180 env FI_PROVIDER=tcp bash tests/lib/two_hosts.sh --backends LIBFABRIC $small --prefill-tp 4 --decode-tp 2
 
+# A hostile process (tests/security): raw UCX and libfabric calls against an
+# owner and a reader, which lack nothing but read every byte true beside it.
+section "security: a process that reaches the ports but lacks the metadata (raw UCX and libfabric calls)"
+entry "rogue against kvx (ucx $vdeb tcp)" 300 env UCX_TLS=tcp KVX_ROGUE=$B/rogue_ucx $B/test_rogue
+entry "rogue against kvx (ofi tcp)" 300 env FI_PROVIDER=tcp FI_TCP_IFACE=lo KVX_ROGUE=$B/rogue_ofi $ofi/test_rogue
+entry "rogue against kvx: rendezvous messages, every process under valgrind (ucx $vdeb tcp)" 300 env UCX_TLS=tcp KVX_ROGUE=$B/rogue_ucx \
+  KVX_TEST_ONLY=rendezvous valgrind -q --trace-children=yes --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $B/test_rogue
+entry "where an owner listens with no devices named: the default route's device alone (ucx $vdeb, ofi tcp)" 120 bash tests/security/listen.sh
+expect_fail "... and UCX's own default (every device) fails that check" 120 "FAIL ucx, no UCX_NET_DEVICES: listens on 127.0.0.1" \
+  env KVX_LISTEN_UCX_ENV=UCX_NET_DEVICES=all bash tests/security/listen.sh
+
 section "kvx_bench, pack (this host, UCX $vdeb from Debian)"
 entry "pack ucx $vdeb 1->1 HND random" 120 $bench $small --random-blocks
 entry "pack ucx $vdeb 1->1 NHD consecutive" 120 $bench $small --layout NHD
@@ -193,6 +204,7 @@ if [ -x $U/test_unit ]; then
   entry "compile matrix (ucx $v)" 300 env KVX_BACKEND_DEFS="-DKVX_UCX -I$up/include" KVX_BACKEND_LIBS="-L$up/lib -Wl,-rpath,$up/lib -lucp -luct -lucs -lucm -lpthread" \
     KVX_COMPILE_OUT=$B/compile/ucx122 bash tests/compile/matrix.sh
   entry "stress: 8 peers, 4 queues, 20000 reads (ucx $v tcp)" 300 env UCX_TLS=tcp $U/test_stress
+  entry "rogue against kvx (ucx $v tcp)" 300 env UCX_TLS=tcp KVX_ROGUE=$U/rogue_ucx $U/test_rogue
   entry "pack ucx $v 1->1 HND random" 120 $U/kvx_bench $small --random-blocks
   entry "pack ucx $v 1->2 HND random" 120 $U/kvx_bench $small --random-blocks --prefill-tp 1 --decode-tp 2
   entry "pack ucx $v 2->4 NHD random" 120 $U/kvx_bench $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
