@@ -24,7 +24,8 @@
     BACKENDS (compile-time, any combination; the first enabled one is the
     default, a context can pick another with kvx_ctx_desc.backend):
 
-        KVX_UCX    UCX ucp, one-sided ucp_get_nbx      link: pkg-config --libs ucx
+        KVX_UCX    UCX ucp: one-sided ucp_get_nbx, or kvx's get over active messages
+                                                         link: pkg-config --libs ucx
         KVX_OFI    libfabric FI_EP_RDM + fi_read         link: pkg-config --libs libfabric
         KVX_CUDA   CUDA IPC reads and stream-ordered completion   link: -lcuda
         (always)   KVX_BACKEND_LOCAL: memcpy between contexts of one process,
@@ -37,6 +38,7 @@
     FILES (each one room; integrators include only kvx.h):
 
         kvx.h          this manual, the public API and the core
+        kvx_auth.h     the secret, nonces and signed metadata (random source, SipHash, HMAC-SHA-256)
         kvx_wire.h     every byte that crosses a process, one codec
         kvx_verify.h   verify mode: sampling rule, head checksums
         kvx_local.h    the local backend (memcpy), always compiled
@@ -123,6 +125,21 @@
     Every wait has a deadline (kvx_ctx_desc.timeout_ms, 30 s by default): a
     read that passes its deadline fails with KVX_ERR_TIMEOUT, and only after
     the transport can no longer write into its blocks.
+
+    WHO MAY READ
+
+        Holding a context's metadata is what entitles a process to read it;
+        reaching its ports is not. The metadata carries a random secret (per
+        context and epoch) that every request and notification must carry:
+        anything without it is dropped unanswered and counted
+        (kvx_stats.messages_dropped). kvx_ctx_rotate() cuts every holder of
+        older metadata off. UCX's software get and put, which read and write
+        any address for anyone who reaches a TCP port, are never enabled
+        (kvx_ucx_desc.software_rma turns them on, unsafely). With a deployment
+        key (kvx_ctx_desc.metadata_key, $KVX_METADATA_KEY_FILE) metadata is
+        signed and checked. What a peer can make an owner hold is bounded.
+        kvx encrypts nothing: ship metadata over a channel you trust. The
+        model, what is left open and the settings: docs/security.md.
 */
 /* The implementation needs POSIX 2008 and GNU calls; this takes effect only
    where kvx.h is the file's first #include (see the manual above). */

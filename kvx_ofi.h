@@ -124,10 +124,18 @@
     MEMORY. An endpoint costs what the provider allocates for it, once for
     the context and once per peer. rxm (1.17) fills two pools of 1024
     buffers of FI_OFI_RXM_BUFFER_SIZE bytes (16 KiB) for each: about 70 MiB
-    a context and 85 MiB a peer over tcp here. kvx's own messages are 16
+    a context and 85 MiB a peer over tcp here. kvx's own messages are 104
     bytes and reads do not use these buffers, so FI_OFI_RXM_BUFFER_SIZE=256
     brings it to about 6 MiB, where nothing else in the process relies on
     rxm's eager size. shm: about 5.5 MiB an endpoint.
+
+    KEYS. kvx asks for keys from the kernel's random source (64 bits on tcp
+    and shm), so a process without the metadata cannot guess one; tcp
+    checks the key and the range of every read. shm's cma path reads (and
+    its writes would write) the owner's memory with process_vm_readv and
+    checks no key: any process of the same user on the host can, which the
+    kernel's ptrace rules alone decide. Notifications carry the owner's
+    secret (kvx.h, WHO MAY READ).
 
     LIMITS. shm serializes on a spinlock inside the owner's shared region: an
     owner stopped (SIGSTOP, a debugger) or killed while its progress holds it

@@ -6,7 +6,9 @@
     fuzzer gets past the checksum into the fields behind it. What parses is
     then exercised: layout compatibility, head ranges and piece geometry
     against a local cache. Nothing is connected: a blob never reaches the
-    transport here.
+    transport here. The same bytes also go to the readers of kvx's other
+    messages (notifications, the UCX get's request and reply, the UCX
+    address), which must bound themselves alike.
 */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -85,6 +87,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     ctx->err[0] = 0;
     kvx__peer_free(p);
+    {   /* the messages a peer sends past the metadata: each reader bounds itself */
+        kvx__notify_msg n;
+        kvx__get_req q;
+        kvx__get_rep r;
+        uint32_t ver;
+        kvx__notify_msg_read(data, size, &n, &ver);
+        kvx__get_req_read(data, size, &q, &ver);
+        kvx__get_rep_read(data, size, &r, &ver);
+#if defined(KVX_UCX)
+        {
+            kvx__ucx_addr_msg a;
+            if (kvx__ucx_addr_read(data, size, &a, &ver) == KVX__WIRE_OK && (a.am_len > size || a.rma_len > size)) abort();
+        }
+#endif
+    }
     free(m);
     return 0;
 }
