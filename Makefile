@@ -9,6 +9,7 @@
 #   make test-ray        kvx on a two-node Ray cluster: the TP matrix, pack and spread, UCX and libfabric, the faults (root)
 #   make bench-python    what Python costs per read post and completion, against the C calls
 #   make bench-peers     kvx beside NIXL and Mooncake on the same KV workload; table and plot in build/bench-peers/
+#   make security-peers  what NIXL and Mooncake owners let a process that knows only their ports do
 #   make install PREFIX=/usr/local
 PREFIX ?= /usr/local
 CC ?= cc
@@ -50,7 +51,7 @@ FUZZ_CC ?= clang
 # make test builds with this many jobs
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: all demo test bench bench-python bench-peers fuzz soak install deps deps-test deps-bench clean compile-check gpu-build test-gpu bench-gpu ptx-check python
+.PHONY: all demo test bench bench-python bench-peers security-peers fuzz soak install deps deps-test deps-bench clean compile-check gpu-build test-gpu bench-gpu ptx-check python
 
 all: deps $(PROGRAMS) $(TESTS)
 
@@ -239,6 +240,12 @@ bench-peers: deps deps-bench $(BUILD)/ucx122/prefix
 	$(PEERS)/bin/pip install -q ./python
 	KVX_UCX_PREFIX=$$(cat $(BUILD)/ucx122/prefix) KVX_PY_BACKENDS=ucx $(PEERS)/bin/python python/kvx/_build.py $(PEERS)/kvx122
 	$(PEERS)/bin/python bench/peers/bench_peers.py
+
+# What NIXL and Mooncake owners expose to a process that knows only their
+# ports (bench/peers/security): documents, does not pass or fail.
+security-peers: deps-bench $(BUILD)/ucx122/prefix
+	@$(MAKE) --no-print-directory $(PEERS)/ready
+	bash bench/peers/security/run.sh
 
 # GPU: build where UCX's and CUDA's headers are (here), carry build/gpu to the
 # GPU machine, run there. CI (no GPU) compiles the CUDA paths and checks the

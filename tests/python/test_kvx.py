@@ -472,3 +472,37 @@ def test_two_live_owners_claiming_one_rank():
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.parametrize("backend", ["local", "ucx"])
+def test_deployment_key_and_rotation(backend):
+    """Metadata signed with a deployment key reads where the reader holds the
+    same key, and is refused where it holds another or none; after rotate()
+    the metadata taken before reads nothing, the metadata after reads."""
+    if backend not in kvx.backends():
+        pytest.skip("no %s in this library" % backend)
+    key, other = b"a-deployment-key-of-32-bytes-ok!", b"another-deployment-key-of-32-byt"
+    src = np.arange(2 * NB * BS * HEADS * DIM, dtype=np.uint16).reshape(2, NB, BS, HEADS, DIM)
+    with kvx.Context("prefill", backend=backend, metadata_key=key, timeout_ms=5000) as own:
+        own.register_cache([src], layout="NHD")
+        md = own.metadata()
+        with kvx.Context("decode", backend=backend, metadata_key=other) as ctx:
+            with pytest.raises(kvx.CorruptError, match="signature does not match"):
+                ctx.add_peer(md)
+        with kvx.Context("decode", backend=backend) as ctx:
+            with pytest.raises(kvx.MismatchError, match="has none to check it"):
+                ctx.add_peer(md)
+        with kvx.Context("decode", backend=backend, metadata_key=key, progress_thread=False) as ctx:
+            cache = ctx.register_cache([np.zeros_like(src)], layout="NHD")
+            peer = ctx.add_peer(md)
+            q = ctx.queue()
+            q.read(peer, [1, 2], [3, 4]).wait(5000)
+            assert (cache.tensors[0][:, [1, 2]] == src[:, [3, 4]]).all()
+            own.rotate()
+            if backend == "ucx":  # the local backend copies within one process: there is no port to close
+                with pytest.raises((kvx.TimeoutError, kvx.PeerError)):
+                    q.read(peer, [5], [6], timeout_ms=800).wait(5000)
+                assert own.stats()["messages_dropped"] > 0
+            peer2 = ctx.add_peer(own.metadata())
+            q.read(peer2, [7], [8]).wait(5000)
+            assert (cache.tensors[0][:, 7] == src[:, 8]).all()
