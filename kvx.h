@@ -240,8 +240,9 @@ typedef struct kvx_ucx_desc {
     /* 1: also enable UCX's one-sided get and put over transports UCX serves
        in software (TCP). UNSAFE: any process that can reach such a port then
        reads and writes all of this process's memory, registered or not. For
-       GPU caches across hosts without RDMA on a trusted network; 0 (the
-       default): $KVX_UCX_SOFTWARE_RMA, else off. */
+       GPU caches across hosts without RDMA on a trusted network; -1: off,
+       whatever the environment says; 0 (the default): $KVX_UCX_SOFTWARE_RMA
+       (1 on), else off. */
     int software_rma;
 } kvx_ucx_desc;
 
