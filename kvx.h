@@ -196,7 +196,7 @@ typedef enum kvx_backend {
 } kvx_backend;
 
 typedef enum kvx_log_level {
-    KVX_LOG_DEFAULT = 0,        /* KVX_LOG from the environment, else errors and warnings */
+    KVX_LOG_DEFAULT = 0,        /* KVX_LOG from the environment (off, error, warn, info, debug), else warn */
     KVX_LOG_OFF = 1,
     KVX_LOG_ERROR = 2,
     KVX_LOG_WARN = 3,
@@ -213,6 +213,22 @@ typedef enum kvx_mem {
     KVX_MEM_HOST = 0,
     KVX_MEM_CUDA = 1
 } kvx_mem;
+
+/* What an element is. Part of the layout and the metadata: a reader whose
+   cache holds another dtype than the owner's is refused at kvx_peer_add
+   (the bytes would read as garbage), even where the sizes agree. */
+typedef enum kvx_dtype {
+    KVX_DTYPE_UNSPECIFIED = 0,  /* only elem_bytes is compared */
+    KVX_DTYPE_F16 = 1,
+    KVX_DTYPE_BF16 = 2,
+    KVX_DTYPE_F32 = 3,
+    KVX_DTYPE_F8_E4M3 = 4,      /* fp8 KV caches */
+    KVX_DTYPE_F8_E5M2 = 5,
+    KVX_DTYPE_I8 = 6,
+    KVX_DTYPE_U8 = 7,
+    KVX_DTYPE_F64 = 8,
+    KVX_DTYPE_U16 = 9           /* raw 16-bit words (tests, bf16 handled as bits) */
+} kvx_dtype;
 
 typedef struct kvx_ctx kvx_ctx;
 typedef struct kvx_cache kvx_cache;
@@ -292,7 +308,9 @@ typedef struct kvx_layout {
     kvx_order order;
     uint32_t total_heads;       /* the model's KV heads; 0: num_heads * tp_size.
                                    Fewer than tp_size: heads are replicated, num_heads = 1 */
-    uint32_t kv_planes;         /* 0: 2 (K and V); 1 for a single latent plane (MLA) */
+    uint32_t kv_planes;         /* 0: 2 (K and V); 1: one plane, MLA's latent or K and V side by side in
+                                   head_dim (vLLM's [B, H, N, K|V]: a head's K and V move together) */
+    kvx_dtype dtype;            /* 0: unspecified; else checked against the peer's and elem_bytes */
 } kvx_layout;
 
 typedef struct kvx_cache_desc {
@@ -379,6 +397,8 @@ KVX_API kvx_status  kvx_ctx_create(const kvx_ctx_desc *desc, kvx_ctx **out);
 KVX_API void        kvx_ctx_destroy(kvx_ctx *ctx);
 KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx);
 KVX_API const char *kvx_status_name(kvx_status s);
+/* "f16", "bf16", "f32", "f8e4m3", ...; "unspecified", "unknown". */
+KVX_API const char *kvx_dtype_name(kvx_dtype d);
 /* "ucx", "ofi", "cuda", "local"; "default" for KVX_BACKEND_DEFAULT, "unknown" else. */
 KVX_API const char *kvx_backend_name(kvx_backend b);
 /* The desc the context runs with, every default and environment fallback
@@ -446,6 +466,14 @@ KVX_API kvx_status  kvx_notify_expect(kvx_ctx *ctx, uint64_t id, uint32_t timeou
    gets KVX_ERR_STALE, never the next request's bytes. */
 KVX_API kvx_status  kvx_notify_expect_retire(kvx_ctx *ctx, uint64_t id, uint32_t timeout_ms,
                                              kvx_cache *cache, const uint32_t *ids, uint32_t n);
+/* A lease that counts its readers: readers reads (of several decode ranks,
+   say) notify id, and each notification is delivered as it comes; the lease
+   ends when all of them came, or at timeout_ms, when one expired
+   notification stands for every reader that did not come (and, with a
+   cache, its blocks are retired). The others count one reader each
+   (readers 0 is 1). A reader that comes twice counts twice. */
+KVX_API kvx_status  kvx_notify_expect_readers(kvx_ctx *ctx, uint64_t id, uint32_t readers, uint32_t timeout_ms,
+                                              kvx_cache *cache, const uint32_t *ids, uint32_t n);
 KVX_API int         kvx_notifications(kvx_ctx *ctx, kvx_notification *out, int max);
 KVX_API int         kvx_progress(kvx_ctx *ctx);
 KVX_API void        kvx_stats_get(const kvx_ctx *ctx, kvx_stats *out);
@@ -528,8 +556,6 @@ KVX_API void        kvx_stats_get(const kvx_ctx *ctx, kvx_stats *out);
 #define KVX__MAX_REGIONS 4096u
 #define KVX__MAX_LAYERS 65536u
 #define KVX__NOTIFY_RING 4096u
-#define KVX__LEASE_ARRIVED 1
-#define KVX__LEASE_EXPIRED 2
 #define KVX__NOTIFY_MSG_BYTES 104u     /* kvx_wire.h: a notification */
 #define KVX__EPOCH_AHEAD_NS (600ull * 1000000000ull)  /* metadata this far ahead of the clock is refused */
 #define KVX__EXPIRED_MEMORY 1024u
@@ -687,9 +713,14 @@ struct kvx_queue {
 };
 
 typedef struct kvx__backend kvx__backend;
+/* A lease: readers notifications of id by the deadline. Arrivals wait in
+   ranks until the ring has room; the lease ends once every reader's
+   arrival, or its expiry, is delivered. */
 typedef struct kvx__expect {
     uint64_t id, deadline_ns;
-    int arrived, rank;          /* KVX__LEASE_*: arrived or expired while the ring was full, delivered when there is room */
+    uint32_t readers, got, delivered;
+    int expired;
+    int *ranks;                 /* readers of them: the ranks that arrived, in order */
     kvx_cache *retire;          /* kvx_notify_expect_retire: its blocks, retired at expiry */
     uint32_t *ids, nids;
 } kvx__expect;
@@ -944,7 +975,10 @@ KVX__PRIV kvx_status kvx__fail(kvx_ctx *ctx, kvx_status st, const char *fmt, ...
     va_end(ap);
     if (st == KVX_PENDING) return st;  /* backpressure, not an error */
     ctx->st.errors++;
-    KVX__LOG(ctx, KVX_LOG_ERROR, "%s: %s", kvx_status_name(st), ctx->err);
+    /* The caller has it (the status, and kvx_ctx_error's sentence): said
+       again only where asked for. What nobody is handed is logged where it
+       happens, at KVX_LOG_WARN or KVX_LOG_ERROR. */
+    KVX__LOG(ctx, KVX_LOG_INFO, "%s: %s", kvx_status_name(st), ctx->err);
     return st;
 }
 
@@ -977,6 +1011,33 @@ KVX_API const char *kvx_backend_name(kvx_backend b) {
     case KVX_BACKEND_OFI: return "ofi";
     case KVX_BACKEND_CUDA: return "cuda";
     case KVX_BACKEND_LOCAL: return "local";
+    }
+    return "unknown";
+}
+
+KVX__PRIV uint32_t kvx__dtype_bytes(kvx_dtype d) {
+    switch (d) {
+    case KVX_DTYPE_F16: case KVX_DTYPE_BF16: case KVX_DTYPE_U16: return 2;
+    case KVX_DTYPE_F32: return 4;
+    case KVX_DTYPE_F8_E4M3: case KVX_DTYPE_F8_E5M2: case KVX_DTYPE_I8: case KVX_DTYPE_U8: return 1;
+    case KVX_DTYPE_F64: return 8;
+    case KVX_DTYPE_UNSPECIFIED: return 0;
+    }
+    return 0;
+}
+
+KVX_API const char *kvx_dtype_name(kvx_dtype d) {
+    switch (d) {
+    case KVX_DTYPE_UNSPECIFIED: return "unspecified";
+    case KVX_DTYPE_F16: return "f16";
+    case KVX_DTYPE_BF16: return "bf16";
+    case KVX_DTYPE_F32: return "f32";
+    case KVX_DTYPE_F8_E4M3: return "f8e4m3";
+    case KVX_DTYPE_F8_E5M2: return "f8e5m2";
+    case KVX_DTYPE_I8: return "i8";
+    case KVX_DTYPE_U8: return "u8";
+    case KVX_DTYPE_F64: return "f64";
+    case KVX_DTYPE_U16: return "u16";
     }
     return "unknown";
 }
@@ -1042,6 +1103,9 @@ KVX__PRIV kvx_status kvx__layout_check(kvx_ctx *ctx, kvx_layout *l, int tp_size,
     if (l->order != KVX_ORDER_HND && l->order != KVX_ORDER_NHD)
         return kvx__fail(ctx, KVX_ERR_ARG, "%s: order %d is neither HND nor NHD", who, (int)l->order);
     if (l->kv_planes > 2) return kvx__fail(ctx, KVX_ERR_ARG, "%s: kv_planes %u, must be 1 or 2", who, l->kv_planes);
+    if (l->dtype != KVX_DTYPE_UNSPECIFIED && kvx__dtype_bytes(l->dtype) != l->elem_bytes)
+        return kvx__fail(ctx, KVX_ERR_ARG, "%s: dtype %s (%d) is %u bytes, elem_bytes says %u", who, kvx_dtype_name(l->dtype), (int)l->dtype,
+                         kvx__dtype_bytes(l->dtype), l->elem_bytes);
     l->kv_planes = kvx__planes(l);
     if (!l->total_heads) l->total_heads = l->num_heads * (uint32_t)tp_size;
     if (l->total_heads >= (uint32_t)tp_size) {
@@ -1174,6 +1238,9 @@ KVX__PRIV kvx_status kvx__compat(kvx_ctx *ctx, const kvx__cache_info *lc, const 
     KVX__SAME(total_heads);
     KVX__SAME(kv_planes);
 #undef KVX__SAME
+    if (a->dtype && b->dtype && a->dtype != b->dtype)
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "peer %s/%d cache %u: dtype %s, ours (cache %u) %s: the bytes would read as another type",
+                         p->name, p->rank, rc->id, kvx_dtype_name(b->dtype), lc->id, kvx_dtype_name(a->dtype));
     if (a->order != b->order)
         return kvx__fail(ctx, KVX_ERR_MISMATCH, "peer %s/%d cache %u: order %s, ours (cache %u) %s", p->name, p->rank, rc->id,
                          b->order == KVX_ORDER_HND ? "HND" : "NHD", lc->id, a->order == KVX_ORDER_HND ? "HND" : "NHD");
@@ -1198,15 +1265,16 @@ KVX__PRIV void kvx__host_identity(char *out, size_t cap, const char *given) {
     snprintf(out, cap, "%s/%s", host, boot);
 }
 
+/* $KVX_LOG: off (or none, 0), error, warn, info, debug; unset or unknown: warn. */
 KVX__PRIV kvx_log_level kvx__env_log_level(void) {
     const char *e = getenv("KVX_LOG");
     if (!e || !*e) return KVX_LOG_WARN;  /* errors, and warnings: a fallback is never silent */
-    if (!strcmp(e, "off")) return KVX_LOG_OFF;
+    if (!strcmp(e, "off") || !strcmp(e, "none") || !strcmp(e, "0")) return KVX_LOG_OFF;
     if (!strcmp(e, "error")) return KVX_LOG_ERROR;
-    if (!strcmp(e, "warn")) return KVX_LOG_WARN;
+    if (!strcmp(e, "warn") || !strcmp(e, "warning")) return KVX_LOG_WARN;
     if (!strcmp(e, "info")) return KVX_LOG_INFO;
     if (!strcmp(e, "debug")) return KVX_LOG_DEBUG;
-    return KVX_LOG_ERROR;
+    return KVX_LOG_WARN;
 }
 
 /* Epochs grow across restarts (wall clock) and within a process. */
@@ -1360,7 +1428,7 @@ KVX_API void kvx_ctx_destroy(kvx_ctx *ctx) {
     if (ctx->wake_pipe[0] >= 0) { close(ctx->wake_pipe[0]); close(ctx->wake_pipe[1]); }
     pthread_mutex_destroy(&ctx->lock);
     if (ctx->md_key) { memset(ctx->md_key, 0, ctx->md_key_len); KVX_FREE(ctx->md_key); }
-    while (ctx->nexpect) KVX_FREE(ctx->expect[--ctx->nexpect].ids);
+    while (ctx->nexpect) { KVX_FREE(ctx->expect[ctx->nexpect - 1].ids); KVX_FREE(ctx->expect[--ctx->nexpect].ranks); }
     KVX_FREE(ctx->expect);
     KVX_FREE(ctx);
 }
@@ -1769,8 +1837,10 @@ KVX_API void kvx_peer_remove(kvx_peer *p) {
     stuck = kvx__peer_close(p, KVX_ERR_CANCELED);
     for (pp = &ctx->peers; *pp; pp = &(*pp)->next)
         if (*pp == p) { *pp = p->next; break; }
-    if (stuck) /* reads still point at it: keep the memory rather than free it under them */
+    if (stuck) { /* reads still point at it: keep the memory rather than free it under them */
         kvx__fail(ctx, KVX_ERR_BACKEND, "peer %s/%d removed with %u reads the transport never completed; its memory is kept", p->name, p->rank, stuck);
+        KVX__LOG(ctx, KVX_LOG_ERROR, "%s", ctx->err);  /* nobody is handed this one */
+    }
     pthread_mutex_unlock(&ctx->lock);
     if (!stuck) kvx__peer_free(p);
 }
@@ -1788,10 +1858,20 @@ KVX_API kvx_status kvx_peer_heads(const kvx_peer *p, const kvx_cache *c, uint32_
     return KVX_OK;
 }
 
+/* The transport lost p. With nothing of ours in flight to it that is a
+   close, not an error (an owner that ends after its readers are done):
+   said at info, and the next read of it fails saying so. On this host the
+   pid tells a process that is gone from a connection that broke. */
 KVX__PRIV void kvx__peer_failed(kvx_peer *p, const char *why) {
+    kvx_ctx *ctx = p->ctx;
+    int gone = !strcmp(p->host, ctx->host) && !kvx__pid_alive(p->pid);
     if (p->failed) return;
     p->failed = 1;
-    kvx__fail(p->ctx, KVX_ERR_PEER, "peer %s/%d (pid %u, %s): %s", p->name, p->rank, p->pid, p->transport, why);
+    kvx__fail(ctx, KVX_ERR_PEER, "peer %s/%d (pid %u, %s) %s%s (%s)", p->name, p->rank, p->pid, p->transport,
+              p->ops_out ? "was lost with reads in flight" : "closed its connection",
+              gone ? ": its process has ended" : "", why);
+    if (p->ops_out)
+        KVX__LOG(ctx, KVX_LOG_WARN, "%s", ctx->err);
 }
 
 /*--- queues and reads ----------------------------------------------------*/
@@ -2425,6 +2505,26 @@ KVX__PRIV void kvx__notify_full(kvx_ctx *ctx, uint64_t id) {
                  KVX__NOTIFY_RING, (unsigned long long)held);
 }
 
+/* Push what a lease holds, in order, while the ring has room: its arrivals,
+   then, once expired, one expired notification for the readers that never
+   came. 1 once it has nothing more to deliver. */
+KVX__PRIV int kvx__lease_deliver(kvx_ctx *ctx, kvx__expect *e) {
+    while (e->delivered < e->got) {
+        if (!kvx__notify_push(ctx, e->id, KVX_OK, e->ranks[e->delivered])) return 0;
+        e->delivered++;
+    }
+    if (e->delivered == e->readers) return 1;
+    if (!e->expired) return 0;
+    if (!kvx__notify_push(ctx, e->id, KVX_ERR_TIMEOUT, -1)) return 0;
+    return 1;
+}
+
+KVX__PRIV void kvx__lease_end(kvx_ctx *ctx, uint32_t i) {
+    KVX_FREE(ctx->expect[i].ids);
+    KVX_FREE(ctx->expect[i].ranks);
+    ctx->expect[i] = ctx->expect[--ctx->nexpect];
+}
+
 /* A notification from the network: taken only with this context's secret
    (anything else is dropped unanswered and counted); rank and name as the
    reader sent them, checked for sense. */
@@ -2446,15 +2546,11 @@ KVX__PRIV void kvx__notify_arrived(kvx_ctx *ctx, const uint8_t *buf, size_t len)
     }
     ctx->st.notifications_received++;
     for (i = 0; i < ctx->nexpect; i++)
-        if (ctx->expect[i].id == m.id && !ctx->expect[i].arrived) break;
-    if (i < ctx->nexpect) {
-        if (!kvx__notify_push(ctx, m.id, KVX_OK, (int)m.rank)) {
-            ctx->expect[i].arrived = KVX__LEASE_ARRIVED;  /* kept, and delivered once there is room */
-            ctx->expect[i].rank = (int)m.rank;
-            return;
-        }
-        KVX_FREE(ctx->expect[i].ids);
-        ctx->expect[i] = ctx->expect[--ctx->nexpect];
+        if (ctx->expect[i].id == m.id && !ctx->expect[i].expired && ctx->expect[i].got < ctx->expect[i].readers) break;
+    if (i < ctx->nexpect) {  /* kept in its lease until the ring has room */
+        kvx__expect *e = &ctx->expect[i];
+        e->ranks[e->got++] = (int)m.rank;
+        if (kvx__lease_deliver(ctx, e)) kvx__lease_end(ctx, i);
         return;
     }
     /* Not expected: unless it already expired, in which case it is late and
@@ -2470,12 +2566,16 @@ KVX__PRIV void kvx__notify_arrived(kvx_ctx *ctx, const uint8_t *buf, size_t len)
     if (!kvx__notify_push(ctx, m.id, KVX_OK, (int)m.rank)) kvx__notify_full(ctx, m.id);
 }
 
-KVX_API kvx_status kvx_notify_expect_retire(kvx_ctx *ctx, uint64_t id, uint32_t timeout_ms,
-                                            kvx_cache *cache, const uint32_t *ids, uint32_t n) {
+KVX_API kvx_status kvx_notify_expect_readers(kvx_ctx *ctx, uint64_t id, uint32_t readers, uint32_t timeout_ms,
+                                             kvx_cache *cache, const uint32_t *ids, uint32_t n) {
     const char *who = cache ? "kvx_notify_expect_retire" : "kvx_notify_expect";
     uint32_t *copy = NULL, i;
+    int *ranks = NULL;
     kvx_status st = KVX_OK;
+    kvx__expect *e;
     if (!ctx) return KVX_ERR_ARG;
+    if (!readers) readers = 1;
+    if (readers > 65536u) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_notify_expect_readers: %u readers, at most 65536", readers);
     pthread_mutex_lock(&ctx->lock);
     if (cache) {
         for (i = 0; i < ctx->ncaches && ctx->caches[i] != cache; i++) {}
@@ -2484,28 +2584,35 @@ KVX_API kvx_status kvx_notify_expect_retire(kvx_ctx *ctx, uint64_t id, uint32_t 
         if (n && !(copy = (uint32_t *)KVX_MALLOC((size_t)n * sizeof *copy))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", who); goto out; }
         if (n) memcpy(copy, ids, (size_t)n * sizeof *copy);
     }
+    if (!(ranks = (int *)KVX_MALLOC((size_t)readers * sizeof *ranks))) { KVX_FREE(copy); st = kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", who); goto out; }
     if (ctx->nexpect == ctx->expect_cap) {
         uint32_t cap = ctx->expect_cap ? ctx->expect_cap * 2 : 64;
         void *nx = KVX_REALLOC(ctx->expect, (size_t)cap * sizeof *ctx->expect);
-        if (!nx) { KVX_FREE(copy); st = kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", who); goto out; }
+        if (!nx) { KVX_FREE(copy); KVX_FREE(ranks); st = kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", who); goto out; }
         ctx->expect = (kvx__expect *)nx;
         ctx->expect_cap = cap;
     }
-    ctx->expect[ctx->nexpect].id = id;
-    ctx->expect[ctx->nexpect].deadline_ns = kvx__now_ns() + (uint64_t)(timeout_ms ? timeout_ms : ctx->timeout_ms) * 1000000ull;
-    ctx->expect[ctx->nexpect].retire = cache;
-    ctx->expect[ctx->nexpect].ids = copy;
-    ctx->expect[ctx->nexpect].nids = cache ? n : 0;
-    ctx->expect[ctx->nexpect].arrived = 0;
-    ctx->expect[ctx->nexpect].rank = -1;
-    ctx->nexpect++;
+    e = &ctx->expect[ctx->nexpect++];
+    memset(e, 0, sizeof *e);
+    e->id = id;
+    e->deadline_ns = kvx__now_ns() + (uint64_t)(timeout_ms ? timeout_ms : ctx->timeout_ms) * 1000000ull;
+    e->readers = readers;
+    e->ranks = ranks;
+    e->retire = cache;
+    e->ids = copy;
+    e->nids = cache ? n : 0;
 out:
     pthread_mutex_unlock(&ctx->lock);
     return st;
 }
 
+KVX_API kvx_status kvx_notify_expect_retire(kvx_ctx *ctx, uint64_t id, uint32_t timeout_ms,
+                                            kvx_cache *cache, const uint32_t *ids, uint32_t n) {
+    return kvx_notify_expect_readers(ctx, id, 1, timeout_ms, cache, ids, n);
+}
+
 KVX_API kvx_status kvx_notify_expect(kvx_ctx *ctx, uint64_t id, uint32_t timeout_ms) {
-    return kvx_notify_expect_retire(ctx, id, timeout_ms, NULL, NULL, 0);
+    return kvx_notify_expect_readers(ctx, id, 1, timeout_ms, NULL, NULL, 0);
 }
 
 /* One pass: transport progress, failed peers, deadlines, issuing, expiries.
@@ -2532,22 +2639,16 @@ KVX__PRIV uint64_t kvx__progress_locked(kvx_ctx *ctx, int *events) {
     }
     for (i = 0; i < ctx->nexpect;) {
         kvx__expect *e = &ctx->expect[i];
-        if (!e->arrived && now >= e->deadline_ns) {
+        if (!e->expired && e->got < e->readers && now >= e->deadline_ns) {
+            e->expired = 1;
             ctx->expired[ctx->expired_head++ % KVX__EXPIRED_MEMORY] = e->id + 1;
             /* before the owner hears of it, so it cannot reuse the blocks first */
             if (e->retire && kvx__retire_blocks(ctx, &e->retire->info, e->ids, e->nids) != KVX_OK)
                 KVX__LOG(ctx, KVX_LOG_ERROR, "notify id %llu expired, but its blocks could not be retired: %s", (unsigned long long)e->id, ctx->err);
-            e->arrived = KVX__LEASE_EXPIRED;
-            e->rank = -1;
         }
-        if (e->arrived) {  /* arrived or expired: delivered as soon as the ring has room */
-            if (!kvx__notify_push(ctx, e->id, e->arrived == KVX__LEASE_EXPIRED ? KVX_ERR_TIMEOUT : KVX_OK, e->rank)) { i++; continue; }
-            KVX_FREE(e->ids);
-            ctx->expect[i] = ctx->expect[--ctx->nexpect];
-        } else {
-            if (!next || e->deadline_ns < next) next = e->deadline_ns;
-            i++;
-        }
+        if (kvx__lease_deliver(ctx, e)) { kvx__lease_end(ctx, i); continue; }
+        if (!e->expired && (!next || e->deadline_ns < next)) next = e->deadline_ns;
+        i++;
     }
     return next;
 }
@@ -2761,9 +2862,13 @@ KVX_API int kvx_notifications(kvx_ctx *ctx, kvx_notification *out, int max) {
     pthread_mutex_lock(&ctx->lock);
     if (!ctx->pt_on) kvx__progress_locked(ctx, NULL);
     while (n < max && ctx->note_count) {
+        uint32_t i;
         out[n++] = ctx->notes[ctx->note_head];
         ctx->note_head = (ctx->note_head + 1) % KVX__NOTIFY_RING;
         ctx->note_count--;
+        for (i = 0; i < ctx->nexpect;)  /* what leases kept while the ring was full takes the room at once */
+            if (ctx->expect[i].delivered < ctx->expect[i].got && kvx__lease_deliver(ctx, &ctx->expect[i])) kvx__lease_end(ctx, i);
+            else i++;
     }
     pthread_mutex_unlock(&ctx->lock);
     return n;

@@ -572,9 +572,14 @@ KVX__PRIV ucs_status_t kvx__ucx_wait_req(kvx_ctx *ctx, ucs_status_ptr_t req) {
 
 /*--- endpoints ----------------------------------------------------------------*/
 
+/* UCX says "Endpoint timeout" for a connection the peer reset (its process
+   ended) as well as for one that went quiet: kvx says which it can tell. */
 KVX__PRIV void kvx__ucx_ep_err(void *arg, ucp_ep_h ep, ucs_status_t status) {
+    char why[160];
     (void)ep;
-    kvx__peer_failed((kvx_peer *)arg, ucs_status_string(status));
+    snprintf(why, sizeof why, "%s%s", status == UCS_ERR_ENDPOINT_TIMEOUT || status == UCS_ERR_CONNECTION_RESET
+             ? "the connection was reset or went quiet; UCX: " : "UCX: ", ucs_status_string(status));
+    kvx__peer_failed((kvx_peer *)arg, why);
 }
 
 KVX__PRIV ucs_status_t kvx__ucx_ep(kvx_ctx *ctx, kvx__ucx_side *side, kvx_peer *p, const uint8_t *addr, ucp_err_handling_mode_t mode, ucp_ep_h *h) {

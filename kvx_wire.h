@@ -10,7 +10,8 @@
         metadata     magic "KVX1", version KVX_METADATA_VERSION, backend
                      kind, total length, CRC-32C; then the context (epoch,
                      secret, flags, rank, tp size, pid, name, host), the
-                     backend's address and each cache: layout, memory kind,
+                     backend's address and each cache: layout (with its
+                     dtype), memory kind,
                      regions with their remote keys (the backend's bytes) and
                      plane bases; where signed (flag 1), an HMAC-SHA-256 tag
                      of all that as its last 32 bytes.
@@ -101,6 +102,7 @@ KVX__PRIV void kvx__put_cache(kvx__wbuf *w, const kvx__cache_info *c) {
     kvx__put_u(w, l->num_heads, 4); kvx__put_u(w, l->head_dim, 4); kvx__put_u(w, l->elem_bytes, 4);
     kvx__put_u(w, l->total_heads, 4);
     kvx__put_u(w, (uint64_t)l->order, 1); kvx__put_u(w, l->kv_planes, 1);
+    kvx__put_u(w, (uint64_t)l->dtype, 1);
     kvx__put_u(w, (uint64_t)c->mem, 1);
     kvx__put_u(w, (c->csum_region != KVX__NO_CSUM ? 1u : 0u) | (c->gen_region != KVX__NO_CSUM ? 2u : 0u), 1);
     kvx__put_u(w, (uint64_t)(uint32_t)c->device, 4);
@@ -125,6 +127,7 @@ KVX__PRIV kvx_status kvx__get_cache(kvx_ctx *ctx, kvx__rbuf *r, kvx__cache_info 
     l->head_dim = (uint32_t)kvx__get_u(r, 4); l->elem_bytes = (uint32_t)kvx__get_u(r, 4);
     l->total_heads = (uint32_t)kvx__get_u(r, 4);
     l->order = (kvx_order)kvx__get_u(r, 1); l->kv_planes = (uint32_t)kvx__get_u(r, 1);
+    l->dtype = (kvx_dtype)kvx__get_u(r, 1);
     c->mem = (kvx_mem)kvx__get_u(r, 1);
     tables = (uint32_t)kvx__get_u(r, 1);  /* bit 0: checksums, bit 1: generations; the last regions */
     c->csum_region = c->gen_region = KVX__NO_CSUM;

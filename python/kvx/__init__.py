@@ -28,7 +28,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 __all__ = [
     "Context", "Cache", "Peer", "Queue", "Ticket", "Completion", "Notification",
     "Error", "ArgumentError", "NoMemoryError", "UnsupportedError", "MismatchError", "BackendError",
-    "PeerError", "TimeoutError", "CorruptError", "CanceledError", "QueueFullError", "backends", "cuda_available", "library_path",
+    "PeerError", "TimeoutError", "CorruptError", "CanceledError", "StaleError", "QueueFullError", "backends", "cuda_available",
+    "library_path",
 ]
 
 # --- errors -------------------------------------------------------------------
@@ -188,7 +189,7 @@ class _CtxDesc(C.Structure):
 class _Layout(C.Structure):
     _fields_ = [("num_layers", C.c_uint32), ("num_blocks", C.c_uint32), ("block_tokens", C.c_uint32),
                 ("num_heads", C.c_uint32), ("head_dim", C.c_uint32), ("elem_bytes", C.c_uint32),
-                ("order", C.c_int), ("total_heads", C.c_uint32), ("kv_planes", C.c_uint32)]
+                ("order", C.c_int), ("total_heads", C.c_uint32), ("kv_planes", C.c_uint32), ("dtype", C.c_int)]
 
 
 class _CacheDesc(C.Structure):

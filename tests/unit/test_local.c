@@ -140,6 +140,54 @@ int main(void) {
         kvx_ex_cache_free(&pm); kvx_ex_cache_free(&dm);
     }
 
+    T_CASE("local: a lease of two readers: both notifications come, each as it arrives; a reader that never comes makes one expired notification") {
+        kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D[2];
+        kvx_ex_cache pm, dm[2];
+        kvx_layout lp, ld;
+        kvx_cache_desc cd;
+        kvx_cache *pc, *dc[2];
+        kvx_peer *p[2];
+        kvx_queue *q[2];
+        kvx_notification n[8];
+        int r, k, i, ok = 0, expired = 0, ranks = 0;
+        double t0;
+        layout(&lp, KVX_ORDER_HND, 4);
+        layout(&ld, KVX_ORDER_HND, 2);
+        kvx_ex_cache_alloc(&pm, &lp, 0, 1);
+        cd = kvx_ex_cache_desc(&pm); T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
+        T_ST(kvx_notify_expect_readers(P, 7, 2, 5000, NULL, NULL, 0), KVX_OK);     /* both decode ranks read request 7 */
+        T_ST(kvx_notify_expect_readers(P, 8, 2, 500, NULL, NULL, 0), KVX_OK);     /* only rank 0 will read request 8 */
+        for (r = 0; r < 2; r++) {
+            D[r] = local_ctx("decode", r, 2, 0);
+            kvx_ex_cache_alloc(&dm[r], &ld, r, 2);
+            cd = kvx_ex_cache_desc(&dm[r]); T_ST(kvx_cache_register(D[r], &cd, &dc[r]), KVX_OK);
+            p[r] = add(D[r], P);
+            T_ST(kvx_queue_create(D[r], NULL, &q[r]), KVX_OK);
+            T_ST(read_blocks(q[r], p[r], dc[r], dst, src, 4, 0, 7, 0, &t), KVX_OK);
+            T_ST(kvx_wait(q[r], t, 5000), KVX_OK);
+        }
+        T_ST(read_blocks(q[0], p[0], dc[0], dst, src, 4, 0, 8, 0, &t), KVX_OK);
+        T_ST(kvx_wait(q[0], t, 5000), KVX_OK);
+        t0 = kvx_t_now();
+        while ((ok < 3 || expired < 1) && kvx_t_now() - t0 < 5) {
+            for (r = 0; r < 2; r++) kvx_progress(D[r]);
+            k = kvx_notifications(P, n, 8);
+            for (i = 0; i < k; i++) {
+                if (n[i].status == KVX_OK && (n[i].id == 7 || n[i].id == 8)) { ok++; ranks |= n[i].id == 7 ? 1 << n[i].peer_rank : 0; }
+                else if (n[i].id == 8 && n[i].status == KVX_ERR_TIMEOUT) expired++;
+                else T_FAILF("notification %llu status %s", (unsigned long long)n[i].id, kvx_status_name(n[i].status));
+            }
+            if (!k) usleep(10000);
+        }
+        T_EQ(ok, 3);          /* 7 from ranks 0 and 1, 8 from rank 0 */
+        T_EQ(ranks, 3);
+        T_EQ(expired, 1);     /* rank 1 never read 8: one expired notification stands for it */
+        usleep(100000);
+        T_EQ(kvx_notifications(P, n, 8), 0);
+        for (r = 0; r < 2; r++) { kvx_queue_destroy(q[r]); kvx_peer_remove(p[r]); kvx_cache_deregister(dc[r]); kvx_ctx_destroy(D[r]); kvx_ex_cache_free(&dm[r]); }
+        kvx_cache_deregister(pc); kvx_ctx_destroy(P); kvx_ex_cache_free(&pm);
+    }
+
     T_CASE("local: a full notification ring keeps leases: what arrives or expires while it is full comes once there is room; the rest is dropped and counted") {
         kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D = local_ctx("decode", 0, 1, 0);
         kvx_ex_cache pm, dm;
