@@ -324,6 +324,13 @@ typedef struct kvx_cache_desc {
     uint64_t layer_stride;
     uint64_t plane_stride;
     uint64_t block_stride;      /* bytes from block b to b+1; 0: the block's own size */
+    /* Inside a block (0: from the order, blocks packed as [head][token][dim]
+       for HND, [token][head][dim] for NHD). HND: bytes from head h to h+1,
+       its tokens packed; NHD: bytes from token t to t+1, its heads packed.
+       With block_stride they describe views like vLLM's block-outermost
+       layouts, whose per-layer view strides a block across all layers. */
+    uint64_t head_stride;       /* HND only */
+    uint64_t token_stride;      /* NHD only */
     int checksums;              /* 1: keep a checksum per block, layer, K/V and head (kvx_cache_seal),
                                    published to peers; needed on both sides of a verified read.
                                    GPU caches: the CUDA backend only; the table lives on the GPU */
@@ -584,6 +591,8 @@ typedef struct kvx__cache_info {
     kvx_mem mem;
     int device;
     uint64_t block_bytes, block_stride;
+    uint64_t head_stride, token_stride; /* HND: head to head, NHD: token to token (defaults filled in) */
+    uint64_t block_extent;      /* bytes from a block's first byte to past its last */
     uint32_t nplanes;
     uint64_t *plane_base;       /* nplanes */
     uint16_t *plane_region;     /* nplanes */
@@ -873,6 +882,7 @@ typedef struct kvx__stream_service {
 
 KVX__PRIV void kvx__op_done(kvx__read *rd, kvx_status st, const char *why);
 KVX__PRIV kvx_status kvx__layout_check(kvx_ctx *ctx, kvx_layout *l, int tp_size, const char *who);
+KVX__PRIV kvx_status kvx__strides_check(kvx_ctx *ctx, kvx__cache_info *c, const char *who);
 KVX__PRIV kvx_status kvx__planes_locate(kvx_ctx *ctx, kvx__cache_info *c, const char *who);
 KVX__PRIV void kvx__notify_arrived(kvx_ctx *ctx, const uint8_t *msg, size_t len);
 KVX__PRIV void kvx__notify_sent(kvx__read *rd);
@@ -1121,6 +1131,38 @@ KVX__PRIV kvx_status kvx__layout_check(kvx_ctx *ctx, kvx_layout *l, int tp_size,
     return KVX_OK;
 }
 
+/* The strides inside a block (0: from the order), and the bytes a block
+   spans. Heads (HND) or tokens (NHD) may be spaced, but never overlap; and
+   blocks either do not overlap, or (HND) nest between a head's and the
+   next's, as in a [layer][head][block][token][dim] pool. */
+KVX__PRIV kvx_status kvx__strides_check(kvx_ctx *ctx, kvx__cache_info *c, const char *who) {
+    const kvx_layout *l = &c->lay;
+    uint64_t hb = (uint64_t)l->head_dim * l->elem_bytes, run, n;
+    int hnd = l->order == KVX_ORDER_HND;
+    c->block_bytes = (uint64_t)l->block_tokens * l->num_heads * hb;
+    if (!c->block_stride) c->block_stride = c->block_bytes;
+    if (!c->head_stride) c->head_stride = hnd ? hb * l->block_tokens : hb;
+    if (!c->token_stride) c->token_stride = hnd ? hb : hb * l->num_heads;
+    if (hnd ? c->token_stride != hb : c->head_stride != hb)
+        return kvx__fail(ctx, KVX_ERR_ARG, "%s: %s with a %s stride of %llu bytes, not the %llu of one %s: kvx reads %s", who,
+                         hnd ? "HND" : "NHD", hnd ? "token" : "head", (unsigned long long)(hnd ? c->token_stride : c->head_stride),
+                         (unsigned long long)hb, hnd ? "token's head_dim" : "head's head_dim",
+                         hnd ? "a head's tokens packed" : "a token's heads packed");
+    run = hnd ? hb * l->block_tokens : hb * l->num_heads;   /* a head's tokens, or a token's heads */
+    n = hnd ? l->num_heads : l->block_tokens;               /* how many such runs in a block */
+    if ((hnd ? c->head_stride : c->token_stride) < run)
+        return kvx__fail(ctx, KVX_ERR_ARG, "%s: a %s stride of %llu bytes overlaps the %llu bytes of each %s", who, hnd ? "head" : "token",
+                         (unsigned long long)(hnd ? c->head_stride : c->token_stride), (unsigned long long)run, hnd ? "head" : "token");
+    c->block_extent = kvx__mul_sat(n - 1, hnd ? c->head_stride : c->token_stride) + run;
+    if (c->block_extent < run) c->block_extent = UINT64_MAX;
+    if (c->block_stride >= c->block_extent) return KVX_OK;
+    if (hnd && l->num_heads > 1 && c->block_stride >= run && c->head_stride >= kvx__mul_sat(l->num_blocks, c->block_stride))
+        return KVX_OK;  /* blocks between a head and the next: [head][block][token][dim] */
+    return kvx__fail(ctx, KVX_ERR_ARG, "%s: block_stride %llu is less than the %llu bytes a block spans (%s stride %llu): blocks would overlap",
+                     who, (unsigned long long)c->block_stride, (unsigned long long)c->block_extent, hnd ? "head" : "token",
+                     (unsigned long long)(hnd ? c->head_stride : c->token_stride));
+}
+
 /* First global head held by rank; heads are replicated when fewer than tp. */
 KVX__PRIV uint32_t kvx__head_first(const kvx_layout *l, int rank, int tp) {
     if (l->total_heads >= (uint32_t)tp) return (uint32_t)rank * (l->total_heads / (uint32_t)tp);
@@ -1148,27 +1190,31 @@ KVX__PRIV void kvx__head_range(const kvx_layout *ll, int lr, int ltp, const kvx_
    sides, when the slices tile the block and collapse into one. */
 KVX__PRIV void kvx__geom_make(const kvx__cache_info *lc, uint32_t l0, const kvx__cache_info *rc, uint32_t r0,
                               uint32_t a, uint32_t b, kvx__geom *g) {
-    const kvx_layout *ll = &lc->lay, *rl = &rc->lay;
+    const kvx_layout *ll = &lc->lay;
     uint64_t hb = (uint64_t)ll->head_dim * ll->elem_bytes;  /* one head, one token */
     uint64_t T = ll->block_tokens;
     memset(g, 0, sizeof *g);
-    if (ll->order == KVX_ORDER_HND) {
-        g->loff = (uint64_t)(a - l0) * T * hb;
-        g->roff = (uint64_t)(a - r0) * T * hb;
-        g->piece = (uint64_t)(b - a) * T * hb;
-        g->npieces = 1;
-    } else {
+    if (ll->order == KVX_ORDER_HND) {  /* a piece per head (its tokens packed), heads head_stride apart */
+        g->loff = (uint64_t)(a - l0) * lc->head_stride;
+        g->roff = (uint64_t)(a - r0) * rc->head_stride;
+        g->piece = T * hb;
+        g->lpstride = lc->head_stride;
+        g->rpstride = rc->head_stride;
+        g->npieces = b - a;
+    } else {                           /* a piece per token (its heads a to b), tokens token_stride apart */
         g->loff = (uint64_t)(a - l0) * hb;
         g->roff = (uint64_t)(a - r0) * hb;
         g->piece = (uint64_t)(b - a) * hb;
-        g->lpstride = (uint64_t)ll->num_heads * hb;
-        g->rpstride = (uint64_t)rl->num_heads * hb;
+        g->lpstride = lc->token_stride;
+        g->rpstride = rc->token_stride;
         g->npieces = (uint32_t)T;
-        if (g->piece == g->lpstride && g->piece == g->rpstride) {
-            g->piece *= T;
-            g->npieces = 1;
-        }
     }
+    if (g->npieces > 1 && g->piece == g->lpstride && g->piece == g->rpstride) {  /* the pieces tile: one */
+        g->piece *= g->npieces;
+        g->npieces = 1;
+        g->lpstride = g->rpstride = 0;
+    }
+    if (g->npieces == 1) g->lpstride = g->rpstride = 0;
     g->run_merge = g->npieces == 1 && g->piece == lc->block_stride && g->piece == rc->block_stride;
 }
 
@@ -1190,7 +1236,7 @@ KVX__PRIV void kvx__cache_info_free(kvx_ctx *ctx, kvx__cache_info *c) {
 
 /* Each plane must lie inside one region; remember which. */
 KVX__PRIV kvx_status kvx__planes_locate(kvx_ctx *ctx, kvx__cache_info *c, const char *who) {
-    uint64_t span = (uint64_t)(c->lay.num_blocks - 1) * c->block_stride + c->block_bytes;
+    uint64_t span = kvx__mul_sat(c->lay.num_blocks - 1, c->block_stride) + c->block_extent;
     uint32_t p, i;
     for (p = 0; p < c->nplanes; p++) {
         uint64_t b = c->plane_base[p];
@@ -1521,13 +1567,15 @@ KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx
     if (ctx->ncaches >= KVX__MAX_CACHES) { st = kvx__fail(ctx, KVX_ERR_ARG, "at most %u caches per context", KVX__MAX_CACHES); goto fail; }
     if (d->mem != KVX_MEM_HOST && d->mem != KVX_MEM_CUDA) { st = kvx__fail(ctx, KVX_ERR_ARG, "memory kind %d unknown", (int)d->mem); goto fail; }
     if (!d->bases == !d->pool) { st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_register: give either bases (one per layer and plane) or pool, not %s", d->bases ? "both" : "neither"); goto fail; }
-    ci->block_bytes = (uint64_t)ci->lay.block_tokens * ci->lay.num_heads * ci->lay.head_dim * ci->lay.elem_bytes;
-    ci->block_stride = d->block_stride ? d->block_stride : ci->block_bytes;
-    if (ci->block_stride < ci->block_bytes) {
-        st = kvx__fail(ctx, KVX_ERR_ARG, "block_stride %llu is less than the block's %llu bytes",
-                       (unsigned long long)ci->block_stride, (unsigned long long)ci->block_bytes);
+    ci->block_stride = d->block_stride;
+    ci->head_stride = ci->lay.order == KVX_ORDER_HND ? d->head_stride : 0;
+    ci->token_stride = ci->lay.order == KVX_ORDER_NHD ? d->token_stride : 0;
+    if ((ci->lay.order == KVX_ORDER_HND ? d->token_stride : d->head_stride) != 0) {
+        st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_register: a %s layout takes %s, not %s", ci->lay.order == KVX_ORDER_HND ? "HND" : "NHD",
+                       ci->lay.order == KVX_ORDER_HND ? "head_stride" : "token_stride", ci->lay.order == KVX_ORDER_HND ? "token_stride" : "head_stride");
         goto fail;
     }
+    if ((st = kvx__strides_check(ctx, ci, "kvx_cache_register")) != KVX_OK) goto fail;
     ci->id = ctx->ncaches;
     c->seen = (uint64_t *)kvx__calloc((ci->lay.num_blocks + 63u) / 64u, sizeof *c->seen);
     ci->nplanes = ci->lay.num_layers * ci->lay.kv_planes;
@@ -1535,7 +1583,7 @@ KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx
     ci->plane_region = (uint16_t *)kvx__calloc(ci->nplanes, sizeof *ci->plane_region);
     sp = (kvx__span *)kvx__calloc(ci->nplanes, sizeof *sp);
     if (!ci->plane_base || !ci->plane_region || !sp || !c->seen) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: out of memory"); goto fail; }
-    span = (uint64_t)(ci->lay.num_blocks - 1) * ci->block_stride + ci->block_bytes;
+    span = kvx__mul_sat(ci->lay.num_blocks - 1, ci->block_stride) + ci->block_extent;
     for (p = 0; p < ci->nplanes; p++) {
         uint64_t b = d->bases ? (uint64_t)(uintptr_t)d->bases[p]
                               : (uint64_t)(uintptr_t)d->pool + (p / ci->lay.kv_planes) * d->layer_stride + (p % ci->lay.kv_planes) * d->plane_stride;

@@ -462,6 +462,12 @@ KVX__PRIV kvx_status kvx__cuda_mem_register(kvx_ctx *ctx, const kvx__cache_info 
     uint8_t *k;
     kvx__cuda_rkey_msg km;
     kvx__cuda_rkey_entry *ents = NULL;
+    /* Strided blocks (vLLM's block-outermost views) are the core's and the
+       host backends'; the copy and checksum kernels take packed blocks. */
+    if (ci->block_extent != ci->block_bytes || ci->block_stride < ci->block_bytes)
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: cache blocks with head or token strides of their own (a block spans %llu bytes "
+                         "for %llu of data, block_stride %llu): not on the CUDA backend yet; register a packed view",
+                         (unsigned long long)ci->block_extent, (unsigned long long)ci->block_bytes, (unsigned long long)ci->block_stride);
     if (ci->mem != KVX_MEM_CUDA)
         return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: the CUDA backend moves GPU memory (kvx_cache_desc.mem = KVX_MEM_CUDA); "
                          "register host caches with the UCX or libfabric backend");

@@ -68,7 +68,7 @@ KVX__PRIV uint32_t kvx__head_sum(const kvx__cache_info *c, const uint8_t *block,
     uint32_t t, nt = l->order == KVX_ORDER_HND ? 1u : l->block_tokens;
     uint64_t len = l->order == KVX_ORDER_HND ? hb * l->block_tokens : hb;
     for (t = 0; t < nt; t++) {
-        const uint8_t *p = block + (l->order == KVX_ORDER_HND ? (uint64_t)head * len : ((uint64_t)t * l->num_heads + head) * hb);
+        const uint8_t *p = block + (l->order == KVX_ORDER_HND ? (uint64_t)head * c->head_stride : (uint64_t)t * c->token_stride + (uint64_t)head * hb);
         for (i = 0; i + 8 <= len; i += 8) {
             uint64_t w;
             memcpy(&w, p + i, 8);

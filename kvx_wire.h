@@ -11,7 +11,8 @@
                      kind, total length, CRC-32C; then the context (epoch,
                      secret, flags, rank, tp size, pid, name, host), the
                      backend's address and each cache: layout (with its
-                     dtype), memory kind,
+                     dtype), block and head (HND) or token (NHD) strides,
+                     memory kind,
                      regions with their remote keys (the backend's bytes) and
                      plane bases; where signed (flag 1), an HMAC-SHA-256 tag
                      of all that as its last 32 bytes.
@@ -107,6 +108,7 @@ KVX__PRIV void kvx__put_cache(kvx__wbuf *w, const kvx__cache_info *c) {
     kvx__put_u(w, (c->csum_region != KVX__NO_CSUM ? 1u : 0u) | (c->gen_region != KVX__NO_CSUM ? 2u : 0u), 1);
     kvx__put_u(w, (uint64_t)(uint32_t)c->device, 4);
     kvx__put_u(w, c->block_stride, 8);
+    kvx__put_u(w, l->order == KVX_ORDER_HND ? c->head_stride : c->token_stride, 8);
     kvx__put_u(w, c->nregions, 4);
     for (i = 0; i < c->nregions; i++) {
         kvx__put_u(w, c->regions[i].addr, 8);
@@ -119,6 +121,7 @@ KVX__PRIV void kvx__put_cache(kvx__wbuf *w, const kvx__cache_info *c) {
 KVX__PRIV kvx_status kvx__get_cache(kvx_ctx *ctx, kvx__rbuf *r, kvx__cache_info *c, int tp_size, const char *who) {
     kvx_layout *l = &c->lay;
     uint32_t i, n, tables;
+    uint64_t inner;
     kvx_status st;
     char what[160];
     c->id = (uint32_t)kvx__get_u(r, 4);
@@ -133,6 +136,7 @@ KVX__PRIV kvx_status kvx__get_cache(kvx_ctx *ctx, kvx__rbuf *r, kvx__cache_info 
     c->csum_region = c->gen_region = KVX__NO_CSUM;
     c->device = (int)(uint32_t)kvx__get_u(r, 4);
     c->block_stride = kvx__get_u(r, 8);
+    inner = kvx__get_u(r, 8);  /* HND: head to head; NHD: token to token */
     c->nregions = (uint32_t)kvx__get_u(r, 4);
     if (r->bad) return kvx__fail(ctx, KVX_ERR_ARG, "%s: truncated in cache header", who);
     snprintf(what, sizeof what, "%s cache %u", who, c->id);
@@ -141,10 +145,9 @@ KVX__PRIV kvx_status kvx__get_cache(kvx_ctx *ctx, kvx__rbuf *r, kvx__cache_info 
     if ((st = kvx__layout_check(ctx, l, tp_size, what)) != KVX_OK) return st;
     if (c->mem != KVX_MEM_HOST && c->mem != KVX_MEM_CUDA)
         return kvx__fail(ctx, KVX_ERR_ARG, "%s: memory kind %d unknown", what, (int)c->mem);
-    c->block_bytes = (uint64_t)l->block_tokens * l->num_heads * l->head_dim * l->elem_bytes;
-    if (c->block_stride < c->block_bytes)
-        return kvx__fail(ctx, KVX_ERR_ARG, "%s: block_stride %llu is less than the block's %llu bytes", what,
-                         (unsigned long long)c->block_stride, (unsigned long long)c->block_bytes);
+    if (!c->block_stride || !inner) return kvx__fail(ctx, KVX_ERR_ARG, "%s: a block or %s stride of 0", what, l->order == KVX_ORDER_HND ? "head" : "token");
+    if (l->order == KVX_ORDER_HND) c->head_stride = inner; else c->token_stride = inner;
+    if ((st = kvx__strides_check(ctx, c, what)) != KVX_OK) return st;
     if (!c->nregions || c->nregions > KVX__MAX_REGIONS)
         return kvx__fail(ctx, KVX_ERR_ARG, "%s: %u regions (1 to %u allowed)", what, c->nregions, KVX__MAX_REGIONS);
     c->nplanes = l->num_layers * l->kv_planes;

@@ -23,6 +23,8 @@ typedef struct kvx_ex_cache {
     int rank, tp;
     uint32_t head_first;        /* first global head this rank holds */
     uint64_t block_bytes, block_stride, plane_bytes;
+    uint64_t head_stride, token_stride;  /* inside a block: HND head to head, NHD token to token */
+    int form;                   /* KVX_EX_*: how the blocks lie */
     uint8_t *mem;               /* one mapping: planes one after another */
     size_t mem_bytes;
     void **bases;               /* one per layer and plane */
@@ -48,28 +50,56 @@ static inline uint64_t kvx_ex_word(uint64_t seed, uint32_t layer, uint32_t plane
 
 static inline uint8_t kvx_ex_byte(uint64_t w, uint64_t b) { return (uint8_t)((w >> ((b & 7) << 3)) + (b >> 3) * 131u); }
 
+/* How the blocks of every layer and plane lie in one buffer, as vLLM's
+   layouts name them (L: layer and plane, B: block, H: head, N: token, C:
+   head_dim): each layer's planes one after another, blocks packed (LBHNC,
+   LBNHC, the default); block-outermost (BLHNC, BLNHC); heads outside the
+   layers (BHLNC); blocks inside each head (LHBNC). */
+enum { KVX_EX_PACKED = 0, KVX_EX_BLOCK_OUTER, KVX_EX_HEAD_OUTER, KVX_EX_BLOCK_INNER };
+
+static inline int kvx_ex_cache_alloc_form(kvx_ex_cache *c, const kvx_layout *lay, int rank, int tp, int form);
+
 /* Allocate a cache of lay for rank of tp. Untouched pages cost nothing, so a
    1.5 GB cache whose few transferred blocks are filled stays cheap. */
 static inline int kvx_ex_cache_alloc(kvx_ex_cache *c, const kvx_layout *lay, int rank, int tp) {
+    return kvx_ex_cache_alloc_form(c, lay, rank, tp, KVX_EX_PACKED);
+}
+
+static inline int kvx_ex_cache_alloc_form(kvx_ex_cache *c, const kvx_layout *lay, int rank, int tp, int form) {
     uint32_t p, np;
+    uint64_t hb, run;
     memset(c, 0, sizeof *c);
     c->lay = *lay;
     if (!c->lay.kv_planes) c->lay.kv_planes = 2;
     if (!c->lay.total_heads) c->lay.total_heads = c->lay.num_heads * (uint32_t)tp;
     c->rank = rank;
     c->tp = tp;
+    c->form = form;
     c->head_first = c->lay.total_heads >= (uint32_t)tp ? (uint32_t)rank * (c->lay.total_heads / (uint32_t)tp)
                                                         : (uint32_t)rank / ((uint32_t)tp / c->lay.total_heads);
     c->block_bytes = (uint64_t)c->lay.block_tokens * c->lay.num_heads * c->lay.head_dim * c->lay.elem_bytes;
     c->block_stride = c->block_bytes;
     c->plane_bytes = c->block_stride * c->lay.num_blocks;
+    hb = (uint64_t)c->lay.head_dim * c->lay.elem_bytes;
+    run = hb * c->lay.block_tokens;  /* one head's tokens */
+    c->head_stride = c->lay.order == KVX_ORDER_HND ? run : 0;
+    c->token_stride = c->lay.order == KVX_ORDER_NHD ? hb * c->lay.num_heads : 0;
     np = c->lay.num_layers * c->lay.kv_planes;
     c->mem_bytes = (size_t)(c->plane_bytes * np);
     c->mem = (uint8_t *)mmap(NULL, c->mem_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (c->mem == MAP_FAILED) { c->mem = NULL; return -1; }
     c->bases = (void **)calloc(np, sizeof *c->bases);
     if (!c->bases) return -1;
-    for (p = 0; p < np; p++) c->bases[p] = c->mem + (size_t)p * c->plane_bytes;
+    if ((form == KVX_EX_HEAD_OUTER || form == KVX_EX_BLOCK_INNER) && c->lay.order != KVX_ORDER_HND) return -1;
+    for (p = 0; p < np; p++) {
+        size_t at = form == KVX_EX_BLOCK_OUTER ? (size_t)p * c->block_bytes          /* [B][L][block] */
+                  : form == KVX_EX_HEAD_OUTER ? (size_t)p * run                      /* [B][H][L][N][C] */
+                  : (size_t)p * c->plane_bytes;                                      /* [L][...]: packed, or [L][H][B][N][C] */
+        c->bases[p] = c->mem + at;
+    }
+    if (form == KVX_EX_BLOCK_OUTER) c->block_stride = np * c->block_bytes;
+    if (form == KVX_EX_HEAD_OUTER) { c->head_stride = np * run; c->block_stride = np * c->block_bytes; }
+    if (form == KVX_EX_BLOCK_INNER) { c->head_stride = run * c->lay.num_blocks; c->block_stride = run; }
     return 0;
 }
 
@@ -84,14 +114,19 @@ static inline kvx_cache_desc kvx_ex_cache_desc(const kvx_ex_cache *c) {
     memset(&d, 0, sizeof d);
     d.layout = c->lay;
     d.bases = c->bases;
+    if (c->form != KVX_EX_PACKED) {
+        d.block_stride = c->block_stride;   /* a form other than packed: say so; packed stays all defaults */
+        d.head_stride = c->head_stride;
+        d.token_stride = c->token_stride;
+    }
     return d;
 }
 
 /* Byte offset inside a block of (local head index h, token t). */
 static inline uint64_t kvx_ex_offset(const kvx_ex_cache *c, uint32_t h, uint32_t t) {
     uint64_t hb = (uint64_t)c->lay.head_dim * c->lay.elem_bytes;
-    return c->lay.order == KVX_ORDER_HND ? ((uint64_t)h * c->lay.block_tokens + t) * hb
-                                         : ((uint64_t)t * c->lay.num_heads + h) * hb;
+    return c->lay.order == KVX_ORDER_HND ? (uint64_t)h * c->head_stride + (uint64_t)t * hb
+                                         : (uint64_t)t * c->token_stride + (uint64_t)h * hb;
 }
 
 static inline uint8_t *kvx_ex_block(const kvx_ex_cache *c, uint32_t layer, uint32_t plane, uint32_t block) {

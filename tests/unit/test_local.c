@@ -98,6 +98,65 @@ int main(void) {
         }
     }
 
+    T_CASE("local: vLLM's layouts (one plane with K|V side by side; block-outermost, head-outer, block-inner views), between one another, TP 1->2 and 2->1, every byte") {
+        static const char *names[] = {"LBHNC", "BLHNC", "BHLNC", "LHBNC", "LBNHC", "BLNHC"};
+        static const int forms[] = {KVX_EX_PACKED, KVX_EX_BLOCK_OUTER, KVX_EX_HEAD_OUTER, KVX_EX_BLOCK_INNER, KVX_EX_PACKED, KVX_EX_BLOCK_OUTER};
+        int o, w, tp, bad = 0, runs = 0;
+        for (o = 0; o < 6; o++)
+            for (w = 0; w < 6; w++) {
+                int nhd_o = o >= 4, nhd_w = w >= 4;
+                if (nhd_o != nhd_w) continue;  /* HND and NHD do not read each other */
+                for (tp = 0; tp < 2; tp++) {
+                    int ptp = tp ? 2 : 1, dtp = tp ? 1 : 2, pr, dr;
+                    kvx_ex_cache pm[2], dm[2];
+                    kvx_ctx *P[2], *D[2];
+                    kvx_cache *pc[2], *dc[2];
+                    kvx_layout lp, ld;
+                    kvx_cache_desc cd;
+                    layout(&lp, nhd_o ? KVX_ORDER_NHD : KVX_ORDER_HND, 4 / (uint32_t)ptp);
+                    layout(&ld, nhd_o ? KVX_ORDER_NHD : KVX_ORDER_HND, 4 / (uint32_t)dtp);
+                    lp.kv_planes = ld.kv_planes = 1;            /* K and V side by side in head_dim */
+                    lp.head_dim = ld.head_dim = 32;
+                    for (pr = 0; pr < ptp; pr++) {
+                        P[pr] = local_ctx("prefill", pr, ptp, 1);
+                        T_CHECK(kvx_ex_cache_alloc_form(&pm[pr], &lp, pr, ptp, forms[o]) == 0);
+                        kvx_ex_fill(&pm[pr], 40 + (uint64_t)o, src, 32);
+                        cd = kvx_ex_cache_desc(&pm[pr]);
+                        T_ST(kvx_cache_register(P[pr], &cd, &pc[pr]), KVX_OK);
+                    }
+                    for (dr = 0; dr < dtp; dr++) {
+                        kvx_queue *q;
+                        D[dr] = local_ctx("decode", dr, dtp, 0);
+                        T_CHECK(kvx_ex_cache_alloc_form(&dm[dr], &ld, dr, dtp, forms[w]) == 0);
+                        cd = kvx_ex_cache_desc(&dm[dr]);
+                        T_ST(kvx_cache_register(D[dr], &cd, &dc[dr]), KVX_OK);
+                        T_ST(kvx_queue_create(D[dr], NULL, &q), KVX_OK);
+                        kvx_ex_poison(&dm[dr], 40 + (uint64_t)o, dst, src, 32, 0, ld.num_layers, dm[dr].head_first, dm[dr].head_first + ld.num_heads);
+                        for (pr = 0; pr < ptp; pr++) {
+                            kvx_peer *p = add(D[dr], P[pr]);
+                            uint32_t a, n;
+                            T_ST(kvx_peer_heads(p, dc[dr], 0, &a, &n), KVX_OK);
+                            if (!n) continue;
+                            T_ST(read_blocks(q, p, dc[dr], dst, src, 32, 0, 0, 0, &t), KVX_OK);
+                            T_ST(kvx_wait(q, t, 5000), KVX_OK);
+                        }
+                        if (kvx_ex_verify(&dm[dr], 40 + (uint64_t)o, dst, src, 32, 0, ld.num_layers, dm[dr].head_first,
+                                          dm[dr].head_first + ld.num_heads, NULL)) {
+                            bad++;
+                            printf("  wrong bytes: owner %s -> reader %s, TP %d->%d, decode rank %d\n", names[o], names[w], ptp, dtp, dr);
+                        }
+                        runs++;
+                        kvx_ctx_destroy(D[dr]);
+                        kvx_ex_cache_free(&dm[dr]);
+                    }
+                    for (pr = 0; pr < ptp; pr++) { kvx_ctx_destroy(P[pr]); kvx_ex_cache_free(&pm[pr]); }
+                }
+            }
+        printf("  %d reads between %s, every byte checked\n", runs, "LBHNC, BLHNC, BHLNC, LHBNC (HND) and LBNHC, BLNHC (NHD)");
+        T_EQ(bad, 0);
+        T_EQ(runs, (16 + 4) * 3);                        /* 16 HND and 4 NHD pairs, 2 + 1 decode ranks each */
+    }
+
     T_CASE("local: notifications arrive once, after the data; an expected id that never comes expires") {
         kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D = local_ctx("decode", 0, 1, 1);
         kvx_ex_cache pm, dm;

@@ -186,9 +186,14 @@ int main(void) {
         lc.lay = lay_of(1, 8, 2, KVX_ORDER_HND); rc.lay = lay_of(1, 8, 4, KVX_ORDER_HND);
         lc.block_bytes = lc.block_stride = 4 * 2 * 16 * 2;
         rc.block_bytes = rc.block_stride = 4 * 4 * 16 * 2;
+        lc.head_stride = rc.head_stride = 4 * 32;        /* HND: a head's 4 tokens of 32 bytes */
         kvx__geom_make(&lc, 2, &rc, 0, 2, 4, &g);        /* local heads 2..3 out of remote 0..3 */
         T_EQ(g.npieces, 1); T_EQ(g.loff, 0); T_EQ(g.roff, 2 * 4 * 32); T_EQ(g.piece, 2 * 4 * 32); T_EQ(g.run_merge, 0);
+        rc.head_stride = 3 * 4 * 32;                     /* the owner's heads spaced (a block-outermost view): a piece per head */
+        kvx__geom_make(&lc, 2, &rc, 0, 2, 4, &g);
+        T_EQ(g.npieces, 2); T_EQ(g.roff, 2 * 3 * 4 * 32); T_EQ(g.piece, 4 * 32); T_EQ(g.lpstride, 4 * 32); T_EQ(g.rpstride, 3 * 4 * 32);
         lc.lay.order = rc.lay.order = KVX_ORDER_NHD;
+        lc.token_stride = 2 * 32; rc.token_stride = 4 * 32;
         kvx__geom_make(&lc, 2, &rc, 0, 2, 4, &g);
         T_EQ(g.npieces, 4); T_EQ(g.roff, 2 * 32); T_EQ(g.piece, 64); T_EQ(g.lpstride, 64); T_EQ(g.rpstride, 128);
         rc = lc;
@@ -775,6 +780,43 @@ int main(void) {
         }
     }
 #endif
+
+    T_CASE("strided layouts over the transport: a head-outer owner (vLLM's BHLNC view) and a block-inner one (LHBNC) into packed blocks, every byte") {
+        int form;
+        for (form = KVX_EX_HEAD_OUTER; form <= KVX_EX_BLOCK_INNER; form++) {
+            kvx_ctx *O = kvx_t_ctx("strided", 0, 1, 1), *R = kvx_t_ctx("reader", 0, 1, 0);
+            kvx_queue *rq;
+            kvx_ex_cache om, rm;
+            kvx_cache *oc, *rc2;
+            kvx_cache_desc od;
+            kvx_layout sl = lay_of(3, 64, 4, KVX_ORDER_HND);
+            kvx_peer *sp = NULL;
+            void *m;
+            size_t n;
+            uint32_t src[16], dst[16];
+            sl.kv_planes = 1;
+            kvx_ex_block_table(src, 16, 64, 1, 3, 0);
+            kvx_ex_block_table(dst, 16, 64, 1, 4, 0);
+            T_CHECK(kvx_ex_cache_alloc_form(&om, &sl, 0, 1, form) == 0);
+            kvx_ex_fill(&om, 90 + (uint64_t)form, src, 16);
+            od = kvx_ex_cache_desc(&om);
+            T_ST(kvx_cache_register(O, &od, &oc), KVX_OK);
+            kvx_ex_cache_alloc(&rm, &sl, 0, 1);
+            od = kvx_ex_cache_desc(&rm);
+            T_ST(kvx_cache_register(R, &od, &rc2), KVX_OK);
+            T_ST(kvx_queue_create(R, NULL, &rq), KVX_OK);
+            m = kvx_t_metadata(O, &n);
+            T_ST(kvx_peer_add(R, m, n, &sp), KVX_OK);
+            kvx_ex_poison(&rm, 90 + (uint64_t)form, dst, src, 16, 0, 3, 0, 4);
+            if (sp) T_ST(read_blocks(rq, sp, rc2, dst, src, 16, 0, 0), KVX_OK);
+            if (sp && form == KVX_EX_HEAD_OUTER) printf("  %s\n", kvx_peer_transport(sp));
+            T_EQ(kvx_ex_verify(&rm, 90 + (uint64_t)form, dst, src, 16, 0, 3, 0, 4, NULL), 0);
+            kvx_ctx_destroy(R);
+            kvx_ctx_destroy(O);
+            kvx_ex_cache_free(&om); kvx_ex_cache_free(&rm);
+            free(m);
+        }
+    }
 
     T_CASE("rotation: the readers of the metadata before are cut off; the metadata after reads") {
         kvx_ctx *O = kvx_t_ctx("rotating", 0, 1, 1);
