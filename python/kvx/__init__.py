@@ -195,7 +195,8 @@ class _Layout(C.Structure):
 class _CacheDesc(C.Structure):
     _fields_ = [("layout", _Layout), ("mem", C.c_int), ("device", C.c_int), ("bases", C.POINTER(C.c_void_p)),
                 ("pool", C.c_void_p), ("layer_stride", C.c_uint64), ("plane_stride", C.c_uint64),
-                ("block_stride", C.c_uint64), ("checksums", C.c_int), ("generations", C.c_int)]
+                ("block_stride", C.c_uint64), ("head_stride", C.c_uint64), ("token_stride", C.c_uint64),
+                ("checksums", C.c_int), ("generations", C.c_int)]
 
 
 class _QueueCuda(C.Structure):
@@ -323,7 +324,24 @@ def _check(status: int, ctx: Optional[int], what: str = "") -> None:
 
 
 _BACKENDS = {None: 0, "default": 0, "ucx": 1, "ofi": 2, "libfabric": 2, "cuda": 3, "local": 4}
-_LAYOUTS = {"HND": 0, "NHD": 1, "MLA": 0}
+# Layout names, as vLLM spells them. Two planes (K and V apart), 5-d per
+# layer: "NHD" [2, blocks, tokens, heads, head_size] and "HND" [2, blocks,
+# heads, tokens, head_size] (also with K/V second: [blocks, 2, ...]). One
+# plane, K and V side by side in the last dim (C = head_size + head_size_v),
+# 4-d per-layer views: the HND family [blocks, heads, tokens, C] -- LBHNC
+# (vLLM 0.33's "HND"), and the block-outermost BLHNC, BHLNC, LHBNC, whose
+# per-layer views stride a block across the layers -- and the NHD family
+# [blocks, tokens, heads, C] -- LBNHC (vLLM's "NHD"), BLNHC. "MLA": [blocks,
+# tokens, latent]. The view's strides say where each layer lies, whatever
+# its name; the name says which dims are heads and which tokens.
+_HND_NAMES = ("HND", "LBHNC", "BLHNC", "BHLNC", "LHBNC")
+_NHD_NAMES = ("NHD", "LBNHC", "BLNHC")
+_LAYOUT_NAMES = _HND_NAMES + _NHD_NAMES + ("MLA",)
+# kvx_dtype codes (kvx.h), by the names torch and numpy give them
+_DTYPES = {"torch.float16": 1, "float16": 1, "torch.bfloat16": 2, "bfloat16": 2, "torch.float32": 3, "float32": 3,
+           "torch.float8_e4m3fn": 4, "float8_e4m3fn": 4, "torch.float8_e5m2": 5, "float8_e5m2": 5,
+           "torch.int8": 6, "int8": 6, "torch.uint8": 7, "uint8": 7, "torch.float64": 8, "float64": 8,
+           "torch.uint16": 9, "uint16": 9}
 
 # --- tensors --------------------------------------------------------------------
 
@@ -362,47 +380,111 @@ class _TensorInfo:
             raise ArgumentError("register_cache: %s is neither a torch tensor nor a numpy array" % type(obj).__name__, -1)
 
 
-def _layout_of(tensors: Sequence[_TensorInfo], layout: str) -> Tuple[_Layout, int]:
-    """kvx's layout of one tensor per layer; and the bytes from block b to b+1."""
-    if layout not in _LAYOUTS:
-        raise ArgumentError("register_cache: layout %r: use 'NHD', 'HND' or 'MLA'" % (layout,), -1)
+class _Form:
+    """How one cache's layers lie: kvx's layout, a base per layer and plane,
+    and the strides of a block, a head (HND) and a token (NHD), in bytes."""
+
+    def __init__(self, lay: _Layout, bases: List[int], block_stride: int, head_stride: int, token_stride: int, name: str) -> None:
+        self.lay, self.bases, self.name = lay, bases, name
+        self.block_stride, self.head_stride, self.token_stride = block_stride, head_stride, token_stride
+
+
+def _shape_words(t: _TensorInfo) -> str:
+    return "shape %s strides %s (bytes, %s)" % (list(t.shape), list(t.strides), t.dtype)
+
+
+def _infer_layout(t: _TensorInfo, block_size: Optional[int]) -> str:
+    """A layout name from one layer's shape and strides (refused where they do not tell)."""
+    nd = len(t.shape)
+    if nd == 3:
+        return "MLA"
+    if nd == 5 and 2 in (t.shape[0], t.shape[1]):
+        dims = t.shape[2:4] if t.shape[0] == 2 else t.shape[2:4]
+        if block_size is not None and dims[0] == block_size and dims[1] != block_size:
+            return "NHD"
+        if block_size is not None and dims[1] == block_size and dims[0] != block_size:
+            return "HND"
+    if nd == 4 and block_size is not None:
+        if t.shape[2] == block_size and t.shape[1] != block_size:
+            return "LBHNC"
+        if t.shape[1] == block_size and t.shape[2] != block_size:
+            return "LBNHC"
+    raise ArgumentError("register_cache: cannot tell the layout of %s%s: give layout= (%s), or block_size= where the "
+                        "tokens' dim differs from the heads'" % (_shape_words(t), "" if block_size is None else
+                                                                  " with block_size %d" % block_size, ", ".join(_LAYOUT_NAMES)), -1)
+
+
+def _layout_of(tensors: Sequence[_TensorInfo], layout: Optional[str], block_size: Optional[int] = None) -> _Form:
+    """kvx's view of one tensor per layer: every layer alike, from its strides."""
     first = tensors[0]
-    want = 3 if layout == "MLA" else 5
+    name = _infer_layout(first, block_size) if layout is None else layout
+    if name not in _LAYOUT_NAMES:
+        raise ArgumentError("register_cache: layout %r: use one of %s (vLLM's names), or None to infer it"
+                            % (layout, ", ".join(_LAYOUT_NAMES)), -1)
     for i, t in enumerate(tensors):
-        if len(t.shape) != want:
-            shape = "[num_blocks, block_size, latent_dim]" if layout == "MLA" else (
-                "[2, num_blocks, block_size, num_kv_heads, head_size]" if layout == "NHD"
-                else "[2, num_blocks, num_kv_heads, block_size, head_size]")
-            raise ArgumentError("register_cache: layer %d has shape %s; layout %s is %s" % (i, list(t.shape), layout, shape), -1)
-        if not t.contiguous:
-            raise ArgumentError("register_cache: layer %d is not contiguous (strides %s): kvx reads whole blocks "
-                                "in place; pass .contiguous() memory the engine keeps" % (i, list(t.strides)), -1)
-        if t.shape != first.shape or t.dtype != first.dtype:
-            raise ArgumentError("register_cache: layer %d is %s %s, layer 0 is %s %s: every layer must match"
-                                % (i, list(t.shape), t.dtype, list(first.shape), first.dtype), -1)
+        if t.shape != first.shape or t.dtype != first.dtype or t.strides != first.strides:
+            raise ArgumentError("register_cache: layer %d is %s, layer 0 %s: every layer must match"
+                                % (i, _shape_words(t), _shape_words(first)), -1)
         if (t.kind, t.cuda, t.device) != (first.kind, first.cuda, first.device):
             raise ArgumentError("register_cache: layer %d is on %s, layer 0 on %s: every layer must be on one device"
                                 % (i, "cuda:%d" % t.device if t.cuda else "cpu", "cuda:%d" % first.device if first.cuda else "cpu"), -1)
+    e, sh, st = first.itemsize, first.shape, first.strides
     lay = _Layout()
     lay.num_layers = len(tensors)
-    lay.elem_bytes = first.itemsize
-    if layout == "MLA":
-        lay.num_blocks, lay.block_tokens, lay.head_dim = first.shape
+    lay.elem_bytes = e
+    lay.dtype = _DTYPES.get(first.dtype, 0)
+    bases: List[int] = []
+    head_stride = token_stride = 0
+
+    def refuse(why: str) -> ArgumentError:
+        return ArgumentError("register_cache: layout %s cannot read %s: %s" % (name, _shape_words(first), why), -1)
+
+    if name == "MLA":
+        if len(sh) != 3:
+            raise refuse("MLA is [num_blocks, block_size, latent_dim]")
+        if st[2] != e or st[1] != sh[2] * e:
+            raise refuse("a block's tokens must be packed (strides [*, latent_dim * elem, elem])")
+        lay.num_blocks, lay.block_tokens, lay.head_dim = sh
         lay.num_heads, lay.total_heads, lay.kv_planes, lay.order = 1, 1, 1, 0
-        block_stride = first.strides[0]
-    else:
-        if first.shape[0] != 2:
-            raise ArgumentError("register_cache: dimension 0 is %d, not 2 (K and V)" % first.shape[0], -1)
-        lay.num_blocks = first.shape[1]
-        if layout == "NHD":
-            lay.block_tokens, lay.num_heads = first.shape[2], first.shape[3]
-        else:
-            lay.num_heads, lay.block_tokens = first.shape[2], first.shape[3]
-        lay.head_dim = first.shape[4]
-        lay.order = _LAYOUTS[layout]
+        bases = [t.ptr for t in tensors]
+        return _Form(lay, bases, st[0], 0, 0, name)
+    if len(sh) == 5:  # two planes: K and V apart
+        if name not in ("NHD", "HND"):
+            raise refuse("a 5-d layer is [2, num_blocks, ...] (or [num_blocks, 2, ...]): use NHD or HND")
+        kv = 0 if sh[0] == 2 else 1 if sh[1] == 2 else -1
+        if kv < 0:
+            raise refuse("neither dim 0 nor dim 1 is 2 (K and V)")
+        blk = 1 - kv
+        lay.num_blocks = sh[blk]
+        a, b, hd = sh[2], sh[3], sh[4]
+        sa, sb, sd = st[2], st[3], st[4]
+        plane_step = st[kv]
         lay.kv_planes = 2
-        block_stride = first.strides[1]
-    return lay, block_stride
+    elif len(sh) == 4:  # one plane: K and V side by side in the last dim
+        lay.num_blocks, a, b, hd = sh
+        sa, sb, sd = st[1], st[2], st[3]
+        plane_step = 0
+        lay.kv_planes = 1
+        blk = 0
+    else:
+        raise refuse("kvx reads 5-d two-plane layers, 4-d one-plane views, or 3-d MLA")
+    if sd != e:
+        raise refuse("the last dim (head_size, or K|V) must be packed")
+    if name in _NHD_NAMES:  # [.., tokens, heads, C]
+        lay.block_tokens, lay.num_heads, lay.order = a, b, 1
+        if sb != hd * e:
+            raise refuse("a token's heads must be packed (heads stride %d bytes, not %d)" % (sb, hd * e))
+        token_stride = sa
+    else:                   # [.., heads, tokens, C]
+        lay.num_heads, lay.block_tokens, lay.order = a, b, 0
+        if sb != hd * e:
+            raise refuse("a head's tokens must be packed (tokens stride %d bytes, not %d)" % (sb, hd * e))
+        head_stride = sa
+    lay.head_dim = hd
+    for t in tensors:
+        for p in range(lay.kv_planes):
+            bases.append(t.ptr + p * plane_step)
+    return _Form(lay, bases, st[blk], head_stride, token_stride, name)
 
 
 # --- objects ----------------------------------------------------------------------
@@ -777,37 +859,47 @@ class Context:
             raise ArgumentError("the context is closed", -1)
         return self._h
 
-    def register_cache(self, kv_caches: Any, layout: str = "NHD", total_heads: Optional[int] = None,
-                       checksums: bool = False, generations: bool = False) -> Cache:
-        """Register one tensor or array per layer (a list; a single one is one
-        layer) in vLLM's layout "NHD", "HND" or "MLA". total_heads: the
-        model's KV heads, when fewer than tp_size (replicated heads)."""
-        items = list(kv_caches) if isinstance(kv_caches, (list, tuple)) else [kv_caches]
+    def register_cache(self, kv_caches: Any, layout: Optional[str] = "NHD", total_heads: Optional[int] = None,
+                       checksums: bool = False, generations: bool = False, block_size: Optional[int] = None) -> Cache:
+        """Register a KV cache as it lies, without a copy: one tensor or array
+        per layer (a list; a single one is one layer), or vLLM's dict of them
+        (layer name to tensor, in the model's order), as vLLM hands a
+        connector. layout: vLLM's name -- "NHD" or "HND" ([2, blocks, ...]
+        two-plane layers, or 4-d one-plane views with K and V side by side),
+        "LBHNC", "LBNHC", the block-outermost "BLHNC", "BLNHC", "BHLNC",
+        "LHBNC" (per-layer views of one buffer: their strides are read), or
+        "MLA"; None infers it from shapes and strides (block_size tells
+        tokens from heads). A form kvx cannot read is refused naming its shape
+        and strides. total_heads: the model's KV heads, when fewer than
+        tp_size (replicated heads)."""
+        if isinstance(kv_caches, dict):
+            items = list(kv_caches.values())
+        else:
+            items = list(kv_caches) if isinstance(kv_caches, (list, tuple)) else [kv_caches]
         if not items:
             raise ArgumentError("register_cache: no tensors", -1)
         infos = [_TensorInfo(t) for t in items]
-        lay, block_stride = _layout_of(infos, layout)
+        f = _layout_of(infos, layout, block_size)
+        lay = f.lay
         if infos[0].cuda and not cuda_available():
             raise UnsupportedError("register_cache: CUDA tensors need kvx with CUDA, and %s loaded %s: %s"
                                    % (__name__, os.path.basename(library_path()), _CUDA_WHY or "it has no CUDA"), -3)
-        if total_heads is not None and layout != "MLA":
+        if total_heads is not None and f.name != "MLA":
             lay.total_heads = int(total_heads)
-        planes = int(lay.kv_planes)
-        bases = (C.c_void_p * (len(infos) * planes))()
-        for i, t in enumerate(infos):
-            for p in range(planes):
-                bases[i * planes + p] = t.ptr + (p * t.strides[0] if layout != "MLA" else 0)
+        bases = (C.c_void_p * len(f.bases))(*f.bases)
         d = _CacheDesc()
         d.layout = lay
         d.mem = 1 if infos[0].cuda else 0
         d.device = max(infos[0].device, 0)
         d.bases = bases
-        d.block_stride = block_stride
+        d.block_stride = f.block_stride
+        d.head_stride = f.head_stride
+        d.token_stride = f.token_stride
         d.checksums = 1 if checksums else 0
         d.generations = 1 if generations else 0
         h = C.c_void_p()
         _check(_load().kvx_cache_register(self.handle, C.byref(d), C.byref(h)), self._h, "register_cache")
-        c = Cache(self, _made(h), items, layout, lay, len(self.caches))
+        c = Cache(self, _made(h), items, f.name, lay, len(self.caches))
         self.caches.append(c)
         return c
 
