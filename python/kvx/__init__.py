@@ -151,10 +151,12 @@ def library_path() -> str:
 
 
 def backends() -> List[str]:
-    """The backends of the library kvx loads ("ucx", "ofi", "cuda", "local")."""
+    """The backends of the library kvx loads, in the order a context's
+    default takes them: "ucx", "ofi", "cuda", then "local"."""
     global _backends, _CUDA_WHY
     if _backends is None:
-        _backends = list(_build_info(library_path()).get("backends", ["local"]))
+        built = set(_build_info(library_path()).get("backends", ["local"]))
+        _backends = [b for b in ("ucx", "ofi", "cuda", "local") if b in built]
         if "cuda" not in _backends and not _CUDA_WHY:
             _CUDA_WHY = "%s was built without CUDA" % library_path()
     return list(_backends)
@@ -542,7 +544,8 @@ class Cache:
 
 
 class Peer:
-    """An imported context: ``transport`` says what kvx chose to read it over."""
+    """An imported context (a remote TP rank): ``name`` and ``rank`` are its,
+    ``transport`` what kvx reads it over."""
 
     def __init__(self, ctx: "Context", handle: int) -> None:
         lib = _load()
@@ -550,6 +553,9 @@ class Peer:
         self._h: Optional[int] = handle
         self.name: str = lib.kvx_peer_name(handle).decode()
         self.rank: int = lib.kvx_peer_rank(handle)
+        #: The transport kvx chose to read this peer over, as kvx_peer_transport
+        #: says it: "ucx:tcp (sw)", "ucx:rc_mlx5", "ofi:tcp;ofi_rxm (sw)",
+        #: "cuda:ipc same-gpu (GPU 0)"; "(sw)" where the owner's CPU serves reads.
         self.transport: str = lib.kvx_peer_transport(handle).decode()
 
     @property
@@ -806,20 +812,24 @@ class Queue:
 
 class Context:
     """One per engine rank: its name, tensor-parallel rank and size, backend
-    ("ucx", "ofi", "cuda", "local"; None: the first built in), and the default
+    ("ucx", "ofi", "cuda", "local"; None: UCX where it is built in, else
+    libfabric, else CUDA: the first of kvx.backends()), and the default
     deadline of its reads. A context manager; close() releases everything it made."""
 
     def __init__(self, name: str = "kvx", tp_rank: int = 0, tp_size: int = 1, backend: Optional[str] = None,
                  progress_thread: bool = True, timeout_ms: int = 30000, host_id: Optional[str] = None,
                  transport_policy: Optional[str] = None, metadata_key: Optional[bytes] = None,
-                 net_devices: Optional[str] = None) -> None:
+                 net_devices: Optional[str] = None, log_level: Optional[str] = None) -> None:
         """transport_policy: which transports add_peer accepts ("!sw" refuses
         software-served paths, "ipc,rdma" demands one of those; see kvx.h's
         kvx_ctx_desc); None: $KVX_TRANSPORT_POLICY, else any.
         metadata_key: a deployment key (16 bytes or more): metadata is signed
         with it and must be signed by it; None: the file $KVX_METADATA_KEY_FILE
         names, else none. net_devices: UCX's devices that peers reach ("eth1",
-        "lo"); None: $UCX_NET_DEVICES, else the default route's device."""
+        "lo"); None: $UCX_NET_DEVICES, else the default route's device.
+        log_level: what kvx logs to stderr: "off", "error", "warn", "info",
+        "debug"; None: $KVX_LOG, else "warn". Errors raised to the caller are
+        not logged again below "info"."""
         lib = _load()
         if backend not in _BACKENDS:
             raise ArgumentError("backend %r: use one of ucx, ofi, cuda, local (or None)" % (backend,), -1)
@@ -831,6 +841,11 @@ class Context:
         d.backend = _BACKENDS[backend]
         d.timeout_ms = int(timeout_ms)
         d.progress_thread = 1 if progress_thread else 0
+        if log_level is not None:
+            levels = {"off": 1, "none": 1, "error": 2, "warn": 3, "warning": 3, "info": 4, "debug": 5}
+            if str(log_level).lower() not in levels:
+                raise ArgumentError("log_level %r: use one of off, error, warn, info, debug" % (log_level,), -1)
+            d.log_level = levels[str(log_level).lower()]
         d.host_id = self._host
         self._policy = transport_policy.encode() if transport_policy is not None else None
         d.transport_policy = self._policy

@@ -118,12 +118,37 @@ def _compile(cc: str, hdr: str, backends: Dict[str, Dict[str, List[str]]], out: 
     return cmd
 
 
-def build(out_dir: str, cc: Optional[str] = None) -> str:
+def versions(backends: Dict[str, Dict[str, List[str]]]) -> Dict[str, str]:
+    """The version of each backend's library as built against (UCX, libfabric, CUDA's headers)."""
+    out: Dict[str, str] = {}
+    if "ucx" in backends:
+        prefix = os.environ.get("KVX_UCX_PREFIX")
+        v = None
+        if prefix:
+            try:
+                with open(os.path.join(prefix, "include", "ucp", "api", "ucp_version.h")) as f:
+                    txt = f.read()
+                maj = txt.split("UCP_API_MAJOR")[1].split()[0]
+                mnr = txt.split("UCP_API_MINOR")[1].split()[0]
+                v = "%s.%s (%s)" % (maj, mnr, prefix)
+            except (OSError, IndexError):
+                v = "unknown (%s)" % prefix
+        else:
+            v = _run(["pkg-config", "--modversion", "ucx"])
+        out["ucx"] = v or "unknown"
+    if "ofi" in backends:
+        out["ofi"] = _run(["pkg-config", "--modversion", "libfabric"]) or "unknown"
+    if "cuda" in backends:
+        out["cuda"] = "headers of %s" % (os.environ.get("CUDA_HOME") or "/usr/local/cuda")
+    return out
+
+
+def build(out_dir: str, cc: Optional[str] = None, headers: Optional[str] = None) -> str:
     """Compiles libkvx.so (and libkvx_cuda.so where CUDA's headers are) into
-    out_dir; returns the path of libkvx.so. Raises on failure, with the
-    compiler's output."""
+    out_dir; returns what it built, in words (backends and versions). Raises
+    on failure, with the compiler's output."""
     cc = cc or os.environ.get("CC", "cc")
-    hdr = headers_dir()
+    hdr = headers or headers_dir()
     backends = find_backends()
     os.makedirs(out_dir, exist_ok=True)
     host = {k: v for k, v in backends.items() if k != "cuda"}
@@ -136,9 +161,12 @@ def build(out_dir: str, cc: Optional[str] = None) -> str:
                                                "command": _compile(cc, hdr, backends, cuda_lib)}
     elif os.path.exists(cuda_lib):
         os.remove(cuda_lib)  # a stale one from an earlier build would be loaded
+    info["versions"] = versions(backends)
     with open(os.path.join(out_dir, "build_info.json"), "w") as f:
         json.dump(info, f, indent=1)
-    return out
+    return "%s with backends %s" % (out, ", ".join("%s %s" % (b, info["versions"].get(b, "")) if b in info["versions"] else b
+                                                  for b in info["libraries"]["libkvx.so"]["backends"])) + (
+        "; libkvx_cuda.so with cuda" if "cuda" in backends else "")
 
 
 if __name__ == "__main__":

@@ -510,3 +510,27 @@ def test_deployment_key_and_rotation(backend):
             peer2 = ctx.add_peer(own.metadata())
             q.read(peer2, [7], [8]).wait(5000)
             assert (cache.tensors[0][:, 7] == src[:, 8]).all()
+
+
+def test_errors_raised_are_not_printed_again(capfd, monkeypatch):
+    """An error kvx hands the caller (an exception) is not also printed as
+    'kvx[...] error: ...'; log_level='info' shows it as it happens; KVX_LOG
+    takes none."""
+    monkeypatch.delenv("KVX_LOG", raising=False)
+    with kvx.Context("quiet", backend="local") as ctx:
+        with pytest.raises(kvx.ArgumentError, match="magic"):
+            ctx.add_peer(b"kvx" + bytes(60))
+    assert "kvx[" not in capfd.readouterr().err
+    with kvx.Context("loud", backend="local", log_level="info") as ctx:
+        with pytest.raises(kvx.ArgumentError):
+            ctx.add_peer(b"kvx" + bytes(60))
+    assert "KVX_ERR_ARG" in capfd.readouterr().err
+    monkeypatch.setenv("KVX_LOG", "none")
+    with kvx.Context("none", backend="local") as ctx:
+        ctx.register_cache([np.zeros((2, NB, BS, HEADS, DIM), np.uint16)], layout="NHD")
+        with pytest.raises(kvx.ArgumentError):
+            ctx.add_peer(b"kvx" + bytes(60))
+    assert "kvx[" not in capfd.readouterr().err
+    with pytest.raises(kvx.ArgumentError, match="log_level"):
+        kvx.Context("x", backend="local", log_level="chatty")
+    assert "StaleError" in kvx.__all__ and kvx.Peer.__doc__ and kvx.backends()[-1] == "local"
