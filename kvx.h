@@ -2334,7 +2334,7 @@ KVX__PRIV kvx_status kvx__post_check(kvx_queue *q, const kvx_read *r, kvx__read 
     if (i == ctx->ncaches) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: cache is not registered with this context");
     if (r->remote_cache >= p->ncaches)
         return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: remote_cache %u, peer %s/%d has %u", r->remote_cache, p->name, p->rank, p->ncaches);
-    if (p->failed) return kvx__fail(ctx, KVX_ERR_PEER, "kvx_post: peer %s/%d failed earlier; add its new metadata", p->name, p->rank);
+    if (p->failed) return kvx__fail(ctx, KVX_ERR_PEER, "kvx_post: peer %s/%d failed or closed earlier; add its new metadata", p->name, p->rank);
     lc = &cache->info;
     rc = &p->caches[r->remote_cache];
     if ((st = kvx__compat(ctx, lc, p, rc)) != KVX_OK) return st;

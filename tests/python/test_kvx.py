@@ -534,3 +534,35 @@ def test_errors_raised_are_not_printed_again(capfd, monkeypatch):
     with pytest.raises(kvx.ArgumentError, match="log_level"):
         kvx.Context("x", backend="local", log_level="chatty")
     assert "StaleError" in kvx.__all__ and kvx.Peer.__doc__ and kvx.backends()[-1] == "local"
+
+
+def test_an_owner_that_closes_cleanly_is_not_an_error(capfd, monkeypatch):
+    """An owner that ends after its reader is done makes no error on the
+    reader's side: a quiet close; the next read of it fails saying the peer
+    closed (and, on this host, that its process has ended), not 'timeout'."""
+    monkeypatch.delenv("KVX_LOG", raising=False)
+    own = Owner("NHD", seed=5)
+    try:
+        with kvx.Context("decode", progress_thread=False, timeout_ms=5000) as ctx:
+            ctx.register_cache(reader_cache("NHD", 0, 1, np.uint16))
+            peer = ctx.add_peer(own.md)
+            q = ctx.queue()
+            q.read(peer, [1], [2]).wait(5000)
+            own.stop()
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                ctx.progress()
+                try:
+                    q.read(peer, [3], [4]).wait(3000)
+                except kvx.PeerError as e:
+                    assert "closed its connection" in str(e) or "failed or closed" in str(e), str(e)
+                    break
+                except kvx.TimeoutError:
+                    continue
+                time.sleep(0.1)
+            else:
+                pytest.fail("the owner's close was never seen")
+        err = capfd.readouterr().err
+        assert " error: " not in err, err
+    finally:
+        own.stop()
