@@ -354,7 +354,9 @@ typedef struct kvx_read {
     uint32_t remote_cache;      /* index of the cache in the peer's metadata */
     const uint32_t *local_blocks;
     const uint32_t *remote_blocks;
-    uint32_t num_blocks;
+    uint32_t num_blocks;        /* 0, with notify: reads nothing and only notifies (a reader that
+                                   found every block locally, or a rank that takes no heads of
+                                   this peer, tells the owner it is done) */
     uint32_t layer_begin;
     uint32_t layer_count;       /* 0: all layers from layer_begin */
     int notify;                 /* 1: deliver notify_id to the peer when complete */
@@ -381,6 +383,7 @@ typedef struct kvx_notification {
     uint64_t id;
     kvx_status status;          /* KVX_OK: the read is done; KVX_ERR_TIMEOUT: expected, never came */
     int peer_rank;              /* the reader's tp rank; -1 for expired */
+    int peer_tp_size;           /* the reader's tp size (how many ranks of its engine may come); 0 for expired */
 } kvx_notification;
 
 typedef struct kvx_stats {
@@ -729,7 +732,7 @@ typedef struct kvx__expect {
     uint64_t id, deadline_ns;
     uint32_t readers, got, delivered;
     int expired;
-    int *ranks;                 /* readers of them: the ranks that arrived, in order */
+    int *ranks;                 /* the readers that arrived, in order: rank, tp size */
     kvx_cache *retire;          /* kvx_notify_expect_retire: its blocks, retired at expiry */
     uint32_t *ids, nids;
 } kvx__expect;
@@ -2283,6 +2286,11 @@ KVX__PRIV void kvx__pump(kvx_queue *q) {
             }
             rd->peer->connected = 1;
         }
+        if (!rd->ops_total) {  /* a read of no blocks: straight to its notification */
+            rd->issuing_done = 1;
+            kvx__read_finish(rd);
+            continue;
+        }
         if (ctx->be_ops->post_read) {
             kvx_status st = kvx__issue(ctx, rd, NULL);
             if (st == KVX_PENDING) return;
@@ -2339,9 +2347,20 @@ KVX__PRIV kvx_status kvx__post_check(kvx_queue *q, const kvx_read *r, kvx__read 
     rc = &p->caches[r->remote_cache];
     if ((st = kvx__compat(ctx, lc, p, rc)) != KVX_OK) return st;
     if (ctx->be_ops->can_read && (st = ctx->be_ops->can_read(ctx, lc, p, rc)) != KVX_OK) return st;
+    if (!r->num_blocks && r->notify) {  /* only a notification: no heads, blocks or layers to check */
+        if (r->verify || r->remote_generations)
+            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: a read of no blocks only notifies; it has nothing to verify or check generations of");
+        memset(rd, 0, sizeof *rd);
+        rd->peer = p;
+        rd->lc = lc;
+        rd->rc = rc;
+        *nruns_out = 0;
+        return KVX_OK;
+    }
     if (!r->num_blocks || !r->local_blocks || !r->remote_blocks)
-        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: %u blocks with local_blocks %p and remote_blocks %p", r->num_blocks,
-                         (const void *)r->local_blocks, (const void *)r->remote_blocks);
+        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: %u blocks with local_blocks %p and remote_blocks %p%s", r->num_blocks,
+                         (const void *)r->local_blocks, (const void *)r->remote_blocks,
+                         r->num_blocks ? "" : " (a read of no blocks must notify)");
     L = lc->lay.num_layers;
     if (r->layer_begin >= L || r->layer_count > L - r->layer_begin)
         return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: layers [%u, %u+%u) outside the cache's %u", r->layer_begin, r->layer_begin, r->layer_count, L);
@@ -2531,13 +2550,14 @@ KVX__PRIV void kvx__read_timeout(kvx__read *rd) {
 }
 
 /* 0 when the ring is full. */
-KVX__PRIV int kvx__notify_push(kvx_ctx *ctx, uint64_t id, kvx_status st, int rank) {
+KVX__PRIV int kvx__notify_push(kvx_ctx *ctx, uint64_t id, kvx_status st, int rank, int tp) {
     kvx_notification *n;
     if (ctx->note_count == KVX__NOTIFY_RING) return 0;
     n = &ctx->notes[(ctx->note_head + ctx->note_count++) % KVX__NOTIFY_RING];
     n->id = id;
     n->status = st;
     n->peer_rank = rank;
+    n->peer_tp_size = tp;
     return 1;
 }
 
@@ -2558,12 +2578,12 @@ KVX__PRIV void kvx__notify_full(kvx_ctx *ctx, uint64_t id) {
    came. 1 once it has nothing more to deliver. */
 KVX__PRIV int kvx__lease_deliver(kvx_ctx *ctx, kvx__expect *e) {
     while (e->delivered < e->got) {
-        if (!kvx__notify_push(ctx, e->id, KVX_OK, e->ranks[e->delivered])) return 0;
+        if (!kvx__notify_push(ctx, e->id, KVX_OK, e->ranks[2 * e->delivered], e->ranks[2 * e->delivered + 1])) return 0;
         e->delivered++;
     }
     if (e->delivered == e->readers) return 1;
     if (!e->expired) return 0;
-    if (!kvx__notify_push(ctx, e->id, KVX_ERR_TIMEOUT, -1)) return 0;
+    if (!kvx__notify_push(ctx, e->id, KVX_ERR_TIMEOUT, -1, 0)) return 0;
     return 1;
 }
 
@@ -2597,7 +2617,8 @@ KVX__PRIV void kvx__notify_arrived(kvx_ctx *ctx, const uint8_t *buf, size_t len)
         if (ctx->expect[i].id == m.id && !ctx->expect[i].expired && ctx->expect[i].got < ctx->expect[i].readers) break;
     if (i < ctx->nexpect) {  /* kept in its lease until the ring has room */
         kvx__expect *e = &ctx->expect[i];
-        e->ranks[e->got++] = (int)m.rank;
+        e->ranks[2 * e->got] = (int)m.rank;
+        e->ranks[2 * e->got++ + 1] = (int)m.tp_size;
         if (kvx__lease_deliver(ctx, e)) kvx__lease_end(ctx, i);
         return;
     }
@@ -2611,7 +2632,7 @@ KVX__PRIV void kvx__notify_arrived(kvx_ctx *ctx, const uint8_t *buf, size_t len)
                          (unsigned long long)m.id, m.name, m.rank, (unsigned long long)held);
             return;
         }
-    if (!kvx__notify_push(ctx, m.id, KVX_OK, (int)m.rank)) kvx__notify_full(ctx, m.id);
+    if (!kvx__notify_push(ctx, m.id, KVX_OK, (int)m.rank, (int)m.tp_size)) kvx__notify_full(ctx, m.id);
 }
 
 KVX_API kvx_status kvx_notify_expect_readers(kvx_ctx *ctx, uint64_t id, uint32_t readers, uint32_t timeout_ms,
@@ -2632,7 +2653,7 @@ KVX_API kvx_status kvx_notify_expect_readers(kvx_ctx *ctx, uint64_t id, uint32_t
         if (n && !(copy = (uint32_t *)KVX_MALLOC((size_t)n * sizeof *copy))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", who); goto out; }
         if (n) memcpy(copy, ids, (size_t)n * sizeof *copy);
     }
-    if (!(ranks = (int *)KVX_MALLOC((size_t)readers * sizeof *ranks))) { KVX_FREE(copy); st = kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", who); goto out; }
+    if (!(ranks = (int *)KVX_MALLOC((size_t)readers * 2u * sizeof *ranks))) { KVX_FREE(copy); st = kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", who); goto out; }
     if (ctx->nexpect == ctx->expect_cap) {
         uint32_t cap = ctx->expect_cap ? ctx->expect_cap * 2 : 64;
         void *nx = KVX_REALLOC(ctx->expect, (size_t)cap * sizeof *ctx->expect);

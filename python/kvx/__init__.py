@@ -223,7 +223,7 @@ class _Completion(C.Structure):
 
 
 class _Notification(C.Structure):
-    _fields_ = [("id", C.c_uint64), ("status", C.c_int), ("peer_rank", C.c_int)]
+    _fields_ = [("id", C.c_uint64), ("status", C.c_int), ("peer_rank", C.c_int), ("peer_tp_size", C.c_int)]
 
 
 class _Stats(C.Structure):
@@ -285,6 +285,7 @@ def _load() -> C.CDLL:
         "kvx_stream_status_ptr": (P, [P, U64]),
         "kvx_notify_expect": (I, [P, U64, U32]),
         "kvx_notify_expect_retire": (I, [P, U64, U32, P, C.POINTER(U32), U32]),
+        "kvx_notify_expect_readers": (I, [P, U64, U32, U32, P, C.POINTER(U32), U32]),
         "kvx_notifications": (I, [P, C.POINTER(_Notification), I]),
         "kvx_progress": (I, [P]),
         "kvx_stats_get": (None, [P, C.POINTER(_Stats)]),
@@ -605,12 +606,13 @@ class Completion:
 
 
 class Notification:
-    """A reader's notification (status 0), or an expectation that expired (status -7, reader_rank -1)."""
+    """A reader's notification (status 0) with its rank and TP size, or an
+    expectation that expired (status -7, reader_rank -1, reader_tp_size 0)."""
 
-    __slots__ = ("id", "status", "reader_rank")
+    __slots__ = ("id", "status", "reader_rank", "reader_tp_size")
 
-    def __init__(self, nid: int, status: int, reader_rank: int) -> None:
-        self.id, self.status, self.reader_rank = nid, status, reader_rank
+    def __init__(self, nid: int, status: int, reader_rank: int, reader_tp_size: int = 0) -> None:
+        self.id, self.status, self.reader_rank, self.reader_tp_size = nid, status, reader_rank, reader_tp_size
 
     @property
     def done(self) -> bool:
@@ -623,7 +625,8 @@ class Notification:
         return self.status == TimeoutError.status
 
     def __repr__(self) -> str:
-        return "kvx.Notification(id=%d, status=%d, reader_rank=%d)" % (self.id, self.status, self.reader_rank)
+        return "kvx.Notification(id=%d, status=%d, reader_rank=%d, reader_tp_size=%d)" % (
+            self.id, self.status, self.reader_rank, self.reader_tp_size)
 
 
 _SUCCEEDED = object()
@@ -728,7 +731,8 @@ class Queue:
              remote_generations: Optional[Sequence[int]] = None) -> Ticket:
         """Post a read of remote_blocks of peer's cache into local_blocks of
         cache (default: the context's first). layers: (first, count). Every id
-        is checked against both layouts before anything is posted.
+        is checked against both layouts before anything is posted. No blocks
+        with a notify_id only notifies (see notify).
         remote_generations: the owner's generation of each remote block, as it
         sent them; a block retired since fails the read with StaleError."""
         la, laddr, n = _u32_ids(local_blocks)
@@ -761,6 +765,12 @@ class Queue:
         if st:
             _raise(st, self._ctx._handle, "read")
         return Ticket(self, self._ticket.value)
+
+    def notify(self, peer: Peer, notify_id: int, timeout_ms: Optional[int] = None, tag: int = 0) -> Ticket:
+        """Tell peer this reader is done with notify_id without reading: a
+        read of no blocks, for a reader that found every block locally or a
+        rank that takes no heads of that peer. Completes like a read."""
+        return self.read(peer, [], [], notify_id=notify_id, timeout_ms=timeout_ms, tag=tag)
 
     def poll(self, max_completions: int = 64) -> List[Completion]:
         """Completions reported since the last poll (each read exactly once)."""
@@ -949,22 +959,26 @@ class Context:
         self.queues.append(q)
         return q
 
-    def expect(self, notify_id: int, timeout_ms: int, retire: Optional[Tuple[Cache, Sequence[int]]] = None) -> None:
-        """Owner side: notify_id should arrive within timeout_ms, else an
-        expired notification comes. retire=(cache, blocks): at expiry those
-        blocks are retired too, so a late reader gets StaleError."""
+    def expect(self, notify_id: int, timeout_ms: int, retire: Optional[Tuple[Cache, Sequence[int]]] = None,
+               readers: int = 1) -> None:
+        """Owner side: a lease. readers notifications of notify_id should
+        arrive within timeout_ms; each is delivered as it comes, and one
+        expired notification stands for the readers that never came.
+        retire=(cache, blocks): at expiry those blocks are retired too, so a
+        late reader gets StaleError."""
         if retire is None:
-            _check(_load().kvx_notify_expect(self.handle, int(notify_id), int(timeout_ms)), self._h, "expect")
+            _check(_load().kvx_notify_expect_readers(self.handle, int(notify_id), int(readers), int(timeout_ms), None, None, 0),
+                   self._h, "expect")
             return
         cache, blocks = retire
         arr, n = _u32_array(blocks)
-        _check(_load().kvx_notify_expect_retire(self.handle, int(notify_id), int(timeout_ms), cache.handle, arr, n),
+        _check(_load().kvx_notify_expect_readers(self.handle, int(notify_id), int(readers), int(timeout_ms), cache.handle, arr, n),
                self._h, "expect")
 
     def notifications(self, max_notifications: int = 256) -> List[Notification]:
         out = (_Notification * max_notifications)()
         n = _load().kvx_notifications(self.handle, out, max_notifications)
-        return [Notification(int(x.id), int(x.status), int(x.peer_rank)) for x in out[:max(n, 0)]]
+        return [Notification(int(x.id), int(x.status), int(x.peer_rank), int(x.peer_tp_size)) for x in out[:max(n, 0)]]
 
     def progress(self) -> int:
         return int(_load().kvx_progress(self.handle))

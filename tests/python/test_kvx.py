@@ -60,15 +60,15 @@ def owner(conn, layout, rank, tp, seed, dtype, total_heads, expect, use_torch):
         tensors = [torch.from_numpy(t) for t in tensors]
     with kvx.Context("prefill", tp_rank=rank, tp_size=tp, timeout_ms=5000) as ctx:
         ctx.register_cache(tensors, layout=layout, total_heads=total_heads if total_heads != HEADS else None)
-        for nid, ms in expect:
-            ctx.expect(nid, ms)
+        for e in expect:
+            ctx.expect(e[0], e[1], readers=e[2] if len(e) > 2 else 1)
         conn.send(ctx.metadata())
         got = []
         while True:
             if conn.poll(0.05):
                 msg = conn.recv()
                 if msg == "notes":
-                    conn.send([(n.id, n.status, n.reader_rank) for n in got])
+                    conn.send([(n.id, n.status, n.reader_rank, n.reader_tp_size) for n in got])
                     continue
                 break
             got += ctx.notifications()
@@ -147,7 +147,7 @@ def test_read_tp1(layout, dtype):
             t2.wait(10000)
             assert t2.done()  # after wait, the outcome is kept
             check(layout, local, 3, dtype, 0, 1, dst + [4], src + [4])
-            assert o.notes() == [(7, 0, 0)]
+            assert o.notes() == [(7, 0, 0, 1)]
             assert ctx.stats()["reads_completed"] == 2
     finally:
         o.stop()
@@ -224,7 +224,7 @@ def test_notifications_expire_and_deadlines():
             peer = ctx.add_peer(o.md)
             ctx.queue().read(peer, [0], [0], notify_id=1).wait(10000)
             notes = sorted(o.notes(settle=1.5))
-            assert notes == [(1, 0, 0), (2, -7, -1)], notes  # id 2 was never read: it expired
+            assert notes == [(1, 0, 0, 1), (2, -7, -1, 0)], notes  # id 2 was never read: it expired
             # a stopped owner serves nothing over TCP: the read fails at its deadline
             os.kill(o.proc.pid, signal.SIGSTOP)
             stopped(o.proc.pid)
@@ -235,6 +235,38 @@ def test_notifications_expire_and_deadlines():
                 assert time.monotonic() - t0 < 8
             finally:
                 os.kill(o.proc.pid, signal.SIGCONT)
+    finally:
+        o.stop()
+
+
+def test_lease_of_several_readers_and_notify_only():
+    """A lease of two readers, ranks 0 and 1 of a TP-2 engine reading a TP-1
+    owner: rank 1 reads, rank 0 found its blocks locally and only notifies.
+    Each arrival comes with the reader's rank and TP size; a lease of three
+    that two readers answer expires once, for the third."""
+    o = Owner(seed=10, expect=[(5, 10000, 2), (6, 800, 3)])
+    try:
+        ctxs = [kvx.Context("decode", tp_rank=r, tp_size=2, timeout_ms=3000) for r in range(2)]
+        try:
+            for r, ctx in enumerate(ctxs):
+                local = reader_cache("NHD", r, 2, np.uint16)
+                ctx.register_cache(local, layout="NHD")
+                peer = ctx.add_peer(o.md)
+                q = ctx.queue()
+                if r:
+                    q.read(peer, [3, 4], [1, 2], notify_id=5).wait(10000)
+                    check("NHD", local, 10, np.uint16, r, 2, [3, 4], [1, 2])
+                else:
+                    q.notify(peer, 5).wait(10000)
+                    assert all(not t.any() for t in local)  # nothing was read
+                q.notify(peer, 6).wait(10000)
+            notes = sorted(o.notes(settle=1.5))
+            assert notes == [(5, 0, 0, 2), (5, 0, 1, 2), (6, -7, -1, 0), (6, 0, 0, 2), (6, 0, 1, 2)], notes
+            with pytest.raises(kvx.ArgumentError, match="must notify"):
+                ctxs[0].queue().read(ctxs[0].peers[0], [], [])
+        finally:
+            for ctx in ctxs:
+                ctx.close()
     finally:
         o.stop()
 

@@ -247,6 +247,66 @@ int main(void) {
         kvx_cache_deregister(pc); kvx_ctx_destroy(P); kvx_ex_cache_free(&pm);
     }
 
+    T_CASE("local: a read of no blocks only notifies, also a rank that shares no heads with the owner; notifications carry the reader's rank and TP size") {
+        kvx_ctx *P[2], *D = local_ctx("decode", 1, 4, 0);
+        kvx_ex_cache pm[2], dm;
+        kvx_layout lp, ld;
+        kvx_cache_desc cd;
+        kvx_cache *pc[2], *dc;
+        kvx_peer *p[2];
+        kvx_queue *q;
+        kvx_read rd;
+        kvx_notification n[8];
+        uint32_t a, hn;
+        uint64_t gen = 0;
+        int r, k, i, seen[2] = {0, 0};
+        double t0;
+        layout(&lp, KVX_ORDER_HND, 2);               /* 4 heads: owner ranks of TP 2 hold 2 each */
+        layout(&ld, KVX_ORDER_HND, 1);               /* reader rank 1 of TP 4 takes head 1: owner rank 0's */
+        kvx_ex_cache_alloc(&dm, &ld, 1, 4);
+        cd = kvx_ex_cache_desc(&dm); T_ST(kvx_cache_register(D, &cd, &dc), KVX_OK);
+        T_ST(kvx_queue_create(D, NULL, &q), KVX_OK);
+        for (r = 0; r < 2; r++) {
+            P[r] = local_ctx("prefill", r, 2, 1);
+            kvx_ex_cache_alloc(&pm[r], &lp, r, 2);
+            kvx_ex_fill(&pm[r], 60, src, 4);
+            cd = kvx_ex_cache_desc(&pm[r]); T_ST(kvx_cache_register(P[r], &cd, &pc[r]), KVX_OK);
+            T_CHECK((p[r] = add(D, P[r])) != NULL);
+        }
+        T_ST(kvx_peer_heads(p[1], dc, 0, &a, &hn), KVX_OK);
+        T_EQ(hn, 0);                                 /* owner rank 1 is no source for reader rank 1 */
+        T_ST(read_blocks(q, p[1], dc, dst, src, 4, 0, 5, 0, &t), KVX_ERR_ARG);       /* a read of blocks from it is refused */
+        T_HAS(kvx_ctx_error(D), "not the source of any head");
+        T_ST(read_blocks(q, p[1], dc, NULL, NULL, 0, 0, 0, 0, &t), KVX_ERR_ARG);     /* no blocks and no notification: nothing to do */
+        T_HAS(kvx_ctx_error(D), "must notify");
+        T_ST(read_blocks(q, p[1], dc, NULL, NULL, 0, 1, 5, 0, &t), KVX_ERR_ARG);     /* nothing to verify */
+        memset(&rd, 0, sizeof rd);
+        rd.peer = p[1]; rd.cache = dc; rd.notify = 1; rd.notify_id = 5; rd.remote_generations = &gen;
+        T_ST(kvx_post(q, &rd, &t), KVX_ERR_ARG);                                      /* nor generations to check */
+        T_ST(read_blocks(q, p[0], dc, dst, src, 4, 0, 5, 0, &t), KVX_OK);            /* the source: read and notify */
+        T_ST(kvx_wait(q, t, 5000), KVX_OK);
+        T_EQ(kvx_ex_verify(&dm, 60, dst, src, 4, 0, 3, 1, 2, NULL), 0);
+        T_ST(read_blocks(q, p[1], dc, NULL, NULL, 0, 0, 5, 0, &t), KVX_OK);          /* the other: only notify */
+        T_ST(kvx_wait(q, t, 5000), KVX_OK);
+        t0 = kvx_t_now();
+        while ((!seen[0] || !seen[1]) && kvx_t_now() - t0 < 5) {
+            for (r = 0; r < 2; r++) {
+                k = kvx_notifications(P[r], n, 8);
+                for (i = 0; i < k; i++) {
+                    T_EQ(n[i].id, 5); T_ST(n[i].status, KVX_OK);
+                    T_EQ(n[i].peer_rank, 1); T_EQ(n[i].peer_tp_size, 4);
+                    seen[r]++;
+                }
+            }
+            usleep(5000);
+        }
+        T_EQ(seen[0], 1);
+        T_EQ(seen[1], 1);
+        kvx_queue_destroy(q);
+        for (r = 0; r < 2; r++) { kvx_peer_remove(p[r]); kvx_cache_deregister(pc[r]); kvx_ctx_destroy(P[r]); kvx_ex_cache_free(&pm[r]); }
+        kvx_cache_deregister(dc); kvx_ctx_destroy(D); kvx_ex_cache_free(&dm);
+    }
+
     T_CASE("local: a full notification ring keeps leases: what arrives or expires while it is full comes once there is room; the rest is dropped and counted") {
         kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D = local_ctx("decode", 0, 1, 0);
         kvx_ex_cache pm, dm;

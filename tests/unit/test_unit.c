@@ -717,12 +717,12 @@ int main(void) {
         T_EQ(kvx_ex_verify(&bm, 7, dst[N - 1], src[N - 1], 2, 0, 3, 0, 2, NULL), 0);
     }
 
-    T_CASE("notifications: after the data, exactly once; expected ids expire") {
+    T_CASE("notifications: after the data, exactly once, with the reader's rank and TP size; a read of no blocks only notifies; expected ids expire") {
         uint32_t src[2] = {10, 11}, dst[2] = {50, 51};
         kvx_notification nt[8];
         kvx_read rd;
         kvx_ticket t;
-        int n = 0, k;
+        int n = 0, k, only = 0;
         double t0;
         T_ST(kvx_notify_expect(A, 4242, 10000), KVX_OK);
         T_ST(kvx_notify_expect(A, 999, 200), KVX_OK);       /* never comes */
@@ -731,17 +731,24 @@ int main(void) {
         rd.notify = 1; rd.notify_id = 4242;
         T_ST(kvx_post(q, &rd, &t), KVX_OK);
         T_ST(kvx_wait(q, t, 10000), KVX_OK);
+        memset(&rd, 0, sizeof rd);                           /* nothing to read, only "done with 4343" */
+        rd.peer = peer; rd.cache = bc; rd.notify = 1; rd.notify_id = 4343;
+        T_ST(kvx_post(q, &rd, &t), KVX_OK);
+        T_ST(kvx_wait(q, t, 10000), KVX_OK);
         t0 = kvx_t_now();
-        while (n < 2 && kvx_t_now() - t0 < 5) {
+        while (n < 3 && kvx_t_now() - t0 < 5) {
             int m = kvx_notifications(A, nt + n, 8 - n);
             n += m;
             if (!m) { kvx_progress(B); usleep(5000); }
         }
-        T_EQ(n, 2);
+        T_EQ(n, 3);
         for (k = 0; k < n; k++) {
-            if (nt[k].id == 4242) { T_ST(nt[k].status, KVX_OK); T_EQ(nt[k].peer_rank, 0); }
-            else { T_EQ(nt[k].id, 999); T_ST(nt[k].status, KVX_ERR_TIMEOUT); }
+            if (nt[k].id == 4242 || nt[k].id == 4343) {
+                T_ST(nt[k].status, KVX_OK); T_EQ(nt[k].peer_rank, 0); T_EQ(nt[k].peer_tp_size, 1);
+                only += nt[k].id == 4343;
+            } else { T_EQ(nt[k].id, 999); T_ST(nt[k].status, KVX_ERR_TIMEOUT); T_EQ(nt[k].peer_tp_size, 0); }
         }
+        T_EQ(only, 1);
         usleep(300000);
         kvx_progress(B);
         T_EQ(kvx_notifications(A, nt, 8), 0);
