@@ -377,6 +377,8 @@ typedef struct kvx_completion {
     uint64_t user_tag;
     kvx_status status;
     uint64_t bytes;
+    const char *error;          /* a failed read: what failed, where and why (NULL if it succeeded);
+                                   kvx's memory, valid until the queue's next depth posts */
 } kvx_completion;
 
 typedef struct kvx_notification {
@@ -697,6 +699,7 @@ struct kvx__read {
     uint64_t notify_id, user_tag;
     uint8_t notify_msg[KVX__NOTIFY_MSG_BYTES];
     void *be;                   /* backend per-read scratch */
+    char why[224];              /* a failed read's sentence, for kvx_completion.error */
 };
 
 struct kvx_queue {
@@ -1850,6 +1853,13 @@ KVX__PRIV void kvx__runs_release(kvx_queue *q);
 KVX__PRIV kvx_status kvx__verify(kvx__read *rd);
 KVX__PRIV kvx_status kvx__gen_check(kvx__read *rd);
 
+/* A failed read keeps the sentence of its failure (the context's error,
+   which the next failure overwrites), for its completion. */
+KVX__PRIV void kvx__read_why(kvx__read *rd) {
+    if (rd->status != KVX_PENDING && rd->status != KVX_OK && !rd->why[0])
+        kvx__strlcpy(rd->why, rd->q->ctx->err[0] ? rd->q->ctx->err : kvx_status_name(rd->status), sizeof rd->why);
+}
+
 /* Fail every read of peer p that is still live, after closing p by force.
    Returns how many reads the transport still holds (0 unless it broke its
    promise to complete everything on a forced close). */
@@ -1862,6 +1872,7 @@ KVX__PRIV uint32_t kvx__peer_close(kvx_peer *p, kvx_status why) {
             kvx__read *rd = &q->slots[i];
             if (!rd->in_use || rd->done || rd->peer != p) continue;
             if (rd->status == KVX_PENDING) rd->status = why;
+            kvx__read_why(rd);
             rd->issuing_done = 1;
         }
     if (p->connected) ctx->be_ops->disconnect(ctx, p);
@@ -2046,6 +2057,7 @@ KVX__PRIV void kvx__read_finish(kvx__read *rd) {
         if (rd->status == KVX_PENDING) rd->status = kvx__gen_check(rd);
     }
     if (rd->status == KVX_PENDING) rd->status = rd->verify ? kvx__verify(rd) : KVX_OK;
+    kvx__read_why(rd);
     rd->done = 1;
     if (rd->status == KVX_OK) {
         KVX_ASSERT(rd->ops_done == rd->ops_total);
@@ -2095,6 +2107,7 @@ KVX__PRIV void kvx__op_done(kvx__read *rd, kvx_status st, const char *why) {
             kvx__fail(ctx, st, "read %llu from %s/%d over %s failed after %llu of %llu descriptors: %s",
                       (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, rd->peer->transport,
                       (unsigned long long)rd->ops_done, (unsigned long long)rd->ops_total, why ? why : kvx_status_name(st));
+            kvx__read_why(rd);
         }
         rd->issuing_done = 1;
     }
@@ -2271,7 +2284,7 @@ KVX__PRIV void kvx__pump(kvx_queue *q) {
         kvx__read *rd = kvx__slot(q, t);
         if (rd->issuing_done) continue;
         if (rd->peer->failed) {
-            if (rd->status == KVX_PENDING) { rd->status = KVX_ERR_PEER; kvx__fail(ctx, KVX_ERR_PEER, "read %llu: peer %s/%d failed", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank); }
+            if (rd->status == KVX_PENDING) { rd->status = KVX_ERR_PEER; kvx__fail(ctx, KVX_ERR_PEER, "read %llu: peer %s/%d failed", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank); kvx__read_why(rd); }
             rd->issuing_done = 1;
             kvx__read_finish(rd);
             continue;
@@ -2280,6 +2293,7 @@ KVX__PRIV void kvx__pump(kvx_queue *q) {
             kvx_status st = ctx->be_ops->connect(ctx, rd->peer);
             if (st != KVX_OK) {
                 rd->status = st;
+                kvx__read_why(rd);
                 rd->issuing_done = 1;
                 kvx__read_finish(rd);
                 continue;
@@ -2296,6 +2310,7 @@ KVX__PRIV void kvx__pump(kvx_queue *q) {
             if (st == KVX_PENDING) return;
             if (st != KVX_OK) {
                 if (rd->status == KVX_PENDING) rd->status = st;
+                kvx__read_why(rd);
             } else {
                 rd->whole = 1;
                 rd->ops_issued = rd->ops_total;
@@ -2310,6 +2325,7 @@ KVX__PRIV void kvx__pump(kvx_queue *q) {
             if (st == KVX_PENDING) return;
             if (st != KVX_OK) {
                 if (rd->status == KVX_PENDING) rd->status = st;
+                kvx__read_why(rd);
                 rd->issuing_done = 1;
                 break;
             }
@@ -2541,6 +2557,7 @@ KVX__PRIV void kvx__read_timeout(kvx__read *rd) {
                   (unsigned long long)rd->ticket, p->name, p->rank, p->transport,
                   (unsigned long long)((rd->deadline_ns - rd->t_post_ns) / 1000000ull),
                   (unsigned long long)rd->ops_done, (unsigned long long)rd->ops_total, rd->ops_out);
+        kvx__read_why(rd);
     }
     rd->issuing_done = 1;
     if (rd->ops_out && ctx->be_ops->abandon) ctx->be_ops->abandon(ctx, rd);
@@ -2778,6 +2795,7 @@ KVX__PRIV kvx_status kvx__ticket_check(kvx_queue *q, kvx_ticket t, kvx__read **o
 
 KVX__PRIV kvx_status kvx__consume(kvx_queue *q, kvx__read *rd) {
     kvx_status st = rd->status;
+    if (st != KVX_OK && rd->why[0]) kvx__strlcpy(q->ctx->err, rd->why, sizeof q->ctx->err);  /* kvx_ctx_error: this read's */
     rd->consumed = 1;
     kvx__retire(q, rd);
     return st;
@@ -2845,6 +2863,7 @@ KVX_API int kvx_poll(kvx_queue *q, kvx_completion *out, int max) {
         out[n].user_tag = rd->user_tag;
         out[n].bytes = rd->bytes_done;
         out[n].status = kvx__consume(q, rd);
+        out[n].error = out[n].status == KVX_OK ? NULL : rd->why;
         n++;
     }
     pthread_mutex_unlock(&ctx->lock);
@@ -2863,7 +2882,11 @@ KVX__PRIV void kvx__queue_teardown(kvx_queue *q) {
     for (i = 0; i < q->depth; i++) {
         kvx__read *rd = &q->slots[i];
         if (!rd->in_use || rd->done) continue;
-        if (rd->status == KVX_PENDING) rd->status = KVX_ERR_CANCELED;
+        if (rd->status == KVX_PENDING) {
+            rd->status = KVX_ERR_CANCELED;
+            snprintf(rd->why, sizeof rd->why, "read %llu from %s/%d canceled: its queue was destroyed", (unsigned long long)rd->ticket,
+                     rd->peer->name, rd->peer->rank);
+        }
         rd->issuing_done = 1;
         kvx__read_finish(rd);
     }

@@ -219,7 +219,8 @@ class _Read(C.Structure):
 
 
 class _Completion(C.Structure):
-    _fields_ = [("ticket", C.c_uint64), ("user_tag", C.c_uint64), ("status", C.c_int), ("bytes", C.c_uint64)]
+    _fields_ = [("ticket", C.c_uint64), ("user_tag", C.c_uint64), ("status", C.c_int), ("bytes", C.c_uint64),
+                ("error", C.c_char_p)]
 
 
 class _Notification(C.Structure):
@@ -583,13 +584,13 @@ class Peer:
 
 class Completion:
     """One reported read: ticket, the caller's tag, kvx status, bytes.
-    ``ok`` is status 0; ``error`` the exception of a failed read (its class
-    names the status; kvx logs the failure's details when it happens)."""
+    ``ok`` is status 0; ``error`` the exception of a failed read: its class
+    names the status, its message what failed, where and why."""
 
-    __slots__ = ("ticket", "tag", "status", "bytes")
+    __slots__ = ("ticket", "tag", "status", "bytes", "message")
 
-    def __init__(self, ticket: int, tag: int, status: int, nbytes: int) -> None:
-        self.ticket, self.tag, self.status, self.bytes = ticket, tag, status, nbytes
+    def __init__(self, ticket: int, tag: int, status: int, nbytes: int, message: str = "") -> None:
+        self.ticket, self.tag, self.status, self.bytes, self.message = ticket, tag, status, nbytes, message
 
     @property
     def ok(self) -> bool:
@@ -599,7 +600,7 @@ class Completion:
     def error(self) -> Optional[Error]:
         if self.status == _OK:
             return None
-        return _error(self.status, None, "read %d (tag %d)" % (self.ticket, self.tag))
+        return _error(self.status, None, "read %d (tag %d)" % (self.ticket, self.tag), self.message or None)
 
     def __repr__(self) -> str:
         return "kvx.Completion(ticket=%d, tag=%d, status=%d, bytes=%d)" % (self.ticket, self.tag, self.status, self.bytes)
@@ -780,7 +781,8 @@ class Queue:
         res = []
         for i in range(n):
             c = out[i]
-            res.append(Completion(c.ticket, c.user_tag, c.status, c.bytes))
+            res.append(Completion(c.ticket, c.user_tag, c.status, c.bytes,
+                                  c.error.decode(errors="replace") if c.error else ""))
         return res
 
     def stream_wait(self, ticket: Ticket, stream: Any) -> None:

@@ -476,7 +476,9 @@ int main(void) {
         kvx_notification n[4];
         uint64_t gens[32], old[32];
         uint32_t canary = 127, i, bad = 200;
-        int expired = 0;
+        int expired = 0, k;
+        kvx_completion comp[1];
+        char want[160];
         double t0;
         layout(&l, KVX_ORDER_HND, 2);
         kvx_ex_cache_alloc(&pm, &l, 0, 1); kvx_ex_cache_alloc(&dm, &l, 0, 1);
@@ -504,6 +506,20 @@ int main(void) {
         T_ST(kvx_wait(q, t, 5000), KVX_ERR_STALE);
         T_HAS(kvx_ctx_error(D), "remote block");
         T_HAS(kvx_ctx_error(D), "generation 0 expected, 1 found");
+        /* Reported by kvx_poll, the failure keeps its own sentence, also after
+           a later error took the context's. */
+        for (i = 0; i < 32; i++) gens[i] = kvx_block_generation(pc, src[i]);
+        snprintf(want, sizeof want, "remote block %u (local %u, layers 0-2): generation %llu expected, %llu found", src[6], dst[6],
+                 (unsigned long long)gens[6], (unsigned long long)gens[6] + 1);
+        T_ST(kvx_post(q, &rd, &t), KVX_OK);
+        T_ST(kvx_blocks_retire(pc, src + 6, 1), KVX_OK);
+        t0 = kvx_t_now();
+        while ((k = kvx_poll(q, comp, 1)) == 0 && kvx_t_now() - t0 < 5) usleep(1000);
+        T_EQ(k, 1);
+        T_ST(kvx_blocks_retire(pc, &bad, 1), KVX_ERR_ARG);         /* the context's error is now another */
+        T_ST(comp[0].status, KVX_ERR_STALE);
+        T_CHECK(comp[0].error != NULL);
+        if (comp[0].error) T_HAS(comp[0].error, want);
         /* Before, then reused with new bytes: stale, never a pass with them. */
         T_ST(kvx_blocks_retire(pc, src, 32), KVX_OK);
         kvx_ex_fill(&pm, 9, src, 32);
