@@ -677,6 +677,7 @@ struct kvx__read {
     uint32_t run0, nruns;       /* runs in the queue's ring */
     /* cursor over (plane, run, block-in-run, piece) of ops not yet issued */
     uint32_t c_plane, c_run, c_blk, c_piece;
+    uint32_t p_end;             /* the data cursor's end plane: one past plane c_plane's first when planes merge */
     /* verified reads: heads taken, and a second cursor over sampled blocks */
     uint32_t verify, h_a, h_b, h_l0, h_r0;
     int gather;                 /* a block's pieces go as one op (the peer gathers; fixed at post) */
@@ -2155,7 +2156,7 @@ KVX__PRIV int kvx__cursor_op(kvx__read *rd, const kvx__run *runs, uint32_t cap, 
     const kvx__run *run;
     uint32_t p = rd->c_plane;
     if (rd->gen_phase) return kvx__gcursor_op(rd, runs, cap, op);
-    if (p >= rd->layer_end * lc->lay.kv_planes) return rd->verify ? kvx__vcursor_op(rd, runs, cap, op) : 0;
+    if (p >= rd->p_end) return rd->verify ? kvx__vcursor_op(rd, runs, cap, op) : 0;
     run = &runs[(rd->run0 + rd->c_run) % cap];
     op->lreg = lc->plane_region[p];
     op->rreg = rc->plane_region[p];
@@ -2180,7 +2181,7 @@ KVX__PRIV int kvx__cursor_op(kvx__read *rd, const kvx__run *runs, uint32_t cap, 
 
 KVX__PRIV void kvx__cursor_next(kvx__read *rd, const kvx__run *runs, uint32_t cap) {
     if (rd->gen_phase) { rd->g_idx += runs[(rd->run0 + rd->g_run) % cap].n; rd->g_run++; return; }
-    if (rd->c_plane >= rd->layer_end * rd->lc->lay.kv_planes) { kvx__vcursor_next(rd, runs, cap); return; }
+    if (rd->c_plane >= rd->p_end) { kvx__vcursor_next(rd, runs, cap); return; }
     if (!rd->g.run_merge) {
         if (!rd->gather && ++rd->c_piece < rd->g.npieces) return;
         rd->c_piece = 0;
@@ -2456,6 +2457,26 @@ KVX__PRIV kvx_status kvx__gen_rings(kvx_queue *q, const kvx__cache_info *lc) {
     return st;
 }
 
+/* Block-outermost layouts (vLLM's BLHNC, BLNHC): where, on both sides, each
+   plane's piece of a block ends where the next plane's begins (one
+   registration), a block's planes go as one piece, and a run of blocks as one
+   op where blocks follow each other too: one operation for every layer of a
+   run of blocks instead of one per layer. Not where a backend takes the read
+   whole (post_read) and walks the planes itself. */
+KVX__PRIV int kvx__planes_merge(kvx_ctx *ctx, kvx__read *rd, uint32_t planes) {
+    const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
+    uint32_t p, p0 = rd->c_plane;
+    if (planes < 2 || rd->g.npieces != 1 || ctx->be_ops->post_read) return 0;
+    for (p = p0; p + 1 < p0 + planes; p++)
+        if (lc->plane_region[p + 1] != lc->plane_region[p] || rc->plane_region[p + 1] != rc->plane_region[p] ||
+            lc->plane_base[p + 1] != lc->plane_base[p] + rd->g.piece || rc->plane_base[p + 1] != rc->plane_base[p] + rd->g.piece)
+            return 0;
+    rd->g.piece *= planes;
+    rd->g.run_merge = rd->g.piece == lc->block_stride && rd->g.piece == rc->block_stride;
+    rd->p_end = p0 + 1;
+    return 1;
+}
+
 KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
     kvx_ctx *ctx;
     kvx__read tmp, *rd;
@@ -2517,6 +2538,10 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
         q->gen_used += rd->ngen;
     }
     planes = (rd->layer_end - rd->layer_begin) * rd->lc->lay.kv_planes;
+    ctx->st.blocks_posted += (uint64_t)r->num_blocks * planes;
+    rd->c_plane = rd->layer_begin * rd->lc->lay.kv_planes;
+    rd->p_end = rd->c_plane + planes;
+    if (kvx__planes_merge(ctx, rd, planes)) planes = 1;
     rd->gather = rd->rc->gather && !rd->g.run_merge && rd->g.npieces > 1;
     per_plane_ops = rd->g.run_merge ? nruns : (uint64_t)r->num_blocks * (rd->gather ? 1u : rd->g.npieces);
     rd->ops_total = per_plane_ops * planes + (rd->gen && !ctx->be_ops->gen_fetch ? nruns : 0u);
@@ -2525,7 +2550,6 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
         rd->v_plane = rd->layer_begin * rd->lc->lay.kv_planes;
     }
     rd->bytes = (uint64_t)r->num_blocks * rd->g.piece * (rd->g.run_merge ? 1 : rd->g.npieces) * planes;
-    rd->c_plane = rd->layer_begin * rd->lc->lay.kv_planes;
     rd->t_post_ns = kvx__now_ns();
     rd->deadline_ns = rd->t_post_ns + (uint64_t)(r->timeout_ms ? r->timeout_ms : ctx->timeout_ms) * 1000000ull;
     rd->status = KVX_PENDING;
@@ -2534,7 +2558,6 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
     rd->user_tag = r->user_tag;
     rd->in_use = 1;
     ctx->st.reads_posted++;
-    ctx->st.blocks_posted += (uint64_t)r->num_blocks * planes;
     *out = rd->ticket;
     if (kvx__stream) kvx__stream->read_posted(rd);
     kvx__pump(q);

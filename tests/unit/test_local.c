@@ -157,6 +157,56 @@ int main(void) {
         T_EQ(runs, (16 + 4) * 3);                        /* 16 HND and 4 NHD pairs, 2 + 1 decode ranks each */
     }
 
+    T_CASE("local: block-outermost caches (BLHNC) move a run of blocks with every layer in one operation; a layer range in one per block; beside a packed cache, one per layer") {
+        kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D = local_ctx("decode", 0, 1, 0);
+        kvx_ex_cache pm, dm, km;
+        kvx_layout l;
+        kvx_cache_desc cd;
+        kvx_cache *pc, *dc, *kc;
+        kvx_peer *p;
+        kvx_queue *q;
+        kvx_read rd;
+        kvx_stats s0, s1;
+        uint32_t i, nruns = 0;
+        for (i = 0; i < 32; i++) nruns += !i || dst[i] != dst[i - 1] + 1 || src[i] != src[i - 1] + 1;
+        layout(&l, KVX_ORDER_HND, 2);
+        T_CHECK(kvx_ex_cache_alloc_form(&pm, &l, 0, 1, KVX_EX_BLOCK_OUTER) == 0);
+        T_CHECK(kvx_ex_cache_alloc_form(&dm, &l, 0, 1, KVX_EX_BLOCK_OUTER) == 0);
+        kvx_ex_cache_alloc(&km, &l, 0, 1);
+        kvx_ex_fill(&pm, 21, src, 32);
+        cd = kvx_ex_cache_desc(&pm); T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
+        cd = kvx_ex_cache_desc(&dm); T_ST(kvx_cache_register(D, &cd, &dc), KVX_OK);
+        cd = kvx_ex_cache_desc(&km); T_ST(kvx_cache_register(D, &cd, &kc), KVX_OK);
+        p = add(D, P);
+        T_ST(kvx_queue_create(D, NULL, &q), KVX_OK);
+        kvx_stats(D, &s0);
+        T_ST(read_blocks(q, p, dc, dst, src, 32, 0, 0, 0, &t), KVX_OK);
+        T_ST(kvx_wait(q, t, 5000), KVX_OK);
+        kvx_stats(D, &s1);
+        T_EQ(kvx_ex_verify(&dm, 21, dst, src, 32, 0, 3, 0, 2, NULL), 0);
+        T_EQ(s1.descs_posted - s0.descs_posted, nruns);          /* 3 layers x K, V: one op per run */
+        T_EQ(s1.blocks_posted - s0.blocks_posted, 32 * 6);       /* still counted per layer and plane */
+        memset(&rd, 0, sizeof rd);                               /* layers 1..2 of 3: a block's 4 planes, one op each block */
+        rd.peer = p; rd.cache = dc; rd.local_blocks = dst; rd.remote_blocks = src; rd.num_blocks = 32;
+        rd.layer_begin = 1; rd.layer_count = 2;
+        kvx_ex_poison(&dm, 21, dst, src, 32, 0, 3, 0, 2);
+        T_ST(kvx_post(q, &rd, &t), KVX_OK);
+        T_ST(kvx_wait(q, t, 5000), KVX_OK);
+        kvx_stats(D, &s0);
+        T_EQ(s0.descs_posted - s1.descs_posted, 32);
+        T_EQ(kvx_ex_verify(&dm, 21, dst, src, 32, 1, 3, 0, 2, NULL), 0);
+        rd.cache = kc; rd.layer_begin = 0; rd.layer_count = 0;   /* into a packed cache: one op per layer, plane and run */
+        T_ST(kvx_post(q, &rd, &t), KVX_OK);
+        T_ST(kvx_wait(q, t, 5000), KVX_OK);
+        kvx_stats(D, &s1);
+        T_EQ(s1.descs_posted - s0.descs_posted, 6 * nruns);
+        T_EQ(kvx_ex_verify(&km, 21, dst, src, 32, 0, 3, 0, 2, NULL), 0);
+        kvx_queue_destroy(q); kvx_peer_remove(p);
+        kvx_cache_deregister(dc); kvx_cache_deregister(kc); kvx_cache_deregister(pc);
+        kvx_ctx_destroy(D); kvx_ctx_destroy(P);
+        kvx_ex_cache_free(&pm); kvx_ex_cache_free(&dm); kvx_ex_cache_free(&km);
+    }
+
     T_CASE("local: notifications arrive once, after the data; an expected id that never comes expires") {
         kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D = local_ctx("decode", 0, 1, 1);
         kvx_ex_cache pm, dm;

@@ -788,9 +788,9 @@ int main(void) {
     }
 #endif
 
-    T_CASE("strided layouts over the transport: a head-outer owner (vLLM's BHLNC view) and a block-inner one (LHBNC) into packed blocks, every byte") {
+    T_CASE("strided layouts over the transport: a head-outer owner (vLLM's BHLNC view) and a block-inner one (LHBNC) into packed blocks; block-outermost (BLHNC) into its like, a run of blocks with all layers in one operation; every byte") {
         int form;
-        for (form = KVX_EX_HEAD_OUTER; form <= KVX_EX_BLOCK_INNER; form++) {
+        for (form = KVX_EX_BLOCK_OUTER; form <= KVX_EX_BLOCK_INNER; form++) {
             kvx_ctx *O = kvx_t_ctx("strided", 0, 1, 1), *R = kvx_t_ctx("reader", 0, 1, 0);
             kvx_queue *rq;
             kvx_ex_cache om, rm;
@@ -800,22 +800,27 @@ int main(void) {
             kvx_peer *sp = NULL;
             void *m;
             size_t n;
-            uint32_t src[16], dst[16];
+            uint32_t src[16], dst[16], i, nruns = 0;
+            kvx_stats s0, s1;
             sl.kv_planes = 1;
             kvx_ex_block_table(src, 16, 64, 1, 3, 0);
             kvx_ex_block_table(dst, 16, 64, 1, 4, 0);
+            for (i = 0; i < 16; i++) nruns += !i || dst[i] != dst[i - 1] + 1 || src[i] != src[i - 1] + 1;
             T_CHECK(kvx_ex_cache_alloc_form(&om, &sl, 0, 1, form) == 0);
             kvx_ex_fill(&om, 90 + (uint64_t)form, src, 16);
             od = kvx_ex_cache_desc(&om);
             T_ST(kvx_cache_register(O, &od, &oc), KVX_OK);
-            kvx_ex_cache_alloc(&rm, &sl, 0, 1);
+            T_CHECK(kvx_ex_cache_alloc_form(&rm, &sl, 0, 1, form == KVX_EX_BLOCK_OUTER ? form : KVX_EX_PACKED) == 0);
             od = kvx_ex_cache_desc(&rm);
             T_ST(kvx_cache_register(R, &od, &rc2), KVX_OK);
             T_ST(kvx_queue_create(R, NULL, &rq), KVX_OK);
             m = kvx_t_metadata(O, &n);
             T_ST(kvx_peer_add(R, m, n, &sp), KVX_OK);
             kvx_ex_poison(&rm, 90 + (uint64_t)form, dst, src, 16, 0, 3, 0, 4);
+            kvx_stats(R, &s0);
             if (sp) T_ST(read_blocks(rq, sp, rc2, dst, src, 16, 0, 0), KVX_OK);
+            kvx_stats(R, &s1);
+            if (form == KVX_EX_BLOCK_OUTER) T_EQ(s1.descs_posted - s0.descs_posted, nruns);
             if (sp && form == KVX_EX_HEAD_OUTER) printf("  %s\n", kvx_peer_transport(sp));
             T_EQ(kvx_ex_verify(&rm, 90 + (uint64_t)form, dst, src, 16, 0, 3, 0, 4, NULL), 0);
             kvx_ctx_destroy(R);
