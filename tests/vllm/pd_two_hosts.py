@@ -71,7 +71,7 @@ def serve(fd: str, name: str) -> None:
         engines.setup_env()
         kvc = None
         if opts.get("kv_role"):
-            kvc = engines.kv_config(opts["kv_role"], connector="KvxConnector", module_path="kvx.vllm",
+            kvc = engines.kv_config(opts["kv_role"], connector=opts["connector"], module_path=opts["module"],
                                     engine_id=opts["engine_id"], kv_load_failure_policy="recompute",
                                     kv_connector_extra_config=opts["extra"])
         t0 = time.monotonic()
@@ -89,9 +89,11 @@ def serve(fd: str, name: str) -> None:
                 continue
             _, prompts, max_tokens, params = msg
             m0 = engines.prompt_metrics(llm)
+            t0 = time.monotonic()
             res = engines.run_prompts(llm, prompts, max_tokens, 5, params)
+            took = time.monotonic() - t0
             time.sleep(0.2)  # the last step's stats reach the registry
-            conn.send(("ok", [r.__dict__ for r in res], engines.metrics_delta(m0, engines.prompt_metrics(llm))))
+            conn.send(("ok", [r.__dict__ for r in res], engines.metrics_delta(m0, engines.prompt_metrics(llm)), took))
         engines.shutdown(llm)
         conn.send(("stopped", None))
     except BaseException as e:
@@ -125,6 +127,7 @@ class Engine:
         self.conn = Connection(mine.detach())
         self.conn.send(opts)
         self.ready_s: Optional[float] = None
+        self.took = 0.0
 
     def _recv(self, timeout: float = 300) -> Any:
         if not self.conn.poll(timeout):
@@ -140,7 +143,7 @@ class Engine:
 
     def run(self, prompts: List[List[int]], max_tokens: int, params: Optional[List[Dict[str, Any]]] = None):
         self.conn.send(("run", prompts, max_tokens, params))
-        _, res, metrics = self._recv()
+        _, res, metrics, self.took = self._recv()
         return res, metrics
 
     def usage(self) -> float:
@@ -180,11 +183,19 @@ class Engine:
 # --------------------------------------------------------------------------
 
 class Checks:
-    def __init__(self) -> None:
+    """ok/FAIL lines for kvx; for another connector (observe), what it did,
+    counted as no failure: the comparison, not a test of it."""
+
+    def __init__(self, observe: str = "") -> None:
         self.failed = 0
         self.passed = 0
+        self.observe = observe
 
     def check(self, ok: bool, what: str, detail: str = "") -> bool:
+        if self.observe:
+            print("%s %s: %s%s" % (self.observe, "does" if ok else "does NOT", what, (" (" + detail + ")") if detail and not ok else ""),
+                  flush=True)
+            return ok
         if ok:
             self.passed += 1
             print("ok %s" % what, flush=True)
@@ -192,6 +203,24 @@ class Checks:
             self.failed += 1
             print("FAIL %s%s" % (what, (": " + detail) if detail else ""), flush=True)
         return ok
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and everything it started."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for p in [root] + root.children(recursive=True):
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return total
 
 
 def same(d: Dict[str, Any], r: Dict[str, Any], tol: float = 1e-4) -> str:
@@ -207,15 +236,52 @@ def same(d: Dict[str, Any], r: Dict[str, Any], tol: float = 1e-4) -> str:
     return ""
 
 
+def bench(a: Any, P: Engine, D: Engine, prompts: List[List[int]], alone: Dict[Any, Dict[str, Any]], timing_log: str) -> None:
+    """N requests one at a time: the prefill engine's time, the decode
+    engine's time to its first token (a run of max_tokens 1: scheduling, the
+    load, one forward), the load's time under the connector's stopwatch
+    (handed to the worker to reported finished), each side's CPU seconds,
+    and whether the first token is the single engine's."""
+    import json
+
+    rows = []
+    for p in prompts:
+        c0p, c0d = cpu_seconds(P.proc.pid), cpu_seconds(D.proc.pid)
+        pres, _ = P.run([p], 1, [dict(PREFILL)])
+        dres, _ = D.run([p], 1, [pres[0]["kv_transfer_params"]])
+        rows.append({"prefill_s": P.took, "ttft_s": D.took, "cpu_p": cpu_seconds(P.proc.pid) - c0p,
+                     "cpu_d": cpu_seconds(D.proc.pid) - c0d, "equal": dres[0]["tokens"][:1] == alone[tuple(p)]["tokens"][:1]})
+    loads: Dict[str, Dict[str, float]] = {}
+    if os.path.exists(timing_log):
+        for line in open(timing_log):
+            e = json.loads(line)
+            loads.setdefault(e["req"], {}).setdefault(e["ev"], e["t"])
+    xfer = sorted(v["done"] - v["start"] for v in loads.values() if "start" in v and "done" in v)[-len(prompts):] if loads else []
+
+    def med(xs: List[float]) -> float:
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if xs else float("nan")
+    print("bench %s %s: %d requests of 500 tokens, one at a time; median transfer %.1f ms (handed to the worker to finished), "
+          "decode time to first token %.1f ms, prefill %.1f ms, CPU s per request prefill %.3f decode %.3f, equal first tokens %d/%d"
+          % (a.connector, a.backend if a.connector == "kvx" else "ucx", len(rows), med(xfer) * 1e3, med([r["ttft_s"] for r in rows]) * 1e3,
+             med([r["prefill_s"] for r in rows]) * 1e3, med([r["cpu_p"] for r in rows]), med([r["cpu_d"] for r in rows]),
+             sum(r["equal"] for r in rows), len(rows)), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve", nargs=2, metavar=("SOCKET", "NAME"))
     ap.add_argument("--ns", nargs=2, metavar=("PREFILL_NS", "DECODE_NS"))
     ap.add_argument("--ip", nargs=2, metavar=("PREFILL_IP", "DECODE_IP"))
     ap.add_argument("--dev", nargs=2, metavar=("PREFILL_DEV", "DECODE_DEV"))
-    ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "kvx-tiny-llama"))
+    ap.add_argument("--model-dir", default=os.path.join(HERE, "..", "..", "build", "vllm-model"))
     ap.add_argument("--logs", default="build/test-logs/vllm")
     ap.add_argument("--backend", default="ucx")
+    ap.add_argument("--connector", default="kvx", choices=["kvx", "nixl"],
+                    help="nixl: vLLM's NixlConnector in the same engines (its import through tests/vllm/nixl_shim.py)")
+    ap.add_argument("--prefill-tp", type=int, default=1)
+    ap.add_argument("--bench", type=int, default=0, metavar="N",
+                    help="then N requests one at a time, timed (both connectors under the same stopwatch)")
     a = ap.parse_args()
     if a.serve:
         serve(*a.serve)
@@ -234,13 +300,30 @@ def main() -> int:
     singles = [prompt(n) for n in (1, 40, 100)]
     batch = [prompt(n) for n in (7, 32, 64, 65, 130)]
     repeat = [singles[1], batch[2], singles[2]]  # full blocks found in both engines' prefix caches
-    p_expire, p_stale, p_other, p_killed = prompt(70), prompt(90), prompt(50), prompt(60)
+    p_expire, p_stale, p_other, p_mis, p_killed = prompt(70), prompt(90), prompt(50), prompt(60), prompt(80)
     fillers = [prompt(1000) for _ in range(5)]   # 5 x 32 blocks: every free block is written again
-    everything = singles + batch + [p_expire, p_stale, p_other, p_killed]
+    timed = [prompt(500) for _ in range(a.bench)]
+    everything = singles + batch + [p_expire, p_stale, p_other, p_mis, p_killed] + timed
+    nixl = a.connector == "nixl"
+    cores = os.cpu_count() or 1
+    bind_p = "0|1" if a.prefill_tp == 2 and cores >= 2 else "|".join(["0"] * a.prefill_tp)
+    bind_d = "1" if cores >= 2 else "0"
 
     base_env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
                 "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    c = Checks()
+    c = Checks("NixlConnector" if nixl else "")
+    if nixl:
+        shim = subprocess.run([sys.executable, os.path.join(HERE, "nixl_shim.py"), os.path.join(a.logs, "nixl-shim")],
+                              capture_output=True, text=True)
+        if shim.returncode:
+            print("NixlConnector cannot be loaded here: %s" % (shim.stderr or shim.stdout).strip())
+            return 2
+        base_env["PYTHONPATH"] = shim.stdout.strip() + os.pathsep + base_env["PYTHONPATH"]
+    conn = {"connector": "TimedNixl" if nixl else ("TimedKvx" if a.bench else "KvxConnector"),
+            "module": "timed_connectors" if nixl or a.bench else "kvx.vllm"}
+    timing_log = os.path.join(a.logs, "timing-%s.jsonl" % a.connector)
+    if os.path.exists(timing_log):
+        os.unlink(timing_log)
     engines_up: List[Engine] = []
     try:
         # The single engine first, alone on the cores.
@@ -252,15 +335,20 @@ def main() -> int:
         ref.stop()
 
         common = {"backend": a.backend, "lease_ms": LEASE_MS, "read_timeout_ms": READ_TIMEOUT_MS, "side_channel_port": 5610}
-        P = Engine("prefill", a.ns[0], dict(base_env, VLLM_CPU_OMP_THREADS_BIND="0", KVX_HOST_ID="kvx-host-a",
-                                             UCX_TLS="tcp", FI_PROVIDER="tcp", FI_TCP_IFACE=a.dev[0]),
-                   {"model_dir": a.model_dir, "kv_role": "kv_producer", "engine_id": "prefill-%d" % os.getpid(),
-                    "extra": dict(common, side_channel_host=a.ip[0], net_devices=a.dev[0])}, a.logs)
+        if nixl:  # its lease, in seconds; its side channel from the environment
+            common = {"kv_lease_duration": LEASE_MS // 1000, "kv_recompute_threshold": 0}
+        net = {"UCX_TLS": "tcp", "FI_PROVIDER": "tcp", "KVX_TIMING_LOG": timing_log}
+        P = Engine("prefill", a.ns[0], dict(base_env, VLLM_CPU_OMP_THREADS_BIND=bind_p, KVX_HOST_ID="kvx-host-a",
+                                             FI_TCP_IFACE=a.dev[0], UCX_NET_DEVICES=a.dev[0], VLLM_NIXL_SIDE_CHANNEL_HOST=a.ip[0],
+                                             VLLM_NIXL_SIDE_CHANNEL_PORT="5600", **net),
+                   dict(conn, model_dir=a.model_dir, kv_role="kv_producer", engine_id="prefill-%d" % os.getpid(), tp=a.prefill_tp,
+                        extra=common if nixl else dict(common, side_channel_host=a.ip[0], net_devices=a.dev[0])), a.logs)
         engines_up.append(P)
-        D = Engine("decode", a.ns[1], dict(base_env, VLLM_CPU_OMP_THREADS_BIND="1", KVX_HOST_ID="kvx-host-b",
-                                            UCX_TLS="tcp", FI_PROVIDER="tcp", FI_TCP_IFACE=a.dev[1]),
-                   {"model_dir": a.model_dir, "kv_role": "kv_consumer", "engine_id": "decode-%d" % os.getpid(),
-                    "extra": dict(common, net_devices=a.dev[1])}, a.logs)
+        D = Engine("decode", a.ns[1], dict(base_env, VLLM_CPU_OMP_THREADS_BIND=bind_d, KVX_HOST_ID="kvx-host-b",
+                                            FI_TCP_IFACE=a.dev[1], UCX_NET_DEVICES=a.dev[1], VLLM_NIXL_SIDE_CHANNEL_HOST=a.ip[1],
+                                            VLLM_NIXL_SIDE_CHANNEL_PORT="5601", **net),
+                   dict(conn, model_dir=a.model_dir, kv_role="kv_consumer", engine_id="decode-%d" % os.getpid(),
+                        extra=common if nixl else dict(common, net_devices=a.dev[1])), a.logs)
         engines_up.append(D)
         print("prefill engine up in %.1f s, decode engine in %.1f s" % (P.ready(), D.ready()), flush=True)
 
@@ -293,6 +381,9 @@ def main() -> int:
             c.check(local == 0 and ext == want, "match, %s: the decode engine computed no prompt token it could read (%d read, %d computed)"
                     % (label, ext, local), "%d tokens read, %d computed, %d wanted read" % (ext, local, want))
 
+        if a.bench:
+            bench(a, P, D, timed, alone, timing_log)
+
         # released
         u = P.usage()
         c.check(0 <= u <= 1.5 / (BLOCKS - 1), "released: once read, the prefill engine's blocks are free (usage %.3f with a probe)" % u)
@@ -302,7 +393,7 @@ def main() -> int:
         held = P.usage()
         time.sleep(LEASE_MS / 1000 + 1.5)
         u = P.usage()
-        c.check(held > 1.5 / (BLOCKS - 1) and u <= 1.5 / (BLOCKS - 1) and "lease of %d ms ended with no reader done" % LEASE_MS in P.logged(),
+        c.check(held > 1.5 / (BLOCKS - 1) and u <= 1.5 / (BLOCKS - 1) and (nixl or "lease of %d ms ended with no reader done" % LEASE_MS in P.logged()),
                 "expired: an unread request held its blocks (usage %.3f), freed at the lease's end (%.3f), logged" % (held, u))
 
         # stale: read after the lease ended and the blocks were written again
@@ -313,15 +404,15 @@ def main() -> int:
         dres, _ = D.run([p_stale], MAX_TOKENS, [spres[0]["kv_transfer_params"]])
         why = same(dres[0], alone[tuple(p_stale)])
         log = D.logged()
-        c.check(not why and "generation" in log and "retired it" in log,
+        c.check(not why and (nixl or ("generation" in log and "retired it" in log)),
                 "stale: a read of reused blocks fails with StaleError (logged), vLLM recomputes, the tokens are right",
                 why or "no StaleError in %s" % D.log_path)
 
         # misrouted: another prompt's parameters
         opres, _ = P.run([p_other], 1, [dict(PREFILL)])
-        dres, _ = D.run([p_killed], MAX_TOKENS, [opres[0]["kv_transfer_params"]])
-        why = same(dres[0], alone[tuple(p_killed)])
-        c.check(not why and "hold another prompt" in D.logged(),
+        dres, _ = D.run([p_mis], MAX_TOKENS, [opres[0]["kv_transfer_params"]])
+        why = same(dres[0], alone[tuple(p_mis)])
+        c.check(not why and (nixl or "hold another prompt" in D.logged()),
                 "misrouted: kv_transfer_params of another prompt are refused (computed here), the tokens are right", why)
 
         # killed: the prefill engine dies with a request not yet read
@@ -334,6 +425,10 @@ def main() -> int:
         c.check(not why and took < READ_TIMEOUT_MS / 1000 + 20,
                 "killed: with the prefill engine dead, the decode engine's load fails in %.1f s, vLLM recomputes, the tokens are right"
                 % took, why)
+        dres, _ = D.run([singles[1]], MAX_TOKENS)
+        c.check(not same(dres[0], alone[tuple(singles[1])]), "killed: the decode engine serves on")
+        u = D.usage()
+        c.check(0 <= u <= 1.5 / (BLOCKS - 1), "the decode engine ends with every block free (usage %.3f with a probe)" % u)
     except Exception:
         traceback.print_exc()
         c.failed += 1
@@ -343,7 +438,8 @@ def main() -> int:
     finally:
         for e in engines_up:
             e.stop()
-    print("%d passed, %d failed" % (c.passed, c.failed))
+    if not nixl:
+        print("%d passed, %d failed" % (c.passed, c.failed))
     return min(c.failed, 100)
 
 
