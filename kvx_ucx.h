@@ -72,8 +72,17 @@
 
 /* The reader's state of one peer: its endpoint on each worker, and kvx's
    get's window to it (kvx_ucx_get.h). */
+/* What UCX hands an endpoint's error callback: the peer while it lives.
+   An endpoint may outlive its peer (one left in wireup stays with the worker
+   until the context ends), so the callback never gets the peer itself. */
+typedef struct kvx__ucx_epref {
+    kvx_peer *p;                /* NULL: the peer is gone; the callback does nothing */
+    struct kvx__ucx_epref *next;
+} kvx__ucx_epref;
+
 typedef struct kvx__ucx_peer {
     ucp_ep_h am, rma;           /* rma: NULL where the rma workers do not reach each other */
+    kvx__ucx_epref *am_ref, *rma_ref;
     int am_unsafe;              /* no peer failure handling (UCX offers none to this peer) */
     int rma_unsafe;             /* none on the rma endpoint alone (GPU caches on this host over shared memory) */
     uint32_t asked;             /* kvx's get: requests outstanding to the peer, and their bytes */
@@ -121,6 +130,7 @@ typedef struct kvx__ucx {
     ucp_mem_h scratch;          /* GPU memory UCX allocated: where a GPU cache's first read lands */
     void *scratch_addr;
     kvx__ucx_getter get;        /* kvx's own get (kvx_ucx_get.h) */
+    kvx__ucx_epref *refs;       /* every endpoint's error-callback argument not yet freed */
 } kvx__ucx;
 
 #define KVX__UCX_VERSION(major, minor) ((unsigned)(major) << 8 | (unsigned)(minor))
@@ -346,6 +356,11 @@ KVX__PRIV void kvx__ucx_close(kvx_ctx *ctx) {
     if (u->epfd >= 0) close(u->epfd);
     kvx__ucx_side_close(&u->rma);
     kvx__ucx_side_close(&u->am);
+    while (u->refs) {  /* the workers and every endpoint are gone: no callback can come */
+        kvx__ucx_epref *r = u->refs;
+        u->refs = r->next;
+        KVX_FREE(r);
+    }
     KVX_FREE(u->get.gets);
     KVX_FREE(u->get.free_gets);
     KVX_FREE(u->get.acct);
@@ -575,40 +590,72 @@ KVX__PRIV ucs_status_t kvx__ucx_wait_req(kvx_ctx *ctx, ucs_status_ptr_t req) {
 /* UCX says "Endpoint timeout" for a connection the peer reset (its process
    ended) as well as for one that went quiet: kvx says which it can tell. */
 KVX__PRIV void kvx__ucx_ep_err(void *arg, ucp_ep_h ep, ucs_status_t status) {
+    kvx__ucx_epref *ref = (kvx__ucx_epref *)arg;
     char why[160];
     (void)ep;
+    if (!ref->p) return;  /* an endpoint left behind by a peer that is gone */
     snprintf(why, sizeof why, "%s%s", status == UCS_ERR_ENDPOINT_TIMEOUT || status == UCS_ERR_CONNECTION_RESET
              ? "the connection was reset or went quiet; UCX: " : "UCX: ", ucs_status_string(status));
-    kvx__peer_failed((kvx_peer *)arg, why);
+    kvx__peer_failed(ref->p, why);
 }
 
-KVX__PRIV ucs_status_t kvx__ucx_ep(kvx_ctx *ctx, kvx__ucx_side *side, kvx_peer *p, const uint8_t *addr, ucp_err_handling_mode_t mode, ucp_ep_h *h) {
+/* An endpoint to p; with failure handling, *ref is its callback's argument
+   (the caller keeps it: kvx__ucx_ep_close frees it, kvx__ucx_ep_orphan
+   leaves it to the context's end). */
+KVX__PRIV ucs_status_t kvx__ucx_ep(kvx_ctx *ctx, kvx__ucx_side *side, kvx_peer *p, const uint8_t *addr, ucp_err_handling_mode_t mode,
+                                   ucp_ep_h *h, kvx__ucx_epref **ref) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
     ucp_ep_params_t ep;
-    (void)ctx;
+    ucs_status_t s;
+    *ref = NULL;
     memset(&ep, 0, sizeof ep);
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
     ep.address = (const ucp_address_t *)addr;
     ep.err_mode = mode;
     if (mode == UCP_ERR_HANDLING_MODE_PEER) {
+        if (!(*ref = (kvx__ucx_epref *)kvx__calloc(1, sizeof **ref))) return UCS_ERR_NO_MEMORY;
+        (*ref)->p = p;
         ep.field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLER;
         ep.err_handler.cb = kvx__ucx_ep_err;
-        ep.err_handler.arg = p;
+        ep.err_handler.arg = *ref;
     }
-    return ucp_ep_create(side->worker, &ep, h);
+    if ((s = ucp_ep_create(side->worker, &ep, h)) != UCS_OK) {
+        KVX_FREE(*ref);
+        *ref = NULL;
+        return s;
+    }
+    if (*ref) { (*ref)->next = u->refs; u->refs = *ref; }
+    return UCS_OK;
 }
 
-KVX__PRIV void kvx__ucx_ep_close(kvx_ctx *ctx, ucp_ep_h h) {
+/* An endpoint that stays with its worker after its peer is gone (one still
+   in wireup, which UCX 1.13 can abort on when it is closed by force): its
+   callback, if UCX calls it, does nothing. */
+KVX__PRIV void kvx__ucx_ep_orphan(kvx__ucx_epref *ref) {
+    if (ref) ref->p = NULL;
+}
+
+KVX__PRIV void kvx__ucx_ep_close(kvx_ctx *ctx, ucp_ep_h h, kvx__ucx_epref *ref) {
     kvx__ucx *u = kvx__ucx_of(ctx);
     ucp_request_param_t prm;
     ucs_status_ptr_t req;
     uint64_t until = kvx__now_ns() + 10000000000ull;
+    int done = 1;
+    kvx__ucx_ep_orphan(ref);
     memset(&prm, 0, sizeof prm);
     prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
     prm.flags = UCP_EP_CLOSE_FLAG_FORCE;
     req = ucp_ep_close_nbx(h, &prm);
     if (UCS_PTR_IS_PTR(req)) {
         while (ucp_request_check_status(req) == UCS_INPROGRESS && kvx__now_ns() < until) kvx__ucx_progress_both(u);
+        done = ucp_request_check_status(req) != UCS_INPROGRESS;
         ucp_request_free(req);
+    }
+    if (ref && done) {  /* closed: UCX calls it no more */
+        kvx__ucx_epref **at;
+        for (at = &u->refs; *at && *at != ref; at = &(*at)->next) {}
+        if (*at) *at = ref->next;
+        KVX_FREE(ref);
     }
 }
 
@@ -636,8 +683,8 @@ KVX__PRIV void kvx__ucx_disconnect(kvx_ctx *ctx, kvx_peer *p) {
     kvx__ucx_peer *pp = kvx__ucx_peer_of(p);
     uint64_t until = kvx__now_ns() + 10000000000ull;
     if (!pp) return;
-    if (pp->rma) kvx__ucx_ep_close(ctx, pp->rma);
-    if (pp->am) kvx__ucx_ep_close(ctx, pp->am);
+    if (pp->rma) kvx__ucx_ep_close(ctx, pp->rma, pp->rma_ref);
+    if (pp->am) kvx__ucx_ep_close(ctx, pp->am, pp->am_ref);
     kvx__ucx_get_cancel(ctx, p);  /* kvx's own gets hold no UCX request to cancel */
     while (p->ops_out && kvx__now_ns() < until) kvx__ucx_progress_both(u);
     if (p->ops_out) KVX__LOG(ctx, KVX_LOG_ERROR, "ucx: %u operations to %s/%d still outstanding after a forced close", p->ops_out, p->name, p->rank);
@@ -939,6 +986,7 @@ KVX__PRIV kvx_status kvx__ucx_connect_rma(kvx_ctx *ctx, kvx_peer *p, const kvx__
     kvx__ucx *u = kvx__ucx_of(ctx);
     kvx__ucx_peer *pp = kvx__ucx_peer_of(p);
     ucp_ep_h h = NULL;
+    kvx__ucx_epref *ref = NULL;
     ucs_status_t s = UCS_ERR_UNREACHABLE;
     uint32_t c, i, keys = 0, gpu = 0;
     int peer_ok = u->software_rma || strstr(u->rma_tls, "rc_") || strstr(u->rma_tls, "dc_") || strstr(u->rma_tls, "ud_");
@@ -948,9 +996,9 @@ KVX__PRIV kvx_status kvx__ucx_connect_rma(kvx_ctx *ctx, kvx_peer *p, const kvx__
             if (p->caches[c].regions[i].rkey_len) { keys++; gpu += p->caches[c].mem == KVX_MEM_CUDA; }
     if (!u->rma.context || !a->rma_len || !keys) return KVX_OK;
     /* No attempt UCX can only refuse: it logs each refusal as an error. */
-    if (!pp->am_unsafe && peer_ok) s = kvx__ucx_ep(ctx, &u->rma, p, a->rma, UCP_ERR_HANDLING_MODE_PEER, &h);
+    if (!pp->am_unsafe && peer_ok) s = kvx__ucx_ep(ctx, &u->rma, p, a->rma, UCP_ERR_HANDLING_MODE_PEER, &h, &ref);
     if (s == UCS_ERR_UNREACHABLE && (pp->am_unsafe || (gpu && here))) {
-        s = kvx__ucx_ep(ctx, &u->rma, p, a->rma, UCP_ERR_HANDLING_MODE_NONE, &h);
+        s = kvx__ucx_ep(ctx, &u->rma, p, a->rma, UCP_ERR_HANDLING_MODE_NONE, &h, &ref);
         pp->rma_unsafe = s == UCS_OK && !pp->am_unsafe;
     }
     if (s == UCS_ERR_UNREACHABLE) return KVX_OK;
@@ -960,12 +1008,14 @@ KVX__PRIV kvx_status kvx__ucx_connect_rma(kvx_ctx *ctx, kvx_peer *p, const kvx__
     }
     if ((s = kvx__ucx_wireup(ctx, h)) != UCS_OK) {
         /* an endpoint still in wireup is not closed by force (UCX 1.13 can abort): the worker's destruction takes it */
-        if (s != UCS_ERR_TIMED_OUT) kvx__ucx_ep_close(ctx, h);
+        if (s != UCS_ERR_TIMED_OUT) kvx__ucx_ep_close(ctx, h, ref);
+        else kvx__ucx_ep_orphan(ref);
         pp->rma_unsafe = 0;
         KVX__LOG(ctx, KVX_LOG_INFO, "ucx: the one-sided endpoint to %s/%d did not connect: %s", p->name, p->rank, ucs_status_string(s));
         return KVX_OK;
     }
     pp->rma = h;
+    pp->rma_ref = ref;
     for (c = 0; c < p->ncaches; c++)
         for (i = 0; i < p->caches[c].nregions; i++) {
             ucp_rkey_h rk;
@@ -995,6 +1045,7 @@ KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
     kvx__ucx_addr_msg a;
     kvx__ucx_peer *pp;
     ucp_ep_h h = NULL;
+    kvx__ucx_epref *ref = NULL;
     ucs_status_t s;
     kvx_status st;
     uint32_t ver = 0;
@@ -1005,9 +1056,9 @@ KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
     if (!(pp = (kvx__ucx_peer *)kvx__calloc(1, sizeof *pp))) return kvx__fail(ctx, KVX_ERR_NOMEM, "ucx: out of memory");
     pp->wait_head = pp->wait_tail = KVX__UCX_NONE;
     p->be = NULL;
-    s = kvx__ucx_ep(ctx, &u->am, p, a.am, UCP_ERR_HANDLING_MODE_PEER, &h);
+    s = kvx__ucx_ep(ctx, &u->am, p, a.am, UCP_ERR_HANDLING_MODE_PEER, &h, &ref);
     if (s == UCS_ERR_UNREACHABLE) {
-        s = kvx__ucx_ep(ctx, &u->am, p, a.am, UCP_ERR_HANDLING_MODE_NONE, &h);
+        s = kvx__ucx_ep(ctx, &u->am, p, a.am, UCP_ERR_HANDLING_MODE_NONE, &h, &ref);
         pp->am_unsafe = s == UCS_OK;
     }
     if (s != UCS_OK) {
@@ -1021,10 +1072,12 @@ KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
         /* UCX 1.13 can abort when an endpoint still in wireup is closed by
            force, so a peer that never answered keeps its endpoint until the
            context is destroyed. */
-        if (s == UCS_ERR_TIMED_OUT)
+        if (s == UCS_ERR_TIMED_OUT) {
+            kvx__ucx_ep_orphan(ref);
             return kvx__fail(ctx, KVX_ERR_TIMEOUT, "ucx: %s/%d (pid %u on %s) did not answer the connection within %u ms",
                              p->name, p->rank, p->pid, p->host, ctx->timeout_ms);
-        kvx__ucx_ep_close(ctx, h);
+        }
+        kvx__ucx_ep_close(ctx, h, ref);
         {
             char what[400];
             snprintf(what, sizeof what, "connecting to %s/%d (pid %u on %s)", p->name, p->rank, p->pid, p->host);
@@ -1033,6 +1086,7 @@ KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
         }
     }
     pp->am = h;
+    pp->am_ref = ref;
     p->be = pp;
     if ((st = kvx__ucx_connect_rma(ctx, p, &a)) != KVX_OK) { kvx__ucx_disconnect(ctx, p); return st; }
     s = kvx__ucx_paths(ctx, p);

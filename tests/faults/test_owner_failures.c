@@ -199,6 +199,36 @@ static void long_reads(void) {
         reap(&pp);
     }
 
+    T_CASE("an owner stopped before it answers the connection: kvx_peer_add fails at its deadline; killed then, what is left of the connection says nothing, and the context goes on") {
+        prefill_proc pp, next;
+        kvx_ctx_desc d;
+        kvx_ctx *c2 = NULL;
+        kvx_peer *peer = NULL;
+        kvx_status st;
+        double t0;
+        memset(&d, 0, sizeof d);
+        d.name = "decode2"; d.tp_size = 1; d.log_level = KVX_LOG_OFF; d.timeout_ms = 3000;
+        if (kvx_ctx_create(&d, &c2) != KVX_OK) { T_FAILF("context: %s", kvx_ctx_error(NULL)); continue; }
+        if (spawn_prefill(&pp, 14) != 0) { T_FAILF("the owner process did not start"); kvx_ctx_destroy(c2); continue; }
+        kill(pp.pid, SIGSTOP);
+        t0 = kvx_t_now();
+        st = kvx_peer_add(c2, pp.md, pp.md_len, &peer);
+        printf("  kvx_peer_add to a stopped owner: %s after %.1f s: %s\n", kvx_status_name(st), kvx_t_now() - t0,
+               st == KVX_OK ? kvx_peer_transport(peer) : kvx_ctx_error(c2));
+        if (st == KVX_OK) kvx_peer_remove(peer);       /* a transport that connects without the owner's help */
+        else T_ST(st, KVX_ERR_TIMEOUT);
+        kill(pp.pid, SIGKILL);                          /* its end of the half-made connection closes now */
+        idle(c2, 1500);
+        reap(&pp);
+        if (spawn_prefill(&next, 15) == 0) {
+            peer = NULL;
+            T_ST(kvx_peer_add(c2, next.md, next.md_len, &peer), KVX_OK);
+            if (peer) kvx_peer_remove(peer);
+            reap(&next);
+        }
+        kvx_ctx_destroy(c2);
+    }
+
     T_CASE("the context serves a new peer after the failures") {
         prefill_proc pp;
         kvx_peer *peer;
