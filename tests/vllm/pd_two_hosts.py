@@ -41,7 +41,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import socket
