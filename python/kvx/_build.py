@@ -28,7 +28,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 # The C file of the library: kvx's implementation, and the sizes of the
 # structs the bindings mirror, so that a mismatch is refused at load.
