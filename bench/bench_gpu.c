@@ -19,6 +19,11 @@
     6. What block generations cost (kvx_read.remote_generations): reads of
        64 random blocks with and without them, alternating, in throughput
        (as in 1) and in latency (as in 2).
+    7. Where a post's time goes: kvx_post of 128 random blocks and
+       kvx_stream_wait, one read at a time, each driver, lock and system
+       call they make timed on the posting thread (tests/gpu/build.sh links
+       this program with -Wl,--wrap for them: step_wraps below), the rest
+       being kvx's own work; beside each driver call timed alone.
 
     Usage: bench_gpu [--two-gpu] [--quick] [--only N]   (--two-gpu: owner on
     GPU 0, reader on GPU 1; --only N: section N alone). Every read of the
@@ -31,6 +36,8 @@
 #endif
 #include "../kvx.h"
 #include "../tests/lib/kvx_cuda_test.h"
+#include <pthread.h>
+#include <time.h>
 
 #define LAYERS 32u
 #define SEED 77u
@@ -292,6 +299,54 @@ static kvx_tc_owner spawn_owner(int backend, int gpu, const kvx_layout *l, int t
     if (o.pid < 0) die("owner process did not start");
     return o;
 }
+
+
+/* Section 7's step timer: the calls a post makes, wrapped at link time
+   (-Wl,--wrap=NAME sends the program's and kvx's calls of NAME here), timed
+   only on the thread that set step_thread while step_on is set. */
+enum { ST_LAUNCH, ST_EVREC, ST_MEMOP, ST_WAITEV, ST_CAPT, ST_PUSHPOP, ST_HTOD, ST_EVQUERY, ST_WAITVAL, ST_STREAMCTX,
+       ST_LOCK, ST_SIGNAL, ST_WRITE, ST_N };
+static const char *const step_names[ST_N] = {
+    "cuLaunchKernel", "cuEventRecord", "cuStreamBatchMemOp", "cuStreamWaitEvent", "cuStreamIsCapturing", "cuCtxPush/PopCurrent",
+    "cuMemcpyHtoDAsync", "cuEventQuery", "cuStreamWaitValue64", "cuStreamGetCtx/cuCtxGetDevice", "pthread_mutex_lock/unlock",
+    "pthread_cond_signal", "write (eventfd)"};
+static volatile int step_on;
+static pthread_t step_thread;
+static double step_ns[ST_N];
+static uint32_t step_calls[ST_N];
+static double step_now_ns(void) { struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts); return ts.tv_sec * 1e9 + ts.tv_nsec; }
+#define STEP_WRAP(ret, name, k, params, args)                                   \
+    ret __real_##name params;                                                  \
+    ret __wrap_##name params;                                                  \
+    ret __wrap_##name params {                                                 \
+        double t0;                                                             \
+        ret r;                                                                 \
+        if (!step_on || !pthread_equal(pthread_self(), step_thread)) return __real_##name args; \
+        t0 = step_now_ns();                                                    \
+        r = __real_##name args;                                                \
+        step_ns[k] += step_now_ns() - t0;                                      \
+        step_calls[k]++;                                                       \
+        return r;                                                              \
+    }
+STEP_WRAP(CUresult, cuLaunchKernel, ST_LAUNCH, (CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned sh, CUstream s, void **p, void **e),
+          (f, gx, gy, gz, bx, by, bz, sh, s, p, e))
+STEP_WRAP(CUresult, cuEventRecord, ST_EVREC, (CUevent e, CUstream s), (e, s))
+STEP_WRAP(CUresult, cuStreamBatchMemOp_v2, ST_MEMOP, (CUstream s, unsigned n, CUstreamBatchMemOpParams *p, unsigned f), (s, n, p, f))
+STEP_WRAP(CUresult, cuStreamWaitEvent, ST_WAITEV, (CUstream s, CUevent e, unsigned f), (s, e, f))
+STEP_WRAP(CUresult, cuStreamIsCapturing, ST_CAPT, (CUstream s, CUstreamCaptureStatus *c), (s, c))
+STEP_WRAP(CUresult, cuCtxPushCurrent_v2, ST_PUSHPOP, (CUcontext c), (c))
+STEP_WRAP(CUresult, cuCtxPopCurrent_v2, ST_PUSHPOP, (CUcontext *c), (c))
+STEP_WRAP(CUresult, cuMemcpyHtoDAsync_v2, ST_HTOD, (CUdeviceptr d, const void *h, size_t n, CUstream s), (d, h, n, s))
+STEP_WRAP(CUresult, cuEventQuery, ST_EVQUERY, (CUevent e), (e))
+STEP_WRAP(CUresult, cuStreamWaitValue64_v2, ST_WAITVAL, (CUstream s, CUdeviceptr a, cuuint64_t v, unsigned f), (s, a, v, f))
+STEP_WRAP(CUresult, cuStreamGetCtx, ST_STREAMCTX, (CUstream s, CUcontext *c), (s, c))
+STEP_WRAP(CUresult, cuCtxGetDevice, ST_STREAMCTX, (CUdevice *d), (d))
+STEP_WRAP(int, pthread_mutex_lock, ST_LOCK, (pthread_mutex_t *m), (m))
+STEP_WRAP(int, pthread_mutex_unlock, ST_LOCK, (pthread_mutex_t *m), (m))
+STEP_WRAP(int, pthread_cond_signal, ST_SIGNAL, (pthread_cond_t *c), (c))
+STEP_WRAP(ssize_t, write, ST_WRITE, (int fd, const void *b, size_t n), (fd, b, n))
+
+static void step_reset(void) { memset(step_ns, 0, sizeof step_ns); memset(step_calls, 0, sizeof step_calls); }
 
 static int cmp_d(const void *a, const void *b) { double x = *(const double *)a, y = *(const double *)b; return x < y ? -1 : x > y; }
 
@@ -628,6 +683,113 @@ int main(int argc, char **argv) {
         side_close(&d);
         kvx_tc_stop(&o);
         free(ones);
+    }
+
+
+    /* 7. where a post's time goes */
+    if (!only || only == 7) {
+        enum { NS = 400, NB7 = 128 };
+        kvx_layout l = layout(4, 1, 2048, KVX_ORDER_HND);  /* 16 KiB blocks, 32 layers x K/V */
+        static double tot[NS], wtot[NS], per[ST_N][NS], calls[ST_N];
+        uint32_t *src = (uint32_t *)malloc(NB7 * 4), *dst = (uint32_t *)malloc(NB7 * 4);
+        double floor_ns[4] = {0, 0, 0, 0}, own[NS];
+        kvx_tc_owner o;
+        side d;
+        void *md;
+        uint32_t len, k, j;
+        CUstream s1, s2;
+        int smp;
+        cuCtxSetCurrent(ctx_dec);
+        cuStreamCreate(&s1, CU_STREAM_NON_BLOCKING);
+        cuStreamCreate(&s2, CU_STREAM_NON_BLOCKING);
+        o = spawn_owner(KVX_BACKEND_CUDA, 1, &l, 1, 0, 0, &md, &len);
+        side_open(&d, KVX_BACKEND_CUDA, &l, 0, 1, 0, s1, md, len);
+        free(md);
+        step_thread = pthread_self();
+        memset(calls, 0, sizeof calls);
+        srand(7);
+        for (smp = -20; smp < NS; smp++) {
+            double t0, t1, t2, sum = 0;
+            kvx_ticket t;
+            for (k = 0; k < NB7; k++) { src[k] = (uint32_t)rand() % 2048u; dst[k] = (k * 16u + (uint32_t)smp * 3u) % 2048u; }
+            for (k = 0; k < NB7; k++)  /* distinct local ids */
+                for (j = 0; j < k; j++) if (dst[j] == dst[k]) { dst[k] = (dst[k] + 1) % 2048u; j = (uint32_t)-1; }
+            step_reset();
+            step_on = 1;
+            t0 = step_now_ns();
+            t = post(&d, dst, src, NB7);
+            t1 = step_now_ns();
+            if (kvx_stream_wait(d.q, t, s2) != KVX_OK) die(kvx_ctx_error(d.ctx));
+            t2 = step_now_ns();
+            step_on = 0;
+            wait_ok(&d, t);
+            if (smp < 0) continue;
+            tot[smp] = t1 - t0;
+            wtot[smp] = t2 - t1;
+            for (k = 0; k < ST_N; k++) { per[k][smp] = step_ns[k]; calls[k] += step_calls[k]; sum += step_ns[k]; }
+            own[smp] = (t2 - t0) - sum;
+        }
+        kvx_tc_sync(s2, 5000);
+        /* Floors: each driver call alone, the median of 400. */
+        {
+            static double f[4][NS];
+            CUevent ev;
+            CUdeviceptr word;
+            CUstreamBatchMemOpParams op;
+            uint32_t *hw;  /* the FMA kernel's 256 outputs land here too */
+            cuEventCreate(&ev, CU_EVENT_DISABLE_TIMING);
+            cuMemHostAlloc((void **)&hw, 4096, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP);
+            cuMemHostGetDevicePointer(&word, hw, 0);
+            memset(&op, 0, sizeof op);
+            op.writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_64;
+            op.writeValue.address = word;
+            for (smp = 0; smp < NS; smp++) {
+                double a = step_now_ns(), b, c, e, g;
+                kvx_tc_fma(&K, s1, word, 1, 1);
+                b = step_now_ns();
+                cuEventRecord(ev, s1);
+                c = step_now_ns();
+                op.writeValue.value64 = (cuuint64_t)smp;
+                cuStreamBatchMemOp(s1, 1, &op, 0);
+                e = step_now_ns();
+                cuStreamWaitValue64(s2, word, 0, CU_STREAM_WAIT_VALUE_GEQ);
+                g = step_now_ns();
+                f[0][smp] = b - a; f[1][smp] = c - b; f[2][smp] = e - c; f[3][smp] = g - e;
+                if (smp % 16 == 15) kvx_tc_sync(s1, 5000);
+            }
+            kvx_tc_sync(s1, 5000);
+            kvx_tc_sync(s2, 5000);
+            for (k = 0; k < 4; k++) { qsort(f[k], NS, sizeof f[k][0], cmp_d); floor_ns[k] = f[k][NS / 2]; }
+            cuEventDestroy(ev);
+            cuMemFreeHost(hw);
+        }
+        printf("\nwhere a post's time goes: kvx_post of %u random 16 KiB blocks x %u layers x K/V (CUDA backend, a queue with a stream), then kvx_stream_wait, "
+               "one read at a time, %d reads, on the posting thread; medians in us:\n", NB7, LAYERS, NS);
+        qsort(tot, NS, sizeof tot[0], cmp_d);
+        qsort(wtot, NS, sizeof wtot[0], cmp_d);
+        qsort(own, NS, sizeof own[0], cmp_d);
+        printf("| step | us per read (median) | calls per read | the call alone, us |\n|---|---|---|---|\n");
+        printf("| kvx_post, all of it | %.2f (p99 %.2f) | 1 | |\n", tot[NS / 2] / 1e3, tot[(NS * 99) / 100] / 1e3);
+        printf("| kvx_stream_wait, all of it | %.2f (p99 %.2f) | 1 | |\n", wtot[NS / 2] / 1e3, wtot[(NS * 99) / 100] / 1e3);
+        for (k = 0; k < ST_N; k++) {
+            const char *alone = "";
+            char b[32];
+            if (!calls[k]) continue;
+            qsort(per[k], NS, sizeof per[k][0], cmp_d);
+            if (k == ST_LAUNCH || k == ST_EVREC || k == ST_MEMOP || k == ST_WAITVAL) {
+                snprintf(b, sizeof b, "%.2f", floor_ns[k == ST_LAUNCH ? 0 : k == ST_EVREC ? 1 : k == ST_MEMOP ? 2 : 3] / 1e3);
+                alone = b;
+            }
+            printf("| %s | %.2f | %.1f | %s |\n", step_names[k], per[k][NS / 2] / 1e3, calls[k] / NS, alone);
+        }
+        printf("| kvx's own work (the rest of both calls) | %.2f | | |\n", own[NS / 2] / 1e3);
+        fflush(stdout);
+        side_close(&d);
+        kvx_tc_stop(&o);
+        cuStreamDestroy(s1);
+        cuStreamDestroy(s2);
+        free(src);
+        free(dst);
     }
 
     printf("\n%s\n", bad ? "BENCH FAILED: a verified read was wrong" : "every verified read matched");

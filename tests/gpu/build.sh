@@ -18,14 +18,20 @@ cuda_libs="-L$stubs -L$CUDA/lib64 -lcuda"
 # build_set DIR "CFLAGS" "LIBS" PROGRAM.c...: kvx's implementation once into
 # DIR, for the programs that do not hold it (test_cuda sets a test hook
 # before it; the demo is one self-contained file), then each program.
+# bench_gpu times the calls a post makes (its section 7): they are wrapped.
+wraps=""
+for f in cuLaunchKernel cuEventRecord cuStreamBatchMemOp_v2 cuStreamWaitEvent cuStreamIsCapturing cuCtxPushCurrent_v2 \
+         cuCtxPopCurrent_v2 cuMemcpyHtoDAsync_v2 cuEventQuery cuStreamWaitValue64_v2 cuStreamGetCtx cuCtxGetDevice \
+         pthread_mutex_lock pthread_mutex_unlock pthread_cond_signal write; do wraps="$wraps -Wl,--wrap=$f"; done
 build_set() {
-  local dir=$1 flags=$2 libs=$3 p n impl
+  local dir=$1 flags=$2 libs=$3 p n impl w
   shift 3
   $CC $flags -c tests/lib/kvx_impl.c -o "$dir/kvx_impl.o"
   for p in "$@"; do
     n=$(basename "$p" .c)
     impl=$(grep -q '^#define KVX_IMPLEMENTATION' "$p" || echo "$dir/kvx_impl.o")
-    $CC $flags "$p" $impl -o "$dir/$n" $libs
+    w=""; [ "$n" = bench_gpu ] && w=$wraps
+    $CC $flags "$p" $impl -o "$dir/$n" $libs $w
     echo "built $dir/$n"
   done
 }

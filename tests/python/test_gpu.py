@@ -307,3 +307,121 @@ def test_block_generations_on_gpu(backend):
             q.read(peer, dst, src, remote_generations=gens).wait(10000)
             bad = check_all([t.view(torch.uint8) for t in local], want, dst, src)
             assert bad is None, bad
+
+
+# vLLM's cache forms (vllm_forms.py) as torch CUDA tensors: one buffer on the
+# GPU, a view per layer, as vLLM's GPU model runner makes them. The CUDA
+# backend reads a block's bytes as one piece with any block stride (the
+# layer-outermost and block-outermost forms); forms whose heads have strides
+# of their own (BHLNC, LHBNC) it refuses, saying so.
+import vllm_forms as F
+
+VF_NB, VF_N, VF_C, VF_LAYERS = 24, 16, 32, 3
+VF_READ = ([3, 7, 8, 9, 20], [5, 6, 7, 15, 0])   # local <- remote, runs and singles
+
+
+def vf_buffer(form, heads, blocks):
+    """The form on the host (vllm_forms), to fill or check."""
+    return F.make(form, VF_LAYERS, blocks, heads, VF_N, VF_C)
+
+
+def vf_gpu_views(form, buf):
+    """The host buffer copied to the GPU, and vLLM's per-layer views of the copy."""
+    g = torch.from_numpy(buf.view("int16")).cuda()
+    out = {}
+    for l in range(VF_LAYERS):
+        if form in ("LBHNC", "LBNHC"):
+            v = g[l]
+        elif form in ("BLHNC", "BLNHC"):
+            v = g[:, l]
+        elif form == "BHLNC":
+            v = g[:, :, l]
+        else:
+            v = g[l].permute(1, 0, 2, 3)
+        out["model.layers.%d.self_attn.attn" % l] = v.view(torch.float16)
+    return g, out
+
+
+def vf_owner(conn, form, rank, tp, total_heads, seed):
+    try:
+        torch.cuda.set_device(0)
+        first, n = F.head_first(rank, tp, total_heads)
+        buf, views = vf_buffer(form, n, VF_NB)
+        F.fill(form, views, seed, rank, tp, total_heads, VF_READ[1])
+        g, gviews = vf_gpu_views(form, buf)
+        with kvx.Context("prefill", backend="cuda", tp_rank=rank, tp_size=tp, timeout_ms=10000) as ctx:
+            ctx.register_cache(gviews, layout=form, total_heads=total_heads if total_heads < tp else None)
+            conn.send(("md", ctx.metadata()))
+            conn.poll(120)
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+
+
+def vf_reader(form, rank, tp, total_heads, mds, seed):
+    first, n = F.head_first(rank, tp, total_heads)
+    buf, views = vf_buffer(form, n, VF_NB)
+    g, gviews = vf_gpu_views(form, buf)
+    with kvx.Context("decode", backend="cuda", tp_rank=rank, tp_size=tp, timeout_ms=10000) as ctx:
+        ctx.register_cache(gviews, layout=form, total_heads=total_heads if total_heads < tp else None)
+        q = ctx.queue()
+        tickets = []
+        for md in mds:
+            peer = ctx.add_peer(md)
+            try:
+                tickets.append(q.read(peer, VF_READ[0], VF_READ[1]))
+            except kvx.ArgumentError as e:
+                if "not the source of any head" not in str(e):
+                    raise
+        assert tickets, "no owner rank holds this reader's heads"
+        for t in tickets:
+            t.wait(10000)
+        torch.cuda.synchronize()
+        buf.view("int16")[...] = g.cpu().numpy()
+        F.check(form, views, seed, rank, tp, total_heads, VF_READ[0], VF_READ[1])
+        return peer.transport
+
+
+@pytest.mark.parametrize("form,otp,rtp,heads", [
+    ("LBHNC", 1, 1, 4), ("LBNHC", 1, 2, 4), ("BLHNC", 2, 1, 4), ("BLNHC", 2, 4, 4), ("LBNHC", 1, 2, 1)])
+def test_vllm_forms_on_cuda(form, otp, rtp, heads):
+    """vLLM's per-layer views of one GPU buffer read over the CUDA backend
+    with TP splits and a replicated head: every byte of the blocks read,
+    and the blocks not read still zero."""
+    seed = 11
+    procs = []
+    try:
+        for r in range(otp):
+            a, b = SPAWN.Pipe()
+            p = SPAWN.Process(target=vf_owner, args=(b, form, r, otp, heads, seed))
+            p.start()
+            procs.append((p, a))
+        mds = []
+        for p, a in procs:
+            assert a.poll(120), "an owner sent no metadata"
+            kind, md = a.recv()
+            assert kind == "md", md
+            mds.append(md)
+        torch.cuda.set_device(0)
+        for r in range(rtp):
+            assert vf_reader(form, r, rtp, heads, mds, seed).startswith("cuda:ipc")
+    finally:
+        for p, a in procs:
+            try:
+                a.send("bye")
+            except OSError:
+                pass
+            p.join(20)
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.mark.parametrize("form", ["BHLNC", "LHBNC"])
+def test_vllm_head_strided_forms_refused_on_cuda(form):
+    """Forms whose heads lie apart within a block: the CUDA backend says it
+    does not read them yet, at registration, rather than read them wrong."""
+    torch.cuda.set_device(0)
+    buf, views = vf_buffer(form, 4, VF_NB)
+    g, gviews = vf_gpu_views(form, buf)
+    with kvx.Context("decode", backend="cuda", timeout_ms=10000) as ctx:
+        with pytest.raises(kvx.UnsupportedError, match="head or token strides of their own"):
+            ctx.register_cache(gviews, layout=form)
