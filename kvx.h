@@ -1195,13 +1195,21 @@ KVX__PRIV void kvx__head_range(const kvx_layout *ll, int lr, int ltp, const kvx_
 /* Piece geometry of one block for heads [a, b): HND gives one contiguous
    slice per block; NHD one slice per token, unless all heads are taken on both
    sides, when the slices tile the block and collapse into one. */
+/* A block of one head with its tokens packed is the same bytes in either
+   order (vLLM gives such a rank's view either name): it reads from, and
+   is read into, a cache of the other order. */
+KVX__PRIV int kvx__order_free(const kvx__cache_info *c) {
+    return c->lay.num_heads == 1 && c->token_stride == (uint64_t)c->lay.head_dim * c->lay.elem_bytes;
+}
+
 KVX__PRIV void kvx__geom_make(const kvx__cache_info *lc, uint32_t l0, const kvx__cache_info *rc, uint32_t r0,
                               uint32_t a, uint32_t b, kvx__geom *g) {
     const kvx_layout *ll = &lc->lay;
     uint64_t hb = (uint64_t)ll->head_dim * ll->elem_bytes;  /* one head, one token */
     uint64_t T = ll->block_tokens;
+    kvx_order order = ll->order != rc->lay.order && kvx__order_free(lc) ? rc->lay.order : ll->order;
     memset(g, 0, sizeof *g);
-    if (ll->order == KVX_ORDER_HND) {  /* a piece per head (its tokens packed), heads head_stride apart */
+    if (order == KVX_ORDER_HND) {  /* a piece per head (its tokens packed), heads head_stride apart */
         g->loff = (uint64_t)(a - l0) * lc->head_stride;
         g->roff = (uint64_t)(a - r0) * rc->head_stride;
         g->piece = T * hb;
@@ -1294,7 +1302,7 @@ KVX__PRIV kvx_status kvx__compat(kvx_ctx *ctx, const kvx__cache_info *lc, const 
     if (a->dtype && b->dtype && a->dtype != b->dtype)
         return kvx__fail(ctx, KVX_ERR_MISMATCH, "peer %s/%d cache %u: dtype %s, ours (cache %u) %s: the bytes would read as another type",
                          p->name, p->rank, rc->id, kvx_dtype_name(b->dtype), lc->id, kvx_dtype_name(a->dtype));
-    if (a->order != b->order)
+    if (a->order != b->order && !kvx__order_free(lc) && !kvx__order_free(rc))
         return kvx__fail(ctx, KVX_ERR_MISMATCH, "peer %s/%d cache %u: order %s, ours (cache %u) %s", p->name, p->rank, rc->id,
                          b->order == KVX_ORDER_HND ? "HND" : "NHD", lc->id, a->order == KVX_ORDER_HND ? "HND" : "NHD");
     return KVX_OK;

@@ -408,11 +408,15 @@ def _infer_layout(t: _TensorInfo, block_size: Optional[int]) -> str:
             return "NHD"
         if block_size is not None and dims[1] == block_size and dims[0] != block_size:
             return "HND"
-    if nd == 4 and block_size is not None:
-        if t.shape[2] == block_size and t.shape[1] != block_size:
-            return "LBHNC"
-        if t.shape[1] == block_size and t.shape[2] != block_size:
+    if nd == 4 and block_size is not None and (t.shape[1] == block_size) != (t.shape[2] == block_size):
+        # the tokens' dim is the one of block_size; the order is which of
+        # the two is packed inside the other (vLLM 0.33 hands [B, H, N, C]
+        # views in every layout, with strides that tell)
+        tok, head = (2, 1) if t.shape[2] == block_size else (1, 2)
+        packed = t.shape[3] * t.itemsize
+        if t.strides[head] == packed and t.strides[tok] != packed:
             return "LBNHC"
+        return "LBHNC"
     raise ArgumentError("register_cache: cannot tell the layout of %s%s: give layout= (%s), or block_size= where the "
                         "tokens' dim differs from the heads'" % (_shape_words(t), "" if block_size is None else
                                                                   " with block_size %d" % block_size, ", ".join(_LAYOUT_NAMES)), -1)
@@ -467,6 +471,16 @@ def _layout_of(tensors: Sequence[_TensorInfo], layout: Optional[str], block_size
     elif len(sh) == 4:  # one plane: K and V side by side in the last dim
         lay.num_blocks, a, b, hd = sh
         sa, sb, sd = st[1], st[2], st[3]
+        # Dims 1 and 2 in the name's order ([B, N, H, C] for NHD), or swapped
+        # where the strides (or block_size) say so: vLLM 0.33 hands every
+        # layout as a [B, H, N, C] view whose strides give the order.
+        nhd = name in _NHD_NAMES
+        std_fits = sb == hd * e and (block_size is None or sh[1 if nhd else 2] == block_size)
+        swap_fits = sa == hd * e and (block_size is None or sh[2 if nhd else 1] == block_size)
+        if std_fits and swap_fits:  # one of them has size 1, its stride any: that one is the heads
+            std_fits = sh[2 if nhd else 1] == 1
+        if swap_fits and not std_fits:
+            a, b, sa, sb = b, a, sb, sa
         plane_step = 0
         lay.kv_planes = 1
         blk = 0
@@ -478,12 +492,12 @@ def _layout_of(tensors: Sequence[_TensorInfo], layout: Optional[str], block_size
         lay.block_tokens, lay.num_heads, lay.order = a, b, 1
         if sb != hd * e:
             raise refuse("a token's heads must be packed (heads stride %d bytes, not %d)" % (sb, hd * e))
-        token_stride = sa
+        token_stride = sa if a > 1 else 0
     else:                   # [.., heads, tokens, C]
         lay.num_heads, lay.block_tokens, lay.order = a, b, 0
         if sb != hd * e:
             raise refuse("a head's tokens must be packed (tokens stride %d bytes, not %d)" % (sb, hd * e))
-        head_stride = sa
+        head_stride = sa if a > 1 else 0  # one head: its stride means nothing (vLLM gives a size-1 dim any)
     lay.head_dim = hd
     for t in tensors:
         for p in range(lay.kv_planes):

@@ -119,3 +119,34 @@ def test_layout_inferred_and_refusals_named():
         assert ctx.register_cache(views, layout=None, block_size=N).layout == "LBNHC"
         with pytest.raises(kvx.ArgumentError, match=r"cannot read shape \[%d, %d, 2, %d\] strides \[.*\].*packed" % (NB, N, C // 2)):
             ctx.register_cache({k: v[..., ::2] for k, v in views.items()}, layout="LBNHC")
+
+
+def test_vllm_033_views_and_one_head_across_orders():
+    """vLLM 0.33 hands every layout as a [B, H, N, C] view, the order in its
+    strides: a token-major one registers as handed (named or inferred) and
+    reads like its [B, N, H, C] twin. A rank of one head is the same bytes
+    in either order: it reads from, and is read by, the other order."""
+    seed, dst, src = 5, [1, 2, 7], [4, 5, 0]
+    buf, views = F.make("LBNHC", LAYERS, NB, 2, N, C)
+    F.fill("LBNHC", views, seed, 0, 1, 2, src)
+    as_handed = {k: v.transpose(0, 2, 1, 3) for k, v in views.items()}  # [B, H, N, C], NHD strides
+    with kvx.Context("prefill", backend="local") as own:
+        own.register_cache(as_handed, layout="LBNHC")
+        for how in (dict(layout="LBNHC"), dict(layout=None, block_size=N)):
+            rbuf, rviews = F.make("LBNHC", LAYERS, NB, 2, N, C)
+            with kvx.Context("decode", backend="local") as ctx:
+                c = ctx.register_cache({k: v.transpose(0, 2, 1, 3) for k, v in rviews.items()}, **how)
+                assert (c.num_heads, c.num_blocks) == (2, NB), how
+                ctx.queue().read(ctx.add_peer(own.metadata()), dst, src).wait(5000)
+            F.check("LBNHC", rviews, seed, 0, 1, 2, dst, src)
+    # one head a rank (TP 2 of 2 heads): an HND reader of an NHD owner, and back
+    for oform, rform in (("LBNHC", "LBHNC"), ("LBHNC", "BLNHC")):
+        with kvx.Context("prefill", backend="local", tp_rank=1, tp_size=2) as own:
+            buf, views = F.make(oform, LAYERS, NB, 1, N, C)
+            F.fill(oform, views, seed, 1, 2, 2, src)
+            own.register_cache(views, layout=oform)
+            rbuf, rviews = F.make(rform, LAYERS, NB, 1, N, C)
+            with kvx.Context("decode", backend="local", tp_rank=1, tp_size=2) as ctx:
+                ctx.register_cache(rviews, layout=rform)
+                ctx.queue().read(ctx.add_peer(own.metadata()), dst, src).wait(5000)
+            F.check(rform, rviews, seed, 1, 2, 2, dst, src)

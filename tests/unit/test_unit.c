@@ -202,6 +202,16 @@ int main(void) {
         rc.block_stride = 2 * rc.block_bytes;            /* padded blocks: no merging across blocks */
         kvx__geom_make(&lc, 0, &rc, 0, 0, 2, &g);
         T_EQ(g.run_merge, 0);
+        /* one head a rank: the same bytes in either order, read across orders */
+        lc.lay = lay_of(1, 8, 1, KVX_ORDER_HND); lc.lay.total_heads = 2;
+        rc.lay = lay_of(1, 8, 2, KVX_ORDER_NHD);
+        lc.block_bytes = lc.block_stride = 4 * 32; lc.head_stride = 4 * 32; lc.token_stride = 32;
+        rc.block_bytes = rc.block_stride = 4 * 2 * 32; rc.head_stride = 32; rc.token_stride = 2 * 32;
+        T_CHECK(kvx__order_free(&lc) && !kvx__order_free(&rc));
+        kvx__geom_make(&lc, 1, &rc, 0, 1, 2, &g);        /* local head 1 of the owner's 0..1: a piece per token */
+        T_EQ(g.npieces, 4); T_EQ(g.roff, 32); T_EQ(g.loff, 0); T_EQ(g.piece, 32); T_EQ(g.lpstride, 32); T_EQ(g.rpstride, 64);
+        lc.lay.order = KVX_ORDER_NHD; lc.token_stride = 2 * 32;  /* one head, tokens spaced: not free */
+        T_CHECK(!kvx__order_free(&lc));
     }
 
     T_CASE("auth: SHA-256, HMAC-SHA-256 and SipHash-2-4 give their published vectors") {
