@@ -776,6 +776,7 @@ struct kvx_ctx {
     uint32_t expired_head;
     /* progress thread */
     int pt_on, pt_stop;
+    uint64_t pt_until;          /* what the progress thread sleeps to, while it sleeps (0: awake) */
     pthread_t pt;
     int wake_pipe[2];
 };
@@ -800,6 +801,11 @@ struct kvx__backend {
     /* A registration's remote key is what peers read it by, so registering
        the memory again (kvx_ctx_rotate) revokes what old metadata held. */
     int keys_per_registration;
+    /* A posted op goes on without this context's progress (another thread
+       or the device moves it, and its completion wakes the event fd): a
+       post wakes a sleeping progress thread only for a deadline earlier
+       than it sleeps to. Elsewhere every post wakes it. */
+    int issues_without_progress;
 
     /*-- context */
     kvx_status (*open)(kvx_ctx *ctx, const kvx_ctx_desc *desc);   /* without the lock */
@@ -2316,7 +2322,7 @@ KVX__PRIV void kvx__pump(kvx_queue *q) {
         }
         if (ctx->be_ops->post_read) {
             kvx_status st = kvx__issue(ctx, rd, NULL);
-            if (st == KVX_PENDING) return;
+            if (st == KVX_PENDING) break;
             if (st != KVX_OK) {
                 if (rd->status == KVX_PENDING) rd->status = st;
                 kvx__read_why(rd);
@@ -2331,7 +2337,7 @@ KVX__PRIV void kvx__pump(kvx_queue *q) {
             kvx_status st;
             if (!kvx__cursor_op(rd, q->runs, q->max_runs, &op)) { rd->issuing_done = 1; break; }
             st = kvx__issue(ctx, rd, &op);
-            if (st == KVX_PENDING) return;
+            if (st == KVX_PENDING) goto flush;
             if (st != KVX_OK) {
                 if (rd->status == KVX_PENDING) rd->status = st;
                 kvx__read_why(rd);
@@ -2347,6 +2353,7 @@ KVX__PRIV void kvx__pump(kvx_queue *q) {
             kvx__read_finish(rd);
         }
     }
+flush:  /* what the backend staged goes now, also when it had no room for more */
     if (ctx->be_ops->flush) ctx->be_ops->flush(ctx, q);
 }
 
@@ -2569,7 +2576,12 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
     *out = rd->ticket;
     if (kvx__stream) kvx__stream->read_posted(rd);
     kvx__pump(q);
-    if (ctx->pt_on && ctx->be_ops->signal) ctx->be_ops->signal(ctx);
+    /* The progress thread, asleep, learns of this read's deadline and (where
+       ops need this context's progress) of its ops; a system call and a
+       wake-up per post otherwise spared. */
+    if (ctx->pt_on && ctx->be_ops->signal && ctx->pt_until &&
+        (!ctx->be_ops->issues_without_progress || rd->deadline_ns < ctx->pt_until))
+        ctx->be_ops->signal(ctx);
 out:
     pthread_mutex_unlock(&ctx->lock);
     return st;
@@ -2792,6 +2804,7 @@ KVX__PRIV void kvx__sleep(kvx_ctx *ctx, uint64_t until_ns, int with_pipe) {
     efd = ctx->be_ops->event_fd(ctx);
     if (efd >= 0) { pf[nf].fd = efd; pf[nf].events = POLLIN; pf[nf].revents = 0; nf++; }
     if (with_pipe) { pf[nf].fd = ctx->wake_pipe[0]; pf[nf].events = POLLIN; pf[nf].revents = 0; nf++; }
+    if (with_pipe) ctx->pt_until = until_ns > now ? until_ns : now + 1;
     pthread_mutex_unlock(&ctx->lock);
     poll(pf, (nfds_t)nf, ms);
     if (with_pipe && (pf[nf - 1].revents & POLLIN)) {
@@ -2799,6 +2812,7 @@ KVX__PRIV void kvx__sleep(kvx_ctx *ctx, uint64_t until_ns, int with_pipe) {
         if (read(ctx->wake_pipe[0], buf, sizeof buf) < 0) { /* nothing to drain */ }
     }
     pthread_mutex_lock(&ctx->lock);
+    if (with_pipe) ctx->pt_until = 0;
 }
 
 KVX__PRIV void *kvx__progress_main(void *arg) {

@@ -1936,6 +1936,7 @@ KVX__PRIV const kvx__backend kvx__cuda_backend = {
     KVX__F(completes_on_gpu) 1,
     KVX__F(gpu_region_spans_allocations) 1,
     KVX__F(keys_per_registration) 0,
+    KVX__F(issues_without_progress) 1,
     KVX__F(open) kvx__cuda_open,
     KVX__F(close) kvx__cuda_close,
     KVX__F(query) kvx__cuda_query,

@@ -16,7 +16,11 @@
 
     The contexts of the process share one registry under one mutex: the
     queues of ops and notifications, and each context's registered ranges.
-    A memcpy runs under that mutex, so deregistration waits for it.
+    A memcpy runs under that mutex, so deregistration waits for it. A
+    read's ops are staged by the reader and handed over at the end of each
+    kvx_post or progress pass, under the mutex once; an owner's event fd is
+    written only when its list of work goes from empty to not (it drains
+    the whole list when it wakes), and so is a reader's for its completions.
 */
 #ifndef KVX_LOCAL_INCLUDED
 #define KVX_LOCAL_INCLUDED
@@ -39,6 +43,13 @@ typedef struct kvx__local_op {
     uint8_t msg[KVX__NOTIFY_BYTES];
 } kvx__local_op;
 
+/* An op staged by its reader until the end of the post (kvx__local_flush). */
+typedef struct kvx__local_staged {
+    kvx__read *rd;
+    kvx__op op;
+    kvx_status st;              /* why it could not be handed over */
+} kvx__local_staged;
+
 struct kvx__local {
     kvx__local *next;           /* the registry */
     kvx_ctx *ctx;
@@ -51,6 +62,8 @@ struct kvx__local {
     uint32_t nspare;
     uint64_t *ranges;           /* registered [a, b) pairs */
     uint32_t nranges, ranges_cap;
+    kvx__local_staged *stage;   /* this reader's ops not yet handed over (under its context's lock) */
+    uint32_t nstage, stage_cap;
 };
 
 static pthread_mutex_t kvx__local_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -83,13 +96,25 @@ KVX__PRIV void kvx__local_op_free(kvx__local *l, kvx__local_op *o) {
     else KVX_FREE(o);
 }
 
-/* Hand an op to its reader's done list (with kvx__local_mu held). */
+/* Hand an op to its reader's done list (with kvx__local_mu held); the
+   reader takes the whole list, so only the first one wakes it. */
 KVX__PRIV void kvx__local_finish(kvx__local_op *o, kvx_status st, const char *why) {
+    int was_empty = o->reader->done == NULL;
     o->st = st;
     o->why = why;
     o->next = o->reader->done;
     o->reader->done = o;
-    kvx__local_wake(o->reader);
+    if (was_empty) kvx__local_wake(o->reader);
+}
+
+/* Append to an owner's work (with kvx__local_mu held); it drains the whole
+   list once woken, so only the first one wakes it. */
+KVX__PRIV void kvx__local_give(kvx__local *owner, kvx__local_op *o) {
+    int was_empty = owner->todo == NULL;
+    o->next = NULL;
+    *owner->todo_tail = o;
+    owner->todo_tail = &o->next;
+    if (was_empty) kvx__local_wake(owner);
 }
 
 KVX__PRIV int kvx__local_owned(const kvx__local *l, uint64_t a, uint64_t len) {
@@ -129,6 +154,7 @@ KVX__PRIV void kvx__local_close(kvx_ctx *ctx) {
     pthread_mutex_unlock(&kvx__local_mu);
     while ((o = l->spare) != NULL) { l->spare = o->next; KVX_FREE(o); }
     if (l->efd >= 0) close(l->efd);
+    KVX_FREE(l->stage);
     KVX_FREE(l->ranges);
     KVX_FREE(l);
     ctx->be = NULL;
@@ -301,9 +327,7 @@ KVX__PRIV kvx_status kvx__local_send(kvx_ctx *ctx, kvx_peer *p, kvx__read *rd, c
         o->peer = p;
         if (op) o->op = *op;
         else memcpy(o->msg, msg, sizeof o->msg);
-        *owner->todo_tail = o;
-        owner->todo_tail = &o->next;
-        kvx__local_wake(owner);
+        kvx__local_give(owner, o);
     }
     pthread_mutex_unlock(&kvx__local_mu);
     if (st == KVX_ERR_PEER) return kvx__fail(ctx, st, "local: peer %s/%d: its context was destroyed", p->name, p->rank);
@@ -311,8 +335,51 @@ KVX__PRIV kvx_status kvx__local_send(kvx_ctx *ctx, kvx_peer *p, kvx__read *rd, c
     return KVX_OK;
 }
 
+/* Staged: the ops of a post go to their owners together (kvx__local_flush). */
 KVX__PRIV kvx_status kvx__local_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op) {
-    return kvx__local_send(ctx, rd->peer, rd, op, NULL);
+    kvx__local *me = kvx__local_of(ctx);
+    if (me->nstage == me->stage_cap) {
+        uint32_t cap = me->stage_cap ? 2 * me->stage_cap : 64u;
+        kvx__local_staged *n = (kvx__local_staged *)KVX_REALLOC(me->stage, (size_t)cap * sizeof *n);
+        if (!n) return kvx__fail(ctx, KVX_ERR_NOMEM, "local: out of memory");
+        me->stage = n;
+        me->stage_cap = cap;
+    }
+    me->stage[me->nstage].rd = rd;
+    me->stage[me->nstage].op = *op;
+    me->nstage++;
+    return KVX_OK;
+}
+
+/* The staged ops to their owners, under the registry's mutex once. An op
+   whose owner is gone, or that finds no memory, fails as a completion. */
+KVX__PRIV void kvx__local_flush(kvx_ctx *ctx, kvx_queue *q) {
+    kvx__local *me = kvx__local_of(ctx), *owner = NULL;
+    const kvx_peer *last = NULL;
+    uint32_t i, nfail = 0;
+    (void)q;
+    if (!me->nstage) return;
+    pthread_mutex_lock(&kvx__local_mu);
+    for (i = 0; i < me->nstage; i++) {
+        kvx__local_staged *e = &me->stage[i];
+        kvx__local_op *o;
+        if (e->rd->peer != last) { last = e->rd->peer; owner = kvx__local_find((uint64_t)(uintptr_t)last->be); }
+        if (!owner || !(o = kvx__local_op_new(me))) {
+            e->st = owner ? KVX_ERR_NOMEM : KVX_ERR_PEER;
+            me->stage[nfail++] = *e;
+            continue;
+        }
+        o->reader = me;
+        o->rd = e->rd;
+        o->peer = e->rd->peer;
+        o->op = e->op;
+        kvx__local_give(owner, o);
+    }
+    pthread_mutex_unlock(&kvx__local_mu);
+    me->nstage = 0;
+    for (i = 0; i < nfail; i++)
+        kvx__op_done(me->stage[i].rd, me->stage[i].st,
+                     me->stage[i].st == KVX_ERR_PEER ? "the owner's context was destroyed" : "local: out of memory");
 }
 
 /* A notification is sent once it is queued for the owner. */
@@ -399,6 +466,7 @@ KVX__PRIV const kvx__backend kvx__local_backend = {
     KVX__F(completes_on_gpu) 0,
     KVX__F(gpu_region_spans_allocations) 0,
     KVX__F(keys_per_registration) 0,
+    KVX__F(issues_without_progress) 1,
     KVX__F(open) kvx__local_open,
     KVX__F(close) kvx__local_close,
     KVX__F(query) NULL,
@@ -412,7 +480,7 @@ KVX__PRIV const kvx__backend kvx__local_backend = {
     KVX__F(queue_close) NULL,
     KVX__F(post) kvx__local_post,
     KVX__F(post_read) NULL,
-    KVX__F(flush) NULL,
+    KVX__F(flush) kvx__local_flush,
     KVX__F(abandon) kvx__local_abandon,
     KVX__F(notify) kvx__local_notify,
     KVX__F(progress) kvx__local_progress,

@@ -1441,6 +1441,7 @@ KVX__PRIV const kvx__backend kvx__ofi_backend = {
     KVX__F(completes_on_gpu) 0,
     KVX__F(gpu_region_spans_allocations) 0,
     KVX__F(keys_per_registration) 1,
+    KVX__F(issues_without_progress) 0,
     KVX__F(open) kvx__ofi_open,
     KVX__F(close) kvx__ofi_close,
     KVX__F(query) kvx__ofi_query,

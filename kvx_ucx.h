@@ -1208,6 +1208,7 @@ KVX__PRIV const kvx__backend kvx__ucx_backend = {
     KVX__F(completes_on_gpu) 0,
     KVX__F(gpu_region_spans_allocations) 0,
     KVX__F(keys_per_registration) 1,
+    KVX__F(issues_without_progress) 0,
     KVX__F(open) kvx__ucx_open,
     KVX__F(close) kvx__ucx_close,
     KVX__F(query) kvx__ucx_query,
