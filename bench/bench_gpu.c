@@ -303,7 +303,9 @@ static kvx_tc_owner spawn_owner(int backend, int gpu, const kvx_layout *l, int t
 
 /* Section 7's step timer: the calls a post makes, wrapped at link time
    (-Wl,--wrap=NAME sends the program's and kvx's calls of NAME here), timed
-   only on the thread that set step_thread while step_on is set. */
+   only on the thread that set step_thread while step_on is set. Built with
+   KVX_BENCH_WRAP and those flags (tests/gpu/build.sh); without, section 7
+   gives the totals alone. */
 enum { ST_LAUNCH, ST_EVREC, ST_MEMOP, ST_WAITEV, ST_CAPT, ST_PUSHPOP, ST_HTOD, ST_EVQUERY, ST_WAITVAL, ST_STREAMCTX,
        ST_LOCK, ST_SIGNAL, ST_WRITE, ST_N };
 static const char *const step_names[ST_N] = {
@@ -315,10 +317,17 @@ static pthread_t step_thread;
 static double step_ns[ST_N];
 static uint32_t step_calls[ST_N];
 static double step_now_ns(void) { struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts); return ts.tv_sec * 1e9 + ts.tv_nsec; }
+#ifdef __cplusplus
+#define STEP_C extern "C"
+#else
+#define STEP_C
+#endif
+#ifdef KVX_BENCH_WRAP
+static const int step_wrapped = 1;
 #define STEP_WRAP(ret, name, k, params, args)                                   \
-    ret __real_##name params;                                                  \
-    ret __wrap_##name params;                                                  \
-    ret __wrap_##name params {                                                 \
+    STEP_C ret __real_##name params;                                           \
+    STEP_C ret __wrap_##name params;                                           \
+    STEP_C ret __wrap_##name params {                                          \
         double t0;                                                             \
         ret r;                                                                 \
         if (!step_on || !pthread_equal(pthread_self(), step_thread)) return __real_##name args; \
@@ -345,6 +354,9 @@ STEP_WRAP(int, pthread_mutex_lock, ST_LOCK, (pthread_mutex_t *m), (m))
 STEP_WRAP(int, pthread_mutex_unlock, ST_LOCK, (pthread_mutex_t *m), (m))
 STEP_WRAP(int, pthread_cond_signal, ST_SIGNAL, (pthread_cond_t *c), (c))
 STEP_WRAP(ssize_t, write, ST_WRITE, (int fd, const void *b, size_t n), (fd, b, n))
+#else
+static const int step_wrapped = 0;
+#endif
 
 static void step_reset(void) { memset(step_ns, 0, sizeof step_ns); memset(step_calls, 0, sizeof step_calls); }
 
@@ -782,7 +794,8 @@ int main(int argc, char **argv) {
             }
             printf("| %s | %.2f | %.1f | %s |\n", step_names[k], per[k][NS / 2] / 1e3, calls[k] / NS, alone);
         }
-        printf("| kvx's own work (the rest of both calls) | %.2f | | |\n", own[NS / 2] / 1e3);
+        if (step_wrapped) printf("| kvx's own work (the rest of both calls) | %.2f | | |\n", own[NS / 2] / 1e3);
+        else printf("(built without KVX_BENCH_WRAP: no steps; tests/gpu/build.sh links them)\n");
         fflush(stdout);
         side_close(&d);
         kvx_tc_stop(&o);

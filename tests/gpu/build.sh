@@ -30,8 +30,8 @@ build_set() {
   for p in "$@"; do
     n=$(basename "$p" .c)
     impl=$(grep -q '^#define KVX_IMPLEMENTATION' "$p" || echo "$dir/kvx_impl.o")
-    w=""; [ "$n" = bench_gpu ] && w=$wraps
-    $CC $flags "$p" $impl -o "$dir/$n" $libs $w
+    w=""; [ "$n" = bench_gpu ] && w="-DKVX_BENCH_WRAP $wraps"
+    $CC $flags $w "$p" $impl -o "$dir/$n" $libs
     echo "built $dir/$n"
   done
 }
