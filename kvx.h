@@ -460,6 +460,11 @@ KVX_API kvx_status  kvx_peer_heads(const kvx_peer *peer, const kvx_cache *cache,
 KVX_API kvx_status  kvx_queue_create(kvx_ctx *ctx, const kvx_queue_desc *desc, kvx_queue **out);
 KVX_API void        kvx_queue_destroy(kvx_queue *q);
 KVX_API kvx_status  kvx_post(kvx_queue *q, const kvx_read *rd, kvx_ticket *out);
+/* n reads in order, as kvx_post each, under one lock and issued together
+   (the CUDA backend launches them as one kernel): out[i] is read i's
+   ticket. Stops at the first read refused and returns its status (and
+   kvx_ctx_error its sentence); *posted (may be NULL) says how many went. */
+KVX_API kvx_status  kvx_post_batch(kvx_queue *q, const kvx_read *reads, uint32_t n, kvx_ticket *out, uint32_t *posted);
 KVX_API kvx_status  kvx_test(kvx_queue *q, kvx_ticket t);
 /* Waits up to timeout_ms; KVX_PENDING if the read is still within its own deadline. */
 KVX_API kvx_status  kvx_wait(kvx_queue *q, kvx_ticket t, uint32_t timeout_ms);
@@ -2492,17 +2497,14 @@ KVX__PRIV int kvx__planes_merge(kvx_ctx *ctx, kvx__read *rd, uint32_t planes) {
     return 1;
 }
 
-KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
-    kvx_ctx *ctx;
+/* One read's checks and bookkeeping, with the context's lock held; it is
+   issued by the kvx__pump after. *early: the earliest deadline posted. */
+KVX__PRIV kvx_status kvx__post_one(kvx_queue *q, const kvx_read *r, kvx_ticket *out, uint64_t *early) {
+    kvx_ctx *ctx = q->ctx;
     kvx__read tmp, *rd;
     kvx_status st;
     uint32_t nruns = 0, i, k, planes, gpad = 0;
     uint64_t per_plane_ops;
-    if (!q) return KVX_ERR_ARG;
-    ctx = q->ctx;
-    if (!r || !out) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: read and out must not be NULL");
-    *out = 0;
-    pthread_mutex_lock(&ctx->lock);
     if ((st = kvx__post_check(q, r, &tmp, &nruns)) != KVX_OK) goto out;
     rd = kvx__slot(q, q->next_ticket);
     if (rd->in_use) {
@@ -2574,16 +2576,51 @@ KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
     rd->in_use = 1;
     ctx->st.reads_posted++;
     *out = rd->ticket;
+    if (!*early || rd->deadline_ns < *early) *early = rd->deadline_ns;
     if (kvx__stream) kvx__stream->read_posted(rd);
-    kvx__pump(q);
-    /* The progress thread, asleep, learns of this read's deadline and (where
-       ops need this context's progress) of its ops; a system call and a
-       wake-up per post otherwise spared. */
-    if (ctx->pt_on && ctx->be_ops->signal && ctx->pt_until &&
-        (!ctx->be_ops->issues_without_progress || rd->deadline_ns < ctx->pt_until))
-        ctx->be_ops->signal(ctx);
 out:
-    pthread_mutex_unlock(&ctx->lock);
+    return st;
+}
+
+/* After posting: issue, and wake the progress thread, asleep, where it must
+   learn of the reads' deadlines and (where ops need this context's
+   progress) of their ops; a system call and a wake-up per post otherwise
+   spared. */
+KVX__PRIV void kvx__post_go(kvx_queue *q, uint64_t early) {
+    kvx_ctx *ctx = q->ctx;
+    kvx__pump(q);
+    if (ctx->pt_on && ctx->be_ops->signal && ctx->pt_until &&
+        (!ctx->be_ops->issues_without_progress || early < ctx->pt_until))
+        ctx->be_ops->signal(ctx);
+}
+
+KVX_API kvx_status kvx_post(kvx_queue *q, const kvx_read *r, kvx_ticket *out) {
+    kvx_status st;
+    uint64_t early = 0;
+    if (!q) return KVX_ERR_ARG;
+    if (!r || !out) return kvx__fail(q->ctx, KVX_ERR_ARG, "kvx_post: read and out must not be NULL");
+    *out = 0;
+    pthread_mutex_lock(&q->ctx->lock);
+    if ((st = kvx__post_one(q, r, out, &early)) == KVX_OK) kvx__post_go(q, early);
+    pthread_mutex_unlock(&q->ctx->lock);
+    return st;
+}
+
+KVX_API kvx_status kvx_post_batch(kvx_queue *q, const kvx_read *reads, uint32_t n, kvx_ticket *out, uint32_t *posted) {
+    kvx_status st = KVX_OK;
+    uint64_t early = 0;
+    uint32_t i;
+    if (posted) *posted = 0;
+    if (!q) return KVX_ERR_ARG;
+    if (n && (!reads || !out)) return kvx__fail(q->ctx, KVX_ERR_ARG, "kvx_post_batch: reads and out must not be NULL");
+    pthread_mutex_lock(&q->ctx->lock);
+    for (i = 0; i < n; i++) {
+        out[i] = 0;
+        if ((st = kvx__post_one(q, &reads[i], &out[i], &early)) != KVX_OK) break;
+    }
+    if (i) kvx__post_go(q, early);
+    pthread_mutex_unlock(&q->ctx->lock);
+    if (posted) *posted = i;
     return st;
 }
 

@@ -10,6 +10,7 @@
 #include "../kvx.h"
 
 typedef kvx_status (*kvxb_post_fn)(kvx_queue *, const kvx_read *, kvx_ticket *);
+typedef kvx_status (*kvxb_post_batch_fn)(kvx_queue *, const kvx_read *, uint32_t, kvx_ticket *, uint32_t *);
 typedef int (*kvxb_poll_fn)(kvx_queue *, kvx_completion *, int);
 typedef kvx_status (*kvxb_wait_fn)(kvx_queue *, kvx_ticket, uint32_t);
 typedef kvx_status (*kvxb_stream_wait_fn)(kvx_queue *, kvx_ticket, void *);
@@ -50,5 +51,13 @@ long long kvxb_post_stream(kvxb_post_fn post, kvxb_stream_wait_fn sw, kvx_queue 
     long long t0 = kvxb_now();
     *status = post(q, rd, t);
     if (*status == KVX_OK) *status = sw(q, *t, stream);
+    return kvxb_now() - t0;
+}
+
+long long kvxb_post_batch(kvxb_post_batch_fn post, kvx_queue *q, const kvx_read *reads, uint32_t n, kvx_ticket *t, int *status);
+long long kvxb_post_batch(kvxb_post_batch_fn post, kvx_queue *q, const kvx_read *reads, uint32_t n, kvx_ticket *t, int *status) {
+    uint32_t posted = 0;
+    long long t0 = kvxb_now();
+    *status = post(q, reads, n, t, &posted);
     return kvxb_now() - t0;
 }

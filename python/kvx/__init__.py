@@ -23,7 +23,8 @@ import array as _array
 import ctypes as C
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import struct as _struct
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "Context", "Cache", "Peer", "Queue", "Ticket", "Completion", "Notification",
@@ -223,6 +224,11 @@ class _Completion(C.Structure):
                 ("error", C.c_char_p)]
 
 
+_COMPLETION_SIZE = C.sizeof(_Completion)
+_COMPLETION_RECORD = _struct.Struct("=QQi%dxQQ" % (_Completion.bytes.offset - _Completion.status.offset - 4))
+assert _COMPLETION_RECORD.size == _COMPLETION_SIZE and C.sizeof(C.c_void_p) == 8
+
+
 class _Notification(C.Structure):
     _fields_ = [("id", C.c_uint64), ("status", C.c_int), ("peer_rank", C.c_int), ("peer_tp_size", C.c_int)]
 
@@ -279,6 +285,7 @@ def _load() -> C.CDLL:
         "kvx_queue_create": (I, [P, C.POINTER(_QueueDesc), C.POINTER(P)]),
         "kvx_queue_destroy": (None, [P]),
         "kvx_post": (I, [P, C.POINTER(_Read), C.POINTER(U64)]),
+        "kvx_post_batch": (I, [P, C.POINTER(_Read), U32, C.POINTER(U64), C.POINTER(U32)]),
         "kvx_test": (I, [P, U64]),
         "kvx_wait": (I, [P, U64, U32]),
         "kvx_poll": (I, [P, C.POINTER(_Completion), I]),
@@ -787,17 +794,69 @@ class Queue:
         rank that takes no heads of that peer. Completes like a read."""
         return self.read(peer, [], [], notify_id=notify_id, timeout_ms=timeout_ms, tag=tag)
 
+    def read_batch(self, peer: Union[Peer, Sequence[Peer]], local_blocks: Any, remote_blocks: Any, counts: Sequence[int],
+                   cache: Optional[Cache] = None, remote_cache: int = 0, layers: Optional[Tuple[int, int]] = None,
+                   notify_ids: Optional[Sequence[Optional[int]]] = None, timeout_ms: Optional[int] = None,
+                   tags: Optional[Sequence[int]] = None) -> List[Ticket]:
+        """Post many reads in one call (kvx_post_batch), as an engine's step
+        posts its requests: read i takes the next counts[i] ids of
+        local_blocks and remote_blocks (all reads' ids one after another, as
+        lists or arrays: each is converted once, not per read), from peer
+        (one for all, or one per read), with notify_ids[i] and tags[i] if
+        given. Reads go in order; if one is refused, those before it are
+        posted and the error raised says how many (its .posted) and why.
+        On the CUDA backend the reads of one call go in one kernel launch."""
+        la, laddr, n = _u32_ids(local_blocks)
+        ra, raddr, m = _u32_ids(remote_blocks)
+        k = len(counts)
+        if n != m or sum(counts) != n:
+            raise ArgumentError("read_batch: %d local and %d remote block ids for counts summing to %d" % (n, m, sum(counts)), -1)
+        if cache is None:
+            if not self._ctx.caches:
+                raise ArgumentError("read_batch: this context has no cache registered", -1)
+            cache = self._ctx.caches[0]
+        peers = [peer] * k if isinstance(peer, Peer) else list(peer)
+        if len(peers) != k or (notify_ids is not None and len(notify_ids) != k) or (tags is not None and len(tags) != k):
+            raise ArgumentError("read_batch: %d reads, but %d peers, %s notify ids, %s tags" % (
+                k, len(peers), "no" if notify_ids is None else len(notify_ids), "no" if tags is None else len(tags)), -1)
+        rds = (_Read * max(k, 1))()
+        ch = cache.handle
+        off = 0
+        for i in range(k):
+            c = int(counts[i])
+            if c < 0:
+                raise ArgumentError("read_batch: count %d of read %d" % (c, i), -1)
+            r = rds[i]
+            r.peer, r.cache, r.remote_cache, r.num_blocks = peers[i].handle, ch, remote_cache, c
+            r.local_blocks, r.remote_blocks = laddr + 4 * off, raddr + 4 * off
+            off += c
+            if layers is not None:
+                r.layer_begin, r.layer_count = layers
+            if notify_ids is not None and notify_ids[i] is not None:
+                r.notify, r.notify_id = 1, notify_ids[i]
+            if tags is not None:
+                r.user_tag = tags[i]
+            if timeout_ms:
+                r.timeout_ms = timeout_ms
+        tickets = (C.c_uint64 * max(k, 1))()
+        posted = C.c_uint32()
+        st = _load().kvx_post_batch(self.handle, rds, k, tickets, C.byref(posted))  # la, ra live until it returns: it copies the tables
+        if st:
+            e = _error(st, self._ctx._handle, "read_batch: read %d" % posted.value)
+            e.posted = [Ticket(self, t) for t in tickets[:posted.value]]  # type: ignore[attr-defined]
+            raise e
+        return [Ticket(self, t) for t in tickets[:k]]
+
     def poll(self, max_completions: int = 64) -> List[Completion]:
         """Completions reported since the last poll (each read exactly once)."""
         out = self._out if len(self._out) >= max_completions else (_Completion * max_completions)()
         self._out = out
         n = _load().kvx_poll(self.handle, out, max_completions)
-        res = []
-        for i in range(n):
-            c = out[i]
-            res.append(Completion(c.ticket, c.user_tag, c.status, c.bytes,
-                                  c.error.decode(errors="replace") if c.error else ""))
-        return res
+        if n <= 0:
+            return []
+        # the records unpacked in one pass, not a ctypes object per field
+        return [Completion(t, tag, st, nb, C.string_at(err).decode(errors="replace") if err else "")
+                for t, tag, st, nb, err in _COMPLETION_RECORD.iter_unpack(memoryview(out).cast("B")[:n * _COMPLETION_SIZE])]
 
     def stream_wait(self, ticket: Ticket, stream: Any) -> None:
         """Make later work on a CUDA stream wait for the read, without

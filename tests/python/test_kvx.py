@@ -598,3 +598,53 @@ def test_an_owner_that_closes_cleanly_is_not_an_error(capfd, monkeypatch):
         assert " error: " not in err, err
     finally:
         own.stop()
+
+
+def test_read_batch_and_poll():
+    """read_batch posts several requests' reads in one call, each its slice
+    of the ids (numpy or lists), tags and notify ids kept; every byte lands;
+    a refused read leaves those before it posted, names itself and how many
+    went; poll reports each once with tag, bytes and a failed read's sentence."""
+    nb = 64
+    rng = np.random.default_rng(3)
+    src = [rng.integers(0, 60000, (2, nb, 4, 2, 8)).astype(np.uint16) for _ in range(2)]
+    dst = [np.zeros_like(s) for s in src]
+    with kvx.Context("prefill", backend="local") as own, kvx.Context("decode", backend="local") as ctx:
+        own.register_cache(src, layout="NHD")
+        ctx.register_cache(dst, layout="NHD")
+        peer = ctx.add_peer(own.metadata())
+        q = ctx.queue(depth=16)
+        la, ra = np.arange(0, 20, dtype=np.uint32), rng.permutation(nb)[:20].astype(np.int64)
+        ts = q.read_batch(peer, la, ra, [5, 0, 15], notify_ids=[None, 7, None], tags=[10, 11, 12])
+        assert [t.ticket for t in ts] == [1, 2, 3]
+        done = []
+        for _ in range(250):  # bounded: 5 s
+            done += q.poll()
+            if len(done) >= 3:
+                break
+            time.sleep(0.02)
+        for d, s in zip(dst, src):
+            assert (d[:, la] == s[:, ra]).all() and not d[:, 20:].any()
+        got = sorted((c.ticket, c.tag, c.status, c.bytes) for c in done)
+        assert got == [(1, 10, 0, 5 * 4 * 2 * 8 * 2 * 4), (2, 11, 0, 0), (3, 12, 0, 15 * 4 * 2 * 8 * 2 * 4)], got
+        assert [(n.id, n.status) for n in own.notifications()] == [(7, 0)]
+        with pytest.raises(kvx.ArgumentError, match="read_batch: read 1: .*remote block id 64 at index 1 is past") as e:
+            q.read_batch([peer, peer], [30, 31, 32], [1, 2, 64], [1, 2])
+        assert [t.ticket for t in e.value.posted] == [4]
+        e.value.posted[0].wait(5000)
+        with pytest.raises(kvx.ArgumentError, match="3 local and 2 remote block ids"):
+            q.read_batch(peer, [1, 2, 3], [1, 2], [3])
+    # an owner that never progresses: the read times out, and poll carries its sentence
+    with kvx.Context("stalled", backend="local", progress_thread=False) as own, kvx.Context("decode", backend="local") as ctx:
+        own.register_cache(src, layout="NHD")
+        ctx.register_cache(dst, layout="NHD")
+        q = ctx.queue()
+        t = q.read_batch(ctx.add_peer(own.metadata()), [40], [1], [1], timeout_ms=50, tags=[9])[0]
+        got = []
+        for _ in range(100):  # bounded: 2 s
+            got += q.poll()
+            if got:
+                break
+            time.sleep(0.02)
+        assert [(c.ticket, c.tag, c.status != 0) for c in got] == [(t.ticket, 9, True)], got
+        assert "timed out after 50 ms" in got[0].message and isinstance(got[0].error, kvx.TimeoutError), got[0].message

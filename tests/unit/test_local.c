@@ -207,6 +207,53 @@ int main(void) {
         kvx_ex_cache_free(&pm); kvx_ex_cache_free(&dm); kvx_ex_cache_free(&km);
     }
 
+    T_CASE("local: kvx_post_batch posts reads in order under one lock; it stops at the first refused, says why and how many went, and those complete, every byte") {
+        kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D = local_ctx("decode", 0, 1, 1);
+        kvx_ex_cache pm, dm;
+        kvx_layout l;
+        kvx_cache_desc cd;
+        kvx_cache *pc, *dc;
+        kvx_peer *p;
+        kvx_queue *q;
+        kvx_read rd[4];
+        kvx_ticket tk[4];
+        uint32_t bad = 128, posted = 99, i;
+        layout(&l, KVX_ORDER_HND, 2);
+        kvx_ex_cache_alloc(&pm, &l, 0, 1);
+        kvx_ex_fill(&pm, 21, src, 32);
+        cd = kvx_ex_cache_desc(&pm);
+        T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
+        kvx_ex_cache_alloc(&dm, &l, 0, 1);
+        cd = kvx_ex_cache_desc(&dm);
+        T_ST(kvx_cache_register(D, &cd, &dc), KVX_OK);
+        p = add(D, P);
+        T_ST(kvx_queue_create(D, NULL, &q), KVX_OK);
+        memset(rd, 0, sizeof rd);
+        for (i = 0; i < 4; i++) {
+            rd[i].peer = p; rd[i].cache = dc; rd[i].num_blocks = 8;
+            rd[i].local_blocks = dst + 8 * i; rd[i].remote_blocks = src + 8 * i;
+        }
+        rd[2].remote_blocks = &bad; rd[2].num_blocks = 1;   /* past the owner's 128 blocks */
+        T_ST(kvx_post_batch(q, rd, 4, tk, &posted), KVX_ERR_ARG);
+        T_EQ(posted, 2);
+        T_HAS(kvx_ctx_error(D), "remote block id 128 at index 0 is past");
+        T_CHECK(tk[0] && tk[1] == tk[0] + 1 && tk[2] == 0);
+        for (i = 0; i < 2; i++) T_ST(kvx_wait(q, tk[i], 5000), KVX_OK);
+        T_EQ(kvx_ex_verify(&dm, 21, dst, src, 16, 0, 3, 0, 2, NULL), 0);
+        rd[2].remote_blocks = src + 16; rd[2].num_blocks = 8;   /* the rest, in a second batch */
+        T_ST(kvx_post_batch(q, rd + 2, 2, tk + 2, &posted), KVX_OK);
+        T_EQ(posted, 2);
+        for (i = 2; i < 4; i++) T_ST(kvx_wait(q, tk[i], 5000), KVX_OK);
+        T_EQ(kvx_ex_verify(&dm, 21, dst, src, 32, 0, 3, 0, 2, NULL), 0);
+        T_ST(kvx_post_batch(q, rd, 0, NULL, &posted), KVX_OK);
+        T_EQ(posted, 0);
+        kvx_queue_destroy(q);
+        kvx_ctx_destroy(D);
+        kvx_ctx_destroy(P);
+        kvx_ex_cache_free(&pm);
+        kvx_ex_cache_free(&dm);
+    }
+
     T_CASE("local: notifications arrive once, after the data; an expected id that never comes expires") {
         kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D = local_ctx("decode", 0, 1, 1);
         kvx_ex_cache pm, dm;
