@@ -392,7 +392,7 @@ KVX__PRIV void kvx__ucx_quiet(void) {
 
 KVX__PRIV kvx_status kvx__ucx_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     const char *sw = getenv("KVX_UCX_SOFTWARE_RMA");
-    const char *am_set[] = {"NET_DEVICES", NULL, "TCP_PUT_ENABLE", "n", NULL};
+    const char *am_set[] = {"NET_DEVICES", NULL, "TCP_PUT_ENABLE", "n", NULL, NULL, NULL};
     const char *rma_set[] = {"TLS", NULL, NULL, NULL, NULL};
     ucp_am_handler_param_t am;
     ucp_context_attr_t attr;
@@ -413,7 +413,14 @@ KVX__PRIV kvx_status kvx__ucx_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     kvx__ucx_net_devices(desc, u->net_devices, sizeof u->net_devices);
     am_set[1] = u->net_devices;
     /* Not UCX_PROTO_ENABLE=y on 1.13: its newer protocols cannot abort a
-       software get (an assertion in ucp_ep_reqs_purge) when a peer fails. */
+       software get (an assertion in ucp_ep_reqs_purge) when a peer fails.
+       Nor on 1.22 (its default) for kvx's own get: there the newer
+       protocols send a reply of 16 KiB to 256 KiB over TCP as 8 KiB
+       fragments copied in, and kvx read host caches at 1.0 GB/s where the
+       older ones gave 2.7-3.1 (64 and 256 KiB blocks, kvx_bench pack, this
+       2-core machine). Where UCX_PROTO_ENABLE is set, or software RMA
+       stages GPU caches through this worker, UCX's choice stands. */
+    if (!getenv("UCX_PROTO_ENABLE") && !u->software_rma) { am_set[4] = "PROTO_ENABLE"; am_set[5] = "n"; }
     if ((st = kvx__ucx_side_open(ctx, &u->am, UCP_FEATURE_AM, am_set, "active message")) != KVX_OK) { kvx__ucx_close(ctx); return st; }
     memset(&am, 0, sizeof am);
     am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
