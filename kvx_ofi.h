@@ -172,6 +172,7 @@
 #define KVX__OFI_NRECV 64u          /* notification receives kept posted */
 #define KVX__OFI_RECV_BYTES 128u    /* more than a notification's 104, so a wrong-sized message is seen, not truncated */
 #define KVX__OFI_MAX_CTX 1024u      /* op/part contexts per peer endpoint, at most */
+#define KVX__OFI_IOV 16u            /* pieces of a block (NHD: tokens) per fi_readmsg, at most */
 
 /* Test seam (kvx.h, TEST SEAMS): mr_mode bits to behave as if the provider
    had asked for them (the ones that are safe to add: FI_MR_LOCAL, FI_MR_RAW). */
@@ -207,6 +208,8 @@ typedef struct kvx__ofi_part {
 struct kvx__ofi_op {
     kvx__read *rd;
     uint64_t laddr, raddr, len, off, key;   /* raddr in the peer's addressing */
+    uint64_t lstride, rstride;  /* count > 1: count pieces of len, these apart (kvx__op's gather) */
+    uint32_t count, idx;        /* ... of which idx are issued, iov_max to an fi_readmsg */
     void *desc;
     uint32_t parts_out;
     int in_use, stop, queued;
@@ -281,6 +284,7 @@ typedef struct kvx__ofi {
     int ticking, blocked;       /* the tick is armed; a post met -FI_EAGAIN since the last progress */
     uint64_t tick_ns;
     uint64_t mr_mode, max_msg, key_mask;
+    uint32_t iov_max;           /* pieces per fi_readmsg: the provider's iov and rma_iov limits, at most KVX__OFI_IOV; below 2: no gather */
     kvx__nonces keys;
     size_t tx_size;
     int hmem, sw, shm;
@@ -744,6 +748,8 @@ KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
         o->max_msg = strtoull(e, NULL, 10);
     o->tx_size = fi->tx_attr->size ? fi->tx_attr->size : 256;
     if (fi->tx_attr->rma_iov_limit < 1) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric provider %s: rma_iov_limit 0: no RMA", o->prov); }
+    o->iov_max = (uint32_t)(fi->tx_attr->iov_limit < fi->tx_attr->rma_iov_limit ? fi->tx_attr->iov_limit : fi->tx_attr->rma_iov_limit);
+    if (o->iov_max > KVX__OFI_IOV) o->iov_max = KVX__OFI_IOV;
     if ((ret = fi_fabric(fi->fabric_attr, &o->fabric, NULL)) != 0) { st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_fabric", ret); kvx__ofi_close(ctx); return st; }
     if ((ret = fi_domain(o->fabric, fi, &o->domain, NULL)) != 0) { st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_domain", ret); kvx__ofi_close(ctx); return st; }
     /* A queue with a wait fd if the provider has one; shm 1.17 has none. */
@@ -1116,6 +1122,14 @@ KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
             }
             r->be = rk;
         }
+    /* A block's pieces (NHD: one per token) go in fi_readmsg's of up to
+       iov_max, where the provider takes them and no piece is split
+       ($KVX_OFI_GATHER=0: one fi_read each, for comparison). */
+    {
+        const char *g = getenv("KVX_OFI_GATHER");
+        for (c = 0; c < p->ncaches; c++)
+            p->caches[c].gather = o->iov_max >= 2 && o->max_msg >= (1u << 20) && p->caches[c].mem == KVX_MEM_HOST && !(g && !strcmp(g, "0"));
+    }
     if (kvx__ofi_per_ep_local(o))
         for (i = 0; i < o->nslots; i++)
             if (o->slots[i] && (ret = kvx__ofi_pep_lmr(o, pe, i)) != 0) {
@@ -1148,7 +1162,51 @@ fail:
 /* Issue the parts of x not yet out, as many as the pool and the provider
    take. 0: all out; 1: no part context free (completions will free one);
    -FI_EAGAIN: the provider has no room now; another error: it failed. */
+/* Parts of x not yet issued? */
+KVX__PRIV int kvx__ofi_more(const kvx__ofi_op *x) { return x->count > 1 ? x->idx < x->count : x->off < x->len; }
+
+/* A gathered op: its pieces, iov_max to an fi_readmsg. */
+KVX__PRIV int kvx__ofi_issue_pieces(const kvx__ofi *o, kvx__ofi_pep *pe, kvx__ofi_op *x) {
+    while (!x->stop && x->idx < x->count) {
+        kvx__ofi_part *pt = pe->part_free;
+        struct iovec iov[KVX__OFI_IOV];
+        void *descs[KVX__OFI_IOV];
+        struct fi_rma_iov riov[KVX__OFI_IOV];
+        struct fi_msg_rma msg;
+        uint32_t k = x->count - x->idx, i;
+        ssize_t ret;
+        if (!pt) return 1;
+        if (x->len > o->max_msg) return -FI_EMSGSIZE;  /* gather is off where pieces could need splitting (kvx__ofi_connect) */
+        if (k > o->iov_max) k = o->iov_max;
+        for (i = 0; i < k; i++) {
+            iov[i].iov_base = (void *)(uintptr_t)(x->laddr + (uint64_t)(x->idx + i) * x->lstride);
+            iov[i].iov_len = (size_t)x->len;
+            descs[i] = x->desc;
+            riov[i].addr = x->raddr + (uint64_t)(x->idx + i) * x->rstride;
+            riov[i].len = (size_t)x->len;
+            riov[i].key = x->key;
+        }
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = iov;
+        msg.desc = descs;
+        msg.iov_count = k;
+        msg.addr = pe->dest;
+        msg.rma_iov = riov;
+        msg.rma_iov_count = k;
+        msg.context = &pt->c;
+        pt->op = x;
+        ret = fi_readmsg(pe->ep, &msg, 0);
+        if (ret) return (int)ret;
+        pt->out = 1;
+        pe->part_free = pt->next;
+        x->idx += k;
+        x->parts_out++;
+    }
+    return 0;
+}
+
 KVX__PRIV int kvx__ofi_issue(const kvx__ofi *o, kvx__ofi_pep *pe, kvx__ofi_op *x) {
+    if (x->count > 1) return kvx__ofi_issue_pieces(o, pe, x);
     while (!x->stop && x->off < x->len) {
         kvx__ofi_part *pt = pe->part_free;
         uint64_t n = x->len - x->off;
@@ -1203,6 +1261,10 @@ KVX__PRIV kvx_status kvx__ofi_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *o
     x->raddr = op->raddr - rk->adj;
     x->len = op->len;
     x->off = 0;
+    x->count = op->count > 1 ? op->count : 0;
+    x->idx = 0;
+    x->lstride = op->lstride;
+    x->rstride = op->rstride;
     x->key = rk->key;
     x->desc = pe->ldesc && lm->slot < pe->nl && pe->ldesc[lm->slot] ? pe->ldesc[lm->slot] : lm->desc;
     x->parts_out = 0;
@@ -1223,7 +1285,7 @@ KVX__PRIV kvx_status kvx__ofi_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *o
         x->st = KVX_ERR_BACKEND;
         x->stop = 1;
         snprintf(pe->err, sizeof pe->err, "fi_read: %s", fi_strerror(-ret));
-    } else if (x->off < x->len) {
+    } else if (kvx__ofi_more(x)) {
         x->queued = 1;
         if (pe->backlog_tail) pe->backlog_tail->next = x;
         else pe->backlog = x;
@@ -1261,7 +1323,7 @@ KVX__PRIV void kvx__ofi_part_done(kvx__ofi_pep *pe, kvx__ofi_part *pt, kvx_statu
     pe->part_free = pt;
     x->parts_out--;
     if (st != KVX_OK && x->st == KVX_OK) { x->st = st; x->stop = 1; }
-    if (x->parts_out || (x->off < x->len && !x->stop)) return;
+    if (x->parts_out || (kvx__ofi_more(x) && !x->stop)) return;
     kvx__ofi_op_finish(pe, x);
 }
 

@@ -124,6 +124,10 @@ done; done; done
 entry "pack ofi tcp 1 KV head replicated, 1->2" 120 $T $bench --backends LIBFABRIC $small --random-blocks --heads 1 --prefill-tp 1 --decode-tp 2
 entry "pack ofi tcp 2->1 HND, reads split at 1000 bytes" 120 env KVX_OFI_MAX_MSG=1000 FI_PROVIDER=tcp FI_TCP_IFACE=lo $bench --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 1 --block-tokens 4
 entry "pack ofi shm 2->4 NHD, kvx verifies every block" 120 $S $bench --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1
+# NHD 2->1: a block's 16 token pieces as fi_readmsg's, one op per block and
+# plane (288), not a fi_read per piece (4608 with KVX_OFI_GATHER=0)
+expect_out "pack ofi tcp 2->1 NHD: a block's token pieces in one op" 120 "288 descriptors -> 288 after merging" $T $bench --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 1 --layout NHD
+expect_out "pack ofi tcp 2->1 NHD, KVX_OFI_GATHER=0: a fi_read per token piece" 120 "288 descriptors -> 4608 after merging" env KVX_OFI_GATHER=0 FI_PROVIDER=tcp FI_TCP_IFACE=lo $bench --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 1 --layout NHD
 entry "pack ofi tcp 4->2 NHD random, every read carries block generations, verified" 120 $T $bench --backends LIBFABRIC $small --random-blocks --prefill-tp 4 --decode-tp 2 --layout NHD --verify 1 --generations
 entry "pack ofi tcp 1->2 HND consecutive, block generations" 120 $T $bench --backends LIBFABRIC $small --prefill-tp 1 --decode-tp 2 --generations
 expect_fail "a transport policy that demands RDMA refuses libfabric tcp at kvx_peer_add, saying why (ofi tcp)" 60 "requires one of its other terms; why that transport: libfabric tcp" \
