@@ -1203,9 +1203,6 @@ KVX__PRIV void kvx__head_range(const kvx_layout *ll, int lr, int ltp, const kvx_
     *a = lo; *b = hi;
 }
 
-/* Piece geometry of one block for heads [a, b): HND gives one contiguous
-   slice per block; NHD one slice per token, unless all heads are taken on both
-   sides, when the slices tile the block and collapse into one. */
 /* A block of one head with its tokens packed is the same bytes in either
    order (vLLM gives such a rank's view either name): it reads from, and
    is read into, a cache of the other order. */
@@ -1213,6 +1210,10 @@ KVX__PRIV int kvx__order_free(const kvx__cache_info *c) {
     return c->lay.num_heads == 1 && c->token_stride == (uint64_t)c->lay.head_dim * c->lay.elem_bytes;
 }
 
+/* Piece geometry of one block for heads [a, b): HND gives one contiguous
+   slice per block; NHD one slice per token, unless all heads are taken on both
+   sides, when the slices tile the block and collapse into one. Where one
+   side is order-free, the other side's order sets the pieces. */
 KVX__PRIV void kvx__geom_make(const kvx__cache_info *lc, uint32_t l0, const kvx__cache_info *rc, uint32_t r0,
                               uint32_t a, uint32_t b, kvx__geom *g) {
     const kvx_layout *ll = &lc->lay;
