@@ -92,6 +92,11 @@ _SIDE_TIMEOUT_S = 5.0
 _RETRY_S = 2.0                 # a prefill engine that failed is asked again this long after
 
 
+def _cpus_allowed() -> Set[int]:
+    """Every core; the kernel keeps a thread's mask within its cpuset."""
+    return set(range(os.cpu_count() or 1))
+
+
 def notify_id(request_id: str) -> int:
     """The kvx notification id both engines derive from the prefill
     engine's request id."""
@@ -620,9 +625,22 @@ class _Worker:
 
         rank, tp = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
         e = self.extra
-        self.ctx = kvx.Context(name=self.engine_id[:63], tp_rank=rank, tp_size=tp, backend=e.get("backend"),
-                               timeout_ms=self.read_timeout_ms, transport_policy=e.get("transport_policy"),
-                               metadata_key=self.key, net_devices=e.get("net_devices"), log_level=e.get("log_level"))
+        # vLLM's CPU workers pin this thread to one core that its compute
+        # threads spin on; kvx's progress thread (which serves this rank's
+        # readers) inherits the mask at its start, so it starts with every
+        # core instead (within the process's cpuset), and this thread gets
+        # its own back.
+        pinned = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        allowed = _cpus_allowed()
+        try:
+            if pinned is not None and allowed and allowed != pinned:
+                os.sched_setaffinity(0, allowed)
+            self.ctx = kvx.Context(name=self.engine_id[:63], tp_rank=rank, tp_size=tp, backend=e.get("backend"),
+                                   timeout_ms=self.read_timeout_ms, transport_policy=e.get("transport_policy"),
+                                   metadata_key=self.key, net_devices=e.get("net_devices"), log_level=e.get("log_level"))
+        finally:
+            if pinned is not None and allowed and allowed != pinned:
+                os.sched_setaffinity(0, pinned)
         heads = int(self.cfg.model_config.get_total_num_kv_heads())
         self.cache = self.ctx.register_cache(kv_caches, layout=None, block_size=int(self.cfg.cache_config.block_size),
                                              generations=True, total_heads=heads if heads < tp else None)

@@ -140,9 +140,10 @@ class Engine:
         self.ready_s = self._recv(400)[1]
         return self.ready_s
 
-    def run(self, prompts: List[List[int]], max_tokens: int, params: Optional[List[Dict[str, Any]]] = None):
+    def run(self, prompts: List[List[int]], max_tokens: int, params: Optional[List[Dict[str, Any]]] = None,
+            timeout: float = 300):
         self.conn.send(("run", prompts, max_tokens, params))
-        _, res, metrics, self.took = self._recv()
+        _, res, metrics, self.took = self._recv(timeout)
         return res, metrics
 
     def usage(self) -> float:
@@ -426,16 +427,25 @@ def main() -> int:
         kpres, _ = P.run([p_killed], 1, [dict(PREFILL)])
         P.kill()
         t0 = time.monotonic()
-        dres, _ = D.run([p_killed], MAX_TOKENS, [kpres[0]["kv_transfer_params"]])
-        took = time.monotonic() - t0
-        why = same(dres[0], alone[tuple(p_killed)])
-        c.check(not why and took < a.read_timeout_ms / 1000 + 20,
-                "killed: with the prefill engine dead, the decode engine's load fails in %.1f s, vLLM recomputes, the tokens are right"
-                % took, why)
-        dres, _ = D.run([singles[1]], MAX_TOKENS)
-        c.check(not same(dres[0], alone[tuple(singles[1])]), "killed: the decode engine serves on")
-        u = D.usage()
-        c.check(0 <= u <= 1.5 / (BLOCKS - 1), "the decode engine ends with every block free (usage %.3f with a probe)" % u)
+        limit = a.read_timeout_ms / 1000 + 20
+        try:  # a connector that waits on a dead engine for good is a finding, bounded here
+            dres, _ = D.run([p_killed], MAX_TOKENS, [kpres[0]["kv_transfer_params"]], timeout=limit + 100)
+        except RuntimeError as e:
+            c.check(False, "killed: with the prefill engine dead, the decode engine's load fails within %.0f s" % limit,
+                    "no answer in %.0f s: %s" % (time.monotonic() - t0, e))
+            if not nixl:
+                raise
+            dres = None  # the decode engine is stuck: nothing more to ask it
+        if dres is not None:
+            took = time.monotonic() - t0
+            why = same(dres[0], alone[tuple(p_killed)])
+            c.check(not why and took < limit,
+                    "killed: with the prefill engine dead, the decode engine's load fails in %.1f s, vLLM recomputes, the tokens are right"
+                    % took, why)
+            dres, _ = D.run([singles[1]], MAX_TOKENS)
+            c.check(not same(dres[0], alone[tuple(singles[1])]), "killed: the decode engine serves on")
+            u = D.usage()
+            c.check(0 <= u <= 1.5 / (BLOCKS - 1), "the decode engine ends with every block free (usage %.3f with a probe)" % u)
     except Exception:
         traceback.print_exc()
         c.failed += 1
