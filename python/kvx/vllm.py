@@ -632,14 +632,19 @@ class _Worker:
         # its own back.
         pinned = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
         allowed = _cpus_allowed()
+        widened = False
         try:
             if pinned is not None and allowed and allowed != pinned:
-                os.sched_setaffinity(0, allowed)
+                try:
+                    os.sched_setaffinity(0, allowed)
+                    widened = True
+                except OSError as err:  # a container that forbids it: the thread starts pinned, as before
+                    logger.info("kvx: could not widen the progress thread's cores (%s)", err)
             self.ctx = kvx.Context(name=self.engine_id[:63], tp_rank=rank, tp_size=tp, backend=e.get("backend"),
                                    timeout_ms=self.read_timeout_ms, transport_policy=e.get("transport_policy"),
                                    metadata_key=self.key, net_devices=e.get("net_devices"), log_level=e.get("log_level"))
         finally:
-            if pinned is not None and allowed and allowed != pinned:
+            if widened and pinned is not None:
                 os.sched_setaffinity(0, pinned)
         heads = int(self.cfg.model_config.get_total_num_kv_heads())
         self.cache = self.ctx.register_cache(kv_caches, layout=None, block_size=int(self.cfg.cache_config.block_size),
