@@ -1165,60 +1165,53 @@ fail:
 /* Parts of x not yet issued? */
 KVX__PRIV int kvx__ofi_more(const kvx__ofi_op *x) { return x->count > 1 ? x->idx < x->count : x->off < x->len; }
 
-/* A gathered op: its pieces, iov_max to an fi_readmsg. */
-KVX__PRIV int kvx__ofi_issue_pieces(const kvx__ofi *o, kvx__ofi_pep *pe, kvx__ofi_op *x) {
-    while (!x->stop && x->idx < x->count) {
-        kvx__ofi_part *pt = pe->part_free;
-        struct iovec iov[KVX__OFI_IOV];
-        void *descs[KVX__OFI_IOV];
-        struct fi_rma_iov riov[KVX__OFI_IOV];
-        struct fi_msg_rma msg;
-        uint32_t k = x->count - x->idx, i;
-        ssize_t ret;
-        if (!pt) return 1;
-        if (x->len > o->max_msg) return -FI_EMSGSIZE;  /* gather is off where pieces could need splitting (kvx__ofi_connect) */
-        if (k > o->iov_max) k = o->iov_max;
-        for (i = 0; i < k; i++) {
-            iov[i].iov_base = (void *)(uintptr_t)(x->laddr + (uint64_t)(x->idx + i) * x->lstride);
-            iov[i].iov_len = (size_t)x->len;
-            descs[i] = x->desc;
-            riov[i].addr = x->raddr + (uint64_t)(x->idx + i) * x->rstride;
-            riov[i].len = (size_t)x->len;
-            riov[i].key = x->key;
-        }
-        memset(&msg, 0, sizeof msg);
-        msg.msg_iov = iov;
-        msg.desc = descs;
-        msg.iov_count = k;
-        msg.addr = pe->dest;
-        msg.rma_iov = riov;
-        msg.rma_iov_count = k;
-        msg.context = &pt->c;
-        pt->op = x;
-        ret = fi_readmsg(pe->ep, &msg, 0);
-        if (ret) return (int)ret;
-        pt->out = 1;
-        pe->part_free = pt->next;
-        x->idx += k;
-        x->parts_out++;
+/* Post pt, the next part of x: its next max_msg bytes by fi_read, or for a
+   gathered op its next iov_max pieces by fi_readmsg; *step: what it took. */
+KVX__PRIV ssize_t kvx__ofi_post_part(const kvx__ofi *o, kvx__ofi_pep *pe, kvx__ofi_op *x, kvx__ofi_part *pt, uint64_t *step) {
+    struct iovec iov[KVX__OFI_IOV];
+    void *descs[KVX__OFI_IOV];
+    struct fi_rma_iov riov[KVX__OFI_IOV];
+    struct fi_msg_rma msg;
+    uint32_t k = x->count - x->idx, i;
+    if (x->count <= 1) {
+        uint64_t n = x->len - x->off;
+        *step = n = n > o->max_msg ? o->max_msg : n;
+        return fi_read(pe->ep, (void *)(uintptr_t)(x->laddr + x->off), (size_t)n, x->desc, pe->dest, x->raddr + x->off, x->key, &pt->c);
     }
-    return 0;
+    if (x->len > o->max_msg) return -FI_EMSGSIZE;  /* gather is off where pieces could need splitting (kvx__ofi_connect) */
+    if (k > o->iov_max) k = o->iov_max;
+    for (i = 0; i < k; i++) {
+        iov[i].iov_base = (void *)(uintptr_t)(x->laddr + (uint64_t)(x->idx + i) * x->lstride);
+        iov[i].iov_len = (size_t)x->len;
+        descs[i] = x->desc;
+        riov[i].addr = x->raddr + (uint64_t)(x->idx + i) * x->rstride;
+        riov[i].len = (size_t)x->len;
+        riov[i].key = x->key;
+    }
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = iov;
+    msg.desc = descs;
+    msg.iov_count = k;
+    msg.addr = pe->dest;
+    msg.rma_iov = riov;
+    msg.rma_iov_count = k;
+    msg.context = &pt->c;
+    *step = k;
+    return fi_readmsg(pe->ep, &msg, 0);
 }
 
 KVX__PRIV int kvx__ofi_issue(const kvx__ofi *o, kvx__ofi_pep *pe, kvx__ofi_op *x) {
-    if (x->count > 1) return kvx__ofi_issue_pieces(o, pe, x);
-    while (!x->stop && x->off < x->len) {
+    while (!x->stop && kvx__ofi_more(x)) {
         kvx__ofi_part *pt = pe->part_free;
-        uint64_t n = x->len - x->off;
+        uint64_t step = 0;
         ssize_t ret;
         if (!pt) return 1;
-        if (n > o->max_msg) n = o->max_msg;
         pt->op = x;
-        ret = fi_read(pe->ep, (void *)(uintptr_t)(x->laddr + x->off), (size_t)n, x->desc, pe->dest, x->raddr + x->off, x->key, &pt->c);
-        if (ret) return (int)ret;
+        if ((ret = kvx__ofi_post_part(o, pe, x, pt, &step)) != 0) return (int)ret;
         pt->out = 1;
         pe->part_free = pt->next;
-        x->off += n;
+        if (x->count > 1) x->idx += (uint32_t)step;
+        else x->off += step;
         x->parts_out++;
     }
     return 0;
