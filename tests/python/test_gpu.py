@@ -328,18 +328,7 @@ def vf_buffer(form, heads, blocks):
 def vf_gpu_views(form, buf):
     """The host buffer copied to the GPU, and vLLM's per-layer views of the copy."""
     g = torch.from_numpy(buf.view("int16")).cuda()
-    out = {}
-    for l in range(VF_LAYERS):
-        if form in ("LBHNC", "LBNHC"):
-            v = g[l]
-        elif form in ("BLHNC", "BLNHC"):
-            v = g[:, l]
-        elif form == "BHLNC":
-            v = g[:, :, l]
-        else:
-            v = g[l].permute(1, 0, 2, 3)
-        out["model.layers.%d.self_attn.attn" % l] = v.view(torch.float16)
-    return g, out
+    return g, {k: v.view(torch.float16) for k, v in F.layer_views(form, g, VF_LAYERS).items()}
 
 
 def vf_owner(conn, form, rank, tp, total_heads, seed):

@@ -14,7 +14,7 @@ The content of a block is a function of (seed, layer, global head, block),
 so a reader checks every byte it got from whichever TP rank held it."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -31,6 +31,11 @@ def make(form: str, layers: int, blocks: int, heads: int, tokens: int, c: int, d
              "BHLNC": (blocks, heads, layers, tokens, c), "LHBNC": (layers, heads, blocks, tokens, c),
              "LBNHC": (layers, blocks, tokens, heads, c), "BLNHC": (blocks, layers, tokens, heads, c)}[form]
     buf = np.zeros(shape, dtype=dtype)
+    return buf, layer_views(form, buf, layers)
+
+
+def layer_views(form: str, buf, layers: int) -> Dict[str, Any]:
+    """vLLM's dict of per-layer views of buf (a numpy array or a torch tensor) in `form`."""
     views = {}
     for l in range(layers):
         if form in ("LBHNC", "LBNHC"):
@@ -40,9 +45,9 @@ def make(form: str, layers: int, blocks: int, heads: int, tokens: int, c: int, d
         elif form == "BHLNC":
             v = buf[:, :, l]
         else:  # LHBNC: [H, B, N, C] of a layer, seen as [B, H, N, C]
-            v = buf[l].transpose(1, 0, 2, 3)
+            v = buf[l].swapaxes(0, 1)
         views["model.layers.%d.self_attn.attn" % l] = v
-    return buf, views
+    return views
 
 
 def block_values(seed: int, layer: int, head: int, block: int, tokens: int, c: int, dtype=np.uint16) -> np.ndarray:
