@@ -1155,8 +1155,13 @@ KVX__PRIV kvx_status kvx__ucx_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *o
     ucp_request_param_t prm;
     ucs_status_ptr_t sp;
     /* kvx's get for software-served peers, and for an op of several pieces
-       (the peer gathered when the read was posted, before a reconnect) */
-    if ((rd->rc->be_flags & KVX__UCX_BY_KVX_GET) || op->count > 1) return kvx__ucx_get_post(ctx, rd, rd->peer, op, NULL);
+       (the peer gathered when the read was posted, before a reconnect); small
+       ops are batched until the end of the post (kvx__ucx_flush) */
+    if ((rd->rc->be_flags & KVX__UCX_BY_KVX_GET) || op->count > 1) {
+        uint64_t bytes = op->len * (op->count ? op->count : 1u);
+        if (op->len && bytes <= KVX__UCX_BATCH_BYTES) return kvx__ucx_stage(ctx, rd, op);
+        return kvx__ucx_get_post(ctx, rd, rd->peer, op, NULL);
+    }
     if (!pp || !pp->rma || !rd->rc->regions[op->rreg].be)
         return kvx__fail(ctx, KVX_ERR_PEER, "ucx: %s/%d has no one-sided endpoint for cache %u now (reconnected over another path)",
                          rd->peer->name, rd->peer->rank, rd->rc->id);
@@ -1172,6 +1177,11 @@ KVX__PRIV kvx_status kvx__ucx_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *o
     }
     if (UCS_PTR_IS_ERR(sp)) return kvx__ucx_op_fail(ctx, rd->peer, "ucp_get_nbx", UCS_PTR_STATUS(sp));
     return KVX_OK;
+}
+
+KVX__PRIV void kvx__ucx_flush(kvx_ctx *ctx, kvx_queue *q) {
+    (void)q;
+    kvx__ucx_stage_send(ctx);
 }
 
 KVX__PRIV void kvx__ucx_am_sent(void *req, ucs_status_t status, void *user) {
@@ -1229,7 +1239,7 @@ KVX__PRIV const kvx__backend kvx__ucx_backend = {
     KVX__F(queue_close) NULL,
     KVX__F(post) kvx__ucx_post,
     KVX__F(post_read) NULL,
-    KVX__F(flush) NULL,
+    KVX__F(flush) kvx__ucx_flush,
     KVX__F(abandon) kvx__ucx_abandon,
     KVX__F(notify) kvx__ucx_notify,
     KVX__F(progress) kvx__ucx_progress,

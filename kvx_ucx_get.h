@@ -16,6 +16,15 @@
     an NHD read of part of the heads): the owner sends them as one reply from
     an iov, and the reader puts each where it goes.
 
+    MANY BLOCKS, ONE MESSAGE. Over TCP the cost is per message, and random
+    blocks do not merge. The small ops of one read that a post issues
+    together are staged (kvx__ucx_stage) and asked for in one request: the
+    header names the first op's range and the data the others', and the
+    owner checks each against what it registered and sends all their bytes
+    in one reply, from an iov. A batch holds at most KVX__UCX_BATCH_BYTES,
+    so that a queue's ops outstanding (kvx_queue_desc.max_ops) still make a
+    few requests in flight.
+
     WHO IS ANSWERED. A request carries the owner's secret (from its metadata)
     and a nonce of the reader's; the owner drops, unanswered and counted, any
     request without the secret, so probing for ranges tells a process without
@@ -46,6 +55,10 @@
 #define KVX__UCX_EP_BYTES (1ull << 30)
 #define KVX__UCX_REPLIES 65536u         /* ... and for all of them */
 #define KVX__UCX_NONE 0xFFFFFFFFu
+#if !defined(KVX__UCX_BATCH_BYTES)
+#  define KVX__UCX_BATCH_BYTES (64u << 10)  /* a batch of small ops: bytes at most (ops larger go alone) */
+#endif
+#define KVX__UCX_GET_RANGES 256u        /* ranges one request names: the header's and its data's */
 
 /* One outstanding get of kvx's own (a read op, or the connect probe). Its id
    is (gen << 32) | index, so a reply or a send completion that comes after
@@ -67,6 +80,8 @@ typedef struct kvx__ucx_get {
     uint32_t wait_next;         /* the peer's queue of gets with parts still to ask */
     int live, waiting;
     ucs_status_t *probe;        /* the probe's result */
+    kvx__op *batch;             /* a batch: its ops, asked for in one request (the fields above are unused) */
+    uint32_t nbatch;
 } kvx__ucx_get;
 
 /* An owner's count of what it holds for one endpoint (a reader): entries
@@ -85,6 +100,10 @@ typedef struct kvx__ucx_getter {
     uint32_t nreplies;          /* replies queued, all endpoints */
     kvx__ucx_epacct *acct;      /* open addressing by endpoint, acct_cap a power of two */
     uint32_t acct_cap, acct_used;
+    kvx__op stage[KVX__UCX_GET_RANGES]; /* the batch being gathered in a post, of stage_rd */
+    kvx__read *stage_rd;
+    uint32_t nstage;
+    uint64_t stage_bytes, stage_pieces;
 } kvx__ucx_getter;
 
 /* A header must stay valid until its send completes: each send has one. A
@@ -98,8 +117,9 @@ struct kvx__ucx_msg {
     int listed;
     ucp_ep_h ep;                /* a reply: the endpoint it is counted to (kvx__ucx_epacct) */
     uint64_t charged;           /* ... and its bytes there */
-    uint64_t addr, len;         /* the bytes it sends */
+    uint64_t addr, len;         /* the span of the bytes it sends */
     uint64_t until_ns;          /* the reader takes none of them after this */
+    /* a request of a batch: its ranges after the first (kvx__get_range), as the data */
 };
 
 /* What it takes from the UCX backend (kvx_ucx.h): its state in the
@@ -170,6 +190,9 @@ KVX__PRIV void kvx__ucx_get_end(kvx_ctx *ctx, kvx__ucx_get *g, kvx_status st, uc
     kvx__ucx_peer *pp = kvx__ucx_peer_of(g->peer);
     kvx__read *rd = g->rd;
     ucs_status_t *probe = g->probe;
+    uint32_t ops = g->nbatch ? g->nbatch : 1u;
+    KVX_FREE(g->batch);
+    g->batch = NULL;
     if (pp) {
         kvx__ucx_wait_unlink(u, pp, g);
         pp->asked -= g->asked;
@@ -186,7 +209,7 @@ KVX__PRIV void kvx__ucx_get_end(kvx_ctx *ctx, kvx__ucx_get *g, kvx_status st, uc
         u->free_gets = NULL;
         u->nfree = u->ngets = 0;
     }
-    if (rd) kvx__op_done(rd, st, why);
+    while (rd && ops--) kvx__op_done(rd, st, why);  /* each op of a batch: the read counts them */
     if (probe) *probe = us;
 }
 
@@ -213,10 +236,12 @@ KVX__PRIV ucs_status_t kvx__ucx_ask(kvx_ctx *ctx, kvx__ucx_peer *pp, kvx__ucx_ge
     kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
     uint64_t off = g->next, len = g->piece, total = g->len, k = len ? off / len : 0, in = len ? off % len : 0;
     uint64_t now = kvx__now_ns(), id = kvx__ucx_get_id(u, g), part;
-    kvx__ucx_msg *m = (kvx__ucx_msg *)KVX_MALLOC(sizeof *m);
+    size_t more = g->nbatch > 1 ? (size_t)(g->nbatch - 1) * KVX__GET_RANGE_BYTES : 0;  /* a batch's ranges after the first */
+    kvx__ucx_msg *m = (kvx__ucx_msg *)KVX_MALLOC(sizeof *m + more);
     kvx__get_req rq;
     ucp_request_param_t prm;
     ucs_status_ptr_t sp;
+    uint32_t i;
     if (!m) return UCS_ERR_NO_MEMORY;
     memset(m, 0, sizeof *m);
     m->ctx = ctx;
@@ -226,7 +251,17 @@ KVX__PRIV ucs_status_t kvx__ucx_ask(kvx_ctx *ctx, kvx__ucx_peer *pp, kvx__ucx_ge
     rq.id = id; rq.nonce = g->nonce; rq.off = off;
     rq.ttl_ns = g->until_ns > now ? g->until_ns - now : 0;
     rq.raddr = g->raddr + k * g->rstride + in;
-    if (len > g->per) {  /* a slice of one large piece */
+    if (g->nbatch) {     /* every op of the batch, in one part */
+        const kvx__op *o = &g->batch[0];
+        rq.raddr = o->raddr; rq.len = o->len; rq.count = o->count; rq.rstride = o->count > 1 ? o->rstride : 0;
+        for (i = 1; i < g->nbatch; i++) {
+            kvx__get_range r;
+            o = &g->batch[i];
+            r.raddr = o->raddr; r.len = o->len; r.count = o->count; r.rstride = o->count > 1 ? o->rstride : 0;
+            kvx__get_range_write((uint8_t *)(m + 1) + (size_t)(i - 1) * KVX__GET_RANGE_BYTES, &r);
+        }
+        part = total;
+    } else if (len > g->per) {  /* a slice of one large piece */
         rq.len = part = kvx__ucx_part_bytes(off, len, g->per);
         rq.count = 1;
     } else {             /* whole pieces */
@@ -244,7 +279,7 @@ KVX__PRIV ucs_status_t kvx__ucx_ask(kvx_ctx *ctx, kvx__ucx_peer *pp, kvx__ucx_ge
     prm.cb.send = kvx__ucx_msg_sent;
     prm.user_data = m;
     prm.flags = UCP_AM_SEND_FLAG_REPLY | UCP_AM_SEND_FLAG_EAGER;
-    sp = ucp_am_send_nbx(pp->am, KVX__UCX_AM_GET, m->hdr, KVX__GET_REQ_BYTES, NULL, 0, &prm);
+    sp = ucp_am_send_nbx(pp->am, KVX__UCX_AM_GET, m->hdr, KVX__GET_REQ_BYTES, more ? (void *)(m + 1) : NULL, more, &prm);
     if (sp == NULL) KVX_FREE(m);
     if (UCS_PTR_IS_ERR(sp)) {
         KVX_FREE(m);
@@ -270,6 +305,18 @@ KVX__PRIV void kvx__ucx_asks(kvx_ctx *ctx, kvx_peer *p) {
     }
 }
 
+/* A new get on its peer's queue of gets waiting to ask; asked for as the
+   window allows. */
+KVX__PRIV void kvx__ucx_get_queue(kvx_ctx *ctx, kvx_peer *p, uint64_t id) {
+    kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
+    kvx__ucx_peer *pp = kvx__ucx_peer_of(p);
+    u->gets[(uint32_t)id].waiting = 1;
+    if (pp->wait_tail == KVX__UCX_NONE) pp->wait_head = (uint32_t)id;
+    else u->gets[pp->wait_tail].wait_next = (uint32_t)id;
+    pp->wait_tail = (uint32_t)id;
+    kvx__ucx_asks(ctx, p);
+}
+
 /* Ask for one op's bytes (count pieces of len), in parts of at most
    KVX__UCX_GET_PART: whole pieces where they fit, else slices of one. The
    parts are asked for as the peer's window allows; the op completes
@@ -289,11 +336,51 @@ KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p,
     g->per = len && len <= KVX__UCX_GET_PART ? KVX__UCX_GET_PART / len * len : KVX__UCX_GET_PART;  /* bytes per part */
     if (len && g->per / len > KVX__UCX_GET_PIECES) g->per = (uint64_t)KVX__UCX_GET_PIECES * len;
     for (off = 0; off == 0 || off < g->len; off += kvx__ucx_part_bytes(off, len, g->per)) g->parts++;
-    g->waiting = 1;
-    if (pp->wait_tail == KVX__UCX_NONE) pp->wait_head = (uint32_t)id;
-    else u->gets[pp->wait_tail].wait_next = (uint32_t)id;
-    pp->wait_tail = (uint32_t)id;
-    kvx__ucx_asks(ctx, p);
+    kvx__ucx_get_queue(ctx, p, id);
+    return KVX_OK;
+}
+
+/* The staged batch goes: one op as any other, several as one get of one
+   part. An op that cannot go fails as a completion: its post returned OK. */
+KVX__PRIV void kvx__ucx_stage_send(kvx_ctx *ctx) {
+    kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
+    kvx__read *rd = u->stage_rd;
+    uint32_t n = u->nstage;
+    uint64_t bytes = u->stage_bytes, id;
+    kvx_status st = KVX_OK;
+    kvx__op *ops;
+    if (!n) return;
+    u->nstage = 0; u->stage_rd = NULL; u->stage_bytes = u->stage_pieces = 0;
+    if (n == 1) st = kvx__ucx_get_post(ctx, rd, rd->peer, &u->stage[0], NULL);
+    else if (!kvx__ucx_peer_of(rd->peer) || !kvx__ucx_peer_of(rd->peer)->am) st = KVX_ERR_PEER;
+    else if (!(ops = (kvx__op *)KVX_MALLOC((size_t)n * sizeof *ops))) st = KVX_ERR_NOMEM;
+    else if (!(id = kvx__ucx_get_new(ctx))) { KVX_FREE(ops); st = KVX_ERR_NOMEM; }
+    else {
+        kvx__ucx_get *g = &u->gets[(uint32_t)id];
+        memcpy(ops, u->stage, (size_t)n * sizeof *ops);
+        g->batch = ops; g->nbatch = n;
+        g->rd = rd; g->peer = rd->peer; g->len = g->per = bytes; g->parts = 1;
+        g->until_ns = rd->deadline_ns;
+        kvx__ucx_get_queue(ctx, rd->peer, id);
+    }
+    while (st != KVX_OK && n--) kvx__op_done(rd, st, st == KVX_ERR_PEER ? "the peer is disconnected" : "out of memory for a get");
+}
+
+/* An op of at most KVX__UCX_BATCH_BYTES into the batch of its read; a
+   batch of another read, or one this op would overfill, goes first. A
+   batch is one read's, so that one failure fails only that read. */
+KVX__PRIV kvx_status kvx__ucx_stage(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op) {
+    kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
+    uint64_t count = op->count ? op->count : 1u, bytes = op->len * count;
+    if (u->nstage && (u->stage_rd != rd || u->stage_bytes + bytes > KVX__UCX_BATCH_BYTES ||
+                      u->stage_pieces + count > KVX__UCX_GET_PIECES || u->nstage == KVX__UCX_GET_RANGES))
+        kvx__ucx_stage_send(ctx);
+    u->stage[u->nstage] = *op;
+    u->stage[u->nstage].count = (uint32_t)count;
+    u->nstage++;
+    u->stage_rd = rd;
+    u->stage_bytes += bytes;
+    u->stage_pieces += count;
     return KVX_OK;
 }
 
@@ -308,6 +395,40 @@ KVX__PRIV int kvx__ucx_owned(kvx_ctx *ctx, uint64_t addr, uint64_t len) {
         }
     }
     return 0;
+}
+
+/* Owner: the ranges of a request (the header's, then its data's), each
+   inside memory this context registered and all within one part's bounds.
+   Without iov: how many pieces (iov entries at most); with: the iov, pieces
+   that touch merged, and how many entries. Also their bytes, and the span
+   [lo, hi) they lie in. 0: refused; -1: not whole ranges or too many. */
+KVX__PRIV int kvx__ucx_serve_ranges(kvx_ctx *ctx, const kvx__get_req *rq, const uint8_t *data, size_t dlen, ucp_dt_iov_t *iov,
+                                    uint64_t *bytes, uint64_t *lo, uint64_t *hi) {
+    size_t i, nr, niov = 0;
+    uint64_t pieces = 0, k, span, at;
+    if (dlen % KVX__GET_RANGE_BYTES || dlen / KVX__GET_RANGE_BYTES >= KVX__UCX_GET_RANGES) return -1;
+    nr = 1 + dlen / KVX__GET_RANGE_BYTES;
+    *bytes = 0; *lo = UINT64_MAX; *hi = 0;
+    for (i = 0; i < nr; i++) {
+        kvx__get_range r;
+        if (i == 0) { r.raddr = rq->raddr; r.len = rq->len; r.count = rq->count; r.rstride = rq->rstride; }
+        else if (kvx__get_range_read(data, dlen, i - 1, &r) != KVX__WIRE_OK) return -1;
+        if (r.count < 1 || r.count > KVX__UCX_GET_PIECES - pieces || r.len > KVX__UCX_GET_PART ||
+            r.len * r.count > KVX__UCX_GET_PART - *bytes || (r.count > 1 && r.rstride >= (1ull << 40)))
+            return 0;
+        span = (r.count - 1) * (r.count > 1 ? r.rstride : 0) + r.len;
+        if (!kvx__ucx_owned(ctx, r.raddr, span)) return 0;
+        pieces += r.count;
+        *bytes += r.len * r.count;
+        if (r.raddr < *lo) *lo = r.raddr;
+        if (r.raddr + span > *hi) *hi = r.raddr + span;
+        for (k = 0; iov && k < r.count; k++) {
+            at = r.raddr + k * (r.count > 1 ? r.rstride : 0);
+            if (niov && (uint64_t)(uintptr_t)iov[niov - 1].buffer + iov[niov - 1].length == at) iov[niov - 1].length += (size_t)r.len;
+            else { iov[niov].buffer = (void *)(uintptr_t)at; iov[niov].length = (size_t)r.len; niov++; }
+        }
+    }
+    return iov ? (int)niov : (int)pieces;
 }
 
 /*--- an owner's count of replies, per endpoint -------------------------------*/
@@ -400,10 +521,9 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
     int e;
     ucp_request_param_t prm;
     ucs_status_ptr_t sp;
-    uint64_t span, ttl, max_ttl = (uint64_t)ctx->timeout_ms * 1000000ull;
-    int ok;
-    size_t n, i;
-    (void)data; (void)length;
+    uint64_t bytes, lo, hi, ttl, max_ttl = (uint64_t)ctx->timeout_ms * 1000000ull;
+    int ok, np;
+    size_t n;
     /* A rendezvous descriptor is UCX's to release when this returns UCS_OK
        (ucp_am_rndv_process_rts): a request carries no data. */
     if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) { KVX__DROP(ctx, "ucx: a get request with a rendezvous payload dropped"); return UCS_OK; }
@@ -417,22 +537,24 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
                   "epoch before kvx_ctx_rotate");
         return UCS_OK;
     }
-    /* Every piece inside one registered region: the span from the first to the end of the last is. */
-    span = (rq.count - 1) * (rq.count > 1 ? rq.rstride : 0) + rq.len;
-    ok = rq.count >= 1 && rq.count <= KVX__UCX_GET_PIECES && rq.len <= KVX__UCX_GET_PART && rq.len * rq.count <= KVX__UCX_GET_PART &&
-         (rq.count == 1 || rq.rstride < (1ull << 40)) && kvx__ucx_owned(ctx, rq.raddr, span);
+    if ((np = kvx__ucx_serve_ranges(ctx, &rq, (const uint8_t *)data, length, NULL, &bytes, &lo, &hi)) < 0) {
+        KVX__DROP(ctx, "ucx: a get request dropped (%zu bytes of ranges: not whole ranges, or more than %u)", length, KVX__UCX_GET_RANGES);
+        return UCS_OK;
+    }
+    ok = np > 0;
     a = kvx__ucx_acct_find(u, param->reply_ep, 1);
     if (!a || u->nreplies >= KVX__UCX_REPLIES || a->replies >= KVX__UCX_EP_REPLIES ||
-        (ok && a->bytes + rq.len * rq.count > KVX__UCX_EP_BYTES)) {
+        (ok && a->bytes + bytes > KVX__UCX_EP_BYTES)) {
         if (a) kvx__ucx_acct_forget(u, a);  /* an entry made for this request alone goes again */
         KVX__DROP(ctx, "ucx: a get request dropped: %s", !a ? "out of memory" : u->nreplies >= KVX__UCX_REPLIES ?
                   "the owner holds its most replies in all" : "the owner holds its most replies for that reader, which is not taking them");
         return UCS_OK;
     }
     if (!ok)
-        KVX__WARN_HELD(ctx, "ucx: refused a get of %llu x %llu bytes at 0x%llx: not inside memory this context registered",
-                  (unsigned long long)rq.count, (unsigned long long)rq.len, (unsigned long long)rq.raddr);
-    n = ok && rq.count > 1 ? (size_t)rq.count : 0;  /* pieces apart: sent as one, from an iov */
+        KVX__WARN_HELD(ctx, "ucx: refused a get of %llu x %llu bytes at 0x%llx%s: not inside memory this context registered, or past "
+                       "a request's bounds", (unsigned long long)rq.count, (unsigned long long)rq.len, (unsigned long long)rq.raddr,
+                       length ? " and more ranges" : "");
+    n = ok && np > 1 ? (size_t)np : 0;  /* pieces apart: sent as one, from an iov */
     if (!(m = (kvx__ucx_msg *)KVX_MALLOC(sizeof *m + n * sizeof(ucp_dt_iov_t)))) {  /* the reader's deadline ends it */
         kvx__ucx_acct_forget(u, a);
         return UCS_OK;
@@ -440,12 +562,12 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
     memset(m, 0, sizeof *m);
     m->ctx = ctx;
     m->ep = param->reply_ep;
-    m->charged = ok ? rq.len * rq.count : 0;
+    m->charged = ok ? bytes : 0;
     a->replies++;
     a->bytes += m->charged;
     u->nreplies++;
     memcpy(rp.secret, ctx->secret, KVX__SECRET_BYTES);
-    rp.id = rq.id; rp.nonce = rq.nonce; rp.off = rq.off; rp.len = ok ? rq.len * rq.count : 0; rp.status = ok ? 0u : 1u;
+    rp.id = rq.id; rp.nonce = rq.nonce; rp.off = rq.off; rp.len = ok ? bytes : 0; rp.status = ok ? 0u : 1u;
     kvx__get_rep_write(m->hdr, &rp);
     memset(&prm, 0, sizeof prm);
     prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
@@ -455,20 +577,20 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
     prm.flags = UCP_AM_SEND_FLAG_EAGER | UCP_AM_SEND_FLAG_REPLY;
     if (n) {
         ucp_dt_iov_t *iov = (ucp_dt_iov_t *)(m + 1);
-        for (i = 0; i < n; i++) { iov[i].buffer = (void *)(uintptr_t)(rq.raddr + i * rq.rstride); iov[i].length = (size_t)rq.len; }
+        n = (size_t)kvx__ucx_serve_ranges(ctx, &rq, (const uint8_t *)data, length, iov, &bytes, &lo, &hi);
         prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
         prm.datatype = ucp_dt_make_iov();
         sp = ucp_am_send_nbx(param->reply_ep, KVX__UCX_AM_GET_REPLY, m->hdr, KVX__GET_REP_BYTES, iov, n, &prm);
     } else {
         sp = ucp_am_send_nbx(param->reply_ep, KVX__UCX_AM_GET_REPLY, m->hdr, KVX__GET_REP_BYTES,
-                             ok ? (void *)(uintptr_t)rq.raddr : NULL, ok ? (size_t)rq.len : 0, &prm);
+                             ok ? (void *)(uintptr_t)rq.raddr : NULL, ok ? (size_t)bytes : 0, &prm);
     }
     if (sp == NULL || UCS_PTR_IS_ERR(sp)) {
         kvx__ucx_acct_drop(u, m);
         KVX_FREE(m);
-    } else if (ok && rq.len) {  /* still sending from the cache: listed until it completes */
+    } else if (ok && bytes) {  /* still sending from the cache: listed until it completes */
         ttl = rq.ttl_ns < max_ttl ? rq.ttl_ns : max_ttl;  /* what the reader says, within what this owner allows */
-        m->addr = rq.raddr; m->len = span;
+        m->addr = lo; m->len = hi - lo;
         m->until_ns = kvx__now_ns() + ttl;
         m->prev = NULL; m->next = u->replies;
         if (u->replies) u->replies->prev = m;
@@ -517,7 +639,7 @@ KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t 
         kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, UCS_ERR_INVALID_ADDR, "the owner refused the range (not inside its registered memory)");
         return UCS_OK;
     }
-    if (rp.len != length || rp.off > g->len || length > g->len - rp.off) {
+    if (rp.len != length || rp.off > g->len || length > g->len - rp.off || (g->nbatch && length != g->len)) {
         kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, UCS_ERR_MESSAGE_TRUNCATED, "a get reply of the wrong size");
         return UCS_OK;
     }
@@ -525,7 +647,14 @@ KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t 
         kvx__ucx_get_end(ctx, g, KVX_ERR_TIMEOUT, UCS_ERR_TIMED_OUT, "the read's deadline passed before its bytes came");
         return UCS_OK;
     }
-    {  /* each piece where it goes (one piece, or pieces lstride apart) */
+    if (g->nbatch) {  /* each op's pieces where they go, in the order asked */
+        const uint8_t *src = (const uint8_t *)data;
+        uint32_t i, k;
+        for (i = 0; i < g->nbatch; i++) {
+            const kvx__op *o = &g->batch[i];
+            for (k = 0; k < o->count; k++, src += o->len) memcpy((void *)(uintptr_t)(o->laddr + k * o->lstride), src, (size_t)o->len);
+        }
+    } else {  /* each piece where it goes (one piece, or pieces lstride apart) */
         uint64_t at = rp.off, left = length;
         const uint8_t *src = (const uint8_t *)data;
         while (left) {

@@ -471,12 +471,15 @@ KVX__PRIV int kvx__notify_msg_read(const uint8_t *buf, size_t len, kvx__notify_m
 /* kvx's own get (kvx_ucx_get.h). A request asks for count pieces of len
    bytes, at raddr and every rstride after (the owner sends them as one), at
    byte off of the op's pieces in order; wanted within ttl_ns (what is left
-   of the read's deadline: the reader takes no byte after it). The reply
-   carries them, or status != 0 when the owner refused. Both carry the
-   owner's secret, and the request's nonce, which the reply repeats: a
-   reader takes a reply only with both, from the endpoint it asked. */
+   of the read's deadline: the reader takes no byte after it). Its data, if
+   any, names more ranges of the same form (kvx__get_range, 32 bytes each),
+   whose bytes follow the header's in the one reply: many small blocks go
+   in one request and one reply. The reply carries them, or status != 0
+   when the owner refused. Both carry the owner's secret, and the request's
+   nonce, which the reply repeats: a reader takes a reply only with both,
+   from the endpoint it asked. Version 3 added the ranges in the data. */
 #define KVX__GET_MAGIC 0x47435658u     /* "XVCG" */
-#define KVX__GET_VERSION 2u
+#define KVX__GET_VERSION 3u
 #define KVX__GET_REQ 1u
 #define KVX__GET_REP 2u
 #define KVX__GET_REQ_BYTES 88u          /* header 8, secret 16, then 8 x 8 */
@@ -503,6 +506,24 @@ KVX__PRIV_MAYBE int kvx__get_req_read(const uint8_t *buf, size_t len, kvx__get_r
     q->id = kvx__get_u(&r, 8); q->nonce = kvx__get_u(&r, 8); q->raddr = kvx__get_u(&r, 8); q->len = kvx__get_u(&r, 8); q->off = kvx__get_u(&r, 8);
     q->ttl_ns = kvx__get_u(&r, 8); q->count = kvx__get_u(&r, 8); q->rstride = kvx__get_u(&r, 8);
     return kvx__wire_end(&r, KVX__WIRE_OK);
+}
+/* One more range of a request, from its data: raddr, len, count, rstride. */
+#define KVX__GET_RANGE_BYTES 32u
+typedef struct kvx__get_range { uint64_t raddr, len, count, rstride; } kvx__get_range;
+KVX__PRIV_MAYBE void kvx__get_range_write(uint8_t *buf, const kvx__get_range *g) {
+    kvx__wbuf w;
+    w.p = buf; w.cap = KVX__GET_RANGE_BYTES; w.len = 0;
+    kvx__put_u(&w, g->raddr, 8); kvx__put_u(&w, g->len, 8); kvx__put_u(&w, g->count, 8); kvx__put_u(&w, g->rstride, 8);
+}
+/* Range i of a request's data of len bytes: KVX__WIRE_OK, or why not (a
+   length that is not whole ranges is truncated). */
+KVX__PRIV_MAYBE int kvx__get_range_read(const uint8_t *data, size_t len, size_t i, kvx__get_range *g) {
+    kvx__rbuf r;
+    if (len % KVX__GET_RANGE_BYTES) return KVX__WIRE_TRUNCATED;
+    if (i >= len / KVX__GET_RANGE_BYTES) return KVX__WIRE_FIELD;
+    r.p = data + i * KVX__GET_RANGE_BYTES; r.len = KVX__GET_RANGE_BYTES; r.off = 0; r.bad = 0;
+    g->raddr = kvx__get_u(&r, 8); g->len = kvx__get_u(&r, 8); g->count = kvx__get_u(&r, 8); g->rstride = kvx__get_u(&r, 8);
+    return KVX__WIRE_OK;
 }
 KVX__PRIV_MAYBE void kvx__get_rep_write(uint8_t *buf, const kvx__get_rep *p) {
     kvx__wbuf w;

@@ -8,7 +8,8 @@
     against a local cache. Nothing is connected: a blob never reaches the
     transport here. The same bytes also go to the readers of kvx's other
     messages (notifications, the UCX get's request and reply, the UCX
-    address), which must bound themselves alike.
+    address), which must bound themselves alike, and, as the ranges of a
+    get request, to the owner's check of them (kvx__ucx_serve_ranges).
 */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -99,6 +100,40 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         {
             kvx__ucx_addr_msg a;
             if (kvx__ucx_addr_read(data, size, &a, &ver) == KVX__WIRE_OK && (a.am_len > size || a.rma_len > size)) abort();
+        }
+        if (fuzz_ctx[KVX_BACKEND_UCX] && fuzz_cache[KVX_BACKEND_UCX] && size >= KVX__GET_RANGE_BYTES) {
+            /* An owner's check of the ranges a request names: the bytes are ranges (the first as the header's),
+               their addresses folded into and around the registered memory so that some pass. Whatever passes
+               lies inside it, in at most as many pieces as counted, and adds up to the bytes it says. */
+            static uint8_t ranges[(KVX__UCX_GET_RANGES + 1) * KVX__GET_RANGE_BYTES];
+            static ucp_dt_iov_t iov[KVX__UCX_GET_PIECES];
+            uint64_t base = (uint64_t)(uintptr_t)fuzz_mem[KVX_BACKEND_UCX], span = sizeof fuzz_mem[KVX_BACKEND_UCX];
+            size_t n = size < sizeof ranges ? size : sizeof ranges, i;
+            kvx__get_req q;
+            kvx__get_range g;
+            uint64_t bytes, lo, hi, sum = 0, b2, lo2, hi2;
+            int np, ni;
+            memcpy(ranges, data, n);
+            for (i = 0; i + KVX__GET_RANGE_BYTES <= n; i += KVX__GET_RANGE_BYTES) {
+                uint64_t at = (uint64_t)ranges[i] | (uint64_t)ranges[i + 1] << 8 | (uint64_t)ranges[i + 2] << 16;
+                uint64_t addr = base - 64 + at % (span + 128);
+                int b;
+                for (b = 0; b < 8; b++) ranges[i + (size_t)b] = (uint8_t)(addr >> (8 * b));
+            }
+            kvx__get_range_read(ranges, KVX__GET_RANGE_BYTES, 0, &g);
+            memset(&q, 0, sizeof q);
+            q.raddr = g.raddr; q.len = g.len; q.count = g.count; q.rstride = g.rstride;
+            np = kvx__ucx_serve_ranges(fuzz_ctx[KVX_BACKEND_UCX], &q, ranges + KVX__GET_RANGE_BYTES, n - KVX__GET_RANGE_BYTES, NULL, &bytes, &lo, &hi);
+            if (np > 0) {
+                ni = kvx__ucx_serve_ranges(fuzz_ctx[KVX_BACKEND_UCX], &q, ranges + KVX__GET_RANGE_BYTES, n - KVX__GET_RANGE_BYTES, iov, &b2, &lo2, &hi2);
+                if (ni < 1 || ni > np || b2 != bytes || lo < base || hi > base + span || lo2 != lo || hi2 != hi) abort();
+                for (i = 0; i < (size_t)ni; i++) {
+                    uint64_t at = (uint64_t)(uintptr_t)iov[i].buffer;
+                    if (at < lo || at + iov[i].length > hi) abort();
+                    sum += iov[i].length;
+                }
+                if (sum != bytes) abort();
+            }
         }
 #endif
     }

@@ -62,12 +62,21 @@
           the region, 16 of 1 MiB within it and 4 gathers of 4096 pieces of
           64 bytes, ~50 ms of progress, "burst: sent N", then _exit(0) with
           no cleanup.
+      ranges SECRET_HEX RADDR_HEX REGION_LEN CANARY_HEX
+          A holder of the secret that asks for many ranges in one request:
+          three 64-byte ranges within the region; a range within it and one
+          at CANARY_HEX; one within and one that wraps the address space;
+          4097 pieces in two ranges; ranges data of 33 bytes; 256 ranges
+          of data. Each sent with its own id; then 2 s of progress. Prints
+          "ranges: sent N", "ranges: replies with data D (B bytes),
+          refused R, rendezvous V, malformed M".
 
     Wire formats (little-endian):
-      get request, AM 0x4c, as the header (88 bytes), no data, flags REPLY |
-        EAGER: u32 0x47435658, u16 2, u16 1, secret[16], u64 id, nonce,
-        raddr, len, off, ttl_ns, count, rstride.
-      get reply, AM 0x4d, header (64 bytes): u32 0x47435658, u16 2, u16 2,
+      get request, AM 0x4c, as the header (88 bytes), flags REPLY | EAGER:
+        u32 0x47435658, u16 3, u16 1, secret[16], u64 id, nonce, raddr,
+        len, off, ttl_ns, count, rstride; as data, more ranges: u64 raddr,
+        len, count, rstride each, whose bytes follow in the one reply.
+      get reply, AM 0x4d, header (64 bytes): u32 0x47435658, u16 3, u16 2,
         secret[16], u64 id, nonce, off, len, u32 status, u32 0; len bytes of
         data.
       notification, AM 0x4b, no header, data (104 bytes): u32 0x4e435658,
@@ -104,7 +113,8 @@
 #define AM_REPLY 0x4du
 #define GET_MAGIC 0x47435658u       /* "XVCG" */
 #define NOTIFY_MAGIC 0x4e435658u    /* "XVCN" */
-#define WIRE_VERSION 2u
+#define WIRE_VERSION 3u           /* get requests and replies */
+#define NOTIFY_VERSION 2u
 #define REQ_BYTES 88u
 #define REP_BYTES 64u
 #define NOTIFY_BYTES 104u
@@ -125,7 +135,7 @@ static int g_left;                            /* requests left in flight: no cle
 static int g_urandom = -1;
 static uint64_t g_rng;
 
-static unsigned long long g_replies, g_replies_ok, g_replies_refused, g_replies_rndv, g_replies_odd;
+static unsigned long long g_replies, g_replies_ok, g_replies_refused, g_replies_rndv, g_replies_odd, g_reply_bytes;
 
 /* Sends of many messages: each has a slot for its bytes until it completes. */
 typedef struct slot { uint8_t buf[SLOT_BYTES]; } slot;
@@ -209,7 +219,7 @@ static void build_notify(uint8_t *b, uint32_t magic, const uint8_t *secret, uint
     size_t n = strlen(name);
     if (n > NAME_FIELD - 1) n = NAME_FIELD - 1;
     memset(b, 0, NOTIFY_BYTES);
-    put32(b, magic); put16(b + 4, WIRE_VERSION); put16(b + 6, 0);
+    put32(b, magic); put16(b + 4, NOTIFY_VERSION); put16(b + 6, 0);
     memcpy(b + 8, secret, SECRET_BYTES);
     put64(b + 24, id); put32(b + 32, rank); put32(b + 36, tp);
     b[40] = (uint8_t)n;
@@ -316,7 +326,7 @@ static ucs_status_t on_reply(void *arg, const void *header, size_t header_length
     g_replies++;
     if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) { g_replies_rndv++; return UCS_OK; }
     if (header_length == REP_BYTES && get32(h) == GET_MAGIC) {
-        if (get32(h + 56) == 0) g_replies_ok++;
+        if (get32(h + 56) == 0) { g_replies_ok++; g_reply_bytes += length; }
         else g_replies_refused++;
     } else {
         g_replies_odd++;
@@ -756,6 +766,39 @@ static void mode_burst(const uint8_t *secret, uint64_t raddr, uint64_t region) {
     done_exit(0);
 }
 
+/* 9. Many ranges in one request: each is checked, and the request is
+   answered whole or refused whole; malformed range data is dropped. */
+static void put_range(uint8_t *b, uint64_t raddr, uint64_t len, uint64_t count, uint64_t rstride) {
+    put64(b, raddr); put64(b + 8, len); put64(b + 16, count); put64(b + 24, rstride);
+}
+static void mode_ranges(const uint8_t *secret, uint64_t raddr, uint64_t region, uint64_t canary) {
+    static uint8_t data[6][8192];
+    static const size_t dlen[6] = { 64, 32, 32, 32, 33, 8192 };
+    uint64_t ttl = 10ull * 1000000000ull, in = region > 8192 ? 4096 : region / 2;
+    int i, k;
+    if (region < 256) { printf("ranges: region too small (%llu bytes)\n", (unsigned long long)region); printf("rogue: done\n"); done_exit(0); }
+    slots_init();
+    put_range(data[0], raddr + in, 64, 1, 0);             /* valid: 3 ranges in all */
+    put_range(data[0] + 32, raddr + 128, 64, 1, 0);
+    put_range(data[1], canary, 44, 1, 0);                 /* the owner's memory it never registered */
+    put_range(data[2], UINT64_MAX - 16, 64, 1, 0);        /* wraps */
+    put_range(data[3], raddr, 1, 1, 0);                   /* one piece more than a request may hold */
+    memset(data[4], 0x5a, 33);                            /* not whole ranges */
+    for (k = 0; k < 256; k++) put_range(data[5] + 32 * k, raddr, 1, 1, 0);  /* more ranges than a request may name */
+    for (k = 0; k < 6; k++) {
+        if ((i = slot_get()) < 0) break;
+        if (k == 3) build_req(g_slots[i].buf, secret, 900 + (uint64_t)k, rnd64(), raddr, 1, 0, ttl, 4096, 0);
+        else build_req(g_slots[i].buf, secret, 900 + (uint64_t)k, rnd64(), raddr, 64, 0, ttl, 1, 0);
+        am_send(i, AM_GET, g_slots[i].buf, REQ_BYTES, data[k], dlen[k], UCP_AM_SEND_FLAG_REPLY | UCP_AM_SEND_FLAG_EAGER);
+    }
+    progress_for(2.0);
+    print_errors("ranges");
+    printf("ranges: sent %llu\n", g_sent);
+    printf("ranges: replies with data %llu (%llu bytes), refused %llu, rendezvous %llu, malformed %llu\n",
+           g_replies_ok, g_reply_bytes, g_replies_refused, g_replies_rndv, g_replies_odd);
+    finish();
+}
+
 /*--- main ------------------------------------------------------------------*/
 
 int main(int argc, char **argv) {
@@ -804,6 +847,12 @@ int main(int argc, char **argv) {
         need_args(argc, 4);
         b = parse_u64(argv[3], 0, "BYTES is a number");
         if (b < (1ull << 20) || b > (1ull << 30)) usage("BYTES is 1 MiB .. 1 GiB");
+    } else if (!strcmp(mode, "ranges")) {
+        need_args(argc, 7);
+        parse_secret(argv[3], secret);
+        parse_u64(argv[4], 16, "RADDR_HEX is a hex address");
+        if (!parse_u64(argv[5], 0, "REGION_LEN is a number")) usage("REGION_LEN must be > 0");
+        parse_u64(argv[6], 16, "CANARY_HEX is a hex address");
     } else if (!strcmp(mode, "burst")) {
         need_args(argc, 6);
         parse_secret(argv[3], secret);
@@ -833,6 +882,8 @@ int main(int argc, char **argv) {
                    parse_u64(argv[7], 0, ""));
     } else if (!strcmp(mode, "rndv")) {
         mode_rndv(parse_u64(argv[3], 0, ""));
+    } else if (!strcmp(mode, "ranges")) {
+        mode_ranges(secret, parse_u64(argv[4], 16, ""), parse_u64(argv[5], 0, ""), parse_u64(argv[6], 16, ""));
     } else {
         mode_burst(secret, parse_u64(argv[4], 16, ""), parse_u64(argv[5], 0, ""));
     }

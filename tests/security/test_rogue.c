@@ -571,6 +571,35 @@ int main(int argc, char **argv) {
         free(o.md);
     }
 
+    if (ucx) T_CASE("a holder of the secret asks for many ranges in one request: answered whole only where every range is the owner's; malformed lists dropped") {
+        owner o;
+        reader r;
+        rogue g;
+        uint8_t secret[16];
+        uint64_t v0[3], v1[3];
+        char sx[40], rx[24], len[24], cx[24];
+        const char *a[] = {"ranges", addr, sx, rx, len, cx, NULL};
+        if (owner_start(&o, 18, dir, 7) || reader_open(&r, &o)) { T_FAILF("the owner or the reader did not start"); continue; }
+        address_file(r.ctx, o.md, o.len, addr, secret);
+        hex(sx, secret, 16);
+        snprintf(rx, sizeof rx, "%llx", (unsigned long long)o.oi.base);
+        snprintf(len, sizeof len, "%llu", (unsigned long long)o.oi.bytes);
+        snprintf(cx, sizeof cx, "%llx", (unsigned long long)o.oi.canary);
+        owner_stats(&o, v0);
+        T_EQ(rogue_run(a, &g, 60), 0);
+        owner_stats(&o, v1);
+        T_HAS(g.out, "ranges: sent 6");
+        /* the three ranges of the owner's (192 bytes); the canary, the wrap and 4097 pieces refused; the rest dropped */
+        T_HAS(g.out, "replies with data 1 (192 bytes), refused 3, rendezvous 0, malformed 0");
+        T_EQ(v1[0] - v0[0], 2);
+        owner_canary(&o, canary);
+        T_CHECK(!strcmp(canary, CANARY));
+        T_EQ(reader_check(&r, 18, 2, 10000), 0);
+        reader_close(&r);
+        owner_finish(&o);
+        free(o.md);
+    }
+
     if (ucx) T_CASE("rendezvous messages to kvx's ids are dropped and released once: no descriptor left in UCX's pools") {
         owner o;
         reader r;
