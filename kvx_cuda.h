@@ -225,7 +225,9 @@ typedef struct kvx__cuda_q {
     pthread_mutex_t wmu;
     pthread_cond_t wcv;
     CUevent wring[2 * KVX__CUDA_BATCHES];
-    uint32_t whead, wtail;
+    uint32_t whead, wtail;      /* launched events: wring[wtail .. whead) */
+    uint32_t wlimit;            /* handed to the waiter up to here (kvx__cuda_hand) */
+    int widle;                  /* the waiter sleeps on wcv */
     /* Verify mode: each verified read's two result words (kvx_csum_check),
        on the device and copied back here, by ticket % depth; made at the
        queue's first verified read. */
@@ -949,6 +951,7 @@ KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q);
 KVX__PRIV kvx_status kvx__cuda_check_prepare(kvx_queue *q, kvx__read *rd, uint32_t nblocks);
 KVX__PRIV CUresult kvx__cuda_check_launch(kvx_queue *q, kvx__read *rd, const kvx__cuda_rd *h, const char **what);
 KVX__PRIV kvx_status kvx__cuda_gen_prepare(kvx_queue *q, const kvx__read *rd, CUdeviceptr *table);
+KVX__PRIV kvx_status kvx__cuda_counts(kvx_queue *q);
 
 KVX__PRIV void kvx__cuda_disconnect(kvx_ctx *ctx, kvx_peer *p) {
     kvx_queue *q;
@@ -1054,7 +1057,19 @@ KVX__PRIV uint32_t kvx__cuda_read_blocks(const kvx__read *rd) {
 /* The waiter thread of a queue. Events are blocking-sync, so
    cuEventSynchronize sleeps in the driver until the GPU signals. A slot's
    event may be recorded again for a newer batch before the waiter reaches
-   it; it then waits for that one, which is later in the ring anyway. */
+   it; it then waits for that one, which is later in the ring anyway.
+   Launches are handed to it only where someone sleeps on the event fd
+   (kvx__cuda_hand): a post then costs no wake-up where the engine polls,
+   or waits on its streams. */
+/* Hand the waiter what was launched (with wmu held): free while it is
+   awake (it looks before it sleeps), a wake-up when it sleeps, which only
+   a sleeper on the event fd needs (wake). */
+KVX__PRIV void kvx__cuda_hand(kvx__cuda_q *cq, int wake) {
+    if (cq->wlimit == cq->whead) return;
+    if (!cq->widle) cq->wlimit = cq->whead;
+    else if (wake) { cq->wlimit = cq->whead; pthread_cond_signal(&cq->wcv); }
+}
+
 KVX__PRIV void *kvx__cuda_waiter(void *arg) {
     kvx__cuda_q *cq = (kvx__cuda_q *)arg;
     uint64_t one = 1;
@@ -1062,7 +1077,11 @@ KVX__PRIV void *kvx__cuda_waiter(void *arg) {
     pthread_mutex_lock(&cq->wmu);
     for (;;) {
         CUevent ev;
-        while (cq->whead == cq->wtail && !cq->wstop) pthread_cond_wait(&cq->wcv, &cq->wmu);
+        while (cq->wlimit == cq->wtail && !cq->wstop) {
+            cq->widle = 1;
+            pthread_cond_wait(&cq->wcv, &cq->wmu);
+            cq->widle = 0;
+        }
         if (cq->wstop) break;
         ev = cq->wring[cq->wtail % (2 * KVX__CUDA_BATCHES)];
         pthread_mutex_unlock(&cq->wmu);
@@ -1170,7 +1189,7 @@ KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
     }
     for (i = 0; i < b->nreads; i++) {  /* offsets until now */
         hdr[i].pairs += pairs; hdr[i].lplanes += pairs; hdr[i].rplanes += pairs;
-        if (hdr[i].gcount) hdr[i].gwant += pairs;
+        if (hdr[i].gtable) hdr[i].gwant += pairs;
     }
     if (!mapped) {
         /* On the copy stream: they run while the kernel of an earlier batch
@@ -1210,12 +1229,13 @@ KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
         done_on = cq->vs;
     }
     if (sq && sq->words) {
-        /* The reads are complete, in stream order, once the kernel is. */
+        /* The reads are complete, in stream order, once the kernel is: for
+           those staged before the queue had its words. */
         CUstreamBatchMemOpParams ops[64];
         uint32_t k = 0;
         for (i = 0; i < b->nreads; i++) {
             kvx__read *rd = b->reads[i];
-            if (!rd->verify && !rd->gen) {  /* a verified read's word is written once its check is (kvx__stream_read_final); one with generations, by the kernel */
+            if (!rd->verify && !hdr[i].gword) {  /* a verified read's word is written once its check is (kvx__stream_read_final); others, by the kernel */
                 memset(&ops[k], 0, sizeof ops[k]);
                 ops[k].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_64;
                 ops[k].writeValue.address = sq->dwords + (rd->ticket % q->depth) * 8u;
@@ -1233,7 +1253,7 @@ KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
     cq->inflight++;
     pthread_mutex_lock(&cq->wmu);
     if (cq->whead - cq->wtail < 2 * KVX__CUDA_BATCHES) cq->wring[cq->whead++ % (2 * KVX__CUDA_BATCHES)] = b->ev;
-    pthread_cond_signal(&cq->wcv);
+    kvx__cuda_hand(cq, ctx->pt_until != 0);  /* a sleeping progress thread must hear of it */
     pthread_mutex_unlock(&cq->wmu);
     {
         kvx__cuda_batch *nb = kvx__cuda_open_batch(cq);
@@ -1303,6 +1323,7 @@ KVX__PRIV kvx_status kvx__cuda_post_read(kvx_ctx *ctx, kvx__read *rd) {
     kvx_queue *q = rd->q;
     kvx__cuda_q *cq = kvx__cuda_q_of(q);
     kvx__cuda_peer *cp = (kvx__cuda_peer *)rd->peer->be;
+    kvx__stream_q *sq = kvx__stream_of(q);
     const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
     kvx__cuda_region *lg = (kvx__cuda_region *)lc->regions[0].be;
     kvx__cuda_batch *b;
@@ -1342,6 +1363,9 @@ KVX__PRIV kvx_status kvx__cuda_post_read(kvx_ctx *ctx, kvx__read *rd) {
     if (rd->gen) {
         kvx_status st = kvx__cuda_gen_prepare(q, rd, &gtable);
         if (st != KVX_OK) return st;
+    } else if (sq && sq->words && !rd->verify) {
+        kvx_status st = kvx__cuda_counts(q);
+        if (st != KVX_OK) return st;
     }
     if (b->nreads == KVX__CUDA_BATCH_READS) {
         if (kvx__cuda_launch(ctx, q) == KVX_PENDING) return KVX_PENDING;  /* launches free up as batches complete */
@@ -1363,8 +1387,12 @@ KVX__PRIV kvx_status kvx__cuda_post_read(kvx_ctx *ctx, kvx__read *rd) {
     memcpy(cq->ring + off + tbytes + nplanes * 8u, rplanes + p0, (size_t)nplanes * 8u);
     h = cq->hdr + (size_t)((b - cq->b)) * KVX__CUDA_BATCH_READS + b->nreads;
     h->gcount = h->gwant = h->gtable = h->gres = h->gfound = h->gword = h->gticket = 0;
+    if (sq && sq->words && !rd->verify) {  /* a verified read's word waits for its check */
+        h->gcount = cq->gcount + 4u * (uint64_t)(h - cq->hdr);
+        h->gword = sq->dwords + (rd->ticket % q->depth) * 8u;
+        h->gticket = rd->ticket << 2;
+    }
     if (rd->gen) {
-        kvx__stream_q *sq = kvx__stream_of(q);
         memcpy(cq->ring + off + tbytes + nplanes * 16u, q->gens + rd->g0, (size_t)nblocks * 8u);
         cq->gres[rd->ticket % q->depth] = 0;  /* not checked (yet) */
         h->gcount = cq->gcount + 4u * (uint64_t)(h - cq->hdr);
@@ -1372,7 +1400,6 @@ KVX__PRIV kvx_status kvx__cuda_post_read(kvx_ctx *ctx, kvx__read *rd) {
         h->gtable = gtable;
         h->gres = cq->gres_map + 4u * (rd->ticket % q->depth);
         h->gfound = cq->gfound_map + 8u * (uint64_t)rd->g0;
-        h->gword = sq && sq->words && !rd->verify ? sq->dwords + (rd->ticket % q->depth) * 8u : 0u;  /* a verified read's word waits for its check */
         h->gticket = rd->ticket << 2;
     }
     h->pairs = off - b->start;  /* offsets into the batch: made addresses at launch */
@@ -1456,11 +1483,18 @@ KVX__PRIV int kvx__cuda_progress(kvx_ctx *ctx) {
 
 KVX__PRIV int kvx__cuda_event_fd(kvx_ctx *ctx) { return kvx__cuda_of(ctx)->epfd; }
 
-/* Before the caller sleeps on the epoll set. The queues' waiter threads
-   write the eventfd after every launch completes, so there is nothing to
-   arm; the eventfd counts, so a completion before the sleep is not lost. */
+/* Before the caller sleeps on the epoll set: every launch not yet handed
+   to its queue's waiter is, so that its completion writes the eventfd; the
+   eventfd counts, so a completion before the sleep is not lost. */
 KVX__PRIV kvx_status kvx__cuda_arm(kvx_ctx *ctx) {
-    (void)ctx;
+    kvx_queue *q;
+    for (q = ctx->queues; q; q = q->next) {
+        kvx__cuda_q *cq = kvx__cuda_q_of(q);
+        if (!cq || !cq->waiter_on) continue;
+        pthread_mutex_lock(&cq->wmu);
+        kvx__cuda_hand(cq, 1);
+        pthread_mutex_unlock(&cq->wmu);
+    }
     return KVX_OK;
 }
 
@@ -1577,6 +1611,17 @@ KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
     /* A cap past what stays resident would leave blocks for a second wave,
        with their share of tasks still to do after the first: clamp it. */
     if (rc == CUDA_SUCCESS && (rc = cuOccupancyMaxActiveBlocksPerMultiprocessor(&fit, cq->fn, (int)KVX__CUDA_THREADS, 0)) != CUDA_SUCCESS) what = "cuOccupancyMaxActiveBlocksPerMultiprocessor";
+    if (rc == CUDA_SUCCESS) {
+        /* One launch of no tasks on the staging stream (ours, never under
+           capture), waited for: the driver compiles and loads the kernel at
+           its first launch (lazy loading, PTX), which a queue's first read
+           paid before (about 0.3 s on an H200, measured earlier). */
+        uint32_t zero = 0;
+        void *args[3];
+        args[0] = &cq->hdr_dev; args[1] = &zero; args[2] = &zero;
+        if ((rc = cuLaunchKernel(cq->fn, 1, 1, 1, KVX__CUDA_THREADS, 1, 1, 0, cq->cs, args, NULL)) != CUDA_SUCCESS) what = "cuLaunchKernel (warm-up)";
+        else if ((rc = cuStreamSynchronize(cq->cs)) != CUDA_SUCCESS) what = "cuStreamSynchronize (warm-up)";
+    }
     cuCtxPopCurrent(&prev);
     if (rc != CUDA_SUCCESS) { kvx__cuda_q_fini(q); return kvx__gpu_err(ctx, rc, what); }
     if (pthread_create(&cq->waiter, NULL, kvx__cuda_waiter, cq) != 0) {
@@ -1695,6 +1740,24 @@ KVX__PRIV kvx_status kvx__cuda_gen_store(kvx_ctx *ctx, const kvx__cache_info *ci
     return rc == CUDA_SUCCESS ? KVX_OK : kvx__gpu_err(ctx, rc, "kvx_blocks_retire: copying the generations to the GPU");
 }
 
+/* The queue's task count per header slot (device memory, zeroed; the
+   kernel leaves each at 0), made at the first read whose end the kernel
+   marks: one with generations, or with a completion word to write. */
+KVX__PRIV kvx_status kvx__cuda_counts(kvx_queue *q) {
+    kvx__cuda_q *cq = kvx__cuda_q_of(q);
+    CUcontext prev;
+    CUresult r;
+    if (cq->gcount) return KVX_OK;
+    if ((r = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) return kvx__gpu_err(q->ctx, r, "task counts: cuCtxPushCurrent");
+    if ((r = cuMemAlloc(&cq->gcount, (size_t)KVX__CUDA_BATCHES * KVX__CUDA_BATCH_READS * 4u)) == CUDA_SUCCESS &&
+        (r = cuMemsetD32Async(cq->gcount, 0, (size_t)KVX__CUDA_BATCHES * KVX__CUDA_BATCH_READS, cq->s)) != CUDA_SUCCESS) {  /* before any launch that counts */
+        cuMemFree(cq->gcount);
+        cq->gcount = 0;
+    }
+    cuCtxPopCurrent(&prev);
+    return r == CUDA_SUCCESS ? KVX_OK : kvx__gpu_err(q->ctx, r, "the queue's task counts (cuMemAlloc)");
+}
+
 /* At post: the owner's table as mapped here, and the queue's counts and
    found words (at its first read with generations), or a clear error
    before anything is staged. */
@@ -1706,28 +1769,26 @@ KVX__PRIV kvx_status kvx__cuda_gen_prepare(kvx_queue *q, const kvx__read *rd, CU
     kvx__cuda_imp *m = kvx__cuda_imp_find(cp, raddr);
     CUcontext prev;
     CUresult r;
+    kvx_status st;
     if (!m)
         return kvx__fail(q->ctx, KVX_ERR_PEER, "read %llu: the generation table of %s/%d cache %u is not mapped here", (unsigned long long)rd->ticket,
                          rd->peer->name, rd->peer->rank, rc->id);
     *table = m->lbase + (raddr - m->rbase);
-    if (cq->gcount) return KVX_OK;
+    if (cq->gres) return KVX_OK;
+    if ((st = kvx__cuda_counts(q)) != KVX_OK) return st;
     if ((r = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) return kvx__gpu_err(q->ctx, r, "generations: cuCtxPushCurrent");
-    if ((r = cuMemAlloc(&cq->gcount, (size_t)KVX__CUDA_BATCHES * KVX__CUDA_BATCH_READS * 4u)) == CUDA_SUCCESS &&
-        (r = cuMemsetD32Async(cq->gcount, 0, (size_t)KVX__CUDA_BATCHES * KVX__CUDA_BATCH_READS, cq->s)) == CUDA_SUCCESS &&  /* before any launch that counts */
-        (r = cuMemHostAlloc((void **)&cq->gres, (size_t)q->depth * 4u, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP)) == CUDA_SUCCESS &&
+    if ((r = cuMemHostAlloc((void **)&cq->gres, (size_t)q->depth * 4u, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP)) == CUDA_SUCCESS &&
         (r = cuMemHostGetDevicePointer(&cq->gres_map, cq->gres, 0)) == CUDA_SUCCESS &&
         (r = cuMemHostAlloc((void **)&cq->gfound, (size_t)q->max_runs * 8u, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP)) == CUDA_SUCCESS)
         r = cuMemHostGetDevicePointer(&cq->gfound_map, cq->gfound, 0);
     if (r != CUDA_SUCCESS) {
         if (cq->gfound) cuMemFreeHost(cq->gfound);
         if (cq->gres) cuMemFreeHost(cq->gres);
-        if (cq->gcount) cuMemFree(cq->gcount);
         cq->gfound = NULL;
         cq->gres = NULL;
-        cq->gcount = 0;
     }
     cuCtxPopCurrent(&prev);
-    return r == CUDA_SUCCESS ? KVX_OK : kvx__gpu_err(q->ctx, r, "generations: the queue's task counts and found words");
+    return r == CUDA_SUCCESS ? KVX_OK : kvx__gpu_err(q->ctx, r, "generations: the queue's result and found words");
 }
 
 /* Once the read's batch is done, for the core's check: the expected words

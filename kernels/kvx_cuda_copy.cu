@@ -25,8 +25,8 @@ struct kvx_rd {
     u64 piece;                  /* bytes per piece */
     u64 lpstride, rpstride;     /* piece to piece (NHD: token to token) */
     u64 cbytes;                 /* one piece per block: bytes per chunk */
-    u64 gcount;                 /* block generations: u32 count of the read's tasks done (device, left 0); 0: none */
-    u64 gwant, gtable;          /* u64[nblocks] expected (staged), the owner's table (mapped here) */
+    u64 gcount;                 /* u32 count of the read's tasks done (device, left 0); 0: no arrival (no generations, no word) */
+    u64 gwant, gtable;          /* u64[nblocks] expected (staged), the owner's table (mapped here; 0: no generations) */
     u64 gres, gfound;           /* host, mapped: u32 result (1 passed, 2 failed), u64[nblocks] found (written when failed) */
     u64 gword, gticket;         /* the read's completion word (0: the host writes it), its ticket << 2 */
     u32 plane0, nblocks, cpb, npieces;     /* plane0: unused (the tables start at the read's first plane) */
@@ -98,15 +98,18 @@ __device__ __noinline__ void copy1(char *dst, const char *src, u64 len, u32 coun
     }
 }
 
-/* Block generations: this warp is done with its tasks of read d (task
-   numbers w, w + nw, ... that fall in the read's; counted, not tracked, so
-   the copy loop keeps its registers). Each warp's data stores are fenced
-   before it counts them, so the warp that brings the count to the read's
-   task total loads the owner's generation words after every byte of the
-   read was loaded and has landed. It writes the completion word: bit 1
-   (done) or 2 (failed: a block was retired) over the ticket, as the host
-   would; then the result for the host, and where a block differs every word
-   it found, for the message. The count goes back to 0 for the next launch of
+/* A read's end on the device: this warp is done with its tasks of read d
+   (task numbers w, w + nw, ... that fall in the read's; counted, not
+   tracked, so the copy loop keeps its registers). Each warp's data stores
+   are fenced before it counts them, so the warp that brings the count to
+   the read's task total knows that every byte of the read was loaded and
+   has landed. With block generations (gtable) it loads the owner's
+   generation words then. It writes the completion word: bit 1 (done) or 2
+   (failed: a block was retired) over the ticket, as the host would, so a
+   waiting stream resumes as the read's last byte lands rather than after
+   the whole launch and a memory operation behind it; then, with
+   generations, the result for the host, and where a block differs every
+   word it found, for the message. The count goes back to 0 for the next launch of
    the slot. The header's fields are loaded together: where a
    small batch's headers are read in place from host memory, each dependent
    load would be a round trip over the bus at the end of the read. */
@@ -132,21 +135,23 @@ __device__ __noinline__ void gen_arrive(const kvx_rd *d, u32 lane) {
     }
     if (!__shfl_sync(0xffffffffu, last, 0)) return;
     __threadfence();
-    for (i = lane; i < n; i += 32u) {
-        const u32 id = pairs[i].y;
-        const u64 x = want[i];  /* beside the id: both come over the bus when mapped */
-        bad |= table[id] != x;
+    if (table) {
+        for (i = lane; i < n; i += 32u) {
+            const u32 id = pairs[i].y;
+            const u64 x = want[i];  /* beside the id: both come over the bus when mapped */
+            bad |= table[id] != x;
+        }
+        bad = __any_sync(0xffffffffu, bad);
+        if (bad)  /* again, for the host's message: a retire since shows too, and fails the same */
+            for (i = lane; i < n; i += 32u) found[i] = table[pairs[i].y];
     }
-    bad = __any_sync(0xffffffffu, bad);
-    if (bad)  /* again, for the host's message: a retire since shows too, and fails the same */
-        for (i = lane; i < n; i += 32u) found[i] = table[pairs[i].y];
     if (!lane) {
         *count = 0;
         if (word) {
             __threadfence_system();
             *word = ticket | (bad ? 2u : 1u);
         }
-        *res = bad ? 2u : 1u;
+        if (res) *res = bad ? 2u : 1u;
     }
 }
 
