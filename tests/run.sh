@@ -60,6 +60,10 @@ expect_fail "ucx $vdeb, UCX's own get: a cache deregistered under a stopped read
 entry "ucx $vdeb, UCX's own get: readers killed at 16 points of their reads, the owner survives" 180 env KVX_UCX_SOFTWARE_RMA=1 KVX_TEST_UCX_NATIVE_GET=1 KVX_TEST_ONLY="16 points" $R
 expect_fail "a child that dies by a signal fails its test, even where the parent saw all it wanted from it" 120 "died by signal 6" \
   env KVX_TEST_OWNER_ABORT=1 KVX_TEST_ONLY="another kvx version" $B/test_hostile_input
+entry "runner: an entry that prints \"1 passed, 0 failed\" and then dies by a signal or overruns its time fails; a filter that matches no entry fails the run" 60 \
+  bash tests/lib/runner_selftest.sh
+expect_fail "a KVX_TEST_ONLY that selects no case fails the test program" 60 "FAIL no case matched KVX_TEST_ONLY=" \
+  env KVX_TEST_ONLY=nothing-matches-this $B/test_local
 expect_out "ucx $vdeb, same host with cma allowed: no shared memory under peer failure handling, read over tcp and said" 120 "transport ucx:tcp (sw)" \
   env UCX_TLS=tcp,cma $bench $small --random-blocks
 entry "stress: 8 peers, 4 queues, 20000 reads (ucx $vdeb tcp)" 300 env UCX_TLS=tcp $B/test_stress

@@ -11,10 +11,12 @@
 #include <string.h>
 #include <time.h>
 
-static int kvx_t_pass, kvx_t_fail, kvx_t_skip, kvx_t_case_failed, kvx_t_case_skipped;
+static int kvx_t_pass, kvx_t_fail, kvx_t_skip, kvx_t_case_failed, kvx_t_case_skipped, kvx_t_matched;
 static const char *kvx_t_case;
 
-/* KVX_TEST_ONLY=substring runs only the cases whose name contains it. */
+/* KVX_TEST_ONLY=substring runs only the cases whose name contains it; a run
+   where it selects none fails (kvx_t_summary), so a misspelt or renamed case
+   cannot pass by running nothing. */
 #define T_CASE(name) for (kvx_t_case = kvx_t_selected(name), kvx_t_case_failed = kvx_t_case_skipped = 0, fflush(stdout); kvx_t_case; kvx_t_end())
 /* Leave the case as skipped, saying why (counted apart, never as passed);
    `continue` after it leaves the case's block at once. */
@@ -22,7 +24,9 @@ static const char *kvx_t_case;
 
 static inline const char *kvx_t_selected(const char *name) {
     const char *only = getenv("KVX_TEST_ONLY");
-    return !only || strstr(name, only) ? name : NULL;
+    if (only && !strstr(name, only)) return NULL;
+    kvx_t_matched++;
+    return name;
 }
 
 static inline void kvx_t_end(void) {
@@ -48,6 +52,8 @@ static inline void kvx_t_died(long pid, int sig, const char *what) {
 }
 
 static inline int kvx_t_summary(void) {
+    const char *only = getenv("KVX_TEST_ONLY");
+    if (only && !kvx_t_matched) { printf("FAIL no case matched KVX_TEST_ONLY=\"%s\"\n", only); kvx_t_fail++; }
     if (kvx_t_skip) printf("%d passed, %d failed, %d skipped\n", kvx_t_pass, kvx_t_fail, kvx_t_skip);
     else printf("%d passed, %d failed\n", kvx_t_pass, kvx_t_fail);
     return kvx_t_fail ? 1 : 0;
