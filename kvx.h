@@ -67,6 +67,13 @@
     An engine's own tests need none of them: KVX_BACKEND_LOCAL runs the whole
     API in one process without a network.
 
+    BINDINGS
+
+        kvx_abi_fields() lists each public struct's size and every field's
+        offset and size as the build lays them out, so a binding checks its
+        mirrors at load (the Python package refuses any difference, naming
+        the struct and field).
+
     WHAT KVX DOES NOT DO
 
         It does not ship metadata between engines: kvx_metadata() gives you a
@@ -405,6 +412,14 @@ typedef struct kvx_stats {
     uint64_t notifications_dropped; /* authentic, but neither expected nor room for them (kvx_notifications) */
 } kvx_stats;
 
+/* One row of kvx_abi_fields(): a field of a public struct as this build lays it out. */
+typedef struct kvx_abi_field {
+    const char *type;           /* "kvx_read"; "kvx_queue_desc.cuda" for the unnamed sub-struct */
+    const char *field;          /* NULL: this entry is the struct's own size */
+    size_t offset;              /* offsetof within type */
+    size_t size;
+} kvx_abi_field;
+
 KVX_API kvx_status  kvx_ctx_create(const kvx_ctx_desc *desc, kvx_ctx **out);
 KVX_API void        kvx_ctx_destroy(kvx_ctx *ctx);
 KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx);
@@ -495,6 +510,11 @@ KVX_API int         kvx_notifications(kvx_ctx *ctx, kvx_notification *out, int m
 KVX_API int         kvx_progress(kvx_ctx *ctx);
 KVX_API void        kvx_stats_get(const kvx_ctx *ctx, kvx_stats *out);
 #define kvx_stats(ctx, out) kvx_stats_get((ctx), (out))
+/* Every field of every public struct above and each struct's size, as this
+   build lays them out (a static table; *count gets its length): a binding
+   compares its mirrors field by field at load, where a size check alone
+   passes two fields of one size swapped. */
+KVX_API const kvx_abi_field *kvx_abi_fields(uint32_t *count);
 
 #ifdef __cplusplus
 }
@@ -1072,6 +1092,74 @@ KVX_API const char *kvx_dtype_name(kvx_dtype d) {
 
 KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx) {
     return ctx ? ctx->err : kvx__create_err;
+}
+
+/* The table of kvx_abi_fields: each struct's size, then its fields in
+   declaration order. */
+#define KVX__ABI_SIZE_OF(name, sz) { name, NULL, 0, sz }
+#define KVX__ABI_SIZE(T) KVX__ABI_SIZE_OF(#T, sizeof(T))
+#define KVX__ABI(T, f) { #T, #f, offsetof(T, f), sizeof(((T *)0)->f) }
+
+KVX_API const kvx_abi_field *kvx_abi_fields(uint32_t *count) {
+    static const kvx_abi_field table[] = {
+        KVX__ABI_SIZE(kvx_ofi_desc),
+        KVX__ABI(kvx_ofi_desc, provider), KVX__ABI(kvx_ofi_desc, extra_caps), KVX__ABI(kvx_ofi_desc, hmem),
+        KVX__ABI(kvx_ofi_desc, max_msg), KVX__ABI(kvx_ofi_desc, tick_us),
+        KVX__ABI_SIZE(kvx_ucx_desc),
+        KVX__ABI(kvx_ucx_desc, net_devices), KVX__ABI(kvx_ucx_desc, software_rma),
+        KVX__ABI_SIZE(kvx_cuda_desc),
+        KVX__ABI(kvx_cuda_desc, max_blocks), KVX__ABI(kvx_cuda_desc, socket_dir),
+        KVX__ABI_SIZE(kvx_ctx_desc),
+        KVX__ABI(kvx_ctx_desc, name), KVX__ABI(kvx_ctx_desc, tp_rank), KVX__ABI(kvx_ctx_desc, tp_size),
+        KVX__ABI(kvx_ctx_desc, backend), KVX__ABI(kvx_ctx_desc, timeout_ms), KVX__ABI(kvx_ctx_desc, progress_thread),
+        KVX__ABI(kvx_ctx_desc, host_id), KVX__ABI(kvx_ctx_desc, log_level), KVX__ABI(kvx_ctx_desc, log_fn),
+        KVX__ABI(kvx_ctx_desc, log_user), KVX__ABI(kvx_ctx_desc, ofi), KVX__ABI(kvx_ctx_desc, cuda),
+        KVX__ABI(kvx_ctx_desc, transport_policy), KVX__ABI(kvx_ctx_desc, ucx), KVX__ABI(kvx_ctx_desc, metadata_key),
+        KVX__ABI(kvx_ctx_desc, metadata_key_len),
+        KVX__ABI_SIZE(kvx_layout),
+        KVX__ABI(kvx_layout, num_layers), KVX__ABI(kvx_layout, num_blocks), KVX__ABI(kvx_layout, block_tokens),
+        KVX__ABI(kvx_layout, num_heads), KVX__ABI(kvx_layout, head_dim), KVX__ABI(kvx_layout, elem_bytes),
+        KVX__ABI(kvx_layout, order), KVX__ABI(kvx_layout, total_heads), KVX__ABI(kvx_layout, kv_planes),
+        KVX__ABI(kvx_layout, dtype),
+        KVX__ABI_SIZE(kvx_cache_desc),
+        KVX__ABI(kvx_cache_desc, layout), KVX__ABI(kvx_cache_desc, mem), KVX__ABI(kvx_cache_desc, device),
+        KVX__ABI(kvx_cache_desc, bases), KVX__ABI(kvx_cache_desc, pool), KVX__ABI(kvx_cache_desc, layer_stride),
+        KVX__ABI(kvx_cache_desc, plane_stride), KVX__ABI(kvx_cache_desc, block_stride),
+        KVX__ABI(kvx_cache_desc, head_stride), KVX__ABI(kvx_cache_desc, token_stride),
+        KVX__ABI(kvx_cache_desc, checksums), KVX__ABI(kvx_cache_desc, generations),
+        KVX__ABI_SIZE(kvx_queue_desc),
+        KVX__ABI(kvx_queue_desc, depth), KVX__ABI(kvx_queue_desc, max_ops), KVX__ABI(kvx_queue_desc, max_runs),
+        KVX__ABI(kvx_queue_desc, cuda),
+        /* the unnamed struct of kvx_queue_desc.cuda: offsets within it */
+        KVX__ABI_SIZE_OF("kvx_queue_desc.cuda", sizeof(((kvx_queue_desc *)0)->cuda)),
+        { "kvx_queue_desc.cuda", "stream", offsetof(kvx_queue_desc, cuda.stream) - offsetof(kvx_queue_desc, cuda),
+          sizeof(((kvx_queue_desc *)0)->cuda.stream) },
+        KVX__ABI_SIZE(kvx_read),
+        KVX__ABI(kvx_read, peer), KVX__ABI(kvx_read, cache), KVX__ABI(kvx_read, remote_cache),
+        KVX__ABI(kvx_read, local_blocks), KVX__ABI(kvx_read, remote_blocks), KVX__ABI(kvx_read, num_blocks),
+        KVX__ABI(kvx_read, layer_begin), KVX__ABI(kvx_read, layer_count), KVX__ABI(kvx_read, notify),
+        KVX__ABI(kvx_read, notify_id), KVX__ABI(kvx_read, user_tag), KVX__ABI(kvx_read, timeout_ms),
+        KVX__ABI(kvx_read, verify), KVX__ABI(kvx_read, remote_generations),
+        KVX__ABI_SIZE(kvx_completion),
+        KVX__ABI(kvx_completion, ticket), KVX__ABI(kvx_completion, user_tag), KVX__ABI(kvx_completion, status),
+        KVX__ABI(kvx_completion, bytes), KVX__ABI(kvx_completion, error),
+        KVX__ABI_SIZE(kvx_notification),
+        KVX__ABI(kvx_notification, id), KVX__ABI(kvx_notification, status), KVX__ABI(kvx_notification, peer_rank),
+        KVX__ABI(kvx_notification, peer_tp_size),
+        KVX__ABI_SIZE(kvx_stats),
+        KVX__ABI(kvx_stats, backend), KVX__ABI(kvx_stats, bytes_read), KVX__ABI(kvx_stats, reads_posted),
+        KVX__ABI(kvx_stats, reads_completed), KVX__ABI(kvx_stats, reads_failed), KVX__ABI(kvx_stats, descs_posted),
+        KVX__ABI(kvx_stats, descs_completed), KVX__ABI(kvx_stats, blocks_posted),
+        KVX__ABI(kvx_stats, notifications_sent), KVX__ABI(kvx_stats, notifications_received),
+        KVX__ABI(kvx_stats, errors), KVX__ABI(kvx_stats, messages_dropped),
+        KVX__ABI(kvx_stats, notifications_dropped),
+        KVX__ABI_SIZE(kvx_abi_field),
+        KVX__ABI(kvx_abi_field, type), KVX__ABI(kvx_abi_field, field), KVX__ABI(kvx_abi_field, offset),
+        KVX__ABI(kvx_abi_field, size),
+    };
+    if (count)
+        *count = (uint32_t)(sizeof table / sizeof table[0]);
+    return table;
 }
 
 #include "kvx_auth.h"

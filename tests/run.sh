@@ -73,6 +73,9 @@ entry "valgrind: kvx_bench pack 1->1, every process (ucx $vdeb tcp)" 300 env UCX
 entry "compile matrix" 300 bash tests/compile/matrix.sh
 entry "compile matrix with KVX_CUDA (stub libcuda)" 600 bash tests/compile/matrix_cuda.sh
 entry "PTX check (ptxas sm_80, sm_90, sm_100)" 120 bash tools/ptx_check.sh
+# The package's ctypes mirrors are generated from kvx.h: stale ones fail here
+# (with the diff), before the library's own check refuses them at load.
+entry "python struct mirrors: python/kvx/_structs.py is what tools/gen_pymirrors.py makes of the headers" 60 python3 tools/gen_pymirrors.py --check
 if [ -x $B/venv/bin/python ] && $B/venv/bin/python -c 'import kvx' 2>/dev/null; then
   entry "python: the kvx package (ctypes), reads between processes, numpy and torch CPU (ucx $vdeb tcp)" 300 \
     env UCX_TLS=tcp $B/venv/bin/python -m pytest -q -p no:cacheprovider tests/python

@@ -26,6 +26,12 @@ import os
 import struct as _struct
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+# The struct mirrors, generated from kvx.h (tools/gen_pymirrors.py); checked
+# field by field against the library's table at load (_check_mirrors).
+from ._structs import MIRRORS as _MIRRORS
+from ._structs import (_AbiField, _CacheDesc, _Completion, _CtxDesc, _CudaDesc, _Layout,  # noqa: F401
+                       _Notification, _OfiDesc, _QueueCuda, _QueueDesc, _Read, _Stats, _UcxDesc)
+
 __all__ = [
     "Context", "Cache", "Peer", "Queue", "Ticket", "Completion", "Notification",
     "Error", "ArgumentError", "NoMemoryError", "UnsupportedError", "MismatchError", "BackendError",
@@ -168,79 +174,58 @@ def cuda_available() -> bool:
     return "cuda" in (_backends if _backends is not None else backends())
 
 
-class _OfiDesc(C.Structure):
-    _fields_ = [("provider", C.c_char_p), ("extra_caps", C.c_uint64), ("hmem", C.c_int),
-                ("max_msg", C.c_uint64), ("tick_us", C.c_uint32)]
-
-
-class _CudaDesc(C.Structure):
-    _fields_ = [("max_blocks", C.c_uint32), ("socket_dir", C.c_char_p)]
-
-
-class _UcxDesc(C.Structure):
-    _fields_ = [("net_devices", C.c_char_p), ("software_rma", C.c_int)]
-
-
-class _CtxDesc(C.Structure):
-    _fields_ = [("name", C.c_char_p), ("tp_rank", C.c_int), ("tp_size", C.c_int), ("backend", C.c_int),
-                ("timeout_ms", C.c_uint32), ("progress_thread", C.c_int), ("host_id", C.c_char_p),
-                ("log_level", C.c_int), ("log_fn", C.c_void_p), ("log_user", C.c_void_p),
-                ("ofi", _OfiDesc), ("cuda", _CudaDesc), ("transport_policy", C.c_char_p),
-                ("ucx", _UcxDesc), ("metadata_key", C.c_char_p), ("metadata_key_len", C.c_uint32)]
-
-
-class _Layout(C.Structure):
-    _fields_ = [("num_layers", C.c_uint32), ("num_blocks", C.c_uint32), ("block_tokens", C.c_uint32),
-                ("num_heads", C.c_uint32), ("head_dim", C.c_uint32), ("elem_bytes", C.c_uint32),
-                ("order", C.c_int), ("total_heads", C.c_uint32), ("kv_planes", C.c_uint32), ("dtype", C.c_int)]
-
-
-class _CacheDesc(C.Structure):
-    _fields_ = [("layout", _Layout), ("mem", C.c_int), ("device", C.c_int), ("bases", C.POINTER(C.c_void_p)),
-                ("pool", C.c_void_p), ("layer_stride", C.c_uint64), ("plane_stride", C.c_uint64),
-                ("block_stride", C.c_uint64), ("head_stride", C.c_uint64), ("token_stride", C.c_uint64),
-                ("checksums", C.c_int), ("generations", C.c_int)]
-
-
-class _QueueCuda(C.Structure):
-    _fields_ = [("stream", C.c_void_p)]
-
-
-class _QueueDesc(C.Structure):
-    _fields_ = [("depth", C.c_uint32), ("max_ops", C.c_uint32), ("max_runs", C.c_uint32), ("cuda", _QueueCuda)]
-
-
-class _Read(C.Structure):
-    _fields_ = [("peer", C.c_void_p), ("cache", C.c_void_p), ("remote_cache", C.c_uint32),
-                # const uint32_t * in kvx.h; addresses here, so ids are passed without a ctypes cast
-                ("local_blocks", C.c_void_p), ("remote_blocks", C.c_void_p),
-                ("num_blocks", C.c_uint32), ("layer_begin", C.c_uint32), ("layer_count", C.c_uint32),
-                ("notify", C.c_int), ("notify_id", C.c_uint64), ("user_tag", C.c_uint64),
-                ("timeout_ms", C.c_uint32), ("verify", C.c_uint32), ("remote_generations", C.c_void_p)]
-
-
-class _Completion(C.Structure):
-    _fields_ = [("ticket", C.c_uint64), ("user_tag", C.c_uint64), ("status", C.c_int), ("bytes", C.c_uint64),
-                ("error", C.c_char_p)]
-
-
 _COMPLETION_SIZE = C.sizeof(_Completion)
 _COMPLETION_RECORD = _struct.Struct("=QQi%dxQQ" % (_Completion.bytes.offset - _Completion.status.offset - 4))
 assert _COMPLETION_RECORD.size == _COMPLETION_SIZE and C.sizeof(C.c_void_p) == 8
 
 
-class _Notification(C.Structure):
-    _fields_ = [("id", C.c_uint64), ("status", C.c_int), ("peer_rank", C.c_int), ("peer_tp_size", C.c_int)]
+def _abi_table(lib: C.CDLL) -> Dict[str, Dict[Optional[str], Tuple[int, int]]]:
+    """The library's kvx_abi_fields(): struct -> field -> (offset, size), the
+    struct's own size under None."""
+    try:
+        fn = lib.kvx_abi_fields
+    except AttributeError:
+        raise ImportError("kvx: %s has no kvx_abi_fields: it was built from older headers than these bindings; "
+                          "rebuild the package" % getattr(lib, "_name", "the library")) from None
+    fn.restype, fn.argtypes = C.POINTER(_AbiField), [C.POINTER(C.c_uint32)]
+    n = C.c_uint32()
+    rows = fn(C.byref(n))
+    table: Dict[str, Dict[Optional[str], Tuple[int, int]]] = {}
+    for i in range(n.value):
+        r = rows[i]
+        field = r.field.decode() if r.field is not None else None
+        table.setdefault(r.type.decode(), {})[field] = (int(r.offset), int(r.size))
+    return table
 
 
-class _Stats(C.Structure):
-    _fields_ = [("backend", C.c_char_p)] + [(n, C.c_uint64) for n in (
-        "bytes_read", "reads_posted", "reads_completed", "reads_failed", "descs_posted", "descs_completed",
-        "blocks_posted", "notifications_sent", "notifications_received", "errors", "messages_dropped",
-        "notifications_dropped")]
+def _check_mirrors(table: Dict[str, Dict[Optional[str], Tuple[int, int]]], mirrors: Dict[str, Any],
+                   where: str = "the library") -> None:
+    """Raises ImportError naming every struct and field where a ctypes mirror
+    and the library's table differ (offset, size, or present on one side
+    only). Sizes alone would pass two fields of one size swapped."""
+    bad: List[str] = []
+    for cname, cls in mirrors.items():
+        lib = table.get(cname)
+        if lib is None:
+            bad.append("%s: mirrored here (%s), not in %s" % (cname, cls.__name__, where))
+            continue
+        whole = lib.get(None)
+        if whole is None or whole[1] != C.sizeof(cls):
+            bad.append("%s: %s in %s, %d bytes here" % (cname, "%d bytes" % whole[1] if whole else "no size", where, C.sizeof(cls)))
+        ours = {f[0]: (getattr(cls, f[0]).offset, getattr(cls, f[0]).size) for f in cls._fields_}
+        for name, (off, size) in ours.items():
+            if name not in lib:
+                bad.append("%s.%s: here (offset %d, %d bytes), not in %s" % (cname, name, off, size, where))
+            elif lib[name] != (off, size):
+                bad.append("%s.%s: offset %d, %d bytes in %s; offset %d, %d bytes here"
+                           % (cname, name, lib[name][0], lib[name][1], where, off, size))
+        bad += ["%s.%s: in %s, not here" % (cname, name, where) for name in lib if name is not None and name not in ours]
+    bad += ["%s: in %s, not mirrored here" % (cname, where) for cname in table if cname not in mirrors]
+    if bad:
+        raise ImportError("kvx: these bindings' structs differ from %s's (rebuild the package; after a header "
+                          "change run tools/gen_pymirrors.py): %s" % (where, "; ".join(bad)))
 
 
-_MIRRORS = (_CtxDesc, _Layout, _CacheDesc, _QueueDesc, _Read, _Completion, _Notification, _Stats)
 _lib: Optional[C.CDLL] = None
 
 
@@ -257,12 +242,8 @@ def _load() -> C.CDLL:
         if why:
             raise ImportError("kvx: %s is built with CUDA but %s" % (path, why))
     lib = C.CDLL(path)
-    lib.kvx_py_sizeof.restype = C.c_size_t
-    lib.kvx_py_sizeof.argtypes = [C.c_int]
-    for i, m in enumerate(_MIRRORS):  # the bindings and the headers must agree, or nothing works
-        if lib.kvx_py_sizeof(i) != C.sizeof(m):
-            raise ImportError("kvx: %s is %d bytes in libkvx.so and %d in these bindings: rebuild the package"
-                              % (m.__name__, lib.kvx_py_sizeof(i), C.sizeof(m)))
+    # the bindings and the headers must agree, field by field, or nothing works
+    _check_mirrors(_abi_table(lib), _MIRRORS, os.path.basename(path))
     P, U32, U64, I = C.c_void_p, C.c_uint32, C.c_uint64, C.c_int
     sigs = {
         "kvx_ctx_create": (I, [C.POINTER(_CtxDesc), C.POINTER(P)]),

@@ -30,26 +30,11 @@ import sys
 import tempfile
 from typing import Dict, List, Optional
 
-# The C file of the library: kvx's implementation, and the sizes of the
-# structs the bindings mirror, so that a mismatch is refused at load.
+# The C file of the library: kvx's implementation, which exports
+# kvx_abi_fields(), the table the bindings check their struct mirrors against.
 _SOURCE = r"""
 #define KVX_IMPLEMENTATION
 #include "kvx.h"
-
-size_t kvx_py_sizeof(int which);
-size_t kvx_py_sizeof(int which) {
-    switch (which) {
-    case 0: return sizeof(kvx_ctx_desc);
-    case 1: return sizeof(kvx_layout);
-    case 2: return sizeof(kvx_cache_desc);
-    case 3: return sizeof(kvx_queue_desc);
-    case 4: return sizeof(kvx_read);
-    case 5: return sizeof(kvx_completion);
-    case 6: return sizeof(kvx_notification);
-    case 7: return sizeof(kvx_stats);
-    default: return 0;
-    }
-}
 """
 
 
