@@ -789,6 +789,11 @@ struct kvx_ctx {
     kvx_peer *peers;
     kvx_queue *queues;
     char err[512];
+    /* A full queue's sentence, written into err only when kvx_ctx_error is
+       called: backpressure is the fast path of a busy engine, and formatting
+       costs more than the post that found no room (kvx__full). */
+    int full_kind;              /* 0: err is current; else which queue resource was full */
+    uint32_t full_a, full_b;
     kvx_stats st;
     /* notifications received, waiting for kvx_notifications */
     kvx_notification notes[KVX__NOTIFY_RING];
@@ -1021,6 +1026,7 @@ KVX__PRIV kvx_status kvx__fail(kvx_ctx *ctx, kvx_status st, const char *fmt, ...
     va_start(ap, fmt);
     vsnprintf(ctx->err, sizeof ctx->err, fmt, ap);
     va_end(ap);
+    ctx->full_kind = 0;  /* this sentence replaces a deferred one */
     if (st == KVX_PENDING) return st;  /* backpressure, not an error */
     ctx->st.errors++;
     /* The caller has it (the status, and kvx_ctx_error's sentence): said
@@ -1090,8 +1096,34 @@ KVX_API const char *kvx_dtype_name(kvx_dtype d) {
     return "unknown";
 }
 
+/* A post found the queue full: the status says it; the sentence waits
+   until kvx_ctx_error asks (a later failure's sentence replaces it). */
+enum { KVX__FULL_SLOTS = 1, KVX__FULL_RUNS, KVX__FULL_GENS };
+KVX__PRIV kvx_status kvx__full(kvx_ctx *ctx, int kind, uint32_t a, uint32_t b) {
+    ctx->full_kind = kind;
+    ctx->full_a = a;
+    ctx->full_b = b;
+    return KVX_PENDING;
+}
+
 KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx) {
-    return ctx ? ctx->err : kvx__create_err;
+    kvx_ctx *c = (kvx_ctx *)(uintptr_t)ctx;  /* the deferred sentence is written once, on the first ask */
+    if (!ctx) return kvx__create_err;
+    switch (c->full_kind) {
+    case KVX__FULL_SLOTS:
+        snprintf(c->err, sizeof c->err, "kvx_post: queue full: %u reads not yet reported (kvx_poll, kvx_test or kvx_wait them)", c->full_a);
+        break;
+    case KVX__FULL_RUNS:
+        snprintf(c->err, sizeof c->err, "kvx_post: queue full: %u of %u run slots held by reads in flight", c->full_a, c->full_b);
+        break;
+    case KVX__FULL_GENS:
+        snprintf(c->err, sizeof c->err, "kvx_post: queue full: %u of %u generation slots held by reads in flight", c->full_a, c->full_b);
+        break;
+    default:
+        break;
+    }
+    c->full_kind = 0;
+    return c->err;
 }
 
 /* The table of kvx_abi_fields: each struct's size, then its fields in
@@ -2597,13 +2629,11 @@ KVX__PRIV kvx_status kvx__post_one(kvx_queue *q, const kvx_read *r, kvx_ticket *
     if ((st = kvx__post_check(q, r, &tmp, &nruns)) != KVX_OK) goto out;
     rd = kvx__slot(q, q->next_ticket);
     if (rd->in_use) {
-        st = KVX_PENDING;
-        kvx__fail(ctx, KVX_PENDING, "kvx_post: queue full: %u reads not yet reported (kvx_poll, kvx_test or kvx_wait them)", q->depth);
+        st = kvx__full(ctx, KVX__FULL_SLOTS, q->depth, 0);
         goto out;
     }
     if (q->max_runs - q->run_used < nruns) {
-        st = KVX_PENDING;
-        kvx__fail(ctx, KVX_PENDING, "kvx_post: queue full: %u of %u run slots held by reads in flight", q->run_used, q->max_runs);
+        st = kvx__full(ctx, KVX__FULL_RUNS, q->run_used, q->max_runs);
         goto out;
     }
     if (tmp.gen) {
@@ -2615,8 +2645,7 @@ KVX__PRIV kvx_status kvx__post_one(kvx_queue *q, const kvx_read *r, kvx_ticket *
         }
         if (!q->gens && (st = kvx__gen_rings(q, tmp.lc)) != KVX_OK) goto out;  /* once per queue */
         if (q->max_runs - q->gen_used < gpad + r->num_blocks) {
-            st = KVX_PENDING;
-            kvx__fail(ctx, KVX_PENDING, "kvx_post: queue full: %u of %u generation slots held by reads in flight", q->gen_used, q->max_runs);
+            st = kvx__full(ctx, KVX__FULL_GENS, q->gen_used, q->max_runs);
             goto out;
         }
     }
@@ -2966,7 +2995,10 @@ KVX__PRIV kvx_status kvx__ticket_check(kvx_queue *q, kvx_ticket t, kvx__read **o
 
 KVX__PRIV kvx_status kvx__consume(kvx_queue *q, kvx__read *rd) {
     kvx_status st = rd->status;
-    if (st != KVX_OK && rd->why[0]) kvx__strlcpy(q->ctx->err, rd->why, sizeof q->ctx->err);  /* kvx_ctx_error: this read's */
+    if (st != KVX_OK && rd->why[0]) {  /* kvx_ctx_error: this read's */
+        kvx__strlcpy(q->ctx->err, rd->why, sizeof q->ctx->err);
+        q->ctx->full_kind = 0;
+    }
     rd->consumed = 1;
     kvx__retire(q, rd);
     return st;

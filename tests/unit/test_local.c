@@ -254,6 +254,51 @@ int main(void) {
         kvx_ex_cache_free(&dm);
     }
 
+    T_CASE("local: a full queue is KVX_PENDING, and kvx_ctx_error says which resource is full; a later refusal's sentence replaces it") {
+        kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D = local_ctx("decode", 0, 1, 0);
+        kvx_ex_cache pm, dm;
+        kvx_layout l;
+        kvx_cache_desc cd;
+        kvx_queue_desc qd;
+        kvx_cache *pc, *dc;
+        kvx_peer *p;
+        kvx_queue *q;
+        kvx_read rd;
+        kvx_ticket tk[3];
+        uint32_t bad = 128, i;
+        layout(&l, KVX_ORDER_HND, 2);
+        kvx_ex_cache_alloc(&pm, &l, 0, 1);
+        kvx_ex_fill(&pm, 22, src, 8);
+        cd = kvx_ex_cache_desc(&pm);
+        T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
+        kvx_ex_cache_alloc(&dm, &l, 0, 1);
+        cd = kvx_ex_cache_desc(&dm);
+        T_ST(kvx_cache_register(D, &cd, &dc), KVX_OK);
+        p = add(D, P);
+        memset(&qd, 0, sizeof qd);
+        qd.depth = 2;
+        T_ST(kvx_queue_create(D, &qd, &q), KVX_OK);
+        memset(&rd, 0, sizeof rd);
+        rd.peer = p; rd.cache = dc; rd.num_blocks = 4;
+        rd.local_blocks = dst; rd.remote_blocks = src;
+        T_ST(kvx_post(q, &rd, &tk[0]), KVX_OK);
+        rd.local_blocks = dst + 4; rd.remote_blocks = src + 4;
+        T_ST(kvx_post(q, &rd, &tk[1]), KVX_OK);
+        T_ST(kvx_post(q, &rd, &tk[2]), KVX_PENDING);     /* neither read reported yet */
+        T_HAS(kvx_ctx_error(D), "queue full: 2 reads not yet reported");
+        T_ST(kvx_post(q, &rd, &tk[2]), KVX_PENDING);
+        rd.remote_blocks = &bad; rd.num_blocks = 1;
+        T_ST(kvx_post(q, &rd, &tk[2]), KVX_ERR_ARG);     /* checked before the slots: its own sentence */
+        T_HAS(kvx_ctx_error(D), "remote block id 128");
+        for (i = 0; i < 2; i++) T_ST(kvx_wait(q, tk[i], 5000), KVX_OK);
+        T_EQ(kvx_ex_verify(&dm, 22, dst, src, 8, 0, 3, 0, 2, NULL), 0);
+        kvx_queue_destroy(q);
+        kvx_ctx_destroy(D);
+        kvx_ctx_destroy(P);
+        kvx_ex_cache_free(&pm);
+        kvx_ex_cache_free(&dm);
+    }
+
     T_CASE("local: notifications arrive once, after the data; an expected id that never comes expires") {
         kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D = local_ctx("decode", 0, 1, 1);
         kvx_ex_cache pm, dm;
