@@ -21,6 +21,7 @@
 */
 #ifndef KVX_AUTH_INCLUDED
 #define KVX_AUTH_INCLUDED
+#include "kvx_internal.h"
 
 #include <fcntl.h>
 #include <sys/syscall.h>

@@ -54,6 +54,7 @@
 */
 #ifndef KVX_GPU_INCLUDED
 #define KVX_GPU_INCLUDED
+#include "kvx_internal.h"
 
 /* cuda.h has unnamed unions, which strict C99 pedantry flags. */
 #if defined(__GNUC__)

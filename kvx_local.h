@@ -24,6 +24,8 @@
 */
 #ifndef KVX_LOCAL_INCLUDED
 #define KVX_LOCAL_INCLUDED
+#include "kvx_internal.h"
+#include "kvx_wire.h"
 
 #include <sys/eventfd.h>
 

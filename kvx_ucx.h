@@ -56,6 +56,9 @@
 */
 #ifndef KVX_UCX_INCLUDED
 #define KVX_UCX_INCLUDED
+#include "kvx_internal.h"
+#include "kvx_auth.h"
+#include "kvx_wire.h"
 
 /* UCX 1.22's headers trip -Wsign-compare (UCS_MASK): kvx's own code keeps
    every warning. */

@@ -41,6 +41,8 @@
     that stopped taking replies no longer than its own timeout, whatever the
     request asked.
 */
+/* Its types are kvx_ucx.h's, which includes this file where they are defined. */
+#include "kvx_ucx.h"
 #ifndef KVX_UCX_GET_INCLUDED
 #define KVX_UCX_GET_INCLUDED
 

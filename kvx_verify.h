@@ -14,6 +14,7 @@
 */
 #ifndef KVX_VERIFY_INCLUDED
 #define KVX_VERIFY_INCLUDED
+#include "kvx_internal.h"
 
 /* Verified reads run a second cursor, over the sampled blocks, that reads
    the producer's checksums of the heads taken into our own table. */

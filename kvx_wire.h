@@ -48,6 +48,8 @@
 */
 #ifndef KVX_WIRE_INCLUDED
 #define KVX_WIRE_INCLUDED
+#include "kvx_internal.h"
+#include "kvx_auth.h"  /* metadata is signed with its HMAC */
 
 #define KVX__MAGIC 0x3158564Bu /* "KVX1" */
 #define KVX__HDR_BYTES 16u

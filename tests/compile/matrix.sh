@@ -27,6 +27,16 @@ run cxx-impl-c-user "c++ -std=c++17 $W $defs -x c++ -c tests/compile/impl.c -o $
 run static-c99 "cc -std=c99 $W $defs tests/compile/static.c -o $out/static-c99.bin $libs"
 run static-cxx17 "c++ -std=c++17 $W $defs -x c++ tests/compile/static.c -o $out/static-cxx17.bin $libs"
 try header-only-c89-decls cc -std=c99 $W -fsyntax-only -x c kvx.h
+# Each room by itself, C99 and C++17: it includes the contract
+# (kvx_internal.h) and the rooms it uses, nothing more. Unused static
+# functions are expected there: a room alone calls few of its own.
+alone="kvx_internal.h kvx_auth.h kvx_wire.h kvx_verify.h kvx_local.h kvx_core.h"
+case " $defs " in *" -DKVX_UCX "*) alone="$alone kvx_ucx.h kvx_ucx_get.h";; esac
+case " $defs " in *" -DKVX_OFI "*) alone="$alone kvx_ofi.h";; esac
+for h in $alone; do
+  try "alone-c99-$h" cc -std=c99 $W -Wno-unused-function $defs -fsyntax-only -x c $h
+  try "alone-cxx17-$h" c++ -std=c++17 $W -Wno-unused-function $defs -fsyntax-only -x c++ $h
+done
 # A partial allocator override is a compile error that says what to define.
 try partial-allocator-refused bash -c "cc -std=c99 $W $defs -DKVX_FREE=free -c tests/compile/impl.c -o $out/partial.o 2>&1 | grep -q 'define all of KVX_MALLOC, KVX_REALLOC and KVX_FREE'"
 echo "$pass passed, $fail failed"
