@@ -634,14 +634,59 @@ KVX__PRIV kvx_status kvx__gen_table_add(kvx_ctx *ctx, kvx__cache_info *ci, uint3
     return kvx__table_publish(ctx, ci, &table, n, tb, &ci->gen_region);
 }
 
+/* A cache's desc against the context: kind, bases or pool, the strides its
+   order takes; ci gets the layout's defaults and the strides. */
+KVX__PRIV kvx_status kvx__cache_desc_check(kvx_ctx *ctx, const kvx_cache_desc *d, kvx__cache_info *ci) {
+    kvx_status st = kvx__layout_check(ctx, &ci->lay, ctx->tp_size, "kvx_cache_register");
+    int hnd;
+    if (st != KVX_OK) return st;
+    if (ctx->ncaches >= KVX__MAX_CACHES) return kvx__fail(ctx, KVX_ERR_ARG, "at most %u caches per context", KVX__MAX_CACHES);
+    if (d->mem != KVX_MEM_HOST && d->mem != KVX_MEM_CUDA) return kvx__fail(ctx, KVX_ERR_ARG, "memory kind %d unknown", (int)d->mem);
+    if (!d->bases == !d->pool)
+        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_register: give either bases (one per layer and plane) or pool, not %s", d->bases ? "both" : "neither");
+    hnd = ci->lay.order == KVX_ORDER_HND;
+    ci->block_stride = d->block_stride;
+    ci->head_stride = hnd ? d->head_stride : 0;
+    ci->token_stride = !hnd ? d->token_stride : 0;
+    if ((hnd ? d->token_stride : d->head_stride) != 0)
+        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_register: a %s layout takes %s, not %s", hnd ? "HND" : "NHD",
+                         hnd ? "head_stride" : "token_stride", hnd ? "token_stride" : "head_stride");
+    return kvx__strides_check(ctx, ci, "kvx_cache_register");
+}
+
+/* Each plane's base, and the ranges to register (*n of sp): few and large,
+   planes that overlap share one, and so do planes that touch, unless they
+   are GPU memory a transport registers per allocation (see
+   gpu_region_spans_allocations). */
+KVX__PRIV kvx_status kvx__cache_spans(kvx_ctx *ctx, const kvx_cache_desc *d, kvx__cache_info *ci, kvx__span *sp, uint32_t *n) {
+    uint64_t span = kvx__mul_sat(ci->lay.num_blocks - 1, ci->block_stride) + ci->block_extent;
+    uint32_t p, k;
+    int touch;
+    for (p = 0; p < ci->nplanes; p++) {
+        uint64_t b = d->bases ? (uint64_t)(uintptr_t)d->bases[p]
+                              : (uint64_t)(uintptr_t)d->pool + (p / ci->lay.kv_planes) * d->layer_stride + (p % ci->lay.kv_planes) * d->plane_stride;
+        if (!b) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_register: base of layer %u plane %u is NULL", p / ci->lay.kv_planes, p % ci->lay.kv_planes);
+        ci->plane_base[p] = b;
+        sp[p].a = b;
+        sp[p].b = b + span;
+    }
+    touch = ci->mem == KVX_MEM_HOST || ctx->be_ops->gpu_region_spans_allocations;
+    qsort(sp, ci->nplanes, sizeof *sp, kvx__span_cmp);
+    for (k = 0, p = 0; p < ci->nplanes; p++) {
+        if (k && (sp[p].a < sp[k - 1].b || (touch && sp[p].a == sp[k - 1].b))) { if (sp[p].b > sp[k - 1].b) sp[k - 1].b = sp[p].b; }
+        else sp[k++] = sp[p];
+    }
+    if (k > KVX__MAX_REGIONS) return kvx__fail(ctx, KVX_ERR_ARG, "cache spans %u separate ranges, at most %u", k, KVX__MAX_REGIONS);
+    *n = k;
+    return KVX_OK;
+}
+
 KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx_cache **out) {
     kvx_cache *c;
     kvx__cache_info *ci;
     kvx__span *sp = NULL;
     kvx_status st;
-    uint64_t span;
-    uint32_t p, n, i;
-    int touch;
+    uint32_t n = 0, i;
     if (!ctx) return KVX_ERR_ARG;
     if (!d || !out) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_register: desc and out must not be NULL");
     *out = NULL;
@@ -653,20 +698,7 @@ KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx
     ci->mem = d->mem;
     ci->device = d->device;
     pthread_mutex_lock(&ctx->lock);
-    st = kvx__layout_check(ctx, &ci->lay, ctx->tp_size, "kvx_cache_register");
-    if (st != KVX_OK) goto fail;
-    if (ctx->ncaches >= KVX__MAX_CACHES) { st = kvx__fail(ctx, KVX_ERR_ARG, "at most %u caches per context", KVX__MAX_CACHES); goto fail; }
-    if (d->mem != KVX_MEM_HOST && d->mem != KVX_MEM_CUDA) { st = kvx__fail(ctx, KVX_ERR_ARG, "memory kind %d unknown", (int)d->mem); goto fail; }
-    if (!d->bases == !d->pool) { st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_register: give either bases (one per layer and plane) or pool, not %s", d->bases ? "both" : "neither"); goto fail; }
-    ci->block_stride = d->block_stride;
-    ci->head_stride = ci->lay.order == KVX_ORDER_HND ? d->head_stride : 0;
-    ci->token_stride = ci->lay.order == KVX_ORDER_NHD ? d->token_stride : 0;
-    if ((ci->lay.order == KVX_ORDER_HND ? d->token_stride : d->head_stride) != 0) {
-        st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_register: a %s layout takes %s, not %s", ci->lay.order == KVX_ORDER_HND ? "HND" : "NHD",
-                       ci->lay.order == KVX_ORDER_HND ? "head_stride" : "token_stride", ci->lay.order == KVX_ORDER_HND ? "token_stride" : "head_stride");
-        goto fail;
-    }
-    if ((st = kvx__strides_check(ctx, ci, "kvx_cache_register")) != KVX_OK) goto fail;
+    if ((st = kvx__cache_desc_check(ctx, d, ci)) != KVX_OK) goto fail;
     ci->id = ctx->ncaches;
     c->seen = (uint64_t *)kvx__calloc((ci->lay.num_blocks + 63u) / 64u, sizeof *c->seen);
     ci->nplanes = ci->lay.num_layers * ci->lay.kv_planes;
@@ -674,25 +706,7 @@ KVX_API kvx_status kvx_cache_register(kvx_ctx *ctx, const kvx_cache_desc *d, kvx
     ci->plane_region = (uint16_t *)kvx__calloc(ci->nplanes, sizeof *ci->plane_region);
     sp = (kvx__span *)kvx__calloc(ci->nplanes, sizeof *sp);
     if (!ci->plane_base || !ci->plane_region || !sp || !c->seen) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: out of memory"); goto fail; }
-    span = kvx__mul_sat(ci->lay.num_blocks - 1, ci->block_stride) + ci->block_extent;
-    for (p = 0; p < ci->nplanes; p++) {
-        uint64_t b = d->bases ? (uint64_t)(uintptr_t)d->bases[p]
-                              : (uint64_t)(uintptr_t)d->pool + (p / ci->lay.kv_planes) * d->layer_stride + (p % ci->lay.kv_planes) * d->plane_stride;
-        if (!b) { st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_cache_register: base of layer %u plane %u is NULL", p / ci->lay.kv_planes, p % ci->lay.kv_planes); goto fail; }
-        ci->plane_base[p] = b;
-        sp[p].a = b;
-        sp[p].b = b + span;
-    }
-    /* Few, large registrations: planes that overlap share one, and so do
-       planes that touch, unless they are GPU memory a transport registers
-       per allocation (see gpu_region_spans_allocations). */
-    touch = ci->mem == KVX_MEM_HOST || ctx->be_ops->gpu_region_spans_allocations;
-    qsort(sp, ci->nplanes, sizeof *sp, kvx__span_cmp);
-    for (n = 0, p = 0; p < ci->nplanes; p++) {
-        if (n && (sp[p].a < sp[n - 1].b || (touch && sp[p].a == sp[n - 1].b))) { if (sp[p].b > sp[n - 1].b) sp[n - 1].b = sp[p].b; }
-        else sp[n++] = sp[p];
-    }
-    if (n > KVX__MAX_REGIONS) { st = kvx__fail(ctx, KVX_ERR_ARG, "cache spans %u separate ranges, at most %u", n, KVX__MAX_REGIONS); goto fail; }
+    if ((st = kvx__cache_spans(ctx, d, ci, sp, &n)) != KVX_OK) goto fail;
     ci->csum_region = ci->gen_region = KVX__NO_CSUM;
     ci->regions = (kvx__region *)kvx__calloc(n + (d->checksums ? 1u : 0u) + (d->generations ? 1u : 0u), sizeof *ci->regions);
     if (!ci->regions) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_cache_register: out of memory"); goto fail; }
@@ -1427,12 +1441,11 @@ flush:  /* what the backend staged goes now, also when it had no room for more *
     if (ctx->be_ops->flush) ctx->be_ops->flush(ctx, q);
 }
 
-KVX__PRIV kvx_status kvx__post_check(kvx_queue *q, const kvx_read *r, kvx__read *rd, uint32_t *nruns_out) {
-    kvx_ctx *ctx = q->ctx;
-    const kvx__cache_info *lc, *rc;
+/* A read's peer and caches: this context's, live, and readable one from the other. */
+KVX__PRIV kvx_status kvx__post_ends(kvx_ctx *ctx, const kvx_read *r, kvx_peer **pp, kvx_cache **cp) {
     kvx_cache *cache = r->cache;
     kvx_peer *p;
-    uint32_t i, nruns, L, a, b, l0, r0;
+    uint32_t i;
     kvx_status st;
     for (p = ctx->peers; p && p != r->peer; p = p->next) {}
     if (!r->peer || !p) return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: peer is NULL or not a peer of this context");
@@ -1445,10 +1458,53 @@ KVX__PRIV kvx_status kvx__post_check(kvx_queue *q, const kvx_read *r, kvx__read 
     if (r->remote_cache >= p->ncaches)
         return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: remote_cache %u, peer %s/%d has %u", r->remote_cache, p->name, p->rank, p->ncaches);
     if (p->failed) return kvx__fail(ctx, KVX_ERR_PEER, "kvx_post: peer %s/%d failed or closed earlier; add its new metadata", p->name, p->rank);
+    if ((st = kvx__compat(ctx, &cache->info, p, &p->caches[r->remote_cache])) != KVX_OK) return st;
+    if (ctx->be_ops->can_read && (st = ctx->be_ops->can_read(ctx, &cache->info, p, &p->caches[r->remote_cache])) != KVX_OK) return st;
+    *pp = p;
+    *cp = cache;
+    return KVX_OK;
+}
+
+/* Every block id checked against both layouts before anything is posted,
+   and no local block twice; *nruns: the runs of consecutive ids. */
+KVX__PRIV kvx_status kvx__post_ids(kvx_ctx *ctx, const kvx_read *r, kvx_cache *cache, const kvx_peer *p, const kvx__cache_info *rc,
+                                   uint32_t *nruns) {
+    const kvx__cache_info *lc = &cache->info;
+    uint32_t i;
+    for (*nruns = 0, i = 0; i < r->num_blocks; i++) {
+        uint32_t l = r->local_blocks[i], rr = r->remote_blocks[i];
+        if (l >= lc->lay.num_blocks)
+            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: local block id %u at index %u is past the cache's %u blocks", l, i, lc->lay.num_blocks);
+        if (rr >= rc->lay.num_blocks)
+            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: remote block id %u at index %u is past peer %s/%d's %u blocks", rr, i, p->name, p->rank, rc->lay.num_blocks);
+        if (!i || l != r->local_blocks[i - 1] + 1 || rr != r->remote_blocks[i - 1] + 1) (*nruns)++;
+    }
+    /* Two reads into one local block in the same request would race: refuse.
+       A bit per block, set and then cleared, under the context lock. */
+    for (i = 0; i < r->num_blocks; i++) {
+        uint32_t l = r->local_blocks[i];
+        uint64_t bit = 1ull << (l & 63u);
+        if (cache->seen[l >> 6] & bit) {
+            uint32_t j;
+            for (j = 0; j < i; j++) cache->seen[r->local_blocks[j] >> 6] &= ~(1ull << (r->local_blocks[j] & 63u));
+            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: local block id %u appears twice (again at index %u)", l, i);
+        }
+        cache->seen[l >> 6] |= bit;
+    }
+    for (i = 0; i < r->num_blocks; i++) cache->seen[r->local_blocks[i] >> 6] &= ~(1ull << (r->local_blocks[i] & 63u));
+    return KVX_OK;
+}
+
+KVX__PRIV kvx_status kvx__post_check(kvx_queue *q, const kvx_read *r, kvx__read *rd, uint32_t *nruns_out) {
+    kvx_ctx *ctx = q->ctx;
+    const kvx__cache_info *lc, *rc;
+    kvx_cache *cache = NULL;
+    kvx_peer *p = NULL;
+    uint32_t nruns, L, a, b, l0, r0;
+    kvx_status st;
+    if ((st = kvx__post_ends(ctx, r, &p, &cache)) != KVX_OK) return st;
     lc = &cache->info;
     rc = &p->caches[r->remote_cache];
-    if ((st = kvx__compat(ctx, lc, p, rc)) != KVX_OK) return st;
-    if (ctx->be_ops->can_read && (st = ctx->be_ops->can_read(ctx, lc, p, rc)) != KVX_OK) return st;
     if (!r->num_blocks && r->notify) {  /* only a notification: no heads, blocks or layers to check */
         if (r->verify || r->remote_generations)
             return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: a read of no blocks only notifies; it has nothing to verify or check generations of");
@@ -1470,28 +1526,7 @@ KVX__PRIV kvx_status kvx__post_check(kvx_queue *q, const kvx_read *r, kvx__read 
     if (a == b)
         return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: peer %s/%d (rank %d of %d) is not the source of any head of rank %d of %d",
                          p->name, p->rank, p->rank, p->tp_size, ctx->rank, ctx->tp_size);
-    /* Every id checked against both layouts before anything is posted. */
-    for (nruns = 0, i = 0; i < r->num_blocks; i++) {
-        uint32_t l = r->local_blocks[i], rr = r->remote_blocks[i];
-        if (l >= lc->lay.num_blocks)
-            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: local block id %u at index %u is past the cache's %u blocks", l, i, lc->lay.num_blocks);
-        if (rr >= rc->lay.num_blocks)
-            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: remote block id %u at index %u is past peer %s/%d's %u blocks", rr, i, p->name, p->rank, rc->lay.num_blocks);
-        if (!i || l != r->local_blocks[i - 1] + 1 || rr != r->remote_blocks[i - 1] + 1) nruns++;
-    }
-    /* Two reads into one local block in the same request would race: refuse.
-       A bit per block, set and then cleared, under the context lock. */
-    for (i = 0; i < r->num_blocks; i++) {
-        uint32_t l = r->local_blocks[i];
-        uint64_t bit = 1ull << (l & 63u);
-        if (cache->seen[l >> 6] & bit) {
-            uint32_t j;
-            for (j = 0; j < i; j++) cache->seen[r->local_blocks[j] >> 6] &= ~(1ull << (r->local_blocks[j] & 63u));
-            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: local block id %u appears twice (again at index %u)", l, i);
-        }
-        cache->seen[l >> 6] |= bit;
-    }
-    for (i = 0; i < r->num_blocks; i++) cache->seen[r->local_blocks[i] >> 6] &= ~(1ull << (r->local_blocks[i] & 63u));
+    if ((st = kvx__post_ids(ctx, r, cache, p, rc, &nruns)) != KVX_OK) return st;
     if (nruns > q->max_runs)
         return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: %u runs of block ids, the queue holds %u (kvx_queue_desc.max_runs)", nruns, q->max_runs);
     l0 = kvx__head_first(&lc->lay, ctx->rank, ctx->tp_size);
