@@ -507,69 +507,53 @@ KVX__PRIV void kvx__ucx_reply_sent(void *req, ucs_status_t status, void *user) {
     ucp_request_free(req);
 }
 
-/* Owner: serve a request. Without this context's secret it is dropped
-   unanswered; a range outside what kvx registered is refused (an answer:
-   the reader holds the metadata). Bytes asked within the ttl the owner
-   allows (its own timeout at most) are held for deregistration. */
-KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t header_length, void *data, size_t length,
-                                         const ucp_am_recv_param_t *param) {
-    kvx_ctx *ctx = (kvx_ctx *)arg;
-    kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
-    kvx__get_req rq;
-    kvx__get_rep rp;
-    kvx__ucx_msg *m;
-    kvx__ucx_epacct *a;
+/* Owner: a request's header, read and checked for this context's secret;
+   0 where it is dropped unanswered (counted). */
+KVX__PRIV int kvx__ucx_req_take(kvx_ctx *ctx, const void *header, size_t header_length, const ucp_am_recv_param_t *param, kvx__get_req *rq) {
     uint32_t ver = 0;
     int e;
-    ucp_request_param_t prm;
-    ucs_status_ptr_t sp;
-    uint64_t bytes, lo, hi, ttl, max_ttl = (uint64_t)ctx->timeout_ms * 1000000ull;
-    int ok, np;
-    size_t n;
     /* A rendezvous descriptor is UCX's to release when this returns UCS_OK
-       (ucp_am_rndv_process_rts): a request carries no data. */
-    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) { KVX__DROP(ctx, "ucx: a get request with a rendezvous payload dropped"); return UCS_OK; }
-    if ((e = kvx__get_req_read((const uint8_t *)header, header_length, &rq, &ver)) != KVX__WIRE_OK || !(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) {
+       (ucp_am_rndv_process_rts): a request's data is a few ranges, eager. */
+    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) { KVX__DROP(ctx, "ucx: a get request with a rendezvous payload dropped"); return 0; }
+    if ((e = kvx__get_req_read((const uint8_t *)header, header_length, rq, &ver)) != KVX__WIRE_OK || !(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) {
         if (e == KVX__WIRE_VERSION) KVX__DROP(ctx, "ucx: a get request of version %u dropped: this kvx speaks version %u (upgrade both sides)", ver, KVX__GET_VERSION);
         else KVX__DROP(ctx, "ucx: a get request dropped (%zu-byte header: %s)", header_length, e ? kvx__wire_why(e) : "no reply endpoint");
-        return UCS_OK;
+        return 0;
     }
-    if (!kvx__ct_equal(rq.secret, ctx->secret, KVX__SECRET_BYTES)) {
+    if (!kvx__ct_equal(rq->secret, ctx->secret, KVX__SECRET_BYTES)) {
         KVX__DROP(ctx, "ucx: a get request without this context's secret dropped: a process without its current metadata, or of an "
                   "epoch before kvx_ctx_rotate");
-        return UCS_OK;
+        return 0;
     }
-    if ((np = kvx__ucx_serve_ranges(ctx, &rq, (const uint8_t *)data, length, NULL, &bytes, &lo, &hi)) < 0) {
-        KVX__DROP(ctx, "ucx: a get request dropped (%zu bytes of ranges: not whole ranges, or more than %u)", length, KVX__UCX_GET_RANGES);
-        return UCS_OK;
-    }
-    ok = np > 0;
-    a = kvx__ucx_acct_find(u, param->reply_ep, 1);
-    if (!a || u->nreplies >= KVX__UCX_REPLIES || a->replies >= KVX__UCX_EP_REPLIES ||
-        (ok && a->bytes + bytes > KVX__UCX_EP_BYTES)) {
-        if (a) kvx__ucx_acct_forget(u, a);  /* an entry made for this request alone goes again */
-        KVX__DROP(ctx, "ucx: a get request dropped: %s", !a ? "out of memory" : u->nreplies >= KVX__UCX_REPLIES ?
-                  "the owner holds its most replies in all" : "the owner holds its most replies for that reader, which is not taking them");
-        return UCS_OK;
-    }
-    if (!ok)
-        KVX__WARN_HELD(ctx, "ucx: refused a get of %llu x %llu bytes at 0x%llx%s: not inside memory this context registered, or past "
-                       "a request's bounds", (unsigned long long)rq.count, (unsigned long long)rq.len, (unsigned long long)rq.raddr,
-                       length ? " and more ranges" : "");
-    n = ok && np > 1 ? (size_t)np : 0;  /* pieces apart: sent as one, from an iov */
+    return 1;
+}
+
+/* Owner: the reply to a request that passed (np pieces of bytes in [lo, hi)
+   when np > 0; a refusal when 0), counted to its endpoint's entry a. Bytes
+   asked within the ttl the owner allows (its own timeout at most) are held
+   for deregistration. */
+KVX__PRIV void kvx__ucx_reply(kvx_ctx *ctx, kvx__ucx_epacct *a, ucp_ep_h ep, const kvx__get_req *rq, const void *data, size_t length,
+                              int np, uint64_t bytes, uint64_t lo, uint64_t hi) {
+    kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
+    uint64_t ttl, max_ttl = (uint64_t)ctx->timeout_ms * 1000000ull;
+    size_t n = np > 1 ? (size_t)np : 0;  /* pieces apart: sent as one, from an iov */
+    kvx__get_rep rp;
+    kvx__ucx_msg *m;
+    ucp_request_param_t prm;
+    ucs_status_ptr_t sp;
     if (!(m = (kvx__ucx_msg *)KVX_MALLOC(sizeof *m + n * sizeof(ucp_dt_iov_t)))) {  /* the reader's deadline ends it */
         kvx__ucx_acct_forget(u, a);
-        return UCS_OK;
+        return;
     }
     memset(m, 0, sizeof *m);
     m->ctx = ctx;
-    m->ep = param->reply_ep;
-    m->charged = ok ? bytes : 0;
+    m->ep = ep;
+    m->charged = np ? bytes : 0;
     a->replies++;
     a->bytes += m->charged;
     u->nreplies++;
     memcpy(rp.secret, ctx->secret, KVX__SECRET_BYTES);
-    rp.id = rq.id; rp.nonce = rq.nonce; rp.off = rq.off; rp.len = ok ? bytes : 0; rp.status = ok ? 0u : 1u;
+    rp.id = rq->id; rp.nonce = rq->nonce; rp.off = rq->off; rp.len = np ? bytes : 0; rp.status = np ? 0u : 1u;
     kvx__get_rep_write(m->hdr, &rp);
     memset(&prm, 0, sizeof prm);
     prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
@@ -579,19 +563,19 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
     prm.flags = UCP_AM_SEND_FLAG_EAGER | UCP_AM_SEND_FLAG_REPLY;
     if (n) {
         ucp_dt_iov_t *iov = (ucp_dt_iov_t *)(m + 1);
-        n = (size_t)kvx__ucx_serve_ranges(ctx, &rq, (const uint8_t *)data, length, iov, &bytes, &lo, &hi);
+        n = (size_t)kvx__ucx_serve_ranges(ctx, rq, (const uint8_t *)data, length, iov, &bytes, &lo, &hi);
         prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
         prm.datatype = ucp_dt_make_iov();
-        sp = ucp_am_send_nbx(param->reply_ep, KVX__UCX_AM_GET_REPLY, m->hdr, KVX__GET_REP_BYTES, iov, n, &prm);
+        sp = ucp_am_send_nbx(ep, KVX__UCX_AM_GET_REPLY, m->hdr, KVX__GET_REP_BYTES, iov, n, &prm);
     } else {
-        sp = ucp_am_send_nbx(param->reply_ep, KVX__UCX_AM_GET_REPLY, m->hdr, KVX__GET_REP_BYTES,
-                             ok ? (void *)(uintptr_t)rq.raddr : NULL, ok ? (size_t)bytes : 0, &prm);
+        sp = ucp_am_send_nbx(ep, KVX__UCX_AM_GET_REPLY, m->hdr, KVX__GET_REP_BYTES, np ? (void *)(uintptr_t)rq->raddr : NULL,
+                             np ? (size_t)bytes : 0, &prm);
     }
     if (sp == NULL || UCS_PTR_IS_ERR(sp)) {
         kvx__ucx_acct_drop(u, m);
         KVX_FREE(m);
-    } else if (ok && bytes) {  /* still sending from the cache: listed until it completes */
-        ttl = rq.ttl_ns < max_ttl ? rq.ttl_ns : max_ttl;  /* what the reader says, within what this owner allows */
+    } else if (np && bytes) {  /* still sending from the cache: listed until it completes */
+        ttl = rq->ttl_ns < max_ttl ? rq->ttl_ns : max_ttl;  /* what the reader says, within what this owner allows */
         m->addr = lo; m->len = hi - lo;
         m->until_ns = kvx__now_ns() + ttl;
         m->prev = NULL; m->next = u->replies;
@@ -599,6 +583,38 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
         u->replies = m;
         m->listed = 1;
     }
+}
+
+/* Owner: serve a request. Without this context's secret it is dropped
+   unanswered; a range outside what kvx registered is refused (an answer:
+   the reader holds the metadata); past the owner's bounds on what it holds
+   for readers, dropped. */
+KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t header_length, void *data, size_t length,
+                                         const ucp_am_recv_param_t *param) {
+    kvx_ctx *ctx = (kvx_ctx *)arg;
+    kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
+    kvx__get_req rq;
+    kvx__ucx_epacct *a;
+    uint64_t bytes, lo, hi;
+    int np;
+    if (!kvx__ucx_req_take(ctx, header, header_length, param, &rq)) return UCS_OK;
+    if ((np = kvx__ucx_serve_ranges(ctx, &rq, (const uint8_t *)data, length, NULL, &bytes, &lo, &hi)) < 0) {
+        KVX__DROP(ctx, "ucx: a get request dropped (%zu bytes of ranges: not whole ranges, or more than %u)", length, KVX__UCX_GET_RANGES);
+        return UCS_OK;
+    }
+    a = kvx__ucx_acct_find(u, param->reply_ep, 1);
+    if (!a || u->nreplies >= KVX__UCX_REPLIES || a->replies >= KVX__UCX_EP_REPLIES ||
+        (np && a->bytes + bytes > KVX__UCX_EP_BYTES)) {
+        if (a) kvx__ucx_acct_forget(u, a);  /* an entry made for this request alone goes again */
+        KVX__DROP(ctx, "ucx: a get request dropped: %s", !a ? "out of memory" : u->nreplies >= KVX__UCX_REPLIES ?
+                  "the owner holds its most replies in all" : "the owner holds its most replies for that reader, which is not taking them");
+        return UCS_OK;
+    }
+    if (!np)
+        KVX__WARN_HELD(ctx, "ucx: refused a get of %llu x %llu bytes at 0x%llx%s: not inside memory this context registered, or past "
+                       "a request's bounds", (unsigned long long)rq.count, (unsigned long long)rq.len, (unsigned long long)rq.raddr,
+                       length ? " and more ranges" : "");
+    kvx__ucx_reply(ctx, a, param->reply_ep, &rq, data, length, np, bytes, lo, hi);
     return UCS_OK;
 }
 
