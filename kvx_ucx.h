@@ -393,27 +393,17 @@ KVX__PRIV void kvx__ucx_quiet(void) {
     pthread_once(&once, kvx__ucx_quiet_once);
 }
 
-KVX__PRIV kvx_status kvx__ucx_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
-    const char *sw = getenv("KVX_UCX_SOFTWARE_RMA");
+/* The worker peers reach: active messages only (kvx's get, notifications),
+   with kvx's handlers. */
+KVX__PRIV kvx_status kvx__ucx_am_open(kvx_ctx *ctx, kvx__ucx *u) {
     const char *am_set[] = {"NET_DEVICES", NULL, "TCP_PUT_ENABLE", "n", NULL, NULL, NULL};
-    const char *rma_set[] = {"TLS", NULL, NULL, NULL, NULL};
+    static const unsigned ids[3] = {KVX__UCX_AM_NOTIFY, KVX__UCX_AM_GET, KVX__UCX_AM_GET_REPLY};
+    ucp_am_recv_callback_t cbs[3];
     ucp_am_handler_param_t am;
     ucp_context_attr_t attr;
-    struct epoll_event ev;
-    kvx__ucx_addr_msg msg;
     kvx_status st;
     ucs_status_t s;
-    unsigned major, minor, release;
-    kvx__ucx *u = (kvx__ucx *)kvx__calloc(1, sizeof *u);
-    if (!u) return kvx__fail(ctx, KVX_ERR_NOMEM, "ucx: out of memory");
-    ctx->be = u;
-    u->am.efd = u->rma.efd = u->epfd = -1;
-    ucp_get_version(&major, &minor, &release);  /* the library loaded, which may not be the headers' */
-    u->version = KVX__UCX_VERSION(major, minor);
-    u->software_rma = desc->ucx.software_rma ? desc->ucx.software_rma > 0 : sw && *sw && strcmp(sw, "0") != 0;
-    kvx__ucx_quiet();
-    if (kvx__nonces_init(&u->get.nonces) != 0) { kvx__ucx_close(ctx); return kvx__fail(ctx, KVX_ERR_BACKEND, "ucx: no random bytes from the kernel"); }
-    kvx__ucx_net_devices(desc, u->net_devices, sizeof u->net_devices);
+    int k;
     am_set[1] = u->net_devices;
     /* Not UCX_PROTO_ENABLE=y on 1.13: its newer protocols cannot abort a
        software get (an assertion in ucp_ep_reqs_purge) when a peer fails.
@@ -424,23 +414,27 @@ KVX__PRIV kvx_status kvx__ucx_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
        2-core machine). Where UCX_PROTO_ENABLE is set, or software RMA
        stages GPU caches through this worker, UCX's choice stands. */
     if (!getenv("UCX_PROTO_ENABLE") && !u->software_rma) { am_set[4] = "PROTO_ENABLE"; am_set[5] = "n"; }
-    if ((st = kvx__ucx_side_open(ctx, &u->am, UCP_FEATURE_AM, am_set, "active message")) != KVX_OK) { kvx__ucx_close(ctx); return st; }
+    if ((st = kvx__ucx_side_open(ctx, &u->am, UCP_FEATURE_AM, am_set, "active message")) != KVX_OK) return st;
+    cbs[0] = kvx__ucx_am_cb; cbs[1] = kvx__ucx_get_serve; cbs[2] = kvx__ucx_get_reply;
     memset(&am, 0, sizeof am);
     am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
-    am.id = KVX__UCX_AM_NOTIFY;
-    am.cb = kvx__ucx_am_cb;
     am.arg = ctx;
-    if ((s = ucp_worker_set_am_recv_handler(u->am.worker, &am)) != UCS_OK) { kvx__ucx_close(ctx); return kvx__ucx_fail(ctx, "ucp_worker_set_am_recv_handler", s); }
-    am.id = KVX__UCX_AM_GET;
-    am.cb = kvx__ucx_get_serve;
-    if ((s = ucp_worker_set_am_recv_handler(u->am.worker, &am)) != UCS_OK) { kvx__ucx_close(ctx); return kvx__ucx_fail(ctx, "ucp_worker_set_am_recv_handler", s); }
-    am.id = KVX__UCX_AM_GET_REPLY;
-    am.cb = kvx__ucx_get_reply;
-    if ((s = ucp_worker_set_am_recv_handler(u->am.worker, &am)) != UCS_OK) { kvx__ucx_close(ctx); return kvx__ucx_fail(ctx, "ucp_worker_set_am_recv_handler", s); }
+    for (k = 0; k < 3; k++) {
+        am.id = ids[k];
+        am.cb = cbs[k];
+        if ((s = ucp_worker_set_am_recv_handler(u->am.worker, &am)) != UCS_OK) return kvx__ucx_fail(ctx, "ucp_worker_set_am_recv_handler", s);
+    }
     memset(&attr, 0, sizeof attr);  /* what UCX can take at all; the rma context's, if there is one, below */
     attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
     if (ucp_context_query(u->am.context, &attr) == UCS_OK) u->mem_types = attr.memory_types;
-    /* The rma worker: keyed transports only, unless software RMA was asked for. */
+    return KVX_OK;
+}
+
+/* The rma worker: keyed transports only, unless software RMA was asked
+   for. None is no error: host caches are then read by kvx's own get. */
+KVX__PRIV void kvx__ucx_rma_open(kvx_ctx *ctx, kvx__ucx *u, const kvx_ctx_desc *desc) {
+    const char *rma_set[] = {"TLS", NULL, NULL, NULL, NULL};
+    ucp_context_attr_t attr;
     if (u->software_rma) {
         const char *tls = getenv("UCX_TLS");
         kvx__strlcpy(u->rma_tls, tls && *tls ? tls : "all", sizeof u->rma_tls);
@@ -452,35 +446,61 @@ KVX__PRIV kvx_status kvx__ucx_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     } else {
         kvx__ucx_rma_tls(u->am.context, u->rma_tls, sizeof u->rma_tls);
     }
-    if (u->rma_tls[0]) {
-        rma_set[1] = u->rma_tls;
-        if (kvx__ucx_side_open(ctx, &u->rma, UCP_FEATURE_RMA, rma_set, "one-sided") != KVX_OK) {
-            KVX__LOG(ctx, KVX_LOG_INFO, "ucx: no worker for one-sided reads over %s (%s): host caches are read by kvx's own get",
-                     u->rma_tls, ctx->err);
-            kvx__ucx_side_close(&u->rma);
-            u->rma_tls[0] = 0;
-        } else {
-            memset(&attr, 0, sizeof attr);
-            attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
-            if (ucp_context_query(u->rma.context, &attr) == UCS_OK) u->mem_types = attr.memory_types;
-        }
+    if (!u->rma_tls[0]) return;
+    rma_set[1] = u->rma_tls;
+    if (kvx__ucx_side_open(ctx, &u->rma, UCP_FEATURE_RMA, rma_set, "one-sided") != KVX_OK) {
+        KVX__LOG(ctx, KVX_LOG_INFO, "ucx: no worker for one-sided reads over %s (%s): host caches are read by kvx's own get",
+                 u->rma_tls, ctx->err);
+        kvx__ucx_side_close(&u->rma);
+        u->rma_tls[0] = 0;
+        return;
     }
-    if ((u->epfd = epoll_create1(EPOLL_CLOEXEC)) < 0) { kvx__ucx_close(ctx); return kvx__fail(ctx, KVX_ERR_BACKEND, "ucx: epoll_create1: %s", strerror(errno)); }
+    memset(&attr, 0, sizeof attr);
+    attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+    if (ucp_context_query(u->rma.context, &attr) == UCS_OK) u->mem_types = attr.memory_types;
+}
+
+/* One fd to sleep on for both workers, and the address peers get. */
+KVX__PRIV kvx_status kvx__ucx_fd_and_address(kvx_ctx *ctx, kvx__ucx *u) {
+    struct epoll_event ev;
+    kvx__ucx_addr_msg msg;
+    if ((u->epfd = epoll_create1(EPOLL_CLOEXEC)) < 0) return kvx__fail(ctx, KVX_ERR_BACKEND, "ucx: epoll_create1: %s", strerror(errno));
     memset(&ev, 0, sizeof ev);
     ev.events = EPOLLIN;
     if (epoll_ctl(u->epfd, EPOLL_CTL_ADD, u->am.efd, &ev) != 0 ||
-        (u->rma.context && epoll_ctl(u->epfd, EPOLL_CTL_ADD, u->rma.efd, &ev) != 0)) {
-        kvx__ucx_close(ctx);
+        (u->rma.context && epoll_ctl(u->epfd, EPOLL_CTL_ADD, u->rma.efd, &ev) != 0))
         return kvx__fail(ctx, KVX_ERR_BACKEND, "ucx: epoll_ctl: %s", strerror(errno));
-    }
     msg.am = (const uint8_t *)u->am.addr; msg.am_len = (uint32_t)u->am.addr_len;
     msg.rma = (const uint8_t *)u->rma.addr; msg.rma_len = u->rma.context ? (uint32_t)u->rma.addr_len : 0;
     u->addr_msg_len = (uint32_t)kvx__ucx_addr_write(NULL, 0, &msg);
-    if (!(u->addr_msg = (uint8_t *)KVX_MALLOC(u->addr_msg_len))) { kvx__ucx_close(ctx); return kvx__fail(ctx, KVX_ERR_NOMEM, "ucx: out of memory"); }
+    if (!(u->addr_msg = (uint8_t *)KVX_MALLOC(u->addr_msg_len))) return kvx__fail(ctx, KVX_ERR_NOMEM, "ucx: out of memory");
     kvx__ucx_addr_write(u->addr_msg, u->addr_msg_len, &msg);
+    return KVX_OK;
+}
+
+KVX__PRIV kvx_status kvx__ucx_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
+    const char *sw = getenv("KVX_UCX_SOFTWARE_RMA");
+    kvx_status st;
+    unsigned major, minor, release;
+    kvx__ucx *u = (kvx__ucx *)kvx__calloc(1, sizeof *u);
+    if (!u) return kvx__fail(ctx, KVX_ERR_NOMEM, "ucx: out of memory");
+    ctx->be = u;
+    u->am.efd = u->rma.efd = u->epfd = -1;
+    ucp_get_version(&major, &minor, &release);  /* the library loaded, which may not be the headers' */
+    u->version = KVX__UCX_VERSION(major, minor);
+    u->software_rma = desc->ucx.software_rma ? desc->ucx.software_rma > 0 : sw && *sw && strcmp(sw, "0") != 0;
+    kvx__ucx_quiet();
+    if (kvx__nonces_init(&u->get.nonces) != 0) { st = kvx__fail(ctx, KVX_ERR_BACKEND, "ucx: no random bytes from the kernel"); goto fail; }
+    kvx__ucx_net_devices(desc, u->net_devices, sizeof u->net_devices);
+    if ((st = kvx__ucx_am_open(ctx, u)) != KVX_OK) goto fail;
+    kvx__ucx_rma_open(ctx, u, desc);
+    if ((st = kvx__ucx_fd_and_address(ctx, u)) != KVX_OK) goto fail;
     KVX__LOG(ctx, KVX_LOG_INFO, "ucx %s: active messages on %s; one-sided reads over %s", ucp_get_version_string(), u->net_devices,
              u->rma_tls[0] ? u->rma_tls : "nothing (no transport that enforces keys)");
     return KVX_OK;
+fail:
+    kvx__ucx_close(ctx);
+    return st;
 }
 
 KVX__PRIV void kvx__ucx_query(const kvx_ctx *ctx, kvx_ctx_desc *out) {
