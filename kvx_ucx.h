@@ -1070,35 +1070,23 @@ KVX__PRIV kvx_status kvx__ucx_connect_rma(kvx_ctx *ctx, kvx_peer *p, const kvx__
    all (UCX_TLS=sm, say) does kvx go on without it, loudly: a peer that dies
    or stops mid-read is then found by the deadline alone, and UCX cannot
    cancel the reads it holds. */
-KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
+/* The endpoint to the peer's active-message worker, with peer failure
+   handling where UCX offers it, its wireup finished. */
+KVX__PRIV kvx_status kvx__ucx_connect_am(kvx_ctx *ctx, kvx_peer *p, const kvx__ucx_addr_msg *a, kvx__ucx_peer *pp) {
     kvx__ucx *u = kvx__ucx_of(ctx);
-    kvx__ucx_addr_msg a;
-    kvx__ucx_peer *pp;
     ucp_ep_h h = NULL;
     kvx__ucx_epref *ref = NULL;
-    ucs_status_t s;
-    kvx_status st;
-    uint32_t ver = 0;
-    int e = kvx__ucx_addr_read(p->addr, p->addr_len, &a, &ver);
-    if (e == KVX__WIRE_VERSION)
-        return kvx__fail(ctx, KVX_ERR_MISMATCH, "ucx: the address of %s/%d is of version %u, this kvx reads version %u", p->name, p->rank, ver, KVX__UCX_ADDR_VERSION);
-    if (e != KVX__WIRE_OK) return kvx__fail(ctx, KVX_ERR_ARG, "ucx: the address of %s/%d is malformed (%s)", p->name, p->rank, kvx__wire_why(e));
-    if (!(pp = (kvx__ucx_peer *)kvx__calloc(1, sizeof *pp))) return kvx__fail(ctx, KVX_ERR_NOMEM, "ucx: out of memory");
-    pp->wait_head = pp->wait_tail = KVX__UCX_NONE;
-    p->be = NULL;
-    s = kvx__ucx_ep(ctx, &u->am, p, a.am, UCP_ERR_HANDLING_MODE_PEER, &h, &ref);
+    char what[400];
+    ucs_status_t s = kvx__ucx_ep(ctx, &u->am, p, a->am, UCP_ERR_HANDLING_MODE_PEER, &h, &ref);
     if (s == UCS_ERR_UNREACHABLE) {
-        s = kvx__ucx_ep(ctx, &u->am, p, a.am, UCP_ERR_HANDLING_MODE_NONE, &h, &ref);
+        s = kvx__ucx_ep(ctx, &u->am, p, a->am, UCP_ERR_HANDLING_MODE_NONE, &h, &ref);
         pp->am_unsafe = s == UCS_OK;
     }
     if (s != UCS_OK) {
-        char what[128];
-        KVX_FREE(pp);
         snprintf(what, sizeof what, "ucp_ep_create to %s/%d", p->name, p->rank);
         return kvx__ucx_fail(ctx, what, s);
     }
     if ((s = kvx__ucx_wireup(ctx, h)) != UCS_OK) {
-        KVX_FREE(pp);
         /* UCX 1.13 can abort when an endpoint still in wireup is closed by
            force, so a peer that never answered keeps its endpoint until the
            context is destroyed. */
@@ -1108,33 +1096,17 @@ KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
                              p->name, p->rank, p->pid, p->host, ctx->timeout_ms);
         }
         kvx__ucx_ep_close(ctx, h, ref);
-        {
-            char what[400];
-            snprintf(what, sizeof what, "connecting to %s/%d (pid %u on %s)", p->name, p->rank, p->pid, p->host);
-            kvx__ucx_fail(ctx, what, s);
-            return KVX_ERR_PEER;
-        }
+        snprintf(what, sizeof what, "connecting to %s/%d (pid %u on %s)", p->name, p->rank, p->pid, p->host);
+        kvx__ucx_fail(ctx, what, s);
+        return KVX_ERR_PEER;
     }
     pp->am = h;
     pp->am_ref = ref;
-    p->be = pp;
-    if ((st = kvx__ucx_connect_rma(ctx, p, &a)) != KVX_OK) { kvx__ucx_disconnect(ctx, p); return st; }
-    s = kvx__ucx_paths(ctx, p);
-    /* Before 1.22 the first read completes the wireup (kvx__ucx_probe); from
-       1.22 the paths' first reads did, and there is no abort to avoid. */
-    if (s == UCS_OK && u->version < KVX__UCX_VERSION(1, 22)) s = kvx__ucx_probe(ctx, p);
-    if (s != UCS_OK) {
-        kvx__ucx_disconnect(ctx, p);
-        if (s == UCS_ERR_TIMED_OUT)
-            return kvx__fail(ctx, KVX_ERR_TIMEOUT, "ucx: %s/%d (pid %u on %s) did not serve a first read within %u ms",
-                             p->name, p->rank, p->pid, p->host, ctx->timeout_ms);
-        {
-            char what[400];
-            snprintf(what, sizeof what, "first read from %s/%d (pid %u on %s)", p->name, p->rank, p->pid, p->host);
-            kvx__ucx_fail(ctx, what, s);
-            return KVX_ERR_PEER;
-        }
-    }
+    return KVX_OK;
+}
+
+/* What a connected peer's transport leaves without: said once, at connect. */
+KVX__PRIV void kvx__ucx_connect_warn(kvx_ctx *ctx, kvx_peer *p, const kvx__ucx_peer *pp) {
     if (pp->rma_unsafe && strstr(p->transport, "(no failure handling)"))
         KVX__LOG(ctx, KVX_LOG_WARN, "ucx: GPU caches of %s/%d are read without peer failure handling (%s): UCX's shared memory, "
                  "which carries the endpoint's wireup on this host, has none, so a peer that dies or stops mid-read is found by the "
@@ -1148,6 +1120,40 @@ KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
                  "cannot handle peer failure, which kvx requires; use the CUDA backend for same-host GPU caches",
                  ucp_get_version_string(), p->name, p->rank);
     }
+}
+
+KVX__PRIV kvx_status kvx__ucx_connect(kvx_ctx *ctx, kvx_peer *p) {
+    kvx__ucx *u = kvx__ucx_of(ctx);
+    kvx__ucx_addr_msg a;
+    kvx__ucx_peer *pp;
+    ucs_status_t s;
+    kvx_status st;
+    uint32_t ver = 0;
+    int e = kvx__ucx_addr_read(p->addr, p->addr_len, &a, &ver);
+    char what[400];
+    if (e == KVX__WIRE_VERSION)
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "ucx: the address of %s/%d is of version %u, this kvx reads version %u", p->name, p->rank, ver, KVX__UCX_ADDR_VERSION);
+    if (e != KVX__WIRE_OK) return kvx__fail(ctx, KVX_ERR_ARG, "ucx: the address of %s/%d is malformed (%s)", p->name, p->rank, kvx__wire_why(e));
+    if (!(pp = (kvx__ucx_peer *)kvx__calloc(1, sizeof *pp))) return kvx__fail(ctx, KVX_ERR_NOMEM, "ucx: out of memory");
+    pp->wait_head = pp->wait_tail = KVX__UCX_NONE;
+    p->be = NULL;
+    if ((st = kvx__ucx_connect_am(ctx, p, &a, pp)) != KVX_OK) { KVX_FREE(pp); return st; }
+    p->be = pp;
+    if ((st = kvx__ucx_connect_rma(ctx, p, &a)) != KVX_OK) { kvx__ucx_disconnect(ctx, p); return st; }
+    s = kvx__ucx_paths(ctx, p);
+    /* Before 1.22 the first read completes the wireup (kvx__ucx_probe); from
+       1.22 the paths' first reads did, and there is no abort to avoid. */
+    if (s == UCS_OK && u->version < KVX__UCX_VERSION(1, 22)) s = kvx__ucx_probe(ctx, p);
+    if (s != UCS_OK) {
+        kvx__ucx_disconnect(ctx, p);
+        if (s == UCS_ERR_TIMED_OUT)
+            return kvx__fail(ctx, KVX_ERR_TIMEOUT, "ucx: %s/%d (pid %u on %s) did not serve a first read within %u ms",
+                             p->name, p->rank, p->pid, p->host, ctx->timeout_ms);
+        snprintf(what, sizeof what, "first read from %s/%d (pid %u on %s)", p->name, p->rank, p->pid, p->host);
+        kvx__ucx_fail(ctx, what, s);
+        return KVX_ERR_PEER;
+    }
+    kvx__ucx_connect_warn(ctx, p, pp);
     return KVX_OK;
 }
 
