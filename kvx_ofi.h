@@ -149,6 +149,9 @@
 */
 #ifndef KVX_OFI_INCLUDED
 #define KVX_OFI_INCLUDED
+#include "kvx_internal.h"
+#include "kvx_auth.h"
+#include "kvx_wire.h"
 
 #include <rdma/fabric.h>
 #include <rdma/fi_cm.h>
@@ -412,26 +415,37 @@ KVX__PRIV void kvx__ofi_pep_lmr_drop(kvx__ofi_pep *pe, uint32_t slot) {
     if (slot < pe->nl && pe->lmr[slot]) { fi_close(&pe->lmr[slot]->fid); pe->lmr[slot] = NULL; pe->ldesc[slot] = NULL; }
 }
 
-KVX__PRIV kvx_status kvx__ofi_mem_register(kvx_ctx *ctx, const kvx__cache_info *ci, kvx__region *r) {
-    kvx__ofi *o = kvx__ofi_of(ctx);
-    kvx__ofi_lmr *lm;
-    kvx__ofi_pep *pe;
-    uint64_t base = r->addr, key = 0;
-    uint8_t *raw = NULL;
-    size_t rawlen = 0;
-    uint32_t slot, i;
-    kvx__ofi_rkey_msg km;
-    int ret, cuda = ci->mem == KVX_MEM_CUDA;
-    if (cuda && !o->hmem) {
+/* GPU memory refused: said at kvx_cache_register, far from the cause, so
+   the message names fi_version, the provider and what to install. */
+KVX__PRIV kvx_status kvx__ofi_no_hmem(kvx_ctx *ctx) {
+    const kvx__ofi *o = kvx__ofi_of(ctx);
+    uint32_t v = fi_version();
+    return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric %u.%u provider %s: this endpoint has no FI_HMEM (%s), so it cannot read GPU memory: "
+                     "install a libfabric built with CUDA (configure --with-cuda, or the EFA installer's) and use a provider that offers FI_HMEM "
+                     "(efa, verbs;ofi_rxm), or use the CUDA backend (KVX_CUDA) for GPU caches on one host",
+                     FI_MAJOR(v), FI_MINOR(v), o->prov,
+                     o->shm ? "kvx does not ask shm for it, since it turns shm's CMA path off; KVX_OFI_HMEM=1 asks anyway" : "the provider does not offer it");
+}
+
+/* A cache region's registration refused: for GPU memory the registration
+   is the only trial of a libfabric built with CUDA, so say so. */
+KVX__PRIV kvx_status kvx__ofi_reg_refused(kvx_ctx *ctx, const kvx__cache_info *ci, int ret) {
+    if (ci->mem == KVX_MEM_CUDA) {
         uint32_t v = fi_version();
-        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric %u.%u provider %s: this endpoint has no FI_HMEM (%s), so it cannot read GPU memory: "
-                         "install a libfabric built with CUDA (configure --with-cuda, or the EFA installer's) and use a provider that offers FI_HMEM "
-                         "(efa, verbs;ofi_rxm), or use the CUDA backend (KVX_CUDA) for GPU caches on one host",
-                         FI_MAJOR(v), FI_MINOR(v), o->prov,
-                         o->shm ? "kvx does not ask shm for it, since it turns shm's CMA path off; KVX_OFI_HMEM=1 asks anyway" : "the provider does not offer it");
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric %u.%u provider %s refused to register CUDA memory (device %d, FI_HMEM_CUDA): %s: "
+                         "install a libfabric built with CUDA support (configure --with-cuda, or the EFA installer's) or use the CUDA backend (KVX_CUDA)",
+                         FI_MAJOR(v), FI_MINOR(v), kvx__ofi_of(ctx)->prov, ci->device, fi_strerror(-ret));
     }
-    for (slot = 0; slot < o->nslots && o->slots[slot]; slot++) {}
-    if (slot == o->nslots) {
+    return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_mr_regattr of a cache region", ret);
+}
+
+/* A free slot for a new local registration, the table doubled when full:
+   the slot names the region on every peer endpoint too (kvx__ofi_pep_lmr). */
+KVX__PRIV kvx_status kvx__ofi_slot_new(kvx_ctx *ctx, uint32_t *slot) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    uint32_t n, i;
+    for (n = 0; n < o->nslots && o->slots[n]; n++) {}
+    if (n == o->nslots) {
         uint32_t cap = o->nslots ? o->nslots * 2 : 16;
         kvx__ofi_lmr **s = (kvx__ofi_lmr **)kvx__calloc(cap, sizeof *s);
         if (!s) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
@@ -440,29 +454,27 @@ KVX__PRIV kvx_status kvx__ofi_mem_register(kvx_ctx *ctx, const kvx__cache_info *
         o->slots = s;
         o->nslots = cap;
     }
-    lm = (kvx__ofi_lmr *)kvx__calloc(1, sizeof *lm);
-    if (!lm) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
-    lm->slot = slot; lm->addr = r->addr; lm->len = r->len; lm->cuda = cuda; lm->device = ci->device;
-    ret = kvx__ofi_reg(o, r->addr, r->len, FI_READ | FI_REMOTE_READ, o->ep, cuda, ci->device, &lm->mr);
-    if (ret) {
-        KVX_FREE(lm);
-        if (cuda) {
-            uint32_t v = fi_version();
-            return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric %u.%u provider %s refused to register CUDA memory (device %d, FI_HMEM_CUDA): %s: "
-                             "install a libfabric built with CUDA support (configure --with-cuda, or the EFA installer's) or use the CUDA backend (KVX_CUDA)",
-                             FI_MAJOR(v), FI_MINOR(v), o->prov, ci->device, fi_strerror(-ret));
-        }
-        return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_mr_regattr of a cache region", ret);
-    }
-    lm->desc = fi_mr_desc(lm->mr);
+    *slot = n;
+    return KVX_OK;
+}
+
+/* The remote key peers read lm with (kvx_wire.h), into r->rkey: the raw
+   key with FI_MR_RAW, else fi_mr_key, and whether addresses are virtual.
+   0 or a negative libfabric error; the raw key's copy is freed either way. */
+KVX__PRIV int kvx__ofi_rkey_make(const kvx__ofi *o, const kvx__ofi_lmr *lm, kvx__region *r) {
+    kvx__ofi_rkey_msg km;
+    uint64_t base = r->addr, key = 0;
+    uint8_t *raw = NULL;
+    size_t rawlen = 0;
+    int ret = 0;
     if (o->mr_mode & FI_MR_RAW) {
         ret = fi_mr_raw_attr(lm->mr, &base, NULL, &rawlen, 0);
-        if (ret != -FI_ETOOSMALL && ret != 0) goto raw_fail;
-        if (rawlen > KVX__MAX_RKEY - KVX__OFI_RKEY_BYTES || !(raw = (uint8_t *)KVX_MALLOC(rawlen ? rawlen : 1))) { ret = -FI_ENOMEM; goto raw_fail; }
-        if ((ret = fi_mr_raw_attr(lm->mr, &base, raw, &rawlen, 0)) != 0) goto raw_fail;
+        if (ret != -FI_ETOOSMALL && ret != 0) goto out;
+        if (rawlen > KVX__MAX_RKEY - KVX__OFI_RKEY_BYTES || !(raw = (uint8_t *)KVX_MALLOC(rawlen ? rawlen : 1))) { ret = -FI_ENOMEM; goto out; }
+        if ((ret = fi_mr_raw_attr(lm->mr, &base, raw, &rawlen, 0)) != 0) goto out;
     } else {
         key = fi_mr_key(lm->mr);
-        if (key == FI_KEY_NOTAVAIL) { ret = -FI_ENOKEY; goto raw_fail; }
+        if (key == FI_KEY_NOTAVAIL) { ret = -FI_ENOKEY; goto out; }
     }
     memset(&km, 0, sizeof km);
     km.flags = ((o->mr_mode & FI_MR_VIRT_ADDR) ? KVX__OFI_RKEY_VIRT : 0) | ((o->mr_mode & FI_MR_RAW) ? KVX__OFI_RKEY_RAW : 0);
@@ -472,31 +484,68 @@ KVX__PRIV kvx_status kvx__ofi_mem_register(kvx_ctx *ctx, const kvx__cache_info *
     km.raw_len = (uint32_t)rawlen;
     r->rkey_len = (uint32_t)kvx__ofi_rkey_write(NULL, 0, &km);
     r->rkey = (uint8_t *)KVX_MALLOC(r->rkey_len);
-    if (!r->rkey) { r->rkey_len = 0; ret = -FI_ENOMEM; goto raw_fail; }
+    if (!r->rkey) { r->rkey_len = 0; ret = -FI_ENOMEM; goto out; }
     kvx__ofi_rkey_write(r->rkey, r->rkey_len, &km);
+out:
     KVX_FREE(raw);
+    return ret;
+}
+
+/* FI_MR_ENDPOINT + FI_MR_LOCAL: a new region registered on every peer
+   endpoint too. Where one refuses, those done are dropped again, so the
+   caller has only its own registration to undo. */
+KVX__PRIV int kvx__ofi_lmr_peps(kvx__ofi *o, uint32_t slot) {
+    kvx__ofi_pep *pe, *q;
+    int ret;
+    for (pe = o->peps; pe; pe = pe->next)
+        if ((ret = kvx__ofi_pep_lmr(o, pe, slot)) != 0) {
+            for (q = o->peps; q != pe; q = q->next) kvx__ofi_pep_lmr_drop(q, slot);
+            return ret;
+        }
+    return 0;
+}
+
+KVX__PRIV kvx_status kvx__ofi_mem_register(kvx_ctx *ctx, const kvx__cache_info *ci, kvx__region *r) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    kvx__ofi_lmr *lm;
+    uint32_t slot = 0;
+    int ret, cuda = ci->mem == KVX_MEM_CUDA, published = 0;
+    kvx_status st;
+    if (cuda && !o->hmem) return kvx__ofi_no_hmem(ctx);
+    if ((st = kvx__ofi_slot_new(ctx, &slot)) != KVX_OK) return st;
+    lm = (kvx__ofi_lmr *)kvx__calloc(1, sizeof *lm);
+    if (!lm) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
+    lm->slot = slot; lm->addr = r->addr; lm->len = r->len; lm->cuda = cuda; lm->device = ci->device;
+    if ((ret = kvx__ofi_reg(o, r->addr, r->len, FI_READ | FI_REMOTE_READ, o->ep, cuda, ci->device, &lm->mr)) != 0) {
+        st = kvx__ofi_reg_refused(ctx, ci, ret);
+        goto fail;
+    }
+    lm->desc = fi_mr_desc(lm->mr);
+    if ((ret = kvx__ofi_rkey_make(o, lm, r)) != 0) {
+        st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "remote key of a cache region (fi_mr_key / fi_mr_raw_attr)", ret);
+        goto fail;
+    }
     o->slots[slot] = lm;
     r->be = lm;
-    if (kvx__ofi_per_ep_local(o))
-        for (pe = o->peps; pe; pe = pe->next)
-            if ((ret = kvx__ofi_pep_lmr(o, pe, slot)) != 0) {
-                kvx__ofi_pep *q;
-                for (q = o->peps; q != pe; q = q->next) kvx__ofi_pep_lmr_drop(q, slot);
-                o->slots[slot] = NULL;
-                r->be = NULL;
-                KVX_FREE(r->rkey);
-                r->rkey = NULL;
-                r->rkey_len = 0;
-                fi_close(&lm->mr->fid);
-                KVX_FREE(lm);
-                return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_mr_regattr of a cache region on a peer endpoint (FI_MR_ENDPOINT)", ret);
-            }
+    published = 1;
+    if (kvx__ofi_per_ep_local(o) && (ret = kvx__ofi_lmr_peps(o, slot)) != 0) {
+        st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_mr_regattr of a cache region on a peer endpoint (FI_MR_ENDPOINT)", ret);
+        goto fail;
+    }
     return KVX_OK;
-raw_fail:
-    KVX_FREE(raw);
-    fi_close(&lm->mr->fid);
+fail:
+    /* Undone newest first, each step only where it was done (kvx__ofi_reg
+       leaves lm->mr NULL when it fails). */
+    if (published) {
+        o->slots[slot] = NULL;
+        r->be = NULL;
+        KVX_FREE(r->rkey);
+        r->rkey = NULL;
+        r->rkey_len = 0;
+    }
+    if (lm->mr) fi_close(&lm->mr->fid);
     KVX_FREE(lm);
-    return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "remote key of a cache region (fi_mr_key / fi_mr_raw_attr)", ret);
+    return st;
 }
 
 KVX__PRIV void kvx__ofi_mem_deregister(kvx_ctx *ctx, kvx__region *r) {
@@ -680,37 +729,26 @@ KVX__PRIV void kvx__ofi_query(const kvx_ctx *ctx, kvx_ctx_desc *out) {
     out->ofi.tick_us = (uint32_t)(o->tick_ns / 1000u);
 }
 
-KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
-    kvx__ofi *o;
+/* The provider: fi_getinfo for what kvx asks, then the same provider and
+   domain again with FI_HMEM where it is wanted. The hints are freed on
+   every path; on success *out is fi_getinfo's list, for the caller to free. */
+KVX__PRIV kvx_status kvx__ofi_getinfo(kvx_ctx *ctx, const kvx_ctx_desc *desc, struct fi_info **out) {
     struct fi_info *hints, *fi = NULL;
-    const char *e;
-    size_t nlen = 0;
-    kvx__ofi_addr_msg am;
-    uint32_t i, tick_us = 1000;
-    int ret;
-    kvx_status st;
-    uint8_t *name = NULL;
-    o = (kvx__ofi *)kvx__calloc(1, sizeof *o);
-    if (!o) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
-    ctx->be = o;
-    o->epfd = o->evfd = o->tfd = o->cq_fd = -1;
-    if (!(hints = fi_allocinfo())) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); }
+    kvx_status st = KVX_OK;
+    *out = NULL;
+    if (!(hints = fi_allocinfo())) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
     hints->caps = KVX__OFI_CAPS | desc->ofi.extra_caps;
     hints->mode = FI_CONTEXT | FI_CONTEXT2;
     hints->ep_attr->type = FI_EP_RDM;
     hints->domain_attr->mr_mode = (int)KVX__OFI_MR_MODES;
     hints->domain_attr->threading = FI_THREAD_DOMAIN; /* kvx serializes every call under the context lock */
     if (desc->ofi.provider && *desc->ofi.provider && !(hints->fabric_attr->prov_name = kvx__ofi_strdup(desc->ofi.provider))) {
-        fi_freeinfo(hints);
-        kvx__ofi_close(ctx);
-        return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
+        st = kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
+        goto out;
     }
-    ret = fi_getinfo(KVX_OFI_API_VERSION, NULL, NULL, 0, hints, &fi);
-    if (ret || !fi) {
+    if (fi_getinfo(KVX_OFI_API_VERSION, NULL, NULL, 0, hints, &fi) != 0 || !fi) {
         st = kvx__ofi_refuse(ctx, hints, desc->ofi.extra_caps);
-        fi_freeinfo(hints);
-        kvx__ofi_close(ctx);
-        return st;
+        goto out;
     }
     if (!(hints->caps & FI_HMEM) && kvx__ofi_want_hmem(fi, desc->ofi.hmem)) {
         /* Same provider and domain, with FI_HMEM: taken where offered. */
@@ -726,11 +764,19 @@ KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
             fi = h2;
         }
     }
+    *out = fi;
+out:
     fi_freeinfo(hints);
-    o->info = fi_dupinfo(fi);   /* the first fits; keep it alone */
-    fi_freeinfo(fi);
-    if (!o->info) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); }
-    fi = o->info;
+    return st;
+}
+
+/* What the chosen info settles before anything is opened: the provider's
+   name and quirks, mr_mode and key width, how reads are split. A provider
+   without RMA is refused here, with nothing of it open yet. */
+KVX__PRIV kvx_status kvx__ofi_limits(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    struct fi_info *fi = o->info;
+    const char *e;
     /* kvx needs no ordering, and shm does a read itself only when no RMA ordering is asked for. */
     fi->tx_attr->msg_order &= FI_ORDER_SAS;
     fi->rx_attr->msg_order &= FI_ORDER_SAS;
@@ -740,95 +786,153 @@ KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     o->hmem = (fi->caps & FI_HMEM) != 0;
     o->mr_mode = (uint64_t)fi->domain_attr->mr_mode | ((uint64_t)(KVX_TEST_HOOK_OFI_MR_MODE) & (FI_MR_LOCAL | FI_MR_RAW));
     o->key_mask = fi->domain_attr->mr_key_size >= 8 || !fi->domain_attr->mr_key_size ? ~0ull : (1ull << (8 * fi->domain_attr->mr_key_size)) - 1;
-    if (kvx__nonces_init(&o->keys) != 0) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_BACKEND, "ofi: no random bytes from the kernel for keys"); }
+    if (kvx__nonces_init(&o->keys) != 0) return kvx__fail(ctx, KVX_ERR_BACKEND, "ofi: no random bytes from the kernel for keys");
     o->max_msg = fi->ep_attr->max_msg_size ? (uint64_t)fi->ep_attr->max_msg_size : (1ull << 30);
     /* Reads split smaller than the provider asks (tests use it): the desc, else $KVX_OFI_MAX_MSG. */
     if (desc->ofi.max_msg && desc->ofi.max_msg < o->max_msg) o->max_msg = desc->ofi.max_msg;
     else if (!desc->ofi.max_msg && (e = getenv("KVX_OFI_MAX_MSG")) != NULL && strtoull(e, NULL, 10) > 0 && strtoull(e, NULL, 10) < o->max_msg)
         o->max_msg = strtoull(e, NULL, 10);
     o->tx_size = fi->tx_attr->size ? fi->tx_attr->size : 256;
-    if (fi->tx_attr->rma_iov_limit < 1) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric provider %s: rma_iov_limit 0: no RMA", o->prov); }
+    if (fi->tx_attr->rma_iov_limit < 1) return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "libfabric provider %s: rma_iov_limit 0: no RMA", o->prov);
     o->iov_max = (uint32_t)(fi->tx_attr->iov_limit < fi->tx_attr->rma_iov_limit ? fi->tx_attr->iov_limit : fi->tx_attr->rma_iov_limit);
     if (o->iov_max > KVX__OFI_IOV) o->iov_max = KVX__OFI_IOV;
-    if ((ret = fi_fabric(fi->fabric_attr, &o->fabric, NULL)) != 0) { st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_fabric", ret); kvx__ofi_close(ctx); return st; }
-    if ((ret = fi_domain(o->fabric, fi, &o->domain, NULL)) != 0) { st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_domain", ret); kvx__ofi_close(ctx); return st; }
+    return KVX_OK;
+}
+
+/* The fabric, the domain and the serving endpoint. Whether queues can have
+   a wait fd is tried first, on a queue opened and closed for it, since
+   every queue after it is opened the same way. */
+KVX__PRIV kvx_status kvx__ofi_serve_open(kvx_ctx *ctx) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    struct fi_cq_attr ca;
+    struct fid_cq *t = NULL;
+    int ret;
+    if ((ret = fi_fabric(o->info->fabric_attr, &o->fabric, NULL)) != 0) return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_fabric", ret);
+    if ((ret = fi_domain(o->fabric, o->info, &o->domain, NULL)) != 0) return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_domain", ret);
     /* A queue with a wait fd if the provider has one; shm 1.17 has none. */
     o->wait_fd = 1;
-    {
-        struct fi_cq_attr ca;
-        struct fid_cq *t = NULL;
-        memset(&ca, 0, sizeof ca);
-        ca.format = FI_CQ_FORMAT_MSG;
-        ca.wait_obj = FI_WAIT_FD;
-        if (fi_cq_open(o->domain, &ca, &t, NULL) != 0) o->wait_fd = 0;
-        else fi_close(&t->fid);
-    }
-    if ((ret = kvx__ofi_ep_open(o, 16, &o->ep, &o->cq, &o->av, &o->cq_fd)) != 0) {
-        st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "opening the serving endpoint (fi_cq_open, fi_av_open, fi_endpoint, fi_enable)", ret);
-        kvx__ofi_close(ctx);
-        return st;
-    }
+    memset(&ca, 0, sizeof ca);
+    ca.format = FI_CQ_FORMAT_MSG;
+    ca.wait_obj = FI_WAIT_FD;
+    if (fi_cq_open(o->domain, &ca, &t, NULL) != 0) o->wait_fd = 0;
+    else fi_close(&t->fid);
+    if ((ret = kvx__ofi_ep_open(o, 16, &o->ep, &o->cq, &o->av, &o->cq_fd)) != 0)
+        return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "opening the serving endpoint (fi_cq_open, fi_av_open, fi_endpoint, fi_enable)", ret);
+    return KVX_OK;
+}
+
+/* The address peers read from, in the metadata: the serving endpoint's
+   fi_getname with the provider's name beside it, since both sides must run
+   the same provider. The name's copy is freed on every path. */
+KVX__PRIV kvx_status kvx__ofi_addr_make(kvx_ctx *ctx) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    kvx__ofi_addr_msg am;
+    uint8_t *name = NULL;
+    size_t nlen = 0;
+    kvx_status st = KVX_OK;
+    int ret;
     ret = fi_getname(&o->ep->fid, NULL, &nlen);
-    if ((ret != -FI_ETOOSMALL && ret != 0) || !nlen || nlen > KVX__MAX_ADDR - 256 || !(name = (uint8_t *)KVX_MALLOC(nlen)) ||
-        (ret = fi_getname(&o->ep->fid, name, &nlen)) != 0) {
-        KVX_FREE(name);
-        st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_getname", ret ? ret : -FI_ENOMEM);
-        kvx__ofi_close(ctx);
-        return st;
-    }
+    if (ret == -FI_ETOOSMALL) ret = 0;  /* the size query's usual answer */
+    if (!ret && (!nlen || nlen > KVX__MAX_ADDR - 256)) ret = -FI_EINVAL;
+    if (ret) { st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_getname", ret); goto out; }
+    if (!(name = (uint8_t *)KVX_MALLOC(nlen))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); goto out; }
+    if ((ret = fi_getname(&o->ep->fid, name, &nlen)) != 0) { st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_getname", ret); goto out; }
     /* Address (kvx_wire.h): provider name, endpoint name. */
     memset(&am, 0, sizeof am);
     kvx__strlcpy(am.prov, o->prov, sizeof am.prov);
     am.name = name;
     am.name_len = (uint32_t)nlen;
     o->addr_len = (uint32_t)kvx__ofi_addr_write(NULL, 0, &am);
-    if (!(o->addr = (uint8_t *)KVX_MALLOC(o->addr_len))) { KVX_FREE(name); kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); }
+    if (!(o->addr = (uint8_t *)KVX_MALLOC(o->addr_len))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); goto out; }
     kvx__ofi_addr_write(o->addr, o->addr_len, &am);
+out:
     KVX_FREE(name);
-    /* Notification receives, in registered memory for FI_MR_LOCAL. */
+    return st;
+}
+
+/* Notification receives, in registered memory for FI_MR_LOCAL, posted
+   before any peer can send: a peer's wireup is one of them. */
+KVX__PRIV kvx_status kvx__ofi_recvs_open(kvx_ctx *ctx) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    uint32_t i;
+    int ret;
     o->recvs = (kvx__ofi_recv *)kvx__calloc(KVX__OFI_NRECV, sizeof *o->recvs);
-    if (!o->recvs) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); }
-    if ((ret = kvx__ofi_reg(o, (uint64_t)(uintptr_t)o->recvs, KVX__OFI_NRECV * sizeof *o->recvs, FI_RECV, o->ep, 0, 0, &o->recv_mr)) != 0) {
-        st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_mr_regattr of the notification buffers", ret);
-        kvx__ofi_close(ctx);
-        return st;
-    }
+    if (!o->recvs) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
+    if ((ret = kvx__ofi_reg(o, (uint64_t)(uintptr_t)o->recvs, KVX__OFI_NRECV * sizeof *o->recvs, FI_RECV, o->ep, 0, 0, &o->recv_mr)) != 0)
+        return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_mr_regattr of the notification buffers", ret);
     o->recv_desc = fi_mr_desc(o->recv_mr);
     for (i = 0; i < KVX__OFI_NRECV; i++) o->recvs[i].c.kind = KVX__OFI_K_RECV;
     o->recv_unposted = KVX__OFI_NRECV;
     kvx__ofi_repost(o);
-    /* The event fd: an epoll set of the queues' wait fds (or the tick) and kvx's own wakeup. */
+    return KVX_OK;
+}
+
+/* The event fd: an epoll set of the queues' wait fds (or the tick) and
+   kvx's own wakeup, so that a progress thread can sleep on one fd. */
+KVX__PRIV kvx_status kvx__ofi_events_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    const char *e;
+    uint32_t tick_us = 1000;
     if (desc->ofi.tick_us) tick_us = desc->ofi.tick_us;
     else if ((e = getenv("KVX_OFI_TICK_US")) != NULL && atoi(e) > 0) tick_us = (uint32_t)atoi(e);
     o->epfd = epoll_create1(EPOLL_CLOEXEC);
     o->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     o->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-    if (o->epfd < 0 || o->evfd < 0 || o->tfd < 0) {
-        st = kvx__fail(ctx, KVX_ERR_BACKEND, "ofi: epoll_create1/eventfd/timerfd_create: %s", strerror(errno));
-        kvx__ofi_close(ctx);
-        return st;
-    }
+    if (o->epfd < 0 || o->evfd < 0 || o->tfd < 0)
+        return kvx__fail(ctx, KVX_ERR_BACKEND, "ofi: epoll_create1/eventfd/timerfd_create: %s", strerror(errno));
     o->tick_ns = (uint64_t)tick_us * 1000u;
     o->extra_caps = desc->ofi.extra_caps;
     kvx__ofi_epoll(o, o->evfd, 1);
     kvx__ofi_epoll(o, o->tfd, 1);
     if (o->wait_fd) kvx__ofi_epoll(o, o->cq_fd, 1);
     else kvx__ofi_tick(o, 1);
-    if (kvx__ofi_wait_rebuild(o) != KVX_OK) { kvx__ofi_close(ctx); return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); }
+    if (kvx__ofi_wait_rebuild(o) != KVX_OK) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
+    return KVX_OK;
+}
+
+/* What was opened, in one line at KVX_LOG_INFO: the first thing to read
+   when a provider behaves unlike another. */
+KVX__PRIV void kvx__ofi_log_open(kvx_ctx *ctx) {
+    const kvx__ofi *o = kvx__ofi_of(ctx);
+    const struct fi_info *fi = o->info;
+    char mr[200];
+    uint64_t m = o->mr_mode;
+    uint32_t v = fi_version();
+    fi_tostr_r(mr, sizeof mr, &m, FI_TYPE_MR_MODE);
+    kvx__log(ctx, KVX_LOG_INFO, "libfabric %u.%u provider %s, fabric %s, domain %s, mr_mode [%s], max_msg_size %llu, tx queue %zu, %s%s",
+             FI_MAJOR(v), FI_MINOR(v), o->prov, fi->fabric_attr->name, fi->domain_attr->name, mr, (unsigned long long)o->max_msg,
+             o->tx_size, o->wait_fd ? "sleeps on FI_WAIT_FD" : "no wait object: progress ticks", o->hmem ? ", FI_HMEM" : "");
+}
+
+KVX__PRIV kvx_status kvx__ofi_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
+    kvx__ofi *o;
+    struct fi_info *fi = NULL;
+    kvx_status st;
+    o = (kvx__ofi *)kvx__calloc(1, sizeof *o);
+    if (!o) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
+    ctx->be = o;
+    o->epfd = o->evfd = o->tfd = o->cq_fd = -1;
+    if ((st = kvx__ofi_getinfo(ctx, desc, &fi)) != KVX_OK) goto fail;
+    o->info = fi_dupinfo(fi);   /* the first fits; keep it alone */
+    fi_freeinfo(fi);
+    if (!o->info) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); goto fail; }
+    if ((st = kvx__ofi_limits(ctx, desc)) != KVX_OK) goto fail;
+    if ((st = kvx__ofi_serve_open(ctx)) != KVX_OK) goto fail;
+    if ((st = kvx__ofi_addr_make(ctx)) != KVX_OK) goto fail;
+    if ((st = kvx__ofi_recvs_open(ctx)) != KVX_OK) goto fail;
+    if ((st = kvx__ofi_events_open(ctx, desc)) != KVX_OK) goto fail;
     /* Reads served by the owner's progress: sockets and datagrams moved by software. */
-    o->sw = fi->domain_attr->data_progress != FI_PROGRESS_AUTO &&
+    o->sw = o->info->domain_attr->data_progress != FI_PROGRESS_AUTO &&
             (!strncmp(o->prov, "tcp", 3) || !strncmp(o->prov, "sockets", 7) || !strncmp(o->prov, "udp", 3) ||
              !strncmp(o->prov, "net", 3) || strstr(o->prov, "ofi_rxd") != NULL);
-    if (KVX_LOG_INFO <= (int)ctx->log_level) {
-        char mr[200];
-        uint64_t m = o->mr_mode;
-        uint32_t v = fi_version();
-        fi_tostr_r(mr, sizeof mr, &m, FI_TYPE_MR_MODE);
-        kvx__log(ctx, KVX_LOG_INFO, "libfabric %u.%u provider %s, fabric %s, domain %s, mr_mode [%s], max_msg_size %llu, tx queue %zu, %s%s",
-                 FI_MAJOR(v), FI_MINOR(v), o->prov, fi->fabric_attr->name, fi->domain_attr->name, mr, (unsigned long long)o->max_msg,
-                 o->tx_size, o->wait_fd ? "sleeps on FI_WAIT_FD" : "no wait object: progress ticks", o->hmem ? ", FI_HMEM" : "");
-    }
+    if (KVX_LOG_INFO <= (int)ctx->log_level) kvx__ofi_log_open(ctx);
     return KVX_OK;
+fail:
+    /* One way out for every step above: kvx__ofi_close takes down what was
+       made (the endpoint before the buffers it may still fill, the domain
+       last) and skips what was not (NULL handles, fds of -1). */
+    kvx__ofi_close(ctx);
+    return st;
 }
 
 KVX__PRIV void kvx__ofi_close(kvx_ctx *ctx) {
@@ -956,7 +1060,7 @@ KVX__PRIV void kvx__ofi_pep_free(kvx_ctx *ctx, kvx__ofi_pep *pe, const char *why
     if (dropped) KVX__LOG(ctx, KVX_LOG_WARN, "ofi: %u notifications to %s/%d dropped: %s", dropped, p->name, p->rank, why);
     for (k = 0, c = 0; c < p->ncaches; c++)
         for (i = 0; i < p->caches[c].nregions; i++, k++) {
-            if (k < pe->nrkeys && pe->rkeys[k].mapped && !pe->parked) fi_mr_unmap_key(o->domain, pe->rkeys[k].key);
+            if (pe->rkeys && k < pe->nrkeys && pe->rkeys[k].mapped && !pe->parked) fi_mr_unmap_key(o->domain, pe->rkeys[k].key);
             p->caches[c].regions[i].be = NULL;
         }
     if (p->be == pe) p->be = NULL;
@@ -1026,17 +1130,14 @@ KVX__PRIV kvx_status kvx__ofi_wireup(kvx_ctx *ctx, kvx__ofi_pep *pe) {
                      p->name, p->rank, p->pid, p->host, ctx->timeout_ms, o->prov);
 }
 
-KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
-    kvx__ofi *o = kvx__ofi_of(ctx);
-    kvx__ofi_pep *pe;
-    kvx_peer *q;
-    kvx__ofi_addr_msg am;
-    uint32_t i, c, k, ver;
-    int ret, sw, e;
-    kvx_status st;
-    p->be = NULL;
-    /* The address comes from the network: kvx_wire.h checks every length. */
-    e = kvx__ofi_addr_read(p->addr, p->addr_len, &am, &ver);
+/* The peer's address comes from the network: kvx_wire.h checks every
+   length, and this says which way it does not fit (version, kind, form,
+   provider), each with the status the core expects of it. */
+KVX__PRIV kvx_status kvx__ofi_addr_check(kvx_ctx *ctx, const kvx_peer *p, kvx__ofi_addr_msg *am) {
+    const kvx__ofi *o = kvx__ofi_of(ctx);
+    uint32_t ver;
+    int e;
+    e = kvx__ofi_addr_read(p->addr, p->addr_len, am, &ver);
     if (e == KVX__WIRE_VERSION && (ver & 0xffu) == 1u) ver = 1;  /* version 1 kept it in one byte, the provider name's length beside it */
     if (e == KVX__WIRE_VERSION)
         return kvx__fail(ctx, KVX_ERR_MISMATCH, "ofi: the address of %s/%d is libfabric address version %u, this kvx speaks version %u",
@@ -1045,14 +1146,21 @@ KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
         return kvx__fail(ctx, KVX_ERR_MISMATCH, "ofi: the address of %s/%d is not a kvx libfabric address (%u bytes)", p->name, p->rank, p->addr_len);
     if (e != KVX__WIRE_OK)
         return kvx__fail(ctx, KVX_ERR_ARG, "ofi: the address of %s/%d is malformed (%s; endpoint name of %u bytes in %u)", p->name, p->rank,
-                         e == KVX__WIRE_FIELD ? "an empty endpoint name or a provider name with a 0 byte" : kvx__wire_why(e), am.name_len, p->addr_len);
-    if (strcmp(am.prov, o->prov))
+                         e == KVX__WIRE_FIELD ? "an empty endpoint name or a provider name with a 0 byte" : kvx__wire_why(e), am->name_len, p->addr_len);
+    if (strcmp(am->prov, o->prov))
         return kvx__fail(ctx, KVX_ERR_MISMATCH, "ofi: %s/%d runs libfabric provider %s, this context %s: give both sides the same provider "
-                         "(kvx_ctx_desc.ofi.provider or FI_PROVIDER)", p->name, p->rank, am.prov, o->prov);
-    pe = (kvx__ofi_pep *)kvx__calloc(1, sizeof *pe);
-    if (!pe) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
-    pe->peer = p;
-    pe->cq_fd = -1;
+                         "(kvx_ctx_desc.ofi.provider or FI_PROVIDER)", p->name, p->rank, am->prov, o->prov);
+    return KVX_OK;
+}
+
+/* A peer endpoint's pools of op, part and send contexts, so that kvx never
+   posts more than the provider holds, threaded on their free lists, and its
+   remote key and notification tables. What was allocated before a failure
+   is the caller's kvx__ofi_pep_free to release. */
+KVX__PRIV kvx_status kvx__ofi_pep_pools(kvx_ctx *ctx, kvx__ofi_pep *pe) {
+    const kvx__ofi *o = kvx__ofi_of(ctx);
+    const kvx_peer *p = pe->peer;
+    uint32_t i, c;
     /* Contexts sized to the transmit queue; a few of it kept for notifications. */
     pe->nsend = o->tx_size >= 64 ? 16 : (uint32_t)(o->tx_size / 4 ? o->tx_size / 4 : 1);
     pe->nctx = (uint32_t)(o->tx_size > KVX__OFI_MAX_CTX ? KVX__OFI_MAX_CTX : o->tx_size);
@@ -1064,7 +1172,7 @@ KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
     pe->rkeys = (kvx__ofi_rkey *)kvx__calloc(pe->nrkeys ? pe->nrkeys : 1, sizeof *pe->rkeys);
     pe->note_cap = 64;
     pe->notes = (kvx__ofi_note *)kvx__calloc(pe->note_cap, sizeof *pe->notes);
-    if (!pe->ops || !pe->parts || !pe->sends || !pe->rkeys || !pe->notes) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); goto fail; }
+    if (!pe->ops || !pe->parts || !pe->sends || !pe->rkeys || !pe->notes) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
     for (i = 0; i < pe->nctx; i++) {
         pe->ops[i].next = i + 1 < pe->nctx ? &pe->ops[i + 1] : NULL;
         pe->parts[i].c.kind = KVX__OFI_K_PART;
@@ -1073,27 +1181,41 @@ KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
     pe->op_free = pe->ops;
     pe->part_free = pe->parts;
     for (i = 0; i < pe->nsend; i++) pe->sends[i].c.kind = KVX__OFI_K_SEND;
-    /* Insert into the list now, so a failure below is undone by kvx__ofi_pep_free. */
-    pe->next = o->peps;
-    o->peps = pe;
-    p->be = pe;
-    if ((ret = kvx__ofi_ep_open(o, 1, &pe->ep, &pe->cq, &pe->av, &pe->cq_fd)) != 0) {
-        st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "opening an endpoint to a peer (fi_cq_open, fi_av_open, fi_endpoint, fi_enable)", ret);
-        goto fail;
-    }
+    return KVX_OK;
+}
+
+/* The peer endpoint itself: endpoint, queue and address vector, watched by
+   the event fd and fi_trywait, the peer's address inserted, and the
+   notification send buffers registered on it. A failure leaves what was
+   opened in pe, for kvx__ofi_pep_free. */
+KVX__PRIV kvx_status kvx__ofi_pep_open(kvx_ctx *ctx, kvx__ofi_pep *pe, const kvx__ofi_addr_msg *am) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    const kvx_peer *p = pe->peer;
+    int ret;
+    if ((ret = kvx__ofi_ep_open(o, 1, &pe->ep, &pe->cq, &pe->av, &pe->cq_fd)) != 0)
+        return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "opening an endpoint to a peer (fi_cq_open, fi_av_open, fi_endpoint, fi_enable)", ret);
     kvx__ofi_epoll(o, pe->cq_fd, 1);
-    if (kvx__ofi_wait_rebuild(o) != KVX_OK) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory"); goto fail; }
-    if ((ret = fi_av_insert(pe->av, am.name, 1, &pe->dest, 0, NULL)) != 1) {
+    if (kvx__ofi_wait_rebuild(o) != KVX_OK) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
+    if ((ret = fi_av_insert(pe->av, am->name, 1, &pe->dest, 0, NULL)) != 1) {
         char what[400];
         snprintf(what, sizeof what, "fi_av_insert of %s/%d (pid %u on %s)", p->name, p->rank, p->pid, p->host);
-        st = kvx__ofi_fail(ctx, KVX_ERR_PEER, what, ret < 0 ? ret : -FI_EINVAL);
-        goto fail;
+        return kvx__ofi_fail(ctx, KVX_ERR_PEER, what, ret < 0 ? ret : -FI_EINVAL);
     }
-    if ((ret = kvx__ofi_reg(o, (uint64_t)(uintptr_t)pe->sends, pe->nsend * sizeof *pe->sends, FI_SEND, pe->ep, 0, 0, &pe->send_mr)) != 0) {
-        st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_mr_regattr of the notification send buffers", ret);
-        goto fail;
-    }
+    if ((ret = kvx__ofi_reg(o, (uint64_t)(uintptr_t)pe->sends, pe->nsend * sizeof *pe->sends, FI_SEND, pe->ep, 0, 0, &pe->send_mr)) != 0)
+        return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, "fi_mr_regattr of the notification send buffers", ret);
     pe->send_desc = fi_mr_desc(pe->send_mr);
+    return KVX_OK;
+}
+
+/* The peer's remote keys, one per region, from the network (kvx_wire.h
+   checks every length), mapped with fi_mr_map_raw where raw; each region's
+   be points at its key while connected. A failure leaves the keys mapped
+   so far marked, for kvx__ofi_pep_free to unmap. */
+KVX__PRIV kvx_status kvx__ofi_rkeys_map(kvx_ctx *ctx, kvx__ofi_pep *pe) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    kvx_peer *p = pe->peer;
+    uint32_t i, c, k, ver;
+    int ret, e;
     for (k = 0, c = 0; c < p->ncaches; c++)
         for (i = 0; i < p->caches[c].nregions; i++, k++) {
             kvx__region *r = &p->caches[c].regions[i];
@@ -1101,20 +1223,17 @@ KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
             kvx__ofi_rkey_msg km;
             if ((e = kvx__ofi_rkey_read(r->rkey, r->rkey_len, &km, &ver)) != KVX__WIRE_OK) {
                 if (e == KVX__WIRE_VERSION)
-                    st = kvx__fail(ctx, KVX_ERR_MISMATCH, "ofi: remote key of %s/%d cache %u region %u: libfabric remote key version %u, this kvx speaks version %u",
-                                   p->name, p->rank, c, i, ver, KVX__OFI_RKEY_VERSION);
-                else
-                    st = kvx__fail(ctx, KVX_ERR_ARG, "ofi: remote key of %s/%d cache %u region %u is malformed (%s, %u bytes)", p->name, p->rank, c, i,
-                                   kvx__wire_why(e), r->rkey_len);
-                goto fail;
+                    return kvx__fail(ctx, KVX_ERR_MISMATCH, "ofi: remote key of %s/%d cache %u region %u: libfabric remote key version %u, this kvx speaks version %u",
+                                     p->name, p->rank, c, i, ver, KVX__OFI_RKEY_VERSION);
+                return kvx__fail(ctx, KVX_ERR_ARG, "ofi: remote key of %s/%d cache %u region %u is malformed (%s, %u bytes)", p->name, p->rank, c, i,
+                                 kvx__wire_why(e), r->rkey_len);
             }
             rk->adj = (km.flags & KVX__OFI_RKEY_VIRT) ? 0 : r->addr;
             if (km.flags & KVX__OFI_RKEY_RAW) {
                 if ((ret = fi_mr_map_raw(o->domain, km.base, r->rkey + (km.raw - r->rkey), km.raw_len, &rk->key, 0)) != 0) {
                     char what[160];
                     snprintf(what, sizeof what, "fi_mr_map_raw of %s/%d cache %u region %u", p->name, p->rank, c, i);
-                    st = kvx__ofi_fail(ctx, KVX_ERR_BACKEND, what, ret);
-                    goto fail;
+                    return kvx__ofi_fail(ctx, KVX_ERR_BACKEND, what, ret);
                 }
                 rk->mapped = 1;
             } else {
@@ -1122,6 +1241,45 @@ KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
             }
             r->be = rk;
         }
+    return KVX_OK;
+}
+
+/* kvx_peer_transport's words: "(sw)" where the owner's progress moves the
+   data, a software provider or shm where its CMA path cannot run. */
+KVX__PRIV void kvx__ofi_transport_say(const kvx__ofi *o, kvx_peer *p) {
+    int sw = o->sw;
+    if (o->shm) {
+        const char *nocma = getenv("FI_SHM_DISABLE_CMA");
+        int cma = !nocma || !*nocma || !strchr("1tTyY", nocma[0]) || !strcmp(nocma, "0");
+        if (nocma && (!strcmp(nocma, "on") || !strcmp(nocma, "ON"))) cma = 0;
+        sw = !(cma && (o->mr_mode & FI_MR_VIRT_ADDR) && !o->hmem && kvx__ofi_cma_ok(p));
+    }
+    snprintf(p->transport, sizeof p->transport, "ofi:%s%s", o->prov, sw ? " (sw)" : "");
+    snprintf(p->why, sizeof p->why, "libfabric %s is the provider %s (kvx_ofi_desc.provider or FI_PROVIDER, else the first that fits)%s",
+             o->prov, "in use", sw ? "; it emulates RMA in software, so reads are served by the owner's progress" : "");
+}
+
+KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    kvx__ofi_pep *pe;
+    kvx_peer *q;
+    kvx__ofi_addr_msg am;
+    uint32_t i, c;
+    int ret;
+    kvx_status st;
+    p->be = NULL;
+    if ((st = kvx__ofi_addr_check(ctx, p, &am)) != KVX_OK) return st;
+    pe = (kvx__ofi_pep *)kvx__calloc(1, sizeof *pe);
+    if (!pe) return kvx__fail(ctx, KVX_ERR_NOMEM, "ofi: out of memory");
+    pe->peer = p;
+    pe->cq_fd = -1;
+    if ((st = kvx__ofi_pep_pools(ctx, pe)) != KVX_OK) goto fail;
+    /* Insert into the list now, so a failure below is undone by kvx__ofi_pep_free. */
+    pe->next = o->peps;
+    o->peps = pe;
+    p->be = pe;
+    if ((st = kvx__ofi_pep_open(ctx, pe, &am)) != KVX_OK) goto fail;
+    if ((st = kvx__ofi_rkeys_map(ctx, pe)) != KVX_OK) goto fail;
     /* A block's pieces (NHD: one per token) go in fi_readmsg's of up to
        iov_max, where the provider takes them and no piece is split
        ($KVX_OFI_GATHER=0: one fi_read each, for comparison). */
@@ -1141,18 +1299,10 @@ KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
        lock: its reads make the connection and their deadlines bound it. */
     for (q = ctx->peers; q && q != p; q = q->next) {}
     if (!q && (st = kvx__ofi_wireup(ctx, pe)) != KVX_OK) goto fail;
-    sw = o->sw;
-    if (o->shm) {
-        const char *nocma = getenv("FI_SHM_DISABLE_CMA");
-        int cma = !nocma || !*nocma || !strchr("1tTyY", nocma[0]) || !strcmp(nocma, "0");
-        if (nocma && (!strcmp(nocma, "on") || !strcmp(nocma, "ON"))) cma = 0;
-        sw = !(cma && (o->mr_mode & FI_MR_VIRT_ADDR) && !o->hmem && kvx__ofi_cma_ok(p));
-    }
-    snprintf(p->transport, sizeof p->transport, "ofi:%s%s", o->prov, sw ? " (sw)" : "");
-    snprintf(p->why, sizeof p->why, "libfabric %s is the provider %s (kvx_ofi_desc.provider or FI_PROVIDER, else the first that fits)%s",
-             o->prov, "in use", sw ? "; it emulates RMA in software, so reads are served by the owner's progress" : "");
+    kvx__ofi_transport_say(o, p);
     return KVX_OK;
 fail:
+    /* Safe at every step: a pep not yet in the list, or half open. */
     kvx__ofi_pep_free(ctx, pe, "the connection failed");
     return st;
 }
