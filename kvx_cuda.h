@@ -1,13 +1,17 @@
 /* SPDX-License-Identifier: MIT */
 /*
-    kvx_cuda.h -- the CUDA part of kvx: GPU caches, the CUDA IPC backend and
-    stream-ordered completion for every backend. Included by kvx.h inside its
+    kvx_cuda.h -- the CUDA backend of kvx: GPU caches registered with it,
+    reads between processes of one host over CUDA IPC by its own copy
+    kernel, and verify mode and block generations on the GPU. What every
+    backend shares on the GPU (the device table, the kernels' module,
+    stream-ordered completion) is kvx_gpu.h's. Included by kvx.h inside its
     implementation when KVX_CUDA is defined; do not include it yourself.
 
     Link: -lcuda (the driver API only: no CUDA runtime, no nvcc). Build
     against /usr/local/cuda/include; where no GPU driver is installed, link
-    against /usr/local/cuda/lib64/stubs (the program then starts, and every
-    CUDA call fails cleanly).
+    against /usr/local/cuda/lib64/stubs, or tools/cuda_stub.sh's stand-in
+    where the toolkit ships none (the program then starts, and every CUDA
+    call fails cleanly).
 
     GPU CACHES (kvx_cache_desc.mem = KVX_MEM_CUDA, .device = the ordinal)
 
@@ -25,21 +29,25 @@
         Refused at kvx_cache_register, with a message that says how to
         allocate instead: managed memory, VMM memory without an exportable
         handle type, pool memory whose pool has none (the default pool of
-        cudaMallocAsync), memory on another device than .device. The CUDA
-        backend reads GPU memory into GPU memory only: host caches belong to
-        UCX or libfabric, which in turn refuse GPU memory unless the library
-        is CUDA-aware.
+        cudaMallocAsync), memory on another device than .device; and blocks
+        with head or token strides of their own (register a packed view).
+        The CUDA backend reads GPU memory into GPU memory only: host caches
+        belong to UCX or libfabric, which in turn refuse GPU memory unless
+        the library is CUDA-aware.
 
     THE CUDA BACKEND (kvx_ctx_desc.backend = KVX_BACKEND_CUDA)
 
         Reads between processes of one host over CUDA IPC; kvx_peer_add
         refuses a peer whose host (kvx_ctx_desc.host_id) differs, naming both.
-        A context drives one GPU: the device of its caches (or of the current
-        context when none is registered yet), in the device's primary context
-        (the CUDA runtime's own). A peer on another GPU needs peer access
-        (cuDeviceCanAccessPeer). kvx_peer_transport() says "cuda:ipc" and the
-        link: "same-gpu", "nvlink" or "pcie" (native peer atomics are taken as
-        the sign of NVLink), with both GPU ordinals.
+        A context drives one GPU, in the device's primary context (the CUDA
+        runtime's own): the device of the context current when it is
+        created, else the first one named (a cache's .device, a queue's
+        cuda.stream; device 0 where a peer, or a queue without a stream,
+        comes first); a cache or stream on another device is refused. A peer
+        on another GPU needs peer access (cuDeviceCanAccessPeer).
+        kvx_peer_transport() says "cuda:ipc" and the link: "same-gpu",
+        "nvlink" or "pcie" (native peer atomics are taken as the sign of
+        NVLink), with both GPU ordinals.
 
         Legacy IPC handles travel in the metadata. VMM and pool handles are
         file descriptors: the reader asks the owner for them over a unix
@@ -57,24 +65,30 @@
 
         One copy per block cannot move KV blocks fast (a copy call per 4 KiB
         block runs near 1 GB/s). kvx ships its own gather kernel as PTX text
-        (below, generated from kernels/kvx_cuda_copy.cu): ISA .version 7.8,
-        .target sm_80, so drivers from CUDA 11.8 on compile it for Ampere,
-        Hopper and newer (tools/ptx_check.sh checks it with ptxas). It is
-        loaded with cuModuleLoadData when the first queue of a device is made.
+        in kvx_cuda_ptx.h, generated from kernels/kvx_cuda_copy.cu by
+        kernels/gen_ptx.sh: ISA .version 7.8, .target sm_80, so drivers from
+        CUDA 11.8 on compile it for Ampere, Hopper and newer.
+        tools/ptx_check.sh assembles it with ptxas and, where nvcc is
+        installed, checks that it is what its source makes; the launch
+        header's layout is asserted on both sides (kvx__cuda_rd). kvx_gpu.h
+        loads it with cuModuleLoadData when the first queue of a device is
+        made, and the queue launches it once with no tasks, so that the
+        driver's compile does not fall on the first read.
 
         A read is taken whole when it is posted (the core hands the backend
         one op at a time; a per-op path costs the host more per 4 KiB block
         than the GPU needs to copy it): its merged block table is expanded
         into (local, remote) block id pairs in a pinned staging ring, followed
         by the plane bases of the read's layers on both sides; the kernel
-        walks that table itself. kvx__pump's flush launches one kernel for
-        all reads staged since the last launch: table and read headers go to
-        the GPU, then the kernel, then a write of each read's completion
-        word. Nothing waits on the host, and no device memory is allocated on
-        any read's path (verify mode's check, and a queue's first read with
-        block generations, aside). A read with generations is checked by the
-        kernel itself, by the warp that finishes its last task, which also
-        writes its completion word (below, "block generations"). A task is
+        walks that table itself. The flush at the end of a post launches one
+        kernel for all reads staged since the last launch: table and read
+        headers go to the GPU, then the kernel. The warp that finishes a
+        read's last task writes the read's completion word (a verified
+        read's waits for its check), and with block generations checks them
+        first (below, "block generations"). Nothing waits on the host, and
+        no device memory is allocated on any read's path but at a queue's
+        first verified read (its checks' result words) and its first read
+        whose end the kernel marks (the task counts). A task is
         at most 16 KiB of one block, one warp each, 16-byte accesses with 4
         loads in flight per lane (bytes where a layout is not 16-byte aligned). A
         batch of few tasks reads its table in place from pinned memory; larger
@@ -85,18 +99,22 @@
         kvx_ctx_desc.cuda.max_blocks of them (clamped to what stays resident),
         default two per multiprocessor, and one per multiprocessor for a batch
         read wholly from other GPUs: the caps that copied fastest while
-        slowing compute beside them least (README, "CUDA backend: speed").
+        slowing compute beside them least (docs/cuda.md, "CUDA backend:
+        speed").
 
         Reads run on kvx_queue_desc.cuda.stream (a stream of the primary
         context of the context's device; CU_STREAM_LEGACY for the legacy
         default stream) or, when it is NULL, on a stream kvx makes. A queue
         whose stream is being captured refuses posts: a read is not a graph
-        node (kvx_stream_wait is). The host learns of completions from events;
-        a thread per queue sleeps in cuEventSynchronize on each launch's
-        blocking-sync event, oldest first, and wakes the progress side through
-        an eventfd when it completes, so nobody spins. (A host function on a
-        side stream, cuLaunchHostFunc, fires only once the queue's stream has
-        drained, so the GPU idled until the next post; README.)
+        node (kvx_stream_wait is). The host learns of completions from events:
+        progress queries each launch's event, oldest first. Before anyone
+        sleeps on the context's event fd (a progress thread, kvx_wait), the
+        launches are handed to a thread per queue that sleeps in
+        cuEventSynchronize on their blocking-sync events in turn and writes an
+        eventfd as each completes, so nobody spins; where nobody sleeps, a
+        post costs no wake-up. (A host function on a side stream,
+        cuLaunchHostFunc, fires only once the queue's stream has drained, so
+        the GPU idled until the next post; docs/cuda.md.)
         A read whose kernel was launched cannot be recalled: failing it (peer
         removed, deadline) first waits for that kernel, polling its event with
         sleeps up to 10 s, since CUDA has no timed wait on an event.
@@ -104,6 +122,10 @@
 */
 #ifndef KVX_CUDA_INCLUDED
 #define KVX_CUDA_INCLUDED
+#include "kvx_internal.h"
+#include "kvx_wire.h"
+#include "kvx_verify.h"
+#include "kvx_gpu.h"
 
 #include <fcntl.h>
 #include <sys/epoll.h>
@@ -125,15 +147,38 @@
    allocation KVX__CUDA_LEGACY, KVX__CUDA_VMM, KVX__CUDA_POOL. */
 enum { KVX__CUDA_FD_LISTEN = 1, KVX__CUDA_FD_WAKE = 2, KVX__CUDA_FD_OWNER = 3, KVX__CUDA_FD_PEER = 4 };
 
-/* What one launch knows of one read: the layout of kvx_rd in
-   kernels/kvx_cuda_copy.cu, 176 bytes. */
+/* A compile-time check: C11's and C++11's own where the language has them
+   (msg), else a typedef of an array of negative size (name: an identifier
+   unique in this file, which the compiler's error shows). */
+#if defined(__cplusplus) && __cplusplus >= 201103L
+#  define KVX__CUDA_STATIC_ASSERT(c, name, msg) static_assert(c, msg)
+#elif !defined(__cplusplus) && defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+#  define KVX__CUDA_STATIC_ASSERT(c, name, msg) _Static_assert(c, msg)
+#else
+#  define KVX__CUDA_STATIC_ASSERT(c, name, msg) typedef char kvx__cuda_assert_##name[(c) ? 1 : -1]
+#endif
+
+/* What one launch knows of one read: kvx_rd of kernels/kvx_cuda_copy.cu,
+   which asserts the same size and offsets from the same list as here
+   (tools/ptx_check.sh compares the lists). */
 typedef struct kvx__cuda_rd {
     uint64_t lplanes, rplanes, pairs;
     uint64_t lbstride, rbstride, loff, roff, piece, lpstride, rpstride, cbytes;
-    uint64_t gcount, gwant, gtable, gres, gfound, gword, gticket;  /* block generations (gcount 0: none) */
+    uint64_t gcount, gwant, gtable, gres, gfound, gword, gticket;  /* the read's end on the device (gcount 0: the host's) */
     uint32_t plane0, nblocks, cpb, npieces;
     uint32_t ppc, task0, ntasks, pad2;
 } kvx__cuda_rd;
+#define KVX__CUDA_RD_BYTES 176
+#define KVX__CUDA_RD_LAYOUT(X) \
+    X(lplanes, 0) X(rplanes, 8) X(pairs, 16) X(lbstride, 24) X(rbstride, 32) X(loff, 40) X(roff, 48) X(piece, 56) \
+    X(lpstride, 64) X(rpstride, 72) X(cbytes, 80) X(gcount, 88) X(gwant, 96) X(gtable, 104) X(gres, 112) X(gfound, 120) \
+    X(gword, 128) X(gticket, 136) X(plane0, 144) X(nblocks, 148) X(cpb, 152) X(npieces, 156) X(ppc, 160) X(task0, 164) \
+    X(ntasks, 168) X(pad2, 172)
+#define KVX__CUDA_AT(f, off) \
+    KVX__CUDA_STATIC_ASSERT(offsetof(kvx__cuda_rd, f) == off, rd_##f, "kvx__cuda_rd." #f " is not at byte " #off " as in the kernel's kvx_rd");
+KVX__CUDA_RD_LAYOUT(KVX__CUDA_AT)
+#undef KVX__CUDA_AT
+KVX__CUDA_STATIC_ASSERT(sizeof(kvx__cuda_rd) == KVX__CUDA_RD_BYTES, rd_size, "kvx__cuda_rd is not the size of the kernel's kvx_rd");
 
 /*--- backend state ---------------------------------------------------------*/
 
@@ -234,11 +279,12 @@ typedef struct kvx__cuda_q {
     uint32_t *vres;
     CUdeviceptr vres_dev;
     CUstream vs;                /* the checks, so the next batch's copy runs beside them */
-    /* Block generations, made at the queue's first read with them: a task
-       count per header slot (device, zeroed; the kernel leaves each at 0);
-       pinned and mapped, each read's result by ticket % depth, and the
-       words the kernel found where a read failed, where the core keeps them
-       (from rd->g0 on). */
+    /* The reads' ends on the device: a task count per header slot (device,
+       zeroed; the kernel leaves each at 0), made at the queue's first read
+       whose end the kernel marks (kvx__cuda_counts). Block generations,
+       made at the queue's first read with them: pinned and mapped, each
+       read's result by ticket % depth, and the words the kernel found where
+       a read failed, where the core keeps them (from rd->g0 on). */
     CUdeviceptr gcount;
     uint32_t *gres;
     uint64_t *gfound;
@@ -451,50 +497,48 @@ KVX__PRIV kvx_status kvx__cuda_classify(kvx_ctx *ctx, int device, uint64_t ptr, 
     return KVX_OK;
 }
 
-KVX__PRIV kvx_status kvx__cuda_mem_register(kvx_ctx *ctx, const kvx__cache_info *ci, kvx__region *r) {
-    kvx__cuda *c = kvx__cuda_of(ctx);
-    kvx__cuda_region *g = NULL;
+/* The allocations that make up the range r, in order, each classified (VMM
+   ones hold a retained handle). *out holds what was found even where this
+   fails part way, for the caller to release. */
+KVX__PRIV kvx_status kvx__cuda_region_find(kvx_ctx *ctx, const kvx__cache_info *ci, const kvx__region *r, kvx__cuda_region **out) {
+    kvx__cuda_region *g;
     kvx__cuda_alloc a;
     uint64_t cur, end = r->addr + r->len;
-    uint32_t n = 0, cap = 8, i;
-    size_t klen;
+    uint32_t cap = 8;
     kvx_status st;
-    CUcontext prev;
-    CUresult rc;
-    uint8_t *k;
-    kvx__cuda_rkey_msg km;
-    kvx__cuda_rkey_entry *ents = NULL;
-    /* Strided blocks (vLLM's block-outermost views) are the core's and the
-       host backends'; the copy and checksum kernels take packed blocks. */
-    if (ci->block_extent != ci->block_bytes || ci->block_stride < ci->block_bytes)
-        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: cache blocks with head or token strides of their own (a block spans %llu bytes "
-                         "for %llu of data, block_stride %llu): not on the CUDA backend yet; register a packed view",
-                         (unsigned long long)ci->block_extent, (unsigned long long)ci->block_bytes, (unsigned long long)ci->block_stride);
-    if (ci->mem != KVX_MEM_CUDA)
-        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: the CUDA backend moves GPU memory (kvx_cache_desc.mem = KVX_MEM_CUDA); "
-                         "register host caches with the UCX or libfabric backend");
-    if ((st = kvx__cuda_bind(ctx, ci->device, "kvx_cache_register")) != KVX_OK) return st;
-    if ((rc = cuCtxPushCurrent(c->d->pctx)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuCtxPushCurrent");
-    g = (kvx__cuda_region *)kvx__calloc(1, sizeof *g + cap * sizeof g->a[0]);
-    if (!g) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory"); goto fail; }
+    *out = g = (kvx__cuda_region *)kvx__calloc(1, sizeof *g + cap * sizeof g->a[0]);
+    if (!g) return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory");
     g->ord = ci->device;
     for (cur = r->addr; cur < end; cur = a.base + a.size) {
-        if ((st = kvx__cuda_classify(ctx, ci->device, cur, end, &a)) != KVX_OK) goto fail;
-        if (a.base + a.size <= cur) { st = kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: no allocation reported at 0x%llx", (unsigned long long)cur); goto fail; }
-        if (n == cap) {
+        if ((st = kvx__cuda_classify(ctx, ci->device, cur, end, &a)) != KVX_OK) return st;
+        if (a.base + a.size <= cur) return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: no allocation reported at 0x%llx", (unsigned long long)cur);
+        if (g->n == cap) {
             kvx__cuda_region *ng = (kvx__cuda_region *)kvx__calloc(1, sizeof *g + 2 * cap * sizeof g->a[0]);
-            if (!ng) { if (a.h) cuMemRelease(a.h); st = kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory"); goto fail; }
+            if (!ng) { if (a.h) cuMemRelease(a.h); return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory"); }
             memcpy(ng, g, sizeof *g + cap * sizeof g->a[0]);
             KVX_FREE(g);
-            g = ng;
+            *out = g = ng;
             cap *= 2;
         }
-        g->a[n++] = a;
-        g->n = n;
+        g->a[g->n++] = a;
     }
-    /* rkey (kvx_wire.h): device uuid, ordinal; then per allocation kind,
-       base, size and what a reader needs to open it. */
-    if (!(ents = (kvx__cuda_rkey_entry *)kvx__calloc(n ? n : 1, sizeof *ents))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory"); goto fail; }
+    return KVX_OK;
+}
+
+/* The region's remote key (kvx_wire.h), in *key (KVX_MALLOC'd): device
+   uuid, ordinal; then per allocation kind, base, size and what a reader
+   needs to open it (a legacy IPC handle, a pool's export data). */
+KVX__PRIV kvx_status kvx__cuda_rkey_make(kvx_ctx *ctx, const kvx__cache_info *ci, const kvx__region *r, const kvx__cuda_region *g, uint8_t **key,
+                                         size_t *key_len) {
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    kvx__cuda_rkey_msg km;
+    kvx__cuda_rkey_entry *ents;
+    uint32_t n = g->n, i;
+    size_t klen;
+    kvx_status st = KVX_OK;
+    CUresult rc;
+    uint8_t *k;
+    if (!(ents = (kvx__cuda_rkey_entry *)kvx__calloc(n ? n : 1, sizeof *ents))) return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory");
     memset(&km, 0, sizeof km);
     memcpy(km.uuid, c->d->uuid.bytes, 16);
     km.device = ci->device;
@@ -508,33 +552,58 @@ KVX__PRIV kvx_status kvx__cuda_mem_register(kvx_ctx *ctx, const kvx__cache_info 
     if (klen > KVX__MAX_RKEY) {
         st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: the range 0x%llx+%llu spans %u allocations, more than one registration carries (%zu bytes of %u): "
                        "allocate the KV cache in fewer, larger allocations", (unsigned long long)r->addr, (unsigned long long)r->len, n, klen, KVX__MAX_RKEY);
-        goto fail;
+        goto out;
     }
     for (i = 0; i < n; i++) {
-        kvx__cuda_alloc *e = &g->a[i];
+        const kvx__cuda_alloc *e = &g->a[i];
         if (e->kind == KVX__CUDA_LEGACY) {
             CUipcMemHandle ih;
-            if ((rc = cuIpcGetMemHandle(&ih, (CUdeviceptr)e->base)) != CUDA_SUCCESS) { st = kvx__gpu_err(ctx, rc, "cuIpcGetMemHandle"); goto fail; }
+            if ((rc = cuIpcGetMemHandle(&ih, (CUdeviceptr)e->base)) != CUDA_SUCCESS) { st = kvx__gpu_err(ctx, rc, "cuIpcGetMemHandle"); goto out; }
             memcpy(ents[i].handle, ih.reserved, KVX__CUDA_HANDLE);
         } else if (e->kind == KVX__CUDA_POOL) {
             CUmemPoolPtrExportData pd;
-            if ((rc = cuMemPoolExportPointer(&pd, (CUdeviceptr)e->base)) != CUDA_SUCCESS) { st = kvx__gpu_err(ctx, rc, "cuMemPoolExportPointer"); goto fail; }
+            if ((rc = cuMemPoolExportPointer(&pd, (CUdeviceptr)e->base)) != CUDA_SUCCESS) { st = kvx__gpu_err(ctx, rc, "cuMemPoolExportPointer"); goto out; }
             ents[i].pool = (uint64_t)(uintptr_t)e->pool;
             memcpy(ents[i].handle, pd.reserved, KVX__CUDA_HANDLE);
         }
     }
-    if (!(k = (uint8_t *)KVX_MALLOC(klen))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory"); goto fail; }
+    if (!(k = (uint8_t *)KVX_MALLOC(klen))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory"); goto out; }
     kvx__cuda_rkey_write(k, klen, &km, ents);
+    *key = k;
+    *key_len = klen;
+out:
     KVX_FREE(ents);
+    return st;
+}
+
+KVX__PRIV kvx_status kvx__cuda_mem_register(kvx_ctx *ctx, const kvx__cache_info *ci, kvx__region *r) {
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    kvx__cuda_region *g = NULL;
+    uint8_t *k = NULL;
+    size_t klen = 0;
+    kvx_status st;
+    CUcontext prev;
+    CUresult rc;
+    /* Strided blocks (vLLM's block-outermost views) are the core's and the
+       host backends'; the copy and checksum kernels take packed blocks. */
+    if (ci->block_extent != ci->block_bytes || ci->block_stride < ci->block_bytes)
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: cache blocks with head or token strides of their own (a block spans %llu bytes "
+                         "for %llu of data, block_stride %llu): not on the CUDA backend yet; register a packed view",
+                         (unsigned long long)ci->block_extent, (unsigned long long)ci->block_bytes, (unsigned long long)ci->block_stride);
+    if (ci->mem != KVX_MEM_CUDA)
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: the CUDA backend moves GPU memory (kvx_cache_desc.mem = KVX_MEM_CUDA); "
+                         "register host caches with the UCX or libfabric backend");
+    if ((st = kvx__cuda_bind(ctx, ci->device, "kvx_cache_register")) != KVX_OK) return st;
+    if ((rc = cuCtxPushCurrent(c->d->pctx)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuCtxPushCurrent");
+    if ((st = kvx__cuda_region_find(ctx, ci, r, &g)) != KVX_OK || (st = kvx__cuda_rkey_make(ctx, ci, r, g, &k, &klen)) != KVX_OK) goto fail;
     cuCtxPopCurrent(&prev);
     r->rkey = k;
     r->rkey_len = (uint32_t)klen;
     r->be = g;
-    KVX__LOG(ctx, KVX_LOG_DEBUG, "cuda: region 0x%llx+%llu: %u allocation(s), first %s", (unsigned long long)r->addr, (unsigned long long)r->len, n,
+    KVX__LOG(ctx, KVX_LOG_DEBUG, "cuda: region 0x%llx+%llu: %u allocation(s), first %s", (unsigned long long)r->addr, (unsigned long long)r->len, g->n,
              g->a[0].kind == KVX__CUDA_LEGACY ? "cuMemAlloc" : g->a[0].kind == KVX__CUDA_VMM ? "VMM" : "pool");
     return KVX_OK;
 fail:
-    KVX_FREE(ents);
     cuCtxPopCurrent(&prev);
     if (g) { r->be = g; kvx__cuda_mem_deregister(ctx, r); }
     return st;
@@ -788,35 +857,30 @@ KVX__PRIV kvx__cuda_imp *kvx__cuda_imp_find(kvx__cuda_peer *cp, uint64_t raddr) 
     return NULL;
 }
 
-/* Open every allocation of one region of peer cache ci (index cix). */
-KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t cix, uint32_t rix) {
+/* One region of a peer cache being opened: what its steps share. */
+typedef struct kvx__cuda_import {
+    kvx_peer *p;
+    uint32_t cache, region;     /* the cache's id and the region's index, for the owner's exports */
+    uint32_t n;                 /* allocations in the key */
+    int pord;                   /* the GPU they live on, as an ordinal here */
+    const char *what;           /* "peer NAME/RANK cache ID region N", for messages */
+} kvx__cuda_import;
+
+/* The key names its GPU by uuid: it must be visible here, the same for
+   every cache of the peer, and reachable from ours; a peer in this process
+   needs peer access enabled, since its addresses are used as they are. */
+KVX__PRIV kvx_status kvx__cuda_import_gpu(kvx_ctx *ctx, kvx__cuda_import *im, const kvx__cuda_rkey_msg *km) {
     kvx__cuda *c = kvx__cuda_of(ctx);
-    kvx__cuda_peer *cp = (kvx__cuda_peer *)p->be;
-    kvx__region *r = &p->caches[cix].regions[rix];
-    kvx__rbuf rb, body;
-    kvx__cuda_rkey_msg km;
-    kvx__cuda_rkey_entry ke;
-    uint32_t n, i, ver;
-    int pord, e;
+    kvx__cuda_peer *cp = (kvx__cuda_peer *)im->p->be;
+    const char *what = im->what;
+    int pord = kvx__gpu_ordinal_of_uuid(km->uuid);
     CUresult rc;
-    kvx_status st;
-    char what[160];
-    snprintf(what, sizeof what, "peer %s/%d cache %u region %u", p->name, p->rank, p->caches[cix].id, rix);
-    /* The key comes from the network: kvx_wire.h bounds every field. */
-    e = kvx__cuda_rkey_read(&rb, r->rkey, r->rkey_len, &km, &ver);
-    if (e == KVX__WIRE_VERSION)
-        return kvx__fail(ctx, KVX_ERR_MISMATCH, "cuda: %s: CUDA remote key version %u, this kvx speaks version %u", what, ver, KVX__CUDA_RKEY_VERSION);
-    if (e == KVX__WIRE_TRUNCATED) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: remote key of %u bytes is truncated", what, r->rkey_len);
-    if (e != KVX__WIRE_OK)
-        return kvx__fail(ctx, KVX_ERR_MISMATCH, "cuda: %s: not a CUDA remote key (version %u): was the peer registered by the CUDA backend?", what, ver);
-    n = km.count;
-    body = rb;  /* at the first allocation */
-    pord = kvx__gpu_ordinal_of_uuid(km.uuid);
     if (pord < 0)
         return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: %s: its GPU (device %d there) is not visible in this process (CUDA_VISIBLE_DEVICES?)",
-                         what, (int)km.device);
+                         what, (int)km->device);
     if (cp->pord < 0) cp->pord = pord;
     else if (cp->pord != pord) return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: %s: caches on two GPUs (%d and %d) in one peer", what, cp->pord, pord);
+    im->pord = pord;
     if (pord != c->ord) {
         int can = 0;
         if (cuDeviceCanAccessPeer(&can, c->d->dev, (CUdevice)pord) != CUDA_SUCCESS || !can)
@@ -830,18 +894,193 @@ KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t
             if (rc != CUDA_SUCCESS && rc != CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED) return kvx__gpu_err(ctx, rc, "cuCtxEnablePeerAccess");
         }
     }
-    /* Every allocation checked before any is opened. */
-    for (i = 0; i < n; i++) {
+    return KVX_OK;
+}
+
+/* Every allocation of the key (rb: at its first) checked before any is
+   opened: the key comes from the network, and a bad one must leave
+   nothing half mapped. */
+KVX__PRIV kvx_status kvx__cuda_import_check(kvx_ctx *ctx, const kvx__cuda_import *im, kvx__rbuf rb, uint32_t rkey_len) {
+    kvx__cuda_rkey_entry ke;
+    uint32_t i;
+    int e;
+    for (i = 0; i < im->n; i++) {
         if ((e = kvx__cuda_rkey_entry_read(&rb, &ke)) == KVX__WIRE_FIELD)
-            return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: allocation %u of unknown kind %d", what, i, (int)ke.kind);
-        if (e != KVX__WIRE_OK) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: remote key truncated at allocation %u", what, i);
-        if (!ke.size || ke.base + ke.size < ke.base) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: allocation %u is empty or wraps", what, i);
+            return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: allocation %u of unknown kind %d", im->what, i, (int)ke.kind);
+        if (e != KVX__WIRE_OK) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: remote key truncated at allocation %u", im->what, i);
+        if (!ke.size || ke.base + ke.size < ke.base) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: allocation %u is empty or wraps", im->what, i);
     }
     if (kvx__wire_end(&rb, 0) != KVX__WIRE_OK)
-        return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: remote key of %u bytes is oversized (%zu bytes after its %u allocations)", what, r->rkey_len,
-                         rb.len - rb.off, n);
-    rb = body;
-    for (i = 0; i < n; i++) {
+        return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: remote key of %u bytes is oversized (%zu bytes after its %u allocations)", im->what, rkey_len,
+                         rb.len - rb.off, im->n);
+    return KVX_OK;
+}
+
+/* A pool allocation (the key's i-th, ke): its pool is imported once per
+   peer, by the owner's id for it, and opened to this GPU where it lives on
+   another; then the allocation, from its export data. */
+KVX__PRIV kvx_status kvx__cuda_import_pool(kvx_ctx *ctx, const kvx__cuda_import *im, uint32_t i, const kvx__cuda_rkey_entry *ke, kvx__cuda_imp *m) {
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    kvx__cuda_peer *cp = (kvx__cuda_peer *)im->p->be;
+    uint64_t pid = ke->pool;
+    CUmemPoolPtrExportData pd;
+    CUmemoryPool pool = NULL;
+    CUresult rc;
+    kvx_status st;
+    uint32_t j;
+    for (j = 0; j < cp->npools; j++) if (cp->pools[j].id == pid) pool = cp->pools[j].pool;
+    if (!pool) {
+        int fd = -1;
+        if (cp->npools == sizeof cp->pools / sizeof cp->pools[0]) return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: %s: more than 16 pools", im->what);
+        if ((st = kvx__cuda_fetch_fd(ctx, im->p, im->cache, im->region, i, &fd)) != KVX_OK) return st;
+        rc = cuMemPoolImportFromShareableHandle(&pool, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
+        close(fd);
+        if (rc != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuMemPoolImportFromShareableHandle");
+        if (im->pord != c->ord) {
+            CUmemAccessDesc ad;
+            memset(&ad, 0, sizeof ad);
+            ad.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+            ad.location.id = c->ord;
+            ad.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+            if ((rc = cuMemPoolSetAccess(pool, &ad, 1)) != CUDA_SUCCESS) { cuMemPoolDestroy(pool); return kvx__gpu_err(ctx, rc, "cuMemPoolSetAccess"); }
+        }
+        cp->pools[cp->npools].id = pid;
+        cp->pools[cp->npools++].pool = pool;
+    }
+    memcpy(pd.reserved, ke->handle, KVX__CUDA_HANDLE);
+    if ((rc = cuMemPoolImportPointer(&m->lbase, pool, &pd)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuMemPoolImportPointer");
+    m->pool_id = pid;
+    return KVX_OK;
+}
+
+/* A VMM allocation that starts a run: the reservation covers the
+   allocations that sit back to back in the owner from here on (the key's
+   i-th; rest: the key after it), so that a plane spanning several stays
+   one range here too. */
+KVX__PRIV CUresult kvx__cuda_vmm_reserve(kvx__cuda_imp *m, const kvx__cuda_import *im, uint32_t i, const kvx__rbuf *rest) {
+    uint64_t span = m->size;
+    uint32_t j;
+    kvx__rbuf ahead = *rest;
+    CUresult rc;
+    for (j = i + 1; j < im->n; j++) {
+        kvx__cuda_rkey_entry e2;
+        if (kvx__cuda_rkey_entry_read(&ahead, &e2) != KVX__WIRE_OK || e2.kind != KVX__CUDA_VMM || e2.base != m->rbase + span) break;
+        span += e2.size;
+    }
+    if ((rc = cuMemAddressReserve(&m->va, (size_t)span, 0, 0, 0)) != CUDA_SUCCESS) return rc;
+    m->va_size = (size_t)span;
+    m->lbase = m->va;
+    m->gend = m->rbase + span;
+    return CUDA_SUCCESS;
+}
+
+/* A VMM allocation (the key's i-th): imported from the owner's descriptor
+   and mapped, as the next member of the run before it or at the start of a
+   reservation of its own, then opened to this GPU. */
+KVX__PRIV kvx_status kvx__cuda_import_vmm(kvx_ctx *ctx, const kvx__cuda_import *im, uint32_t i, const kvx__rbuf *rest, kvx__cuda_imp *m) {
+    kvx__cuda *c = kvx__cuda_of(ctx);
+    kvx__cuda_peer *cp = (kvx__cuda_peer *)im->p->be;
+    const kvx__cuda_imp *prev = cp->nimp ? &cp->imp[cp->nimp - 1] : NULL;
+    CUmemGenericAllocationHandle hh;
+    CUmemAccessDesc ad;
+    const char *what;
+    CUresult rc;
+    kvx_status st;
+    int fd = -1;
+    if ((st = kvx__cuda_fetch_fd(ctx, im->p, im->cache, im->region, i, &fd)) != KVX_OK) return st;
+    rc = cuMemImportFromShareableHandle(&hh, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+    close(fd);
+    if (rc != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuMemImportFromShareableHandle");
+    if (prev && prev->kind == KVX__CUDA_VMM && prev->rbase + prev->size == m->rbase && prev->gend >= m->rbase + m->size) {
+        m->lbase = prev->lbase + prev->size;  /* the next member of prev's run */
+        m->gend = prev->gend;
+    } else if ((rc = kvx__cuda_vmm_reserve(m, im, i, rest)) != CUDA_SUCCESS) {
+        cuMemRelease(hh);
+        return kvx__gpu_err(ctx, rc, "cuMemAddressReserve");
+    }
+    rc = cuMemMap(m->lbase, (size_t)m->size, 0, hh, 0);
+    cuMemRelease(hh);  /* the mapping holds it */
+    what = "cuMemMap";
+    if (rc != CUDA_SUCCESS) goto free_va;
+    memset(&ad, 0, sizeof ad);
+    ad.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    ad.location.id = c->ord;
+    ad.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    what = "cuMemSetAccess";
+    if ((rc = cuMemSetAccess(m->lbase, (size_t)m->size, &ad, 1)) != CUDA_SUCCESS) goto unmap;
+    return KVX_OK;
+unmap:
+    cuMemUnmap(m->lbase, (size_t)m->size);
+free_va:
+    if (m->va) cuMemAddressFree(m->va, m->va_size);
+    return kvx__gpu_err(ctx, rc, what);
+}
+
+/* Map one allocation of the key (the i-th, ke; rest: the key after it)
+   here, at m->lbase: a peer in this process is used at its own addresses,
+   others are opened by kind. */
+KVX__PRIV kvx_status kvx__cuda_import_alloc(kvx_ctx *ctx, const kvx__cuda_import *im, uint32_t i, const kvx__cuda_rkey_entry *ke, const kvx__rbuf *rest,
+                                            kvx__cuda_imp *m) {
+    const kvx__cuda_peer *cp = (const kvx__cuda_peer *)im->p->be;
+    CUresult rc;
+    if (cp->same_process) {
+        m->lbase = (CUdeviceptr)m->rbase;  /* the owner's own addresses */
+    } else if (m->kind == KVX__CUDA_LEGACY) {
+        CUipcMemHandle ih;
+        memcpy(ih.reserved, ke->handle, KVX__CUDA_HANDLE);
+        if ((rc = cuIpcOpenMemHandle(&m->lbase, ih, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuIpcOpenMemHandle");
+    } else if (m->kind == KVX__CUDA_POOL) {
+        return kvx__cuda_import_pool(ctx, im, i, ke, m);
+    } else {
+        return kvx__cuda_import_vmm(ctx, im, i, rest, m);
+    }
+    return KVX_OK;
+}
+
+/* Keep an opened allocation in the peer's list, where reads and the
+   release find it by the owner's address. */
+KVX__PRIV kvx_status kvx__cuda_imp_add(kvx_ctx *ctx, kvx__cuda_peer *cp, const kvx__cuda_imp *m) {
+    if (cp->nimp == cp->imp_cap) {
+        uint32_t cap = cp->imp_cap ? 2 * cp->imp_cap : 8;
+        kvx__cuda_imp *ni = (kvx__cuda_imp *)kvx__calloc(cap, sizeof *ni);
+        if (!ni) return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory");
+        if (cp->nimp) memcpy(ni, cp->imp, cp->nimp * sizeof *ni);
+        KVX_FREE(cp->imp);
+        cp->imp = ni;
+        cp->imp_cap = cap;
+    }
+    cp->imp[cp->nimp++] = *m;
+    return KVX_OK;
+}
+
+/* Open every allocation of one region of peer cache ci (index cix). */
+KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t cix, uint32_t rix) {
+    kvx__cuda_peer *cp = (kvx__cuda_peer *)p->be;
+    kvx__region *r = &p->caches[cix].regions[rix];
+    kvx__cuda_import im;
+    kvx__rbuf rb;
+    kvx__cuda_rkey_msg km;
+    kvx__cuda_rkey_entry ke;
+    uint32_t i, ver;
+    int e;
+    kvx_status st;
+    char what[160];
+    snprintf(what, sizeof what, "peer %s/%d cache %u region %u", p->name, p->rank, p->caches[cix].id, rix);
+    /* The key comes from the network: kvx_wire.h bounds every field. */
+    e = kvx__cuda_rkey_read(&rb, r->rkey, r->rkey_len, &km, &ver);
+    if (e == KVX__WIRE_VERSION)
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "cuda: %s: CUDA remote key version %u, this kvx speaks version %u", what, ver, KVX__CUDA_RKEY_VERSION);
+    if (e == KVX__WIRE_TRUNCATED) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: %s: remote key of %u bytes is truncated", what, r->rkey_len);
+    if (e != KVX__WIRE_OK)
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "cuda: %s: not a CUDA remote key (version %u): was the peer registered by the CUDA backend?", what, ver);
+    memset(&im, 0, sizeof im);
+    im.p = p;
+    im.cache = p->caches[cix].id;
+    im.region = rix;
+    im.n = km.count;
+    im.what = what;
+    if ((st = kvx__cuda_import_gpu(ctx, &im, &km)) != KVX_OK || (st = kvx__cuda_import_check(ctx, &im, rb, r->rkey_len)) != KVX_OK) return st;
+    for (i = 0; i < im.n; i++) {  /* rb: at the first allocation */
         kvx__cuda_imp m;
         kvx__cuda_rkey_entry_read(&rb, &ke);  /* checked above */
         memset(&m, 0, sizeof m);
@@ -850,94 +1089,7 @@ KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t
         m.size = ke.size;
         m.gend = m.rbase + m.size;
         if (kvx__cuda_imp_find(cp, m.rbase)) continue;  /* opened once per peer allocation */
-        if (cp->same_process) {
-            m.lbase = (CUdeviceptr)m.rbase;  /* the owner's own addresses */
-        } else if (m.kind == KVX__CUDA_LEGACY) {
-            CUipcMemHandle ih;
-            memcpy(ih.reserved, ke.handle, KVX__CUDA_HANDLE);
-            if ((rc = cuIpcOpenMemHandle(&m.lbase, ih, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuIpcOpenMemHandle");
-        } else if (m.kind == KVX__CUDA_POOL) {
-            uint64_t pid = ke.pool;
-            CUmemPoolPtrExportData pd;
-            CUmemoryPool pool = NULL;
-            uint32_t j;
-            for (j = 0; j < cp->npools; j++) if (cp->pools[j].id == pid) pool = cp->pools[j].pool;
-            if (!pool) {
-                int fd = -1;
-                if (cp->npools == sizeof cp->pools / sizeof cp->pools[0]) return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: %s: more than 16 pools", what);
-                if ((st = kvx__cuda_fetch_fd(ctx, p, p->caches[cix].id, rix, i, &fd)) != KVX_OK) return st;
-                rc = cuMemPoolImportFromShareableHandle(&pool, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
-                close(fd);
-                if (rc != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuMemPoolImportFromShareableHandle");
-                if (pord != c->ord) {
-                    CUmemAccessDesc ad;
-                    memset(&ad, 0, sizeof ad);
-                    ad.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-                    ad.location.id = c->ord;
-                    ad.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-                    if ((rc = cuMemPoolSetAccess(pool, &ad, 1)) != CUDA_SUCCESS) { cuMemPoolDestroy(pool); return kvx__gpu_err(ctx, rc, "cuMemPoolSetAccess"); }
-                }
-                cp->pools[cp->npools].id = pid;
-                cp->pools[cp->npools++].pool = pool;
-            }
-            memcpy(pd.reserved, ke.handle, KVX__CUDA_HANDLE);
-            if ((rc = cuMemPoolImportPointer(&m.lbase, pool, &pd)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuMemPoolImportPointer");
-            m.pool_id = pid;
-        } else {
-            /* VMM: physical allocations that sit back to back in the owner
-               are mapped back to back here, in one reservation per run. */
-            CUmemGenericAllocationHandle hh;
-            CUmemAccessDesc ad;
-            kvx__cuda_imp *prev = cp->nimp ? &cp->imp[cp->nimp - 1] : NULL;
-            int fd = -1;
-            if ((st = kvx__cuda_fetch_fd(ctx, p, p->caches[cix].id, rix, i, &fd)) != KVX_OK) return st;
-            rc = cuMemImportFromShareableHandle(&hh, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
-            close(fd);
-            if (rc != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuMemImportFromShareableHandle");
-            if (prev && prev->kind == KVX__CUDA_VMM && prev->rbase + prev->size == m.rbase && prev->gend >= m.rbase + m.size) {
-                m.lbase = prev->lbase + prev->size;  /* the next member of prev's run */
-                m.gend = prev->gend;
-            } else {
-                /* A new run: the back-to-back VMM allocations the key lists from here. */
-                uint64_t span = m.size;
-                uint32_t j;
-                kvx__rbuf ahead = rb;
-                for (j = i + 1; j < n; j++) {
-                    kvx__cuda_rkey_entry e2;
-                    if (kvx__cuda_rkey_entry_read(&ahead, &e2) != KVX__WIRE_OK || e2.kind != KVX__CUDA_VMM || e2.base != m.rbase + span) break;
-                    span += e2.size;
-                }
-                if ((rc = cuMemAddressReserve(&m.va, (size_t)span, 0, 0, 0)) != CUDA_SUCCESS) { cuMemRelease(hh); return kvx__gpu_err(ctx, rc, "cuMemAddressReserve"); }
-                m.va_size = (size_t)span;
-                m.lbase = m.va;
-                m.gend = m.rbase + span;
-            }
-            rc = cuMemMap(m.lbase, (size_t)m.size, 0, hh, 0);
-            cuMemRelease(hh);  /* the mapping holds it */
-            if (rc != CUDA_SUCCESS) {
-                if (m.va) cuMemAddressFree(m.va, m.va_size);
-                return kvx__gpu_err(ctx, rc, "cuMemMap");
-            }
-            memset(&ad, 0, sizeof ad);
-            ad.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-            ad.location.id = c->ord;
-            ad.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-            if ((rc = cuMemSetAccess(m.lbase, (size_t)m.size, &ad, 1)) != CUDA_SUCCESS) {
-                cuMemUnmap(m.lbase, (size_t)m.size);
-                if (m.va) cuMemAddressFree(m.va, m.va_size);
-                return kvx__gpu_err(ctx, rc, "cuMemSetAccess");
-            }
-        }
-        if (cp->nimp == cp->imp_cap) {
-            uint32_t cap = cp->imp_cap ? 2 * cp->imp_cap : 8;
-            kvx__cuda_imp *ni = (kvx__cuda_imp *)kvx__calloc(cap, sizeof *ni);
-            if (!ni) return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory");
-            if (cp->nimp) memcpy(ni, cp->imp, cp->nimp * sizeof *ni);
-            KVX_FREE(cp->imp);
-            cp->imp = ni;
-            cp->imp_cap = cap;
-        }
-        cp->imp[cp->nimp++] = m;
+        if ((st = kvx__cuda_import_alloc(ctx, &im, i, &ke, &rb, &m)) != KVX_OK || (st = kvx__cuda_imp_add(ctx, cp, &m)) != KVX_OK) return st;
     }
     if (cp->same_process)  /* one address space: allocations back to back are one range */
         for (i = cp->nimp; i-- > 1;)
@@ -1054,13 +1206,6 @@ KVX__PRIV uint32_t kvx__cuda_read_blocks(const kvx__read *rd) {
     return n;
 }
 
-/* The waiter thread of a queue. Events are blocking-sync, so
-   cuEventSynchronize sleeps in the driver until the GPU signals. A slot's
-   event may be recorded again for a newer batch before the waiter reaches
-   it; it then waits for that one, which is later in the ring anyway.
-   Launches are handed to it only where someone sleeps on the event fd
-   (kvx__cuda_hand): a post then costs no wake-up where the engine polls,
-   or waits on its streams. */
 /* Hand the waiter what was launched (with wmu held): free while it is
    awake (it looks before it sleeps), a wake-up when it sleeps, which only
    a sleeper on the event fd needs (wake). */
@@ -1070,6 +1215,13 @@ KVX__PRIV void kvx__cuda_hand(kvx__cuda_q *cq, int wake) {
     else if (wake) { cq->wlimit = cq->whead; pthread_cond_signal(&cq->wcv); }
 }
 
+/* The waiter thread of a queue. Events are blocking-sync, so
+   cuEventSynchronize sleeps in the driver until the GPU signals. A slot's
+   event may be recorded again for a newer batch before the waiter reaches
+   it; it then waits for that one, which is later in the ring anyway.
+   Launches are handed to it only where someone sleeps on the event fd
+   (kvx__cuda_hand): a post then costs no wake-up where the engine polls,
+   or waits on its streams. */
 KVX__PRIV void *kvx__cuda_waiter(void *arg) {
     kvx__cuda_q *cq = (kvx__cuda_q *)arg;
     uint64_t one = 1;
@@ -1147,68 +1299,50 @@ KVX__PRIV void kvx__cuda_complete(kvx_ctx *ctx, int wait) {
 
 KVX__PRIV kvx__cuda_batch *kvx__cuda_open_batch(kvx__cuda_q *cq) { return &cq->b[(cq->first + cq->inflight) % KVX__CUDA_BATCHES]; }
 
-/* Launch the open batch: table and headers to the GPU (or read in place when
-   small), the kernel, each read's completion word, the event. */
-KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
-    kvx__cuda_q *cq = kvx__cuda_q_of(q);
-    kvx__stream_q *sq = kvx__stream_of(q);
-    uint32_t slot, i, grid, bytes;
-    int mapped;
-    kvx__cuda_batch *b;
-    kvx__cuda_rd *hdr;
-    size_t hoff, hbytes;
-    CUdeviceptr pairs, hptr;
-    CUcontext prev;
+/* Make the open batch's offsets addresses and put its table and headers
+   where the kernel reads them (*hptr: the headers). A batch of few tasks
+   reads them straight from pinned memory: one round trip over the bus
+   beats a copy. With more tasks than the kernel's warps, each warp would
+   pay that round trip again per task (88% of the copy's speed instead of
+   92% for 64 KiB blocks on an H200), so larger ones are copied. */
+KVX__PRIV CUresult kvx__cuda_stage(kvx__cuda_q *cq, uint32_t slot, CUdeviceptr *hptr, const char **what) {
+    kvx__cuda_batch *b = &cq->b[slot];
+    kvx__cuda_rd *hdr = cq->hdr + (size_t)slot * KVX__CUDA_BATCH_READS;
+    size_t hoff = (size_t)slot * KVX__CUDA_BATCH_READS * sizeof *hdr, hbytes = b->nreads * sizeof *hdr;
+    uint32_t bytes = b->end - b->start, i;
+    int mapped = bytes + hbytes <= KVX__CUDA_SMALL && b->ntasks <= cq->grid_max * (KVX__CUDA_THREADS / 32u);
+    CUdeviceptr pairs;
     CUresult rc;
-    const char *what = "";
-    void *args[3];
-    uint32_t nreads, ntasks;
-    CUstream done_on;
-    if (!cq) return KVX_OK;
-    done_on = cq->s;
-    slot = (cq->first + cq->inflight) % KVX__CUDA_BATCHES;
-    b = &cq->b[slot];
-    hdr = cq->hdr + (size_t)slot * KVX__CUDA_BATCH_READS;
-    hoff = (size_t)slot * KVX__CUDA_BATCH_READS * sizeof *hdr;
-    hbytes = b->nreads * sizeof *hdr;
-    if (!b->nreads) return KVX_OK;
-    if (cq->inflight >= KVX__CUDA_BATCHES - 1) return KVX_PENDING;  /* the open batch needs a slot of its own */
-    bytes = b->end - b->start;
-    if ((rc = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuCtxPushCurrent");
-    /* A batch of few tasks reads its table straight from pinned memory: one
-       round trip over the bus beats a copy. With more tasks than the
-       kernel's warps, each warp would pay that round trip again per task
-       (88% of the copy's speed instead of 92% for 64 KiB blocks on an H200). */
-    mapped = bytes + hbytes <= KVX__CUDA_SMALL && b->ntasks <= cq->grid_max * (KVX__CUDA_THREADS / 32u);
     if (mapped) {
         pairs = cq->ring_map + b->start;
-        hptr = cq->hdr_map + hoff;
+        *hptr = cq->hdr_map + hoff;
     } else {
         pairs = cq->ring_dev + b->start;
-        hptr = cq->hdr_dev + hoff;
+        *hptr = cq->hdr_dev + hoff;
     }
     for (i = 0; i < b->nreads; i++) {  /* offsets until now */
         hdr[i].pairs += pairs; hdr[i].lplanes += pairs; hdr[i].rplanes += pairs;
         if (hdr[i].gtable) hdr[i].gwant += pairs;
     }
-    if (!mapped) {
-        /* On the copy stream: they run while the kernel of an earlier batch
-           does (16 us per batch on an H200 when they were in line), and the
-           ring keeps this batch's bytes apart from every launched one. */
-        if ((rc = cuMemcpyHtoDAsync(pairs, cq->ring + b->start, bytes, cq->cs)) != CUDA_SUCCESS) { what = "cuMemcpyHtoDAsync (block table)"; goto fail; }
-        if ((rc = cuMemcpyHtoDAsync(hptr, hdr, hbytes, cq->cs)) != CUDA_SUCCESS) { what = "cuMemcpyHtoDAsync (read headers)"; goto fail; }
-        if ((rc = cuEventRecord(b->staged, cq->cs)) != CUDA_SUCCESS) { what = "cuEventRecord (staging)"; goto fail; }
-        if ((rc = cuStreamWaitEvent(cq->s, b->staged, 0)) != CUDA_SUCCESS) { what = "cuStreamWaitEvent (staging)"; goto fail; }
-    }
-    nreads = b->nreads;
-    ntasks = b->ntasks;
-    args[0] = &hptr; args[1] = &nreads; args[2] = &ntasks;
-    grid = (ntasks + KVX__CUDA_THREADS / 32u - 1) / (KVX__CUDA_THREADS / 32u);
+    if (mapped) return CUDA_SUCCESS;
+    /* On the copy stream: they run while the kernel of an earlier batch
+       does (16 us per batch on an H200 when they were in line), and the
+       ring keeps this batch's bytes apart from every launched one. */
+    if ((rc = cuMemcpyHtoDAsync(pairs, cq->ring + b->start, bytes, cq->cs)) != CUDA_SUCCESS) { *what = "cuMemcpyHtoDAsync (block table)"; return rc; }
+    if ((rc = cuMemcpyHtoDAsync(*hptr, hdr, hbytes, cq->cs)) != CUDA_SUCCESS) { *what = "cuMemcpyHtoDAsync (read headers)"; return rc; }
+    if ((rc = cuEventRecord(b->staged, cq->cs)) != CUDA_SUCCESS) { *what = "cuEventRecord (staging)"; return rc; }
+    if ((rc = cuStreamWaitEvent(cq->s, b->staged, 0)) != CUDA_SUCCESS) { *what = "cuStreamWaitEvent (staging)"; return rc; }
+    return CUDA_SUCCESS;
+}
+
+/* The copy kernel's grid: a warp per task up to the queue's cap, and the
+   lower peer cap for a batch read wholly from other GPUs. Over NVLink the
+   link, not the SMs, sets the pace: one block per SM copied as fast as two
+   on H200s and slowed compute beside it by 2% instead of 12%. */
+KVX__PRIV uint32_t kvx__cuda_grid(kvx_ctx *ctx, const kvx__cuda_q *cq, const kvx__cuda_batch *b) {
+    uint32_t grid = (b->ntasks + KVX__CUDA_THREADS / 32u - 1) / (KVX__CUDA_THREADS / 32u), i;
     if (grid > cq->grid_max) grid = cq->grid_max;
     if (cq->grid_peer && grid > cq->grid_peer) {
-        /* Over NVLink the link, not the SMs, sets the pace: one block per SM
-           copied as fast as two on H200s and slowed compute beside it by 2%
-           instead of 12%. */
         kvx__cuda *c = kvx__cuda_of(ctx);
         for (i = 0; i < b->nreads; i++) {
             const kvx__cuda_peer *cp = (const kvx__cuda_peer *)b->reads[i]->peer->be;
@@ -1216,55 +1350,75 @@ KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
         }
         if (i == b->nreads) grid = cq->grid_peer;
     }
-    if (!grid) grid = 1;
-    if ((rc = cuLaunchKernel(cq->fn, grid, 1, 1, KVX__CUDA_THREADS, 1, 1, 0, cq->s, args, NULL)) != CUDA_SUCCESS) { what = "cuLaunchKernel (copy kernel)"; goto fail; }
+    return grid ? grid : 1u;
+}
+
+/* Verified reads: their checks on the check stream, behind this copy and
+   beside the next one; the batch is done when they are (*done_on). */
+KVX__PRIV CUresult kvx__cuda_launch_checks(kvx_queue *q, const kvx__cuda_batch *b, const kvx__cuda_rd *hdr, CUstream *done_on, const char **what) {
+    kvx__cuda_q *cq = kvx__cuda_q_of(q);
+    uint32_t i;
+    CUresult rc;
     for (i = 0; i < b->nreads && !b->reads[i]->verify; i++) {}
-    if (i < b->nreads) {
-        /* Verified reads: their checks on the check stream, behind this copy
-           and beside the next one; the batch is done when they are. */
-        if ((rc = cuEventRecord(b->copied, cq->s)) != CUDA_SUCCESS) { what = "cuEventRecord (copied)"; goto fail; }
-        if ((rc = cuStreamWaitEvent(cq->vs, b->copied, 0)) != CUDA_SUCCESS) { what = "cuStreamWaitEvent (checks)"; goto fail; }
-        for (; i < b->nreads; i++)
-            if (b->reads[i]->verify && (rc = kvx__cuda_check_launch(q, b->reads[i], &hdr[i], &what)) != CUDA_SUCCESS) goto fail;
-        done_on = cq->vs;
-    }
-    if (sq && sq->words) {
-        /* The reads are complete, in stream order, once the kernel is: for
-           those staged before the queue had its words. */
-        CUstreamBatchMemOpParams ops[64];
-        uint32_t k = 0;
-        for (i = 0; i < b->nreads; i++) {
-            kvx__read *rd = b->reads[i];
-            if (!rd->verify && !hdr[i].gword) {  /* a verified read's word is written once its check is (kvx__stream_read_final); others, by the kernel */
-                memset(&ops[k], 0, sizeof ops[k]);
-                ops[k].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_64;
-                ops[k].writeValue.address = sq->dwords + (rd->ticket % q->depth) * 8u;
-                ops[k].writeValue.value64 = (rd->ticket << 2) | 1u;
-                k++;
-            }
-            if (k && (k == 64 || i + 1 == b->nreads)) {
-                if ((rc = cuStreamBatchMemOp(cq->s, k, ops, 0)) != CUDA_SUCCESS) { what = "cuStreamBatchMemOp (completion words)"; goto fail; }
-                k = 0;
-            }
+    if (i == b->nreads) return CUDA_SUCCESS;
+    if ((rc = cuEventRecord(b->copied, cq->s)) != CUDA_SUCCESS) { *what = "cuEventRecord (copied)"; return rc; }
+    if ((rc = cuStreamWaitEvent(cq->vs, b->copied, 0)) != CUDA_SUCCESS) { *what = "cuStreamWaitEvent (checks)"; return rc; }
+    for (; i < b->nreads; i++)
+        if (b->reads[i]->verify && (rc = kvx__cuda_check_launch(q, b->reads[i], &hdr[i], what)) != CUDA_SUCCESS) return rc;
+    *done_on = cq->vs;
+    return CUDA_SUCCESS;
+}
+
+/* The completion words the kernel does not write, on the queue's stream
+   behind it: reads staged before the queue had its words are complete, in
+   stream order, once the kernel is. A verified read's word is written once
+   its check is (kvx__stream_read_final). */
+KVX__PRIV CUresult kvx__cuda_write_words(kvx_queue *q, const kvx__cuda_batch *b, const kvx__cuda_rd *hdr, const char **what) {
+    kvx__cuda_q *cq = kvx__cuda_q_of(q);
+    kvx__stream_q *sq = kvx__stream_of(q);
+    CUstreamBatchMemOpParams ops[64];
+    uint32_t i, k = 0;
+    CUresult rc;
+    if (!sq || !sq->words) return CUDA_SUCCESS;
+    for (i = 0; i < b->nreads; i++) {
+        const kvx__read *rd = b->reads[i];
+        if (!rd->verify && !hdr[i].gword) {
+            memset(&ops[k], 0, sizeof ops[k]);
+            ops[k].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_64;
+            ops[k].writeValue.address = sq->dwords + (rd->ticket % q->depth) * 8u;
+            ops[k].writeValue.value64 = (rd->ticket << 2) | 1u;
+            k++;
+        }
+        if (k && (k == 64 || i + 1 == b->nreads)) {
+            if ((rc = cuStreamBatchMemOp(cq->s, k, ops, 0)) != CUDA_SUCCESS) { *what = "cuStreamBatchMemOp (completion words)"; return rc; }
+            k = 0;
         }
     }
-    if ((rc = cuEventRecord(b->ev, done_on)) != CUDA_SUCCESS) { what = "cuEventRecord"; goto fail; }
-    cuCtxPopCurrent(&prev);
+    return CUDA_SUCCESS;
+}
+
+/* The batch is on its way: count it, hand its event to the waiter, and open
+   the next batch at the ring's head. */
+KVX__PRIV void kvx__cuda_launched(kvx_ctx *ctx, kvx__cuda_q *cq, const kvx__cuda_batch *b) {
+    kvx__cuda_batch *nb;
     cq->inflight++;
     pthread_mutex_lock(&cq->wmu);
     if (cq->whead - cq->wtail < 2 * KVX__CUDA_BATCHES) cq->wring[cq->whead++ % (2 * KVX__CUDA_BATCHES)] = b->ev;
     kvx__cuda_hand(cq, ctx->pt_until != 0);  /* a sleeping progress thread must hear of it */
     pthread_mutex_unlock(&cq->wmu);
-    {
-        kvx__cuda_batch *nb = kvx__cuda_open_batch(cq);
-        nb->start = nb->end = cq->head;
-        nb->nreads = nb->ntasks = 0;
-    }
+    nb = kvx__cuda_open_batch(cq);
+    nb->start = nb->end = cq->head;
+    nb->nreads = nb->ntasks = 0;
     cq->capture_checked = 0;
-    return KVX_OK;
-fail:
-    cuCtxPopCurrent(&prev);
-    /* What was enqueued before the failure may still run: wait for it (bounded) before the reads fail. */
+}
+
+/* A launch that failed part way: what was enqueued before the failure may
+   still run, so wait for it (bounded) before the batch's reads fail, then
+   take its ring bytes back. */
+KVX__PRIV void kvx__cuda_launch_failed(kvx_ctx *ctx, kvx__cuda_q *cq, kvx__cuda_batch *b, CUresult rc, const char *what) {
+    CUcontext prev;
+    kvx_status st;
+    uint32_t i;
     if (cuCtxPushCurrent(cq->d->pctx) == CUDA_SUCCESS) {
         uint64_t until = kvx__now_ns() + 10000000000ull;
         while ((cuStreamQuery(cq->s) == CUDA_ERROR_NOT_READY || (cq->vs && cuStreamQuery(cq->vs) == CUDA_ERROR_NOT_READY)) && kvx__now_ns() < until) {
@@ -1273,13 +1427,50 @@ fail:
         }
         cuCtxPopCurrent(&prev);
     }
-    {
-        kvx_status st = kvx__gpu_err(ctx, rc, what);
-        for (i = 0; i < b->nreads; i++) kvx__op_done(b->reads[i], st, ctx->err);
-    }
+    st = kvx__gpu_err(ctx, rc, what);
+    for (i = 0; i < b->nreads; i++) kvx__op_done(b->reads[i], st, ctx->err);
     b->nreads = b->ntasks = 0;
     cq->head = b->start;
     b->end = b->start;
+}
+
+/* Launch the open batch: table and headers to the GPU (or read in place when
+   small), the kernel, the checks of its verified reads, the completion
+   words the kernel does not write, the event. */
+KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
+    kvx__cuda_q *cq = kvx__cuda_q_of(q);
+    uint32_t slot, grid, nreads, ntasks;
+    kvx__cuda_batch *b;
+    kvx__cuda_rd *hdr;
+    CUdeviceptr hptr;
+    CUcontext prev;
+    CUresult rc;
+    CUstream done_on;
+    const char *what = "";
+    void *args[3];
+    if (!cq) return KVX_OK;
+    done_on = cq->s;
+    slot = (cq->first + cq->inflight) % KVX__CUDA_BATCHES;
+    b = &cq->b[slot];
+    hdr = cq->hdr + (size_t)slot * KVX__CUDA_BATCH_READS;
+    if (!b->nreads) return KVX_OK;
+    if (cq->inflight >= KVX__CUDA_BATCHES - 1) return KVX_PENDING;  /* the open batch needs a slot of its own */
+    if ((rc = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuCtxPushCurrent");
+    if ((rc = kvx__cuda_stage(cq, slot, &hptr, &what)) != CUDA_SUCCESS) goto fail;
+    nreads = b->nreads;
+    ntasks = b->ntasks;
+    args[0] = &hptr; args[1] = &nreads; args[2] = &ntasks;
+    grid = kvx__cuda_grid(ctx, cq, b);
+    if ((rc = cuLaunchKernel(cq->fn, grid, 1, 1, KVX__CUDA_THREADS, 1, 1, 0, cq->s, args, NULL)) != CUDA_SUCCESS) { what = "cuLaunchKernel (copy kernel)"; goto fail; }
+    if ((rc = kvx__cuda_launch_checks(q, b, hdr, &done_on, &what)) != CUDA_SUCCESS) goto fail;
+    if ((rc = kvx__cuda_write_words(q, b, hdr, &what)) != CUDA_SUCCESS) goto fail;
+    if ((rc = cuEventRecord(b->ev, done_on)) != CUDA_SUCCESS) { what = "cuEventRecord"; goto fail; }
+    cuCtxPopCurrent(&prev);
+    kvx__cuda_launched(ctx, cq, b);
+    return KVX_OK;
+fail:
+    cuCtxPopCurrent(&prev);
+    kvx__cuda_launch_failed(ctx, cq, b, rc, what);
     return KVX_ERR_BACKEND;
 }
 
@@ -1318,102 +1509,120 @@ KVX__PRIV kvx_status kvx__cuda_can_read(kvx_ctx *ctx, const kvx__cache_info *lc,
                      p->name, p->rank, rc->id, rc->mem == KVX_MEM_CUDA ? "GPU" : "host", lc->id, lc->mem == KVX_MEM_CUDA ? "GPU" : "host");
 }
 
-/* The whole read at once: stage its merged block table for the next launch. */
-KVX__PRIV kvx_status kvx__cuda_post_read(kvx_ctx *ctx, kvx__read *rd) {
-    kvx_queue *q = rd->q;
-    kvx__cuda_q *cq = kvx__cuda_q_of(q);
-    kvx__cuda_peer *cp = (kvx__cuda_peer *)rd->peer->be;
+/* Where a read's parts sit in its staging (kvx__cuda_post_read): the
+   (local, remote) id pairs, both plane tables of the read's planes from
+   tbytes on, then the generations it expects, if it has them. */
+typedef struct kvx__cuda_shape {
+    uint32_t nblocks, nplanes, p0;  /* p0: the read's first plane */
+    uint32_t tbytes, bytes;         /* the pairs' bytes (16-byte aligned), the whole */
+} kvx__cuda_shape;
+
+/* A launch on a capturing stream would become a graph node, not a copy:
+   the queue's stream is checked at a batch's first read. */
+KVX__PRIV kvx_status kvx__cuda_capture_check(kvx_ctx *ctx, kvx__cuda_q *cq) {
+    CUstreamCaptureStatus cs = CU_STREAM_CAPTURE_STATUS_NONE;
+    CUresult r;
+    if (kvx__cuda_open_batch(cq)->nreads || cq->capture_checked) return KVX_OK;
+    r = cuStreamIsCapturing(cq->s, &cs);
+    if (r != CUDA_SUCCESS) return kvx__gpu_err(ctx, r, "cuStreamIsCapturing (the queue's stream)");
+    if (cs != CU_STREAM_CAPTURE_STATUS_NONE)
+        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: the queue's stream is being captured into a graph: post reads outside capture "
+                         "and capture kvx_stream_wait instead");
+    cq->capture_checked = 1;
+    return KVX_OK;
+}
+
+/* What a read needs besides its staging, made (at the queue's first such
+   read) before anything is staged, so a failure leaves nothing behind: the
+   result words of its check, the owner's generation table as mapped here
+   (*gtable), or the task counts behind the completion word the kernel
+   writes. */
+KVX__PRIV kvx_status kvx__cuda_read_prepare(kvx_queue *q, kvx__read *rd, uint32_t nblocks, CUdeviceptr *gtable) {
     kvx__stream_q *sq = kvx__stream_of(q);
-    const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
-    kvx__cuda_region *lg = (kvx__cuda_region *)lc->regions[0].be;
-    kvx__cuda_batch *b;
-    kvx__cuda_rd *h;
-    uint32_t nblocks = 0, i, j, off, bytes, tbytes, nplanes, p0, *pairs;
-    uint64_t tasks;
-    CUdeviceptr gtable = 0;
-    const uint64_t *rplanes;
-    if (!cq || !lg || !cp) return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: internal: read %llu: queue, cache or peer without the backend's state", (unsigned long long)rd->ticket);
-    rplanes = cp->planes[rc - rd->peer->caches];
-    if (!rplanes) return kvx__fail(ctx, KVX_ERR_PEER, "cuda: read %llu: peer %s/%d cache %u is not mapped", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, rc->id);
-    b = kvx__cuda_open_batch(cq);
-    if (!b->nreads && !cq->capture_checked) {
-        /* A launch on a capturing stream would become a graph node, not a copy. */
-        CUstreamCaptureStatus cs = CU_STREAM_CAPTURE_STATUS_NONE;
-        CUresult r = cuStreamIsCapturing(cq->s, &cs);
-        if (r != CUDA_SUCCESS) return kvx__gpu_err(ctx, r, "cuStreamIsCapturing (the queue's stream)");
-        if (cs != CU_STREAM_CAPTURE_STATUS_NONE)
-            return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: the queue's stream is being captured into a graph: post reads outside capture "
-                             "and capture kvx_stream_wait instead");
-        cq->capture_checked = 1;
-    }
-    nblocks = kvx__cuda_read_blocks(rd);
-    nplanes = (rd->layer_end - rd->layer_begin) * lc->lay.kv_planes;
-    p0 = rd->layer_begin * lc->lay.kv_planes;
-    /* Staged: the (local, remote) id pairs, both plane tables of the read's
-       planes, then the generations it expects, if it has them. */
-    tbytes = (nblocks * 8u + 15u) & ~15u;
-    bytes = tbytes + nplanes * 16u + (rd->gen ? nblocks * 8u : 0u);
-    if ((uint64_t)nblocks * 16u + 16u + (uint64_t)nplanes * 16u > KVX__CUDA_RING / 2)
-        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: %u blocks of %u planes in one read is more than the CUDA backend stages (%u bytes): split the read",
-                         nblocks, nplanes, KVX__CUDA_RING / 2);
-    if (rd->verify) {
-        kvx_status st = kvx__cuda_check_prepare(q, rd, nblocks);
-        if (st != KVX_OK) return st;
-    }
-    if (rd->gen) {
-        kvx_status st = kvx__cuda_gen_prepare(q, rd, &gtable);
-        if (st != KVX_OK) return st;
-    } else if (sq && sq->words && !rd->verify) {
-        kvx_status st = kvx__cuda_counts(q);
-        if (st != KVX_OK) return st;
-    }
+    kvx_status st;
+    if (rd->verify && (st = kvx__cuda_check_prepare(q, rd, nblocks)) != KVX_OK) return st;
+    if (rd->gen) return kvx__cuda_gen_prepare(q, rd, gtable);
+    if (sq && sq->words && !rd->verify) return kvx__cuda_counts(q);
+    return KVX_OK;
+}
+
+/* Room for the read in the open batch (*bp) and bytes of the ring for its
+   staging (*off), launching the open batch first where it is full;
+   KVX_PENDING until launched batches complete and free theirs. */
+KVX__PRIV kvx_status kvx__cuda_room(kvx_ctx *ctx, kvx_queue *q, uint32_t bytes, uint32_t *off, kvx__cuda_batch **bp) {
+    kvx__cuda_q *cq = kvx__cuda_q_of(q);
+    kvx__cuda_batch *b = kvx__cuda_open_batch(cq);
     if (b->nreads == KVX__CUDA_BATCH_READS) {
         if (kvx__cuda_launch(ctx, q) == KVX_PENDING) return KVX_PENDING;  /* launches free up as batches complete */
         b = kvx__cuda_open_batch(cq);
     }
-    if (!kvx__cuda_ring_take(cq, bytes, &off)) {
+    if (!kvx__cuda_ring_take(cq, bytes, off)) {
         if (b->nreads) {
             if (kvx__cuda_launch(ctx, q) == KVX_PENDING) return KVX_PENDING;
             b = kvx__cuda_open_batch(cq);
         }
-        if (!kvx__cuda_ring_take(cq, bytes, &off)) return KVX_PENDING;
+        if (!kvx__cuda_ring_take(cq, bytes, off)) return KVX_PENDING;
     }
-    pairs = (uint32_t *)(cq->ring + off);
+    *bp = b;
+    return KVX_OK;
+}
+
+/* Stage the read at ring offset off (its shape sh): the block id pairs of
+   its runs, the plane bases of its planes on both sides (rplanes: the
+   peer's, as mapped here), and the generations it expects. */
+KVX__PRIV void kvx__cuda_stage_read(kvx__cuda_q *cq, const kvx__read *rd, const kvx__cuda_shape *sh, uint32_t off, const uint64_t *rplanes) {
+    const kvx_queue *q = rd->q;
+    uint32_t *pairs = (uint32_t *)(cq->ring + off), i, j;
     for (i = 0; i < rd->nruns; i++) {
         const kvx__run *run = &q->runs[(rd->run0 + i) % q->max_runs];
         for (j = 0; j < run->n; j++) { *pairs++ = run->l + j; *pairs++ = run->r + j; }
     }
-    memcpy(cq->ring + off + tbytes, lc->plane_base + p0, (size_t)nplanes * 8u);
-    memcpy(cq->ring + off + tbytes + nplanes * 8u, rplanes + p0, (size_t)nplanes * 8u);
-    h = cq->hdr + (size_t)((b - cq->b)) * KVX__CUDA_BATCH_READS + b->nreads;
+    memcpy(cq->ring + off + sh->tbytes, rd->lc->plane_base + sh->p0, (size_t)sh->nplanes * 8u);
+    memcpy(cq->ring + off + sh->tbytes + sh->nplanes * 8u, rplanes + sh->p0, (size_t)sh->nplanes * 8u);
+    if (rd->gen) memcpy(cq->ring + off + sh->tbytes + sh->nplanes * 16u, q->gens + rd->g0, (size_t)sh->nblocks * 8u);
+}
+
+/* The header's part for the read's end on the device (kvx_copy's
+   gen_arrive): the task count and the completion word it writes, but for a
+   verified read, whose word waits for its check; with block generations
+   the staged expected words (at batch offset at + sh->tbytes +
+   sh->nplanes * 16), the owner's table, and the result and found words. */
+KVX__PRIV void kvx__cuda_rd_end(kvx_queue *q, const kvx__read *rd, const kvx__cuda_shape *sh, uint32_t at, CUdeviceptr gtable, kvx__cuda_rd *h) {
+    kvx__cuda_q *cq = kvx__cuda_q_of(q);
+    kvx__stream_q *sq = kvx__stream_of(q);
     h->gcount = h->gwant = h->gtable = h->gres = h->gfound = h->gword = h->gticket = 0;
-    if (sq && sq->words && !rd->verify) {  /* a verified read's word waits for its check */
+    if (sq && sq->words && !rd->verify) {
         h->gcount = cq->gcount + 4u * (uint64_t)(h - cq->hdr);
         h->gword = sq->dwords + (rd->ticket % q->depth) * 8u;
         h->gticket = rd->ticket << 2;
     }
     if (rd->gen) {
-        memcpy(cq->ring + off + tbytes + nplanes * 16u, q->gens + rd->g0, (size_t)nblocks * 8u);
         cq->gres[rd->ticket % q->depth] = 0;  /* not checked (yet) */
         h->gcount = cq->gcount + 4u * (uint64_t)(h - cq->hdr);
-        h->gwant = off - b->start + tbytes + nplanes * 16u;
+        h->gwant = at + sh->tbytes + sh->nplanes * 16u;
         h->gtable = gtable;
         h->gres = cq->gres_map + 4u * (rd->ticket % q->depth);
         h->gfound = cq->gfound_map + 8u * (uint64_t)rd->g0;
         h->gticket = rd->ticket << 2;
     }
-    h->pairs = off - b->start;  /* offsets into the batch: made addresses at launch */
-    h->lplanes = h->pairs + tbytes;
-    h->rplanes = h->lplanes + nplanes * 8u;
-    h->lbstride = lc->block_stride;
-    h->rbstride = rc->block_stride;
+}
+
+/* The header's geometry: where the read's tables start in the batch (at:
+   offsets, made addresses at launch), both caches' strides, and the piece
+   geometry cut into chunks of at most KVX__CUDA_CHUNK bytes, a task each. */
+KVX__PRIV void kvx__cuda_rd_geometry(const kvx__read *rd, const kvx__cuda_shape *sh, uint32_t at, kvx__cuda_rd *h) {
+    h->pairs = at;
+    h->lplanes = h->pairs + sh->tbytes;
+    h->rplanes = h->lplanes + sh->nplanes * 8u;
+    h->lbstride = rd->lc->block_stride;
+    h->rbstride = rd->rc->block_stride;
     h->loff = rd->g.loff;
     h->roff = rd->g.roff;
     h->piece = rd->g.piece;
     h->lpstride = rd->g.lpstride;
     h->rpstride = rd->g.rpstride;
     h->plane0 = 0;
-    h->nblocks = nblocks;
+    h->nblocks = sh->nblocks;
     h->npieces = rd->g.npieces;
     if (rd->g.npieces == 1) {
         uint64_t nc = (rd->g.piece + KVX__CUDA_CHUNK - 1) / KVX__CUDA_CHUNK;
@@ -1425,7 +1634,42 @@ KVX__PRIV kvx_status kvx__cuda_post_read(kvx_ctx *ctx, kvx__read *rd) {
         h->cpb = (rd->g.npieces + h->ppc - 1) / h->ppc;
         h->cbytes = 0;
     }
-    tasks = (uint64_t)nplanes * nblocks * h->cpb;
+}
+
+/* The whole read at once: stage its merged block table for the next launch. */
+KVX__PRIV kvx_status kvx__cuda_post_read(kvx_ctx *ctx, kvx__read *rd) {
+    kvx_queue *q = rd->q;
+    kvx__cuda_q *cq = kvx__cuda_q_of(q);
+    kvx__cuda_peer *cp = (kvx__cuda_peer *)rd->peer->be;
+    const kvx__cache_info *lc = rd->lc, *rc = rd->rc;
+    kvx__cuda_region *lg = (kvx__cuda_region *)lc->regions[0].be;
+    kvx__cuda_batch *b;
+    kvx__cuda_rd *h;
+    kvx__cuda_shape sh;
+    uint32_t off;
+    uint64_t tasks;
+    CUdeviceptr gtable = 0;
+    const uint64_t *rplanes;
+    kvx_status st;
+    if (!cq || !lg || !cp) return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: internal: read %llu: queue, cache or peer without the backend's state", (unsigned long long)rd->ticket);
+    rplanes = cp->planes[rc - rd->peer->caches];
+    if (!rplanes) return kvx__fail(ctx, KVX_ERR_PEER, "cuda: read %llu: peer %s/%d cache %u is not mapped", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank, rc->id);
+    if ((st = kvx__cuda_capture_check(ctx, cq)) != KVX_OK) return st;
+    sh.nblocks = kvx__cuda_read_blocks(rd);
+    sh.nplanes = (rd->layer_end - rd->layer_begin) * lc->lay.kv_planes;
+    sh.p0 = rd->layer_begin * lc->lay.kv_planes;
+    sh.tbytes = (sh.nblocks * 8u + 15u) & ~15u;
+    sh.bytes = sh.tbytes + sh.nplanes * 16u + (rd->gen ? sh.nblocks * 8u : 0u);
+    if ((uint64_t)sh.nblocks * 16u + 16u + (uint64_t)sh.nplanes * 16u > KVX__CUDA_RING / 2)
+        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: %u blocks of %u planes in one read is more than the CUDA backend stages (%u bytes): split the read",
+                         sh.nblocks, sh.nplanes, KVX__CUDA_RING / 2);
+    if ((st = kvx__cuda_read_prepare(q, rd, sh.nblocks, &gtable)) != KVX_OK) return st;
+    if ((st = kvx__cuda_room(ctx, q, sh.bytes, &off, &b)) != KVX_OK) return st;
+    kvx__cuda_stage_read(cq, rd, &sh, off, rplanes);
+    h = cq->hdr + (size_t)((b - cq->b)) * KVX__CUDA_BATCH_READS + b->nreads;
+    kvx__cuda_rd_end(q, rd, &sh, off - b->start, gtable, h);
+    kvx__cuda_rd_geometry(rd, &sh, off - b->start, h);
+    tasks = (uint64_t)sh.nplanes * sh.nblocks * h->cpb;
     if (tasks + b->ntasks >= (1ull << 31)) {
         cq->head = off;
         b->end = off;
@@ -1649,8 +1893,16 @@ KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
    beside the next batch's copy, and the batch's event follows the checks:
    verifying adds GPU work but no round trip through the host. */
 
-/* The layout block the checksum kernels take (struct kvx_sum_lay). */
+/* The layout block the checksum kernels take by value (struct kvx_sum_lay,
+   asserted there from the same list). */
 typedef struct kvx__cuda_sum_lay { uint64_t hb; uint32_t hnd, num_heads, block_tokens, aligned; } kvx__cuda_sum_lay;
+#define KVX__CUDA_SUM_LAY_BYTES 24
+#define KVX__CUDA_SUM_LAY_LAYOUT(X) X(hb, 0) X(hnd, 8) X(num_heads, 12) X(block_tokens, 16) X(aligned, 20)
+#define KVX__CUDA_AT(f, off) \
+    KVX__CUDA_STATIC_ASSERT(offsetof(kvx__cuda_sum_lay, f) == off, sum_lay_##f, "kvx__cuda_sum_lay." #f " is not at byte " #off " as in the kernel's kvx_sum_lay");
+KVX__CUDA_SUM_LAY_LAYOUT(KVX__CUDA_AT)
+#undef KVX__CUDA_AT
+KVX__CUDA_STATIC_ASSERT(sizeof(kvx__cuda_sum_lay) == KVX__CUDA_SUM_LAY_BYTES, sum_lay_size, "kvx__cuda_sum_lay is not the size of the kernel's kvx_sum_lay");
 
 KVX__PRIV kvx__cuda_sum_lay kvx__cuda_sum_lay_of(const kvx__cache_info *ci) {
     kvx__cuda_sum_lay l;
@@ -1758,9 +2010,9 @@ KVX__PRIV kvx_status kvx__cuda_counts(kvx_queue *q) {
     return r == CUDA_SUCCESS ? KVX_OK : kvx__gpu_err(q->ctx, r, "the queue's task counts (cuMemAlloc)");
 }
 
-/* At post: the owner's table as mapped here, and the queue's counts and
-   found words (at its first read with generations), or a clear error
-   before anything is staged. */
+/* At post: the owner's table as mapped here, and the queue's task counts,
+   result and found words (at its first read with generations), or a clear
+   error before anything is staged. */
 KVX__PRIV kvx_status kvx__cuda_gen_prepare(kvx_queue *q, const kvx__read *rd, CUdeviceptr *table) {
     kvx__cuda_q *cq = kvx__cuda_q_of(q);
     const kvx__cache_info *rc = rd->rc;

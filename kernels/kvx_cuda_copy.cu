@@ -3,7 +3,8 @@
     as PTX. kvx does not need nvcc: kernels/gen_ptx.sh turns this file into
     the PTX text between the "PTX kvx_copy" markers of kvx_cuda_ptx.h (ISA
     .version lowered to 7.8, .target sm_80), and tools/ptx_check.sh checks that
-    text with ptxas. Edit here, then run kernels/gen_ptx.sh.
+    text with ptxas and, where nvcc is installed, that it is what this file
+    makes. Edit here, then run kernels/gen_ptx.sh.
 
     One launch copies the reads of a batch. Each read is a kvx__cuda_rd (the
     same layout as in kvx_cuda.h): its merged block table expanded to
@@ -12,8 +13,16 @@
     head-range intersection. A task is (plane, block, chunk): at most 16 KiB
     of one block, one warp per task, tasks numbered across the batch. A read
     with block generations is checked by the warp that finishes its last
-    task (gen_arrive).
+    task (gen_arrive), which also writes the read's completion word.
+
+    The host fills kvx_rd and kvx_sum_lay through its own structs
+    (kvx__cuda_rd, kvx__cuda_sum_lay in kvx_cuda.h): both files assert the
+    same sizes and offsets, from the same KVX__CUDA_*_LAYOUT lists
+    (tools/ptx_check.sh checks that the lists match), so a field moved on
+    one side fails to compile instead of reading the wrong bytes.
 */
+#include <stddef.h>
+
 typedef unsigned long long u64;
 typedef unsigned int u32;
 
@@ -32,6 +41,16 @@ struct kvx_rd {
     u32 plane0, nblocks, cpb, npieces;     /* plane0: unused (the tables start at the read's first plane) */
     u32 ppc, task0, ntasks, pad2;
 };
+#define KVX__CUDA_RD_BYTES 176
+#define KVX__CUDA_RD_LAYOUT(X) \
+    X(lplanes, 0) X(rplanes, 8) X(pairs, 16) X(lbstride, 24) X(rbstride, 32) X(loff, 40) X(roff, 48) X(piece, 56) \
+    X(lpstride, 64) X(rpstride, 72) X(cbytes, 80) X(gcount, 88) X(gwant, 96) X(gtable, 104) X(gres, 112) X(gfound, 120) \
+    X(gword, 128) X(gticket, 136) X(plane0, 144) X(nblocks, 148) X(cpb, 152) X(npieces, 156) X(ppc, 160) X(task0, 164) \
+    X(ntasks, 168) X(pad2, 172)
+#define KVX_AT(f, off) static_assert(offsetof(kvx_rd, f) == off, "kvx_rd." #f " is not at byte " #off " as in kvx_cuda.h (kvx__cuda_rd)");
+KVX__CUDA_RD_LAYOUT(KVX_AT)
+#undef KVX_AT
+static_assert(sizeof(kvx_rd) == KVX__CUDA_RD_BYTES, "kvx_rd is not the size of kvx__cuda_rd in kvx_cuda.h");
 
 /* Plain loads, not __ldg: ptxas may sink a non-coherent load (ld.global.nc)
    down to its store, which left the strided (NHD) path with about one load in
@@ -226,6 +245,12 @@ struct kvx_sum_lay {
     u32 hnd, num_heads, block_tokens;
     u32 aligned;                /* 1: every slice is whole 8-byte words at 8-byte addresses */
 };
+#define KVX__CUDA_SUM_LAY_BYTES 24
+#define KVX__CUDA_SUM_LAY_LAYOUT(X) X(hb, 0) X(hnd, 8) X(num_heads, 12) X(block_tokens, 16) X(aligned, 20)
+#define KVX_AT(f, off) static_assert(offsetof(kvx_sum_lay, f) == off, "kvx_sum_lay." #f " is not at byte " #off " as in kvx_cuda.h (kvx__cuda_sum_lay)");
+KVX__CUDA_SUM_LAY_LAYOUT(KVX_AT)
+#undef KVX_AT
+static_assert(sizeof(kvx_sum_lay) == KVX__CUDA_SUM_LAY_BYTES, "kvx_sum_lay is not the size of kvx__cuda_sum_lay in kvx_cuda.h");
 
 /* One thread on one head: when there are heads enough to fill the GPU with
    a thread each. Aligned slices go 8 words at a time, loaded before they

@@ -42,6 +42,11 @@ matrix() {  # tag, defines, cflags, libs
   run "$t-static-cxx17" "c++ -std=c++17 $W $defs $cf -x c++ tests/compile/static.c -o $out/$t-static-cxx17.bin $libs"
 }
 matrix cuda "-DKVX_CUDA" "$CU" ""
+# The CUDA rooms by themselves, C99 and C++17 (the others: tests/compile/matrix.sh).
+for h in kvx_gpu.h kvx_cuda.h; do
+  try "alone-c99-$h" cc -std=c99 $W -Wno-unused-function -DKVX_CUDA $CU -fsyntax-only -x c $h
+  try "alone-cxx17-$h" c++ -std=c++17 $W -Wno-unused-function -DKVX_CUDA $CU -fsyntax-only -x c++ $h
+done
 if pkg-config --exists ucx; then
   matrix ucx-cuda "-DKVX_UCX -DKVX_CUDA" "$CU $(pkg-config --cflags ucx)" "$(pkg-config --libs ucx)"
   if pkg-config --exists libfabric && [ -f kvx_ofi.h ]; then
