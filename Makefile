@@ -39,17 +39,49 @@ SAN = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-
 HEADERS = $(wildcard kvx*.h)
 FIXTURES = $(wildcard tests/lib/*.h) examples/kvx_rdv.h
 DEPS = $(HEADERS) $(FIXTURES) | $(BUILD)/impl $(BUILD)/ofi
-vpath %.c tests/unit tests/faults tests/ofi tests/security bench
+# Where a program NAME's source NAME.c is found.
+SRC_DIRS = tests/unit tests/faults tests/ofi tests/security bench examples tests/fuzz
+vpath %.c $(SRC_DIRS)
+
+# The test programs. A new one is NAME.c in one of SRC_DIRS, its word in the
+# one list below that names the builds make test makes of it, and its entry
+# in tests/run.sh. The builds:
+#   build/NAME          UCX and libfabric, UCX the default (Debian's UCX)
+#   build/ofi/NAME      libfabric alone, its default backend
+#   build/ucx122/NAME   UCX 1.22 alone (PyPI's libucx wheel, below)
+# and NAME.asan beside them (-O1, ASan+UBSan) where the list says so. The
+# rules can make every build of every program (build/ucx122/ has no
+# libfabric: not those of TESTS_OFI).
+# All three builds, with .asan:
+TESTS_EVERY = test_unit test_owner_failures
+# build/ and build/ucx122/, with .asan:
+TESTS_UCX = test_reader_failures test_hostile_input kvx_bench
+# build/ofi/, with .asan:
+TESTS_OFI = test_ofi
+# All three builds, no .asan:
+TESTS_EVERY_NOASAN = test_stress test_rogue
+# All three builds, .asan in build/ and build/ucx122/:
+TESTS_EVERY_UCXASAN = test_verify
+# build/NAME and build/NAME.asan with the local backend alone: no backend
+# defined, no network library linked:
+TESTS_LOCAL = test_local
+# By build: what make test makes, and what the rules can make.
+UCX_TESTS = $(TESTS_EVERY) $(TESTS_UCX) $(TESTS_EVERY_UCXASAN) $(TESTS_EVERY_NOASAN)
+UCX_ASAN_TESTS = $(TESTS_EVERY) $(TESTS_UCX) $(TESTS_EVERY_UCXASAN)
+OFI_TESTS = $(TESTS_EVERY) $(TESTS_OFI) $(TESTS_EVERY_UCXASAN) $(TESTS_EVERY_NOASAN)
+OFI_ASAN_TESTS = $(TESTS_EVERY) $(TESTS_OFI)
+NET_PROGRAMS = $(TESTS_EVERY) $(TESTS_UCX) $(TESTS_OFI) $(TESTS_EVERY_NOASAN) $(TESTS_EVERY_UCXASAN)
+UCX122_PROGRAMS = $(filter-out $(TESTS_OFI),$(NET_PROGRAMS))
+
 PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
-TESTS = $(BUILD)/test_local $(BUILD)/test_local.asan $(BUILD)/test_unit $(BUILD)/test_unit.asan $(BUILD)/test_verify $(BUILD)/test_verify.asan $(BUILD)/test_stress \
-        $(FAULT_TESTS) $(FAULT_TESTS:%=%.asan) $(BUILD)/kvx_bench.asan $(BUILD)/fuzz_metadata $(BUILD)/make_seeds \
-        $(OFI_TESTS) $(BUILD)/fi_read_ref $(SECURITY_TESTS)
-# A hostile process against kvx (tests/security): raw UCX and libfabric calls,
-# and the owner and real reader beside it (test_rogue, built per transport).
-SECURITY_TESTS = $(BUILD)/test_rogue $(BUILD)/rogue_ucx $(BUILD)/ofi/test_rogue $(BUILD)/rogue_ofi
-FAULT_TESTS = $(BUILD)/test_owner_failures $(BUILD)/test_reader_failures $(BUILD)/test_hostile_input
-OFI_TESTS = $(BUILD)/ofi/test_unit $(BUILD)/ofi/test_owner_failures $(BUILD)/ofi/test_ofi $(BUILD)/ofi/test_verify $(BUILD)/ofi/test_stress \
-            $(BUILD)/ofi/test_unit.asan $(BUILD)/ofi/test_owner_failures.asan $(BUILD)/ofi/test_ofi.asan
+# Besides the lists: the fuzzer and its seeds (tests/fuzz), the raw fi_read
+# reference (bench) and the rogues, a hostile process against kvx that links
+# its transport alone (tests/security; test_rogue is the owner and real
+# reader beside it, built per transport).
+TESTS = $(filter-out $(PROGRAMS),$(TESTS_LOCAL:%=$(BUILD)/%) $(TESTS_LOCAL:%=$(BUILD)/%.asan) \
+          $(UCX_TESTS:%=$(BUILD)/%) $(UCX_ASAN_TESTS:%=$(BUILD)/%.asan) \
+          $(OFI_TESTS:%=$(BUILD)/ofi/%) $(OFI_ASAN_TESTS:%=$(BUILD)/ofi/%.asan)) \
+        $(BUILD)/fuzz_metadata $(BUILD)/make_seeds $(BUILD)/fi_read_ref $(BUILD)/rogue_ucx $(BUILD)/rogue_ofi
 FUZZ_CC ?= clang
 # make test builds with this many jobs
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
@@ -68,54 +100,48 @@ deps-bench:
 $(BUILD) $(BUILD)/impl $(BUILD)/ofi:
 	mkdir -p $@
 
-# The implementation is compiled once per configuration (tests/lib/kvx_impl.c)
-# and linked into the programs and tests of that configuration (LINKED):
+# The implementation is compiled once per build (tests/lib/kvx_impl.c) and
+# linked into the programs of that build:
 #   impl/kvx.o, impl/kvx.asan.o           UCX and libfabric; -O2, ASan+UBSan
 #   impl/kvx_ofi.o, impl/kvx_ofi.asan.o   libfabric alone (build/ofi/)
-# These hold it in their own translation unit instead (SELF, and the rules
-# below): test_unit, test_ofi, test_reader_failures, fuzz_metadata,
-# make_seeds and bench_post call kvx__ internals, which are static;
-# test_verify and test_cuda define KVX_TEST_HOOK_* before it; test_stress
-# counts kvx's heap through KVX_MALLOC/KVX_FREE; kvx_demo and kvx_demo_gpu
-# are examples, one self-contained file each.
-LINKED = test_owner_failures test_hostile_input
-SELF = test_unit test_verify test_stress test_reader_failures test_ofi test_rogue
+#   ucx122/impl.o, ucx122/impl.asan.o     UCX 1.22 alone (build/ucx122/)
+# A program whose source defines KVX_IMPLEMENTATION holds it in its own
+# translation unit instead (SELF, read from the sources): test_unit, test_ofi,
+# test_reader_failures, fuzz_metadata, make_seeds and bench_post call kvx__
+# internals, which are static; test_verify and test_cuda define
+# KVX_TEST_HOOK_* before it; test_stress counts kvx's heap through
+# KVX_MALLOC/KVX_FREE; test_local builds the local backend alone; kvx_demo
+# and kvx_demo_gpu are examples, one self-contained file each.
+# (H is a '#' that make 4.2 and 4.3 read alike.)
+H := \#
+SELF := $(basename $(notdir $(shell grep -lE '^[[:space:]]*$(H)[[:space:]]*define[[:space:]]+KVX_IMPLEMENTATION([[:space:]]|$$)' \
+          $(wildcard $(SRC_DIRS:%=%/*.c)) /dev/null)))
 
-$(BUILD)/impl/kvx.o: tests/lib/kvx_impl.c $(DEPS)
-	$(CC) $(CFLAGS) $(KVX_CFLAGS) -c $< -o $@
-$(BUILD)/impl/kvx.asan.o: tests/lib/kvx_impl.c $(DEPS)
-	$(CC) $(SAN) $(KVX_CFLAGS) -c $< -o $@
-$(BUILD)/impl/kvx_ofi.o: tests/lib/kvx_impl.c $(DEPS)
-	$(CC) $(CFLAGS) $(OFI_ONLY) -c $< -o $@
-$(BUILD)/impl/kvx_ofi.asan.o: tests/lib/kvx_impl.c $(DEPS)
-	$(CC) $(SAN) $(OFI_ONLY) -c $< -o $@
+# $(call build,TARGET,OPT,FLAGS,LIBS,NAMES[,IMPL[,PREREQ]]): one build's rules.
+# TARGET is a program's path, % its name; NAMES the programs it can make;
+# OPT, FLAGS and LIBS its compile and link flags; IMPL its implementation
+# object, which those of NAMES not in SELF link; PREREQ what IMPL and those
+# in SELF need first.
+define build
+$(patsubst %,$(1),$(5)): $(1): %.c $$(DEPS)
+	$$(CC) $(2) $(3) $$(strip $$< $$(filter %.o,$$^)) -o $$@ $(4)
+ifneq ($(7),)
+$(patsubst %,$(1),$(filter $(SELF),$(5))): $(7)
+endif
+ifneq ($(6),)
+$(patsubst %,$(1),$(filter-out $(SELF),$(5))): $(6)
+$(6): tests/lib/kvx_impl.c $(7) $$(DEPS)
+	$$(CC) $(2) $(3) -c $$< -o $$@
+endif
+endef
 
-$(BUILD)/kvx_demo: examples/kvx_demo.c $(DEPS)
-	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
-
-$(BUILD)/kvx_bench $(LINKED:%=$(BUILD)/%): $(BUILD)/%: %.c $(BUILD)/impl/kvx.o $(DEPS)
-	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< $(filter %.o,$^) -o $@ $(BACKEND_LIBS)
-$(BUILD)/kvx_bench.asan $(LINKED:%=$(BUILD)/%.asan): $(BUILD)/%.asan: %.c $(BUILD)/impl/kvx.asan.o $(DEPS)
-	$(CC) $(SAN) $(KVX_CFLAGS) $< $(filter %.o,$^) -o $@ $(BACKEND_LIBS)
-$(LINKED:%=$(BUILD)/ofi/%): $(BUILD)/ofi/%: %.c $(BUILD)/impl/kvx_ofi.o $(DEPS)
-	$(CC) $(CFLAGS) $(OFI_ONLY) $< $(filter %.o,$^) -o $@ $(OFI_LIBS) -lpthread
-$(LINKED:%=$(BUILD)/ofi/%.asan): $(BUILD)/ofi/%.asan: %.c $(BUILD)/impl/kvx_ofi.asan.o $(DEPS)
-	$(CC) $(SAN) $(OFI_ONLY) $< $(filter %.o,$^) -o $@ $(OFI_LIBS) -lpthread
-
-$(SELF:%=$(BUILD)/%): $(BUILD)/%: %.c $(DEPS)
-	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
-$(SELF:%=$(BUILD)/%.asan): $(BUILD)/%.asan: %.c $(DEPS)
-	$(CC) $(SAN) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
-$(SELF:%=$(BUILD)/ofi/%): $(BUILD)/ofi/%: %.c $(DEPS)
-	$(CC) $(CFLAGS) $(OFI_ONLY) $< -o $@ $(OFI_LIBS) -lpthread
-$(SELF:%=$(BUILD)/ofi/%.asan): $(BUILD)/ofi/%.asan: %.c $(DEPS)
-	$(CC) $(SAN) $(OFI_ONLY) $< -o $@ $(OFI_LIBS) -lpthread
-
+$(eval $(call build,$(BUILD)/%,$$(CFLAGS),$$(KVX_CFLAGS),$$(BACKEND_LIBS),$(NET_PROGRAMS) kvx_demo make_seeds,$(BUILD)/impl/kvx.o))
+$(eval $(call build,$(BUILD)/%.asan,$$(SAN),$$(KVX_CFLAGS),$$(BACKEND_LIBS),$(NET_PROGRAMS),$(BUILD)/impl/kvx.asan.o))
+$(eval $(call build,$(BUILD)/ofi/%,$$(CFLAGS),$$(OFI_ONLY),$$(OFI_LIBS) -lpthread,$(NET_PROGRAMS),$(BUILD)/impl/kvx_ofi.o))
+$(eval $(call build,$(BUILD)/ofi/%.asan,$$(SAN),$$(OFI_ONLY),$$(OFI_LIBS) -lpthread,$(NET_PROGRAMS),$(BUILD)/impl/kvx_ofi.asan.o))
 # The local backend alone: no backend defined, no network library linked.
-$(BUILD)/test_local: tests/unit/test_local.c $(DEPS)
-	$(CC) $(CFLAGS) -std=c99 $(WARN) $< -o $@ -lpthread
-$(BUILD)/test_local.asan: tests/unit/test_local.c $(DEPS)
-	$(CC) $(SAN) -std=c99 $(WARN) $< -o $@ -lpthread
+$(eval $(call build,$(BUILD)/%,$$(CFLAGS),-std=c99 $$(WARN),-lpthread,$(TESTS_LOCAL)))
+$(eval $(call build,$(BUILD)/%.asan,$$(SAN),-std=c99 $$(WARN),-lpthread,$(TESTS_LOCAL)))
 
 # UCX 1.22 from PyPI's libucx wheel (it ships headers, libraries and
 # ucx_perftest), in a virtual environment of the build: the UCX suites run
@@ -125,29 +151,15 @@ UCX122_VENV = $(BUILD)/venv
 UCX122 = $(shell cat $(BUILD)/ucx122/prefix 2>/dev/null)
 UCX122_FLAGS = -std=c99 -D_GNU_SOURCE $(WARN) -DKVX_UCX -I$(UCX122)/include
 UCX122_LIBS = -L$(UCX122)/lib -Wl,-rpath,$(abspath $(UCX122))/lib -lucp -luct -lucs -lucm -lpthread
-UCX122_SELF = test_unit test_verify test_reader_failures test_stress test_rogue
-UCX122_LINKED = test_owner_failures test_hostile_input kvx_bench
-UCX122_TESTS = $(UCX122_SELF:%=$(BUILD)/ucx122/%) $(UCX122_LINKED:%=$(BUILD)/ucx122/%) \
-               $(BUILD)/ucx122/test_unit.asan $(BUILD)/ucx122/test_verify.asan $(BUILD)/ucx122/test_reader_failures.asan \
-               $(UCX122_LINKED:%=$(BUILD)/ucx122/%.asan) $(BUILD)/ucx122/rogue_ucx
+UCX122_TESTS = $(UCX_TESTS:%=$(BUILD)/ucx122/%) $(UCX_ASAN_TESTS:%=$(BUILD)/ucx122/%.asan) $(BUILD)/ucx122/rogue_ucx
 
 $(BUILD)/ucx122/prefix:
 	@mkdir -p $(BUILD)/ucx122
 	@[ -x $(UCX122_VENV)/bin/pip ] || python3 -m venv $(UCX122_VENV)
 	$(UCX122_VENV)/bin/pip install -q $(UCX122_PIN)
 	$(UCX122_VENV)/bin/python -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("libucx").origin))' > $@.tmp && mv $@.tmp $@
-$(BUILD)/ucx122/impl.o: tests/lib/kvx_impl.c $(BUILD)/ucx122/prefix $(DEPS)
-	$(CC) $(CFLAGS) $(UCX122_FLAGS) -c $< -o $@
-$(BUILD)/ucx122/impl.asan.o: tests/lib/kvx_impl.c $(BUILD)/ucx122/prefix $(DEPS)
-	$(CC) $(SAN) $(UCX122_FLAGS) -c $< -o $@
-$(UCX122_SELF:%=$(BUILD)/ucx122/%): $(BUILD)/ucx122/%: %.c $(BUILD)/ucx122/prefix $(DEPS)
-	$(CC) $(CFLAGS) $(UCX122_FLAGS) $< -o $@ $(UCX122_LIBS)
-$(UCX122_LINKED:%=$(BUILD)/ucx122/%): $(BUILD)/ucx122/%: %.c $(BUILD)/ucx122/impl.o $(DEPS)
-	$(CC) $(CFLAGS) $(UCX122_FLAGS) $< $(BUILD)/ucx122/impl.o -o $@ $(UCX122_LIBS)
-$(UCX122_SELF:%=$(BUILD)/ucx122/%.asan): $(BUILD)/ucx122/%.asan: %.c $(BUILD)/ucx122/prefix $(DEPS)
-	$(CC) $(SAN) $(UCX122_FLAGS) $< -o $@ $(UCX122_LIBS)
-$(UCX122_LINKED:%=$(BUILD)/ucx122/%.asan): $(BUILD)/ucx122/%.asan: %.c $(BUILD)/ucx122/impl.asan.o $(DEPS)
-	$(CC) $(SAN) $(UCX122_FLAGS) $< $(BUILD)/ucx122/impl.asan.o -o $@ $(UCX122_LIBS)
+$(eval $(call build,$(BUILD)/ucx122/%,$$(CFLAGS),$$(UCX122_FLAGS),$$(UCX122_LIBS),$(UCX122_PROGRAMS),$(BUILD)/ucx122/impl.o,$(BUILD)/ucx122/prefix))
+$(eval $(call build,$(BUILD)/ucx122/%.asan,$$(SAN),$$(UCX122_FLAGS),$$(UCX122_LIBS),$(UCX122_PROGRAMS),$(BUILD)/ucx122/impl.asan.o,$(BUILD)/ucx122/prefix))
 
 # The rogues link their transport alone, not kvx.
 $(BUILD)/rogue_ucx: tests/security/rogue_ucx.c | $(BUILD)
@@ -163,9 +175,6 @@ $(BUILD)/fi_read_ref: bench/fi_read_ref.c | $(BUILD)
 # libFuzzer on the metadata parser (clang, with clang's sanitizer runtime).
 $(BUILD)/fuzz_metadata: tests/fuzz/fuzz_metadata.c $(DEPS)
 	$(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
-
-$(BUILD)/make_seeds: tests/fuzz/make_seeds.c $(DEPS)
-	$(CC) $(CFLAGS) $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
 
 fuzz: deps deps-test $(BUILD)/fuzz_metadata $(BUILD)/make_seeds
 	mkdir -p $(BUILD)/fuzz-corpus && $(BUILD)/make_seeds $(BUILD)/fuzz-corpus
@@ -282,9 +291,15 @@ bench-gpu:
 ptx-check:
 	bash tools/ptx_check.sh
 
+# Every header in include/kvx/, where they include each other by plain name,
+# and in include/ one kvx.h that includes kvx/kvx.h: programs write
+# #include <kvx.h> (kvx.pc's -I is include/) and the internal headers stay out
+# of the top directory. kvx.h is the only header a program includes.
 install:
-	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
-	install -m 644 $(HEADERS) $(DESTDIR)$(PREFIX)/include/
+	install -d $(DESTDIR)$(PREFIX)/include/kvx $(DESTDIR)$(PREFIX)/lib/pkgconfig
+	install -m 644 $(HEADERS) $(DESTDIR)$(PREFIX)/include/kvx/
+	printf '#include "kvx/kvx.h"\n' > $(DESTDIR)$(PREFIX)/include/kvx.h
+	chmod 644 $(DESTDIR)$(PREFIX)/include/kvx.h
 	sed -e 's|@PREFIX@|$(PREFIX)|' kvx.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/kvx.pc
 
 clean:
