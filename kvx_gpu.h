@@ -18,8 +18,8 @@
         the word's address for kernels: after the wait they check
         (word & 3) == 1 (and, where they know it, word >> 2 == ticket).
 
-        Who writes the word: CUDA reads write it from their own stream right
-        after the copy kernel (complete in stream order by construction).
+        Who writes the word: for CUDA reads, the copy kernel itself, as each
+        read's last byte lands (complete in stream order by construction).
         UCX and libfabric reads complete on the host (progress thread or
         kvx_progress/kvx_test/kvx_wait), which writes it; reads into GPU
         memory first make the network's writes visible:
