@@ -17,7 +17,7 @@
 
     What this does not do: kvx encrypts nothing. The secret and the data
     cross the network in the clear; a process that can read the traffic
-    learns the secret (see README, "Who may read").
+    learns the secret (docs/security.md).
 */
 #ifndef KVX_AUTH_INCLUDED
 #define KVX_AUTH_INCLUDED

@@ -2,7 +2,9 @@
 # Plots make bench's table (results.tsv) into a PNG with gnuplot: GB/s against
 # block size, one panel per mode (pack, spread); per backend (UCX version or
 # libfabric provider) one colour: kvx solid, its references dashed
-# (ucp_get, fi_read) and dotted (ucp_am_bw).
+# (ucp_get, fi_read) and dotted (ucp_am_bw). The GB/s axis is logarithmic when
+# the values span 10x or more (sm at 1 MiB against tcp at 4 KiB does), linear
+# from 0 otherwise.
 #   bench/bench_plot.sh build/bench/results.tsv build/bench/bench.png 64
 set -u
 tsv=$1 png=$2 ops=${3:-64}
@@ -43,6 +45,17 @@ for mode in pack spread; do
 plot ${list%, }")
 done
 [ ${#panels[@]} -gt 0 ] || exit 0
+# kvx's and the references' GB/s over the whole table: log scale at a span of 10x or more
+yaxis=$(awk -F'\t' '{ for (i = 4; i <= 5; i++) if ($i ~ /^[0-9.]+$/ && $i + 0 > 0) { v = $i + 0; if (!n++ || v < lo) lo = v; if (v > hi) hi = v } }
+  END { if (n && hi >= 10 * lo) print "log"; else print "lin" }' "$tsv")
+if [ "$yaxis" = log ]; then
+  yset='set logscale y 10
+set format y "%g"
+set mytics 10
+set ylabel "GB/s (log scale)"'
+else
+  yset='set yrange [0:*]'
+fi
 timeout 60 gnuplot 2>/dev/null <<PLOT && echo "plot: $png"
 set terminal pngcairo size 1100,$((430 * ${#panels[@]} + 40)) noenhanced
 set output "$png"
@@ -51,7 +64,7 @@ set xlabel "block size (bytes per layer and K/V)"
 set ylabel "GB/s"
 set logscale x 2
 set xtics ("4K" 4096, "16K" 16384, "64K" 65536, "256K" 262144, "1M" 1048576)
-set yrange [0:*]
+$yset
 set key outside right
 set grid
 $(printf '%s\n' "${panels[@]}")

@@ -48,7 +48,7 @@ entry "valgrind: local backend" 300 valgrind -q --error-exitcode=99 --leak-check
 ucx_suites $B "$vdeb"
 entry "owner failures (ucx $vdeb, asan+ubsan)" 300 $B/test_owner_failures.asan
 # What kvx's UCX workarounds are for, shown on this version with each one
-# taken away (the README's table of UCX versions; seams in kvx.h). UCX's own
+# taken away (docs/ucx.md, "What each version needs"; seams in kvx.h). UCX's own
 # software get exists only with software RMA on (KVX_UCX_SOFTWARE_RMA=1).
 R="env UCX_TLS=tcp $B/test_reader_failures"
 expect_fail "ucx $vdeb, software RMA on, no first read at connect: a reader dying just after connecting aborts the owner" 180 "got REP message" \

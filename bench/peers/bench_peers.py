@@ -232,29 +232,43 @@ def table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
+# GB/s on a log axis once the plotted values span this factor or more: the GPU
+# rows run from 0.03 GB/s (NHD, 4 KiB) to 77 GB/s (kvx's CUDA backend), where a
+# linear axis draws the small blocks, where kvx leads 10-30x, as one flat line.
+LOG_Y_SPAN = 10.0
+
+
 def plot(rows: List[Dict[str, Any]], png: str) -> Optional[str]:
-    """One panel per (TP, random/consecutive), a line per library, GB/s over the block size."""
+    """One panel per (TP, random/consecutive), a line per library, GB/s over the block size.
+    The GB/s axis is logarithmic (every panel alike) when the values span LOG_Y_SPAN or more."""
     if not shutil.which("gnuplot"):
         return "gnuplot is not installed: no plot"
     libs = sorted({r["library"] for r in rows})
     panels = sorted({(r["mode"], r.get("layout", "HND"), r["owner_tp"], r["random_blocks"]) for r in rows})
+    gbps = [r["gbps"] for r in rows if r["ok"] and r["gbps"] > 0]
+    log_y = bool(gbps) and max(gbps) >= LOG_Y_SPAN * min(gbps)
     tmp = tempfile.mkdtemp(prefix="kvx-peers-plot-")
-    script = ["set terminal pngcairo noenhanced size 1400,%d" % (450 * ((len(panels) + 1) // 2)),
+    script = ["set terminal pngcairo noenhanced size 1400,%d" % ((520 if log_y else 450) * ((len(panels) + 1) // 2)),
               "set output '%s'" % png, "set multiplot layout %d,2" % ((len(panels) + 1) // 2),
-              "set logscale x 2", "set format x '%.0b %BB'", "set xlabel 'block (per layer, K or V, owner rank)'", "set ylabel 'GB/s'",
+              "set logscale x 2", "set format x '%.0b %BB'", "set xlabel 'block (per layer, K or V, owner rank)'",
+              "set ylabel 'GB/s%s'" % (" (log scale)" if log_y else ""),
               "set key top left", "set grid"]
+    if log_y:
+        # the key under each panel: on a log axis the lines run through the top left
+        script += ["set logscale y 10", "set format y '%g'", "set mytics 10", "set grid mytics", "set key below horizontal"]
     for mode, lay, tp, rnd in panels:
         plots = []
         for lib in libs:
             pts = sorted((r["block_bytes"], r["gbps"]) for r in rows
                          if r["library"] == lib and r["mode"] == mode and r.get("layout", "HND") == lay and r["owner_tp"] == tp
-                         and r["random_blocks"] == rnd and r["ok"])
+                         and r["random_blocks"] == rnd and r["ok"] and (r["gbps"] > 0 or not log_y))
             if not pts:
                 continue
             f = os.path.join(tmp, "%s_%s_%s_%d_%d.dat" % (lib.replace(" ", "_"), mode, lay, tp, rnd))
             with open(f, "w") as fh:
                 fh.write("\n".join("%d %f" % p for p in pts) + "\n")
-            plots.append("'%s' using 1:2 with linespoints title '%s'" % (f, lib))
+            # one line type per library, so a library has one colour in every panel
+            plots.append("'%s' using 1:2 with linespoints lt %d title '%s'" % (f, libs.index(lib) + 1, lib))
         script.append("set title '%s, %s, TP %d->1, %s blocks'" % (mode, lay, tp, "random" if rnd else "consecutive"))
         script.append("plot " + ", ".join(plots) if plots else "plot 0 title 'no row ran'")
     script.append("unset multiplot")

@@ -250,7 +250,7 @@ int main(int argc, char **argv) {
         /* Readers that read without stopping (16 whole-cache reads each) and
            are killed 10 to 160 ms after they start: some while connecting,
            most while the owner's replies are going out. UCX 1.13's own
-           software get aborted the owner in such a death (see README). */
+           software get aborted the owner in such a death (docs/ucx.md, "What each version needs"). */
         for (round = 0; round < 16; round++) {
             kvx_t_child r = kvx_t_spawn("decode", 1, 16, 1000);
             kvx_t_write_all(r.wr, &n32, 4); kvx_t_write_all(r.wr, md, len);
