@@ -47,6 +47,24 @@ static void layout(kvx_layout *l, kvx_order order, uint32_t heads) {
     l->num_layers = 3; l->num_blocks = 128; l->block_tokens = 8; l->num_heads = heads; l->head_dim = 16; l->elem_bytes = 2; l->order = order;
 }
 
+/* An owner P's cache, its blocks ids[0..n) filled from seed, and a reader
+   D's, both HND with 2 heads and registered; D's peer for P. */
+static kvx_peer *pair(kvx_ctx *P, kvx_ctx *D, kvx_ex_cache *pm, kvx_ex_cache *dm, uint64_t seed, const uint32_t *ids, uint32_t n,
+                      kvx_cache **dc) {
+    kvx_layout l;
+    kvx_cache_desc cd;
+    kvx_cache *pc;
+    layout(&l, KVX_ORDER_HND, 2);
+    kvx_ex_cache_alloc(pm, &l, 0, 1);
+    kvx_ex_fill(pm, seed, ids, n);
+    cd = kvx_ex_cache_desc(pm);
+    T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
+    kvx_ex_cache_alloc(dm, &l, 0, 1);
+    cd = kvx_ex_cache_desc(dm);
+    T_ST(kvx_cache_register(D, &cd, dc), KVX_OK);
+    return add(D, P);
+}
+
 int main(void) {
     uint32_t src[32], dst[32];
     kvx_ticket t;
@@ -210,23 +228,12 @@ int main(void) {
     T_CASE("local: kvx_post_batch posts reads in order under one lock; it stops at the first refused, says why and how many went, and those complete, every byte") {
         kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D = local_ctx("decode", 0, 1, 1);
         kvx_ex_cache pm, dm;
-        kvx_layout l;
-        kvx_cache_desc cd;
-        kvx_cache *pc, *dc;
-        kvx_peer *p;
+        kvx_cache *dc = NULL;
+        kvx_peer *p = pair(P, D, &pm, &dm, 21, src, 32, &dc);
         kvx_queue *q;
         kvx_read rd[4];
         kvx_ticket tk[4];
         uint32_t bad = 128, posted = 99, i;
-        layout(&l, KVX_ORDER_HND, 2);
-        kvx_ex_cache_alloc(&pm, &l, 0, 1);
-        kvx_ex_fill(&pm, 21, src, 32);
-        cd = kvx_ex_cache_desc(&pm);
-        T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
-        kvx_ex_cache_alloc(&dm, &l, 0, 1);
-        cd = kvx_ex_cache_desc(&dm);
-        T_ST(kvx_cache_register(D, &cd, &dc), KVX_OK);
-        p = add(D, P);
         T_ST(kvx_queue_create(D, NULL, &q), KVX_OK);
         memset(rd, 0, sizeof rd);
         for (i = 0; i < 4; i++) {
@@ -257,24 +264,13 @@ int main(void) {
     T_CASE("local: a full queue is KVX_PENDING, and kvx_ctx_error says which resource is full; a later refusal's sentence replaces it") {
         kvx_ctx *P = local_ctx("prefill", 0, 1, 1), *D = local_ctx("decode", 0, 1, 0);
         kvx_ex_cache pm, dm;
-        kvx_layout l;
-        kvx_cache_desc cd;
         kvx_queue_desc qd;
-        kvx_cache *pc, *dc;
-        kvx_peer *p;
+        kvx_cache *dc = NULL;
+        kvx_peer *p = pair(P, D, &pm, &dm, 22, src, 8, &dc);
         kvx_queue *q;
         kvx_read rd;
         kvx_ticket tk[3];
         uint32_t bad = 128, i;
-        layout(&l, KVX_ORDER_HND, 2);
-        kvx_ex_cache_alloc(&pm, &l, 0, 1);
-        kvx_ex_fill(&pm, 22, src, 8);
-        cd = kvx_ex_cache_desc(&pm);
-        T_ST(kvx_cache_register(P, &cd, &pc), KVX_OK);
-        kvx_ex_cache_alloc(&dm, &l, 0, 1);
-        cd = kvx_ex_cache_desc(&dm);
-        T_ST(kvx_cache_register(D, &cd, &dc), KVX_OK);
-        p = add(D, P);
         memset(&qd, 0, sizeof qd);
         qd.depth = 2;
         T_ST(kvx_queue_create(D, &qd, &q), KVX_OK);
