@@ -1597,40 +1597,27 @@ KVX__PRIV int kvx__planes_merge(kvx_ctx *ctx, kvx__read *rd, uint32_t planes) {
     return 1;
 }
 
-/* One read's checks and bookkeeping, with the context's lock held; it is
-   issued by the kvx__pump after. *early: the earliest deadline posted. */
-KVX__PRIV kvx_status kvx__post_one(kvx_queue *q, const kvx_read *r, kvx_ticket *out, uint64_t *early) {
+/* Room for a read of nruns runs: a slot, run slots, and (with generations)
+   contiguous generation slots; *gpad: the ring's tail it skips. */
+KVX__PRIV kvx_status kvx__post_room(kvx_queue *q, const kvx_read *r, const kvx__read *tmp, uint32_t nruns, uint32_t *gpad) {
     kvx_ctx *ctx = q->ctx;
-    kvx__read tmp, *rd;
     kvx_status st;
-    uint32_t nruns = 0, i, k, planes, gpad = 0;
-    uint64_t per_plane_ops;
-    if ((st = kvx__post_check(q, r, &tmp, &nruns)) != KVX_OK) goto out;
-    rd = kvx__slot(q, q->next_ticket);
-    if (rd->in_use) {
-        st = kvx__full(ctx, KVX__FULL_SLOTS, q->depth, 0);
-        goto out;
-    }
-    if (q->max_runs - q->run_used < nruns) {
-        st = kvx__full(ctx, KVX__FULL_RUNS, q->run_used, q->max_runs);
-        goto out;
-    }
-    if (tmp.gen) {
-        /* a read's words are contiguous: a tail too short for them is skipped */
-        gpad = q->gen_head + r->num_blocks > q->max_runs ? q->max_runs - q->gen_head : 0u;
-        if (r->num_blocks > q->max_runs) {
-            st = kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: %u blocks with generations, the queue holds %u (kvx_queue_desc.max_runs)", r->num_blocks, q->max_runs);
-            goto out;
-        }
-        if (!q->gens && (st = kvx__gen_rings(q, tmp.lc)) != KVX_OK) goto out;  /* once per queue */
-        if (q->max_runs - q->gen_used < gpad + r->num_blocks) {
-            st = kvx__full(ctx, KVX__FULL_GENS, q->gen_used, q->max_runs);
-            goto out;
-        }
-    }
-    *rd = tmp;
-    rd->q = q;
-    rd->ticket = q->next_ticket++;
+    *gpad = 0;
+    if (kvx__slot(q, q->next_ticket)->in_use) return kvx__full(ctx, KVX__FULL_SLOTS, q->depth, 0);
+    if (q->max_runs - q->run_used < nruns) return kvx__full(ctx, KVX__FULL_RUNS, q->run_used, q->max_runs);
+    if (!tmp->gen) return KVX_OK;
+    /* a read's words are contiguous: a tail too short for them is skipped */
+    *gpad = q->gen_head + r->num_blocks > q->max_runs ? q->max_runs - q->gen_head : 0u;
+    if (r->num_blocks > q->max_runs)
+        return kvx__fail(ctx, KVX_ERR_ARG, "kvx_post: %u blocks with generations, the queue holds %u (kvx_queue_desc.max_runs)", r->num_blocks, q->max_runs);
+    if (!q->gens && (st = kvx__gen_rings(q, tmp->lc)) != KVX_OK) return st;  /* once per queue */
+    if (q->max_runs - q->gen_used < *gpad + r->num_blocks) return kvx__full(ctx, KVX__FULL_GENS, q->gen_used, q->max_runs);
+    return KVX_OK;
+}
+
+/* The read's runs of block ids, and its generations, into the queue's rings. */
+KVX__PRIV void kvx__post_rings(kvx_queue *q, kvx__read *rd, const kvx_read *r, uint32_t nruns, uint32_t gpad) {
+    uint32_t i, k;
     rd->run0 = q->run_head;
     rd->nruns = nruns;
     for (k = 0, i = 0; i < r->num_blocks; i++) {
@@ -1644,14 +1631,18 @@ KVX__PRIV kvx_status kvx__post_one(kvx_queue *q, const kvx_read *r, kvx_ticket *
     }
     q->run_head = (q->run_head + nruns) % q->max_runs;
     q->run_used += nruns;
-    if (rd->gen) {
-        rd->g0 = gpad ? 0u : q->gen_head;
-        rd->ngen = gpad + r->num_blocks;
-        for (i = 0; i < r->num_blocks; i++) q->gens[rd->g0 + i] = r->remote_generations[i];
-        q->gen_head = (rd->g0 + r->num_blocks) % q->max_runs;
-        q->gen_used += rd->ngen;
-    }
-    planes = (rd->layer_end - rd->layer_begin) * rd->lc->lay.kv_planes;
+    if (!rd->gen) return;
+    rd->g0 = gpad ? 0u : q->gen_head;
+    rd->ngen = gpad + r->num_blocks;
+    for (i = 0; i < r->num_blocks; i++) q->gens[rd->g0 + i] = r->remote_generations[i];
+    q->gen_head = (rd->g0 + r->num_blocks) % q->max_runs;
+    q->gen_used += rd->ngen;
+}
+
+/* What the read will issue: its planes, ops and bytes. */
+KVX__PRIV void kvx__post_counts(kvx_ctx *ctx, kvx__read *rd, const kvx_read *r, uint32_t nruns) {
+    uint32_t planes = (rd->layer_end - rd->layer_begin) * rd->lc->lay.kv_planes;
+    uint64_t per_plane_ops;
     ctx->st.blocks_posted += (uint64_t)r->num_blocks * planes;
     rd->c_plane = rd->layer_begin * rd->lc->lay.kv_planes;
     rd->p_end = rd->c_plane + planes;
@@ -1664,6 +1655,23 @@ KVX__PRIV kvx_status kvx__post_one(kvx_queue *q, const kvx_read *r, kvx_ticket *
         rd->v_plane = rd->layer_begin * rd->lc->lay.kv_planes;
     }
     rd->bytes = (uint64_t)r->num_blocks * rd->g.piece * (rd->g.run_merge ? 1 : rd->g.npieces) * planes;
+}
+
+/* One read's checks and bookkeeping, with the context's lock held; it is
+   issued by the kvx__pump after. *early: the earliest deadline posted. */
+KVX__PRIV kvx_status kvx__post_one(kvx_queue *q, const kvx_read *r, kvx_ticket *out, uint64_t *early) {
+    kvx_ctx *ctx = q->ctx;
+    kvx__read tmp, *rd;
+    kvx_status st;
+    uint32_t nruns = 0, gpad = 0;
+    if ((st = kvx__post_check(q, r, &tmp, &nruns)) != KVX_OK) return st;
+    if ((st = kvx__post_room(q, r, &tmp, nruns, &gpad)) != KVX_OK) return st;
+    rd = kvx__slot(q, q->next_ticket);
+    *rd = tmp;
+    rd->q = q;
+    rd->ticket = q->next_ticket++;
+    kvx__post_rings(q, rd, r, nruns, gpad);
+    kvx__post_counts(ctx, rd, r, nruns);
     rd->t_post_ns = kvx__now_ns();
     rd->deadline_ns = rd->t_post_ns + (uint64_t)(r->timeout_ms ? r->timeout_ms : ctx->timeout_ms) * 1000000ull;
     rd->status = KVX_PENDING;
@@ -1675,8 +1683,7 @@ KVX__PRIV kvx_status kvx__post_one(kvx_queue *q, const kvx_read *r, kvx_ticket *
     *out = rd->ticket;
     if (!*early || rd->deadline_ns < *early) *early = rd->deadline_ns;
     if (kvx__stream) kvx__stream->read_posted(rd);
-out:
-    return st;
+    return KVX_OK;
 }
 
 /* After posting: issue, and wake the progress thread, asleep, where it must
