@@ -253,14 +253,13 @@ KVX__PRIV ucs_status_t kvx__ucx_ask(kvx_ctx *ctx, kvx__ucx_peer *pp, kvx__ucx_ge
     rq.id = id; rq.nonce = g->nonce; rq.off = off;
     rq.ttl_ns = g->until_ns > now ? g->until_ns - now : 0;
     rq.raddr = g->raddr + k * g->rstride + in;
-    if (g->nbatch) {     /* every op of the batch, in one part */
-        const kvx__op *o = &g->batch[0];
-        rq.raddr = o->raddr; rq.len = o->len; rq.count = o->count; rq.rstride = o->count > 1 ? o->rstride : 0;
-        for (i = 1; i < g->nbatch; i++) {
+    if (g->nbatch) {     /* every op of the batch, in one part: the first in the header */
+        for (i = 0; i < g->nbatch; i++) {
+            const kvx__op *o = &g->batch[i];
             kvx__get_range r;
-            o = &g->batch[i];
             r.raddr = o->raddr; r.len = o->len; r.count = o->count; r.rstride = o->count > 1 ? o->rstride : 0;
-            kvx__get_range_write((uint8_t *)(m + 1) + (size_t)(i - 1) * KVX__GET_RANGE_BYTES, &r);
+            if (!i) { rq.raddr = r.raddr; rq.len = r.len; rq.count = r.count; rq.rstride = r.rstride; }
+            else kvx__get_range_write((uint8_t *)(m + 1) + (size_t)(i - 1) * KVX__GET_RANGE_BYTES, &r);
         }
         part = total;
     } else if (len > g->per) {  /* a slice of one large piece */
@@ -399,22 +398,27 @@ KVX__PRIV int kvx__ucx_owned(kvx_ctx *ctx, uint64_t addr, uint64_t len) {
     return 0;
 }
 
-/* Owner: the ranges of a request (the header's, then its data's), each
-   inside memory this context registered and all within one part's bounds.
-   Without iov: how many pieces (iov entries at most); with: the iov, pieces
-   that touch merged, and how many entries. Also their bytes, and the span
-   [lo, hi) they lie in. 0: refused; -1: not whole ranges or too many. */
-KVX__PRIV int kvx__ucx_serve_ranges(kvx_ctx *ctx, const kvx__get_req *rq, const uint8_t *data, size_t dlen, ucp_dt_iov_t *iov,
+/* Range i of a request: the header's first, then its data's. */
+KVX__PRIV int kvx__ucx_range_at(const kvx__get_req *rq, const uint8_t *data, size_t dlen, size_t i, kvx__get_range *r) {
+    if (i) return kvx__get_range_read(data, dlen, i - 1, r);
+    r->raddr = rq->raddr; r->len = rq->len; r->count = rq->count; r->rstride = rq->rstride;
+    return KVX__WIRE_OK;
+}
+
+/* Owner: the ranges of a request, each inside memory this context
+   registered and all within one part's bounds: how many pieces (iov
+   entries at most), their bytes, and the span [lo, hi) they lie in. 0:
+   refused; -1: not whole ranges or too many. */
+KVX__PRIV int kvx__ucx_serve_ranges(kvx_ctx *ctx, const kvx__get_req *rq, const uint8_t *data, size_t dlen,
                                     uint64_t *bytes, uint64_t *lo, uint64_t *hi) {
-    size_t i, nr, niov = 0;
-    uint64_t pieces = 0, k, span, at;
+    size_t i, nr;
+    uint64_t pieces = 0, span;
     if (dlen % KVX__GET_RANGE_BYTES || dlen / KVX__GET_RANGE_BYTES >= KVX__UCX_GET_RANGES) return -1;
     nr = 1 + dlen / KVX__GET_RANGE_BYTES;
     *bytes = 0; *lo = UINT64_MAX; *hi = 0;
     for (i = 0; i < nr; i++) {
         kvx__get_range r;
-        if (i == 0) { r.raddr = rq->raddr; r.len = rq->len; r.count = rq->count; r.rstride = rq->rstride; }
-        else if (kvx__get_range_read(data, dlen, i - 1, &r) != KVX__WIRE_OK) return -1;
+        if (kvx__ucx_range_at(rq, data, dlen, i, &r) != KVX__WIRE_OK) return -1;
         if (r.count < 1 || r.count > KVX__UCX_GET_PIECES - pieces || r.len > KVX__UCX_GET_PART ||
             r.len * r.count > KVX__UCX_GET_PART - *bytes || (r.count > 1 && r.rstride >= (1ull << 40)))
             return 0;
@@ -424,13 +428,25 @@ KVX__PRIV int kvx__ucx_serve_ranges(kvx_ctx *ctx, const kvx__get_req *rq, const 
         *bytes += r.len * r.count;
         if (r.raddr < *lo) *lo = r.raddr;
         if (r.raddr + span > *hi) *hi = r.raddr + span;
-        for (k = 0; iov && k < r.count; k++) {
+    }
+    return (int)pieces;
+}
+
+/* Owner: the iov of a request kvx__ucx_serve_ranges passed, pieces that
+   touch merged; how many entries (at most its pieces). */
+KVX__PRIV size_t kvx__ucx_serve_iov(const kvx__get_req *rq, const uint8_t *data, size_t dlen, ucp_dt_iov_t *iov) {
+    size_t i, n = 0, nr = 1 + dlen / KVX__GET_RANGE_BYTES;
+    uint64_t k, at;
+    for (i = 0; i < nr; i++) {
+        kvx__get_range r;
+        if (kvx__ucx_range_at(rq, data, dlen, i, &r) != KVX__WIRE_OK) break;  /* checked before: never */
+        for (k = 0; k < r.count; k++) {
             at = r.raddr + k * (r.count > 1 ? r.rstride : 0);
-            if (niov && (uint64_t)(uintptr_t)iov[niov - 1].buffer + iov[niov - 1].length == at) iov[niov - 1].length += (size_t)r.len;
-            else { iov[niov].buffer = (void *)(uintptr_t)at; iov[niov].length = (size_t)r.len; niov++; }
+            if (n && (uint64_t)(uintptr_t)iov[n - 1].buffer + iov[n - 1].length == at) iov[n - 1].length += (size_t)r.len;
+            else { iov[n].buffer = (void *)(uintptr_t)at; iov[n].length = (size_t)r.len; n++; }
         }
     }
-    return iov ? (int)niov : (int)pieces;
+    return n;
 }
 
 /*--- an owner's count of replies, per endpoint -------------------------------*/
@@ -563,7 +579,7 @@ KVX__PRIV void kvx__ucx_reply(kvx_ctx *ctx, kvx__ucx_epacct *a, ucp_ep_h ep, con
     prm.flags = UCP_AM_SEND_FLAG_EAGER | UCP_AM_SEND_FLAG_REPLY;
     if (n) {
         ucp_dt_iov_t *iov = (ucp_dt_iov_t *)(m + 1);
-        n = (size_t)kvx__ucx_serve_ranges(ctx, rq, (const uint8_t *)data, length, iov, &bytes, &lo, &hi);
+        n = kvx__ucx_serve_iov(rq, (const uint8_t *)data, length, iov);
         prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
         prm.datatype = ucp_dt_make_iov();
         sp = ucp_am_send_nbx(ep, KVX__UCX_AM_GET_REPLY, m->hdr, KVX__GET_REP_BYTES, iov, n, &prm);
@@ -598,7 +614,7 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
     uint64_t bytes, lo, hi;
     int np;
     if (!kvx__ucx_req_take(ctx, header, header_length, param, &rq)) return UCS_OK;
-    if ((np = kvx__ucx_serve_ranges(ctx, &rq, (const uint8_t *)data, length, NULL, &bytes, &lo, &hi)) < 0) {
+    if ((np = kvx__ucx_serve_ranges(ctx, &rq, (const uint8_t *)data, length, &bytes, &lo, &hi)) < 0) {
         KVX__DROP(ctx, "ucx: a get request dropped (%zu bytes of ranges: not whole ranges, or more than %u)", length, KVX__UCX_GET_RANGES);
         return UCS_OK;
     }
