@@ -496,7 +496,17 @@ int main(int argc, char **argv) {
             kvx_read rd = kvx_t_read(r.p, r.c, ids, NB, 6000);
             T_ST(kvx_post(r.q, &rd, &t[k]), KVX_OK);
         }
-        for (k = 0; k < 4; k++) fails += kvx_wait(r.q, t[k], 15000) != KVX_OK;  /* waiting progresses the reader: the rogue reaches it */
+        for (k = 0; k < 4; k++) {  /* waiting progresses the reader: the rogue reaches it */
+            kvx_status st = kvx_wait(r.q, t[k], 15000);
+            fails += st != KVX_OK;
+            if (st == KVX_OK) {  /* say what landed, and whether the owner was in fact stopped */
+                char path[64], line[256] = "";
+                FILE *f;
+                snprintf(path, sizeof path, "/proc/%d/stat", (int)o.ch.pid);
+                if ((f = fopen(path, "r"))) { if (!fgets(line, sizeof line, f)) line[0] = 0; fclose(f); }
+                printf("  read %d of 4 completed with the owner stopped; owner's /proc stat: %.60s\n", k, line);
+            }
+        }
         T_EQ(rogue_end(&g, 90), 0);
         rogue_target = NULL;
         T_EQ(fails, 4);
