@@ -180,6 +180,16 @@ KVX__CUDA_RD_LAYOUT(KVX__CUDA_AT)
 #undef KVX__CUDA_AT
 KVX__CUDA_STATIC_ASSERT(sizeof(kvx__cuda_rd) == KVX__CUDA_RD_BYTES, rd_size, "kvx__cuda_rd is not the size of the kernel's kvx_rd");
 
+/* A small batch travels in its launch's parameters (kvx_copy_inline; the
+   kernel's kvx_inline): nreads, ntasks, then the headers and the table
+   bytes, the headers' table pointers as offsets from w. */
+#define KVX__CUDA_INLINE_BYTES 4000
+typedef struct kvx__cuda_inline {
+    uint32_t nreads, ntasks;
+    uint64_t w[(KVX__CUDA_INLINE_BYTES - 8) / 8];
+} kvx__cuda_inline;
+KVX__CUDA_STATIC_ASSERT(sizeof(kvx__cuda_inline) == KVX__CUDA_INLINE_BYTES, inline_size, "kvx__cuda_inline is not the size of the kernel's kvx_inline");
+
 /*--- backend state ---------------------------------------------------------*/
 
 typedef struct kvx__cuda_fd {
@@ -263,6 +273,8 @@ typedef struct kvx__cuda_q {
     uint32_t grid_peer;         /* default cap for batches read wholly from other GPUs; 0: cuda_max_blocks rules */
     int capture_checked;
     CUfunction fn;              /* the copy kernel */
+    CUfunction fn_inline;       /* the same, its batch in its parameters */
+    kvx__cuda_inline inl;       /* the parameters of the launch being made */
     /* The waiter: a thread that sleeps on each launched batch's event in
        turn and writes the context's eventfd when it completes. */
     pthread_t waiter;
@@ -1299,13 +1311,26 @@ KVX__PRIV void kvx__cuda_complete(kvx_ctx *ctx, int wait) {
 
 KVX__PRIV kvx__cuda_batch *kvx__cuda_open_batch(kvx__cuda_q *cq) { return &cq->b[(cq->first + cq->inflight) % KVX__CUDA_BATCHES]; }
 
+/* Whether the batch travels in its launch's parameters: it fits, and no read
+   of it is verified (its check kernel reads the table from memory). */
+KVX__PRIV int kvx__cuda_inline_fits(const kvx__cuda_batch *b) {
+    uint32_t i;
+    if ((size_t)b->nreads * sizeof(kvx__cuda_rd) + (b->end - b->start) > KVX__CUDA_INLINE_BYTES - 8u) return 0;
+    for (i = 0; i < b->nreads; i++)
+        if (b->reads[i]->verify) return 0;
+    return 1;
+}
+
 /* Make the open batch's offsets addresses and put its table and headers
-   where the kernel reads them (*hptr: the headers). A batch of few tasks
+   where the kernel reads them (*hptr: the headers; *inl: they are in
+   cq->inl, for kvx_copy_inline). A batch that fits goes in the launch's
+   parameters: no copy, no event, and the kernel's loads of them hit the
+   constant cache. Else a batch of few tasks
    reads them straight from pinned memory: one round trip over the bus
    beats a copy. With more tasks than the kernel's warps, each warp would
    pay that round trip again per task (88% of the copy's speed instead of
    92% for 64 KiB blocks on an H200), so larger ones are copied. */
-KVX__PRIV CUresult kvx__cuda_stage(kvx__cuda_q *cq, uint32_t slot, CUdeviceptr *hptr, const char **what) {
+KVX__PRIV CUresult kvx__cuda_stage(kvx__cuda_q *cq, uint32_t slot, CUdeviceptr *hptr, int *inl, const char **what) {
     kvx__cuda_batch *b = &cq->b[slot];
     kvx__cuda_rd *hdr = cq->hdr + (size_t)slot * KVX__CUDA_BATCH_READS;
     size_t hoff = (size_t)slot * KVX__CUDA_BATCH_READS * sizeof *hdr, hbytes = b->nreads * sizeof *hdr;
@@ -1313,7 +1338,10 @@ KVX__PRIV CUresult kvx__cuda_stage(kvx__cuda_q *cq, uint32_t slot, CUdeviceptr *
     int mapped = bytes + hbytes <= KVX__CUDA_SMALL && b->ntasks <= cq->grid_max * (KVX__CUDA_THREADS / 32u);
     CUdeviceptr pairs;
     CUresult rc;
-    if (mapped) {
+    if ((*inl = kvx__cuda_inline_fits(b)) != 0) {
+        pairs = hbytes;  /* offsets from the block's w, which the kernel adds */
+        *hptr = 0;
+    } else if (mapped) {
         pairs = cq->ring_map + b->start;
         *hptr = cq->hdr_map + hoff;
     } else {
@@ -1323,6 +1351,13 @@ KVX__PRIV CUresult kvx__cuda_stage(kvx__cuda_q *cq, uint32_t slot, CUdeviceptr *
     for (i = 0; i < b->nreads; i++) {  /* offsets until now */
         hdr[i].pairs += pairs; hdr[i].lplanes += pairs; hdr[i].rplanes += pairs;
         if (hdr[i].gtable) hdr[i].gwant += pairs;
+    }
+    if (*inl) {
+        cq->inl.nreads = b->nreads;
+        cq->inl.ntasks = b->ntasks;
+        memcpy(cq->inl.w, hdr, hbytes);
+        memcpy((uint8_t *)cq->inl.w + hbytes, cq->ring + b->start, bytes);
+        return CUDA_SUCCESS;
     }
     if (mapped) return CUDA_SUCCESS;
     /* On the copy stream: they run while the kernel of an earlier batch
@@ -1448,6 +1483,7 @@ KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
     CUstream done_on;
     const char *what = "";
     void *args[3];
+    int inl;
     if (!cq) return KVX_OK;
     done_on = cq->s;
     slot = (cq->first + cq->inflight) % KVX__CUDA_BATCHES;
@@ -1456,12 +1492,13 @@ KVX__PRIV kvx_status kvx__cuda_launch(kvx_ctx *ctx, kvx_queue *q) {
     if (!b->nreads) return KVX_OK;
     if (cq->inflight >= KVX__CUDA_BATCHES - 1) return KVX_PENDING;  /* the open batch needs a slot of its own */
     if ((rc = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuCtxPushCurrent");
-    if ((rc = kvx__cuda_stage(cq, slot, &hptr, &what)) != CUDA_SUCCESS) goto fail;
+    if ((rc = kvx__cuda_stage(cq, slot, &hptr, &inl, &what)) != CUDA_SUCCESS) goto fail;
     nreads = b->nreads;
     ntasks = b->ntasks;
     args[0] = &hptr; args[1] = &nreads; args[2] = &ntasks;
+    if (inl) args[0] = &cq->inl;
     grid = kvx__cuda_grid(ctx, cq, b);
-    if ((rc = cuLaunchKernel(cq->fn, grid, 1, 1, KVX__CUDA_THREADS, 1, 1, 0, cq->s, args, NULL)) != CUDA_SUCCESS) { what = "cuLaunchKernel (copy kernel)"; goto fail; }
+    if ((rc = cuLaunchKernel(inl ? cq->d->fn_inline : cq->fn, grid, 1, 1, KVX__CUDA_THREADS, 1, 1, 0, cq->s, args, NULL)) != CUDA_SUCCESS) { what = "cuLaunchKernel (copy kernel)"; goto fail; }
     if ((rc = kvx__cuda_launch_checks(q, b, hdr, &done_on, &what)) != CUDA_SUCCESS) goto fail;
     if ((rc = kvx__cuda_write_words(q, b, hdr, &what)) != CUDA_SUCCESS) goto fail;
     if ((rc = cuEventRecord(b->ev, done_on)) != CUDA_SUCCESS) { what = "cuEventRecord"; goto fail; }
@@ -1821,7 +1858,7 @@ KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
     const char *what = "";
     kvx_status st;
     uint32_t i;
-    int fit = 0;
+    int fit = 0, fit_inline = 0;
     if (!cq) return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory");
     q->be = cq;
     pthread_mutex_init(&cq->wmu, NULL);
@@ -1854,16 +1891,22 @@ KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
     cq->fn = cq->d->fn;
     /* A cap past what stays resident would leave blocks for a second wave,
        with their share of tasks still to do after the first: clamp it. */
-    if (rc == CUDA_SUCCESS && (rc = cuOccupancyMaxActiveBlocksPerMultiprocessor(&fit, cq->fn, (int)KVX__CUDA_THREADS, 0)) != CUDA_SUCCESS) what = "cuOccupancyMaxActiveBlocksPerMultiprocessor";
+    if (rc == CUDA_SUCCESS && ((rc = cuOccupancyMaxActiveBlocksPerMultiprocessor(&fit, cq->fn, (int)KVX__CUDA_THREADS, 0)) != CUDA_SUCCESS ||
+                               (rc = cuOccupancyMaxActiveBlocksPerMultiprocessor(&fit_inline, cq->d->fn_inline, (int)KVX__CUDA_THREADS, 0)) != CUDA_SUCCESS))
+        what = "cuOccupancyMaxActiveBlocksPerMultiprocessor";
+    if (fit_inline < fit) fit = fit_inline;  /* 88 registers against 80 on sm_90: 2 blocks an SM, not 3 */
     if (rc == CUDA_SUCCESS) {
         /* One launch of no tasks on the staging stream (ours, never under
            capture), waited for: the driver compiles and loads the kernel at
            its first launch (lazy loading, PTX), which a queue's first read
            paid before (about 0.3 s on an H200, measured earlier). */
         uint32_t zero = 0;
-        void *args[3];
+        void *args[3], *iargs[1];
         args[0] = &cq->hdr_dev; args[1] = &zero; args[2] = &zero;
-        if ((rc = cuLaunchKernel(cq->fn, 1, 1, 1, KVX__CUDA_THREADS, 1, 1, 0, cq->cs, args, NULL)) != CUDA_SUCCESS) what = "cuLaunchKernel (warm-up)";
+        iargs[0] = &cq->inl;  /* no reads, no tasks */
+        if ((rc = cuLaunchKernel(cq->fn, 1, 1, 1, KVX__CUDA_THREADS, 1, 1, 0, cq->cs, args, NULL)) != CUDA_SUCCESS ||
+            (rc = cuLaunchKernel(cq->d->fn_inline, 1, 1, 1, KVX__CUDA_THREADS, 1, 1, 0, cq->cs, iargs, NULL)) != CUDA_SUCCESS)
+            what = "cuLaunchKernel (warm-up)";
         else if ((rc = cuStreamSynchronize(cq->cs)) != CUDA_SUCCESS) what = "cuStreamSynchronize (warm-up)";
     }
     cuCtxPopCurrent(&prev);

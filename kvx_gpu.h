@@ -79,7 +79,7 @@ typedef struct kvx__gpu_dev {
     int sms, mem64, can_flush, flush_opts, rdma_order;
     CUuuid uuid;
     CUmodule mod;               /* the copy kernel, in pctx */
-    CUfunction fn;
+    CUfunction fn, fn_inline;       /* the copy kernel: batch in device or mapped memory, batch in its parameters */
     CUfunction fn_seal, fn_check;   /* verify mode's checksum kernels */
     int flush_logged;
 } kvx__gpu_dev;
@@ -123,6 +123,7 @@ KVX__PRIV CUresult kvx__gpu_module(kvx__gpu_dev *d) {
     rc = cuModuleLoadData(&d->mod, text);
     KVX_FREE(text);
     if (rc == CUDA_SUCCESS && ((rc = cuModuleGetFunction(&d->fn, d->mod, "kvx_copy")) != CUDA_SUCCESS ||
+                               (rc = cuModuleGetFunction(&d->fn_inline, d->mod, "kvx_copy_inline")) != CUDA_SUCCESS ||
                                (rc = cuModuleGetFunction(&d->fn_seal, d->mod, "kvx_csum_seal")) != CUDA_SUCCESS ||
                                (rc = cuModuleGetFunction(&d->fn_check, d->mod, "kvx_csum_check")) != CUDA_SUCCESS)) {
         d->fn = NULL;

@@ -51,6 +51,9 @@ struct kvx_rd {
 KVX__CUDA_RD_LAYOUT(KVX_AT)
 #undef KVX_AT
 static_assert(sizeof(kvx_rd) == KVX__CUDA_RD_BYTES, "kvx_rd is not the size of kvx__cuda_rd in kvx_cuda.h");
+/* kvx_copy_inline's parameter block (kvx_inline): nreads, ntasks, then
+   headers and table; under the 4 KiB a launch may carry. */
+#define KVX__CUDA_INLINE_BYTES 4000
 
 /* Plain loads, not __ldg: ptxas may sink a non-coherent load (ld.global.nc)
    down to its store, which left the strided (NHD) path with about one load in
@@ -131,12 +134,13 @@ __device__ __noinline__ void copy1(char *dst, const char *src, u64 len, u32 coun
    word it found, for the message. The count goes back to 0 for the next launch of
    the slot. The header's fields are loaded together: where a
    small batch's headers are read in place from host memory, each dependent
-   load would be a round trip over the bus at the end of the read. */
-__device__ __noinline__ void gen_arrive(const kvx_rd *d, u32 lane) {
+   load would be a round trip over the bus at the end of the read. rebase:
+   what the table offsets are relative to (body). */
+__device__ __noinline__ void gen_arrive(const kvx_rd *d, u32 lane, u64 rebase) {
     const u32 task0 = d->task0, nt = d->ntasks, n = d->nblocks;
     u32 *const count = (u32 *)d->gcount;
-    const uint2 *const pairs = (const uint2 *)d->pairs;
-    const u64 *const want = (const u64 *)d->gwant;
+    const uint2 *const pairs = (const uint2 *)(d->pairs + rebase);
+    const u64 *const want = (const u64 *)(d->gwant + rebase);
     const volatile u64 *const table = (const volatile u64 *)d->gtable;
     u32 *const res = (u32 *)d->gres;
     u64 *const found = (u64 *)d->gfound;
@@ -175,8 +179,10 @@ __device__ __noinline__ void gen_arrive(const kvx_rd *d, u32 lane) {
 }
 
 /* The plane tables of a read travel with it: lplanes/rplanes point into the
-   batch's staging copy, like pairs. */
-__device__ __forceinline__ void body(const kvx_rd *__restrict__ rds, u32 nreads, u32 ntasks) {
+   batch's staging copy, like pairs. rebase is added to those pointers (and
+   gwant): 0 where the host wrote addresses, the parameter block's address
+   where it wrote offsets into it (kvx_copy_inline). */
+__device__ __forceinline__ void body(const kvx_rd *__restrict__ rds, u32 nreads, u32 ntasks, u64 rebase) {
     const u32 lane = threadIdx.x & 31u;
     const u32 nw = (gridDim.x * blockDim.x) >> 5;
     u32 g = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -191,8 +197,8 @@ __device__ __forceinline__ void body(const kvx_rd *__restrict__ rds, u32 nreads,
         while (r + 1 < nreads && g >= rds[r + 1].task0) r++;
         if (r != cur) {
             const kvx_rd *d = &rds[r];
-            if (cur != 0xffffffffu && rds[cur].gcount) gen_arrive(&rds[cur], lane);
-            lplanes = d->lplanes; rplanes = d->rplanes; pairs = d->pairs;
+            if (cur != 0xffffffffu && rds[cur].gcount) gen_arrive(&rds[cur], lane, rebase);
+            lplanes = d->lplanes + rebase; rplanes = d->rplanes + rebase; pairs = d->pairs + rebase;
             lbstride = d->lbstride; rbstride = d->rbstride; loff = d->loff; roff = d->roff;
             piece = d->piece; lps = d->lpstride; rps = d->rpstride; cbytes = d->cbytes;
             nblocks = d->nblocks; cpb = d->cpb; npieces = d->npieces; ppc = d->ppc; task0 = d->task0;
@@ -228,13 +234,30 @@ __device__ __forceinline__ void body(const kvx_rd *__restrict__ rds, u32 nreads,
         else
             copy1((char *)lb, (const char *)rb, len, count, ds, ss, lane);
     }
-    if (cur != 0xffffffffu && rds[cur].gcount) gen_arrive(&rds[cur], lane);
+    if (cur != 0xffffffffu && rds[cur].gcount) gen_arrive(&rds[cur], lane, rebase);
 }
 
 /* 256 threads a block; 80 registers on sm_90, so up to 3 blocks share an SM
    (the default cap takes 2 per SM, leaving room for compute kernels; kvx
    clamps a larger cap to what stays resident). */
-extern "C" __global__ void __launch_bounds__(256) kvx_copy(const kvx_rd *__restrict__ rds, u32 nreads, u32 ntasks) { body(rds, nreads, ntasks); }
+extern "C" __global__ void __launch_bounds__(256) kvx_copy(const kvx_rd *__restrict__ rds, u32 nreads, u32 ntasks) { body(rds, nreads, ntasks, 0); }
+
+/* A batch small enough travels in the launch itself: headers, then the
+   table bytes they point into by offset, in the kernel's parameters (at
+   most 4 KiB below PTX ISA 8.1). The host then makes no copy and no event
+   before the launch: a decode step's single read saved two
+   cuMemcpyHtoDAsync calls and an event wait. Every warp reads the same
+   header and block id at once, which the constant cache serves in one
+   load. __grid_constant__ lets the warps address the block in place
+   instead of each thread copying it. */
+struct kvx_inline {
+    u32 nreads, ntasks;
+    u64 w[(KVX__CUDA_INLINE_BYTES - 8) / 8];
+};
+static_assert(sizeof(kvx_inline) == KVX__CUDA_INLINE_BYTES, "kvx_inline is not the size of kvx__cuda_inline in kvx_cuda.h");
+extern "C" __global__ void __launch_bounds__(256) kvx_copy_inline(const __grid_constant__ kvx_inline p) {
+    body((const kvx_rd *)p.w, p.nreads, p.ntasks, (u64)p.w);
+}
 
 /*--- verify mode: per-head checksums on the GPU ----------------------------*/
 

@@ -59,6 +59,9 @@ entry "CUDA pack odd sizes: 3-byte elements, 5 tokens (unaligned path)" 120 $ben
 entry "CUDA pack 2->4 NHD random, verify mode, every block" 120 $bench $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1
 entry "CUDA pack 1->2 HND random, verify mode, 1 block in 3" 120 $bench $small --random-blocks --prefill-tp 1 --decode-tp 2 --verify 3
 entry "CUDA pack odd sizes, verify mode, every block (unaligned heads)" 120 $bench --num-blocks 50 --blocks 9 --num-layers 2 --block-tokens 5 --heads 2 --head-dim 7 --dtype-bytes 3 --random-blocks --iters 2 --decode-tp 2 --layout NHD --verify 1
+# A read's table of more than 4 KB is copied to the GPU before the launch;
+# smaller ones travel in the launch's parameters (kvx_copy_inline).
+entry "CUDA pack 1000 random blocks: the table copied, not in the launch" 120 $bench --num-blocks 2000 --blocks 1000 --num-layers 4 --random-blocks --iters 2
 entry "CUDA pack 3750 blocks x 50 layers x 128, 4 KiB blocks" 300 \
   $bench --num-blocks 3750 --num-layers 50 --blocks 128 --block-tokens 16 --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 2
 entry "CUDA pack 3750 blocks x 50 layers x 128, verify mode, every block (heads summed a thread each)" 300 \
