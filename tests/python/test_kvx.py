@@ -2,6 +2,7 @@
 spawn) over the default backend (UCX over TCP on loopback in make test), in
 vLLM's layouts, with TP splits, notifications, deadlines, a killed owner, and
 the bad inputs refused before anything is posted. Run by make test."""
+import array
 import multiprocessing as mp
 import os
 import signal
@@ -352,6 +353,15 @@ def test_bad_inputs_refused_before_posting():
                 q.read(peer, torch.tensor([13]), torch.tensor([14], dtype=torch.int32)).wait(5000)
                 assert (cache.tensors[0][:, 13] == 1).all()
             assert (cache.tensors[0][:, 9] == 1).all() and (cache.tensors[0][:, 5] == 1).all() and not cache.tensors[0][:, 7].any()
+            # a writable uint32 array is read by pointer, a read-only one copied; array.array and buffers
+            ro = np.array([1, 2], dtype=np.uint32)
+            ro.flags.writeable = False
+            q.read(peer, np.array([16, 18], dtype=np.uint32), ro).wait(5000)
+            q.read(peer, array.array("I", [19]), memoryview(array.array("I", [20]))).wait(5000)
+            with pytest.raises(kvx.ArgumentError, match="past the cache"):
+                q.read(peer, np.array([NB], dtype=np.uint32), np.array([0], dtype=np.uint32))
+            assert all((cache.tensors[0][:, b] == 1).all() for b in (16, 18, 19))
+            assert not any(cache.tensors[0][:, b].any() for b in (15, 17, 20))
         with pytest.raises(kvx.ArgumentError, match="magic"):
             ctx.add_peer(b"kvx" + bytes(60))  # untrusted metadata
     ctx.close()
