@@ -28,3 +28,11 @@ extern "C" __global__ void kvx_t_fma(float *out, u32 iters) {
     }
     if (a + b + c + d == 12345.f) out[blockIdx.x * blockDim.x + threadIdx.x] = a;
 }
+
+/* A launch of 4000 bytes of parameters, as the copy kernel's kvx_copy_inline
+   takes: the benchmark times it beside a launch of few (kvx_t_fma), the
+   floor of a post whose batch travels in its launch. */
+struct kvx_t_block { u64 w[500]; };
+extern "C" __global__ void kvx_t_params(const __grid_constant__ kvx_t_block p, u64 *out) {
+    if (p.w[0] == 12345u && !threadIdx.x) out[0] = p.w[1];
+}

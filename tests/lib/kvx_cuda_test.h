@@ -186,6 +186,28 @@ static const char *const kvx_tc_ptx[] = {
     "$L__BB1_8:\n",
     " ret;\n",
     "}\n",
+    ".visible .entry kvx_t_params(\n",
+    " .param .align 8 .b8 kvx_t_params_param_0[4000],\n",
+    " .param .u64 kvx_t_params_param_1\n",
+    ")\n",
+    "{\n",
+    " .reg .pred  %p<4>;\n",
+    " .reg .b32  %r<2>;\n",
+    " .reg .b64  %rd<7>;\n",
+    " mov.b64  %rd3, kvx_t_params_param_0;\n",
+    " ld.param.u64  %rd2, [kvx_t_params_param_1];\n",
+    " ld.param.u64  %rd4, [kvx_t_params_param_0];\n",
+    " setp.ne.s64  %p1, %rd4, 12345;\n",
+    " mov.u32  %r1, %tid.x;\n",
+    " setp.ne.s32  %p2, %r1, 0;\n",
+    " or.pred   %p3, %p2, %p1;\n",
+    " @%p3 bra  $L__BB2_2;\n",
+    " cvta.to.global.u64  %rd5, %rd2;\n",
+    " ld.param.u64  %rd6, [%rd3+8];\n",
+    " st.global.u64  [%rd5], %rd6;\n",
+    "$L__BB2_2:\n",
+    " ret;\n",
+    "}\n",
 /* PTX kvx_test END */
     NULL
 };
@@ -196,7 +218,7 @@ static inline double kvx_tc_now(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-typedef struct kvx_tc_kernels { CUmodule mod; CUfunction check, fma; } kvx_tc_kernels;
+typedef struct kvx_tc_kernels { CUmodule mod; CUfunction check, fma, params; } kvx_tc_kernels;
 
 static inline int kvx_tc_load(kvx_tc_kernels *k) {
     size_t n = 1, i;
@@ -208,7 +230,8 @@ static inline int kvx_tc_load(kvx_tc_kernels *k) {
     *p = 0;
     rc = kvx_ex_cu(cuModuleLoadData(&k->mod, text), "cuModuleLoadData (test kernels)") ||
          kvx_ex_cu(cuModuleGetFunction(&k->check, k->mod, "kvx_t_check"), "cuModuleGetFunction") ||
-         kvx_ex_cu(cuModuleGetFunction(&k->fma, k->mod, "kvx_t_fma"), "cuModuleGetFunction");
+         kvx_ex_cu(cuModuleGetFunction(&k->fma, k->mod, "kvx_t_fma"), "cuModuleGetFunction") ||
+         kvx_ex_cu(cuModuleGetFunction(&k->params, k->mod, "kvx_t_params"), "cuModuleGetFunction");
     free(text);
     return rc ? -1 : 0;
 }
@@ -224,6 +247,13 @@ static inline int kvx_tc_fma(const kvx_tc_kernels *k, CUstream s, CUdeviceptr ou
     void *args[2];
     args[0] = &out; args[1] = &iters;
     return kvx_ex_cu(cuLaunchKernel(k->fma, grid, 1, 1, 256, 1, 1, 0, s, args, NULL), "cuLaunchKernel (fma)");
+}
+
+/* One block of kvx_t_params on s: 4000 bytes of parameters (block). */
+static inline int kvx_tc_params(const kvx_tc_kernels *k, CUstream s, const uint64_t block[500], CUdeviceptr out) {
+    void *args[2];
+    args[0] = (void *)block; args[1] = &out;
+    return kvx_ex_cu(cuLaunchKernel(k->params, 1, 1, 1, 256, 1, 1, 0, s, args, NULL), "cuLaunchKernel (params)");
 }
 
 /* Wait for s, at most ms; 0 done, -1 timed out or failed (a stream that a
