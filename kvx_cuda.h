@@ -136,6 +136,7 @@
 
 #define KVX__CUDA_THREADS 256u          /* threads per block of the copy kernel: 8 warps */
 #define KVX__CUDA_CHUNK (16u << 10)      /* bytes one warp copies per task, at most */
+#define KVX__CUDA_CHUNK_MIN (1u << 10)   /* ... and at least, where a small read is spread over more warps */
 #define KVX__CUDA_DEFAULT_BLOCKS_PER_SM 2u  /* cuda_max_blocks 0: this many per multiprocessor */
 #define KVX__CUDA_PEER_BLOCKS_PER_SM 1u     /* ... and this many for batches read wholly from other GPUs */
 #define KVX__CUDA_RING (8u << 20)        /* staging bytes per queue (block id pairs) */
@@ -1644,10 +1645,22 @@ KVX__PRIV void kvx__cuda_rd_end(kvx_queue *q, const kvx__read *rd, const kvx__cu
     }
 }
 
+/* The most bytes a task of the read copies: KVX__CUDA_CHUNK, or less for a
+   read too small to give half the grid's warps a task each (a decode step's
+   few blocks). A warp copies 16 KiB in 8 rounds of loads and the read is
+   done when its last warp is; smaller chunks spread it over more warps, down
+   to 1 KiB, one round. */
+KVX__PRIV uint64_t kvx__cuda_chunk(const kvx__cuda_q *cq, const kvx__read *rd, const kvx__cuda_shape *sh) {
+    uint64_t chunk = KVX__CUDA_CHUNK, warps = (uint64_t)cq->grid_max * (KVX__CUDA_THREADS / 32u);
+    uint64_t bytes = (uint64_t)sh->nplanes * sh->nblocks * rd->g.piece * rd->g.npieces;
+    while (chunk > KVX__CUDA_CHUNK_MIN && bytes / chunk < warps / 2) chunk /= 2;
+    return chunk;
+}
+
 /* The header's geometry: where the read's tables start in the batch (at:
    offsets, made addresses at launch), both caches' strides, and the piece
-   geometry cut into chunks of at most KVX__CUDA_CHUNK bytes, a task each. */
-KVX__PRIV void kvx__cuda_rd_geometry(const kvx__read *rd, const kvx__cuda_shape *sh, uint32_t at, kvx__cuda_rd *h) {
+   geometry cut into chunks of at most chunk bytes, a task each. */
+KVX__PRIV void kvx__cuda_rd_geometry(const kvx__read *rd, const kvx__cuda_shape *sh, uint32_t at, uint64_t chunk, kvx__cuda_rd *h) {
     h->pairs = at;
     h->lplanes = h->pairs + sh->tbytes;
     h->rplanes = h->lplanes + sh->nplanes * 8u;
@@ -1662,12 +1675,12 @@ KVX__PRIV void kvx__cuda_rd_geometry(const kvx__read *rd, const kvx__cuda_shape 
     h->nblocks = sh->nblocks;
     h->npieces = rd->g.npieces;
     if (rd->g.npieces == 1) {
-        uint64_t nc = (rd->g.piece + KVX__CUDA_CHUNK - 1) / KVX__CUDA_CHUNK;
+        uint64_t nc = (rd->g.piece + chunk - 1) / chunk;
         h->cbytes = ((rd->g.piece + nc - 1) / nc + 15u) & ~(uint64_t)15u;
         h->cpb = (uint32_t)((rd->g.piece + h->cbytes - 1) / h->cbytes);  /* so that no chunk starts past the piece */
         h->ppc = 1;
     } else {
-        h->ppc = rd->g.piece >= KVX__CUDA_CHUNK ? 1u : (uint32_t)(KVX__CUDA_CHUNK / rd->g.piece);
+        h->ppc = rd->g.piece >= chunk ? 1u : (uint32_t)(chunk / rd->g.piece);
         h->cpb = (rd->g.npieces + h->ppc - 1) / h->ppc;
         h->cbytes = 0;
     }
@@ -1705,7 +1718,7 @@ KVX__PRIV kvx_status kvx__cuda_post_read(kvx_ctx *ctx, kvx__read *rd) {
     kvx__cuda_stage_read(cq, rd, &sh, off, rplanes);
     h = cq->hdr + (size_t)((b - cq->b)) * KVX__CUDA_BATCH_READS + b->nreads;
     kvx__cuda_rd_end(q, rd, &sh, off - b->start, gtable, h);
-    kvx__cuda_rd_geometry(rd, &sh, off - b->start, h);
+    kvx__cuda_rd_geometry(rd, &sh, off - b->start, kvx__cuda_chunk(cq, rd, &sh), h);
     tasks = (uint64_t)sh.nplanes * sh.nblocks * h->cpb;
     if (tasks + b->ntasks >= (1ull << 31)) {
         cq->head = off;
