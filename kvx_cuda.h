@@ -1128,26 +1128,79 @@ KVX__PRIV void kvx__cuda_disconnect(kvx_ctx *ctx, kvx_peer *p) {
     kvx__cuda_peer_unmap(ctx, p, 1);
 }
 
+/* The peer's CUDA address, parsed and checked: a peer on this host whose
+   socket path fits. */
+KVX__PRIV kvx_status kvx__cuda_peer_addr(kvx_ctx *ctx, const kvx_peer *p, kvx__cuda_addr_msg *am) {
+    struct sockaddr_un sa;
+    uint32_t ver;
+    int e;
+    if (strcmp(p->host, ctx->host))
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: peer %s/%d is on host \"%s\", this context on \"%s\": the CUDA backend reads over CUDA IPC "
+                         "within one host; use the UCX or libfabric backend (CUDA-aware) across hosts", p->name, p->rank, p->host, ctx->host);
+    e = kvx__cuda_addr_read(p->addr, p->addr_len, am, &ver);
+    if (e == KVX__WIRE_VERSION)
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "cuda: peer %s/%d: CUDA backend address version %u, this kvx speaks version %u",
+                         p->name, p->rank, ver, KVX__CUDA_ADDR_VERSION);
+    if (e == KVX__WIRE_TRUNCATED) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: peer %s/%d: address of %u bytes is truncated", p->name, p->rank, p->addr_len);
+    if (e != KVX__WIRE_OK || strlen(am->path) >= sizeof sa.sun_path)
+        return kvx__fail(ctx, KVX_ERR_MISMATCH, "cuda: peer %s/%d: not a CUDA backend address", p->name, p->rank);
+    return KVX_OK;
+}
+
+/* Import the regions of each of the peer's GPU caches and map its planes
+   here (cp->planes[i]); each plane must be one contiguous mapping. In the
+   device's context. */
+KVX__PRIV kvx_status kvx__cuda_peer_map_caches(kvx_ctx *ctx, kvx_peer *p) {
+    kvx__cuda_peer *cp = (kvx__cuda_peer *)p->be;
+    kvx_status st = KVX_OK;
+    uint32_t i, j;
+    for (i = 0; i < p->ncaches && st == KVX_OK; i++) {
+        kvx__cache_info *ci = &p->caches[i];
+        uint64_t *tab, span = (uint64_t)(ci->lay.num_blocks - 1) * ci->block_stride + ci->block_bytes;
+        if (ci->mem != KVX_MEM_CUDA) continue;  /* a post from it is refused */
+        for (j = 0; j < ci->nregions && st == KVX_OK; j++) st = kvx__cuda_import_region(ctx, p, i, j);
+        if (st != KVX_OK) break;
+        if (!(tab = (uint64_t *)kvx__calloc(ci->nplanes, sizeof *tab))) return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory");
+        for (j = 0; j < ci->nplanes; j++) {
+            kvx__cuda_imp *m = kvx__cuda_imp_find(cp, ci->plane_base[j]);
+            if (!m || ci->plane_base[j] + span > m->gend) {
+                st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: peer %s/%d cache %u plane %u (0x%llx, %llu bytes) is not one contiguous allocation",
+                               p->name, p->rank, ci->id, j, (unsigned long long)ci->plane_base[j], (unsigned long long)span);
+                break;
+            }
+            tab[j] = m->lbase + (ci->plane_base[j] - m->rbase);
+        }
+        if (st == KVX_OK) cp->planes[i] = tab;  /* staged with each read */
+        else KVX_FREE(tab);
+    }
+    return st;
+}
+
+/* What the peer is read over, and why: one GPU, or two over NVLink or PCIe
+   (NVLink is what gives native atomics between them). */
+KVX__PRIV void kvx__cuda_transport_say(kvx__cuda *c, kvx_peer *p) {
+    const kvx__cuda_peer *cp = (const kvx__cuda_peer *)p->be;
+    if (cp->pord < 0 || cp->pord == c->ord) {
+        snprintf(p->transport, sizeof p->transport, "cuda:ipc same-gpu (GPU %d%s)", c->ord, cp->same_process ? ", same process" : "");
+        snprintf(p->why, sizeof p->why, "owner and reader use the same GPU (%d): copies within its memory", c->ord);
+    } else {
+        int atom = 0;
+        cuDeviceGetP2PAttribute(&atom, CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED, c->d->dev, (CUdevice)cp->pord);
+        snprintf(p->transport, sizeof p->transport, "cuda:ipc %s (GPU %d -> %d)", atom ? "nvlink" : "pcie", cp->pord, c->ord);
+        snprintf(p->why, sizeof p->why, "the CUDA driver reports peer access from GPU %d to GPU %d %s native atomics, which only NVLink gives",
+                 c->ord, cp->pord, atom ? "with" : "without");
+    }
+}
+
 KVX__PRIV kvx_status kvx__cuda_connect(kvx_ctx *ctx, kvx_peer *p) {
     kvx__cuda *c = kvx__cuda_of(ctx);
     kvx__cuda_peer *cp;
     struct sockaddr_un sa;
     kvx__cuda_addr_msg am;
-    uint32_t i, j, ver;
-    int e;
-    kvx_status st = KVX_OK;
+    kvx_status st;
     CUcontext prev;
     CUresult rc;
-    if (strcmp(p->host, ctx->host))
-        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: peer %s/%d is on host \"%s\", this context on \"%s\": the CUDA backend reads over CUDA IPC "
-                         "within one host; use the UCX or libfabric backend (CUDA-aware) across hosts", p->name, p->rank, p->host, ctx->host);
-    e = kvx__cuda_addr_read(p->addr, p->addr_len, &am, &ver);
-    if (e == KVX__WIRE_VERSION)
-        return kvx__fail(ctx, KVX_ERR_MISMATCH, "cuda: peer %s/%d: CUDA backend address version %u, this kvx speaks version %u",
-                         p->name, p->rank, ver, KVX__CUDA_ADDR_VERSION);
-    if (e == KVX__WIRE_TRUNCATED) return kvx__fail(ctx, KVX_ERR_ARG, "cuda: peer %s/%d: address of %u bytes is truncated", p->name, p->rank, p->addr_len);
-    if (e != KVX__WIRE_OK || strlen(am.path) >= sizeof sa.sun_path)
-        return kvx__fail(ctx, KVX_ERR_MISMATCH, "cuda: peer %s/%d: not a CUDA backend address", p->name, p->rank);
+    if ((st = kvx__cuda_peer_addr(ctx, p, &am)) != KVX_OK) return st;
     if ((st = kvx__cuda_bind(ctx, -1, "kvx_peer_add")) != KVX_OK) return st;
     if (!(cp = (kvx__cuda_peer *)kvx__calloc(1, sizeof *cp)) || !(cp->planes = (uint64_t **)kvx__calloc(p->ncaches ? p->ncaches : 1, sizeof *cp->planes))) {
         KVX_FREE(cp);
@@ -1169,42 +1222,14 @@ KVX__PRIV kvx_status kvx__cuda_connect(kvx_ctx *ctx, kvx_peer *p) {
     }
     fcntl(cp->conn.fd, F_SETFL, fcntl(cp->conn.fd, F_GETFL) | O_NONBLOCK);
     if ((rc = cuCtxPushCurrent(c->d->pctx)) != CUDA_SUCCESS) { kvx__cuda_peer_unmap(ctx, p, 0); return kvx__gpu_err(ctx, rc, "cuCtxPushCurrent"); }
-    for (i = 0; i < p->ncaches && st == KVX_OK; i++) {
-        kvx__cache_info *ci = &p->caches[i];
-        uint64_t *tab, span = (uint64_t)(ci->lay.num_blocks - 1) * ci->block_stride + ci->block_bytes;
-        if (ci->mem != KVX_MEM_CUDA) continue;  /* a post from it is refused */
-        for (j = 0; j < ci->nregions && st == KVX_OK; j++) st = kvx__cuda_import_region(ctx, p, i, j);
-        if (st != KVX_OK) break;
-        /* The plane bases as mapped here; each plane must be one contiguous mapping. */
-        if (!(tab = (uint64_t *)kvx__calloc(ci->nplanes, sizeof *tab))) { st = kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory"); break; }
-        for (j = 0; j < ci->nplanes; j++) {
-            kvx__cuda_imp *m = kvx__cuda_imp_find(cp, ci->plane_base[j]);
-            if (!m || ci->plane_base[j] + span > m->gend) {
-                st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: peer %s/%d cache %u plane %u (0x%llx, %llu bytes) is not one contiguous allocation",
-                               p->name, p->rank, ci->id, j, (unsigned long long)ci->plane_base[j], (unsigned long long)span);
-                break;
-            }
-            tab[j] = m->lbase + (ci->plane_base[j] - m->rbase);
-        }
-        if (st == KVX_OK) cp->planes[i] = tab;  /* staged with each read */
-        else KVX_FREE(tab);
-    }
+    st = kvx__cuda_peer_map_caches(ctx, p);
     cuCtxPopCurrent(&prev);
     if (st == KVX_OK && kvx__cuda_watch(c, &cp->conn) != 0) st = kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: epoll_ctl: %s", strerror(errno));
     if (st != KVX_OK) {
         kvx__cuda_peer_unmap(ctx, p, 0);
         return st;
     }
-    if (cp->pord < 0 || cp->pord == c->ord) {
-        snprintf(p->transport, sizeof p->transport, "cuda:ipc same-gpu (GPU %d%s)", c->ord, cp->same_process ? ", same process" : "");
-        snprintf(p->why, sizeof p->why, "owner and reader use the same GPU (%d): copies within its memory", c->ord);
-    } else {
-        int atom = 0;
-        cuDeviceGetP2PAttribute(&atom, CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED, c->d->dev, (CUdevice)cp->pord);
-        snprintf(p->transport, sizeof p->transport, "cuda:ipc %s (GPU %d -> %d)", atom ? "nvlink" : "pcie", cp->pord, c->ord);
-        snprintf(p->why, sizeof p->why, "the CUDA driver reports peer access from GPU %d to GPU %d %s native atomics, which only NVLink gives",
-                 c->ord, cp->pord, atom ? "with" : "without");
-    }
+    kvx__cuda_transport_say(c, p);
     return KVX_OK;
 }
 
@@ -1861,17 +1886,66 @@ KVX__PRIV void kvx__cuda_q_fini(kvx_queue *q) {
     q->be = NULL;
 }
 
+/* The queue's staging stream, staging ring and read headers (pinned and
+   mapped, and their device copies), and its batches' events. */
+KVX__PRIV CUresult kvx__cuda_q_alloc(kvx__cuda_q *cq, const char **what) {
+    size_t hbytes = (size_t)KVX__CUDA_BATCHES * KVX__CUDA_BATCH_READS * sizeof(kvx__cuda_rd);
+    CUresult rc;
+    uint32_t i;
+#define KVX__CUDA_TRY(call, name) if ((rc = (call)) != CUDA_SUCCESS) { *what = name; return rc; }
+    KVX__CUDA_TRY(cuStreamCreate(&cq->cs, CU_STREAM_NON_BLOCKING), "cuStreamCreate (staging copies)")
+    KVX__CUDA_TRY(cuMemHostAlloc((void **)&cq->ring, KVX__CUDA_RING, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP), "cuMemHostAlloc (staging ring)")
+    KVX__CUDA_TRY(cuMemHostGetDevicePointer(&cq->ring_map, cq->ring, 0), "cuMemHostGetDevicePointer")
+    KVX__CUDA_TRY(cuMemHostAlloc((void **)&cq->hdr, hbytes, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP), "cuMemHostAlloc (read headers)")
+    KVX__CUDA_TRY(cuMemHostGetDevicePointer(&cq->hdr_map, cq->hdr, 0), "cuMemHostGetDevicePointer")
+    KVX__CUDA_TRY(cuMemAlloc(&cq->ring_dev, KVX__CUDA_RING), "cuMemAlloc (staging ring)")
+    KVX__CUDA_TRY(cuMemAlloc(&cq->hdr_dev, hbytes), "cuMemAlloc (read headers)")
+    for (i = 0; i < KVX__CUDA_BATCHES; i++) {
+        KVX__CUDA_TRY(cuEventCreate(&cq->b[i].ev, CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING), "cuEventCreate")
+        KVX__CUDA_TRY(cuEventCreate(&cq->b[i].staged, CU_EVENT_DISABLE_TIMING), "cuEventCreate")
+        KVX__CUDA_TRY(cuEventCreate(&cq->b[i].copied, CU_EVENT_DISABLE_TIMING), "cuEventCreate")
+    }
+#undef KVX__CUDA_TRY
+    return CUDA_SUCCESS;
+}
+
+/* *fit: copy blocks of both kernels that stay resident on an SM at once
+   (the smaller: 88 registers against 80 on sm_90 is 2 blocks, not 3). Then
+   one launch of each with no tasks on the staging stream (ours, never under
+   capture), waited for: the driver compiles and loads a kernel at its first
+   launch (lazy loading, PTX), which a queue's first read paid before
+   (about 0.3 s on an H200, measured earlier). */
+KVX__PRIV CUresult kvx__cuda_q_warm(kvx__cuda_q *cq, int *fit, const char **what) {
+    uint32_t zero = 0;
+    void *args[3], *iargs[1];
+    int fit_inline = 0;
+    CUresult rc;
+    if ((rc = cuOccupancyMaxActiveBlocksPerMultiprocessor(fit, cq->fn, (int)KVX__CUDA_THREADS, 0)) != CUDA_SUCCESS ||
+        (rc = cuOccupancyMaxActiveBlocksPerMultiprocessor(&fit_inline, cq->d->fn_inline, (int)KVX__CUDA_THREADS, 0)) != CUDA_SUCCESS) {
+        *what = "cuOccupancyMaxActiveBlocksPerMultiprocessor";
+        return rc;
+    }
+    if (fit_inline < *fit) *fit = fit_inline;
+    args[0] = &cq->hdr_dev; args[1] = &zero; args[2] = &zero;
+    iargs[0] = &cq->inl;  /* no reads, no tasks */
+    if ((rc = cuLaunchKernel(cq->fn, 1, 1, 1, KVX__CUDA_THREADS, 1, 1, 0, cq->cs, args, NULL)) != CUDA_SUCCESS ||
+        (rc = cuLaunchKernel(cq->d->fn_inline, 1, 1, 1, KVX__CUDA_THREADS, 1, 1, 0, cq->cs, iargs, NULL)) != CUDA_SUCCESS) {
+        *what = "cuLaunchKernel (warm-up)";
+        return rc;
+    }
+    if ((rc = cuStreamSynchronize(cq->cs)) != CUDA_SUCCESS) *what = "cuStreamSynchronize (warm-up)";
+    return rc;
+}
+
 KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
     kvx_ctx *ctx = q->ctx;
     kvx__cuda *c = kvx__cuda_of(ctx);
     kvx__cuda_q *cq = (kvx__cuda_q *)kvx__calloc(1, sizeof *cq);
-    size_t hbytes = (size_t)KVX__CUDA_BATCHES * KVX__CUDA_BATCH_READS * sizeof(kvx__cuda_rd);
     CUcontext prev, sctx = NULL;
     CUresult rc;
     const char *what = "";
     kvx_status st;
-    uint32_t i;
-    int fit = 0, fit_inline = 0;
+    int fit = 0;
     if (!cq) return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory");
     q->be = cq;
     pthread_mutex_init(&cq->wmu, NULL);
@@ -1879,6 +1953,7 @@ KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
     cq->efd = c->efd;
     if ((st = kvx__gpu_dev_get(ctx, c->ord, 1, &cq->d)) != KVX_OK) { KVX_FREE(cq); q->be = NULL; return st; }
     if ((rc = cuCtxPushCurrent(cq->d->pctx)) != CUDA_SUCCESS) { kvx__cuda_q_fini(q); return kvx__gpu_err(ctx, rc, "cuCtxPushCurrent"); }
+    cq->fn = cq->d->fn;
     if (q->cuda_stream) {
         cq->s = (CUstream)q->cuda_stream;
         if ((rc = cuStreamGetCtx(cq->s, &sctx)) != CUDA_SUCCESS) what = "cuStreamGetCtx (kvx_queue_desc.cuda.stream)";
@@ -1890,38 +1965,8 @@ KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
         }
     } else if ((rc = cuStreamCreate(&cq->s, CU_STREAM_NON_BLOCKING)) != CUDA_SUCCESS) what = "cuStreamCreate";
     else cq->own_stream = 1;
-    if (rc == CUDA_SUCCESS && (rc = cuStreamCreate(&cq->cs, CU_STREAM_NON_BLOCKING)) != CUDA_SUCCESS) what = "cuStreamCreate (staging copies)";
-    if (rc == CUDA_SUCCESS && (rc = cuMemHostAlloc((void **)&cq->ring, KVX__CUDA_RING, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP)) != CUDA_SUCCESS) what = "cuMemHostAlloc (staging ring)";
-    if (rc == CUDA_SUCCESS && (rc = cuMemHostGetDevicePointer(&cq->ring_map, cq->ring, 0)) != CUDA_SUCCESS) what = "cuMemHostGetDevicePointer";
-    if (rc == CUDA_SUCCESS && (rc = cuMemHostAlloc((void **)&cq->hdr, hbytes, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP)) != CUDA_SUCCESS) what = "cuMemHostAlloc (read headers)";
-    if (rc == CUDA_SUCCESS && (rc = cuMemHostGetDevicePointer(&cq->hdr_map, cq->hdr, 0)) != CUDA_SUCCESS) what = "cuMemHostGetDevicePointer";
-    if (rc == CUDA_SUCCESS && (rc = cuMemAlloc(&cq->ring_dev, KVX__CUDA_RING)) != CUDA_SUCCESS) what = "cuMemAlloc (staging ring)";
-    if (rc == CUDA_SUCCESS && (rc = cuMemAlloc(&cq->hdr_dev, hbytes)) != CUDA_SUCCESS) what = "cuMemAlloc (read headers)";
-    for (i = 0; rc == CUDA_SUCCESS && i < KVX__CUDA_BATCHES; i++)
-        if ((rc = cuEventCreate(&cq->b[i].ev, CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING)) != CUDA_SUCCESS ||
-            (rc = cuEventCreate(&cq->b[i].staged, CU_EVENT_DISABLE_TIMING)) != CUDA_SUCCESS ||
-            (rc = cuEventCreate(&cq->b[i].copied, CU_EVENT_DISABLE_TIMING)) != CUDA_SUCCESS) what = "cuEventCreate";
-    cq->fn = cq->d->fn;
-    /* A cap past what stays resident would leave blocks for a second wave,
-       with their share of tasks still to do after the first: clamp it. */
-    if (rc == CUDA_SUCCESS && ((rc = cuOccupancyMaxActiveBlocksPerMultiprocessor(&fit, cq->fn, (int)KVX__CUDA_THREADS, 0)) != CUDA_SUCCESS ||
-                               (rc = cuOccupancyMaxActiveBlocksPerMultiprocessor(&fit_inline, cq->d->fn_inline, (int)KVX__CUDA_THREADS, 0)) != CUDA_SUCCESS))
-        what = "cuOccupancyMaxActiveBlocksPerMultiprocessor";
-    if (fit_inline < fit) fit = fit_inline;  /* 88 registers against 80 on sm_90: 2 blocks an SM, not 3 */
-    if (rc == CUDA_SUCCESS) {
-        /* One launch of no tasks on the staging stream (ours, never under
-           capture), waited for: the driver compiles and loads the kernel at
-           its first launch (lazy loading, PTX), which a queue's first read
-           paid before (about 0.3 s on an H200, measured earlier). */
-        uint32_t zero = 0;
-        void *args[3], *iargs[1];
-        args[0] = &cq->hdr_dev; args[1] = &zero; args[2] = &zero;
-        iargs[0] = &cq->inl;  /* no reads, no tasks */
-        if ((rc = cuLaunchKernel(cq->fn, 1, 1, 1, KVX__CUDA_THREADS, 1, 1, 0, cq->cs, args, NULL)) != CUDA_SUCCESS ||
-            (rc = cuLaunchKernel(cq->d->fn_inline, 1, 1, 1, KVX__CUDA_THREADS, 1, 1, 0, cq->cs, iargs, NULL)) != CUDA_SUCCESS)
-            what = "cuLaunchKernel (warm-up)";
-        else if ((rc = cuStreamSynchronize(cq->cs)) != CUDA_SUCCESS) what = "cuStreamSynchronize (warm-up)";
-    }
+    if (rc == CUDA_SUCCESS) rc = kvx__cuda_q_alloc(cq, &what);
+    if (rc == CUDA_SUCCESS) rc = kvx__cuda_q_warm(cq, &fit, &what);
     cuCtxPopCurrent(&prev);
     if (rc != CUDA_SUCCESS) { kvx__cuda_q_fini(q); return kvx__gpu_err(ctx, rc, what); }
     if (pthread_create(&cq->waiter, NULL, kvx__cuda_waiter, cq) != 0) {
@@ -1929,6 +1974,8 @@ KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
         return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: cannot start the completion waiter thread of a queue");
     }
     cq->waiter_on = 1;
+    /* A cap past what stays resident would leave blocks for a second wave,
+       with their share of tasks still to do after the first: clamp it. */
     cq->grid_max = c->max_blocks ? c->max_blocks : KVX__CUDA_DEFAULT_BLOCKS_PER_SM * (uint32_t)cq->d->sms;
     cq->grid_peer = c->max_blocks ? 0u : KVX__CUDA_PEER_BLOCKS_PER_SM * (uint32_t)cq->d->sms;
     if (fit > 0 && cq->grid_max > (uint32_t)fit * (uint32_t)cq->d->sms) {

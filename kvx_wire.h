@@ -120,9 +120,63 @@ KVX__PRIV void kvx__put_cache(kvx__wbuf *w, const kvx__cache_info *c) {
     for (i = 0; i < c->nplanes; i++) kvx__put_u(w, c->plane_base[i], 8);
 }
 
+/* The regions of a cache's entry (address, length, remote key) and its
+   plane table, into c (nregions and nplanes checked against the blob). */
+KVX__PRIV kvx_status kvx__get_regions(kvx_ctx *ctx, kvx__rbuf *r, kvx__cache_info *c, const char *what) {
+    uint32_t i, n;
+    c->regions = (kvx__region *)kvx__calloc(c->nregions, sizeof *c->regions);
+    c->plane_base = (uint64_t *)kvx__calloc(c->nplanes, sizeof *c->plane_base);
+    c->plane_region = (uint16_t *)kvx__calloc(c->nplanes, sizeof *c->plane_region);
+    if (!c->regions || !c->plane_base || !c->plane_region) return kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", what);
+    for (i = 0; i < c->nregions; i++) {
+        const uint8_t *k;
+        c->regions[i].addr = kvx__get_u(r, 8);
+        c->regions[i].len = kvx__get_u(r, 8);
+        k = kvx__get_blob(r, KVX__MAX_RKEY, &n);
+        if (r->bad) return kvx__fail(ctx, KVX_ERR_ARG, "%s: truncated or oversized remote key of region %u", what, i);
+        if (c->regions[i].addr + c->regions[i].len < c->regions[i].addr)
+            return kvx__fail(ctx, KVX_ERR_ARG, "%s: region %u wraps the address space", what, i);
+        c->regions[i].rkey = (uint8_t *)KVX_MALLOC(n ? n : 1);
+        if (!c->regions[i].rkey) return kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", what);
+        if (n) memcpy(c->regions[i].rkey, k, n);
+        c->regions[i].rkey_len = n;
+    }
+    for (i = 0; i < c->nplanes; i++) c->plane_base[i] = kvx__get_u(r, 8);
+    if (r->bad) return kvx__fail(ctx, KVX_ERR_ARG, "%s: truncated in plane table", what);
+    return KVX_OK;
+}
+
+/* The tables a cache's entry says it has (bit 0: checksums, bit 1:
+   generations) are its last regions, each large enough; then where each
+   plane lies. */
+KVX__PRIV kvx_status kvx__cache_tables(kvx_ctx *ctx, kvx__cache_info *c, uint32_t tables, const char *what) {
+    const kvx_layout *l = &c->lay;
+    uint32_t n;
+    if (tables & ~3u) return kvx__fail(ctx, KVX_ERR_ARG, "%s: unknown table flags 0x%x", what, tables);
+    n = c->nregions;
+    if (n < 1u + (tables & 1u) + (tables >> 1))
+        return kvx__fail(ctx, KVX_ERR_ARG, "%s: %u regions cannot hold the data and its %s", what, n,
+                         tables == 3 ? "checksum and generation tables" : tables == 1 ? "checksum table" : "generation table");
+    if (tables & 2u) {
+        uint64_t need = (uint64_t)l->num_blocks * 8u;
+        c->gen_region = --n;
+        if (c->regions[c->gen_region].len < need)
+            return kvx__fail(ctx, KVX_ERR_ARG, "%s: generation table of %llu bytes where %llu are needed", what,
+                             (unsigned long long)c->regions[c->gen_region].len, (unsigned long long)need);
+    }
+    if (tables & 1u) {
+        uint64_t need = kvx__mul_sat(kvx__mul_sat((uint64_t)c->nplanes * l->num_blocks, l->num_heads), 4u);  /* saturates: no wrap to a small size */
+        c->csum_region = --n;
+        if (c->regions[c->csum_region].len < need)
+            return kvx__fail(ctx, KVX_ERR_ARG, "%s: checksum table of %llu bytes where %llu are needed", what,
+                             (unsigned long long)c->regions[c->csum_region].len, (unsigned long long)need);
+    }
+    return kvx__planes_locate(ctx, c, what);
+}
+
 KVX__PRIV kvx_status kvx__get_cache(kvx_ctx *ctx, kvx__rbuf *r, kvx__cache_info *c, int tp_size, const char *who) {
     kvx_layout *l = &c->lay;
-    uint32_t i, n, tables;
+    uint32_t tables;
     uint64_t inner;
     kvx_status st;
     char what[160];
@@ -157,45 +211,8 @@ KVX__PRIV kvx_status kvx__get_cache(kvx_ctx *ctx, kvx__rbuf *r, kvx__cache_info 
     if ((uint64_t)c->nregions * 20 + (uint64_t)c->nplanes * 8 > r->len - r->off)
         return kvx__fail(ctx, KVX_ERR_ARG, "%s: truncated: %u regions and %u planes do not fit in the remaining %zu bytes",
                          what, c->nregions, c->nplanes, r->len - r->off);
-    c->regions = (kvx__region *)kvx__calloc(c->nregions, sizeof *c->regions);
-    c->plane_base = (uint64_t *)kvx__calloc(c->nplanes, sizeof *c->plane_base);
-    c->plane_region = (uint16_t *)kvx__calloc(c->nplanes, sizeof *c->plane_region);
-    if (!c->regions || !c->plane_base || !c->plane_region) return kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", what);
-    for (i = 0; i < c->nregions; i++) {
-        const uint8_t *k;
-        c->regions[i].addr = kvx__get_u(r, 8);
-        c->regions[i].len = kvx__get_u(r, 8);
-        k = kvx__get_blob(r, KVX__MAX_RKEY, &n);
-        if (r->bad) return kvx__fail(ctx, KVX_ERR_ARG, "%s: truncated or oversized remote key of region %u", what, i);
-        if (c->regions[i].addr + c->regions[i].len < c->regions[i].addr)
-            return kvx__fail(ctx, KVX_ERR_ARG, "%s: region %u wraps the address space", what, i);
-        c->regions[i].rkey = (uint8_t *)KVX_MALLOC(n ? n : 1);
-        if (!c->regions[i].rkey) return kvx__fail(ctx, KVX_ERR_NOMEM, "%s: out of memory", what);
-        if (n) memcpy(c->regions[i].rkey, k, n);
-        c->regions[i].rkey_len = n;
-    }
-    for (i = 0; i < c->nplanes; i++) c->plane_base[i] = kvx__get_u(r, 8);
-    if (r->bad) return kvx__fail(ctx, KVX_ERR_ARG, "%s: truncated in plane table", what);
-    if (tables & ~3u) return kvx__fail(ctx, KVX_ERR_ARG, "%s: unknown table flags 0x%x", what, tables);
-    n = c->nregions;
-    if (n < 1u + (tables & 1u) + (tables >> 1))
-        return kvx__fail(ctx, KVX_ERR_ARG, "%s: %u regions cannot hold the data and its %s", what, n,
-                         tables == 3 ? "checksum and generation tables" : tables == 1 ? "checksum table" : "generation table");
-    if (tables & 2u) {
-        uint64_t need = (uint64_t)l->num_blocks * 8u;
-        c->gen_region = --n;
-        if (c->regions[c->gen_region].len < need)
-            return kvx__fail(ctx, KVX_ERR_ARG, "%s: generation table of %llu bytes where %llu are needed", what,
-                             (unsigned long long)c->regions[c->gen_region].len, (unsigned long long)need);
-    }
-    if (tables & 1u) {
-        uint64_t need = kvx__mul_sat(kvx__mul_sat((uint64_t)c->nplanes * l->num_blocks, l->num_heads), 4u);  /* saturates: no wrap to a small size */
-        c->csum_region = --n;
-        if (c->regions[c->csum_region].len < need)
-            return kvx__fail(ctx, KVX_ERR_ARG, "%s: checksum table of %llu bytes where %llu are needed", what,
-                             (unsigned long long)c->regions[c->csum_region].len, (unsigned long long)need);
-    }
-    return kvx__planes_locate(ctx, c, what);
+    if ((st = kvx__get_regions(ctx, r, c, what)) != KVX_OK) return st;
+    return kvx__cache_tables(ctx, c, tables, what);
 }
 
 #define KVX__MD_SIGNED 1u
