@@ -172,6 +172,9 @@ $(BUILD)/rogue_ofi: tests/security/rogue_ofi.c | $(BUILD)
 $(BUILD)/fi_read_ref: bench/fi_read_ref.c | $(BUILD)
 	$(CC) -O2 -g -std=c99 -D_GNU_SOURCE $(WARN) $(OFI_CFLAGS) $< -o $@ $(OFI_LIBS)
 
+$(BUILD)/cma_ref: bench/cma_ref.c | $(BUILD)
+	$(CC) -O2 -g -std=c99 -D_GNU_SOURCE $(WARN) $< -o $@
+
 # libFuzzer on the metadata parser (clang, with clang's sanitizer runtime).
 $(BUILD)/fuzz_metadata: tests/fuzz/fuzz_metadata.c $(DEPS)
 	$(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined $(KVX_CFLAGS) $< -o $@ $(BACKEND_LIBS)
@@ -237,7 +240,7 @@ test: deps deps-test
 
 bench: deps deps-bench
 	@$(MAKE) --no-print-directory $(BUILD)/ucx122/prefix
-	@$(MAKE) --no-print-directory $(PROGRAMS) $(BUILD)/bench_post $(BUILD)/fi_read_ref $(BUILD)/ucx122/kvx_bench
+	@$(MAKE) --no-print-directory $(PROGRAMS) $(BUILD)/bench_post $(BUILD)/fi_read_ref $(BUILD)/cma_ref $(BUILD)/ucx122/kvx_bench
 	@bash bench/bench.sh
 	@$(MAKE) --no-print-directory bench-python
 

@@ -12,7 +12,8 @@
 #     UCX serves gets in software), both with -e (endpoints with peer failure
 #     handling, as kvx makes them, so the same transports are picked);
 #     ucx1.22-sm: UCX_TLS=sm, where kvx reads by ucp_get over cma without
-#     failure handling, beside ucp_get without -e (sm transports have none).
+#     failure handling, beside ucp_get without -e (sm transports have none),
+#     and beside cma_ref: process_vm_readv of the same random blocks.
 #   libfabric over tcp;ofi_rxm and shm: a raw fi_read loop (fi_read_ref).
 # Random blocks, so every block is its own descriptor and the message sizes
 # match. Prints a table (one row per reference), writes build/bench/results.tsv
@@ -175,6 +176,11 @@ for mode in $modes; do
       kvx_ucx 1.22 pack sm "$k"
       ucx_ref 1.22 pack sm ucp_get $size $iters "" "$r"
       row "$mode" "ucx1.22-sm" "$size" "$(json_gbps "$k.json")" "$(perftest_gbps "$r.log")" "ucx_perftest 1.22 ucp_get -O $ops, UCX_TLS=sm (no -e)"
+      # and beside the kernel's own copy of the same random blocks, one
+      # process_vm_readv per block as UCX's cma does (bench/cma_ref.c)
+      timeout 120 $B/cma_ref --size $size --region $((nb * layers * 2 * size)) --total $((blocks * layers * 2 * size)) \
+        --json "$out/cma_ref_$size.json" > "$out/cma_ref_$size.log" 2>&1 || { echo "cma_ref ($size bytes) did not pass:"; tail -2 "$out/cma_ref_$size.log"; }
+      row "$mode" "ucx1.22-sm" "$size" "$(json_gbps "$k.json")" "$(ref_gbps "$out/cma_ref_$size.json")" "cma_ref: process_vm_readv of the same random blocks, one a call"
     fi
     # libfabric, beside a raw fi_read loop with the same size and reads outstanding
     total=$((blocks * layers * 2 * size * 5))
