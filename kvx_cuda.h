@@ -1974,6 +1974,10 @@ KVX__PRIV kvx_status kvx__cuda_q_init(kvx_queue *q) {
         return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: cannot start the completion waiter thread of a queue");
     }
     cq->waiter_on = 1;
+    /* A queue with a stream has its completion words now, so its reads'
+       ends are marked by the kernel: their task counts too, here rather
+       than at the first read, which paid for them. */
+    if (q->cuda_stream && (st = kvx__cuda_counts(q)) != KVX_OK) { kvx__cuda_q_fini(q); return st; }
     /* A cap past what stays resident would leave blocks for a second wave,
        with their share of tasks still to do after the first: clamp it. */
     cq->grid_max = c->max_blocks ? c->max_blocks : KVX__CUDA_DEFAULT_BLOCKS_PER_SM * (uint32_t)cq->d->sms;
