@@ -81,7 +81,7 @@ PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
 TESTS = $(filter-out $(PROGRAMS),$(TESTS_LOCAL:%=$(BUILD)/%) $(TESTS_LOCAL:%=$(BUILD)/%.asan) \
           $(UCX_TESTS:%=$(BUILD)/%) $(UCX_ASAN_TESTS:%=$(BUILD)/%.asan) \
           $(OFI_TESTS:%=$(BUILD)/ofi/%) $(OFI_ASAN_TESTS:%=$(BUILD)/ofi/%.asan)) \
-        $(BUILD)/fuzz_metadata $(BUILD)/make_seeds $(BUILD)/fi_read_ref $(BUILD)/rogue_ucx $(BUILD)/rogue_ofi
+        $(BUILD)/fuzz_metadata $(BUILD)/make_seeds $(BUILD)/fi_read_ref $(BUILD)/cma_ref $(BUILD)/rogue_ucx $(BUILD)/rogue_ofi
 FUZZ_CC ?= clang
 # make test builds with this many jobs
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)

@@ -141,6 +141,7 @@ expect_fail "a transport policy that demands RDMA refuses libfabric tcp at kvx_p
   $T $bench --backends LIBFABRIC $small --transport-policy rdma
 entry "fi_read_ref tcp 64 KiB x 64" 120 env FI_TCP_IFACE=lo $B/fi_read_ref --provider tcp --size 64k --outstanding 64 --total 256m
 entry "fi_read_ref shm 64 KiB x 64" 120 $B/fi_read_ref --provider shm --size 64k --outstanding 64 --total 256m
+entry "cma_ref 16 KiB random blocks, every byte checked" 60 $B/cma_ref --size 16384 --region 16777216 --total 8388608 --iters 2
 entry "spread ofi tcp 1->1 HND random" 180 env FI_PROVIDER=tcp bash tests/lib/two_hosts.sh --backends LIBFABRIC $small --random-blocks
 entry "spread ofi tcp 2->4 NHD random" 180 env FI_PROVIDER=tcp bash tests/lib/two_hosts.sh --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
 entry "spread ofi tcp 4->2 HND consecutive" 180 env FI_PROVIDER=tcp bash tests/lib/two_hosts.sh --backends LIBFABRIC $small --prefill-tp 4 --decode-tp 2
