@@ -86,15 +86,19 @@ KVX_API const char *kvx_dtype_name(kvx_dtype d) {
    until kvx_ctx_error asks (a later failure's sentence replaces it). */
 enum { KVX__FULL_SLOTS = 1, KVX__FULL_RUNS, KVX__FULL_GENS };
 KVX__PRIV kvx_status kvx__full(kvx_ctx *ctx, int kind, uint32_t a, uint32_t b) {
-    ctx->full_kind = kind;
     ctx->full_a = a;
     ctx->full_b = b;
+    __atomic_store_n(&ctx->full_kind, kind, __ATOMIC_RELEASE);  /* kvx_ctx_error looks at it without the lock */
     return KVX_PENDING;
 }
 
 KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx) {
     kvx_ctx *c = (kvx_ctx *)(uintptr_t)ctx;  /* the deferred sentence is written once, on the first ask */
     if (!ctx) return kvx__create_err;
+    if (!__atomic_load_n(&c->full_kind, __ATOMIC_ACQUIRE)) return c->err;
+    /* Under the lock, as every other writer of err: the progress thread
+       may be failing something of its own meanwhile. */
+    pthread_mutex_lock(&c->lock);
     switch (c->full_kind) {
     case KVX__FULL_SLOTS:
         snprintf(c->err, sizeof c->err, "kvx_post: queue full: %u reads not yet reported (kvx_poll, kvx_test or kvx_wait them)", c->full_a);
@@ -109,6 +113,7 @@ KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx) {
         break;
     }
     c->full_kind = 0;
+    pthread_mutex_unlock(&c->lock);
     return c->err;
 }
 
