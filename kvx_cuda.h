@@ -524,7 +524,10 @@ KVX__PRIV kvx_status kvx__cuda_region_find(kvx_ctx *ctx, const kvx__cache_info *
     g->ord = ci->device;
     for (cur = r->addr; cur < end; cur = a.base + a.size) {
         if ((st = kvx__cuda_classify(ctx, ci->device, cur, end, &a)) != KVX_OK) return st;
-        if (a.base + a.size <= cur) return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: no allocation reported at 0x%llx", (unsigned long long)cur);
+        if (a.base + a.size <= cur) {
+            if (a.h) cuMemRelease(a.h);  /* classified, not kept */
+            return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: no allocation reported at 0x%llx", (unsigned long long)cur);
+        }
         if (g->n == cap) {
             kvx__cuda_region *ng = (kvx__cuda_region *)kvx__calloc(1, sizeof *g + 2 * cap * sizeof g->a[0]);
             if (!ng) { if (a.h) cuMemRelease(a.h); return kvx__fail(ctx, KVX_ERR_NOMEM, "cuda: out of memory"); }
@@ -763,18 +766,22 @@ KVX__PRIV void kvx__cuda_accept(kvx_ctx *ctx) {
    calls, so they run only where no read of this context is pending (a stream
    could be waiting on one): at once when a connection fails, else later
    (kvx__cuda_reap). */
+/* Close one opened allocation of a peer (in the device's context); its
+   address reservation, where it has one, is freed by the caller after the
+   other members of its run are unmapped. */
+KVX__PRIV void kvx__cuda_imp_unmap(const kvx__cuda_peer *cp, const kvx__cuda_imp *m) {
+    if (cp->same_process) return;  /* the owner's own addresses */
+    if (m->kind == KVX__CUDA_LEGACY) cuIpcCloseMemHandle(m->lbase);
+    else if (m->kind == KVX__CUDA_POOL) cuMemFree(m->lbase);
+    else if (m->kind == KVX__CUDA_VMM) cuMemUnmap(m->lbase, m->size);
+}
+
 KVX__PRIV void kvx__cuda_release(kvx_ctx *ctx, kvx__cuda_peer *cp) {
     kvx__cuda *c = kvx__cuda_of(ctx);
     uint32_t i;
     CUcontext prev;
     if (c->d && cuCtxPushCurrent(c->d->pctx) == CUDA_SUCCESS) {
-        for (i = 0; i < cp->nimp; i++) {
-            kvx__cuda_imp *m = &cp->imp[i];
-            if (cp->same_process) continue;
-            if (m->kind == KVX__CUDA_LEGACY) cuIpcCloseMemHandle(m->lbase);
-            else if (m->kind == KVX__CUDA_POOL) cuMemFree(m->lbase);
-            else if (m->kind == KVX__CUDA_VMM) cuMemUnmap(m->lbase, m->size);
-        }
+        for (i = 0; i < cp->nimp; i++) kvx__cuda_imp_unmap(cp, &cp->imp[i]);
         for (i = 0; i < cp->nimp; i++)
             if (cp->imp[i].va) cuMemAddressFree(cp->imp[i].va, cp->imp[i].va_size);
         for (i = 0; i < cp->npools; i++) cuMemPoolDestroy(cp->pools[i].pool);
@@ -1102,7 +1109,12 @@ KVX__PRIV kvx_status kvx__cuda_import_region(kvx_ctx *ctx, kvx_peer *p, uint32_t
         m.size = ke.size;
         m.gend = m.rbase + m.size;
         if (kvx__cuda_imp_find(cp, m.rbase)) continue;  /* opened once per peer allocation */
-        if ((st = kvx__cuda_import_alloc(ctx, &im, i, &ke, &rb, &m)) != KVX_OK || (st = kvx__cuda_imp_add(ctx, cp, &m)) != KVX_OK) return st;
+        if ((st = kvx__cuda_import_alloc(ctx, &im, i, &ke, &rb, &m)) != KVX_OK) return st;
+        if ((st = kvx__cuda_imp_add(ctx, cp, &m)) != KVX_OK) {  /* opened but not kept: close it here, as nothing else will */
+            kvx__cuda_imp_unmap(cp, &m);
+            if (m.va) cuMemAddressFree(m.va, m.va_size);
+            return st;
+        }
     }
     if (cp->same_process)  /* one address space: allocations back to back are one range */
         for (i = cp->nimp; i-- > 1;)
