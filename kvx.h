@@ -541,9 +541,10 @@ KVX_API const kvx_abi_field *kvx_abi_fields(uint32_t *count);
 #include "kvx_wire.h"
 #include "kvx_verify.h"
 
-/* The enabled backends and services: each backend adds one kvx__backend,
-   so adding one is one file and one line in each list here. kvx_gpu.h (the
-   device table and stream-ordered completion) serves every backend. */
+/* The enabled backends and services: a backend is its file, included here,
+   and its table's function in the list below (kvx__backend_fill), besides
+   its value and name in the public kvx_backend. kvx_gpu.h (the device table
+   and stream-ordered completion) serves every backend. */
 #if defined(KVX_CUDA)
 #  include "kvx_gpu.h"
 #  define KVX__STREAM_SERVICE (&kvx__gpu_streams)
@@ -560,17 +561,17 @@ KVX_API const kvx_abi_field *kvx_abi_fields(uint32_t *count);
 #include "kvx_local.h"
 
 /* KVX_BACKEND_DEFAULT takes the first network backend here; local only when asked for. */
-KVX__PRIV const kvx__backend *kvx__backends[] = {
+KVX__PRIV const kvx__backend_fill kvx__backend_fills[] = {
 #if defined(KVX_UCX)
-    &kvx__ucx_backend,
+    kvx__ucx_fill,
 #endif
 #if defined(KVX_OFI)
-    &kvx__ofi_backend,
+    kvx__ofi_fill,
 #endif
 #if defined(KVX_CUDA)
-    &kvx__cuda_backend,
+    kvx__cuda_fill,
 #endif
-    &kvx__local_backend,
+    kvx__local_fill,
     NULL
 };
 #if !defined(KVX__STREAM_SERVICE)

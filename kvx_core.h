@@ -17,7 +17,7 @@
 #if !defined(KVX__IMPLEMENTED)
 /* Compiled by itself (tests/compile/matrix.sh): kvx.h's list of backends is
    not there, so none is. */
-KVX__PRIV const kvx__backend *kvx__backends[] = { NULL };
+KVX__PRIV const kvx__backend_fill kvx__backend_fills[] = { NULL };
 KVX__PRIV const kvx__stream_service *kvx__stream = NULL;
 #endif
 
@@ -53,6 +53,32 @@ KVX_API const char *kvx_backend_name(kvx_backend b) {
     case KVX_BACKEND_LOCAL: return "local";
     }
     return "unknown";
+}
+
+/* The enabled backends' tables, filled once from kvx.h's list. */
+static kvx__backend kvx__backend_tabs[8];
+static pthread_once_t kvx__backend_once = PTHREAD_ONCE_INIT;
+
+static void kvx__backends_fill(void) {
+    size_t i;
+    for (i = 0; kvx__backend_fills[i] && i < sizeof kvx__backend_tabs / sizeof kvx__backend_tabs[0]; i++) kvx__backend_fills[i](&kvx__backend_tabs[i]);
+}
+
+/* The table of backend b; KVX_BACKEND_DEFAULT: the first but local. NULL
+   where it is not compiled in. */
+KVX__PRIV const kvx__backend *kvx__backend_find(kvx_backend b) {
+    size_t i;
+    pthread_once(&kvx__backend_once, kvx__backends_fill);
+    for (i = 0; i < sizeof kvx__backend_tabs / sizeof kvx__backend_tabs[0] && kvx__backend_tabs[i].name; i++)
+        if (b == KVX_BACKEND_DEFAULT ? kvx__backend_tabs[i].kind != KVX_BACKEND_LOCAL : kvx__backend_tabs[i].kind == b) return &kvx__backend_tabs[i];
+    return NULL;
+}
+
+/* The define that compiles backend b in: KVX_ and its name in capitals. */
+KVX__PRIV void kvx__backend_define(kvx_backend b, char *out, size_t cap) {
+    size_t i;
+    snprintf(out, cap, "KVX_%s", kvx_backend_name(b));
+    for (i = 4; out[i]; i++) out[i] = (char)toupper((unsigned char)out[i]);
 }
 
 KVX__PRIV uint32_t kvx__dtype_bytes(kvx_dtype d) {
@@ -472,7 +498,6 @@ KVX_API kvx_status kvx_ctx_create(const kvx_ctx_desc *desc_in, kvx_ctx **out) {
     kvx_ctx_desc desc;
     kvx_ctx *ctx;
     kvx_status st;
-    int i;
     if (!out) { kvx__strlcpy(kvx__create_err, "kvx_ctx_create: out is NULL", sizeof kvx__create_err); return KVX_ERR_ARG; }
     *out = NULL;
     memset(&desc, 0, sizeof desc);
@@ -500,14 +525,11 @@ KVX_API kvx_status kvx_ctx_create(const kvx_ctx_desc *desc_in, kvx_ctx **out) {
         st = kvx__fail(ctx, KVX_ERR_ARG, "tp_size %d must be in [1, 65536]", ctx->tp_size);
     else if (ctx->rank < 0 || ctx->rank >= ctx->tp_size)
         st = kvx__fail(ctx, KVX_ERR_ARG, "tp_rank %d is outside [0, tp_size %d)", ctx->rank, ctx->tp_size);
-    if (st == KVX_OK) {
-        for (i = 0; kvx__backends[i]; i++)
-            if (desc.backend == KVX_BACKEND_DEFAULT ? kvx__backends[i]->kind != KVX_BACKEND_LOCAL : kvx__backends[i]->kind == desc.backend) break;
-        if (!kvx__backends[i])
-            st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "backend %d (%s) is not compiled in: define %s when compiling KVX_IMPLEMENTATION",
-                           (int)desc.backend, kvx_backend_name(desc.backend), desc.backend == KVX_BACKEND_UCX ? "KVX_UCX" : desc.backend == KVX_BACKEND_OFI ? "KVX_OFI" :
-                           desc.backend == KVX_BACKEND_CUDA ? "KVX_CUDA" : "KVX_UCX, KVX_OFI or KVX_CUDA");
-        else ctx->be_ops = kvx__backends[i];
+    if (st == KVX_OK && !(ctx->be_ops = kvx__backend_find(desc.backend))) {
+        char def[32] = "KVX_UCX, KVX_OFI or KVX_CUDA";
+        if (desc.backend != KVX_BACKEND_DEFAULT) kvx__backend_define(desc.backend, def, sizeof def);
+        st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "backend %d (%s) is not compiled in: define %s when compiling KVX_IMPLEMENTATION",
+                       (int)desc.backend, kvx_backend_name(desc.backend), def);
     }
     if (st == KVX_OK) {
         ctx->st.backend = ctx->be_ops->name;
@@ -889,26 +911,28 @@ fail:
     return st;
 }
 
-/* Does transport t match one policy term (n bytes at term)? */
-KVX__PRIV int kvx__policy_term(const char *term, size_t n, const char *t) {
-    static const char *const cls[][5] = {
-        {"sw", "*(sw)*", NULL},
-        {"ipc", "cuda:ipc*", "ucx:*cuda_ipc*", NULL},
-        {"nvlink", "*nvlink*", NULL},
-        {"rdma", "ucx:rc*", "ucx:dc*", "ofi:verbs*", "ofi:efa*"},
-    };
+/* Does transport t match one policy term (n bytes at term)? A class
+   matches the patterns the core gives it and those the backend names
+   (kvx__backend.policy_classes); anything else is a pattern itself. */
+KVX__PRIV int kvx__policy_term(const kvx__backend *be, const char *term, size_t n, const char *t) {
+    static const char *const known[] = {"sw", "ipc", "nvlink", "rdma", NULL};
+    static const char *const core[] = {"sw=*(sw)*", "nvlink=*nvlink*", NULL};
+    const char *const *lists[2];
     char pat[128];
     size_t i, j;
     if (!n || n >= sizeof pat) return 0;
     memcpy(pat, term, n);
     pat[n] = 0;
-    for (i = 0; i < sizeof cls / sizeof cls[0]; i++)
-        if (!strcmp(pat, cls[i][0])) {
-            for (j = 1; j < 5 && cls[i][j]; j++)
-                if (!fnmatch(cls[i][j], t, 0)) return 1;
-            return 0;
+    for (i = 0; known[i] && strcmp(pat, known[i]); i++) {}
+    if (!known[i]) return !fnmatch(pat, t, 0);
+    lists[0] = core;
+    lists[1] = be ? be->policy_classes : NULL;
+    for (i = 0; i < 2; i++)
+        for (j = 0; lists[i] && lists[i][j]; j++) {
+            const char *eq = strchr(lists[i][j], '=');
+            if (eq && (size_t)(eq - lists[i][j]) == n && !memcmp(lists[i][j], pat, n) && !fnmatch(eq + 1, t, 0)) return 1;
         }
-    return !fnmatch(pat, t, 0);
+    return 0;
 }
 
 /* KVX_OK, or KVX_ERR_UNSUPPORTED saying what was chosen, what the policy
@@ -927,13 +951,13 @@ KVX__PRIV kvx_status kvx__policy_check(kvx_ctx *ctx, const kvx_peer *p) {
         while (n && s[n - 1] == ' ') n--;
         refuse = n && *s == '!';
         if (refuse) {
-            if (kvx__policy_term(s + 1, n - 1, p->transport))
+            if (kvx__policy_term(ctx->be_ops, s + 1, n - 1, p->transport))
                 return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "kvx_peer_add: %s/%d would be read over %s, which the transport policy \"%s\" refuses "
                                  "(\"%.*s\"); why that transport: %s", p->name, p->rank, p->transport, ctx->policy, (int)n, s,
                                  p->why[0] ? p->why : "the transport library chose it");
         } else if (n) {
             wanted = 1;
-            matched |= kvx__policy_term(s, n, p->transport);
+            matched |= kvx__policy_term(ctx->be_ops, s, n, p->transport);
         }
     }
     if (wanted && !matched)

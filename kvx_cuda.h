@@ -2362,41 +2362,43 @@ KVX__PRIV kvx_status kvx__cuda_queue_open(kvx_queue *q) {
     return st;
 }
 
-KVX__PRIV const kvx__backend kvx__cuda_backend = {
-    KVX__F(name) "cuda",
-    KVX__F(kind) KVX_BACKEND_CUDA,
-    KVX__F(completes_on_gpu) 1,
-    KVX__F(gpu_region_spans_allocations) 1,
-    KVX__F(keys_per_registration) 0,
-    KVX__F(issues_without_progress) 1,
-    KVX__F(open) kvx__cuda_open,
-    KVX__F(close) kvx__cuda_close,
-    KVX__F(query) kvx__cuda_query,
-    KVX__F(address) kvx__cuda_address,
-    KVX__F(mem_register) kvx__cuda_mem_register,
-    KVX__F(mem_deregister) kvx__cuda_mem_deregister,
-    KVX__F(connect) kvx__cuda_connect,
-    KVX__F(disconnect) kvx__cuda_disconnect,
-    KVX__F(can_read) kvx__cuda_can_read,
-    KVX__F(queue_open) kvx__cuda_queue_open,
-    KVX__F(queue_close) kvx__cuda_q_fini,
-    KVX__F(post) NULL,              /* every read goes whole */
-    KVX__F(post_read) kvx__cuda_post_read,
-    KVX__F(flush) kvx__cuda_flush,
-    KVX__F(abandon) NULL,
-    KVX__F(notify) kvx__cuda_notify,
-    KVX__F(progress) kvx__cuda_progress,
-    KVX__F(event_fd) kvx__cuda_event_fd,
-    KVX__F(arm) kvx__cuda_arm,
-    KVX__F(signal) kvx__cuda_signal,
-    KVX__F(csum_alloc) kvx__cuda_csum_alloc,
-    KVX__F(csum_free) kvx__cuda_csum_free,
-    KVX__F(csum_seal) kvx__cuda_seal,
-    KVX__F(csum_verify) kvx__cuda_verify,
-    KVX__F(gen_alloc) kvx__cuda_gen_alloc,
-    KVX__F(gen_free) kvx__cuda_gen_free,
-    KVX__F(gen_store) kvx__cuda_gen_store,
-    KVX__F(gen_fetch) kvx__cuda_gen_fetch,
-};
+/* The transports of the policy classes that cuda names (kvx__policy_term). */
+static const char *const kvx__cuda_policy[] = {"ipc=cuda:ipc*", NULL};
+
+/* The cuda backend's table: the entries it implements (kvx__backend). */
+KVX__PRIV void kvx__cuda_fill(kvx__backend *b) {
+    b->name = "cuda";
+    b->kind = KVX_BACKEND_CUDA;
+    b->policy_classes = kvx__cuda_policy;
+    b->completes_on_gpu = 1;
+    b->gpu_region_spans_allocations = 1;
+    b->issues_without_progress = 1;
+    b->open = kvx__cuda_open;
+    b->close = kvx__cuda_close;
+    b->query = kvx__cuda_query;
+    b->address = kvx__cuda_address;
+    b->mem_register = kvx__cuda_mem_register;
+    b->mem_deregister = kvx__cuda_mem_deregister;
+    b->connect = kvx__cuda_connect;
+    b->disconnect = kvx__cuda_disconnect;
+    b->can_read = kvx__cuda_can_read;
+    b->queue_open = kvx__cuda_queue_open;
+    b->queue_close = kvx__cuda_q_fini;
+    b->post_read = kvx__cuda_post_read;
+    b->flush = kvx__cuda_flush;
+    b->notify = kvx__cuda_notify;
+    b->progress = kvx__cuda_progress;
+    b->event_fd = kvx__cuda_event_fd;
+    b->arm = kvx__cuda_arm;
+    b->signal = kvx__cuda_signal;
+    b->csum_alloc = kvx__cuda_csum_alloc;
+    b->csum_free = kvx__cuda_csum_free;
+    b->csum_seal = kvx__cuda_seal;
+    b->csum_verify = kvx__cuda_verify;
+    b->gen_alloc = kvx__cuda_gen_alloc;
+    b->gen_free = kvx__cuda_gen_free;
+    b->gen_store = kvx__cuda_gen_store;
+    b->gen_fetch = kvx__cuda_gen_fetch;
+}
 
 #endif /* KVX_CUDA_INCLUDED */

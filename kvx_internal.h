@@ -19,6 +19,7 @@
 
 
 #include <errno.h>
+#include <ctype.h>
 #include <fnmatch.h>
 #include <poll.h>
 #include <signal.h>
@@ -65,9 +66,11 @@
 #  define KVX__PRIV_MAYBE static
 #endif
 
-/* Backend tables name each field (designated initializers). C++ has them
-   from C++20 on, in declaration order: before that the tables are
-   positional, and every table lists every field in that order. */
+/* The stream service's table names each field (designated initializers).
+   C++ has them from C++20 on, in declaration order: before that the table
+   is positional, and it lists every field in that order. Backend tables
+   are functions instead (kvx__backend_fill), which name only what they
+   implement in every language. */
 #if defined(__cplusplus) && __cplusplus < 202002L
 #  define KVX__F(field)
 #else
@@ -308,8 +311,12 @@ struct kvx_ctx {
    kvx__op_done(), kvx__notify_arrived(), kvx__notify_sent() and
    kvx__peer_failed(). Entries marked optional may be NULL. */
 struct kvx__backend {
-    const char *name;
+    const char *name;           /* kvx_backend_name(kind); its define is KVX_ and the name in capitals */
     kvx_backend kind;
+    /* The transports of the policy classes (kvx_ctx_desc.transport_policy)
+       this backend names in p->transport: "class=pattern" (fnmatch), NULL
+       last; "sw" and "nvlink" the core knows. */
+    const char *const *policy_classes;
     /* Reads finish on the GPU in stream order (their completion words are
        written by the device): no host flush of network writes is needed. */
     int completes_on_gpu;
@@ -400,6 +407,12 @@ struct kvx__backend {
        the queue's landing ring (q->gland + rd->g0). */
     kvx_status (*gen_fetch)(kvx__read *rd);
 };
+
+/* A backend's table: a function that sets the entries it implements, the
+   rest left zero (NULL: not implemented; 0: off). kvx.h lists one per
+   enabled backend (kvx__backend_fills), in the order KVX_BACKEND_DEFAULT
+   tries them; the core fills the tables once. */
+typedef void (*kvx__backend_fill)(kvx__backend *b);
 
 /* Stream-ordered completion: a service beside every backend (kvx_gpu.h,
    with KVX_CUDA). The core tells it when a queue is made or destroyed and

@@ -462,41 +462,26 @@ KVX__PRIV kvx_status kvx__local_arm(kvx_ctx *ctx) {
 
 KVX__PRIV void kvx__local_signal(kvx_ctx *ctx) { kvx__local_wake(kvx__local_of(ctx)); }
 
-KVX__PRIV const kvx__backend kvx__local_backend = {
-    KVX__F(name) "local",
-    KVX__F(kind) KVX_BACKEND_LOCAL,
-    KVX__F(completes_on_gpu) 0,
-    KVX__F(gpu_region_spans_allocations) 0,
-    KVX__F(keys_per_registration) 0,
-    KVX__F(issues_without_progress) 1,
-    KVX__F(open) kvx__local_open,
-    KVX__F(close) kvx__local_close,
-    KVX__F(query) NULL,
-    KVX__F(address) kvx__local_address,
-    KVX__F(mem_register) kvx__local_mem_register,
-    KVX__F(mem_deregister) kvx__local_mem_deregister,
-    KVX__F(connect) kvx__local_connect,
-    KVX__F(disconnect) kvx__local_disconnect,
-    KVX__F(can_read) NULL,
-    KVX__F(queue_open) NULL,
-    KVX__F(queue_close) NULL,
-    KVX__F(post) kvx__local_post,
-    KVX__F(post_read) NULL,
-    KVX__F(flush) kvx__local_flush,
-    KVX__F(abandon) kvx__local_abandon,
-    KVX__F(notify) kvx__local_notify,
-    KVX__F(progress) kvx__local_progress,
-    KVX__F(event_fd) kvx__local_event_fd,
-    KVX__F(arm) kvx__local_arm,
-    KVX__F(signal) kvx__local_signal,
-    KVX__F(csum_alloc) NULL,
-    KVX__F(csum_free) NULL,
-    KVX__F(csum_seal) NULL,
-    KVX__F(csum_verify) NULL,
-    KVX__F(gen_alloc) NULL,
-    KVX__F(gen_free) NULL,
-    KVX__F(gen_store) NULL,
-    KVX__F(gen_fetch) NULL,
-};
+/* The local backend's table: the entries it implements (kvx__backend). */
+KVX__PRIV void kvx__local_fill(kvx__backend *b) {
+    b->name = "local";
+    b->kind = KVX_BACKEND_LOCAL;
+    b->issues_without_progress = 1;
+    b->open = kvx__local_open;
+    b->close = kvx__local_close;
+    b->address = kvx__local_address;
+    b->mem_register = kvx__local_mem_register;
+    b->mem_deregister = kvx__local_mem_deregister;
+    b->connect = kvx__local_connect;
+    b->disconnect = kvx__local_disconnect;
+    b->post = kvx__local_post;
+    b->flush = kvx__local_flush;
+    b->abandon = kvx__local_abandon;
+    b->notify = kvx__local_notify;
+    b->progress = kvx__local_progress;
+    b->event_fd = kvx__local_event_fd;
+    b->arm = kvx__local_arm;
+    b->signal = kvx__local_signal;
+}
 
 #endif /* KVX_LOCAL_INCLUDED */

@@ -1640,41 +1640,29 @@ KVX__PRIV void kvx__ofi_signal(kvx_ctx *ctx) {
     if (write(kvx__ofi_of(ctx)->evfd, &one, sizeof one) < 0) { /* already signaled */ }
 }
 
-KVX__PRIV const kvx__backend kvx__ofi_backend = {
-    KVX__F(name) "ofi",
-    KVX__F(kind) KVX_BACKEND_OFI,
-    KVX__F(completes_on_gpu) 0,
-    KVX__F(gpu_region_spans_allocations) 0,
-    KVX__F(keys_per_registration) 1,
-    KVX__F(issues_without_progress) 0,
-    KVX__F(open) kvx__ofi_open,
-    KVX__F(close) kvx__ofi_close,
-    KVX__F(query) kvx__ofi_query,
-    KVX__F(address) kvx__ofi_address,
-    KVX__F(mem_register) kvx__ofi_mem_register,
-    KVX__F(mem_deregister) kvx__ofi_mem_deregister,
-    KVX__F(connect) kvx__ofi_connect,
-    KVX__F(disconnect) kvx__ofi_disconnect,
-    KVX__F(can_read) NULL,
-    KVX__F(queue_open) NULL,
-    KVX__F(queue_close) NULL,
-    KVX__F(post) kvx__ofi_post,
-    KVX__F(post_read) NULL,
-    KVX__F(flush) NULL,
-    KVX__F(abandon) NULL,
-    KVX__F(notify) kvx__ofi_notify,
-    KVX__F(progress) kvx__ofi_progress,
-    KVX__F(event_fd) kvx__ofi_event_fd,
-    KVX__F(arm) kvx__ofi_arm,
-    KVX__F(signal) kvx__ofi_signal,
-    KVX__F(csum_alloc) NULL,
-    KVX__F(csum_free) NULL,
-    KVX__F(csum_seal) NULL,
-    KVX__F(csum_verify) NULL,
-    KVX__F(gen_alloc) NULL,
-    KVX__F(gen_free) NULL,
-    KVX__F(gen_store) NULL,
-    KVX__F(gen_fetch) NULL,
-};
+/* The transports of the policy classes that ofi names (kvx__policy_term). */
+static const char *const kvx__ofi_policy[] = {"rdma=ofi:verbs*", "rdma=ofi:efa*", NULL};
+
+/* The ofi backend's table: the entries it implements (kvx__backend). */
+KVX__PRIV void kvx__ofi_fill(kvx__backend *b) {
+    b->name = "ofi";
+    b->kind = KVX_BACKEND_OFI;
+    b->policy_classes = kvx__ofi_policy;
+    b->keys_per_registration = 1;
+    b->open = kvx__ofi_open;
+    b->close = kvx__ofi_close;
+    b->query = kvx__ofi_query;
+    b->address = kvx__ofi_address;
+    b->mem_register = kvx__ofi_mem_register;
+    b->mem_deregister = kvx__ofi_mem_deregister;
+    b->connect = kvx__ofi_connect;
+    b->disconnect = kvx__ofi_disconnect;
+    b->post = kvx__ofi_post;
+    b->notify = kvx__ofi_notify;
+    b->progress = kvx__ofi_progress;
+    b->event_fd = kvx__ofi_event_fd;
+    b->arm = kvx__ofi_arm;
+    b->signal = kvx__ofi_signal;
+}
 
 #endif /* KVX_OFI_INCLUDED */

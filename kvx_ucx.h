@@ -1248,41 +1248,32 @@ KVX__PRIV int kvx__ucx_event_fd(kvx_ctx *ctx) { return kvx__ucx_of(ctx)->epfd; }
 
 KVX__PRIV void kvx__ucx_signal(kvx_ctx *ctx) { ucp_worker_signal(kvx__ucx_of(ctx)->am.worker); }
 
-KVX__PRIV const kvx__backend kvx__ucx_backend = {
-    KVX__F(name) "ucx",
-    KVX__F(kind) KVX_BACKEND_UCX,
-    KVX__F(completes_on_gpu) 0,
-    KVX__F(gpu_region_spans_allocations) 0,
-    KVX__F(keys_per_registration) 1,
-    KVX__F(issues_without_progress) 0,
-    KVX__F(open) kvx__ucx_open,
-    KVX__F(close) kvx__ucx_close,
-    KVX__F(query) kvx__ucx_query,
-    KVX__F(address) kvx__ucx_address,
-    KVX__F(mem_register) kvx__ucx_mem_register,
-    KVX__F(mem_deregister) kvx__ucx_mem_deregister,
-    KVX__F(connect) kvx__ucx_connect,
-    KVX__F(disconnect) kvx__ucx_disconnect,
-    KVX__F(can_read) kvx__ucx_can_read,
-    KVX__F(queue_open) NULL,
-    KVX__F(queue_close) NULL,
-    KVX__F(post) kvx__ucx_post,
-    KVX__F(post_read) NULL,
-    KVX__F(flush) kvx__ucx_flush,
-    KVX__F(abandon) kvx__ucx_abandon,
-    KVX__F(notify) kvx__ucx_notify,
-    KVX__F(progress) kvx__ucx_progress,
-    KVX__F(event_fd) kvx__ucx_event_fd,
-    KVX__F(arm) kvx__ucx_arm,
-    KVX__F(signal) kvx__ucx_signal,
-    KVX__F(csum_alloc) NULL,
-    KVX__F(csum_free) NULL,
-    KVX__F(csum_seal) NULL,
-    KVX__F(csum_verify) NULL,
-    KVX__F(gen_alloc) NULL,
-    KVX__F(gen_free) NULL,
-    KVX__F(gen_store) NULL,
-    KVX__F(gen_fetch) NULL,
-};
+/* The transports of the policy classes that ucx names (kvx__policy_term). */
+static const char *const kvx__ucx_policy[] = {"ipc=ucx:*cuda_ipc*", "rdma=ucx:rc*", "rdma=ucx:dc*", NULL};
+
+/* The ucx backend's table: the entries it implements (kvx__backend). */
+KVX__PRIV void kvx__ucx_fill(kvx__backend *b) {
+    b->name = "ucx";
+    b->kind = KVX_BACKEND_UCX;
+    b->policy_classes = kvx__ucx_policy;
+    b->keys_per_registration = 1;
+    b->open = kvx__ucx_open;
+    b->close = kvx__ucx_close;
+    b->query = kvx__ucx_query;
+    b->address = kvx__ucx_address;
+    b->mem_register = kvx__ucx_mem_register;
+    b->mem_deregister = kvx__ucx_mem_deregister;
+    b->connect = kvx__ucx_connect;
+    b->disconnect = kvx__ucx_disconnect;
+    b->can_read = kvx__ucx_can_read;
+    b->post = kvx__ucx_post;
+    b->flush = kvx__ucx_flush;
+    b->abandon = kvx__ucx_abandon;
+    b->notify = kvx__ucx_notify;
+    b->progress = kvx__ucx_progress;
+    b->event_fd = kvx__ucx_event_fd;
+    b->arm = kvx__ucx_arm;
+    b->signal = kvx__ucx_signal;
+}
 
 #endif /* KVX_UCX_INCLUDED */

@@ -11,8 +11,8 @@ int main(int argc, char **argv) {
     static uint8_t mem[4][1 << 16];
     int i, v, n = 0;
     if (argc != 2) { fprintf(stderr, "usage: make_seeds DIR\n"); return 2; }
-    for (i = 0; kvx__backends[i]; i++)
-        for (v = 0; v < 4; v++) {
+    for (i = 1; i <= (int)KVX_BACKEND_LOCAL; i++)
+        for (v = 0; v < 4 && kvx__backend_find((kvx_backend)i); v++) {
             kvx_ctx_desc d;
             kvx_cache_desc cd;
             kvx_ctx *ctx;
@@ -23,7 +23,7 @@ int main(int argc, char **argv) {
             FILE *f;
             int k;
             memset(&d, 0, sizeof d);
-            d.name = v & 1 ? "prefill" : "decode"; d.tp_rank = v / 2; d.tp_size = 2; d.backend = kvx__backends[i]->kind;
+            d.name = v & 1 ? "prefill" : "decode"; d.tp_rank = v / 2; d.tp_size = 2; d.backend = (kvx_backend)i;
             d.log_level = KVX_LOG_OFF;
             if (kvx_ctx_create(&d, &ctx) != KVX_OK) continue;
             for (k = 0; k <= v % 2; k++) {
@@ -42,7 +42,7 @@ int main(int argc, char **argv) {
             kvx_metadata(ctx, NULL, &len);
             md = malloc(len);
             kvx_metadata(ctx, md, &len);
-            snprintf(path, sizeof path, "%s/%s-%d.kvxmd", argv[1], kvx__backends[i]->name, v);
+            snprintf(path, sizeof path, "%s/%s-%d.kvxmd", argv[1], kvx_backend_name((kvx_backend)i), v);
             if ((f = fopen(path, "wb")) != NULL) { fwrite(md, 1, len, f); fclose(f); n++; }
             free(md);
             kvx_ctx_destroy(ctx);

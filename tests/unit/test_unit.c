@@ -331,6 +331,11 @@ int main(void) {
         d.backend = (kvx_backend)9; d.log_level = KVX_LOG_OFF;
         T_ST(kvx_ctx_create(&d, &c), KVX_ERR_UNSUPPORTED);
         T_HAS(kvx_ctx_error(NULL), "not compiled in");
+#if !defined(KVX_CUDA)
+        d.backend = KVX_BACKEND_CUDA;                    /* a backend not compiled in: the define that would */
+        T_ST(kvx_ctx_create(&d, &c), KVX_ERR_UNSUPPORTED);
+        T_HAS(kvx_ctx_error(NULL), "backend 3 (cuda) is not compiled in: define KVX_CUDA");
+#endif
     }
 
     T_CASE("metadata size does not grow with blocks") {
