@@ -527,7 +527,7 @@ KVX_API kvx_status kvx_ctx_create(const kvx_ctx_desc *desc_in, kvx_ctx **out) {
         st = kvx__fail(ctx, KVX_ERR_ARG, "tp_rank %d is outside [0, tp_size %d)", ctx->rank, ctx->tp_size);
     if (st == KVX_OK && !(ctx->be_ops = kvx__backend_find(desc.backend))) {
         char def[32] = "KVX_UCX, KVX_OFI or KVX_CUDA";
-        if (desc.backend != KVX_BACKEND_DEFAULT) kvx__backend_define(desc.backend, def, sizeof def);
+        if (desc.backend != KVX_BACKEND_DEFAULT && strcmp(kvx_backend_name(desc.backend), "unknown")) kvx__backend_define(desc.backend, def, sizeof def);
         st = kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "backend %d (%s) is not compiled in: define %s when compiling KVX_IMPLEMENTATION",
                        (int)desc.backend, kvx_backend_name(desc.backend), def);
     }

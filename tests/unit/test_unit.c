@@ -330,7 +330,7 @@ int main(void) {
         memset(&d, 0, sizeof d);
         d.backend = (kvx_backend)9; d.log_level = KVX_LOG_OFF;
         T_ST(kvx_ctx_create(&d, &c), KVX_ERR_UNSUPPORTED);
-        T_HAS(kvx_ctx_error(NULL), "not compiled in");
+        T_HAS(kvx_ctx_error(NULL), "not compiled in: define KVX_UCX, KVX_OFI or KVX_CUDA");
 #if !defined(KVX_CUDA)
         d.backend = KVX_BACKEND_CUDA;                    /* a backend not compiled in: the define that would */
         T_ST(kvx_ctx_create(&d, &c), KVX_ERR_UNSUPPORTED);
