@@ -847,8 +847,41 @@ KVX__PRIV int kvx__pid_alive(uint32_t pid) {
     return !strchr("ZXTt", rp[2]);
 }
 
+/* Whether p may join: no live process of this host already holds its
+   rank, and no peer of its rank has its epoch or a newer one; an older
+   epoch is a restarted peer, failed here. */
+KVX__PRIV kvx_status kvx__peer_admit(kvx_ctx *ctx, kvx_peer *p) {
+    kvx_peer *q;
+    kvx_status st;
+    for (q = ctx->peers; q; q = q->next) {
+        if (strcmp(q->name, p->name) || q->rank != p->rank) continue;
+        /* Two live processes of one host claiming one rank is a rank set
+           wrong, not a restart: refused, whichever metadata came first.
+           (Across hosts, or within one process, kvx cannot tell; there a
+           newer epoch is taken for a restart.) */
+        if (!q->failed && q->pid != p->pid && !strcmp(q->host, ctx->host) && !strcmp(p->host, ctx->host) &&
+            kvx__pid_alive(q->pid) && kvx__pid_alive(p->pid)) {
+            st = kvx__fail(ctx, KVX_ERR_MISMATCH, "two live processes claim rank %d of %s on this host: pid %u (added) and pid %u (this "
+                           "metadata); a tp_rank set wrong? (a restarted peer's old process would be gone)", p->rank, p->name, q->pid, p->pid);
+            return st;
+        }
+        if (p->epoch < q->epoch) {
+            st = kvx__fail(ctx, KVX_ERR_MISMATCH, "metadata of %s/%d has epoch %llu, older than the %llu already added: a restarted peer's stale keys",
+                           p->name, p->rank, (unsigned long long)p->epoch, (unsigned long long)q->epoch);
+            return st;
+        }
+        if (p->epoch == q->epoch) {
+            st = kvx__fail(ctx, KVX_ERR_ARG, "peer %s/%d (epoch %llu) is already added", p->name, p->rank, (unsigned long long)p->epoch);
+            return st;
+        }
+        /* A newer epoch: the old process is gone; its reads end with KVX_ERR_PEER. */
+        if (!q->failed) kvx__peer_failed(q, "the peer restarted (newer metadata was added)");
+    }
+    return KVX_OK;
+}
+
 KVX_API kvx_status kvx_peer_add(kvx_ctx *ctx, const void *md, size_t len, kvx_peer **out) {
-    kvx_peer *p, *q;
+    kvx_peer *p;
     kvx_status st;
     uint32_t i;
     if (!ctx) return KVX_ERR_ARG;
@@ -867,34 +900,17 @@ KVX_API kvx_status kvx_peer_add(kvx_ctx *ctx, const void *md, size_t len, kvx_pe
                              p->pid, p->host, p->rank, p->name);
         goto fail;
     }
-    for (q = ctx->peers; q; q = q->next) {
-        if (strcmp(q->name, p->name) || q->rank != p->rank) continue;
-        /* Two live processes of one host claiming one rank is a rank set
-           wrong, not a restart: refused, whichever metadata came first.
-           (Across hosts, or within one process, kvx cannot tell; there a
-           newer epoch is taken for a restart.) */
-        if (!q->failed && q->pid != p->pid && !strcmp(q->host, ctx->host) && !strcmp(p->host, ctx->host) &&
-            kvx__pid_alive(q->pid) && kvx__pid_alive(p->pid)) {
-            st = kvx__fail(ctx, KVX_ERR_MISMATCH, "two live processes claim rank %d of %s on this host: pid %u (added) and pid %u (this "
-                           "metadata); a tp_rank set wrong? (a restarted peer's old process would be gone)", p->rank, p->name, q->pid, p->pid);
-            goto fail;
-        }
-        if (p->epoch < q->epoch) {
-            st = kvx__fail(ctx, KVX_ERR_MISMATCH, "metadata of %s/%d has epoch %llu, older than the %llu already added: a restarted peer's stale keys",
-                           p->name, p->rank, (unsigned long long)p->epoch, (unsigned long long)q->epoch);
-            goto fail;
-        }
-        if (p->epoch == q->epoch) {
-            st = kvx__fail(ctx, KVX_ERR_ARG, "peer %s/%d (epoch %llu) is already added", p->name, p->rank, (unsigned long long)p->epoch);
-            goto fail;
-        }
-        /* A newer epoch: the old process is gone; its reads end with KVX_ERR_PEER. */
-        if (!q->failed) kvx__peer_failed(q, "the peer restarted (newer metadata was added)");
-    }
+    if ((st = kvx__peer_admit(ctx, p)) != KVX_OK) goto fail;
     for (i = 0; i < p->ncaches && i < ctx->ncaches; i++)
         if ((st = kvx__compat(ctx, &ctx->caches[i]->info, p, &p->caches[i])) != KVX_OK) goto fail;
-    if ((st = ctx->be_ops->connect(ctx, p)) != KVX_OK) goto fail;
-    if ((st = kvx__policy_check(ctx, p)) != KVX_OK) {
+    /* The backend's waits for the peer let the lock go (kvx__wait_poll):
+       what changed meanwhile is checked again after. */
+    ctx->adding = 1;
+    ctx->adder = pthread_self();
+    st = ctx->be_ops->connect(ctx, p);
+    ctx->adding = 0;
+    if (st != KVX_OK) goto fail;
+    if ((st = kvx__peer_admit(ctx, p)) != KVX_OK || (st = kvx__policy_check(ctx, p)) != KVX_OK) {
         ctx->be_ops->disconnect(ctx, p);
         goto fail;
     }
@@ -1052,6 +1068,14 @@ KVX_API kvx_status kvx_peer_heads(const kvx_peer *p, const kvx_cache *c, uint32_
    close, not an error (an owner that ends after its readers are done):
    said at info, and the next read of it fails saying so. On this host the
    pid tells a process that is gone from a connection that broke. */
+KVX__PRIV_MAYBE int kvx__wait_poll(kvx_ctx *ctx, struct pollfd *fds, nfds_t n, int ms) {  /* local has no waits */
+    int unlock = ctx->adding && pthread_equal(ctx->adder, pthread_self()), r;
+    if (unlock) pthread_mutex_unlock(&ctx->lock);
+    r = poll(fds, n, ms);
+    if (unlock) pthread_mutex_lock(&ctx->lock);
+    return r;
+}
+
 KVX__PRIV void kvx__peer_failed(kvx_peer *p, const char *why) {
     kvx_ctx *ctx = p->ctx;
     int gone = !strcmp(p->host, ctx->host) && !kvx__pid_alive(p->pid);

@@ -277,6 +277,10 @@ struct kvx_ctx {
     const kvx__backend *be_ops;
     void *be;
     pthread_mutex_t lock;
+    /* kvx_peer_add's thread while its backend connects: its waits let the
+       lock go (kvx__wait_poll). */
+    int adding;
+    pthread_t adder;
     kvx_cache *caches[KVX__MAX_CACHES];
     uint32_t ncaches;
     kvx_peer *peers;
@@ -441,6 +445,10 @@ KVX__CORE kvx_status kvx__planes_locate(kvx_ctx *ctx, kvx__cache_info *c, const 
 KVX__CORE void kvx__notify_arrived(kvx_ctx *ctx, const uint8_t *msg, size_t len);
 KVX__CORE void kvx__notify_sent(kvx__read *rd);
 KVX__CORE void kvx__peer_failed(kvx_peer *p, const char *why);
+/* A backend's sleep (poll) inside a wait it makes with the lock held: where
+   the wait is kvx_peer_add's for a new peer to answer, the lock is let go
+   meanwhile, so one peer that never answers stalls no other read. */
+KVX__CORE int kvx__wait_poll(kvx_ctx *ctx, struct pollfd *fds, nfds_t n, int ms);
 KVX__PRIV kvx_status kvx__fail(kvx_ctx *ctx, kvx_status st, const char *fmt, ...)
 #if defined(__GNUC__)
     __attribute__((format(printf, 3, 4)))

@@ -1116,9 +1116,9 @@ KVX__PRIV kvx_status kvx__ofi_wireup(kvx_ctx *ctx, kvx__ofi_pep *pe) {
             pf.fd = pe->cq_fd; pf.events = POLLIN; pf.revents = 0;
             /* not sent yet: rxm finishing the connection signals no fd, so 1 ms */
             int ms = !sent ? 1 : (until - now) / 1000000u > 100 ? 100 : (int)((until - now) / 1000000u) + 1;
-            if (fi_trywait(o->fabric, &f, 1) == FI_SUCCESS) poll(&pf, 1, ms);
+            if (fi_trywait(o->fabric, &f, 1) == FI_SUCCESS) kvx__wait_poll(ctx, &pf, 1, ms);
         } else {
-            poll(NULL, 0, 1);
+            kvx__wait_poll(ctx, NULL, 0, 1);
         }
     }
     if (sent && !s->busy && !p->failed) return KVX_OK;

@@ -592,7 +592,7 @@ KVX__PRIV int kvx__ucx_wait_step(kvx_ctx *ctx, uint64_t until) {
     if (kvx__ucx_progress_both(u)) return 1;
     if (kvx__ucx_arm(ctx) != KVX_OK) return 1;
     pf.fd = u->epfd; pf.events = POLLIN; pf.revents = 0;
-    poll(&pf, 1, (int)((until - now) / 1000000u > 100 ? 100 : (until - now) / 1000000u + 1));
+    kvx__wait_poll(ctx, &pf, 1, (int)((until - now) / 1000000u > 100 ? 100 : (until - now) / 1000000u + 1));
     return 1;
 }
 
