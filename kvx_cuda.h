@@ -87,15 +87,20 @@
         read's waits for its check), and with block generations checks them
         first (below, "block generations"). Nothing waits on the host, and
         no device memory is allocated on any read's path but at a queue's
-        first verified read (its checks' result words) and its first read
-        whose end the kernel marks (the task counts). A task is
-        at most 16 KiB of one block, one warp each, 16-byte accesses with 4
-        loads in flight per lane (bytes where a layout is not 16-byte aligned). A
-        batch of few tasks reads its table in place from pinned memory; larger
-        ones copy it on a second stream, so the copy overlaps the kernel of
-        the batch before.
+        first verified read (its checks' result words) and, for a queue
+        without a stream, its first read whose end the kernel marks (the
+        task counts; a queue with a stream makes them at creation). A task
+        is at most 16 KiB of one block (less, down to 1 KiB, for a read too
+        small to give half the grid's warps a task), one warp each, 16-byte
+        accesses with 4 loads in flight per lane (bytes where a layout is
+        not 16-byte aligned). A batch whose headers and table fit in 4000
+        bytes travels in the launch's parameters (kvx_copy_inline); of the
+        rest, a batch of few tasks reads its table in place from pinned
+        memory, and larger ones copy it on a second stream, so the copy
+        overlaps the kernel of the batch before.
 
-        Thread blocks: 256 threads (80 registers: at most 3 per SM); at most
+        Thread blocks: 256 threads (80 registers, 88 for kvx_copy_inline on
+        sm_90: at most 3, or 2, per SM); at most
         kvx_ctx_desc.cuda.max_blocks of them (clamped to what stays resident),
         default two per multiprocessor, and one per multiprocessor for a batch
         read wholly from other GPUs: the caps that copied fastest while
