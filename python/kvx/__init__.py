@@ -676,6 +676,7 @@ class Ticket:
 
 
 _ndarray: Any = None  # numpy's array type, once one has come (numpy is not imported for it)
+_ARRAY_I_IS_U32 = _array.array("I").itemsize == 4  # array.array('I') is kvx's uint32 (C's unsigned int)
 
 
 def _u32_ids(ids: Any) -> Tuple[Any, int, int]:
@@ -696,7 +697,7 @@ def _u32_ids(ids: Any) -> Tuple[Any, int, int]:
         except (TypeError, OverflowError, ValueError) as e:
             raise ArgumentError("block ids must be integers in [0, 2^32): %s" % e, -1) from None
         return arr, arr.buffer_info()[0], len(arr)
-    if type(ids) is _array.array and ids.typecode == "I" and _array.array("I").itemsize == 4:
+    if type(ids) is _array.array and ids.typecode == "I" and _ARRAY_I_IS_U32:
         return ids, ids.buffer_info()[0], len(ids)
     if type(ids).__module__.startswith("torch"):
         ids = ids.detach().cpu().numpy()
