@@ -98,7 +98,10 @@ if [ -x $U/test_cuda ]; then
   sw="env KVX_UCX_SOFTWARE_RMA=1 UCX_TLS=tcp,cuda_copy"
   entry "UCX GPU pack 1->1 HND random, staged (UCX_TLS=tcp,cuda_copy, software RMA on) (ucx 1.22)" 120 $sw KVX_BENCH_CUDA_MEM=malloc $ubench $small --random-blocks
   entry "UCX GPU pack 2->1 NHD random, VMM, staged (UCX_TLS=tcp,cuda_copy, software RMA on) (ucx 1.22)" 120 $sw KVX_BENCH_CUDA_MEM=vmm $ubench $small --random-blocks --prefill-tp 2 --layout NHD
-  expect_fail "UCX GPU staged through TCP without software RMA: refused at the first read, saying why (ucx 1.22)" 120 "reachable only over transports UCX serves in software" \
+  # refused at the first read, or at registration where UCX opens no
+  # context of cuda_copy alone (seen on some machines)
+  expect_fail "UCX GPU staged through TCP without software RMA: refused, saying why (ucx 1.22)" 120 \
+    "reachable only over transports UCX serves in software\\|offers kvx no transport here that enforces remote keys" \
     env UCX_TLS=tcp,cuda_copy KVX_BENCH_CUDA_MEM=malloc $ubench $small --random-blocks
   expect_fail "UCX GPU a planted wrong byte fails the run (ucx 1.22)" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 KVX_BENCH_CUDA_MEM=malloc $ubench $small --random-blocks
   # kvx_bench's caches are one allocation each; torch gives each layer its
