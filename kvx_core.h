@@ -149,66 +149,66 @@ KVX_API const char *kvx_ctx_error(const kvx_ctx *ctx) {
 #define KVX__ABI_SIZE(T) KVX__ABI_SIZE_OF(#T, sizeof(T))
 #define KVX__ABI(T, f) { #T, #f, offsetof(T, f), sizeof(((T *)0)->f) }
 
+static const kvx_abi_field kvx__abi_table[] = {
+    KVX__ABI_SIZE(kvx_ofi_desc),
+    KVX__ABI(kvx_ofi_desc, provider), KVX__ABI(kvx_ofi_desc, extra_caps), KVX__ABI(kvx_ofi_desc, hmem),
+    KVX__ABI(kvx_ofi_desc, max_msg), KVX__ABI(kvx_ofi_desc, tick_us),
+    KVX__ABI_SIZE(kvx_ucx_desc),
+    KVX__ABI(kvx_ucx_desc, net_devices), KVX__ABI(kvx_ucx_desc, software_rma),
+    KVX__ABI_SIZE(kvx_cuda_desc),
+    KVX__ABI(kvx_cuda_desc, max_blocks), KVX__ABI(kvx_cuda_desc, socket_dir),
+    KVX__ABI_SIZE(kvx_ctx_desc),
+    KVX__ABI(kvx_ctx_desc, name), KVX__ABI(kvx_ctx_desc, tp_rank), KVX__ABI(kvx_ctx_desc, tp_size),
+    KVX__ABI(kvx_ctx_desc, backend), KVX__ABI(kvx_ctx_desc, timeout_ms), KVX__ABI(kvx_ctx_desc, progress_thread),
+    KVX__ABI(kvx_ctx_desc, host_id), KVX__ABI(kvx_ctx_desc, log_level), KVX__ABI(kvx_ctx_desc, log_fn),
+    KVX__ABI(kvx_ctx_desc, log_user), KVX__ABI(kvx_ctx_desc, ofi), KVX__ABI(kvx_ctx_desc, cuda),
+    KVX__ABI(kvx_ctx_desc, transport_policy), KVX__ABI(kvx_ctx_desc, ucx), KVX__ABI(kvx_ctx_desc, metadata_key),
+    KVX__ABI(kvx_ctx_desc, metadata_key_len),
+    KVX__ABI_SIZE(kvx_layout),
+    KVX__ABI(kvx_layout, num_layers), KVX__ABI(kvx_layout, num_blocks), KVX__ABI(kvx_layout, block_tokens),
+    KVX__ABI(kvx_layout, num_heads), KVX__ABI(kvx_layout, head_dim), KVX__ABI(kvx_layout, elem_bytes),
+    KVX__ABI(kvx_layout, order), KVX__ABI(kvx_layout, total_heads), KVX__ABI(kvx_layout, kv_planes),
+    KVX__ABI(kvx_layout, dtype),
+    KVX__ABI_SIZE(kvx_cache_desc),
+    KVX__ABI(kvx_cache_desc, layout), KVX__ABI(kvx_cache_desc, mem), KVX__ABI(kvx_cache_desc, device),
+    KVX__ABI(kvx_cache_desc, bases), KVX__ABI(kvx_cache_desc, pool), KVX__ABI(kvx_cache_desc, layer_stride),
+    KVX__ABI(kvx_cache_desc, plane_stride), KVX__ABI(kvx_cache_desc, block_stride),
+    KVX__ABI(kvx_cache_desc, head_stride), KVX__ABI(kvx_cache_desc, token_stride),
+    KVX__ABI(kvx_cache_desc, checksums), KVX__ABI(kvx_cache_desc, generations),
+    KVX__ABI_SIZE(kvx_queue_desc),
+    KVX__ABI(kvx_queue_desc, depth), KVX__ABI(kvx_queue_desc, max_ops), KVX__ABI(kvx_queue_desc, max_runs),
+    KVX__ABI(kvx_queue_desc, cuda),
+    /* the unnamed struct of kvx_queue_desc.cuda: offsets within it */
+    KVX__ABI_SIZE_OF("kvx_queue_desc.cuda", sizeof(((kvx_queue_desc *)0)->cuda)),
+    { "kvx_queue_desc.cuda", "stream", offsetof(kvx_queue_desc, cuda.stream) - offsetof(kvx_queue_desc, cuda),
+      sizeof(((kvx_queue_desc *)0)->cuda.stream) },
+    KVX__ABI_SIZE(kvx_read),
+    KVX__ABI(kvx_read, peer), KVX__ABI(kvx_read, cache), KVX__ABI(kvx_read, remote_cache),
+    KVX__ABI(kvx_read, local_blocks), KVX__ABI(kvx_read, remote_blocks), KVX__ABI(kvx_read, num_blocks),
+    KVX__ABI(kvx_read, layer_begin), KVX__ABI(kvx_read, layer_count), KVX__ABI(kvx_read, notify),
+    KVX__ABI(kvx_read, notify_id), KVX__ABI(kvx_read, user_tag), KVX__ABI(kvx_read, timeout_ms),
+    KVX__ABI(kvx_read, verify), KVX__ABI(kvx_read, remote_generations),
+    KVX__ABI_SIZE(kvx_completion),
+    KVX__ABI(kvx_completion, ticket), KVX__ABI(kvx_completion, user_tag), KVX__ABI(kvx_completion, status),
+    KVX__ABI(kvx_completion, bytes), KVX__ABI(kvx_completion, error),
+    KVX__ABI_SIZE(kvx_notification),
+    KVX__ABI(kvx_notification, id), KVX__ABI(kvx_notification, status), KVX__ABI(kvx_notification, peer_rank),
+    KVX__ABI(kvx_notification, peer_tp_size),
+    KVX__ABI_SIZE(kvx_stats),
+    KVX__ABI(kvx_stats, backend), KVX__ABI(kvx_stats, bytes_read), KVX__ABI(kvx_stats, reads_posted),
+    KVX__ABI(kvx_stats, reads_completed), KVX__ABI(kvx_stats, reads_failed), KVX__ABI(kvx_stats, descs_posted),
+    KVX__ABI(kvx_stats, descs_completed), KVX__ABI(kvx_stats, blocks_posted),
+    KVX__ABI(kvx_stats, notifications_sent), KVX__ABI(kvx_stats, notifications_received),
+    KVX__ABI(kvx_stats, errors), KVX__ABI(kvx_stats, messages_dropped),
+    KVX__ABI(kvx_stats, notifications_dropped),
+    KVX__ABI_SIZE(kvx_abi_field),
+    KVX__ABI(kvx_abi_field, type), KVX__ABI(kvx_abi_field, field), KVX__ABI(kvx_abi_field, offset),
+    KVX__ABI(kvx_abi_field, size),
+};
+
 KVX_API const kvx_abi_field *kvx_abi_fields(uint32_t *count) {
-    static const kvx_abi_field table[] = {
-        KVX__ABI_SIZE(kvx_ofi_desc),
-        KVX__ABI(kvx_ofi_desc, provider), KVX__ABI(kvx_ofi_desc, extra_caps), KVX__ABI(kvx_ofi_desc, hmem),
-        KVX__ABI(kvx_ofi_desc, max_msg), KVX__ABI(kvx_ofi_desc, tick_us),
-        KVX__ABI_SIZE(kvx_ucx_desc),
-        KVX__ABI(kvx_ucx_desc, net_devices), KVX__ABI(kvx_ucx_desc, software_rma),
-        KVX__ABI_SIZE(kvx_cuda_desc),
-        KVX__ABI(kvx_cuda_desc, max_blocks), KVX__ABI(kvx_cuda_desc, socket_dir),
-        KVX__ABI_SIZE(kvx_ctx_desc),
-        KVX__ABI(kvx_ctx_desc, name), KVX__ABI(kvx_ctx_desc, tp_rank), KVX__ABI(kvx_ctx_desc, tp_size),
-        KVX__ABI(kvx_ctx_desc, backend), KVX__ABI(kvx_ctx_desc, timeout_ms), KVX__ABI(kvx_ctx_desc, progress_thread),
-        KVX__ABI(kvx_ctx_desc, host_id), KVX__ABI(kvx_ctx_desc, log_level), KVX__ABI(kvx_ctx_desc, log_fn),
-        KVX__ABI(kvx_ctx_desc, log_user), KVX__ABI(kvx_ctx_desc, ofi), KVX__ABI(kvx_ctx_desc, cuda),
-        KVX__ABI(kvx_ctx_desc, transport_policy), KVX__ABI(kvx_ctx_desc, ucx), KVX__ABI(kvx_ctx_desc, metadata_key),
-        KVX__ABI(kvx_ctx_desc, metadata_key_len),
-        KVX__ABI_SIZE(kvx_layout),
-        KVX__ABI(kvx_layout, num_layers), KVX__ABI(kvx_layout, num_blocks), KVX__ABI(kvx_layout, block_tokens),
-        KVX__ABI(kvx_layout, num_heads), KVX__ABI(kvx_layout, head_dim), KVX__ABI(kvx_layout, elem_bytes),
-        KVX__ABI(kvx_layout, order), KVX__ABI(kvx_layout, total_heads), KVX__ABI(kvx_layout, kv_planes),
-        KVX__ABI(kvx_layout, dtype),
-        KVX__ABI_SIZE(kvx_cache_desc),
-        KVX__ABI(kvx_cache_desc, layout), KVX__ABI(kvx_cache_desc, mem), KVX__ABI(kvx_cache_desc, device),
-        KVX__ABI(kvx_cache_desc, bases), KVX__ABI(kvx_cache_desc, pool), KVX__ABI(kvx_cache_desc, layer_stride),
-        KVX__ABI(kvx_cache_desc, plane_stride), KVX__ABI(kvx_cache_desc, block_stride),
-        KVX__ABI(kvx_cache_desc, head_stride), KVX__ABI(kvx_cache_desc, token_stride),
-        KVX__ABI(kvx_cache_desc, checksums), KVX__ABI(kvx_cache_desc, generations),
-        KVX__ABI_SIZE(kvx_queue_desc),
-        KVX__ABI(kvx_queue_desc, depth), KVX__ABI(kvx_queue_desc, max_ops), KVX__ABI(kvx_queue_desc, max_runs),
-        KVX__ABI(kvx_queue_desc, cuda),
-        /* the unnamed struct of kvx_queue_desc.cuda: offsets within it */
-        KVX__ABI_SIZE_OF("kvx_queue_desc.cuda", sizeof(((kvx_queue_desc *)0)->cuda)),
-        { "kvx_queue_desc.cuda", "stream", offsetof(kvx_queue_desc, cuda.stream) - offsetof(kvx_queue_desc, cuda),
-          sizeof(((kvx_queue_desc *)0)->cuda.stream) },
-        KVX__ABI_SIZE(kvx_read),
-        KVX__ABI(kvx_read, peer), KVX__ABI(kvx_read, cache), KVX__ABI(kvx_read, remote_cache),
-        KVX__ABI(kvx_read, local_blocks), KVX__ABI(kvx_read, remote_blocks), KVX__ABI(kvx_read, num_blocks),
-        KVX__ABI(kvx_read, layer_begin), KVX__ABI(kvx_read, layer_count), KVX__ABI(kvx_read, notify),
-        KVX__ABI(kvx_read, notify_id), KVX__ABI(kvx_read, user_tag), KVX__ABI(kvx_read, timeout_ms),
-        KVX__ABI(kvx_read, verify), KVX__ABI(kvx_read, remote_generations),
-        KVX__ABI_SIZE(kvx_completion),
-        KVX__ABI(kvx_completion, ticket), KVX__ABI(kvx_completion, user_tag), KVX__ABI(kvx_completion, status),
-        KVX__ABI(kvx_completion, bytes), KVX__ABI(kvx_completion, error),
-        KVX__ABI_SIZE(kvx_notification),
-        KVX__ABI(kvx_notification, id), KVX__ABI(kvx_notification, status), KVX__ABI(kvx_notification, peer_rank),
-        KVX__ABI(kvx_notification, peer_tp_size),
-        KVX__ABI_SIZE(kvx_stats),
-        KVX__ABI(kvx_stats, backend), KVX__ABI(kvx_stats, bytes_read), KVX__ABI(kvx_stats, reads_posted),
-        KVX__ABI(kvx_stats, reads_completed), KVX__ABI(kvx_stats, reads_failed), KVX__ABI(kvx_stats, descs_posted),
-        KVX__ABI(kvx_stats, descs_completed), KVX__ABI(kvx_stats, blocks_posted),
-        KVX__ABI(kvx_stats, notifications_sent), KVX__ABI(kvx_stats, notifications_received),
-        KVX__ABI(kvx_stats, errors), KVX__ABI(kvx_stats, messages_dropped),
-        KVX__ABI(kvx_stats, notifications_dropped),
-        KVX__ABI_SIZE(kvx_abi_field),
-        KVX__ABI(kvx_abi_field, type), KVX__ABI(kvx_abi_field, field), KVX__ABI(kvx_abi_field, offset),
-        KVX__ABI(kvx_abi_field, size),
-    };
-    if (count)
-        *count = (uint32_t)(sizeof table / sizeof table[0]);
-    return table;
+    if (count) *count = (uint32_t)(sizeof kvx__abi_table / sizeof kvx__abi_table[0]);
+    return kvx__abi_table;
 }
 
 /*--- layouts and tensor-parallel head ranges -----------------------------*/
@@ -1428,36 +1428,59 @@ KVX__PRIV kvx_status kvx__issue(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op) 
 }
 
 /* Issue ops of live reads, oldest first, while the queue has room. */
+/* Before a read's ops go: its peer alive and connected, and ops to issue.
+   0: the read was finished here (failed, or a read of no blocks). */
+KVX__PRIV int kvx__pump_ready(kvx_ctx *ctx, kvx__read *rd) {
+    if (rd->peer->failed) {
+        if (rd->status == KVX_PENDING) { rd->status = KVX_ERR_PEER; kvx__fail(ctx, KVX_ERR_PEER, "read %llu: peer %s/%d failed", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank); kvx__read_why(rd); }
+        goto finish;
+    }
+    if (!rd->peer->connected) {
+        kvx_status st = ctx->be_ops->connect(ctx, rd->peer);
+        if (st != KVX_OK) {
+            rd->status = st;
+            kvx__read_why(rd);
+            goto finish;
+        }
+        rd->peer->connected = 1;
+    }
+    if (rd->ops_total) return 1;
+    /* a read of no blocks: straight to its notification */
+finish:
+    rd->issuing_done = 1;
+    kvx__read_finish(rd);
+    return 0;
+}
+
+/* A read's ops one at a time while the queue has room for them; KVX_PENDING
+   where the backend has none. */
+KVX__PRIV kvx_status kvx__pump_ops(kvx_ctx *ctx, kvx_queue *q, kvx__read *rd) {
+    kvx__op op;
+    while (!rd->issuing_done && q->ops_out < q->max_ops) {
+        kvx_status st;
+        if (!kvx__cursor_op(rd, q->runs, q->max_runs, &op)) { rd->issuing_done = 1; break; }
+        st = kvx__issue(ctx, rd, &op);
+        if (st == KVX_PENDING) return KVX_PENDING;
+        if (st != KVX_OK) {
+            if (rd->status == KVX_PENDING) rd->status = st;
+            kvx__read_why(rd);
+            rd->issuing_done = 1;
+            break;
+        }
+        rd->ops_issued++;
+        ctx->st.descs_posted++;
+        kvx__cursor_next(rd, q->runs, q->max_runs);
+    }
+    return KVX_OK;
+}
+
 KVX__PRIV void kvx__pump(kvx_queue *q) {
     kvx_ctx *ctx = q->ctx;
     kvx_ticket t;
-    kvx__op op;
     for (t = q->run_tail; t < q->next_ticket && q->ops_out < q->max_ops; t++) {
         kvx__read *rd = kvx__slot(q, t);
-        if (rd->issuing_done) continue;
-        if (rd->peer->failed) {
-            if (rd->status == KVX_PENDING) { rd->status = KVX_ERR_PEER; kvx__fail(ctx, KVX_ERR_PEER, "read %llu: peer %s/%d failed", (unsigned long long)rd->ticket, rd->peer->name, rd->peer->rank); kvx__read_why(rd); }
-            rd->issuing_done = 1;
-            kvx__read_finish(rd);
-            continue;
-        }
-        if (!rd->peer->connected) {
-            kvx_status st = ctx->be_ops->connect(ctx, rd->peer);
-            if (st != KVX_OK) {
-                rd->status = st;
-                kvx__read_why(rd);
-                rd->issuing_done = 1;
-                kvx__read_finish(rd);
-                continue;
-            }
-            rd->peer->connected = 1;
-        }
-        if (!rd->ops_total) {  /* a read of no blocks: straight to its notification */
-            rd->issuing_done = 1;
-            kvx__read_finish(rd);
-            continue;
-        }
-        if (ctx->be_ops->post_read) {
+        if (rd->issuing_done || !kvx__pump_ready(ctx, rd)) continue;
+        if (ctx->be_ops->post_read) {  /* the backend takes the whole read */
             kvx_status st = kvx__issue(ctx, rd, NULL);
             if (st == KVX_PENDING) break;
             if (st != KVX_OK) {
@@ -1470,27 +1493,13 @@ KVX__PRIV void kvx__pump(kvx_queue *q) {
             }
             rd->issuing_done = 1;
         }
-        while (!rd->issuing_done && q->ops_out < q->max_ops) {
-            kvx_status st;
-            if (!kvx__cursor_op(rd, q->runs, q->max_runs, &op)) { rd->issuing_done = 1; break; }
-            st = kvx__issue(ctx, rd, &op);
-            if (st == KVX_PENDING) goto flush;
-            if (st != KVX_OK) {
-                if (rd->status == KVX_PENDING) rd->status = st;
-                kvx__read_why(rd);
-                rd->issuing_done = 1;
-                break;
-            }
-            rd->ops_issued++;
-            ctx->st.descs_posted++;
-            kvx__cursor_next(rd, q->runs, q->max_runs);
-        }
+        if (kvx__pump_ops(ctx, q, rd) == KVX_PENDING) break;
         if (rd->issuing_done) {
             kvx__runs_release(q);
             kvx__read_finish(rd);
         }
     }
-flush:  /* what the backend staged goes now, also when it had no room for more */
+    /* what the backend staged goes now, also when it had no room for more */
     if (ctx->be_ops->flush) ctx->be_ops->flush(ctx, q);
 }
 

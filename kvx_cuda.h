@@ -345,12 +345,38 @@ KVX__PRIV void kvx__cuda_query(const kvx_ctx *ctx, kvx_ctx_desc *out) {
     out->cuda.socket_dir = c->dir;
 }
 
-KVX__PRIV kvx_status kvx__cuda_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
-    kvx__cuda *c = (kvx__cuda *)kvx__calloc(1, sizeof *c);
+/* The unix socket peers ask for this process's GPU memory on, in a private
+   directory (only this user reaches it), and the fds the progress sleeps on. */
+KVX__PRIV kvx_status kvx__cuda_listen(kvx_ctx *ctx, kvx__cuda *c, const kvx_ctx_desc *desc) {
     struct sockaddr_un sa;
     const char *dir = desc->cuda.socket_dir && *desc->cuda.socket_dir ? desc->cuda.socket_dir : getenv("KVX_CUDA_SOCKET_DIR");
     char dbuf[64];
     struct stat stt;
+    if (!dir || !*dir) { snprintf(dbuf, sizeof dbuf, "/tmp/kvx-cuda-%u", (unsigned)getuid()); dir = dbuf; }
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST) return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: mkdir %s: %s", dir, strerror(errno));
+    if (stat(dir, &stt) != 0 || stt.st_uid != getuid() || (stt.st_mode & 077))
+        return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: %s must be a directory of this user with mode 0700 (set KVX_CUDA_SOCKET_DIR)", dir);
+    kvx__strlcpy(c->dir, dir, sizeof c->dir);
+    if ((size_t)snprintf(c->path, sizeof c->path, "%s/%u-%llx.sock", dir, (unsigned)getpid(), (unsigned long long)ctx->epoch) >= sizeof c->path)
+        return kvx__fail(ctx, KVX_ERR_ARG, "cuda: socket directory %s is too long", dir);
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    memcpy(sa.sun_path, c->path, strlen(c->path));
+    unlink(c->path);
+    if ((c->lfd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)) < 0 ||
+        bind(c->lfd, (struct sockaddr *)&sa, sizeof sa) != 0 || listen(c->lfd, 128) != 0)
+        return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: unix socket %s: %s", c->path, strerror(errno));
+    if ((c->epfd = epoll_create1(EPOLL_CLOEXEC)) < 0 || (c->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0)
+        return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: epoll/eventfd: %s", strerror(errno));
+    c->ltag.fd = c->lfd; c->ltag.kind = KVX__CUDA_FD_LISTEN;
+    c->etag.fd = c->efd; c->etag.kind = KVX__CUDA_FD_WAKE;
+    if (kvx__cuda_watch(c, &c->ltag) || kvx__cuda_watch(c, &c->etag))
+        return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: epoll_ctl: %s", strerror(errno));
+    return KVX_OK;
+}
+
+KVX__PRIV kvx_status kvx__cuda_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
+    kvx__cuda *c = (kvx__cuda *)kvx__calloc(1, sizeof *c);
     kvx__cuda_addr_msg am;
     kvx_status st;
     CUcontext cur = NULL;
@@ -359,48 +385,14 @@ KVX__PRIV kvx_status kvx__cuda_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     c->ord = -1;
     c->lfd = c->epfd = c->efd = -1;
     c->max_blocks = desc->cuda.max_blocks;
-    if ((st = kvx__gpu_init(ctx)) != KVX_OK) { kvx__cuda_close(ctx); return st; }
+    if ((st = kvx__gpu_init(ctx)) != KVX_OK) goto fail;
     /* The device: the current context's, if any; else the first cache's. */
     if (cuCtxGetCurrent(&cur) == CUDA_SUCCESS && cur) {
         int ord;
         if (kvx__gpu_ctx_ordinal(cur, &ord) == CUDA_SUCCESS) c->ord = ord;
     }
-    if (c->ord >= 0 && (st = kvx__gpu_dev_get(ctx, c->ord, 0, &c->d)) != KVX_OK) { kvx__cuda_close(ctx); return st; }
-    /* A private directory: only this user reaches the sockets that hand out
-       this process's GPU memory. */
-    if (!dir || !*dir) { snprintf(dbuf, sizeof dbuf, "/tmp/kvx-cuda-%u", (unsigned)getuid()); dir = dbuf; }
-    if (mkdir(dir, 0700) != 0 && errno != EEXIST) { kvx__cuda_close(ctx); return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: mkdir %s: %s", dir, strerror(errno)); }
-    if (stat(dir, &stt) != 0 || stt.st_uid != getuid() || (stt.st_mode & 077)) {
-        kvx__cuda_close(ctx);
-        return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: %s must be a directory of this user with mode 0700 (set KVX_CUDA_SOCKET_DIR)", dir);
-    }
-    kvx__strlcpy(c->dir, dir, sizeof c->dir);
-    if ((size_t)snprintf(c->path, sizeof c->path, "%s/%u-%llx.sock", dir, (unsigned)getpid(), (unsigned long long)ctx->epoch) >= sizeof c->path) {
-        kvx__cuda_close(ctx);
-        return kvx__fail(ctx, KVX_ERR_ARG, "cuda: socket directory %s is too long", dir);
-    }
-    memset(&sa, 0, sizeof sa);
-    sa.sun_family = AF_UNIX;
-    memcpy(sa.sun_path, c->path, strlen(c->path));
-    unlink(c->path);
-    if ((c->lfd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)) < 0 ||
-        bind(c->lfd, (struct sockaddr *)&sa, sizeof sa) != 0 || listen(c->lfd, 128) != 0) {
-        int e = errno;
-        kvx__cuda_close(ctx);
-        return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: unix socket %s: %s", c->path, strerror(e));
-    }
-    if ((c->epfd = epoll_create1(EPOLL_CLOEXEC)) < 0 || (c->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0) {
-        int e = errno;
-        kvx__cuda_close(ctx);
-        return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: epoll/eventfd: %s", strerror(e));
-    }
-    c->ltag.fd = c->lfd; c->ltag.kind = KVX__CUDA_FD_LISTEN;
-    c->etag.fd = c->efd; c->etag.kind = KVX__CUDA_FD_WAKE;
-    if (kvx__cuda_watch(c, &c->ltag) || kvx__cuda_watch(c, &c->etag)) {
-        int e = errno;
-        kvx__cuda_close(ctx);
-        return kvx__fail(ctx, KVX_ERR_BACKEND, "cuda: epoll_ctl: %s", strerror(e));
-    }
+    if (c->ord >= 0 && (st = kvx__gpu_dev_get(ctx, c->ord, 0, &c->d)) != KVX_OK) goto fail;
+    if ((st = kvx__cuda_listen(ctx, c, desc)) != KVX_OK) goto fail;
     /* address (kvx_wire.h): process token, pid, path */
     memset(&am, 0, sizeof am);
     am.token = kvx__gpu_token;
@@ -409,6 +401,9 @@ KVX__PRIV kvx_status kvx__cuda_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     c->addr_len = (uint32_t)kvx__cuda_addr_write(c->addr, sizeof c->addr, &am);
     KVX__LOG(ctx, KVX_LOG_INFO, "cuda: socket %s, device %d", c->path, c->ord);
     return KVX_OK;
+fail:
+    kvx__cuda_close(ctx);  /* after the sentence: closing writes none */
+    return st;
 }
 
 /* A context works on one GPU: the first one named decides. */
@@ -448,6 +443,56 @@ KVX__PRIV void kvx__cuda_mem_deregister(kvx_ctx *ctx, kvx__region *r) {
     r->be = NULL;
 }
 
+/* Pool memory: its pool exports, and the allocation is named by its start. */
+KVX__PRIV kvx_status kvx__cuda_classify_pool(kvx_ctx *ctx, CUmemoryPool pool, uint64_t ptr, uint64_t end, kvx__cuda_alloc *a) {
+    int fd = -1;
+    CUmemPoolPtrExportData pd;
+    CUdeviceptr base = (CUdeviceptr)a->base;
+    size_t size = a->size;
+    CUresult rc;
+    a->kind = KVX__CUDA_POOL;
+    a->pool = pool;
+    if ((rc = cuMemPoolExportToShareableHandle(&fd, pool, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0)) != CUDA_SUCCESS)
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: 0x%llx comes from a memory pool that cannot be exported (%d): create the pool with "
+                         "cuMemPoolCreate/cudaMemPoolCreate and handleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR and allocate with "
+                         "cuMemAllocFromPoolAsync/cudaMallocFromPoolAsync (the default pool of cudaMallocAsync has no handle type), or use cudaMalloc",
+                         (unsigned long long)ptr, (int)rc);
+    close(fd);
+    /* The export names an allocation by its start: the range's own start
+       where it is one (the reported range may be the pool's segment),
+       else the reported base. */
+    if (cuMemPoolExportPointer(&pd, (CUdeviceptr)ptr) == CUDA_SUCCESS) {
+        a->base = ptr;
+        a->size = base + size > ptr && base + size - ptr < end - ptr ? base + size - ptr : end - ptr;
+    } else if ((rc = cuMemPoolExportPointer(&pd, base)) != CUDA_SUCCESS) {
+        return kvx__gpu_err(ctx, rc, "cuMemPoolExportPointer");
+    }
+    return KVX_OK;
+}
+
+/* VMM memory: exportable only with a POSIX file descriptor handle type; a
+   holds the retained handle. */
+KVX__PRIV kvx_status kvx__cuda_classify_vmm(kvx_ctx *ctx, uint64_t ptr, kvx__cuda_alloc *a) {
+    CUmemGenericAllocationHandle h;
+    CUmemAllocationProp prop;
+    CUresult rc;
+    if ((rc = cuMemRetainAllocationHandle(&h, (void *)(uintptr_t)a->base)) != CUDA_SUCCESS)
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: 0x%llx is device memory of an unknown kind (neither cuMemAlloc, VMM nor pool: %d)",
+                         (unsigned long long)ptr, (int)rc);
+    memset(&prop, 0, sizeof prop);
+    rc = cuMemGetAllocationPropertiesFromHandle(&prop, h);
+    if (rc != CUDA_SUCCESS || !(prop.requestedHandleTypes & CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)) {
+        cuMemRelease(h);
+        if (rc != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuMemGetAllocationPropertiesFromHandle");
+        return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: 0x%llx is VMM memory (cuMemCreate) without an exportable handle type: create it with "
+                         "CUmemAllocationProp.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR (PyTorch's expandable segments: "
+                         "use cudaMalloc or an exportable allocator for the KV cache), or use cudaMalloc", (unsigned long long)ptr);
+    }
+    a->kind = KVX__CUDA_VMM;
+    a->h = h;
+    return KVX_OK;
+}
+
 /* Classify the allocation at ptr and fill a; refusals say how to allocate. */
 KVX__PRIV kvx_status kvx__cuda_classify(kvx_ctx *ctx, int device, uint64_t ptr, uint64_t end, kvx__cuda_alloc *a) {
     CUpointer_attribute at[5] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, CU_POINTER_ATTRIBUTE_IS_MANAGED,
@@ -471,48 +516,9 @@ KVX__PRIV kvx_status kvx__cuda_classify(kvx_ctx *ctx, int device, uint64_t ptr, 
     if ((rc = cuMemGetAddressRange(&base, &size, (CUdeviceptr)ptr)) != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuMemGetAddressRange");
     a->base = base;
     a->size = size;
-    if (pool) {
-        int fd = -1;
-        CUmemPoolPtrExportData pd;
-        a->kind = KVX__CUDA_POOL;
-        a->pool = pool;
-        if ((rc = cuMemPoolExportToShareableHandle(&fd, pool, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0)) != CUDA_SUCCESS)
-            return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: 0x%llx comes from a memory pool that cannot be exported (%d): create the pool with "
-                             "cuMemPoolCreate/cudaMemPoolCreate and handleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR and allocate with "
-                             "cuMemAllocFromPoolAsync/cudaMallocFromPoolAsync (the default pool of cudaMallocAsync has no handle type), or use cudaMalloc",
-                             (unsigned long long)ptr, (int)rc);
-        close(fd);
-        /* The export names an allocation by its start: the range's own start
-           where it is one (the reported range may be the pool's segment),
-           else the reported base. */
-        if (cuMemPoolExportPointer(&pd, (CUdeviceptr)ptr) == CUDA_SUCCESS) {
-            a->base = ptr;
-            a->size = base + size > ptr && base + size - ptr < end - ptr ? base + size - ptr : end - ptr;
-        } else if ((rc = cuMemPoolExportPointer(&pd, base)) != CUDA_SUCCESS) {
-            return kvx__gpu_err(ctx, rc, "cuMemPoolExportPointer");
-        }
-        return KVX_OK;
-    }
+    if (pool) return kvx__cuda_classify_pool(ctx, pool, ptr, end, a);
     if (legacy) { a->kind = KVX__CUDA_LEGACY; return KVX_OK; }
-    {
-        CUmemGenericAllocationHandle h;
-        CUmemAllocationProp prop;
-        if ((rc = cuMemRetainAllocationHandle(&h, (void *)(uintptr_t)base)) != CUDA_SUCCESS)
-            return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: 0x%llx is device memory of an unknown kind (neither cuMemAlloc, VMM nor pool: %d)",
-                             (unsigned long long)ptr, (int)rc);
-        memset(&prop, 0, sizeof prop);
-        rc = cuMemGetAllocationPropertiesFromHandle(&prop, h);
-        if (rc != CUDA_SUCCESS || !(prop.requestedHandleTypes & CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)) {
-            cuMemRelease(h);
-            if (rc != CUDA_SUCCESS) return kvx__gpu_err(ctx, rc, "cuMemGetAllocationPropertiesFromHandle");
-            return kvx__fail(ctx, KVX_ERR_UNSUPPORTED, "cuda: 0x%llx is VMM memory (cuMemCreate) without an exportable handle type: create it with "
-                             "CUmemAllocationProp.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR (PyTorch's expandable segments: "
-                             "use cudaMalloc or an exportable allocator for the KV cache), or use cudaMalloc", (unsigned long long)ptr);
-        }
-        a->kind = KVX__CUDA_VMM;
-        a->h = h;
-    }
-    return KVX_OK;
+    return kvx__cuda_classify_vmm(ctx, ptr, a);
 }
 
 /* The allocations that make up the range r, in order, each classified (VMM

@@ -1011,11 +1011,35 @@ KVX__PRIV void kvx__ofi_note_release(kvx_ctx *ctx, kvx_queue *q, kvx_ticket t) {
         }
 }
 
+/* A closing endpoint's reads fail and its notifications are dropped, said. */
+KVX__PRIV void kvx__ofi_pep_cancel(kvx_ctx *ctx, kvx__ofi_pep *pe, const char *why) {
+    kvx_peer *p = pe->peer;
+    uint32_t i, dropped = 0;
+    for (i = 0; i < pe->nctx; i++)
+        if (pe->ops && pe->ops[i].in_use) {
+            pe->ops[i].in_use = 0;
+            kvx__op_done(pe->ops[i].rd, KVX_ERR_CANCELED, why);
+        }
+    for (i = 0; pe->sends && i < pe->nsend; i++)
+        if (pe->sends[i].busy) {
+            pe->sends[i].busy = 0;
+            if (!pe->sends[i].q) continue;  /* the wireup message */
+            dropped++;
+            kvx__ofi_note_release(ctx, pe->sends[i].q, pe->sends[i].ticket);
+        }
+    for (i = 0; pe->notes && i < pe->note_count; i++) {
+        kvx__ofi_note *n = &pe->notes[(pe->note_head + i) % pe->note_cap];
+        dropped++;
+        kvx__ofi_note_release(ctx, n->q, n->ticket);
+    }
+    if (dropped) KVX__LOG(ctx, KVX_LOG_WARN, "ofi: %u notifications to %s/%d dropped: %s", dropped, p->name, p->rank, why);
+}
+
 KVX__PRIV void kvx__ofi_pep_free(kvx_ctx *ctx, kvx__ofi_pep *pe, const char *why) {
     kvx__ofi *o = kvx__ofi_of(ctx);
     kvx__ofi_pep **pp;
     kvx_peer *p = pe->peer;
-    uint32_t i, c, k, dropped = 0;
+    uint32_t i, c, k;
     for (pp = &o->peps; *pp; pp = &(*pp)->next)
         if (*pp == pe) { *pp = pe->next; break; }
     kvx__ofi_wait_rebuild(o);
@@ -1040,24 +1064,7 @@ KVX__PRIV void kvx__ofi_pep_free(kvx_ctx *ctx, kvx__ofi_pep *pe, const char *why
         kvx__ofi_fid_close(pe->cq ? &pe->cq->fid : NULL);
         kvx__ofi_fid_close(pe->av ? &pe->av->fid : NULL);
     }
-    for (i = 0; i < pe->nctx; i++)
-        if (pe->ops && pe->ops[i].in_use) {
-            pe->ops[i].in_use = 0;
-            kvx__op_done(pe->ops[i].rd, KVX_ERR_CANCELED, why);
-        }
-    for (i = 0; pe->sends && i < pe->nsend; i++)
-        if (pe->sends[i].busy) {
-            pe->sends[i].busy = 0;
-            if (!pe->sends[i].q) continue;  /* the wireup message */
-            dropped++;
-            kvx__ofi_note_release(ctx, pe->sends[i].q, pe->sends[i].ticket);
-        }
-    for (i = 0; pe->notes && i < pe->note_count; i++) {
-        kvx__ofi_note *n = &pe->notes[(pe->note_head + i) % pe->note_cap];
-        dropped++;
-        kvx__ofi_note_release(ctx, n->q, n->ticket);
-    }
-    if (dropped) KVX__LOG(ctx, KVX_LOG_WARN, "ofi: %u notifications to %s/%d dropped: %s", dropped, p->name, p->rank, why);
+    kvx__ofi_pep_cancel(ctx, pe, why);
     for (k = 0, c = 0; c < p->ncaches; c++)
         for (i = 0; i < p->caches[c].nregions; i++, k++) {
             if (pe->rkeys && k < pe->nrkeys && pe->rkeys[k].mapped && !pe->parked) fi_mr_unmap_key(o->domain, pe->rkeys[k].key);

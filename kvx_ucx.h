@@ -912,6 +912,27 @@ KVX__PRIV ucs_status_t kvx__ucx_first_read(kvx_ctx *ctx, kvx_peer *p, kvx__cache
     return UCS_OK;
 }
 
+/* A GPU cache read over something other than cuda_ipc: said in the peer's
+   why and warned, with the likely cause and what UCX said. */
+KVX__PRIV void kvx__ucx_not_ipc(kvx_ctx *ctx, kvx_peer *p, uint32_t c, const char *path, const char *info) {
+    kvx__ucx_peer *pp = kvx__ucx_peer_of(p);
+    snprintf(p->why, sizeof p->why, "UCX %s read GPU cache %u over %s, not cuda_ipc (%s)", ucp_get_version_string(), c, path,
+             !kvx__ucx_ep_has(pp->rma, "cuda_ipc") ? "no cuda_ipc to this peer" :
+             kvx__ucx_env_on("UCX_CUDA_IPC_ENABLE_GET_ZCOPY") ? "cuda_ipc could not map this memory"
+             : "UCX turns cuda_ipc gets off without NVLink; UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y turns them on");
+    KVX__LOG(ctx, KVX_LOG_WARN, "ucx %s: GPU cache %u of %s/%d is read over %s, not cuda_ipc: %s; UCX: \"%s\"",
+             ucp_get_version_string(), c, p->name, p->rank, path,
+             !kvx__ucx_ep_has(pp->rma, "cuda_ipc")
+                 ? "no cuda_ipc to this peer (another host, a GPU it cannot map, or UCX_TLS)"
+                 : kvx__ucx_env_on("UCX_CUDA_IPC_ENABLE_GET_ZCOPY")
+                 ? "this endpoint has cuda_ipc with gets on, but UCX's cuda_ipc could not map this memory "
+                   "(VMM or pool memory it cannot export, as PyTorch's expandable segments make); kvx's CUDA backend reads it"
+                 : "this endpoint has cuda_ipc, but UCX did not take it for this read: UCX turns cuda_ipc gets off "
+                   "where it sees no NVLink (UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y turns them on), and cannot map memory "
+                   "it cannot export (VMM or some pools); kvx's CUDA backend reads both",
+             info);
+}
+
 /* How each of a peer's caches is read (see the top of this file), and the
    transport string: cache 0's path and each other cache's that differs. */
 KVX__PRIV ucs_status_t kvx__ucx_paths(kvx_ctx *ctx, kvx_peer *p) {
@@ -954,23 +975,7 @@ KVX__PRIV ucs_status_t kvx__ucx_paths(kvx_ctx *ctx, kvx_peer *p) {
             size_t n = strlen(p->transport);
             snprintf(p->transport + n, sizeof p->transport - n, ", cache %u: %s", c, path);
         }
-        if (rc->mem == KVX_MEM_CUDA && keyed && !strstr(tls, "cuda_ipc")) {
-            snprintf(p->why, sizeof p->why, "UCX %s read GPU cache %u over %s, not cuda_ipc (%s)", ucp_get_version_string(), c, path,
-                     !kvx__ucx_ep_has(pp->rma, "cuda_ipc") ? "no cuda_ipc to this peer" :
-                     kvx__ucx_env_on("UCX_CUDA_IPC_ENABLE_GET_ZCOPY") ? "cuda_ipc could not map this memory"
-                     : "UCX turns cuda_ipc gets off without NVLink; UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y turns them on");
-            KVX__LOG(ctx, KVX_LOG_WARN, "ucx %s: GPU cache %u of %s/%d is read over %s, not cuda_ipc: %s; UCX: \"%s\"",
-                     ucp_get_version_string(), c, p->name, p->rank, path,
-                     !kvx__ucx_ep_has(pp->rma, "cuda_ipc")
-                         ? "no cuda_ipc to this peer (another host, a GPU it cannot map, or UCX_TLS)"
-                         : kvx__ucx_env_on("UCX_CUDA_IPC_ENABLE_GET_ZCOPY")
-                         ? "this endpoint has cuda_ipc with gets on, but UCX's cuda_ipc could not map this memory "
-                           "(VMM or pool memory it cannot export, as PyTorch's expandable segments make); kvx's CUDA backend reads it"
-                         : "this endpoint has cuda_ipc, but UCX did not take it for this read: UCX turns cuda_ipc gets off "
-                           "where it sees no NVLink (UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y turns them on), and cannot map memory "
-                           "it cannot export (VMM or some pools); kvx's CUDA backend reads both",
-                     info);
-        }
+        if (rc->mem == KVX_MEM_CUDA && keyed && !strstr(tls, "cuda_ipc")) kvx__ucx_not_ipc(ctx, p, c, path, info);
     }
     if (!p->ncaches) snprintf(p->transport, sizeof p->transport, "ucx:%s (sw)", am_tl);
     return UCS_OK;

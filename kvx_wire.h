@@ -292,22 +292,20 @@ KVX__PRIV kvx_status kvx__md_auth(kvx_ctx *ctx, const uint8_t *md, size_t len, u
     return KVX_OK;
 }
 
-/* Parse and validate a blob into p (fields, caches). Nothing trusted. */
-KVX__PRIV kvx_status kvx__md_parse(kvx_ctx *ctx, const uint8_t *md, size_t len, kvx_peer *p) {
-    kvx__rbuf r;
-    uint32_t magic, ver, kind, total, crc, want, i, alen, flags;
-    const uint8_t *addr;
+/* A blob's first 16 bytes: magic, version, backend, its length and checksum,
+   each checked; rb is left after them. */
+KVX__PRIV kvx_status kvx__md_envelope(kvx_ctx *ctx, const uint8_t *md, size_t len, kvx__rbuf *rb) {
+    uint32_t magic, ver, kind, total, crc, want;
     uint8_t zero[4] = {0, 0, 0, 0};
-    kvx_status st;
-    memset(&r, 0, sizeof r);
-    r.p = md; r.len = len;
+    memset(rb, 0, sizeof *rb);
+    rb->p = md; rb->len = len;
     if (len < KVX__HDR_BYTES)
         return kvx__fail(ctx, KVX_ERR_ARG, "metadata: truncated: %zu bytes, the header alone is %u", len, KVX__HDR_BYTES);
-    magic = (uint32_t)kvx__get_u(&r, 4);
-    ver = (uint32_t)kvx__get_u(&r, 2);
-    kind = (uint32_t)kvx__get_u(&r, 2);
-    total = (uint32_t)kvx__get_u(&r, 4);
-    crc = (uint32_t)kvx__get_u(&r, 4);
+    magic = (uint32_t)kvx__get_u(rb, 4);
+    ver = (uint32_t)kvx__get_u(rb, 2);
+    kind = (uint32_t)kvx__get_u(rb, 2);
+    total = (uint32_t)kvx__get_u(rb, 4);
+    crc = (uint32_t)kvx__get_u(rb, 4);
     if (magic != KVX__MAGIC) return kvx__fail(ctx, KVX_ERR_ARG, "metadata: magic 0x%08x is not kvx's 0x%08x", magic, KVX__MAGIC);
     if (ver != KVX_METADATA_VERSION)
         return kvx__fail(ctx, KVX_ERR_MISMATCH, "metadata: version %u, this kvx reads version %u", ver, KVX_METADATA_VERSION);
@@ -323,6 +321,16 @@ KVX__PRIV kvx_status kvx__md_parse(kvx_ctx *ctx, const uint8_t *md, size_t len, 
         return kvx__fail(ctx, KVX_ERR_MISMATCH, "metadata: backend %u (%s), this context runs %u (%s)", kind,
                          kvx_backend_name((kvx_backend)kind),
                          (unsigned)ctx->be_ops->kind, ctx->be_ops->name);
+    return KVX_OK;
+}
+
+/* Parse and validate a blob into p (fields, caches). Nothing trusted. */
+KVX__PRIV kvx_status kvx__md_parse(kvx_ctx *ctx, const uint8_t *md, size_t len, kvx_peer *p) {
+    kvx__rbuf r;
+    uint32_t i, alen, flags;
+    const uint8_t *addr;
+    kvx_status st;
+    if ((st = kvx__md_envelope(ctx, md, len, &r)) != KVX_OK) return st;
     p->epoch = kvx__get_u(&r, 8);
     if (r.len - r.off >= KVX__SECRET_BYTES) { memcpy(p->secret, md + r.off, KVX__SECRET_BYTES); r.off += KVX__SECRET_BYTES; }
     else r.bad = 1;
