@@ -24,7 +24,7 @@ import ctypes as C
 import json
 import os
 import struct as _struct
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 # The struct mirrors, generated from kvx.h (tools/gen_pymirrors.py); checked
 # field by field against the library's table at load (_check_mirrors).
@@ -410,13 +410,9 @@ def _infer_layout(t: _TensorInfo, block_size: Optional[int]) -> str:
                                                                   " with block_size %d" % block_size, ", ".join(_LAYOUT_NAMES)), -1)
 
 
-def _layout_of(tensors: Sequence[_TensorInfo], layout: Optional[str], block_size: Optional[int] = None) -> _Form:
-    """kvx's view of one tensor per layer: every layer alike, from its strides."""
+def _same_layers(tensors: Sequence[_TensorInfo]) -> None:
+    """Every layer's tensor like layer 0's: shape, dtype, strides and device."""
     first = tensors[0]
-    name = _infer_layout(first, block_size) if layout is None else layout
-    if name not in _LAYOUT_NAMES:
-        raise ArgumentError("register_cache: layout %r: use one of %s (vLLM's names), or None to infer it"
-                            % (layout, ", ".join(_LAYOUT_NAMES)), -1)
     for i, t in enumerate(tensors):
         if t.shape != first.shape or t.dtype != first.dtype or t.strides != first.strides:
             raise ArgumentError("register_cache: layer %d is %s, layer 0 %s: every layer must match"
@@ -424,12 +420,57 @@ def _layout_of(tensors: Sequence[_TensorInfo], layout: Optional[str], block_size
         if (t.kind, t.cuda, t.device) != (first.kind, first.cuda, first.device):
             raise ArgumentError("register_cache: layer %d is on %s, layer 0 on %s: every layer must be on one device"
                                 % (i, "cuda:%d" % t.device if t.cuda else "cpu", "cuda:%d" % first.device if first.cuda else "cpu"), -1)
+
+
+class _Dims:
+    """A 4-d or 5-d layer's dims: blocks, the two middle dims (a, b) in memory
+    order with their strides, the last dim, and where K and V lie."""
+    def __init__(self, num_blocks: int, a: int, b: int, hd: int, sa: int, sb: int, sd: int,
+                 plane_step: int, kv_planes: int, blk: int) -> None:
+        self.num_blocks, self.a, self.b, self.hd = num_blocks, a, b, hd
+        self.sa, self.sb, self.sd = sa, sb, sd
+        self.plane_step, self.kv_planes, self.blk = plane_step, kv_planes, blk
+
+
+def _dims_of(name: str, sh: Tuple[int, ...], st: Tuple[int, ...], e: int, block_size: Optional[int],
+             refuse: Callable[[str], ArgumentError]) -> _Dims:
+    if len(sh) == 5:  # two planes: K and V apart
+        if name not in ("NHD", "HND"):
+            raise refuse("a 5-d layer is [2, num_blocks, ...] (or [num_blocks, 2, ...]): use NHD or HND")
+        kv = 0 if sh[0] == 2 else 1 if sh[1] == 2 else -1
+        if kv < 0:
+            raise refuse("neither dim 0 nor dim 1 is 2 (K and V)")
+        return _Dims(sh[1 - kv], sh[2], sh[3], sh[4], st[2], st[3], st[4], st[kv], 2, 1 - kv)
+    if len(sh) == 4:  # one plane: K and V side by side in the last dim
+        nb, a, b, hd = sh
+        sa, sb, sd = st[1], st[2], st[3]
+        # Dims 1 and 2 in the name's order ([B, N, H, C] for NHD), or swapped
+        # where the strides (or block_size) say so: vLLM 0.33 hands every
+        # layout as a [B, H, N, C] view whose strides give the order.
+        nhd = name in _NHD_NAMES
+        std_fits = sb == hd * e and (block_size is None or sh[1 if nhd else 2] == block_size)
+        swap_fits = sa == hd * e and (block_size is None or sh[2 if nhd else 1] == block_size)
+        if std_fits and swap_fits:  # one of them has size 1, its stride any: that one is the heads
+            std_fits = sh[2 if nhd else 1] == 1
+        if swap_fits and not std_fits:
+            a, b, sa, sb = b, a, sb, sa
+        return _Dims(nb, a, b, hd, sa, sb, sd, 0, 1, 0)
+    raise refuse("kvx reads 5-d two-plane layers, 4-d one-plane views, or 3-d MLA")
+
+
+def _layout_of(tensors: Sequence[_TensorInfo], layout: Optional[str], block_size: Optional[int] = None) -> _Form:
+    """kvx's view of one tensor per layer: every layer alike, from its strides."""
+    first = tensors[0]
+    name = _infer_layout(first, block_size) if layout is None else layout
+    if name not in _LAYOUT_NAMES:
+        raise ArgumentError("register_cache: layout %r: use one of %s (vLLM's names), or None to infer it"
+                            % (layout, ", ".join(_LAYOUT_NAMES)), -1)
+    _same_layers(tensors)
     e, sh, st = first.itemsize, first.shape, first.strides
     lay = _Layout()
     lay.num_layers = len(tensors)
     lay.elem_bytes = e
     lay.dtype = _DTYPES.get(first.dtype, 0)
-    bases: List[int] = []
     head_stride = token_stride = 0
 
     def refuse(why: str) -> ArgumentError:
@@ -442,55 +483,24 @@ def _layout_of(tensors: Sequence[_TensorInfo], layout: Optional[str], block_size
             raise refuse("a block's tokens must be packed (strides [*, latent_dim * elem, elem])")
         lay.num_blocks, lay.block_tokens, lay.head_dim = sh
         lay.num_heads, lay.total_heads, lay.kv_planes, lay.order = 1, 1, 1, 0
-        bases = [t.ptr for t in tensors]
-        return _Form(lay, bases, st[0], 0, 0, name)
-    if len(sh) == 5:  # two planes: K and V apart
-        if name not in ("NHD", "HND"):
-            raise refuse("a 5-d layer is [2, num_blocks, ...] (or [num_blocks, 2, ...]): use NHD or HND")
-        kv = 0 if sh[0] == 2 else 1 if sh[1] == 2 else -1
-        if kv < 0:
-            raise refuse("neither dim 0 nor dim 1 is 2 (K and V)")
-        blk = 1 - kv
-        lay.num_blocks = sh[blk]
-        a, b, hd = sh[2], sh[3], sh[4]
-        sa, sb, sd = st[2], st[3], st[4]
-        plane_step = st[kv]
-        lay.kv_planes = 2
-    elif len(sh) == 4:  # one plane: K and V side by side in the last dim
-        lay.num_blocks, a, b, hd = sh
-        sa, sb, sd = st[1], st[2], st[3]
-        # Dims 1 and 2 in the name's order ([B, N, H, C] for NHD), or swapped
-        # where the strides (or block_size) say so: vLLM 0.33 hands every
-        # layout as a [B, H, N, C] view whose strides give the order.
-        nhd = name in _NHD_NAMES
-        std_fits = sb == hd * e and (block_size is None or sh[1 if nhd else 2] == block_size)
-        swap_fits = sa == hd * e and (block_size is None or sh[2 if nhd else 1] == block_size)
-        if std_fits and swap_fits:  # one of them has size 1, its stride any: that one is the heads
-            std_fits = sh[2 if nhd else 1] == 1
-        if swap_fits and not std_fits:
-            a, b, sa, sb = b, a, sb, sa
-        plane_step = 0
-        lay.kv_planes = 1
-        blk = 0
-    else:
-        raise refuse("kvx reads 5-d two-plane layers, 4-d one-plane views, or 3-d MLA")
-    if sd != e:
+        return _Form(lay, [t.ptr for t in tensors], st[0], 0, 0, name)
+    d = _dims_of(name, sh, st, e, block_size, refuse)
+    lay.num_blocks, lay.kv_planes = d.num_blocks, d.kv_planes
+    if d.sd != e:
         raise refuse("the last dim (head_size, or K|V) must be packed")
     if name in _NHD_NAMES:  # [.., tokens, heads, C]
-        lay.block_tokens, lay.num_heads, lay.order = a, b, 1
-        if sb != hd * e:
-            raise refuse("a token's heads must be packed (heads stride %d bytes, not %d)" % (sb, hd * e))
-        token_stride = sa if a > 1 else 0
+        lay.block_tokens, lay.num_heads, lay.order = d.a, d.b, 1
+        if d.sb != d.hd * e:
+            raise refuse("a token's heads must be packed (heads stride %d bytes, not %d)" % (d.sb, d.hd * e))
+        token_stride = d.sa if d.a > 1 else 0
     else:                   # [.., heads, tokens, C]
-        lay.num_heads, lay.block_tokens, lay.order = a, b, 0
-        if sb != hd * e:
-            raise refuse("a head's tokens must be packed (tokens stride %d bytes, not %d)" % (sb, hd * e))
-        head_stride = sa if a > 1 else 0  # one head: its stride means nothing (vLLM gives a size-1 dim any)
-    lay.head_dim = hd
-    for t in tensors:
-        for p in range(lay.kv_planes):
-            bases.append(t.ptr + p * plane_step)
-    return _Form(lay, bases, st[blk], head_stride, token_stride, name)
+        lay.num_heads, lay.block_tokens, lay.order = d.a, d.b, 0
+        if d.sb != d.hd * e:
+            raise refuse("a head's tokens must be packed (tokens stride %d bytes, not %d)" % (d.sb, d.hd * e))
+        head_stride = d.sa if d.a > 1 else 0  # one head: its stride means nothing (vLLM gives a size-1 dim any)
+    lay.head_dim = d.hd
+    bases = [t.ptr + p * d.plane_step for t in tensors for p in range(lay.kv_planes)]
+    return _Form(lay, bases, st[d.blk], head_stride, token_stride, name)
 
 
 # --- objects ----------------------------------------------------------------------
