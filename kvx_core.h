@@ -1427,7 +1427,6 @@ KVX__PRIV kvx_status kvx__issue(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op) 
     return st;
 }
 
-/* Issue ops of live reads, oldest first, while the queue has room. */
 /* Before a read's ops go: its peer alive and connected, and ops to issue.
    0: the read was finished here (failed, or a read of no blocks). */
 KVX__PRIV int kvx__pump_ready(kvx_ctx *ctx, kvx__read *rd) {
@@ -1474,6 +1473,7 @@ KVX__PRIV kvx_status kvx__pump_ops(kvx_ctx *ctx, kvx_queue *q, kvx__read *rd) {
     return KVX_OK;
 }
 
+/* Issue ops of live reads, oldest first, while the queue has room. */
 KVX__PRIV void kvx__pump(kvx_queue *q) {
     kvx_ctx *ctx = q->ctx;
     kvx_ticket t;
