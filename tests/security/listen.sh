@@ -30,6 +30,10 @@ fails=0
 check() {
   local label=$1 backend=$2 addrs n=0 bad
   shift 2
+  # the last owner's sockets gone first: one still closing would be taken
+  # for this owner's (5 s at most)
+  while [ $n -lt 50 ] && [ -n "$(ip netns exec "$A" ss -Hltn | awk '{print $4}' | grep -v ":7799$")" ]; do sleep 0.1; n=$((n + 1)); done
+  n=0
   ip netns exec "$A" env -u UCX_NET_DEVICES -u UCX_TLS -u FI_TCP_IFACE "$@" KVX_HOST_ID=kvx-listen \
     timeout 60 "$bench" --backends "$backend" --role prefill --listen "$IPA:7799" --strategy spread \
     --num-blocks 64 --blocks 8 --num-layers 2 >/dev/null 2>&1 &
