@@ -1064,10 +1064,9 @@ KVX_API kvx_status kvx_peer_heads(const kvx_peer *p, const kvx_cache *c, uint32_
     return KVX_OK;
 }
 
-/* The transport lost p. With nothing of ours in flight to it that is a
-   close, not an error (an owner that ends after its readers are done):
-   said at info, and the next read of it fails saying so. On this host the
-   pid tells a process that is gone from a connection that broke. */
+/* A backend's wait for a peer: poll, with the context's lock let go on the
+   thread in kvx_peer_add's connect (ctx->adder), so reads of other peers
+   go on; held as it was everywhere else. */
 KVX__PRIV_MAYBE int kvx__wait_poll(kvx_ctx *ctx, struct pollfd *fds, nfds_t n, int ms) {  /* local has no waits */
     int unlock = ctx->adding && pthread_equal(ctx->adder, pthread_self()), r;
     if (unlock) pthread_mutex_unlock(&ctx->lock);
@@ -1076,6 +1075,10 @@ KVX__PRIV_MAYBE int kvx__wait_poll(kvx_ctx *ctx, struct pollfd *fds, nfds_t n, i
     return r;
 }
 
+/* The transport lost p. With nothing of ours in flight to it that is a
+   close, not an error (an owner that ends after its readers are done):
+   said at info, and the next read of it fails saying so. On this host the
+   pid tells a process that is gone from a connection that broke. */
 KVX__PRIV void kvx__peer_failed(kvx_peer *p, const char *why) {
     kvx_ctx *ctx = p->ctx;
     int gone = !strcmp(p->host, ctx->host) && !kvx__pid_alive(p->pid);
