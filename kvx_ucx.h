@@ -915,22 +915,21 @@ KVX__PRIV ucs_status_t kvx__ucx_first_read(kvx_ctx *ctx, kvx_peer *p, kvx__cache
 /* A GPU cache read over something other than cuda_ipc: said in the peer's
    why and warned, with the likely cause and what UCX said. */
 KVX__PRIV void kvx__ucx_not_ipc(kvx_ctx *ctx, kvx_peer *p, uint32_t c, const char *path, const char *info) {
-    kvx__ucx_peer *pp = kvx__ucx_peer_of(p);
-    snprintf(p->why, sizeof p->why, "UCX %s read GPU cache %u over %s, not cuda_ipc (%s)", ucp_get_version_string(), c, path,
-             !kvx__ucx_ep_has(pp->rma, "cuda_ipc") ? "no cuda_ipc to this peer" :
-             kvx__ucx_env_on("UCX_CUDA_IPC_ENABLE_GET_ZCOPY") ? "cuda_ipc could not map this memory"
-             : "UCX turns cuda_ipc gets off without NVLink; UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y turns them on");
+    /* the likely cause: briefly for the peer's why, in full for the log */
+    static const char *const brief[3] = {
+        "no cuda_ipc to this peer", "cuda_ipc could not map this memory",
+        "UCX turns cuda_ipc gets off without NVLink; UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y turns them on"};
+    static const char *const full[3] = {
+        "no cuda_ipc to this peer (another host, a GPU it cannot map, or UCX_TLS)",
+        "this endpoint has cuda_ipc with gets on, but UCX's cuda_ipc could not map this memory "
+        "(VMM or pool memory it cannot export, as PyTorch's expandable segments make); kvx's CUDA backend reads it",
+        "this endpoint has cuda_ipc, but UCX did not take it for this read: UCX turns cuda_ipc gets off "
+        "where it sees no NVLink (UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y turns them on), and cannot map memory "
+        "it cannot export (VMM or some pools); kvx's CUDA backend reads both"};
+    int k = !kvx__ucx_ep_has(kvx__ucx_peer_of(p)->rma, "cuda_ipc") ? 0 : kvx__ucx_env_on("UCX_CUDA_IPC_ENABLE_GET_ZCOPY") ? 1 : 2;
+    snprintf(p->why, sizeof p->why, "UCX %s read GPU cache %u over %s, not cuda_ipc (%s)", ucp_get_version_string(), c, path, brief[k]);
     KVX__LOG(ctx, KVX_LOG_WARN, "ucx %s: GPU cache %u of %s/%d is read over %s, not cuda_ipc: %s; UCX: \"%s\"",
-             ucp_get_version_string(), c, p->name, p->rank, path,
-             !kvx__ucx_ep_has(pp->rma, "cuda_ipc")
-                 ? "no cuda_ipc to this peer (another host, a GPU it cannot map, or UCX_TLS)"
-                 : kvx__ucx_env_on("UCX_CUDA_IPC_ENABLE_GET_ZCOPY")
-                 ? "this endpoint has cuda_ipc with gets on, but UCX's cuda_ipc could not map this memory "
-                   "(VMM or pool memory it cannot export, as PyTorch's expandable segments make); kvx's CUDA backend reads it"
-                 : "this endpoint has cuda_ipc, but UCX did not take it for this read: UCX turns cuda_ipc gets off "
-                   "where it sees no NVLink (UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y turns them on), and cannot map memory "
-                   "it cannot export (VMM or some pools); kvx's CUDA backend reads both",
-             info);
+             ucp_get_version_string(), c, p->name, p->rank, path, full[k], info);
 }
 
 /* How each of a peer's caches is read (see the top of this file), and the
