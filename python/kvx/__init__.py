@@ -24,7 +24,7 @@ import ctypes as C
 import json
 import os
 import struct as _struct
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 # The struct mirrors, generated from kvx.h (tools/gen_pymirrors.py); checked
 # field by field against the library's table at load (_check_mirrors).
@@ -422,14 +422,19 @@ def _same_layers(tensors: Sequence[_TensorInfo]) -> None:
                                 % (i, "cuda:%d" % t.device if t.cuda else "cpu", "cuda:%d" % first.device if first.cuda else "cpu"), -1)
 
 
-class _Dims:
+class _Dims(NamedTuple):
     """A 4-d or 5-d layer's dims: blocks, the two middle dims (a, b) in memory
     order with their strides, the last dim, and where K and V lie."""
-    def __init__(self, num_blocks: int, a: int, b: int, hd: int, sa: int, sb: int, sd: int,
-                 plane_step: int, kv_planes: int, blk: int) -> None:
-        self.num_blocks, self.a, self.b, self.hd = num_blocks, a, b, hd
-        self.sa, self.sb, self.sd = sa, sb, sd
-        self.plane_step, self.kv_planes, self.blk = plane_step, kv_planes, blk
+    num_blocks: int
+    a: int
+    b: int
+    hd: int
+    sa: int
+    sb: int
+    sd: int
+    plane_step: int
+    kv_planes: int
+    blk: int
 
 
 def _dims_of(name: str, sh: Tuple[int, ...], st: Tuple[int, ...], e: int, block_size: Optional[int],
