@@ -21,9 +21,20 @@
     together are staged (kvx__ucx_stage) and asked for in one request: the
     header names the first op's range and the data the others', and the
     owner checks each against what it registered and sends all their bytes
-    in one reply, from an iov. A batch holds at most KVX__UCX_BATCH_BYTES,
-    so that a queue's ops outstanding (kvx_queue_desc.max_ops) still make a
-    few requests in flight.
+    in one reply. A batch holds at most KVX__UCX_BATCH_BYTES, so that a
+    queue's ops outstanding (kvx_queue_desc.max_ops) still make a few
+    requests in flight.
+
+    REPLIES IN ONE PIECE. UCX's TCP transport receives into 64 KiB segments
+    (UCX_TCP_RX_SEG_SIZE): a reply that fits one arrives in place and kvx
+    copies it where it goes; a larger one comes as fragments that UCX first
+    copies together. So a reader asks for at most KVX__UCX_ASK_BYTES in one
+    request, a larger piece in even slices. Such a reply goes zero-copy
+    from the owner's cache when it is at most KVX__UCX_REPLY_IOV separate
+    pieces (TCP's iov limit, UCX_TCP_MAX_IOV less the transport's own);
+    with more, UCX would send it as 8 KiB fragments, so the owner copies
+    the pieces into one buffer first (at most KVX__UCX_BOUNCE_BYTES of such
+    buffers at once; past that, from the cache as before).
 
     WHO IS ANSWERED. A request carries the owner's secret (from its metadata)
     and a nonce of the reader's; the owner drops, unanswered and counted, any
@@ -48,7 +59,7 @@
 
 #define KVX__UCX_AM_GET 0x4c            /* kvx's own get: the request */
 #define KVX__UCX_AM_GET_REPLY 0x4d      /* ... and the reply with the bytes */
-#define KVX__UCX_GET_PART (1u << 20)    /* bytes one request asks for: the owner sends each eagerly */
+#define KVX__UCX_GET_PART (1u << 20)    /* bytes one request may ask for: what an owner serves at most, eagerly */
 #define KVX__UCX_GET_PIECES 4096u       /* pieces one request asks for (the owner's iov for the reply) */
 #define KVX__UCX_BY_KVX_GET 1u          /* be_flags of a peer's cache: read by kvx's get; of a peer: some cache is */
 #define KVX__UCX_WINDOW_PARTS 1024u     /* a reader's requests outstanding to one peer */
@@ -57,8 +68,15 @@
 #define KVX__UCX_EP_BYTES (1ull << 30)
 #define KVX__UCX_REPLIES 65536u         /* ... and for all of them */
 #define KVX__UCX_NONE 0xFFFFFFFFu
+#if !defined(KVX__UCX_ASK_BYTES)
+#  define KVX__UCX_ASK_BYTES (60u << 10)    /* bytes a reader asks for in one request: a reply within a TCP segment */
+#endif
+#define KVX__UCX_REPLY_IOV 4u               /* pieces a reply sends from the cache in place, at most */
+#if !defined(KVX__UCX_BOUNCE_BYTES)
+#  define KVX__UCX_BOUNCE_BYTES (32u << 20) /* an owner's buffers of replies copied together, at most */
+#endif
 #if !defined(KVX__UCX_BATCH_BYTES)
-#  define KVX__UCX_BATCH_BYTES (64u << 10)  /* a batch of small ops: bytes at most (ops larger go alone) */
+#  define KVX__UCX_BATCH_BYTES KVX__UCX_ASK_BYTES  /* a batch of small ops: bytes at most (ops larger go alone) */
 #endif
 #define KVX__UCX_GET_RANGES 256u        /* ranges one request names: the header's and its data's */
 
@@ -102,6 +120,9 @@ typedef struct kvx__ucx_getter {
     uint32_t nreplies;          /* replies queued, all endpoints */
     kvx__ucx_epacct *acct;      /* open addressing by endpoint, acct_cap a power of two */
     uint32_t acct_cap, acct_used;
+    uint64_t bounce_bytes;      /* of replies copied together and not yet sent */
+    uint64_t replies_copied, replies_iov, parts_asked;  /* counts: an owner's replies of many pieces (copied together,
+                                                           or from an iov in place); a reader's requests */
     kvx__op stage[KVX__UCX_GET_RANGES]; /* the batch being gathered in a post, of stage_rd */
     kvx__read *stage_rd;
     uint32_t nstage;
@@ -121,6 +142,7 @@ struct kvx__ucx_msg {
     uint64_t charged;           /* ... and its bytes there */
     uint64_t addr, len;         /* the span of the bytes it sends */
     uint64_t until_ns;          /* the reader takes none of them after this */
+    uint64_t bounce;            /* bytes of its own buffer, copied from the cache (after the iov) */
     /* a request of a batch: its ranges after the first (kvx__get_range), as the data */
 };
 
@@ -274,6 +296,7 @@ KVX__PRIV ucs_status_t kvx__ucx_ask(kvx_ctx *ctx, kvx__ucx_peer *pp, kvx__ucx_ge
     kvx__get_req_write(m->hdr, &rq);
     g->next = off + (part ? part : 1);
     g->asked++; g->asked_bytes += part;
+    u->parts_asked++;
     pp->asked++; pp->asked_bytes += part;
     memset(&prm, 0, sizeof prm);
     prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
@@ -319,7 +342,7 @@ KVX__PRIV void kvx__ucx_get_queue(kvx_ctx *ctx, kvx_peer *p, uint64_t id) {
 }
 
 /* Ask for one op's bytes (count pieces of len), in parts of at most
-   KVX__UCX_GET_PART: whole pieces where they fit, else slices of one. The
+   KVX__UCX_ASK_BYTES: whole pieces where they fit, else slices of one. The
    parts are asked for as the peer's window allows; the op completes
    through kvx__op_done (the probe through *probe). */
 KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p, const kvx__op *op, ucs_status_t *probe) {
@@ -334,7 +357,11 @@ KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p,
     g->piece = len; g->lstride = count > 1 ? op->lstride : 0;
     g->raddr = op->raddr; g->rstride = count > 1 ? op->rstride : 0;
     g->until_ns = rd ? rd->deadline_ns : kvx__now_ns() + (uint64_t)ctx->timeout_ms * 1000000ull;
-    g->per = len && len <= KVX__UCX_GET_PART ? KVX__UCX_GET_PART / len * len : KVX__UCX_GET_PART;  /* bytes per part */
+    if (len && len <= KVX__UCX_ASK_BYTES) g->per = KVX__UCX_ASK_BYTES / len * len;  /* whole pieces per part */
+    else {  /* slices of one piece, as even as 64-byte steps make them */
+        uint64_t n = (len + KVX__UCX_ASK_BYTES - 1) / KVX__UCX_ASK_BYTES;
+        g->per = ((len + n - 1) / n + 63) & ~(uint64_t)63;
+    }
     if (len && g->per / len > KVX__UCX_GET_PIECES) g->per = (uint64_t)KVX__UCX_GET_PIECES * len;
     for (off = 0; off == 0 || off < g->len; off += kvx__ucx_part_bytes(off, len, g->per)) g->parts++;
     kvx__ucx_get_queue(ctx, p, id);
@@ -516,10 +543,17 @@ KVX__PRIV void kvx__ucx_reply_unlink(kvx__ucx_msg *m) {
     m->listed = 0;
 }
 
+/* A reply's own memory goes: its header, its iov, its copy of the bytes. */
+KVX__PRIV void kvx__ucx_reply_free(kvx__ucx_msg *m) {
+    kvx__ucx_getter *u = kvx__ucx_getter_of(m->ctx);
+    kvx__ucx_reply_unlink(m);
+    u->bounce_bytes -= m->bounce;
+    KVX_FREE(m);
+}
+
 KVX__PRIV void kvx__ucx_reply_sent(void *req, ucs_status_t status, void *user) {
     (void)status;  /* a reader that died: nothing to do but let go */
-    kvx__ucx_reply_unlink((kvx__ucx_msg *)user);
-    KVX_FREE(user);
+    kvx__ucx_reply_free((kvx__ucx_msg *)user);
     ucp_request_free(req);
 }
 
@@ -544,26 +578,66 @@ KVX__PRIV int kvx__ucx_req_take(kvx_ctx *ctx, const void *header, size_t header_
     return 1;
 }
 
+/* Owner: a reply's header and bytes on the wire (to m->ep): one piece from
+   the cache, several from an iov, or many copied into m's own buffer. */
+KVX__PRIV ucs_status_ptr_t kvx__ucx_reply_send(kvx__ucx_msg *m, const kvx__get_req *rq, const void *data, size_t length,
+                                               int np, uint64_t bytes) {
+    kvx__ucx_getter *u = kvx__ucx_getter_of(m->ctx);
+    ucp_dt_iov_t *iov = (ucp_dt_iov_t *)(m + 1);
+    ucp_request_param_t prm;
+    size_t n, k;
+    memset(&prm, 0, sizeof prm);
+    prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+    prm.cb.send = kvx__ucx_reply_sent;
+    prm.user_data = m;
+    /* REPLY: the reader learns which endpoint it came from, and takes it only from the one it asked */
+    prm.flags = UCP_AM_SEND_FLAG_EAGER | UCP_AM_SEND_FLAG_REPLY;
+    if (np <= 1)
+        return ucp_am_send_nbx(m->ep, KVX__UCX_AM_GET_REPLY, m->hdr, KVX__GET_REP_BYTES, np ? (void *)(uintptr_t)rq->raddr : NULL,
+                               np ? (size_t)bytes : 0, &prm);
+    n = kvx__ucx_serve_iov(rq, (const uint8_t *)data, length, iov);
+    if (n <= KVX__UCX_REPLY_IOV) {  /* few once merged: in place after all */
+        u->bounce_bytes -= m->bounce;
+        m->bounce = 0;
+    }
+    if (m->bounce) {
+        uint8_t *b = (uint8_t *)(iov + np), *at = b;
+        u->replies_copied++;
+        for (k = 0; k < n; k++) {
+            memcpy(at, iov[k].buffer, iov[k].length);
+            at += iov[k].length;
+        }
+        return ucp_am_send_nbx(m->ep, KVX__UCX_AM_GET_REPLY, m->hdr, KVX__GET_REP_BYTES, b, (size_t)m->bounce, &prm);
+    }
+    u->replies_iov++;
+    prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+    prm.datatype = ucp_dt_make_iov();
+    return ucp_am_send_nbx(m->ep, KVX__UCX_AM_GET_REPLY, m->hdr, KVX__GET_REP_BYTES, iov, n, &prm);
+}
+
 /* Owner: the reply to a request that passed (np pieces of bytes in [lo, hi)
    when np > 0; a refusal when 0), counted to its endpoint's entry a. Bytes
    asked within the ttl the owner allows (its own timeout at most) are held
-   for deregistration. */
+   for deregistration, unless they were copied. */
 KVX__PRIV void kvx__ucx_reply(kvx_ctx *ctx, kvx__ucx_epacct *a, ucp_ep_h ep, const kvx__get_req *rq, const void *data, size_t length,
                               int np, uint64_t bytes, uint64_t lo, uint64_t hi) {
     kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
     uint64_t ttl, max_ttl = (uint64_t)ctx->timeout_ms * 1000000ull;
-    size_t n = np > 1 ? (size_t)np : 0;  /* pieces apart: sent as one, from an iov */
+    size_t n = np > 1 ? (size_t)np : 0;  /* iov entries at most */
+    uint64_t bounce = n > KVX__UCX_REPLY_IOV && bytes <= KVX__UCX_ASK_BYTES &&
+                      u->bounce_bytes + bytes <= KVX__UCX_BOUNCE_BYTES ? bytes : 0;  /* many pieces: copied together */
     kvx__get_rep rp;
     kvx__ucx_msg *m;
-    ucp_request_param_t prm;
     ucs_status_ptr_t sp;
-    if (!(m = (kvx__ucx_msg *)KVX_MALLOC(sizeof *m + n * sizeof(ucp_dt_iov_t)))) {  /* the reader's deadline ends it */
+    if (!(m = (kvx__ucx_msg *)KVX_MALLOC(sizeof *m + n * sizeof(ucp_dt_iov_t) + (size_t)bounce))) {  /* the reader's deadline ends it */
         kvx__ucx_acct_forget(u, a);
         return;
     }
     memset(m, 0, sizeof *m);
     m->ctx = ctx;
     m->ep = ep;
+    m->bounce = bounce;
+    u->bounce_bytes += bounce;
     m->charged = np ? bytes : 0;
     a->replies++;
     a->bytes += m->charged;
@@ -571,26 +645,10 @@ KVX__PRIV void kvx__ucx_reply(kvx_ctx *ctx, kvx__ucx_epacct *a, ucp_ep_h ep, con
     memcpy(rp.secret, ctx->secret, KVX__SECRET_BYTES);
     rp.id = rq->id; rp.nonce = rq->nonce; rp.off = rq->off; rp.len = np ? bytes : 0; rp.status = np ? 0u : 1u;
     kvx__get_rep_write(m->hdr, &rp);
-    memset(&prm, 0, sizeof prm);
-    prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
-    prm.cb.send = kvx__ucx_reply_sent;
-    prm.user_data = m;
-    /* REPLY: the reader learns which endpoint it came from, and takes it only from the one it asked */
-    prm.flags = UCP_AM_SEND_FLAG_EAGER | UCP_AM_SEND_FLAG_REPLY;
-    if (n) {
-        ucp_dt_iov_t *iov = (ucp_dt_iov_t *)(m + 1);
-        n = kvx__ucx_serve_iov(rq, (const uint8_t *)data, length, iov);
-        prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
-        prm.datatype = ucp_dt_make_iov();
-        sp = ucp_am_send_nbx(ep, KVX__UCX_AM_GET_REPLY, m->hdr, KVX__GET_REP_BYTES, iov, n, &prm);
-    } else {
-        sp = ucp_am_send_nbx(ep, KVX__UCX_AM_GET_REPLY, m->hdr, KVX__GET_REP_BYTES, np ? (void *)(uintptr_t)rq->raddr : NULL,
-                             np ? (size_t)bytes : 0, &prm);
-    }
+    sp = kvx__ucx_reply_send(m, rq, data, length, np, bytes);
     if (sp == NULL || UCS_PTR_IS_ERR(sp)) {
-        kvx__ucx_acct_drop(u, m);
-        KVX_FREE(m);
-    } else if (np && bytes) {  /* still sending from the cache: listed until it completes */
+        kvx__ucx_reply_free(m);
+    } else if (np && bytes && !m->bounce) {  /* still sending from the cache: listed until it completes */
         ttl = rq->ttl_ns < max_ttl ? rq->ttl_ns : max_ttl;  /* what the reader says, within what this owner allows */
         m->addr = lo; m->len = hi - lo;
         m->until_ns = kvx__now_ns() + ttl;
