@@ -412,11 +412,14 @@ KVX__PRIV kvx_status kvx__ucx_stage(kvx_ctx *ctx, kvx__read *rd, const kvx__op *
     return KVX_OK;
 }
 
-/* Is [addr, addr + len) inside one region this context registered? */
+/* Is [addr, addr + len) inside one region of host memory this context
+   registered? kvx's get serves host caches alone (a reader reads a GPU cache
+   another way), and the owner's CPU copies from them. */
 KVX__PRIV int kvx__ucx_owned(kvx_ctx *ctx, uint64_t addr, uint64_t len) {
     uint32_t c, i;
     for (c = 0; c < ctx->ncaches; c++) {
         const kvx__cache_info *ci = &ctx->caches[c]->info;
+        if (ci->mem != KVX_MEM_HOST) continue;
         for (i = 0; i < ci->nregions; i++) {
             const kvx__region *r = &ci->regions[i];
             if (addr >= r->addr && len <= r->len && addr - r->addr <= r->len - len) return 1;
