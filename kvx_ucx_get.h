@@ -28,8 +28,11 @@
     REPLIES IN ONE PIECE. UCX's TCP transport receives into 64 KiB segments
     (UCX_TCP_RX_SEG_SIZE): a reply that fits one arrives in place and kvx
     copies it where it goes; a larger one comes as fragments that UCX first
-    copies together. So a reader asks for at most KVX__UCX_ASK_BYTES in one
-    request, a larger piece in even slices. Such a reply goes zero-copy
+    copies together. So no reply carries more than KVX__UCX_ASK_BYTES: a
+    batch holds at most that; a piece of up to KVX__UCX_GET_PART is asked
+    for in one request that says so (reply_bytes), and the owner answers it
+    in even chunks (kvx__get_chunk), each of which the reader takes once;
+    a larger piece goes in slices of one reply each. A reply goes zero-copy
     from the owner's cache when it is at most KVX__UCX_REPLY_IOV separate
     pieces (TCP's iov limit, UCX_TCP_MAX_IOV less the transport's own);
     with more, UCX would send it as 8 KiB fragments, so the owner copies
@@ -102,6 +105,8 @@ typedef struct kvx__ucx_get {
     ucs_status_t *probe;        /* the probe's result */
     kvx__op *batch;             /* a batch: its ops, asked for in one request (the fields above are unused) */
     uint32_t nbatch;
+    uint64_t chunk;             /* its one part comes in replies of chunk bytes (kvx__get_chunk); 0: one reply a part */
+    uint64_t chunks_got;        /* ... the chunks that came, a bit each */
 } kvx__ucx_get;
 
 /* An owner's count of what it holds for one endpoint (a reader): entries
@@ -121,8 +126,9 @@ typedef struct kvx__ucx_getter {
     kvx__ucx_epacct *acct;      /* open addressing by endpoint, acct_cap a power of two */
     uint32_t acct_cap, acct_used;
     uint64_t bounce_bytes;      /* of replies copied together and not yet sent */
-    uint64_t replies_copied, replies_iov, parts_asked;  /* counts: an owner's replies of many pieces (copied together,
-                                                           or from an iov in place); a reader's requests */
+    uint64_t replies_copied, replies_iov, chunks_sent;  /* counts of an owner's replies: of many pieces (copied together,
+                                                           or from an iov in place), and chunks of a larger one */
+    uint64_t parts_asked;       /* ... and of a reader's requests */
     kvx__op stage[KVX__UCX_GET_RANGES]; /* the batch being gathered in a post, of stage_rd */
     kvx__read *stage_rd;
     uint32_t nstage;
@@ -274,6 +280,7 @@ KVX__PRIV ucs_status_t kvx__ucx_ask(kvx_ctx *ctx, kvx__ucx_peer *pp, kvx__ucx_ge
     memcpy(rq.secret, g->peer->secret, KVX__SECRET_BYTES);
     rq.id = id; rq.nonce = g->nonce; rq.off = off;
     rq.ttl_ns = g->until_ns > now ? g->until_ns - now : 0;
+    rq.reply_bytes = g->chunk ? KVX__UCX_ASK_BYTES : 0;
     rq.raddr = g->raddr + k * g->rstride + in;
     if (g->nbatch) {     /* every op of the batch, in one part: the first in the header */
         for (i = 0; i < g->nbatch; i++) {
@@ -357,10 +364,13 @@ KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p,
     g->piece = len; g->lstride = count > 1 ? op->lstride : 0;
     g->raddr = op->raddr; g->rstride = count > 1 ? op->rstride : 0;
     g->until_ns = rd ? rd->deadline_ns : kvx__now_ns() + (uint64_t)ctx->timeout_ms * 1000000ull;
-    if (len && len <= KVX__UCX_ASK_BYTES) g->per = KVX__UCX_ASK_BYTES / len * len;  /* whole pieces per part */
-    else {  /* slices of one piece, as even as 64-byte steps make them */
-        uint64_t n = (len + KVX__UCX_ASK_BYTES - 1) / KVX__UCX_ASK_BYTES;
-        g->per = ((len + n - 1) / n + 63) & ~(uint64_t)63;
+    if (len <= KVX__UCX_ASK_BYTES) {  /* whole pieces per part */
+        g->per = len ? KVX__UCX_ASK_BYTES / len * len : KVX__UCX_ASK_BYTES;
+    } else if (count == 1 && len <= KVX__UCX_GET_PART) {  /* one request, answered in chunks */
+        g->per = len;
+        g->chunk = kvx__get_chunk(len, KVX__UCX_ASK_BYTES);
+    } else {  /* slices of a piece, each one reply */
+        g->per = kvx__get_chunk(len, KVX__UCX_ASK_BYTES);
     }
     if (len && g->per / len > KVX__UCX_GET_PIECES) g->per = (uint64_t)KVX__UCX_GET_PIECES * len;
     for (off = 0; off == 0 || off < g->len; off += kvx__ucx_part_bytes(off, len, g->per)) g->parts++;
@@ -672,18 +682,21 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
     kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
     kvx__get_req rq;
     kvx__ucx_epacct *a;
-    uint64_t bytes, lo, hi;
+    uint64_t bytes, lo, hi, chunk, o;
+    uint32_t n;
     int np;
     if (!kvx__ucx_req_take(ctx, header, header_length, param, &rq)) return UCS_OK;
     if ((np = kvx__ucx_serve_ranges(ctx, &rq, (const uint8_t *)data, length, &bytes, &lo, &hi)) < 0) {
         KVX__DROP(ctx, "ucx: a get request dropped (%zu bytes of ranges: not whole ranges, or more than %u)", length, KVX__UCX_GET_RANGES);
         return UCS_OK;
     }
+    chunk = np == 1 ? kvx__get_chunk(bytes, rq.reply_bytes) : bytes;  /* one range: in the chunks the reader asked for */
+    n = np == 1 && bytes > chunk ? (uint32_t)((bytes + chunk - 1) / chunk) : 1u;
     a = kvx__ucx_acct_find(u, param->reply_ep, 1);
-    if (!a || u->nreplies >= KVX__UCX_REPLIES || a->replies >= KVX__UCX_EP_REPLIES ||
+    if (!a || u->nreplies + n > KVX__UCX_REPLIES || a->replies + n > KVX__UCX_EP_REPLIES ||
         (np && a->bytes + bytes > KVX__UCX_EP_BYTES)) {
         if (a) kvx__ucx_acct_forget(u, a);  /* an entry made for this request alone goes again */
-        KVX__DROP(ctx, "ucx: a get request dropped: %s", !a ? "out of memory" : u->nreplies >= KVX__UCX_REPLIES ?
+        KVX__DROP(ctx, "ucx: a get request dropped: %s", !a ? "out of memory" : u->nreplies + n > KVX__UCX_REPLIES ?
                   "the owner holds its most replies in all" : "the owner holds its most replies for that reader, which is not taking them");
         return UCS_OK;
     }
@@ -691,8 +704,32 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
         KVX__WARN_HELD(ctx, "ucx: refused a get of %llu x %llu bytes at 0x%llx%s: not inside memory this context registered, or past "
                        "a request's bounds", (unsigned long long)rq.count, (unsigned long long)rq.len, (unsigned long long)rq.raddr,
                        length ? " and more ranges" : "");
-    kvx__ucx_reply(ctx, a, param->reply_ep, &rq, data, length, np, bytes, lo, hi);
+    if (n == 1) {
+        kvx__ucx_reply(ctx, a, param->reply_ep, &rq, data, length, np, bytes, lo, hi);
+        return UCS_OK;
+    }
+    for (o = 0; o < bytes; o += chunk) {  /* each chunk its own reply at its own off */
+        kvx__get_req part = rq;
+        part.raddr = rq.raddr + o; part.off = rq.off + o; part.len = bytes - o < chunk ? bytes - o : chunk;
+        /* found again: a reply that completed at once may have let the entry go */
+        if (!(a = kvx__ucx_acct_find(u, param->reply_ep, 1))) break;
+        u->chunks_sent++;
+        kvx__ucx_reply(ctx, a, param->reply_ep, &part, NULL, 0, 1, part.len, part.raddr, part.raddr + part.len);
+    }
     return UCS_OK;
+}
+
+/* Reader: a get whose one part comes in chunks: every chunk's bit, and is
+   a reply at off of len the next of them (where one starts, its length, not
+   come before)? At most 64 chunks: KVX__UCX_GET_PART / KVX__UCX_ASK_BYTES. */
+typedef char kvx__ucx_chunks_fit[(KVX__UCX_GET_PART + KVX__UCX_ASK_BYTES - 1) / KVX__UCX_ASK_BYTES <= 64 ? 1 : -1];
+KVX__PRIV uint64_t kvx__ucx_chunks_all(const kvx__ucx_get *g) {
+    uint64_t n = (g->len + g->chunk - 1) / g->chunk;
+    return n >= 64 ? ~0ull : (1ull << n) - 1;
+}
+KVX__PRIV int kvx__ucx_chunk_ok(const kvx__ucx_get *g, uint64_t off, uint64_t len) {
+    uint64_t want = g->len - off < g->chunk ? g->len - off : g->chunk;
+    return off % g->chunk == 0 && off < g->len && len == want && !(g->chunks_got >> (off / g->chunk) & 1);
 }
 
 /* Reader: the bytes of one part, or the owner's refusal; taken only with the
@@ -734,7 +771,8 @@ KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t 
         kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, UCS_ERR_INVALID_ADDR, "the owner refused the range (not inside its registered memory)");
         return UCS_OK;
     }
-    if (rp.len != length || rp.off > g->len || length > g->len - rp.off || (g->nbatch && length != g->len)) {
+    if (rp.len != length || rp.off > g->len || length > g->len - rp.off || (g->nbatch && length != g->len) ||
+        (g->chunk && !kvx__ucx_chunk_ok(g, rp.off, length))) {
         kvx__ucx_get_end(ctx, g, KVX_ERR_PEER, UCS_ERR_MESSAGE_TRUNCATED, "a get reply of the wrong size");
         return UCS_OK;
     }
@@ -758,8 +796,9 @@ KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t 
             src += n; at += n; left -= n;
         }
     }
-    g->asked--; g->asked_bytes -= length;
-    pp->asked--; pp->asked_bytes -= length;
+    g->asked_bytes -= length; pp->asked_bytes -= length;
+    if (g->chunk && (g->chunks_got |= 1ull << (rp.off / g->chunk)) != kvx__ucx_chunks_all(g)) return UCS_OK;  /* more to come */
+    g->asked--; pp->asked--;
     if (--g->parts == 0) kvx__ucx_get_end(ctx, g, KVX_OK, UCS_OK, NULL);
     kvx__ucx_asks(ctx, p);
     return UCS_OK;

@@ -504,14 +504,29 @@ KVX__PRIV int kvx__notify_msg_read(const uint8_t *buf, size_t len, kvx__notify_m
    in one request and one reply. The reply carries them, or status != 0
    when the owner refused. Both carry the owner's secret, and the request's
    nonce, which the reply repeats: a reader takes a reply only with both,
-   from the endpoint it asked. Version 3 added the ranges in the data. */
+   from the endpoint it asked. A request of one range (count 1) larger than
+   its reply_bytes (not 0) is answered in chunks of kvx__get_chunk bytes
+   (the last shorter), each a reply with its own off and len; reply_bytes
+   is at least KVX__GET_REPLY_MIN. Version 3 added the ranges in the data;
+   version 4, reply_bytes. */
 #define KVX__GET_MAGIC 0x47435658u     /* "XVCG" */
-#define KVX__GET_VERSION 3u
+#define KVX__GET_VERSION 4u
 #define KVX__GET_REQ 1u
 #define KVX__GET_REP 2u
-#define KVX__GET_REQ_BYTES 88u          /* header 8, secret 16, then 8 x 8 */
+#define KVX__GET_REQ_BYTES 96u          /* header 8, secret 16, then 9 x 8 */
 #define KVX__GET_REP_BYTES 64u          /* header 8, secret 16, then 4 x 8, status 4, 4 zero */
-typedef struct kvx__get_req { uint8_t secret[KVX__SECRET_BYTES]; uint64_t id, nonce, raddr, len, off, ttl_ns, count, rstride; } kvx__get_req;
+#define KVX__GET_REPLY_MIN (16u << 10)  /* the smallest reply_bytes an owner splits a reply for */
+typedef struct kvx__get_req { uint8_t secret[KVX__SECRET_BYTES]; uint64_t id, nonce, raddr, len, off, ttl_ns, count, rstride, reply_bytes; } kvx__get_req;
+
+/* The bytes of each chunk of a reply of len bytes asked for in replies of
+   at most reply_bytes: as even as 64-byte steps make them (len itself when
+   it fits one). Reader and owner both count chunks by it. */
+KVX__PRIV_MAYBE uint64_t kvx__get_chunk(uint64_t len, uint64_t reply_bytes) {
+    uint64_t n;
+    if (!reply_bytes || len <= reply_bytes) return len;
+    n = (len + reply_bytes - 1) / reply_bytes;
+    return ((len + n - 1) / n + 63) & ~(uint64_t)63;
+}
 typedef struct kvx__get_rep { uint8_t secret[KVX__SECRET_BYTES]; uint64_t id, nonce, off, len; uint32_t status; } kvx__get_rep;
 
 KVX__PRIV_MAYBE void kvx__get_req_write(uint8_t *buf, const kvx__get_req *q) {
@@ -519,7 +534,7 @@ KVX__PRIV_MAYBE void kvx__get_req_write(uint8_t *buf, const kvx__get_req *q) {
     kvx__wire_hdr_write(&w, buf, KVX__GET_REQ_BYTES, KVX__GET_MAGIC, KVX__GET_VERSION, KVX__GET_REQ);
     kvx__put(&w, q->secret, KVX__SECRET_BYTES);
     kvx__put_u(&w, q->id, 8); kvx__put_u(&w, q->nonce, 8); kvx__put_u(&w, q->raddr, 8); kvx__put_u(&w, q->len, 8); kvx__put_u(&w, q->off, 8);
-    kvx__put_u(&w, q->ttl_ns, 8); kvx__put_u(&w, q->count, 8); kvx__put_u(&w, q->rstride, 8);
+    kvx__put_u(&w, q->ttl_ns, 8); kvx__put_u(&w, q->count, 8); kvx__put_u(&w, q->rstride, 8); kvx__put_u(&w, q->reply_bytes, 8);
 }
 KVX__PRIV_MAYBE int kvx__get_req_read(const uint8_t *buf, size_t len, kvx__get_req *q, uint32_t *ver) {
     kvx__rbuf r;
@@ -531,7 +546,8 @@ KVX__PRIV_MAYBE int kvx__get_req_read(const uint8_t *buf, size_t len, kvx__get_r
     memcpy(q->secret, buf + r.off, KVX__SECRET_BYTES);
     r.off += KVX__SECRET_BYTES;
     q->id = kvx__get_u(&r, 8); q->nonce = kvx__get_u(&r, 8); q->raddr = kvx__get_u(&r, 8); q->len = kvx__get_u(&r, 8); q->off = kvx__get_u(&r, 8);
-    q->ttl_ns = kvx__get_u(&r, 8); q->count = kvx__get_u(&r, 8); q->rstride = kvx__get_u(&r, 8);
+    q->ttl_ns = kvx__get_u(&r, 8); q->count = kvx__get_u(&r, 8); q->rstride = kvx__get_u(&r, 8); q->reply_bytes = kvx__get_u(&r, 8);
+    if (q->reply_bytes && q->reply_bytes < KVX__GET_REPLY_MIN) return KVX__WIRE_FIELD;
     return kvx__wire_end(&r, KVX__WIRE_OK);
 }
 /* One more range of a request, from its data: raddr, len, count, rstride. */

@@ -72,7 +72,7 @@
           refused R, rendezvous V, malformed M".
 
     Wire formats (little-endian):
-      get request, AM 0x4c, as the header (88 bytes), flags REPLY | EAGER:
+      get request, AM 0x4c, as the header (96 bytes), flags REPLY | EAGER:
         u32 0x47435658, u16 3, u16 1, secret[16], u64 id, nonce, raddr,
         len, off, ttl_ns, count, rstride; as data, more ranges: u64 raddr,
         len, count, rstride each, whose bytes follow in the one reply.
@@ -113,9 +113,9 @@
 #define AM_REPLY 0x4du
 #define GET_MAGIC 0x47435658u       /* "XVCG" */
 #define NOTIFY_MAGIC 0x4e435658u    /* "XVCN" */
-#define WIRE_VERSION 3u           /* get requests and replies */
+#define WIRE_VERSION 4u           /* get requests and replies */
 #define NOTIFY_VERSION 2u
-#define REQ_BYTES 88u
+#define REQ_BYTES 96u
 #define REP_BYTES 64u
 #define NOTIFY_BYTES 104u
 #define NAME_FIELD 64u
@@ -197,13 +197,13 @@ static void put32(uint8_t *p, uint32_t v) { int i; for (i = 0; i < 4; i++) p[i] 
 static void put64(uint8_t *p, uint64_t v) { int i; for (i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
 static uint32_t get32(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
 
-/* kvx get request: 88 bytes. */
+/* kvx get request: 96 bytes (reply_bytes 0: one reply). */
 static void build_req(uint8_t *b, const uint8_t *secret, uint64_t id, uint64_t nonce, uint64_t raddr, uint64_t len,
                       uint64_t off, uint64_t ttl_ns, uint64_t count, uint64_t rstride) {
     put32(b, GET_MAGIC); put16(b + 4, WIRE_VERSION); put16(b + 6, 1);
     memcpy(b + 8, secret, SECRET_BYTES);
     put64(b + 24, id); put64(b + 32, nonce); put64(b + 40, raddr); put64(b + 48, len);
-    put64(b + 56, off); put64(b + 64, ttl_ns); put64(b + 72, count); put64(b + 80, rstride);
+    put64(b + 56, off); put64(b + 64, ttl_ns); put64(b + 72, count); put64(b + 80, rstride); put64(b + 88, 0);
 }
 
 /* kvx get reply header: 64 bytes. */

@@ -425,6 +425,16 @@ int main(void) {
         T_EQ(kvx__get_rep_read(rep, sizeof rep, &p2, &ver), KVX__WIRE_OK);
         T_CHECK(p2.id == 9 && p2.nonce == 0x1122 && p2.off == 64 && p2.len == 192 && p2.status == 1 && !memcmp(p2.secret, p.secret, sizeof p.secret));
         T_EQ(kvx__get_req_read(req, sizeof req - 1, &q2, &ver), KVX__WIRE_TRUNCATED);
+        q.reply_bytes = KVX__GET_REPLY_MIN - 1;   /* chunks so small that one request makes many replies */
+        kvx__get_req_write(req, &q);
+        T_EQ(kvx__get_req_read(req, sizeof req, &q2, &ver), KVX__WIRE_FIELD);
+        q.reply_bytes = 60 << 10;
+        kvx__get_req_write(req, &q);
+        T_EQ(kvx__get_req_read(req, sizeof req, &q2, &ver), KVX__WIRE_OK);
+        T_EQ(q2.reply_bytes, 60 << 10);
+        T_EQ(kvx__get_chunk(1 << 20, 60 << 10), 58304);   /* 18 chunks, the last 57408 bytes */
+        T_EQ(kvx__get_chunk(60 << 10, 60 << 10), 60 << 10);
+        T_EQ(kvx__get_chunk(1 << 20, 0), 1 << 20);
         T_EQ(kvx__get_req_read(rep, sizeof rep, &q2, &ver), KVX__WIRE_TYPE);   /* a reply is no request */
         {   /* the ranges after the header's, as a request's data */
             uint8_t d[2 * KVX__GET_RANGE_BYTES + 1];
@@ -879,7 +889,25 @@ int main(void) {
     }
 
 #if defined(KVX_UCX)
-    T_CASE("kvx's get (ucx tcp): small random blocks asked for together, their pieces copied into one reply (in place while the owner's copies are at their bound); large blocks asked for in even slices; every byte") {
+    T_CASE("kvx's get: a reader takes each chunk of a reply once, where a chunk starts and of its length") {
+        kvx__ucx_get g;
+        memset(&g, 0, sizeof g);
+        g.len = 1 << 20;
+        g.chunk = kvx__get_chunk(g.len, 60 << 10);
+        T_EQ(kvx__ucx_chunks_all(&g), (1ull << 18) - 1);
+        T_CHECK(kvx__ucx_chunk_ok(&g, 0, g.chunk));
+        T_CHECK(!kvx__ucx_chunk_ok(&g, 0, g.chunk - 1));          /* short */
+        T_CHECK(!kvx__ucx_chunk_ok(&g, 64, g.chunk));             /* not where a chunk starts */
+        T_CHECK(kvx__ucx_chunk_ok(&g, 17 * g.chunk, g.len - 17 * g.chunk));   /* the last, shorter */
+        T_CHECK(!kvx__ucx_chunk_ok(&g, 17 * g.chunk, g.chunk));   /* past the end */
+        T_CHECK(!kvx__ucx_chunk_ok(&g, 18 * g.chunk, 0));
+        g.chunks_got = 1;
+        T_CHECK(!kvx__ucx_chunk_ok(&g, 0, g.chunk));              /* again */
+        T_CHECK(kvx__ucx_chunk_ok(&g, g.chunk, g.chunk));
+    }
+#endif
+#if defined(KVX_UCX)
+    T_CASE("kvx's get (ucx tcp): small random blocks asked for together, their pieces copied into one reply (in place while the owner's copies are at their bound); a large block asked for in one request and answered in even chunks; every byte") {
         kvx_ctx *C = kvx_t_ctx("prefill", 0, 1, 1), *D = kvx_t_ctx("decode", 0, 1, 0);
         kvx_layout ls = lay_of(2, 256, 1, KVX_ORDER_HND), lb = lay_of(1, 4, 1, KVX_ORDER_HND);
         kvx_ex_cache cs, ds, cb, db;
@@ -890,7 +918,7 @@ int main(void) {
         size_t mdn = 0;
         void *m = NULL;
         ls.block_tokens = 16; ls.head_dim = 128;      /* 4 KiB blocks: 15 to a request */
-        lb.block_tokens = 4096; lb.head_dim = 128;    /* 1 MiB blocks: 18 slices each */
+        lb.block_tokens = 4096; lb.head_dim = 128;    /* 1 MiB blocks: 18 chunks each */
         T_CHECK(C && D && !kvx_ex_cache_alloc(&cs, &ls, 0, 1) && !kvx_ex_cache_alloc(&ds, &ls, 0, 1) &&
                 !kvx_ex_cache_alloc(&cb, &lb, 0, 1) && !kvx_ex_cache_alloc(&db, &lb, 0, 1));
         for (k = 0; k < 256; k++) ids[k] = k;
@@ -927,16 +955,23 @@ int main(void) {
             src[0] = 3; src[1] = 1; src[2] = 0; dst[0] = 0; dst[1] = 2; dst[2] = 3;
             kvx_ex_poison(&db, 12, dst, src, 3, 0, 1, 0, 1);
             {
-                uint64_t asked = rdr->parts_asked;
+                uint64_t asked = rdr->parts_asked, chunks;
                 kvx_read rd;
                 kvx_ticket t;
+                pthread_mutex_lock(&C->lock);
+                chunks = own->chunks_sent;
+                pthread_mutex_unlock(&C->lock);
                 memset(&rd, 0, sizeof rd);
                 rd.peer = p; rd.cache = xdb; rd.remote_cache = 1;
                 rd.local_blocks = dst; rd.remote_blocks = src; rd.num_blocks = 3;
                 T_ST(kvx_post(qq, &rd, &t), KVX_OK);
                 T_ST(kvx_wait(qq, t, 10000), KVX_OK);
                 T_EQ(kvx_ex_verify(&db, 12, dst, src, 3, 0, 1, 0, 1, NULL), 0);
-                T_EQ(rdr->parts_asked - asked, 3 * 2 * 18);  /* 3 blocks x K/V, each in 18 slices of at most 60 KiB */
+                T_EQ(rdr->parts_asked - asked, 3 * 2);        /* 3 blocks x K/V, one request each ... */
+                pthread_mutex_lock(&C->lock);
+                chunks = own->chunks_sent - chunks;
+                pthread_mutex_unlock(&C->lock);
+                T_EQ(chunks, 3 * 2 * 18);                     /* ... answered in 18 replies of at most 60 KiB */
             }
         } else {
             printf("  (not read by kvx's get here: %s; the ucx tcp entry reads by it)\n", p ? kvx_peer_transport(p) : "no peer");
