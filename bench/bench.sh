@@ -10,7 +10,8 @@
 #     the ucx_perftest of the SAME UCX: -t ucp_get (what an engine would call)
 #     and -t ucp_am_bw (the active messages kvx's own get rides over TCP, where
 #     UCX serves gets in software), both with -e (endpoints with peer failure
-#     handling, as kvx makes them, so the same transports are picked);
+#     handling, as kvx makes them, so the same transports are picked); on
+#     1.22 also ucp_am_bw -y, whose receiver copies each message as kvx does;
 #     ucx1.22-sm: UCX_TLS=sm, where kvx reads by ucp_get over cma without
 #     failure handling, beside ucp_get without -e (sm transports have none),
 #     and beside cma_ref: process_vm_readv of the same random blocks.
@@ -168,6 +169,14 @@ for mode in $modes; do
         ucx_ref $ver $mode tcp $t $size $iters -e "$r"
         row "$mode" "ucx$ver" "$size" "$(json_gbps "$k.json")" "$(perftest_gbps "$r.log")" "ucx_perftest $ver $t -e -O $ops"
       done
+      # ucp_am_bw's receiver leaves the bytes where UCX received them; with
+      # -y (1.22's perftest has it) it copies them to its buffer, as kvx
+      # must copy each reply where its blocks go.
+      if [ $ver = 1.22 ]; then
+        r="$out/perf_${mode}_ucx${ver}_ucp_am_bw_y_$size"
+        ucx_ref $ver $mode tcp ucp_am_bw $size $iters "-e -y" "$r"
+        row "$mode" "ucx$ver" "$size" "$(json_gbps "$k.json")" "$(perftest_gbps "$r.log")" "ucx_perftest $ver ucp_am_bw -e -y -O $ops (the receiver copies)"
+      fi
     done
     # UCX 1.22 over shared memory (pack): kvx over cma without failure
     # handling, beside ucp_get without -e (no sm transport has it).
