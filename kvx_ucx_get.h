@@ -348,9 +348,10 @@ KVX__PRIV void kvx__ucx_get_queue(kvx_ctx *ctx, kvx_peer *p, uint64_t id) {
     kvx__ucx_asks(ctx, p);
 }
 
-/* Ask for one op's bytes (count pieces of len), in parts of at most
-   KVX__UCX_ASK_BYTES: whole pieces where they fit, else slices of one. The
-   parts are asked for as the peer's window allows; the op completes
+/* Ask for one op's bytes (count pieces of len), in parts: whole pieces up
+   to KVX__UCX_ASK_BYTES; one piece of up to KVX__UCX_GET_PART in one part
+   that the owner answers in chunks; else slices of a piece, each one reply.
+   The parts are asked for as the peer's window allows; the op completes
    through kvx__op_done (the probe through *probe). */
 KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p, const kvx__op *op, ucs_status_t *probe) {
     kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
