@@ -176,6 +176,7 @@
 #define KVX__OFI_RECV_BYTES 128u    /* more than a notification's 104, so a wrong-sized message is seen, not truncated */
 #define KVX__OFI_MAX_CTX 1024u      /* op/part contexts per peer endpoint, at most */
 #define KVX__OFI_IOV 16u            /* pieces of a block (NHD: tokens) per fi_readmsg, at most */
+#define KVX__OFI_GROUP_BYTES (64u << 10)  /* one read's small ops (random blocks) share an fi_readmsg up to this many bytes */
 
 /* Test seam (kvx.h, TEST SEAMS): mr_mode bits to behave as if the provider
    had asked for them (the ones that are safe to add: FI_MR_LOCAL, FI_MR_RAW). */
@@ -218,6 +219,7 @@ struct kvx__ofi_op {
     int in_use, stop, queued;
     kvx_status st;
     kvx__ofi_op *next;          /* free list, or the backlog of ops with parts not yet issued */
+    kvx__ofi_op *sib;           /* the next op of its group: ops that go as one fi_readmsg, one piece each */
 };
 
 typedef struct kvx__ofi_send {  /* a notification on its way (registered memory) */
@@ -260,6 +262,9 @@ typedef struct kvx__ofi_pep {
     int cq_fd;
     uint32_t nctx, nsend;
     kvx__ofi_op *ops, *op_free, *backlog, *backlog_tail;
+    kvx__ofi_op *group, *group_tail;  /* staged ops of one read, not yet issued (kvx__ofi_group_issue) */
+    uint32_t group_n;
+    uint64_t group_bytes;
     kvx__ofi_part *parts, *part_free;
     kvx__ofi_send *sends;
     struct fid_mr *send_mr;
@@ -288,6 +293,7 @@ typedef struct kvx__ofi {
     uint64_t tick_ns;
     uint64_t mr_mode, max_msg, key_mask;
     uint32_t iov_max;           /* pieces per fi_readmsg: the provider's iov and rma_iov limits, at most KVX__OFI_IOV; below 2: no gather */
+    uint64_t fabric_reads;      /* fi_read and fi_readmsg calls that took (the tests count them) */
     kvx__nonces keys;
     size_t tx_size;
     int hmem, sw, shm;
@@ -1287,13 +1293,16 @@ KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
     p->be = pe;
     if ((st = kvx__ofi_pep_open(ctx, pe, &am)) != KVX_OK) goto fail;
     if ((st = kvx__ofi_rkeys_map(ctx, pe)) != KVX_OK) goto fail;
-    /* A block's pieces (NHD: one per token) go in fi_readmsg's of up to
-       iov_max, where the provider takes them and no piece is split
-       ($KVX_OFI_GATHER=0: one fi_read each, for comparison). */
+    /* A block's pieces (NHD: one per token), and a read's small blocks, go
+       in fi_readmsg's of up to iov_max ranges, where the provider takes them
+       and no piece is split ($KVX_OFI_GATHER=0: one fi_read each, for
+       comparison). Not on shm: 1.17 reads one remote range itself
+       (process_vm_readv) but sends several as a command that the owner
+       serves from its progress, on a 1 ms tick (100x slower). */
     {
         const char *g = getenv("KVX_OFI_GATHER");
         for (c = 0; c < p->ncaches; c++)
-            p->caches[c].gather = o->iov_max >= 2 && o->max_msg >= (1u << 20) && p->caches[c].mem == KVX_MEM_HOST && !(g && !strcmp(g, "0"));
+            p->caches[c].gather = o->iov_max >= 2 && o->max_msg >= (1u << 20) && !o->shm && p->caches[c].mem == KVX_MEM_HOST && !(g && !strcmp(g, "0"));
     }
     if (kvx__ofi_per_ep_local(o))
         for (i = 0; i < o->nslots; i++)
@@ -1357,7 +1366,7 @@ KVX__PRIV ssize_t kvx__ofi_post_part(const kvx__ofi *o, kvx__ofi_pep *pe, kvx__o
     return fi_readmsg(pe->ep, &msg, 0);
 }
 
-KVX__PRIV int kvx__ofi_issue(const kvx__ofi *o, kvx__ofi_pep *pe, kvx__ofi_op *x) {
+KVX__PRIV int kvx__ofi_issue(kvx__ofi *o, kvx__ofi_pep *pe, kvx__ofi_op *x) {
     while (!x->stop && kvx__ofi_more(x)) {
         kvx__ofi_part *pt = pe->part_free;
         uint64_t step = 0;
@@ -1365,6 +1374,7 @@ KVX__PRIV int kvx__ofi_issue(const kvx__ofi *o, kvx__ofi_pep *pe, kvx__ofi_op *x
         if (!pt) return 1;
         pt->op = x;
         if ((ret = kvx__ofi_post_part(o, pe, x, pt, &step)) != 0) return (int)ret;
+        o->fabric_reads++;
         pt->out = 1;
         pe->part_free = pt->next;
         if (x->count > 1) x->idx += (uint32_t)step;
@@ -1396,6 +1406,80 @@ KVX__PRIV void kvx__ofi_op_finish(kvx__ofi_pep *pe, kvx__ofi_op *x) {
     kvx__op_done(rd, st, st == KVX_OK ? NULL : pe->err);
 }
 
+/* The staged group as one fi_readmsg: each op one piece, in order. 0:
+   issued (or nothing staged); 1: no part context free; -FI_EAGAIN: no room
+   now (the group stays staged). Any other failure fails the group's ops. */
+KVX__PRIV int kvx__ofi_group_issue(kvx__ofi *o, kvx__ofi_pep *pe) {
+    struct iovec iov[KVX__OFI_IOV];
+    void *descs[KVX__OFI_IOV];
+    struct fi_rma_iov riov[KVX__OFI_IOV];
+    struct fi_msg_rma msg;
+    kvx__ofi_part *pt = pe->part_free;
+    kvx__ofi_op *x, *nx;
+    uint32_t k = 0;
+    ssize_t ret;
+    if (!pe->group) return 0;
+    if (!pt) return 1;
+    for (x = pe->group; x; x = x->sib, k++) {
+        iov[k].iov_base = (void *)(uintptr_t)x->laddr;
+        iov[k].iov_len = (size_t)x->len;
+        descs[k] = x->desc;
+        riov[k].addr = x->raddr;
+        riov[k].len = (size_t)x->len;
+        riov[k].key = x->key;
+    }
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = iov;
+    msg.desc = descs;
+    msg.iov_count = k;
+    msg.addr = pe->dest;
+    msg.rma_iov = riov;
+    msg.rma_iov_count = k;
+    msg.context = &pt->c;
+    ret = fi_readmsg(pe->ep, &msg, 0);
+    if (ret == -FI_EAGAIN) { o->blocked = 1; return (int)ret; }
+    x = pe->group;
+    pe->group = pe->group_tail = NULL;
+    pe->group_n = 0;
+    pe->group_bytes = 0;
+    if (ret) {
+        snprintf(pe->err, sizeof pe->err, "fi_readmsg: %s", fi_strerror((int)-ret));
+        for (; x; x = nx) {
+            nx = x->sib;
+            x->st = KVX_ERR_BACKEND;
+            kvx__ofi_op_finish(pe, x);
+        }
+        return (int)ret;
+    }
+    o->fabric_reads++;
+    pt->op = x;
+    pt->out = 1;
+    pe->part_free = pt->next;
+    for (; x; x = x->sib) {
+        x->off = x->len;
+        x->parts_out = 1;
+    }
+    return 0;
+}
+
+/* x into the staged group, issuing the group first where x's read differs
+   (one failure fails one read's ops only) or x would overfill it. */
+KVX__PRIV kvx_status kvx__ofi_group_add(kvx__ofi *o, kvx__ofi_pep *pe, kvx__ofi_op *x) {
+    if (pe->group && (pe->group->rd != x->rd || pe->group_n == o->iov_max || pe->group_bytes + x->len > KVX__OFI_GROUP_BYTES)) {
+        int ret = kvx__ofi_group_issue(o, pe);
+        if (ret == 1 || ret == -FI_EAGAIN) return KVX_PENDING;
+    }
+    pe->op_free = x->next;
+    x->in_use = 1;
+    x->next = NULL;
+    if (pe->group_tail) pe->group_tail->sib = x;
+    else pe->group = x;
+    pe->group_tail = x;
+    pe->group_n++;
+    pe->group_bytes += x->len;
+    return KVX_OK;
+}
+
 KVX__PRIV kvx_status kvx__ofi_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op) {
     kvx__ofi *o = kvx__ofi_of(ctx);
     kvx__ofi_pep *pe = (kvx__ofi_pep *)rd->peer->be;
@@ -1421,6 +1505,11 @@ KVX__PRIV kvx_status kvx__ofi_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *o
     x->stop = 0;
     x->queued = 0;
     x->st = KVX_OK;
+    x->sib = NULL;
+    /* A small one-piece op where the peer's cache gathers (host memory, a
+       provider with iov and rma_iov limits of 2 or more) waits for others
+       of its read, to go in one fi_readmsg at the end of the post. */
+    if (rd->rc->gather && op->count <= 1 && op->len * 2 <= KVX__OFI_GROUP_BYTES) return kvx__ofi_group_add(o, pe, x);
     ret = kvx__ofi_issue(o, pe, x);
     if (ret == -FI_EAGAIN) o->blocked = 1;
     if (!x->parts_out) {
@@ -1447,6 +1536,11 @@ KVX__PRIV kvx_status kvx__ofi_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *o
 /* Parts of split ops that did not fit earlier, oldest first. */
 KVX__PRIV int kvx__ofi_backlog_run(kvx__ofi_pep *pe, kvx__ofi *o) {
     int n = 0;
+    if (pe->group) {   /* a group that found no room at the end of its post */
+        int ret = kvx__ofi_group_issue(o, pe);
+        if (ret == 1 || ret == -FI_EAGAIN) return 0;
+        n++;
+    }
     while (pe->backlog) {
         kvx__ofi_op *x = pe->backlog;
         if (!x->stop) {
@@ -1467,14 +1561,26 @@ KVX__PRIV int kvx__ofi_backlog_run(kvx__ofi_pep *pe, kvx__ofi *o) {
     return n;
 }
 
+/* A part is back: its op's, or each op of its group. */
 KVX__PRIV void kvx__ofi_part_done(kvx__ofi_pep *pe, kvx__ofi_part *pt, kvx_status st) {
-    kvx__ofi_op *x = pt->op;
+    kvx__ofi_op *x, *nx;
     pt->next = pe->part_free;
     pe->part_free = pt;
-    x->parts_out--;
-    if (st != KVX_OK && x->st == KVX_OK) { x->st = st; x->stop = 1; }
-    if (x->parts_out || (kvx__ofi_more(x) && !x->stop)) return;
-    kvx__ofi_op_finish(pe, x);
+    for (x = pt->op; x; x = nx) {
+        nx = x->sib;
+        x->parts_out--;
+        if (st != KVX_OK && x->st == KVX_OK) { x->st = st; x->stop = 1; }
+        if (x->parts_out || (kvx__ofi_more(x) && !x->stop)) continue;
+        kvx__ofi_op_finish(pe, x);
+    }
+}
+
+/* The end of a post: each peer's staged group goes. */
+KVX__PRIV void kvx__ofi_flush(kvx_ctx *ctx, kvx_queue *q) {
+    kvx__ofi *o = kvx__ofi_of(ctx);
+    kvx__ofi_pep *pe;
+    (void)q;
+    for (pe = o->peps; pe; pe = pe->next) kvx__ofi_group_issue(o, pe);
 }
 
 /*--- notifications -----------------------------------------------------------*/
@@ -1665,6 +1771,7 @@ KVX__PRIV void kvx__ofi_fill(kvx__backend *b) {
     b->connect = kvx__ofi_connect;
     b->disconnect = kvx__ofi_disconnect;
     b->post = kvx__ofi_post;
+    b->flush = kvx__ofi_flush;
     b->notify = kvx__ofi_notify;
     b->progress = kvx__ofi_progress;
     b->event_fd = kvx__ofi_event_fd;
