@@ -70,13 +70,24 @@
           of data. Each sent with its own id; then 2 s of progress. Prints
           "ranges: sent N", "ranges: replies with data D (B bytes),
           refused R, rendezvous V, malformed M".
+      chunks SECRET_HEX RADDR_HEX LEN
+          A holder of the secret that names the size of its replies
+          (reply_bytes): LEN bytes (at most 1 MiB) in replies of 16 KiB,
+          the most chunks a request can make; 64 KiB in replies of at most
+          20000 bytes; 4 KiB with reply_bytes 2^64-1; 4 pieces of 64 bytes
+          with 16 KiB (several pieces: one reply); and reply_bytes 1 and
+          16383, below the least an owner takes. Then 2 s of progress.
+          Prints "chunks: sent N", "chunks: replies with data D (B bytes),
+          refused R, malformed M, largest L".
 
     Wire formats (little-endian):
       get request, AM 0x4c, as the header (96 bytes), flags REPLY | EAGER:
-        u32 0x47435658, u16 3, u16 1, secret[16], u64 id, nonce, raddr,
-        len, off, ttl_ns, count, rstride; as data, more ranges: u64 raddr,
-        len, count, rstride each, whose bytes follow in the one reply.
-      get reply, AM 0x4d, header (64 bytes): u32 0x47435658, u16 3, u16 2,
+        u32 0x47435658, u16 4, u16 1, secret[16], u64 id, nonce, raddr,
+        len, off, ttl_ns, count, rstride, reply_bytes (0: one reply; else
+        at least 16 KiB: one range comes in even chunks of at most that,
+        in 64-byte steps); as data, more ranges: u64 raddr, len, count,
+        rstride each, whose bytes follow in the one reply.
+      get reply, AM 0x4d, header (64 bytes): u32 0x47435658, u16 4, u16 2,
         secret[16], u64 id, nonce, off, len, u32 status, u32 0; len bytes of
         data.
       notification, AM 0x4b, no header, data (104 bytes): u32 0x4e435658,
@@ -135,7 +146,7 @@ static int g_left;                            /* requests left in flight: no cle
 static int g_urandom = -1;
 static uint64_t g_rng;
 
-static unsigned long long g_replies, g_replies_ok, g_replies_refused, g_replies_rndv, g_replies_odd, g_reply_bytes;
+static unsigned long long g_replies, g_replies_ok, g_replies_refused, g_replies_rndv, g_replies_odd, g_reply_bytes, g_reply_max;
 
 /* Sends of many messages: each has a slot for its bytes until it completes. */
 typedef struct slot { uint8_t buf[SLOT_BYTES]; } slot;
@@ -326,7 +337,11 @@ static ucs_status_t on_reply(void *arg, const void *header, size_t header_length
     g_replies++;
     if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) { g_replies_rndv++; return UCS_OK; }
     if (header_length == REP_BYTES && get32(h) == GET_MAGIC) {
-        if (get32(h + 56) == 0) { g_replies_ok++; g_reply_bytes += length; }
+        if (get32(h + 56) == 0) {
+            g_replies_ok++;
+            g_reply_bytes += length;
+            if (length > g_reply_max) g_reply_max = length;
+        }
         else g_replies_refused++;
     } else {
         g_replies_odd++;
@@ -450,7 +465,9 @@ static void usage(const char *why) {
             "  replies COUNT\n"
             "  stall SECRET_HEX RADDR_HEX LEN COUNT SECONDS\n"
             "  rndv BYTES\n"
-            "  burst SECRET_HEX RADDR_HEX REGION_LEN\n",
+            "  burst SECRET_HEX RADDR_HEX REGION_LEN\n"
+            "  ranges SECRET_HEX RADDR_HEX REGION_LEN CANARY_HEX\n"
+            "  chunks SECRET_HEX RADDR_HEX LEN\n",
             g_prog);
     exit(2);
 }
@@ -799,6 +816,30 @@ static void mode_ranges(const uint8_t *secret, uint64_t raddr, uint64_t region, 
     finish();
 }
 
+/* 10. Replies in chunks of the size the request names: the most chunks a
+   request can make, uneven sizes, and sizes below the owner's least. */
+static void mode_chunks(const uint8_t *secret, uint64_t raddr, uint64_t len) {
+    static const uint64_t rb[6] = { 16384, 20000, UINT64_MAX, 16384, 1, 16383 };
+    uint64_t ttl = 10ull * 1000000000ull;
+    int i, k;
+    slots_init();
+    for (k = 0; k < 6; k++) {
+        if ((i = slot_get()) < 0) break;
+        if (k == 0) build_req(g_slots[i].buf, secret, 950, rnd64(), raddr, len, 0, ttl, 1, 0);
+        else if (k == 1) build_req(g_slots[i].buf, secret, 951, rnd64(), raddr, 65536, 0, ttl, 1, 0);
+        else if (k == 3) build_req(g_slots[i].buf, secret, 953, rnd64(), raddr, 64, 0, ttl, 4, 4096);
+        else build_req(g_slots[i].buf, secret, 950 + (uint64_t)k, rnd64(), raddr, 4096, 0, ttl, 1, 0);
+        put64(g_slots[i].buf + 88, rb[k]);
+        am_send(i, AM_GET, g_slots[i].buf, REQ_BYTES, NULL, 0, UCP_AM_SEND_FLAG_REPLY | UCP_AM_SEND_FLAG_EAGER);
+    }
+    progress_for(2.0);
+    print_errors("chunks");
+    printf("chunks: sent %llu\n", g_sent);
+    printf("chunks: replies with data %llu (%llu bytes), refused %llu, malformed %llu, largest %llu\n",
+           g_replies_ok, g_reply_bytes, g_replies_refused, g_replies_odd, g_reply_max);
+    finish();
+}
+
 /*--- main ------------------------------------------------------------------*/
 
 int main(int argc, char **argv) {
@@ -853,6 +894,13 @@ int main(int argc, char **argv) {
         parse_u64(argv[4], 16, "RADDR_HEX is a hex address");
         if (!parse_u64(argv[5], 0, "REGION_LEN is a number")) usage("REGION_LEN must be > 0");
         parse_u64(argv[6], 16, "CANARY_HEX is a hex address");
+    } else if (!strcmp(mode, "chunks")) {
+        uint64_t n;
+        need_args(argc, 6);
+        parse_secret(argv[3], secret);
+        parse_u64(argv[4], 16, "RADDR_HEX is a hex address");
+        n = parse_u64(argv[5], 0, "LEN is a number");
+        if (n < 65536 || n > (1u << 20)) usage("LEN is 64 KiB .. 1 MiB");
     } else if (!strcmp(mode, "burst")) {
         need_args(argc, 6);
         parse_secret(argv[3], secret);
@@ -884,6 +932,8 @@ int main(int argc, char **argv) {
         mode_rndv(parse_u64(argv[3], 0, ""));
     } else if (!strcmp(mode, "ranges")) {
         mode_ranges(secret, parse_u64(argv[4], 16, ""), parse_u64(argv[5], 0, ""), parse_u64(argv[6], 16, ""));
+    } else if (!strcmp(mode, "chunks")) {
+        mode_chunks(secret, parse_u64(argv[4], 16, ""), parse_u64(argv[5], 0, ""));
     } else {
         mode_burst(secret, parse_u64(argv[4], 16, ""), parse_u64(argv[5], 0, ""));
     }

@@ -610,6 +610,38 @@ int main(int argc, char **argv) {
         free(o.md);
     }
 
+    if (ucx) T_CASE("a holder of the secret names its reply size: 1 MiB in 64 chunks of 16 KiB, uneven sizes in 64-byte steps, below 16 KiB dropped") {
+        owner o;
+        reader r;
+        rogue g;
+        uint8_t secret[16];
+        uint64_t v0[3], v1[3], big;
+        char sx[40], rx[24], len[24], want[160];
+        const char *a[] = {"chunks", addr, sx, rx, len, NULL};
+        if (owner_start(&o, 19, dir, 8) || reader_open(&r, &o)) { T_FAILF("the owner or the reader did not start"); continue; }
+        address_file(r.ctx, o.md, o.len, addr, secret);
+        hex(sx, secret, 16);
+        big = o.oi.bytes < (1u << 20) ? o.oi.bytes & ~(uint64_t)16383 : (1u << 20);
+        snprintf(rx, sizeof rx, "%llx", (unsigned long long)o.oi.base);
+        snprintf(len, sizeof len, "%llu", (unsigned long long)big);
+        owner_stats(&o, v0);
+        T_EQ(rogue_run(a, &g, 60), 0);
+        owner_stats(&o, v1);
+        T_HAS(g.out, "chunks: sent 6");
+        /* big in 16 KiB chunks; 64 KiB asked in at most 20000: 4 of 16384;
+           4 KiB whole; 4 pieces of 64 in one reply; reply_bytes 1 and 16383 dropped */
+        snprintf(want, sizeof want, "replies with data %llu (%llu bytes), refused 0, malformed 0, largest 16384",
+                 (unsigned long long)(big / 16384 + 4 + 1 + 1), (unsigned long long)(big + 65536 + 4096 + 256));
+        T_HAS(g.out, want);
+        T_EQ(v1[0] - v0[0], 2);
+        owner_canary(&o, canary);
+        T_CHECK(!strcmp(canary, CANARY));
+        T_EQ(reader_check(&r, 19, 2, 10000), 0);
+        reader_close(&r);
+        owner_finish(&o);
+        free(o.md);
+    }
+
     if (ucx) T_CASE("rendezvous messages to kvx's ids are dropped and released once: no descriptor left in UCX's pools") {
         owner o;
         reader r;
