@@ -152,6 +152,9 @@ UCX122 = $(shell cat $(BUILD)/ucx122/prefix 2>/dev/null)
 UCX122_FLAGS = -std=c99 -D_GNU_SOURCE $(WARN) -DKVX_UCX -I$(UCX122)/include
 UCX122_LIBS = -L$(UCX122)/lib -Wl,-rpath,$(abspath $(UCX122))/lib -lucp -luct -lucs -lucm -lpthread
 UCX122_TESTS = $(UCX_TESTS:%=$(BUILD)/ucx122/%) $(UCX_ASAN_TESTS:%=$(BUILD)/ucx122/%.asan) $(BUILD)/ucx122/rogue_ucx
+# make all builds these too once make test has fetched that UCX, so that
+# they are never left stale beside the others after a change.
+all: $(if $(wildcard $(UCX122)/include/ucp/api/ucp.h),$(UCX122_TESTS))
 
 $(BUILD)/ucx122/prefix:
 	@mkdir -p $(BUILD)/ucx122
