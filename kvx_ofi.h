@@ -1331,13 +1331,41 @@ fail:
 /* Parts of x not yet issued? */
 KVX__PRIV int kvx__ofi_more(const kvx__ofi_op *x) { return x->count > 1 ? x->idx < x->count : x->off < x->len; }
 
-/* Post pt, the next part of x: its next max_msg bytes by fi_read, or for a
-   gathered op its next iov_max pieces by fi_readmsg; *step: what it took. */
-KVX__PRIV ssize_t kvx__ofi_post_part(const kvx__ofi *o, kvx__ofi_pep *pe, kvx__ofi_op *x, kvx__ofi_part *pt, uint64_t *step) {
+/* Ranges of one fi_readmsg, each read into its own place, in order. */
+typedef struct kvx__ofi_ranges {
     struct iovec iov[KVX__OFI_IOV];
     void *descs[KVX__OFI_IOV];
     struct fi_rma_iov riov[KVX__OFI_IOV];
+    uint32_t n;
+} kvx__ofi_ranges;
+
+KVX__PRIV void kvx__ofi_range_add(kvx__ofi_ranges *r, uint64_t laddr, uint64_t raddr, uint64_t len, void *desc, uint64_t key) {
+    uint32_t i = r->n++;
+    r->iov[i].iov_base = (void *)(uintptr_t)laddr;
+    r->iov[i].iov_len = (size_t)len;
+    r->descs[i] = desc;
+    r->riov[i].addr = raddr;
+    r->riov[i].len = (size_t)len;
+    r->riov[i].key = key;
+}
+
+KVX__PRIV ssize_t kvx__ofi_readmsg(kvx__ofi_pep *pe, kvx__ofi_ranges *r, kvx__ofi_part *pt) {
     struct fi_msg_rma msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = r->iov;
+    msg.desc = r->descs;
+    msg.iov_count = r->n;
+    msg.addr = pe->dest;
+    msg.rma_iov = r->riov;
+    msg.rma_iov_count = r->n;
+    msg.context = &pt->c;
+    return fi_readmsg(pe->ep, &msg, 0);
+}
+
+/* Post pt, the next part of x: its next max_msg bytes by fi_read, or for a
+   gathered op its next iov_max pieces by fi_readmsg; *step: what it took. */
+KVX__PRIV ssize_t kvx__ofi_post_part(const kvx__ofi *o, kvx__ofi_pep *pe, kvx__ofi_op *x, kvx__ofi_part *pt, uint64_t *step) {
+    kvx__ofi_ranges r;
     uint32_t k = x->count - x->idx, i;
     if (x->count <= 1) {
         uint64_t n = x->len - x->off;
@@ -1346,24 +1374,11 @@ KVX__PRIV ssize_t kvx__ofi_post_part(const kvx__ofi *o, kvx__ofi_pep *pe, kvx__o
     }
     if (x->len > o->max_msg) return -FI_EMSGSIZE;  /* gather is off where pieces could need splitting (kvx__ofi_connect) */
     if (k > o->iov_max) k = o->iov_max;
-    for (i = 0; i < k; i++) {
-        iov[i].iov_base = (void *)(uintptr_t)(x->laddr + (uint64_t)(x->idx + i) * x->lstride);
-        iov[i].iov_len = (size_t)x->len;
-        descs[i] = x->desc;
-        riov[i].addr = x->raddr + (uint64_t)(x->idx + i) * x->rstride;
-        riov[i].len = (size_t)x->len;
-        riov[i].key = x->key;
-    }
-    memset(&msg, 0, sizeof msg);
-    msg.msg_iov = iov;
-    msg.desc = descs;
-    msg.iov_count = k;
-    msg.addr = pe->dest;
-    msg.rma_iov = riov;
-    msg.rma_iov_count = k;
-    msg.context = &pt->c;
+    for (r.n = 0, i = 0; i < k; i++)
+        kvx__ofi_range_add(&r, x->laddr + (uint64_t)(x->idx + i) * x->lstride, x->raddr + (uint64_t)(x->idx + i) * x->rstride, x->len,
+                           x->desc, x->key);
     *step = k;
-    return fi_readmsg(pe->ep, &msg, 0);
+    return kvx__ofi_readmsg(pe, &r, pt);
 }
 
 KVX__PRIV int kvx__ofi_issue(kvx__ofi *o, kvx__ofi_pep *pe, kvx__ofi_op *x) {
@@ -1410,33 +1425,14 @@ KVX__PRIV void kvx__ofi_op_finish(kvx__ofi_pep *pe, kvx__ofi_op *x) {
    issued (or nothing staged); 1: no part context free; -FI_EAGAIN: no room
    now (the group stays staged). Any other failure fails the group's ops. */
 KVX__PRIV int kvx__ofi_group_issue(kvx__ofi *o, kvx__ofi_pep *pe) {
-    struct iovec iov[KVX__OFI_IOV];
-    void *descs[KVX__OFI_IOV];
-    struct fi_rma_iov riov[KVX__OFI_IOV];
-    struct fi_msg_rma msg;
+    kvx__ofi_ranges r;
     kvx__ofi_part *pt = pe->part_free;
     kvx__ofi_op *x, *nx;
-    uint32_t k = 0;
     ssize_t ret;
     if (!pe->group) return 0;
     if (!pt) return 1;
-    for (x = pe->group; x; x = x->sib, k++) {
-        iov[k].iov_base = (void *)(uintptr_t)x->laddr;
-        iov[k].iov_len = (size_t)x->len;
-        descs[k] = x->desc;
-        riov[k].addr = x->raddr;
-        riov[k].len = (size_t)x->len;
-        riov[k].key = x->key;
-    }
-    memset(&msg, 0, sizeof msg);
-    msg.msg_iov = iov;
-    msg.desc = descs;
-    msg.iov_count = k;
-    msg.addr = pe->dest;
-    msg.rma_iov = riov;
-    msg.rma_iov_count = k;
-    msg.context = &pt->c;
-    ret = fi_readmsg(pe->ep, &msg, 0);
+    for (r.n = 0, x = pe->group; x; x = x->sib) kvx__ofi_range_add(&r, x->laddr, x->raddr, x->len, x->desc, x->key);
+    ret = kvx__ofi_readmsg(pe, &r, pt);
     if (ret == -FI_EAGAIN) { o->blocked = 1; return (int)ret; }
     x = pe->group;
     pe->group = pe->group_tail = NULL;
