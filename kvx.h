@@ -130,7 +130,9 @@
           threads at once, and at the same time as the progress thread.
         - kvx_progress, kvx_notifications, kvx_stats: any thread.
         - kvx_peer_add waits for a new peer to answer without holding the
-          context: reads of other peers go on meanwhile.
+          context: reads of other peers go on meanwhile. kvx_peer_add calls
+          on one context may come from several threads; they connect one
+          after another.
         - kvx_ctx_error: the message of the last error of the context; read it
           on the thread that saw the error, before making more calls.
           kvx_ctx_error(NULL) is the last kvx_ctx_create failure of the

@@ -517,6 +517,7 @@ KVX_API kvx_status kvx_ctx_create(const kvx_ctx_desc *desc_in, kvx_ctx **out) {
     kvx__strlcpy(ctx->policy, desc.transport_policy ? desc.transport_policy
                               : getenv("KVX_TRANSPORT_POLICY") ? getenv("KVX_TRANSPORT_POLICY") : "", sizeof ctx->policy);
     pthread_mutex_init(&ctx->lock, NULL);
+    pthread_cond_init(&ctx->add_done, NULL);
     st = KVX_OK;
     if (kvx__random(ctx->secret, sizeof ctx->secret) != 0)
         st = kvx__fail(ctx, KVX_ERR_BACKEND, "kvx_ctx_create: no random bytes from the kernel (getrandom, /dev/urandom): %s", strerror(errno));
@@ -591,6 +592,7 @@ KVX_API void kvx_ctx_destroy(kvx_ctx *ctx) {
     if (ctx->be_ops) ctx->be_ops->close(ctx);
     if (ctx->wake_pipe[0] >= 0) { close(ctx->wake_pipe[0]); close(ctx->wake_pipe[1]); }
     pthread_mutex_destroy(&ctx->lock);
+    pthread_cond_destroy(&ctx->add_done);
     if (ctx->md_key) { memset(ctx->md_key, 0, ctx->md_key_len); KVX_FREE(ctx->md_key); }
     while (ctx->nexpect) { KVX_FREE(ctx->expect[ctx->nexpect - 1].ids); KVX_FREE(ctx->expect[--ctx->nexpect].ranks); }
     KVX_FREE(ctx->expect);
@@ -891,6 +893,10 @@ KVX_API kvx_status kvx_peer_add(kvx_ctx *ctx, const void *md, size_t len, kvx_pe
     if (!p) return kvx__fail(ctx, KVX_ERR_NOMEM, "kvx_peer_add: out of memory");
     p->ctx = ctx;
     pthread_mutex_lock(&ctx->lock);
+    /* One kvx_peer_add connects at a time: the one connecting lets the lock
+       go while it waits, and a second would take those waits for its own
+       (and hold the lock through the first's). */
+    while (ctx->adding) pthread_cond_wait(&ctx->add_done, &ctx->lock);
     st = kvx__md_parse(ctx, (const uint8_t *)md, len, p);
     if (st != KVX_OK) goto fail;
     if (!strcmp(p->name, ctx->name) && p->rank == ctx->rank) {
@@ -909,6 +915,7 @@ KVX_API kvx_status kvx_peer_add(kvx_ctx *ctx, const void *md, size_t len, kvx_pe
     ctx->adder = pthread_self();
     st = ctx->be_ops->connect(ctx, p);
     ctx->adding = 0;
+    pthread_cond_broadcast(&ctx->add_done);
     if (st != KVX_OK) goto fail;
     if ((st = kvx__peer_admit(ctx, p)) != KVX_OK || (st = kvx__policy_check(ctx, p)) != KVX_OK) {
         ctx->be_ops->disconnect(ctx, p);

@@ -278,9 +278,11 @@ struct kvx_ctx {
     void *be;
     pthread_mutex_t lock;
     /* kvx_peer_add's thread while its backend connects: its waits let the
-       lock go (kvx__wait_poll). */
+       lock go (kvx__wait_poll). One at a time: another kvx_peer_add waits
+       on add_done. */
     int adding;
     pthread_t adder;
+    pthread_cond_t add_done;
     kvx_cache *caches[KVX__MAX_CACHES];
     uint32_t ncaches;
     kvx_peer *peers;

@@ -311,6 +311,102 @@ static void long_reads(void) {
         kvx_ex_cache_free(&m2);
     }
 
+    /* Two kvx_peer_add at once on one context, the first to an owner that
+       never answers: the second waits for the first rather than taking its
+       waits for its own, so neither holds the context while it waits, and a
+       third peer's read completes before either add returns; the second
+       then connects. */
+    T_CASE("two kvx_peer_add at once, the first to a peer that never answers: one after the other, and no other read stalls") {
+        kvx_layout lay1 = lay_for(1), lay4 = lay_for(4);
+        kvx_t_child live, stopped, late;
+        void *live_md = NULL, *stopped_md = NULL, *late_md = NULL;
+        uint32_t live_len = 0, stopped_len = 0, late_len = 0, hf = 0, hc = 0;
+        kvx_ctx_desc d;
+        kvx_ctx *c2 = NULL;
+        kvx_ex_cache m2;
+        kvx_cache_desc cd2;
+        kvx_cache *c2cache = NULL;
+        kvx_queue *q2 = NULL;
+        kvx_peer *lp = NULL;
+        kvx_read rd;
+        kvx_ticket t;
+        pthread_t th1, th2;
+        adder a1, a2;
+        uint32_t few[8];
+        int done1 = 1, done2 = 1, started = 0;
+        for (i = 0; i < 8; i++) few[i] = (i * 29u + 3u) % NB;
+        memset(&d, 0, sizeof d);
+        d.name = "decode4"; d.tp_size = 1; d.log_level = KVX_LOG_OFF; d.timeout_ms = 3000;
+        if (kvx_ctx_create(&d, &c2) != KVX_OK) { T_FAILF("context: %s", kvx_ctx_error(NULL)); continue; }
+        if (kvx_ex_cache_alloc(&m2, &lay1, 0, 1)) { T_FAILF("cache"); kvx_ctx_destroy(c2); continue; }
+        cd2 = kvx_ex_cache_desc(&m2);
+        /* Ranks 0, 1 and 2 of one prefill group of 4: 0 added first, 1
+           stopped, 2 added while the add of 1 waits. */
+        if (kvx_cache_register(c2, &cd2, &c2cache) || kvx_queue_create(c2, NULL, &q2)) T_FAILF("register: %s", kvx_ctx_error(c2));
+        else if (!(live_md = kvx_t_owner_spawn(&live, &lay4, 0, 4, 31, &live_len)) ||
+                 !(stopped_md = kvx_t_owner_spawn(&stopped, &lay4, 1, 4, 32, &stopped_len)) ||
+                 !(late_md = kvx_t_owner_spawn(&late, &lay4, 2, 4, 33, &late_len)))
+            T_FAILF("an owner process did not start");
+        else if (kvx_peer_add(c2, live_md, live_len, &lp) != KVX_OK)
+            T_FAILF("the live owner: %s", kvx_ctx_error(c2));
+        else {
+            kill(stopped.pid, SIGSTOP);
+            memset(&a1, 0, sizeof a1);
+            memset(&a2, 0, sizeof a2);
+            a1.ctx = a2.ctx = c2;
+            a1.md = stopped_md; a1.len = stopped_len;
+            a2.md = late_md; a2.len = late_len;
+            if (pthread_create(&th1, NULL, add_peer, &a1) != 0) T_FAILF("pthread_create");
+            else {
+                started = 1;
+                usleep(300000);  /* the first add is waiting for the stopped owner by now */
+                if (pthread_create(&th2, NULL, add_peer, &a2) != 0) { T_FAILF("pthread_create"); started = 0; }
+                usleep(300000);
+                kvx_peer_heads(lp, c2cache, 0, &hf, &hc);
+                kvx_ex_poison(&m2, 31, few, few, 8, 0, lay1.num_layers, hf, hf + hc);
+                memset(&rd, 0, sizeof rd);
+                rd.peer = lp; rd.cache = c2cache; rd.local_blocks = few; rd.remote_blocks = few; rd.num_blocks = 8;
+                T_ST(kvx_post(q2, &rd, &t), KVX_OK);
+                T_ST(kvx_wait(q2, t, 10000), KVX_OK);
+                done1 = __atomic_load_n(&a1.done, __ATOMIC_ACQUIRE);
+                done2 = started ? __atomic_load_n(&a2.done, __ATOMIC_ACQUIRE) : 1;
+                T_EQ(kvx_ex_verify(&m2, 31, few, few, 8, 0, lay1.num_layers, hf, hf + hc, NULL), 0);
+                pthread_join(th1, NULL);
+                if (started) pthread_join(th2, NULL);
+                printf("  the stopped owner's add: %s after %.1f s; the second add: %s after %.1f s; the read completed with %s\n",
+                       kvx_status_name(a1.st), a1.took, kvx_status_name(a2.st), a2.took,
+                       done1 || done2 ? "an add returned" : "both adds still waiting");
+                if (a1.st == KVX_ERR_TIMEOUT) {   /* else the transport connected without the owner's help */
+                    T_CHECK(!done1 && !done2);
+                    T_CHECK(a2.took > a1.took - 0.6);  /* it waited for the first */
+                }
+                T_ST(a2.st, KVX_OK);
+                if (a2.st == KVX_OK) {            /* and reads */
+                    kvx_peer_heads(a2.peer, c2cache, 0, &hf, &hc);
+                    kvx_ex_poison(&m2, 33, few, few, 8, 0, lay1.num_layers, hf, hf + hc);
+                    rd.peer = a2.peer;
+                    T_ST(kvx_post(q2, &rd, &t), KVX_OK);
+                    T_ST(kvx_wait(q2, t, 10000), KVX_OK);
+                    T_EQ(kvx_ex_verify(&m2, 33, few, few, 8, 0, lay1.num_layers, hf, hf + hc, NULL), 0);
+                    kvx_peer_remove(a2.peer);
+                }
+                if (a1.st == KVX_OK) kvx_peer_remove(a1.peer);
+            }
+            kvx_peer_remove(lp);
+            kill(stopped.pid, SIGKILL);
+        }
+        if (late_md) kvx_t_finish(&late);
+        if (stopped_md) kvx_t_finish(&stopped);
+        if (live_md) kvx_t_finish(&live);
+        free(late_md);
+        free(stopped_md);
+        free(live_md);
+        if (q2) kvx_queue_destroy(q2);
+        if (c2cache) kvx_cache_deregister(c2cache);
+        kvx_ctx_destroy(c2);
+        kvx_ex_cache_free(&m2);
+    }
+
     T_CASE("the context serves a new peer after the failures") {
         prefill_proc pp;
         kvx_peer *peer;
