@@ -1458,10 +1458,13 @@ KVX__PRIV int kvx__ofi_group_issue(kvx__ofi *o, kvx__ofi_pep *pe) {
     return 0;
 }
 
+/* The most bytes a group holds: KVX__OFI_GROUP_BYTES, within max_msg. */
+KVX__PRIV uint64_t kvx__ofi_group_cap(const kvx__ofi *o) { return o->max_msg < KVX__OFI_GROUP_BYTES ? o->max_msg : KVX__OFI_GROUP_BYTES; }
+
 /* x into the staged group, issuing the group first where x's read differs
    (one failure fails one read's ops only) or x would overfill it. */
 KVX__PRIV kvx_status kvx__ofi_group_add(kvx__ofi *o, kvx__ofi_pep *pe, kvx__ofi_op *x) {
-    if (pe->group && (pe->group->rd != x->rd || pe->group_n == o->iov_max || pe->group_bytes + x->len > KVX__OFI_GROUP_BYTES)) {
+    if (pe->group && (pe->group->rd != x->rd || pe->group_n == o->iov_max || pe->group_bytes + x->len > kvx__ofi_group_cap(o))) {
         int ret = kvx__ofi_group_issue(o, pe);
         if (ret == 1 || ret == -FI_EAGAIN) return KVX_PENDING;
     }
@@ -1505,7 +1508,7 @@ KVX__PRIV kvx_status kvx__ofi_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *o
     /* A small one-piece op where the peer's cache gathers (host memory, a
        provider with iov and rma_iov limits of 2 or more) waits for others
        of its read, to go in one fi_readmsg at the end of the post. */
-    if (rd->rc->gather && op->count <= 1 && op->len * 2 <= KVX__OFI_GROUP_BYTES) return kvx__ofi_group_add(o, pe, x);
+    if (rd->rc->gather && op->count <= 1 && op->len * 2 <= kvx__ofi_group_cap(o)) return kvx__ofi_group_add(o, pe, x);
     ret = kvx__ofi_issue(o, pe, x);
     if (ret == -FI_EAGAIN) o->blocked = 1;
     if (!x->parts_out) {

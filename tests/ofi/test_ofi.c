@@ -228,6 +228,17 @@ static void run_provider(const char *prov) {
                     T_EQ(reads, ops);
                 }
                 T_EQ(b.descs_completed - a.descs_completed, ops);
+                /* A group stays within max_msg: at 16 KiB, two 8 KiB blocks a read at most. */
+                if (grouped) {
+                    uint64_t keep = o->max_msg;
+                    o->max_msg = 16384;
+                    f0 = o->fabric_reads;
+                    read_check(&x, 8, dst, src, 24);
+                    reads = o->fabric_reads - f0;
+                    printf("  max_msg 16 KiB: %llu ops in %llu fabric reads\n", (unsigned long long)ops, (unsigned long long)reads);
+                    T_CHECK(reads >= ops / 2 && reads < ops);
+                    o->max_msg = keep;
+                }
                 /* The post itself issues its last group (the reader has no
                    progress thread): 3 blocks, 12 ops, 3 fabric reads. */
                 if (grouped && per == 4) {
