@@ -203,7 +203,7 @@ static void run_provider(const char *prov) {
         for (off = 0; off < 2; off++) {
             pair x;
             if (off) setenv("KVX_OFI_GATHER", "0", 1);
-            /* 16 tokens x 4 heads x 64 dim x 2 bytes: 8 KiB blocks, 8 to a group */
+            /* 16 tokens x 4 heads x 64 dim x 2 bytes: 8 KiB blocks, 8 of which fill 64 KiB (iov_max allowing) */
             if (pair_open(&x, prov, lay_of(16, 4, 64), 8) == 0) {
                 kvx__ofi *o = kvx__ofi_of(x.B);
                 kvx__ofi_pep *pe = (kvx__ofi_pep *)x.peer->be;
@@ -244,6 +244,7 @@ static void run_provider(const char *prov) {
                 if (grouped && per == 4) {
                     kvx_read rd;
                     kvx_ticket t;
+                    kvx_ex_poison(&x.bm, 8, dst, src, 3, 0, 2, 0, x.bm.lay.num_heads);
                     memset(&rd, 0, sizeof rd);
                     rd.peer = x.peer; rd.cache = x.bc; rd.local_blocks = dst; rd.remote_blocks = src; rd.num_blocks = 3;
                     f0 = o->fabric_reads;
@@ -251,6 +252,7 @@ static void run_provider(const char *prov) {
                     T_EQ(o->fabric_reads - f0, 3);
                     T_CHECK(pe->group == NULL);
                     T_ST(kvx_wait(x.q, t, 20000), KVX_OK);
+                    T_EQ(kvx_ex_verify(&x.bm, 8, dst, src, 3, 0, 2, 0, x.bm.lay.num_heads, NULL), 0);
                 }
                 /* No part context free at the end of the post: the group
                    waits, staged, and goes from progress once one is back. */
