@@ -3,7 +3,8 @@
 #
 #   make demo            a pack transfer on this host (installs libucx-dev if missing)
 #   make test            every test; ends with "N passed, M failed"
-#   make bench           kvx_bench sweeps beside ucx_perftest; table and plot in build/bench/
+#   make bench           kvx_bench sweeps beside ucx_perftest; table and plot in build/bench/ (RUNS=3: each cell
+#                        three times, interleaved, medians and ranges)
 #   make python          the Python package (python/) into build/venv, with numpy, pytest, torch (CPU)
 #   make ray             Ray from PyPI into build/venv (make test installs it)
 #   make test-ray        kvx on a two-node Ray cluster: the TP matrix, pack and spread, UCX and libfabric, the faults (root)
@@ -12,6 +13,7 @@
 #                        and kvx reading the caches vLLM 0.33's allocator makes (root)
 #   make bench-python    what Python costs per read post and completion, against the C calls
 #   make bench-peers     kvx beside NIXL and Mooncake on the same KV workload; table and plot in build/bench-peers/
+#                        (RUNS=3 as for bench; PEERS_ARGS="--sizes 4096 --modes pack": bench_peers.py's options)
 #   make security-peers  what NIXL and Mooncake owners let a process that knows only their ports do
 #   make install PREFIX=/usr/local
 PREFIX ?= /usr/local
@@ -85,6 +87,8 @@ TESTS = $(filter-out $(PROGRAMS),$(TESTS_LOCAL:%=$(BUILD)/%) $(TESTS_LOCAL:%=$(B
 FUZZ_CC ?= clang
 # make test builds with this many jobs
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+# make bench, make bench-peers: times each cell runs, interleaved
+RUNS ?= 1
 
 .PHONY: all demo test bench bench-python bench-peers security-peers fuzz soak install deps deps-test deps-bench clean compile-check gpu-build test-gpu bench-gpu ptx-check python
 
@@ -244,7 +248,7 @@ test: deps deps-test
 bench: deps deps-bench
 	@$(MAKE) --no-print-directory $(BUILD)/ucx122/prefix
 	@$(MAKE) --no-print-directory $(PROGRAMS) $(BUILD)/bench_post $(BUILD)/fi_read_ref $(BUILD)/cma_ref $(BUILD)/ucx122/kvx_bench
-	@bash bench/bench.sh
+	@KVX_BENCH_RUNS=$(RUNS) bash bench/bench.sh
 	@$(MAKE) --no-print-directory bench-python
 
 # Python against C in one process (bench/py_overhead.py): the local backend
@@ -276,7 +280,7 @@ bench-peers: deps deps-bench $(BUILD)/ucx122/prefix
 	@$(MAKE) --no-print-directory $(PEERS)/ready
 	$(PEERS)/bin/pip install -q ./python
 	KVX_UCX_PREFIX=$$(cat $(BUILD)/ucx122/prefix) KVX_PY_BACKENDS=ucx $(PEERS)/bin/python python/kvx/_build.py $(PEERS)/kvx122
-	$(PEERS)/bin/python bench/peers/bench_peers.py
+	$(PEERS)/bin/python bench/peers/bench_peers.py --runs $(RUNS) $(PEERS_ARGS)
 
 # What NIXL and Mooncake owners expose to a process that knows only their
 # ports (bench/peers/security): documents, does not pass or fail.

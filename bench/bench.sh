@@ -20,6 +20,11 @@
 # match. Prints a table (one row per reference), writes build/bench/results.tsv
 # and plots build/bench/bench.png (gnuplot).
 #   KVX_BENCH_SIZES="4096 65536"  KVX_BENCH_MODES="pack"  to narrow it.
+#   KVX_BENCH_RUNS=3: each cell that many times, kvx and its references
+#     taking turns, so that what the machine does meanwhile falls on both;
+#     build/bench/summary.tsv and the table printed last give the median of
+#     kvx, of the reference and of their ratio, each with its lowest and
+#     highest (the plot draws the medians).
 set -u
 cd "$(dirname "$0")/.."
 B=build
@@ -29,10 +34,12 @@ rm -f "$out"/*.json "$out"/*.log "$out"/*.srv "$out"/*.cmd  # no result of an ea
 sizes=${KVX_BENCH_SIZES:-4096 16384 65536 262144 1048576}
 modes=${KVX_BENCH_MODES:-pack spread}
 ops=${KVX_BENCH_OPS:-64}          # reads kvx keeps in flight (kvx_queue_desc.max_ops default)
+runs=${KVX_BENCH_RUNS:-1}
+run=1
 layers=4
 target=${KVX_BENCH_BYTES:-67108864}  # bytes per request
 tsv=$out/results.tsv
-echo -e "mode\tbackend\tblock_bytes\tkvx_gbps\tref_gbps\tratio\tref" > "$tsv"
+echo -e "mode\tbackend\tblock_bytes\tkvx_gbps\tref_gbps\tratio\tref\trun" > "$tsv"
 
 # GB/s (1e9 bytes/s) from ucx_perftest's "Final:" line (its MB are 2^20 bytes).
 perftest_gbps() { awk '/^Final:/ {printf "%.3f", $6 * 1048576 / 1e9}' "$1" 2>/dev/null; }
@@ -143,7 +150,7 @@ row() {  # mode backend size kvx ref refname
   local ratio
   ratio=$(awk -v a="$4" -v b="$5" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else print "-" }')
   line "$1" "$2" "$3" "$(fmt "$4")" "$(fmt "$5")" "$ratio" "$6"
-  echo -e "$1\t$2\t$3\t${4:--}\t${5:--}\t$ratio\t$6" >> "$tsv"
+  echo -e "$1\t$2\t$3\t${4:--}\t${5:--}\t$ratio\t$6\t$run" >> "$tsv"
 }
 
 echo "kvx bench: random blocks, $layers layers x K/V, ~$((target >> 20)) MiB per request, $ops reads in flight"
@@ -160,6 +167,8 @@ for mode in $modes; do
     nb=$((blocks * 2))
     args="--num-blocks $nb --blocks $blocks --num-layers $layers --block-tokens $tokens --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 5 --max-ops $ops"
     iters=$((blocks * layers * 2 * 5)); [ $iters -gt 200000 ] && iters=200000
+    for run in $(seq 1 "$runs"); do
+    [ "$runs" -gt 1 ] && echo "($mode, $size bytes: run $run of $runs)"
     # UCX over TCP, each version beside its own ucp_get and ucp_am_bw (-e)
     for ver in $ucx_vers; do
       k="$out/kvx_${mode}_ucx${ver}_$size"
@@ -215,10 +224,12 @@ for mode in $modes; do
       grep -q "TEST PASSED" "$out/ofi_spread_$size.log" || { echo "kvx_bench LIBFABRIC spread $size did not pass:"; tail -3 "$out/ofi_spread_$size.log"; }
       row "$mode" "ofi-tcp" "$size" "$(json_gbps "$out/ofi_spread_$size.json")" "$(ref_gbps "$out/ref_spread_$size.json")" "fi_read_ref tcp -O $ops"
     fi
+    done  # runs
   done
   [ "$mode" = spread ] && ns_cleanup
 done
 
+run=1  # what follows runs once
 # The make-demo transfer (128 random 32 KiB blocks x 32 layers x K/V, Debian's
 # UCX) beside ucx_perftest at 32 KiB with the same reads outstanding.
 if [[ " $modes " == *" pack "* ]] && [ -x $B/kvx_demo ]; then
@@ -271,5 +282,32 @@ if [ ${#seen_transport[@]} -gt 0 ]; then
   for k in "${!seen_transport[@]}"; do echo "  $k: ${seen_transport[$k]}"; done | sort
 fi
 
-bash bench/bench_plot.sh "$tsv" "$out/bench.png" "$ops"
-echo "table: $tsv"
+# Per cell and reference: the median of kvx, of the reference and of their
+# ratio over the runs, each with its lowest and highest. The first seven
+# columns are results.tsv's, medians in place of one run's values.
+sum=$out/summary.tsv
+awk -F'\t' -v OFS='\t' '
+  function sorted(s, a,   n, i, j, t) { n = split(s, a, " ")  # (mawk has no asort)
+    for (i = 2; i <= n; i++) { t = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+    return n }
+  function med(s,   a, n) { n = sorted(s, a); return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
+  function lo(s,   a) { sorted(s, a); return a[1] }
+  function hi(s,   a, n) { n = sorted(s, a); return a[n] }
+  function f(x) { return x == "" ? "-" : sprintf("%.3f", x) }
+  NR == 1 { print $1, $2, $3, $4, $5, $6, $7, "runs", "kvx_lo", "kvx_hi", "ref_lo", "ref_hi", "ratio_lo", "ratio_hi"; next }
+  { k = $1 OFS $2 OFS $3 OFS $7; if (!(k in n)) order[++m] = k; n[k]++
+    if ($4 ~ /^[0-9.]+$/) K[k] = K[k] " " $4; if ($5 ~ /^[0-9.]+$/) R[k] = R[k] " " $5; if ($6 ~ /^[0-9.]+$/) Q[k] = Q[k] " " $6 }
+  END { for (i = 1; i <= m; i++) { k = order[i]; split(k, c, OFS)
+    kk = K[k] == "" ? "" : med(K[k]); rr = R[k] == "" ? "" : med(R[k]); qq = Q[k] == "" ? "" : med(Q[k])
+    print c[1], c[2], c[3], f(kk), f(rr), qq == "" ? "-" : sprintf("%.2f", qq), c[4], n[k],
+          K[k] == "" ? "-" : f(lo(K[k])), K[k] == "" ? "-" : f(hi(K[k])), R[k] == "" ? "-" : f(lo(R[k])), R[k] == "" ? "-" : f(hi(R[k])),
+          Q[k] == "" ? "-" : sprintf("%.2f", lo(Q[k])), Q[k] == "" ? "-" : sprintf("%.2f", hi(Q[k])) } }' "$tsv" > "$sum"
+if [ "$runs" -gt 1 ]; then
+  echo
+  echo "Over $runs runs: medians (lowest-highest)"
+  printf "%-7s %-10s %9s %-22s %-22s %-18s %s\n" mode backend block kvx_GB/s ref_GB/s ratio reference
+  awk -F'\t' 'NR > 1 { printf "%-7s %-10s %9s %-22s %-22s %-18s %s\n", $1, $2, $3, $4 " (" $9 "-" $10 ")", $5 " (" $11 "-" $12 ")", $6 " (" $13 "-" $14 ")", $7 }' "$sum"
+fi
+
+bash bench/bench_plot.sh "$sum" "$out/bench.png" "$ops"
+echo "table: $tsv; over the runs: $sum"

@@ -86,7 +86,9 @@ if [ -x $B/venv/bin/python ] && $B/venv/bin/python -c 'import kvx' 2>/dev/null; 
   # make bench-peers' workload and driver, on kvx alone (NIXL and Mooncake
   # are installed by make bench-peers only): the rows run and check every byte
   P="$B/venv/bin/python bench/peers/bench_peers.py --rows kvx-ucx1.13 --sizes 16384 --tp 2 --patterns random --request-bytes 8388608 --strict"
-  entry "bench-peers driver: kvx, pack and spread, HND and NHD, TP 2->1, every byte checked (ucx $vdeb tcp)" 240 $P --layouts HND,NHD --out $B/bench-peers-test
+  # twice each, the summary's median with its range
+  expect_out "bench-peers driver: kvx, pack and spread, HND and NHD, TP 2->1, two runs each, every byte checked (ucx $vdeb tcp)" 300 \
+    "| spread | NHD | 2->1 | random | 16 KiB | [0-9.]* ([0-9.]*-[0-9.]*) |" $P --layouts HND,NHD --runs 2 --out $B/bench-peers-test
   # the batched check (the GPU's default) on the host, NHD: it must fail too
   expect_fail "bench-peers driver: a planted wrong byte fails the row and says where (ucx $vdeb tcp)" 180 "FAILED: RuntimeError: request 0: wrong bytes: owner rank 0, layer 0, K" \
     env KVX_PEERS_FLIP_BYTE=1 $P --modes pack --layouts NHD --check batch --out $B/bench-peers-test

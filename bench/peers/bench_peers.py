@@ -9,8 +9,14 @@ peak RSS of each process, and the transport each library chose. A row that
 cannot run (refused, crashed, hung past its deadline, wrong bytes) says why,
 with the command, and the run goes on.
 
-    build/peers/bin/python bench/peers/bench_peers.py [--rows kvx-ucx1.13,nixl,...] [--sizes 4096,65536]
-Writes build/bench-peers/results.jsonl, results.tsv, table.md and peers.png.
+With --runs N each cell runs every row N times, the rows of a cell taking
+turns (round i starts at the i-th row), so that what the machine does
+meanwhile falls on every library alike; summary.md then gives each row's
+median GB/s with its lowest and highest, the owner's median CPU per GB, and
+the best kvx row's median over the best other library's.
+
+    build/peers/bin/python bench/peers/bench_peers.py [--rows kvx-ucx1.13,nixl,...] [--sizes 4096,65536] [--runs 3]
+Writes build/bench-peers/results.jsonl, table.md, summary.md and peers.png.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import statistics
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -232,6 +239,49 @@ def table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def summary(rows: List[Dict[str, Any]]) -> str:
+    """Markdown: per cell, each library's median GB/s (lowest-highest) over
+    its runs, the best kvx row's median over the best other library's, and
+    the owner's median CPU seconds per GB. A failed run counts as 0 GB/s."""
+    def cell(r: Dict[str, Any]) -> Tuple[Any, ...]:
+        return (r["mode"], r.get("layout", "HND"), r["owner_tp"], r["random_blocks"], r["block_bytes"])
+    libs: List[str] = []
+    for r in rows:
+        if r["library"] not in libs:
+            libs.append(r["library"])
+    runs: Dict[Tuple[Any, ...], Dict[str, List[Dict[str, Any]]]] = {}
+    for r in rows:
+        runs.setdefault(cell(r), {}).setdefault(r["library"], []).append(r)
+    n = max((len(v) for c in runs.values() for v in c.values()), default=0)
+    out = ["GB/s, median (lowest-highest) of %d run%s; best kvx / best peer: medians" % (n, "" if n == 1 else "s"), "",
+           "| mode | layout | TP | blocks | block | " + " | ".join(libs) + " | best kvx / best peer |",
+           "|" + "---|" * (len(libs) + 6)]
+    cpu = ["", "Owner CPU seconds per GB, median", "",
+           "| mode | layout | TP | blocks | block | " + " | ".join(libs) + " |", "|" + "---|" * (len(libs) + 5)]
+    for c in sorted(runs):
+        mode, lay, tp, rnd, bb = c
+        head = "| %s | %s | %d->1 | %s | %d KiB | " % (mode, lay, tp, "random" if rnd else "consecutive", bb >> 10)
+        med: Dict[str, float] = {}
+        cols, cpus = [], []
+        for lib in libs:
+            rs = runs[c].get(lib, [])
+            g = [r["gbps"] if r["ok"] else 0.0 for r in rs]
+            o = [r["owner_cpu_s_per_gb"] for r in rs if r["ok"] and "owner_cpu_s_per_gb" in r]
+            if not g:
+                cols.append("")
+                cpus.append("")
+                continue
+            med[lib] = statistics.median(g)
+            cols.append("%.2f (%.2f-%.2f)" % (med[lib], min(g), max(g)) if len(g) > 1 else "%.2f" % g[0])
+            cpus.append("%.2f" % statistics.median(o) if o else "")
+        kvx = [v for lib, v in med.items() if lib.startswith("kvx")]
+        peer = [v for lib, v in med.items() if not lib.startswith("kvx")]
+        ratio = "%.2f" % (max(kvx) / max(peer)) if kvx and peer and max(peer) > 0 else ""
+        out.append(head + " | ".join(cols) + " | " + ratio + " |")
+        cpu.append(head + " | ".join(cpus) + " |")
+    return "\n".join(out + cpu) + "\n"
+
+
 # GB/s on a log axis once the plotted values span this factor or more: the GPU
 # rows run from 0.03 GB/s (NHD, 4 KiB) to 77 GB/s (kvx's CUDA backend), where a
 # linear axis draws the small blocks, where kvx leads 10-30x, as one flat line.
@@ -259,9 +309,12 @@ def plot(rows: List[Dict[str, Any]], png: str) -> Optional[str]:
     for mode, lay, tp, rnd in panels:
         plots = []
         for lib in libs:
-            pts = sorted((r["block_bytes"], r["gbps"]) for r in rows
-                         if r["library"] == lib and r["mode"] == mode and r.get("layout", "HND") == lay and r["owner_tp"] == tp
-                         and r["random_blocks"] == rnd and r["ok"] and (r["gbps"] > 0 or not log_y))
+            by_size: Dict[int, List[float]] = {}  # several runs: their median
+            for r in rows:
+                if r["library"] == lib and r["mode"] == mode and r.get("layout", "HND") == lay and r["owner_tp"] == tp \
+                        and r["random_blocks"] == rnd and r["ok"] and (r["gbps"] > 0 or not log_y):
+                    by_size.setdefault(r["block_bytes"], []).append(r["gbps"])
+            pts = sorted((bb, statistics.median(g)) for bb, g in by_size.items())
             if not pts:
                 continue
             f = os.path.join(tmp, "%s_%s_%s_%d_%d.dat" % (lib.replace(" ", "_"), mode, lay, tp, rnd))
@@ -291,6 +344,7 @@ def main() -> int:
     ap.add_argument("--request-bytes", type=int, default=128 << 20, help="bytes each row moves per cell (about)")
     ap.add_argument("--inflight", type=int, default=8)
     ap.add_argument("--deadline-s", type=float, default=120)
+    ap.add_argument("--runs", type=int, default=1, help="times each row runs each cell, the rows taking turns (summary.md: median and range)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the caches in GPU memory (pack only)")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--strict", action="store_true", help="exit 1 when a row failed (for tests)")
@@ -331,14 +385,15 @@ def main() -> int:
                 cell = {"block_bytes": bb, "num_layers": a.layers, "blocks_per_request": b, "owner_tp": tp,
                         "random_blocks": pat == "random", "inflight": a.inflight, "device": a.device,
                         "layout": lay, "check": a.check, "requests": max(8, min(512, a.request_bytes // per_req))}
-                for lab in labels:
+                for i, lab in [(i, labels[(i + j) % len(labels)]) for i in range(max(1, a.runs)) for j in range(len(labels))]:
                     t0 = time.monotonic()
                     row = run_cell(lab, cell, a.deadline_s, os.path.join(a.out, "logs"), hosts if mode == "spread" else None)
                     row["wall_s"] = time.monotonic() - t0
+                    row["run"] = i
                     rows.append(row)
                     jl.write(json.dumps(row) + "\n")
                     jl.flush()
-                    print("%-6s %-3s %-12s TP %d->1 %-11s %7d B: %s" % (mode, lay, lab, tp, pat, bb, "%.3f GB/s, p50 %.2f ms, %s" % (
+                    print("%-6s %-3s %-12s TP %d->1 %-11s %7d B%s: %s" % (mode, lay, lab, tp, pat, bb, " (run %d)" % (i + 1) if a.runs > 1 else "", "%.3f GB/s, p50 %.2f ms, %s" % (
                         row["gbps"], row["lat_p50_ms"], row["transport"]) if row["ok"] else "FAILED: " + row["error"]), flush=True)
     finally:
         if hosts is not None:
@@ -353,6 +408,10 @@ def main() -> int:
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(md)
     print(md)
+    sm = summary(rows)
+    with open(os.path.join(a.out, "summary.md"), "w") as f:
+        f.write(sm)
+    print(sm)
     why = plot(rows, os.path.join(a.out, "peers.png"))
     print(why or "plot: %s" % os.path.join(a.out, "peers.png"))
     failed = [r for r in rows if not r["ok"]]
