@@ -80,9 +80,12 @@
     asks for none), CMA is not turned off (FI_SHM_DISABLE_CMA, FI_HMEM) and
     the kernel lets this process read the peer's memory, which kvx checks by
     reading one byte of the peer's first region the same way; where any of it
-    fails it says "(sw)": shm then moves data through bounce buffers the
-    owner fills. The owner still has to progress to hand back shm's command
-    slots (1024 reads) and to receive notifications.
+    fails it says "(sw)", and warns once a peer with the reason (another PID
+    namespace, as between two containers; ptrace rules; the settings above):
+    shm then moves data through bounce buffers the owner fills, one read at
+    a time a peer, each waiting for the owner's tick, about 100x slower.
+    The owner still has to progress to hand back shm's command slots (1024
+    reads) and to receive notifications.
 
     READS. One fi_read per kvx op, split into several at max_msg_size (or
     at $KVX_OFI_MAX_MSG bytes, a knob for tests), the parts of an op
@@ -986,7 +989,10 @@ KVX__PRIV kvx_status kvx__ofi_address(kvx_ctx *ctx, const uint8_t **addr, uint32
 
 /* Can this process read the peer's memory with process_vm_readv (what shm's
    own check does)? Reads one byte of the peer's first host region. */
-KVX__PRIV int kvx__ofi_cma_ok(const kvx_peer *p) {
+/* 0 where this process can read the peer's memory as shm's CMA path does
+   (process_vm_readv), else why not: an errno, or -1 (no host cache to try,
+   or not Linux). */
+KVX__PRIV int kvx__ofi_cma_errno(const kvx_peer *p) {
 #if defined(__linux__) && defined(_GNU_SOURCE)
     uint32_t c;
     uint8_t b;
@@ -997,12 +1003,13 @@ KVX__PRIV int kvx__ofi_cma_ok(const kvx_peer *p) {
         l.iov_len = 1;
         r.iov_base = (void *)(uintptr_t)p->caches[c].regions[0].addr;
         r.iov_len = 1;
-        return process_vm_readv((pid_t)p->pid, &l, 1, &r, 1, 0) == 1;
+        errno = 0;
+        return process_vm_readv((pid_t)p->pid, &l, 1, &r, 1, 0) == 1 ? 0 : errno ? errno : -1;
     }
 #else
     (void)p;
 #endif
-    return 0;
+    return -1;
 }
 
 /* Drop a notification that will not be sent: release its read's slot if
@@ -1258,18 +1265,37 @@ KVX__PRIV kvx_status kvx__ofi_rkeys_map(kvx_ctx *ctx, kvx__ofi_pep *pe) {
 }
 
 /* kvx_peer_transport's words: "(sw)" where the owner's progress moves the
-   data, a software provider or shm where its CMA path cannot run. */
-KVX__PRIV void kvx__ofi_transport_say(const kvx__ofi *o, kvx_peer *p) {
-    int sw = o->sw;
+   data, a software provider or shm where its CMA path cannot run. shm
+   without CMA is said loudly, once a peer (warn): each read there waits on
+   the owner's progress tick, one at a time, about 100x slower than CMA. */
+KVX__PRIV void kvx__ofi_transport_say(kvx_ctx *ctx, const kvx__ofi *o, kvx_peer *p, int warn) {
+    int sw = o->sw, e = 0;
+    char nocma_why[160];
+    nocma_why[0] = 0;
     if (o->shm) {
         const char *nocma = getenv("FI_SHM_DISABLE_CMA");
         int cma = !nocma || !*nocma || !strchr("1tTyY", nocma[0]) || !strcmp(nocma, "0");
         if (nocma && (!strcmp(nocma, "on") || !strcmp(nocma, "ON"))) cma = 0;
-        sw = !(cma && (o->mr_mode & FI_MR_VIRT_ADDR) && !o->hmem && kvx__ofi_cma_ok(p));
+        if (!cma) snprintf(nocma_why, sizeof nocma_why, "FI_SHM_DISABLE_CMA=%s turns it off", nocma);
+        else if (!(o->mr_mode & FI_MR_VIRT_ADDR)) snprintf(nocma_why, sizeof nocma_why, "the registrations do not use virtual addresses");
+        else if (o->hmem) snprintf(nocma_why, sizeof nocma_why, "FI_HMEM registrations (KVX_OFI_HMEM=1) turn it off");
+        else if ((e = kvx__ofi_cma_errno(p)) != 0)
+            snprintf(nocma_why, sizeof nocma_why, "process_vm_readv of pid %u's memory fails here (%s): another PID namespace, or "
+                     "ptrace rules (kernel.yama.ptrace_scope, CAP_SYS_PTRACE)", p->pid, e > 0 ? strerror(e) : "no host cache to try");
+        sw = nocma_why[0] != 0;
     }
     snprintf(p->transport, sizeof p->transport, "ofi:%s%s", o->prov, sw ? " (sw)" : "");
-    snprintf(p->why, sizeof p->why, "libfabric %s is the provider %s (kvx_ofi_desc.provider or FI_PROVIDER, else the first that fits)%s",
-             o->prov, "in use", sw ? "; it emulates RMA in software, so reads are served by the owner's progress" : "");
+    snprintf(p->why, sizeof p->why, "libfabric %s is the provider %s (kvx_ofi_desc.provider or FI_PROVIDER, else the first that fits)%s%s",
+             o->prov, "in use", sw ? "; it emulates RMA in software, so reads are served by the owner's progress" : "",
+             nocma_why[0] ? " (shm's CMA path cannot run: " : "");
+    if (nocma_why[0]) {
+        kvx__strlcpy(p->why + strlen(p->why), nocma_why, sizeof p->why - strlen(p->why));
+        kvx__strlcpy(p->why + strlen(p->why), ")", sizeof p->why - strlen(p->why));
+    }
+    if (warn && nocma_why[0])
+        KVX__LOG(ctx, KVX_LOG_WARN, "ofi: shm reads %s/%d without CMA, since %s: each read goes through shm's bounce buffers, one at a "
+                 "time, and waits for the owner's progress tick (KVX_OFI_TICK_US): about 100x slower; FI_PROVIDER=tcp is faster "
+                 "between such processes", p->name, p->rank, nocma_why);
 }
 
 KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
@@ -1315,7 +1341,7 @@ KVX__PRIV kvx_status kvx__ofi_connect(kvx_ctx *ctx, kvx_peer *p) {
        lock: its reads make the connection and their deadlines bound it. */
     for (q = ctx->peers; q && q != p; q = q->next) {}
     if (!q && (st = kvx__ofi_wireup(ctx, pe)) != KVX_OK) goto fail;
-    kvx__ofi_transport_say(o, p);
+    kvx__ofi_transport_say(ctx, o, p, !q);
     return KVX_OK;
 fail:
     /* Safe at every step: a pep not yet in the list, or half open. */

@@ -133,6 +133,7 @@ done; done; done
 entry "pack ofi tcp 1 KV head replicated, 1->2" 120 $T $bench --backends LIBFABRIC $small --random-blocks --heads 1 --prefill-tp 1 --decode-tp 2
 entry "pack ofi tcp 2->1 HND, reads split at 1000 bytes" 120 env KVX_OFI_MAX_MSG=1000 FI_PROVIDER=tcp FI_TCP_IFACE=lo $bench --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 1 --block-tokens 4
 entry "pack ofi shm 2->4 NHD, kvx verifies every block" 120 $S $bench --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD --verify 1
+entry "ofi shm across two PID namespaces: no CMA, said with why and cost, every byte checked" 120 bash tests/ofi/shm_pidns.sh $bench
 # NHD 2->1: a block's 16 token pieces as fi_readmsg's, one op per block and
 # plane (288), not a fi_read per piece (4608 with KVX_OFI_GATHER=0)
 expect_out "pack ofi tcp 2->1 NHD: a block's token pieces in one op" 120 "288 descriptors -> 288 after merging" $T $bench --backends LIBFABRIC $small --random-blocks --prefill-tp 2 --decode-tp 1 --layout NHD
