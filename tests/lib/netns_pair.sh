@@ -1,10 +1,20 @@
 # Two network namespaces joined by a veth pair, each end given an address
 # (/24) and brought up with its namespace's loopback: what the scripts that
 # play two hosts on one machine share (tests/lib/two_hosts.sh,
-# tests/ray/two_nodes.sh, bench/bench.sh, bench/peers/bench_peers.py). Source
-# it, then:
+# tests/ray/two_nodes.sh, tests/vllm/two_hosts.sh, tests/security/listen.sh,
+# bench/bench.sh, bench/peers/bench_peers.py). Source it, then:
+#   netns_pair_need WHO [CMD...]   exits 77 (skipped), saying why, unless this
+#                                  is root with ip (and each CMD, iproute2's)
 #   netns_pair_up NS_A NS_B VETH_A VETH_B IP_A IP_B    (fails if a step fails)
 #   netns_pair_down NS_A NS_B VETH_A                   (quiet; for traps)
+netns_pair_need() {
+  local who=$1 c
+  shift
+  if [ "$(id -u)" != 0 ]; then echo "$who: skipped: needs root to make network namespaces"; exit 77; fi
+  for c in ip "$@"; do
+    command -v "$c" >/dev/null || { echo "$who: skipped: no '$c' (apt-get install iproute2)"; exit 77; }
+  done
+}
 netns_pair_up() {
   ip netns add "$1" && ip netns add "$2" &&
   ip link add "$3" type veth peer name "$4" &&

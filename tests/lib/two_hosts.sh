@@ -12,10 +12,9 @@
 set -u
 here=$(cd "$(dirname "$0")/../.." && pwd)
 bench=${KVX_BENCH:-$here/build/kvx_bench}
-if [ "$(id -u)" != 0 ]; then echo "two_hosts: skipped: needs root to make network namespaces"; exit 77; fi
-command -v ip >/dev/null || { echo "two_hosts: skipped: no 'ip' (apt-get install iproute2)"; exit 77; }
-[ -x "$bench" ] || { echo "two_hosts: $bench is not built (make)"; exit 2; }
 . "$here/tests/lib/netns_pair.sh"
+netns_pair_need two_hosts
+[ -x "$bench" ] || { echo "two_hosts: $bench is not built (make)"; exit 2; }
 
 tag=$$
 A=kvxA$tag B=kvxB$tag VA=kva$tag VB=kvb$tag

@@ -19,10 +19,9 @@ set -u
 here=$(cd "$(dirname "$0")/../.." && pwd)
 venv=${KVX_RAY_VENV:-$here/build/venv}
 py=$venv/bin/python ray=$venv/bin/ray
-if [ "$(id -u)" != 0 ]; then echo "two_nodes: skipped: needs root to make network namespaces"; exit 77; fi
-command -v ip >/dev/null || { echo "two_nodes: skipped: no 'ip' (apt-get install iproute2)"; exit 77; }
-"$py" -c 'import ray, kvx' 2>/dev/null || { echo "two_nodes: $venv lacks ray or kvx (make ray)"; exit 2; }
 . "$here/tests/lib/netns_pair.sh"
+netns_pair_need two_nodes
+"$py" -c 'import ray, kvx' 2>/dev/null || { echo "two_nodes: $venv lacks ray or kvx (make ray)"; exit 2; }
 
 tag=$$
 A=krayA$tag B=krayB$tag VA=kra$tag VB=krb$tag

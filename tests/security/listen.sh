@@ -10,9 +10,8 @@
 set -u
 here=$(cd "$(dirname "$0")/../.." && pwd)
 bench=${KVX_BENCH:-$here/build/kvx_bench}
-if [ "$(id -u)" != 0 ]; then echo "listen: skipped: needs root to make network namespaces"; exit 77; fi
-command -v ip >/dev/null && command -v ss >/dev/null || { echo "listen: skipped: no ip or ss (apt-get install iproute2)"; exit 77; }
 . "$here/tests/lib/netns_pair.sh"
+netns_pair_need listen ss
 
 tag=$$
 A=kvxLA$tag B=kvxLB$tag VA=kla$tag VB=klb$tag

@@ -10,10 +10,9 @@
 set -u
 here=$(cd "$(dirname "$0")/../.." && pwd)
 py=${KVX_VLLM_PYTHON:-$here/build/vllm/bin/python}
-if [ "$(id -u)" != 0 ]; then echo "vllm two_hosts: skipped: needs root to make network namespaces"; exit 77; fi
-command -v ip >/dev/null || { echo "vllm two_hosts: skipped: no 'ip' (apt-get install iproute2)"; exit 77; }
-"$py" -c 'import vllm, kvx.vllm' 2>/dev/null || { echo "vllm two_hosts: $py lacks vllm or kvx (make vllm)"; exit 2; }
 . "$here/tests/lib/netns_pair.sh"
+netns_pair_need "vllm two_hosts"
+"$py" -c 'import vllm, kvx.vllm' 2>/dev/null || { echo "vllm two_hosts: $py lacks vllm or kvx (make vllm)"; exit 2; }
 
 tag=$$
 A=kvlA$tag B=kvlB$tag VA=kvla$tag VB=kvlb$tag
