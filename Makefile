@@ -15,7 +15,7 @@
 #   make bench-peers     kvx beside NIXL and Mooncake on the same KV workload; table and plot in build/bench-peers/
 #                        (RUNS=3 as for bench; PEERS_ARGS="--sizes 4096 --modes pack": bench_peers.py's options)
 #   make security-peers  what NIXL and Mooncake owners let a process that knows only their ports do
-#   make install PREFIX=/usr/local
+#   make install PREFIX=/usr/local   (make uninstall PREFIX=... takes it away again)
 PREFIX ?= /usr/local
 CC ?= cc
 CXX ?= c++
@@ -90,7 +90,7 @@ JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 # make bench, make bench-peers: times each cell runs, interleaved
 RUNS ?= 1
 
-.PHONY: all demo test bench bench-python bench-peers security-peers fuzz soak install deps deps-test deps-bench clean compile-check gpu-build test-gpu bench-gpu ptx-check python
+.PHONY: all demo test bench bench-python bench-peers security-peers fuzz soak install uninstall deps deps-test deps-bench clean compile-check gpu-build test-gpu bench-gpu ptx-check python
 
 all: deps $(PROGRAMS) $(TESTS)
 
@@ -311,6 +311,11 @@ install:
 	printf '#include "kvx/kvx.h"\n' > $(DESTDIR)$(PREFIX)/include/kvx.h
 	chmod 644 $(DESTDIR)$(PREFIX)/include/kvx.h
 	sed -e 's|@PREFIX@|$(PREFIX)|' kvx.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/kvx.pc
+
+# What install wrote, and the include/kvx folder where nothing else is left there.
+uninstall:
+	rm -f $(addprefix $(DESTDIR)$(PREFIX)/include/kvx/,$(HEADERS)) $(DESTDIR)$(PREFIX)/include/kvx.h $(DESTDIR)$(PREFIX)/lib/pkgconfig/kvx.pc
+	-rmdir $(DESTDIR)$(PREFIX)/include/kvx 2>/dev/null
 
 clean:
 	rm -rf $(BUILD)

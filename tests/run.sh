@@ -72,6 +72,7 @@ entry "valgrind: kvx_bench pack 1->1, every process (ucx $vdeb tcp)" 300 env UCX
   --leak-check=full --errors-for-leak-kinds=definite $B/kvx_bench --num-blocks 64 --blocks 16 --random-blocks --iters 2
 entry "compile matrix" 300 bash tests/compile/matrix.sh
 entry "compile matrix with KVX_CUDA (stub libcuda)" 600 bash tests/compile/matrix_cuda.sh
+entry "make install into a staging root, a program built against it alone (local, UCX), make uninstall" 120 bash tests/compile/install.sh
 entry "PTX check (ptxas sm_80, sm_90, sm_100)" 120 bash tools/ptx_check.sh
 # The package's ctypes mirrors are generated from kvx.h: stale ones fail here
 # (with the diff), before the library's own check refuses them at load.
