@@ -309,5 +309,5 @@ if [ "$runs" -gt 1 ]; then
   awk -F'\t' 'NR > 1 { printf "%-7s %-10s %9s %-22s %-22s %-18s %s\n", $1, $2, $3, $4 " (" $9 "-" $10 ")", $5 " (" $11 "-" $12 ")", $6 " (" $13 "-" $14 ")", $7 }' "$sum"
 fi
 
-bash bench/bench_plot.sh "$sum" "$out/bench.png" "$ops"
+bash bench/bench_plot.sh "$sum" "$out/bench.png" "$ops" "$runs"
 echo "table: $tsv; over the runs: $sum"

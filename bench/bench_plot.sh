@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Plots make bench's table (results.tsv) into a PNG with gnuplot: GB/s against
-# block size, one panel per mode (pack, spread); per backend (UCX version or
+# Plots make bench's table (summary.tsv: medians over its runs) into a PNG
+# with gnuplot: GB/s against block size, one panel per mode (pack, spread);
+# per backend (UCX version or
 # libfabric provider) one colour: kvx solid, its references dashed
 # (ucp_get, fi_read) and dotted (ucp_am_bw). The GB/s axis is logarithmic when
 # the values span 10x or more (sm at 1 MiB against tcp at 4 KiB does), linear
 # from 0 otherwise.
-#   bench/bench_plot.sh build/bench/results.tsv build/bench/bench.png 64
+#   bench/bench_plot.sh build/bench/summary.tsv build/bench/bench.png 64 [RUNS]
 set -u
-tsv=$1 png=$2 ops=${3:-64}
+tsv=$1 png=$2 ops=${3:-64} runs=${4:-1}
 command -v gnuplot >/dev/null || { echo "(no plot: gnuplot is not installed)"; exit 0; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -18,7 +19,8 @@ colour() {
   esac
 }
 # size, kvx GB/s and reference GB/s of the rows of one mode, backend and reference
-pick() { awk -F'\t' -v m="$1" -v b="$2" -v r="$3" '$1 == m && $2 == b && index($7, r) && $5 != "-" { print $3 "\t" $4 "\t" $5 }' "$tsv"; }
+# (ucp_am_bw: the row without -y; the -y row, its receiver copying, is in the table)
+pick() { awk -F'\t' -v m="$1" -v b="$2" -v r="$3" '$1 == m && $2 == b && index($7, r) && !index($7, " -y") && $5 != "-" { print $3 "\t" $4 "\t" $5 }' "$tsv"; }
 panels=()
 for mode in pack spread; do
   plots=()
@@ -59,10 +61,11 @@ fi
 timeout 60 gnuplot 2>/dev/null <<PLOT && echo "plot: $png"
 set terminal pngcairo size 1100,$((430 * ${#panels[@]} + 40)) noenhanced
 set output "$png"
-set multiplot layout ${#panels[@]},1 title "kvx reads vs the transport's own references (random blocks, $ops in flight, same run)"
+set multiplot layout ${#panels[@]},1 title "kvx reads vs the transport's own references (random blocks, $ops in flight, $([ "$runs" -gt 1 ] && echo "medians of $runs interleaved runs" || echo "same run"))"
 set xlabel "block size (bytes per layer and K/V)"
 set ylabel "GB/s"
 set logscale x 2
+set offsets graph 0.04, graph 0.04, 0, 0
 set xtics ("4K" 4096, "16K" 16384, "64K" 65536, "256K" 262144, "1M" 1048576)
 $yset
 set key outside right
