@@ -987,11 +987,10 @@ KVX__PRIV kvx_status kvx__ofi_address(kvx_ctx *ctx, const uint8_t **addr, uint32
 
 /*--- peers -------------------------------------------------------------------*/
 
-/* Can this process read the peer's memory with process_vm_readv (what shm's
-   own check does)? Reads one byte of the peer's first host region. */
-/* 0 where this process can read the peer's memory as shm's CMA path does
-   (process_vm_readv), else why not: an errno, or -1 (no host cache to try,
-   or not Linux). */
+/* Can this process read the peer's memory with process_vm_readv, as shm's
+   CMA path does (and its own check)? Reads one byte of the peer's first
+   host region: 0 where it can, else why not: an errno, or -1 (no host cache
+   to try, or not Linux). */
 KVX__PRIV int kvx__ofi_cma_errno(const kvx_peer *p) {
 #if defined(__linux__) && defined(_GNU_SOURCE)
     uint32_t c;
