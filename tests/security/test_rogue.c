@@ -25,6 +25,7 @@
 #endif
 #define KVX_IMPLEMENTATION
 #include "../../kvx.h"
+#include <dirent.h>
 #include "../lib/kvx_host_cache.h"
 #include "../lib/kvx_test.h"
 #include "../lib/kvx_owner.h"
@@ -321,6 +322,34 @@ static void reader_close(reader *r) {
 
 /* n reads of every block, each poisoned first and checked byte by byte
    after: how many failed or brought a wrong byte. */
+/* Every thread of pid stopped (state T in /proc/PID/task/TID/stat), within
+   ms: kill(SIGSTOP) returns before the signal has reached them all. */
+static int all_stopped(pid_t pid, int ms) {
+    char path[64], line[256];
+    int waited;
+    for (waited = 0; waited <= ms; waited++) {
+        DIR *d;
+        struct dirent *e;
+        int threads = 0, stopped = 0;
+        snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
+        if (!(d = opendir(path))) return 0;
+        while ((e = readdir(d)) != NULL) {
+            FILE *f;
+            const char *st;
+            if (e->d_name[0] == '.') continue;
+            snprintf(path, sizeof path, "/proc/%d/task/%.16s/stat", (int)pid, e->d_name);
+            if (!(f = fopen(path, "r"))) continue;
+            threads++;
+            if (fgets(line, sizeof line, f) && (st = strrchr(line, ')')) != NULL && (st[2] == 'T' || st[2] == 't')) stopped++;
+            fclose(f);
+        }
+        closedir(d);
+        if (threads && stopped == threads) return 1;
+        usleep(1000);
+    }
+    return 0;
+}
+
 static int reader_check(reader *r, uint64_t seed, int n, uint32_t timeout_ms) {
     uint32_t ids[NB], i;
     int k, bad = 0;
@@ -491,6 +520,8 @@ int main(int argc, char **argv) {
         T_EQ(rogue_end(&g, 90), 0);
         T_EQ(bad, 0);
         kill(o.ch.pid, SIGSTOP);                           /* the owner stopped: only forgeries could answer */
+        T_CHECK(all_stopped(o.ch.pid, 5000));              /* ... once every thread of it has stopped */
+        kvx_ex_poison(&r.m, 14, ids, ids, NB, 0, r.m.lay.num_layers, 0, HEADS);
         T_EQ(rogue_start(&g, a), 0);
         for (k = 0; k < 4; k++) {
             kvx_read rd = kvx_t_read(r.p, r.c, ids, NB, 6000);
@@ -509,6 +540,10 @@ int main(int argc, char **argv) {
         }
         T_EQ(rogue_end(&g, 90), 0);
         rogue_target = NULL;
+        if (fails < 4)  /* what landed: the owner's bytes, or forged ones */
+            printf("  the blocks read with the owner stopped hold %s\n",
+                   kvx_ex_verify(&r.m, 14, ids, ids, NB, 0, r.m.lay.num_layers, 0, HEADS, NULL) ? "bytes that are not the owner's"
+                                                                                              : "the owner's bytes");
         T_EQ(fails, 4);
         kill(o.ch.pid, SIGCONT);
         T_EQ(reader_check(&r, 14, 2, 10000), 0);
