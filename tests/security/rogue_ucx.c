@@ -62,6 +62,12 @@
           the region, 16 of 1 MiB within it and 4 gathers of 4096 pieces of
           64 bytes, ~50 ms of progress, "burst: sent N", then _exit(0) with
           no cleanup.
+      conns N SECONDS
+          N endpoints (2..8) to the target's worker, each connected, then
+          get requests with a wrong secret on each in turn for SECONDS
+          (or until the harness kills it): a reader that dies while it
+          holds several connections. Prints "conns: N connected" once all
+          are, then "conns: sent S".
       ranges SECRET_HEX RADDR_HEX REGION_LEN CANARY_HEX
           A holder of the secret that asks for many ranges in one request:
           three 64-byte ranges within the region; a range within it and one
@@ -741,6 +747,46 @@ static void mode_rndv(uint64_t bytes) {
 }
 
 /* 8. A holder of the secret that dies mid-read. */
+static void mode_conns(const char *addr_file, uint64_t n, uint64_t seconds) {
+    ucp_ep_h eps[8];
+    uint8_t secret[SECRET_BYTES], *addr;
+    size_t alen = 0;
+    uint64_t k;
+    double end;
+    if (!(addr = read_file(addr_file, &alen))) setup_fail("address file", addr_file);
+    if (rand_bytes(secret, sizeof secret)) setup_fail("conns", "/dev/urandom");
+    eps[0] = g_ep;
+    for (k = 1; k < n; k++) {
+        ucp_ep_params_t ep;
+        ucs_status_t s, fs;
+        memset(&ep, 0, sizeof ep);
+        ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+        ep.address = (const ucp_address_t *)addr;
+        ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+        ep.err_handler.cb = on_ep_error;
+        if ((s = ucp_ep_create(g_wrk, &ep, &eps[k])) != UCS_OK) setup_fail("ucp_ep_create", ucs_status_string(s));
+        g_ep = eps[k];
+        if (!flush_ep(now_s() + 5.0, &fs) || fs != UCS_OK) setup_fail("connect (flush)", "an endpoint after the first");
+    }
+    free(addr);
+    printf("conns: %llu connected\n", (unsigned long long)n);
+    fflush(stdout);
+    slots_init();
+    end = now_s() + (double)seconds;
+    for (k = 0; now_s() < end; k++) {
+        int i = slot_get();
+        if (i < 0) break;
+        g_ep = eps[k % n];
+        build_req(g_slots[i].buf, secret, k + 1, rnd64(), 0x10000, 64, 0, 1000000000ull, 1, 0);
+        am_send(i, AM_GET, g_slots[i].buf, REQ_BYTES, NULL, 0, UCP_AM_SEND_FLAG_REPLY | UCP_AM_SEND_FLAG_EAGER);
+        ucp_worker_progress(g_wrk);
+    }
+    g_ep = eps[0];
+    printf("conns: sent %llu\n", (unsigned long long)g_sent);
+    print_errors("conns");
+    finish();
+}
+
 static void mode_burst(const uint8_t *secret, uint64_t raddr, uint64_t region) {
     uint64_t k, part = region < (1ull << 20) ? region : (1ull << 20), rstride = (region / 4096) & ~(uint64_t)63;
     uint64_t id = 1, room = region - part + 1;
@@ -901,6 +947,12 @@ int main(int argc, char **argv) {
         parse_u64(argv[4], 16, "RADDR_HEX is a hex address");
         n = parse_u64(argv[5], 0, "LEN is a number");
         if (n < 65536 || n > (1u << 20)) usage("LEN is 64 KiB .. 1 MiB");
+    } else if (!strcmp(mode, "conns")) {
+        uint64_t n;
+        need_args(argc, 5);
+        n = parse_u64(argv[3], 0, "N is a number");
+        if (n < 2 || n > 8) usage("N is 2 .. 8");
+        if (parse_u64(argv[4], 0, "SECONDS is a number") > 3600) usage("SECONDS is at most 3600");
     } else if (!strcmp(mode, "burst")) {
         need_args(argc, 6);
         parse_secret(argv[3], secret);
@@ -934,6 +986,8 @@ int main(int argc, char **argv) {
         mode_ranges(secret, parse_u64(argv[4], 16, ""), parse_u64(argv[5], 0, ""), parse_u64(argv[6], 16, ""));
     } else if (!strcmp(mode, "chunks")) {
         mode_chunks(secret, parse_u64(argv[4], 16, ""), parse_u64(argv[5], 0, ""));
+    } else if (!strcmp(mode, "conns")) {
+        mode_conns(argv[2], parse_u64(argv[3], 0, ""), parse_u64(argv[4], 0, ""));
     } else {
         mode_burst(secret, parse_u64(argv[4], 16, ""), parse_u64(argv[5], 0, ""));
     }

@@ -260,6 +260,23 @@ static int rogue_end(rogue *r, double secs) {
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
+/* Its output until it has printed s (at most secs): 1 if it did. */
+static int rogue_wait_for(rogue *r, const char *s, double secs) {
+    double t0 = kvx_t_now();
+    while (kvx_t_now() - t0 < secs) {
+        struct pollfd pf;
+        ssize_t k;
+        r->out[r->n] = 0;
+        if (strstr(r->out, s)) return 1;
+        pf.fd = r->fd; pf.events = POLLIN; pf.revents = 0;
+        if (poll(&pf, 1, 100) <= 0) continue;
+        if ((k = read(r->fd, r->out + r->n, sizeof r->out - 1 - r->n)) <= 0) break;
+        r->n += (size_t)k;
+    }
+    r->out[r->n] = 0;
+    return strstr(r->out, s) != NULL;
+}
+
 static int rogue_run(const char *const *args, rogue *r, double secs) {
     if (rogue_start(r, args)) return -1;
     return rogue_end(r, secs);
@@ -451,6 +468,29 @@ int main(int argc, char **argv) {
         T_CHECK(log_count(o.log, "more like it dropped") >= 1 || log_count(o.log, "warn:") <= 2);
         reader_close(&r);
         owner_finish(&o);
+        free(o.md);
+    }
+
+    if (ucx) T_CASE("a process without the secret killed while it holds 4 connections to the owner and sends on each: the owner lives and serves byte-true") {
+        owner o;
+        reader r;
+        rogue g;
+        const char *a[] = {"conns", addr, "4", "20", NULL};
+        int round;
+        if (owner_start(&o, 15, dir, 6) || reader_open(&r, &o)) { T_FAILF("the owner or the reader did not start"); continue; }
+        address_file(r.ctx, o.md, o.len, addr, NULL);
+        for (round = 0; round < 3; round++) {  /* killed 50, 250 and 450 ms into its sends */
+            T_EQ(rogue_start(&g, a), 0);
+            T_CHECK(rogue_wait_for(&g, "conns: 4 connected", 20));
+            usleep(50000 + 200000 * round);
+            kill(g.pid, SIGKILL);
+            rogue_end(&g, 10);
+        }
+        usleep(500000);
+        T_CHECK(kill(o.ch.pid, 0) == 0);
+        T_EQ(reader_check(&r, 15, 4, 10000), 0);
+        reader_close(&r);
+        owner_finish(&o);  /* an owner that died by a signal fails the case */
         free(o.md);
     }
 
