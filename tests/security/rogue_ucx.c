@@ -62,12 +62,14 @@
           the region, 16 of 1 MiB within it and 4 gathers of 4096 pieces of
           64 bytes, ~50 ms of progress, "burst: sent N", then _exit(0) with
           no cleanup.
-      conns N SECONDS
+      conns N SECONDS [SECRET_HEX RADDR_HEX REGION_LEN]
           N endpoints (2..8) to the target's worker, each connected, then
-          get requests with a wrong secret on each in turn for SECONDS
-          (or until the harness kills it): a reader that dies while it
-          holds several connections. Prints "conns: N connected" once all
-          are, then "conns: sent S".
+          get requests on each in turn for SECONDS (or until the harness
+          kills it): a reader that dies while it holds several
+          connections. Without a secret they carry a wrong one; with it,
+          they ask for up to 1 MiB within the region, so the owner is
+          sending replies when the reader dies. Prints "conns: N
+          connected" once all are, then "conns: sent S".
       ranges SECRET_HEX RADDR_HEX REGION_LEN CANARY_HEX
           A holder of the secret that asks for many ranges in one request:
           three 64-byte ranges within the region; a range within it and one
@@ -747,7 +749,7 @@ static void mode_rndv(uint64_t bytes) {
 }
 
 /* 8. A holder of the secret that dies mid-read. */
-static void mode_conns(const char *addr_file, uint64_t n, uint64_t seconds) {
+static void mode_conns(const char *addr_file, uint64_t n, uint64_t seconds, const uint8_t *holder, uint64_t raddr, uint64_t region) {
     ucp_ep_h eps[8];
     uint8_t secret[SECRET_BYTES], *addr;
     size_t alen = 0;
@@ -755,6 +757,7 @@ static void mode_conns(const char *addr_file, uint64_t n, uint64_t seconds) {
     double end;
     if (!(addr = read_file(addr_file, &alen))) setup_fail("address file", addr_file);
     if (rand_bytes(secret, sizeof secret)) setup_fail("conns", "/dev/urandom");
+    if (holder) memcpy(secret, holder, sizeof secret);
     eps[0] = g_ep;
     for (k = 1; k < n; k++) {
         ucp_ep_params_t ep;
@@ -777,7 +780,12 @@ static void mode_conns(const char *addr_file, uint64_t n, uint64_t seconds) {
         int i = slot_get();
         if (i < 0) break;
         g_ep = eps[k % n];
-        build_req(g_slots[i].buf, secret, k + 1, rnd64(), 0x10000, 64, 0, 1000000000ull, 1, 0);
+        if (holder) {
+            uint64_t part = region < (1ull << 20) ? region : (1ull << 20);
+            build_req(g_slots[i].buf, secret, k + 1, rnd64(), raddr + (k * 4096) % (region - part + 1), part, 0, 10ull * 1000000000ull, 1, 0);
+        } else {
+            build_req(g_slots[i].buf, secret, k + 1, rnd64(), 0x10000, 64, 0, 1000000000ull, 1, 0);
+        }
         am_send(i, AM_GET, g_slots[i].buf, REQ_BYTES, NULL, 0, UCP_AM_SEND_FLAG_REPLY | UCP_AM_SEND_FLAG_EAGER);
         ucp_worker_progress(g_wrk);
     }
@@ -949,7 +957,12 @@ int main(int argc, char **argv) {
         if (n < 65536 || n > (1u << 20)) usage("LEN is 64 KiB .. 1 MiB");
     } else if (!strcmp(mode, "conns")) {
         uint64_t n;
-        need_args(argc, 5);
+        if (argc != 5 && argc != 8) usage("wrong number of arguments for this mode");
+        if (argc == 8) {
+            parse_secret(argv[5], secret);
+            parse_u64(argv[6], 16, "RADDR_HEX is a hex address");
+            if (!parse_u64(argv[7], 0, "REGION_LEN is a number")) usage("REGION_LEN must be > 0");
+        }
         n = parse_u64(argv[3], 0, "N is a number");
         if (n < 2 || n > 8) usage("N is 2 .. 8");
         if (parse_u64(argv[4], 0, "SECONDS is a number") > 3600) usage("SECONDS is at most 3600");
@@ -987,7 +1000,8 @@ int main(int argc, char **argv) {
     } else if (!strcmp(mode, "chunks")) {
         mode_chunks(secret, parse_u64(argv[4], 16, ""), parse_u64(argv[5], 0, ""));
     } else if (!strcmp(mode, "conns")) {
-        mode_conns(argv[2], parse_u64(argv[3], 0, ""), parse_u64(argv[4], 0, ""));
+        mode_conns(argv[2], parse_u64(argv[3], 0, ""), parse_u64(argv[4], 0, ""), argc == 8 ? secret : NULL,
+                   argc == 8 ? parse_u64(argv[6], 16, "") : 0, argc == 8 ? parse_u64(argv[7], 0, "") : 0);
     } else {
         mode_burst(secret, parse_u64(argv[4], 16, ""), parse_u64(argv[5], 0, ""));
     }
