@@ -337,8 +337,6 @@ static void reader_close(reader *r) {
     kvx_ex_cache_free(&r->m);
 }
 
-/* n reads of every block, each poisoned first and checked byte by byte
-   after: how many failed or brought a wrong byte. */
 /* Every thread of pid stopped (state T in /proc/PID/task/TID/stat), within
    ms: kill(SIGSTOP) returns before the signal has reached them all. */
 static int all_stopped(pid_t pid, int ms) {
@@ -367,6 +365,8 @@ static int all_stopped(pid_t pid, int ms) {
     return 0;
 }
 
+/* n reads of every block, each poisoned first and checked byte by byte
+   after: how many failed or brought a wrong byte. */
 static int reader_check(reader *r, uint64_t seed, int n, uint32_t timeout_ms) {
     uint32_t ids[NB], i;
     int k, bad = 0;
