@@ -287,6 +287,14 @@ static void hex(char *out, const uint8_t *b, size_t n) {
     for (i = 0; i < n; i++) sprintf(out + 2 * i, "%02x", b[i]);
 }
 
+/* What a holder of the secret names the owner's region by on the rogue's
+   command line: SECRET_HEX, RADDR_HEX, REGION_LEN. */
+static void region_args(const uint8_t secret[16], uint64_t base, uint64_t bytes, char sx[40], char rx[24], char len[24]) {
+    hex(sx, secret, 16);
+    snprintf(rx, 24, "%llx", (unsigned long long)base);
+    snprintf(len, 24, "%llu", (unsigned long long)bytes);
+}
+
 /* The transport address a peer's metadata carries, to a file for the rogue:
    UCX's active-message worker, or libfabric's endpoint name. */
 static int address_file(kvx_ctx *D, const void *md, size_t len, const char *path, uint8_t secret[16]) {
@@ -482,9 +490,7 @@ int main(int argc, char **argv) {
         if (owner_start(&o, 15, dir, 6) || reader_open(&r, &o)) { T_FAILF("the owner or the reader did not start"); continue; }
         address_file(r.ctx, o.md, o.len, addr, secret);
         if (getenv("KVX_ROGUE_CONNS_HOLDER")) {  /* a holder of the secret, the owner replying when it dies (not in make test) */
-            hex(sx, secret, 16);
-            snprintf(rx, sizeof rx, "%llx", (unsigned long long)o.oi.base);
-            snprintf(len, sizeof len, "%llu", (unsigned long long)o.oi.bytes);
+            region_args(secret, o.oi.base, o.oi.bytes, sx, rx, len);
             a[4] = sx; a[5] = rx; a[6] = len;
         }
         for (round = 0; round < 3; round++) {  /* killed 50, 250 and 450 ms into its sends */
@@ -647,9 +653,7 @@ int main(int argc, char **argv) {
         int alive = 1;
         if (owner_start(&o, 16, dir, 5) || reader_open(&r, &o)) { T_FAILF("the owner or the reader did not start"); continue; }
         address_file(r.ctx, o.md, o.len, addr, secret);
-        hex(sx, secret, 16);
-        snprintf(rx, sizeof rx, "%llx", (unsigned long long)o.oi.base);
-        snprintf(len, sizeof len, "%llu", (unsigned long long)o.oi.bytes);
+        region_args(secret, o.oi.base, o.oi.bytes, sx, rx, len);
         for (k = 0; k < 20 && alive; k++) {
             rogue_run(a, &g, 30);
             usleep(100000);
@@ -674,9 +678,7 @@ int main(int argc, char **argv) {
         const char *a[] = {"ranges", addr, sx, rx, len, cx, NULL};
         if (owner_start(&o, 18, dir, 7) || reader_open(&r, &o)) { T_FAILF("the owner or the reader did not start"); continue; }
         address_file(r.ctx, o.md, o.len, addr, secret);
-        hex(sx, secret, 16);
-        snprintf(rx, sizeof rx, "%llx", (unsigned long long)o.oi.base);
-        snprintf(len, sizeof len, "%llu", (unsigned long long)o.oi.bytes);
+        region_args(secret, o.oi.base, o.oi.bytes, sx, rx, len);
         snprintf(cx, sizeof cx, "%llx", (unsigned long long)o.oi.canary);
         owner_stats(&o, v0);
         T_EQ(rogue_run(a, &g, 60), 0);
