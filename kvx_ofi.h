@@ -1287,7 +1287,7 @@ KVX__PRIV void kvx__ofi_transport_say(kvx_ctx *ctx, const kvx__ofi *o, kvx_peer 
     snprintf(p->why, sizeof p->why, "libfabric %s is the provider %s (kvx_ofi_desc.provider or FI_PROVIDER, else the first that fits)%s%s",
              o->prov, "in use", sw ? "; it emulates RMA in software, so reads are served by the owner's progress" : "",
              nocma_why[0] ? " (shm's CMA path cannot run: " : "");
-    if (nocma_why[0]) {
+    if (nocma_why[0]) {  /* appended, not a %s above: the why may be cut short, which GCC's -Wformat-truncation refuses */
         kvx__strlcpy(p->why + strlen(p->why), nocma_why, sizeof p->why - strlen(p->why));
         kvx__strlcpy(p->why + strlen(p->why), ")", sizeof p->why - strlen(p->why));
     }
