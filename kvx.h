@@ -276,6 +276,12 @@ typedef struct kvx_ucx_desc {
        whatever the environment says; 0 (the default): $KVX_UCX_SOFTWARE_RMA
        (1 on), else off. */
     int software_rma;
+    /* Connections kvx's get spreads a peer's requests over (1 to 8), each
+       reply coming back on its request's. Over TCP between hosts 4 keep
+       reads moving while one stream waits on its window; on one host one
+       is faster. Taken only where both sides run UCX 1.22 or later (else
+       one, with a warning). 0: $KVX_UCX_CONNECTIONS, else 1. */
+    uint32_t connections;
 } kvx_ucx_desc;
 
 typedef struct kvx_cuda_desc {

@@ -154,7 +154,7 @@ static const kvx_abi_field kvx__abi_table[] = {
     KVX__ABI(kvx_ofi_desc, provider), KVX__ABI(kvx_ofi_desc, extra_caps), KVX__ABI(kvx_ofi_desc, hmem),
     KVX__ABI(kvx_ofi_desc, max_msg), KVX__ABI(kvx_ofi_desc, tick_us),
     KVX__ABI_SIZE(kvx_ucx_desc),
-    KVX__ABI(kvx_ucx_desc, net_devices), KVX__ABI(kvx_ucx_desc, software_rma),
+    KVX__ABI(kvx_ucx_desc, net_devices), KVX__ABI(kvx_ucx_desc, software_rma), KVX__ABI(kvx_ucx_desc, connections),
     KVX__ABI_SIZE(kvx_cuda_desc),
     KVX__ABI(kvx_cuda_desc, max_blocks), KVX__ABI(kvx_cuda_desc, socket_dir),
     KVX__ABI_SIZE(kvx_ctx_desc),

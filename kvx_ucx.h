@@ -53,6 +53,18 @@
     every outstanding read with an error; UCX 1.13's shared-memory transports
     cannot handle peer failure, so there a peer on this host is read over
     TCP, correct and said, never silent.
+
+    CONNECTIONS. kvx's get goes to a peer over one connection unless
+    kvx_ucx_desc.connections ($KVX_UCX_CONNECTIONS) asks for up to 8: the
+    reader then opens that many endpoints to the peer's am worker and sends
+    its requests on each in turn; each reply comes back on its request's.
+    Over TCP between hosts one stream that waits on its window stalls every
+    read behind it, and several keep the link busy; on one host one is
+    faster. Several are opened only where both sides run UCX 1.22 or later
+    (the owner's version travels in its address): a 1.13 owner aborts when
+    a reader of several connections dies mid-read. Where that or a failed
+    connect leaves fewer, the reader says so; kvx_peer_transport() names
+    how many ("ucx:tcp (sw, 4 connections)").
 */
 #ifndef KVX_UCX_INCLUDED
 #define KVX_UCX_INCLUDED
@@ -83,9 +95,14 @@ typedef struct kvx__ucx_epref {
     struct kvx__ucx_epref *next;
 } kvx__ucx_epref;
 
+#define KVX__UCX_CONNS_MAX 8u         /* kvx_ucx_desc.connections at most */
 typedef struct kvx__ucx_peer {
     ucp_ep_h am, rma;           /* rma: NULL where the rma workers do not reach each other */
     kvx__ucx_epref *am_ref, *rma_ref;
+    ucp_ep_h am_more[KVX__UCX_CONNS_MAX - 1];   /* more endpoints to the am worker: connections kvx's get spreads over */
+    kvx__ucx_epref *am_more_ref[KVX__UCX_CONNS_MAX - 1];
+    uint32_t nmore, next_conn;  /* ... how many, and which a request goes on next (0: am) */
+    uint64_t asks_on[KVX__UCX_CONNS_MAX];  /* requests sent on each (the tests read it) */
     int am_unsafe;              /* no peer failure handling (UCX offers none to this peer) */
     int rma_unsafe;             /* none on the rma endpoint alone (GPU caches on this host over shared memory) */
     uint32_t asked;             /* kvx's get: requests outstanding to the peer, and their bytes */
@@ -126,6 +143,7 @@ typedef struct kvx__ucx {
     uint64_t mem_types;         /* the memory types of the rma context */
     unsigned version;           /* of the UCX running, major << 8 | minor */
     int software_rma;
+    uint32_t conns;             /* connections to each peer's am worker (kvx_ucx_desc.connections) */
     char net_devices[256];      /* the am worker's, as in effect */
     char rma_tls[256];          /* the rma worker's transports ("" : none) */
     uint8_t *addr_msg;          /* both addresses, as published (kvx_wire.h) */
@@ -191,6 +209,26 @@ KVX__PRIV int kvx__ucx_default_dev(char *dev, size_t cap) {
     }
     if (found) kvx__strlcpy(dev, ifc, cap);
     return found;
+}
+
+/* kvx_ucx_desc.connections, else $KVX_UCX_CONNECTIONS, else 1: 1 to
+   KVX__UCX_CONNS_MAX, anything else refused. */
+KVX__PRIV kvx_status kvx__ucx_conns_of(kvx_ctx *ctx, const kvx_ctx_desc *desc, uint32_t *out) {
+    const char *e = getenv("KVX_UCX_CONNECTIONS");
+    char *end = NULL;
+    unsigned long n = 1;
+    if (desc->ucx.connections) n = desc->ucx.connections;
+    else if (e && *e) {
+        n = strtoul(e, &end, 10);
+        if (*end || e[0] == '-') n = 0;
+    }
+    if (n < 1 || n > KVX__UCX_CONNS_MAX) {
+        if (desc->ucx.connections)
+            return kvx__fail(ctx, KVX_ERR_ARG, "ucx: kvx_ucx_desc.connections is %lu: 1 to %u", n, KVX__UCX_CONNS_MAX);
+        return kvx__fail(ctx, KVX_ERR_ARG, "ucx: KVX_UCX_CONNECTIONS=%s: a number of connections, 1 to %u", e, KVX__UCX_CONNS_MAX);
+    }
+    *out = (uint32_t)n;
+    return KVX_OK;
 }
 
 /* The am worker's devices: the desc's, $UCX_NET_DEVICES, else the default
@@ -470,6 +508,7 @@ KVX__PRIV kvx_status kvx__ucx_fd_and_address(kvx_ctx *ctx, kvx__ucx *u) {
     if (epoll_ctl(u->epfd, EPOLL_CTL_ADD, u->am.efd, &ev) != 0 ||
         (u->rma.context && epoll_ctl(u->epfd, EPOLL_CTL_ADD, u->rma.efd, &ev) != 0))
         return kvx__fail(ctx, KVX_ERR_BACKEND, "ucx: epoll_ctl: %s", strerror(errno));
+    msg.ucx_version = u->version;
     msg.am = (const uint8_t *)u->am.addr; msg.am_len = (uint32_t)u->am.addr_len;
     msg.rma = (const uint8_t *)u->rma.addr; msg.rma_len = u->rma.context ? (uint32_t)u->rma.addr_len : 0;
     u->addr_msg_len = (uint32_t)kvx__ucx_addr_write(NULL, 0, &msg);
@@ -489,6 +528,7 @@ KVX__PRIV kvx_status kvx__ucx_open(kvx_ctx *ctx, const kvx_ctx_desc *desc) {
     ucp_get_version(&major, &minor, &release);  /* the library loaded, which may not be the headers' */
     u->version = KVX__UCX_VERSION(major, minor);
     u->software_rma = desc->ucx.software_rma ? desc->ucx.software_rma > 0 : sw && *sw && strcmp(sw, "0") != 0;
+    if ((st = kvx__ucx_conns_of(ctx, desc, &u->conns)) != KVX_OK) goto fail;
     kvx__ucx_quiet();
     if (kvx__nonces_init(&u->get.nonces) != 0) { st = kvx__fail(ctx, KVX_ERR_BACKEND, "ucx: no random bytes from the kernel"); goto fail; }
     kvx__ucx_net_devices(desc, u->net_devices, sizeof u->net_devices);
@@ -507,6 +547,7 @@ KVX__PRIV void kvx__ucx_query(const kvx_ctx *ctx, kvx_ctx_desc *out) {
     const kvx__ucx *u = (const kvx__ucx *)ctx->be;
     out->ucx.net_devices = u->net_devices;
     out->ucx.software_rma = u->software_rma;
+    out->ucx.connections = u->conns;
 }
 
 /*--- memory ------------------------------------------------------------------*/
@@ -715,6 +756,7 @@ KVX__PRIV void kvx__ucx_disconnect(kvx_ctx *ctx, kvx_peer *p) {
     if (!pp) return;
     if (pp->rma) kvx__ucx_ep_close(ctx, pp->rma, pp->rma_ref);
     if (pp->am) kvx__ucx_ep_close(ctx, pp->am, pp->am_ref);
+    while (pp->nmore) { pp->nmore--; kvx__ucx_ep_close(ctx, pp->am_more[pp->nmore], pp->am_more_ref[pp->nmore]); }
     kvx__ucx_get_cancel(ctx, p);  /* kvx's own gets hold no UCX request to cancel */
     while (p->ops_out && kvx__now_ns() < until) kvx__ucx_progress_both(u);
     if (p->ops_out) KVX__LOG(ctx, KVX_LOG_ERROR, "ucx: %u operations to %s/%d still outstanding after a forced close", p->ops_out, p->name, p->rank);
@@ -959,7 +1001,8 @@ KVX__PRIV ucs_status_t kvx__ucx_paths(kvx_ctx *ctx, kvx_peer *p) {
             snprintf(path, sizeof path, "%s%s%s", tls, one_sided ? "" : " (sw)", pp->rma_unsafe ? " (no failure handling)" : "");
         } else if (rc->mem == KVX_MEM_HOST) {
             rc->be_flags = KVX__UCX_BY_KVX_GET;
-            snprintf(path, sizeof path, "%s (sw)", am_tl);
+            if (pp->nmore) snprintf(path, sizeof path, "%s (sw, %u connections)", am_tl, 1 + pp->nmore);
+            else snprintf(path, sizeof path, "%s (sw)", am_tl);
         } else {
             rc->be_flags = KVX__UCX_NO_PATH;
             snprintf(path, sizeof path, "none for GPU memory");
@@ -1106,6 +1149,37 @@ KVX__PRIV kvx_status kvx__ucx_connect_am(kvx_ctx *ctx, kvx_peer *p, const kvx__u
     }
     pp->am = h;
     pp->am_ref = ref;
+    /* More connections to the same worker, as kvx_ucx_desc.connections asks
+       (see the top of this file): one that does not connect leaves the peer
+       with those that did. */
+    if (u->conns > 1 && pp->am_unsafe) {
+        KVX__LOG(ctx, KVX_LOG_WARN, "ucx: one connection to %s/%d, not the %u asked for: its transport has no peer failure handling",
+                 p->name, p->rank, u->conns);
+        return KVX_OK;
+    }
+    if (u->conns > 1 && (u->version < KVX__UCX_VERSION(1, 22) || a->ucx_version < KVX__UCX_VERSION(1, 22))) {
+        KVX__LOG(ctx, KVX_LOG_WARN, "ucx: one connection to %s/%d, not the %u asked for: UCX before 1.22 (an owner aborts when a "
+                 "reader of several connections dies mid-read); this process runs UCX %u.%u, the peer %u.%u", p->name, p->rank,
+                 u->conns, u->version >> 8, u->version & 0xffu, a->ucx_version >> 8, a->ucx_version & 0xffu);
+        return KVX_OK;
+    }
+    while (1 + pp->nmore < u->conns) {
+        ucp_ep_h h2 = NULL;
+        kvx__ucx_epref *r2 = NULL;
+        s = kvx__ucx_ep(ctx, &u->am, p, a->am, pp->am_unsafe ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER, &h2, &r2);
+        if (s == UCS_OK && (s = kvx__ucx_wireup(ctx, h2)) != UCS_OK) {
+            if (s == UCS_ERR_TIMED_OUT) kvx__ucx_ep_orphan(r2);  /* as above: not closed while in wireup */
+            else kvx__ucx_ep_close(ctx, h2, r2);
+        }
+        if (s != UCS_OK) {
+            KVX__LOG(ctx, KVX_LOG_WARN, "ucx: connection %u of %u to %s/%d did not connect (%s): reading over %u", 2 + pp->nmore, u->conns,
+                     p->name, p->rank, ucs_status_string(s), 1 + pp->nmore);
+            break;
+        }
+        pp->am_more[pp->nmore] = h2;
+        pp->am_more_ref[pp->nmore] = r2;
+        pp->nmore++;
+    }
     return KVX_OK;
 }
 

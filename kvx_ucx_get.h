@@ -260,6 +260,24 @@ KVX__PRIV uint64_t kvx__ucx_part_bytes(uint64_t off, uint64_t len, uint64_t per)
     return len > per && len - off % len < per ? len - off % len : per;
 }
 
+/* The connection a peer's next request goes on: each in turn. */
+KVX__PRIV ucp_ep_h kvx__ucx_conn_next(kvx__ucx_peer *pp) {
+    uint32_t k = pp->next_conn;
+    pp->next_conn = k >= pp->nmore ? 0 : k + 1;
+    pp->asks_on[k]++;
+    return k ? pp->am_more[k - 1] : pp->am;
+}
+
+/* Is h one of the reader's endpoints to the peer (a reply comes back on
+   its request's)? */
+KVX__PRIV int kvx__ucx_conn_of(const kvx__ucx_peer *pp, ucp_ep_h h) {
+    uint32_t k;
+    if (h == pp->am) return 1;
+    for (k = 0; k < pp->nmore; k++)
+        if (h == pp->am_more[k]) return 1;
+    return 0;
+}
+
 /* The part of g at g->next: its request on the wire. 0, or the UCX status of
    a send that failed at once (the get is then ended). */
 KVX__PRIV ucs_status_t kvx__ucx_ask(kvx_ctx *ctx, kvx__ucx_peer *pp, kvx__ucx_get *g) {
@@ -310,7 +328,7 @@ KVX__PRIV ucs_status_t kvx__ucx_ask(kvx_ctx *ctx, kvx__ucx_peer *pp, kvx__ucx_ge
     prm.cb.send = kvx__ucx_msg_sent;
     prm.user_data = m;
     prm.flags = UCP_AM_SEND_FLAG_REPLY | UCP_AM_SEND_FLAG_EAGER;
-    sp = ucp_am_send_nbx(pp->am, KVX__UCX_AM_GET, m->hdr, KVX__GET_REQ_BYTES, more ? (void *)(m + 1) : NULL, more, &prm);
+    sp = ucp_am_send_nbx(kvx__ucx_conn_next(pp), KVX__UCX_AM_GET, m->hdr, KVX__GET_REQ_BYTES, more ? (void *)(m + 1) : NULL, more, &prm);
     if (sp == NULL) KVX_FREE(m);
     if (UCS_PTR_IS_ERR(sp)) {
         KVX_FREE(m);
@@ -757,7 +775,7 @@ KVX__PRIV ucs_status_t kvx__ucx_get_reply(void *arg, const void *header, size_t 
     p = g->peer;
     pp = kvx__ucx_peer_of(p);
     if (rp.nonce != g->nonce || !kvx__ct_equal(rp.secret, p->secret, KVX__SECRET_BYTES) || !pp ||
-        !(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) || param->reply_ep != pp->am) {
+        !(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) || !kvx__ucx_conn_of(pp, param->reply_ep)) {
         KVX__DROP(ctx, "ucx: a get reply that is not %s/%d's answer to this read dropped (%s)", p->name, p->rank,
                   rp.nonce != g->nonce ? "another nonce" : !kvx__ct_equal(rp.secret, p->secret, KVX__SECRET_BYTES) ? "another secret"
                   : "from another endpoint");

@@ -18,7 +18,8 @@
                      of all that as its last 32 bytes.
         notification magic "XVCN" version 2, 104 bytes: the owner's secret,
                      notify id, the reader's rank, tp size and name.
-        UCX address  magic "XVCU" version 1: the worker peers reach (active
+        UCX address  magic "XVCU" version 2: the UCX version the owner runs
+                     (major << 8 | minor), the worker peers reach (active
                      messages only) and the worker of one-sided reads, if any.
         UCX get      kvx's own get over active messages (kvx_ucx_get.h): a
                      request and a reply header, each magic + version; both
@@ -595,14 +596,17 @@ KVX__PRIV_MAYBE int kvx__get_rep_read(const uint8_t *buf, size_t len, kvx__get_r
 /* UCX address (kvx_ucx.h): the worker that peers reach, which takes active
    messages only (kvx's get, notifications), and the worker of one-sided
    reads over transports that enforce keys, empty where there is none. The
-   blobs are UCX's worker addresses; am and rma point into the bytes read. */
+   blobs are UCX's worker addresses; am and rma point into the bytes read.
+   ucx_version is the UCX the owner runs (major << 8 | minor): what a reader
+   may ask of it depends on it (several connections, kvx_ucx.h). */
 #define KVX__UCX_ADDR_MAGIC 0x55435658u /* "XVCU" */
-#define KVX__UCX_ADDR_VERSION 1u
-typedef struct kvx__ucx_addr_msg { const uint8_t *am, *rma; uint32_t am_len, rma_len; } kvx__ucx_addr_msg;
+#define KVX__UCX_ADDR_VERSION 2u
+typedef struct kvx__ucx_addr_msg { const uint8_t *am, *rma; uint32_t am_len, rma_len, ucx_version; } kvx__ucx_addr_msg;
 
 KVX__PRIV_MAYBE size_t kvx__ucx_addr_write(uint8_t *buf, size_t cap, const kvx__ucx_addr_msg *m) {
     kvx__wbuf w;
     kvx__wire_hdr_write(&w, buf, cap, KVX__UCX_ADDR_MAGIC, KVX__UCX_ADDR_VERSION, 0);
+    kvx__put_u(&w, m->ucx_version, 4);
     kvx__put_blob(&w, m->am, m->am_len);
     kvx__put_blob(&w, m->rma, m->rma_len);
     return w.len;
@@ -614,6 +618,7 @@ KVX__PRIV_MAYBE int kvx__ucx_addr_read(const uint8_t *buf, size_t len, kvx__ucx_
     memset(m, 0, sizeof *m);
     if (e) return e;
     if (type != 0) return KVX__WIRE_TYPE;
+    m->ucx_version = (uint32_t)kvx__get_u(&r, 4);
     m->am = kvx__wire_blob(&r, KVX__MAX_ADDR, &m->am_len, &e);
     m->rma = kvx__wire_blob(&r, KVX__MAX_ADDR, &m->rma_len, &e);
     if ((e = kvx__wire_end(&r, e)) != KVX__WIRE_OK) return e;

@@ -922,7 +922,8 @@ class Context:
     def __init__(self, name: str = "kvx", tp_rank: int = 0, tp_size: int = 1, backend: Optional[str] = None,
                  progress_thread: bool = True, timeout_ms: int = 30000, host_id: Optional[str] = None,
                  transport_policy: Optional[str] = None, metadata_key: Optional[bytes] = None,
-                 net_devices: Optional[str] = None, log_level: Optional[str] = None) -> None:
+                 net_devices: Optional[str] = None, log_level: Optional[str] = None,
+                 ucx_connections: int = 0) -> None:
         """transport_policy: which transports add_peer accepts ("!sw" refuses
         software-served paths, "ipc,rdma" demands one of those; see kvx.h's
         kvx_ctx_desc); None: $KVX_TRANSPORT_POLICY, else any.
@@ -932,7 +933,10 @@ class Context:
         "lo"); None: $UCX_NET_DEVICES, else the default route's device.
         log_level: what kvx logs to stderr: "off", "error", "warn", "info",
         "debug"; None: $KVX_LOG, else "warn". Errors raised to the caller are
-        not logged again below "info"."""
+        not logged again below "info". ucx_connections: how many connections
+        kvx's get spreads a peer's reads over (1 to 8; 4 over TCP between
+        hosts, 1 on one host; UCX 1.22 or later on both sides); 0:
+        $KVX_UCX_CONNECTIONS, else 1."""
         lib = _load()
         if backend not in _BACKENDS:
             raise ArgumentError("backend %r: use one of ucx, ofi, cuda, local (or None)" % (backend,), -1)
@@ -957,6 +961,7 @@ class Context:
             d.metadata_key, d.metadata_key_len = self._key, len(self._key)
         self._devices = net_devices.encode() if net_devices is not None else None
         d.ucx.net_devices = self._devices
+        d.ucx.connections = int(ucx_connections)
         h = C.c_void_p()
         st = lib.kvx_ctx_create(C.byref(d), C.byref(h))
         if st != _OK:

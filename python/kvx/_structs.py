@@ -27,6 +27,7 @@ class _UcxDesc(C.Structure):
     _fields_ = [
         ("net_devices", C.c_char_p),  # const char *
         ("software_rma", C.c_int),  # int
+        ("connections", C.c_uint32),  # uint32_t
     ]
 
 

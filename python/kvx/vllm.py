@@ -33,7 +33,8 @@ The flow (vLLM 0.32):
 Settings (``kv_connector_extra_config``; all optional):
 
 - ``backend``: "ucx", "ofi" (None: kvx's default); ``transport_policy``,
-  ``net_devices``, ``log_level``: as kvx.Context takes them.
+  ``net_devices``, ``log_level``, ``ucx_connections``: as kvx.Context takes
+  them.
 - ``side_channel_host``: the address the prefill engine serves its metadata
   on and names in its parameters (default: vLLM's host IP, $VLLM_HOST_IP).
 - ``side_channel_port``: its port (default 5610, plus the data-parallel index).
@@ -642,7 +643,8 @@ class _Worker:
                     logger.info("kvx: could not widen the progress thread's cores (%s)", err)
             self.ctx = kvx.Context(name=self.engine_id[:63], tp_rank=rank, tp_size=tp, backend=e.get("backend"),
                                    timeout_ms=self.read_timeout_ms, transport_policy=e.get("transport_policy"),
-                                   metadata_key=self.key, net_devices=e.get("net_devices"), log_level=e.get("log_level"))
+                                   metadata_key=self.key, net_devices=e.get("net_devices"), log_level=e.get("log_level"),
+                                   ucx_connections=int(e.get("ucx_connections", 0)))
         finally:
             if widened and pinned is not None:
                 os.sched_setaffinity(0, pinned)

@@ -53,6 +53,8 @@ static int role_decode(int mode, int count, int delay_ms, int md_fd, int rep_fd)
     if (kvx_t_read_all(md_fd, &n, 4)) return 5;
     md = malloc(n);
     if (kvx_t_read_all(md_fd, md, n) || kvx_peer_add(ctx, md, n, &p)) return 6;
+    if (mode == 1) printf("    the reader in time reads over %s\n", kvx_peer_transport(p));  /* as the killed ones did */
+    fflush(stdout);
     for (i = 0; i < NB; i++) ids[i] = i;
     if (mode == 3) { uint32_t go = 1; kvx_t_write_all(rep_fd, &go, 4); raise(SIGSTOP); return 0; }
     if (mode == 4) memset(m.mem, 0, m.mem_bytes);

@@ -154,6 +154,27 @@ def test_read_tp1(layout, dtype):
         o.stop()
 
 
+def test_ucx_connections():
+    """ucx_connections reaches kvx_ucx_desc: out of 1..8 refused at Context;
+    2 reads every byte, over two connections where UCX allows (1.22 and
+    later on both sides) and one otherwise, said in the transport."""
+    for bad in (9, -1):
+        with pytest.raises(kvx.ArgumentError, match=r"kvx_ucx_desc.connections is \d+: 1 to 8"):
+            kvx.Context("decode", backend="ucx", ucx_connections=bad)
+    o = Owner(layout="HND", seed=5)
+    try:
+        with kvx.Context("decode", backend="ucx", ucx_connections=2, log_level="off") as ctx:
+            local = reader_cache("HND", 0, 1, np.uint16)
+            ctx.register_cache(local, layout="HND")
+            peer = ctx.add_peer(o.md)
+            assert peer.transport in ("ucx:tcp (sw)", "ucx:tcp (sw, 2 connections)"), peer.transport
+            src, dst = [5, 17, 2, 30, 9, 11], [0, 1, 2, 3, 31, 7]
+            ctx.queue().read(peer, dst, src).wait(10000)
+            check("HND", local, 5, np.uint16, 0, 1, dst, src)
+    finally:
+        o.stop()
+
+
 def test_tp_1_to_2_torch():
     if torch is None:
         pytest.skip("torch is not installed")
