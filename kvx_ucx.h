@@ -54,17 +54,18 @@
     cannot handle peer failure, so there a peer on this host is read over
     TCP, correct and said, never silent.
 
-    CONNECTIONS. kvx's get goes to a peer over one connection unless
-    kvx_ucx_desc.connections ($KVX_UCX_CONNECTIONS) asks for up to 8: the
-    reader then opens that many endpoints to the peer's am worker and sends
-    its requests on each in turn; each reply comes back on its request's.
-    Over TCP between hosts one stream that waits on its window stalls every
-    read behind it, and several keep the link busy; on one host one is
-    faster. Several are opened only where both sides run UCX 1.22 or later
-    (the owner's version travels in its address): a 1.13 owner aborts when
-    a reader of several connections dies mid-read. Where that or a failed
-    connect leaves fewer, the reader says so; kvx_peer_transport() names
-    how many ("ucx:tcp (sw, 4 connections)").
+    CONNECTIONS. A reader may open several endpoints to a peer's am worker
+    and send kvx's get requests on each in turn; each reply comes back on
+    its request's. Over TCP between hosts one stream that waits on its
+    window (or recovers from a reordered segment) stalls every read behind
+    it, and several keep the link busy; on one host one is faster. By
+    default a peer on another host (its host id differs) reached over TCP
+    gets 4, any other 1; kvx_ucx_desc.connections ($KVX_UCX_CONNECTIONS)
+    sets the number, 1 to 8. Several are opened only where both sides run
+    UCX 1.22 or later (the owner's version travels in its address): a 1.13
+    owner aborts when a reader of several connections dies mid-read. Where
+    that or a failed connect leaves fewer than were set, the reader says
+    so; kvx_peer_transport() names how many ("ucx:tcp (sw) (4 connections)").
 */
 #ifndef KVX_UCX_INCLUDED
 #define KVX_UCX_INCLUDED
@@ -96,6 +97,7 @@ typedef struct kvx__ucx_epref {
 } kvx__ucx_epref;
 
 #define KVX__UCX_CONNS_MAX 8u         /* kvx_ucx_desc.connections at most */
+#define KVX__UCX_CONNS_AUTO 4u        /* ... and by default to a peer on another host over TCP */
 typedef struct kvx__ucx_peer {
     ucp_ep_h am, rma;           /* rma: NULL where the rma workers do not reach each other */
     kvx__ucx_epref *am_ref, *rma_ref;
@@ -211,21 +213,24 @@ KVX__PRIV int kvx__ucx_default_dev(char *dev, size_t cap) {
     return found;
 }
 
-/* kvx_ucx_desc.connections, else $KVX_UCX_CONNECTIONS, else 1: 1 to
-   KVX__UCX_CONNS_MAX, anything else refused. */
+/* kvx_ucx_desc.connections, else $KVX_UCX_CONNECTIONS, else 0 (by the
+   peer, at connect): 1 to KVX__UCX_CONNS_MAX or "auto", anything else
+   refused. */
 KVX__PRIV kvx_status kvx__ucx_conns_of(kvx_ctx *ctx, const kvx_ctx_desc *desc, uint32_t *out) {
     const char *e = getenv("KVX_UCX_CONNECTIONS");
     char *end = NULL;
     unsigned long n = 1;
+    *out = 0;
     if (desc->ucx.connections) n = desc->ucx.connections;
-    else if (e && *e) {
+    else if (!e || !*e || !strcmp(e, "auto")) return KVX_OK;
+    else {
         n = strtoul(e, &end, 10);
         if (*end || e[0] == '-') n = 0;
     }
     if (n < 1 || n > KVX__UCX_CONNS_MAX) {
         if (desc->ucx.connections)
             return kvx__fail(ctx, KVX_ERR_ARG, "ucx: kvx_ucx_desc.connections is %lu: 1 to %u", n, KVX__UCX_CONNS_MAX);
-        return kvx__fail(ctx, KVX_ERR_ARG, "ucx: KVX_UCX_CONNECTIONS=%s: a number of connections, 1 to %u", e, KVX__UCX_CONNS_MAX);
+        return kvx__fail(ctx, KVX_ERR_ARG, "ucx: KVX_UCX_CONNECTIONS=%s: a number of connections, 1 to %u, or auto", e, KVX__UCX_CONNS_MAX);
     }
     *out = (uint32_t)n;
     return KVX_OK;
@@ -1001,7 +1006,7 @@ KVX__PRIV ucs_status_t kvx__ucx_paths(kvx_ctx *ctx, kvx_peer *p) {
             snprintf(path, sizeof path, "%s%s%s", tls, one_sided ? "" : " (sw)", pp->rma_unsafe ? " (no failure handling)" : "");
         } else if (rc->mem == KVX_MEM_HOST) {
             rc->be_flags = KVX__UCX_BY_KVX_GET;
-            if (pp->nmore) snprintf(path, sizeof path, "%s (sw, %u connections)", am_tl, 1 + pp->nmore);
+            if (pp->nmore) snprintf(path, sizeof path, "%s (sw) (%u connections)", am_tl, 1 + pp->nmore);
             else snprintf(path, sizeof path, "%s (sw)", am_tl);
         } else {
             rc->be_flags = KVX__UCX_NO_PATH;
@@ -1121,6 +1126,7 @@ KVX__PRIV kvx_status kvx__ucx_connect_rma(kvx_ctx *ctx, kvx_peer *p, const kvx__
    handling where UCX offers it, its wireup finished. */
 KVX__PRIV kvx_status kvx__ucx_connect_am(kvx_ctx *ctx, kvx_peer *p, const kvx__ucx_addr_msg *a, kvx__ucx_peer *pp) {
     kvx__ucx *u = kvx__ucx_of(ctx);
+    uint32_t want;
     ucp_ep_h h = NULL;
     kvx__ucx_epref *ref = NULL;
     char what[400];
@@ -1149,21 +1155,22 @@ KVX__PRIV kvx_status kvx__ucx_connect_am(kvx_ctx *ctx, kvx_peer *p, const kvx__u
     }
     pp->am = h;
     pp->am_ref = ref;
-    /* More connections to the same worker, as kvx_ucx_desc.connections asks
-       (see the top of this file): one that does not connect leaves the peer
-       with those that did. */
-    if (u->conns > 1 && pp->am_unsafe) {
-        KVX__LOG(ctx, KVX_LOG_WARN, "ucx: one connection to %s/%d, not the %u asked for: its transport has no peer failure handling",
-                 p->name, p->rank, u->conns);
-        return KVX_OK;
+    /* More connections to the same worker (see the top of this file): as
+       kvx_ucx_desc.connections asks, or by default to a peer on another host
+       over TCP. One that does not connect leaves the peer with those that did. */
+    want = u->conns ? u->conns : strcmp(p->host, ctx->host) && kvx__ucx_ep_has(h, "tcp") ? KVX__UCX_CONNS_AUTO : 1u;
+    if (want > 1 && pp->am_unsafe) {
+        if (u->conns) KVX__LOG(ctx, KVX_LOG_WARN, "ucx: one connection to %s/%d, not the %u asked for: its transport has no peer "
+                               "failure handling", p->name, p->rank, want);
+        want = 1;
     }
-    if (u->conns > 1 && (u->version < KVX__UCX_VERSION(1, 22) || a->ucx_version < KVX__UCX_VERSION(1, 22))) {
-        KVX__LOG(ctx, KVX_LOG_WARN, "ucx: one connection to %s/%d, not the %u asked for: UCX before 1.22 (an owner aborts when a "
-                 "reader of several connections dies mid-read); this process runs UCX %u.%u, the peer %u.%u", p->name, p->rank,
-                 u->conns, u->version >> 8, u->version & 0xffu, a->ucx_version >> 8, a->ucx_version & 0xffu);
-        return KVX_OK;
+    if (want > 1 && (u->version < KVX__UCX_VERSION(1, 22) || a->ucx_version < KVX__UCX_VERSION(1, 22))) {
+        if (u->conns) KVX__LOG(ctx, KVX_LOG_WARN, "ucx: one connection to %s/%d, not the %u asked for: UCX before 1.22 (an owner aborts "
+                               "when a reader of several connections dies mid-read); this process runs UCX %u.%u, the peer %u.%u",
+                               p->name, p->rank, want, u->version >> 8, u->version & 0xffu, a->ucx_version >> 8, a->ucx_version & 0xffu);
+        want = 1;
     }
-    while (1 + pp->nmore < u->conns) {
+    while (1 + pp->nmore < want) {
         ucp_ep_h h2 = NULL;
         kvx__ucx_epref *r2 = NULL;
         s = kvx__ucx_ep(ctx, &u->am, p, a->am, pp->am_unsafe ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER, &h2, &r2);
@@ -1172,7 +1179,7 @@ KVX__PRIV kvx_status kvx__ucx_connect_am(kvx_ctx *ctx, kvx_peer *p, const kvx__u
             else kvx__ucx_ep_close(ctx, h2, r2);
         }
         if (s != UCS_OK) {
-            KVX__LOG(ctx, KVX_LOG_WARN, "ucx: connection %u of %u to %s/%d did not connect (%s): reading over %u", 2 + pp->nmore, u->conns,
+            KVX__LOG(ctx, KVX_LOG_WARN, "ucx: connection %u of %u to %s/%d did not connect (%s): reading over %u", 2 + pp->nmore, want,
                      p->name, p->rank, ucs_status_string(s), 1 + pp->nmore);
             break;
         }

@@ -12,6 +12,9 @@
 #     UCX serves gets in software), both with -e (endpoints with peer failure
 #     handling, as kvx makes them, so the same transports are picked); on
 #     1.22 also ucp_am_bw -y, whose receiver copies each message as kvx does;
+#     in spread kvx over 1.22 opens 4 connections to each peer (the default
+#     to another host over TCP); ucx1.22-x1 is the same with one
+#     (KVX_UCX_CONNECTIONS=1), beside the same references;
 #     ucx1.22-sm: UCX_TLS=sm, where kvx reads by ucp_get over cma without
 #     failure handling, beside ucp_get without -e (sm transports have none),
 #     and beside cma_ref: process_vm_readv of the same random blocks.
@@ -129,7 +132,7 @@ ucx_ref() {
 declare -A seen_transport
 kvx_ucx() {
   local ver=$1 where=$2 tls=$3 f=$4 bin lib
-  bin=$(kvx_bin $ver); lib=$(ucx_env $ver)
+  bin=$(kvx_bin $ver); lib="$(ucx_env $ver) ${KVX_ENV:-}"
   if [ "$where" = pack ]; then
     env $lib UCX_TLS=$tls UCX_NET_DEVICES=lo timeout 300 $bin --strategy pack $args --json "$f.json" > "$f.log" 2>&1
   else
@@ -141,7 +144,7 @@ kvx_ucx() {
   fi
   grep -q "TEST PASSED" "$f.log" || { echo "kvx_bench (UCX $ver, $where, UCX_TLS=$tls, $size bytes) did not pass:"; tail -5 "$f.log"; }
   local t; t=$(json_transport "$f.json")
-  [ -n "$t" ] && seen_transport["$where ucx$ver$([ $tls = sm ] && echo -sm)"]=$t
+  [ -n "$t" ] && seen_transport["$where ucx$ver$([ $tls = sm ] && echo -sm)${KVX_ENV:+ ($KVX_ENV)}"]=$t
 }
 
 fmt() { awk -v v="$1" 'BEGIN { if (v ~ /^[0-9.]+$/) printf "%.3f", v; else print "-" }'; }
@@ -185,6 +188,18 @@ for mode in $modes; do
         r="$out/perf_${mode}_ucx${ver}_ucp_am_bw_y_$size"
         ucx_ref $ver $mode tcp ucp_am_bw $size $iters "-e -y" "$r"
         row "$mode" "ucx$ver" "$size" "$(json_gbps "$k.json")" "$(perftest_gbps "$r.log")" "ucx_perftest $ver ucp_am_bw -e -y -O $ops (the receiver copies)"
+      fi
+      # Between hosts kvx over 1.22 reads each peer over 4 connections (the
+      # default, kvx_ucx_desc.connections); the same with one, beside the
+      # same references.
+      if [ $ver = 1.22 ] && [ "$mode" = spread ]; then
+        k1="$out/kvx_${mode}_ucx${ver}x1_$size"
+        KVX_ENV=KVX_UCX_CONNECTIONS=1 kvx_ucx $ver $mode tcp "$k1"
+        for t in ucp_get ucp_am_bw ucp_am_bw_y; do
+          r="$out/perf_${mode}_ucx${ver}_${t}_$size"
+          row "$mode" "ucx$ver-x1" "$size" "$(json_gbps "$k1.json")" "$(perftest_gbps "$r.log")" \
+            "ucx_perftest $ver $(echo $t | sed 's/_y$//') -e$([ $t = ucp_am_bw_y ] && echo ' -y') -O $ops$([ $t = ucp_am_bw_y ] && echo ' (the receiver copies)')"
+        done
       fi
     done
     # UCX 1.22 over shared memory (pack): kvx over cma without failure

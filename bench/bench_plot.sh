@@ -3,7 +3,8 @@
 # with gnuplot: GB/s against block size, one panel per mode (pack, spread);
 # per backend (UCX version or
 # libfabric provider) one colour: kvx solid, its references dashed
-# (ucp_get, fi_read) and dotted (ucp_am_bw). The GB/s axis is logarithmic when
+# (ucp_get, fi_read) and dotted (ucp_am_bw); ucx1.22-x1 (spread, one
+# connection to each peer) is a kvx line alone, its references being ucx1.22's. The GB/s axis is logarithmic when
 # the values span 10x or more (sm at 1 MiB against tcp at 4 KiB does), linear
 # from 0 otherwise.
 #   bench/bench_plot.sh build/bench/summary.tsv build/bench/bench.png 64 [RUNS]
@@ -14,7 +15,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 colour() {
   case $1 in
-    ucx1.13) echo "#1f77b4" ;; ucx1.22) echo "#d62728" ;; ucx1.22-sm) echo "#9467bd" ;;
+    ucx1.13) echo "#1f77b4" ;; ucx1.22) echo "#d62728" ;; ucx1.22-x1) echo "#8c564b" ;; ucx1.22-sm) echo "#9467bd" ;;
     ofi-tcp) echo "#2ca02c" ;; ofi-shm) echo "#ff7f0e" ;; *) echo "#7f7f7f" ;;
   esac
 }
@@ -24,9 +25,10 @@ pick() { awk -F'\t' -v m="$1" -v b="$2" -v r="$3" '$1 == m && $2 == b && index($
 panels=()
 for mode in pack spread; do
   plots=()
-  for be in ucx1.13 ucx1.22 ucx1.22-sm ofi-tcp ofi-shm; do
+  for be in ucx1.13 ucx1.22 ucx1.22-x1 ucx1.22-sm ofi-tcp ofi-shm; do
     c=$(colour $be)
-    case $be in ucx*) refs="ucp_get ucp_am_bw" ;; *) refs="fi_read_ref" ;; esac
+    # ucx1.22-x1 (one connection) has ucx1.22's references: its kvx line alone
+    case $be in ucx1.22-x1) refs="ucp_am_bw" ;; ucx*) refs="ucp_get ucp_am_bw" ;; *) refs="fi_read_ref" ;; esac
     kvx_done=0
     for r in $refs; do
       f="$tmp/${mode}_${be}_$r.tsv"
@@ -36,6 +38,7 @@ for mode in pack spread; do
         plots+=("\"$f\" using 1:2 with linespoints lw 2 pt 7 lc rgb \"$c\" title \"kvx $be\"")
         kvx_done=1
       fi
+      [ $be = ucx1.22-x1 ] && continue
       dt=2; [ $r = ucp_am_bw ] && dt=3
       name=$r; [ $r = fi_read_ref ] && name="raw fi_read"; [ ${be#ucx} != $be ] && name="perftest $r$([ $be = ucx1.22-sm ] || echo ' -e')"
       plots+=("\"$f\" using 1:3 with linespoints dt $dt lw 2 pt 6 lc rgb \"$c\" title \"$name $be\"")

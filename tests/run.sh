@@ -212,8 +212,10 @@ if [ -x $U/test_unit ]; then
   expect_fail "ucx $v, UCX's own get: a cache deregistered under a stopped reader hands it the memory's next bytes" 180 "FAIL cache deregistered" \
     env KVX_UCX_SOFTWARE_RMA=1 KVX_TEST_UCX_NATIVE_GET=1 KVX_TEST_ONLY=deregistered $R
   entry "ucx $v, UCX's own get: readers killed at 16 points of their reads, the owner survives" 180 env KVX_UCX_SOFTWARE_RMA=1 KVX_TEST_UCX_NATIVE_GET=1 KVX_TEST_ONLY="16 points" $R
-  expect_out "ucx $v, 4 connections to a peer: readers dying at every point, the owner survives and serves the next" 180 "reads over ucx:tcp (sw, 4 connections)" \
+  expect_out "ucx $v, 4 connections to a peer: readers dying at every point, the owner survives and serves the next" 180 "reads over ucx:tcp (sw) (4 connections)" \
     env KVX_UCX_CONNECTIONS=4 $R
+  expect_out "ucx $v, 4 connections to a peer: owners killed, stopped, restarted and removed mid-read, every outcome in time" 300 "peer transport: ucx:tcp (sw) (4 connections)" \
+    env UCX_TLS=tcp KVX_UCX_CONNECTIONS=4 $U/test_owner_failures
   expect_out "ucx $v, same host with cma allowed: no cma under peer failure handling, read over tcp and said" 120 "transport ucx:tcp (sw)" \
     env UCX_TLS=tcp,cma $U/kvx_bench $small --random-blocks
   expect_out "ucx $v, shared memory only (UCX_TLS=sm): cma one-sided, without failure handling, and said" 120 "transport ucx:cma (no failure handling)" \
@@ -238,8 +240,8 @@ if [ -x $U/test_unit ]; then
   expect_fail "a planted wrong byte fails the run (ucx $v)" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $U/kvx_bench $small --random-blocks
   entry "spread ucx $v 1->1 HND random" 180 env KVX_BENCH=$U/kvx_bench bash tests/lib/two_hosts.sh $small --random-blocks
   entry "spread ucx $v 2->4 NHD random" 180 env KVX_BENCH=$U/kvx_bench bash tests/lib/two_hosts.sh $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
-  expect_out "spread ucx $v 2->1 HND random, 4 connections to each peer" 180 "transport ucx:tcp (sw, 4 connections)" \
-    env KVX_BENCH=$U/kvx_bench KVX_UCX_CONNECTIONS=4 bash tests/lib/two_hosts.sh $small --random-blocks --prefill-tp 2
+  expect_out "spread ucx $v 2->1 HND random: 4 connections to each peer (the default to another host over TCP)" 180 "transport ucx:tcp (sw) (4 connections)" \
+    env KVX_BENCH=$U/kvx_bench bash tests/lib/two_hosts.sh $small --random-blocks --prefill-tp 2
 else
   entry "UCX 1.22 (the libucx wheel) is built" 10 test -x $U/test_unit
 fi

@@ -42,6 +42,11 @@ UCX_TCP = {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"}
 ROWS: Dict[str, Tuple[str, str, Dict[str, str]]] = {
     "kvx ucx1.13": ("lib_kvx.py", "ucx", dict(UCX_TCP)),
     "kvx ucx1.22": ("lib_kvx.py", "ucx", dict(UCX_TCP, KVX_LIBRARY=os.path.join(ROOT, "build", "peers", "kvx122", "libkvx.so"))),
+    # one connection to each peer (kvx_ucx_desc.connections = 1): the same
+    # as the row above in pack; in spread that row opens 4 (the default to
+    # another host over TCP; docs/ucx.md, "Connections")
+    "kvx ucx1.22 x1": ("lib_kvx.py", "ucx", dict(UCX_TCP, KVX_UCX_CONNECTIONS="1",
+                                                 KVX_LIBRARY=os.path.join(ROOT, "build", "peers", "kvx122", "libkvx.so"))),
     "kvx ofi-tcp": ("lib_kvx.py", "ofi", {"FI_PROVIDER": "tcp", "FI_TCP_IFACE": "lo"}),
     "nixl": ("lib_nixl.py", "ucx", dict(UCX_TCP)),
     # NIXL's progress thread polls with a zero timeout (a core per process):

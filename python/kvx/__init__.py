@@ -934,9 +934,9 @@ class Context:
         log_level: what kvx logs to stderr: "off", "error", "warn", "info",
         "debug"; None: $KVX_LOG, else "warn". Errors raised to the caller are
         not logged again below "info". ucx_connections: how many connections
-        kvx's get spreads a peer's reads over (1 to 8; 4 over TCP between
-        hosts, 1 on one host; UCX 1.22 or later on both sides); 0:
-        $KVX_UCX_CONNECTIONS, else 1."""
+        kvx's get spreads a peer's reads over (1 to 8; several only where
+        both sides run UCX 1.22 or later); 0: $KVX_UCX_CONNECTIONS, else by
+        the peer: 4 to a peer on another host over TCP, 1 to any other."""
         lib = _load()
         if backend not in _BACKENDS:
             raise ArgumentError("backend %r: use one of ucx, ofi, cuda, local (or None)" % (backend,), -1)

@@ -167,7 +167,7 @@ def test_ucx_connections():
             local = reader_cache("HND", 0, 1, np.uint16)
             ctx.register_cache(local, layout="HND")
             peer = ctx.add_peer(o.md)
-            assert peer.transport in ("ucx:tcp (sw)", "ucx:tcp (sw, 2 connections)"), peer.transport
+            assert peer.transport in ("ucx:tcp (sw)", "ucx:tcp (sw) (2 connections)"), peer.transport
             src, dst = [5, 17, 2, 30, 9, 11], [0, 1, 2, 3, 31, 7]
             ctx.queue().read(peer, dst, src).wait(10000)
             check("HND", local, 5, np.uint16, 0, 1, dst, src)

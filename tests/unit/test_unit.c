@@ -1026,7 +1026,7 @@ int main(void) {
             uint64_t before[3];
             printf("  UCX %s: %s\n", ucp_get_version_string(), kvx_peer_transport(p));
             T_EQ(pp->nmore, several ? 2u : 0u);
-            T_CHECK(several ? strstr(kvx_peer_transport(p), "(sw, 3 connections)") != NULL : strstr(said.text, "one connection to prefill/0, not the 3 asked for: UCX before 1.22") != NULL);
+            T_CHECK(several ? strstr(kvx_peer_transport(p), "(sw) (3 connections)") != NULL : strstr(said.text, "one connection to prefill/0, not the 3 asked for: UCX before 1.22") != NULL);
             for (k = 0; k < 3; k++) before[k] = pp->asks_on[k];
             for (k = 0; k < 64; k++) { src[k] = (k * 37u + 5u) % 256u; dst[k] = (k * 101u + 3u) % 256u; }  /* none adjacent */
             kvx_ex_poison(&ds, 21, dst, src, 64, 0, 2, 0, 1);
@@ -1037,6 +1037,16 @@ int main(void) {
                 uint64_t n = pp->asks_on[k] - before[k];
                 printf("  connection %u: %llu requests\n", k, (unsigned long long)n);
                 T_CHECK(n >= (several ? 10u : 40u));
+            }
+            /* Still software-served to a transport policy: "!sw" refuses it. */
+            {
+                kvx_ctx_desc pd = dd;
+                kvx_ctx *R = NULL;
+                kvx_peer *pr = NULL;
+                pd.transport_policy = "!sw"; pd.log_level = KVX_LOG_OFF; pd.log_fn = NULL; pd.log_user = NULL;
+                T_ST(kvx_ctx_create(&pd, &R), KVX_OK);
+                if (R) T_ST(kvx_peer_add(R, m, mdn, &pr), KVX_ERR_UNSUPPORTED);
+                kvx_ctx_destroy(R);
             }
             /* The same owner, its address saying UCX 1.13: one connection, said with both versions. */
             if (several) {
@@ -1069,6 +1079,44 @@ int main(void) {
         kvx_ex_cache_free(&cs); kvx_ex_cache_free(&ds);
     }
 
+    T_CASE("connections by default: 1 to a peer on this host, 4 to one on another host over TCP (UCX 1.22 and later), nothing said") {
+        kvx_ctx *C = kvx_t_ctx("prefill", 0, 1, 1);
+        kvx_layout ls = lay_of(2, 64, 1, KVX_ORDER_HND);
+        kvx_ex_cache cs, ds;
+        kvx_cache *xcs, *xds;
+        kvx_peer *p = NULL;
+        size_t mdn = 0;
+        void *m = NULL;
+        int h;
+        T_CHECK(C && !kvx_ex_cache_alloc(&cs, &ls, 0, 1) && !kvx_ex_cache_alloc(&ds, &ls, 0, 1));
+        cd = kvx_ex_cache_desc(&cs); T_ST(kvx_cache_register(C, &cd, &xcs), KVX_OK);
+        m = kvx_t_metadata(C, &mdn);
+        for (h = 0; h < 2; h++) {  /* the reader on this host, then on another (its host id) */
+            kvx_ctx_desc dd;
+            kvx_ctx *D = NULL;
+            unit_log said;
+            memset(&dd, 0, sizeof dd);
+            memset(&said, 0, sizeof said);
+            dd.name = "decode"; dd.tp_size = 1; dd.log_level = KVX_LOG_WARN; dd.log_fn = unit_log_keep; dd.log_user = &said;
+            dd.host_id = h ? "another-host" : NULL;
+            T_ST(kvx_ctx_create(&dd, &D), KVX_OK);
+            if (!D) continue;
+            cd = kvx_ex_cache_desc(&ds); T_ST(kvx_cache_register(D, &cd, &xds), KVX_OK);
+            T_ST(kvx_peer_add(D, m, mdn, &p), KVX_OK);
+            if (p && !strncmp(kvx_peer_transport(p), "ucx:tcp", 7)) {
+                int four = h && kvx__ucx_of(D)->version >= KVX__UCX_VERSION(1, 22);
+                printf("  reader on %s: %s\n", h ? "another host" : "this host", kvx_peer_transport(p));
+                T_EQ(kvx__ucx_peer_of(p)->nmore, four ? 3u : 0u);
+                T_CHECK(!strcmp(kvx_peer_transport(p), four ? "ucx:tcp (sw) (4 connections)" : "ucx:tcp (sw)"));
+                T_CHECK(!strstr(said.text, "connection"));
+            }
+            kvx_ctx_destroy(D);
+        }
+        kvx_ctx_destroy(C);
+        free(m);
+        kvx_ex_cache_free(&cs); kvx_ex_cache_free(&ds);
+    }
+
     T_CASE("connections out of 1..8 refused at kvx_ctx_create, from the desc or KVX_UCX_CONNECTIONS") {
         static const char *const bad[] = {"0", "9", "-1", "4x", "x"};
         size_t k;
@@ -1087,6 +1135,10 @@ int main(void) {
         setenv("KVX_UCX_CONNECTIONS", "2", 1);
         T_ST(kvx_ctx_create(&dd, &D), KVX_OK);
         if (D) T_EQ(kvx_ctx_query_desc(D).ucx.connections, 2);
+        kvx_ctx_destroy(D);
+        setenv("KVX_UCX_CONNECTIONS", "auto", 1);
+        T_ST(kvx_ctx_create(&dd, &D), KVX_OK);
+        if (D) T_EQ(kvx_ctx_query_desc(D).ucx.connections, 0);  /* by the peer */
         kvx_ctx_destroy(D);
         unsetenv("KVX_UCX_CONNECTIONS");
     }
