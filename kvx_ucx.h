@@ -1173,7 +1173,7 @@ KVX__PRIV kvx_status kvx__ucx_connect_am(kvx_ctx *ctx, kvx_peer *p, const kvx__u
     while (1 + pp->nmore < want) {
         ucp_ep_h h2 = NULL;
         kvx__ucx_epref *r2 = NULL;
-        s = kvx__ucx_ep(ctx, &u->am, p, a->am, pp->am_unsafe ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER, &h2, &r2);
+        s = kvx__ucx_ep(ctx, &u->am, p, a->am, UCP_ERR_HANDLING_MODE_PEER, &h2, &r2);  /* want > 1: the first has it */
         if (s == UCS_OK && (s = kvx__ucx_wireup(ctx, h2)) != UCS_OK) {
             if (s == UCS_ERR_TIMED_OUT) kvx__ucx_ep_orphan(r2);  /* as above: not closed while in wireup */
             else kvx__ucx_ep_close(ctx, h2, r2);
