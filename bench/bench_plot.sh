@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Plots make bench's table (summary.tsv: medians over its runs) into a PNG
 # with gnuplot: GB/s against block size, one panel per mode (pack, spread);
-# per backend (UCX version or
-# libfabric provider) one colour: kvx solid, its references dashed
-# (ucp_get, fi_read) and dotted (ucp_am_bw); ucx1.22-x1 (spread, one
-# connection to each peer) is a kvx line alone, its references being ucx1.22's. The GB/s axis is logarithmic when
-# the values span 10x or more (sm at 1 MiB against tcp at 4 KiB does), linear
-# from 0 otherwise.
+# per backend (UCX version or libfabric provider) one colour: kvx solid, its
+# references dashed (ucp_get, fi_read) and dotted (ucp_am_bw); ucx1.22-x1
+# (spread, one connection to each peer) is a kvx line alone, its references
+# being ucx1.22's. The GB/s axis is logarithmic when the values span 10x or
+# more (sm at 1 MiB against tcp at 4 KiB does), linear from 0 otherwise.
 #   bench/bench_plot.sh build/bench/summary.tsv build/bench/bench.png 64 [RUNS]
 set -u
 tsv=$1 png=$2 ops=${3:-64} runs=${4:-1}

@@ -961,6 +961,8 @@ class Context:
             d.metadata_key, d.metadata_key_len = self._key, len(self._key)
         self._devices = net_devices.encode() if net_devices is not None else None
         d.ucx.net_devices = self._devices
+        if not 0 <= int(ucx_connections) <= 8:
+            raise ArgumentError("ucx_connections %r: 1 to 8, or 0 (by the peer)" % (ucx_connections,), -1)
         d.ucx.connections = int(ucx_connections)
         h = C.c_void_p()
         st = lib.kvx_ctx_create(C.byref(d), C.byref(h))
