@@ -279,9 +279,9 @@ typedef struct kvx_ucx_desc {
     /* Connections kvx's get spreads a peer's requests over (1 to 8), each
        reply coming back on its request's: over TCP between hosts several
        keep reads moving while one stream waits; on one host one is faster.
-       Taken only where both sides run UCX 1.22 or later (else one, with a
-       warning). 0: $KVX_UCX_CONNECTIONS, else by the peer: 4 to a peer on
-       another host over TCP, 1 to any other. */
+       Several only where both sides run UCX 1.22 or later (else one; a
+       number set here is then warned about). 0: $KVX_UCX_CONNECTIONS, else
+       by the peer: 4 to a peer on another host over TCP, 1 to any other. */
     uint32_t connections;
 } kvx_ucx_desc;
 
