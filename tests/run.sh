@@ -225,6 +225,8 @@ if [ -x $U/test_unit ]; then
     KVX_COMPILE_OUT=$B/compile/ucx122 bash tests/compile/matrix.sh
   entry "stress: 8 peers, 4 queues, 20000 reads (ucx $v tcp)" 300 env UCX_TLS=tcp $U/test_stress
   entry "rogue against kvx (ucx $v tcp)" 300 env UCX_TLS=tcp KVX_ROGUE=$U/rogue_ucx $U/test_rogue
+  entry "rogue against kvx, its reader over 4 connections to the owner (forged replies taken from none of them) (ucx $v tcp)" 300 \
+    env UCX_TLS=tcp KVX_UCX_CONNECTIONS=4 KVX_ROGUE=$U/rogue_ucx $U/test_rogue
   entry "rogue against kvx: rendezvous messages, every process under valgrind (ucx $v tcp)" 300 env UCX_TLS=tcp KVX_ROGUE=$U/rogue_ucx \
     KVX_TEST_ONLY=rendezvous valgrind -q --trace-children=yes --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $U/test_rogue
   entry "pack ucx $v 1->1 HND random" 120 $U/kvx_bench $small --random-blocks
