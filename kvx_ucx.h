@@ -436,10 +436,54 @@ KVX__PRIV void kvx__ucx_quiet(void) {
     pthread_once(&once, kvx__ucx_quiet_once);
 }
 
+/* A size as UCX's settings write it (bytes, or with b, k, kb, m, mb, g or
+   gb after it, any case): 0 if it is not one. */
+KVX__PRIV uint64_t kvx__ucx_memunits(const char *s) {
+    static const char *const units[] = {"", "b", "k", "kb", "m", "mb", "g", "gb"};
+    static const unsigned shift[] = {0, 0, 10, 10, 20, 20, 30, 30};
+    uint64_t v = 0;
+    size_t k;
+    if (!s || *s < '0' || *s > '9') return 0;
+    for (; *s >= '0' && *s <= '9'; s++) {
+        if (v > (UINT64_MAX >> 30) / 10) return 0;
+        v = v * 10 + (uint64_t)(*s - '0');
+    }
+    for (k = 0; k < sizeof units / sizeof *units; k++) {
+        const char *a = s, *b = units[k];
+        while (*a && *b && tolower((unsigned char)*a) == *b) { a++; b++; }
+        if (!*a && !*b) return v << shift[k];
+    }
+    return 0;
+}
+
+/* The TCP receive segment of the am worker: kvx's own (larger than UCX's
+   default, so that a reply of 128 KiB arrives whole: kvx_ucx_get.h,
+   "REPLIES IN ONE PIECE"), unless the user set UCX's segment sizes, whose
+   stand. What the reader asks for in one reply follows from it. */
+KVX__PRIV kvx_status kvx__ucx_rx_seg(kvx_ctx *ctx, kvx__ucx *u, char *set, size_t cap) {
+    const char *rx = getenv("UCX_TCP_RX_SEG_SIZE");
+    uint64_t seg = KVX__UCX_RX_SEG;
+    *set = 0;
+    if (rx && *rx) {
+        if ((seg = kvx__ucx_memunits(rx)) < KVX__UCX_RX_SEG_MIN)
+            return kvx__fail(ctx, KVX_ERR_ARG, "ucx: UCX_TCP_RX_SEG_SIZE=%s: kvx's get over TCP needs a size of at least %uk (bytes, "
+                             "or a number and k, m or g)", rx, KVX__UCX_RX_SEG_MIN >> 10);
+    } else if (getenv("UCX_TCP_TX_SEG_SIZE")) {
+        seg = KVX__UCX_RX_SEG_UCX;  /* UCX's default stands beside the user's fragments */
+    } else {
+        snprintf(set, cap, "%u", KVX__UCX_RX_SEG);
+    }
+    seg -= KVX__UCX_SEG_HEADERS;
+    u->get.ask_bytes = seg < KVX__UCX_GET_PART ? seg : KVX__UCX_GET_PART;
+    return KVX_OK;
+}
+
 /* The worker peers reach: active messages only (kvx's get, notifications),
    with kvx's handlers. */
 KVX__PRIV kvx_status kvx__ucx_am_open(kvx_ctx *ctx, kvx__ucx *u) {
-    const char *am_set[] = {"NET_DEVICES", NULL, "TCP_PUT_ENABLE", "n", NULL, NULL, NULL};
+    const char *am_set[] = {"NET_DEVICES", NULL, "TCP_PUT_ENABLE", "n", NULL, NULL, NULL, NULL, NULL};
+    char seg[24];
+    int nset = 4;
     static const unsigned ids[3] = {KVX__UCX_AM_NOTIFY, KVX__UCX_AM_GET, KVX__UCX_AM_GET_REPLY};
     ucp_am_recv_callback_t cbs[3];
     ucp_am_handler_param_t am;
@@ -456,7 +500,9 @@ KVX__PRIV kvx_status kvx__ucx_am_open(kvx_ctx *ctx, kvx__ucx *u) {
        older ones gave 2.7-3.1 (64 and 256 KiB blocks, kvx_bench pack, this
        2-core machine). Where UCX_PROTO_ENABLE is set, or software RMA
        stages GPU caches through this worker, UCX's choice stands. */
-    if (!getenv("UCX_PROTO_ENABLE") && !u->software_rma) { am_set[4] = "PROTO_ENABLE"; am_set[5] = "n"; }
+    if (!getenv("UCX_PROTO_ENABLE") && !u->software_rma) { am_set[nset++] = "PROTO_ENABLE"; am_set[nset++] = "n"; }
+    if ((st = kvx__ucx_rx_seg(ctx, u, seg, sizeof seg)) != KVX_OK) return st;
+    if (*seg) { am_set[nset++] = "TCP_RX_SEG_SIZE"; am_set[nset++] = seg; }
     if ((st = kvx__ucx_side_open(ctx, &u->am, UCP_FEATURE_AM, am_set, "active message")) != KVX_OK) return st;
     cbs[0] = kvx__ucx_am_cb; cbs[1] = kvx__ucx_get_serve; cbs[2] = kvx__ucx_get_reply;
     memset(&am, 0, sizeof am);
@@ -1273,7 +1319,7 @@ KVX__PRIV kvx_status kvx__ucx_post(kvx_ctx *ctx, kvx__read *rd, const kvx__op *o
        ops are batched until the end of the post (kvx__ucx_flush) */
     if ((rd->rc->be_flags & KVX__UCX_BY_KVX_GET) || op->count > 1) {
         uint64_t bytes = op->len * (op->count ? op->count : 1u);
-        if (op->len && bytes <= KVX__UCX_BATCH_BYTES) return kvx__ucx_stage(ctx, rd, op);
+        if (op->len && bytes <= kvx__ucx_getter_of(ctx)->ask_bytes) return kvx__ucx_stage(ctx, rd, op);
         return kvx__ucx_get_post(ctx, rd, rd->peer, op, NULL);
     }
     if (!pp || !pp->rma || !rd->rc->regions[op->rreg].be)

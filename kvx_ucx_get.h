@@ -21,23 +21,29 @@
     together are staged (kvx__ucx_stage) and asked for in one request: the
     header names the first op's range and the data the others', and the
     owner checks each against what it registered and sends all their bytes
-    in one reply. A batch holds at most KVX__UCX_BATCH_BYTES, so that a
-    queue's ops outstanding (kvx_queue_desc.max_ops) still make a few
+    in one reply. A batch holds at most the context's ask_bytes (below), so
+    that a queue's ops outstanding (kvx_queue_desc.max_ops) still make a few
     requests in flight.
 
-    REPLIES IN ONE PIECE. UCX's TCP transport receives into 64 KiB segments
-    (UCX_TCP_RX_SEG_SIZE): a reply that fits one arrives in place and kvx
-    copies it where it goes; a larger one comes as fragments that UCX first
-    copies together. So no reply carries more than KVX__UCX_ASK_BYTES: a
-    batch holds at most that; a piece of up to KVX__UCX_GET_PART is asked
-    for in one request that says so (reply_bytes), and the owner answers it
-    in even chunks (kvx__get_chunk), each of which the reader takes once;
-    a larger piece goes in slices of one reply each. A reply goes zero-copy
-    from the owner's cache when it is at most KVX__UCX_REPLY_IOV separate
-    pieces (TCP's iov limit, UCX_TCP_MAX_IOV less the transport's own);
-    with more, UCX would send it as 8 KiB fragments, so the owner copies
-    the pieces into one buffer first (at most KVX__UCX_BOUNCE_BYTES of such
-    buffers at once; past that, from the cache as before).
+    REPLIES IN ONE PIECE. UCX's TCP transport receives a message into one
+    segment (UCX_TCP_RX_SEG_SIZE) and hands it to kvx where it landed, and
+    kvx copies it where it goes; a larger message comes as fragments that
+    UCX first copies together. kvx sets 136 KiB segments on its
+    active-message worker (UCX's default is 64 KiB), unless the user set
+    UCX's TCP segment sizes, and no reply carries more than the reader's
+    segment less 4 KiB for headers (its ask_bytes: 132 KiB, or 60 KiB with
+    UCX's default): a batch holds at most that; a piece of up to
+    KVX__UCX_GET_PART is asked for in one request that says so
+    (reply_bytes), and the owner answers it in even chunks
+    (kvx__get_chunk), each of which the reader takes once; a larger piece
+    goes in slices of one reply each. The reader asks, so an owner with
+    larger segments never sends a reader more than its own take. A reply
+    goes zero-copy from the owner's cache when it is at most
+    KVX__UCX_REPLY_IOV separate pieces (TCP's iov limit, UCX_TCP_MAX_IOV
+    less the transport's own); with more, UCX would send it as 8 KiB
+    fragments, so the owner copies the pieces into one buffer first (at
+    most KVX__UCX_BOUNCE_BYTES of such buffers at once; past that, from the
+    cache as before).
 
     WHO IS ANSWERED. A request carries the owner's secret (from its metadata)
     and a nonce of the reader's; the owner drops, unanswered and counted, any
@@ -71,15 +77,13 @@
 #define KVX__UCX_EP_BYTES (1ull << 30)
 #define KVX__UCX_REPLIES 65536u         /* ... and for all of them */
 #define KVX__UCX_NONE 0xFFFFFFFFu
-#if !defined(KVX__UCX_ASK_BYTES)
-#  define KVX__UCX_ASK_BYTES (60u << 10)    /* bytes a reader asks for in one request: a reply within a TCP segment */
-#endif
+#define KVX__UCX_RX_SEG (136u << 10)        /* the TCP receive segment kvx sets on its active-message worker */
+#define KVX__UCX_RX_SEG_UCX (64u << 10)     /* ... UCX's own default, where the user set the segment sizes */
+#define KVX__UCX_RX_SEG_MIN (20u << 10)     /* the least kvx's get works with: a reply of KVX__GET_REPLY_MIN and headers */
+#define KVX__UCX_SEG_HEADERS (4u << 10)     /* of a segment, left for UCT's, UCP's and kvx's headers */
 #define KVX__UCX_REPLY_IOV 4u               /* pieces a reply sends from the cache in place, at most */
 #if !defined(KVX__UCX_BOUNCE_BYTES)
 #  define KVX__UCX_BOUNCE_BYTES (32u << 20) /* an owner's buffers of replies copied together, at most */
-#endif
-#if !defined(KVX__UCX_BATCH_BYTES)
-#  define KVX__UCX_BATCH_BYTES KVX__UCX_ASK_BYTES  /* a batch of small ops: bytes at most (ops larger go alone) */
 #endif
 #define KVX__UCX_GET_RANGES 256u        /* ranges one request names: the header's and its data's */
 
@@ -129,6 +133,8 @@ typedef struct kvx__ucx_getter {
     uint64_t replies_copied, replies_iov, chunks_sent;  /* counts of an owner's replies: of many pieces (copied together,
                                                            or from an iov in place), and chunks of a larger one */
     uint64_t parts_asked;       /* ... and of a reader's requests */
+    uint64_t ask_bytes;         /* the most one reply carries: of a reader, what it asks; of an owner, what it copies
+                                   together (its TCP segment less headers); a batch of small ops holds at most that */
     kvx__op stage[KVX__UCX_GET_RANGES]; /* the batch being gathered in a post, of stage_rd */
     kvx__read *stage_rd;
     uint32_t nstage;
@@ -298,7 +304,7 @@ KVX__PRIV ucs_status_t kvx__ucx_ask(kvx_ctx *ctx, kvx__ucx_peer *pp, kvx__ucx_ge
     memcpy(rq.secret, g->peer->secret, KVX__SECRET_BYTES);
     rq.id = id; rq.nonce = g->nonce; rq.off = off;
     rq.ttl_ns = g->until_ns > now ? g->until_ns - now : 0;
-    rq.reply_bytes = g->chunk ? KVX__UCX_ASK_BYTES : 0;
+    rq.reply_bytes = g->chunk ? u->ask_bytes : 0;
     rq.raddr = g->raddr + k * g->rstride + in;
     if (g->nbatch) {     /* every op of the batch, in one part: the first in the header */
         for (i = 0; i < g->nbatch; i++) {
@@ -367,7 +373,7 @@ KVX__PRIV void kvx__ucx_get_queue(kvx_ctx *ctx, kvx_peer *p, uint64_t id) {
 }
 
 /* Ask for one op's bytes (count pieces of len), in parts: whole pieces up
-   to KVX__UCX_ASK_BYTES; one piece of up to KVX__UCX_GET_PART in one part
+   to the context's ask_bytes; one piece of up to KVX__UCX_GET_PART in one part
    that the owner answers in chunks; else slices of a piece, each one reply.
    The parts are asked for as the peer's window allows; the op completes
    through kvx__op_done (the probe through *probe). */
@@ -383,13 +389,13 @@ KVX__PRIV kvx_status kvx__ucx_get_post(kvx_ctx *ctx, kvx__read *rd, kvx_peer *p,
     g->piece = len; g->lstride = count > 1 ? op->lstride : 0;
     g->raddr = op->raddr; g->rstride = count > 1 ? op->rstride : 0;
     g->until_ns = rd ? rd->deadline_ns : kvx__now_ns() + (uint64_t)ctx->timeout_ms * 1000000ull;
-    if (len <= KVX__UCX_ASK_BYTES) {  /* whole pieces per part */
-        g->per = len ? KVX__UCX_ASK_BYTES / len * len : KVX__UCX_ASK_BYTES;
+    if (len <= u->ask_bytes) {  /* whole pieces per part */
+        g->per = len ? u->ask_bytes / len * len : u->ask_bytes;
     } else if (count == 1 && len <= KVX__UCX_GET_PART) {  /* one request, answered in chunks */
         g->per = len;
-        g->chunk = kvx__get_chunk(len, KVX__UCX_ASK_BYTES);
+        g->chunk = kvx__get_chunk(len, u->ask_bytes);
     } else {  /* slices of a piece, each one reply */
-        g->per = kvx__get_chunk(len, KVX__UCX_ASK_BYTES);
+        g->per = kvx__get_chunk(len, u->ask_bytes);
     }
     if (len && g->per / len > KVX__UCX_GET_PIECES) g->per = (uint64_t)KVX__UCX_GET_PIECES * len;
     for (off = 0; off == 0 || off < g->len; off += kvx__ucx_part_bytes(off, len, g->per)) g->parts++;
@@ -423,13 +429,13 @@ KVX__PRIV void kvx__ucx_stage_send(kvx_ctx *ctx) {
     while (st != KVX_OK && n--) kvx__op_done(rd, st, st == KVX_ERR_PEER ? "the peer is disconnected" : "out of memory for a get");
 }
 
-/* An op of at most KVX__UCX_BATCH_BYTES into the batch of its read; a
+/* An op of at most the context's ask_bytes into the batch of its read; a
    batch of another read, or one this op would overfill, goes first. A
    batch is one read's, so that one failure fails only that read. */
 KVX__PRIV kvx_status kvx__ucx_stage(kvx_ctx *ctx, kvx__read *rd, const kvx__op *op) {
     kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
     uint64_t count = op->count ? op->count : 1u, bytes = op->len * count;
-    if (u->nstage && (u->stage_rd != rd || u->stage_bytes + bytes > KVX__UCX_BATCH_BYTES ||
+    if (u->nstage && (u->stage_rd != rd || u->stage_bytes + bytes > u->ask_bytes ||
                       u->stage_pieces + count > KVX__UCX_GET_PIECES || u->nstage == KVX__UCX_GET_RANGES))
         kvx__ucx_stage_send(ctx);
     u->stage[u->nstage] = *op;
@@ -656,7 +662,7 @@ KVX__PRIV void kvx__ucx_reply(kvx_ctx *ctx, kvx__ucx_epacct *a, ucp_ep_h ep, con
     kvx__ucx_getter *u = kvx__ucx_getter_of(ctx);
     uint64_t ttl, max_ttl = (uint64_t)ctx->timeout_ms * 1000000ull;
     size_t n = np > 1 ? (size_t)np : 0;  /* iov entries at most */
-    uint64_t bounce = n > KVX__UCX_REPLY_IOV && bytes <= KVX__UCX_ASK_BYTES &&
+    uint64_t bounce = n > KVX__UCX_REPLY_IOV && bytes <= u->ask_bytes &&
                       u->bounce_bytes + bytes <= KVX__UCX_BOUNCE_BYTES ? bytes : 0;  /* many pieces: copied together */
     kvx__get_rep rp;
     kvx__ucx_msg *m;
@@ -740,8 +746,9 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
 
 /* Reader: a get whose one part comes in chunks: every chunk's bit, and is
    a reply at off of len the next of them (where one starts, its length, not
-   come before)? At most 64 chunks: KVX__UCX_GET_PART / KVX__UCX_ASK_BYTES. */
-typedef char kvx__ucx_chunks_fit[(KVX__UCX_GET_PART + KVX__UCX_ASK_BYTES - 1) / KVX__UCX_ASK_BYTES <= 64 ? 1 : -1];
+   come before)? At most 64 chunks: KVX__UCX_GET_PART over the least ask_bytes. */
+#define KVX__UCX_ASK_MIN (KVX__UCX_RX_SEG_MIN - KVX__UCX_SEG_HEADERS)
+typedef char kvx__ucx_chunks_fit[(KVX__UCX_GET_PART + KVX__UCX_ASK_MIN - 1) / KVX__UCX_ASK_MIN <= 64 ? 1 : -1];
 KVX__PRIV uint64_t kvx__ucx_chunks_all(const kvx__ucx_get *g) {
     uint64_t n = (g->len + g->chunk - 1) / g->chunk;
     return n >= 64 ? ~0ull : (1ull << n) - 1;

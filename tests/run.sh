@@ -29,6 +29,8 @@ ucx_suites() {
   local d=$1 v=$2
   entry "unit (ucx $v default)" 120 $d/test_unit
   entry "unit (ucx $v tcp)" 120 env UCX_TLS=tcp $d/test_unit
+  # kvx's get where the user set UCX's 64 KiB segments: replies of 60 KiB
+  entry "unit (ucx $v tcp, UCX_TCP_RX_SEG_SIZE=64k): kvx's get" 120 env UCX_TLS=tcp UCX_TCP_RX_SEG_SIZE=64k KVX_TEST_ONLY="kvx's get (ucx tcp)" $d/test_unit
   entry "unit (ucx $v, asan+ubsan)" 300 $d/test_unit.asan
   entry "owner failures (ucx $v default)" 180 $d/test_owner_failures
   entry "owner failures (ucx $v tcp)" 180 env UCX_TLS=tcp $d/test_owner_failures
