@@ -163,6 +163,7 @@ for mode in $modes; do
   if [ "$mode" = spread ]; then
     if [ "$(id -u)" != 0 ]; then echo "(spread skipped: needs root for network namespaces)"; continue; fi
     ns_setup || { echo "(spread skipped: cannot make namespaces)"; ns_cleanup; continue; }
+    echo "(spread: the veth pair's GRO is $(netns_pair_gro $A $VA): tests/lib/netns_pair.sh says why it matters)"
   fi
   for size in $sizes; do
     tokens=$((size / 256))

@@ -2,7 +2,7 @@
 # Installs what kvx's build, tests and benchmarks need, from Debian's packages,
 # when it is missing. As root it runs apt-get; otherwise it says what to run.
 #   tools/deps.sh build   compiler, pkg-config, UCX and libfabric headers
-#   tools/deps.sh test    + iproute2 (two-host tests), clang and its fuzzer/sanitizer runtime
+#   tools/deps.sh test    + iproute2 and ethtool (two-host tests), clang and its fuzzer/sanitizer runtime
 #   tools/deps.sh bench   + ucx_perftest, gnuplot
 set -u
 what=${1:-build}
@@ -18,6 +18,7 @@ have_pkg libucx-dev || need+=(libucx-dev)
 have_pkg libfabric-dev || need+=(libfabric-dev)
 if [ "$what" = test ] || [ "$what" = bench ]; then
   have_cmd ip || need+=(iproute2)
+  have_cmd ethtool || need+=(ethtool)
   have_cmd timeout || need+=(coreutils)
   have_cmd clang || need+=(clang)
   have_cmd valgrind || need+=(valgrind)
