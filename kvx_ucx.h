@@ -457,7 +457,7 @@ KVX__PRIV uint64_t kvx__ucx_memunits(const char *s) {
 }
 
 /* The TCP receive segment of the am worker: kvx's own (larger than UCX's
-   default, so that a reply of 128 KiB arrives whole: kvx_ucx_get.h,
+   default, so that a reply of 132 KiB arrives whole: kvx_ucx_get.h,
    "REPLIES IN ONE PIECE"), unless the user set UCX's segment sizes, whose
    stand. What the reader asks for in one reply follows from it. */
 KVX__PRIV kvx_status kvx__ucx_rx_seg(kvx_ctx *ctx, kvx__ucx *u, char *set, size_t cap) {
