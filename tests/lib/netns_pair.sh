@@ -32,6 +32,7 @@ netns_pair_up() {
 # leave from two CPUs (the sender's thread, and the softirq that sends on an
 # ACK) arrives out of order: spurious retransmits, and now and then a stall
 # of a retransmission timeout (200 ms), which a real link does not have.
+# GRO takes most of that away, not all (docs/benchmarks.md).
 netns_pair_gro_on() { command -v ethtool >/dev/null 2>&1 && ip netns exec "$1" ethtool -K "$2" gro on >/dev/null 2>&1; }
 # netns_pair_gro NS VETH: "on", or why not
 netns_pair_gro() {
