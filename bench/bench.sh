@@ -169,7 +169,7 @@ for mode in $modes; do
     tokens=$((size / 256))
     blocks=$((target / (size * layers * 2))); [ $blocks -lt 8 ] && blocks=8
     nb=$((blocks * 2))
-    args="--num-blocks $nb --blocks $blocks --num-layers $layers --block-tokens $tokens --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 5 --max-ops $ops"
+    args="--num-blocks $nb --blocks $blocks --num-layers $layers --block-tokens $tokens --heads 1 --head-dim 128 --dtype-bytes 2 --random-blocks --iters 6 --warmup 1 --max-ops $ops"
     iters=$((blocks * layers * 2 * 5)); [ $iters -gt 200000 ] && iters=200000
     for run in $(seq 1 "$runs"); do
     [ "$runs" -gt 1 ] && echo "($mode, $size bytes: run $run of $runs)"

@@ -45,7 +45,7 @@ enum { F_MD = 1, F_ALL_MD, F_RANK_MD, F_PEERS, F_READY, F_GO, F_ITER, F_RESULT, 
 
 typedef struct opts {
     const char *strategy, *backend, *role, *listen, *connect, *json;
-    uint32_t blocks, num_blocks, num_layers, block_tokens, heads, head_dim, dtype_bytes, iters;
+    uint32_t blocks, num_blocks, num_layers, block_tokens, heads, head_dim, dtype_bytes, iters, warmup;
     int random_blocks, prefill_tp, decode_tp, verbose, nhd;
     uint64_t seed;
     uint32_t max_ops;
@@ -79,9 +79,11 @@ static void usage(void) {
             "usage: kvx_bench [--strategy pack|spread] [--backends UCX|LIBFABRIC|CUDA]\n"
             "                 [--role prefill --listen ADDR:PORT | --role decode --connect ADDR:PORT]\n"
             "                 [--blocks N] [--num-blocks N] [--num-layers N] [--block-tokens N] [--heads N]\n"
-            "                 [--head-dim N] [--dtype-bytes N] [--random-blocks] [--seed N] [--iters N]\n"
+            "                 [--head-dim N] [--dtype-bytes N] [--random-blocks] [--seed N] [--iters N] [--warmup N]\n"
             "                 [--prefill-tp N] [--decode-tp N] [--layout HND|NHD] [--max-ops N] [--verify N] [--generations] [--transport-policy P] [--verbose] [--json FILE]\n"
-            "  --heads is the model's KV heads; each rank holds heads/tp of them (1, replicated, when fewer).\n");
+            "  --heads is the model's KV heads; each rank holds heads/tp of them (1, replicated, when fewer).\n"
+            "  --warmup N: the first N of the --iters iterations are checked but not counted in the total\n"
+            "  (ucx_perftest also warms up before it measures).\n");
 }
 
 static int parse_u32(const char *v, uint32_t *out, const char *name) {
@@ -125,6 +127,7 @@ static int parse(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--head-dim")) { if (parse_u32(v, &o->head_dim, a)) return -1; }
         else if (!strcmp(a, "--dtype-bytes")) { if (parse_u32(v, &o->dtype_bytes, a)) return -1; }
         else if (!strcmp(a, "--iters")) { if (parse_u32(v, &o->iters, a)) return -1; }
+        else if (!strcmp(a, "--warmup")) { if (parse_u32(v, &o->warmup, a)) return -1; }
         else if (!strcmp(a, "--max-ops")) { if (parse_u32(v, &o->max_ops, a)) return -1; }
         else if (!strcmp(a, "--verify")) { if (parse_u32(v, &o->verify, a)) return -1; }
         else if (!strcmp(a, "--seed")) { if (parse_u32(v, &x, a)) return -1; o->seed = x; }
@@ -146,6 +149,7 @@ static int parse(int argc, char **argv, opts *o) {
     }
     if (!o->blocks || o->blocks > o->num_blocks) { fprintf(stderr, "kvx_bench: --blocks must be in [1, --num-blocks %u]\n", o->num_blocks); return -1; }
     if (!o->iters || o->iters > MAX_ITERS) { fprintf(stderr, "kvx_bench: --iters must be in [1, %d]\n", MAX_ITERS); return -1; }
+    if (o->warmup >= o->iters) { fprintf(stderr, "kvx_bench: --warmup must be below --iters %u\n", o->iters); return -1; }
     if (!o->num_layers || !o->block_tokens || !o->heads || !o->head_dim || !o->dtype_bytes) {
         fprintf(stderr, "kvx_bench: layout sizes must be non-zero\n");
         return -1;
@@ -551,9 +555,9 @@ static int decode_role(int argc, char **argv, const opts *o, const char *connect
     rank_hello hello[MAX_TP];
     iter_report *rep = NULL;
     double *lat = NULL, total_s = 0;
-    uint64_t total_bytes = 0, total_before = 0, total_after = 0, bad = 0;
+    uint64_t total_bytes = 0, total_before = 0, total_after = 0, checked_bytes = 0, bad = 0;
     int k, fd = -1, rc = 0, failed_status = 0;
-    uint32_t it, n, alen, nit;
+    uint32_t it, n, alen, nit, nlat = 0;
     uint8_t *all = NULL;
     void *b;
     FILE *js = NULL;
@@ -627,10 +631,14 @@ static int decode_role(int argc, char **argv, const opts *o, const char *connect
             }
             bad += r->bad_bytes;
         }
-        lat[it] = worst;
-        total_bytes += bytes; total_before += before; total_after += after; total_s += worst;
-        printf("  iter %u: %llu bytes, %llu descriptors -> %llu after merging, %.3f ms, %.3f GB/s\n", it, (unsigned long long)bytes,
-               (unsigned long long)before, (unsigned long long)after, worst * 1e3, worst > 0 ? (double)bytes / worst / 1e9 : 0.0);
+        checked_bytes += bytes;
+        if (it >= o->warmup) {  /* a warm-up iteration is checked, not counted */
+            lat[nlat++] = worst;
+            total_bytes += bytes; total_before += before; total_after += after; total_s += worst;
+        }
+        printf("  iter %u: %llu bytes, %llu descriptors -> %llu after merging, %.3f ms, %.3f GB/s%s\n", it, (unsigned long long)bytes,
+               (unsigned long long)before, (unsigned long long)after, worst * 1e3, worst > 0 ? (double)bytes / worst / 1e9 : 0.0,
+               it < o->warmup ? " (warm-up, not counted)" : "");
         fflush(stdout);
         if (failed_status && it + 1 < o->iters) {
             /* A failed read fails the run: the rest would fail alike (a dead
@@ -642,21 +650,21 @@ static int decode_role(int argc, char **argv, const opts *o, const char *connect
         }
     }
     nit = it;
-    qsort(lat, nit, sizeof *lat, cmp_double);
+    if (nlat) qsort(lat, nlat, sizeof *lat, cmp_double);
     {
-        double p50 = lat[(nit - 1) / 2], p99 = lat[(size_t)((nit - 1) * 0.99 + 0.5)];
+        double p50 = nlat ? lat[(nlat - 1) / 2] : 0, p99 = nlat ? lat[(size_t)((nlat - 1) * 0.99 + 0.5)] : 0;
         double gbps = total_s > 0 ? (double)total_bytes / total_s / 1e9 : 0;
         printf("  total: %llu bytes, %llu descriptors -> %llu after merging, %.3f GB/s, request latency p50 %.3f ms, p99 %.3f ms\n",
                (unsigned long long)total_bytes, (unsigned long long)total_before, (unsigned long long)total_after, gbps, p50 * 1e3, p99 * 1e3);
         if (failed_status && !bad) printf("TEST FAILED: a read failed (see above)\n");
-        else if (!bad) printf("TEST PASSED: every byte of %llu checked\n", (unsigned long long)total_bytes);
+        else if (!bad) printf("TEST PASSED: every byte of %llu checked\n", (unsigned long long)checked_bytes);
         if (o->json && (js = fopen(o->json, "w")) != NULL) {
             int j;
             fprintf(js, "{\"strategy\":\"%s\",\"backend\":\"%s\",\"prefill_tp\":%d,\"decode_tp\":%d,\"layout\":\"%s\",\"num_layers\":%u,"
                         "\"num_blocks\":%u,\"block_tokens\":%u,\"heads\":%u,\"head_dim\":%u,\"dtype_bytes\":%u,\"blocks\":%u,\"random_blocks\":%s,"
-                        "\"iters\":%u,\"seed\":%llu,\"block_bytes\":%llu,\"transports\":[",
+                        "\"iters\":%u,\"warmup\":%u,\"seed\":%llu,\"block_bytes\":%llu,\"transports\":[",
                     o->strategy, o->backend, o->prefill_tp, o->decode_tp, o->nhd ? "NHD" : "HND", o->num_layers, o->num_blocks, o->block_tokens,
-                    o->heads, o->head_dim, o->dtype_bytes, o->blocks, o->random_blocks ? "true" : "false", o->iters, (unsigned long long)o->seed,
+                    o->heads, o->head_dim, o->dtype_bytes, o->blocks, o->random_blocks ? "true" : "false", o->iters, o->warmup, (unsigned long long)o->seed,
                     (unsigned long long)o->block_tokens * dl.num_heads * o->head_dim * o->dtype_bytes);
             for (k = 0; k < o->decode_tp; k++)
                 for (j = 0; j < hello[k].npeers; j++)
@@ -670,8 +678,9 @@ static int decode_role(int argc, char **argv, const opts *o, const char *connect
                     by += r->bytes; bf += r->descs_before; af += r->descs_after;
                     if (r->seconds > w) w = r->seconds;
                 }
-                fprintf(js, "%s{\"bytes\":%llu,\"descs_before\":%llu,\"descs_after\":%llu,\"seconds\":%.9f,\"gbps\":%.6f}", it ? "," : "",
-                        (unsigned long long)by, (unsigned long long)bf, (unsigned long long)af, w, w > 0 ? (double)by / w / 1e9 : 0.0);
+                fprintf(js, "%s{\"bytes\":%llu,\"descs_before\":%llu,\"descs_after\":%llu,\"seconds\":%.9f,\"gbps\":%.6f,\"warmup\":%s}", it ? "," : "",
+                        (unsigned long long)by, (unsigned long long)bf, (unsigned long long)af, w, w > 0 ? (double)by / w / 1e9 : 0.0,
+                        it < o->warmup ? "true" : "false");
             }
             fprintf(js, "],\"total_bytes\":%llu,\"descs_before\":%llu,\"descs_after\":%llu,\"gbps\":%.6f,\"latency_p50_ms\":%.6f,"
                         "\"latency_p99_ms\":%.6f,\"wrong_bytes\":%llu,\"passed\":%s}\n",

@@ -188,6 +188,9 @@ entry "a transport policy from the environment that accepts ucx:tcp passes (ucx 
 entry "pack ucx $vdeb 1->2 under asan+ubsan" 300 env KVX_BENCH=1 $B/kvx_bench.asan $small --random-blocks --prefill-tp 1 --decode-tp 2
 expect_fail "a planted wrong byte fails the run (ucx $vdeb)" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $bench $small --random-blocks
 expect_fail "mismatched TP options are refused (ucx $vdeb)" 60 "do not divide" $bench --heads 6 --decode-tp 4
+entry "make bench's warm-up iteration is checked, marked, and left out of the total (ucx $vdeb)" 120 \
+  bash tests/lib/bench_warmup.sh $bench $small --random-blocks --prefill-tp 2 --decode-tp 2
+expect_fail "a warm-up of every iteration is refused (ucx $vdeb)" 30 "--warmup must be below --iters 3" $bench $small --warmup 3
 # A rank killed from outside ends the run at once, named, not after every
 # remaining iteration has failed alike.
 expect_fail "a prefill rank killed mid-run stops the run after the iteration that failed (ucx $vdeb)" 120 "stopped after iteration [0-9]* of 500: a read failed" \
