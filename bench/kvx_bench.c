@@ -51,7 +51,6 @@ typedef struct opts {
     uint32_t max_ops;
     uint32_t verify;              /* --verify N: kvx checks one block in N against sealed checksums */
     int generations;              /* --generations: both caches keep block generations, every read carries them */
-    int back_to_back;             /* --back-to-back: each iteration its own destination blocks, checked after the last */
     const char *policy;           /* --transport-policy: kvx_ctx_desc.transport_policy (NULL: $KVX_TRANSPORT_POLICY) */
     /* internal: a rank process */
     int rank, ctl_fd;
@@ -65,7 +64,6 @@ typedef struct iter_report {
     kvx_ex_mismatch mm;
     int32_t mm_src_rank;
     int32_t status;               /* kvx_status of the reads */
-    uint32_t mm_iter;             /* F_RESULT (back to back): the iteration of the first wrong byte */
     char error[200];
 } iter_report;
 
@@ -82,13 +80,10 @@ static void usage(void) {
             "                 [--role prefill --listen ADDR:PORT | --role decode --connect ADDR:PORT]\n"
             "                 [--blocks N] [--num-blocks N] [--num-layers N] [--block-tokens N] [--heads N]\n"
             "                 [--head-dim N] [--dtype-bytes N] [--random-blocks] [--seed N] [--iters N] [--warmup N]\n"
-            "                 [--prefill-tp N] [--decode-tp N] [--layout HND|NHD] [--max-ops N] [--verify N] [--generations] [--back-to-back]\n"
-            "                 [--transport-policy P] [--verbose] [--json FILE]\n"
+            "                 [--prefill-tp N] [--decode-tp N] [--layout HND|NHD] [--max-ops N] [--verify N] [--generations] [--transport-policy P] [--verbose] [--json FILE]\n"
             "  --heads is the model's KV heads; each rank holds heads/tp of them (1, replicated, when fewer).\n"
             "  --warmup N: the first N of the --iters iterations are checked but not counted in the total\n"
-            "  (ucx_perftest also warms up before it measures).\n"
-            "  --back-to-back: each iteration reads into blocks of its own (--num-blocks >= --iters x --blocks), all\n"
-            "  poisoned before the first and checked after the last, so no check runs between iterations.\n");
+            "  (ucx_perftest also warms up before it measures).\n");
 }
 
 static int parse_u32(const char *v, uint32_t *out, const char *name) {
@@ -113,7 +108,6 @@ static int parse(int argc, char **argv, opts *o) {
         if (!strcmp(a, "--random-blocks")) { o->random_blocks = 1; used = 0; }
         else if (!strcmp(a, "--verbose")) { o->verbose = 1; used = 0; }
         else if (!strcmp(a, "--generations")) { o->generations = 1; used = 0; }
-        else if (!strcmp(a, "--back-to-back")) { o->back_to_back = 1; used = 0; }
         else if (!strcmp(a, "--strategy")) o->strategy = v;
         else if (!strcmp(a, "--backends")) o->backend = v;
         else if (!strcmp(a, "--role")) o->role = v;
@@ -156,11 +150,6 @@ static int parse(int argc, char **argv, opts *o) {
     if (!o->blocks || o->blocks > o->num_blocks) { fprintf(stderr, "kvx_bench: --blocks must be in [1, --num-blocks %u]\n", o->num_blocks); return -1; }
     if (!o->iters || o->iters > MAX_ITERS) { fprintf(stderr, "kvx_bench: --iters must be in [1, %d]\n", MAX_ITERS); return -1; }
     if (o->warmup >= o->iters) { fprintf(stderr, "kvx_bench: --warmup must be below --iters %u\n", o->iters); return -1; }
-    if (o->back_to_back && (uint64_t)o->iters * o->blocks > o->num_blocks) {
-        fprintf(stderr, "kvx_bench: --back-to-back needs --num-blocks of at least --iters x --blocks (%llu)\n",
-                (unsigned long long)o->iters * o->blocks);
-        return -1;
-    }
     if (!o->num_layers || !o->block_tokens || !o->heads || !o->head_dim || !o->dtype_bytes) {
         fprintf(stderr, "kvx_bench: layout sizes must be non-zero\n");
         return -1;
@@ -201,12 +190,6 @@ static kvx_layout layout_of(const opts *o, int tp) {
 /* The block tables of iteration it: remote ids (prefill) and local ids (decode). */
 static void tables(const opts *o, uint32_t it, uint32_t *src, uint32_t *dst) {
     kvx_ex_block_table(src, o->blocks, o->num_blocks, o->random_blocks, o->seed * 1000003u + it * 2u, (it * o->blocks) % o->num_blocks);
-    if (o->back_to_back) {  /* blocks [it x blocks, (it + 1) x blocks): no iteration overwrites another's */
-        uint32_t i;
-        kvx_ex_block_table(dst, o->blocks, o->blocks, o->random_blocks, o->seed * 1000003u + it * 2u + 1u, 7 % o->blocks);
-        for (i = 0; i < o->blocks; i++) dst[i] += it * o->blocks;
-        return;
-    }
     kvx_ex_block_table(dst, o->blocks, o->num_blocks, o->random_blocks, o->seed * 1000003u + it * 2u + 1u, (it * o->blocks + 7) % o->num_blocks);
 }
 
@@ -214,15 +197,6 @@ static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-/* The self-check of the checker: $KVX_BENCH_FLIP_BYTE plants a wrong byte
-   after the read of iteration $KVX_BENCH_FLIP_ITER (the last by default);
-   the run must fail, naming it. UINT32_MAX: none. */
-static uint32_t flip_iter(const opts *o) {
-    const char *e = getenv("KVX_BENCH_FLIP_ITER");
-    if (!getenv("KVX_BENCH_FLIP_BYTE")) return UINT32_MAX;
-    return e && *e ? (uint32_t)strtoul(e, NULL, 10) : o->iters - 1;
 }
 
 static kvx_ctx *make_ctx(const opts *o, const char *name, int rank, int tp, int progress_thread) {
@@ -381,8 +355,8 @@ static int decode_rank(const opts *o) {
     uint32_t pf[MAX_TP], pc[MAX_TP];
     int np = 0, k;
     rank_hello hello;
-    uint32_t it, nit, *src, *dst, len, off, n;
-    uint64_t *gens, *read_ok;
+    uint32_t it, *src, *dst, len, off, n;
+    uint64_t *gens;
     uint8_t *all;
     void *go;
     if (mem_alloc(&mem, o, &lay, o->decode_tp, "decode")) return 2;
@@ -421,15 +395,6 @@ static int decode_rank(const opts *o) {
     src = (uint32_t *)malloc(o->blocks * sizeof *src);
     dst = (uint32_t *)malloc(o->blocks * sizeof *dst);
     gens = (uint64_t *)calloc(o->blocks ? o->blocks : 1, sizeof *gens);
-    read_ok = (uint64_t *)calloc(o->iters, sizeof *read_ok);  /* back to back: the peers whose read of an iteration passed */
-    if (!src || !dst || !gens || !read_ok) { fprintf(stderr, "kvx_bench: decode %d: out of memory\n", o->rank); return 2; }
-    if (o->back_to_back) {  /* every iteration's blocks poisoned now, checked after the last */
-        for (it = 0; it < o->iters; it++) {
-            tables(o, it, src, dst);
-            for (k = 0; k < np; k++) kvx_ex_poison(mem.c, o->seed, dst, src, o->blocks, 0, lay.num_layers, pf[k], pf[k] + pc[k]);
-        }
-        if (mem_sync(&mem, 1)) return 2;
-    }
     for (it = 0; it < o->iters; it++) {
         iter_report r;
         kvx_ticket t[MAX_TP];
@@ -438,10 +403,8 @@ static int decode_rank(const opts *o) {
         memset(&r, 0, sizeof r);
         r.mm_src_rank = -1;
         tables(o, it, src, dst);
-        if (!o->back_to_back) {
-            for (k = 0; k < np; k++) kvx_ex_poison(mem.c, o->seed, dst, src, o->blocks, 0, lay.num_layers, pf[k], pf[k] + pc[k]);
-            if (mem_sync(&mem, 1)) return 2;
-        }
+        for (k = 0; k < np; k++) kvx_ex_poison(mem.c, o->seed, dst, src, o->blocks, 0, lay.num_layers, pf[k], pf[k] + pc[k]);
+        if (mem_sync(&mem, 1)) return 2;
         if (kvx_rdv_recv(o->ctl_fd, F_GO, &go, &len, RDV_TIMEOUT_MS)) return 2;   /* barrier */
         free(go);
         if (len) break;  /* the launcher stops the run: a read failed */
@@ -469,14 +432,8 @@ static int decode_rank(const opts *o) {
         r.descs_before = s1.blocks_posted - s0.blocks_posted;
         r.descs_after = s1.descs_posted - s0.descs_posted;
         if (r.status != KVX_OK) snprintf(r.error, sizeof r.error, "%.*s", (int)sizeof r.error - 1, kvx_ctx_error(ctx));
-        for (k = 0; k < np; k++)
-            if (t[k]) read_ok[it] |= 1ull << k;
-        if (o->back_to_back) {
-            if (kvx_rdv_send(o->ctl_fd, F_ITER, &r, sizeof r, RDV_TIMEOUT_MS)) return 2;
-            continue;
-        }
         if (mem_sync(&mem, 0)) return 2;
-        if (np && it == flip_iter(o)) {
+        if (getenv("KVX_BENCH_FLIP_BYTE") && np && it == o->iters - 1) {
             /* The self-check of the checker: a planted wrong byte must fail the run. */
             kvx_ex_block(mem.c, lay.num_layers - 1, 1, dst[o->blocks - 1])[kvx_ex_offset(mem.c, pf[0] - mem.c->head_first, 0) + 3] ^= 0x40;
         }
@@ -490,42 +447,14 @@ static int decode_rank(const opts *o) {
         }
         if (kvx_rdv_send(o->ctl_fd, F_ITER, &r, sizeof r, RDV_TIMEOUT_MS)) return 2;
     }
-    nit = it;
-    if (o->back_to_back) {  /* every byte of every iteration that ran, now: one report */
-        iter_report r;
-        memset(&r, 0, sizeof r);
-        r.mm_src_rank = -1;
-        if (mem_sync(&mem, 0)) return 2;
-        for (it = 0; it < nit; it++) {
-            tables(o, it, src, dst);
-            if (np && it == flip_iter(o))
-                kvx_ex_block(mem.c, lay.num_layers - 1, 1, dst[o->blocks - 1])[kvx_ex_offset(mem.c, pf[0] - mem.c->head_first, 0) + 3] ^= 0x40;
-            for (k = 0; k < np; k++) {
-                kvx_ex_mismatch mm;
-                uint64_t bad;
-                if (!(read_ok[it] >> k & 1)) continue;  /* reported as the read that failed */
-                bad = kvx_ex_verify(mem.c, o->seed, dst, src, o->blocks, 0, lay.num_layers, pf[k], pf[k] + pc[k], &mm);
-                if (bad && !r.bad_bytes) { r.mm = mm; r.mm_src_rank = hello.peer_rank[k]; r.mm_iter = it; }
-                r.bad_bytes += bad;
-            }
-        }
-        if (kvx_rdv_send(o->ctl_fd, F_RESULT, &r, sizeof r, RDV_TIMEOUT_MS)) return 2;
-    }
     kvx_queue_destroy(q);
     kvx_ctx_destroy(ctx);
     mem_free(&mem);
-    free(src); free(dst); free(gens); free(read_ok);
+    free(src); free(dst); free(gens);
     return 0;
 }
 
 /*--- launchers ------------------------------------------------------------*/
-
-static void print_mismatch(int rank, uint32_t it, const iter_report *r) {
-    printf("TEST FAILED: decode rank %d, iteration %u: %llu wrong bytes; first: prefill rank %d, layer %u, %s, block %u (local %u), head %u, "
-           "token %u, offset %llu: expected 0x%02x, found 0x%02x\n",
-           rank, it, (unsigned long long)r->bad_bytes, r->mm_src_rank, r->mm.layer, r->mm.plane ? "V" : "K", r->mm.remote_block,
-           r->mm.local_block, r->mm.head, r->mm.token, (unsigned long long)r->mm.offset, r->mm.expected, r->mm.found);
-}
 
 typedef struct rankproc { pid_t pid; int fd; } rankproc;
 
@@ -638,10 +567,8 @@ static int decode_role(int argc, char **argv, const opts *o, const char *connect
     printf("  layout %s, %u layers x K/V, %u blocks per cache, %u tokens x %u heads (of %u) x %u dim x %u bytes = %llu bytes per block (decode rank)\n",
            o->nhd ? "NHD" : "HND", o->num_layers, o->num_blocks, o->block_tokens, dl.num_heads, o->heads, o->head_dim, o->dtype_bytes,
            (unsigned long long)o->block_tokens * dl.num_heads * o->head_dim * o->dtype_bytes);
-    printf("  %u %s blocks per request, %u iterations%s, seed %llu, prefill rank holds %u heads\n", o->blocks,
-           o->random_blocks ? "random" : "consecutive", o->iters,
-           o->back_to_back ? " back to back (each into blocks of its own, all checked after the last)" : "", (unsigned long long)o->seed,
-           pl.num_heads);
+    printf("  %u %s blocks per request, %u iterations, seed %llu, prefill rank holds %u heads\n", o->blocks,
+           o->random_blocks ? "random" : "consecutive", o->iters, (unsigned long long)o->seed, pl.num_heads);
     fflush(stdout);
     if ((fd = kvx_rdv_connect(connect_to, RDV_TIMEOUT_MS)) < 0 || kvx_rdv_recv(fd, F_ALL_MD, (void **)&all, &alen, RDV_TIMEOUT_MS)) {
         fprintf(stderr, "kvx_bench: decode: rendezvous with the prefill side at %s: %s\n", connect_to, kvx_rdv_error());
@@ -697,7 +624,11 @@ static int decode_role(int argc, char **argv, const opts *o, const char *connect
                 failed_status = 1;
                 fprintf(stderr, "kvx_bench: decode rank %d, iteration %u: %s: %s\n", k, it, kvx_status_name((kvx_status)r->status), r->error);
             }
-            if (r->bad_bytes && !bad) print_mismatch(k, it, r);
+            if (r->bad_bytes && !bad) {
+                printf("TEST FAILED: decode rank %d, iteration %u: %llu wrong bytes; first: prefill rank %d, layer %u, %s, block %u (local %u), head %u, token %u, offset %llu: expected 0x%02x, found 0x%02x\n",
+                       k, it, (unsigned long long)r->bad_bytes, r->mm_src_rank, r->mm.layer, r->mm.plane ? "V" : "K", r->mm.remote_block,
+                       r->mm.local_block, r->mm.head, r->mm.token, (unsigned long long)r->mm.offset, r->mm.expected, r->mm.found);
+            }
             bad += r->bad_bytes;
         }
         checked_bytes += bytes;
@@ -719,18 +650,6 @@ static int decode_role(int argc, char **argv, const opts *o, const char *connect
         }
     }
     nit = it;
-    for (k = 0; o->back_to_back && k < o->decode_tp; k++) {  /* each rank's check of every iteration, after the last */
-        iter_report r;
-        if (kvx_rdv_recv(rp[k].fd, F_RESULT, &b, &n, 600000) || n != sizeof r) {
-            fprintf(stderr, "kvx_bench: decode rank %d, the check after the last iteration: %s\n", k, kvx_rdv_error());
-            rc = 2;
-            goto out;
-        }
-        memcpy(&r, b, sizeof r);
-        free(b);
-        if (r.bad_bytes && !bad) print_mismatch(k, r.mm_iter, &r);
-        bad += r.bad_bytes;
-    }
     if (nlat) qsort(lat, nlat, sizeof *lat, cmp_double);
     {
         double p50 = nlat ? lat[(nlat - 1) / 2] : 0, p99 = nlat ? lat[(size_t)((nlat - 1) * 0.99 + 0.5)] : 0;
@@ -743,10 +662,9 @@ static int decode_role(int argc, char **argv, const opts *o, const char *connect
             int j;
             fprintf(js, "{\"strategy\":\"%s\",\"backend\":\"%s\",\"prefill_tp\":%d,\"decode_tp\":%d,\"layout\":\"%s\",\"num_layers\":%u,"
                         "\"num_blocks\":%u,\"block_tokens\":%u,\"heads\":%u,\"head_dim\":%u,\"dtype_bytes\":%u,\"blocks\":%u,\"random_blocks\":%s,"
-                        "\"iters\":%u,\"warmup\":%u,\"back_to_back\":%s,\"seed\":%llu,\"block_bytes\":%llu,\"transports\":[",
+                        "\"iters\":%u,\"warmup\":%u,\"seed\":%llu,\"block_bytes\":%llu,\"transports\":[",
                     o->strategy, o->backend, o->prefill_tp, o->decode_tp, o->nhd ? "NHD" : "HND", o->num_layers, o->num_blocks, o->block_tokens,
-                    o->heads, o->head_dim, o->dtype_bytes, o->blocks, o->random_blocks ? "true" : "false", o->iters, o->warmup,
-                    o->back_to_back ? "true" : "false", (unsigned long long)o->seed,
+                    o->heads, o->head_dim, o->dtype_bytes, o->blocks, o->random_blocks ? "true" : "false", o->iters, o->warmup, (unsigned long long)o->seed,
                     (unsigned long long)o->block_tokens * dl.num_heads * o->head_dim * o->dtype_bytes);
             for (k = 0; k < o->decode_tp; k++)
                 for (j = 0; j < hello[k].npeers; j++)

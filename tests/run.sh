@@ -191,12 +191,6 @@ expect_fail "mismatched TP options are refused (ucx $vdeb)" 60 "do not divide" $
 entry "make bench's warm-up iteration is checked, marked, and left out of the total (ucx $vdeb)" 120 \
   bash tests/lib/bench_warmup.sh $bench $small --random-blocks --prefill-tp 2 --decode-tp 2
 expect_fail "a warm-up of every iteration is refused (ucx $vdeb)" 30 "--warmup must be below --iters 3" $bench $small --warmup 3
-# make bench's iterations, back to back: each into blocks of its own, checked after the last
-b2b="--num-blocks 96 --blocks 24 --num-layers 3 --iters 4 --random-blocks --back-to-back"
-entry "pack ucx $vdeb 2->4 NHD random, back to back, every byte checked after the last iteration" 120 $bench $b2b --prefill-tp 2 --decode-tp 4 --layout NHD
-expect_fail "... a wrong byte planted in the first of them fails the run, naming that iteration (ucx $vdeb)" 120 "TEST FAILED: decode rank 0, iteration 0" \
-  env KVX_BENCH_FLIP_BYTE=1 KVX_BENCH_FLIP_ITER=0 $bench $b2b --decode-tp 2
-expect_fail "... and back to back without blocks enough for each iteration is refused (ucx $vdeb)" 30 "--back-to-back needs --num-blocks of at least" $bench $b2b --num-blocks 95
 # A rank killed from outside ends the run at once, named, not after every
 # remaining iteration has failed alike.
 expect_fail "a prefill rank killed mid-run stops the run after the iteration that failed (ucx $vdeb)" 120 "stopped after iteration [0-9]* of 500: a read failed" \
@@ -253,7 +247,6 @@ if [ -x $U/test_unit ]; then
   expect_fail "a planted wrong byte fails the run (ucx $v)" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $U/kvx_bench $small --random-blocks
   entry "spread ucx $v 1->1 HND random" 180 env KVX_BENCH=$U/kvx_bench bash tests/lib/two_hosts.sh $small --random-blocks
   entry "spread ucx $v 2->4 NHD random" 180 env KVX_BENCH=$U/kvx_bench bash tests/lib/two_hosts.sh $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
-  entry "spread ucx $v 2->1 HND random, back to back, every byte checked after the last iteration" 180 env KVX_BENCH=$U/kvx_bench bash tests/lib/two_hosts.sh $b2b --prefill-tp 2
   expect_out "spread ucx $v 2->1 HND random: 4 connections to each peer (the default to another host over TCP)" 180 "transport ucx:tcp (sw) (4 connections)" \
     env KVX_BENCH=$U/kvx_bench bash tests/lib/two_hosts.sh $small --random-blocks --prefill-tp 2
 else
