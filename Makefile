@@ -76,14 +76,14 @@ NET_PROGRAMS = $(TESTS_EVERY) $(TESTS_UCX) $(TESTS_OFI) $(TESTS_EVERY_NOASAN) $(
 UCX122_PROGRAMS = $(filter-out $(TESTS_OFI),$(NET_PROGRAMS))
 
 PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
-# Besides the lists: the fuzzer and its seeds (tests/fuzz), the raw fi_read
-# reference (bench) and the rogues, a hostile process against kvx that links
+# Besides the lists: the fuzzer and its seeds (tests/fuzz), the raw fi_read,
+# process_vm_readv and ucp_am references (bench) and the rogues, a hostile process against kvx that links
 # its transport alone (tests/security; test_rogue is the owner and real
 # reader beside it, built per transport).
 TESTS = $(filter-out $(PROGRAMS),$(TESTS_LOCAL:%=$(BUILD)/%) $(TESTS_LOCAL:%=$(BUILD)/%.asan) \
           $(UCX_TESTS:%=$(BUILD)/%) $(UCX_ASAN_TESTS:%=$(BUILD)/%.asan) \
           $(OFI_TESTS:%=$(BUILD)/ofi/%) $(OFI_ASAN_TESTS:%=$(BUILD)/ofi/%.asan)) \
-        $(BUILD)/fuzz_metadata $(BUILD)/make_seeds $(BUILD)/fi_read_ref $(BUILD)/cma_ref $(BUILD)/rogue_ucx $(BUILD)/rogue_ofi
+        $(BUILD)/fuzz_metadata $(BUILD)/make_seeds $(BUILD)/fi_read_ref $(BUILD)/cma_ref $(BUILD)/am_ref $(BUILD)/rogue_ucx $(BUILD)/rogue_ofi
 FUZZ_CC ?= clang
 # make test builds with this many jobs
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
@@ -155,7 +155,7 @@ UCX122_VENV = $(BUILD)/venv
 UCX122 = $(shell cat $(BUILD)/ucx122/prefix 2>/dev/null)
 UCX122_FLAGS = -std=c99 -D_GNU_SOURCE $(WARN) -DKVX_UCX -I$(UCX122)/include
 UCX122_LIBS = -L$(UCX122)/lib -Wl,-rpath,$(abspath $(UCX122))/lib -lucp -luct -lucs -lucm -lpthread
-UCX122_TESTS = $(UCX_TESTS:%=$(BUILD)/ucx122/%) $(UCX_ASAN_TESTS:%=$(BUILD)/ucx122/%.asan) $(BUILD)/ucx122/rogue_ucx
+UCX122_TESTS = $(UCX_TESTS:%=$(BUILD)/ucx122/%) $(UCX_ASAN_TESTS:%=$(BUILD)/ucx122/%.asan) $(BUILD)/ucx122/rogue_ucx $(BUILD)/ucx122/am_ref
 # make all builds these too once make test has fetched that UCX, so that
 # they are never left stale beside the others after a change.
 all: $(if $(wildcard $(UCX122)/include/ucp/api/ucp.h),$(UCX122_TESTS))
@@ -181,6 +181,11 @@ $(BUILD)/fi_read_ref: bench/fi_read_ref.c | $(BUILD)
 
 $(BUILD)/cma_ref: bench/cma_ref.c | $(BUILD)
 	$(CC) -O2 -g -std=c99 -D_GNU_SOURCE $(WARN) $< -o $@
+
+$(BUILD)/am_ref: bench/am_ref.c | $(BUILD)
+	$(CC) -O2 -g -std=c99 -D_GNU_SOURCE $(WARN) $(UCX_CFLAGS) $< -o $@ $(UCX_LIBS)
+$(BUILD)/ucx122/am_ref: bench/am_ref.c $(BUILD)/ucx122/prefix
+	$(CC) -O2 -g -std=c99 -D_GNU_SOURCE $(WARN) -I$(UCX122)/include $< -o $@ $(UCX122_LIBS)
 
 # libFuzzer on the metadata parser (clang, with clang's sanitizer runtime).
 $(BUILD)/fuzz_metadata: tests/fuzz/fuzz_metadata.c $(DEPS)
@@ -247,7 +252,7 @@ test: deps deps-test
 
 bench: deps deps-bench
 	@$(MAKE) --no-print-directory $(BUILD)/ucx122/prefix
-	@$(MAKE) --no-print-directory $(PROGRAMS) $(BUILD)/bench_post $(BUILD)/fi_read_ref $(BUILD)/cma_ref $(BUILD)/ucx122/kvx_bench
+	@$(MAKE) --no-print-directory $(PROGRAMS) $(BUILD)/bench_post $(BUILD)/fi_read_ref $(BUILD)/cma_ref $(BUILD)/am_ref $(BUILD)/ucx122/kvx_bench $(BUILD)/ucx122/am_ref
 	@KVX_BENCH_RUNS=$(RUNS) bash bench/bench.sh
 	@$(MAKE) --no-print-directory bench-python
 

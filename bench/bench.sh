@@ -12,6 +12,10 @@
 #     UCX serves gets in software), both with -e (endpoints with peer failure
 #     handling, as kvx makes them, so the same transports are picked); on
 #     1.22 also ucp_am_bw -y, whose receiver copies each message as kvx does;
+#     and am_ref (bench/am_ref.c): UCX's active messages of the same size
+#     sent from random blocks of a region of kvx's cache size, each copied
+#     to a random block of the receiver's (ucx_perftest sends one buffer
+#     again and again, which stays in the CPU's cache);
 #     in spread kvx over 1.22 opens 4 connections to each peer (the default
 #     to another host over TCP); ucx1.22-x1 is the same with one
 #     (KVX_UCX_CONNECTIONS=1), beside the same references;
@@ -70,6 +74,7 @@ fi
 kvx_bin() { [ "$1" = 1.22 ] && echo $B/ucx122/kvx_bench || echo $B/kvx_bench; }
 ucx_env() { [ "$1" = 1.22 ] && echo "LD_LIBRARY_PATH=$P122/lib" || echo "-u LD_LIBRARY_PATH"; }
 perftest_bin() { [ "$1" = 1.22 ] && echo "$P122/bin/ucx_perftest" || echo ucx_perftest; }
+am_ref_bin() { [ "$1" = 1.22 ] && echo $B/ucx122/am_ref || echo $B/am_ref; }
 
 . tests/lib/netns_pair.sh
 ns_setup() {
@@ -147,6 +152,26 @@ kvx_ucx() {
   [ -n "$t" ] && seen_transport["$where ucx$ver$([ $tls = sm ] && echo -sm)${KVX_ENV:+ ($KVX_ENV)}"]=$t
 }
 
+# am_ref_run VER WHERE OUT: am_ref of UCX VER with kvx_bench's size, region,
+# bytes per iteration and reads in flight; the sender where kvx's owner is
+# (lo, or namespace A), the receiver where its reader is. OUT.json, OUT.log.
+am_ref_run() {
+  local ver=$1 where=$2 f=$3 bin lib sns="" cns="" sdev=lo cdev=lo host=127.0.0.1 spid a
+  bin=$(am_ref_bin $ver); lib=$(ucx_env $ver)
+  if [ "$where" = spread ]; then sns="ip netns exec $A"; cns="ip netns exec $Bn"; sdev=$VA; cdev=$VB; host=$IPA; fi
+  a="--size $size --region $((nb * layers * 2 * size)) --pass $((blocks * layers * 2 * size)) --outstanding $ops --iters 5 --warmup 1"
+  newport
+  $sns env $lib UCX_TLS=tcp UCX_NET_DEVICES=$sdev timeout 120 $bin --listen $host:$port $a > "$f.srv" 2>&1 &
+  spid=$!
+  if wait_listen "$sns" $spid; then
+    $cns env $lib UCX_TLS=tcp UCX_NET_DEVICES=$cdev timeout 120 $bin --connect $host:$port $a --json "$f.json" > "$f.log" 2>&1
+  else
+    echo "(am_ref did not listen on $port)" > "$f.log"
+  fi
+  reap $spid
+  grep -q "TEST PASSED" "$f.log" || { echo "am_ref (UCX $ver, $where, $size bytes) did not pass:"; tail -2 "$f.log"; }
+}
+
 fmt() { awk -v v="$1" 'BEGIN { if (v ~ /^[0-9.]+$/) printf "%.3f", v; else print "-" }'; }
 line() { printf "%-7s %-10s %9s %10s %10s %7s   %s\n" "$@"; }
 row() {  # mode backend size kvx ref refname
@@ -190,6 +215,12 @@ for mode in $modes; do
         ucx_ref $ver $mode tcp ucp_am_bw $size $iters "-e -y" "$r"
         row "$mode" "ucx$ver" "$size" "$(json_gbps "$k.json")" "$(perftest_gbps "$r.log")" "ucx_perftest $ver ucp_am_bw -e -y -O $ops (the receiver copies)"
       fi
+      # the same active messages over memory like kvx's (bench/am_ref.c)
+      if [ -x "$(am_ref_bin $ver)" ]; then
+        r="$out/am_ref_${mode}_ucx${ver}_$size"
+        am_ref_run $ver $mode "$r"
+        row "$mode" "ucx$ver" "$size" "$(json_gbps "$k.json")" "$(ref_gbps "$r.json")" "am_ref $ver -O $ops: ucp_am from random blocks of kvx's cache size, each copied to a random block"
+      fi
       # Between hosts kvx over 1.22 reads each peer over 4 connections (the
       # default, kvx_ucx_desc.connections); the same with one, beside the
       # same references.
@@ -201,6 +232,9 @@ for mode in $modes; do
           row "$mode" "ucx$ver-x1" "$size" "$(json_gbps "$k1.json")" "$(perftest_gbps "$r.log")" \
             "ucx_perftest $ver $(echo $t | sed 's/_y$//') -e$([ $t = ucp_am_bw_y ] && echo ' -y') -O $ops$([ $t = ucp_am_bw_y ] && echo ' (the receiver copies)')"
         done
+        r="$out/am_ref_${mode}_ucx${ver}_$size"
+        [ -f "$r.log" ] && row "$mode" "ucx$ver-x1" "$size" "$(json_gbps "$k1.json")" "$(ref_gbps "$r.json")" \
+          "am_ref $ver -O $ops: ucp_am from random blocks of kvx's cache size, each copied to a random block"
       fi
     done
     # UCX 1.22 over shared memory (pack): kvx over cma without failure

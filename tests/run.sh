@@ -191,6 +191,8 @@ expect_fail "mismatched TP options are refused (ucx $vdeb)" 60 "do not divide" $
 entry "make bench's warm-up iteration is checked, marked, and left out of the total (ucx $vdeb)" 120 \
   bash tests/lib/bench_warmup.sh $bench $small --random-blocks --prefill-tp 2 --decode-tp 2
 expect_fail "a warm-up of every iteration is refused (ucx $vdeb)" 30 "--warmup must be below --iters 3" $bench $small --warmup 3
+entry "make bench's ucp_am reference (bench/am_ref.c) takes every message whole and in order (ucx $vdeb)" 90 \
+  bash tests/lib/am_ref_pair.sh $B/am_ref --size 65536 --pass 8388608 --iters 2 --region 16777216
 # A rank killed from outside ends the run at once, named, not after every
 # remaining iteration has failed alike.
 expect_fail "a prefill rank killed mid-run stops the run after the iteration that failed (ucx $vdeb)" 120 "stopped after iteration [0-9]* of 500: a read failed" \
@@ -245,6 +247,8 @@ if [ -x $U/test_unit ]; then
   entry "pack ucx $v 8->4 NHD consecutive" 180 $U/kvx_bench $small --prefill-tp 8 --decode-tp 4 --layout NHD
   entry "pack ucx $v 1->2 under asan+ubsan" 300 env KVX_BENCH=1 $U/kvx_bench.asan $small --random-blocks --prefill-tp 1 --decode-tp 2
   expect_fail "a planted wrong byte fails the run (ucx $v)" 120 "TEST FAILED: decode rank 0, iteration 2" env KVX_BENCH_FLIP_BYTE=1 $U/kvx_bench $small --random-blocks
+  entry "make bench's ucp_am reference (bench/am_ref.c) takes every message whole and in order (ucx $v)" 90 \
+    bash tests/lib/am_ref_pair.sh $U/am_ref --size 65536 --pass 8388608 --iters 2 --region 16777216
   entry "spread ucx $v 1->1 HND random" 180 env KVX_BENCH=$U/kvx_bench bash tests/lib/two_hosts.sh $small --random-blocks
   entry "spread ucx $v 2->4 NHD random" 180 env KVX_BENCH=$U/kvx_bench bash tests/lib/two_hosts.sh $small --random-blocks --prefill-tp 2 --decode-tp 4 --layout NHD
   expect_out "spread ucx $v 2->1 HND random: 4 connections to each peer (the default to another host over TCP)" 180 "transport ucx:tcp (sw) (4 connections)" \
