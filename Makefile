@@ -77,9 +77,9 @@ UCX122_PROGRAMS = $(filter-out $(TESTS_OFI),$(NET_PROGRAMS))
 
 PROGRAMS = $(BUILD)/kvx_demo $(BUILD)/kvx_bench
 # Besides the lists: the fuzzer and its seeds (tests/fuzz), the raw fi_read,
-# process_vm_readv and ucp_am references (bench) and the rogues, a hostile process against kvx that links
-# its transport alone (tests/security; test_rogue is the owner and real
-# reader beside it, built per transport).
+# process_vm_readv and ucp_am references (bench) and the rogues, a hostile
+# process against kvx that links its transport alone (tests/security;
+# test_rogue is the owner and real reader beside it, built per transport).
 TESTS = $(filter-out $(PROGRAMS),$(TESTS_LOCAL:%=$(BUILD)/%) $(TESTS_LOCAL:%=$(BUILD)/%.asan) \
           $(UCX_TESTS:%=$(BUILD)/%) $(UCX_ASAN_TESTS:%=$(BUILD)/%.asan) \
           $(OFI_TESTS:%=$(BUILD)/ofi/%) $(OFI_ASAN_TESTS:%=$(BUILD)/ofi/%.asan)) \
