@@ -105,17 +105,20 @@ reap() {
   kill "$1" 2>/dev/null; wait "$1" 2>/dev/null; true
 }
 
-# ucx_ref VER WHERE TLS TEST SIZE ITERS FLAGS OUT: ucx_perftest of UCX VER,
-# server and client, on lo (pack) or across the namespaces (spread); the
-# client's log is OUT.log, the server's OUT.srv, both command lines OUT.cmd.
-ucx_ref() {
-  local ver=$1 where=$2 tls=$3 test=$4 size=$5 n=$6 flags=$7 f=$8
-  local bin lib sns="" cns="" sdev=lo cdev=lo host=127.0.0.1 spid rc
-  bin=$(perftest_bin $ver); lib=$(ucx_env $ver)
-  if [ "$where" = spread ]; then sns="ip netns exec $A"; cns="ip netns exec $Bn"; sdev=$VA; cdev=$VB; host=$IPA; fi
+# pair_ends WHERE: where a reference's server and client run, into the
+# caller's locals sns, cns (the ip netns exec prefixes), sdev, cdev (their
+# UCX_NET_DEVICES) and host (the server's address): on lo (pack) or across
+# the namespaces (spread); and a new $port.
+pair_ends() {
+  sns="" cns="" sdev=lo cdev=lo host=127.0.0.1
+  if [ "$1" = spread ]; then sns="ip netns exec $A"; cns="ip netns exec $Bn"; sdev=$VA; cdev=$VB; host=$IPA; fi
   newport
-  local scmd="$sns env $lib UCX_TLS=$tls UCX_NET_DEVICES=$sdev timeout 120 $bin -t $test -s $size -O $ops -n $n -p $port $flags"
-  local ccmd="$cns env $lib UCX_TLS=$tls UCX_NET_DEVICES=$cdev timeout 120 $bin $host -t $test -s $size -O $ops -n $n -p $port $flags"
+}
+# pair_run OUT SCMD CCMD: the server in the background, the client once the
+# server listens (pair_ends' $sns), the server reaped; the client's log is
+# OUT.log, the server's OUT.srv, both command lines OUT.cmd. The client's status.
+pair_run() {
+  local f=$1 scmd=$2 ccmd=$3 spid rc
   printf 'server: %s\nclient: %s\n' "${scmd# }" "${ccmd# }" > "$f.cmd"
   $scmd > "$f.srv" 2>&1 &
   spid=$!
@@ -125,6 +128,19 @@ ucx_ref() {
     echo "(server did not listen on $port)" > "$f.log"; rc=1
   fi
   reap $spid
+  return $rc
+}
+
+# ucx_ref VER WHERE TLS TEST SIZE ITERS FLAGS OUT: ucx_perftest of UCX VER,
+# server and client (pair_run).
+ucx_ref() {
+  local ver=$1 where=$2 tls=$3 test=$4 size=$5 n=$6 flags=$7 f=$8
+  local bin lib sns cns sdev cdev host rc
+  bin=$(perftest_bin $ver); lib=$(ucx_env $ver)
+  pair_ends $where
+  pair_run "$f" "$sns env $lib UCX_TLS=$tls UCX_NET_DEVICES=$sdev timeout 120 $bin -t $test -s $size -O $ops -n $n -p $port $flags" \
+    "$cns env $lib UCX_TLS=$tls UCX_NET_DEVICES=$cdev timeout 120 $bin $host -t $test -s $size -O $ops -n $n -p $port $flags"
+  rc=$?
   if [ -z "$(perftest_gbps "$f.log")" ]; then
     echo "ucx_perftest $ver $test ($where, $tls, $size bytes) gave no result (rc $rc):"
     grep -h -m1 "incompatible" "$f.log" "$f.srv"
@@ -154,21 +170,14 @@ kvx_ucx() {
 
 # am_ref_run VER WHERE OUT: am_ref of UCX VER with kvx_bench's size, region,
 # bytes per iteration and reads in flight; the sender where kvx's owner is
-# (lo, or namespace A), the receiver where its reader is. OUT.json, OUT.log.
+# (lo, or namespace A), the receiver where its reader is (pair_run); OUT.json too.
 am_ref_run() {
-  local ver=$1 where=$2 f=$3 bin lib sns="" cns="" sdev=lo cdev=lo host=127.0.0.1 spid a
+  local ver=$1 where=$2 f=$3 bin lib sns cns sdev cdev host a
   bin=$(am_ref_bin $ver); lib=$(ucx_env $ver)
-  if [ "$where" = spread ]; then sns="ip netns exec $A"; cns="ip netns exec $Bn"; sdev=$VA; cdev=$VB; host=$IPA; fi
   a="--size $size --region $((nb * layers * 2 * size)) --pass $((blocks * layers * 2 * size)) --outstanding $ops --iters 5 --warmup 1"
-  newport
-  $sns env $lib UCX_TLS=tcp UCX_NET_DEVICES=$sdev timeout 120 $bin --listen $host:$port $a > "$f.srv" 2>&1 &
-  spid=$!
-  if wait_listen "$sns" $spid; then
-    $cns env $lib UCX_TLS=tcp UCX_NET_DEVICES=$cdev timeout 120 $bin --connect $host:$port $a --json "$f.json" > "$f.log" 2>&1
-  else
-    echo "(am_ref did not listen on $port)" > "$f.log"
-  fi
-  reap $spid
+  pair_ends $where
+  pair_run "$f" "$sns env $lib UCX_TLS=tcp UCX_NET_DEVICES=$sdev timeout 120 $bin --listen $host:$port $a" \
+    "$cns env $lib UCX_TLS=tcp UCX_NET_DEVICES=$cdev timeout 120 $bin --connect $host:$port $a --json $f.json"
   grep -q "TEST PASSED" "$f.log" || { echo "am_ref (UCX $ver, $where, $size bytes) did not pass:"; tail -2 "$f.log"; }
 }
 
