@@ -83,7 +83,7 @@
 #define KVX__UCX_NONE 0xFFFFFFFFu
 #define KVX__UCX_RX_SEG (136u << 10)        /* the TCP receive segment kvx sets on its active-message worker */
 #define KVX__UCX_RX_SEG_UCX (64u << 10)     /* ... UCX's own default, where the user set the segment sizes */
-#define KVX__UCX_RX_SEG_MIN (20u << 10)     /* the least kvx's get works with: a reply of KVX__GET_REPLY_MIN and headers */
+#define KVX__UCX_RX_SEG_MIN (KVX__GET_REPLY_MIN + KVX__UCX_SEG_HEADERS)  /* the least kvx's get works with (20 KiB) */
 #define KVX__UCX_SEG_HEADERS (4u << 10)     /* of a segment, left for UCT's, UCP's and kvx's headers */
 #define KVX__UCX_CHUNK_BYTES (60u << 10)    /* a piece larger than one reply: its chunks, at most */
 #define KVX__UCX_REPLY_IOV 4u               /* pieces a reply sends from the cache in place, at most */
@@ -758,9 +758,9 @@ KVX__PRIV ucs_status_t kvx__ucx_get_serve(void *arg, const void *header, size_t 
 
 /* Reader: a get whose one part comes in chunks: every chunk's bit, and is
    a reply at off of len the next of them (where one starts, its length, not
-   come before)? At most 64 chunks: KVX__UCX_GET_PART over the least ask_bytes. */
-#define KVX__UCX_ASK_MIN (KVX__UCX_RX_SEG_MIN - KVX__UCX_SEG_HEADERS)
-typedef char kvx__ucx_chunks_fit[(KVX__UCX_GET_PART + KVX__UCX_ASK_MIN - 1) / KVX__UCX_ASK_MIN <= 64 ? 1 : -1];
+   come before)? At most 64 chunks: KVX__UCX_GET_PART over the least
+   ask_bytes, KVX__GET_REPLY_MIN (a segment of KVX__UCX_RX_SEG_MIN). */
+typedef char kvx__ucx_chunks_fit[(KVX__UCX_GET_PART + KVX__GET_REPLY_MIN - 1) / KVX__GET_REPLY_MIN <= 64 ? 1 : -1];
 KVX__PRIV uint64_t kvx__ucx_chunks_all(const kvx__ucx_get *g) {
     uint64_t n = (g->len + g->chunk - 1) / g->chunk;
     return n >= 64 ? ~0ull : (1ull << n) - 1;
